@@ -1,0 +1,95 @@
+//! The audit trail: one record per state change (SPEC R6), and the history retention policy.
+//!
+//! The core does not keep audit records in memory: each one leaves in the next persist batch
+//! and is the store's to keep. Retention is a policy the core applies by emitting
+//! [`Record::PruneHistory`](crate::Record::PruneHistory) when a job's run settles and on an hourly
+//! sweep; the store deletes what the policy no longer keeps.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Attempt, JobId, RunId};
+use crate::limits;
+use crate::run::StateName;
+use crate::time::Timestamp;
+
+/// Who caused a state change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "actor", content = "id")]
+pub enum Actor {
+    /// The scheduler itself (a slot fired, a backoff elapsed, a crash was recovered).
+    Scheduler,
+    /// A worker reporting an outcome, by worker id.
+    Worker(String),
+    /// The watchdog (timeouts, lease reclaims).
+    Watchdog,
+    /// A person or tool issuing a command.
+    Operator,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Scheduler => f.write_str("scheduler"),
+            Actor::Worker(id) => write!(f, "worker:{id}"),
+            Actor::Watchdog => f.write_str("watchdog"),
+            Actor::Operator => f.write_str("operator"),
+        }
+    }
+}
+
+/// One state change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the trail; unique and increasing, so a store can apply it idempotently.
+    pub seq: u64,
+    /// When it happened.
+    pub at: Timestamp,
+    /// The job.
+    pub job: JobId,
+    /// The run, for run state changes.
+    pub run: Option<RunId>,
+    /// The attempt, for run state changes.
+    pub attempt: Option<Attempt>,
+    /// The fencing token of the attempt's lease, once leases exist (always `None` for now).
+    pub fencing_token: Option<u64>,
+    /// The state before, or `None` for a creation.
+    pub old: Option<StateName>,
+    /// The state after.
+    pub new: StateName,
+    /// Who did it.
+    pub actor: Actor,
+    /// Why, in words.
+    pub reason: String,
+}
+
+/// How much history a store keeps per job (SPEC R6): terminal runs beyond the newest
+/// `runs_max`, or finished longer than `age_max_ms` ago, are deleted with their audit records.
+/// Runs that are not terminal are never pruned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryPolicy {
+    /// Terminal runs kept per job; 1 to [`limits::HISTORY_RUNS_MAX`].
+    pub runs_max: u32,
+    /// Age after which terminal runs are deleted.
+    pub age_max_ms: u64,
+}
+
+impl Default for HistoryPolicy {
+    fn default() -> Self {
+        HistoryPolicy {
+            runs_max: 100,
+            age_max_ms: 30 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl HistoryPolicy {
+    /// Clamps the policy into its limits.
+    pub fn clamped(self) -> Self {
+        HistoryPolicy {
+            runs_max: self.runs_max.clamp(1, limits::HISTORY_RUNS_MAX),
+            age_max_ms: self.age_max_ms,
+        }
+    }
+}

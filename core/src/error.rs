@@ -1,0 +1,78 @@
+//! Refused commands (tier 1 of the error model): the command did not apply and the state is
+//! unchanged.
+
+use crate::ids::{Attempt, JobId, JobIdError, RunId};
+use crate::retry::RetryPolicyError;
+use crate::run::StateName;
+use crate::schedule::ScheduleError;
+
+/// Why a command or input was refused. A refused command changes nothing.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Rejected {
+    /// No job has this id.
+    #[error("no job named {0}")]
+    UnknownJob(JobId),
+    /// A job with this id exists already.
+    #[error("a job named {0} already exists (use update to change it)")]
+    JobExists(JobId),
+    /// No active run has this id (it never existed or has finished and left memory).
+    #[error("no active run {0}")]
+    UnknownRun(RunId),
+    /// The schedule is invalid or never fires.
+    #[error("invalid schedule: {0}")]
+    Schedule(#[from] ScheduleError),
+    /// The retry policy is invalid.
+    #[error("invalid retry policy: {0}")]
+    RetryPolicy(#[from] RetryPolicyError),
+    /// The job name is invalid.
+    #[error("invalid job name: {0}")]
+    JobId(#[from] JobIdError),
+    /// A field of the job is invalid.
+    #[error("invalid {field}: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The job is disabled; only an update re-arms it.
+    #[error("job {job} is disabled ({reason}); update it to re-arm it")]
+    JobDisabled {
+        /// The job.
+        job: JobId,
+        /// Why it was disabled.
+        reason: String,
+    },
+    /// The job is already paused.
+    #[error("job {0} is already paused")]
+    AlreadyPaused(JobId),
+    /// The job is not paused.
+    #[error("job {0} is not paused")]
+    NotPaused(JobId),
+    /// The job's overlap policy forbids another run while one is active.
+    #[error("job {job} already has an active run {run} and its overlap policy is not `allow`")]
+    RunActive {
+        /// The job.
+        job: JobId,
+        /// The active run.
+        run: RunId,
+    },
+    /// An outcome names an attempt that is not the run's current one.
+    #[error("{run}: outcome for attempt {got}, but the current attempt is {current}")]
+    StaleAttempt {
+        /// The run.
+        run: RunId,
+        /// The attempt the caller named.
+        got: Attempt,
+        /// The run's current attempt.
+        current: Attempt,
+    },
+    /// An outcome arrived for a run that is not running.
+    #[error("{run} is {state}, not running")]
+    NotRunning {
+        /// The run.
+        run: RunId,
+        /// Its state.
+        state: StateName,
+    },
+}

@@ -1,0 +1,152 @@
+//! Jobs: what to run and when, and the job's own small state machine.
+//!
+//! # States
+//!
+//! | state | waits for | leaves by |
+//! |---|---|---|
+//! | `Scheduled { next }` | its cursor `next` (the next unfired slot) | firing (cursor advances first), pause, update, remove |
+//! | `Paused { next }` | an operator's resume | resume (the cursor is kept; slots passed meanwhile are misfires) |
+//! | `Disabled { reason }` | an operator's update | update with a schedule that has a next slot |
+//!
+//! A job is `Disabled` by the scheduler, never by a user: a one-shot that has fired (and,
+//! after its run settles, finished), a schedule with no slot left, or a stored schedule that no
+//! longer parses (SPEC S2). A disabled job never fires; `resume` refuses it with a reason, and
+//! only `update` re-arms it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::JobId;
+use crate::retry::RetryPolicy;
+use crate::schedule::{MisfirePolicy, Schedule, ScheduleSpec};
+use crate::time::Timestamp;
+
+/// A job as a user defines it. Validated by [`Scheduler::add_job`](crate::Scheduler::add_job).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The job's unique name.
+    pub id: JobId,
+    /// Which handler runs it (the runtime's registry key, or an external worker's kind).
+    pub kind: String,
+    /// Opaque input handed to every attempt, at most
+    /// [`limits::JOB_PAYLOAD_MAX_BYTES`](crate::limits::JOB_PAYLOAD_MAX_BYTES).
+    #[serde(default)]
+    pub payload: String,
+    /// When it fires.
+    pub schedule: ScheduleSpec,
+    /// How failed attempts are retried.
+    #[serde(default)]
+    pub retry: RetryPolicy,
+    /// What happens to slots missed while the scheduler was down or the clock jumped.
+    #[serde(default)]
+    pub misfire: MisfirePolicy,
+    /// What happens when a slot comes due while a run of this job is still active.
+    #[serde(default)]
+    pub overlap: OverlapPolicy,
+    /// Delete (rather than disable) a one-shot job once its run is terminal.
+    #[serde(default)]
+    pub delete_after_run: bool,
+    /// Whether a run found mid-attempt after a crash is retried (if attempts remain) or ends
+    /// `interrupted` at once.
+    #[serde(default = "default_true")]
+    pub resume_after_crash: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl JobSpec {
+    /// A spec with default policies.
+    pub fn new(id: JobId, kind: impl Into<String>, schedule: ScheduleSpec) -> Self {
+        JobSpec {
+            id,
+            kind: kind.into(),
+            payload: String::new(),
+            schedule,
+            retry: RetryPolicy::default(),
+            misfire: MisfirePolicy::default(),
+            overlap: OverlapPolicy::default(),
+            delete_after_run: false,
+            resume_after_crash: true,
+        }
+    }
+}
+
+/// What to do when a slot comes due while a run of the same job is active (SPEC S5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverlapPolicy {
+    /// Drop the slot (audited).
+    #[default]
+    Skip,
+    /// Keep at most one slot waiting; it starts when the active run ends. Further slots are
+    /// dropped.
+    BufferOne,
+    /// Start another run alongside.
+    Allow,
+}
+
+/// A job's state (see the module docs for the table).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum JobState {
+    /// Waits for its next slot.
+    Scheduled {
+        /// The next unfired slot.
+        next: Timestamp,
+    },
+    /// Paused by an operator; the cursor is kept.
+    Paused {
+        /// The next unfired slot, if the schedule has one.
+        next: Option<Timestamp>,
+    },
+    /// Will not fire again until updated.
+    Disabled {
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// A job in the scheduler, and the record a store persists for it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// The definition.
+    pub spec: JobSpec,
+    /// The state.
+    pub state: JobState,
+    /// Slots waiting for the active run to finish (overlap `buffer-one`, misfire `catch-up`),
+    /// oldest first.
+    #[serde(default)]
+    pub backlog: Vec<Timestamp>,
+    /// The latest slot ever fired; slots at or before it never fire again (SPEC S4, S6).
+    #[serde(default)]
+    pub last_fired: Option<Timestamp>,
+    /// Runs of this job that are not terminal. Derived from the runs on restore.
+    #[serde(skip)]
+    pub active_runs: u32,
+    // The parsed schedule, derived from `spec.schedule` and never persisted.
+    #[serde(skip)]
+    pub(crate) schedule: Option<Schedule>,
+}
+
+impl Job {
+    /// The parsed schedule, or `None` if the stored spec no longer parses (such a job is
+    /// disabled on restore).
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref()
+    }
+
+    /// The next slot, if the job is scheduled or paused with a cursor.
+    pub fn next_fire(&self) -> Option<Timestamp> {
+        match self.state {
+            JobState::Scheduled { next } => Some(next),
+            JobState::Paused { next } => next,
+            JobState::Disabled { .. } => None,
+        }
+    }
+
+    /// True if the job is a one-shot (fires at most once).
+    pub fn is_one_shot(&self) -> bool {
+        matches!(self.spec.schedule, ScheduleSpec::Once { .. })
+    }
+}

@@ -1,0 +1,48 @@
+//! Every bound in keel-core, in one place. A queue, batch, retry or catch-up without a named
+//! limit here is a bug.
+
+/// Longest job name, in bytes.
+pub const JOB_ID_MAX_BYTES: usize = 128;
+
+/// Longest job kind or payload text kept in a job, in bytes.
+pub const JOB_KIND_MAX_BYTES: usize = 128;
+
+/// Largest opaque payload a job may carry to its handler, in bytes.
+pub const JOB_PAYLOAD_MAX_BYTES: usize = 64 * 1024;
+
+/// Longest cron expression accepted, in bytes.
+pub const CRON_EXPR_MAX_BYTES: usize = 256;
+
+/// Error messages and reasons are truncated to this many bytes (on a char boundary) before they
+/// are stored, so a handler that returns a megabyte of stderr cannot bloat every record.
+pub const MESSAGE_MAX_BYTES: usize = 4 * 1024;
+
+/// Upper bound on `RetryPolicy::attempts_max`.
+pub const ATTEMPTS_MAX: u32 = 1_000;
+
+/// Snoozes do not consume attempts, so they need a bound of their own: a run snoozed this many
+/// times ends `failed`.
+pub const SNOOZES_MAX: u32 = 1_000;
+
+/// Longest snooze or backoff delay, in milliseconds (30 days).
+pub const DELAY_MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// Upper bound on `MisfirePolicy::CatchUp { max }`: missed slots are never enumerated past this.
+pub const CATCH_UP_MAX: u32 = 1_000;
+
+/// Runs of one job that may wait behind an active run (buffer-one holds 1, catch-up holds up to
+/// its `max`).
+pub const BACKLOG_MAX: usize = CATCH_UP_MAX as usize;
+
+/// Largest number of terminal runs kept per job by the history policy.
+pub const HISTORY_RUNS_MAX: u32 = 100_000;
+
+/// Delay before a failed persist batch is retried, doubling per consecutive failure up to
+/// [`PERSIST_RETRY_MAX_MS`].
+pub const PERSIST_RETRY_BASE_MS: u64 = 100;
+
+/// Cap on the delay between persist retries.
+pub const PERSIST_RETRY_MAX_MS: u64 = 10_000;
+
+/// How often the history age policy sweeps every job's history.
+pub const HISTORY_SWEEP_INTERVAL_MS: u64 = 3600 * 1000;

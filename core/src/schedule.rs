@@ -1,0 +1,751 @@
+//! Schedules: when a job fires.
+//!
+//! Three kinds (SPEC S1): cron with a seconds field and an IANA zone per job, one-shot at an
+//! instant, and a fixed interval from an anchor. A [`ScheduleSpec`] is the unvalidated form that
+//! users write and stores persist; [`Schedule::parse`] turns it into a [`Schedule`] or a
+//! [`ScheduleError`] that names the field at fault. Nothing deeper re-validates.
+//!
+//! # Fire times
+//!
+//! [`Schedule::next_after`] is the first slot strictly after an instant. The scheduler keeps a
+//! per-job cursor (the next slot not yet fired) and advances it with `next_after` **before** a
+//! run starts (SPEC S2), so a slot can never be fired twice and a schedule that runs out of
+//! slots is noticed at once.
+//!
+//! # Daylight saving time (SPEC S3)
+//!
+//! Cron slots are wall-clock times in the job's zone, resolved by `croner` (pinned), which
+//! follows the Open Cron Pattern Specification:
+//!
+//! - spring-forward gap: a fixed-time job (numbers in its second, minute and hour fields) whose
+//!   time does not exist that day fires once, at the first valid instant after the gap; a
+//!   wildcard or stepped job simply has no slots inside the gap.
+//! - fall-back overlap: a fixed-time job fires once, at the first pass of the repeated time; a
+//!   wildcard or stepped job fires in both passes, because those are distinct real instants
+//!   (every 15 minutes means every 15 real minutes).
+//!
+//! # Misfires (SPEC S4)
+//!
+//! A slot is *missed* when the scheduler reaches it more than a grace period late (the process
+//! was down, the event loop stalled, the clock jumped forward). [`Schedule::resolve_due`] applies
+//! the job's [`MisfirePolicy`] and never enumerates more than [`limits::CATCH_UP_MAX`] slots: the
+//! latest missed slot is found by searching backwards from `now`, not by walking forwards.
+
+use std::fmt;
+
+use chrono::{TimeZone, Utc};
+use chrono_tz::Tz;
+use croner::parser::{CronParser, Seconds};
+use croner::Cron;
+use serde::{Deserialize, Serialize};
+
+use crate::limits;
+use crate::time::Timestamp;
+
+/// A schedule as written by a user or read from a store: not yet validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ScheduleSpec {
+    /// A cron expression (6 fields with seconds, or 5 with seconds = 0, optionally a 7th year
+    /// field) evaluated in an IANA time zone such as `America/New_York`.
+    Cron {
+        /// The expression, e.g. `0 30 2 * * *`.
+        expr: String,
+        /// The IANA zone name; `UTC` for UTC.
+        zone: String,
+    },
+    /// Fires once at an instant.
+    Once {
+        /// The instant.
+        at: Timestamp,
+    },
+    /// Fires every `interval_ms`, on the grid `anchor + k * interval_ms`.
+    Every {
+        /// The interval; at least [`INTERVAL_MIN_MS`].
+        interval_ms: u64,
+        /// An instant on the grid; slots before it do not exist.
+        anchor: Timestamp,
+    },
+}
+
+/// The shortest fixed interval accepted: one second, the resolution of cron.
+pub const INTERVAL_MIN_MS: u64 = 1_000;
+
+/// A validated schedule. Construct it with [`Schedule::parse`] or the kind-specific helpers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    kind: Kind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    // The parsed `croner::Cron` is about 800 bytes of bitfields, so a job keeps only the text
+    // and re-parses when it needs a fire time (once per firing). This keeps an idle cron job
+    // small enough for a million of them (docs/performance.md).
+    Cron { expr: Box<str>, zone: Tz },
+    Once { at: Timestamp },
+    Every { interval_ms: u64, anchor: Timestamp },
+}
+
+/// The part of a schedule a [`ScheduleError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleField {
+    /// The cron expression as a whole (field count, length, a combination of fields).
+    Expression,
+    /// The seconds field.
+    Second,
+    /// The minutes field.
+    Minute,
+    /// The hours field.
+    Hour,
+    /// The day-of-month field.
+    DayOfMonth,
+    /// The month field.
+    Month,
+    /// The day-of-week field.
+    DayOfWeek,
+    /// The optional year field.
+    Year,
+    /// The time zone.
+    Zone,
+    /// The interval length.
+    Interval,
+    /// The schedule as a whole: it is valid but has no slot left.
+    Schedule,
+}
+
+impl fmt::Display for ScheduleField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ScheduleField::Expression => "expression",
+            ScheduleField::Second => "second",
+            ScheduleField::Minute => "minute",
+            ScheduleField::Hour => "hour",
+            ScheduleField::DayOfMonth => "day-of-month",
+            ScheduleField::Month => "month",
+            ScheduleField::DayOfWeek => "day-of-week",
+            ScheduleField::Year => "year",
+            ScheduleField::Zone => "zone",
+            ScheduleField::Interval => "interval",
+            ScheduleField::Schedule => "schedule",
+        })
+    }
+}
+
+/// Why a schedule was refused. Each variant names the field at fault ([`ScheduleError::field`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ScheduleError {
+    /// The cron expression does not parse.
+    #[error("cron expression {expr:?}: {field} field: {reason}")]
+    InvalidCron {
+        /// The expression as given.
+        expr: String,
+        /// The field that failed to parse.
+        field: ScheduleField,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The zone is not in the IANA database compiled into keel.
+    #[error("time zone {zone:?} is not a known IANA time zone (e.g. \"Europe/Paris\", \"UTC\")")]
+    UnknownZone {
+        /// The zone as given.
+        zone: String,
+    },
+    /// The interval is shorter than [`INTERVAL_MIN_MS`].
+    #[error("interval of {interval_ms} ms is shorter than the minimum of {INTERVAL_MIN_MS} ms")]
+    IntervalTooShort {
+        /// The interval as given.
+        interval_ms: u64,
+    },
+    /// The schedule is valid but has no slot after the given instant (a cron expression for
+    /// 30 February, a one-shot in the past under the `skip` misfire policy).
+    #[error("schedule {schedule} never fires after {after}")]
+    NeverFires {
+        /// The schedule, displayed.
+        schedule: String,
+        /// The instant after which no slot exists.
+        after: Timestamp,
+    },
+}
+
+impl ScheduleError {
+    /// The field this error is about.
+    pub fn field(&self) -> ScheduleField {
+        match self {
+            ScheduleError::InvalidCron { field, .. } => *field,
+            ScheduleError::UnknownZone { .. } => ScheduleField::Zone,
+            ScheduleError::IntervalTooShort { .. } => ScheduleField::Interval,
+            ScheduleError::NeverFires { .. } => ScheduleField::Schedule,
+        }
+    }
+}
+
+/// What to do with slots that were missed (SPEC S4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "policy")]
+pub enum MisfirePolicy {
+    /// Fire once now for all the missed slots (the latest one), then continue on schedule.
+    #[default]
+    FireOnceNow,
+    /// Drop missed slots; continue with the next slot in the future.
+    Skip,
+    /// Fire each missed slot, oldest first, but at most `max` of them (the most recent ones);
+    /// `max` is at most [`limits::CATCH_UP_MAX`].
+    CatchUp {
+        /// How many missed slots to fire at most.
+        max: u32,
+    },
+}
+
+/// The slots a due job fires now, decided by [`Schedule::resolve_due`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Due {
+    /// Slots to fire, oldest first. Empty when the misfire policy skipped them all.
+    pub fire: Vec<Timestamp>,
+    /// Slots that were passed over, with the policy's reason; zero when none were.
+    pub dropped: SlotCount,
+    /// The job's new cursor: the first slot after everything above, or `None` if the schedule
+    /// has no more slots.
+    pub next: Option<Timestamp>,
+}
+
+/// A count of slots that is exact up to a bound and says so when it is not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCount {
+    /// Slots counted.
+    pub counted: u32,
+    /// True if counting stopped at the bound and there may be more.
+    pub at_least: bool,
+}
+
+impl fmt::Display for SlotCount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.at_least {
+            write!(f, "at least {}", self.counted)
+        } else {
+            write!(f, "{}", self.counted)
+        }
+    }
+}
+
+impl Schedule {
+    /// Validates a spec.
+    pub fn parse(spec: &ScheduleSpec) -> Result<Self, ScheduleError> {
+        match spec {
+            ScheduleSpec::Cron { expr, zone } => Schedule::cron(expr, zone),
+            ScheduleSpec::Once { at } => Ok(Schedule::once(*at)),
+            ScheduleSpec::Every {
+                interval_ms,
+                anchor,
+            } => Schedule::every(*interval_ms, *anchor),
+        }
+    }
+
+    /// A cron schedule in an IANA zone.
+    pub fn cron(expr: &str, zone: &str) -> Result<Self, ScheduleError> {
+        let zone: Tz = zone.parse().map_err(|_| ScheduleError::UnknownZone {
+            zone: zone.to_owned(),
+        })?;
+        let expr = expr.trim();
+        parse_cron(expr)?;
+        Ok(Schedule {
+            kind: Kind::Cron {
+                expr: expr.into(),
+                zone,
+            },
+        })
+    }
+
+    /// A one-shot schedule.
+    pub fn once(at: Timestamp) -> Self {
+        Schedule {
+            kind: Kind::Once { at },
+        }
+    }
+
+    /// A fixed-interval schedule on the grid `anchor + k * interval_ms`.
+    pub fn every(interval_ms: u64, anchor: Timestamp) -> Result<Self, ScheduleError> {
+        if interval_ms < INTERVAL_MIN_MS {
+            return Err(ScheduleError::IntervalTooShort { interval_ms });
+        }
+        Ok(Schedule {
+            kind: Kind::Every {
+                interval_ms,
+                anchor,
+            },
+        })
+    }
+
+    /// The spec this schedule was parsed from, for persisting.
+    pub fn spec(&self) -> ScheduleSpec {
+        match &self.kind {
+            Kind::Cron { expr, zone } => ScheduleSpec::Cron {
+                expr: expr.to_string(),
+                zone: zone.name().to_owned(),
+            },
+            Kind::Once { at } => ScheduleSpec::Once { at: *at },
+            Kind::Every {
+                interval_ms,
+                anchor,
+            } => ScheduleSpec::Every {
+                interval_ms: *interval_ms,
+                anchor: *anchor,
+            },
+        }
+    }
+
+    /// True for cron and interval schedules, false for one-shots.
+    pub fn is_recurring(&self) -> bool {
+        !matches!(self.kind, Kind::Once { .. })
+    }
+
+    /// The first slot strictly after `t`, or `None` if there is none (a one-shot already past,
+    /// a cron expression whose last slot has gone, or a slot beyond year 5000).
+    pub fn next_after(&self, t: Timestamp) -> Option<Timestamp> {
+        match &self.kind {
+            Kind::Cron { expr, zone } => {
+                let cron = parse_cron(expr).ok()?;
+                let start = zone_time(*zone, floor_to_second(t))?;
+                let next = cron.find_next_occurrence(&start, false).ok()?;
+                Some(Timestamp::from(next))
+            }
+            Kind::Once { at } => (*at > t).then_some(*at),
+            Kind::Every {
+                interval_ms,
+                anchor,
+            } => {
+                if t < *anchor {
+                    return Some(*anchor);
+                }
+                let steps = t.ms_since(*anchor) / interval_ms + 1;
+                Some(anchor.plus_ms(steps.checked_mul(*interval_ms)?))
+            }
+        }
+    }
+
+    /// The latest slot at or before `t`, if any.
+    pub fn latest_at_or_before(&self, t: Timestamp) -> Option<Timestamp> {
+        match &self.kind {
+            Kind::Cron { expr, zone } => {
+                let cron = parse_cron(expr).ok()?;
+                let start = zone_time(*zone, floor_to_second(t))?;
+                let prev = cron.find_previous_occurrence(&start, true).ok()?;
+                Some(Timestamp::from(prev))
+            }
+            Kind::Once { at } => (*at <= t).then_some(*at),
+            Kind::Every {
+                interval_ms,
+                anchor,
+            } => {
+                if t < *anchor {
+                    return None;
+                }
+                let steps = t.ms_since(*anchor) / interval_ms;
+                Some(anchor.plus_ms(steps.checked_mul(*interval_ms)?))
+            }
+        }
+    }
+
+    /// Decides which slots fire now for a job whose cursor (its next unfired slot) is at or
+    /// before `now`.
+    ///
+    /// A cursor reached within `grace_ms` is on time: it fires, and the cursor moves to the
+    /// next slot (which the scheduler handles in the same tick if it is also due). A cursor
+    /// reached later than that is a misfire, and `policy` decides. At most
+    /// [`limits::CATCH_UP_MAX`] slots are ever enumerated.
+    pub fn resolve_due(
+        &self,
+        cursor: Timestamp,
+        now: Timestamp,
+        policy: MisfirePolicy,
+        grace_ms: u64,
+    ) -> Due {
+        debug_assert!(
+            cursor <= now,
+            "resolve_due called for a cursor in the future"
+        );
+        if now.ms_since(cursor) <= grace_ms {
+            return Due {
+                fire: vec![cursor],
+                dropped: SlotCount::default(),
+                next: self.next_after(cursor),
+            };
+        }
+        // Every slot in cursor..=latest was missed. `latest` exists because `cursor` itself is
+        // a slot at or before `now`; fall back to it if the schedule cannot say.
+        let latest = self.latest_at_or_before(now).unwrap_or(cursor).max(cursor);
+        let next = self.next_after(latest);
+        match policy {
+            MisfirePolicy::Skip => {
+                // The latest slot may itself be on time even though older ones were missed.
+                if now.ms_since(latest) <= grace_ms {
+                    let dropped = self.count_slots(cursor, latest, limits::CATCH_UP_MAX);
+                    Due {
+                        fire: vec![latest],
+                        dropped,
+                        next,
+                    }
+                } else {
+                    let dropped = self.count_slots_inclusive(cursor, latest);
+                    Due {
+                        fire: Vec::new(),
+                        dropped,
+                        next,
+                    }
+                }
+            }
+            MisfirePolicy::FireOnceNow => Due {
+                fire: vec![latest],
+                dropped: self.count_slots(cursor, latest, limits::CATCH_UP_MAX),
+                next,
+            },
+            MisfirePolicy::CatchUp { max } => {
+                let max = max.clamp(1, limits::CATCH_UP_MAX);
+                let fire = self.latest_slots(cursor, latest, max);
+                let oldest_fired = fire.first().copied().unwrap_or(latest);
+                Due {
+                    dropped: self.count_slots(cursor, oldest_fired, limits::CATCH_UP_MAX),
+                    fire,
+                    next,
+                }
+            }
+        }
+    }
+
+    /// Counts slots in `from..to` (half-open), stopping at `cap`.
+    fn count_slots(&self, from: Timestamp, to: Timestamp, cap: u32) -> SlotCount {
+        let mut counted = 0;
+        let mut slot = Some(from);
+        while let Some(s) = slot {
+            if s >= to {
+                break;
+            }
+            if counted == cap {
+                return SlotCount {
+                    counted,
+                    at_least: true,
+                };
+            }
+            counted += 1;
+            slot = self.next_after(s);
+        }
+        SlotCount {
+            counted,
+            at_least: false,
+        }
+    }
+
+    fn count_slots_inclusive(&self, from: Timestamp, to: Timestamp) -> SlotCount {
+        let mut count = self.count_slots(from, to, limits::CATCH_UP_MAX);
+        if !count.at_least {
+            count.counted += 1;
+        }
+        count
+    }
+
+    /// Up to `max` slots in `from..=to`, the most recent ones, oldest first. Walks backwards
+    /// from `to`, so the cost is bounded by `max` whatever the gap.
+    fn latest_slots(&self, from: Timestamp, to: Timestamp, max: u32) -> Vec<Timestamp> {
+        let mut slots = Vec::new();
+        let mut slot = Some(to);
+        while let Some(s) = slot {
+            if s < from || slots.len() == max as usize {
+                break;
+            }
+            slots.push(s);
+            slot = s
+                .as_millis()
+                .checked_sub(1)
+                .and_then(|before| self.latest_at_or_before(Timestamp(before)));
+        }
+        slots.reverse();
+        slots
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Cron { expr, zone } => write!(f, "cron \"{expr}\" in {}", zone.name()),
+            Kind::Once { at } => write!(f, "once at {at}"),
+            Kind::Every {
+                interval_ms,
+                anchor,
+            } => write!(f, "every {interval_ms} ms from {anchor}"),
+        }
+    }
+}
+
+/// Parses a cron expression; on failure, finds which field is at fault by parsing each field
+/// alone in an otherwise all-wildcard expression.
+fn parse_cron(expr: &str) -> Result<Cron, ScheduleError> {
+    let invalid = |field, reason: String| ScheduleError::InvalidCron {
+        expr: expr.to_owned(),
+        field,
+        reason,
+    };
+    if expr.len() > limits::CRON_EXPR_MAX_BYTES {
+        return Err(invalid(
+            ScheduleField::Expression,
+            format!("longer than {} bytes", limits::CRON_EXPR_MAX_BYTES),
+        ));
+    }
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let is_nickname = fields.len() == 1 && fields[0].starts_with('@');
+    if !is_nickname && !(5..=7).contains(&fields.len()) {
+        return Err(invalid(
+            ScheduleField::Expression,
+            format!(
+                "has {} fields; expected 6 (second minute hour day-of-month month day-of-week), \
+                 5 (seconds = 0) or 7 (with a year)",
+                fields.len()
+            ),
+        ));
+    }
+    let parser = CronParser::builder().seconds(Seconds::Optional).build();
+    let error = match parser.parse(expr) {
+        Ok(cron) => return Ok(cron),
+        Err(e) => e.to_string(),
+    };
+    if is_nickname {
+        return Err(invalid(ScheduleField::Expression, error));
+    }
+    let names: &[ScheduleField] = match fields.len() {
+        5 => &FIELDS[1..6],
+        6 => &FIELDS[..6],
+        _ => &FIELDS[..],
+    };
+    for (i, name) in names.iter().enumerate() {
+        let probe: Vec<&str> = (0..fields.len())
+            .map(|j| if i == j { fields[j] } else { "*" })
+            .collect();
+        if let Err(e) = parser.parse(&probe.join(" ")) {
+            return Err(invalid(*name, e.to_string()));
+        }
+    }
+    Err(invalid(ScheduleField::Expression, error))
+}
+
+const FIELDS: [ScheduleField; 7] = [
+    ScheduleField::Second,
+    ScheduleField::Minute,
+    ScheduleField::Hour,
+    ScheduleField::DayOfMonth,
+    ScheduleField::Month,
+    ScheduleField::DayOfWeek,
+    ScheduleField::Year,
+];
+
+fn floor_to_second(t: Timestamp) -> Timestamp {
+    Timestamp(t.as_millis().div_euclid(1000) * 1000)
+}
+
+fn zone_time(zone: Tz, t: Timestamp) -> Option<chrono::DateTime<Tz>> {
+    Some(
+        Utc.timestamp_millis_opt(t.as_millis())
+            .single()?
+            .with_timezone(&zone),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(text: &str) -> Timestamp {
+        Timestamp::parse_rfc3339(text).unwrap()
+    }
+
+    fn ny(expr: &str) -> Schedule {
+        Schedule::cron(expr, "America/New_York").unwrap()
+    }
+
+    #[test]
+    fn cron_errors_name_the_field() {
+        let e = Schedule::cron("0 0 25 * * *", "UTC").unwrap_err();
+        assert_eq!(e.field(), ScheduleField::Hour, "{e}");
+        let e = Schedule::cron("61 0 * * *", "UTC").unwrap_err();
+        assert_eq!(e.field(), ScheduleField::Minute, "{e}");
+        let e = Schedule::cron("* * * * * FOO", "UTC").unwrap_err();
+        assert_eq!(e.field(), ScheduleField::DayOfWeek, "{e}");
+        let e = Schedule::cron("* *", "UTC").unwrap_err();
+        assert_eq!(e.field(), ScheduleField::Expression, "{e}");
+        assert!(e.to_string().contains("has 2 fields"), "{e}");
+        let e = Schedule::cron("0 0 * * *", "Mars/Olympus").unwrap_err();
+        assert_eq!(e.field(), ScheduleField::Zone);
+        assert!(e.to_string().contains("Mars/Olympus"));
+    }
+
+    #[test]
+    fn interval_must_be_at_least_a_second() {
+        let e = Schedule::every(999, Timestamp(0)).unwrap_err();
+        assert_eq!(e.field(), ScheduleField::Interval);
+        assert!(Schedule::every(1000, Timestamp(0)).is_ok());
+    }
+
+    #[test]
+    fn five_field_cron_means_second_zero() {
+        let s = Schedule::cron("*/5 * * * *", "UTC").unwrap();
+        assert_eq!(
+            s.next_after(ts("2026-01-01T00:01:30Z")),
+            Some(ts("2026-01-01T00:05:00Z"))
+        );
+    }
+
+    #[test]
+    fn seconds_field_is_honoured() {
+        let s = Schedule::cron("*/10 * * * * *", "UTC").unwrap();
+        assert_eq!(
+            s.next_after(ts("2026-01-01T00:00:00.500Z")),
+            Some(ts("2026-01-01T00:00:10Z"))
+        );
+    }
+
+    #[test]
+    fn next_after_is_strictly_after() {
+        let s = Schedule::cron("0 * * * * *", "UTC").unwrap();
+        let t = ts("2026-01-01T00:01:00Z");
+        assert_eq!(s.next_after(t), Some(ts("2026-01-01T00:02:00Z")));
+        let e = Schedule::every(60_000, t).unwrap();
+        assert_eq!(e.next_after(t), Some(ts("2026-01-01T00:02:00Z")));
+        assert_eq!(Schedule::once(t).next_after(t), None);
+    }
+
+    #[test]
+    fn impossible_date_has_no_next() {
+        let s = Schedule::cron("0 0 0 30 2 *", "UTC").unwrap();
+        assert_eq!(s.next_after(ts("2026-01-01T00:00:00Z")), None);
+    }
+
+    // SPEC S3, pinned for America/New_York on 2026-03-08: clocks go from 02:00 EST to 03:00 EDT.
+    #[test]
+    fn dst_spring_forward_daily_job_fires_once_after_the_gap() {
+        let s = ny("0 30 2 * * *");
+        let day_before = s.next_after(ts("2026-03-07T00:00:00Z")).unwrap();
+        assert_eq!(day_before, ts("2026-03-07T07:30:00Z")); // 02:30 EST
+        let gap_day = s.next_after(day_before).unwrap();
+        assert_eq!(gap_day, ts("2026-03-08T07:00:00Z")); // 03:00 EDT, first instant after the gap
+        let day_after = s.next_after(gap_day).unwrap();
+        assert_eq!(day_after, ts("2026-03-09T06:30:00Z")); // 02:30 EDT
+    }
+
+    #[test]
+    fn dst_spring_forward_wildcard_job_has_no_slots_in_the_gap() {
+        let s = ny("0 */30 * * * *");
+        let before = s.next_after(ts("2026-03-08T06:15:00Z")).unwrap();
+        assert_eq!(before, ts("2026-03-08T06:30:00Z")); // 01:30 EST
+        assert_eq!(s.next_after(before), Some(ts("2026-03-08T07:00:00Z"))); // 03:00 EDT
+    }
+
+    // SPEC S3, pinned for 2026-11-01: clocks go from 02:00 EDT back to 01:00 EST.
+    #[test]
+    fn dst_fall_back_daily_job_fires_once() {
+        let s = ny("0 30 1 * * *");
+        let first = s.next_after(ts("2026-11-01T00:00:00Z")).unwrap();
+        assert_eq!(first, ts("2026-11-01T05:30:00Z")); // 01:30 EDT, the first pass
+        let next = s.next_after(first).unwrap();
+        assert_eq!(next, ts("2026-11-02T06:30:00Z")); // the next day, 01:30 EST
+    }
+
+    #[test]
+    fn dst_fall_back_interval_cron_fires_in_both_passes() {
+        let s = ny("0 0 * * * *");
+        let mut slots = Vec::new();
+        let mut t = ts("2026-11-01T04:30:00Z"); // 00:30 EDT
+        for _ in 0..3 {
+            t = s.next_after(t).unwrap();
+            slots.push(t);
+        }
+        // 01:00 EDT, 01:00 EST, 02:00 EST: three real hours, three slots.
+        assert_eq!(
+            slots,
+            vec![
+                ts("2026-11-01T05:00:00Z"),
+                ts("2026-11-01T06:00:00Z"),
+                ts("2026-11-01T07:00:00Z")
+            ]
+        );
+    }
+
+    #[test]
+    fn on_time_slot_fires_and_advances() {
+        let s = Schedule::every(60_000, ts("2026-01-01T00:00:00Z")).unwrap();
+        let cursor = ts("2026-01-01T00:01:00Z");
+        let due = s.resolve_due(cursor, cursor.plus_ms(500), MisfirePolicy::Skip, 1_000);
+        assert_eq!(due.fire, vec![cursor]);
+        assert_eq!(due.next, Some(ts("2026-01-01T00:02:00Z")));
+        assert_eq!(due.dropped, SlotCount::default());
+    }
+
+    #[test]
+    fn misfire_fire_once_now_fires_the_latest_slot() {
+        let s = Schedule::cron("0 0 * * * *", "UTC").unwrap();
+        let cursor = ts("2026-01-01T01:00:00Z");
+        let now = ts("2026-01-02T01:30:00Z"); // a day and a half hour later
+        let due = s.resolve_due(cursor, now, MisfirePolicy::FireOnceNow, 1_000);
+        assert_eq!(due.fire, vec![ts("2026-01-02T01:00:00Z")]);
+        assert_eq!(due.dropped.counted, 24);
+        assert_eq!(due.next, Some(ts("2026-01-02T02:00:00Z")));
+    }
+
+    #[test]
+    fn misfire_skip_drops_everything_missed() {
+        let s = Schedule::cron("0 0 * * * *", "UTC").unwrap();
+        let due = s.resolve_due(
+            ts("2026-01-01T01:00:00Z"),
+            ts("2026-01-01T03:30:00Z"),
+            MisfirePolicy::Skip,
+            1_000,
+        );
+        assert!(due.fire.is_empty());
+        assert_eq!(due.dropped.counted, 3);
+        assert_eq!(due.next, Some(ts("2026-01-01T04:00:00Z")));
+    }
+
+    #[test]
+    fn misfire_catch_up_fires_the_latest_max_slots_oldest_first() {
+        let s = Schedule::cron("0 0 * * * *", "UTC").unwrap();
+        let due = s.resolve_due(
+            ts("2026-01-01T01:00:00Z"),
+            ts("2026-01-01T06:30:00Z"),
+            MisfirePolicy::CatchUp { max: 2 },
+            1_000,
+        );
+        assert_eq!(
+            due.fire,
+            vec![ts("2026-01-01T05:00:00Z"), ts("2026-01-01T06:00:00Z")]
+        );
+        assert_eq!(due.dropped.counted, 4);
+        assert_eq!(due.next, Some(ts("2026-01-01T07:00:00Z")));
+    }
+
+    #[test]
+    fn misfire_never_enumerates_an_unbounded_gap() {
+        // Every second for ten years missed: the answer comes from a backwards search.
+        let s = Schedule::cron("* * * * * *", "UTC").unwrap();
+        let cursor = ts("2016-01-01T00:00:00Z");
+        let now = ts("2026-01-01T00:00:00.500Z");
+        let due = s.resolve_due(cursor, now, MisfirePolicy::FireOnceNow, 100);
+        assert_eq!(due.fire, vec![ts("2026-01-01T00:00:00Z")]);
+        assert!(due.dropped.at_least);
+        assert_eq!(due.dropped.counted, limits::CATCH_UP_MAX);
+    }
+
+    #[test]
+    fn spec_round_trips() {
+        for spec in [
+            ScheduleSpec::Cron {
+                expr: "0 30 2 * * *".into(),
+                zone: "America/New_York".into(),
+            },
+            ScheduleSpec::Once { at: Timestamp(5) },
+            ScheduleSpec::Every {
+                interval_ms: 5_000,
+                anchor: Timestamp(0),
+            },
+        ] {
+            assert_eq!(Schedule::parse(&spec).unwrap().spec(), spec);
+        }
+    }
+}

@@ -1,0 +1,1120 @@
+//! The composer: owns jobs, runs, the due index and the journal, and wires the sub-machines
+//! together. See the crate docs for the driving contract.
+//!
+//! # Deadlines
+//!
+//! `poll_timeout` is the earliest of three named deadlines:
+//!
+//! - **due**: the first entry of the due index, an ordered set of `(instant, job or run)`: a
+//!   `Scheduled` job's cursor, or a `BackingOff` run's `until`. A tick pops only due entries,
+//!   so it costs O(log n) per due item, never a scan of all jobs.
+//! - **persist retry**: after a failed batch, when to emit the next one.
+//! - **history sweep**: hourly, prune history by age for all jobs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::audit::{Actor, AuditRecord, HistoryPolicy};
+use crate::error::Rejected;
+use crate::ids::{Attempt, BatchId, IdempotencyKey, JobId, RunId};
+use crate::job::{Job, JobSpec, JobState, OverlapPolicy};
+use crate::limits;
+use crate::persist::{Batch, Journal, Meta, Record, Snapshot};
+use crate::rng::SplitMix64;
+use crate::run::{Outcome, Run, RunState, StateName, Transition, Trigger};
+use crate::schedule::{MisfirePolicy, Schedule, ScheduleError};
+use crate::time::Timestamp;
+
+/// Scheduler-wide settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// A slot reached later than this is a misfire and the job's misfire policy applies.
+    pub misfire_grace_ms: u64,
+    /// How much history stores keep per job.
+    pub history: HistoryPolicy,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            misfire_grace_ms: 60_000,
+            history: HistoryPolicy::default(),
+        }
+    }
+}
+
+/// An output of the scheduler, drained with [`Scheduler::poll_effect`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Write these records atomically and durably, in order, then call
+    /// [`Scheduler::handle_persisted`] (or [`Scheduler::handle_persist_failed`]).
+    Persist(Batch),
+    /// Execute an attempt, then report with [`Scheduler::handle_outcome`]. Released only after
+    /// the batch recording the attempt was acknowledged.
+    StartAttempt(AttemptStart),
+    /// Ask the attempt to stop cooperatively; its handler still reports an outcome.
+    CancelAttempt {
+        /// The run.
+        run: RunId,
+        /// The attempt.
+        attempt: Attempt,
+    },
+    /// Something happened that a driver may log or count. Not durable.
+    Event(Event),
+}
+
+/// Everything an executor needs to run one attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptStart {
+    /// The run.
+    pub run: RunId,
+    /// The job.
+    pub job: JobId,
+    /// The handler to call.
+    pub kind: String,
+    /// The job's payload.
+    pub payload: String,
+    /// The attempt number, from 1.
+    pub attempt: Attempt,
+    /// `run id + attempt`, for the handler's own side effects.
+    pub idempotency_key: IdempotencyKey,
+    /// Why the run exists.
+    pub trigger: Trigger,
+}
+
+/// A domain event (tier 2 of the error model), for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A run reached a terminal state.
+    RunFinished {
+        /// The run.
+        run: RunId,
+        /// The job.
+        job: JobId,
+        /// The terminal state.
+        state: StateName,
+    },
+    /// A retry was scheduled.
+    RetryScheduled {
+        /// The run.
+        run: RunId,
+        /// When the next attempt starts.
+        at: Timestamp,
+    },
+    /// A job was disabled by the scheduler.
+    JobDisabled {
+        /// The job.
+        job: JobId,
+        /// Why.
+        reason: String,
+    },
+    /// Slots were dropped by the misfire or overlap policy.
+    SlotsDropped {
+        /// The job.
+        job: JobId,
+        /// How many, in words ("3", "at least 1000").
+        count: String,
+        /// Which policy dropped them.
+        reason: String,
+    },
+    /// The store failed a batch; it will be retried at `retry_at`.
+    PersistFailed {
+        /// The batch.
+        batch: BatchId,
+        /// The store's error.
+        error: String,
+        /// When the next batch is emitted.
+        retry_at: Timestamp,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum DueKey {
+    // Runs sort before jobs at the same instant: an overdue retry starts before new firings.
+    Run(RunId),
+    Job(JobId),
+}
+
+/// The sans-IO scheduler. See the crate docs for how to drive it.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: Config,
+    now: Timestamp,
+    rng: SplitMix64,
+    jobs: BTreeMap<JobId, Job>,
+    runs: BTreeMap<RunId, Run>,
+    due: BTreeSet<(Timestamp, DueKey)>,
+    meta: Meta,
+    journal: Journal,
+    effects: VecDeque<Effect>,
+    history_sweep_at: Timestamp,
+}
+
+impl Scheduler {
+    /// An empty scheduler. `seed` drives backoff jitter; `now` is the current time.
+    pub fn new(config: Config, seed: u64, now: Timestamp) -> Self {
+        let config = Config {
+            history: config.history.clamped(),
+            ..config
+        };
+        Scheduler {
+            config,
+            now,
+            rng: SplitMix64::new(seed),
+            jobs: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            due: BTreeSet::new(),
+            meta: Meta {
+                next_run_id: 1,
+                next_audit_seq: 1,
+            },
+            journal: Journal::default(),
+            effects: VecDeque::new(),
+            history_sweep_at: now.plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS),
+        }
+    }
+
+    /// Rebuilds a scheduler from what a store persisted (after a crash or a clean stop).
+    ///
+    /// Jobs whose stored schedule no longer parses are disabled with the reason (SPEC S2).
+    /// Runs found mid-attempt are recovered: retried if the job resumes after crashes and
+    /// attempts remain, otherwise ended `interrupted`. Every such change is audited and
+    /// persisted through the usual effects.
+    pub fn restore(config: Config, seed: u64, now: Timestamp, snapshot: Snapshot) -> Self {
+        let mut s = Scheduler::new(config, seed, now);
+        let Snapshot { jobs, runs, meta } = snapshot;
+        s.meta = Meta {
+            next_run_id: meta.next_run_id.max(1),
+            next_audit_seq: meta.next_audit_seq.max(1),
+        };
+        for mut job in jobs {
+            job.active_runs = 0;
+            let id = job.spec.id.clone();
+            match Schedule::parse(&job.spec.schedule) {
+                Ok(schedule) => job.schedule = Some(schedule),
+                Err(e) => {
+                    let reason = format!("stored schedule no longer parses: {e}");
+                    let old = job_state_name(&job.state);
+                    job.state = JobState::Disabled {
+                        reason: reason.clone(),
+                    };
+                    s.journal.dirty_jobs.insert(id.clone());
+                    s.audit_job(
+                        &id,
+                        Some(old),
+                        StateName::Disabled,
+                        Actor::Scheduler,
+                        &reason,
+                    );
+                    s.effects.push_back(Effect::Event(Event::JobDisabled {
+                        job: id.clone(),
+                        reason,
+                    }));
+                }
+            }
+            if let (JobState::Scheduled { next }, Some(last)) = (&job.state, job.last_fired) {
+                if *next <= last {
+                    // Data from an older version or a hand-edited store: never re-fire a slot.
+                    let repaired = job.schedule.as_ref().and_then(|sc| sc.next_after(last));
+                    job.state = match repaired {
+                        Some(next) => JobState::Scheduled { next },
+                        None => JobState::Disabled {
+                            reason: format!("stored cursor {next} is not after the last fired slot {last} and the schedule has no later slot"),
+                        },
+                    };
+                    s.journal.dirty_jobs.insert(id.clone());
+                }
+            }
+            if let JobState::Scheduled { next } = job.state {
+                s.due.insert((next, DueKey::Job(id.clone())));
+            }
+            s.jobs.insert(id, job);
+        }
+        for run in runs {
+            if run.state.is_terminal() {
+                continue;
+            }
+            s.meta.next_run_id = s.meta.next_run_id.max(run.id.0 + 1);
+            if let Some(job) = s.jobs.get_mut(&run.job) {
+                job.active_runs += 1;
+            }
+            let id = run.id;
+            s.runs.insert(id, run);
+            match s.runs[&id].state {
+                RunState::BackingOff { until } => {
+                    s.due.insert((until, DueKey::Run(id)));
+                }
+                RunState::Starting { .. } | RunState::Running { .. } => {
+                    let run = s.runs.get_mut(&id).expect("just inserted");
+                    let t = run.recover_after_crash(now, &mut s.rng);
+                    s.after_run_transition(id, t, Actor::Scheduler);
+                }
+                _ => unreachable!("terminal runs were skipped"),
+            }
+        }
+        s.meta.next_audit_seq = s.meta.next_audit_seq.max(1);
+        s.journal.meta_dirty = true;
+        s
+    }
+
+    // ----- getters -----------------------------------------------------------------------
+
+    /// The latest `now` seen (every input's `now` is clamped to at least this).
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A job by id.
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    /// All jobs, ordered by id.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// A run still in memory (active, or terminal and not yet acknowledged by the store).
+    pub fn run(&self, id: RunId) -> Option<&Run> {
+        self.runs.get(&id)
+    }
+
+    /// Runs in memory, ordered by id.
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        self.runs.values()
+    }
+
+    /// True if no batch is in flight and nothing waits to be persisted.
+    pub fn is_quiescent(&self) -> bool {
+        self.journal.in_flight.is_none() && !self.journal.has_pending() && self.effects.is_empty()
+    }
+
+    // ----- commands ----------------------------------------------------------------------
+
+    /// Registers a job. Its schedule is parsed and its first slot computed now: an invalid
+    /// schedule, an unknown zone or a schedule that never fires is refused (SPEC S1).
+    pub fn add_job(&mut self, now: Timestamp, spec: JobSpec) -> Result<(), Rejected> {
+        let now = self.clamp(now);
+        if self.jobs.contains_key(&spec.id) {
+            return Err(Rejected::JobExists(spec.id));
+        }
+        let (schedule, next) = validate(&spec, now, self.config.misfire_grace_ms)?;
+        let id = spec.id.clone();
+        let job = Job {
+            spec,
+            state: JobState::Scheduled { next },
+            backlog: Vec::new(),
+            last_fired: None,
+            active_runs: 0,
+            schedule: Some(schedule),
+        };
+        self.due.insert((next, DueKey::Job(id.clone())));
+        self.jobs.insert(id.clone(), job);
+        self.mark_job(&id);
+        self.audit_job(
+            &id,
+            None,
+            StateName::Scheduled,
+            Actor::Operator,
+            &format!("added; first slot {next}"),
+        );
+        Ok(())
+    }
+
+    /// Replaces a job's definition. A changed schedule moves the cursor to its first slot
+    /// after `now`; a disabled job is re-armed. Runs already under way keep the retry policy
+    /// they started with.
+    pub fn update_job(&mut self, now: Timestamp, spec: JobSpec) -> Result<(), Rejected> {
+        let now = self.clamp(now);
+        let Some(job) = self.jobs.get(&spec.id) else {
+            return Err(Rejected::UnknownJob(spec.id));
+        };
+        let (schedule, first) = validate(&spec, now, self.config.misfire_grace_ms)?;
+        if job.last_fired.is_some_and(|last| first <= last) {
+            // SPEC S6: a slot that fired never fires again, even through an update.
+            return Err(ScheduleError::NeverFires {
+                schedule: schedule.to_string(),
+                after: job.last_fired.expect("checked"),
+            }
+            .into());
+        }
+        let id = spec.id.clone();
+        let old = job_state_name(&job.state);
+        let schedule_changed = job.spec.schedule != spec.schedule;
+        let next = match (&job.state, schedule_changed) {
+            (JobState::Scheduled { next }, false) => Some(*next),
+            (JobState::Paused { next }, false) => *next,
+            _ => Some(first),
+        };
+        let paused = matches!(job.state, JobState::Paused { .. });
+        self.unindex_job(&id);
+        let job = self.jobs.get_mut(&id).expect("checked above");
+        job.spec = spec;
+        job.schedule = Some(schedule);
+        job.state = match (paused, next) {
+            (true, next) => JobState::Paused { next },
+            (false, Some(next)) => JobState::Scheduled { next },
+            (false, None) => JobState::Disabled {
+                reason: "schedule has no slot left".into(),
+            },
+        };
+        let new = job_state_name(&job.state);
+        self.index_job(&id);
+        self.mark_job(&id);
+        self.audit_job(&id, Some(old), new, Actor::Operator, "definition updated");
+        Ok(())
+    }
+
+    /// Removes a job definition. Runs under way finish normally; its history stays, subject to
+    /// the history policy.
+    pub fn remove_job(&mut self, now: Timestamp, id: &JobId) -> Result<(), Rejected> {
+        self.clamp(now);
+        let Some(job) = self.jobs.get(id) else {
+            return Err(Rejected::UnknownJob(id.clone()));
+        };
+        let old = job_state_name(&job.state);
+        self.unindex_job(id);
+        self.jobs.remove(id);
+        self.journal.dirty_jobs.remove(id);
+        self.journal.deleted_jobs.insert(id.clone());
+        self.audit_job(
+            id,
+            Some(old),
+            StateName::Removed,
+            Actor::Operator,
+            "removed",
+        );
+        Ok(())
+    }
+
+    /// Pauses a job: it stops firing; runs under way continue.
+    pub fn pause_job(&mut self, now: Timestamp, id: &JobId) -> Result<(), Rejected> {
+        self.clamp(now);
+        let Some(job) = self.jobs.get(id) else {
+            return Err(Rejected::UnknownJob(id.clone()));
+        };
+        let next = match &job.state {
+            JobState::Scheduled { next } => *next,
+            JobState::Paused { .. } => return Err(Rejected::AlreadyPaused(id.clone())),
+            JobState::Disabled { reason } => {
+                return Err(Rejected::JobDisabled {
+                    job: id.clone(),
+                    reason: reason.clone(),
+                })
+            }
+        };
+        self.unindex_job(id);
+        self.jobs.get_mut(id).expect("checked").state = JobState::Paused { next: Some(next) };
+        self.mark_job(id);
+        self.audit_job(
+            id,
+            Some(StateName::Scheduled),
+            StateName::Paused,
+            Actor::Operator,
+            "paused",
+        );
+        Ok(())
+    }
+
+    /// Resumes a paused job. Its cursor is kept: slots that passed while it was paused are
+    /// misfires, and its misfire policy decides (the default fires once now).
+    pub fn resume_job(&mut self, now: Timestamp, id: &JobId) -> Result<(), Rejected> {
+        self.clamp(now);
+        let Some(job) = self.jobs.get_mut(id) else {
+            return Err(Rejected::UnknownJob(id.clone()));
+        };
+        let JobState::Paused { next } = job.state else {
+            return Err(Rejected::NotPaused(id.clone()));
+        };
+        job.state = match next {
+            Some(next) => JobState::Scheduled { next },
+            None => JobState::Disabled {
+                reason: "schedule has no slot left".into(),
+            },
+        };
+        let new = job_state_name(&job.state);
+        self.index_job(id);
+        self.mark_job(id);
+        self.audit_job(id, Some(StateName::Paused), new, Actor::Operator, "resumed");
+        Ok(())
+    }
+
+    /// Starts a run now, outside the schedule (the job's cursor does not move). Refused if a
+    /// run is active and the job's overlap policy is not `allow`. When it ends it settles like
+    /// any run: a one-shot job is then finished (SPEC R5).
+    pub fn trigger(&mut self, now: Timestamp, id: &JobId) -> Result<RunId, Rejected> {
+        let now = self.clamp(now);
+        let Some(job) = self.jobs.get(id) else {
+            return Err(Rejected::UnknownJob(id.clone()));
+        };
+        if job.active_runs > 0 && job.spec.overlap != OverlapPolicy::Allow {
+            let run = self
+                .runs
+                .values()
+                .find(|r| &r.job == id && !r.state.is_terminal())
+                .map(|r| r.id)
+                .expect("active_runs counts runs in memory");
+            return Err(Rejected::RunActive {
+                job: id.clone(),
+                run,
+            });
+        }
+        Ok(self.create_run(now, id, Trigger::Manual, Actor::Operator))
+    }
+
+    /// Cancels a run. A waiting run ends `cancelled` at once; a running attempt is asked to
+    /// stop (`Effect::CancelAttempt`) and the run ends `cancelled` unless it succeeds first.
+    pub fn cancel_run(&mut self, now: Timestamp, id: RunId) -> Result<(), Rejected> {
+        let now = self.clamp(now);
+        let Some(run) = self.runs.get_mut(&id) else {
+            return Err(Rejected::UnknownRun(id));
+        };
+        if run.state.is_terminal() {
+            return Err(Rejected::UnknownRun(id));
+        }
+        let until = match run.state {
+            RunState::BackingOff { until } => Some(until),
+            _ => None,
+        };
+        match run.cancel(now, "cancelled by operator") {
+            Some(t) => {
+                if let Some(until) = until {
+                    self.due.remove(&(until, DueKey::Run(id)));
+                }
+                self.after_run_transition(id, t, Actor::Operator);
+            }
+            None => {
+                let attempt = run.attempt;
+                self.journal.dirty_runs.insert(id);
+                self.effects
+                    .push_back(Effect::CancelAttempt { run: id, attempt });
+            }
+        }
+        Ok(())
+    }
+
+    // ----- inputs from the world --------------------------------------------------------
+
+    /// Time has reached `now`: fire due slots, start due retries, run named deadlines.
+    /// Afterwards, `poll_timeout()` is later than `now` (or `None`).
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        let now = self.clamp(now);
+        while let Some((at, _)) = self.due.first() {
+            if *at > now {
+                break;
+            }
+            let (_, key) = self.due.pop_first().expect("checked non-empty");
+            match key {
+                DueKey::Job(id) => self.fire(now, &id),
+                DueKey::Run(id) => self.start_next_attempt(id),
+            }
+        }
+        if self.journal.retry_at.is_some_and(|at| at <= now) {
+            self.journal.retry_at = None;
+        }
+        if self.history_sweep_at <= now {
+            self.history_sweep_at = now.plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS);
+            self.journal.prunes.push(Record::PruneHistory {
+                job: None,
+                keep_last: self.config.history.runs_max,
+                finished_before: Timestamp(
+                    now.as_millis()
+                        .saturating_sub(self.config.history.age_max_ms as i64),
+                ),
+            });
+        }
+    }
+
+    /// The store made batch `id` durable: release the effects that waited for it.
+    /// Acknowledgements for unknown or already failed batches are ignored.
+    pub fn handle_persisted(&mut self, now: Timestamp, id: BatchId) {
+        let now = self.clamp(now);
+        let Some(batch) = self.journal.acknowledge(id) else {
+            return;
+        };
+        // Terminal runs whose final record is now durable leave memory: they are history.
+        for run_id in &batch.runs {
+            if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal())
+                && !self.journal.dirty_runs.contains(run_id)
+            {
+                self.runs.remove(run_id);
+            }
+        }
+        for (run_id, attempt) in batch.gates {
+            // A run cancelled (or otherwise moved on) while its record was in flight is not
+            // started.
+            let Some(run) = self.runs.get(&run_id) else {
+                continue;
+            };
+            if run.state != (RunState::Starting { attempt }) {
+                continue;
+            }
+            let (kind, payload) = match self.jobs.get(&run.job) {
+                Some(job) => (job.spec.kind.clone(), job.spec.payload.clone()),
+                None => (String::new(), String::new()),
+            };
+            let run = self.runs.get_mut(&run_id).expect("checked above");
+            let t = run.mark_running(now);
+            let start = AttemptStart {
+                run: run_id,
+                job: run.job.clone(),
+                kind,
+                payload,
+                attempt,
+                idempotency_key: run.idempotency_key(),
+                trigger: run.trigger,
+            };
+            self.after_run_transition(run_id, t, Actor::Scheduler);
+            self.effects.push_back(Effect::StartAttempt(start));
+        }
+    }
+
+    /// The store failed to write batch `id`. Its records are re-sent (rebuilt from current
+    /// state) after a delay; the effects it gated stay held until then.
+    pub fn handle_persist_failed(&mut self, now: Timestamp, id: BatchId, error: &str) {
+        let now = self.clamp(now);
+        if let Some(retry_at) = self.journal.fail(id, now) {
+            self.effects.push_back(Effect::Event(Event::PersistFailed {
+                batch: id,
+                error: crate::run::truncate(error),
+                retry_at,
+            }));
+        }
+    }
+
+    /// The executor reports the outcome of an attempt. Refused, changing nothing, if the run is
+    /// unknown, not running, or `attempt` is not its current attempt.
+    pub fn handle_outcome(
+        &mut self,
+        now: Timestamp,
+        run_id: RunId,
+        attempt: Attempt,
+        outcome: Outcome,
+    ) -> Result<(), Rejected> {
+        let now = self.clamp(now);
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return Err(Rejected::UnknownRun(run_id));
+        };
+        let RunState::Running {
+            attempt: current, ..
+        } = run.state
+        else {
+            return Err(Rejected::NotRunning {
+                run: run_id,
+                state: run.state.name(),
+            });
+        };
+        if current != attempt {
+            return Err(Rejected::StaleAttempt {
+                run: run_id,
+                got: attempt,
+                current,
+            });
+        }
+        let t = run.apply_outcome(now, outcome, &mut self.rng);
+        self.after_run_transition(run_id, t, Actor::Scheduler);
+        Ok(())
+    }
+
+    // ----- outputs ----------------------------------------------------------------------
+
+    /// The next output, or `None` when there is nothing to do until an input arrives.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        if let Some(effect) = self.effects.pop_front() {
+            return Some(effect);
+        }
+        if !self.journal.can_emit() {
+            return None;
+        }
+        Some(Effect::Persist(self.build_batch()))
+    }
+
+    /// When to call `handle_timeout` next, or `None` if nothing is scheduled.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let due = self.due.first().map(|(at, _)| *at);
+        [due, self.journal.retry_at, Some(self.history_sweep_at)]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    // ----- invariants -------------------------------------------------------------------
+
+    /// Checks whole-state invariants and panics with a description if one is broken. Cheap
+    /// enough for a simulator to call after every step; not for production hot paths (it is
+    /// O(jobs + runs)).
+    pub fn check_invariants(&self) {
+        let mut expected_due = BTreeSet::new();
+        let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
+        let mut slots = BTreeSet::new();
+        for (id, run) in &self.runs {
+            assert_eq!(*id, run.id, "run stored under the wrong id");
+            assert!(
+                run.id.0 < self.meta.next_run_id,
+                "{id} not below next_run_id"
+            );
+            if let RunState::BackingOff { until } = run.state {
+                expected_due.insert((until, DueKey::Run(run.id)));
+            }
+            if !run.state.is_terminal() {
+                *active.entry(&run.job).or_default() += 1;
+                assert!(run.attempt.0 >= 1, "{id} active with attempt 0");
+                assert!(
+                    run.attempts_counted() <= run.retry.attempts_max,
+                    "{id} started {} counted attempts, more than attempts_max {}",
+                    run.attempts_counted(),
+                    run.retry.attempts_max
+                );
+            } else {
+                assert!(
+                    run.finished_at.is_some(),
+                    "{id} terminal without finished_at"
+                );
+            }
+            if let Some(slot) = run.slot() {
+                assert!(
+                    slots.insert((run.job.clone(), slot)),
+                    "two runs for slot {slot} of job {}",
+                    run.job
+                );
+            }
+        }
+        for (id, job) in &self.jobs {
+            assert_eq!(id, &job.spec.id, "job stored under the wrong id");
+            if let JobState::Scheduled { next } = job.state {
+                expected_due.insert((next, DueKey::Job(id.clone())));
+                if let Some(last) = job.last_fired {
+                    assert!(
+                        next > last,
+                        "job {id}: cursor {next} not after last fired {last}"
+                    );
+                }
+            }
+            let counted = active.get(id).copied().unwrap_or(0);
+            assert_eq!(
+                job.active_runs, counted,
+                "job {id}: active_runs {} but {counted} active runs",
+                job.active_runs
+            );
+            assert!(job.backlog.len() <= limits::BACKLOG_MAX);
+            assert!(
+                job.backlog.is_empty() || job.active_runs > 0,
+                "job {id} has a backlog but no active run to drain it"
+            );
+            assert!(job.schedule.is_some() || matches!(job.state, JobState::Disabled { .. }));
+        }
+        assert_eq!(
+            self.due, expected_due,
+            "the due index disagrees with job and run states"
+        );
+        if let Some(batch) = &self.journal.in_flight {
+            for (run, attempt) in &batch.gates {
+                if let Some(r) = self.runs.get(run) {
+                    assert!(
+                        !matches!(r.state, RunState::Running { attempt: a, .. } if a == *attempt),
+                        "{run} attempt {attempt} running before its batch was acknowledged"
+                    );
+                }
+            }
+        }
+    }
+
+    // ----- helpers ----------------------------------------------------------------------
+
+    fn clamp(&mut self, now: Timestamp) -> Timestamp {
+        self.now = self.now.max(now);
+        self.now
+    }
+
+    /// A `Scheduled` job's cursor came due.
+    fn fire(&mut self, now: Timestamp, id: &JobId) {
+        let grace = self.config.misfire_grace_ms;
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let JobState::Scheduled { next: cursor } = job.state else {
+            unreachable!("only scheduled jobs are in the due index");
+        };
+        let schedule = job
+            .schedule
+            .as_ref()
+            .expect("scheduled jobs have a schedule");
+        let due = schedule.resolve_due(cursor, now, job.spec.misfire, grace);
+        // SPEC S2: the next slot is decided (and persisted with the run) before any run starts.
+        job.state = match due.next {
+            Some(next) => JobState::Scheduled { next },
+            None => JobState::Disabled {
+                reason: if job.is_one_shot() && due.fire.is_empty() {
+                    "one-shot slot was missed and dropped by the misfire policy".into()
+                } else if job.is_one_shot() {
+                    "one-shot job has fired".into()
+                } else {
+                    format!("schedule has no slot after {cursor}")
+                },
+            },
+        };
+        if let Some(last) = due.fire.last() {
+            job.last_fired = Some(*last);
+        }
+        let policy = job.spec.misfire;
+        let catching_up = matches!(policy, MisfirePolicy::CatchUp { .. }) && due.fire.len() > 1;
+        self.index_job(id);
+        self.mark_job(id);
+        if let JobState::Disabled { reason } = &self.jobs[id].state {
+            let reason = reason.clone();
+            self.audit_job(
+                id,
+                Some(StateName::Scheduled),
+                StateName::Disabled,
+                Actor::Scheduler,
+                &reason,
+            );
+            self.effects.push_back(Effect::Event(Event::JobDisabled {
+                job: id.clone(),
+                reason,
+            }));
+        }
+        if due.dropped.counted > 0 {
+            let reason = format!(
+                "misfire policy {policy:?} dropped {} missed slot(s)",
+                due.dropped
+            );
+            self.note_dropped(id, due.dropped.to_string(), reason);
+        }
+        for slot in due.fire {
+            self.admit(now, id, slot, catching_up);
+        }
+    }
+
+    /// A slot fires: start a run, buffer it, or drop it, by the overlap policy (SPEC S5). The
+    /// check and the creation happen in this one transition.
+    fn admit(&mut self, now: Timestamp, id: &JobId, slot: Timestamp, catching_up: bool) {
+        let job = self
+            .jobs
+            .get_mut(id)
+            .expect("admit is called for a known job");
+        if job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow {
+            self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
+            return;
+        }
+        // Slots a catch-up produced wait their turn whatever the overlap policy: dropping them
+        // would defeat the catch-up. Live slots follow the overlap policy.
+        let capacity = match (catching_up, job.spec.overlap) {
+            (true, _) => limits::BACKLOG_MAX,
+            (false, OverlapPolicy::BufferOne) => 1,
+            (false, _) => 0,
+        };
+        if job.backlog.len() < capacity {
+            job.backlog.push(slot);
+            self.mark_job(id);
+            return;
+        }
+        let reason = format!(
+            "overlap policy {:?}: slot {slot} dropped, a run is active",
+            job.spec.overlap
+        );
+        self.note_dropped(id, "1".into(), reason);
+    }
+
+    fn create_run(&mut self, now: Timestamp, id: &JobId, trigger: Trigger, actor: Actor) -> RunId {
+        let job = self
+            .jobs
+            .get_mut(id)
+            .expect("create_run is called for a known job");
+        let run_id = RunId(self.meta.next_run_id);
+        self.meta.next_run_id += 1;
+        self.journal.meta_dirty = true;
+        job.active_runs += 1;
+        let run = Run::new(
+            run_id,
+            id.clone(),
+            trigger,
+            now,
+            job.spec.retry.clone(),
+            job.spec.resume_after_crash,
+        );
+        let reason = match trigger {
+            Trigger::Scheduled { slot } => format!("slot {slot} fired"),
+            Trigger::Manual => "triggered by operator".into(),
+        };
+        self.mark_job(id);
+        self.runs.insert(run_id, run);
+        self.journal.dirty_runs.insert(run_id);
+        self.journal.gates_next.push((run_id, Attempt(1)));
+        self.audit_run(run_id, None, StateName::Starting, actor, &reason);
+        run_id
+    }
+
+    /// A `BackingOff` run's `until` came due.
+    fn start_next_attempt(&mut self, id: RunId) {
+        let run = self.runs.get_mut(&id).expect("due runs are in memory");
+        let t = run.begin_next_attempt();
+        let attempt = run.attempt;
+        self.journal.gates_next.push((id, attempt));
+        self.after_run_transition(id, t, Actor::Scheduler);
+    }
+
+    /// Bookkeeping after any run transition: persist, audit, index, and settle if terminal.
+    fn after_run_transition(&mut self, id: RunId, t: Transition, actor: Actor) {
+        self.journal.dirty_runs.insert(id);
+        self.audit_run(id, Some(t.old), t.new, actor, &t.reason);
+        let run = &self.runs[&id];
+        match run.state {
+            RunState::BackingOff { until } => {
+                self.due.insert((until, DueKey::Run(id)));
+                self.effects
+                    .push_back(Effect::Event(Event::RetryScheduled { run: id, at: until }));
+            }
+            state if state.is_terminal() => {
+                self.effects.push_back(Effect::Event(Event::RunFinished {
+                    run: id,
+                    job: run.job.clone(),
+                    state: state.name(),
+                }));
+                let job = run.job.clone();
+                self.settle(id, &job);
+            }
+            _ => {}
+        }
+    }
+
+    /// The one settle-after-run transition (SPEC R5), for scheduled and manual runs alike.
+    fn settle(&mut self, run_id: RunId, id: &JobId) {
+        let now = self.now;
+        let history = self.config.history;
+        self.journal.prunes.push(Record::PruneHistory {
+            job: Some(id.clone()),
+            keep_last: history.runs_max,
+            finished_before: Timestamp(now.as_millis().saturating_sub(history.age_max_ms as i64)),
+        });
+        let Some(job) = self.jobs.get_mut(id) else {
+            return; // the job was removed while the run was active
+        };
+        job.active_runs -= 1;
+        let state = self.runs[&run_id].state.name();
+        if job.is_one_shot() {
+            // A one-shot job never fires again, whatever the outcome.
+            let old = job_state_name(&job.state);
+            if job.spec.delete_after_run && job.active_runs == 0 {
+                self.unindex_job(id);
+                self.jobs.remove(id);
+                self.journal.dirty_jobs.remove(id);
+                self.journal.deleted_jobs.insert(id.clone());
+                let reason = format!("one-shot job finished ({state}); delete_after_run");
+                self.audit_job(id, Some(old), StateName::Removed, Actor::Scheduler, &reason);
+                return;
+            }
+            self.unindex_job(id);
+            let job = self.jobs.get_mut(id).expect("checked above");
+            let reason = format!("one-shot job finished ({state})");
+            job.state = JobState::Disabled {
+                reason: reason.clone(),
+            };
+            job.backlog.clear();
+            self.mark_job(id);
+            self.audit_job(
+                id,
+                Some(old),
+                StateName::Disabled,
+                Actor::Scheduler,
+                &reason,
+            );
+            return;
+        }
+        // A recurring job's cursor already moved when the slot fired; a waiting slot starts now.
+        if !job.backlog.is_empty()
+            && (job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow)
+        {
+            let slot = job.backlog.remove(0);
+            self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
+        }
+    }
+
+    fn note_dropped(&mut self, id: &JobId, count: String, reason: String) {
+        let state = job_state_name(&self.jobs[id].state);
+        self.audit_job(id, Some(state), state, Actor::Scheduler, &reason);
+        self.effects.push_back(Effect::Event(Event::SlotsDropped {
+            job: id.clone(),
+            count,
+            reason,
+        }));
+    }
+
+    fn index_job(&mut self, id: &JobId) {
+        if let Some(JobState::Scheduled { next }) = self.jobs.get(id).map(|j| &j.state) {
+            self.due.insert((*next, DueKey::Job(id.clone())));
+        }
+    }
+
+    fn unindex_job(&mut self, id: &JobId) {
+        if let Some(JobState::Scheduled { next }) = self.jobs.get(id).map(|j| &j.state) {
+            self.due.remove(&(*next, DueKey::Job(id.clone())));
+        }
+    }
+
+    fn mark_job(&mut self, id: &JobId) {
+        self.journal.deleted_jobs.remove(id);
+        self.journal.dirty_jobs.insert(id.clone());
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.meta.next_audit_seq;
+        self.meta.next_audit_seq += 1;
+        self.journal.meta_dirty = true;
+        seq
+    }
+
+    fn audit_job(
+        &mut self,
+        id: &JobId,
+        old: Option<StateName>,
+        new: StateName,
+        actor: Actor,
+        reason: &str,
+    ) {
+        let seq = self.next_seq();
+        self.journal.audit.push(AuditRecord {
+            seq,
+            at: self.now,
+            job: id.clone(),
+            run: None,
+            attempt: None,
+            fencing_token: None,
+            old,
+            new,
+            actor,
+            reason: crate::run::truncate(reason),
+        });
+    }
+
+    fn audit_run(
+        &mut self,
+        id: RunId,
+        old: Option<StateName>,
+        new: StateName,
+        actor: Actor,
+        reason: &str,
+    ) {
+        let seq = self.next_seq();
+        let run = &self.runs[&id];
+        self.journal.audit.push(AuditRecord {
+            seq,
+            at: self.now,
+            job: run.job.clone(),
+            run: Some(id),
+            attempt: Some(run.attempt),
+            fencing_token: None,
+            old,
+            new,
+            actor,
+            reason: crate::run::truncate(reason),
+        });
+    }
+
+    fn build_batch(&mut self) -> Batch {
+        let batch = self.journal.start_batch();
+        let mut records = Vec::with_capacity(
+            batch.deleted_jobs.len()
+                + batch.jobs.len()
+                + batch.runs.len()
+                + batch.audit.len()
+                + batch.prunes.len()
+                + 1,
+        );
+        records.extend(
+            batch
+                .deleted_jobs
+                .iter()
+                .map(|id| Record::DeleteJob { id: id.clone() }),
+        );
+        records.extend(
+            batch
+                .jobs
+                .iter()
+                .filter_map(|id| self.jobs.get(id).cloned().map(Record::PutJob)),
+        );
+        records.extend(
+            batch
+                .runs
+                .iter()
+                .filter_map(|id| self.runs.get(id).cloned().map(Record::PutRun)),
+        );
+        records.extend(batch.audit.iter().cloned().map(Record::Audit));
+        records.extend(batch.prunes.iter().cloned());
+        if batch.meta {
+            records.push(Record::PutMeta(self.meta));
+        }
+        Batch {
+            id: batch.id,
+            records,
+        }
+    }
+}
+
+/// Validates a spec and computes its first cursor.
+fn validate(
+    spec: &JobSpec,
+    now: Timestamp,
+    grace_ms: u64,
+) -> Result<(Schedule, Timestamp), Rejected> {
+    if spec.kind.is_empty() || spec.kind.len() > limits::JOB_KIND_MAX_BYTES {
+        return Err(Rejected::InvalidField {
+            field: "kind",
+            reason: format!("must be 1 to {} bytes", limits::JOB_KIND_MAX_BYTES),
+        });
+    }
+    if spec.payload.len() > limits::JOB_PAYLOAD_MAX_BYTES {
+        return Err(Rejected::InvalidField {
+            field: "payload",
+            reason: format!(
+                "is {} bytes; the limit is {}",
+                spec.payload.len(),
+                limits::JOB_PAYLOAD_MAX_BYTES
+            ),
+        });
+    }
+    if let MisfirePolicy::CatchUp { max } = spec.misfire {
+        if max == 0 || max > limits::CATCH_UP_MAX {
+            return Err(Rejected::InvalidField {
+                field: "misfire.max",
+                reason: format!(
+                    "catch-up max must be 1 to {}; got {max}",
+                    limits::CATCH_UP_MAX
+                ),
+            });
+        }
+    }
+    spec.retry.validate()?;
+    let schedule = Schedule::parse(&spec.schedule)?;
+    let never = || ScheduleError::NeverFires {
+        schedule: schedule.to_string(),
+        after: now,
+    };
+    let first = if schedule.is_recurring() {
+        schedule.next_after(now).ok_or_else(never)?
+    } else {
+        // A one-shot in the past fires at once under fire-once-now and catch-up; under skip it
+        // would never fire, so it is refused rather than stored dead.
+        let at = schedule.next_after(Timestamp(i64::MIN)).ok_or_else(never)?;
+        if spec.misfire == MisfirePolicy::Skip && now.ms_since(at) > grace_ms {
+            return Err(never().into());
+        }
+        at
+    };
+    Ok((schedule, first))
+}
+
+fn job_state_name(state: &JobState) -> StateName {
+    match state {
+        JobState::Scheduled { .. } => StateName::Scheduled,
+        JobState::Paused { .. } => StateName::Paused,
+        JobState::Disabled { .. } => StateName::Disabled,
+    }
+}
