@@ -32,7 +32,7 @@
 //!
 //! let mut now = start;
 //! let mut finished = 0;
-//! while finished < 3 {
+//! loop {
 //!     // 1. Drain effects until there are none.
 //!     while let Some(effect) = keel.poll_effect() {
 //!         match effect {
@@ -47,6 +47,9 @@
 //!             Effect::Event(keel_core::Event::RunFinished { .. }) => finished += 1,
 //!             Effect::Event(_) => {}
 //!         }
+//!     }
+//!     if finished == 3 {
+//!         break;
 //!     }
 //!     // 2. Sleep until the next deadline, then tell the scheduler the time.
 //!     now = keel.poll_timeout().expect("a cron job always has a next slot");

@@ -1,0 +1,2 @@
+//! keel-testkit (in progress)
+pub mod fuzzing;
