@@ -1,0 +1,196 @@
+//! An in-memory store: what a durable store would hold, applied batch by batch.
+//!
+//! [`MemStore`] is the simulator's disk. It applies a [`Batch`] atomically when the simulated
+//! write completes, keeps every run including terminal ones (the history that the core forgets),
+//! keeps the audit trail, executes the history policy, and builds the [`Snapshot`] a restarted
+//! core is restored from. It also checks the store-level safety properties that no core bug may
+//! break, whatever the faults:
+//!
+//! - a terminal run never changes again;
+//! - two different runs never claim the same `(job, slot)` (SPEC S6);
+//! - audit sequence numbers are never reused for a different record.
+
+use std::collections::BTreeMap;
+
+use keel_core::{AuditRecord, Batch, Job, JobId, Meta, Record, Run, RunId, Snapshot, Timestamp};
+
+/// Durable state, as a real store would hold it after acknowledging batches.
+#[derive(Clone, Debug, Default)]
+pub struct MemStore {
+    jobs: BTreeMap<JobId, Job>,
+    runs: BTreeMap<RunId, Run>,
+    audit: BTreeMap<u64, AuditRecord>,
+    slots: BTreeMap<(JobId, Timestamp), RunId>,
+    meta: Meta,
+    batches_applied: u64,
+}
+
+impl MemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        MemStore::default()
+    }
+
+    /// Applies every record of `batch`, atomically (nothing else can observe a half-applied
+    /// batch in a single-threaded simulation). Panics if a store-level safety property breaks.
+    pub fn apply(&mut self, batch: &Batch) {
+        for record in &batch.records {
+            self.apply_record(record);
+        }
+        self.batches_applied += 1;
+    }
+
+    /// What a restarted scheduler needs: every job, every non-terminal run, the counters.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            jobs: self.jobs.values().cloned().collect(),
+            runs: self
+                .runs
+                .values()
+                .filter(|r| !r.state.is_terminal())
+                .cloned()
+                .collect(),
+            meta: self.meta,
+        }
+    }
+
+    /// A job's durable record.
+    pub fn job(&self, id: &JobId) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    /// Every durable job.
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// A run's durable record (terminal runs included, until pruned).
+    pub fn run(&self, id: RunId) -> Option<&Run> {
+        self.runs.get(&id)
+    }
+
+    /// Every durable run, ordered by id.
+    pub fn runs(&self) -> impl Iterator<Item = &Run> {
+        self.runs.values()
+    }
+
+    /// The durable runs of one job, ordered by id.
+    pub fn runs_of<'a>(&'a self, job: &'a JobId) -> impl Iterator<Item = &'a Run> + 'a {
+        self.runs.values().filter(move |r| &r.job == job)
+    }
+
+    /// The audit trail of one job (its job-level and run-level records), in order.
+    pub fn audit_of<'a>(&'a self, job: &'a JobId) -> impl Iterator<Item = &'a AuditRecord> + 'a {
+        self.audit.values().filter(move |a| &a.job == job)
+    }
+
+    /// The audit trail of one run, in order.
+    pub fn audit_of_run(&self, run: RunId) -> impl Iterator<Item = &AuditRecord> + '_ {
+        self.audit.values().filter(move |a| a.run == Some(run))
+    }
+
+    /// The whole audit trail, in order.
+    pub fn audit(&self) -> impl Iterator<Item = &AuditRecord> {
+        self.audit.values()
+    }
+
+    /// The durable counters.
+    pub fn meta(&self) -> Meta {
+        self.meta
+    }
+
+    /// How many batches were applied.
+    pub fn batches_applied(&self) -> u64 {
+        self.batches_applied
+    }
+
+    fn apply_record(&mut self, record: &Record) {
+        match record {
+            Record::PutJob(job) => {
+                self.jobs.insert(job.spec.id.clone(), job.clone());
+            }
+            Record::DeleteJob { id } => {
+                self.jobs.remove(id);
+            }
+            Record::PutRun(run) => self.put_run(run),
+            Record::Audit(entry) => {
+                if let Some(old) = self.audit.get(&entry.seq) {
+                    assert_eq!(
+                        old, entry,
+                        "audit seq {} reused for another record",
+                        entry.seq
+                    );
+                }
+                self.audit.insert(entry.seq, entry.clone());
+            }
+            Record::PruneHistory {
+                job,
+                keep_last,
+                finished_before,
+            } => self.prune(job.as_ref(), *keep_last, *finished_before),
+            Record::PutMeta(meta) => {
+                assert!(
+                    meta.next_run_id >= self.meta.next_run_id
+                        && meta.next_audit_seq >= self.meta.next_audit_seq,
+                    "counters went backwards: {:?} -> {meta:?}",
+                    self.meta
+                );
+                self.meta = *meta;
+            }
+        }
+    }
+
+    fn put_run(&mut self, run: &Run) {
+        if let Some(old) = self.runs.get(&run.id) {
+            assert!(
+                !old.state.is_terminal() || old.state == run.state,
+                "{} changed after reaching terminal state {:?}: now {:?}",
+                run.id,
+                old.state,
+                run.state
+            );
+            assert_eq!(old.job, run.job, "{} moved to another job", run.id);
+        }
+        if let Some(slot) = run.slot() {
+            let key = (run.job.clone(), slot);
+            if let Some(other) = self.slots.get(&key) {
+                assert_eq!(
+                    *other, run.id,
+                    "slot {slot} of job {} claimed by {} and {}",
+                    run.job, other, run.id
+                );
+            }
+            self.slots.insert(key, run.id);
+        }
+        self.runs.insert(run.id, run.clone());
+    }
+
+    fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
+        let mut per_job: BTreeMap<&JobId, Vec<(Timestamp, RunId)>> = BTreeMap::new();
+        for run in self.runs.values() {
+            if job.is_some_and(|j| j != &run.job) {
+                continue;
+            }
+            if let Some(finished) = run.finished_at.filter(|_| run.state.is_terminal()) {
+                per_job
+                    .entry(&run.job)
+                    .or_default()
+                    .push((finished, run.id));
+            }
+        }
+        let mut doomed = Vec::new();
+        for (_, mut finished) in per_job {
+            finished.sort_unstable_by(|a, b| b.cmp(a)); // newest first
+            for (i, (at, id)) in finished.into_iter().enumerate() {
+                if i >= keep_last as usize || at < finished_before {
+                    doomed.push(id);
+                }
+            }
+        }
+        for id in doomed {
+            self.runs.remove(&id);
+            self.audit.retain(|_, a| a.run != Some(id));
+            // The slot stays claimed: a pruned slot must still never fire twice.
+        }
+    }
+}
