@@ -205,6 +205,8 @@ pub struct Due {
     pub fire: Vec<Timestamp>,
     /// Slots that were passed over, with the policy's reason; zero when none were.
     pub dropped: SlotCount,
+    /// True if the cursor was reached later than the grace period (the policy applied).
+    pub misfired: bool,
     /// The job's new cursor: the first slot after everything above, or `None` if the schedule
     /// has no more slots.
     pub next: Option<Timestamp>,
@@ -369,6 +371,7 @@ impl Schedule {
             return Due {
                 fire: vec![cursor],
                 dropped: SlotCount::default(),
+                misfired: false,
                 next: self.next_after(cursor),
             };
         }
@@ -384,6 +387,7 @@ impl Schedule {
                     Due {
                         fire: vec![latest],
                         dropped,
+                        misfired: true,
                         next,
                     }
                 } else {
@@ -391,6 +395,7 @@ impl Schedule {
                     Due {
                         fire: Vec::new(),
                         dropped,
+                        misfired: true,
                         next,
                     }
                 }
@@ -398,6 +403,7 @@ impl Schedule {
             MisfirePolicy::FireOnceNow => Due {
                 fire: vec![latest],
                 dropped: self.count_slots(cursor, latest, limits::CATCH_UP_MAX),
+                misfired: true,
                 next,
             },
             MisfirePolicy::CatchUp { max } => {
@@ -407,6 +413,7 @@ impl Schedule {
                 Due {
                     dropped: self.count_slots(cursor, oldest_fired, limits::CATCH_UP_MAX),
                     fire,
+                    misfired: true,
                     next,
                 }
             }

@@ -307,12 +307,19 @@ impl Scheduler {
         }
         let (schedule, next) = validate(&spec, now, self.config.misfire_grace_ms)?;
         let id = spec.id.clone();
+        // Runs of a removed job with the same name may still be finishing; they settle against
+        // this job, so they are counted (a rare, O(runs) case).
+        let active_runs = self
+            .runs
+            .values()
+            .filter(|r| r.job == id && !r.state.is_terminal())
+            .count() as u32;
         let job = Job {
             spec,
             state: JobState::Scheduled { next },
             backlog: Vec::new(),
             last_fired: None,
-            active_runs: 0,
+            active_runs,
             schedule: Some(schedule),
         };
         self.due.insert((next, DueKey::Job(id.clone())));
@@ -337,7 +344,9 @@ impl Scheduler {
             return Err(Rejected::UnknownJob(spec.id));
         };
         let (schedule, first) = validate(&spec, now, self.config.misfire_grace_ms)?;
-        if job.last_fired.is_some_and(|last| first <= last) {
+        let schedule_changed = job.spec.schedule != spec.schedule;
+        let rearm = schedule_changed || !matches!(job.state, JobState::Disabled { .. });
+        if rearm && job.last_fired.is_some_and(|last| first <= last) {
             // SPEC S6: a slot that fired never fires again, even through an update.
             return Err(ScheduleError::NeverFires {
                 schedule: schedule.to_string(),
@@ -347,24 +356,22 @@ impl Scheduler {
         }
         let id = spec.id.clone();
         let old = job_state_name(&job.state);
-        let schedule_changed = job.spec.schedule != spec.schedule;
-        let next = match (&job.state, schedule_changed) {
-            (JobState::Scheduled { next }, false) => Some(*next),
-            (JobState::Paused { next }, false) => *next,
-            _ => Some(first),
+        let state = match (&job.state, schedule_changed) {
+            (JobState::Scheduled { next }, false) => JobState::Scheduled { next: *next },
+            (JobState::Paused { next }, false) => JobState::Paused { next: *next },
+            // A disabled job stays disabled unless its schedule changes: only a new schedule
+            // re-arms it (a finished one-shot keeps its verdict when its payload is edited).
+            (JobState::Disabled { reason }, false) => JobState::Disabled {
+                reason: reason.clone(),
+            },
+            (JobState::Paused { .. }, true) => JobState::Paused { next: Some(first) },
+            (_, true) => JobState::Scheduled { next: first },
         };
-        let paused = matches!(job.state, JobState::Paused { .. });
         self.unindex_job(&id);
         let job = self.jobs.get_mut(&id).expect("checked above");
         job.spec = spec;
         job.schedule = Some(schedule);
-        job.state = match (paused, next) {
-            (true, next) => JobState::Paused { next },
-            (false, Some(next)) => JobState::Scheduled { next },
-            (false, None) => JobState::Disabled {
-                reason: "schedule has no slot left".into(),
-            },
-        };
+        job.state = state;
         let new = job_state_name(&job.state);
         self.index_job(&id);
         self.mark_job(&id);
@@ -764,7 +771,7 @@ impl Scheduler {
             job.last_fired = Some(*last);
         }
         let policy = job.spec.misfire;
-        let catching_up = matches!(policy, MisfirePolicy::CatchUp { .. }) && due.fire.len() > 1;
+        let catching_up = matches!(policy, MisfirePolicy::CatchUp { .. }) && due.misfired;
         self.index_job(id);
         self.mark_job(id);
         if let JobState::Disabled { reason } = &self.jobs[id].state {

@@ -110,7 +110,9 @@ impl MemStore {
                 self.jobs.insert(job.spec.id.clone(), job.clone());
             }
             Record::DeleteJob { id } => {
+                // A job added again under the same name is a new job: its slots are its own.
                 self.jobs.remove(id);
+                self.slots.retain(|(job, _), _| job != id);
             }
             Record::PutRun(run) => self.put_run(run),
             Record::Audit(entry) => {

@@ -640,3 +640,64 @@ fn same_seed_same_trace() {
     assert_eq!(first, trace(99));
     assert_ne!(first, trace(100));
 }
+
+#[test]
+fn removing_and_re_adding_a_job_while_its_run_is_active_keeps_counts_straight() {
+    let mut sim = Sim::new(SimConfig::new(19));
+    sim.handle("slow", |_, _| Execution::succeed_after(10 * MINUTE));
+    sim.add_job(spec("j", "slow", cron("0 * * * * *", "UTC")))
+        .unwrap();
+    sim.run_for(90 * SECOND); // the 00:01 run is active
+    sim.command("remove", |s, now| s.remove_job(now, &id("j")))
+        .unwrap();
+    sim.add_job(spec("j", "slow", cron("0 * * * * *", "UTC")))
+        .unwrap();
+    assert_eq!(sim.scheduler().job(&id("j")).unwrap().active_runs, 1);
+    sim.run_for(20 * MINUTE); // invariants are checked after every step
+    sim.check_liveness(HOUR);
+}
+
+#[test]
+fn editing_a_finished_one_shot_keeps_it_finished() {
+    let mut sim = Sim::new(SimConfig::new(20));
+    sim.handle("ok", |_, _| Execution::succeed_after(1));
+    let once = spec(
+        "once",
+        "ok",
+        ScheduleSpec::Once {
+            at: sim.wall().plus_ms(SECOND),
+        },
+    );
+    sim.add_job(once.clone()).unwrap();
+    sim.run_for(MINUTE);
+    let mut edited = once;
+    edited.payload = "new payload".into();
+    sim.command("update", |s, now| s.update_job(now, edited))
+        .unwrap();
+    sim.run_for(HOUR);
+    assert_eq!(sim.runs_of("once").len(), 1);
+    disabled_reason(sim.scheduler().job(&id("once")));
+}
+
+#[test]
+fn catch_up_of_a_single_missed_slot_waits_for_the_active_run() {
+    let mut sim = Sim::new(SimConfig::new(21));
+    sim.handle("slow", |_, _| Execution::succeed_after(3 * HOUR));
+    let mut job = spec("hourly", "slow", cron("0 0 * * * *", "UTC"));
+    job.misfire = MisfirePolicy::CatchUp { max: 5 };
+    sim.add_job(job).unwrap();
+    sim.run_for(HOUR + MINUTE); // the 01:00 run is active until 04:00
+    sim.jump_clock((HOUR + 10 * MINUTE) as i64); // wall 02:11: the 02:00 slot was missed
+    sim.run_for(MINUTE);
+    assert_eq!(sim.scheduler().job(&id("hourly")).unwrap().backlog.len(), 1);
+    sim.run_for(4 * HOUR);
+    let slots: Vec<_> = sim
+        .runs_of("hourly")
+        .iter()
+        .filter_map(|r| r.slot())
+        .collect();
+    assert_eq!(
+        slots[..2],
+        [ts("2026-01-01T01:00:00Z"), ts("2026-01-01T02:00:00Z")]
+    );
+}
