@@ -203,7 +203,7 @@ impl Sim {
         let core = Scheduler::new(config.scheduler, config.seed, config.start);
         Sim {
             faults: config.faults,
-            rng: SplitMix64::new(config.seed ^ 0x5EED_0F_57_0123),
+            rng: SplitMix64::new(config.seed ^ 0x5EED_0F57_0123_4567),
             core,
             store: MemStore::new(),
             handlers: BTreeMap::new(),
