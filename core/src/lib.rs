@@ -93,7 +93,7 @@ pub use ids::{Attempt, BatchId, IdempotencyKey, JobId, JobIdError, RunId};
 pub use job::{Job, JobSpec, JobState, OverlapPolicy};
 pub use persist::{Batch, Meta, Record, Snapshot};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
-pub use run::{ErrorKind, Outcome, Run, RunError, RunState, StateName, Trigger};
+pub use run::{ErrorKind, Outcome, Run, RunError, RunState, RunTerms, StateName, Trigger};
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{AttemptStart, Config, Effect, Event, Scheduler};
 pub use time::Timestamp;

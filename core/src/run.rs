@@ -12,9 +12,10 @@
 //! | `Running` | outcome `retryable`, no attempts left or past the deadline | `Failed` |
 //! | `Running` | outcome `permanent` | `FailedDropped` |
 //! | `Running` | outcome `snooze(d)` | `BackingOff { until: now + d }` (no attempt consumed) |
-//! | `Running` | outcome `cancelled`, or any failure after a cancel request | `Cancelled` |
+//! | `Running` | outcome `cancelled`, or any failure or snooze after a cancel request | `Cancelled` |
 //! | `BackingOff`, `Starting` | operator cancels | `Cancelled` |
 //! | `Running` | operator cancels | `Running` with a cancel request (cooperative) |
+//! | `Starting`, `Running` | found after a crash with a cancel request | `Cancelled` |
 //! | `Starting`, `Running` | found after a crash, resumable, attempts left | `BackingOff { until: now }` |
 //! | `Starting`, `Running` | found after a crash otherwise | `Interrupted` |
 //!
@@ -243,6 +244,32 @@ pub struct Run {
     pub retry: RetryPolicy,
     /// Copied from the job: retry after a crash (true) or end `interrupted`.
     pub resume_after_crash: bool,
+    /// The handler kind in force when the run was created; attempts keep it even if the job is
+    /// updated or removed meanwhile.
+    pub kind: String,
+    /// The job's payload when the run was created.
+    #[serde(default)]
+    pub payload: String,
+    /// True if the run was created for a one-shot job: only such a run finishes a one-shot
+    /// when it settles (a run left over from an earlier, recurring definition does not).
+    #[serde(default)]
+    pub of_one_shot: bool,
+}
+
+/// What a run copies from its job when it is created, so that its attempts run under the rules
+/// they started with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunTerms {
+    /// The retry policy.
+    pub retry: RetryPolicy,
+    /// Retry after a crash (true) or end `interrupted`.
+    pub resume_after_crash: bool,
+    /// The handler kind.
+    pub kind: String,
+    /// The payload.
+    pub payload: String,
+    /// The job is a one-shot.
+    pub of_one_shot: bool,
 }
 
 /// A state change of a run, for the audit trail.
@@ -258,14 +285,7 @@ pub struct Transition {
 
 impl Run {
     /// A new run about to start its first attempt.
-    pub fn new(
-        id: RunId,
-        job: JobId,
-        trigger: Trigger,
-        now: Timestamp,
-        retry: RetryPolicy,
-        resume_after_crash: bool,
-    ) -> Self {
+    pub fn new(id: RunId, job: JobId, trigger: Trigger, now: Timestamp, terms: RunTerms) -> Self {
         Run {
             id,
             job,
@@ -280,8 +300,11 @@ impl Run {
             summary: None,
             cancel_requested: false,
             finished_at: None,
-            retry,
-            resume_after_crash,
+            retry: terms.retry,
+            resume_after_crash: terms.resume_after_crash,
+            kind: terms.kind,
+            payload: terms.payload,
+            of_one_shot: terms.of_one_shot,
         }
     }
 
@@ -352,6 +375,14 @@ impl Run {
                 self.record_error(now, ErrorKind::Cancelled, &reason);
                 self.finish(now, RunState::Cancelled, format!("cancelled: {reason}"))
             }
+            Outcome::Permanent { message } if self.cancel_requested => {
+                self.record_error(now, ErrorKind::Cancelled, &message);
+                self.finish(
+                    now,
+                    RunState::Cancelled,
+                    "failed after a cancel request".into(),
+                )
+            }
             Outcome::Permanent { message } => {
                 self.record_error(now, ErrorKind::Permanent, &message);
                 self.finish(
@@ -372,11 +403,18 @@ impl Run {
                 self.record_error(now, ErrorKind::Retryable, &message);
                 self.retry_or_fail(now, rng, format!("attempt {attempt} failed"))
             }
-            Outcome::Snooze { .. } if self.cancel_requested => self.finish(
-                now,
-                RunState::Cancelled,
-                "snoozed after a cancel request".into(),
-            ),
+            Outcome::Snooze { .. } if self.cancel_requested => {
+                self.record_error(
+                    now,
+                    ErrorKind::Cancelled,
+                    &format!("attempt {attempt} snoozed after a cancel request"),
+                );
+                self.finish(
+                    now,
+                    RunState::Cancelled,
+                    "snoozed after a cancel request".into(),
+                )
+            }
             Outcome::Snooze { for_ms } => {
                 self.snoozes += 1;
                 if self.snoozes > limits::SNOOZES_MAX {
@@ -404,6 +442,19 @@ impl Run {
             ErrorKind::Interrupted,
             &format!("attempt {attempt} was cut short by a crash or shutdown"),
         );
+        if self.cancel_requested {
+            // The operator's cancel was durable; the crash must not resurrect the run.
+            self.record_error(
+                now,
+                ErrorKind::Cancelled,
+                &format!("attempt {attempt} cut short by a crash after a cancel request"),
+            );
+            return self.finish(
+                now,
+                RunState::Cancelled,
+                format!("attempt {attempt} interrupted by a crash; it had been cancelled"),
+            );
+        }
         if !self.resume_after_crash {
             return self.finish(
                 now,
@@ -522,13 +573,19 @@ mod tests {
     use super::*;
 
     fn running_run(policy: RetryPolicy) -> Run {
+        let terms = RunTerms {
+            retry: policy,
+            resume_after_crash: true,
+            kind: "k".into(),
+            payload: String::new(),
+            of_one_shot: false,
+        };
         let mut run = Run::new(
             RunId(1),
             JobId::new("j").unwrap(),
             Trigger::Manual,
             Timestamp(0),
-            policy,
-            true,
+            terms,
         );
         run.mark_running(Timestamp(0));
         run

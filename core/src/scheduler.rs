@@ -22,8 +22,8 @@ use crate::job::{Job, JobSpec, JobState, OverlapPolicy};
 use crate::limits;
 use crate::persist::{Batch, Journal, Meta, Record, Snapshot};
 use crate::rng::SplitMix64;
-use crate::run::{Outcome, Run, RunState, StateName, Transition, Trigger};
-use crate::schedule::{MisfirePolicy, Schedule, ScheduleError};
+use crate::run::{Outcome, Run, RunState, RunTerms, StateName, Transition, Trigger};
+use crate::schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleSpec};
 use crate::time::Timestamp;
 
 /// Scheduler-wide settings.
@@ -450,6 +450,8 @@ impl Scheduler {
         self.index_job(id);
         self.mark_job(id);
         self.audit_job(id, Some(StateName::Paused), new, Actor::Operator, "resumed");
+        let now = self.now;
+        self.start_from_backlog(now, id);
         Ok(())
     }
 
@@ -563,17 +565,13 @@ impl Scheduler {
             if run.state != (RunState::Starting { attempt }) {
                 continue;
             }
-            let (kind, payload) = match self.jobs.get(&run.job) {
-                Some(job) => (job.spec.kind.clone(), job.spec.payload.clone()),
-                None => (String::new(), String::new()),
-            };
             let run = self.runs.get_mut(&run_id).expect("checked above");
             let t = run.mark_running(now);
             let start = AttemptStart {
                 run: run_id,
                 job: run.job.clone(),
-                kind,
-                payload,
+                kind: run.kind.clone(),
+                payload: run.payload.clone(),
                 attempt,
                 idempotency_key: run.idempotency_key(),
                 trigger: run.trigger,
@@ -712,7 +710,9 @@ impl Scheduler {
             );
             assert!(job.backlog.len() <= limits::BACKLOG_MAX);
             assert!(
-                job.backlog.is_empty() || job.active_runs > 0,
+                job.backlog.is_empty()
+                    || job.active_runs > 0
+                    || matches!(job.state, JobState::Paused { .. }),
                 "job {id} has a backlog but no active run to drain it"
             );
             assert!(job.schedule.is_some() || matches!(job.state, JobState::Disabled { .. }));
@@ -839,14 +839,14 @@ impl Scheduler {
         self.meta.next_run_id += 1;
         self.journal.meta_dirty = true;
         job.active_runs += 1;
-        let run = Run::new(
-            run_id,
-            id.clone(),
-            trigger,
-            now,
-            job.spec.retry.clone(),
-            job.spec.resume_after_crash,
-        );
+        let terms = RunTerms {
+            retry: job.spec.retry.clone(),
+            resume_after_crash: job.spec.resume_after_crash,
+            kind: job.spec.kind.clone(),
+            payload: job.spec.payload.clone(),
+            of_one_shot: job.is_one_shot(),
+        };
+        let run = Run::new(run_id, id.clone(), trigger, now, terms);
         let reason = match trigger {
             Trigger::Scheduled { slot } => format!("slot {slot} fired"),
             Trigger::Manual => "triggered by operator".into(),
@@ -905,11 +905,23 @@ impl Scheduler {
             return; // the job was removed while the run was active
         };
         job.active_runs -= 1;
-        let state = self.runs[&run_id].state.name();
-        if job.is_one_shot() {
+        let run = &self.runs[&run_id];
+        let state = run.state.name();
+        let own_one_shot = match (&job.spec.schedule, run.trigger) {
+            (ScheduleSpec::Once { .. }, Trigger::Manual) => run.of_one_shot,
+            (ScheduleSpec::Once { at }, Trigger::Scheduled { slot }) => slot == *at,
+            _ => false,
+        };
+        if own_one_shot {
             // A one-shot job never fires again, whatever the outcome.
             let old = job_state_name(&job.state);
-            if job.spec.delete_after_run && job.active_runs == 0 {
+            let dropped = job.backlog.len();
+            if dropped > 0 {
+                job.backlog.clear();
+                let reason = format!("one-shot job finished; {dropped} waiting slot(s) dropped");
+                self.note_dropped(id, dropped.to_string(), reason);
+            }
+            if self.jobs[id].spec.delete_after_run && self.jobs[id].active_runs == 0 {
                 self.unindex_job(id);
                 self.jobs.remove(id);
                 self.journal.dirty_jobs.remove(id);
@@ -924,7 +936,6 @@ impl Scheduler {
             job.state = JobState::Disabled {
                 reason: reason.clone(),
             };
-            job.backlog.clear();
             self.mark_job(id);
             self.audit_job(
                 id,
@@ -935,13 +946,23 @@ impl Scheduler {
             );
             return;
         }
-        // A recurring job's cursor already moved when the slot fired; a waiting slot starts now.
-        if !job.backlog.is_empty()
-            && (job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow)
-        {
-            let slot = job.backlog.remove(0);
-            self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
+        // The cursor already moved when the slot fired; a waiting slot starts now, unless an
+        // operator paused the job (it starts on resume).
+        self.start_from_backlog(now, id);
+    }
+
+    /// Starts the oldest waiting slot if the job may run it now.
+    fn start_from_backlog(&mut self, now: Timestamp, id: &JobId) {
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let free = job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow;
+        let paused = matches!(job.state, JobState::Paused { .. });
+        if job.backlog.is_empty() || !free || paused {
+            return;
         }
+        let slot = job.backlog.remove(0);
+        self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
     }
 
     fn note_dropped(&mut self, id: &JobId, count: String, reason: String) {
