@@ -2,6 +2,7 @@
 //! job id or an attempt number is expected.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +12,9 @@ use crate::limits;
 /// digits, `-`, `_`, `.` and `:`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct JobId(Box<str>);
+// `Arc<str>`: the scheduler keeps a job's id in its job map, in the job's spec and in the due
+// index; sharing one allocation keeps an idle job small.
+pub struct JobId(Arc<str>);
 
 /// Why a string is not a valid [`JobId`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +69,7 @@ impl TryFrom<String> for JobId {
 
 impl From<JobId> for String {
     fn from(id: JobId) -> String {
-        id.0.into()
+        id.0.to_string()
     }
 }
 

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::JobId;
 use crate::retry::RetryPolicy;
-use crate::schedule::{MisfirePolicy, Schedule, ScheduleSpec};
+use crate::schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleSpec};
 use crate::time::Timestamp;
 
 /// A job as a user defines it. Validated by [`Scheduler::add_job`](crate::Scheduler::add_job).
@@ -124,16 +124,13 @@ pub struct Job {
     /// Runs of this job that are not terminal. Derived from the runs on restore.
     #[serde(skip)]
     pub active_runs: u32,
-    // The parsed schedule, derived from `spec.schedule` and never persisted.
-    #[serde(skip)]
-    pub(crate) schedule: Option<Schedule>,
 }
 
 impl Job {
-    /// The parsed schedule, or `None` if the stored spec no longer parses (such a job is
-    /// disabled on restore).
-    pub fn schedule(&self) -> Option<&Schedule> {
-        self.schedule.as_ref()
+    /// The parsed schedule, or why the stored spec no longer parses (such a job is disabled on
+    /// restore). Parsed on each call: jobs keep only the spec, to stay small.
+    pub fn schedule(&self) -> Result<Schedule, ScheduleError> {
+        Schedule::parse(&self.spec.schedule)
     }
 
     /// The next slot, if the job is scheduled or paused with a cursor.

@@ -37,6 +37,10 @@ pub const BACKLOG_MAX: usize = CATCH_UP_MAX as usize;
 /// Largest number of terminal runs kept per job by the history policy.
 pub const HISTORY_RUNS_MAX: u32 = 100_000;
 
+/// Records per persist batch, a soft bound: a batch takes whole job groups until it reaches
+/// this many, so one job's writes are never split (docs/architecture.md, persist before act).
+pub const BATCH_RECORDS_MAX: usize = 4_096;
+
 /// Delay before a failed persist batch is retried, doubling per consecutive failure up to
 /// [`PERSIST_RETRY_MAX_MS`].
 pub const PERSIST_RETRY_BASE_MS: u64 = 100;

@@ -4,10 +4,12 @@
 //! # Protocol
 //!
 //! Every state change marks a key dirty (a job, a run, the id counters) or appends an audit
-//! record. `poll_effect` turns everything pending into one [`Batch`] of upsert-style
-//! [`Record`]s, built from the *current* state, and emits it as `Effect::Persist`. At most one
-//! batch is in flight: changes made meanwhile wait for the next one, which is how many
-//! transitions share one fsync (group commit).
+//! record, grouped by job. `poll_effect` turns what is pending into one [`Batch`] of
+//! upsert-style [`Record`]s, built from the *current* state, and emits it as `Effect::Persist`.
+//! At most one batch is in flight: changes made meanwhile wait for the next one, which is how
+//! many transitions share one fsync (group commit). A batch takes whole job groups up to
+//! [`limits::BATCH_RECORDS_MAX`] records, so what one transition wrote for a job (a moved cursor
+//! and the run it fired) is never split across batches. Every batch carries the id counters.
 //!
 //! An effect that must not happen before its record is durable (handing an attempt to the
 //! executor) is *gated* on the batch that carries the record, and released only by
@@ -18,7 +20,7 @@
 //! never overwrites a newer state with an older one, and because records are upserts keyed by
 //! id (audit records by `seq`), applying one twice is harmless.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -90,45 +92,128 @@ pub struct Snapshot {
     pub meta: Meta,
 }
 
-/// The pending and in-flight writes of one scheduler.
+/// The pending and in-flight writes of one scheduler, grouped by job.
+///
+/// A group holds everything pending for one job: its own record, its runs, their audit records
+/// and prunes, and the attempts waiting for them. A batch takes whole groups (never part of
+/// one) until it holds [`limits::BATCH_RECORDS_MAX`] records, so a firing's new cursor and its
+/// new run are always written together, and a huge burst of changes (a bulk import) is written
+/// in bounded batches instead of one enormous one.
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
-    pub(crate) dirty_jobs: BTreeSet<JobId>,
-    pub(crate) deleted_jobs: BTreeSet<JobId>,
-    pub(crate) dirty_runs: BTreeSet<RunId>,
-    pub(crate) meta_dirty: bool,
-    pub(crate) audit: Vec<AuditRecord>,
-    pub(crate) prunes: Vec<Record>,
-    /// Attempts to release when the next batch is acknowledged.
-    pub(crate) gates_next: Vec<(RunId, Attempt)>,
+    pending: BTreeMap<JobId, Group>,
+    global_prunes: Vec<Record>,
+    meta_dirty: bool,
     pub(crate) in_flight: Option<InFlight>,
-    pub(crate) next_batch: u64,
+    next_batch: u64,
     /// While set, no batch is emitted before this instant (a failed write is being retried).
     pub(crate) retry_at: Option<Timestamp>,
-    pub(crate) consecutive_failures: u32,
+    consecutive_failures: u32,
+}
+
+/// Pending writes for one job.
+#[derive(Debug, Default)]
+pub(crate) struct Group {
+    pub(crate) job: JobWrite,
+    pub(crate) runs: BTreeSet<RunId>,
+    pub(crate) audit: Vec<AuditRecord>,
+    pub(crate) prunes: Vec<Record>,
+    /// Attempts to hand out once this group's batch is acknowledged.
+    pub(crate) gates: Vec<(RunId, Attempt)>,
+}
+
+/// What to write for the job itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum JobWrite {
+    #[default]
+    Nothing,
+    Put,
+    Delete,
+}
+
+impl Group {
+    fn records(&self) -> usize {
+        usize::from(self.job != JobWrite::Nothing)
+            + self.runs.len()
+            + self.audit.len()
+            + self.prunes.len()
+    }
+
+    /// Puts an older group (from a failed batch) back in front of this newer one.
+    fn merge_older(&mut self, older: Group) {
+        if self.job == JobWrite::Nothing {
+            self.job = older.job;
+        }
+        self.runs.extend(older.runs);
+        let mut audit = older.audit;
+        audit.append(&mut self.audit);
+        self.audit = audit;
+        let mut prunes = older.prunes;
+        prunes.append(&mut self.prunes);
+        self.prunes = prunes;
+        let mut gates = older.gates;
+        gates.append(&mut self.gates);
+        self.gates = gates;
+    }
 }
 
 /// A batch the store has not acknowledged yet, with what its acknowledgement releases.
 #[derive(Debug)]
 pub(crate) struct InFlight {
     pub(crate) id: BatchId,
-    pub(crate) jobs: Vec<JobId>,
-    pub(crate) deleted_jobs: Vec<JobId>,
-    pub(crate) runs: Vec<RunId>,
-    pub(crate) meta: bool,
-    pub(crate) audit: Vec<AuditRecord>,
-    pub(crate) prunes: Vec<Record>,
-    pub(crate) gates: Vec<(RunId, Attempt)>,
+    pub(crate) groups: Vec<(JobId, Group)>,
+    pub(crate) global_prunes: Vec<Record>,
 }
 
 impl Journal {
+    /// The job's record must be written.
+    pub(crate) fn put_job(&mut self, job: &JobId) {
+        self.group(job).job = JobWrite::Put;
+    }
+
+    /// The job's record must be deleted.
+    pub(crate) fn delete_job(&mut self, job: &JobId) {
+        self.group(job).job = JobWrite::Delete;
+    }
+
+    /// A run of `job` must be written.
+    pub(crate) fn put_run(&mut self, job: &JobId, run: RunId) {
+        self.group(job).runs.insert(run);
+    }
+
+    /// Hands `attempt` of `run` out only after the batch carrying the run is acknowledged.
+    pub(crate) fn gate(&mut self, job: &JobId, run: RunId, attempt: Attempt) {
+        let group = self.group(job);
+        group.runs.insert(run);
+        group.gates.push((run, attempt));
+    }
+
+    /// Appends an audit record.
+    pub(crate) fn audit(&mut self, record: AuditRecord) {
+        let job = record.job.clone();
+        self.group(&job).audit.push(record);
+    }
+
+    /// Queues a history prune, for one job or all.
+    pub(crate) fn prune(&mut self, job: Option<&JobId>, record: Record) {
+        match job {
+            Some(job) => self.group(job).prunes.push(record),
+            None => self.global_prunes.push(record),
+        }
+    }
+
+    /// The id counters changed.
+    pub(crate) fn meta(&mut self) {
+        self.meta_dirty = true;
+    }
+
+    /// True if `run` of `job` has a write pending (not yet in a batch).
+    pub(crate) fn run_pending(&self, job: &JobId, run: RunId) -> bool {
+        self.pending.get(job).is_some_and(|g| g.runs.contains(&run))
+    }
+
     pub(crate) fn has_pending(&self) -> bool {
-        !self.dirty_jobs.is_empty()
-            || !self.deleted_jobs.is_empty()
-            || !self.dirty_runs.is_empty()
-            || self.meta_dirty
-            || !self.audit.is_empty()
-            || !self.prunes.is_empty()
+        !self.pending.is_empty() || !self.global_prunes.is_empty() || self.meta_dirty
     }
 
     /// True if a batch may be emitted now.
@@ -136,20 +221,30 @@ impl Journal {
         self.in_flight.is_none() && self.retry_at.is_none() && self.has_pending()
     }
 
-    /// Takes everything pending into a new in-flight batch; returns its id and keys.
+    /// Moves whole groups, up to the batch limit, into a new in-flight batch.
     pub(crate) fn start_batch(&mut self) -> &InFlight {
         debug_assert!(self.can_emit());
         let id = BatchId(self.next_batch);
         self.next_batch += 1;
+        let mut groups = Vec::new();
+        let mut records = 0;
+        while records < limits::BATCH_RECORDS_MAX {
+            let Some((job, group)) = self.pending.pop_first() else {
+                break;
+            };
+            records += group.records();
+            groups.push((job, group));
+        }
+        let global_prunes = if records < limits::BATCH_RECORDS_MAX {
+            std::mem::take(&mut self.global_prunes)
+        } else {
+            Vec::new()
+        };
+        self.meta_dirty = false;
         self.in_flight = Some(InFlight {
             id,
-            jobs: std::mem::take(&mut self.dirty_jobs).into_iter().collect(),
-            deleted_jobs: std::mem::take(&mut self.deleted_jobs).into_iter().collect(),
-            runs: std::mem::take(&mut self.dirty_runs).into_iter().collect(),
-            meta: std::mem::take(&mut self.meta_dirty),
-            audit: std::mem::take(&mut self.audit),
-            prunes: std::mem::take(&mut self.prunes),
-            gates: std::mem::take(&mut self.gates_next),
+            groups,
+            global_prunes,
         });
         self.in_flight.as_ref().expect("just set")
     }
@@ -170,30 +265,22 @@ impl Journal {
             return None;
         }
         let failed = self.in_flight.take().expect("checked above");
-        self.dirty_jobs.extend(failed.jobs);
-        // A job deleted and then re-added while the batch was in flight is dirty again; its put
-        // supersedes the failed delete.
-        for job in failed.deleted_jobs {
-            if !self.dirty_jobs.contains(&job) {
-                self.deleted_jobs.insert(job);
-            }
+        for (job, older) in failed.groups {
+            self.group(&job).merge_older(older);
         }
-        self.dirty_runs.extend(failed.runs);
-        self.meta_dirty |= failed.meta;
-        let mut audit = failed.audit;
-        audit.append(&mut self.audit);
-        self.audit = audit;
-        let mut prunes = failed.prunes;
-        prunes.append(&mut self.prunes);
-        self.prunes = prunes;
-        let mut gates = failed.gates;
-        gates.append(&mut self.gates_next);
-        self.gates_next = gates;
+        let mut prunes = failed.global_prunes;
+        prunes.append(&mut self.global_prunes);
+        self.global_prunes = prunes;
+        self.meta_dirty = true;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let shift = self.consecutive_failures.saturating_sub(1).min(16);
         let delay = (limits::PERSIST_RETRY_BASE_MS << shift).min(limits::PERSIST_RETRY_MAX_MS);
         let at = now.plus_ms(delay);
         self.retry_at = Some(at);
         Some(at)
+    }
+
+    fn group(&mut self, job: &JobId) -> &mut Group {
+        self.pending.entry(job.clone()).or_default()
     }
 }

@@ -3,6 +3,8 @@
 //!
 //! Run it with `cargo run -p keel-testkit --example tour`.
 
+#![allow(clippy::unwrap_used)] // tests and examples state their expectations with unwrap
+
 use keel_core::{JobId, JobSpec, JobState, RetryPolicy, Run, ScheduleSpec};
 use keel_testkit::{Execution, Faults, Sim, SimConfig};
 

@@ -1,6 +1,8 @@
 //! Pinned scenarios from SPEC sections 1 and 2, driven through the simulator. Each names the
 //! production failure it guards against.
 
+#![allow(clippy::unwrap_used)] // tests and examples state their expectations with unwrap
+
 use keel_core::{
     Actor, ErrorKind, Job, JobId, JobSpec, JobState, MisfirePolicy, OverlapPolicy, Rejected,
     RetryPolicy, RunState, ScheduleSpec, Snapshot, StateName, Timestamp, Trigger,

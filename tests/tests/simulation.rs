@@ -5,6 +5,8 @@
 //! `KEEL_SIM_SEEDS` sets how many seeds run (default 40); a failing seed is printed and can be
 //! replayed alone with `KEEL_SIM_SEED=<seed>`.
 
+#![allow(clippy::unwrap_used)] // tests and examples state their expectations with unwrap
+
 use keel_core::{
     JobId, JobSpec, MisfirePolicy, Outcome, OverlapPolicy, RetryPolicy, RunState, ScheduleSpec,
 };
