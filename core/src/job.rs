@@ -13,6 +13,8 @@
 //! longer parses (SPEC S2). A disabled job never fires; `resume` refuses it with a reason, and
 //! only `update` re-arms it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::ids::JobId;
@@ -25,8 +27,9 @@ use crate::time::Timestamp;
 pub struct JobSpec {
     /// The job's unique name.
     pub id: JobId,
-    /// Which handler runs it (the runtime's registry key, or an external worker's kind).
-    pub kind: String,
+    /// Which handler runs it (the runtime's registry key, or an external worker's kind). Shared
+    /// text: the scheduler keeps one copy per distinct kind.
+    pub kind: Arc<str>,
     /// Opaque input handed to every attempt, at most
     /// [`limits::JOB_PAYLOAD_MAX_BYTES`](crate::limits::JOB_PAYLOAD_MAX_BYTES).
     #[serde(default)]
@@ -57,7 +60,7 @@ fn default_true() -> bool {
 
 impl JobSpec {
     /// A spec with default policies.
-    pub fn new(id: JobId, kind: impl Into<String>, schedule: ScheduleSpec) -> Self {
+    pub fn new(id: JobId, kind: impl Into<Arc<str>>, schedule: ScheduleSpec) -> Self {
         JobSpec {
             id,
             kind: kind.into(),

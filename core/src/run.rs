@@ -23,6 +23,7 @@
 //! way out; each keeps the last concrete error (SPEC R4).
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -246,7 +247,7 @@ pub struct Run {
     pub resume_after_crash: bool,
     /// The handler kind in force when the run was created; attempts keep it even if the job is
     /// updated or removed meanwhile.
-    pub kind: String,
+    pub kind: Arc<str>,
     /// The job's payload when the run was created.
     #[serde(default)]
     pub payload: String,
@@ -265,7 +266,7 @@ pub struct RunTerms {
     /// Retry after a crash (true) or end `interrupted`.
     pub resume_after_crash: bool,
     /// The handler kind.
-    pub kind: String,
+    pub kind: Arc<str>,
     /// The payload.
     pub payload: String,
     /// The job is a one-shot.

@@ -32,6 +32,7 @@
 //! latest missed slot is found by searching backwards from `now`, not by walking forwards.
 
 use std::fmt;
+use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
 use chrono_tz::Tz;
@@ -50,9 +51,9 @@ pub enum ScheduleSpec {
     /// field) evaluated in an IANA time zone such as `America/New_York`.
     Cron {
         /// The expression, e.g. `0 30 2 * * *`.
-        expr: String,
+        expr: Arc<str>,
         /// The IANA zone name; `UTC` for UTC.
-        zone: String,
+        zone: Arc<str>,
     },
     /// Fires once at an instant.
     Once {
@@ -310,8 +311,8 @@ impl Schedule {
     pub fn spec(&self) -> ScheduleSpec {
         match &self.kind {
             Kind::Cron { expr, zone } => ScheduleSpec::Cron {
-                expr: expr.to_string(),
-                zone: zone.name().to_owned(),
+                expr: Arc::from(&**expr),
+                zone: Arc::from(zone.name()),
             },
             Kind::Once { at } => ScheduleSpec::Once { at: *at },
             Kind::Every {

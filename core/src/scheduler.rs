@@ -12,6 +12,7 @@
 //! - **history sweep**: hourly, prune history by age for all jobs.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -73,7 +74,7 @@ pub struct AttemptStart {
     /// The job.
     pub job: JobId,
     /// The handler to call.
-    pub kind: String,
+    pub kind: Arc<str>,
     /// The job's payload.
     pub payload: String,
     /// The attempt number, from 1.
@@ -152,6 +153,9 @@ pub struct Scheduler {
     journal: Journal,
     effects: VecDeque<Effect>,
     history_sweep_at: Timestamp,
+    /// One shared copy of each distinct handler kind and zone name: a million jobs of a few
+    /// kinds in a few zones should not hold a million copies of each.
+    shared_text: BTreeSet<Arc<str>>,
 }
 
 impl Scheduler {
@@ -175,6 +179,7 @@ impl Scheduler {
             journal: Journal::default(),
             effects: VecDeque::new(),
             history_sweep_at: now.plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS),
+            shared_text: BTreeSet::new(),
         }
     }
 
@@ -193,6 +198,7 @@ impl Scheduler {
         };
         for mut job in jobs {
             job.active_runs = 0;
+            s.share_text(&mut job.spec);
             let id = job.spec.id.clone();
             let parsed = Schedule::parse(&job.spec.schedule);
             match &parsed {
@@ -303,12 +309,13 @@ impl Scheduler {
 
     /// Registers a job. Its schedule is parsed and its first slot computed now: an invalid
     /// schedule, an unknown zone or a schedule that never fires is refused (SPEC S1).
-    pub fn add_job(&mut self, now: Timestamp, spec: JobSpec) -> Result<(), Rejected> {
+    pub fn add_job(&mut self, now: Timestamp, mut spec: JobSpec) -> Result<(), Rejected> {
         let now = self.clamp(now);
         if self.jobs.contains_key(&spec.id) {
             return Err(Rejected::JobExists(spec.id));
         }
         let (_, next) = validate(&spec, now, self.config.misfire_grace_ms)?;
+        self.share_text(&mut spec);
         let id = spec.id.clone();
         // Runs of a removed job with the same name may still be finishing; they settle against
         // this job, so they are counted (a rare, O(runs) case).
@@ -340,7 +347,7 @@ impl Scheduler {
     /// Replaces a job's definition. A changed schedule moves the cursor to its first slot
     /// after `now`; a disabled job is re-armed. Runs already under way keep the retry policy
     /// they started with.
-    pub fn update_job(&mut self, now: Timestamp, spec: JobSpec) -> Result<(), Rejected> {
+    pub fn update_job(&mut self, now: Timestamp, mut spec: JobSpec) -> Result<(), Rejected> {
         let now = self.clamp(now);
         let Some(job) = self.jobs.get(&spec.id) else {
             return Err(Rejected::UnknownJob(spec.id));
@@ -356,6 +363,8 @@ impl Scheduler {
             }
             .into());
         }
+        self.share_text(&mut spec);
+        let job = &self.jobs[&spec.id];
         let id = spec.id.clone();
         let old = job_state_name(&job.state);
         let state = match (&job.state, schedule_changed) {
@@ -739,6 +748,20 @@ impl Scheduler {
     }
 
     // ----- helpers ----------------------------------------------------------------------
+
+    /// Points the spec's kind and zone at the shared copy of that text.
+    fn share_text(&mut self, spec: &mut JobSpec) {
+        let mut share = |text: &mut Arc<str>| match self.shared_text.get(text) {
+            Some(shared) => *text = Arc::clone(shared),
+            None => {
+                self.shared_text.insert(Arc::clone(text));
+            }
+        };
+        share(&mut spec.kind);
+        if let ScheduleSpec::Cron { zone, .. } = &mut spec.schedule {
+            share(zone);
+        }
+    }
 
     fn clamp(&mut self, now: Timestamp) -> Timestamp {
         self.now = self.now.max(now);

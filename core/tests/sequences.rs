@@ -800,7 +800,7 @@ impl World {
         // Every job in these scenarios has kind "work" and a payload naming it.
         let expected = ("work".to_owned(), format!("payload of {}", start.job));
         assert!(
-            (start.kind.clone(), start.payload.clone()) == expected,
+            (start.kind.to_string(), start.payload.clone()) == expected,
             "{run} attempt {attempt} handed out with kind {:?} and payload {:?}",
             start.kind,
             start.payload
@@ -1509,7 +1509,7 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
     let batch = next_batch(&mut keel);
     keel.handle_persisted(t1, batch.id);
     let first = expect_start(keel.poll_effect());
-    assert_eq!((first.kind.as_str(), first.payload.as_str()), ("work", "p"));
+    assert_eq!((&*first.kind, first.payload.as_str()), ("work", "p"));
 
     keel.remove_job(t1, &JobId::new("minutely").expect("valid"))
         .expect("known job");
@@ -1530,8 +1530,5 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
         })
         .expect("the retry is handed out");
     assert_eq!(second.attempt, Attempt(2));
-    assert_eq!(
-        (second.kind.as_str(), second.payload.as_str()),
-        ("work", "p")
-    );
+    assert_eq!((&*second.kind, second.payload.as_str()), ("work", "p"));
 }

@@ -516,7 +516,7 @@ impl Sim {
             start.run,
             start.attempt
         );
-        let execution = match self.handlers.get_mut(&start.kind) {
+        let execution = match self.handlers.get_mut(&*start.kind) {
             Some(handler) => handler(&start, &mut self.rng),
             None => Execution::fail_permanently_after(
                 0,
