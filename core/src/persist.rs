@@ -61,13 +61,18 @@ pub enum Record {
     PutMeta(Meta),
 }
 
-/// Counters that must survive restarts so ids are never reused.
+/// Counters that must survive restarts so ids are never reused and time never runs backwards.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     /// The next run id to allocate.
     pub next_run_id: u64,
     /// The next audit sequence number.
     pub next_audit_seq: u64,
+    /// The latest `now` the scheduler had seen when this was written. A restored scheduler
+    /// starts no earlier, so a wall clock set back across a restart is clamped like one set
+    /// back while running.
+    #[serde(default)]
+    pub clock: Timestamp,
 }
 
 /// Records to apply atomically and durably, in order, then acknowledge with

@@ -519,8 +519,7 @@ impl Schedule {
                 if t < *anchor {
                     return Some(*anchor);
                 }
-                let steps = t.ms_since(*anchor) / interval_ms + 1;
-                Some(anchor.plus_ms(steps.checked_mul(*interval_ms)?))
+                every_slot(*anchor, *interval_ms, t, 1)
             }
         }
     }
@@ -551,8 +550,7 @@ impl Schedule {
                 if t < *anchor {
                     return None;
                 }
-                let steps = t.ms_since(*anchor) / interval_ms;
-                Some(anchor.plus_ms(steps.checked_mul(*interval_ms)?))
+                every_slot(*anchor, *interval_ms, t, 0)
             }
         }
     }
@@ -652,6 +650,16 @@ const FIELDS: [ScheduleField; 7] = [
     ScheduleField::Year,
 ];
 
+/// The grid point `anchor + (k + extra) * interval` where `k` is the number of whole intervals
+/// from `anchor` to `t` (`t >= anchor`), or `None` if it is past the last representable
+/// instant. Computed in 128 bits: a saturated result would be an instant off the grid.
+fn every_slot(anchor: Timestamp, interval_ms: u64, t: Timestamp, extra: i128) -> Option<Timestamp> {
+    let interval = i128::from(interval_ms);
+    let whole = (i128::from(t.as_millis()) - i128::from(anchor.as_millis())) / interval;
+    let slot = i128::from(anchor.as_millis()) + (whole + extra) * interval;
+    i64::try_from(slot).ok().map(Timestamp)
+}
+
 fn floor_to_second(t: Timestamp) -> Timestamp {
     Timestamp(t.as_millis().div_euclid(1000) * 1000)
 }
@@ -744,6 +752,19 @@ mod tests {
             with_year.next_after(ts("2026-01-01T00:00:00Z")),
             Some(ts("2030-01-01T00:00:00Z"))
         );
+    }
+
+    #[test]
+    fn huge_intervals_end_the_schedule_instead_of_saturating() {
+        // Found by the schedule_parse fuzz target (fuzz/regressions/schedule_parse/).
+        let s = Schedule::every(u64::MAX, Timestamp(i64::MIN + 1)).unwrap();
+        let t = ts("2026-01-01T00:00:00Z");
+        assert_eq!(s.next_after(t), None);
+        assert_eq!(s.latest_at_or_before(t), Some(Timestamp(i64::MIN + 1)));
+        let s = Schedule::every(u64::MAX / 2 + 1, Timestamp(0)).unwrap();
+        assert_eq!(s.next_after(Timestamp(1)), None);
+        let near_end = Schedule::every(2_000, Timestamp(i64::MAX - 1_500)).unwrap();
+        assert_eq!(near_end.next_after(Timestamp(i64::MAX - 1_500)), None);
     }
 
     #[test]

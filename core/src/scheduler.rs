@@ -175,6 +175,7 @@ impl Scheduler {
             meta: Meta {
                 next_run_id: 1,
                 next_audit_seq: 1,
+                clock: now,
             },
             journal: Journal::default(),
             effects: VecDeque::new(),
@@ -190,11 +191,14 @@ impl Scheduler {
     /// attempts remain, otherwise ended `interrupted`. Every such change is audited and
     /// persisted through the usual effects.
     pub fn restore(config: Config, seed: u64, now: Timestamp, snapshot: Snapshot) -> Self {
-        let mut s = Scheduler::new(config, seed, now);
         let Snapshot { jobs, runs, meta } = snapshot;
+        // Time never runs backwards, not even across a restart (SPEC S4).
+        let now = now.max(meta.clock);
+        let mut s = Scheduler::new(config, seed, now);
         s.meta = Meta {
             next_run_id: meta.next_run_id.max(1),
             next_audit_seq: meta.next_audit_seq.max(1),
+            clock: now,
         };
         for mut job in jobs {
             job.active_runs = 0;
@@ -314,21 +318,29 @@ impl Scheduler {
         if self.jobs.contains_key(&spec.id) {
             return Err(Rejected::JobExists(spec.id));
         }
-        let (_, next) = validate(&spec, now, self.config.misfire_grace_ms)?;
-        self.share_text(&mut spec);
+        let (schedule, next) = validate(&spec, now, self.config.misfire_grace_ms)?;
         let id = spec.id.clone();
         // Runs of a removed job with the same name may still be finishing; they settle against
-        // this job, so they are counted (a rare, O(runs) case).
-        let active_runs = self
+        // this job, so they are counted, and their slots count as fired (a rare, O(runs) case).
+        let leftovers = self
             .runs
             .values()
-            .filter(|r| r.job == id && !r.state.is_terminal())
-            .count() as u32;
+            .filter(|r| r.job == id && !r.state.is_terminal());
+        let active_runs = leftovers.clone().count() as u32;
+        let last_fired = leftovers.filter_map(|r| r.slot()).max();
+        if let Some(last) = last_fired.filter(|last| next <= *last) {
+            return Err(ScheduleError::NeverFires {
+                schedule: schedule.to_string(),
+                after: last,
+            }
+            .into());
+        }
+        self.share_text(&mut spec);
         let job = Job {
             spec,
             state: JobState::Scheduled { next },
             backlog: Vec::new(),
-            last_fired: None,
+            last_fired,
             active_runs,
         };
         self.due.insert((next, DueKey::Job(id.clone())));
@@ -782,8 +794,14 @@ impl Scheduler {
             .expect("a scheduled job's schedule was validated");
         let due = schedule.resolve_due(cursor, now, job.spec.misfire, grace);
         // SPEC S2: the next slot is decided (and persisted with the run) before any run starts.
+        // A cursor that does not move past what fired would fire forever in this one tick; no
+        // valid schedule does that, but a broken one must disable its job, not hang the loop.
+        let fired_up_to = due.fire.last().copied().unwrap_or(cursor).max(cursor);
         job.state = match due.next {
-            Some(next) => JobState::Scheduled { next },
+            Some(next) if next > fired_up_to => JobState::Scheduled { next },
+            Some(stuck) => JobState::Disabled {
+                reason: format!("schedule did not advance: next slot {stuck} after {cursor}"),
+            },
             None => JobState::Disabled {
                 reason: if job.is_one_shot() && due.fire.is_empty() {
                     "one-shot slot was missed and dropped by the misfire policy".into()
@@ -1102,7 +1120,10 @@ impl Scheduler {
         records.extend(batch.global_prunes.iter().cloned());
         // The counters ride in every batch, so a durable run id or audit seq is never ahead
         // of the durable counters.
-        records.push(Record::PutMeta(self.meta));
+        records.push(Record::PutMeta(Meta {
+            clock: self.now,
+            ..self.meta
+        }));
         Batch {
             id: batch.id,
             records,

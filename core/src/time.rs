@@ -35,8 +35,13 @@ impl Timestamp {
 
     /// This instant plus `ms` milliseconds, saturating at [`Timestamp::MAX`].
     pub fn plus_ms(self, ms: u64) -> Self {
-        let ms = i64::try_from(ms).unwrap_or(i64::MAX);
-        Timestamp(self.0.saturating_add(ms))
+        Timestamp(self.0.saturating_add_unsigned(ms))
+    }
+
+    /// This instant plus `ms` milliseconds, or `None` past [`Timestamp::MAX`]. For computing
+    /// slots, where a saturated instant would be a slot that is not on the schedule.
+    pub fn checked_plus_ms(self, ms: u64) -> Option<Self> {
+        self.0.checked_add_unsigned(ms).map(Timestamp)
     }
 
     /// Milliseconds from `earlier` to `self`, or 0 if `earlier` is not earlier.
@@ -77,6 +82,9 @@ mod tests {
     #[test]
     fn arithmetic_saturates_instead_of_overflowing() {
         assert_eq!(Timestamp::MAX.plus_ms(5), Timestamp::MAX);
+        assert_eq!(Timestamp(-1).plus_ms(u64::MAX), Timestamp::MAX);
+        assert_eq!(Timestamp(i64::MAX - 1).checked_plus_ms(2), None);
+        assert_eq!(Timestamp(-1).checked_plus_ms(1), Some(Timestamp(0)));
         assert_eq!(Timestamp(10).ms_since(Timestamp(20)), 0);
         assert_eq!(Timestamp(20).ms_since(Timestamp(5)), 15);
     }

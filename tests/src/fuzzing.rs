@@ -1,1 +1,1089 @@
-//! Fuzz target bodies (placeholder).
+//! Fuzz target bodies, shared by the cargo-fuzz crate in `fuzz/` (nightly, libFuzzer) and by the
+//! corpus-replay test `tests/fuzz_corpus.rs` (stable).
+//!
+//! Each function takes arbitrary bytes and must return normally for every input: a panic means
+//! keel-core has a bug (or broke a documented property), never that the input was "bad". The
+//! targets never call anything that is allowed to panic on valid input, and keep every input's
+//! work bounded so that one run takes milliseconds.
+//!
+//! - [`schedule_parse`]: the schedule parser and fire-time arithmetic on hostile text and
+//!   extreme instants.
+//! - [`core_events`]: a decoded sequence of commands, inputs, store acknowledgements, failures
+//!   and crashes driving a [`Scheduler`], with [`Scheduler::check_invariants`] after every step
+//!   and a model store that checks what the core asked to persist.
+
+use std::collections::BTreeMap;
+
+use keel_core::schedule::Due;
+use keel_core::{
+    limits, Attempt, AuditRecord, Batch, Config, Effect, Job, JobId, JobSpec, JobState,
+    MisfirePolicy, Outcome, OverlapPolicy, Record, Rejected, RetryPolicy, Run, RunId, RunState,
+    Schedule, ScheduleSpec, Scheduler, Snapshot, Timestamp,
+};
+
+// ----- byte decoding ------------------------------------------------------------------------
+
+/// Reads little pieces of an input, yielding zeros once it is exhausted, so every byte string
+/// decodes to something.
+struct Bytes<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Bytes<'a> {
+    fn new(data: &'a [u8]) -> Self {
+        Bytes { data, pos: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+
+    fn u8(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos = self.pos.saturating_add(1);
+        b
+    }
+
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes([self.u8(), self.u8()])
+    }
+
+    fn u64(&mut self) -> u64 {
+        let mut bytes = [0; 8];
+        for b in &mut bytes {
+            *b = self.u8();
+        }
+        u64::from_le_bytes(bytes)
+    }
+}
+
+/// FNV-1a: a cheap, stable hash to derive instants and choices from the whole input.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `x` mapped into `lo..=hi` (`lo <= hi`).
+fn in_range(x: u64, lo: i64, hi: i64) -> i64 {
+    let span = hi.abs_diff(lo).saturating_add(1);
+    lo.saturating_add_unsigned(x % span)
+}
+
+// ----- schedule_parse -----------------------------------------------------------------------
+
+/// The earliest instant the fuzz targets feed to fire-time arithmetic.
+const T_MIN: i64 = i64::MIN / 2;
+/// 1900-01-01T00:00:00Z.
+const T_1900: i64 = -2_208_988_800_000;
+/// 2026-01-01T00:00:00Z.
+const T_2026: i64 = 1_767_225_600_000;
+/// 4999-06-01T00:00:00Z: near the end of the range croner searches.
+const T_4999: i64 = 95_599_094_400_000;
+/// 5000-01-01T00:00:00Z.
+const T_5000: i64 = 95_617_584_000_000;
+
+/// Zones with interesting offsets and transitions, picked when the input names none.
+const ZONES: [&str; 8] = [
+    "UTC",
+    "America/New_York",
+    "Europe/London",
+    "Australia/Lord_Howe", // 30-minute DST shift
+    "Asia/Kathmandu",      // +05:45
+    "Pacific/Apia",        // skipped 2011-12-30 entirely
+    "America/Sao_Paulo",   // DST changes at midnight (until 2019)
+    "Pacific/Chatham",     // +12:45 / +13:45
+];
+
+/// Fuzz target body: the schedule parser and fire-time arithmetic.
+///
+/// The input is read as UTF-8 (lossily). Its first line is a cron expression and its second
+/// line, if any, an IANA zone name (otherwise a zone is picked from a list of awkward ones by a
+/// hash of the input). Numbers for instants, grace periods, intervals and anchors come from a
+/// hash of the input and from its trailing bytes.
+///
+/// Checked, for every input:
+///
+/// - a refused expression, zone or interval has a non-empty `Display` message;
+/// - a parsed schedule's `spec()` parses back to the same schedule, and `Schedule::parse`
+///   agrees with `Schedule::cron`;
+/// - `next_after(t) > t` and `latest_at_or_before(t) <= t` whenever they return a slot, for
+///   instants from `i64::MIN / 2` through 1900, 1970, 2026 and year 4999 to year 5000;
+/// - `resolve_due(cursor, now, policy, grace)` with a real slot as `cursor`, for each
+///   [`MisfirePolicy`]: the slots to fire are strictly increasing, within `cursor..=now`, at most
+///   [`limits::CATCH_UP_MAX`] (and at most what the policy allows), and the new cursor is after
+///   all of them;
+///
+/// and the same for `Schedule::every` (any interval, an anchor within `i64::MIN / 2 ..=
+/// i64::MAX / 2`, both from the input) and `Schedule::once`.
+pub fn schedule_parse(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let expr = lines.next().unwrap_or_default();
+    let hash = fnv1a(data);
+    let picked_zone = ZONES[(hash % ZONES.len() as u64) as usize];
+    let zone = lines.next().unwrap_or(picked_zone);
+
+    // Numbers from the tail of the input, so that a fuzzer can steer them directly.
+    let tail = &data[data.len().saturating_sub(24)..];
+    let mut nums = Bytes::new(tail);
+    let (w0, w1, w2) = (nums.u64(), nums.u64(), nums.u64());
+
+    let instants = [
+        T_MIN,
+        T_1900,
+        -1,
+        0,
+        T_2026,
+        T_2026 + 499, // mid-second
+        T_4999,
+        T_5000 - 1,
+        in_range(hash, T_1900, T_5000),
+        in_range(w0, T_MIN, T_5000),
+        in_range(
+            w1.rotate_left(17),
+            T_2026 - 86_400_000 * 400,
+            T_2026 + 86_400_000 * 400,
+        ),
+    ];
+
+    match Schedule::cron(expr, zone) {
+        Ok(schedule) => {
+            let spec = ScheduleSpec::Cron {
+                expr: expr.into(),
+                zone: zone.into(),
+            };
+            assert_eq!(
+                Schedule::parse(&spec).as_ref(),
+                Ok(&schedule),
+                "Schedule::parse and Schedule::cron disagree on {expr:?} in {zone:?}"
+            );
+            check_schedule(&schedule, &instants, w2, hash);
+        }
+        Err(e) => {
+            assert!(
+                !e.to_string().is_empty(),
+                "empty error message for {expr:?} in {zone:?}"
+            );
+            // The field it names must display too.
+            assert!(!e.field().to_string().is_empty());
+            // An unknown zone must not hide what is wrong with the expression: try a known one.
+            if let Ok(schedule) = Schedule::cron(expr, picked_zone) {
+                check_schedule(&schedule, &instants, w2, hash);
+            }
+        }
+    }
+
+    // Fixed intervals: any interval (short ones are refused), anchors over a wide range.
+    let interval = match w1 % 4 {
+        0 => w0,                  // anything, including < 1000 and u64::MAX
+        1 => 1_000 + w0 % 10_000, // seconds
+        2 => 60_000 * (1 + w0 % 1_440),
+        _ => 1 + w0 % 2_000, // around the minimum
+    };
+    let anchor = Timestamp(in_range(w2, T_MIN, -T_MIN));
+    match Schedule::every(interval, anchor) {
+        Ok(schedule) => {
+            assert!(schedule.is_recurring());
+            check_schedule(&schedule, &instants, w2, hash);
+            check_schedule(&schedule, &[anchor.0, anchor.0.saturating_sub(1)], w0, hash);
+        }
+        Err(e) => {
+            assert!(interval < keel_core::schedule::INTERVAL_MIN_MS);
+            assert!(!e.to_string().is_empty());
+        }
+    }
+
+    // One-shots.
+    let once = Schedule::once(anchor);
+    assert!(!once.is_recurring());
+    check_schedule(&once, &instants, w1, hash);
+    check_schedule(&once, &[anchor.0, anchor.0.saturating_sub(1)], w1, hash);
+}
+
+/// Checks the fire-time properties of one valid schedule at each instant in `instants`.
+fn check_schedule(schedule: &Schedule, instants: &[i64], w: u64, hash: u64) {
+    assert!(!schedule.to_string().is_empty());
+    let spec = schedule.spec();
+    assert_eq!(
+        Schedule::parse(&spec).as_ref(),
+        Ok(schedule),
+        "{schedule}: spec {spec:?} does not parse back to the same schedule"
+    );
+
+    // Fire-time searches are not free (an impossible date such as 30 February makes croner
+    // search up to year 5000), so instants go in ascending order for `next_after` and
+    // descending for `latest_at_or_before`, and each stops at the first `None`: no slot after
+    // `t` means none after any later instant either.
+    let mut sorted = instants.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut nexts = Vec::new();
+    for &t in &sorted {
+        let t = Timestamp(t);
+        match schedule.next_after(t) {
+            Some(next) => {
+                assert!(
+                    next > t,
+                    "{schedule}: next_after({t}) = {next} is not after it"
+                );
+                nexts.push(next);
+            }
+            None if t.to_utc().is_none() => {} // outside chrono's range: no answer expected
+            None => break,
+        }
+    }
+    for &t in sorted.iter().rev() {
+        let t = Timestamp(t);
+        match schedule.latest_at_or_before(t) {
+            Some(latest) => {
+                assert!(
+                    latest <= t,
+                    "{schedule}: latest_at_or_before({t}) = {latest} is after it"
+                );
+            }
+            None if t.to_utc().is_none() => {}
+            None => break,
+        }
+    }
+
+    // resolve_due needs a real slot as the cursor and a `now` at or after it: on time, just
+    // past a grace period, a long outage. Two cursors per schedule keep the cost bounded
+    // (after an outage each resolution may walk up to CATCH_UP_MAX slots).
+    let graces = [0, 999, 60_000, w % 100_000_000];
+    let catch_up = [0, 1, 3, (w >> 32) as u32 % 1_500, u32::MAX];
+    for (i, &cursor) in nexts.iter().rev().take(2).enumerate() {
+        // Only the first cursor gets a long outage.
+        let lateness = match (hash >> (8 * i)) % if i == 0 { 4 } else { 2 } {
+            0 => 0,
+            1 => 60_001,
+            2 => 86_400_000 * 3 + 1,
+            _ => w % (86_400_000 * 400),
+        };
+        let now = cursor.plus_ms(lateness);
+        let grace = graces[(hash as usize).wrapping_add(i) % graces.len()];
+        let max = catch_up[(w as usize).wrapping_add(i) % catch_up.len()];
+        for policy in [
+            MisfirePolicy::FireOnceNow,
+            MisfirePolicy::Skip,
+            MisfirePolicy::CatchUp { max },
+        ] {
+            let due = schedule.resolve_due(cursor, now, policy, grace);
+            check_due(schedule, &due, cursor, now, policy, grace);
+        }
+    }
+}
+
+fn check_due(
+    schedule: &Schedule,
+    due: &Due,
+    cursor: Timestamp,
+    now: Timestamp,
+    policy: MisfirePolicy,
+    grace: u64,
+) {
+    let ctx = || format!("{schedule}: resolve_due({cursor}, {now}, {policy:?}, {grace}) = {due:?}");
+    assert!(
+        due.fire.windows(2).all(|w| w[0] < w[1]),
+        "{}: fire list not strictly increasing",
+        ctx()
+    );
+    assert!(
+        due.fire.len() <= limits::CATCH_UP_MAX as usize,
+        "{}: more than CATCH_UP_MAX slots",
+        ctx()
+    );
+    let allowed = match policy {
+        MisfirePolicy::FireOnceNow | MisfirePolicy::Skip => 1,
+        MisfirePolicy::CatchUp { max } => max.clamp(1, limits::CATCH_UP_MAX) as usize,
+    };
+    assert!(
+        due.fire.len() <= allowed,
+        "{}: more slots than the policy allows",
+        ctx()
+    );
+    if policy != MisfirePolicy::Skip {
+        assert!(!due.fire.is_empty(), "{}: a due slot fired nothing", ctx());
+    }
+    for slot in &due.fire {
+        assert!(*slot <= now, "{}: fires {slot}, after now", ctx());
+        assert!(
+            *slot >= cursor,
+            "{}: fires {slot}, before the cursor",
+            ctx()
+        );
+    }
+    if let Some(next) = due.next {
+        assert!(
+            next > cursor,
+            "{}: the new cursor does not move forward",
+            ctx()
+        );
+        if let Some(last) = due.fire.last() {
+            assert!(
+                next > *last,
+                "{}: the new cursor is not after the fired slots",
+                ctx()
+            );
+        }
+    }
+}
+
+// ----- core_events --------------------------------------------------------------------------
+
+/// The most operations decoded from one input.
+pub const CORE_EVENTS_MAX_OPS: usize = 256;
+
+/// How many times one drain loop may call `poll_effect` (each acknowledgement can release more).
+const DRAIN_MAX_EFFECTS: usize = 256;
+
+/// How many effects of one drain are each followed by `check_invariants`.
+const DRAIN_CHECKED_EFFECTS: usize = 16;
+
+/// How many executing attempts one driver step reports on.
+const STEP_MAX_OUTCOMES: usize = 64;
+
+/// The furthest the clock may run from its start: 300 years.
+const CLOCK_SPAN_MS: i64 = 300 * 365 * 86_400_000;
+
+/// Start instants: just before a US spring-forward, just before a US fall-back, a new year, a
+/// leap day.
+const STARTS: [i64; 4] = [
+    1_772_942_400_000, // 2026-03-08T04:00:00Z (23:00 EST the evening before spring-forward)
+    1_793_507_400_000, // 2026-11-01T04:30:00Z (00:30 EDT, before fall-back)
+    T_2026 - 30_000,   // 2025-12-31T23:59:30Z
+    1_709_164_800_000, // 2024-02-29T00:00:00Z
+];
+
+/// A schedule from a small canned set; `arg` steers one-shot instants.
+fn canned_schedule(pick: u8, arg: u8, now: Timestamp, start: Timestamp) -> ScheduleSpec {
+    let cron = |expr: &str, zone: &str| ScheduleSpec::Cron {
+        expr: expr.into(),
+        zone: zone.into(),
+    };
+    match pick % 14 {
+        0 => cron("0 * * * * *", "UTC"),
+        1 => cron("*/10 * * * * *", "UTC"),
+        2 => cron("0 30 2 * * *", "America/New_York"), // in the spring-forward gap
+        3 => cron("0 0 * * * *", "America/New_York"),  // both passes of the fall-back hour
+        4 => cron("30 1 * * *", "America/New_York"),   // 5 fields, in the fall-back overlap
+        5 => cron("@daily", "Europe/Paris"),
+        6 => cron("0 0 12 * * MON-FRI", "Asia/Kathmandu"),
+        7 => cron("0 0 0 1 1 * 2027", "UTC"), // one slot, then none
+        8 => cron("0 0 0 1 1 * 2020", "UTC"), // no slot left: refused
+        9 => ScheduleSpec::Every {
+            interval_ms: 1_000 * (1 + u64::from(arg % 16)),
+            anchor: start,
+        },
+        10 => ScheduleSpec::Every {
+            interval_ms: 3_600_000,
+            anchor: Timestamp(start.0 - 1),
+        },
+        11 => ScheduleSpec::Once {
+            at: now.plus_ms(1_000 * u64::from(arg)),
+        },
+        12 => ScheduleSpec::Once {
+            at: Timestamp(now.0.saturating_sub(60_000 * i64::from(arg))),
+        },
+        _ => ScheduleSpec::Every {
+            interval_ms: u64::from(arg) * 8, // below the minimum unless arg >= 125
+            anchor: now,
+        },
+    }
+}
+
+fn job_id(pick: u8) -> JobId {
+    const IDS: [&str; 4] = ["a", "b", "nightly-backup.eu:1", "d_4"];
+    JobId::new(IDS[usize::from(pick % 4)]).expect("canned ids are valid")
+}
+
+/// The five argument bytes of an add or update: which job, schedule and policies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecArgs {
+    /// Job id (one of four names).
+    pub id: u8,
+    /// Canned schedule.
+    pub schedule: u8,
+    /// Steers one-shot instants and intervals.
+    pub arg: u8,
+    /// Misfire and overlap policy, delete-after-run, resume-after-crash.
+    pub policy: u8,
+    /// Retry policy (and a few invalid fields).
+    pub retry: u8,
+}
+
+impl SpecArgs {
+    fn decode(bytes: &mut Bytes<'_>) -> Self {
+        SpecArgs {
+            id: bytes.u8(),
+            schedule: bytes.u8(),
+            arg: bytes.u8(),
+            policy: bytes.u8(),
+            retry: bytes.u8(),
+        }
+    }
+}
+
+fn canned_spec(args: SpecArgs, now: Timestamp, start: Timestamp) -> JobSpec {
+    let SpecArgs {
+        id,
+        schedule: schedule_pick,
+        arg,
+        policy,
+        retry: retry_bits,
+    } = args;
+    let id = job_id(id);
+    let mut spec = JobSpec::new(id, "work", canned_schedule(schedule_pick, arg, now, start));
+    spec.misfire = match policy % 4 {
+        0 => MisfirePolicy::FireOnceNow,
+        1 => MisfirePolicy::Skip,
+        2 => MisfirePolicy::CatchUp {
+            max: u32::from(1 + (policy >> 2) % 4),
+        },
+        _ => MisfirePolicy::CatchUp {
+            // Invalid (0 or above the limit) or larger. The limit itself is exercised by
+            // `schedule_parse`: here a thousand runs per catch-up would make inputs slow.
+            max: [0, 100, limits::CATCH_UP_MAX + 1, 20][usize::from(policy >> 6)],
+        },
+    };
+    spec.overlap = match (policy >> 2) % 3 {
+        0 => OverlapPolicy::Skip,
+        1 => OverlapPolicy::BufferOne,
+        _ => OverlapPolicy::Allow,
+    };
+    spec.delete_after_run = policy & 0x10 != 0;
+    spec.resume_after_crash = policy & 0x20 == 0;
+    spec.retry = RetryPolicy {
+        attempts_max: if retry_bits == 0xff {
+            0 // invalid: refused
+        } else {
+            1 + u32::from(retry_bits % 4)
+        },
+        backoff_base_ms: 1_000,
+        backoff_factor: 2.0,
+        backoff_cap_ms: 60_000,
+        jitter: if retry_bits & 0x04 != 0 { 1.0 } else { 0.0 },
+        deadline_ms: (retry_bits & 0x08 != 0).then_some(5_000),
+    };
+    match retry_bits >> 5 {
+        6 => spec.kind = "".into(),         // refused: empty kind
+        7 => spec.payload = "p".repeat(64), // a payload the attempt must carry
+        _ => {}
+    }
+    spec
+}
+
+fn outcome(kind: u8, arg: u8) -> Outcome {
+    match kind % 6 {
+        0 | 1 => Outcome::Success {
+            summary: (arg & 1 == 0).then(|| "ok".to_owned()),
+        },
+        2 => Outcome::Retryable {
+            message: if arg & 1 == 0 {
+                "503".to_owned()
+            } else {
+                // Longer than MESSAGE_MAX_BYTES, with multi-byte chars around the cut.
+                "é".repeat(limits::MESSAGE_MAX_BYTES)
+            },
+        },
+        3 => Outcome::Permanent {
+            message: "missing target".to_owned(),
+        },
+        4 => Outcome::Snooze {
+            for_ms: match arg % 4 {
+                0 => 0,
+                1 => 1_000 * u64::from(arg),
+                2 => limits::DELAY_MAX_MS + 1,
+                _ => u64::MAX,
+            },
+        },
+        _ => Outcome::Cancelled {
+            reason: "not today".to_owned(),
+        },
+    }
+}
+
+/// A store that keeps what the core asked it to write and acknowledged, and checks that the
+/// requests make sense.
+#[derive(Debug, Default)]
+struct ModelStore {
+    jobs: BTreeMap<JobId, Job>,
+    runs: BTreeMap<RunId, Run>,
+    audit: BTreeMap<u64, AuditRecord>,
+    meta: keel_core::Meta,
+}
+
+impl ModelStore {
+    /// Applies a batch the store made durable.
+    fn apply(&mut self, batch: &Batch) {
+        // Ids may be allocated by the counters written in this same batch.
+        let (next_run_id, next_audit_seq) = batch
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::PutMeta(m) => Some((m.next_run_id, m.next_audit_seq)),
+                _ => None,
+            })
+            .fold(
+                (self.meta.next_run_id, self.meta.next_audit_seq),
+                |(r, a), (r2, a2)| (r.max(r2), a.max(a2)),
+            );
+        for record in &batch.records {
+            match record {
+                Record::PutJob(job) => {
+                    if let JobState::Scheduled { next } = job.state {
+                        if let Some(last) = job.last_fired {
+                            assert!(
+                                next > last,
+                                "persisted job {}: cursor {next} not after last fired {last}",
+                                job.spec.id
+                            );
+                        }
+                    }
+                    self.jobs.insert(job.spec.id.clone(), job.clone());
+                }
+                Record::DeleteJob { id } => {
+                    self.jobs.remove(id);
+                }
+                Record::PutRun(run) => {
+                    if let Some(old) = self.runs.get(&run.id) {
+                        assert!(
+                            old.job == run.job
+                                && old.trigger == run.trigger
+                                && old.created_at == run.created_at,
+                            "run id {} reused: stored {old:?}, now {run:?}",
+                            run.id
+                        );
+                        assert!(
+                            !old.state.is_terminal() || old.state == run.state,
+                            "run {} left its durable terminal state {:?} for {:?}",
+                            run.id,
+                            old.state,
+                            run.state
+                        );
+                        assert!(
+                            run.attempt >= old.attempt,
+                            "run {}: durable attempt went back from {} to {}",
+                            run.id,
+                            old.attempt,
+                            run.attempt
+                        );
+                    }
+                    assert!(
+                        run.id.0 < next_run_id,
+                        "run {} persisted without a counter above it",
+                        run.id
+                    );
+                    self.runs.insert(run.id, run.clone());
+                }
+                Record::Audit(record) => {
+                    if let Some(old) = self.audit.get(&record.seq) {
+                        assert_eq!(old, record, "audit seq {} reused", record.seq);
+                    }
+                    assert!(
+                        record.seq < next_audit_seq,
+                        "audit seq {} persisted without a counter above it",
+                        record.seq
+                    );
+                    self.audit.insert(record.seq, record.clone());
+                }
+                Record::PruneHistory { .. } => {
+                    // Retention is the store's business; the model keeps everything.
+                }
+                Record::PutMeta(meta) => {
+                    assert!(
+                        meta.next_run_id >= self.meta.next_run_id
+                            && meta.next_audit_seq >= self.meta.next_audit_seq,
+                        "durable counters went backwards: {:?} -> {meta:?}",
+                        self.meta
+                    );
+                    self.meta = *meta;
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            jobs: self.jobs.values().cloned().collect(),
+            // Terminal runs included on purpose: restore must ignore them.
+            runs: self.runs.values().cloned().collect(),
+            meta: self.meta,
+        }
+    }
+}
+
+/// What to do with each persist batch while draining.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PersistMode {
+    /// Leave it in flight.
+    Hold,
+    /// Apply it to the store and acknowledge it.
+    Ack,
+    /// Report the write as failed.
+    Fail,
+}
+
+/// The world around one scheduler: clock, store, executor.
+#[derive(Debug)]
+struct World {
+    config: Config,
+    start: Timestamp,
+    now: Timestamp,
+    sched: Scheduler,
+    store: ModelStore,
+    /// The batch the store is writing, if any.
+    in_flight: Option<Batch>,
+    /// Attempts handed to the executor in this incarnation and not yet reported.
+    started: Vec<(RunId, Attempt)>,
+    /// Attempts reported (accepted) in this incarnation.
+    reported: Vec<(RunId, Attempt)>,
+}
+
+impl World {
+    fn check(&self) {
+        self.sched.check_invariants();
+    }
+
+    fn set_now(&mut self, t: i64) {
+        let lo = self.start.0 - 86_400_000;
+        let hi = self.start.0 + CLOCK_SPAN_MS;
+        self.now = Timestamp(t.clamp(lo, hi));
+    }
+
+    /// Drains effects, doing `mode` with persist batches.
+    fn drain(&mut self, mode: PersistMode) {
+        for i in 0..DRAIN_MAX_EFFECTS {
+            let Some(effect) = self.sched.poll_effect() else {
+                break;
+            };
+            match effect {
+                Effect::Persist(batch) => {
+                    assert!(
+                        self.in_flight.is_none(),
+                        "a second batch ({}) emitted while {} is in flight",
+                        batch.id,
+                        self.in_flight.as_ref().map_or(0, |b| b.id.0)
+                    );
+                    assert!(!batch.records.is_empty(), "empty batch {}", batch.id);
+                    self.in_flight = Some(batch);
+                    match mode {
+                        PersistMode::Hold => {}
+                        PersistMode::Ack => self.ack(),
+                        PersistMode::Fail => self.fail(),
+                    }
+                }
+                Effect::StartAttempt(start) => {
+                    // Persist before act: the attempt's record is durable.
+                    let durable = self.store.runs.get(&start.run);
+                    assert!(
+                        durable.is_some_and(|r| r.attempt == start.attempt
+                            && r.state
+                                == RunState::Starting {
+                                    attempt: start.attempt
+                                }),
+                        "{} attempt {} handed out before it was durable (store has {durable:?})",
+                        start.run,
+                        start.attempt
+                    );
+                    assert_eq!(start.idempotency_key.run, start.run);
+                    assert_eq!(start.idempotency_key.attempt, start.attempt);
+                    let key = (start.run, start.attempt);
+                    assert!(
+                        !self.started.contains(&key) && !self.reported.contains(&key),
+                        "{} attempt {} handed out twice",
+                        start.run,
+                        start.attempt
+                    );
+                    self.started.push(key);
+                }
+                Effect::CancelAttempt { run, attempt } => {
+                    // The outcome may have been reported since the cancel was requested.
+                    let key = (run, attempt);
+                    assert!(
+                        self.started.contains(&key) || self.reported.contains(&key),
+                        "cancel for {run} attempt {attempt}, which was never handed out"
+                    );
+                }
+                Effect::Event(_) => {}
+            }
+            // check_invariants is O(jobs + runs), and a catch-up can create a thousand runs:
+            // check after each of the first effects, then once the drain is over.
+            if i < DRAIN_CHECKED_EFFECTS {
+                self.check();
+            }
+        }
+        self.check();
+        self.check_mirror();
+    }
+
+    fn ack(&mut self) {
+        if let Some(batch) = self.in_flight.take() {
+            self.store.apply(&batch);
+            self.sched.handle_persisted(self.now, batch.id);
+        }
+    }
+
+    fn fail(&mut self) {
+        if let Some(batch) = self.in_flight.take() {
+            self.sched
+                .handle_persist_failed(self.now, batch.id, "disk full");
+        }
+    }
+
+    /// When nothing is pending or in flight, the store holds exactly the scheduler's state.
+    fn check_mirror(&self) {
+        if !self.sched.is_quiescent() || self.in_flight.is_some() {
+            return;
+        }
+        let normalise = |job: &Job| {
+            let mut job = job.clone();
+            job.active_runs = 0; // derived, never persisted
+            job
+        };
+        let memory: Vec<Job> = self.sched.jobs().map(normalise).collect();
+        let durable: Vec<Job> = self.store.jobs.values().map(normalise).collect();
+        assert_eq!(memory, durable, "quiescent, but the store's jobs differ");
+        for run in self.sched.runs() {
+            assert_eq!(
+                self.store.runs.get(&run.id),
+                Some(run),
+                "quiescent, but {} differs in the store",
+                run.id
+            );
+        }
+        for run in self.store.runs.values() {
+            if !run.state.is_terminal() {
+                assert!(
+                    self.sched.run(run.id).is_some(),
+                    "{} is active in the store but not in memory",
+                    run.id
+                );
+            }
+        }
+    }
+
+    /// Reports an outcome for an attempt this incarnation handed out: it must be accepted.
+    fn report(&mut self, index: usize, outcome: Outcome) {
+        if self.started.is_empty() {
+            return;
+        }
+        let (run, attempt) = self.started.remove(index % self.started.len());
+        let result = self.sched.handle_outcome(self.now, run, attempt, outcome);
+        assert!(
+            result.is_ok(),
+            "outcome for executing {run} attempt {attempt} refused: {result:?}"
+        );
+        self.reported.push((run, attempt));
+    }
+
+    /// A refused input must change nothing.
+    fn expect_refused(&mut self, run: RunId, attempt: Attempt, outcome: Outcome) {
+        let before = self.sched.run(run).cloned();
+        let timeout = self.sched.poll_timeout();
+        let result = self.sched.handle_outcome(self.now, run, attempt, outcome);
+        assert!(
+            matches!(
+                result,
+                Err(Rejected::UnknownRun(_)
+                    | Rejected::NotRunning { .. }
+                    | Rejected::StaleAttempt { .. })
+            ),
+            "stale outcome for {run} attempt {attempt} not refused: {result:?}"
+        );
+        assert_eq!(
+            self.sched.run(run),
+            before.as_ref(),
+            "refused outcome changed {run}"
+        );
+        assert_eq!(self.sched.poll_timeout(), timeout);
+    }
+
+    fn crash(&mut self, flags: u8, seed: u64) {
+        // The store may have made the in-flight batch durable just before the crash.
+        if flags & 1 != 0 {
+            if let Some(batch) = self.in_flight.take() {
+                self.store.apply(&batch);
+            }
+        }
+        self.in_flight = None;
+        self.started.clear();
+        self.reported.clear();
+        // The clock may have moved either way across the restart.
+        if flags & 2 != 0 {
+            self.set_now(self.now.0 - 3_600_000 * i64::from(flags >> 2));
+        }
+        self.sched = Scheduler::restore(self.config, seed, self.now, self.store.snapshot());
+        self.check();
+        // Nothing restored may be executing.
+        for run in self.sched.runs() {
+            assert!(
+                !matches!(run.state, RunState::Running { .. }),
+                "{} restored as running",
+                run.id
+            );
+        }
+    }
+}
+
+/// How [`core_events`] moves the clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockMove {
+    /// Forwards by this many milliseconds.
+    Forward(i64),
+    /// Backwards by this many milliseconds (the scheduler clamps; a restore does not).
+    Backward(i64),
+    /// To the scheduler's next deadline (at most 400 days ahead), without ticking.
+    ToNextDeadline,
+}
+
+/// One decoded operation of [`core_events`]; see its documentation for the byte layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreOp {
+    /// `add_job` with a canned spec.
+    AddJob(SpecArgs),
+    /// `update_job` with a canned spec.
+    UpdateJob(SpecArgs),
+    /// Move the clock.
+    Clock(ClockMove),
+    /// `handle_timeout(now)`.
+    Tick,
+    /// Drain effects, holding (0), acknowledging (1, 2) or failing (3) persist batches.
+    Drain(u8),
+    /// The store applies the batch in flight and it is acknowledged.
+    Ack,
+    /// The batch in flight failed.
+    Fail,
+    /// Report outcome `kind`/`arg` for the executing attempt at `index` (modulo their count).
+    Outcome {
+        /// Which executing attempt.
+        index: u8,
+        /// Which outcome.
+        kind: u8,
+        /// Its argument.
+        arg: u8,
+    },
+    /// Report a stale outcome: for an attempt already reported (`variant % 3 == 0`), for a
+    /// later attempt of an executing run (1), or for an unknown run (2).
+    StaleOutcome {
+        /// Which attempt.
+        index: u8,
+        /// Which kind of staleness, and the outcome.
+        variant: u8,
+    },
+    /// `pause_job`.
+    Pause(u8),
+    /// `resume_job`.
+    Resume(u8),
+    /// `remove_job`.
+    Remove(u8),
+    /// `trigger`.
+    Trigger(u8),
+    /// `cancel_run` for the run at `index` in memory (modulo their count; 255 = unknown).
+    Cancel(u8),
+    /// Crash and restore from the store. Flag bit 0: the in-flight batch became durable
+    /// first; bit 1: the clock goes back `flags >> 2` hours across the restart.
+    Crash {
+        /// Flags.
+        flags: u8,
+        /// The restored scheduler's seed.
+        seed: u8,
+    },
+    /// One driver-loop step: to the next deadline, tick, drain acknowledging, report outcome
+    /// `kind + i` for each executing attempt (at most 64), drain again.
+    Step(u8),
+}
+
+/// The setup and operations [`core_events`] decodes from `data`, for explaining an input.
+pub fn decode_core_events(data: &[u8]) -> (Config, Timestamp, u64, Vec<CoreOp>) {
+    let mut bytes = Bytes::new(data);
+    let setup = bytes.u8();
+    let config = Config {
+        misfire_grace_ms: [60_000, 0, 1_000, 300_000][usize::from(setup % 4)],
+        ..Config::default()
+    };
+    let start = Timestamp(STARTS[usize::from((setup >> 2) % 4)]);
+    let seed = u64::from(bytes.u16());
+    let mut ops = Vec::new();
+    while !bytes.is_empty() && ops.len() < CORE_EVENTS_MAX_OPS {
+        let op = match bytes.u8() % 16 {
+            0 => CoreOp::AddJob(SpecArgs::decode(&mut bytes)),
+            1 => CoreOp::UpdateJob(SpecArgs::decode(&mut bytes)),
+            2 => {
+                let mode = bytes.u8();
+                let m = i64::from(bytes.u8());
+                CoreOp::Clock(match mode % 8 {
+                    0 => ClockMove::Forward(m * 10),
+                    1 => ClockMove::Forward(m * 1_000),
+                    2 => ClockMove::Forward(m * 60_000),
+                    3 => ClockMove::Forward(m * 3_600_000),
+                    4 => ClockMove::Forward(m * 86_400_000),
+                    5 => ClockMove::Backward(m * 1_000),
+                    6 => ClockMove::Backward(m * 3_600_000),
+                    _ => ClockMove::ToNextDeadline,
+                })
+            }
+            3 => CoreOp::Tick,
+            4 => CoreOp::Drain(bytes.u8() % 4),
+            5 => CoreOp::Ack,
+            6 => CoreOp::Fail,
+            7 => CoreOp::Outcome {
+                index: bytes.u8(),
+                kind: bytes.u8(),
+                arg: bytes.u8(),
+            },
+            8 => CoreOp::StaleOutcome {
+                index: bytes.u8(),
+                variant: bytes.u8(),
+            },
+            9 => CoreOp::Pause(bytes.u8()),
+            10 => CoreOp::Resume(bytes.u8()),
+            11 => CoreOp::Remove(bytes.u8()),
+            12 => CoreOp::Trigger(bytes.u8()),
+            13 => CoreOp::Cancel(bytes.u8()),
+            14 => CoreOp::Crash {
+                flags: bytes.u8(),
+                seed: bytes.u8(),
+            },
+            _ => CoreOp::Step(bytes.u8()),
+        };
+        ops.push(op);
+    }
+    (config, start, seed, ops)
+}
+
+/// Fuzz target body: a sequence of operations driving a [`Scheduler`].
+///
+/// The first byte chooses the misfire grace (`% 4`: 60 s, 0, 1 s, 5 min) and the start instant
+/// (`>> 2 % 4`: before the 2026 US spring-forward, before the fall-back, a new year's eve, a leap
+/// day), the next two the seed. Then each operation is one opcode byte (`op % 16`) followed by
+/// its argument bytes ([`decode_core_events`] turns an input into a readable [`CoreOp`] list):
+///
+/// | op | bytes | does |
+/// |---|---|---|
+/// | 0 | id, schedule, arg, policy, retry | `add_job` with a canned spec |
+/// | 1 | id, schedule, arg, policy, retry | `update_job` with a canned spec |
+/// | 2 | mode, magnitude | move the clock (forwards by ms, s, min, h or days; backwards by s or h; or to `poll_timeout`) |
+/// | 3 | | `handle_timeout(now)` |
+/// | 4 | mode | drain effects, holding, acknowledging or failing persist batches |
+/// | 5 | | acknowledge the batch in flight (the store applies it first) |
+/// | 6 | | fail the batch in flight |
+/// | 7 | index, kind, arg | report an outcome for an executing attempt |
+/// | 8 | index, variant | report a stale outcome (already reported, wrong attempt, unknown run) |
+/// | 9, 10, 11, 12 | id | pause, resume, remove, trigger |
+/// | 13 | index | cancel a run in memory (or an unknown one) |
+/// | 14 | flags, seed | crash and restore from the store (optionally after the in-flight batch became durable) |
+/// | 15 | kind | one driver step: jump to the next deadline, tick, drain acknowledging, report outcomes for executing attempts (at most 64), drain again |
+///
+/// At most [`CORE_EVENTS_MAX_OPS`] operations run, and the clock stays within 300 years of its
+/// start. [`Scheduler::check_invariants`] runs after every operation and after each of the
+/// first 16 effects of a drain (it is O(jobs + runs), and a catch-up can create many runs). The
+/// model store checks that run ids, audit sequence numbers and counters are never reused or
+/// moved back, that a run never leaves a durable terminal state, and that an attempt is handed
+/// out only after its record is durable (persist before act); whenever the scheduler is
+/// quiescent the store must mirror its jobs and runs exactly. Commands may be refused, but an
+/// outcome for an attempt that is executing must be accepted and a stale one refused without
+/// any change.
+pub fn core_events(data: &[u8]) {
+    let (config, start, seed, ops) = decode_core_events(data);
+    let mut world = World {
+        config,
+        start,
+        now: start,
+        sched: Scheduler::new(config, seed, start),
+        store: ModelStore::default(),
+        in_flight: None,
+        started: Vec::new(),
+        reported: Vec::new(),
+    };
+    world.check();
+    for op in ops {
+        world.apply(op);
+        world.check();
+    }
+}
+
+impl World {
+    fn apply(&mut self, op: CoreOp) {
+        let now = self.now;
+        let start = self.start;
+        match op {
+            CoreOp::AddJob(args) => {
+                let _ = self.sched.add_job(now, canned_spec(args, now, start));
+            }
+            CoreOp::UpdateJob(args) => {
+                let _ = self.sched.update_job(now, canned_spec(args, now, start));
+            }
+            CoreOp::Clock(ClockMove::Forward(ms)) => self.set_now(now.0 + ms),
+            CoreOp::Clock(ClockMove::Backward(ms)) => self.set_now(now.0 - ms),
+            CoreOp::Clock(ClockMove::ToNextDeadline) => self.advance_to_next_deadline(),
+            CoreOp::Tick => self.sched.handle_timeout(now),
+            CoreOp::Drain(mode) => self.drain(match mode % 4 {
+                0 => PersistMode::Hold,
+                3 => PersistMode::Fail,
+                _ => PersistMode::Ack,
+            }),
+            CoreOp::Ack => self.ack(),
+            CoreOp::Fail => self.fail(),
+            CoreOp::Outcome { index, kind, arg } => {
+                self.report(usize::from(index), outcome(kind, arg));
+            }
+            CoreOp::StaleOutcome { index, variant } => {
+                let index = usize::from(index);
+                let (run, attempt) = match variant % 3 {
+                    0 if !self.reported.is_empty() => self.reported[index % self.reported.len()],
+                    1 if !self.started.is_empty() => {
+                        let (run, attempt) = self.started[index % self.started.len()];
+                        (run, Attempt(attempt.0 + 1 + u32::from(variant >> 4)))
+                    }
+                    _ => (RunId(1_000_000 + index as u64), Attempt(1)),
+                };
+                self.expect_refused(run, attempt, outcome(variant >> 2, variant));
+            }
+            CoreOp::Pause(id) => {
+                let _ = self.sched.pause_job(now, &job_id(id));
+            }
+            CoreOp::Resume(id) => {
+                let _ = self.sched.resume_job(now, &job_id(id));
+            }
+            CoreOp::Remove(id) => {
+                let _ = self.sched.remove_job(now, &job_id(id));
+            }
+            CoreOp::Trigger(id) => {
+                let _ = self.sched.trigger(now, &job_id(id));
+            }
+            CoreOp::Cancel(index) => {
+                let runs: Vec<RunId> = self.sched.runs().map(|r| r.id).collect();
+                let run = if runs.is_empty() || index == 0xff {
+                    RunId(u64::from(index))
+                } else {
+                    runs[usize::from(index) % runs.len()]
+                };
+                let _ = self.sched.cancel_run(now, run);
+            }
+            CoreOp::Crash { flags, seed } => self.crash(flags, u64::from(seed)),
+            CoreOp::Step(kind) => {
+                self.advance_to_next_deadline();
+                self.sched.handle_timeout(self.now);
+                self.check();
+                self.drain(PersistMode::Ack);
+                for i in 0..self.started.len().min(STEP_MAX_OUTCOMES) {
+                    self.report(0, outcome(kind.wrapping_add(i as u8), kind));
+                    if i < DRAIN_CHECKED_EFFECTS {
+                        self.check();
+                    }
+                }
+                self.drain(PersistMode::Ack);
+            }
+        }
+    }
+
+    fn advance_to_next_deadline(&mut self) {
+        if let Some(t) = self.sched.poll_timeout() {
+            if t > self.now {
+                self.set_now(t.0.min(self.now.0 + 400 * 86_400_000));
+            }
+        }
+    }
+}
