@@ -435,7 +435,8 @@ impl Run {
         }
     }
 
-    /// The run was found mid-attempt after a crash (SPEC R4 `interrupted`, issue-2 recovery).
+    /// The run was found mid-attempt after a crash: cancelled if a cancel was requested,
+    /// retried if the job resumes after crashes and attempts remain, else `interrupted`.
     pub fn recover_after_crash(&mut self, now: Timestamp, rng: &mut SplitMix64) -> Transition {
         let attempt = self.attempt;
         self.record_error(
@@ -501,7 +502,7 @@ impl Run {
                 self.change(
                     RunState::BackingOff { until },
                     format!(
-                        "{what}; retry {} of {} at {until} (backoff {delay_ms} ms)",
+                        "{what}; attempt {} of {} at {until} (backoff {delay_ms} ms)",
                         self.attempts_counted() + 1,
                         self.retry.attempts_max
                     ),

@@ -634,10 +634,28 @@ fn parse_cron(expr: &str) -> Result<(), ScheduleError> {
             .map(|j| if i == j { fields[j] } else { "*" })
             .collect();
         if let Err(e) = parser.parse(&probe.join(" ")) {
-            return Err(invalid(*name, e.to_string()));
+            let reason = format!(
+                "{:?} is not valid ({e}); allowed: {}",
+                fields[i],
+                allowed(*name)
+            );
+            return Err(invalid(*name, reason));
         }
     }
     Err(invalid(ScheduleField::Expression, error))
+}
+
+/// The values a field accepts, for error messages.
+fn allowed(field: ScheduleField) -> &'static str {
+    match field {
+        ScheduleField::Second | ScheduleField::Minute => "0-59",
+        ScheduleField::Hour => "0-23",
+        ScheduleField::DayOfMonth => "1-31, L (last day), nW (nearest weekday)",
+        ScheduleField::Month => "1-12 or JAN-DEC",
+        ScheduleField::DayOfWeek => "0-7 or SUN-SAT (0 and 7 are Sunday), n#k, nL",
+        ScheduleField::Year => "1-5000",
+        _ => "see the field's documentation",
+    }
 }
 
 const FIELDS: [ScheduleField; 7] = [
@@ -688,6 +706,8 @@ mod tests {
     fn cron_errors_name_the_field() {
         let e = Schedule::cron("0 0 25 * * *", "UTC").unwrap_err();
         assert_eq!(e.field(), ScheduleField::Hour, "{e}");
+        assert!(e.to_string().contains("\"25\" is not valid"), "{e}");
+        assert!(e.to_string().contains("allowed: 0-23"), "{e}");
         let e = Schedule::cron("61 0 * * *", "UTC").unwrap_err();
         assert_eq!(e.field(), ScheduleField::Minute, "{e}");
         let e = Schedule::cron("* * * * * FOO", "UTC").unwrap_err();

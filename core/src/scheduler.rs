@@ -111,6 +111,13 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// A job was deleted by the scheduler (a one-shot with `delete_after_run` finished).
+    JobDeleted {
+        /// The job.
+        job: JobId,
+        /// Why.
+        reason: String,
+    },
     /// Slots were dropped by the misfire or overlap policy.
     SlotsDropped {
         /// The job.
@@ -313,6 +320,10 @@ impl Scheduler {
 
     /// Registers a job. Its schedule is parsed and its first slot computed now: an invalid
     /// schedule, an unknown zone or a schedule that never fires is refused (SPEC S1).
+    ///
+    /// `Ok` means accepted. The job is durable once the batch that carries it is acknowledged
+    /// ([`Scheduler::handle_persisted`]); if the process dies before that, the job is gone and
+    /// the caller must add it again. Every command has the same contract.
     pub fn add_job(&mut self, now: Timestamp, mut spec: JobSpec) -> Result<(), Rejected> {
         let now = self.clamp(now);
         if self.jobs.contains_key(&spec.id) {
@@ -828,10 +839,15 @@ impl Scheduler {
                 Actor::Scheduler,
                 &reason,
             );
-            self.effects.push_back(Effect::Event(Event::JobDisabled {
-                job: id.clone(),
-                reason,
-            }));
+            // A one-shot that fired is only finished when its run settles; the event comes then,
+            // with the final verdict (JobDisabled or JobDeleted).
+            let fired_one_shot = self.jobs[id].is_one_shot() && !due.fire.is_empty();
+            if !fired_one_shot {
+                self.effects.push_back(Effect::Event(Event::JobDisabled {
+                    job: id.clone(),
+                    reason,
+                }));
+            }
         }
         if due.dropped.counted > 0 {
             let reason = format!(
@@ -978,6 +994,10 @@ impl Scheduler {
                 self.journal.delete_job(id);
                 let reason = format!("one-shot job finished ({state}); delete_after_run");
                 self.audit_job(id, Some(old), StateName::Removed, Actor::Scheduler, &reason);
+                self.effects.push_back(Effect::Event(Event::JobDeleted {
+                    job: id.clone(),
+                    reason,
+                }));
                 return;
             }
             self.unindex_job(id);
@@ -994,6 +1014,10 @@ impl Scheduler {
                 Actor::Scheduler,
                 &reason,
             );
+            self.effects.push_back(Effect::Event(Event::JobDisabled {
+                job: id.clone(),
+                reason,
+            }));
             return;
         }
         // The cursor already moved when the slot fired; a waiting slot starts now, unless an

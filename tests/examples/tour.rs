@@ -92,7 +92,7 @@ fn main() {
 
     println!("\nruns in the store after 13 simulated minutes:");
     println!(
-        "{:<8} {:<8} {:<26} {:>7}  {:<15} last error",
+        "{:<8} {:<8} {:<26} {:>7}  {:<15} last error (of any attempt)",
         "run", "job", "slot", "attempt", "state"
     );
     for run in sim.store().runs() {

@@ -607,7 +607,7 @@ fn pause_and_resume_apply_the_misfire_policy_to_paused_slots() {
     assert_eq!(sim.runs_of("m").len(), 1);
     sim.command("resume", |s, now| s.resume_job(now, &id("m")))
         .unwrap();
-    sim.run_for(30 * SECOND); // default fire-once-now: one run for the paused slots
+    sim.run_for(20 * SECOND); // default fire-once-now: one run for the paused slots
     let slots: Vec<_> = sim.runs_of("m").iter().filter_map(|r| r.slot()).collect();
     assert_eq!(
         slots,
