@@ -5,6 +5,7 @@ use crate::ids::{Attempt, JobId, JobIdError, RunId};
 use crate::retry::RetryPolicyError;
 use crate::run::StateName;
 use crate::schedule::ScheduleError;
+use crate::time::Timestamp;
 
 /// Why a command or input was refused. A refused command changes nothing.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -34,6 +35,26 @@ pub enum Rejected {
         field: &'static str,
         /// What is wrong.
         reason: String,
+    },
+    /// The job's first slot fired already, under this name (SPEC S6): a one-shot cannot be
+    /// re-armed at an instant it already ran.
+    #[error("job {job}: slot {slot} is not after {last}, the last slot fired under this name")]
+    AlreadyFired {
+        /// The job.
+        job: JobId,
+        /// The first slot the new definition would fire.
+        slot: Timestamp,
+        /// The last slot fired under this name.
+        last: Timestamp,
+    },
+    /// A job already has [`limits::ACTIVE_RUNS_PER_JOB_MAX`](crate::limits::ACTIVE_RUNS_PER_JOB_MAX)
+    /// active runs.
+    #[error("job {job} already has {active} active runs, the limit")]
+    TooManyActiveRuns {
+        /// The job.
+        job: JobId,
+        /// Its active runs.
+        active: u32,
     },
     /// The job is disabled; only an update re-arms it.
     #[error("job {job} is disabled ({reason}); update it to re-arm it")]

@@ -127,6 +127,10 @@ pub struct Job {
     /// Runs of this job that are not terminal. Derived from the runs on restore.
     #[serde(skip)]
     pub active_runs: u32,
+    /// A finished one-shot with `delete_after_run` whose deletion waits for runs left over
+    /// from an earlier definition to settle.
+    #[serde(default)]
+    pub delete_when_idle: bool,
 }
 
 impl Job {

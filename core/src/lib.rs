@@ -91,7 +91,7 @@ pub use audit::{Actor, AuditRecord, HistoryPolicy};
 pub use error::Rejected;
 pub use ids::{Attempt, BatchId, IdempotencyKey, JobId, JobIdError, RunId};
 pub use job::{Job, JobSpec, JobState, OverlapPolicy};
-pub use persist::{Batch, Meta, Record, Snapshot};
+pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
 pub use run::{ErrorKind, Outcome, Run, RunError, RunState, RunTerms, StateName, Trigger};
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};

@@ -4,7 +4,7 @@
 /// Longest job name, in bytes.
 pub const JOB_ID_MAX_BYTES: usize = 128;
 
-/// Longest job kind or payload text kept in a job, in bytes.
+/// Longest job kind (handler name), in bytes.
 pub const JOB_KIND_MAX_BYTES: usize = 128;
 
 /// Largest opaque payload a job may carry to its handler, in bytes.
@@ -26,6 +26,18 @@ pub const SNOOZES_MAX: u32 = 1_000;
 
 /// Longest snooze or backoff delay, in milliseconds (30 days).
 pub const DELAY_MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
+/// How many years past (or before) an instant a cron search looks before concluding that the
+/// expression has no slot there. Every 5- or 6-field pattern that fires at all repeats within
+/// 28 years of the Gregorian calendar (40 across a non-leap century year).
+pub const CRON_SEARCH_YEARS: i32 = 100;
+
+/// Upper bound on `Config::misfire_grace_ms` (one hour); a larger grace is clamped.
+pub const MISFIRE_GRACE_MAX_MS: u64 = 3600 * 1000;
+
+/// Runs of one job that may be active at once (overlap `allow`, manual triggers); a slot that
+/// would exceed it is dropped and audited, like an overlap drop.
+pub const ACTIVE_RUNS_PER_JOB_MAX: u32 = 100;
 
 /// Upper bound on `MisfirePolicy::CatchUp { max }`: missed slots are never enumerated past this.
 pub const CATCH_UP_MAX: u32 = 1_000;

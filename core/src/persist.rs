@@ -21,6 +21,7 @@
 //! id (audit records by `seq`), applying one twice is harmless.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound::{Excluded, Included, Unbounded};
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,25 @@ pub enum Record {
     },
     /// The id counters.
     PutMeta(Meta),
+    /// Remember the last slot a deleted job fired, so a job added again under its name never
+    /// fires that slot again (SPEC S6).
+    PutTombstone(Tombstone),
+    /// Forget a tombstone (the name is in use again, or the history policy expired it).
+    DeleteTombstone {
+        /// The job name.
+        job: JobId,
+    },
+}
+
+/// What is kept of a deleted job: its name and the latest slot it fired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// The deleted job's name.
+    pub job: JobId,
+    /// The latest slot it fired.
+    pub last_fired: Timestamp,
+    /// When it was deleted; the history policy's age limit expires tombstones too.
+    pub deleted_at: Timestamp,
 }
 
 /// Counters that must survive restarts so ids are never reused and time never runs backwards.
@@ -73,6 +93,10 @@ pub struct Meta {
     /// back while running.
     #[serde(default)]
     pub clock: Timestamp,
+    /// Incremented by every restore; batch ids carry it, so an acknowledgement meant for a
+    /// previous incarnation can never release an effect of this one.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Records to apply atomically and durably, in order, then acknowledge with
@@ -86,7 +110,8 @@ pub struct Batch {
 }
 
 /// What a store hands back to rebuild a scheduler after a restart: every job, every run that is
-/// not terminal (terminal runs are history and are not needed), and the counters.
+/// not terminal (terminal runs are history and are not needed), the counters and the
+/// tombstones.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     /// Every job record.
@@ -95,6 +120,8 @@ pub struct Snapshot {
     pub runs: Vec<Run>,
     /// The counters.
     pub meta: Meta,
+    /// Every tombstone.
+    pub tombstones: Vec<Tombstone>,
 }
 
 /// The pending and in-flight writes of one scheduler, grouped by job.
@@ -107,6 +134,9 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
     pending: BTreeMap<JobId, Group>,
+    /// The last job whose group went into a batch: the next batch starts after it, so busy
+    /// jobs that sort first cannot starve the others.
+    last_taken: Option<JobId>,
     global_prunes: Vec<Record>,
     meta_dirty: bool,
     pub(crate) in_flight: Option<InFlight>,
@@ -120,11 +150,15 @@ pub(crate) struct Journal {
 #[derive(Debug, Default)]
 pub(crate) struct Group {
     pub(crate) job: JobWrite,
+    pub(crate) tombstone: JobWrite,
     pub(crate) runs: BTreeSet<RunId>,
     pub(crate) audit: Vec<AuditRecord>,
     pub(crate) prunes: Vec<Record>,
     /// Attempts to hand out once this group's batch is acknowledged.
     pub(crate) gates: Vec<(RunId, Attempt)>,
+    /// The pending audit record that counts dropped slots, and how many it counts: drops while
+    /// a write is pending (a store outage) coalesce into one record instead of piling up.
+    drops: Option<(usize, u64)>,
 }
 
 /// What to write for the job itself.
@@ -137,8 +171,10 @@ pub(crate) enum JobWrite {
 }
 
 impl Group {
-    fn records(&self) -> usize {
+    /// Records this group would write.
+    pub(crate) fn records(&self) -> usize {
         usize::from(self.job != JobWrite::Nothing)
+            + usize::from(self.tombstone != JobWrite::Nothing)
             + self.runs.len()
             + self.audit.len()
             + self.prunes.len()
@@ -149,13 +185,22 @@ impl Group {
         if self.job == JobWrite::Nothing {
             self.job = older.job;
         }
+        if self.tombstone == JobWrite::Nothing {
+            self.tombstone = older.tombstone;
+        }
         self.runs.extend(older.runs);
+        let shift = older.audit.len();
+        self.drops = match (self.drops, older.drops) {
+            (Some((i, n)), _) => Some((i + shift, n)),
+            (None, older_drops) => older_drops,
+        };
         let mut audit = older.audit;
         audit.append(&mut self.audit);
         self.audit = audit;
-        let mut prunes = older.prunes;
-        prunes.append(&mut self.prunes);
-        self.prunes = prunes;
+        // The newest prune subsumes older ones (same policy, later cut-off).
+        if self.prunes.is_empty() {
+            self.prunes = older.prunes;
+        }
         let mut gates = older.gates;
         gates.append(&mut self.gates);
         self.gates = gates;
@@ -181,6 +226,11 @@ impl Journal {
         self.group(job).job = JobWrite::Delete;
     }
 
+    /// The job's tombstone must be written (`Put`) or deleted (`Delete`).
+    pub(crate) fn tombstone(&mut self, job: &JobId, write: JobWrite) {
+        self.group(job).tombstone = write;
+    }
+
     /// A run of `job` must be written.
     pub(crate) fn put_run(&mut self, job: &JobId, run: RunId) {
         self.group(job).runs.insert(run);
@@ -199,12 +249,42 @@ impl Journal {
         self.group(&job).audit.push(record);
     }
 
-    /// Queues a history prune, for one job or all.
+    /// Appends an audit record for a dropped slot, or folds it into the job's pending one:
+    /// while a write waits (a slow or failing store), drops are counted, not piled up.
+    pub(crate) fn audit_drop(&mut self, mut record: AuditRecord, slots: u64) {
+        let job = record.job.clone();
+        let group = self.group(&job);
+        match group.drops {
+            Some((i, counted)) => {
+                let total = counted + slots;
+                let pending = &mut group.audit[i];
+                pending.reason = format!(
+                    "{total} slots dropped while the store was catching up; latest: {}",
+                    record.reason
+                );
+                pending.at = record.at;
+                group.drops = Some((i, total));
+            }
+            None => {
+                record.reason = crate::run::truncate(&record.reason);
+                group.audit.push(record);
+                group.drops = Some((group.audit.len() - 1, slots));
+            }
+        }
+    }
+
+    /// Queues a history prune, for one job or all. Only the newest pending prune is kept: it
+    /// applies the same policy with a later cut-off.
     pub(crate) fn prune(&mut self, job: Option<&JobId>, record: Record) {
         match job {
-            Some(job) => self.group(job).prunes.push(record),
-            None => self.global_prunes.push(record),
+            Some(job) => self.group(job).prunes = vec![record],
+            None => self.global_prunes = vec![record],
         }
+    }
+
+    /// Makes batch ids of this incarnation distinct from every earlier one's.
+    pub(crate) fn set_epoch(&mut self, epoch: u64) {
+        self.next_batch = epoch << 32;
     }
 
     /// The id counters changed.
@@ -231,15 +311,36 @@ impl Journal {
         debug_assert!(self.can_emit());
         let id = BatchId(self.next_batch);
         self.next_batch += 1;
-        let mut groups = Vec::new();
+        // Round robin: start after the job the previous batch ended with.
+        let mut taken = Vec::new();
         let mut records = 0;
-        while records < limits::BATCH_RECORDS_MAX {
-            let Some((job, group)) = self.pending.pop_first() else {
+        let (after, before, wrap) = match &self.last_taken {
+            Some(last) => (
+                (Excluded(last), Unbounded),
+                (Unbounded, Included(last)),
+                usize::MAX,
+            ),
+            None => ((Unbounded, Unbounded), (Unbounded, Unbounded), 0),
+        };
+        let after = self.pending.range::<JobId, _>(after);
+        let before = self.pending.range::<JobId, _>(before).take(wrap);
+        for (job, group) in after.chain(before) {
+            if records >= limits::BATCH_RECORDS_MAX {
                 break;
-            };
+            }
             records += group.records();
-            groups.push((job, group));
+            taken.push(job.clone());
         }
+        if let Some(last) = taken.last() {
+            self.last_taken = Some(last.clone());
+        }
+        let groups: Vec<(JobId, Group)> = taken
+            .into_iter()
+            .map(|job| {
+                let group = self.pending.remove(&job).expect("taken from pending");
+                (job, group)
+            })
+            .collect();
         let global_prunes = if records < limits::BATCH_RECORDS_MAX {
             std::mem::take(&mut self.global_prunes)
         } else {
@@ -273,9 +374,9 @@ impl Journal {
         for (job, older) in failed.groups {
             self.group(&job).merge_older(older);
         }
-        let mut prunes = failed.global_prunes;
-        prunes.append(&mut self.global_prunes);
-        self.global_prunes = prunes;
+        if self.global_prunes.is_empty() {
+            self.global_prunes = failed.global_prunes;
+        }
         self.meta_dirty = true;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let shift = self.consecutive_failures.saturating_sub(1).min(16);

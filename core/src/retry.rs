@@ -138,6 +138,18 @@ impl RetryPolicy {
         (ceiling as u64).min(self.backoff_cap_ms)
     }
 
+    /// Like [`RetryPolicy::decide`] for a retry that starts at once (after a crash): checks
+    /// the attempts left and the deadline against the run's age, without drawing a delay.
+    pub fn decide_immediate(&self, failed: u32, age_ms: u64) -> RetryDecision {
+        if failed >= self.attempts_max {
+            return RetryDecision::Exhausted;
+        }
+        if self.deadline_ms.is_some_and(|deadline| age_ms > deadline) {
+            return RetryDecision::DeadlineExceeded;
+        }
+        RetryDecision::RetryAfter { delay_ms: 0 }
+    }
+
     /// Decides what follows failed attempt number `failed` (counted against `attempts_max`) of
     /// a run that is `age_ms` old. Draws from `rng` only when it returns a retry.
     pub fn decide(&self, failed: u32, age_ms: u64, rng: &mut SplitMix64) -> RetryDecision {

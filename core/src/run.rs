@@ -251,10 +251,11 @@ pub struct Run {
     /// The job's payload when the run was created.
     #[serde(default)]
     pub payload: String,
-    /// True if the run was created for a one-shot job: only such a run finishes a one-shot
-    /// when it settles (a run left over from an earlier, recurring definition does not).
+    /// The instant of the one-shot the job was when the run was created, if it was one: only a
+    /// run of that very one-shot finishes it when it settles (a run left over from an earlier
+    /// definition does not).
     #[serde(default)]
-    pub of_one_shot: bool,
+    pub of_one_shot: Option<Timestamp>,
 }
 
 /// What a run copies from its job when it is created, so that its attempts run under the rules
@@ -269,8 +270,8 @@ pub struct RunTerms {
     pub kind: Arc<str>,
     /// The payload.
     pub payload: String,
-    /// The job is a one-shot.
-    pub of_one_shot: bool,
+    /// The one-shot's instant, if the job is a one-shot.
+    pub of_one_shot: Option<Timestamp>,
 }
 
 /// A state change of a run, for the audit trail.
@@ -418,7 +419,7 @@ impl Run {
             }
             Outcome::Snooze { for_ms } => {
                 self.snoozes += 1;
-                if self.snoozes > limits::SNOOZES_MAX {
+                if self.snoozes >= limits::SNOOZES_MAX {
                     self.record_error(
                         now,
                         ErrorKind::SnoozeLimit,
@@ -437,7 +438,7 @@ impl Run {
 
     /// The run was found mid-attempt after a crash: cancelled if a cancel was requested,
     /// retried if the job resumes after crashes and attempts remain, else `interrupted`.
-    pub fn recover_after_crash(&mut self, now: Timestamp, rng: &mut SplitMix64) -> Transition {
+    pub fn recover_after_crash(&mut self, now: Timestamp) -> Transition {
         let attempt = self.attempt;
         self.record_error(
             now,
@@ -465,18 +466,24 @@ impl Run {
             );
         }
         // The lost attempt counts: a run that keeps crashing its host must not loop forever.
+        // The retry starts at once, so the deadline is checked against now, with no backoff.
         match self
             .retry
-            .decide(self.attempts_counted(), now.ms_since(self.created_at), rng)
+            .decide_immediate(self.attempts_counted(), now.ms_since(self.created_at))
         {
             RetryDecision::RetryAfter { .. } => self.change(
                 RunState::BackingOff { until: now },
                 format!("attempt {attempt} interrupted by a crash; retrying"),
             ),
-            RetryDecision::Exhausted | RetryDecision::DeadlineExceeded => self.finish(
+            RetryDecision::Exhausted => self.finish(
                 now,
                 RunState::Interrupted,
                 format!("attempt {attempt} interrupted by a crash; no attempts left"),
+            ),
+            RetryDecision::DeadlineExceeded => self.finish(
+                now,
+                RunState::Interrupted,
+                format!("attempt {attempt} interrupted by a crash; the run's deadline has passed"),
             ),
         }
     }
@@ -580,7 +587,7 @@ mod tests {
             resume_after_crash: true,
             kind: "k".into(),
             payload: String::new(),
-            of_one_shot: false,
+            of_one_shot: None,
         };
         let mut run = Run::new(
             RunId(1),
@@ -671,18 +678,17 @@ mod tests {
 
     #[test]
     fn crash_recovery_counts_the_lost_attempt() {
-        let mut rng = SplitMix64::new(0);
         let mut run = running_run(RetryPolicy {
             attempts_max: 2,
             ..RetryPolicy::default()
         });
         assert_eq!(
-            run.recover_after_crash(Timestamp(5), &mut rng).new,
+            run.recover_after_crash(Timestamp(5)).new,
             StateName::BackingOff
         );
         run.begin_next_attempt();
         assert_eq!(
-            run.recover_after_crash(Timestamp(6), &mut rng).new,
+            run.recover_after_crash(Timestamp(6)).new,
             StateName::Interrupted
         );
         assert_eq!(run.last_error.unwrap().kind, ErrorKind::Interrupted);

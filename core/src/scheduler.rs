@@ -21,7 +21,7 @@ use crate::error::Rejected;
 use crate::ids::{Attempt, BatchId, IdempotencyKey, JobId, RunId};
 use crate::job::{Job, JobSpec, JobState, OverlapPolicy};
 use crate::limits;
-use crate::persist::{Batch, JobWrite, Journal, Meta, Record, Snapshot};
+use crate::persist::{Batch, JobWrite, Journal, Meta, Record, Snapshot, Tombstone};
 use crate::rng::SplitMix64;
 use crate::run::{Outcome, Run, RunState, RunTerms, StateName, Transition, Trigger};
 use crate::schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleSpec};
@@ -159,7 +159,11 @@ pub struct Scheduler {
     meta: Meta,
     journal: Journal,
     effects: VecDeque<Effect>,
-    history_sweep_at: Timestamp,
+    /// The next hourly history sweep; `None` at the end of time.
+    history_sweep_at: Option<Timestamp>,
+    /// The latest slot fired by each deleted job, so a job re-added under its name never fires
+    /// it again (SPEC S6). Expired by the history policy's age limit.
+    tombstones: BTreeMap<JobId, Tombstone>,
     /// One shared copy of each distinct handler kind and zone name: a million jobs of a few
     /// kinds in a few zones should not hold a million copies of each.
     shared_text: BTreeSet<Arc<str>>,
@@ -170,7 +174,7 @@ impl Scheduler {
     pub fn new(config: Config, seed: u64, now: Timestamp) -> Self {
         let config = Config {
             history: config.history.clamped(),
-            ..config
+            misfire_grace_ms: config.misfire_grace_ms.min(limits::MISFIRE_GRACE_MAX_MS),
         };
         Scheduler {
             config,
@@ -183,22 +187,32 @@ impl Scheduler {
                 next_run_id: 1,
                 next_audit_seq: 1,
                 clock: now,
+                epoch: 0,
             },
             journal: Journal::default(),
             effects: VecDeque::new(),
-            history_sweep_at: now.plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS),
+            history_sweep_at: now.checked_plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS),
+            tombstones: BTreeMap::new(),
             shared_text: BTreeSet::new(),
         }
     }
 
     /// Rebuilds a scheduler from what a store persisted (after a crash or a clean stop).
     ///
-    /// Jobs whose stored schedule no longer parses are disabled with the reason (SPEC S2).
-    /// Runs found mid-attempt are recovered: retried if the job resumes after crashes and
-    /// attempts remain, otherwise ended `interrupted`. Every such change is audited and
-    /// persisted through the usual effects.
+    /// Stored jobs are checked like new ones: a job whose definition no longer validates (a
+    /// schedule that no longer parses, a policy an older version allowed) is disabled with the
+    /// reason (SPEC S2), and a cursor at or before the job's last fired slot is moved past it.
+    /// Runs found mid-attempt are recovered: cancelled if a cancel was requested, retried if
+    /// the job resumes after crashes and attempts remain, otherwise ended `interrupted`. The
+    /// clock resumes no earlier than the persisted high-water mark. Every such change is
+    /// audited and persisted through the usual effects.
     pub fn restore(config: Config, seed: u64, now: Timestamp, snapshot: Snapshot) -> Self {
-        let Snapshot { jobs, runs, meta } = snapshot;
+        let Snapshot {
+            jobs,
+            runs,
+            meta,
+            tombstones,
+        } = snapshot;
         // Time never runs backwards, not even across a restart (SPEC S4).
         let now = now.max(meta.clock);
         let mut s = Scheduler::new(config, seed, now);
@@ -206,51 +220,12 @@ impl Scheduler {
             next_run_id: meta.next_run_id.max(1),
             next_audit_seq: meta.next_audit_seq.max(1),
             clock: now,
+            epoch: meta.epoch + 1,
         };
-        for mut job in jobs {
-            job.active_runs = 0;
-            s.share_text(&mut job.spec);
-            let id = job.spec.id.clone();
-            let parsed = Schedule::parse(&job.spec.schedule);
-            match &parsed {
-                Ok(_) => {}
-                Err(e) => {
-                    let reason = format!("stored schedule no longer parses: {e}");
-                    let old = job_state_name(&job.state);
-                    job.state = JobState::Disabled {
-                        reason: reason.clone(),
-                    };
-                    s.journal.put_job(&id);
-                    s.audit_job(
-                        &id,
-                        Some(old),
-                        StateName::Disabled,
-                        Actor::Scheduler,
-                        &reason,
-                    );
-                    s.effects.push_back(Effect::Event(Event::JobDisabled {
-                        job: id.clone(),
-                        reason,
-                    }));
-                }
-            }
-            if let (JobState::Scheduled { next }, Some(last)) = (&job.state, job.last_fired) {
-                if *next <= last {
-                    // Data from an older version or a hand-edited store: never re-fire a slot.
-                    let repaired = parsed.as_ref().ok().and_then(|sc| sc.next_after(last));
-                    job.state = match repaired {
-                        Some(next) => JobState::Scheduled { next },
-                        None => JobState::Disabled {
-                            reason: format!("stored cursor {next} is not after the last fired slot {last} and the schedule has no later slot"),
-                        },
-                    };
-                    s.journal.put_job(&id);
-                }
-            }
-            if let JobState::Scheduled { next } = job.state {
-                s.due.insert((next, DueKey::Job(id.clone())));
-            }
-            s.jobs.insert(id, Box::new(job));
+        s.journal.set_epoch(s.meta.epoch);
+        s.tombstones = tombstones.into_iter().map(|t| (t.job.clone(), t)).collect();
+        for job in jobs {
+            s.restore_job(job);
         }
         for run in runs {
             if run.state.is_terminal() {
@@ -268,15 +243,65 @@ impl Scheduler {
                 }
                 RunState::Starting { .. } | RunState::Running { .. } => {
                     let run = s.runs.get_mut(&id).expect("just inserted");
-                    let t = run.recover_after_crash(now, &mut s.rng);
+                    let t = run.recover_after_crash(now);
                     s.after_run_transition(id, t, Actor::Scheduler);
                 }
                 _ => unreachable!("terminal runs were skipped"),
             }
         }
-        s.meta.next_audit_seq = s.meta.next_audit_seq.max(1);
         s.journal.meta();
         s
+    }
+
+    /// Brings one stored job back, checked like new input (see `restore`).
+    fn restore_job(&mut self, mut job: Job) {
+        job.active_runs = 0;
+        self.share_text(&mut job.spec);
+        let id = job.spec.id.clone();
+        let old = job_state_name(&job.state);
+        match validate_fields(&job.spec) {
+            Err(e) => {
+                let reason = format!("stored definition is no longer valid: {e}");
+                job.state = JobState::Disabled { reason };
+            }
+            Ok(schedule) => {
+                // Data from an older version or a hand-edited store: never re-fire a slot.
+                let fired = |next: Timestamp| job.last_fired.is_some_and(|last| next <= last);
+                let past_fired = || job.last_fired.and_then(|last| schedule.next_after(last));
+                match job.state {
+                    JobState::Scheduled { next } if fired(next) => {
+                        job.state = match past_fired() {
+                            Some(next) => JobState::Scheduled { next },
+                            None => JobState::Disabled {
+                                reason: format!(
+                                    "stored cursor {next} is not after the last fired slot and \
+                                     the schedule has no later slot"
+                                ),
+                            },
+                        };
+                    }
+                    JobState::Paused { next: Some(next) } if fired(next) => {
+                        job.state = JobState::Paused { next: past_fired() };
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let new = job_state_name(&job.state);
+        let changed = old != new;
+        if let (true, JobState::Disabled { reason }) = (changed, &job.state) {
+            let reason = reason.clone();
+            self.audit_job(&id, Some(old), new, Actor::Scheduler, &reason);
+            self.effects.push_back(Effect::Event(Event::JobDisabled {
+                job: id.clone(),
+                reason,
+            }));
+        }
+        if let JobState::Scheduled { next } = job.state {
+            self.due.insert((next, DueKey::Job(id.clone())));
+        }
+        self.jobs.insert(id.clone(), Box::new(job));
+        self.journal.put_job(&id);
     }
 
     // ----- getters -----------------------------------------------------------------------
@@ -311,7 +336,8 @@ impl Scheduler {
         self.runs.values()
     }
 
-    /// True if no batch is in flight and nothing waits to be persisted.
+    /// True if no batch is in flight, nothing waits to be persisted and no effect waits to be
+    /// polled.
     pub fn is_quiescent(&self) -> bool {
         self.journal.in_flight.is_none() && !self.journal.has_pending() && self.effects.is_empty()
     }
@@ -325,34 +351,42 @@ impl Scheduler {
     /// ([`Scheduler::handle_persisted`]); if the process dies before that, the job is gone and
     /// the caller must add it again. Every command has the same contract.
     pub fn add_job(&mut self, now: Timestamp, mut spec: JobSpec) -> Result<(), Rejected> {
-        let now = self.clamp(now);
+        let now = self.now.max(now);
         if self.jobs.contains_key(&spec.id) {
             return Err(Rejected::JobExists(spec.id));
         }
-        let (schedule, next) = validate(&spec, now, self.config.misfire_grace_ms)?;
+        let schedule = validate_fields(&spec)?;
+        let next = first_slot(&schedule, &spec, now, self.config.misfire_grace_ms)?;
         let id = spec.id.clone();
-        // Runs of a removed job with the same name may still be finishing; they settle against
-        // this job, so they are counted, and their slots count as fired (a rare, O(runs) case).
+        // A job deleted under this name, or runs of it still finishing, fired slots that must
+        // not fire again (SPEC S6). Leftover runs settle against this job, so they are counted
+        // (a rare, O(runs) case).
         let leftovers = self
             .runs
             .values()
             .filter(|r| r.job == id && !r.state.is_terminal());
         let active_runs = leftovers.clone().count() as u32;
-        let last_fired = leftovers.filter_map(|r| r.slot()).max();
+        let tombstone = self.tombstones.get(&id).map(|t| t.last_fired);
+        let last_fired = leftovers.filter_map(|r| r.slot()).chain(tombstone).max();
         if let Some(last) = last_fired.filter(|last| next <= *last) {
-            return Err(ScheduleError::NeverFires {
-                schedule: schedule.to_string(),
-                after: last,
-            }
-            .into());
+            return Err(Rejected::AlreadyFired {
+                job: id,
+                slot: next,
+                last,
+            });
         }
+        self.clamp(now);
         self.share_text(&mut spec);
+        if self.tombstones.remove(&id).is_some() {
+            self.journal.tombstone(&id, JobWrite::Delete);
+        }
         let job = Job {
             spec,
             state: JobState::Scheduled { next },
             backlog: Vec::new(),
             last_fired,
             active_runs,
+            delete_when_idle: false,
         };
         self.due.insert((next, DueKey::Job(id.clone())));
         self.jobs.insert(id.clone(), Box::new(job));
@@ -367,25 +401,31 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Replaces a job's definition. A changed schedule moves the cursor to its first slot
-    /// after `now`; a disabled job is re-armed. Runs already under way keep the retry policy
-    /// they started with.
+    /// Replaces a job's definition. A changed schedule moves the cursor to its first slot (the
+    /// first after `now`, or a one-shot's instant even if it has passed) and re-arms a disabled
+    /// job; an unchanged schedule keeps the cursor and a disabled job stays disabled. A slot
+    /// that already fired is refused ([`Rejected::AlreadyFired`]). Runs already under way keep
+    /// the terms they started with.
     pub fn update_job(&mut self, now: Timestamp, mut spec: JobSpec) -> Result<(), Rejected> {
-        let now = self.clamp(now);
+        let now = self.now.max(now);
         let Some(job) = self.jobs.get(&spec.id) else {
             return Err(Rejected::UnknownJob(spec.id));
         };
-        let (schedule, first) = validate(&spec, now, self.config.misfire_grace_ms)?;
+        let schedule = validate_fields(&spec)?;
+        let first = first_slot(&schedule, &spec, now, self.config.misfire_grace_ms)?;
         let schedule_changed = job.spec.schedule != spec.schedule;
-        let rearm = schedule_changed || !matches!(job.state, JobState::Disabled { .. });
-        if rearm && job.last_fired.is_some_and(|last| first <= last) {
+        if let Some(last) = job
+            .last_fired
+            .filter(|last| schedule_changed && first <= *last)
+        {
             // SPEC S6: a slot that fired never fires again, even through an update.
-            return Err(ScheduleError::NeverFires {
-                schedule: schedule.to_string(),
-                after: job.last_fired.expect("checked"),
-            }
-            .into());
+            return Err(Rejected::AlreadyFired {
+                job: spec.id,
+                slot: first,
+                last,
+            });
         }
+        self.clamp(now);
         self.share_text(&mut spec);
         let job = &self.jobs[&spec.id];
         let id = spec.id.clone();
@@ -405,6 +445,9 @@ impl Scheduler {
         let job = self.jobs.get_mut(&id).expect("checked above");
         job.spec = spec;
         job.state = state;
+        if schedule_changed {
+            job.delete_when_idle = false;
+        }
         let new = job_state_name(&job.state);
         self.index_job(&id);
         self.mark_job(&id);
@@ -415,27 +458,16 @@ impl Scheduler {
     /// Removes a job definition. Runs under way finish normally; its history stays, subject to
     /// the history policy.
     pub fn remove_job(&mut self, now: Timestamp, id: &JobId) -> Result<(), Rejected> {
-        self.clamp(now);
-        let Some(job) = self.jobs.get(id) else {
+        if !self.jobs.contains_key(id) {
             return Err(Rejected::UnknownJob(id.clone()));
-        };
-        let old = job_state_name(&job.state);
-        self.unindex_job(id);
-        self.jobs.remove(id);
-        self.journal.delete_job(id);
-        self.audit_job(
-            id,
-            Some(old),
-            StateName::Removed,
-            Actor::Operator,
-            "removed",
-        );
+        }
+        self.clamp(now);
+        self.delete_job(id, Actor::Operator, "removed");
         Ok(())
     }
 
     /// Pauses a job: it stops firing; runs under way continue.
     pub fn pause_job(&mut self, now: Timestamp, id: &JobId) -> Result<(), Rejected> {
-        self.clamp(now);
         let Some(job) = self.jobs.get(id) else {
             return Err(Rejected::UnknownJob(id.clone()));
         };
@@ -449,6 +481,7 @@ impl Scheduler {
                 })
             }
         };
+        self.clamp(now);
         self.unindex_job(id);
         self.jobs.get_mut(id).expect("checked").state = JobState::Paused { next: Some(next) };
         self.mark_job(id);
@@ -465,13 +498,14 @@ impl Scheduler {
     /// Resumes a paused job. Its cursor is kept: slots that passed while it was paused are
     /// misfires, and its misfire policy decides (the default fires once now).
     pub fn resume_job(&mut self, now: Timestamp, id: &JobId) -> Result<(), Rejected> {
-        self.clamp(now);
-        let Some(job) = self.jobs.get_mut(id) else {
+        let Some(job) = self.jobs.get(id) else {
             return Err(Rejected::UnknownJob(id.clone()));
         };
         let JobState::Paused { next } = job.state else {
             return Err(Rejected::NotPaused(id.clone()));
         };
+        self.clamp(now);
+        let job = self.jobs.get_mut(id).expect("checked above");
         job.state = match next {
             Some(next) => JobState::Scheduled { next },
             None => JobState::Disabled {
@@ -491,7 +525,6 @@ impl Scheduler {
     /// run is active and the job's overlap policy is not `allow`. When it ends it settles like
     /// any run: a one-shot job is then finished (SPEC R5).
     pub fn trigger(&mut self, now: Timestamp, id: &JobId) -> Result<RunId, Rejected> {
-        let now = self.clamp(now);
         let Some(job) = self.jobs.get(id) else {
             return Err(Rejected::UnknownJob(id.clone()));
         };
@@ -507,19 +540,24 @@ impl Scheduler {
                 run,
             });
         }
+        if job.active_runs >= limits::ACTIVE_RUNS_PER_JOB_MAX {
+            return Err(Rejected::TooManyActiveRuns {
+                job: id.clone(),
+                active: job.active_runs,
+            });
+        }
+        let now = self.clamp(now);
         Ok(self.create_run(now, id, Trigger::Manual, Actor::Operator))
     }
 
     /// Cancels a run. A waiting run ends `cancelled` at once; a running attempt is asked to
     /// stop (`Effect::CancelAttempt`) and the run ends `cancelled` unless it succeeds first.
     pub fn cancel_run(&mut self, now: Timestamp, id: RunId) -> Result<(), Rejected> {
-        let now = self.clamp(now);
-        let Some(run) = self.runs.get_mut(&id) else {
-            return Err(Rejected::UnknownRun(id));
-        };
-        if run.state.is_terminal() {
+        if self.runs.get(&id).is_none_or(|r| r.state.is_terminal()) {
             return Err(Rejected::UnknownRun(id));
         }
+        let now = self.clamp(now);
+        let run = self.runs.get_mut(&id).expect("checked above");
         let until = match run.state {
             RunState::BackingOff { until } => Some(until),
             _ => None,
@@ -535,6 +573,13 @@ impl Scheduler {
                 let attempt = run.attempt;
                 let job = run.job.clone();
                 self.journal.put_run(&job, id);
+                self.audit_run(
+                    id,
+                    Some(StateName::Running),
+                    StateName::Running,
+                    Actor::Operator,
+                    "cancel requested; the attempt is asked to stop",
+                );
                 self.effects
                     .push_back(Effect::CancelAttempt { run: id, attempt });
             }
@@ -561,8 +606,9 @@ impl Scheduler {
         if self.journal.retry_at.is_some_and(|at| at <= now) {
             self.journal.retry_at = None;
         }
-        if self.history_sweep_at <= now {
-            self.history_sweep_at = now.plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS);
+        if self.history_sweep_at.is_some_and(|at| at <= now) {
+            self.history_sweep_at = now.checked_plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS);
+            self.expire_tombstones(now);
             let finished_before = Timestamp(
                 now.as_millis()
                     .saturating_sub(self.config.history.age_max_ms as i64),
@@ -579,10 +625,10 @@ impl Scheduler {
     /// The store made batch `id` durable: release the effects that waited for it.
     /// Acknowledgements for unknown or already failed batches are ignored.
     pub fn handle_persisted(&mut self, now: Timestamp, id: BatchId) {
-        let now = self.clamp(now);
         let Some(batch) = self.journal.acknowledge(id) else {
             return;
         };
+        let now = self.clamp(now);
         // Terminal runs whose final record is now durable leave memory: they are history.
         for (job, group) in &batch.groups {
             for run_id in &group.runs {
@@ -622,6 +668,9 @@ impl Scheduler {
     /// The store failed to write batch `id`. Its records are re-sent (rebuilt from current
     /// state) after a delay; the effects it gated stay held until then.
     pub fn handle_persist_failed(&mut self, now: Timestamp, id: BatchId, error: &str) {
+        if self.journal.in_flight.as_ref().map(|b| b.id) != Some(id) {
+            return;
+        }
         let now = self.clamp(now);
         if let Some(retry_at) = self.journal.fail(id, now) {
             self.effects.push_back(Effect::Event(Event::PersistFailed {
@@ -641,8 +690,7 @@ impl Scheduler {
         attempt: Attempt,
         outcome: Outcome,
     ) -> Result<(), Rejected> {
-        let now = self.clamp(now);
-        let Some(run) = self.runs.get_mut(&run_id) else {
+        let Some(run) = self.runs.get(&run_id) else {
             return Err(Rejected::UnknownRun(run_id));
         };
         let RunState::Running {
@@ -661,6 +709,8 @@ impl Scheduler {
                 current,
             });
         }
+        let now = self.clamp(now);
+        let run = self.runs.get_mut(&run_id).expect("checked above");
         let t = run.apply_outcome(now, outcome, &mut self.rng);
         self.after_run_transition(run_id, t, Actor::Scheduler);
         Ok(())
@@ -682,7 +732,7 @@ impl Scheduler {
     /// When to call `handle_timeout` next, or `None` if nothing is scheduled.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let due = self.due.first().map(|(at, _)| *at);
-        [due, self.journal.retry_at, Some(self.history_sweep_at)]
+        [due, self.journal.retry_at, self.history_sweep_at]
             .into_iter()
             .flatten()
             .min()
@@ -854,7 +904,8 @@ impl Scheduler {
                 "misfire policy {policy:?} dropped {} missed slot(s)",
                 due.dropped
             );
-            self.note_dropped(id, due.dropped.to_string(), reason);
+            let dropped = due.dropped;
+            self.note_dropped(id, dropped.counted.into(), dropped.at_least, reason);
         }
         for slot in due.fire {
             self.admit(now, id, slot, catching_up);
@@ -868,7 +919,10 @@ impl Scheduler {
             .jobs
             .get_mut(id)
             .expect("admit is called for a known job");
-        if job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow {
+        let free = job.active_runs == 0
+            || (job.spec.overlap == OverlapPolicy::Allow
+                && job.active_runs < limits::ACTIVE_RUNS_PER_JOB_MAX);
+        if free {
             self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
             return;
         }
@@ -884,11 +938,18 @@ impl Scheduler {
             self.mark_job(id);
             return;
         }
-        let reason = format!(
-            "overlap policy {:?}: slot {slot} dropped, a run is active",
-            job.spec.overlap
-        );
-        self.note_dropped(id, "1".into(), reason);
+        let reason = if job.spec.overlap == OverlapPolicy::Allow {
+            format!(
+                "slot {slot} dropped: {} runs active, the limit",
+                job.active_runs
+            )
+        } else {
+            format!(
+                "overlap policy {:?}: slot {slot} dropped, a run is active",
+                job.spec.overlap
+            )
+        };
+        self.note_dropped(id, 1, false, reason);
     }
 
     fn create_run(&mut self, now: Timestamp, id: &JobId, trigger: Trigger, actor: Actor) -> RunId {
@@ -905,7 +966,10 @@ impl Scheduler {
             resume_after_crash: job.spec.resume_after_crash,
             kind: job.spec.kind.clone(),
             payload: job.spec.payload.clone(),
-            of_one_shot: job.is_one_shot(),
+            of_one_shot: match job.spec.schedule {
+                ScheduleSpec::Once { at } => Some(at),
+                _ => None,
+            },
         };
         let run = Run::new(run_id, id.clone(), trigger, now, terms);
         let reason = match trigger {
@@ -974,38 +1038,30 @@ impl Scheduler {
         job.active_runs -= 1;
         let run = &self.runs[&run_id];
         let state = run.state.name();
+        // Only a run of this very one-shot finishes it: its slot, or a manual run made while the
+        // job was this one-shot. A run left from an earlier definition does not.
         let own_one_shot = match (&job.spec.schedule, run.trigger) {
-            (ScheduleSpec::Once { .. }, Trigger::Manual) => run.of_one_shot,
+            (ScheduleSpec::Once { at }, Trigger::Manual) => run.of_one_shot == Some(*at),
             (ScheduleSpec::Once { at }, Trigger::Scheduled { slot }) => slot == *at,
             _ => false,
         };
         if own_one_shot {
             // A one-shot job never fires again, whatever the outcome.
-            let old = job_state_name(&job.state);
             let dropped = job.backlog.len();
             if dropped > 0 {
                 job.backlog.clear();
                 let reason = format!("one-shot job finished; {dropped} waiting slot(s) dropped");
-                self.note_dropped(id, dropped.to_string(), reason);
-            }
-            if self.jobs[id].spec.delete_after_run && self.jobs[id].active_runs == 0 {
-                self.unindex_job(id);
-                self.jobs.remove(id);
-                self.journal.delete_job(id);
-                let reason = format!("one-shot job finished ({state}); delete_after_run");
-                self.audit_job(id, Some(old), StateName::Removed, Actor::Scheduler, &reason);
-                self.effects.push_back(Effect::Event(Event::JobDeleted {
-                    job: id.clone(),
-                    reason,
-                }));
-                return;
+                self.note_dropped(id, dropped as u64, false, reason);
             }
             self.unindex_job(id);
             let job = self.jobs.get_mut(id).expect("checked above");
+            let old = job_state_name(&job.state);
             let reason = format!("one-shot job finished ({state})");
+            job.delete_when_idle = job.spec.delete_after_run;
             job.state = JobState::Disabled {
                 reason: reason.clone(),
             };
+            let deleting_now = job.delete_when_idle && job.active_runs == 0;
             self.mark_job(id);
             self.audit_job(
                 id,
@@ -1014,10 +1070,26 @@ impl Scheduler {
                 Actor::Scheduler,
                 &reason,
             );
-            self.effects.push_back(Effect::Event(Event::JobDisabled {
+            if !deleting_now {
+                self.effects.push_back(Effect::Event(Event::JobDisabled {
+                    job: id.clone(),
+                    reason,
+                }));
+            }
+        }
+        // A finished one-shot with delete_after_run goes once no run of it is left, including
+        // runs left over from an earlier definition.
+        let job = &self.jobs[id];
+        if job.delete_when_idle && job.active_runs == 0 {
+            let reason = format!("one-shot job finished ({state}); delete_after_run");
+            self.delete_job(id, Actor::Scheduler, &reason);
+            self.effects.push_back(Effect::Event(Event::JobDeleted {
                 job: id.clone(),
                 reason,
             }));
+            return;
+        }
+        if own_one_shot {
             return;
         }
         // The cursor already moved when the slot fired; a waiting slot starts now, unless an
@@ -1039,9 +1111,67 @@ impl Scheduler {
         self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
     }
 
-    fn note_dropped(&mut self, id: &JobId, count: String, reason: String) {
+    /// Forgets tombstones older than the history policy's age limit.
+    fn expire_tombstones(&mut self, now: Timestamp) {
+        let age_max = self.config.history.age_max_ms;
+        let expired: Vec<JobId> = self
+            .tombstones
+            .values()
+            .filter(|t| now.ms_since(t.deleted_at) > age_max)
+            .map(|t| t.job.clone())
+            .collect();
+        for job in expired {
+            self.tombstones.remove(&job);
+            self.journal.tombstone(&job, JobWrite::Delete);
+        }
+    }
+
+    /// Deletes a job, keeping a tombstone of its last fired slot (SPEC S6).
+    fn delete_job(&mut self, id: &JobId, actor: Actor, reason: &str) {
+        let Some(job) = self.jobs.get(id) else {
+            return;
+        };
+        let old = job_state_name(&job.state);
+        if let Some(last_fired) = job.last_fired {
+            let tombstone = Tombstone {
+                job: id.clone(),
+                last_fired,
+                deleted_at: self.now,
+            };
+            self.tombstones.insert(id.clone(), tombstone);
+            self.journal.tombstone(id, JobWrite::Put);
+        }
+        self.unindex_job(id);
+        self.jobs.remove(id);
+        self.journal.delete_job(id);
+        self.audit_job(id, Some(old), StateName::Removed, actor, reason);
+    }
+
+    /// Audits and reports slots dropped by a policy. While the job's writes are pending, drop
+    /// records fold into one, so a slow store cannot make a job's pending writes grow.
+    fn note_dropped(&mut self, id: &JobId, slots: u64, at_least: bool, reason: String) {
         let state = job_state_name(&self.jobs[id].state);
-        self.audit_job(id, Some(state), state, Actor::Scheduler, &reason);
+        let seq = self.next_seq();
+        self.journal.audit_drop(
+            AuditRecord {
+                seq,
+                at: self.now,
+                job: id.clone(),
+                run: None,
+                attempt: None,
+                fencing_token: None,
+                old: Some(state),
+                new: state,
+                actor: Actor::Scheduler,
+                reason: reason.clone(),
+            },
+            slots,
+        );
+        let count = if at_least {
+            format!("at least {slots}")
+        } else {
+            slots.to_string()
+        };
         self.effects.push_back(Effect::Event(Event::SlotsDropped {
             job: id.clone(),
             count,
@@ -1132,6 +1262,15 @@ impl Scheduler {
                 JobWrite::Delete => records.push(Record::DeleteJob { id: id.clone() }),
                 JobWrite::Nothing => {}
             }
+            match group.tombstone {
+                JobWrite::Put => {
+                    if let Some(tombstone) = self.tombstones.get(id) {
+                        records.push(Record::PutTombstone(tombstone.clone()));
+                    }
+                }
+                JobWrite::Delete => records.push(Record::DeleteTombstone { job: id.clone() }),
+                JobWrite::Nothing => {}
+            }
             records.extend(
                 group
                     .runs
@@ -1155,12 +1294,8 @@ impl Scheduler {
     }
 }
 
-/// Validates a spec and computes its first cursor.
-fn validate(
-    spec: &JobSpec,
-    now: Timestamp,
-    grace_ms: u64,
-) -> Result<(Schedule, Timestamp), Rejected> {
+/// Checks every field of a spec; used for new input and for stored jobs alike.
+fn validate_fields(spec: &JobSpec) -> Result<Schedule, Rejected> {
     if spec.kind.is_empty() || spec.kind.len() > limits::JOB_KIND_MAX_BYTES {
         return Err(Rejected::InvalidField {
             field: "kind",
@@ -1189,23 +1324,30 @@ fn validate(
         }
     }
     spec.retry.validate()?;
-    let schedule = Schedule::parse(&spec.schedule)?;
+    Ok(Schedule::parse(&spec.schedule)?)
+}
+
+/// The first cursor of a new or changed schedule: its first slot after `now`, or a one-shot's
+/// instant even if it has passed (it fires at once), unless the misfire policy would skip it.
+fn first_slot(
+    schedule: &Schedule,
+    spec: &JobSpec,
+    now: Timestamp,
+    grace_ms: u64,
+) -> Result<Timestamp, Rejected> {
     let never = || ScheduleError::NeverFires {
         schedule: schedule.to_string(),
         after: now,
     };
-    let first = if schedule.is_recurring() {
-        schedule.next_after(now).ok_or_else(never)?
-    } else {
-        // A one-shot in the past fires at once under fire-once-now and catch-up; under skip it
-        // would never fire, so it is refused rather than stored dead.
-        let at = schedule.next_after(Timestamp(i64::MIN)).ok_or_else(never)?;
-        if spec.misfire == MisfirePolicy::Skip && now.ms_since(at) > grace_ms {
-            return Err(never().into());
-        }
-        at
-    };
-    Ok((schedule, first))
+    if schedule.is_recurring() {
+        return Ok(schedule.next_after(now).ok_or_else(never)?);
+    }
+    let at = schedule.next_after(Timestamp(i64::MIN)).ok_or_else(never)?;
+    // Under skip, a one-shot in the past would never fire: refused rather than stored dead.
+    if spec.misfire == MisfirePolicy::Skip && now.ms_since(at) > grace_ms {
+        return Err(never().into());
+    }
+    Ok(at)
 }
 
 fn job_state_name(state: &JobState) -> StateName {

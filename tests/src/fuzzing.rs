@@ -512,6 +512,7 @@ struct ModelStore {
     runs: BTreeMap<RunId, Run>,
     audit: BTreeMap<u64, AuditRecord>,
     meta: keel_core::Meta,
+    tombstones: BTreeMap<JobId, keel_core::persist::Tombstone>,
 }
 
 impl ModelStore {
@@ -545,6 +546,13 @@ impl ModelStore {
                 }
                 Record::DeleteJob { id } => {
                     self.jobs.remove(id);
+                }
+                Record::PutTombstone(tombstone) => {
+                    self.tombstones
+                        .insert(tombstone.job.clone(), tombstone.clone());
+                }
+                Record::DeleteTombstone { job } => {
+                    self.tombstones.remove(job);
                 }
                 Record::PutRun(run) => {
                     if let Some(old) = self.runs.get(&run.id) {
@@ -610,6 +618,7 @@ impl ModelStore {
             // Terminal runs included on purpose: restore must ignore them.
             runs: self.runs.values().cloned().collect(),
             meta: self.meta,
+            tombstones: self.tombstones.values().cloned().collect(),
         }
     }
 }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use keel_core::persist::Tombstone;
 use keel_core::{AuditRecord, Batch, Job, JobId, Meta, Record, Run, RunId, Snapshot, Timestamp};
 
 /// Durable state, as a real store would hold it after acknowledging batches.
@@ -21,6 +22,7 @@ pub struct MemStore {
     runs: BTreeMap<RunId, Run>,
     audit: BTreeMap<u64, AuditRecord>,
     slots: BTreeMap<(JobId, Timestamp), RunId>,
+    tombstones: BTreeMap<JobId, Tombstone>,
     meta: Meta,
     batches_applied: u64,
 }
@@ -51,6 +53,7 @@ impl MemStore {
                 .cloned()
                 .collect(),
             meta: self.meta,
+            tombstones: self.tombstones.values().cloned().collect(),
         }
     }
 
@@ -109,10 +112,17 @@ impl MemStore {
             Record::PutJob(job) => {
                 self.jobs.insert(job.spec.id.clone(), job.clone());
             }
+            // A job added again under a deleted job's name inherits its fired slots through the
+            // tombstone, so slot claims outlive the job record.
             Record::DeleteJob { id } => {
-                // A job added again under the same name is a new job: its slots are its own.
                 self.jobs.remove(id);
-                self.slots.retain(|(job, _), _| job != id);
+            }
+            Record::PutTombstone(tombstone) => {
+                self.tombstones
+                    .insert(tombstone.job.clone(), tombstone.clone());
+            }
+            Record::DeleteTombstone { job } => {
+                self.tombstones.remove(job);
             }
             Record::PutRun(run) => self.put_run(run),
             Record::Audit(entry) => {
