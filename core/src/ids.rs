@@ -118,6 +118,57 @@ impl fmt::Display for IdempotencyKey {
     }
 }
 
+/// A fencing token: rises on every lease grant, across restarts and processes (it is
+/// persisted), and never repeats. A write carrying an older token than the run's current lease
+/// is refused (SPEC L1); handlers pass it to their own side effects so downstream systems can
+/// refuse stale writers too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct FencingToken(pub u64);
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "token-{}", self.0)
+    }
+}
+
+/// A worker: the in-process runtime, or an external process that claims runs. 1 to
+/// [`limits::JOB_ID_MAX_BYTES`] bytes of the same characters as a job name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WorkerId(Arc<str>);
+
+impl WorkerId {
+    /// Validates `name` (same rules as [`JobId`]) and makes it a worker id.
+    pub fn new(name: &str) -> Result<Self, JobIdError> {
+        JobId::new(name).map(|id| WorkerId(id.0))
+    }
+
+    /// The name as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for WorkerId {
+    type Error = JobIdError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        WorkerId::new(&s)
+    }
+}
+
+impl From<WorkerId> for String {
+    fn from(id: WorkerId) -> String {
+        id.0.to_string()
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Identifies one [`Batch`](crate::Batch) of persist effects, so the driver can acknowledge it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -78,6 +78,7 @@ pub mod audit;
 pub mod error;
 pub mod ids;
 pub mod job;
+pub mod lease;
 pub mod limits;
 pub mod persist;
 pub mod retry;
@@ -89,8 +90,9 @@ pub mod time;
 
 pub use audit::{Actor, AuditRecord, HistoryPolicy};
 pub use error::Rejected;
-pub use ids::{Attempt, BatchId, IdempotencyKey, JobId, JobIdError, RunId};
+pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};
 pub use job::{Job, JobSpec, JobState, OverlapPolicy};
+pub use lease::{Lease, LeasePolicy};
 pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
 pub use run::{ErrorKind, Outcome, Run, RunError, RunState, RunTerms, StateName, Trigger};
