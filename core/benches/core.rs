@@ -504,11 +504,14 @@ fn drain(s: &mut Scheduler, now: Timestamp, c: &mut Counters) {
             }
             Effect::StartAttempt(a) => {
                 c.started += 1;
-                s.handle_outcome(now, a.run, a.attempt, Outcome::Success { summary: None })
+                s.handle_outcome(now, a.run, a.lease.token, Outcome::ok())
                     .expect("the attempt is running");
             }
             Effect::Event(Event::RunFinished { .. }) => c.finished += 1,
-            Effect::CancelAttempt { .. } | Effect::Event(_) => {}
+            Effect::CancelAttempt { .. }
+            | Effect::KillAttempt { .. }
+            | Effect::Deliver(_)
+            | Effect::Event(_) => {}
         }
     }
 }

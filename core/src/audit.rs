@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Attempt, JobId, RunId};
+use crate::ids::{Attempt, FencingToken, JobId, RunId};
 use crate::limits;
 use crate::run::StateName;
 use crate::time::Timestamp;
@@ -52,8 +52,8 @@ pub struct AuditRecord {
     pub run: Option<RunId>,
     /// The attempt, for run state changes.
     pub attempt: Option<Attempt>,
-    /// The fencing token of the attempt's lease, once leases exist (always `None` for now).
-    pub fencing_token: Option<u64>,
+    /// The fencing token of the attempt's lease, for run changes made under a lease.
+    pub fencing_token: Option<FencingToken>,
     /// The state before, or `None` for a creation.
     pub old: Option<StateName>,
     /// The state after.

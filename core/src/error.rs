@@ -1,7 +1,8 @@
 //! Refused commands (tier 1 of the error model): the command did not apply and the state is
 //! unchanged.
 
-use crate::ids::{Attempt, JobId, JobIdError, RunId};
+use crate::ids::{Attempt, FencingToken, JobId, JobIdError, RunId};
+use crate::outbox::OutboxRejected;
 use crate::retry::RetryPolicyError;
 use crate::run::StateName;
 use crate::schedule::ScheduleError;
@@ -78,6 +79,43 @@ pub enum Rejected {
         /// The active run.
         run: RunId,
     },
+    /// A write carried a fencing token that is not the run's current lease (SPEC L1).
+    #[error("{run}: {got} is not the current lease (current: {current:?}); the write was refused")]
+    StaleToken {
+        /// The run.
+        run: RunId,
+        /// The token the caller carried.
+        got: FencingToken,
+        /// The run's current token, if it has a lease.
+        current: Option<FencingToken>,
+    },
+    /// A completion lacked artifacts the job requires; it was recorded and refused, and the run
+    /// stays running.
+    #[error("{run}: completion refused, missing artifacts {missing:?}")]
+    MissingArtifacts {
+        /// The run.
+        run: RunId,
+        /// The missing artifact names.
+        missing: Vec<String>,
+    },
+    /// The run's timeout was already extended once (SPEC W1).
+    #[error("{0}: the timeout was already extended once")]
+    AlreadyExtended(RunId),
+    /// The watchdog killed an attempt of this run; a kill is sticky (SPEC W2).
+    #[error("{0}: the watchdog killed it; nothing undoes a kill")]
+    Killed(RunId),
+    /// The run's attempt has no timeout to extend.
+    #[error("{0}: the job has no timeout to extend")]
+    NoTimeout(RunId),
+    /// The attempt's timeout already fired; it was asked to stop.
+    #[error("{0}: the attempt already timed out and was asked to stop")]
+    TimedOut(RunId),
+    /// A delivery result was refused by the outbox (unknown delivery, stale attempt).
+    #[error("delivery result refused: {0}")]
+    Delivery(#[from] OutboxRejected),
+    /// The scheduler is shutting down: nothing new starts.
+    #[error("the scheduler is shutting down")]
+    ShuttingDown,
     /// An outcome names an attempt that is not the run's current one.
     #[error("{run}: outcome for attempt {got}, but the current attempt is {current}")]
     StaleAttempt {

@@ -52,6 +52,21 @@ pub struct JobSpec {
     /// `interrupted` at once.
     #[serde(default = "default_true")]
     pub resume_after_crash: bool,
+    /// Run by external workers: runs wait in a queue until a worker of this job's `kind`
+    /// claims them, instead of being handed to the in-process executor.
+    #[serde(default)]
+    pub external: bool,
+    /// Attempt timeout: the attempt is asked to stop after this, killed `kill_grace_ms` later,
+    /// and killed at the backstop (a multiple of it) whatever extension it got.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Named outputs a completion must carry; a completion without them is refused, recorded,
+    /// and the run stays running.
+    #[serde(default)]
+    pub required_artifacts: Vec<String>,
+    /// Where each finished run's result is delivered (sink names the driver knows).
+    #[serde(default)]
+    pub sinks: Vec<Arc<str>>,
 }
 
 fn default_true() -> bool {
@@ -71,6 +86,10 @@ impl JobSpec {
             overlap: OverlapPolicy::default(),
             delete_after_run: false,
             resume_after_crash: true,
+            external: false,
+            timeout_ms: None,
+            required_artifacts: Vec::new(),
+            sinks: Vec::new(),
         }
     }
 }

@@ -40,10 +40,11 @@
 //!             Effect::Persist(batch) => keel.handle_persisted(now, batch.id),
 //!             // Run the handler (here: succeed at once) and report its outcome.
 //!             Effect::StartAttempt(a) => {
-//!                 let done = Outcome::Success { summary: None };
-//!                 keel.handle_outcome(now, a.run, a.attempt, done).unwrap();
+//!                 // Every report carries the attempt's fencing token.
+//!                 keel.handle_outcome(now, a.run, a.lease.token, Outcome::ok()).unwrap();
 //!             }
-//!             Effect::CancelAttempt { .. } => {}
+//!             // Stop an attempt; deliver a result to a sink (none in this example).
+//!             Effect::CancelAttempt { .. } | Effect::KillAttempt { .. } | Effect::Deliver(_) => {}
 //!             Effect::Event(keel_core::Event::RunFinished { .. }) => finished += 1,
 //!             Effect::Event(_) => {}
 //!         }
@@ -75,11 +76,14 @@
 //! (records, batches, gating). [`limits`] names every bound.
 
 pub mod audit;
+pub mod checkpoint;
 pub mod error;
 pub mod ids;
+pub mod incident;
 pub mod job;
 pub mod lease;
 pub mod limits;
+pub mod outbox;
 pub mod persist;
 pub mod retry;
 pub mod rng;
@@ -87,15 +91,24 @@ pub mod run;
 pub mod schedule;
 pub mod scheduler;
 pub mod time;
+pub mod watchdog;
 
 pub use audit::{Actor, AuditRecord, HistoryPolicy};
 pub use error::Rejected;
 pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};
+pub use incident::{Incident, IncidentKind};
 pub use job::{Job, JobSpec, JobState, OverlapPolicy};
 pub use lease::{Lease, LeasePolicy};
+pub use outbox::{
+    Delivery, DeliveryId, DeliveryPayload, DeliveryPolicy, DeliveryResult, DeliveryState,
+    DeliveryStatus, Outbox, OutboxConfig, OutboxEvent, OutboxRejected, OverflowPolicy, SendRequest,
+};
 pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
 pub use run::{ErrorKind, Outcome, Run, RunError, RunState, RunTerms, StateName, Trigger};
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
-pub use scheduler::{AttemptStart, Config, Effect, Event, Scheduler};
+pub use scheduler::{
+    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,
+    Shutdown,
+};
 pub use time::Timestamp;

@@ -60,5 +60,40 @@ pub const PERSIST_RETRY_BASE_MS: u64 = 100;
 /// Cap on the delay between persist retries.
 pub const PERSIST_RETRY_MAX_MS: u64 = 10_000;
 
+/// Incidents open at once; beyond this, new ones are not opened (and the driver is told).
+pub const INCIDENTS_OPEN_MAX: usize = 1_000;
+
+/// Largest checkpoint, in bytes.
+pub const CHECKPOINT_MAX_BYTES: usize = 1024 * 1024;
+
+/// Longest progress phase or message kept, in bytes (longer ones are truncated).
+pub const PROGRESS_MAX_BYTES: usize = 1024;
+
 /// How often the history age policy sweeps every job's history.
 pub const HISTORY_SWEEP_INTERVAL_MS: u64 = 3600 * 1000;
+
+/// Longest pause before a lease holder retries a renewal that failed or was refused; the pause
+/// is `ttl / 10`, at least 1 ms, at most this, so a short lease still gets several tries before
+/// its lost deadline.
+pub const LEASE_RENEW_RETRY_MAX_MS: u64 = 1_000;
+
+/// First ceiling of a lease contender's backoff, doubling per check up to
+/// [`CONTENDER_BACKOFF_CAP_MS`].
+pub const CONTENDER_BACKOFF_BASE_MS: u64 = 500;
+
+/// Longest single wait of a lease contender between two checks, well below the default stale
+/// threshold (40 s), so a released lease is noticed within 5 s.
+pub const CONTENDER_BACKOFF_CAP_MS: u64 = 5_000;
+
+/// Deliveries the outbox holds by default, waiting and in flight (`OutboxConfig::capacity`);
+/// beyond it the overflow policy drops one (SPEC D1).
+pub const OUTBOX_CAPACITY_DEFAULT: usize = 10_000;
+
+/// Upper bound on `OutboxConfig::capacity`; a larger capacity is clamped.
+pub const OUTBOX_CAPACITY_MAX: usize = 1_000_000;
+
+/// Upper bound on `DeliveryPolicy::attempts_max`; a larger value is clamped.
+pub const DELIVERY_ATTEMPTS_MAX: u32 = 100;
+
+/// Longest part of a sink's response body quoted in a delivery error, in bytes.
+pub const DELIVERY_BODY_EXCERPT_MAX_BYTES: usize = 512;

@@ -27,14 +27,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditRecord;
 use crate::ids::{Attempt, BatchId, JobId, RunId};
+use crate::incident::Incident;
 use crate::job::Job;
 use crate::limits;
+use crate::outbox::{Delivery, DeliveryId, SendRequest};
 use crate::run::Run;
 use crate::time::Timestamp;
 
 /// One write the core depends on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "record")]
+// Records are transient: built once per write, moved into a batch and handed to the store.
+// Boxing the large variants would only add an allocation per record.
+#[allow(clippy::large_enum_variant)]
 pub enum Record {
     /// Insert or replace a job.
     PutJob(Job),
@@ -63,6 +68,15 @@ pub enum Record {
     /// Remember the last slot a deleted job fired, so a job added again under its name never
     /// fires that slot again (SPEC S6).
     PutTombstone(Tombstone),
+    /// Insert or replace an incident (it opened, or it resolved).
+    PutIncident(Incident),
+    /// Insert or replace a delivery in the outbox.
+    PutDelivery(Delivery),
+    /// Remove a delivery from the outbox (it finished or was dropped).
+    DeleteDelivery {
+        /// The delivery.
+        id: DeliveryId,
+    },
     /// Forget a tombstone (the name is in use again, or the history policy expired it).
     DeleteTombstone {
         /// The job name.
@@ -97,6 +111,15 @@ pub struct Meta {
     /// previous incarnation can never release an effect of this one.
     #[serde(default)]
     pub epoch: u64,
+    /// The next fencing token to grant; tokens rise across restarts and never repeat.
+    #[serde(default)]
+    pub next_token: u64,
+    /// The next incident id.
+    #[serde(default)]
+    pub next_incident: u64,
+    /// The next delivery id.
+    #[serde(default)]
+    pub next_delivery: u64,
 }
 
 /// Records to apply atomically and durably, in order, then acknowledge with
@@ -122,6 +145,10 @@ pub struct Snapshot {
     pub meta: Meta,
     /// Every tombstone.
     pub tombstones: Vec<Tombstone>,
+    /// Every open incident (resolved ones are history and are not needed).
+    pub incidents: Vec<Incident>,
+    /// Every delivery in the outbox.
+    pub deliveries: Vec<Delivery>,
 }
 
 /// The pending and in-flight writes of one scheduler, grouped by job.
@@ -134,6 +161,13 @@ pub struct Snapshot {
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
     pending: BTreeMap<JobId, Group>,
+    /// Incident records to write (they may concern no job), newest copy per id.
+    incidents: BTreeMap<u64, Incident>,
+    /// Outbox writes. Always taken whole into the next batch, so a finished run's deliveries
+    /// are never written after the run's terminal record (a result is never lost).
+    deliveries: BTreeMap<DeliveryId, JobWrite>,
+    /// Sends to release when the batch recording their attempt is acknowledged.
+    sends: Vec<SendRequest>,
     /// The last job whose group went into a batch: the next batch starts after it, so busy
     /// jobs that sort first cannot starve the others.
     last_taken: Option<JobId>,
@@ -156,6 +190,8 @@ pub(crate) struct Group {
     pub(crate) prunes: Vec<Record>,
     /// Attempts to hand out once this group's batch is acknowledged.
     pub(crate) gates: Vec<(RunId, Attempt)>,
+    /// Checkpoint saves (run, seq) whose acknowledgement advances the run's throttle.
+    pub(crate) checkpoints: Vec<(RunId, u64)>,
     /// The pending audit record that counts dropped slots, and how many it counts: drops while
     /// a write is pending (a store outage) coalesce into one record instead of piling up.
     drops: Option<(usize, u64)>,
@@ -213,6 +249,20 @@ pub(crate) struct InFlight {
     pub(crate) id: BatchId,
     pub(crate) groups: Vec<(JobId, Group)>,
     pub(crate) global_prunes: Vec<Record>,
+    pub(crate) incidents: Vec<Incident>,
+    pub(crate) deliveries: Vec<(DeliveryId, JobWrite)>,
+    pub(crate) sends: Vec<SendRequest>,
+}
+
+/// What a failed batch puts back, for the scheduler's own bookkeeping.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    /// When the next batch may be emitted.
+    pub(crate) retry_at: Timestamp,
+    /// The runs the batch carried.
+    pub(crate) runs: Vec<RunId>,
+    /// The checkpoint saves the batch carried.
+    pub(crate) checkpoints: Vec<(RunId, u64)>,
 }
 
 impl Journal {
@@ -241,6 +291,28 @@ impl Journal {
         let group = self.group(job);
         group.runs.insert(run);
         group.gates.push((run, attempt));
+    }
+
+    /// A checkpoint save of `run` (in `job`'s group) rides with the run's next write.
+    pub(crate) fn checkpoint(&mut self, job: &JobId, run: RunId, seq: u64) {
+        let group = self.group(job);
+        group.runs.insert(run);
+        group.checkpoints.push((run, seq));
+    }
+
+    /// An outbox delivery must be written (`Put`) or removed (`Delete`).
+    pub(crate) fn delivery(&mut self, id: DeliveryId, write: JobWrite) {
+        self.deliveries.insert(id, write);
+    }
+
+    /// A send, held until the next batch is acknowledged.
+    pub(crate) fn send(&mut self, send: SendRequest) {
+        self.sends.push(send);
+    }
+
+    /// An incident must be written.
+    pub(crate) fn incident(&mut self, incident: Incident) {
+        self.incidents.insert(incident.id, incident);
     }
 
     /// Appends an audit record.
@@ -298,7 +370,12 @@ impl Journal {
     }
 
     pub(crate) fn has_pending(&self) -> bool {
-        !self.pending.is_empty() || !self.global_prunes.is_empty() || self.meta_dirty
+        !self.pending.is_empty()
+            || !self.global_prunes.is_empty()
+            || !self.incidents.is_empty()
+            || !self.deliveries.is_empty()
+            || !self.sends.is_empty()
+            || self.meta_dirty
     }
 
     /// True if a batch may be emitted now.
@@ -347,10 +424,16 @@ impl Journal {
             Vec::new()
         };
         self.meta_dirty = false;
+        let incidents = std::mem::take(&mut self.incidents).into_values().collect();
+        let deliveries = std::mem::take(&mut self.deliveries).into_iter().collect();
+        let sends = std::mem::take(&mut self.sends);
         self.in_flight = Some(InFlight {
             id,
             groups,
             global_prunes,
+            incidents,
+            deliveries,
+            sends,
         });
         self.in_flight.as_ref().expect("just set")
     }
@@ -366,14 +449,28 @@ impl Journal {
 
     /// The store failed to write `id`: everything in it becomes pending again, ahead of what
     /// came after. Returns the retry deadline, or `None` if `id` was not in flight.
-    pub(crate) fn fail(&mut self, id: BatchId, now: Timestamp) -> Option<Timestamp> {
+    pub(crate) fn fail(&mut self, id: BatchId, now: Timestamp) -> Option<Failed> {
         if self.in_flight.as_ref().map(|f| f.id) != Some(id) {
             return None;
         }
         let failed = self.in_flight.take().expect("checked above");
-        for (job, older) in failed.groups {
+        let mut runs = Vec::new();
+        let mut checkpoints = Vec::new();
+        for (job, mut older) in failed.groups {
+            runs.extend(older.runs.iter().copied());
+            checkpoints.append(&mut older.checkpoints);
             self.group(&job).merge_older(older);
         }
+        for incident in failed.incidents {
+            // A newer copy of the same incident wins.
+            self.incidents.entry(incident.id).or_insert(incident);
+        }
+        for (id, write) in failed.deliveries {
+            self.deliveries.entry(id).or_insert(write);
+        }
+        let mut sends = failed.sends;
+        sends.append(&mut self.sends);
+        self.sends = sends;
         if self.global_prunes.is_empty() {
             self.global_prunes = failed.global_prunes;
         }
@@ -383,7 +480,11 @@ impl Journal {
         let delay = (limits::PERSIST_RETRY_BASE_MS << shift).min(limits::PERSIST_RETRY_MAX_MS);
         let at = now.plus_ms(delay);
         self.retry_at = Some(at);
-        Some(at)
+        Some(Failed {
+            retry_at: at,
+            runs,
+            checkpoints,
+        })
     }
 
     fn group(&mut self, job: &JobId) -> &mut Group {

@@ -43,6 +43,9 @@ pub struct RetryPolicy {
     /// Optional bound on a run's total life: no retry starts later than this after the run was
     /// created.
     pub deadline_ms: Option<u64>,
+    /// Lost attempts (crashes, reclaimed leases, releases) a run may have before it is given up
+    /// as poison (`failed_dropped`). Budgeted apart from `attempts_max`.
+    pub lost_attempts_max: u32,
 }
 
 impl Default for RetryPolicy {
@@ -54,6 +57,7 @@ impl Default for RetryPolicy {
             backoff_cap_ms: 5 * 60 * 1_000,
             jitter: 1.0,
             deadline_ms: None,
+            lost_attempts_max: 3,
         }
     }
 }
@@ -64,6 +68,12 @@ pub enum RetryPolicyError {
     /// `attempts_max` is 0 or above the limit.
     #[error("attempts_max must be 1 to {max} (it includes the first attempt); got {got}", max = limits::ATTEMPTS_MAX)]
     AttemptsMax {
+        /// The value given.
+        got: u32,
+    },
+    /// `lost_attempts_max` is 0 or above the limit.
+    #[error("lost_attempts_max must be 1 to {max}; got {got}", max = limits::ATTEMPTS_MAX)]
+    LostAttemptsMax {
         /// The value given.
         got: u32,
     },
@@ -110,6 +120,11 @@ impl RetryPolicy {
         if self.attempts_max == 0 || self.attempts_max > limits::ATTEMPTS_MAX {
             return Err(RetryPolicyError::AttemptsMax {
                 got: self.attempts_max,
+            });
+        }
+        if self.lost_attempts_max == 0 || self.lost_attempts_max > limits::ATTEMPTS_MAX {
+            return Err(RetryPolicyError::LostAttemptsMax {
+                got: self.lost_attempts_max,
             });
         }
         if !self.backoff_factor.is_finite() || self.backoff_factor < 1.0 {

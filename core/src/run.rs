@@ -22,12 +22,14 @@
 //! Terminal states (`succeeded`, `failed`, `failed_dropped`, `cancelled`, `interrupted`) have no
 //! way out; each keeps the last concrete error (SPEC R4).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Attempt, IdempotencyKey, JobId, RunId};
+use crate::lease::Lease;
 use crate::limits;
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::rng::SplitMix64;
@@ -50,6 +52,11 @@ pub enum Trigger {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum RunState {
+    /// Waits for an external worker to claim its next attempt (jobs run by external workers).
+    Queued {
+        /// Since when it has waited.
+        since: Timestamp,
+    },
     /// Waits for `until` to start its next attempt (after a retryable error, a snooze or a
     /// crash).
     BackingOff {
@@ -85,13 +92,17 @@ impl RunState {
     pub fn is_terminal(&self) -> bool {
         !matches!(
             self,
-            RunState::BackingOff { .. } | RunState::Starting { .. } | RunState::Running { .. }
+            RunState::Queued { .. }
+                | RunState::BackingOff { .. }
+                | RunState::Starting { .. }
+                | RunState::Running { .. }
         )
     }
 
     /// The state's name as it appears on the wire and in the audit trail.
     pub fn name(&self) -> StateName {
         match self {
+            RunState::Queued { .. } => StateName::Queued,
             RunState::BackingOff { .. } => StateName::BackingOff,
             RunState::Starting { .. } => StateName::Starting,
             RunState::Running { .. } => StateName::Running,
@@ -116,6 +127,8 @@ pub enum StateName {
     Disabled,
     /// A removed job.
     Removed,
+    /// A run waiting for an external worker to claim it.
+    Queued,
     /// A run waiting to retry.
     BackingOff,
     /// A run whose attempt is being persisted.
@@ -141,6 +154,7 @@ impl fmt::Display for StateName {
             StateName::Paused => "paused",
             StateName::Disabled => "disabled",
             StateName::Removed => "removed",
+            StateName::Queued => "queued",
             StateName::BackingOff => "backing_off",
             StateName::Starting => "starting",
             StateName::Running => "running",
@@ -161,6 +175,9 @@ pub enum Outcome {
     Success {
         /// A short result, kept in the run record.
         summary: Option<String>,
+        /// Named outputs (a job may require some before it accepts a completion).
+        #[serde(default)]
+        artifacts: BTreeMap<String, String>,
     },
     /// It failed, and trying again may help (a timeout, a 503, a panic).
     Retryable {
@@ -184,6 +201,16 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// Success with no summary and no artifacts.
+    pub fn ok() -> Self {
+        Outcome::Success {
+            summary: None,
+            artifacts: BTreeMap::new(),
+        }
+    }
+}
+
 /// The class of a recorded error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -200,6 +227,12 @@ pub enum ErrorKind {
     DeadlineExceeded,
     /// The run snoozed more than [`limits::SNOOZES_MAX`] times.
     SnoozeLimit,
+    /// The attempt's lease was reclaimed, or its holder released it: the attempt was lost.
+    Lost,
+    /// The watchdog killed the attempt after its timeout (or the backstop).
+    TimedOut,
+    /// Attempts kept getting lost (crashes, stalls): the run was given up as poison.
+    Poison,
 }
 
 /// A concrete error kept with a run (SPEC R4).
@@ -256,6 +289,86 @@ pub struct Run {
     /// definition does not).
     #[serde(default)]
     pub of_one_shot: Option<Timestamp>,
+    /// Attempts run by an external worker that claims them (copied from the job).
+    #[serde(default)]
+    pub external: bool,
+    /// The attempt timeout copied from the job, if any.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Artifacts the job requires before it accepts a completion (copied from the job).
+    #[serde(default)]
+    pub required_artifacts: Vec<String>,
+    /// Sinks the run's result is delivered to (copied from the job).
+    #[serde(default)]
+    pub sinks: Vec<Arc<str>>,
+    /// The lease of the attempt in progress (`Starting` and `Running` only).
+    #[serde(default)]
+    pub lease: Option<Lease>,
+    /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
+    /// errors by `RetryPolicy::lost_attempts_max`.
+    #[serde(default)]
+    pub lost: u32,
+    /// The last progress the holder reported.
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
+    #[serde(default)]
+    pub last_activity: Option<Timestamp>,
+    /// Artifacts of the successful completion.
+    #[serde(default)]
+    pub artifacts: BTreeMap<String, String>,
+    /// The watchdog's deadlines for the attempt in progress.
+    #[serde(default)]
+    pub watch: Watch,
+    /// True once an extension was granted: at most one per run (SPEC W1).
+    #[serde(default)]
+    pub extended: bool,
+    /// The attempt the watchdog killed, if any: a kill is sticky, nothing revives it (W2).
+    #[serde(default)]
+    pub killed: Option<Attempt>,
+    /// The latest checkpoint, handed to the next attempt; deleted when the run completes or
+    /// fails terminally, kept when it is interrupted (SPEC C2).
+    #[serde(default)]
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// What a holder last said it was doing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// A short phase name ("download", "upload").
+    pub phase: String,
+    /// A free-form message.
+    pub message: String,
+    /// When it was reported.
+    pub at: Timestamp,
+}
+
+/// A saved progress snapshot of a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Increases with every save of the run.
+    pub seq: u64,
+    /// The attempt that saved it.
+    pub attempt: Attempt,
+    /// When it was saved.
+    pub saved_at: Timestamp,
+    /// The snapshot, opaque to keel; at most
+    /// [`limits::CHECKPOINT_MAX_BYTES`](crate::limits::CHECKPOINT_MAX_BYTES).
+    pub data: String,
+}
+
+/// The watchdog's deadlines for the attempt in progress (SPEC W1–W3). All `None` when the job
+/// has no timeout, apart from the lease and stuck deadlines the scheduler derives itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Watch {
+    /// When the attempt times out and is asked to stop.
+    pub timeout_at: Option<Timestamp>,
+    /// When the attempt is killed if it has not stopped after being asked to.
+    pub kill_at: Option<Timestamp>,
+    /// The absolute cap on the attempt (a multiple of the timeout); no extension moves it.
+    pub backstop_at: Option<Timestamp>,
+    /// True once a stuck incident was raised for this attempt.
+    pub stuck_reported: bool,
 }
 
 /// What a run copies from its job when it is created, so that its attempts run under the rules
@@ -272,6 +385,14 @@ pub struct RunTerms {
     pub payload: String,
     /// The one-shot's instant, if the job is a one-shot.
     pub of_one_shot: Option<Timestamp>,
+    /// Run by external workers.
+    pub external: bool,
+    /// The attempt timeout.
+    pub timeout_ms: Option<u64>,
+    /// Artifacts required before a completion is accepted.
+    pub required_artifacts: Vec<String>,
+    /// Sinks the result goes to.
+    pub sinks: Vec<Arc<str>>,
 }
 
 /// A state change of a run, for the audit trail.
@@ -287,17 +408,27 @@ pub struct Transition {
 
 impl Run {
     /// A new run about to start its first attempt.
+    /// A new run. An in-process run is about to start its first attempt (`Starting`, its lease
+    /// granted by [`Run::grant`]); an external one waits for a worker (`Queued`).
     pub fn new(id: RunId, job: JobId, trigger: Trigger, now: Timestamp, terms: RunTerms) -> Self {
+        let (attempt, state) = if terms.external {
+            (Attempt(0), RunState::Queued { since: now })
+        } else {
+            (
+                Attempt(1),
+                RunState::Starting {
+                    attempt: Attempt(1),
+                },
+            )
+        };
         Run {
             id,
             job,
             trigger,
             created_at: now,
-            attempt: Attempt(1),
+            attempt,
             snoozes: 0,
-            state: RunState::Starting {
-                attempt: Attempt(1),
-            },
+            state,
             last_error: None,
             summary: None,
             cancel_requested: false,
@@ -307,6 +438,19 @@ impl Run {
             kind: terms.kind,
             payload: terms.payload,
             of_one_shot: terms.of_one_shot,
+            external: terms.external,
+            timeout_ms: terms.timeout_ms,
+            required_artifacts: terms.required_artifacts,
+            sinks: terms.sinks,
+            lease: None,
+            lost: 0,
+            progress: None,
+            last_activity: None,
+            artifacts: BTreeMap::new(),
+            watch: Watch::default(),
+            extended: false,
+            killed: None,
+            checkpoint: None,
         }
     }
 
@@ -326,13 +470,24 @@ impl Run {
         }
     }
 
-    /// Attempts that count against `attempts_max`: every attempt started except snoozed ones.
+    /// Attempts that count against `attempts_max`: every attempt started except snoozed and
+    /// lost ones (lost attempts have their own budget).
     pub fn attempts_counted(&self) -> u32 {
-        self.attempt.0.saturating_sub(self.snoozes)
+        self.attempt
+            .0
+            .saturating_sub(self.snoozes)
+            .saturating_sub(self.lost)
     }
 
-    /// `BackingOff { until }` reached: start the next attempt.
-    pub fn begin_next_attempt(&mut self) -> Transition {
+    /// `BackingOff { until }` reached: an in-process run starts its next attempt (its lease is
+    /// granted by [`Run::grant`]); an external run queues for a worker.
+    pub fn begin_next_attempt(&mut self, now: Timestamp) -> Transition {
+        if self.external {
+            return self.change(
+                RunState::Queued { since: now },
+                format!("attempt {} due; waiting for a worker", self.attempt.0 + 1),
+            );
+        }
         self.attempt = Attempt(self.attempt.0 + 1);
         self.change(
             RunState::Starting {
@@ -342,8 +497,51 @@ impl Run {
         )
     }
 
-    /// The store acknowledged the starting attempt; it is handed to the executor.
-    pub fn mark_running(&mut self, now: Timestamp) -> Transition {
+    /// A worker claimed the queued run: its next attempt starts under `lease`.
+    pub fn claim(&mut self, lease: Lease) -> Transition {
+        debug_assert!(matches!(self.state, RunState::Queued { .. }));
+        self.attempt = Attempt(self.attempt.0 + 1);
+        let reason = format!(
+            "attempt {} claimed by {} with {}",
+            self.attempt, lease.owner, lease.token
+        );
+        self.lease = Some(lease);
+        self.change(
+            RunState::Starting {
+                attempt: self.attempt,
+            },
+            reason,
+        )
+    }
+
+    /// Grants the lease of the attempt about to start (in-process runs).
+    pub fn grant(&mut self, lease: Lease) {
+        debug_assert!(matches!(self.state, RunState::Starting { .. }));
+        self.lease = Some(lease);
+    }
+
+    /// The store acknowledged the starting attempt; it is handed to the executor. The lease
+    /// runs from now, and the watchdog's deadlines are set from the job's timeout.
+    pub fn mark_running(
+        &mut self,
+        now: Timestamp,
+        ttl_ms: u64,
+        backstop_factor: u32,
+    ) -> Transition {
+        if let Some(lease) = &mut self.lease {
+            lease.renewed_at = now;
+            lease.expires_at = now.plus_ms(ttl_ms);
+        }
+        self.last_activity = Some(now);
+        self.watch = match self.timeout_ms {
+            Some(timeout) => Watch {
+                timeout_at: Some(now.plus_ms(timeout)),
+                kill_at: None,
+                backstop_at: Some(now.plus_ms(timeout.saturating_mul(u64::from(backstop_factor)))),
+                stuck_reported: false,
+            },
+            None => Watch::default(),
+        };
         self.change(
             RunState::Running {
                 attempt: self.attempt,
@@ -364,9 +562,11 @@ impl Run {
         rng: &mut SplitMix64,
     ) -> Transition {
         let attempt = self.attempt;
+        self.end_attempt();
         match outcome {
-            Outcome::Success { summary } => {
+            Outcome::Success { summary, artifacts } => {
                 self.summary = summary.map(|s| truncate(&s));
+                self.artifacts = artifacts;
                 self.finish(
                     now,
                     RunState::Succeeded,
@@ -437,15 +637,12 @@ impl Run {
     }
 
     /// The run was found mid-attempt after a crash: cancelled if a cancel was requested,
-    /// retried if the job resumes after crashes and attempts remain, else `interrupted`.
+    /// `interrupted` if the job does not resume after crashes, otherwise the attempt counts as
+    /// lost ([`Run::lose_attempt`]). An interrupted run keeps its checkpoint (SPEC C2).
     pub fn recover_after_crash(&mut self, now: Timestamp) -> Transition {
         let attempt = self.attempt;
-        self.record_error(
-            now,
-            ErrorKind::Interrupted,
-            &format!("attempt {attempt} was cut short by a crash or shutdown"),
-        );
         if self.cancel_requested {
+            self.end_attempt();
             // The operator's cancel was durable; the crash must not resurrect the run.
             self.record_error(
                 now,
@@ -459,33 +656,96 @@ impl Run {
             );
         }
         if !self.resume_after_crash {
+            self.end_attempt();
+            self.record_error(
+                now,
+                ErrorKind::Interrupted,
+                &format!("attempt {attempt} was cut short by a crash or shutdown"),
+            );
             return self.finish(
                 now,
                 RunState::Interrupted,
                 format!("attempt {attempt} interrupted; job does not resume after a crash"),
             );
         }
-        // The lost attempt counts: a run that keeps crashing its host must not loop forever.
-        // The retry starts at once, so the deadline is checked against now, with no backoff.
+        self.lose_attempt(
+            now,
+            ErrorKind::Interrupted,
+            &format!("attempt {attempt} was cut short by a crash or shutdown"),
+        )
+    }
+
+    /// The attempt in progress was lost: its lease was reclaimed, its holder released it, or
+    /// the process crashed. Lost attempts have their own budget (`lost_attempts_max`): within
+    /// it the run retries at once; past it the run is poison and ends `failed_dropped`, so a
+    /// run that keeps killing its host cannot loop forever.
+    pub fn lose_attempt(&mut self, now: Timestamp, kind: ErrorKind, message: &str) -> Transition {
+        let attempt = self.attempt;
+        self.end_attempt();
+        self.lost += 1;
+        self.record_error(now, kind, message);
+        if self.cancel_requested {
+            return self.finish(
+                now,
+                RunState::Cancelled,
+                format!("attempt {attempt} lost after a cancel request"),
+            );
+        }
+        if self.lost >= self.retry.lost_attempts_max {
+            self.record_error(
+                now,
+                ErrorKind::Poison,
+                &format!(
+                    "{} attempts lost (crashes, stalls, releases); last: {message}",
+                    self.lost
+                ),
+            );
+            return self.finish(
+                now,
+                RunState::FailedDropped,
+                format!("poison: {} attempts lost", self.lost),
+            );
+        }
         match self
             .retry
             .decide_immediate(self.attempts_counted(), now.ms_since(self.created_at))
         {
             RetryDecision::RetryAfter { .. } => self.change(
                 RunState::BackingOff { until: now },
-                format!("attempt {attempt} interrupted by a crash; retrying"),
+                format!(
+                    "attempt {attempt} lost ({message}); retrying, {} of {} lost attempts used",
+                    self.lost, self.retry.lost_attempts_max
+                ),
             ),
             RetryDecision::Exhausted => self.finish(
                 now,
-                RunState::Interrupted,
-                format!("attempt {attempt} interrupted by a crash; no attempts left"),
+                RunState::Failed,
+                format!("attempt {attempt} lost; no attempts left"),
             ),
             RetryDecision::DeadlineExceeded => self.finish(
                 now,
-                RunState::Interrupted,
-                format!("attempt {attempt} interrupted by a crash; the run's deadline has passed"),
+                RunState::Failed,
+                format!("attempt {attempt} lost; the run's deadline has passed"),
             ),
         }
+    }
+
+    /// The watchdog kills the attempt in progress (timeout or backstop). The kill is sticky:
+    /// the attempt's lease is revoked, so nothing it reports later is accepted, and no
+    /// extension revives it. The attempt counts as a retryable failure.
+    pub fn kill(&mut self, now: Timestamp, reason: &str, rng: &mut SplitMix64) -> Transition {
+        let attempt = self.attempt;
+        self.killed = Some(attempt);
+        self.end_attempt();
+        self.record_error(now, ErrorKind::TimedOut, reason);
+        if self.cancel_requested {
+            return self.finish(
+                now,
+                RunState::Cancelled,
+                format!("attempt {attempt} killed after a cancel request"),
+            );
+        }
+        self.retry_or_fail(now, rng, format!("attempt {attempt} killed: {reason}"))
     }
 
     /// An operator cancels the run. Returns `None` if the run is running (a cancel request is
@@ -533,6 +793,12 @@ impl Run {
         }
     }
 
+    /// The attempt in progress is over, whatever its end: its lease and deadlines go.
+    fn end_attempt(&mut self) {
+        self.lease = None;
+        self.watch = Watch::default();
+    }
+
     fn record_error(&mut self, now: Timestamp, kind: ErrorKind, message: &str) {
         self.last_error = Some(RunError {
             kind,
@@ -546,6 +812,12 @@ impl Run {
         debug_assert!(state.is_terminal());
         self.finished_at = Some(now);
         self.cancel_requested = false;
+        self.end_attempt();
+        // SPEC C2: completion and terminal failure delete the checkpoint; an interrupted run
+        // keeps it for whoever resumes it.
+        if state != RunState::Interrupted {
+            self.checkpoint = None;
+        }
         self.change(state, reason)
     }
 
@@ -588,6 +860,10 @@ mod tests {
             kind: "k".into(),
             payload: String::new(),
             of_one_shot: None,
+            external: false,
+            timeout_ms: None,
+            required_artifacts: Vec::new(),
+            sinks: Vec::new(),
         };
         let mut run = Run::new(
             RunId(1),
@@ -596,7 +872,7 @@ mod tests {
             Timestamp(0),
             terms,
         );
-        run.mark_running(Timestamp(0));
+        run.mark_running(Timestamp(0), 30_000, 3);
         run
     }
 
@@ -615,8 +891,8 @@ mod tests {
         });
         let t = run.apply_outcome(Timestamp(10), retryable(), &mut rng);
         assert_eq!(t.new, StateName::BackingOff);
-        run.begin_next_attempt();
-        run.mark_running(Timestamp(2_000));
+        run.begin_next_attempt(Timestamp(0));
+        run.mark_running(Timestamp(2_000), 30_000, 3);
         let t = run.apply_outcome(
             Timestamp(2_010),
             Outcome::Retryable {
@@ -659,8 +935,8 @@ mod tests {
                 until: Timestamp(500)
             }
         );
-        run.begin_next_attempt();
-        run.mark_running(Timestamp(500));
+        run.begin_next_attempt(Timestamp(0));
+        run.mark_running(Timestamp(500), 30_000, 3);
         assert_eq!(run.attempt, Attempt(2));
         assert_eq!(run.attempts_counted(), 1);
         // The only counted attempt now fails: attempts_max 1 means no retry.
@@ -677,21 +953,25 @@ mod tests {
     }
 
     #[test]
-    fn crash_recovery_counts_the_lost_attempt() {
+    fn crashes_use_the_lost_attempt_budget_then_the_run_is_poison() {
         let mut run = running_run(RetryPolicy {
             attempts_max: 2,
+            lost_attempts_max: 3,
             ..RetryPolicy::default()
         });
-        assert_eq!(
-            run.recover_after_crash(Timestamp(5)).new,
-            StateName::BackingOff
-        );
-        run.begin_next_attempt();
-        assert_eq!(
-            run.recover_after_crash(Timestamp(6)).new,
-            StateName::Interrupted
-        );
-        assert_eq!(run.last_error.unwrap().kind, ErrorKind::Interrupted);
+        // Lost attempts do not count against attempts_max: three crashes in a row are
+        // survived twice, and the third makes the run poison.
+        for crash in 1..=2 {
+            let t = run.recover_after_crash(Timestamp(crash));
+            assert_eq!(t.new, StateName::BackingOff, "crash {crash}");
+            assert_eq!(run.attempts_counted(), 0);
+            run.begin_next_attempt(Timestamp(crash));
+            run.mark_running(Timestamp(crash), 30_000, 3);
+        }
+        let t = run.recover_after_crash(Timestamp(9));
+        assert_eq!(t.new, StateName::FailedDropped);
+        assert!(t.reason.contains("poison"), "{}", t.reason);
+        assert_eq!(run.last_error.unwrap().kind, ErrorKind::Poison);
     }
 
     #[test]
@@ -699,7 +979,7 @@ mod tests {
     fn terminal_states_have_no_way_out() {
         let mut run = running_run(RetryPolicy::default());
         let mut rng = SplitMix64::new(0);
-        run.apply_outcome(Timestamp(0), Outcome::Success { summary: None }, &mut rng);
+        run.apply_outcome(Timestamp(0), Outcome::ok(), &mut rng);
         run.apply_outcome(Timestamp(1), retryable(), &mut rng);
     }
 

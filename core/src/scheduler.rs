@@ -3,13 +3,22 @@
 //!
 //! # Deadlines
 //!
-//! `poll_timeout` is the earliest of three named deadlines:
+//! `poll_timeout` is the earliest of four named deadlines:
 //!
-//! - **due**: the first entry of the due index, an ordered set of `(instant, job or run)`: a
-//!   `Scheduled` job's cursor, or a `BackingOff` run's `until`. A tick pops only due entries,
-//!   so it costs O(log n) per due item, never a scan of all jobs.
+//! - **job due**: the first entry of `due_jobs`, the `Scheduled` jobs ordered by cursor. A tick
+//!   pops only due entries, so it costs O(log n) per due item, never a scan of all jobs.
+//! - **run due**: the first entry of `due_runs`: a `BackingOff` run's `until`, or the
+//!   watchdog's next deadline for a `Running` one (`watchdog::next_deadline`).
 //! - **persist retry**: after a failed batch, when to emit the next one.
 //! - **history sweep**: hourly, prune history by age for all jobs.
+//!
+//! The worker protocol (claims and fenced writes) lives in `scheduler/workers.rs`, the
+//! watchdog and incidents in `scheduler/supervise.rs`.
+
+mod supervise;
+mod workers;
+
+pub use workers::{CheckpointSave, Claimed, Released, RunContext, Shutdown};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -17,24 +26,45 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::audit::{Actor, AuditRecord, HistoryPolicy};
+use crate::checkpoint::Throttle;
 use crate::error::Rejected;
-use crate::ids::{Attempt, BatchId, IdempotencyKey, JobId, RunId};
+use crate::ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
+use crate::incident::{Incident, IncidentKind};
 use crate::job::{Job, JobSpec, JobState, OverlapPolicy};
+use crate::lease::{Lease, LeasePolicy};
 use crate::limits;
+use crate::outbox::{
+    DeliveryId, DeliveryPayload, DeliveryResult, Outbox, OutboxConfig, OutboxEvent, SendRequest,
+};
 use crate::persist::{Batch, JobWrite, Journal, Meta, Record, Snapshot, Tombstone};
 use crate::rng::SplitMix64;
-use crate::run::{Outcome, Run, RunState, RunTerms, StateName, Transition, Trigger};
+use crate::run::{Checkpoint, Outcome, Run, RunState, RunTerms, StateName, Transition, Trigger};
 use crate::schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleSpec};
 use crate::time::Timestamp;
 
 /// Scheduler-wide settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// A slot reached later than this is a misfire and the job's misfire policy applies.
     pub misfire_grace_ms: u64,
     /// How much history stores keep per job.
     pub history: HistoryPolicy,
+    /// Lease timing: TTL, reclaim grace, holder margin.
+    pub lease: LeasePolicy,
+    /// After an attempt times out and is asked to stop, how long it has before it is killed.
+    pub kill_grace_ms: u64,
+    /// The backstop: an attempt is killed at this multiple of its timeout, extension or not.
+    pub backstop_factor: u32,
+    /// A running attempt with no heartbeat or progress for this long raises a stuck incident.
+    pub stuck_after_ms: u64,
+    /// Consecutive empty claims by one worker, while work of other kinds waits, that raise an
+    /// idle-claim-loop incident.
+    pub idle_claims_max: u32,
+    /// Checkpoint saves of one run are persisted no more often than this.
+    pub checkpoint_interval_ms: u64,
+    /// The delivery outbox: capacity, overflow policy, delivery retry policy.
+    pub outbox: OutboxConfig,
 }
 
 impl Default for Config {
@@ -42,6 +72,13 @@ impl Default for Config {
         Config {
             misfire_grace_ms: 60_000,
             history: HistoryPolicy::default(),
+            lease: LeasePolicy::default(),
+            kill_grace_ms: 10_000,
+            backstop_factor: 3,
+            stuck_after_ms: 20_000,
+            idle_claims_max: 10,
+            checkpoint_interval_ms: 5_000,
+            outbox: OutboxConfig::default(),
         }
     }
 }
@@ -62,6 +99,17 @@ pub enum Effect {
         /// The attempt.
         attempt: Attempt,
     },
+    /// Stop the attempt now (the watchdog killed it). Its lease is already revoked: nothing it
+    /// reports afterwards is accepted.
+    KillAttempt {
+        /// The run.
+        run: RunId,
+        /// The attempt.
+        attempt: Attempt,
+    },
+    /// Send a run's result to a sink, then report with [`Scheduler::handle_delivery_result`].
+    /// Released only after the outbox record of this attempt is durable.
+    Deliver(SendRequest),
     /// Something happened that a driver may log or count. Not durable.
     Event(Event),
 }
@@ -83,6 +131,11 @@ pub struct AttemptStart {
     pub idempotency_key: IdempotencyKey,
     /// Why the run exists.
     pub trigger: Trigger,
+    /// The attempt's lease: its owner, fencing token and expiry. Every write the attempt
+    /// makes carries the token; handlers pass it to their own side effects.
+    pub lease: Lease,
+    /// The run's last checkpoint, to resume from (SPEC C2).
+    pub checkpoint: Option<Checkpoint>,
 }
 
 /// A domain event (tier 2 of the error model), for logs and metrics.
@@ -127,6 +180,50 @@ pub enum Event {
         /// Which policy dropped them.
         reason: String,
     },
+    /// A lease was granted (an attempt started, or a worker claimed a run).
+    LeaseGranted {
+        /// The run.
+        run: RunId,
+        /// The holder.
+        owner: WorkerId,
+        /// Its token.
+        token: FencingToken,
+    },
+    /// The watchdog reclaimed an expired lease.
+    LeaseReclaimed {
+        /// The run.
+        run: RunId,
+        /// The reclaimed token.
+        token: FencingToken,
+    },
+    /// An incident opened.
+    IncidentOpened(Incident),
+    /// An incident resolved.
+    IncidentResolved(Incident),
+    /// A checkpoint save was made durable.
+    CheckpointSaved {
+        /// The run.
+        run: RunId,
+        /// The save.
+        seq: u64,
+    },
+    /// A checkpoint save was throttled: kept, and written later or on flush.
+    CheckpointThrottled {
+        /// The run.
+        run: RunId,
+    },
+    /// A checkpoint save failed to persist; the next save is not throttled.
+    CheckpointFailed {
+        /// The run.
+        run: RunId,
+        /// The save.
+        seq: u64,
+        /// The store's error.
+        error: String,
+    },
+    /// Something happened in the delivery outbox; `Finished` is the counter event of SPEC D4
+    /// (one per delivery, labelled by status and sink).
+    Delivery(OutboxEvent),
     /// The store failed a batch; it will be retried at `retry_at`.
     PersistFailed {
         /// The batch.
@@ -136,13 +233,6 @@ pub enum Event {
         /// When the next batch is emitted.
         retry_at: Timestamp,
     },
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum DueKey {
-    // Runs sort before jobs at the same instant: an overdue retry starts before new firings.
-    Run(RunId),
-    Job(JobId),
 }
 
 /// The sans-IO scheduler. See the crate docs for how to drive it.
@@ -155,7 +245,31 @@ pub struct Scheduler {
     // roughly halves the memory of an idle job (docs/performance.md).
     jobs: BTreeMap<JobId, Box<Job>>,
     runs: BTreeMap<RunId, Run>,
-    due: BTreeSet<(Timestamp, DueKey)>,
+    /// Scheduled jobs by cursor.
+    due_jobs: BTreeSet<(Timestamp, JobId)>,
+    /// Runs by their next deadline: `until` of a backing-off run, the watchdog's next deadline
+    /// of a running one (lease reclaim, timeout, kill, backstop, stuck).
+    due_runs: BTreeSet<(Timestamp, RunId)>,
+    /// Where each run sits in `due_runs`.
+    run_due: BTreeMap<RunId, Timestamp>,
+    /// Queued runs of external jobs, by kind, oldest first.
+    queued: BTreeMap<Arc<str>, BTreeSet<(Timestamp, RunId)>>,
+    /// Where each queued run sits in `queued`.
+    run_queue: BTreeMap<RunId, (Arc<str>, Timestamp)>,
+    /// The worker id of the in-process executor, owner of the leases it is granted.
+    worker: WorkerId,
+    /// Open incidents, by id.
+    incidents: BTreeMap<u64, Incident>,
+    /// Consecutive empty claims per worker (idle claim loop detection).
+    empty_claims: BTreeMap<WorkerId, u32>,
+    /// Reclaims whose batch failed, by run: two failures escalate (SPEC W5).
+    reclaim_failures: BTreeMap<RunId, u32>,
+    /// Checkpoint throttles of running attempts.
+    throttles: BTreeMap<RunId, Throttle>,
+    /// Set by `begin_shutdown`: nothing new fires or is claimed.
+    shutting_down: bool,
+    /// Results waiting to be delivered to sinks (SPEC D1–D5).
+    outbox: Outbox,
     meta: Meta,
     journal: Journal,
     effects: VecDeque<Effect>,
@@ -175,6 +289,8 @@ impl Scheduler {
         let config = Config {
             history: config.history.clamped(),
             misfire_grace_ms: config.misfire_grace_ms.min(limits::MISFIRE_GRACE_MAX_MS),
+            backstop_factor: config.backstop_factor.max(1),
+            ..config
         };
         Scheduler {
             config,
@@ -182,12 +298,26 @@ impl Scheduler {
             rng: SplitMix64::new(seed),
             jobs: BTreeMap::new(),
             runs: BTreeMap::new(),
-            due: BTreeSet::new(),
+            due_jobs: BTreeSet::new(),
+            due_runs: BTreeSet::new(),
+            run_due: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            run_queue: BTreeMap::new(),
+            worker: WorkerId::new("local").expect("a valid worker id"),
+            incidents: BTreeMap::new(),
+            empty_claims: BTreeMap::new(),
+            reclaim_failures: BTreeMap::new(),
+            throttles: BTreeMap::new(),
+            shutting_down: false,
+            outbox: Outbox::new(config.outbox),
             meta: Meta {
                 next_run_id: 1,
                 next_audit_seq: 1,
                 clock: now,
                 epoch: 0,
+                next_token: 1,
+                next_incident: 1,
+                next_delivery: 1,
             },
             journal: Journal::default(),
             effects: VecDeque::new(),
@@ -212,6 +342,8 @@ impl Scheduler {
             runs,
             meta,
             tombstones,
+            incidents,
+            deliveries,
         } = snapshot;
         // Time never runs backwards, not even across a restart (SPEC S4).
         let now = now.max(meta.clock);
@@ -221,9 +353,18 @@ impl Scheduler {
             next_audit_seq: meta.next_audit_seq.max(1),
             clock: now,
             epoch: meta.epoch + 1,
+            next_token: meta.next_token.max(1),
+            next_incident: meta.next_incident.max(1),
+            next_delivery: meta.next_delivery.max(1),
         };
+        s.outbox = Outbox::restore(s.config.outbox, deliveries, s.meta.next_delivery, now);
         s.journal.set_epoch(s.meta.epoch);
         s.tombstones = tombstones.into_iter().map(|t| (t.job.clone(), t)).collect();
+        s.incidents = incidents
+            .into_iter()
+            .filter(|i| i.resolved_at.is_none())
+            .map(|i| (i.id, i))
+            .collect();
         for job in jobs {
             s.restore_job(job);
         }
@@ -238,9 +379,7 @@ impl Scheduler {
             let id = run.id;
             s.runs.insert(id, run);
             match s.runs[&id].state {
-                RunState::BackingOff { until } => {
-                    s.due.insert((until, DueKey::Run(id)));
-                }
+                RunState::BackingOff { .. } | RunState::Queued { .. } => s.index_run(id),
                 RunState::Starting { .. } | RunState::Running { .. } => {
                     let run = s.runs.get_mut(&id).expect("just inserted");
                     let t = run.recover_after_crash(now);
@@ -250,6 +389,7 @@ impl Scheduler {
             }
         }
         s.journal.meta();
+        s.pump_outbox();
         s
     }
 
@@ -298,10 +438,17 @@ impl Scheduler {
             }));
         }
         if let JobState::Scheduled { next } = job.state {
-            self.due.insert((next, DueKey::Job(id.clone())));
+            self.due_jobs.insert((next, id.clone()));
         }
         self.jobs.insert(id.clone(), Box::new(job));
         self.journal.put_job(&id);
+    }
+
+    /// Names the in-process executor: the owner of the leases its attempts are granted
+    /// ("local" by default). Processes sharing a store must use distinct names.
+    pub fn with_worker(mut self, worker: WorkerId) -> Self {
+        self.worker = worker;
+        self
     }
 
     // ----- getters -----------------------------------------------------------------------
@@ -334,6 +481,16 @@ impl Scheduler {
     /// Runs in memory, ordered by id.
     pub fn runs(&self) -> impl Iterator<Item = &Run> {
         self.runs.values()
+    }
+
+    /// Open incidents, by id.
+    pub fn incidents(&self) -> impl Iterator<Item = &Incident> {
+        self.incidents.values()
+    }
+
+    /// The delivery outbox.
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
     }
 
     /// True if no batch is in flight, nothing waits to be persisted and no effect waits to be
@@ -388,7 +545,7 @@ impl Scheduler {
             active_runs,
             delete_when_idle: false,
         };
-        self.due.insert((next, DueKey::Job(id.clone())));
+        self.due_jobs.insert((next, id.clone()));
         self.jobs.insert(id.clone(), Box::new(job));
         self.mark_job(&id);
         self.audit_job(
@@ -558,17 +715,8 @@ impl Scheduler {
         }
         let now = self.clamp(now);
         let run = self.runs.get_mut(&id).expect("checked above");
-        let until = match run.state {
-            RunState::BackingOff { until } => Some(until),
-            _ => None,
-        };
         match run.cancel(now, "cancelled by operator") {
-            Some(t) => {
-                if let Some(until) = until {
-                    self.due.remove(&(until, DueKey::Run(id)));
-                }
-                self.after_run_transition(id, t, Actor::Operator);
-            }
+            Some(t) => self.after_run_transition(id, t, Actor::Operator),
             None => {
                 let attempt = run.attempt;
                 let job = run.job.clone();
@@ -593,16 +741,29 @@ impl Scheduler {
     /// Afterwards, `poll_timeout()` is later than `now` (or `None`).
     pub fn handle_timeout(&mut self, now: Timestamp) {
         let now = self.clamp(now);
-        while let Some((at, _)) = self.due.first() {
-            if *at > now {
-                break;
-            }
-            let (_, key) = self.due.pop_first().expect("checked non-empty");
-            match key {
-                DueKey::Job(id) => self.fire(now, &id),
-                DueKey::Run(id) => self.start_next_attempt(id),
+        loop {
+            let run = self.due_runs.first().filter(|(at, _)| *at <= now).copied();
+            // Runs before jobs at the same instant: an overdue retry starts before new
+            // firings. Nothing new fires while shutting down.
+            let job = self
+                .due_jobs
+                .first()
+                .filter(|(at, _)| *at <= now && !self.shutting_down)
+                .cloned();
+            match (run, job) {
+                (Some((at, id)), job) if job.as_ref().is_none_or(|(j, _)| at <= *j) => {
+                    self.unindex_run(id);
+                    self.run_due(now, id);
+                }
+                (_, Some((at, id))) => {
+                    self.due_jobs.remove(&(at, id.clone()));
+                    self.fire(now, &id);
+                }
+                (_, None) => break,
             }
         }
+        self.outbox.handle_timeout(now);
+        self.pump_outbox();
         if self.journal.retry_at.is_some_and(|at| at <= now) {
             self.journal.retry_at = None;
         }
@@ -632,14 +793,42 @@ impl Scheduler {
         // Terminal runs whose final record is now durable leave memory: they are history.
         for (job, group) in &batch.groups {
             for run_id in &group.runs {
+                self.reclaim_failures.remove(run_id);
                 if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal())
                     && !self.journal.run_pending(job, *run_id)
                 {
                     self.runs.remove(run_id);
                 }
             }
+            for (run, seq) in &group.checkpoints {
+                let saved = self
+                    .throttles
+                    .get_mut(run)
+                    .is_some_and(|t| t.acknowledged(*seq, now));
+                if saved {
+                    self.effects
+                        .push_back(Effect::Event(Event::CheckpointSaved {
+                            run: *run,
+                            seq: *seq,
+                        }));
+                }
+            }
         }
+        let durable: Vec<DeliveryId> = batch
+            .deliveries
+            .iter()
+            .filter(|(_, write)| *write == JobWrite::Put)
+            .map(|(id, _)| *id)
+            .collect();
+        self.outbox.mark_durable(&durable);
+        for send in batch.sends {
+            self.effects.push_back(Effect::Deliver(send));
+        }
+        // Deliveries that just became durable may be due already.
+        self.outbox.handle_timeout(now);
+        self.pump_outbox();
         let gates = batch.groups.into_iter().flat_map(|(_, group)| group.gates);
+        let mut starts = Vec::new();
         for (run_id, attempt) in gates {
             // A run cancelled (or otherwise moved on) while its record was in flight is not
             // started.
@@ -649,8 +838,10 @@ impl Scheduler {
             if run.state != (RunState::Starting { attempt }) {
                 continue;
             }
+            let (ttl, factor) = (self.config.lease.ttl_ms, self.config.backstop_factor);
             let run = self.runs.get_mut(&run_id).expect("checked above");
-            let t = run.mark_running(now);
+            let t = run.mark_running(now, ttl, factor);
+            let lease = run.lease.clone().expect("a starting run holds a lease");
             let start = AttemptStart {
                 run: run_id,
                 job: run.job.clone(),
@@ -659,10 +850,17 @@ impl Scheduler {
                 attempt,
                 idempotency_key: run.idempotency_key(),
                 trigger: run.trigger,
+                lease,
+                checkpoint: run.checkpoint.clone(),
             };
+            self.resolve_incidents_of_run(run_id, "the run's next attempt is running");
             self.after_run_transition(run_id, t, Actor::Scheduler);
-            self.effects.push_back(Effect::StartAttempt(start));
+            starts.push(start);
         }
+        // Hand out in grant order, so tokens handed out together rise with the hand-out.
+        starts.sort_by_key(|start| start.lease.token);
+        self.effects
+            .extend(starts.into_iter().map(Effect::StartAttempt));
     }
 
     /// The store failed to write batch `id`. Its records are re-sent (rebuilt from current
@@ -672,48 +870,27 @@ impl Scheduler {
             return;
         }
         let now = self.clamp(now);
-        if let Some(retry_at) = self.journal.fail(id, now) {
-            self.effects.push_back(Effect::Event(Event::PersistFailed {
-                batch: id,
-                error: crate::run::truncate(error),
-                retry_at,
-            }));
-        }
-    }
-
-    /// The executor reports the outcome of an attempt. Refused, changing nothing, if the run is
-    /// unknown, not running, or `attempt` is not its current attempt.
-    pub fn handle_outcome(
-        &mut self,
-        now: Timestamp,
-        run_id: RunId,
-        attempt: Attempt,
-        outcome: Outcome,
-    ) -> Result<(), Rejected> {
-        let Some(run) = self.runs.get(&run_id) else {
-            return Err(Rejected::UnknownRun(run_id));
+        let Some(failed) = self.journal.fail(id, now) else {
+            return;
         };
-        let RunState::Running {
-            attempt: current, ..
-        } = run.state
-        else {
-            return Err(Rejected::NotRunning {
-                run: run_id,
-                state: run.state.name(),
-            });
-        };
-        if current != attempt {
-            return Err(Rejected::StaleAttempt {
-                run: run_id,
-                got: attempt,
-                current,
-            });
+        let error = crate::run::truncate(error);
+        self.effects.push_back(Effect::Event(Event::PersistFailed {
+            batch: id,
+            error: error.clone(),
+            retry_at: failed.retry_at,
+        }));
+        // SPEC C1: a failed checkpoint save is reported, and does not close the window.
+        for (run, seq) in failed.checkpoints {
+            if self.throttles.get_mut(&run).is_some_and(|t| t.failed(seq)) {
+                self.effects
+                    .push_back(Effect::Event(Event::CheckpointFailed {
+                        run,
+                        seq,
+                        error: error.clone(),
+                    }));
+            }
         }
-        let now = self.clamp(now);
-        let run = self.runs.get_mut(&run_id).expect("checked above");
-        let t = run.apply_outcome(now, outcome, &mut self.rng);
-        self.after_run_transition(run_id, t, Actor::Scheduler);
-        Ok(())
+        self.note_failed_reclaims(now, &failed.runs);
     }
 
     // ----- outputs ----------------------------------------------------------------------
@@ -731,11 +908,23 @@ impl Scheduler {
 
     /// When to call `handle_timeout` next, or `None` if nothing is scheduled.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let due = self.due.first().map(|(at, _)| *at);
-        [due, self.journal.retry_at, self.history_sweep_at]
-            .into_iter()
-            .flatten()
-            .min()
+        let runs = self.due_runs.first().map(|(at, _)| *at);
+        let jobs = self
+            .due_jobs
+            .first()
+            .filter(|_| !self.shutting_down)
+            .map(|(at, _)| *at);
+        let deliveries = self.outbox.poll_timeout();
+        [
+            runs,
+            jobs,
+            deliveries,
+            self.journal.retry_at,
+            self.history_sweep_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     // ----- invariants -------------------------------------------------------------------
@@ -744,26 +933,83 @@ impl Scheduler {
     /// enough for a simulator to call after every step; not for production hot paths (it is
     /// O(jobs + runs)).
     pub fn check_invariants(&self) {
-        let mut expected_due = BTreeSet::new();
+        let mut expected_runs = BTreeSet::new();
+        let mut expected_queue: BTreeMap<&str, BTreeSet<(Timestamp, RunId)>> = BTreeMap::new();
         let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
         let mut slots = BTreeSet::new();
+        let mut tokens = BTreeSet::new();
         for (id, run) in &self.runs {
             assert_eq!(*id, run.id, "run stored under the wrong id");
             assert!(
                 run.id.0 < self.meta.next_run_id,
                 "{id} not below next_run_id"
             );
-            if let RunState::BackingOff { until } = run.state {
-                expected_due.insert((until, DueKey::Run(run.id)));
+            match run.state {
+                RunState::BackingOff { until } => {
+                    expected_runs.insert((until, run.id));
+                }
+                RunState::Queued { since } => {
+                    assert!(run.external, "{id} queued but not external");
+                    expected_queue
+                        .entry(&run.kind)
+                        .or_default()
+                        .insert((since, run.id));
+                }
+                RunState::Running { .. } => {
+                    if let Some(at) = crate::watchdog::next_deadline(run, &self.config) {
+                        expected_runs.insert((at, run.id));
+                    }
+                }
+                _ => {}
+            }
+            // L1: exactly the attempts in progress hold a lease; at most one live lease per run,
+            // and no two runs share a token.
+            let in_progress = matches!(
+                run.state,
+                RunState::Starting { .. } | RunState::Running { .. }
+            );
+            assert_eq!(
+                run.lease.is_some(),
+                in_progress,
+                "{id} is {:?} with lease {:?}",
+                run.state,
+                run.lease
+            );
+            if let Some(lease) = &run.lease {
+                assert!(
+                    lease.token.0 < self.meta.next_token,
+                    "{id} holds {} not below next_token {}",
+                    lease.token,
+                    self.meta.next_token
+                );
+                assert!(
+                    tokens.insert(lease.token),
+                    "{} held by two runs",
+                    lease.token
+                );
+            }
+            if let Some(killed) = run.killed {
+                assert!(
+                    !(in_progress && run.attempt == killed),
+                    "{id}: killed attempt {killed} is in progress again"
+                );
             }
             if !run.state.is_terminal() {
                 *active.entry(&run.job).or_default() += 1;
-                assert!(run.attempt.0 >= 1, "{id} active with attempt 0");
+                assert!(
+                    run.attempt.0 >= 1 || run.external,
+                    "{id} active with attempt 0"
+                );
                 assert!(
                     run.attempts_counted() <= run.retry.attempts_max,
                     "{id} started {} counted attempts, more than attempts_max {}",
                     run.attempts_counted(),
                     run.retry.attempts_max
+                );
+                assert!(
+                    run.lost < run.retry.lost_attempts_max,
+                    "{id} lost {} attempts but is not poison",
+                    run.lost
                 );
             } else {
                 assert!(
@@ -779,10 +1025,11 @@ impl Scheduler {
                 );
             }
         }
+        let mut expected_jobs = BTreeSet::new();
         for (id, job) in &self.jobs {
             assert_eq!(id, &job.spec.id, "job stored under the wrong id");
             if let JobState::Scheduled { next } = job.state {
-                expected_due.insert((next, DueKey::Job(id.clone())));
+                expected_jobs.insert((next, id.clone()));
                 if let Some(last) = job.last_fired {
                     assert!(
                         next > last,
@@ -805,9 +1052,24 @@ impl Scheduler {
             );
         }
         assert_eq!(
-            self.due, expected_due,
-            "the due index disagrees with job and run states"
+            self.due_jobs, expected_jobs,
+            "the job due index disagrees with job states"
         );
+        assert_eq!(
+            self.due_runs, expected_runs,
+            "the run due index disagrees with run states"
+        );
+        let queue: BTreeMap<&str, BTreeSet<(Timestamp, RunId)>> = self
+            .queued
+            .iter()
+            .filter(|(_, runs)| !runs.is_empty())
+            .map(|(kind, runs)| (&**kind, runs.clone()))
+            .collect();
+        assert_eq!(
+            queue, expected_queue,
+            "the claim queue disagrees with run states"
+        );
+        assert!(self.incidents.len() <= limits::INCIDENTS_OPEN_MAX);
         if let Some(batch) = &self.journal.in_flight {
             for (run, attempt) in batch.groups.iter().flat_map(|(_, g)| &g.gates) {
                 if let Some(r) = self.runs.get(run) {
@@ -970,27 +1232,115 @@ impl Scheduler {
                 ScheduleSpec::Once { at } => Some(at),
                 _ => None,
             },
+            external: job.spec.external,
+            timeout_ms: job.spec.timeout_ms,
+            required_artifacts: job.spec.required_artifacts.clone(),
+            sinks: job.spec.sinks.clone(),
         };
         let run = Run::new(run_id, id.clone(), trigger, now, terms);
         let reason = match trigger {
             Trigger::Scheduled { slot } => format!("slot {slot} fired"),
             Trigger::Manual => "triggered by operator".into(),
         };
+        let first = run.state.name();
         self.mark_job(id);
         self.runs.insert(run_id, run);
-        self.journal.gate(id, run_id, Attempt(1));
-        self.audit_run(run_id, None, StateName::Starting, actor, &reason);
+        self.audit_run(run_id, None, first, actor, &reason);
+        self.begin_attempt(run_id);
         run_id
     }
 
     /// A `BackingOff` run's `until` came due.
     fn start_next_attempt(&mut self, id: RunId) {
+        let now = self.now;
         let run = self.runs.get_mut(&id).expect("due runs are in memory");
-        let t = run.begin_next_attempt();
-        let attempt = run.attempt;
-        let job = run.job.clone();
-        self.journal.gate(&job, id, attempt);
+        let t = run.begin_next_attempt(now);
         self.after_run_transition(id, t, Actor::Scheduler);
+        self.begin_attempt(id);
+    }
+
+    /// A run that just entered `Starting` (in-process) gets its lease and waits for the batch
+    /// recording both (persist before act); one that entered `Queued` waits for a worker.
+    fn begin_attempt(&mut self, id: RunId) {
+        let run = &self.runs[&id];
+        let job = run.job.clone();
+        match run.state {
+            RunState::Starting { attempt } => {
+                let owner = self.worker.clone();
+                let lease = self.new_lease(id, owner);
+                let run = self.runs.get_mut(&id).expect("checked above");
+                run.grant(lease);
+                self.journal.gate(&job, id, attempt);
+            }
+            RunState::Queued { .. } => {
+                self.journal.put_run(&job, id);
+                self.index_run(id);
+            }
+            _ => {}
+        }
+    }
+
+    /// A run ended: its result goes to each of its sinks through the outbox (SPEC D1). A job
+    /// retry creates a new run and so new deliveries; a delivery retry never re-runs a job (D2).
+    fn enqueue_deliveries(&mut self, id: RunId) {
+        let run = &self.runs[&id];
+        if run.sinks.is_empty() {
+            return;
+        }
+        let payload = DeliveryPayload {
+            run: run.id,
+            job: run.job.clone(),
+            state: run.state.name(),
+            summary: run.summary.clone(),
+            error: run.last_error.clone(),
+            finished_at: run.finished_at.unwrap_or(self.now),
+        };
+        let sinks = run.sinks.clone();
+        self.outbox.enqueue(self.now, &sinks, &payload);
+        self.pump_outbox();
+    }
+
+    /// Moves what the outbox produced into the journal (writes, held sends) and the effect
+    /// queue (events).
+    fn pump_outbox(&mut self) {
+        let (puts, deletes) = self.outbox.take_writes();
+        for delivery in puts {
+            self.journal.delivery(delivery.id, JobWrite::Put);
+        }
+        for id in deletes {
+            self.journal.delivery(id, JobWrite::Delete);
+        }
+        while let Some(send) = self.outbox.poll_send() {
+            // The send's attempt is in the writes just taken: it is released when they are
+            // durable, so a crash can never repeat an attempt number.
+            self.journal.send(send);
+        }
+        while let Some(event) = self.outbox.poll_event() {
+            self.effects
+                .push_back(Effect::Event(Event::Delivery(event)));
+        }
+        if self.outbox.next_id() != self.meta.next_delivery {
+            self.meta.next_delivery = self.outbox.next_id();
+            self.journal.meta();
+        }
+    }
+
+    /// A new lease for `run`, with the next fencing token (persisted with the batch).
+    fn new_lease(&mut self, run: RunId, owner: WorkerId) -> Lease {
+        let token = FencingToken(self.meta.next_token);
+        self.meta.next_token += 1;
+        self.journal.meta();
+        self.effects.push_back(Effect::Event(Event::LeaseGranted {
+            run,
+            owner: owner.clone(),
+            token,
+        }));
+        Lease {
+            owner,
+            token,
+            renewed_at: self.now,
+            expires_at: self.now.plus_ms(self.config.lease.ttl_ms),
+        }
     }
 
     /// Bookkeeping after any run transition: persist, audit, index, and settle if terminal.
@@ -998,20 +1348,24 @@ impl Scheduler {
         let job = self.runs[&id].job.clone();
         self.journal.put_run(&job, id);
         self.audit_run(id, Some(t.old), t.new, actor, &t.reason);
-        let run = &self.runs[&id];
-        match run.state {
+        self.index_run(id);
+        let state = self.runs[&id].state;
+        if !matches!(state, RunState::Running { .. }) {
+            self.throttles.remove(&id);
+        }
+        match state {
             RunState::BackingOff { until } => {
-                self.due.insert((until, DueKey::Run(id)));
                 self.effects
                     .push_back(Effect::Event(Event::RetryScheduled { run: id, at: until }));
             }
             state if state.is_terminal() => {
+                self.resolve_incidents_of_run(id, "the run ended");
+                self.enqueue_deliveries(id);
                 self.effects.push_back(Effect::Event(Event::RunFinished {
                     run: id,
-                    job: run.job.clone(),
+                    job: job.clone(),
                     state: state.name(),
                 }));
-                let job = run.job.clone();
                 self.settle(id, &job);
             }
             _ => {}
@@ -1181,13 +1535,66 @@ impl Scheduler {
 
     fn index_job(&mut self, id: &JobId) {
         if let Some(JobState::Scheduled { next }) = self.jobs.get(id).map(|j| &j.state) {
-            self.due.insert((*next, DueKey::Job(id.clone())));
+            self.due_jobs.insert((*next, id.clone()));
         }
     }
 
     fn unindex_job(&mut self, id: &JobId) {
         if let Some(JobState::Scheduled { next }) = self.jobs.get(id).map(|j| &j.state) {
-            self.due.remove(&(*next, DueKey::Job(id.clone())));
+            self.due_jobs.remove(&(*next, id.clone()));
+        }
+    }
+
+    /// Puts a run where its state says it waits: the run due index (a backoff's end, the
+    /// watchdog's next deadline) or the claim queue. Idempotent.
+    pub(crate) fn index_run(&mut self, id: RunId) {
+        self.unindex_run(id);
+        let Some(run) = self.runs.get(&id) else {
+            return;
+        };
+        let due = match run.state {
+            RunState::BackingOff { until } => Some(until),
+            RunState::Running { .. } => crate::watchdog::next_deadline(run, &self.config),
+            _ => None,
+        };
+        if let Some(at) = due {
+            self.due_runs.insert((at, id));
+            self.run_due.insert(id, at);
+        }
+        if let RunState::Queued { since } = run.state {
+            let kind = run.kind.clone();
+            self.queued
+                .entry(kind.clone())
+                .or_default()
+                .insert((since, id));
+            self.run_queue.insert(id, (kind, since));
+        }
+    }
+
+    /// Takes a run out of the run due index and the claim queue.
+    pub(crate) fn unindex_run(&mut self, id: RunId) {
+        if let Some(at) = self.run_due.remove(&id) {
+            self.due_runs.remove(&(at, id));
+        }
+        if let Some((kind, since)) = self.run_queue.remove(&id) {
+            if let Some(queue) = self.queued.get_mut(&kind) {
+                queue.remove(&(since, id));
+                if queue.is_empty() {
+                    self.queued.remove(&kind);
+                }
+            }
+        }
+    }
+
+    /// A run's entry in the run due index came due.
+    fn run_due(&mut self, now: Timestamp, id: RunId) {
+        let Some(run) = self.runs.get(&id) else {
+            return;
+        };
+        match run.state {
+            RunState::BackingOff { .. } => self.start_next_attempt(id),
+            RunState::Running { .. } => self.supervise(now, id),
+            _ => {}
         }
     }
 
@@ -1241,7 +1648,7 @@ impl Scheduler {
             job: run.job.clone(),
             run: Some(id),
             attempt: Some(run.attempt),
-            fencing_token: None,
+            fencing_token: run.lease.as_ref().map(|l| l.token),
             old,
             new,
             actor,
@@ -1281,10 +1688,23 @@ impl Scheduler {
             records.extend(group.prunes.iter().cloned());
         }
         records.extend(batch.global_prunes.iter().cloned());
+        records.extend(batch.incidents.iter().cloned().map(Record::PutIncident));
+        for (id, write) in &batch.deliveries {
+            match write {
+                JobWrite::Put => {
+                    if let Some(delivery) = self.outbox.delivery(*id) {
+                        records.push(Record::PutDelivery(delivery.clone()));
+                    }
+                }
+                JobWrite::Delete => records.push(Record::DeleteDelivery { id: *id }),
+                JobWrite::Nothing => {}
+            }
+        }
         // The counters ride in every batch, so a durable run id or audit seq is never ahead
         // of the durable counters.
         records.push(Record::PutMeta(Meta {
             clock: self.now,
+            next_delivery: self.outbox.next_id(),
             ..self.meta
         }));
         Batch {

@@ -1,0 +1,268 @@
+//! Applying the watchdog's decisions (`crate::watchdog`) and keeping incidents
+//! (`crate::incident`). Every automatic action is audited with the `watchdog` actor, old and
+//! new state and the reason (SPEC W6); a reclaimed lease is never erased, the run's record
+//! keeps the lost attempt and its error.
+
+use super::*;
+use crate::incident::IncidentKind;
+use crate::run::ErrorKind;
+use crate::watchdog::{due_action, WatchAction};
+
+impl Scheduler {
+    /// Extends the running attempt's timeout by `by_ms` (capped at its backstop). Granted at
+    /// most once per run (SPEC W1); refused for a run the watchdog killed (W2), one whose
+    /// timeout already fired, or one without a timeout.
+    pub fn extend(
+        &mut self,
+        now: Timestamp,
+        run_id: RunId,
+        by_ms: u64,
+        reason: &str,
+    ) -> Result<Timestamp, Rejected> {
+        let Some(run) = self.runs.get(&run_id) else {
+            return Err(Rejected::UnknownRun(run_id));
+        };
+        if run.killed.is_some() {
+            return Err(Rejected::Killed(run_id));
+        }
+        if !matches!(run.state, RunState::Running { .. }) {
+            return Err(Rejected::NotRunning {
+                run: run_id,
+                state: run.state.name(),
+            });
+        }
+        if run.extended {
+            return Err(Rejected::AlreadyExtended(run_id));
+        }
+        let Some(timeout_at) = run.watch.timeout_at else {
+            return Err(Rejected::NoTimeout(run_id));
+        };
+        if run.watch.kill_at.is_some() {
+            return Err(Rejected::TimedOut(run_id));
+        }
+        let now = self.clamp(now);
+        let run = self.runs.get_mut(&run_id).expect("checked above");
+        let extended = timeout_at.max(now).plus_ms(by_ms);
+        let new_deadline = run
+            .watch
+            .backstop_at
+            .map_or(extended, |cap| extended.min(cap));
+        run.watch.timeout_at = Some(new_deadline);
+        run.extended = true;
+        let job = run.job.clone();
+        self.journal.put_run(&job, run_id);
+        self.index_run(run_id);
+        self.audit_run(
+            run_id,
+            Some(StateName::Running),
+            StateName::Running,
+            Actor::Operator,
+            &format!("timeout extended to {new_deadline} (once per run): {reason}"),
+        );
+        Ok(new_deadline)
+    }
+
+    /// A running attempt's watchdog deadline came due.
+    pub(super) fn supervise(&mut self, now: Timestamp, id: RunId) {
+        let Some(action) = due_action(&self.runs[&id], now, &self.config) else {
+            // A heartbeat moved the deadline: look again then.
+            self.index_run(id);
+            return;
+        };
+        let run = self
+            .runs
+            .get_mut(&id)
+            .expect("supervised runs are in memory");
+        let job = run.job.clone();
+        let attempt = run.attempt;
+        match action {
+            WatchAction::Reclaim => {
+                let lease = run.lease.clone().expect("a running attempt holds a lease");
+                let message = format!(
+                    "lease {} held by {} expired at {}; reclaimed",
+                    lease.token, lease.owner, lease.expires_at
+                );
+                let t = run.lose_attempt(now, ErrorKind::Lost, &message);
+                self.after_run_transition(id, t, Actor::Watchdog);
+                self.effects.push_back(Effect::Event(Event::LeaseReclaimed {
+                    run: id,
+                    token: lease.token,
+                }));
+                self.reclaim_failures.insert(id, 0);
+                self.open_incident(
+                    now,
+                    IncidentKind::LeaseReclaimed,
+                    Some(job),
+                    Some(id),
+                    Some(&lease.owner),
+                    message,
+                );
+            }
+            WatchAction::Kill(reason) => {
+                let t = run.kill(now, &reason, &mut self.rng);
+                self.after_run_transition(id, t, Actor::Watchdog);
+                self.effects
+                    .push_back(Effect::KillAttempt { run: id, attempt });
+            }
+            WatchAction::Timeout { kill_at } => {
+                run.watch.kill_at = Some(kill_at);
+                let timeout = run.timeout_ms.unwrap_or_default();
+                self.journal.put_run(&job, id);
+                self.index_run(id);
+                self.audit_run(
+                    id,
+                    Some(StateName::Running),
+                    StateName::Running,
+                    Actor::Watchdog,
+                    &format!(
+                        "attempt {attempt} timed out after {timeout} ms; asked to stop, killed at \
+                         {kill_at} unless it stops"
+                    ),
+                );
+                self.effects
+                    .push_back(Effect::CancelAttempt { run: id, attempt });
+            }
+            WatchAction::Stuck => {
+                run.watch.stuck_reported = true;
+                let owner = run.lease.as_ref().map(|l| l.owner.clone());
+                let silent_since = run.last_activity.unwrap_or(now);
+                let details = match &run.progress {
+                    Some(p) => format!(
+                        "attempt {attempt}: no heartbeat or progress since {silent_since}; last \
+                         phase {:?}: {:?}",
+                        p.phase, p.message
+                    ),
+                    None => format!(
+                        "attempt {attempt}: no heartbeat or progress since {silent_since}; no \
+                         progress reported"
+                    ),
+                };
+                self.journal.put_run(&job, id);
+                self.index_run(id);
+                self.open_incident(
+                    now,
+                    IncidentKind::StuckRun,
+                    Some(job),
+                    Some(id),
+                    owner.as_ref(),
+                    details,
+                );
+            }
+        }
+    }
+
+    /// A batch carrying these runs failed: a reclaim whose record fails to persist twice
+    /// escalates (SPEC W5).
+    pub(super) fn note_failed_reclaims(&mut self, now: Timestamp, runs: &[RunId]) {
+        for run in runs {
+            let Some(failures) = self.reclaim_failures.get_mut(run) else {
+                continue;
+            };
+            *failures += 1;
+            if *failures == 2 {
+                let job = self.runs.get(run).map(|r| r.job.clone());
+                let details = format!("recording the reclaim of {run} failed twice");
+                self.open_incident(
+                    now,
+                    IncidentKind::ReclaimEscalation,
+                    job,
+                    Some(*run),
+                    None,
+                    details,
+                );
+            }
+        }
+    }
+
+    /// Opens an incident unless the same one is open already, or too many are.
+    pub(super) fn open_incident(
+        &mut self,
+        now: Timestamp,
+        kind: IncidentKind,
+        job: Option<JobId>,
+        run: Option<RunId>,
+        worker: Option<&WorkerId>,
+        details: String,
+    ) {
+        let duplicate = self
+            .incidents
+            .values()
+            .any(|i| i.is_about(kind, run, worker));
+        if duplicate || self.incidents.len() >= limits::INCIDENTS_OPEN_MAX {
+            return;
+        }
+        let id = self.meta.next_incident;
+        self.meta.next_incident += 1;
+        self.journal.meta();
+        let incident = Incident {
+            id,
+            kind,
+            opened_at: now,
+            resolved_at: None,
+            job,
+            run,
+            worker: worker.cloned(),
+            details: crate::run::truncate(&details),
+        };
+        self.journal.incident(incident.clone());
+        self.effects
+            .push_back(Effect::Event(Event::IncidentOpened(incident.clone())));
+        self.incidents.insert(id, incident);
+    }
+
+    /// Resolves every open incident about `run`.
+    pub(super) fn resolve_incidents_of_run(&mut self, run: RunId, reason: &str) {
+        let ids: Vec<u64> = self
+            .incidents
+            .values()
+            .filter(|i| i.run == Some(run))
+            .map(|i| i.id)
+            .collect();
+        for id in ids {
+            self.resolve_incident(id, reason);
+        }
+    }
+
+    /// Resolves the open incidents of one kind about `run`.
+    pub(super) fn resolve_incidents_of_kind(
+        &mut self,
+        run: RunId,
+        kind: IncidentKind,
+        reason: &str,
+    ) {
+        let ids: Vec<u64> = self
+            .incidents
+            .values()
+            .filter(|i| i.run == Some(run) && i.kind == kind)
+            .map(|i| i.id)
+            .collect();
+        for id in ids {
+            self.resolve_incident(id, reason);
+        }
+    }
+
+    /// Resolves the idle-claim-loop incident of `worker`, if open.
+    pub(super) fn resolve_idle_claims(&mut self, worker: &WorkerId, reason: &str) {
+        let ids: Vec<u64> = self
+            .incidents
+            .values()
+            .filter(|i| i.is_about(IncidentKind::IdleClaimLoop, None, Some(worker)))
+            .map(|i| i.id)
+            .collect();
+        for id in ids {
+            self.resolve_incident(id, reason);
+        }
+    }
+
+    fn resolve_incident(&mut self, id: u64, reason: &str) {
+        let Some(mut incident) = self.incidents.remove(&id) else {
+            return;
+        };
+        incident.resolved_at = Some(self.now);
+        incident.details =
+            crate::run::truncate(&format!("{}; resolved: {reason}", incident.details));
+        self.journal.incident(incident.clone());
+        self.effects
+            .push_back(Effect::Event(Event::IncidentResolved(incident)));
+    }
+}
