@@ -107,7 +107,8 @@ fn drain(s: &mut Scheduler, now: Timestamp, outcome: Option<Outcome>) -> Vec<Eff
             Effect::Persist(b) => s.handle_persisted(now, b.id),
             Effect::StartAttempt(a) => {
                 if let Some(o) = &outcome {
-                    s.handle_outcome(now, a.run, a.attempt, o.clone()).unwrap();
+                    s.handle_outcome(now, a.run, a.lease.token, o.clone())
+                        .unwrap();
                 }
             }
             _ => {}
@@ -228,7 +229,8 @@ fn run_to_end(s: &mut Scheduler, now: Timestamp, id: RunId, outcome: Outcome) {
         match e {
             Effect::Persist(b) => s.handle_persisted(now, b.id),
             Effect::StartAttempt(a) if a.run == id => {
-                s.handle_outcome(now, a.run, a.attempt, outcome).unwrap();
+                s.handle_outcome(now, a.run, a.lease.token, outcome)
+                    .unwrap();
                 break;
             }
             _ => {}
@@ -276,15 +278,10 @@ fn delete_after_run_waits_for_a_leftover_run() {
         .find(|r| r.slot() == Some(at))
         .expect("one-shot fired")
         .id;
-    run_to_end(&mut s, at, own, Outcome::Success { summary: None });
+    run_to_end(&mut s, at, own, Outcome::ok());
     // The leftover recurring run finishes last.
-    s.handle_outcome(
-        at,
-        leftover.run,
-        leftover.attempt,
-        Outcome::Success { summary: None },
-    )
-    .unwrap();
+    s.handle_outcome(at, leftover.run, leftover.lease.token, Outcome::ok())
+        .unwrap();
     drain(&mut s, at, None);
     assert!(
         s.job(&id("j")).is_none(),
@@ -316,7 +313,7 @@ fn a_manual_run_of_an_earlier_one_shot_does_not_finish_the_new_one() {
     let b = t0.plus_ms(2 * 3_600_000);
     spec.schedule = ScheduleSpec::Once { at: b };
     s.update_job(t0, spec).unwrap();
-    s.handle_outcome(t0, run, start.attempt, Outcome::Success { summary: None })
+    s.handle_outcome(t0, run, start.lease.token, Outcome::ok())
         .unwrap();
     drain(&mut s, t0, None);
     assert_eq!(
@@ -359,8 +356,10 @@ fn restore_disables_a_job_whose_stored_policy_is_invalid() {
             next_audit_seq: 1,
             clock: t0,
             epoch: 0,
+            ..Meta::default()
         },
         tombstones: vec![],
+        ..Snapshot::default()
     };
     let mut s = Scheduler::restore(Config::default(), 1, t0, snap);
     let JobState::Disabled { reason } = &s.job(&id("j")).unwrap().state else {
@@ -415,8 +414,10 @@ fn restore_repairs_a_paused_cursor() {
             next_audit_seq: 1,
             clock: slot,
             epoch: 0,
+            ..Meta::default()
         },
         tombstones: vec![],
+        ..Snapshot::default()
     };
     let mut s = Scheduler::restore(Config::default(), 1, slot, snap);
     s.check_invariants();
@@ -487,7 +488,7 @@ fn a_deleted_one_shot_re_registered_at_start_up_does_not_fire_again() {
     s.add_job(t0, spec.clone()).unwrap();
     drain(&mut s, t0, None);
     s.handle_timeout(at);
-    let fired = drain(&mut s, at, Some(Outcome::Success { summary: None }))
+    let fired = drain(&mut s, at, Some(Outcome::ok()))
         .iter()
         .filter(|e| matches!(e, Effect::StartAttempt(_)))
         .count();
@@ -497,7 +498,7 @@ fn a_deleted_one_shot_re_registered_at_start_up_does_not_fire_again() {
     let later = at.plus_ms(3_600_000);
     let readd = s.add_job(later, spec);
     s.handle_timeout(later);
-    let again = drain(&mut s, later, Some(Outcome::Success { summary: None })).iter().filter(|e| matches!(e, Effect::StartAttempt(a) if a.trigger == Trigger::Scheduled { slot: at })).count();
+    let again = drain(&mut s, later, Some(Outcome::ok())).iter().filter(|e| matches!(e, Effect::StartAttempt(a) if a.trigger == Trigger::Scheduled { slot: at })).count();
     assert_eq!(
         again, 0,
         "slot {at} of one-shot 'migrate' fired a second time (add_job returned {readd:?})"
@@ -525,8 +526,8 @@ fn busy_jobs_sorting_first_do_not_starve_a_job_sorting_last() {
         if let Some(b) = in_flight.take() {
             s.handle_persisted(now, b);
         }
-        for (run, attempt) in pending_outcomes.drain(..) {
-            let _ = s.handle_outcome(now, run, attempt, Outcome::Success { summary: None });
+        for (run, token) in pending_outcomes.drain(..) {
+            let _ = s.handle_outcome(now, run, token, Outcome::ok());
         }
         s.handle_timeout(now);
         while let Some(e) = s.poll_effect() {
@@ -538,7 +539,7 @@ fn busy_jobs_sorting_first_do_not_starve_a_job_sorting_last() {
                     } else {
                         started_a += 1;
                     }
-                    pending_outcomes.push((a.run, a.attempt));
+                    pending_outcomes.push((a.run, a.lease.token));
                 }
                 _ => {}
             }
@@ -565,15 +566,19 @@ fn a_run_snoozed_snoozes_max_times_ends_failed() {
         kind: "k".into(),
         payload: String::new(),
         of_one_shot: None,
+        external: false,
+        timeout_ms: None,
+        required_artifacts: vec![],
+        sinks: vec![],
     };
     let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
     let mut rng = SplitMix64::new(0);
-    run.mark_running(Timestamp(0));
+    run.mark_running(Timestamp(0), 30_000, 3);
     for n in 1..=limits::SNOOZES_MAX {
         run.apply_outcome(Timestamp(0), Outcome::Snooze { for_ms: 1 }, &mut rng);
         if n < limits::SNOOZES_MAX {
-            run.begin_next_attempt();
-            run.mark_running(Timestamp(0));
+            run.begin_next_attempt(Timestamp(0));
+            run.mark_running(Timestamp(0), 30_000, 3);
         }
     }
     assert_eq!(
@@ -615,9 +620,13 @@ fn crash_recovery_checks_the_deadline_against_now() {
         kind: "k".into(),
         payload: String::new(),
         of_one_shot: None,
+        external: false,
+        timeout_ms: None,
+        required_artifacts: vec![],
+        sinks: vec![],
     };
     let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
-    run.mark_running(Timestamp(0));
+    run.mark_running(Timestamp(0), 30_000, 3);
     // Restored 6 s after creation: attempt 2 could start now, 4 s before the deadline.
     let t = run.recover_after_crash(Timestamp(6_000));
     assert_eq!(

@@ -21,11 +21,26 @@
 //! - a terminal run's stored record never changes, and every terminal record other than
 //!   `succeeded` keeps its last error (SPEC R4);
 //! - after `handle_timeout(now)` and a full drain, `poll_timeout()` is later than `now`;
-//! - after a drain, the runs in `Running` are exactly the attempts handed out and not yet
-//!   reported; once nothing is pending, the store mirrors memory;
-//! - a refused command changes nothing (tier 1), and a stale outcome is always refused;
+//! - after a drain, the runs in `Running` are exactly the attempts handed out and neither
+//!   reported nor reclaimed, each under the lease it was handed out with; once nothing is
+//!   pending, the store mirrors memory, open incidents included;
+//! - a refused command changes nothing (tier 1); an outcome or heartbeat carrying a token that
+//!   is not the run's current lease (an attempt already reported, reclaimed or lost in a crash,
+//!   a newer token, another run's token, an unknown run) is always refused as stale, and an
+//!   executing attempt's outcome and heartbeat are always accepted (a heartbeat renews the
+//!   lease for a TTL from now);
+//! - fencing tokens (SPEC L1): every grant (`Event::LeaseGranted`) is above every earlier
+//!   grant of the incarnation, every token ever handed out and every token the store ever
+//!   held, so tokens rise across crashes and restores; an attempt is handed out with the token
+//!   its run was granted, durable in the store, above its run's previous tokens and every token
+//!   handed out before the last restore, and no token is handed out twice;
+//! - the watchdog (SPEC L3): a lease is reclaimed only once it expired plus the grace, always
+//!   with an `Event::LeaseReclaimed` for the attempt that held it, and after a tick no running
+//!   attempt's lease is past that deadline; nothing is killed (no job here has a timeout);
 //! - `restore` is deterministic: the same snapshot and seed give the same scheduler;
-//! - records survive a serde round trip, and stored counters never go backwards.
+//! - records survive a serde round trip; stored counters (run ids, audit seqs, tokens,
+//!   incident ids) never go backwards and stay above every stored id and lease token; a stored
+//!   incident keeps its identity and a resolved one stays resolved.
 //!
 //! The deterministic tests at the end of this file are regressions for core bugs this suite
 //! found (cancel requests lost or ignored, attempts of removed jobs, one-shots finished by
@@ -36,9 +51,10 @@ use std::fmt::Debug;
 
 use keel_core::rng::SplitMix64;
 use keel_core::{
-    Attempt, AttemptStart, Batch, BatchId, Config, Effect, Event, HistoryPolicy, IdempotencyKey,
-    Job, JobId, JobSpec, JobState, Meta, MisfirePolicy, Outcome, OverlapPolicy, Record, Rejected,
-    RetryPolicy, Run, RunId, RunState, ScheduleSpec, Scheduler, Snapshot, Timestamp, Trigger,
+    Attempt, AttemptStart, Batch, BatchId, Config, Effect, Event, FencingToken, HistoryPolicy,
+    IdempotencyKey, Incident, Job, JobId, JobSpec, JobState, Meta, MisfirePolicy, Outcome,
+    OverlapPolicy, Record, Rejected, RetryPolicy, Run, RunId, RunState, ScheduleSpec, Scheduler,
+    Snapshot, Timestamp, Trigger, WorkerId,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -136,6 +152,7 @@ impl OutcomeChoice {
         match self {
             OutcomeChoice::Success => Outcome::Success {
                 summary: Some("done".into()),
+                artifacts: BTreeMap::from([("report".to_owned(), "s3://reports/1".to_owned())]),
             },
             OutcomeChoice::Retryable => Outcome::Retryable {
                 message: "upstream 503".into(),
@@ -168,9 +185,16 @@ enum Op {
         pick: usize,
         outcome: OutcomeChoice,
     },
-    /// An outcome for an attempt that is not current (finished, or lost in a crash).
+    /// An outcome for an attempt that is not current (finished, reclaimed, or lost in a
+    /// crash), or with a token the run was never granted.
     Stale {
         pick: usize,
+    },
+    /// An executing attempt renews its lease (`stale`: with a token that is no longer
+    /// current, which must be refused).
+    Heartbeat {
+        pick: usize,
+        stale: bool,
     },
     Add {
         job: usize,
@@ -293,6 +317,8 @@ fn op() -> impl Strategy<Value = Op> {
         6 => Just(Op::Drain),
         5 => (any::<usize>(), outcome()).prop_map(|(pick, outcome)| Op::Complete { pick, outcome }),
         1 => any::<usize>().prop_map(|pick| Op::Stale { pick }),
+        3 => (any::<usize>(), prop_oneof![4 => Just(false), 1 => Just(true)])
+            .prop_map(|(pick, stale)| Op::Heartbeat { pick, stale }),
         2 => Just(Op::AckHeld),
         1 => Just(Op::FailHeld),
         1 => any::<bool>().prop_map(|fail| Op::StaleAck { fail }),
@@ -345,6 +371,12 @@ struct Store {
     /// added again under a deleted job's name inherits its fired slots (tombstones).
     slots: BTreeMap<(JobId, Timestamp), RunId>,
     tombstones: BTreeMap<JobId, keel_core::Tombstone>,
+    /// Every incident ever written, open or resolved, by id.
+    incidents: BTreeMap<u64, Incident>,
+    /// The highest lease token any stored run record ever held.
+    max_token: Option<FencingToken>,
+    /// The delivery outbox (no job here has sinks, so it stays empty).
+    deliveries: BTreeMap<keel_core::DeliveryId, keel_core::Delivery>,
 }
 
 impl Store {
@@ -382,12 +414,40 @@ impl Store {
                 Record::PutMeta(meta) => {
                     assert!(
                         meta.next_run_id >= self.meta.next_run_id
-                            && meta.next_audit_seq >= self.meta.next_audit_seq,
+                            && meta.next_audit_seq >= self.meta.next_audit_seq
+                            && meta.next_token >= self.meta.next_token
+                            && meta.next_incident >= self.meta.next_incident,
                         "stored counters went backwards: {:?} -> {meta:?}",
                         self.meta
                     );
                     self.meta = meta;
                 }
+                Record::PutIncident(incident) => self.put_incident(incident),
+                Record::PutDelivery(delivery) => {
+                    self.deliveries.insert(delivery.id, delivery);
+                }
+                Record::DeleteDelivery { id } => {
+                    self.deliveries.remove(&id);
+                }
+            }
+        }
+        if let Some((&last, _)) = self.incidents.last_key_value() {
+            assert!(
+                last < self.meta.next_incident,
+                "stored incident {last} is not below the stored next_incident {}",
+                self.meta.next_incident
+            );
+        }
+        for run in self.runs.values() {
+            if let Some(lease) = &run.lease {
+                assert!(
+                    lease.token.0 < self.meta.next_token,
+                    "stored {} holds {} not below the stored next_token {}: a restart could \
+                     grant it again",
+                    run.id,
+                    lease.token,
+                    self.meta.next_token
+                );
             }
         }
         if let Some((&last, _)) = self.runs.last_key_value() {
@@ -439,7 +499,58 @@ impl Store {
                 run.job, run.id
             );
         }
+        if let Some(lease) = &run.lease {
+            self.max_token = self.max_token.max(Some(lease.token));
+        }
         self.runs.insert(run.id, run);
+    }
+
+    /// An incident is written when it opens and when it resolves: its identity never changes,
+    /// and a resolved incident stays resolved.
+    fn put_incident(&mut self, incident: Incident) {
+        if let Some(old) = self.incidents.get(&incident.id) {
+            assert!(
+                (
+                    old.kind,
+                    old.opened_at,
+                    old.job.as_ref(),
+                    old.run,
+                    old.worker.as_ref()
+                ) == (
+                    incident.kind,
+                    incident.opened_at,
+                    incident.job.as_ref(),
+                    incident.run,
+                    incident.worker.as_ref()
+                ),
+                "incident {} changed identity:\nwas {old:?}\nnow {incident:?}",
+                incident.id
+            );
+            if old.resolved_at.is_some() {
+                assert_eq!(
+                    old, &incident,
+                    "resolved incident {} written again with different content",
+                    incident.id
+                );
+            }
+        }
+        if let Some(resolved) = incident.resolved_at {
+            assert!(
+                resolved >= incident.opened_at,
+                "incident {} resolved before it opened",
+                incident.id
+            );
+        }
+        self.incidents.insert(incident.id, incident);
+    }
+
+    /// The incidents still open.
+    fn open_incidents(&self) -> BTreeMap<u64, Incident> {
+        self.incidents
+            .iter()
+            .filter(|(_, i)| i.resolved_at.is_none())
+            .map(|(id, i)| (*id, i.clone()))
+            .collect()
     }
 
     /// What a store hands to `Scheduler::restore`.
@@ -454,6 +565,8 @@ impl Store {
                 .collect(),
             meta: self.meta,
             tombstones: self.tombstones.values().cloned().collect(),
+            incidents: self.open_incidents().into_values().collect(),
+            deliveries: self.deliveries.values().cloned().collect(),
         }
     }
 }
@@ -470,6 +583,14 @@ struct Stats {
     crashes: u64,
     terminal_runs: u64,
     cancel_requests: u64,
+    /// Leases the watchdog reclaimed from attempts that went silent.
+    reclaims: u64,
+    /// Heartbeats accepted.
+    heartbeats: u64,
+    /// Outcomes and heartbeats refused for carrying a token that is not current.
+    stale_refused: u64,
+    /// Incidents opened.
+    incidents: u64,
     max_in_memory_runs: usize,
 }
 
@@ -483,8 +604,22 @@ impl Stats {
         self.crashes += o.crashes;
         self.terminal_runs += o.terminal_runs;
         self.cancel_requests += o.cancel_requests;
+        self.reclaims += o.reclaims;
+        self.heartbeats += o.heartbeats;
+        self.stale_refused += o.stale_refused;
+        self.incidents += o.incidents;
         self.max_in_memory_runs = self.max_in_memory_runs.max(o.max_in_memory_runs);
     }
+}
+
+/// An attempt handed out and neither reported nor reclaimed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Executing {
+    attempt: Attempt,
+    /// Its lease's fencing token, from `AttemptStart::lease`.
+    token: FencingToken,
+    /// When its lease expires, as of the hand-out or the last accepted heartbeat.
+    expires_at: Timestamp,
 }
 
 struct World {
@@ -492,6 +627,8 @@ struct World {
     /// The wall clock; it may run behind the scheduler's clamped `now`.
     clock: Timestamp,
     keel: Scheduler,
+    /// The in-process executor, owner of every lease in these scenarios.
+    local: WorkerId,
     /// The test's own choices (ack, fail or hold a batch; restore seeds).
     rng: SplitMix64,
     store: Store,
@@ -499,12 +636,25 @@ struct World {
     held: Option<Batch>,
     /// Batches that failed, for late acknowledgements.
     failed: Vec<BatchId>,
-    /// Attempts handed out and not yet reported.
-    executing: BTreeMap<RunId, Attempt>,
-    /// Attempts that must no longer be accepted: reported already, or lost in a crash.
-    stale: Vec<(RunId, Attempt)>,
+    /// Attempts handed out and not yet reported, reclaimed or lost in a crash.
+    executing: BTreeMap<RunId, Executing>,
+    /// Leases whose writes must no longer be accepted: their attempt reported already, was
+    /// reclaimed by the watchdog, or was lost in a crash.
+    stale: Vec<(RunId, FencingToken)>,
     /// Every idempotency key ever handed out.
     handed_out: BTreeSet<(RunId, Attempt)>,
+    /// Every token ever handed out (in any incarnation), with its run.
+    tokens: BTreeMap<FencingToken, RunId>,
+    /// The latest token handed out to each run (in any incarnation).
+    run_tokens: BTreeMap<RunId, FencingToken>,
+    /// The highest token handed out before the latest restore.
+    floor: Option<FencingToken>,
+    /// The latest token granted (`Event::LeaseGranted`) to each run by this incarnation.
+    granted: BTreeMap<RunId, FencingToken>,
+    /// The latest token granted by this incarnation.
+    last_grant: Option<FencingToken>,
+    /// The scheduler's `now` after the latest `handle_timeout`: when the watchdog last ran.
+    last_tick: Timestamp,
     stats: Stats,
 }
 
@@ -517,6 +667,7 @@ impl World {
                 runs_max: scenario.history_runs_max,
                 ..HistoryPolicy::default()
             },
+            ..Config::default()
         };
         let mut rng = SplitMix64::new(scenario.seed);
         let keel = Scheduler::new(config, rng.next_u64(), start);
@@ -524,6 +675,7 @@ impl World {
             config,
             clock: start,
             keel,
+            local: WorkerId::new("local").expect("a valid worker id"),
             rng,
             store: Store::default(),
             held: None,
@@ -531,6 +683,12 @@ impl World {
             executing: BTreeMap::new(),
             stale: Vec::new(),
             handed_out: BTreeSet::new(),
+            tokens: BTreeMap::new(),
+            run_tokens: BTreeMap::new(),
+            floor: None,
+            granted: BTreeMap::new(),
+            last_grant: None,
+            last_tick: start,
             stats: Stats::default(),
         }
     }
@@ -557,6 +715,7 @@ impl World {
             Op::JumpBack => self.clock = Timestamp(self.clock.0 - HOUR_MS as i64),
             Op::Timeout => {
                 self.keel.handle_timeout(self.clock);
+                self.last_tick = self.keel.now();
                 self.keel.check_invariants();
                 self.drain();
                 let now = self.keel.now();
@@ -566,10 +725,25 @@ impl World {
                         "after handle_timeout({now}) and a drain, poll_timeout() is {next}"
                     );
                 }
+                // SPEC L3: the watchdog misses no expired lease.
+                let grace = self.config.lease.grace_ms;
+                for run in self.keel.runs() {
+                    if let (RunState::Running { .. }, Some(lease)) = (run.state, &run.lease) {
+                        assert!(
+                            lease.expires_at.plus_ms(grace) > self.last_tick,
+                            "{} still running at {} with {} expired at {}",
+                            run.id,
+                            self.last_tick,
+                            lease.token,
+                            lease.expires_at
+                        );
+                    }
+                }
             }
             Op::Drain => self.drain(),
             Op::Complete { pick, outcome } => self.complete(*pick, outcome),
             Op::Stale { pick } => self.stale_outcome(*pick),
+            Op::Heartbeat { pick, stale } => self.heartbeat(*pick, *stale),
             Op::Add { job, template } => self.add(*job, template),
             Op::Update { job, template } => {
                 let id = job_id(*job);
@@ -637,7 +811,33 @@ impl World {
             Op::Crash => self.crash(),
         }
         self.keel.check_invariants();
+        self.check_executing();
         self.stats.max_in_memory_runs = self.stats.max_in_memory_runs.max(self.keel.runs().count());
+    }
+
+    /// Every attempt the test believes is executing is running in the scheduler under the lease
+    /// it was handed out with: an attempt stops executing only when it reports, when the
+    /// watchdog reclaims its lease (`Event::LeaseReclaimed`), or in a crash.
+    fn check_executing(&self) {
+        for (run, exec) in &self.executing {
+            let current = self
+                .keel
+                .run(*run)
+                .map(|r| (r.state, r.lease.as_ref().map(|l| (l.token, l.expires_at))));
+            assert!(
+                matches!(
+                    current,
+                    Some((RunState::Running { attempt, .. }, Some((token, expires_at))))
+                        if attempt == exec.attempt
+                            && token == exec.token
+                            && expires_at == exec.expires_at
+                ),
+                "{run} attempt {} ({}, expiring {}) is executing, but the scheduler has {current:?}",
+                exec.attempt,
+                exec.token,
+                exec.expires_at
+            );
+        }
     }
 
     fn add(&mut self, job: usize, template: &Template) {
@@ -650,61 +850,162 @@ impl World {
         self.refused_changes_nothing("add_job", before, r);
     }
 
-    fn complete(&mut self, pick: usize, outcome: &OutcomeChoice) {
+    /// The executing attempt at `pick` (modulo their count).
+    fn pick_executing(&self, pick: usize) -> Option<(RunId, Executing)> {
         if self.executing.is_empty() {
-            return;
+            return None;
         }
-        let (run_id, attempt) = self
-            .executing
+        self.executing
             .iter()
             .nth(pick % self.executing.len())
-            .map(|(r, a)| (*r, *a))
-            .expect("index in range");
+            .map(|(r, e)| (*r, *e))
+    }
+
+    fn complete(&mut self, pick: usize, outcome: &OutcomeChoice) {
+        let Some((run_id, exec)) = self.pick_executing(pick) else {
+            return;
+        };
         let run = self
             .keel
             .run(run_id)
             .expect("an executing run is in memory");
         let cancel_requested = run.cancel_requested;
-        let outcome = outcome.clone();
+        let outcome = outcome.outcome();
         self.keel
-            .handle_outcome(self.clock, run_id, attempt, outcome.outcome())
-            .unwrap_or_else(|e| panic!("outcome for executing {run_id} attempt {attempt}: {e}"));
+            .handle_outcome(self.clock, run_id, exec.token, outcome.clone())
+            .unwrap_or_else(|e| {
+                panic!(
+                    "outcome for executing {run_id} attempt {} ({}): {e}",
+                    exec.attempt, exec.token
+                )
+            });
         self.executing.remove(&run_id);
-        self.stale.push((run_id, attempt));
+        self.stale.push((run_id, exec.token));
         self.stats.outcomes += 1;
         let run = self
             .keel
             .run(run_id)
             .expect("a run stays in memory until its record is acknowledged");
-        if cancel_requested && !matches!(outcome, OutcomeChoice::Success) {
+        assert!(
+            run.lease.is_none(),
+            "{run_id} kept its lease after reporting"
+        );
+        if cancel_requested && !matches!(outcome, Outcome::Success { .. }) {
             assert_eq!(
                 run.state,
                 RunState::Cancelled,
                 "a failure after a cancel request must end the run cancelled"
             );
         }
+        if let Outcome::Success { summary, artifacts } = outcome {
+            assert_eq!(run.state, RunState::Succeeded);
+            assert_eq!(run.summary, summary);
+            assert_eq!(run.artifacts, artifacts, "{run_id} lost its artifacts");
+        }
         if run.state.is_terminal() {
             self.stats.terminal_runs += 1;
         }
     }
 
-    fn stale_outcome(&mut self, pick: usize) {
-        let (run, attempt) = if !self.stale.is_empty() {
-            self.stale[pick % self.stale.len()]
-        } else if let Some((&run, &attempt)) = self.executing.iter().next() {
-            (run, Attempt(attempt.0 + 1))
-        } else {
-            (RunId(u64::MAX / 2), Attempt(1))
+    /// A write that must be refused: the token of an attempt that is over (reported,
+    /// reclaimed, lost in a crash), a token newer than an executing attempt's, the token of
+    /// another run's executing attempt, or a run that does not exist.
+    fn stale_write(&self, pick: usize) -> (RunId, FencingToken) {
+        let others: Vec<(RunId, FencingToken)> = self
+            .executing
+            .keys()
+            .flat_map(|run| {
+                self.executing
+                    .iter()
+                    .filter(move |(other, _)| *other != run)
+                    .map(move |(_, o)| (*run, o.token))
+            })
+            .collect();
+        match pick % 4 {
+            0 | 1 if !self.stale.is_empty() => self.stale[(pick / 4) % self.stale.len()],
+            2 if !others.is_empty() => others[(pick / 4) % others.len()],
+            _ => match self.pick_executing(pick / 4) {
+                Some((run, exec)) => (run, FencingToken(exec.token.0 + 1)),
+                None => (RunId(u64::MAX / 2), FencingToken(1)),
+            },
+        }
+    }
+
+    /// Asserts `result` is a refusal for a write with a token that is not current.
+    fn assert_stale_refused<T: Debug>(
+        &self,
+        what: &str,
+        run: RunId,
+        token: FencingToken,
+        result: &Result<T, Rejected>,
+    ) {
+        let current = self
+            .keel
+            .run(run)
+            .and_then(|r| r.lease.as_ref())
+            .map(|l| l.token);
+        let refused = match result {
+            Err(Rejected::StaleToken {
+                run: r,
+                got,
+                current: c,
+            }) => *r == run && *got == token && *c == current,
+            Err(Rejected::NotRunning { run: r, .. }) => *r == run,
+            Err(Rejected::UnknownRun(r)) => *r == run && self.keel.run(run).is_none(),
+            _ => false,
         };
-        let before = fingerprint(&self.keel);
-        let r =
-            self.keel
-                .handle_outcome(self.clock, run, attempt, Outcome::Success { summary: None });
         assert!(
-            r.is_err(),
-            "an outcome for {run} attempt {attempt}, which is not executing, was accepted"
+            refused,
+            "{what} for {run} with {token} (current lease {current:?}) was not refused as \
+             stale: {result:?}"
         );
+    }
+
+    fn stale_outcome(&mut self, pick: usize) {
+        let (run, token) = self.stale_write(pick);
+        let before = fingerprint(&self.keel);
+        let r = self
+            .keel
+            .handle_outcome(self.clock, run, token, Outcome::ok());
+        self.assert_stale_refused("an outcome", run, token, &r);
+        self.stats.stale_refused += 1;
         self.refused_changes_nothing("handle_outcome (stale)", before, r);
+    }
+
+    fn heartbeat(&mut self, pick: usize, stale: bool) {
+        if stale {
+            let (run, token) = self.stale_write(pick);
+            let before = fingerprint(&self.keel);
+            let r = self.keel.heartbeat(self.clock, run, token);
+            self.assert_stale_refused("a heartbeat", run, token, &r);
+            self.stats.stale_refused += 1;
+            self.refused_changes_nothing("heartbeat (stale)", before, r);
+            return;
+        }
+        let Some((run, exec)) = self.pick_executing(pick) else {
+            return;
+        };
+        let lease = self
+            .keel
+            .heartbeat(self.clock, run, exec.token)
+            .unwrap_or_else(|e| panic!("heartbeat of executing {run} ({}): {e}", exec.token));
+        let now = self.keel.now();
+        assert_eq!(lease.token, exec.token, "a heartbeat changed the token");
+        assert_eq!(lease.owner, self.local);
+        assert_eq!(
+            (lease.renewed_at, lease.expires_at),
+            (now, now.plus_ms(self.config.lease.ttl_ms)),
+            "a heartbeat renews the lease for a TTL from now"
+        );
+        assert_eq!(
+            self.keel.run(run).and_then(|r| r.lease.as_ref()),
+            Some(&lease)
+        );
+        self.executing
+            .get_mut(&run)
+            .expect("picked from executing")
+            .expires_at = lease.expires_at;
+        self.stats.heartbeats += 1;
     }
 
     fn cancel(&mut self, pick: usize) {
@@ -759,11 +1060,74 @@ impl World {
                     }
                 }
                 Effect::StartAttempt(start) => self.start(start),
-                Effect::CancelAttempt { .. } | Effect::Event(_) => {}
+                Effect::CancelAttempt { run, attempt } => {
+                    assert!(
+                        self.handed_out.contains(&(run, attempt)),
+                        "cancel for {run} attempt {attempt}, which was never handed out"
+                    );
+                }
+                Effect::KillAttempt { run, attempt } => {
+                    panic!("{run} attempt {attempt} killed, but no job here has a timeout")
+                }
+                Effect::Deliver(send) => {
+                    panic!("delivery {send:?}, but no job here has a sink")
+                }
+                Effect::Event(event) => self.event(event),
             }
             self.keel.check_invariants();
         }
         panic!("the scheduler produced effects forever");
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::LeaseGranted { run, owner, token } => {
+                // SPEC L1: the token rises on every grant, across crashes: above every grant of
+                // this incarnation, every token handed out, and every token the store holds.
+                assert_eq!(owner, self.local, "{run} granted to {owner}");
+                let highest = [
+                    self.last_grant,
+                    self.tokens.keys().next_back().copied(),
+                    self.store.max_token,
+                ]
+                .into_iter()
+                .flatten()
+                .max();
+                assert!(
+                    highest.is_none_or(|h| token > h),
+                    "{run} granted {token}, not above {highest:?}"
+                );
+                self.last_grant = Some(token);
+                self.granted.insert(run, token);
+            }
+            Event::LeaseReclaimed { run, token } => {
+                let exec = self.executing.remove(&run).unwrap_or_else(|| {
+                    panic!("{token} of {run} reclaimed, but no attempt of {run} is executing")
+                });
+                assert_eq!(
+                    exec.token, token,
+                    "{run}: {token} reclaimed, but {} is executing",
+                    exec.token
+                );
+                // SPEC L3: only after the lease expired, plus the grace.
+                let due = exec.expires_at.plus_ms(self.config.lease.grace_ms);
+                assert!(
+                    self.last_tick >= due,
+                    "{run}: {token} reclaimed at {}, before its expiry {} plus the grace",
+                    self.last_tick,
+                    exec.expires_at
+                );
+                let state = self.keel.run(run).map(|r| r.state);
+                assert!(
+                    !matches!(state, Some(RunState::Running { .. })),
+                    "{run} still running after its lease was reclaimed"
+                );
+                self.stale.push((run, token));
+                self.stats.reclaims += 1;
+            }
+            Event::IncidentOpened(_) => self.stats.incidents += 1,
+            _ => {}
+        }
     }
 
     fn ack(&mut self, batch: Batch) {
@@ -784,8 +1148,10 @@ impl World {
             run,
             attempt,
             idempotency_key,
+            ref lease,
             ..
         } = start;
+        let token = lease.token;
         let stored = self.store.runs.get(&run).unwrap_or_else(|| {
             panic!("persist before act: {run} attempt {attempt} handed out, but the store has never acknowledged the run")
         });
@@ -794,6 +1160,13 @@ impl World {
             RunState::Starting { attempt },
             "persist before act: {run} attempt {attempt} handed out, but the store holds {:?}",
             stored.state
+        );
+        assert_eq!(
+            stored.lease.as_ref().map(|l| l.token),
+            Some(token),
+            "persist before act: {run} attempt {attempt} handed out with {token}, but the \
+             store holds {:?}",
+            stored.lease
         );
         assert!(
             !stored.cancel_requested,
@@ -812,26 +1185,83 @@ impl World {
             start.kind,
             start.payload
         );
-        let previous = self.executing.insert(run, attempt);
+        // The lease: granted by this incarnation to this run, owned by the executor, running
+        // for a TTL from the hand-out.
+        assert_eq!(lease.owner, self.local);
+        assert_eq!(
+            self.granted.get(&run),
+            Some(&token),
+            "{run} attempt {attempt} handed out with {token}, not the token it was granted"
+        );
+        assert_eq!(
+            lease.expires_at,
+            lease.renewed_at.plus_ms(self.config.lease.ttl_ms),
+            "{run} attempt {attempt}: the lease lasts a TTL"
+        );
+        // Unless the watchdog reclaimed it before this effect was polled, the attempt is
+        // running, and its lease runs from the acknowledgement that handed it out.
+        if let Some(RunState::Running { started_at, .. }) = self.keel.run(run).map(|r| r.state) {
+            assert_eq!(
+                lease.renewed_at, started_at,
+                "{run} attempt {attempt}: the lease does not run from the hand-out"
+            );
+        }
+        // Tokens rise and never repeat, across crashes and restores. They rise in grant order
+        // (checked with `Event::LeaseGranted`), so a token is above every token handed out
+        // before it was granted; attempts granted together are handed out in batch order,
+        // which need not be grant order (see `attempts_granted_together_are_handed_out_in_grant_order`).
+        if let Some(of) = self.tokens.insert(token, run) {
+            panic!("{run} attempt {attempt} handed out with {token}, already handed out to {of}");
+        }
+        if let Some(floor) = self.floor {
+            assert!(
+                token > floor,
+                "{run} attempt {attempt} handed out with {token}, not above {floor} handed out \
+                 before the last restore"
+            );
+        }
+        if let Some(last) = self.run_tokens.insert(run, token) {
+            assert!(
+                token > last,
+                "{run} attempt {attempt} handed out with {token}, not above {last}, the token \
+                 of its previous attempt"
+            );
+        }
+        let previous = self.executing.insert(
+            run,
+            Executing {
+                attempt,
+                token,
+                expires_at: lease.expires_at,
+            },
+        );
         assert!(
             previous.is_none(),
-            "{run} attempt {attempt} handed out while attempt {previous:?} executes"
+            "{run} attempt {attempt} handed out while {previous:?} executes"
         );
         self.stats.attempts_started += 1;
     }
 
     fn check_after_drain(&mut self) {
-        let running: BTreeMap<RunId, Attempt> = self
+        let running: BTreeMap<RunId, (Attempt, Option<FencingToken>)> = self
             .keel
             .runs()
             .filter_map(|r| match r.state {
-                RunState::Running { attempt, .. } => Some((r.id, attempt)),
+                RunState::Running { attempt, .. } => {
+                    Some((r.id, (attempt, r.lease.as_ref().map(|l| l.token))))
+                }
                 _ => None,
             })
             .collect();
+        let executing: BTreeMap<RunId, (Attempt, Option<FencingToken>)> = self
+            .executing
+            .iter()
+            .map(|(run, e)| (*run, (e.attempt, Some(e.token))))
+            .collect();
         assert_eq!(
-            running, self.executing,
-            "runs in `Running` differ from the attempts handed out and not yet reported"
+            running, executing,
+            "runs in `Running` differ from the attempts handed out and neither reported nor \
+             reclaimed"
         );
         if self.held.is_some() || !self.keel.is_quiescent() {
             return;
@@ -870,6 +1300,13 @@ impl World {
                 run.id
             );
         }
+        let memory: BTreeMap<u64, Incident> =
+            self.keel.incidents().map(|i| (i.id, i.clone())).collect();
+        assert_eq!(
+            memory,
+            self.store.open_incidents(),
+            "quiescent, but the store's open incidents differ from memory"
+        );
     }
 
     fn crash(&mut self) {
@@ -879,7 +1316,12 @@ impl World {
                 self.store.apply(&batch);
             }
         }
-        self.stale.extend(std::mem::take(&mut self.executing));
+        let lost = std::mem::take(&mut self.executing);
+        self.stale
+            .extend(lost.into_iter().map(|(run, e)| (run, e.token)));
+        self.granted.clear();
+        self.last_grant = None;
+        self.floor = self.tokens.keys().next_back().copied();
         self.failed.clear();
         let snapshot = self.store.snapshot();
         let seed = self.rng.next_u64();
@@ -891,6 +1333,7 @@ impl World {
             "restore from the same snapshot and seed is not deterministic"
         );
         self.keel = keel;
+        self.last_tick = self.keel.now();
         self.stats.crashes += 1;
     }
 
@@ -976,6 +1419,10 @@ fn random_sequences_reach_the_interesting_states() {
     assert!(total.crashes > 0, "{total:?}");
     assert!(total.terminal_runs > 10, "{total:?}");
     assert!(total.cancel_requests > 0, "{total:?}");
+    assert!(total.reclaims > 0, "{total:?}");
+    assert!(total.heartbeats > 5, "{total:?}");
+    assert!(total.stale_refused > 10, "{total:?}");
+    assert!(total.incidents > 0, "{total:?}");
 }
 
 // ----- deterministic scenarios --------------------------------------------------------------
@@ -1194,6 +1641,8 @@ fn refused_commands_change_nothing() {
     let batch = next_batch(&mut keel);
     keel.handle_persisted(t1, batch.id);
     let start = expect_start(keel.poll_effect());
+    let token = start.lease.token;
+    let (older, newer) = (FencingToken(token.0 - 1), FencingToken(token.0 + 1));
     // Leave the Running record unpersisted too, so the journal has something pending.
     let _in_flight = next_batch(&mut keel);
     keel.check_invariants();
@@ -1259,37 +1708,32 @@ fn refused_commands_change_nothing() {
             Box::new(|k| k.cancel_run(later, RunId(9_999))),
         ),
         (
-            "report the next attempt (stale)",
-            Box::new(|k| {
-                k.handle_outcome(
-                    later,
-                    start.run,
-                    Attempt(start.attempt.0 + 1),
-                    Outcome::Success { summary: None },
-                )
-            }),
+            "report with a newer token",
+            Box::new(|k| k.handle_outcome(later, start.run, newer, Outcome::ok())),
         ),
         (
-            "report attempt 0 (stale)",
-            Box::new(|k| {
-                k.handle_outcome(
-                    later,
-                    start.run,
-                    Attempt(0),
-                    Outcome::Success { summary: None },
-                )
-            }),
+            "report with an older token",
+            Box::new(|k| k.handle_outcome(later, start.run, older, Outcome::ok())),
         ),
         (
             "report for an unknown run",
-            Box::new(|k| {
-                k.handle_outcome(
-                    later,
-                    RunId(9_999),
-                    Attempt(1),
-                    Outcome::Success { summary: None },
-                )
-            }),
+            Box::new(|k| k.handle_outcome(later, RunId(9_999), token, Outcome::ok())),
+        ),
+        (
+            "heartbeat with a newer token",
+            Box::new(|k| k.heartbeat(later, start.run, newer).map(drop)),
+        ),
+        (
+            "heartbeat with an older token",
+            Box::new(|k| k.heartbeat(later, start.run, older).map(drop)),
+        ),
+        (
+            "heartbeat for an unknown run",
+            Box::new(|k| k.heartbeat(later, RunId(9_999), token).map(drop)),
+        ),
+        (
+            "extend a run whose job has no timeout",
+            Box::new(|k| k.extend(later, start.run, 1_000, "more time").map(drop)),
         ),
     ];
     for (what, command) in &refusals {
@@ -1332,13 +1776,8 @@ fn readding_a_job_removed_while_its_run_is_active_keeps_active_runs_consistent()
     keel.add_job(t1, every_minute("minutely"))
         .expect("the name is free again");
     keel.check_invariants();
-    keel.handle_outcome(
-        t1,
-        start.run,
-        start.attempt,
-        Outcome::Success { summary: None },
-    )
-    .expect("the attempt is current");
+    keel.handle_outcome(t1, start.run, start.lease.token, Outcome::ok())
+        .expect("the attempt is current");
     keel.check_invariants();
 }
 
@@ -1359,7 +1798,7 @@ fn permanent_error_after_a_cancel_request_ends_the_run_cancelled() {
     let outcome = Outcome::Permanent {
         message: "stopped".into(),
     };
-    keel.handle_outcome(t1, start.run, start.attempt, outcome)
+    keel.handle_outcome(t1, start.run, start.lease.token, outcome)
         .expect("current attempt");
     assert_eq!(
         keel.run(start.run).map(|r| r.state),
@@ -1382,7 +1821,7 @@ fn snooze_after_a_cancel_request_keeps_a_last_error() {
     keel.handle_outcome(
         t1,
         start.run,
-        start.attempt,
+        start.lease.token,
         Outcome::Snooze { for_ms: 1_000 },
     )
     .expect("current attempt");
@@ -1460,13 +1899,8 @@ fn a_one_shot_is_not_finished_by_a_run_of_an_earlier_schedule() {
         } else {
             keel.update_job(t1, once).expect("a valid update");
         }
-        keel.handle_outcome(
-            t1,
-            start.run,
-            start.attempt,
-            Outcome::Success { summary: None },
-        )
-        .expect("current attempt");
+        keel.handle_outcome(t1, start.run, start.lease.token, Outcome::ok())
+            .expect("current attempt");
         let state = keel.job(&id).map(|j| j.state.clone());
         assert_eq!(
             state,
@@ -1516,7 +1950,7 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
     let failed = Outcome::Retryable {
         message: "503".into(),
     };
-    keel.handle_outcome(t1, first.run, first.attempt, failed)
+    keel.handle_outcome(t1, first.run, first.lease.token, failed)
         .expect("current attempt");
     let retry_at = t1.plus_ms(1_000);
     let mut store = Store::default();
@@ -1531,4 +1965,121 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
         .expect("the retry is handed out");
     assert_eq!(second.attempt, Attempt(2));
     assert_eq!((&*second.kind, second.payload.as_str()), ("work", "p"));
+}
+
+/// SPEC W5 and `keel_core::incident`: incidents are persisted (`Record::PutIncident`) when
+/// they open and when they resolve. (A first version of the lease work collected them in the
+/// journal but never put them in a batch.)
+#[test]
+fn an_incident_is_persisted_when_it_opens_and_when_it_resolves() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let t1 = t0.plus_ms(60_000);
+    let config = Config::default();
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(config, 7, t0);
+    keel.add_job(t0, every_minute("minutely")).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    keel.handle_timeout(t1);
+    let start = flush(&mut keel, &mut store, t1)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::StartAttempt(start) => Some(start),
+            _ => None,
+        })
+        .expect("the slot fired and its attempt was handed out");
+
+    // The attempt goes silent: its lease is reclaimed, which opens an incident, and the retry
+    // that starts at once resolves it.
+    let t2 = start.lease.expires_at.plus_ms(config.lease.grace_ms);
+    keel.handle_timeout(t2);
+    let mut incidents = BTreeMap::new();
+    for effect in flush(&mut keel, &mut store, t2) {
+        if let Effect::Event(Event::IncidentOpened(i) | Event::IncidentResolved(i)) = effect {
+            incidents.insert(i.id, i);
+        }
+    }
+    assert!(
+        incidents.values().any(|i| i.run == Some(start.run)),
+        "the reclaim opened no incident"
+    );
+    assert!(keel.is_quiescent());
+    assert_eq!(
+        store.incidents, incidents,
+        "the store does not hold the incidents in their latest state"
+    );
+}
+
+/// Attempts granted together (in one batch) are handed out in grant order, so the tokens a
+/// driver sees rise with the hand-out, not with job names. (Fencing itself is per run.)
+#[test]
+fn attempts_granted_together_are_handed_out_in_grant_order() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let mut keel = Scheduler::new(Config::default(), 7, t0);
+    keel.add_job(t0, once_spec("b", t0.plus_ms(1_000)))
+        .expect("valid");
+    keel.add_job(t0, once_spec("a", t0.plus_ms(2_000)))
+        .expect("valid");
+    let mut store = Store::default();
+    flush(&mut keel, &mut store, t0);
+    let t1 = t0.plus_ms(2_000);
+    keel.handle_timeout(t1);
+    let handed_out: Vec<(String, FencingToken)> = flush(&mut keel, &mut store, t1)
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::StartAttempt(start) => Some((start.job.to_string(), start.lease.token)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(handed_out.len(), 2, "{handed_out:?}");
+    assert!(
+        handed_out[0].1 < handed_out[1].1,
+        "handed out in this order: {handed_out:?}"
+    );
+}
+
+/// SPEC L1: a token never repeats. `claim` once returned the granted token before the grant
+/// (and the token counter) was durable; a crash then let the restored scheduler grant the same
+/// token to another worker, and the first worker's completion was accepted as the new holder's.
+/// Now a claim reveals only the run: the lease reaches the worker with the StartAttempt that
+/// follows the durable grant.
+#[test]
+fn a_claimed_token_is_not_granted_again_after_a_crash() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let mut spec = once_spec("external", t0);
+    spec.external = true;
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(Config::default(), 7, t0);
+    keel.add_job(t0, spec).expect("valid");
+    keel.handle_timeout(t0);
+    flush(&mut keel, &mut store, t0);
+    let a = WorkerId::new("worker-a").expect("valid");
+    let first = keel
+        .claim(t0, &a, &["work"])
+        .expect("not shutting down")
+        .expect("the run is queued");
+    // The claim reveals no token: worker a gets its lease only with the StartAttempt that
+    // follows the durable grant. The process dies before that batch is written.
+    let mut keel = Scheduler::restore(Config::default(), 7, t0, store.snapshot());
+    flush(&mut keel, &mut store, t0);
+    let b = WorkerId::new("worker-b").expect("valid");
+    let second = keel
+        .claim(t0, &b, &["work"])
+        .expect("not shutting down")
+        .expect("the run is queued again");
+    assert_eq!(second.run, first.run);
+    let mut handed_out = Vec::new();
+    while let Some(effect) = keel.poll_effect() {
+        match effect {
+            Effect::Persist(batch) => {
+                store.apply(&batch);
+                keel.handle_persisted(t0, batch.id);
+            }
+            Effect::StartAttempt(start) => handed_out.push(start),
+            _ => {}
+        }
+    }
+    assert_eq!(handed_out.len(), 1, "one hand-out, to worker b");
+    assert_eq!(handed_out[0].lease.owner, b);
+    keel.handle_outcome(t0, second.run, handed_out[0].lease.token, Outcome::ok())
+        .expect("worker b holds the lease");
 }

@@ -12,13 +12,14 @@
 //!   and crashes driving a [`Scheduler`], with [`Scheduler::check_invariants`] after every step
 //!   and a model store that checks what the core asked to persist.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use keel_core::schedule::Due;
 use keel_core::{
-    limits, Attempt, AuditRecord, Batch, Config, Effect, Job, JobId, JobSpec, JobState,
-    MisfirePolicy, Outcome, OverlapPolicy, Record, Rejected, RetryPolicy, Run, RunId, RunState,
-    Schedule, ScheduleSpec, Scheduler, Snapshot, Timestamp,
+    limits, Attempt, AttemptStart, AuditRecord, Batch, Config, Delivery, DeliveryId, Effect, Event,
+    FencingToken, Incident, Job, JobId, JobSpec, JobState, MisfirePolicy, Outcome, OverlapPolicy,
+    Record, Rejected, RetryPolicy, Run, RunId, RunState, Schedule, ScheduleSpec, Scheduler,
+    Snapshot, Timestamp, WorkerId,
 };
 
 // ----- byte decoding ------------------------------------------------------------------------
@@ -409,7 +410,7 @@ pub struct SpecArgs {
     pub arg: u8,
     /// Misfire and overlap policy, delete-after-run, resume-after-crash.
     pub policy: u8,
-    /// Retry policy (and a few invalid fields).
+    /// Retry policy (and a few invalid fields, and an attempt timeout).
     pub retry: u8,
 }
 
@@ -465,8 +466,13 @@ fn canned_spec(args: SpecArgs, now: Timestamp, start: Timestamp) -> JobSpec {
         backoff_cap_ms: 60_000,
         jitter: if retry_bits & 0x04 != 0 { 1.0 } else { 0.0 },
         deadline_ms: (retry_bits & 0x08 != 0).then_some(5_000),
+        lost_attempts_max: RetryPolicy::default().lost_attempts_max,
     };
     match retry_bits >> 5 {
+        // 0xd8 to 0xdb: an attempt timeout, so the watchdog times attempts out and kills
+        // them. (Added with leases: these values, refused for their empty kind before, are
+        // used by no committed corpus input, so the corpus keeps its meaning.)
+        6 if retry_bits & 0xfc == 0xd8 => spec.timeout_ms = Some(ATTEMPT_TIMEOUT_MS),
         6 => spec.kind = "".into(),         // refused: empty kind
         7 => spec.payload = "p".repeat(64), // a payload the attempt must carry
         _ => {}
@@ -474,10 +480,18 @@ fn canned_spec(args: SpecArgs, now: Timestamp, start: Timestamp) -> JobSpec {
     spec
 }
 
+/// The attempt timeout of jobs that have one (retry byte 0xd8 to 0xdb).
+const ATTEMPT_TIMEOUT_MS: u64 = 20_000;
+
 fn outcome(kind: u8, arg: u8) -> Outcome {
     match kind % 6 {
         0 | 1 => Outcome::Success {
             summary: (arg & 1 == 0).then(|| "ok".to_owned()),
+            artifacts: if arg & 2 == 0 {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([("report".to_owned(), "s3://reports/1".to_owned())])
+            },
         },
         2 => Outcome::Retryable {
             message: if arg & 1 == 0 {
@@ -513,23 +527,31 @@ struct ModelStore {
     audit: BTreeMap<u64, AuditRecord>,
     meta: keel_core::Meta,
     tombstones: BTreeMap<JobId, keel_core::persist::Tombstone>,
+    /// Every incident ever written, open or resolved.
+    incidents: BTreeMap<u64, Incident>,
+    deliveries: BTreeMap<DeliveryId, Delivery>,
+    /// The highest lease token a stored run ever held.
+    max_token: Option<FencingToken>,
 }
 
 impl ModelStore {
     /// Applies a batch the store made durable.
     fn apply(&mut self, batch: &Batch) {
         // Ids may be allocated by the counters written in this same batch.
-        let (next_run_id, next_audit_seq) = batch
+        let counters = batch
             .records
             .iter()
             .filter_map(|r| match r {
-                Record::PutMeta(m) => Some((m.next_run_id, m.next_audit_seq)),
+                Record::PutMeta(m) => Some(*m),
                 _ => None,
             })
-            .fold(
-                (self.meta.next_run_id, self.meta.next_audit_seq),
-                |(r, a), (r2, a2)| (r.max(r2), a.max(a2)),
-            );
+            .fold(self.meta, |a, m| keel_core::Meta {
+                next_run_id: a.next_run_id.max(m.next_run_id),
+                next_audit_seq: a.next_audit_seq.max(m.next_audit_seq),
+                next_token: a.next_token.max(m.next_token),
+                next_incident: a.next_incident.max(m.next_incident),
+                ..a
+            });
         for record in &batch.records {
             match record {
                 Record::PutJob(job) => {
@@ -579,10 +601,21 @@ impl ModelStore {
                         );
                     }
                     assert!(
-                        run.id.0 < next_run_id,
+                        run.id.0 < counters.next_run_id,
                         "run {} persisted without a counter above it",
                         run.id
                     );
+                    if let Some(lease) = &run.lease {
+                        // A restart grants from the durable counter: it must be above every
+                        // durable token, or a token could be granted twice.
+                        assert!(
+                            lease.token.0 < counters.next_token,
+                            "run {} persisted with {} without a token counter above it",
+                            run.id,
+                            lease.token
+                        );
+                        self.max_token = self.max_token.max(Some(lease.token));
+                    }
                     self.runs.insert(run.id, run.clone());
                 }
                 Record::Audit(record) => {
@@ -590,7 +623,7 @@ impl ModelStore {
                         assert_eq!(old, record, "audit seq {} reused", record.seq);
                     }
                     assert!(
-                        record.seq < next_audit_seq,
+                        record.seq < counters.next_audit_seq,
                         "audit seq {} persisted without a counter above it",
                         record.seq
                     );
@@ -600,25 +633,68 @@ impl ModelStore {
                     // Retention is the store's business; the model keeps everything.
                 }
                 Record::PutMeta(meta) => {
+                    let old = self.meta;
                     assert!(
-                        meta.next_run_id >= self.meta.next_run_id
-                            && meta.next_audit_seq >= self.meta.next_audit_seq,
-                        "durable counters went backwards: {:?} -> {meta:?}",
-                        self.meta
+                        meta.next_run_id >= old.next_run_id
+                            && meta.next_audit_seq >= old.next_audit_seq
+                            && meta.next_token >= old.next_token
+                            && meta.next_incident >= old.next_incident,
+                        "durable counters went backwards: {old:?} -> {meta:?}"
                     );
                     self.meta = *meta;
+                }
+                Record::PutIncident(incident) => {
+                    assert!(
+                        incident.id < counters.next_incident,
+                        "incident {} persisted without a counter above it",
+                        incident.id
+                    );
+                    if let Some(old) = self.incidents.get(&incident.id) {
+                        assert!(
+                            old.kind == incident.kind
+                                && old.opened_at == incident.opened_at
+                                && old.run == incident.run
+                                && old.job == incident.job
+                                && old.worker == incident.worker,
+                            "incident id {} reused: stored {old:?}, now {incident:?}",
+                            incident.id
+                        );
+                        assert!(
+                            old.resolved_at.is_none() || old == incident,
+                            "resolved incident {} changed: stored {old:?}, now {incident:?}",
+                            incident.id
+                        );
+                    }
+                    self.incidents.insert(incident.id, incident.clone());
+                }
+                Record::PutDelivery(delivery) => {
+                    self.deliveries.insert(delivery.id, delivery.clone());
+                }
+                Record::DeleteDelivery { id } => {
+                    self.deliveries.remove(id);
                 }
             }
         }
     }
 
+    /// The incidents the store holds as open.
+    fn open_incidents(&self) -> Vec<&Incident> {
+        self.incidents
+            .values()
+            .filter(|i| i.resolved_at.is_none())
+            .collect()
+    }
+
     fn snapshot(&self) -> Snapshot {
         Snapshot {
             jobs: self.jobs.values().cloned().collect(),
-            // Terminal runs included on purpose: restore must ignore them.
+            // Terminal runs and resolved incidents included on purpose: restore must ignore
+            // them.
             runs: self.runs.values().cloned().collect(),
             meta: self.meta,
             tombstones: self.tombstones.values().cloned().collect(),
+            incidents: self.incidents.values().cloned().collect(),
+            deliveries: self.deliveries.values().cloned().collect(),
         }
     }
 }
@@ -634,6 +710,21 @@ enum PersistMode {
     Fail,
 }
 
+/// An attempt handed to the executor and not yet reported, reclaimed or killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Started {
+    run: RunId,
+    attempt: Attempt,
+    /// Its lease's fencing token.
+    token: FencingToken,
+    /// When it was handed out (its lease runs from then).
+    started_at: Timestamp,
+    /// When its lease expires: at the hand-out, or as renewed by the last heartbeat.
+    expires_at: Timestamp,
+    /// The run's attempt timeout.
+    timeout_ms: Option<u64>,
+}
+
 /// The world around one scheduler: clock, store, executor.
 #[derive(Debug)]
 struct World {
@@ -644,21 +735,111 @@ struct World {
     store: ModelStore,
     /// The batch the store is writing, if any.
     in_flight: Option<Batch>,
-    /// Attempts handed to the executor in this incarnation and not yet reported.
-    started: Vec<(RunId, Attempt)>,
-    /// Attempts reported (accepted) in this incarnation.
-    reported: Vec<(RunId, Attempt)>,
+    /// The in-process executor: the owner of every lease here.
+    local: WorkerId,
+    /// Attempts handed to the executor in this incarnation and not yet reported, reclaimed or
+    /// killed: each is running under the lease it was handed out with.
+    started: Vec<Started>,
+    /// Leases whose writes must be refused, in any incarnation: their attempt was reported,
+    /// reclaimed, killed, or lost in a crash.
+    stale: Vec<(RunId, FencingToken)>,
+    /// Every attempt ever handed out, across crashes.
+    handed_out: BTreeSet<(RunId, Attempt)>,
+    /// Every token ever handed out, across crashes.
+    tokens: BTreeSet<FencingToken>,
+    /// The highest token handed out before the latest restore.
+    floor: Option<FencingToken>,
+    /// The latest token this incarnation granted to each run (`Event::LeaseGranted`).
+    granted: BTreeMap<RunId, FencingToken>,
+    /// The latest token this incarnation granted.
+    last_grant: Option<FencingToken>,
 }
 
 impl World {
     fn check(&self) {
         self.sched.check_invariants();
+        // Only the watchdog (in a tick, see `after_tick`) ends an attempt that did not report.
+        for s in &self.started {
+            let current = self
+                .sched
+                .run(s.run)
+                .map(|r| (r.state, r.lease.as_ref().map(|l| (l.token, l.expires_at))));
+            assert!(
+                matches!(
+                    current,
+                    Some((RunState::Running { attempt, .. }, Some((token, expires_at))))
+                        if attempt == s.attempt && token == s.token && expires_at == s.expires_at
+                ),
+                "{} attempt {} is executing under {} (expiring {}), but the scheduler has \
+                 {current:?}",
+                s.run,
+                s.attempt,
+                s.token,
+                s.expires_at
+            );
+        }
     }
 
     fn set_now(&mut self, t: i64) {
         let lo = self.start.0 - 86_400_000;
         let hi = self.start.0 + CLOCK_SPAN_MS;
         self.now = Timestamp(t.clamp(lo, hi));
+    }
+
+    /// `handle_timeout(now)`: the watchdog may reclaim or kill executing attempts, but only
+    /// those whose deadline passed, and after the tick no executing attempt is past one.
+    fn tick(&mut self) {
+        self.sched.handle_timeout(self.now);
+        let now = self.sched.now();
+        let mut still = Vec::new();
+        for s in std::mem::take(&mut self.started) {
+            let running = self.sched.run(s.run).is_some_and(|r| {
+                matches!(r.state, RunState::Running { attempt, .. } if attempt == s.attempt)
+                    && r.lease.as_ref().is_some_and(|l| l.token == s.token)
+            });
+            let (may_end_at, must_end_at) = self.watchdog_deadlines(&s);
+            if running {
+                assert!(
+                    now < must_end_at,
+                    "{} attempt {} ({}) still running at {now}, past its lease expiry {} plus \
+                     the grace or its backstop",
+                    s.run,
+                    s.attempt,
+                    s.token,
+                    s.expires_at
+                );
+                still.push(s);
+            } else {
+                assert!(
+                    may_end_at <= now,
+                    "{} attempt {} ({}) ended by the watchdog at {now}, before its lease \
+                     expiry {} plus the grace and before any kill deadline",
+                    s.run,
+                    s.attempt,
+                    s.token,
+                    s.expires_at
+                );
+                self.stale.push((s.run, s.token));
+            }
+        }
+        self.started = still;
+    }
+
+    /// When the watchdog may first end an executing attempt, and when it must have: the
+    /// lease's expiry plus the grace (SPEC L3), or for an attempt with a timeout its earliest
+    /// kill (`kill_grace` after the timeout, or the backstop if that comes first: the tick that
+    /// notices the timeout may come late) and its backstop (SPEC W1, W3).
+    fn watchdog_deadlines(&self, s: &Started) -> (Timestamp, Timestamp) {
+        let reclaim = s.expires_at.plus_ms(self.config.lease.grace_ms);
+        let Some(timeout) = s.timeout_ms else {
+            return (reclaim, reclaim);
+        };
+        let backstop = timeout.saturating_mul(u64::from(self.config.backstop_factor.max(1)));
+        let kill = backstop.min(timeout.saturating_add(self.config.kill_grace_ms));
+        (
+            reclaim.min(s.started_at.plus_ms(kill)),
+            reclaim.min(s.started_at.plus_ms(backstop)),
+        )
     }
 
     /// Drains effects, doing `mode` with persist batches.
@@ -683,39 +864,18 @@ impl World {
                         PersistMode::Fail => self.fail(),
                     }
                 }
-                Effect::StartAttempt(start) => {
-                    // Persist before act: the attempt's record is durable.
-                    let durable = self.store.runs.get(&start.run);
-                    assert!(
-                        durable.is_some_and(|r| r.attempt == start.attempt
-                            && r.state
-                                == RunState::Starting {
-                                    attempt: start.attempt
-                                }),
-                        "{} attempt {} handed out before it was durable (store has {durable:?})",
-                        start.run,
-                        start.attempt
-                    );
-                    assert_eq!(start.idempotency_key.run, start.run);
-                    assert_eq!(start.idempotency_key.attempt, start.attempt);
-                    let key = (start.run, start.attempt);
-                    assert!(
-                        !self.started.contains(&key) && !self.reported.contains(&key),
-                        "{} attempt {} handed out twice",
-                        start.run,
-                        start.attempt
-                    );
-                    self.started.push(key);
-                }
-                Effect::CancelAttempt { run, attempt } => {
+                Effect::StartAttempt(start) => self.start_attempt(start),
+                Effect::CancelAttempt { run, attempt } | Effect::KillAttempt { run, attempt } => {
                     // The outcome may have been reported since the cancel was requested.
-                    let key = (run, attempt);
                     assert!(
-                        self.started.contains(&key) || self.reported.contains(&key),
-                        "cancel for {run} attempt {attempt}, which was never handed out"
+                        self.handed_out.contains(&(run, attempt)),
+                        "cancel or kill for {run} attempt {attempt}, which was never handed out"
                     );
                 }
-                Effect::Event(_) => {}
+                Effect::Deliver(send) => {
+                    panic!("delivery {send:?}, but no job here has a sink");
+                }
+                Effect::Event(event) => self.event(event),
             }
             // check_invariants is O(jobs + runs), and a catch-up can create a thousand runs:
             // check after each of the first effects, then once the drain is over.
@@ -725,6 +885,107 @@ impl World {
         }
         self.check();
         self.check_mirror();
+    }
+
+    fn start_attempt(&mut self, start: AttemptStart) {
+        let AttemptStart {
+            run,
+            attempt,
+            ref lease,
+            ..
+        } = start;
+        let token = lease.token;
+        // Persist before act: the attempt's record, with its lease, is durable.
+        let durable = self.store.runs.get(&run);
+        assert!(
+            durable.is_some_and(|r| r.attempt == attempt
+                && r.state == RunState::Starting { attempt }
+                && r.lease.as_ref().map(|l| l.token) == Some(token)),
+            "{run} attempt {attempt} ({token}) handed out before it was durable (store has \
+             {durable:?})"
+        );
+        assert_eq!(start.idempotency_key.run, run);
+        assert_eq!(start.idempotency_key.attempt, attempt);
+        assert!(
+            self.handed_out.insert((run, attempt)),
+            "{run} attempt {attempt} handed out twice"
+        );
+        // SPEC L1: the lease this incarnation granted the run, a token never handed out
+        // before, above every token handed out before the last restart.
+        assert_eq!(lease.owner, self.local, "{run} attempt {attempt}");
+        assert_eq!(
+            self.granted.get(&run),
+            Some(&token),
+            "{run} attempt {attempt} handed out with {token}, not the token it was granted"
+        );
+        assert!(self.tokens.insert(token), "{token} handed out twice");
+        assert!(
+            self.floor.is_none_or(|floor| token > floor),
+            "{run} attempt {attempt}: {token} not above {:?}, handed out before the restart",
+            self.floor
+        );
+        assert_eq!(
+            lease.expires_at,
+            lease.renewed_at.plus_ms(self.config.lease.ttl_ms)
+        );
+        let s = Started {
+            run,
+            attempt,
+            token,
+            started_at: lease.renewed_at,
+            expires_at: lease.expires_at,
+            timeout_ms: self.sched.run(run).and_then(|r| r.timeout_ms),
+        };
+        let running = self.sched.run(run).is_some_and(|r| {
+            matches!(r.state, RunState::Running { attempt: a, started_at } if a == attempt && started_at == lease.renewed_at)
+                && r.lease.as_ref() == Some(lease)
+        });
+        if running {
+            self.started.push(s);
+        } else {
+            // A tick between the acknowledgement and this poll reclaimed or killed it.
+            let now = self.sched.now();
+            assert!(
+                self.watchdog_deadlines(&s).0 <= now,
+                "{run} attempt {attempt} ({token}) not running when handed out at {now}"
+            );
+            self.stale.push((run, token));
+        }
+    }
+
+    fn event(&mut self, event: Event) {
+        match event {
+            Event::LeaseGranted { run, owner, token } => {
+                // SPEC L1: the token rises on every grant, across restarts.
+                assert_eq!(owner, self.local, "{run} granted to {owner}");
+                let highest = [
+                    self.last_grant,
+                    self.tokens.last().copied(),
+                    self.store.max_token,
+                ]
+                .into_iter()
+                .flatten()
+                .max();
+                assert!(
+                    highest.is_none_or(|h| token > h),
+                    "{run} granted {token}, not above {highest:?}"
+                );
+                self.last_grant = Some(token);
+                self.granted.insert(run, token);
+            }
+            Event::LeaseReclaimed { run, token } => {
+                assert!(
+                    self.tokens.contains(&token),
+                    "{run}: {token} reclaimed, but it was never handed out"
+                );
+                let current = self.sched.run(run).and_then(|r| r.lease.as_ref());
+                assert!(
+                    current.is_none_or(|l| l.token != token),
+                    "{run}: {token} reclaimed but still current"
+                );
+            }
+            _ => {}
+        }
     }
 
     fn ack(&mut self) {
@@ -771,42 +1032,108 @@ impl World {
                 );
             }
         }
+        let memory: Vec<&Incident> = self.sched.incidents().collect();
+        assert_eq!(
+            memory,
+            self.store.open_incidents(),
+            "quiescent, but the store's open incidents differ"
+        );
     }
 
-    /// Reports an outcome for an attempt this incarnation handed out: it must be accepted.
+    /// Reports an outcome for an attempt that is executing: it must be accepted.
     fn report(&mut self, index: usize, outcome: Outcome) {
         if self.started.is_empty() {
             return;
         }
-        let (run, attempt) = self.started.remove(index % self.started.len());
-        let result = self.sched.handle_outcome(self.now, run, attempt, outcome);
+        let s = self.started.remove(index % self.started.len());
+        let result = self.sched.handle_outcome(self.now, s.run, s.token, outcome);
         assert!(
             result.is_ok(),
-            "outcome for executing {run} attempt {attempt} refused: {result:?}"
+            "outcome for executing {} attempt {} ({}) refused: {result:?}",
+            s.run,
+            s.attempt,
+            s.token
         );
-        self.reported.push((run, attempt));
+        self.stale.push((s.run, s.token));
     }
 
-    /// A refused input must change nothing.
-    fn expect_refused(&mut self, run: RunId, attempt: Attempt, outcome: Outcome) {
+    /// An executing attempt renews its lease: accepted, for a TTL from now.
+    fn heartbeat(&mut self, index: usize) {
+        if self.started.is_empty() {
+            return;
+        }
+        let i = index % self.started.len();
+        let s = self.started[i];
+        let lease = self
+            .sched
+            .heartbeat(self.now, s.run, s.token)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "heartbeat of executing {} attempt {} ({}) refused: {e}",
+                    s.run, s.attempt, s.token
+                )
+            });
+        let now = self.sched.now();
+        assert_eq!(lease.token, s.token);
+        assert_eq!(
+            (lease.renewed_at, lease.expires_at),
+            (now, now.plus_ms(self.config.lease.ttl_ms)),
+            "a heartbeat renews the lease for a TTL from now"
+        );
+        self.started[i].expires_at = lease.expires_at;
+    }
+
+    /// A write that must be refused: `variant % 3` picks the token of an attempt that is over
+    /// (0), a newer token than an executing attempt's (1), or an unknown run (2, or when there
+    /// is nothing to pick from).
+    fn stale_target(&self, index: usize, variant: u8) -> (RunId, FencingToken) {
+        match variant % 3 {
+            0 if !self.stale.is_empty() => self.stale[index % self.stale.len()],
+            1 if !self.started.is_empty() => {
+                let s = self.started[index % self.started.len()];
+                (s.run, FencingToken(s.token.0 + 1 + u64::from(variant >> 4)))
+            }
+            _ => (RunId(1_000_000 + index as u64), FencingToken(1)),
+        }
+    }
+
+    /// A write carrying `token` for `run` must be refused as stale and change nothing.
+    fn expect_refused<T: std::fmt::Debug>(
+        &mut self,
+        what: &str,
+        run: RunId,
+        token: FencingToken,
+        write: impl FnOnce(&mut Scheduler) -> Result<T, Rejected>,
+    ) {
         let before = self.sched.run(run).cloned();
         let timeout = self.sched.poll_timeout();
-        let result = self.sched.handle_outcome(self.now, run, attempt, outcome);
+        let now = self.sched.now();
+        let current = before
+            .as_ref()
+            .and_then(|r| r.lease.as_ref())
+            .map(|l| l.token);
+        let result = write(&mut self.sched);
+        let refused = match &result {
+            Err(Rejected::StaleToken {
+                run: r,
+                got,
+                current: c,
+            }) => *r == run && *got == token && *c == current,
+            Err(Rejected::NotRunning { run: r, .. }) => *r == run,
+            Err(Rejected::UnknownRun(r)) => *r == run && before.is_none(),
+            _ => false,
+        };
         assert!(
-            matches!(
-                result,
-                Err(Rejected::UnknownRun(_)
-                    | Rejected::NotRunning { .. }
-                    | Rejected::StaleAttempt { .. })
-            ),
-            "stale outcome for {run} attempt {attempt} not refused: {result:?}"
+            refused,
+            "stale {what} for {run} with {token} (current {current:?}) not refused: {result:?}"
         );
         assert_eq!(
             self.sched.run(run),
             before.as_ref(),
-            "refused outcome changed {run}"
+            "refused {what} changed {run}"
         );
         assert_eq!(self.sched.poll_timeout(), timeout);
+        assert_eq!(self.sched.now(), now, "refused {what} moved the clock");
     }
 
     fn crash(&mut self, flags: u8, seed: u64) {
@@ -817,8 +1144,11 @@ impl World {
             }
         }
         self.in_flight = None;
-        self.started.clear();
-        self.reported.clear();
+        let lost = std::mem::take(&mut self.started);
+        self.stale.extend(lost.iter().map(|s| (s.run, s.token)));
+        self.granted.clear();
+        self.last_grant = None;
+        self.floor = self.tokens.last().copied();
         // The clock may have moved either way across the restart.
         if flags & 2 != 0 {
             self.set_now(self.now.0 - 3_600_000 * i64::from(flags >> 2));
@@ -831,6 +1161,15 @@ impl World {
                 !matches!(run.state, RunState::Running { .. }),
                 "{} restored as running",
                 run.id
+            );
+        }
+        // Open incidents come back as stored; resolved ones stay resolved.
+        for incident in self.sched.incidents() {
+            assert_eq!(
+                self.store.incidents.get(&incident.id),
+                Some(incident),
+                "restored incident {} is not open in the store",
+                incident.id
             );
         }
     }
@@ -873,12 +1212,22 @@ pub enum CoreOp {
         /// Its argument.
         arg: u8,
     },
-    /// Report a stale outcome: for an attempt already reported (`variant % 3 == 0`), for a
-    /// later attempt of an executing run (1), or for an unknown run (2).
+    /// Report a stale outcome, then send a heartbeat with the same token: for an attempt
+    /// that is over (`variant % 3 == 0`: reported, reclaimed, killed or lost in a crash), with
+    /// a newer token than an executing attempt's (1), or for an unknown run (2).
     StaleOutcome {
         /// Which attempt.
         index: u8,
         /// Which kind of staleness, and the outcome.
+        variant: u8,
+    },
+    /// The executing attempt at `index` sends a heartbeat (if `variant % 4 != 3`), or a
+    /// stale heartbeat is sent (`variant % 4 == 3`, staleness from `variant >> 2` as for
+    /// [`CoreOp::StaleOutcome`]).
+    Heartbeat {
+        /// Which attempt.
+        index: u8,
+        /// Live or stale, and which kind of staleness.
         variant: u8,
     },
     /// `pause_job`.
@@ -904,6 +1253,10 @@ pub enum CoreOp {
     Step(u8),
 }
 
+/// The opcode byte of [`CoreOp::Heartbeat`]; every other byte `b` with `b % 16 == 3` is
+/// [`CoreOp::Tick`].
+pub const HEARTBEAT_OPCODE: u8 = 0x73;
+
 /// The setup and operations [`core_events`] decodes from `data`, for explaining an input.
 pub fn decode_core_events(data: &[u8]) -> (Config, Timestamp, u64, Vec<CoreOp>) {
     let mut bytes = Bytes::new(data);
@@ -916,7 +1269,8 @@ pub fn decode_core_events(data: &[u8]) -> (Config, Timestamp, u64, Vec<CoreOp>) 
     let seed = u64::from(bytes.u16());
     let mut ops = Vec::new();
     while !bytes.is_empty() && ops.len() < CORE_EVENTS_MAX_OPS {
-        let op = match bytes.u8() % 16 {
+        let opcode = bytes.u8();
+        let op = match opcode % 16 {
             0 => CoreOp::AddJob(SpecArgs::decode(&mut bytes)),
             1 => CoreOp::UpdateJob(SpecArgs::decode(&mut bytes)),
             2 => {
@@ -933,6 +1287,12 @@ pub fn decode_core_events(data: &[u8]) -> (Config, Timestamp, u64, Vec<CoreOp>) 
                     _ => ClockMove::ToNextDeadline,
                 })
             }
+            // Added with leases, in a byte no committed corpus input uses as an opcode, so the
+            // corpus keeps its meaning.
+            3 if opcode == HEARTBEAT_OPCODE => CoreOp::Heartbeat {
+                index: bytes.u8(),
+                variant: bytes.u8(),
+            },
             3 => CoreOp::Tick,
             4 => CoreOp::Drain(bytes.u8() % 4),
             5 => CoreOp::Ack,
@@ -974,12 +1334,13 @@ pub fn decode_core_events(data: &[u8]) -> (Config, Timestamp, u64, Vec<CoreOp>) 
 /// | 0 | id, schedule, arg, policy, retry | `add_job` with a canned spec |
 /// | 1 | id, schedule, arg, policy, retry | `update_job` with a canned spec |
 /// | 2 | mode, magnitude | move the clock (forwards by ms, s, min, h or days; backwards by s or h; or to `poll_timeout`) |
-/// | 3 | | `handle_timeout(now)` |
+/// | 3 | | `handle_timeout(now)` (except `0x73`, below) |
+/// | `0x73` | index, variant | an executing attempt sends a heartbeat, or a stale heartbeat is refused |
 /// | 4 | mode | drain effects, holding, acknowledging or failing persist batches |
 /// | 5 | | acknowledge the batch in flight (the store applies it first) |
 /// | 6 | | fail the batch in flight |
 /// | 7 | index, kind, arg | report an outcome for an executing attempt |
-/// | 8 | index, variant | report a stale outcome (already reported, wrong attempt, unknown run) |
+/// | 8 | index, variant | report a stale outcome and heartbeat (token of an attempt that is over, a newer token, unknown run) |
 /// | 9, 10, 11, 12 | id | pause, resume, remove, trigger |
 /// | 13 | index | cancel a run in memory (or an unknown one) |
 /// | 14 | flags, seed | crash and restore from the store (optionally after the in-flight batch became durable) |
@@ -988,12 +1349,25 @@ pub fn decode_core_events(data: &[u8]) -> (Config, Timestamp, u64, Vec<CoreOp>) 
 /// At most [`CORE_EVENTS_MAX_OPS`] operations run, and the clock stays within 300 years of its
 /// start. [`Scheduler::check_invariants`] runs after every operation and after each of the
 /// first 16 effects of a drain (it is O(jobs + runs), and a catch-up can create many runs). The
-/// model store checks that run ids, audit sequence numbers and counters are never reused or
-/// moved back, that a run never leaves a durable terminal state, and that an attempt is handed
-/// out only after its record is durable (persist before act); whenever the scheduler is
-/// quiescent the store must mirror its jobs and runs exactly. Commands may be refused, but an
-/// outcome for an attempt that is executing must be accepted and a stale one refused without
-/// any change.
+/// model store checks that run ids, audit sequence numbers, incident ids and counters are
+/// never reused or moved back, that no durable lease token is at or above the durable token
+/// counter, that a run never leaves a durable terminal state, that a resolved incident stays
+/// resolved, and that an attempt is handed out only after its record, with its lease, is
+/// durable (persist before act); whenever the scheduler is quiescent the store must mirror
+/// its jobs, runs and open incidents exactly, and a restore brings back only incidents the
+/// store holds open.
+///
+/// Fencing (SPEC L1): every grant's token is above every earlier grant of the incarnation,
+/// every token handed out and every durable token; an attempt is handed out with the token its
+/// run was granted, never a token handed out before, and above every token handed out before
+/// the last restart. Commands may be refused, but an outcome or heartbeat for an attempt that
+/// is executing must be accepted (a heartbeat renews the lease for a TTL from now), and one
+/// carrying a token that is not the run's current lease (in any incarnation) refused as stale
+/// without any change. The watchdog (SPEC L3, W1, W3) ends an executing attempt only in a tick
+/// and only once its lease expired plus the grace or its timeout has run out, and after a tick
+/// no executing attempt is past its lease's expiry plus the grace or its backstop. Retry byte
+/// `0xd8` to `0xdb` gives a job a 20 s attempt timeout; no job has sinks, so nothing is
+/// delivered.
 pub fn core_events(data: &[u8]) {
     let (config, start, seed, ops) = decode_core_events(data);
     let mut world = World {
@@ -1003,8 +1377,14 @@ pub fn core_events(data: &[u8]) {
         sched: Scheduler::new(config, seed, start),
         store: ModelStore::default(),
         in_flight: None,
+        local: WorkerId::new("local").expect("a valid worker id"),
         started: Vec::new(),
-        reported: Vec::new(),
+        stale: Vec::new(),
+        handed_out: BTreeSet::new(),
+        tokens: BTreeSet::new(),
+        floor: None,
+        granted: BTreeMap::new(),
+        last_grant: None,
     };
     world.check();
     for op in ops {
@@ -1027,7 +1407,7 @@ impl World {
             CoreOp::Clock(ClockMove::Forward(ms)) => self.set_now(now.0 + ms),
             CoreOp::Clock(ClockMove::Backward(ms)) => self.set_now(now.0 - ms),
             CoreOp::Clock(ClockMove::ToNextDeadline) => self.advance_to_next_deadline(),
-            CoreOp::Tick => self.sched.handle_timeout(now),
+            CoreOp::Tick => self.tick(),
             CoreOp::Drain(mode) => self.drain(match mode % 4 {
                 0 => PersistMode::Hold,
                 3 => PersistMode::Fail,
@@ -1039,17 +1419,18 @@ impl World {
                 self.report(usize::from(index), outcome(kind, arg));
             }
             CoreOp::StaleOutcome { index, variant } => {
-                let index = usize::from(index);
-                let (run, attempt) = match variant % 3 {
-                    0 if !self.reported.is_empty() => self.reported[index % self.reported.len()],
-                    1 if !self.started.is_empty() => {
-                        let (run, attempt) = self.started[index % self.started.len()];
-                        (run, Attempt(attempt.0 + 1 + u32::from(variant >> 4)))
-                    }
-                    _ => (RunId(1_000_000 + index as u64), Attempt(1)),
-                };
-                self.expect_refused(run, attempt, outcome(variant >> 2, variant));
+                let (run, token) = self.stale_target(usize::from(index), variant);
+                let outcome = outcome(variant >> 2, variant);
+                self.expect_refused("outcome", run, token, |s| {
+                    s.handle_outcome(now, run, token, outcome)
+                });
+                self.expect_refused("heartbeat", run, token, |s| s.heartbeat(now, run, token));
             }
+            CoreOp::Heartbeat { index, variant } if variant % 4 == 3 => {
+                let (run, token) = self.stale_target(usize::from(index), variant >> 2);
+                self.expect_refused("heartbeat", run, token, |s| s.heartbeat(now, run, token));
+            }
+            CoreOp::Heartbeat { index, .. } => self.heartbeat(usize::from(index)),
             CoreOp::Pause(id) => {
                 let _ = self.sched.pause_job(now, &job_id(id));
             }
@@ -1074,7 +1455,7 @@ impl World {
             CoreOp::Crash { flags, seed } => self.crash(flags, u64::from(seed)),
             CoreOp::Step(kind) => {
                 self.advance_to_next_deadline();
-                self.sched.handle_timeout(self.now);
+                self.tick();
                 self.check();
                 self.drain(PersistMode::Ack);
                 for i in 0..self.started.len().min(STEP_MAX_OUTCOMES) {

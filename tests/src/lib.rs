@@ -34,5 +34,5 @@ pub mod fuzzing;
 pub mod sim;
 pub mod store;
 
-pub use sim::{Execution, Faults, Handler, Sim, SimConfig};
+pub use sim::{Execution, Faults, Handler, Sim, SimConfig, Sink};
 pub use store::MemStore;

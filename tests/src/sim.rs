@@ -21,10 +21,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use keel_core::outbox::{DeliveryId, DeliveryResult, OutboxEvent, SendRequest};
 use keel_core::rng::SplitMix64;
 use keel_core::{
-    Attempt, AttemptStart, BatchId, Config, Effect, JobId, JobSpec, Outcome, Rejected, Run, RunId,
-    Scheduler, Timestamp,
+    Attempt, AttemptStart, BatchId, Config, Effect, Event, FencingToken, JobId, JobSpec, Outcome,
+    Rejected, Run, RunId, Scheduler, Timestamp, WorkerId,
 };
 
 use crate::store::MemStore;
@@ -43,7 +44,7 @@ impl Execution {
     pub fn succeed_after(takes_ms: u64) -> Self {
         Execution {
             takes_ms,
-            outcome: Outcome::Success { summary: None },
+            outcome: Outcome::ok(),
         }
     }
 
@@ -68,6 +69,9 @@ impl Execution {
     }
 }
 
+/// A simulated sink: for each delivery attempt, how long the answer takes and what it is.
+pub type Sink = Box<dyn FnMut(&SendRequest, &mut SplitMix64) -> (u64, DeliveryResult)>;
+
 /// A simulated handler: decides each attempt's duration and outcome. It gets the attempt and
 /// the world's generator, so random behaviour is still reproducible from the seed.
 pub type Handler = Box<dyn FnMut(&AttemptStart, &mut SplitMix64) -> Execution>;
@@ -86,6 +90,10 @@ pub struct Faults {
     pub ack_delay_max_ms: u64,
     /// Chance, per step, that the process crashes (and restarts at once).
     pub crash_per_mille: u64,
+    /// Chance, per attempt, that its holder stalls: it stops heartbeating (an event loop
+    /// blocked) but still reports its outcome when it finishes, possibly after its lease was
+    /// reclaimed (the report must then be refused).
+    pub stall_per_mille: u64,
 }
 
 impl Faults {
@@ -96,6 +104,7 @@ impl Faults {
         persist_fail_per_mille: 0,
         ack_delay_max_ms: 0,
         crash_per_mille: 0,
+        stall_per_mille: 0,
     };
 
     /// A hostile world: slow and failing writes, late acknowledgements and frequent crashes.
@@ -105,6 +114,7 @@ impl Faults {
         persist_fail_per_mille: 100,
         ack_delay_max_ms: 50,
         crash_per_mille: 5,
+        stall_per_mille: 20,
     };
 }
 
@@ -161,8 +171,27 @@ enum WorldEvent {
     AttemptDone {
         run: RunId,
         attempt: Attempt,
+        token: FencingToken,
         outcome: Outcome,
     },
+    /// The holder of an attempt renews its lease.
+    Heartbeat { run: RunId, token: FencingToken },
+    /// An external worker asks for work.
+    WorkerPoll { worker: usize },
+    /// A sink answered a delivery attempt.
+    DeliveryDone {
+        id: DeliveryId,
+        attempt: u32,
+        result: DeliveryResult,
+    },
+}
+
+/// A simulated external worker: polls `claim` for its kinds every `poll_ms`.
+#[derive(Clone, Debug)]
+struct Worker {
+    id: WorkerId,
+    kinds: Vec<String>,
+    poll_ms: u64,
 }
 
 /// A seeded, simulated world around one scheduler.
@@ -173,15 +202,26 @@ pub struct Sim {
     core: Scheduler,
     store: MemStore,
     handlers: BTreeMap<String, Handler>,
+    sinks: BTreeMap<String, Sink>,
+    /// Delivery results by sink and status, counted from `Finished` events (SPEC D4).
+    delivery_counts: BTreeMap<(String, String), u64>,
     real: Timestamp,
     offset_ms: i64,
     events: BTreeMap<(Timestamp, u64), (u64, WorldEvent)>,
     event_seq: u64,
     incarnation: u64,
     writes: Vec<keel_core::Batch>,
-    executing: BTreeSet<(RunId, Attempt)>,
+    /// Attempts in progress, by run and token.
+    executing: BTreeSet<(RunId, FencingToken)>,
+    workers: Vec<Worker>,
     trace: Vec<String>,
     crashes: u64,
+    /// Tokens of attempts whose holder stalled (no heartbeats, no reaction to cancels).
+    stalled: BTreeSet<FencingToken>,
+    tokens: BTreeSet<FencingToken>,
+    run_tokens: BTreeMap<RunId, FencingToken>,
+    tokens_before_restart: FencingToken,
+    refused_reports: u64,
     steps: u64,
 }
 
@@ -207,6 +247,8 @@ impl Sim {
             core,
             store: MemStore::new(),
             handlers: BTreeMap::new(),
+            sinks: BTreeMap::new(),
+            delivery_counts: BTreeMap::new(),
             real: config.start,
             offset_ms: 0,
             events: BTreeMap::new(),
@@ -214,8 +256,14 @@ impl Sim {
             incarnation: 0,
             writes: Vec::new(),
             executing: BTreeSet::new(),
+            workers: Vec::new(),
             trace: Vec::new(),
             crashes: 0,
+            stalled: BTreeSet::new(),
+            tokens: BTreeSet::new(),
+            run_tokens: BTreeMap::new(),
+            tokens_before_restart: FencingToken(0),
+            refused_reports: 0,
             steps: 0,
             config,
         }
@@ -319,6 +367,9 @@ impl Sim {
     pub fn crash(&mut self) {
         self.crashes += 1;
         self.incarnation += 1;
+        if let Some(max) = self.tokens.last() {
+            self.tokens_before_restart = *max;
+        }
         self.events.clear();
         self.writes.clear();
         self.executing.clear();
@@ -330,6 +381,11 @@ impl Sim {
             self.store.snapshot(),
         );
         self.log(format!("crash #{} and restore", self.crashes));
+        // External workers are other processes: they survive the crash and poll again.
+        for worker in 0..self.workers.len() {
+            let poll = self.workers[worker].poll_ms;
+            self.schedule(poll, WorldEvent::WorkerPoll { worker });
+        }
         self.drain();
         self.core.check_invariants();
     }
@@ -456,15 +512,70 @@ impl Sim {
             WorldEvent::AttemptDone {
                 run,
                 attempt,
+                token,
                 outcome,
             } => {
-                self.executing.remove(&(run, attempt));
-                let result = self.core.handle_outcome(now, run, attempt, outcome.clone());
+                self.executing.remove(&(run, token));
+                let result = self.core.handle_outcome(now, run, token, outcome.clone());
+                if let Err(refusal) = &result {
+                    // Only a holder that lost its lease may be refused.
+                    assert!(
+                        matches!(
+                            refusal,
+                            Rejected::StaleToken { .. }
+                                | Rejected::NotRunning { .. }
+                                | Rejected::UnknownRun(_)
+                        ),
+                        "{run} attempt {attempt}: outcome refused: {refusal}"
+                    );
+                    self.refused_reports += 1;
+                }
                 self.log(format!(
                     "{run} attempt {attempt} -> {} {}",
                     outcome_name(&outcome),
-                    if result.is_ok() { "" } else { "(refused)" }
+                    if result.is_ok() {
+                        ""
+                    } else {
+                        "(refused: lease lost)"
+                    }
                 ));
+            }
+            WorldEvent::Heartbeat { run, token } => {
+                if !self.executing.contains(&(run, token)) {
+                    return;
+                }
+                match self.core.heartbeat(now, run, token) {
+                    Ok(_) => {
+                        let every = self.config.scheduler.lease.ttl_ms / 2;
+                        self.schedule(every, WorldEvent::Heartbeat { run, token });
+                    }
+                    Err(e) => self.log(format!("{run} heartbeat refused: {e}")),
+                }
+            }
+            WorldEvent::DeliveryDone {
+                id,
+                attempt,
+                result,
+            } => {
+                let answer = format!("{result:?}");
+                let accepted = self
+                    .core
+                    .handle_delivery_result(now, id, attempt, result)
+                    .is_ok();
+                self.log(format!(
+                    "{id} attempt {attempt} -> {answer}{}",
+                    if accepted { "" } else { " (refused)" }
+                ));
+            }
+            WorldEvent::WorkerPoll { worker } => {
+                let Worker { id, kinds, poll_ms } = self.workers[worker].clone();
+                let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+                match self.core.claim(now, &id, &kinds) {
+                    Ok(Some(claimed)) => self.log(format!("{id} claimed {}", claimed.run)),
+                    Ok(None) => {}
+                    Err(e) => self.log(format!("{id} claim refused: {e}")),
+                }
+                self.schedule(poll_ms, WorldEvent::WorkerPoll { worker });
             }
         }
     }
@@ -490,38 +601,106 @@ impl Sim {
                 }
                 Effect::StartAttempt(start) => self.start_attempt(start),
                 Effect::CancelAttempt { run, attempt } => {
-                    // The simulated handler honours cancellation at once.
-                    if self.executing.contains(&(run, attempt)) {
-                        self.events.retain(|_, (_, e)| {
-                            !matches!(e, WorldEvent::AttemptDone { run: r, attempt: a, .. } if *r == run && *a == attempt)
-                        });
+                    // The simulated handler honours cancellation at once (unless stalled).
+                    let done = self.events.iter().find_map(|(key, (_, e))| match e {
+                        WorldEvent::AttemptDone {
+                            run: r,
+                            attempt: a,
+                            token,
+                            ..
+                        } if *r == run && *a == attempt && !self.stalled.contains(token) => {
+                            Some((*key, *token))
+                        }
+                        _ => None,
+                    });
+                    if let Some((key, token)) = done {
+                        self.events.remove(&key);
                         let outcome = Outcome::Cancelled {
                             reason: "cancel requested".into(),
                         };
-                        self.schedule(
-                            1,
-                            WorldEvent::AttemptDone {
-                                run,
-                                attempt,
-                                outcome,
-                            },
-                        );
+                        let done = WorldEvent::AttemptDone {
+                            run,
+                            attempt,
+                            token,
+                            outcome,
+                        };
+                        self.schedule(1, done);
                     }
                     self.log(format!("cancel {run} attempt {attempt}"));
                 }
-                Effect::Event(event) => self.log(format!("event {event:?}")),
+                Effect::KillAttempt { run, attempt } => {
+                    // The process running the attempt is killed: it reports nothing.
+                    self.events.retain(|_, (_, e)| {
+                        !matches!(e, WorldEvent::AttemptDone { run: r, attempt: a, .. } if *r == run && *a == attempt)
+                    });
+                    self.executing.retain(|(r, _)| *r != run);
+                    self.log(format!("kill {run} attempt {attempt}"));
+                }
+                Effect::Deliver(send) => {
+                    let (takes_ms, result) = match self.sinks.get_mut(&*send.sink) {
+                        Some(sink) => sink(&send, &mut self.rng),
+                        None => (
+                            0,
+                            DeliveryResult::Permanent {
+                                error: format!("no sink named {:?}", send.sink),
+                            },
+                        ),
+                    };
+                    self.log(format!(
+                        "deliver {} attempt {} of {} to {}",
+                        send.id, send.attempt, send.payload.run, send.sink
+                    ));
+                    let done = WorldEvent::DeliveryDone {
+                        id: send.id,
+                        attempt: send.attempt,
+                        result,
+                    };
+                    self.schedule(takes_ms, done);
+                }
+                Effect::Event(event) => {
+                    if let Event::Delivery(OutboxEvent::Finished { sink, status, .. }) = &event {
+                        *self
+                            .delivery_counts
+                            .entry((sink.to_string(), status.to_string()))
+                            .or_default() += 1;
+                    }
+                    self.log(format!("event {event:?}"));
+                }
             }
         }
     }
 
     fn start_attempt(&mut self, start: AttemptStart) {
-        // Persist before act: the store must already hold this attempt's record.
-        let durable = self.store.run(start.run).map(|r| r.attempt);
+        // Persist before act: the store must already hold this attempt's record, with its
+        // lease (SPEC T1).
+        let durable = self
+            .store
+            .run(start.run)
+            .map(|r| (r.attempt, r.lease.as_ref().map(|l| l.token)));
         assert!(
-            durable.is_some_and(|a| a >= start.attempt),
-            "{} attempt {} handed out before the store held it (store has {durable:?})",
+            durable.is_some_and(
+                |(a, token)| a >= start.attempt && token.is_none_or(|t| t >= start.lease.token)
+            ),
+            "{} attempt {} handed out before the store held it with its lease (store has \
+             {durable:?})",
             start.run,
             start.attempt
+        );
+        // Fencing tokens never repeat, rise for each run, and rise across restarts (SPEC L1).
+        // (Attempts granted together are handed out in job order, so across different runs
+        // hand-out order need not follow grant order; fencing is per run.)
+        let token = start.lease.token;
+        assert!(self.tokens.insert(token), "{token} handed out twice");
+        let previous = self.run_tokens.insert(start.run, token);
+        assert!(
+            previous.is_none_or(|p| p < token),
+            "{} got {token} after {previous:?}",
+            start.run
+        );
+        assert!(
+            token > self.tokens_before_restart,
+            "{token} not above {} handed out before the last restart",
+            self.tokens_before_restart
         );
         let execution = match self.handlers.get_mut(&*start.kind) {
             Some(handler) => handler(&start, &mut self.rng),
@@ -530,19 +709,72 @@ impl Sim {
                 &format!("no handler for kind {:?}", start.kind),
             ),
         };
+        let token = start.lease.token;
+        let stalls = self.rng.chance(self.faults.stall_per_mille, 1000);
         self.log(format!(
-            "start {} attempt {} of {} ({} ms)",
-            start.run, start.attempt, start.job, execution.takes_ms
+            "start {} attempt {} of {} by {} with {token} ({} ms{})",
+            start.run,
+            start.attempt,
+            start.job,
+            start.lease.owner,
+            execution.takes_ms,
+            if stalls { ", stalls" } else { "" }
         ));
-        self.executing.insert((start.run, start.attempt));
+        self.executing.insert((start.run, token));
+        if stalls {
+            self.stalled.insert(token);
+        } else {
+            let every = self.config.scheduler.lease.ttl_ms / 2;
+            self.schedule(
+                every,
+                WorldEvent::Heartbeat {
+                    run: start.run,
+                    token,
+                },
+            );
+        }
         self.schedule(
             execution.takes_ms,
             WorldEvent::AttemptDone {
                 run: start.run,
                 attempt: start.attempt,
+                token,
                 outcome: execution.outcome,
             },
         );
+    }
+
+    /// Adds an external worker that claims runs of `kinds` every `poll_ms` (another process:
+    /// it survives simulated crashes of the scheduler). Its attempts run the handlers
+    /// registered for their kinds.
+    pub fn add_worker(&mut self, name: &str, kinds: &[&str], poll_ms: u64) {
+        let worker = self.workers.len();
+        self.workers.push(Worker {
+            id: WorkerId::new(name).expect("a valid worker name"),
+            kinds: kinds.iter().map(|k| k.to_string()).collect(),
+            poll_ms,
+        });
+        self.schedule(poll_ms, WorldEvent::WorkerPoll { worker });
+    }
+
+    /// Registers a sink: for each delivery attempt, how long the answer takes and what it is.
+    pub fn sink(
+        &mut self,
+        name: &str,
+        sink: impl FnMut(&SendRequest, &mut SplitMix64) -> (u64, DeliveryResult) + 'static,
+    ) {
+        self.sinks.insert(name.to_owned(), Box::new(sink));
+    }
+
+    /// Finished deliveries counted by (sink, status), from the `Finished` events: the counter
+    /// of SPEC D4, one increment per delivery.
+    pub fn delivery_counts(&self) -> &BTreeMap<(String, String), u64> {
+        &self.delivery_counts
+    }
+
+    /// Outcomes refused because their holder had lost its lease (stale token).
+    pub fn refused_reports(&self) -> u64 {
+        self.refused_reports
     }
 
     fn schedule(&mut self, delay_ms: u64, event: WorldEvent) {

@@ -12,8 +12,11 @@
 
 use std::collections::BTreeMap;
 
+use keel_core::outbox::{Delivery, DeliveryId};
 use keel_core::persist::Tombstone;
-use keel_core::{AuditRecord, Batch, Job, JobId, Meta, Record, Run, RunId, Snapshot, Timestamp};
+use keel_core::{
+    AuditRecord, Batch, Incident, Job, JobId, Meta, Record, Run, RunId, Snapshot, Timestamp,
+};
 
 /// Durable state, as a real store would hold it after acknowledging batches.
 #[derive(Clone, Debug, Default)]
@@ -23,6 +26,8 @@ pub struct MemStore {
     audit: BTreeMap<u64, AuditRecord>,
     slots: BTreeMap<(JobId, Timestamp), RunId>,
     tombstones: BTreeMap<JobId, Tombstone>,
+    incidents: BTreeMap<u64, Incident>,
+    deliveries: BTreeMap<DeliveryId, Delivery>,
     meta: Meta,
     batches_applied: u64,
 }
@@ -54,6 +59,13 @@ impl MemStore {
                 .collect(),
             meta: self.meta,
             tombstones: self.tombstones.values().cloned().collect(),
+            incidents: self
+                .incidents
+                .values()
+                .filter(|i| i.resolved_at.is_none())
+                .cloned()
+                .collect(),
+            deliveries: self.deliveries.values().cloned().collect(),
         }
     }
 
@@ -97,6 +109,16 @@ impl MemStore {
         self.audit.values()
     }
 
+    /// The outbox as stored: deliveries not yet finished.
+    pub fn deliveries(&self) -> impl Iterator<Item = &Delivery> {
+        self.deliveries.values()
+    }
+
+    /// Every incident, open and resolved, by id.
+    pub fn incidents(&self) -> impl Iterator<Item = &Incident> {
+        self.incidents.values()
+    }
+
     /// The durable counters.
     pub fn meta(&self) -> Meta {
         self.meta
@@ -123,6 +145,22 @@ impl MemStore {
             }
             Record::DeleteTombstone { job } => {
                 self.tombstones.remove(job);
+            }
+            Record::PutDelivery(delivery) => {
+                self.deliveries.insert(delivery.id, delivery.clone());
+            }
+            Record::DeleteDelivery { id } => {
+                self.deliveries.remove(id);
+            }
+            Record::PutIncident(incident) => {
+                if let Some(old) = self.incidents.get(&incident.id) {
+                    assert!(
+                        old.resolved_at.is_none() || old == incident,
+                        "incident {} changed after it resolved",
+                        incident.id
+                    );
+                }
+                self.incidents.insert(incident.id, incident.clone());
             }
             Record::PutRun(run) => self.put_run(run),
             Record::Audit(entry) => {

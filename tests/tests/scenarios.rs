@@ -181,7 +181,7 @@ fn job_whose_stored_zone_no_longer_exists_is_disabled_with_a_reason() {
         jobs: vec![job],
         runs: vec![],
         meta: sim.store().meta(),
-        tombstones: vec![],
+        ..Snapshot::default()
     };
     let mut core = keel_core::Scheduler::restore(Default::default(), 1, sim.wall(), snapshot);
     while let Some(effect) = core.poll_effect() {
@@ -221,7 +221,7 @@ fn job_whose_stored_schedule_has_no_next_slot_is_disabled_when_it_fires() {
             jobs: vec![job],
             runs: vec![],
             meta: sim.store().meta(),
-            tombstones: vec![],
+            ..Snapshot::default()
         },
     );
     let mut store = sim.store().clone();

@@ -20,7 +20,7 @@ fn world(seed: u64) -> Sim {
     sim.handle("mixed", |_, rng| {
         let takes_ms = rng.below_inclusive(3 * MINUTE);
         let outcome = match rng.below_inclusive(9) {
-            0..=4 => Outcome::Success { summary: None },
+            0..=4 => Outcome::ok(),
             5 | 6 => Outcome::Retryable {
                 message: "transient".into(),
             },
