@@ -20,7 +20,8 @@ use crate::time::Timestamp;
 pub enum SaveDecision {
     /// Write it now.
     Write,
-    /// Kept as the run's pending save; written after `until`, on the next save, or on flush.
+    /// Kept as the run's pending save; written by the next save after `until`, by a flush, or
+    /// when a write fails; kept in the run if the attempt ends first.
     Throttled {
         /// When the window opens again (or, while a save is in flight, its earliest).
         until: Timestamp,

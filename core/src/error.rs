@@ -1,7 +1,7 @@
 //! Refused commands (tier 1 of the error model): the command did not apply and the state is
 //! unchanged.
 
-use crate::ids::{Attempt, FencingToken, JobId, JobIdError, RunId};
+use crate::ids::{FencingToken, JobId, JobIdError, RunId};
 use crate::outbox::OutboxRejected;
 use crate::retry::RetryPolicyError;
 use crate::run::StateName;
@@ -116,16 +116,6 @@ pub enum Rejected {
     /// The scheduler is shutting down: nothing new starts.
     #[error("the scheduler is shutting down")]
     ShuttingDown,
-    /// An outcome names an attempt that is not the run's current one.
-    #[error("{run}: outcome for attempt {got}, but the current attempt is {current}")]
-    StaleAttempt {
-        /// The run.
-        run: RunId,
-        /// The attempt the caller named.
-        got: Attempt,
-        /// The run's current attempt.
-        current: Attempt,
-    },
     /// An outcome arrived for a run that is not running.
     #[error("{run} is {state}, not running")]
     NotRunning {

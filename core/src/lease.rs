@@ -74,7 +74,7 @@ impl Default for LeasePolicy {
 }
 
 impl LeasePolicy {
-    /// How long after expiry-free silence a lease is stale: `ttl + grace`. Contenders wait at
+    /// How long after the last renewal a lease is stale: `ttl + grace`. Contenders wait at
     /// least this long (L5).
     pub fn stale_after_ms(&self) -> u64 {
         self.ttl_ms.saturating_add(self.grace_ms)
@@ -486,7 +486,8 @@ impl fmt::Display for LeaseLostWarning {
 ///   stopped waiting for it). Asked while the lease is held, the answer is still `LeaseLost`:
 ///   an unfinished section has no result, and `LeaseLost` is the only outcome without one.
 ///
-/// Releasing the lease afterwards is [`release_outcome`]'s business.
+/// Releasing the lease afterwards is `Scheduler::release`'s business: after a loss it answers
+/// `Released::AlreadyReleased`, which is not an error.
 pub fn guarded_outcome<T, E>(
     token: FencingToken,
     end: SectionEnd<T, E>,
@@ -502,26 +503,6 @@ pub fn guarded_outcome<T, E>(
             GuardedOutcome::OkLeaseLost(value, LeaseLostWarning { token })
         }
         SectionEnd::Succeeded(value) => GuardedOutcome::Ok(value),
-    }
-}
-
-/// What releasing a lease amounted to. Neither is an error (SPEC L4).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReleaseOutcome {
-    /// The lease was held and is now released.
-    Released,
-    /// The lease was already lost, reclaimed or released: there was nothing to release, and
-    /// that is not an error.
-    AlreadyReleased,
-}
-
-/// The outcome of releasing a lease: [`ReleaseOutcome::AlreadyReleased`] if it was already lost
-/// or released, else [`ReleaseOutcome::Released`]. Releasing after a loss is not an error.
-pub fn release_outcome(lease_already_lost_or_released: bool) -> ReleaseOutcome {
-    if lease_already_lost_or_released {
-        ReleaseOutcome::AlreadyReleased
-    } else {
-        ReleaseOutcome::Released
     }
 }
 
@@ -1074,11 +1055,5 @@ mod tests {
         );
         let warning = LeaseLostWarning { token: TOKEN }.to_string();
         assert!(warning.contains("token-7") && warning.contains("do not retry blindly"));
-    }
-
-    #[test]
-    fn release_after_loss_is_already_released_not_an_error() {
-        assert_eq!(release_outcome(false), ReleaseOutcome::Released);
-        assert_eq!(release_outcome(true), ReleaseOutcome::AlreadyReleased);
     }
 }

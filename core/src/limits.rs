@@ -60,8 +60,17 @@ pub const PERSIST_RETRY_BASE_MS: u64 = 100;
 /// Cap on the delay between persist retries.
 pub const PERSIST_RETRY_MAX_MS: u64 = 10_000;
 
-/// Incidents open at once; beyond this, new ones are not opened (and the driver is told).
+/// Incidents open at once; beyond this, new ones are not opened and the driver is told with an
+/// `Event::IncidentSuppressed`.
 pub const INCIDENTS_OPEN_MAX: usize = 1_000;
+
+/// Workers whose consecutive empty claims are tracked (idle claim loop detection); claims of
+/// further workers are not counted.
+pub const WORKERS_TRACKED_MAX: usize = 10_000;
+
+/// Failed writes of a reclaim after which it escalates (SPEC W5: "failing to reclaim a lease
+/// twice escalates").
+pub const RECLAIM_FAILURES_ESCALATE: u32 = 2;
 
 /// Largest checkpoint, in bytes.
 pub const CHECKPOINT_MAX_BYTES: usize = 1024 * 1024;

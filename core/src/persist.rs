@@ -30,7 +30,7 @@ use crate::ids::{Attempt, BatchId, JobId, RunId};
 use crate::incident::Incident;
 use crate::job::Job;
 use crate::limits;
-use crate::outbox::{Delivery, DeliveryId, SendRequest};
+use crate::outbox::{Delivery, DeliveryId, OutboxEvent, SendRequest};
 use crate::run::Run;
 use crate::time::Timestamp;
 
@@ -163,11 +163,7 @@ pub(crate) struct Journal {
     pending: BTreeMap<JobId, Group>,
     /// Incident records to write (they may concern no job), newest copy per id.
     incidents: BTreeMap<u64, Incident>,
-    /// Outbox writes. Always taken whole into the next batch, so a finished run's deliveries
-    /// are never written after the run's terminal record (a result is never lost).
-    deliveries: BTreeMap<DeliveryId, JobWrite>,
-    /// Sends to release when the batch recording their attempt is acknowledged.
-    sends: Vec<SendRequest>,
+
     /// The last job whose group went into a batch: the next batch starts after it, so busy
     /// jobs that sort first cannot starve the others.
     last_taken: Option<JobId>,
@@ -192,6 +188,12 @@ pub(crate) struct Group {
     pub(crate) gates: Vec<(RunId, Attempt)>,
     /// Checkpoint saves (run, seq) whose acknowledgement advances the run's throttle.
     pub(crate) checkpoints: Vec<(RunId, u64)>,
+    /// Outbox writes for this job's runs.
+    pub(crate) deliveries: BTreeMap<DeliveryId, JobWrite>,
+    /// Delivery sends released when this group's batch is acknowledged.
+    pub(crate) sends: Vec<SendRequest>,
+    /// Outbox events (a delivery finished or was dropped) released with the acknowledgement.
+    pub(crate) events: Vec<OutboxEvent>,
     /// The pending audit record that counts dropped slots, and how many it counts: drops while
     /// a write is pending (a store outage) coalesce into one record instead of piling up.
     drops: Option<(usize, u64)>,
@@ -211,6 +213,7 @@ impl Group {
     pub(crate) fn records(&self) -> usize {
         usize::from(self.job != JobWrite::Nothing)
             + usize::from(self.tombstone != JobWrite::Nothing)
+            + self.deliveries.len()
             + self.runs.len()
             + self.audit.len()
             + self.prunes.len()
@@ -240,6 +243,15 @@ impl Group {
         let mut gates = older.gates;
         gates.append(&mut self.gates);
         self.gates = gates;
+        for (id, write) in older.deliveries {
+            self.deliveries.entry(id).or_insert(write);
+        }
+        let mut sends = older.sends;
+        sends.append(&mut self.sends);
+        self.sends = sends;
+        let mut events = older.events;
+        events.append(&mut self.events);
+        self.events = events;
     }
 }
 
@@ -250,8 +262,6 @@ pub(crate) struct InFlight {
     pub(crate) groups: Vec<(JobId, Group)>,
     pub(crate) global_prunes: Vec<Record>,
     pub(crate) incidents: Vec<Incident>,
-    pub(crate) deliveries: Vec<(DeliveryId, JobWrite)>,
-    pub(crate) sends: Vec<SendRequest>,
 }
 
 /// What a failed batch puts back, for the scheduler's own bookkeeping.
@@ -300,14 +310,22 @@ impl Journal {
         group.checkpoints.push((run, seq));
     }
 
-    /// An outbox delivery must be written (`Put`) or removed (`Delete`).
-    pub(crate) fn delivery(&mut self, id: DeliveryId, write: JobWrite) {
-        self.deliveries.insert(id, write);
+    /// An outbox delivery of `job`'s run must be written (`Put`) or removed (`Delete`). It
+    /// travels in the job's group, with the run record it reports: a result is neither sent
+    /// before its run's terminal record is durable nor lost after it.
+    pub(crate) fn delivery(&mut self, job: &JobId, id: DeliveryId, write: JobWrite) {
+        self.group(job).deliveries.insert(id, write);
     }
 
-    /// A send, held until the next batch is acknowledged.
-    pub(crate) fn send(&mut self, send: SendRequest) {
-        self.sends.push(send);
+    /// A send of `job`'s delivery, held until the batch recording its attempt is acknowledged.
+    pub(crate) fn send(&mut self, job: &JobId, send: SendRequest) {
+        self.group(job).sends.push(send);
+    }
+
+    /// An outbox event held until the batch carrying its write is acknowledged: a delivery is
+    /// counted once its end is durable, so a crash cannot count it twice.
+    pub(crate) fn held_event(&mut self, job: &JobId, event: OutboxEvent) {
+        self.group(job).events.push(event);
     }
 
     /// An incident must be written.
@@ -373,8 +391,6 @@ impl Journal {
         !self.pending.is_empty()
             || !self.global_prunes.is_empty()
             || !self.incidents.is_empty()
-            || !self.deliveries.is_empty()
-            || !self.sends.is_empty()
             || self.meta_dirty
     }
 
@@ -425,15 +441,11 @@ impl Journal {
         };
         self.meta_dirty = false;
         let incidents = std::mem::take(&mut self.incidents).into_values().collect();
-        let deliveries = std::mem::take(&mut self.deliveries).into_iter().collect();
-        let sends = std::mem::take(&mut self.sends);
         self.in_flight = Some(InFlight {
             id,
             groups,
             global_prunes,
             incidents,
-            deliveries,
-            sends,
         });
         self.in_flight.as_ref().expect("just set")
     }
@@ -465,12 +477,7 @@ impl Journal {
             // A newer copy of the same incident wins.
             self.incidents.entry(incident.id).or_insert(incident);
         }
-        for (id, write) in failed.deliveries {
-            self.deliveries.entry(id).or_insert(write);
-        }
-        let mut sends = failed.sends;
-        sends.append(&mut self.sends);
-        self.sends = sends;
+
         if self.global_prunes.is_empty() {
             self.global_prunes = failed.global_prunes;
         }

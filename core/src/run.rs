@@ -4,8 +4,10 @@
 //!
 //! | from | input | to |
 //! |---|---|---|
-//! | (new) | slot fires / operator triggers | `Starting { attempt: 1 }` |
-//! | `BackingOff { until }` | `until` reached | `Starting { attempt + 1 }` |
+//! | (new), in-process job | slot fires / operator triggers | `Starting { attempt: 1 }` (with a lease) |
+//! | (new), external job | slot fires / operator triggers | `Queued { since }` |
+//! | `Queued` | a worker claims it | `Starting { attempt + 1 }` (with the worker's lease) |
+//! | `BackingOff { until }` | `until` reached | `Starting { attempt + 1 }`, or `Queued` for an external job |
 //! | `Starting { attempt }` | store acknowledged the batch recording it | `Running { attempt }` (the attempt is handed to the executor only now) |
 //! | `Running` | outcome `success` | `Succeeded` |
 //! | `Running` | outcome `retryable`, attempts left | `BackingOff { until: now + delay }` |
@@ -13,10 +15,12 @@
 //! | `Running` | outcome `permanent` | `FailedDropped` |
 //! | `Running` | outcome `snooze(d)` | `BackingOff { until: now + d }` (no attempt consumed) |
 //! | `Running` | outcome `cancelled`, or any failure or snooze after a cancel request | `Cancelled` |
-//! | `BackingOff`, `Starting` | operator cancels | `Cancelled` |
+//! | `Running` | lease reclaimed, or released by its holder: the attempt is lost | `BackingOff { until: now }`, or `FailedDropped` (poison) once `lost_attempts_max` attempts were lost |
+//! | `Running` | the watchdog kills it (timeout, backstop) | as a retryable failure; the kill is sticky |
+//! | `Queued`, `BackingOff`, `Starting` | operator cancels | `Cancelled` |
 //! | `Running` | operator cancels | `Running` with a cancel request (cooperative) |
 //! | `Starting`, `Running` | found after a crash with a cancel request | `Cancelled` |
-//! | `Starting`, `Running` | found after a crash, resumable, attempts left | `BackingOff { until: now }` |
+//! | `Starting`, `Running` | found after a crash, resumable | a lost attempt (as above) |
 //! | `Starting`, `Running` | found after a crash otherwise | `Interrupted` |
 //!
 //! Terminal states (`succeeded`, `failed`, `failed_dropped`, `cancelled`, `interrupted`) have no
@@ -407,7 +411,6 @@ pub struct Transition {
 }
 
 impl Run {
-    /// A new run about to start its first attempt.
     /// A new run. An in-process run is about to start its first attempt (`Starting`, its lease
     /// granted by [`Run::grant`]); an external one waits for a worker (`Queued`).
     pub fn new(id: RunId, job: JobId, trigger: Trigger, now: Timestamp, terms: RunTerms) -> Self {
@@ -700,11 +703,16 @@ impl Run {
                     self.lost
                 ),
             );
-            return self.finish(
+            // Like an interrupted run, a poison run keeps its checkpoint: it is what an operator
+            // inspects, and reclaiming never deletes data (SPEC C2, L3).
+            let checkpoint = self.checkpoint.take();
+            let t = self.finish(
                 now,
                 RunState::FailedDropped,
                 format!("poison: {} attempts lost", self.lost),
             );
+            self.checkpoint = checkpoint;
+            return t;
         }
         match self
             .retry

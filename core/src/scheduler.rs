@@ -3,12 +3,13 @@
 //!
 //! # Deadlines
 //!
-//! `poll_timeout` is the earliest of four named deadlines:
+//! `poll_timeout` is the earliest of five named deadlines:
 //!
 //! - **job due**: the first entry of `due_jobs`, the `Scheduled` jobs ordered by cursor. A tick
 //!   pops only due entries, so it costs O(log n) per due item, never a scan of all jobs.
 //! - **run due**: the first entry of `due_runs`: a `BackingOff` run's `until`, or the
 //!   watchdog's next deadline for a `Running` one (`watchdog::next_deadline`).
+//! - **delivery due**: the outbox's next due delivery (`Outbox::poll_timeout`).
 //! - **persist retry**: after a failed batch, when to emit the next one.
 //! - **history sweep**: hourly, prune history by age for all jobs.
 //!
@@ -198,6 +199,16 @@ pub enum Event {
     },
     /// An incident opened.
     IncidentOpened(Incident),
+    /// An incident was not opened because
+    /// [`limits::INCIDENTS_OPEN_MAX`](crate::limits::INCIDENTS_OPEN_MAX) are open.
+    IncidentSuppressed {
+        /// Its kind.
+        kind: IncidentKind,
+        /// The run concerned, if any.
+        run: Option<RunId>,
+        /// What it would have said.
+        details: String,
+    },
     /// An incident resolved.
     IncidentResolved(Incident),
     /// A checkpoint save was made durable.
@@ -264,12 +275,16 @@ pub struct Scheduler {
     empty_claims: BTreeMap<WorkerId, u32>,
     /// Reclaims whose batch failed, by run: two failures escalate (SPEC W5).
     reclaim_failures: BTreeMap<RunId, u32>,
+    /// Completions refused for missing artifacts, audited once per attempt.
+    refused_completions: BTreeSet<(RunId, Attempt)>,
     /// Checkpoint throttles of running attempts.
     throttles: BTreeMap<RunId, Throttle>,
     /// Set by `begin_shutdown`: nothing new fires or is claimed.
     shutting_down: bool,
     /// Results waiting to be delivered to sinks (SPEC D1–D5).
     outbox: Outbox,
+    /// The job of each delivery in the outbox (deliveries travel in their job's group).
+    delivery_jobs: BTreeMap<DeliveryId, JobId>,
     meta: Meta,
     journal: Journal,
     effects: VecDeque<Effect>,
@@ -307,9 +322,11 @@ impl Scheduler {
             incidents: BTreeMap::new(),
             empty_claims: BTreeMap::new(),
             reclaim_failures: BTreeMap::new(),
+            refused_completions: BTreeSet::new(),
             throttles: BTreeMap::new(),
             shutting_down: false,
             outbox: Outbox::new(config.outbox),
+            delivery_jobs: BTreeMap::new(),
             meta: Meta {
                 next_run_id: 1,
                 next_audit_seq: 1,
@@ -357,6 +374,10 @@ impl Scheduler {
             next_incident: meta.next_incident.max(1),
             next_delivery: meta.next_delivery.max(1),
         };
+        s.delivery_jobs = deliveries
+            .iter()
+            .map(|d| (d.id, d.payload.job.clone()))
+            .collect();
         s.outbox = Outbox::restore(s.config.outbox, deliveries, s.meta.next_delivery, now);
         s.journal.set_epoch(s.meta.epoch);
         s.tombstones = tombstones.into_iter().map(|t| (t.job.clone(), t)).collect();
@@ -380,6 +401,9 @@ impl Scheduler {
             s.runs.insert(id, run);
             match s.runs[&id].state {
                 RunState::BackingOff { .. } | RunState::Queued { .. } => s.index_run(id),
+                // An attempt handed out to an external worker outlives this process: its
+                // lease stands, and the watchdog reclaims it only if it expires (SPEC L3).
+                RunState::Running { .. } if s.held_elsewhere(id) => s.index_run(id),
                 RunState::Starting { .. } | RunState::Running { .. } => {
                     let run = s.runs.get_mut(&id).expect("just inserted");
                     let t = run.recover_after_crash(now);
@@ -762,7 +786,9 @@ impl Scheduler {
                 (_, None) => break,
             }
         }
-        self.outbox.handle_timeout(now);
+        if !self.shutting_down {
+            self.outbox.handle_timeout(now);
+        }
         self.pump_outbox();
         if self.journal.retry_at.is_some_and(|at| at <= now) {
             self.journal.retry_at = None;
@@ -793,10 +819,11 @@ impl Scheduler {
         // Terminal runs whose final record is now durable leave memory: they are history.
         for (job, group) in &batch.groups {
             for run_id in &group.runs {
+                if self.journal.run_pending(job, *run_id) {
+                    continue; // a newer write of the run is still to come
+                }
                 self.reclaim_failures.remove(run_id);
-                if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal())
-                    && !self.journal.run_pending(job, *run_id)
-                {
+                if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal()) {
                     self.runs.remove(run_id);
                 }
             }
@@ -814,18 +841,33 @@ impl Scheduler {
                 }
             }
         }
-        let durable: Vec<DeliveryId> = batch
-            .deliveries
-            .iter()
-            .filter(|(_, write)| *write == JobWrite::Put)
-            .map(|(id, _)| *id)
-            .collect();
-        self.outbox.mark_durable(&durable);
-        for send in batch.sends {
-            self.effects.push_back(Effect::Deliver(send));
+        for (_, group) in &batch.groups {
+            let durable: Vec<DeliveryId> = group
+                .deliveries
+                .iter()
+                .filter(|(_, write)| **write == JobWrite::Put)
+                .map(|(id, _)| *id)
+                .collect();
+            self.outbox.mark_durable(&durable);
+            for (id, write) in &group.deliveries {
+                if *write == JobWrite::Delete {
+                    self.delivery_jobs.remove(id);
+                }
+            }
+            self.effects
+                .extend(group.sends.iter().cloned().map(Effect::Deliver));
+            self.effects.extend(
+                group
+                    .events
+                    .iter()
+                    .cloned()
+                    .map(|e| Effect::Event(Event::Delivery(e))),
+            );
         }
         // Deliveries that just became durable may be due already.
-        self.outbox.handle_timeout(now);
+        if !self.shutting_down {
+            self.outbox.handle_timeout(now);
+        }
         self.pump_outbox();
         let gates = batch.groups.into_iter().flat_map(|(_, group)| group.gates);
         let mut starts = Vec::new();
@@ -835,7 +877,9 @@ impl Scheduler {
             let Some(run) = self.runs.get(&run_id) else {
                 continue;
             };
-            if run.state != (RunState::Starting { attempt }) {
+            // Nothing new starts once shutdown began; the attempt is recovered at the next
+            // start.
+            if run.state != (RunState::Starting { attempt }) || self.shutting_down {
                 continue;
             }
             let (ttl, factor) = (self.config.lease.ttl_ms, self.config.backstop_factor);
@@ -857,10 +901,19 @@ impl Scheduler {
             self.after_run_transition(run_id, t, Actor::Scheduler);
             starts.push(start);
         }
-        // Hand out in grant order, so tokens handed out together rise with the hand-out.
+        // Hand out in grant order, so tokens handed out together rise with the hand-out. A
+        // grant is announced only now that it is durable (a token announced earlier could be
+        // granted again after a crash).
         starts.sort_by_key(|start| start.lease.token);
-        self.effects
-            .extend(starts.into_iter().map(Effect::StartAttempt));
+        for start in starts {
+            let granted = Event::LeaseGranted {
+                run: start.run,
+                owner: start.lease.owner.clone(),
+                token: start.lease.token,
+            };
+            self.effects.push_back(Effect::StartAttempt(start));
+            self.effects.push_back(Effect::Event(granted));
+        }
     }
 
     /// The store failed to write batch `id`. Its records are re-sent (rebuilt from current
@@ -879,15 +932,24 @@ impl Scheduler {
             error: error.clone(),
             retry_at: failed.retry_at,
         }));
-        // SPEC C1: a failed checkpoint save is reported, and does not close the window.
+        // SPEC C1: a failed checkpoint save is reported, does not close the window, and does
+        // not throttle away the save kept behind it: that one is written now.
         for (run, seq) in failed.checkpoints {
-            if self.throttles.get_mut(&run).is_some_and(|t| t.failed(seq)) {
-                self.effects
-                    .push_back(Effect::Event(Event::CheckpointFailed {
-                        run,
-                        seq,
-                        error: error.clone(),
-                    }));
+            let Some(throttle) = self.throttles.get_mut(&run) else {
+                continue;
+            };
+            if !throttle.failed(seq) {
+                continue;
+            }
+            let pending = throttle.pending.take();
+            self.effects
+                .push_back(Effect::Event(Event::CheckpointFailed {
+                    run,
+                    seq,
+                    error: error.clone(),
+                }));
+            if let Some(data) = pending {
+                self.write_checkpoint(run, data);
             }
         }
         self.note_failed_reclaims(now, &failed.runs);
@@ -914,7 +976,7 @@ impl Scheduler {
             .first()
             .filter(|_| !self.shutting_down)
             .map(|(at, _)| *at);
-        let deliveries = self.outbox.poll_timeout();
+        let deliveries = self.outbox.poll_timeout().filter(|_| !self.shutting_down);
         [
             runs,
             jobs,
@@ -946,7 +1008,9 @@ impl Scheduler {
             );
             match run.state {
                 RunState::BackingOff { until } => {
-                    expected_runs.insert((until, run.id));
+                    if !self.shutting_down {
+                        expected_runs.insert((until, run.id));
+                    }
                 }
                 RunState::Queued { since } => {
                     assert!(run.external, "{id} queued but not external");
@@ -1300,29 +1364,53 @@ impl Scheduler {
         self.pump_outbox();
     }
 
-    /// Moves what the outbox produced into the journal (writes, held sends) and the effect
-    /// queue (events).
+    /// Moves what the outbox produced into the journal, each in the group of the job whose
+    /// run it reports: writes, sends (released when their attempt is durable) and end-of-delivery
+    /// events (released when the end is durable).
     fn pump_outbox(&mut self) {
         let (puts, deletes) = self.outbox.take_writes();
         for delivery in puts {
-            self.journal.delivery(delivery.id, JobWrite::Put);
+            let job = delivery.payload.job.clone();
+            self.delivery_jobs.insert(delivery.id, job.clone());
+            self.journal.delivery(&job, delivery.id, JobWrite::Put);
         }
         for id in deletes {
-            self.journal.delivery(id, JobWrite::Delete);
+            if let Some(job) = self.delivery_jobs.get(&id).cloned() {
+                self.journal.delivery(&job, id, JobWrite::Delete);
+            }
         }
         while let Some(send) = self.outbox.poll_send() {
-            // The send's attempt is in the writes just taken: it is released when they are
-            // durable, so a crash can never repeat an attempt number.
-            self.journal.send(send);
+            let job = send.payload.job.clone();
+            self.journal.send(&job, send);
         }
         while let Some(event) = self.outbox.poll_event() {
-            self.effects
-                .push_back(Effect::Event(Event::Delivery(event)));
+            let held = match &event {
+                OutboxEvent::Finished { id, .. } | OutboxEvent::Dropped { id: Some(id), .. } => {
+                    self.delivery_jobs.get(id).cloned()
+                }
+                _ => None,
+            };
+            match held {
+                Some(job) => self.journal.held_event(&job, event),
+                None => self
+                    .effects
+                    .push_back(Effect::Event(Event::Delivery(event))),
+            }
         }
+        // The delivery id counter rides in `Meta`; write it only when it moved, or every
+        // acknowledgement would call for another batch.
         if self.outbox.next_id() != self.meta.next_delivery {
             self.meta.next_delivery = self.outbox.next_id();
             self.journal.meta();
         }
+    }
+
+    /// True if `run`'s lease is held by a worker other than this process's executor.
+    fn held_elsewhere(&self, run: RunId) -> bool {
+        self.runs[&run]
+            .lease
+            .as_ref()
+            .is_some_and(|lease| lease.owner != self.worker)
     }
 
     /// A new lease for `run`, with the next fencing token (persisted with the batch).
@@ -1330,11 +1418,7 @@ impl Scheduler {
         let token = FencingToken(self.meta.next_token);
         self.meta.next_token += 1;
         self.journal.meta();
-        self.effects.push_back(Effect::Event(Event::LeaseGranted {
-            run,
-            owner: owner.clone(),
-            token,
-        }));
+        let _ = run;
         Lease {
             owner,
             token,
@@ -1351,7 +1435,18 @@ impl Scheduler {
         self.index_run(id);
         let state = self.runs[&id].state;
         if !matches!(state, RunState::Running { .. }) {
-            self.throttles.remove(&id);
+            // A throttled save outlives its attempt: the next attempt resumes from it.
+            let pending = self.throttles.remove(&id).and_then(|t| t.pending);
+            let run = self
+                .runs
+                .get_mut(&id)
+                .expect("transitions are of runs in memory");
+            if let (Some(data), Some(checkpoint)) = (pending, &mut run.checkpoint) {
+                checkpoint.seq += 1;
+                checkpoint.data = data;
+                checkpoint.saved_at = self.now;
+            }
+            self.resolve_incidents_of_kind(id, IncidentKind::StuckRun, "the attempt ended");
         }
         match state {
             RunState::BackingOff { until } => {
@@ -1553,7 +1648,8 @@ impl Scheduler {
             return;
         };
         let due = match run.state {
-            RunState::BackingOff { until } => Some(until),
+            // Nothing new starts once shutdown began: a retry waits for the next start.
+            RunState::BackingOff { until } => (!self.shutting_down).then_some(until),
             RunState::Running { .. } => crate::watchdog::next_deadline(run, &self.config),
             _ => None,
         };
@@ -1686,25 +1782,24 @@ impl Scheduler {
             );
             records.extend(group.audit.iter().cloned().map(Record::Audit));
             records.extend(group.prunes.iter().cloned());
+            for (delivery, write) in &group.deliveries {
+                match write {
+                    JobWrite::Put => {
+                        if let Some(d) = self.outbox.delivery(*delivery) {
+                            records.push(Record::PutDelivery(d.clone()));
+                        }
+                    }
+                    JobWrite::Delete => records.push(Record::DeleteDelivery { id: *delivery }),
+                    JobWrite::Nothing => {}
+                }
+            }
         }
         records.extend(batch.global_prunes.iter().cloned());
         records.extend(batch.incidents.iter().cloned().map(Record::PutIncident));
-        for (id, write) in &batch.deliveries {
-            match write {
-                JobWrite::Put => {
-                    if let Some(delivery) = self.outbox.delivery(*id) {
-                        records.push(Record::PutDelivery(delivery.clone()));
-                    }
-                }
-                JobWrite::Delete => records.push(Record::DeleteDelivery { id: *id }),
-                JobWrite::Nothing => {}
-            }
-        }
         // The counters ride in every batch, so a durable run id or audit seq is never ahead
         // of the durable counters.
         records.push(Record::PutMeta(Meta {
             clock: self.now,
-            next_delivery: self.outbox.next_id(),
             ..self.meta
         }));
         Batch {

@@ -10,7 +10,7 @@
 //! | backstop | `started_at + backstop_factor × timeout` | kill, whatever extension was granted (W3) |
 //! | kill | `kill_at`, set `kill_grace_ms` after the timeout | kill (W1) |
 //! | timeout | `timeout_at` (+ the one extension) | ask the attempt to stop (`CancelAttempt`), set `kill_at` (W1) |
-//! | stuck | `last_activity + stuck_after_ms` | open a stuck incident, once per attempt (W5) |
+//! | stuck | `last_activity + stuck_after_ms` | open a stuck incident, once per silence (W5) |
 //!
 //! When several are due, the first in this table wins: a reclaimed lease needs no kill, and a
 //! kill needs no stuck report. A kill is sticky (W2): the attempt's lease is revoked, so it can

@@ -159,7 +159,7 @@ impl Scheduler {
                 continue;
             };
             *failures += 1;
-            if *failures == 2 {
+            if *failures == limits::RECLAIM_FAILURES_ESCALATE {
                 let job = self.runs.get(run).map(|r| r.job.clone());
                 let details = format!("recording the reclaim of {run} failed twice");
                 self.open_incident(
@@ -184,11 +184,20 @@ impl Scheduler {
         worker: Option<&WorkerId>,
         details: String,
     ) {
-        let duplicate = self
+        if self
             .incidents
             .values()
-            .any(|i| i.is_about(kind, run, worker));
-        if duplicate || self.incidents.len() >= limits::INCIDENTS_OPEN_MAX {
+            .any(|i| i.is_about(kind, run, worker))
+        {
+            return;
+        }
+        if self.incidents.len() >= limits::INCIDENTS_OPEN_MAX {
+            self.effects
+                .push_back(Effect::Event(Event::IncidentSuppressed {
+                    kind,
+                    run,
+                    details,
+                }));
             return;
         }
         let id = self.meta.next_incident;

@@ -147,15 +147,18 @@ impl Scheduler {
                 .cloned()
                 .collect();
             if !missing.is_empty() {
-                self.clamp(now);
-                let reason = format!("completion refused: missing artifacts {missing:?}");
-                self.audit_run(
-                    run_id,
-                    Some(StateName::Running),
-                    StateName::Running,
-                    Actor::Worker(owner),
-                    &reason,
-                );
+                // Recorded once per attempt: a worker retrying in a loop cannot flood the trail.
+                if self.refused_completions.insert((run_id, run.attempt)) {
+                    self.clamp(now);
+                    let reason = format!("completion refused: missing artifacts {missing:?}");
+                    self.audit_run(
+                        run_id,
+                        Some(StateName::Running),
+                        StateName::Running,
+                        Actor::Worker(owner),
+                        &reason,
+                    );
+                }
                 return Err(Rejected::MissingArtifacts {
                     run: run_id,
                     missing,
@@ -333,6 +336,16 @@ impl Scheduler {
     pub fn begin_shutdown(&mut self, now: Timestamp) -> Shutdown {
         self.flush_checkpoints(now);
         self.shutting_down = true;
+        // Retries wait for the next start: take backing-off runs off the due index.
+        let backing_off: Vec<RunId> = self
+            .runs
+            .values()
+            .filter(|r| matches!(r.state, RunState::BackingOff { .. }))
+            .map(|r| r.id)
+            .collect();
+        for run in backing_off {
+            self.index_run(run);
+        }
         let attempts: Vec<(RunId, Attempt)> = self
             .runs
             .values()
@@ -399,7 +412,7 @@ impl Scheduler {
     }
 
     /// Records a checkpoint in the run and queues its write; returns its sequence number.
-    fn write_checkpoint(&mut self, run_id: RunId, data: String) -> u64 {
+    pub(super) fn write_checkpoint(&mut self, run_id: RunId, data: String) -> u64 {
         let now = self.now;
         let run = self
             .runs
@@ -421,14 +434,21 @@ impl Scheduler {
     /// A claim found nothing: count it, and raise an idle-claim-loop incident if the worker
     /// keeps asking for kinds nobody queued while other work waits.
     fn empty_claim(&mut self, now: Timestamp, worker: &WorkerId, kinds: &[&str]) {
+        if self.queued.is_empty() {
+            // Only empty claims while work waits count, and they count in a row.
+            self.empty_claims.remove(worker);
+            self.resolve_idle_claims(worker, "no work waits");
+            return;
+        }
+        if !self.empty_claims.contains_key(worker)
+            && self.empty_claims.len() >= limits::WORKERS_TRACKED_MAX
+        {
+            return;
+        }
         let count = self.empty_claims.entry(worker.clone()).or_default();
         *count = count.saturating_add(1);
         let count = *count;
         let waiting: Vec<&str> = self.queued.keys().map(|k| &**k).collect();
-        if waiting.is_empty() {
-            self.resolve_idle_claims(worker, "no work waits");
-            return;
-        }
         if count >= self.config.idle_claims_max {
             let details = format!(
                 "{count} empty claims for kinds {kinds:?} while runs of kinds {waiting:?} wait"
