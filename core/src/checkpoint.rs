@@ -7,7 +7,7 @@
 //! | idle, window closed | save | keep it as pending (`Throttled { until }`) |
 //! | in flight | save | keep it as pending (the newest wins) |
 //! | in flight | the store acknowledged it | idle; the window closes until `acked_at + interval` |
-//! | in flight | the store failed it | idle; the window stays open: the next save is written at once |
+//! | in flight | the store failed it | idle; the window opens: the next save is written at once |
 //! | any | flush (graceful shutdown) | the pending save is written, unthrottled |
 //!
 //! A failed save is reported to the caller (an `Event::CheckpointFailed`) and never throttles
@@ -71,12 +71,15 @@ impl Throttle {
         true
     }
 
-    /// The store failed save `seq`: the window stays as it was, so the next save goes through.
+    /// The store failed save `seq`: the window opens, so the next save is written at once
+    /// (SPEC C1: a failed save never throttles the next one away, even one that a flush wrote
+    /// inside the window).
     pub fn failed(&mut self, seq: u64) -> bool {
         if self.in_flight != Some(seq) {
             return false;
         }
         self.in_flight = None;
+        self.acked_at = None;
         true
     }
 }

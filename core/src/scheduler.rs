@@ -412,6 +412,16 @@ impl Scheduler {
                 _ => unreachable!("terminal runs were skipped"),
             }
         }
+        // A slot left waiting by a shutdown starts now.
+        let waiting: Vec<JobId> = s
+            .jobs
+            .values()
+            .filter(|j| !j.backlog.is_empty() && j.active_runs == 0)
+            .map(|j| j.spec.id.clone())
+            .collect();
+        for id in waiting {
+            s.start_from_backlog(now, &id);
+        }
         s.journal.meta();
         s.pump_outbox();
         s
@@ -627,7 +637,9 @@ impl Scheduler {
         job.spec = spec;
         job.state = state;
         if schedule_changed {
+            // Slots waiting under the old schedule are not the new schedule's to run.
             job.delete_when_idle = false;
+            job.backlog.clear();
         }
         let new = job_state_name(&job.state);
         self.index_job(&id);
@@ -1007,10 +1019,8 @@ impl Scheduler {
                 "{id} not below next_run_id"
             );
             match run.state {
-                RunState::BackingOff { until } => {
-                    if !self.shutting_down {
-                        expected_runs.insert((until, run.id));
-                    }
+                RunState::BackingOff { until } if !self.shutting_down => {
+                    expected_runs.insert((until, run.id));
                 }
                 RunState::Queued { since } => {
                     assert!(run.external, "{id} queued but not external");
@@ -1111,6 +1121,7 @@ impl Scheduler {
             assert!(
                 job.backlog.is_empty()
                     || job.active_runs > 0
+                    || self.shutting_down
                     || matches!(job.state, JobState::Paused { .. }),
                 "job {id} has a backlog but no active run to drain it"
             );
@@ -1553,7 +1564,8 @@ impl Scheduler {
         };
         let free = job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow;
         let paused = matches!(job.state, JobState::Paused { .. });
-        if job.backlog.is_empty() || !free || paused {
+        // A waiting slot waits for the next start once shutdown began.
+        if job.backlog.is_empty() || !free || paused || self.shutting_down {
             return;
         }
         let slot = job.backlog.remove(0);

@@ -2,59 +2,95 @@
 //! checked after every step (STYLE.md "Tests"), plus deterministic scenarios for paths that
 //! random sequences rarely reach.
 //!
-//! The test plays the driver and the store. It keeps a model store: the records of every
-//! acknowledged batch, applied in order after a serde round trip, exactly what a real store
-//! would hand back to `Scheduler::restore`. A "crash" drops the scheduler with everything not
-//! acknowledged (the batch in flight, pending effects, attempts executing), possibly keeping
-//! the in-flight batch as a write that became durable but was never acknowledged, and
-//! restores a new scheduler from the model store.
+//! The test plays the driver, the store, the in-process executor, three external workers and
+//! the sinks. It keeps a model store: the records of every acknowledged batch, applied in order
+//! after a serde round trip, exactly what a real store would hand back to
+//! `Scheduler::restore`. A "crash" drops the scheduler with everything not acknowledged (the
+//! batch in flight, pending effects, in-process attempts, sends in flight), possibly keeping
+//! the in-flight batch as a write that became durable but was never acknowledged, and restores
+//! a new scheduler from the model store; attempts of external workers outlive it with the lease
+//! the store holds. Half the scenarios stress the worker protocol; some have a small outbox;
+//! some shut down gracefully near the end. Every scenario ends with a liveness phase.
 //!
 //! `Scheduler::check_invariants` runs after every step and every drained effect. Besides, the
 //! test checks:
 //!
 //! - at most one persist batch is unacknowledged at a time;
 //! - persist before act (SPEC T1): an attempt is handed out only if the model store holds
-//!   the run in `Starting` for exactly that attempt;
+//!   the run in `Starting` for exactly that attempt, with its lease and checkpoint (C2);
 //! - an idempotency key (`run + attempt`) is handed out at most once, across crashes too;
 //! - a slot of a job gets at most one run id in the store (SPEC S6), across crashes and
 //!   backwards clocks;
-//! - a terminal run's stored record never changes, and every terminal record other than
-//!   `succeeded` keeps its last error (SPEC R4);
+//! - a terminal run's stored record never changes, every terminal record other than
+//!   `succeeded` keeps its last error (SPEC R4), and none keeps a checkpoint unless it is
+//!   interrupted or poison (C2);
 //! - after `handle_timeout(now)` and a full drain, `poll_timeout()` is later than `now`;
 //! - after a drain, the runs in `Running` are exactly the attempts handed out and neither
-//!   reported nor reclaimed, each under the lease it was handed out with; once nothing is
-//!   pending, the store mirrors memory, open incidents included;
-//! - a refused command changes nothing (tier 1); an outcome or heartbeat carrying a token that
-//!   is not the run's current lease (an attempt already reported, reclaimed or lost in a crash,
-//!   a newer token, another run's token, an unknown run) is always refused as stale, and an
-//!   executing attempt's outcome and heartbeat are always accepted (a heartbeat renews the
-//!   lease for a TTL from now);
-//! - fencing tokens (SPEC L1): every grant (`Event::LeaseGranted`) is above every earlier
-//!   grant of the incarnation, every token ever handed out and every token the store ever
-//!   held, so tokens rise across crashes and restores; an attempt is handed out with the token
-//!   its run was granted, durable in the store, above its run's previous tokens and every token
-//!   handed out before the last restore, and no token is handed out twice;
-//! - the watchdog (SPEC L3): a lease is reclaimed only once it expired plus the grace, always
-//!   with an `Event::LeaseReclaimed` for the attempt that held it, and after a tick no running
-//!   attempt's lease is past that deadline; nothing is killed (no job here has a timeout);
+//!   reported, released, reclaimed nor killed, each under the lease it was handed out with;
+//!   once nothing is pending, the store mirrors memory, open incidents included;
+//! - a refused command changes nothing (tier 1); no write is accepted with a stale token: an
+//!   outcome, heartbeat, progress report, context read or checkpoint save carrying a token that
+//!   is not the run's current lease (an attempt already reported, released, reclaimed, killed
+//!   or lost in a crash, a newer token, another run's token, an unknown run) is refused and
+//!   changes nothing, and such a release is `AlreadyReleased` (SPEC L4; `UnknownRun` for a run
+//!   not in memory) and changes nothing; an executing attempt's writes are always accepted,
+//!   except a success without a required artifact, which leaves the attempt running (and is
+//!   audited once per attempt);
+//! - fencing tokens (SPEC L1): an attempt is handed out with the lease the store holds for it,
+//!   owned by the executor or the worker that claimed it, above its run's previous tokens and
+//!   every token handed out before the last restore, never twice, and its grant
+//!   (`Event::LeaseGranted`) is announced right after the hand-out; a claim gets the oldest
+//!   queued run of its kinds, or nothing, and is refused while shutting down;
+//! - the watchdog (SPEC L3, W1-W3): a lease is reclaimed only once it expired plus the grace,
+//!   always with an `Event::LeaseReclaimed`, and after a tick no running attempt is past that
+//!   deadline or its backstop; an attempt is killed only if its job has a timeout and not
+//!   before it; `extend` answers exactly what the run's state allows, is granted at most once
+//!   per run (also across crashes: the flag is durable and never cleared), and a kill is
+//!   sticky: the run's `killed` stays set (in memory and in the store), and the killed
+//!   attempt's token is stale;
+//! - checkpoints (SPEC C1, C3): after `Event::CheckpointFailed`, the attempt's next save is
+//!   `Saving`, never `Throttled`, unless a newer save was written meanwhile (a save written by a
+//!   flush is left out: see the ignored `the_save_after_a_failed_flushed_save_is_written_at_once`);
+//!   a flush writes every throttled save;
+//! - the outbox (SPEC D1-D5): it never holds more than its capacity; a send is released only
+//!   once its attempt's record and its run's terminal record are durable, and never twice for
+//!   one attempt across crashes; an answer to the current send is accepted, and an answer
+//!   already given, lost in a crash, for a later attempt or an unknown delivery is refused and
+//!   changes nothing; each delivery ends (`Finished` or `Dropped`) at most once, across crashes
+//!   too, only once its end is durable, and every end made durable by an acknowledgement is
+//!   counted in the same drain;
+//! - a graceful shutdown asks every attempt in progress to stop, lists the sends in flight,
+//!   flushes throttled checkpoints, and afterwards nothing is handed out and nothing new fires
+//!   (a buffered slot aside: see the ignored
+//!   `a_buffered_slot_waits_for_the_next_start_after_a_shutdown`);
+//! - no run loops forever: an active run never has `lost >= lost_attempts_max` (the poison
+//!   verdict comes first), and `attempt <= attempts_max + lost + snoozes`, in memory and in the
+//!   store; at the end of every scenario, a liveness phase stops the faults, pauses every job,
+//!   claims and answers every attempt and send, and moves time on in steps of at most 10
+//!   minutes: within 6 simulated hours every run is terminal in memory and in the store, the
+//!   outbox is empty, and every delivery the store ever held has ended (bar a count a crash
+//!   swallowed between the durable end and its event, which docs/semantics.md allows);
 //! - `restore` is deterministic: the same snapshot and seed give the same scheduler;
 //! - records survive a serde round trip; stored counters (run ids, audit seqs, tokens,
-//!   incident ids) never go backwards and stay above every stored id and lease token; a stored
-//!   incident keeps its identity and a resolved one stays resolved.
+//!   incident ids, delivery ids) never go backwards and stay above every stored id and lease
+//!   token; a stored incident keeps its identity and a resolved one stays resolved.
 //!
 //! The deterministic tests at the end of this file are regressions for core bugs this suite
 //! found (cancel requests lost or ignored, attempts of removed jobs, one-shots finished by
-//! leftover runs).
+//! leftover runs), scenarios for the worker protocol, watchdog, checkpoints and outbox, and
+//! ignored tests pinning core bugs not fixed yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 
 use keel_core::rng::SplitMix64;
+use keel_core::run::Checkpoint;
 use keel_core::{
-    Attempt, AttemptStart, Batch, BatchId, Config, Effect, Event, FencingToken, HistoryPolicy,
-    IdempotencyKey, Incident, Job, JobId, JobSpec, JobState, Meta, MisfirePolicy, Outcome,
-    OverlapPolicy, Record, Rejected, RetryPolicy, Run, RunId, RunState, ScheduleSpec, Scheduler,
-    Snapshot, Timestamp, Trigger, WorkerId,
+    Attempt, AttemptStart, Batch, BatchId, CheckpointSave, Config, DeliveryId, DeliveryResult,
+    DeliveryState, Effect, ErrorKind, Event, FencingToken, HistoryPolicy, IdempotencyKey, Incident,
+    Job, JobId, JobSpec, JobState, Lease, Meta, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome,
+    OverflowPolicy, OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState,
+    ScheduleSpec, Scheduler, SendRequest, Snapshot, Timestamp, Trigger, WorkerId,
 };
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
@@ -72,9 +108,27 @@ const STARTS: [&str; 3] = [
     "2026-01-01T00:00:00Z",
 ];
 
+/// Sinks a job's results may go to.
+const SINKS: [&str; 2] = ["hook-a", "hook-b"];
+
+/// What workers ask for when they claim: every job here has kind `work`, so a claim for
+/// `other` alone finds nothing (and, repeated while work waits, is an idle claim loop).
+const CLAIM_KINDS: [&[&str]; 4] = [&["work"], &["work", "other"], &["other"], &[]];
+
+/// External workers.
+const WORKERS: usize = 3;
+
+/// The artifact jobs with required artifacts require.
+const REPORT: &str = "report";
+
 const MINUTE_MS: u64 = 60_000;
 const HOUR_MS: u64 = 60 * MINUTE_MS;
 const DAY_MS: u64 = 24 * HOUR_MS;
+
+/// The liveness phase moves time on in steps of at most this...
+const LIVENESS_STEP_MS: u64 = 10 * MINUTE_MS;
+/// ...and every run must have ended within this.
+const LIVENESS_HORIZON_MS: u64 = 6 * HOUR_MS;
 
 #[derive(Clone, Debug)]
 enum Sched {
@@ -101,6 +155,14 @@ struct Template {
     deadline_ms: Option<u64>,
     delete_after_run: bool,
     resume_after_crash: bool,
+    /// Run by external workers that claim it.
+    external: bool,
+    /// The attempt timeout (the watchdog times out, kills; `extend` once).
+    timeout_ms: Option<u64>,
+    /// Completions must carry the `report` artifact.
+    requires_report: bool,
+    /// How many of [`SINKS`] the results go to.
+    sinks: usize,
 }
 
 impl Template {
@@ -134,13 +196,25 @@ impl Template {
         spec.overlap = self.overlap;
         spec.delete_after_run = self.delete_after_run;
         spec.resume_after_crash = self.resume_after_crash;
+        spec.external = self.external;
+        spec.timeout_ms = self.timeout_ms;
+        if self.requires_report {
+            spec.required_artifacts = vec![REPORT.to_owned()];
+        }
+        spec.sinks = SINKS[..self.sinks.min(SINKS.len())]
+            .iter()
+            .map(|sink| (*sink).into())
+            .collect();
         spec
     }
 }
 
 #[derive(Clone, Debug)]
 enum OutcomeChoice {
+    /// Success with the `report` artifact.
     Success,
+    /// Success without artifacts: refused for a job that requires `report`.
+    SuccessBare,
     Retryable,
     Permanent,
     Snooze(u64),
@@ -152,7 +226,11 @@ impl OutcomeChoice {
         match self {
             OutcomeChoice::Success => Outcome::Success {
                 summary: Some("done".into()),
-                artifacts: BTreeMap::from([("report".to_owned(), "s3://reports/1".to_owned())]),
+                artifacts: BTreeMap::from([(REPORT.to_owned(), "s3://reports/1".to_owned())]),
+            },
+            OutcomeChoice::SuccessBare => Outcome::Success {
+                summary: None,
+                artifacts: BTreeMap::new(),
             },
             OutcomeChoice::Retryable => Outcome::Retryable {
                 message: "upstream 503".into(),
@@ -221,6 +299,74 @@ enum Op {
     },
     /// The process dies and restarts from the model store.
     Crash,
+    /// An external worker claims work of some kinds (`CLAIM_KINDS[kinds % 4]`).
+    Claim {
+        worker: usize,
+        kinds: usize,
+    },
+    /// An executing attempt reports progress (`stale`: with a token that is not current).
+    Progress {
+        pick: usize,
+        stale: bool,
+    },
+    /// An executing attempt asks for its context (`stale`: refused).
+    Context {
+        pick: usize,
+        stale: bool,
+    },
+    /// An executing attempt gives its lease back (`stale`: already released, or unknown).
+    Release {
+        pick: usize,
+        stale: bool,
+    },
+    /// `extend` the timeout of an executing attempt's run (`target % 4` 0 or 1), of a run the
+    /// watchdog killed (2), or of any run in memory or an unknown one (3).
+    Extend {
+        pick: usize,
+        target: u8,
+        by_ms: u64,
+    },
+    /// An executing attempt saves a checkpoint (`stale`: refused).
+    Checkpoint {
+        pick: usize,
+        stale: bool,
+    },
+    /// `flush_checkpoints`.
+    Flush,
+    /// A sink answers a send.
+    Answer {
+        pick: usize,
+        answer: AnswerChoice,
+    },
+    /// An answer for a send that is not current (answered already, lost in a crash, a newer
+    /// attempt, or an unknown delivery): refused, changing nothing.
+    StaleAnswer {
+        pick: usize,
+    },
+    /// `begin_shutdown` (placed near the end of a scenario, never generated by `op()`).
+    Shutdown,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum AnswerChoice {
+    Delivered,
+    Transient { retry_after_ms: Option<u64> },
+    Permanent,
+}
+
+impl AnswerChoice {
+    fn result(self) -> DeliveryResult {
+        match self {
+            AnswerChoice::Delivered => DeliveryResult::Delivered,
+            AnswerChoice::Transient { retry_after_ms } => DeliveryResult::Transient {
+                error: "HTTP 503".into(),
+                retry_after_ms,
+            },
+            AnswerChoice::Permanent => DeliveryResult::Permanent {
+                error: "HTTP 404".into(),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -229,6 +375,11 @@ struct Scenario {
     seed: u64,
     misfire_grace_ms: u64,
     history_runs_max: u32,
+    /// The outbox capacity: small ones overflow.
+    outbox_capacity: usize,
+    overflow: OverflowPolicy,
+    /// `begin_shutdown` this many operations before the end, if any.
+    shutdown_before_end: Option<usize>,
     jobs: Vec<Template>,
     ops: Vec<Op>,
 }
@@ -265,6 +416,18 @@ fn template() -> impl Strategy<Value = Template> {
         prop_oneof![Just(0u64), Just(1_000), Just(30_000)],
         prop_oneof![3 => Just(None), 1 => Just(Some(20_000u64))],
     );
+    let workers = (
+        prop_oneof![2 => Just(false), 1 => Just(true)],
+        // A 5 s timeout is killed at its backstop (15 s), before an unrenewed lease is
+        // reclaimed (40 s); a 20 s one times out, and is killed 10 s later unless extended.
+        prop_oneof![
+            2 => Just(None),
+            1 => Just(Some(5_000u64)),
+            1 => Just(Some(20_000u64)),
+        ],
+        prop_oneof![2 => Just(false), 1 => Just(true)],
+        prop_oneof![2 => Just(0usize), 2 => Just(1), 1 => Just(2)],
+    );
     (
         sched(),
         misfire,
@@ -272,6 +435,7 @@ fn template() -> impl Strategy<Value = Template> {
         retry,
         any::<bool>(),
         any::<bool>(),
+        workers,
     )
         .prop_map(
             |(
@@ -281,6 +445,7 @@ fn template() -> impl Strategy<Value = Template> {
                 (attempts_max, backoff_base_ms, deadline_ms),
                 delete_after_run,
                 resume_after_crash,
+                (external, timeout_ms, requires_report, sinks),
             )| Template {
                 schedule,
                 misfire,
@@ -290,6 +455,10 @@ fn template() -> impl Strategy<Value = Template> {
                 deadline_ms,
                 delete_after_run,
                 resume_after_crash,
+                external,
+                timeout_ms,
+                requires_report,
+                sinks,
             },
         )
 }
@@ -297,6 +466,7 @@ fn template() -> impl Strategy<Value = Template> {
 fn outcome() -> impl Strategy<Value = OutcomeChoice> {
     prop_oneof![
         4 => Just(OutcomeChoice::Success),
+        2 => Just(OutcomeChoice::SuccessBare),
         3 => Just(OutcomeChoice::Retryable),
         1 => Just(OutcomeChoice::Permanent),
         1 => (0u64..120_000).prop_map(OutcomeChoice::Snooze),
@@ -304,13 +474,24 @@ fn outcome() -> impl Strategy<Value = OutcomeChoice> {
     ]
 }
 
-fn op() -> impl Strategy<Value = Op> {
+/// One operation. `commands` and `workers` weigh job commands and the worker protocol
+/// (claims, progress, releases, extensions, checkpoints, sink answers) against time and I/O
+/// (weights 3 and 10); `back` weighs the hour-long backward clock jumps among time steps (a
+/// jump back stalls firing until the clock has caught up).
+fn op(commands: u32, workers: u32, back: u32) -> impl Strategy<Value = Op> {
     let time = prop_oneof![
         // Day jumps are rare: each one makes every cron job count up to CATCH_UP_MAX missed
         // slots, about 0.1 ms per slot in a debug build.
-        60 => prop_oneof![3 => 0u64..5_000, 1 => 0u64..10 * MINUTE_MS].prop_map(Op::Advance),
+        // Steps of tens of seconds reach the watchdog's deadlines (timeouts, kills, reclaims)
+        // one at a time.
+        60 => prop_oneof![
+            3 => 0u64..5_000,
+            2 => 5_000u64..30_000,
+            1 => 0u64..10 * MINUTE_MS,
+        ]
+        .prop_map(Op::Advance),
         1 => Just(Op::JumpDay),
-        3 => Just(Op::JumpBack),
+        back => Just(Op::JumpBack),
     ];
     let io = prop_oneof![
         6 => Just(Op::Timeout),
@@ -324,7 +505,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => any::<bool>().prop_map(|fail| Op::StaleAck { fail }),
         1 => Just(Op::Crash),
     ];
-    let commands = prop_oneof![
+    let commands_op = prop_oneof![
         1 => (0..JOB_POOL, template()).prop_map(|(job, template)| Op::Add { job, template }),
         1 => (0..JOB_POOL, template()).prop_map(|(job, template)| Op::Update { job, template }),
         1 => (0..JOB_POOL).prop_map(Op::Pause),
@@ -333,7 +514,27 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..JOB_POOL).prop_map(Op::Trigger),
         2 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
     ];
-    prop_oneof![3 => time, 10 => io, 3 => commands]
+    let answer = prop_oneof![
+        3 => Just(AnswerChoice::Delivered),
+        2 => prop_oneof![Just(None), (0u64..=120_000).prop_map(Some)]
+            .prop_map(|retry_after_ms| AnswerChoice::Transient { retry_after_ms }),
+        1 => Just(AnswerChoice::Permanent),
+    ];
+    let stale = || prop_oneof![4 => Just(false), 1 => Just(true)];
+    let workers_op = prop_oneof![
+        3 => (0..WORKERS, prop_oneof![3 => 0..2usize, 1 => 2..CLAIM_KINDS.len()])
+            .prop_map(|(worker, kinds)| Op::Claim { worker, kinds }),
+        1 => (any::<usize>(), stale()).prop_map(|(pick, stale)| Op::Progress { pick, stale }),
+        1 => (any::<usize>(), stale()).prop_map(|(pick, stale)| Op::Context { pick, stale }),
+        1 => (any::<usize>(), stale()).prop_map(|(pick, stale)| Op::Release { pick, stale }),
+        3 => (any::<usize>(), any::<u8>(), 1_000u64..=60_000)
+            .prop_map(|(pick, target, by_ms)| Op::Extend { pick, target, by_ms }),
+        8 => (any::<usize>(), stale()).prop_map(|(pick, stale)| Op::Checkpoint { pick, stale }),
+        1 => Just(Op::Flush),
+        3 => (any::<usize>(), answer).prop_map(|(pick, answer)| Op::Answer { pick, answer }),
+        1 => any::<usize>().prop_map(|pick| Op::StaleAnswer { pick }),
+    ];
+    prop_oneof![3 => time, 10 => io, commands => commands_op, workers => workers_op]
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -343,14 +544,37 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         prop_oneof![Just(0u64), Just(1_000), Just(MINUTE_MS)],
         1u32..=5,
         prop::collection::vec(template(), 1..=4),
-        prop::collection::vec(op(), 50..=200),
+        // Half the scenarios stress the worker protocol, with few job commands.
+        prop_oneof![
+            prop::collection::vec(op(3, 4, 3), 50..=200),
+            prop::collection::vec(op(1, 10, 1), 100..=300),
+        ],
+        (
+            prop_oneof![1 => Just(10_000usize), 2 => 3usize..=8],
+            prop_oneof![
+                Just(OverflowPolicy::DropOldest),
+                Just(OverflowPolicy::RejectNewest)
+            ],
+            prop_oneof![3 => Just(None), 1 => (0usize..10).prop_map(Some)],
+        ),
     )
         .prop_map(
-            |(start, seed, misfire_grace_ms, history_runs_max, jobs, ops)| Scenario {
+            |(
                 start,
                 seed,
                 misfire_grace_ms,
                 history_runs_max,
+                jobs,
+                ops,
+                (outbox_capacity, overflow, shutdown_before_end),
+            )| Scenario {
+                start,
+                seed,
+                misfire_grace_ms,
+                history_runs_max,
+                outbox_capacity,
+                overflow,
+                shutdown_before_end,
                 jobs,
                 ops,
             },
@@ -375,8 +599,10 @@ struct Store {
     incidents: BTreeMap<u64, Incident>,
     /// The highest lease token any stored run record ever held.
     max_token: Option<FencingToken>,
-    /// The delivery outbox (no job here has sinks, so it stays empty).
-    deliveries: BTreeMap<keel_core::DeliveryId, keel_core::Delivery>,
+    /// The delivery outbox.
+    deliveries: BTreeMap<DeliveryId, keel_core::Delivery>,
+    /// Every delivery the store ever held.
+    ever_deliveries: BTreeSet<DeliveryId>,
 }
 
 impl Store {
@@ -416,7 +642,8 @@ impl Store {
                         meta.next_run_id >= self.meta.next_run_id
                             && meta.next_audit_seq >= self.meta.next_audit_seq
                             && meta.next_token >= self.meta.next_token
-                            && meta.next_incident >= self.meta.next_incident,
+                            && meta.next_incident >= self.meta.next_incident
+                            && meta.next_delivery >= self.meta.next_delivery,
                         "stored counters went backwards: {:?} -> {meta:?}",
                         self.meta
                     );
@@ -424,12 +651,21 @@ impl Store {
                 }
                 Record::PutIncident(incident) => self.put_incident(incident),
                 Record::PutDelivery(delivery) => {
+                    self.ever_deliveries.insert(delivery.id);
                     self.deliveries.insert(delivery.id, delivery);
                 }
                 Record::DeleteDelivery { id } => {
                     self.deliveries.remove(&id);
                 }
             }
+        }
+        if let Some((&last, _)) = self.deliveries.last_key_value() {
+            assert!(
+                last.0 < self.meta.next_delivery,
+                "stored {last} is not below the stored next_delivery {}: a restart could \
+                 reuse it",
+                self.meta.next_delivery
+            );
         }
         if let Some((&last, _)) = self.incidents.last_key_value() {
             assert!(
@@ -481,6 +717,55 @@ impl Store {
                 run.id,
                 old.attempt,
                 run.attempt
+            );
+            // SPEC W1: the extension flag is persisted with the run and never cleared, so a
+            // restart cannot grant a second extension.
+            assert!(
+                !old.extended || run.extended,
+                "{} lost its durable extension flag",
+                run.id
+            );
+            // SPEC W2: a kill is sticky, in the store too.
+            assert!(
+                run.killed >= old.killed,
+                "{} was killed ({:?}) but is stored with killed {:?}",
+                run.id,
+                old.killed,
+                run.killed
+            );
+        }
+        // The poison verdict (no run loops forever): a run that lost its budget of attempts is
+        // terminal, and attempts are bounded by the budgets.
+        if !run.state.is_terminal() {
+            assert!(
+                run.lost < run.retry.lost_attempts_max,
+                "{} stored active with {} lost attempts (budget {})",
+                run.id,
+                run.lost,
+                run.retry.lost_attempts_max
+            );
+        }
+        assert!(
+            run.attempt.0 <= run.retry.attempts_max + run.lost + run.snoozes,
+            "{} stored with attempt {}, above attempts_max {} + lost {} + snoozes {}",
+            run.id,
+            run.attempt,
+            run.retry.attempts_max,
+            run.lost,
+            run.snoozes
+        );
+        // SPEC C2: completion and terminal failure delete the checkpoint (an interrupted or
+        // poison run keeps it).
+        let poison = run
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.kind == ErrorKind::Poison);
+        if run.state.is_terminal() && run.state != RunState::Interrupted && !poison {
+            assert!(
+                run.checkpoint.is_none(),
+                "terminal {} ({:?}) stored with a checkpoint",
+                run.id,
+                run.state
             );
         }
         if run.state.is_terminal() && run.state != RunState::Succeeded {
@@ -592,6 +877,40 @@ struct Stats {
     /// Incidents opened.
     incidents: u64,
     max_in_memory_runs: usize,
+    /// Claims that found a run, and claims that found none.
+    claims: u64,
+    empty_claims: u64,
+    /// Progress reports and context reads accepted.
+    progress: u64,
+    contexts: u64,
+    /// Attempts given back by their holder.
+    releases: u64,
+    /// Releases with a stale token answered `AlreadyReleased`.
+    already_released: u64,
+    /// Extensions granted, and refused.
+    extensions: u64,
+    extensions_refused: u64,
+    /// Attempts the watchdog killed.
+    kills: u64,
+    /// Checkpoint saves written, throttled, and failed to persist.
+    checkpoints_saved: u64,
+    checkpoints_throttled: u64,
+    checkpoints_failed: u64,
+    /// Saves that had to be written at once because the save before them failed.
+    saves_after_failure: u64,
+    /// Completions refused for a missing artifact.
+    artifact_refusals: u64,
+    /// Sends released, answers accepted, and stale answers refused.
+    sends: u64,
+    answers: u64,
+    stale_answers: u64,
+    /// Deliveries finished, and dropped on overflow.
+    deliveries_finished: u64,
+    deliveries_dropped: u64,
+    /// Graceful shutdowns.
+    shutdowns: u64,
+    /// Rounds of the liveness phase, over all cases.
+    liveness_rounds: u64,
 }
 
 impl Stats {
@@ -609,17 +928,44 @@ impl Stats {
         self.stale_refused += o.stale_refused;
         self.incidents += o.incidents;
         self.max_in_memory_runs = self.max_in_memory_runs.max(o.max_in_memory_runs);
+        self.claims += o.claims;
+        self.empty_claims += o.empty_claims;
+        self.progress += o.progress;
+        self.contexts += o.contexts;
+        self.releases += o.releases;
+        self.already_released += o.already_released;
+        self.extensions += o.extensions;
+        self.extensions_refused += o.extensions_refused;
+        self.kills += o.kills;
+        self.checkpoints_saved += o.checkpoints_saved;
+        self.checkpoints_throttled += o.checkpoints_throttled;
+        self.checkpoints_failed += o.checkpoints_failed;
+        self.saves_after_failure += o.saves_after_failure;
+        self.artifact_refusals += o.artifact_refusals;
+        self.sends += o.sends;
+        self.answers += o.answers;
+        self.stale_answers += o.stale_answers;
+        self.deliveries_finished += o.deliveries_finished;
+        self.deliveries_dropped += o.deliveries_dropped;
+        self.shutdowns += o.shutdowns;
+        self.liveness_rounds += o.liveness_rounds;
     }
 }
 
 /// An attempt handed out and neither reported nor reclaimed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Executing {
     attempt: Attempt,
     /// Its lease's fencing token, from `AttemptStart::lease`.
     token: FencingToken,
+    /// Its lease's owner: the in-process executor, or the worker that claimed the run.
+    owner: WorkerId,
+    /// When it was handed out (its lease, timeout and backstop run from then).
+    started_at: Timestamp,
     /// When its lease expires, as of the hand-out or the last accepted heartbeat.
     expires_at: Timestamp,
+    /// The run's attempt timeout.
+    timeout_ms: Option<u64>,
 }
 
 struct World {
@@ -649,12 +995,57 @@ struct World {
     run_tokens: BTreeMap<RunId, FencingToken>,
     /// The highest token handed out before the latest restore.
     floor: Option<FencingToken>,
-    /// The latest token granted (`Event::LeaseGranted`) to each run by this incarnation.
-    granted: BTreeMap<RunId, FencingToken>,
-    /// The latest token granted by this incarnation.
-    last_grant: Option<FencingToken>,
+    /// The attempt just handed out, whose grant (`Event::LeaseGranted`) must follow at once.
+    announce: Option<(RunId, FencingToken, WorkerId)>,
+    /// The latest acknowledgement came after `begin_shutdown`: it may hand nothing out.
+    acked_in_shutdown: bool,
+    /// Completions refused for a missing artifact, by attempt (audited once per attempt).
+    refused_completions: BTreeSet<(RunId, Attempt)>,
     /// The scheduler's `now` after the latest `handle_timeout`: when the watchdog last ran.
     last_tick: Timestamp,
+    /// External workers.
+    workers: Vec<WorkerId>,
+    /// The worker of each claim this incarnation granted, by run.
+    claims: BTreeMap<RunId, WorkerId>,
+    /// Extensions granted per run: in this incarnation, or durable before it (SPEC W1).
+    extended: BTreeMap<RunId, u32>,
+    /// Attempts the watchdog killed (`Effect::KillAttempt`) whose kill is in memory or durable:
+    /// their run's `killed` stays set (SPEC W2).
+    killed: BTreeSet<(RunId, Attempt)>,
+    /// Runs whose last checkpoint save failed to persist (`Event::CheckpointFailed`), with the
+    /// attempt: its next save must be written, not throttled (SPEC C1).
+    must_write: BTreeMap<RunId, Attempt>,
+    /// Checkpoint saves written by `flush_checkpoints` (or `begin_shutdown`), not by a save.
+    flushed: BTreeSet<(RunId, u64)>,
+    /// The latest throttled save of each executing attempt, until a save or a flush writes it.
+    throttled: BTreeMap<RunId, (Attempt, String)>,
+    /// Sends released (`Effect::Deliver`) and not yet answered, by delivery.
+    sends: BTreeMap<DeliveryId, SendRequest>,
+    /// Every `(delivery, attempt)` ever released, across crashes.
+    sent: BTreeSet<(DeliveryId, u32)>,
+    /// Sends that are no longer current: answered, or lost in a crash.
+    answered: Vec<(DeliveryId, u32)>,
+    /// Deliveries that ended (`Finished` or `Dropped`) and may not end again: in this
+    /// incarnation, or before it with their deletion durable (SPEC D4, at-least-once across
+    /// crashes for deletions that were not).
+    ended: BTreeSet<DeliveryId>,
+    /// Every delivery that ever ended, in any incarnation.
+    ended_ever: BTreeSet<DeliveryId>,
+    /// Deliveries whose end (their deletion) an acknowledged batch made durable, and whose
+    /// end event has not been polled yet: it must be, in the same drain.
+    awaiting_end: BTreeSet<DeliveryId>,
+    /// Deliveries whose end became durable but whose event a crash swallowed (before the driver
+    /// read it, or with the batch written but never acknowledged): the one count docs/semantics.md
+    /// allows a crash to lose (D4).
+    uncounted: BTreeSet<DeliveryId>,
+    /// After `begin_shutdown`: the highest run id at the time; no later run is scheduled.
+    shutdown_floor: Option<RunId>,
+    /// The slots waiting in job backlogs at `begin_shutdown`: a run that ends during the
+    /// shutdown still starts its job's buffered slot, the core bug pinned by the ignored test
+    /// `a_buffered_slot_does_not_start_during_a_shutdown`, left out here.
+    shutdown_backlog: BTreeSet<(JobId, Timestamp)>,
+    /// False in the liveness phase: every batch is acknowledged.
+    faults: bool,
     stats: Stats,
 }
 
@@ -666,6 +1057,11 @@ impl World {
             history: HistoryPolicy {
                 runs_max: scenario.history_runs_max,
                 ..HistoryPolicy::default()
+            },
+            outbox: OutboxConfig {
+                capacity: scenario.outbox_capacity,
+                overflow: scenario.overflow,
+                ..OutboxConfig::default()
             },
             ..Config::default()
         };
@@ -686,9 +1082,29 @@ impl World {
             tokens: BTreeMap::new(),
             run_tokens: BTreeMap::new(),
             floor: None,
-            granted: BTreeMap::new(),
-            last_grant: None,
+            announce: None,
+            acked_in_shutdown: false,
+            refused_completions: BTreeSet::new(),
             last_tick: start,
+            workers: (0..WORKERS)
+                .map(|i| WorkerId::new(&format!("worker-{i}")).expect("a valid worker id"))
+                .collect(),
+            claims: BTreeMap::new(),
+            extended: BTreeMap::new(),
+            killed: BTreeSet::new(),
+            must_write: BTreeMap::new(),
+            flushed: BTreeSet::new(),
+            throttled: BTreeMap::new(),
+            sends: BTreeMap::new(),
+            sent: BTreeSet::new(),
+            answered: Vec::new(),
+            ended: BTreeSet::new(),
+            ended_ever: BTreeSet::new(),
+            awaiting_end: BTreeSet::new(),
+            uncounted: BTreeSet::new(),
+            shutdown_floor: None,
+            shutdown_backlog: BTreeSet::new(),
+            faults: true,
             stats: Stats::default(),
         }
     }
@@ -702,9 +1118,16 @@ impl World {
             });
         }
         w.step(&Op::Drain);
-        for op in &scenario.ops {
+        let shutdown_at = scenario
+            .shutdown_before_end
+            .map(|before| scenario.ops.len().saturating_sub(before + 1));
+        for (i, op) in scenario.ops.iter().enumerate() {
+            if shutdown_at == Some(i) {
+                w.step(&Op::Shutdown);
+            }
             w.step(op);
         }
+        w.liveness();
         w.stats
     }
 
@@ -736,6 +1159,30 @@ impl World {
                             self.last_tick,
                             lease.token,
                             lease.expires_at
+                        );
+                    }
+                    // SPEC W3: no attempt outlives its backstop, extension or not.
+                    if let RunState::Running { started_at, .. } = run.state {
+                        if let Some(timeout) = run.timeout_ms {
+                            let factor = u64::from(self.config.backstop_factor);
+                            let backstop = started_at.plus_ms(timeout * factor);
+                            assert!(
+                                backstop > self.last_tick,
+                                "{} still running at {}, past its backstop {backstop}",
+                                run.id,
+                                self.last_tick
+                            );
+                        }
+                    }
+                    // Nothing new fires while shutting down.
+                    if let Some(floor) = self.shutdown_floor {
+                        let buffered = run.slot().is_some_and(|slot| {
+                            self.shutdown_backlog.contains(&(run.job.clone(), slot))
+                        });
+                        assert!(
+                            run.id <= floor || run.trigger == Trigger::Manual || buffered,
+                            "{} fired by the schedule after begin_shutdown",
+                            run.id
                         );
                     }
                 }
@@ -773,12 +1220,22 @@ impl World {
                 if let Some(run) = self.refused_changes_nothing("trigger", before, r) {
                     let run = self.keel.run(run).expect("a triggered run is in memory");
                     assert_eq!(run.trigger, Trigger::Manual);
-                    assert_eq!(
-                        run.state,
-                        RunState::Starting {
-                            attempt: Attempt(1)
-                        }
-                    );
+                    if run.external {
+                        assert_eq!(
+                            run.state,
+                            RunState::Queued {
+                                since: self.keel.now()
+                            }
+                        );
+                        assert_eq!(run.attempt, Attempt(0));
+                    } else {
+                        assert_eq!(
+                            run.state,
+                            RunState::Starting {
+                                attempt: Attempt(1)
+                            }
+                        );
+                    }
                 }
             }
             Op::Cancel { pick } => self.cancel(*pick),
@@ -809,9 +1266,30 @@ impl World {
                 }
             }
             Op::Crash => self.crash(),
+            Op::Claim { worker, kinds } => {
+                self.claim(*worker, CLAIM_KINDS[*kinds % CLAIM_KINDS.len()]);
+            }
+            Op::Progress { pick, stale } => self.progress(*pick, *stale),
+            Op::Context { pick, stale } => self.context(*pick, *stale),
+            Op::Release { pick, stale } => self.release(*pick, *stale),
+            Op::Extend {
+                pick,
+                target,
+                by_ms,
+            } => self.extend(*pick, *target, *by_ms),
+            Op::Checkpoint { pick, stale } => self.checkpoint(*pick, *stale),
+            Op::Flush => {
+                let seqs = self.checkpoint_seqs();
+                self.keel.flush_checkpoints(self.clock);
+                self.after_flush(&seqs);
+            }
+            Op::Answer { pick, answer } => self.answer(*pick, *answer),
+            Op::StaleAnswer { pick } => self.stale_answer(*pick),
+            Op::Shutdown => self.shutdown(),
         }
         self.keel.check_invariants();
         self.check_executing();
+        self.check_world();
         self.stats.max_in_memory_runs = self.stats.max_in_memory_runs.max(self.keel.runs().count());
     }
 
@@ -858,29 +1336,74 @@ impl World {
         self.executing
             .iter()
             .nth(pick % self.executing.len())
-            .map(|(r, e)| (*r, *e))
+            .map(|(r, e)| (*r, e.clone()))
     }
 
     fn complete(&mut self, pick: usize, outcome: &OutcomeChoice) {
-        let Some((run_id, exec)) = self.pick_executing(pick) else {
+        let Some((run_id, _)) = self.pick_executing(pick) else {
             return;
         };
+        self.complete_run(run_id, outcome);
+    }
+
+    /// The executing attempt of `run_id` reports an outcome: accepted, unless it is a success
+    /// without an artifact the job requires.
+    fn complete_run(&mut self, run_id: RunId, outcome: &OutcomeChoice) {
+        let exec = self.executing[&run_id].clone();
         let run = self
             .keel
             .run(run_id)
             .expect("an executing run is in memory");
         let cancel_requested = run.cancel_requested;
         let outcome = outcome.outcome();
-        self.keel
-            .handle_outcome(self.clock, run_id, exec.token, outcome.clone())
-            .unwrap_or_else(|e| {
-                panic!(
-                    "outcome for executing {run_id} attempt {} ({}): {e}",
-                    exec.attempt, exec.token
-                )
-            });
-        self.executing.remove(&run_id);
-        self.stale.push((run_id, exec.token));
+        let missing: Vec<String> = match &outcome {
+            Outcome::Success { artifacts, .. } => run
+                .required_artifacts
+                .iter()
+                .filter(|name| !artifacts.contains_key(*name))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
+        };
+        let before = fingerprint(&self.keel);
+        let result = self
+            .keel
+            .handle_outcome(self.clock, run_id, exec.token, outcome.clone());
+        if !missing.is_empty() {
+            // Audited once per attempt: a refused retry changes nothing.
+            if !self.refused_completions.insert((run_id, exec.attempt)) {
+                assert_eq!(
+                    before,
+                    fingerprint(&self.keel),
+                    "a repeated refusal changed the state"
+                );
+            }
+            // The artifact gate: refused and recorded, and the attempt keeps running under
+            // its lease (`check_executing` verifies the lease is untouched).
+            assert_eq!(
+                result,
+                Err(Rejected::MissingArtifacts {
+                    run: run_id,
+                    missing
+                }),
+                "a success without the required artifacts"
+            );
+            let run = self.keel.run(run_id).expect("still running");
+            assert!(
+                matches!(run.state, RunState::Running { attempt, .. } if attempt == exec.attempt),
+                "{run_id} is {:?} after a refused completion",
+                run.state
+            );
+            self.stats.artifact_refusals += 1;
+            return;
+        }
+        result.unwrap_or_else(|e| {
+            panic!(
+                "outcome for executing {run_id} attempt {} ({}): {e}",
+                exec.attempt, exec.token
+            )
+        });
+        self.retire(run_id);
         self.stats.outcomes += 1;
         let run = self
             .keel
@@ -991,7 +1514,7 @@ impl World {
             .unwrap_or_else(|e| panic!("heartbeat of executing {run} ({}): {e}", exec.token));
         let now = self.keel.now();
         assert_eq!(lease.token, exec.token, "a heartbeat changed the token");
-        assert_eq!(lease.owner, self.local);
+        assert_eq!(lease.owner, exec.owner);
         assert_eq!(
             (lease.renewed_at, lease.expires_at),
             (now, now.plus_ms(self.config.lease.ttl_ms)),
@@ -1053,7 +1576,13 @@ impl World {
                             batch.id, held.id
                         );
                     }
-                    match self.rng.below_inclusive(99) {
+                    // In the liveness phase the store never fails.
+                    let choice = if self.faults {
+                        self.rng.below_inclusive(99)
+                    } else {
+                        0
+                    };
+                    match choice {
                         0..=64 => self.ack(batch),
                         65..=79 => self.fail(batch.id),
                         _ => self.held = Some(batch),
@@ -1066,15 +1595,12 @@ impl World {
                         "cancel for {run} attempt {attempt}, which was never handed out"
                     );
                 }
-                Effect::KillAttempt { run, attempt } => {
-                    panic!("{run} attempt {attempt} killed, but no job here has a timeout")
-                }
-                Effect::Deliver(send) => {
-                    panic!("delivery {send:?}, but no job here has a sink")
-                }
+                Effect::KillAttempt { run, attempt } => self.kill(run, attempt),
+                Effect::Deliver(send) => self.deliver(send),
                 Effect::Event(event) => self.event(event),
             }
             self.keel.check_invariants();
+            self.check_world();
         }
         panic!("the scheduler produced effects forever");
     }
@@ -1082,26 +1608,16 @@ impl World {
     fn event(&mut self, event: Event) {
         match event {
             Event::LeaseGranted { run, owner, token } => {
-                // SPEC L1: the token rises on every grant, across crashes: above every grant of
-                // this incarnation, every token handed out, and every token the store holds.
-                assert_eq!(owner, self.local, "{run} granted to {owner}");
-                let highest = [
-                    self.last_grant,
-                    self.tokens.keys().next_back().copied(),
-                    self.store.max_token,
-                ]
-                .into_iter()
-                .flatten()
-                .max();
-                assert!(
-                    highest.is_none_or(|h| token > h),
-                    "{run} granted {token}, not above {highest:?}"
+                // A grant is announced with its hand-out, once it is durable, never before (a
+                // token announced earlier could be granted again after a crash).
+                assert_eq!(
+                    self.announce.take(),
+                    Some((run, token, owner.clone())),
+                    "{run} granted {token} to {owner}, but that is not the attempt just handed out"
                 );
-                self.last_grant = Some(token);
-                self.granted.insert(run, token);
             }
             Event::LeaseReclaimed { run, token } => {
-                let exec = self.executing.remove(&run).unwrap_or_else(|| {
+                let exec = self.executing.get(&run).cloned().unwrap_or_else(|| {
                     panic!("{token} of {run} reclaimed, but no attempt of {run} is executing")
                 });
                 assert_eq!(
@@ -1122,16 +1638,41 @@ impl World {
                     !matches!(state, Some(RunState::Running { .. })),
                     "{run} still running after its lease was reclaimed"
                 );
-                self.stale.push((run, token));
+                self.retire(run);
                 self.stats.reclaims += 1;
             }
             Event::IncidentOpened(_) => self.stats.incidents += 1,
+            Event::CheckpointFailed { run, seq, .. } => {
+                self.stats.checkpoints_failed += 1;
+                // A save written by a flush may fail while the window of an earlier
+                // acknowledged save is still closed; the next save is then throttled. That is
+                // the core bug pinned by the ignored test
+                // `the_save_after_a_failed_flushed_save_is_written_at_once`, left out here.
+                // Events are polled after the fact: if a newer save was written since the
+                // failure, that was the next save (checked then, or it had not failed yet).
+                let latest = self
+                    .keel
+                    .run(run)
+                    .and_then(|r| r.checkpoint.as_ref())
+                    .map(|c| c.seq);
+                if !self.flushed.contains(&(run, seq)) && latest == Some(seq) {
+                    if let Some(exec) = self.executing.get(&run) {
+                        self.must_write.insert(run, exec.attempt);
+                    }
+                }
+            }
+            Event::CheckpointSaved { run, .. } => {
+                self.must_write.remove(&run);
+            }
+            Event::Delivery(event) => self.delivery_event(event),
             _ => {}
         }
     }
 
     fn ack(&mut self, batch: Batch) {
         self.store.apply(&batch);
+        self.awaiting_end.extend(deleted_deliveries(&batch));
+        self.acked_in_shutdown = self.keel.is_shutting_down();
         self.keel.handle_persisted(self.clock, batch.id);
         self.stats.batches_acked += 1;
     }
@@ -1185,13 +1726,32 @@ impl World {
             start.kind,
             start.payload
         );
-        // The lease: granted by this incarnation to this run, owned by the executor, running
-        // for a TTL from the hand-out.
-        assert_eq!(lease.owner, self.local);
+        // SPEC C2: the attempt resumes from the run's durable checkpoint.
         assert_eq!(
-            self.granted.get(&run),
-            Some(&token),
-            "{run} attempt {attempt} handed out with {token}, not the token it was granted"
+            start.checkpoint, stored.checkpoint,
+            "{run} attempt {attempt} handed out with another checkpoint than the stored one"
+        );
+        // The lease: the one the store holds for this run (checked above), owned by the
+        // executor (or the worker that claimed an external run), running for a TTL from the
+        // hand-out; its grant is announced next.
+        assert_eq!(
+            stored.external,
+            self.claims.contains_key(&run),
+            "{run} attempt {attempt}: external runs, and only they, are claimed"
+        );
+        let owner = self.claims.get(&run).unwrap_or(&self.local).clone();
+        assert_eq!(lease.owner, owner);
+        let timeout_ms = stored.timeout_ms;
+        assert_eq!(
+            self.announce, None,
+            "a hand-out before the previous one's grant was announced"
+        );
+        self.announce = Some((run, token, owner.clone()));
+        // Nothing starts once shutdown began (the last acknowledgement handed this out: when a
+        // batch is emitted no hand-out is queued).
+        assert!(
+            !self.acked_in_shutdown,
+            "{run} attempt {attempt} handed out after begin_shutdown"
         );
         assert_eq!(
             lease.expires_at,
@@ -1206,10 +1766,10 @@ impl World {
                 "{run} attempt {attempt}: the lease does not run from the hand-out"
             );
         }
-        // Tokens rise and never repeat, across crashes and restores. They rise in grant order
-        // (checked with `Event::LeaseGranted`), so a token is above every token handed out
-        // before it was granted; attempts granted together are handed out in batch order,
-        // which need not be grant order (see `attempts_granted_together_are_handed_out_in_grant_order`).
+        // Tokens rise and never repeat, across crashes and restores: a token is above every
+        // token handed out before the last restore and its run's earlier tokens. (Attempts
+        // granted in one incarnation are handed out in batch order, which need not be grant
+        // order: see `attempts_granted_together_are_handed_out_in_grant_order`.)
         if let Some(of) = self.tokens.insert(token, run) {
             panic!("{run} attempt {attempt} handed out with {token}, already handed out to {of}");
         }
@@ -1232,7 +1792,10 @@ impl World {
             Executing {
                 attempt,
                 token,
+                owner,
+                started_at: lease.renewed_at,
                 expires_at: lease.expires_at,
+                timeout_ms,
             },
         );
         assert!(
@@ -1243,6 +1806,11 @@ impl World {
     }
 
     fn check_after_drain(&mut self) {
+        assert!(
+            self.awaiting_end.is_empty(),
+            "SPEC D4: deliveries {:?} ended durably, but no event counted them",
+            self.awaiting_end
+        );
         let running: BTreeMap<RunId, (Attempt, Option<FencingToken>)> = self
             .keel
             .runs()
@@ -1314,13 +1882,43 @@ impl World {
             // The write may have become durable without its acknowledgement arriving.
             if self.rng.chance(1, 2) {
                 self.store.apply(&batch);
+                self.uncounted.extend(deleted_deliveries(&batch));
             }
         }
+        self.uncounted.append(&mut self.awaiting_end);
+        // Attempts of the in-process executor die with the process; external workers' attempts
+        // do not (their leases are revived below, from what the store holds).
         let lost = std::mem::take(&mut self.executing);
         self.stale
             .extend(lost.into_iter().map(|(run, e)| (run, e.token)));
-        self.granted.clear();
-        self.last_grant = None;
+        // Sends in flight die with the process: their answers are stale from now on.
+        let lost = std::mem::take(&mut self.sends);
+        self.answered
+            .extend(lost.into_values().map(|send| (send.id, send.attempt)));
+        self.claims.clear();
+        self.must_write.clear();
+        self.flushed.clear();
+        self.throttled.clear();
+        self.shutdown_floor = None;
+        self.shutdown_backlog.clear();
+        self.announce = None;
+        self.acked_in_shutdown = false;
+        self.refused_completions.clear();
+        // What outlives the process is what the store holds. An end of delivery is announced
+        // only once durable, so a delivery ends once across crashes too; only an id above the
+        // durable counter (of a delivery never written) may be handed out again.
+        let next_delivery = self.store.meta.next_delivery;
+        self.ended.retain(|id| id.0 < next_delivery);
+        self.extended = self
+            .store
+            .runs
+            .values()
+            .filter(|r| r.extended)
+            .map(|r| (r.id, 1))
+            .collect();
+        let runs = &self.store.runs;
+        self.killed
+            .retain(|(run, attempt)| runs.get(run).is_some_and(|r| r.killed >= Some(*attempt)));
         self.floor = self.tokens.keys().next_back().copied();
         self.failed.clear();
         let snapshot = self.store.snapshot();
@@ -1335,6 +1933,761 @@ impl World {
         self.keel = keel;
         self.last_tick = self.keel.now();
         self.stats.crashes += 1;
+        // SPEC L3: an attempt handed out to an external worker outlives the process; its lease
+        // stands as the store holds it (a report the store never received is undone with the
+        // rest, so the worker's token is current again), and only expiry reclaims it.
+        let restored: Vec<(RunId, Attempt, Timestamp, Lease, Option<u64>)> = self
+            .keel
+            .runs()
+            .filter_map(|r| match (r.state, &r.lease) {
+                (
+                    RunState::Running {
+                        attempt,
+                        started_at,
+                    },
+                    Some(lease),
+                ) => Some((r.id, attempt, started_at, lease.clone(), r.timeout_ms)),
+                _ => None,
+            })
+            .collect();
+        for (run, attempt, started_at, lease, timeout_ms) in restored {
+            assert_ne!(
+                lease.owner, self.local,
+                "{run}: an in-process attempt survived a crash"
+            );
+            assert_eq!(
+                self.tokens.get(&lease.token),
+                Some(&run),
+                "{run} restored running with {}, never handed out",
+                lease.token
+            );
+            self.stale.retain(|stale| *stale != (run, lease.token));
+            self.executing.insert(
+                run,
+                Executing {
+                    attempt,
+                    token: lease.token,
+                    owner: lease.owner,
+                    started_at,
+                    expires_at: lease.expires_at,
+                    timeout_ms,
+                },
+            );
+        }
+    }
+
+    /// The executing attempt of `run` is over (reported, released, reclaimed, killed): its
+    /// token is stale from now on, and so is what the test knew about its checkpoints.
+    fn retire(&mut self, run: RunId) -> Executing {
+        let exec = self
+            .executing
+            .remove(&run)
+            .unwrap_or_else(|| panic!("{run} has no executing attempt"));
+        self.stale.push((run, exec.token));
+        self.must_write.remove(&run);
+        self.throttled.remove(&run);
+        exec
+    }
+
+    /// Whole-world invariants beyond `Scheduler::check_invariants`, after every step and every
+    /// drained effect.
+    fn check_world(&self) {
+        // SPEC D1: the outbox is bounded.
+        let outbox = self.keel.outbox();
+        outbox.check_invariants();
+        assert!(
+            outbox.len() <= self.config.outbox.capacity,
+            "the outbox holds {} deliveries, above its capacity {}",
+            outbox.len(),
+            self.config.outbox.capacity
+        );
+        for run in self.keel.runs() {
+            // SPEC W1: one extension per run at most, and the run's flag says whether it had it.
+            let granted = self.extended.get(&run.id).copied().unwrap_or(0);
+            assert!(granted <= 1, "{} extended {granted} times", run.id);
+            assert_eq!(
+                run.extended,
+                granted == 1,
+                "{}: extended flag {} but {granted} extensions granted",
+                run.id,
+                run.extended
+            );
+            // No run loops forever: attempts stay within the budgets.
+            assert!(
+                run.attempt.0 <= run.retry.attempts_max + run.lost + run.snoozes,
+                "{} at attempt {}, above attempts_max {} + lost {} + snoozes {}",
+                run.id,
+                run.attempt,
+                run.retry.attempts_max,
+                run.lost,
+                run.snoozes
+            );
+        }
+        // SPEC W2: a kill is sticky.
+        for (run, attempt) in &self.killed {
+            let Some(r) = self.keel.run(*run) else {
+                continue;
+            };
+            assert!(
+                r.killed >= Some(*attempt),
+                "{run}: attempt {attempt} was killed, but the run says killed {:?}",
+                r.killed
+            );
+            assert!(
+                !matches!(
+                    r.state,
+                    RunState::Starting { attempt: a } | RunState::Running { attempt: a, .. }
+                        if a == *attempt
+                ),
+                "{run}: killed attempt {attempt} is in progress again"
+            );
+        }
+    }
+
+    /// A worker claims work of `kinds`: it gets the oldest queued run of those kinds, or
+    /// nothing if none is queued; refused while shutting down. Returns the claimed run.
+    fn claim(&mut self, worker: usize, kinds: &[&str]) -> Option<RunId> {
+        let worker = self.workers[worker % WORKERS].clone();
+        let oldest = self
+            .keel
+            .runs()
+            .filter_map(|r| match r.state {
+                RunState::Queued { since } if kinds.contains(&&*r.kind) => {
+                    Some((since, r.id, r.attempt))
+                }
+                _ => None,
+            })
+            .min();
+        let shutting_down = self.keel.is_shutting_down();
+        let before = fingerprint(&self.keel);
+        let result = self.keel.claim(self.clock, &worker, kinds);
+        if shutting_down {
+            assert_eq!(result, Err(Rejected::ShuttingDown));
+        }
+        let claimed = self.refused_changes_nothing("claim", before, result)?;
+        match (claimed, oldest) {
+            (None, None) => {
+                self.stats.empty_claims += 1;
+                None
+            }
+            (Some(claimed), Some((_, id, attempt))) => {
+                assert_eq!(
+                    claimed.run, id,
+                    "a claim for {kinds:?} gets the oldest queued run"
+                );
+                let run = self.keel.run(id).expect("a claimed run is in memory");
+                assert_eq!(
+                    run.state,
+                    RunState::Starting {
+                        attempt: Attempt(attempt.0 + 1)
+                    }
+                );
+                assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
+                self.claims.insert(id, worker);
+                self.stats.claims += 1;
+                Some(id)
+            }
+            (claimed, oldest) => panic!(
+                "a claim for {kinds:?} returned {claimed:?}, but the oldest queued run is \
+                 {oldest:?}"
+            ),
+        }
+    }
+
+    /// A write with a token that is not current must be refused and change nothing.
+    fn stale_refused<T: Debug>(
+        &mut self,
+        what: &str,
+        pick: usize,
+        write: impl FnOnce(&mut Scheduler, RunId, FencingToken) -> Result<T, Rejected>,
+    ) {
+        let (run, token) = self.stale_write(pick);
+        let before = fingerprint(&self.keel);
+        let result = write(&mut self.keel, run, token);
+        self.assert_stale_refused(what, run, token, &result);
+        self.stats.stale_refused += 1;
+        self.refused_changes_nothing(what, before, result);
+    }
+
+    fn progress(&mut self, pick: usize, stale: bool) {
+        let clock = self.clock;
+        if stale {
+            return self.stale_refused("progress (stale)", pick, |k, run, token| {
+                k.progress(clock, run, token, "upload", "from a stale holder")
+            });
+        }
+        let Some((run, exec)) = self.pick_executing(pick) else {
+            return;
+        };
+        let message = format!("{} items", pick % 1_000);
+        self.keel
+            .progress(clock, run, exec.token, "upload", &message)
+            .unwrap_or_else(|e| panic!("progress of executing {run} ({}): {e}", exec.token));
+        let now = self.keel.now();
+        let r = self.keel.run(run).expect("an executing run is in memory");
+        let progress = r.progress.as_ref().expect("progress is recorded");
+        assert_eq!(
+            (
+                progress.phase.as_str(),
+                progress.message.as_str(),
+                progress.at
+            ),
+            ("upload", message.as_str(), now)
+        );
+        assert_eq!(r.last_activity, Some(now), "progress is a sign of life");
+        self.stats.progress += 1;
+    }
+
+    fn context(&mut self, pick: usize, stale: bool) {
+        if stale {
+            return self.stale_refused("context (stale)", pick, |k, run, token| {
+                k.context(run, token)
+            });
+        }
+        let Some((run, exec)) = self.pick_executing(pick) else {
+            return;
+        };
+        let context = self
+            .keel
+            .context(run, exec.token)
+            .unwrap_or_else(|e| panic!("context of executing {run} ({}): {e}", exec.token));
+        let r = self.keel.run(run).expect("an executing run is in memory");
+        assert_eq!(
+            (context.run, context.attempt, context.lease.token),
+            (run, exec.attempt, exec.token)
+        );
+        assert_eq!(context.lease.owner, exec.owner);
+        assert_eq!(context.lease.expires_at, exec.expires_at);
+        assert_eq!(context.payload, format!("payload of {}", context.job));
+        assert_eq!(context.checkpoint, r.checkpoint);
+        assert_eq!(context.progress, r.progress);
+        self.stats.contexts += 1;
+    }
+
+    fn release(&mut self, pick: usize, stale: bool) {
+        if stale {
+            // SPEC L4: releasing a lease that is no longer the holder's is "already released",
+            // not an error, and changes nothing; a run the scheduler does not know is refused.
+            let (run, token) = self.stale_write(pick);
+            let known = self.keel.run(run).is_some();
+            let before = fingerprint(&self.keel);
+            let result = self.keel.release(self.clock, run, token);
+            let expected = if known {
+                Ok(Released::AlreadyReleased)
+            } else {
+                Err(Rejected::UnknownRun(run))
+            };
+            assert_eq!(result, expected, "release of {run} with {token}");
+            assert_eq!(
+                before,
+                fingerprint(&self.keel),
+                "a release of {run} with {token} changed the state"
+            );
+            if known {
+                self.stats.already_released += 1;
+            } else {
+                self.stats.refusals += 1;
+            }
+            return;
+        }
+        if let Some((run, _)) = self.pick_executing(pick) {
+            self.release_run(run);
+        }
+    }
+
+    /// The executing attempt of `run` gives its lease back: it counts as lost, and the run
+    /// retries at once or ends (poison, exhausted, cancelled).
+    fn release_run(&mut self, run: RunId) {
+        let token = self.executing[&run].token;
+        let lost = self.keel.run(run).expect("executing").lost;
+        let result = self.keel.release(self.clock, run, token);
+        assert_eq!(result, Ok(Released::Released), "release of executing {run}");
+        self.retire(run);
+        let now = self.keel.now();
+        let r = self
+            .keel
+            .run(run)
+            .expect("in memory until its record is acknowledged");
+        assert_eq!(r.lost, lost + 1, "a released attempt counts as lost");
+        assert!(r.lease.is_none(), "{run} kept its lease after a release");
+        assert!(
+            r.state.is_terminal() || r.state == RunState::BackingOff { until: now },
+            "{run} is {:?} after a release",
+            r.state
+        );
+        if r.state.is_terminal() {
+            self.stats.terminal_runs += 1;
+        }
+        self.stats.releases += 1;
+    }
+
+    /// `extend` a run: the answer is exactly what the run's state allows (SPEC W1, W2).
+    fn extend(&mut self, pick: usize, target: u8, by_ms: u64) {
+        let in_memory: Vec<RunId> = self.keel.runs().map(|r| r.id).collect();
+        let killed: Vec<RunId> = self
+            .keel
+            .runs()
+            .filter(|r| r.killed.is_some())
+            .map(|r| r.id)
+            .collect();
+        let run_id = match target % 4 {
+            0 | 1 if !self.executing.is_empty() => self.pick_executing(pick).expect("some").0,
+            2 if !killed.is_empty() => killed[pick % killed.len()],
+            _ => in_memory
+                .get(pick % (in_memory.len() + 1))
+                .copied()
+                .unwrap_or(RunId(u64::MAX / 2)),
+        };
+        let now = self.keel.now().max(self.clock);
+        let expected = match self.keel.run(run_id) {
+            None => Err(Rejected::UnknownRun(run_id)),
+            Some(run) if run.killed.is_some() => Err(Rejected::Killed(run_id)),
+            Some(run) if !matches!(run.state, RunState::Running { .. }) => {
+                Err(Rejected::NotRunning {
+                    run: run_id,
+                    state: run.state.name(),
+                })
+            }
+            Some(run) if run.extended => Err(Rejected::AlreadyExtended(run_id)),
+            Some(run) => match (run.watch.timeout_at, run.watch.kill_at) {
+                (None, _) => Err(Rejected::NoTimeout(run_id)),
+                (Some(_), Some(_)) => Err(Rejected::TimedOut(run_id)),
+                (Some(timeout_at), None) => {
+                    let extended = timeout_at.max(now).plus_ms(by_ms);
+                    Ok(run
+                        .watch
+                        .backstop_at
+                        .map_or(extended, |cap| extended.min(cap)))
+                }
+            },
+        };
+        let seen_killed = self.killed.iter().any(|(run, _)| *run == run_id);
+        let before = fingerprint(&self.keel);
+        let result = self
+            .keel
+            .extend(self.clock, run_id, by_ms, "the upstream is slow today");
+        assert_eq!(result, expected, "extend({run_id}, {by_ms} ms)");
+        if seen_killed {
+            assert_eq!(result, Err(Rejected::Killed(run_id)), "SPEC W2");
+        }
+        match result {
+            Ok(deadline) => {
+                let granted = self.extended.entry(run_id).or_default();
+                *granted += 1;
+                assert_eq!(*granted, 1, "SPEC W1: {run_id} extended twice");
+                let run = self.keel.run(run_id).expect("extended");
+                assert!(run.extended);
+                assert_eq!(run.watch.timeout_at, Some(deadline));
+                self.stats.extensions += 1;
+            }
+            Err(e) => {
+                assert_eq!(
+                    before,
+                    fingerprint(&self.keel),
+                    "refused extend ({e}) changed the state"
+                );
+                self.stats.extensions_refused += 1;
+            }
+        }
+    }
+
+    /// The watchdog killed an attempt (`Effect::KillAttempt`): only an attempt with a timeout,
+    /// not before it, and for good (SPEC W1, W2).
+    fn kill(&mut self, run: RunId, attempt: Attempt) {
+        let exec = self.retire(run);
+        assert_eq!(
+            exec.attempt, attempt,
+            "{run}: attempt {attempt} killed, but attempt {} is executing",
+            exec.attempt
+        );
+        let timeout = exec.timeout_ms.unwrap_or_else(|| {
+            panic!("{run} attempt {attempt} killed, but its job has no timeout")
+        });
+        assert!(
+            self.last_tick >= exec.started_at.plus_ms(timeout),
+            "{run} attempt {attempt} killed at {}, before its timeout ({timeout} ms from {})",
+            self.last_tick,
+            exec.started_at
+        );
+        let r = self
+            .keel
+            .run(run)
+            .expect("a killed run is in memory until its record is acknowledged");
+        assert_eq!(r.killed, Some(attempt));
+        // The lease is revoked (a retry due at once may already hold a new one).
+        assert!(
+            r.lease.as_ref().is_none_or(|l| l.token != exec.token),
+            "a kill revokes the lease"
+        );
+        self.killed.insert((run, attempt));
+        self.stats.kills += 1;
+    }
+
+    fn checkpoint(&mut self, pick: usize, stale: bool) {
+        let clock = self.clock;
+        if stale {
+            return self.stale_refused("save_checkpoint (stale)", pick, |k, run, token| {
+                k.save_checkpoint(clock, run, token, "from a stale holder".into())
+            });
+        }
+        let Some((run, exec)) = self.pick_executing(pick) else {
+            return;
+        };
+        let previous = self.keel.run(run).and_then(|r| r.checkpoint.clone());
+        let data = format!("{run} attempt {} at {}", exec.attempt, pick % 1_000);
+        let result = self
+            .keel
+            .save_checkpoint(clock, run, exec.token, data.clone())
+            .unwrap_or_else(|e| panic!("checkpoint of executing {run} ({}): {e}", exec.token));
+        let now = self.keel.now();
+        let current = self.keel.run(run).and_then(|r| r.checkpoint.clone());
+        if let Some(attempt) = self.must_write.remove(&run) {
+            // SPEC C1: a failed save never throttles the next one away.
+            assert_eq!(attempt, exec.attempt);
+            assert!(
+                matches!(result, CheckpointSave::Saving { .. }),
+                "SPEC C1: {run}: the save after a failed save was {result:?}"
+            );
+            self.stats.saves_after_failure += 1;
+        }
+        match result {
+            CheckpointSave::Saving { seq } => {
+                assert_eq!(seq, previous.as_ref().map_or(1, |c| c.seq + 1));
+                assert_eq!(
+                    current,
+                    Some(Checkpoint {
+                        seq,
+                        attempt: exec.attempt,
+                        saved_at: now,
+                        data,
+                    })
+                );
+                self.throttled.remove(&run);
+                self.stats.checkpoints_saved += 1;
+            }
+            CheckpointSave::Throttled { until } => {
+                assert!(until >= now, "throttled until {until}, before {now}");
+                assert_eq!(current, previous, "a throttled save changed the checkpoint");
+                self.throttled.insert(run, (exec.attempt, data));
+                self.stats.checkpoints_throttled += 1;
+            }
+        }
+    }
+
+    /// The checkpoint sequence number of every run in memory.
+    fn checkpoint_seqs(&self) -> BTreeMap<RunId, Option<u64>> {
+        self.keel
+            .runs()
+            .map(|r| (r.id, r.checkpoint.as_ref().map(|c| c.seq)))
+            .collect()
+    }
+
+    /// After `flush_checkpoints` (or `begin_shutdown`): every throttled save was written
+    /// (SPEC C3), and each write is the save that follows a failed one, if any.
+    fn after_flush(&mut self, before: &BTreeMap<RunId, Option<u64>>) {
+        for (run, (attempt, data)) in std::mem::take(&mut self.throttled) {
+            let r = self.keel.run(run).expect("an executing run is in memory");
+            assert_eq!(
+                r.checkpoint.as_ref().map(|c| (c.attempt, c.data.as_str())),
+                Some((attempt, data.as_str())),
+                "SPEC C3: the flush did not write {run}'s throttled save"
+            );
+        }
+        let written: Vec<(RunId, u64)> = self
+            .keel
+            .runs()
+            .filter_map(|r| {
+                let seq = r.checkpoint.as_ref().map(|c| c.seq);
+                (seq != before.get(&r.id).copied().flatten()).then_some((r.id, seq))
+            })
+            .map(|(run, seq)| (run, seq.expect("a flush writes checkpoints, never deletes")))
+            .collect();
+        for (run, seq) in written {
+            self.flushed.insert((run, seq));
+            self.must_write.remove(&run);
+        }
+    }
+
+    /// `Effect::Deliver`: released only once its record is durable, carrying a durable result,
+    /// and never twice for one attempt, across crashes too (SPEC D1).
+    fn deliver(&mut self, send: SendRequest) {
+        let (id, attempt) = (send.id, send.attempt);
+        assert!(
+            self.sent.insert((id, attempt)),
+            "{id} attempt {attempt} sent twice"
+        );
+        assert_eq!(
+            self.store.deliveries.get(&id).map(|d| d.state),
+            Some(DeliveryState::Sending { attempt }),
+            "{id} attempt {attempt} sent before its record was durable"
+        );
+        let run = self.store.runs.get(&send.payload.run);
+        assert!(
+            run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
+            "{id} carries {} {}, but the store holds {run:?}",
+            send.payload.run,
+            send.payload.state
+        );
+        assert!(
+            SINKS.contains(&&*send.sink),
+            "{id} to unknown sink {}",
+            send.sink
+        );
+        let attempts_max = self.keel.outbox().config().policy.attempts_max;
+        assert!(
+            (1..=attempts_max).contains(&attempt),
+            "{id} attempt {attempt}"
+        );
+        let previous = self.sends.insert(id, send);
+        assert!(previous.is_none(), "{id}: two attempts in flight");
+        self.stats.sends += 1;
+    }
+
+    /// A sink answers a send: accepted; the delivery ends, or retries after its backoff.
+    fn answer(&mut self, pick: usize, answer: AnswerChoice) {
+        let Some(&id) = self.sends.keys().nth(pick % self.sends.len().max(1)) else {
+            return;
+        };
+        self.answer_send(id, answer);
+    }
+
+    fn answer_send(&mut self, id: DeliveryId, answer: AnswerChoice) {
+        let send = self.sends.remove(&id).expect("a send in flight");
+        let attempt = send.attempt;
+        let state = self.keel.outbox().delivery(id).map(|d| d.state);
+        assert_eq!(state, Some(DeliveryState::Sending { attempt }));
+        self.keel
+            .handle_delivery_result(self.clock, id, attempt, answer.result())
+            .unwrap_or_else(|e| panic!("answer to {id} attempt {attempt}: {e}"));
+        self.answered.push((id, attempt));
+        self.stats.answers += 1;
+        let now = self.keel.now();
+        let after = self.keel.outbox().delivery(id);
+        let attempts_max = self.keel.outbox().config().policy.attempts_max;
+        match answer {
+            AnswerChoice::Transient { .. } if attempt < attempts_max => {
+                // SPEC D2, D3: the outbox retries it after its backoff, without the job.
+                let state = after.map(|d| d.state);
+                assert!(
+                    matches!(state, Some(DeliveryState::Waiting { due }) if due > now),
+                    "{id} is {state:?} after a transient failure of attempt {attempt}"
+                );
+            }
+            _ => assert!(
+                after.is_none(),
+                "{id} still in the outbox after {answer:?} to attempt {attempt}"
+            ),
+        }
+    }
+
+    /// An answer for a send that is not current is refused and changes nothing.
+    fn stale_answer(&mut self, pick: usize) {
+        let (id, attempt) = match pick % 3 {
+            0 if !self.answered.is_empty() => self.answered[(pick / 3) % self.answered.len()],
+            1 if !self.sends.is_empty() => {
+                let send = self
+                    .sends
+                    .values()
+                    .nth((pick / 3) % self.sends.len())
+                    .expect("not empty");
+                (send.id, send.attempt + 1)
+            }
+            _ => (DeliveryId(u64::MAX / 2), 1),
+        };
+        let before = fingerprint(&self.keel);
+        let result =
+            self.keel
+                .handle_delivery_result(self.clock, id, attempt, DeliveryResult::Delivered);
+        assert!(
+            matches!(result, Err(Rejected::Delivery(_))),
+            "an answer for {id} attempt {attempt}, not current, was not refused: {result:?}"
+        );
+        self.stats.stale_answers += 1;
+        self.refused_changes_nothing("handle_delivery_result (stale)", before, result);
+    }
+
+    /// SPEC D4: every delivery that ends is counted once (`Finished` or `Dropped`).
+    fn delivery_event(&mut self, event: OutboxEvent) {
+        let id = match event {
+            OutboxEvent::Finished { id, .. } => {
+                self.stats.deliveries_finished += 1;
+                Some(id)
+            }
+            OutboxEvent::Dropped { id, .. } => {
+                self.stats.deliveries_dropped += 1;
+                id
+            }
+            OutboxEvent::RetryScheduled { .. } => None,
+        };
+        let Some(id) = id else {
+            return;
+        };
+        assert!(
+            self.ended.insert(id),
+            "SPEC D4: {id} ended (was counted) twice"
+        );
+        self.ended_ever.insert(id);
+        // Announced only once the end is durable (a delivery never written ends at once).
+        assert!(
+            !self.store.deliveries.contains_key(&id),
+            "{id} ended before its end was durable"
+        );
+        self.awaiting_end.remove(&id);
+        assert!(
+            !self.sends.contains_key(&id),
+            "{id} ended with its send unanswered"
+        );
+        assert!(
+            self.keel.outbox().delivery(id).is_none(),
+            "{id} ended but is still in the outbox"
+        );
+    }
+
+    /// `begin_shutdown`: asks every attempt in progress to stop, lists the sends in flight
+    /// (SPEC D5), flushes throttled checkpoints (C3), and nothing new fires or is claimed.
+    fn shutdown(&mut self) {
+        if self.keel.is_shutting_down() {
+            return;
+        }
+        let seqs = self.checkpoint_seqs();
+        let running: BTreeSet<(RunId, Attempt)> = self
+            .keel
+            .runs()
+            .filter_map(|r| match r.state {
+                RunState::Running { attempt, .. } => Some((r.id, attempt)),
+                _ => None,
+            })
+            .collect();
+        let in_flight = self.keel.outbox().in_flight();
+        let shutdown = self.keel.begin_shutdown(self.clock);
+        assert!(self.keel.is_shutting_down());
+        let asked: BTreeSet<(RunId, Attempt)> = shutdown.attempts.iter().copied().collect();
+        assert_eq!(
+            asked, running,
+            "begin_shutdown asks every attempt in progress to stop"
+        );
+        for (run, exec) in &self.executing {
+            assert!(asked.contains(&(*run, exec.attempt)));
+        }
+        assert_eq!(shutdown.deliveries, in_flight);
+        for id in self.sends.keys() {
+            assert!(shutdown.deliveries.contains(id), "{id} is being sent");
+        }
+        self.after_flush(&seqs);
+        let highest = self
+            .keel
+            .runs()
+            .map(|r| r.id)
+            .chain(self.store.runs.keys().copied())
+            .max();
+        self.shutdown_floor = Some(highest.unwrap_or(RunId(0)));
+        self.shutdown_backlog = self
+            .keel
+            .jobs()
+            .flat_map(|j| j.backlog.iter().map(|slot| (j.spec.id.clone(), *slot)))
+            .collect();
+        self.stats.shutdowns += 1;
+    }
+
+    /// No run loops forever (the poison verdict, bounded retries and snoozes) and every
+    /// delivery ends: faults stop, nothing new fires (every job is paused), workers claim what
+    /// is queued, every attempt and send is answered, and time moves on in bounded steps. Within
+    /// a bounded horizon every run must be terminal in the store and the outbox empty, and
+    /// every delivery the store ever held must have ended.
+    fn liveness(&mut self) {
+        self.faults = false;
+        if let Some(batch) = self.held.take() {
+            self.ack(batch);
+        }
+        if self.keel.is_shutting_down() {
+            // After a graceful shutdown the process stops; it is started again.
+            self.crash();
+        }
+        self.clock = self.clock.max(self.keel.now());
+        let scheduled: Vec<JobId> = self
+            .keel
+            .jobs()
+            .filter(|j| matches!(j.state, JobState::Scheduled { .. }))
+            .map(|j| j.spec.id.clone())
+            .collect();
+        for id in scheduled {
+            self.keel
+                .pause_job(self.clock, &id)
+                .expect("a scheduled job can be paused");
+        }
+        let horizon = self.clock.plus_ms(LIVENESS_HORIZON_MS);
+        loop {
+            self.drain();
+            while self.claim(0, &["work"]).is_some() {}
+            self.drain();
+            let executing: Vec<RunId> = self.executing.keys().copied().collect();
+            for run in executing {
+                match self.rng.below_inclusive(9) {
+                    0..=5 => self.complete_run(run, &OutcomeChoice::Success),
+                    6 | 7 => self.complete_run(run, &OutcomeChoice::Retryable),
+                    8 => self.complete_run(run, &OutcomeChoice::Permanent),
+                    _ => self.release_run(run),
+                }
+            }
+            let sends: Vec<DeliveryId> = self.sends.keys().copied().collect();
+            for id in sends {
+                let answer = match self.rng.below_inclusive(9) {
+                    0..=6 => AnswerChoice::Delivered,
+                    7 | 8 => AnswerChoice::Transient {
+                        retry_after_ms: None,
+                    },
+                    _ => AnswerChoice::Permanent,
+                };
+                self.answer_send(id, answer);
+            }
+            self.drain();
+            self.keel.check_invariants();
+            self.check_world();
+            if self.settled() {
+                break;
+            }
+            let step = self.clock.plus_ms(LIVENESS_STEP_MS);
+            let next = self.keel.poll_timeout().map_or(step, |next| next.min(step));
+            self.clock = self.clock.max(next);
+            self.step(&Op::Timeout);
+            self.stats.liveness_rounds += 1;
+            assert!(
+                self.clock <= horizon,
+                "no run loops forever, but after {} h without faults: runs {:?}, stored active \
+                 runs {:?}, outbox {:?}",
+                LIVENESS_HORIZON_MS / HOUR_MS,
+                self.keel.runs().collect::<Vec<_>>(),
+                self.store
+                    .runs
+                    .values()
+                    .filter(|r| !r.state.is_terminal())
+                    .collect::<Vec<_>>(),
+                self.keel.outbox().deliveries().collect::<Vec<_>>()
+            );
+        }
+        let missing: Vec<&DeliveryId> = self
+            .store
+            .ever_deliveries
+            .difference(&self.ended_ever)
+            .filter(|id| !self.uncounted.contains(id))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "SPEC D4: deliveries {missing:?} were stored but never ended"
+        );
+    }
+
+    /// Nothing is left to do: every run is terminal in memory and in the store, and no
+    /// delivery is left.
+    fn settled(&self) -> bool {
+        self.held.is_none()
+            && self.keel.is_quiescent()
+            && self.executing.is_empty()
+            && self.sends.is_empty()
+            && self.keel.runs().all(|r| r.state.is_terminal())
+            && self.store.runs.values().all(|r| r.state.is_terminal())
+            && self.keel.outbox().is_empty()
+            && self.store.deliveries.is_empty()
     }
 
     /// Returns the command's value; if it was refused, asserts it changed nothing.
@@ -1359,6 +2712,14 @@ impl World {
 }
 
 // ----- helpers ----------------------------------------------------------------------------
+
+/// The deliveries a batch deletes: each has ended (finished or dropped).
+fn deleted_deliveries(batch: &Batch) -> impl Iterator<Item = DeliveryId> + '_ {
+    batch.records.iter().filter_map(|r| match r {
+        Record::DeleteDelivery { id } => Some(*id),
+        _ => None,
+    })
+}
 
 fn ts(text: &str) -> Timestamp {
     Timestamp::parse_rfc3339(text).expect("a valid RFC 3339 instant")
@@ -1389,7 +2750,7 @@ fn fingerprint(keel: &Scheduler) -> String {
 // ----- property tests ---------------------------------------------------------------------
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(96))]
 
     #[test]
     fn random_sequences_keep_every_invariant(scenario in scenario()) {
@@ -1404,7 +2765,7 @@ fn random_sequences_reach_the_interesting_states() {
     let mut runner = TestRunner::deterministic();
     let strategy = scenario();
     let mut total = Stats::default();
-    for _ in 0..8 {
+    for _ in 0..64 {
         let scenario = strategy
             .new_tree(&mut runner)
             .expect("a scenario")
@@ -1423,6 +2784,29 @@ fn random_sequences_reach_the_interesting_states() {
     assert!(total.heartbeats > 5, "{total:?}");
     assert!(total.stale_refused > 10, "{total:?}");
     assert!(total.incidents > 0, "{total:?}");
+    // The worker protocol, the watchdog, checkpoints, the outbox, shutdown and liveness.
+    assert!(total.claims > 20 && total.empty_claims > 0, "{total:?}");
+    assert!(total.progress > 5 && total.contexts > 0, "{total:?}");
+    assert!(
+        total.releases > 5 && total.already_released > 0,
+        "{total:?}"
+    );
+    assert!(
+        total.extensions > 5 && total.extensions_refused > 5,
+        "{total:?}"
+    );
+    assert!(total.kills > 0, "{total:?}");
+    assert!(total.checkpoints_saved > 20, "{total:?}");
+    assert!(total.checkpoints_throttled > 5, "{total:?}");
+    assert!(total.checkpoints_failed > 0, "{total:?}");
+    assert!(total.saves_after_failure > 0, "{total:?}");
+    assert!(total.artifact_refusals > 0, "{total:?}");
+    assert!(total.sends > 20 && total.answers > 20, "{total:?}");
+    assert!(total.stale_answers > 10, "{total:?}");
+    assert!(total.deliveries_finished > 20, "{total:?}");
+    assert!(total.deliveries_dropped > 0, "{total:?}");
+    assert!(total.shutdowns > 0, "{total:?}");
+    assert!(total.liveness_rounds > 0, "{total:?}");
 }
 
 // ----- deterministic scenarios --------------------------------------------------------------
@@ -2082,4 +3466,346 @@ fn a_claimed_token_is_not_granted_again_after_a_crash() {
     assert_eq!(handed_out[0].lease.owner, b);
     keel.handle_outcome(t0, second.run, handed_out[0].lease.token, Outcome::ok())
         .expect("worker b holds the lease");
+}
+
+// ----- workers, watchdog, checkpoints, outbox ----------------------------------------------
+
+/// Runs `keel` until its first attempt is handed out, persisting into `store`.
+fn first_start(keel: &mut Scheduler, store: &mut Store, now: Timestamp) -> AttemptStart {
+    keel.handle_timeout(now);
+    flush(keel, store, now)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::StartAttempt(start) => Some(start),
+            _ => None,
+        })
+        .expect("an attempt was handed out")
+}
+
+/// Fails every batch until no effect is left; returns the effects other than batches.
+fn fail_all(keel: &mut Scheduler, now: Timestamp) -> Vec<Effect> {
+    let mut others = Vec::new();
+    while let Some(effect) = keel.poll_effect() {
+        match effect {
+            Effect::Persist(batch) => keel.handle_persist_failed(now, batch.id, "disk full"),
+            other => others.push(other),
+        }
+        keel.check_invariants();
+    }
+    others
+}
+
+/// SPEC C1: a save whose persist failed is reported, and the next save is written at once.
+#[test]
+fn the_save_after_a_failed_save_is_written_at_once() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let t1 = t0.plus_ms(60_000);
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(Config::default(), 7, t0);
+    keel.add_job(t0, every_minute("minutely")).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    let start = first_start(&mut keel, &mut store, t1);
+    let (run, token) = (start.run, start.lease.token);
+    let save = |keel: &mut Scheduler, at: Timestamp, data: &str| {
+        keel.save_checkpoint(at, run, token, data.into())
+            .expect("the holder may save")
+    };
+    assert!(matches!(
+        save(&mut keel, t1, "1"),
+        CheckpointSave::Saving { seq: 1 }
+    ));
+    flush(&mut keel, &mut store, t1);
+    // Within the window after an acknowledged save: throttled.
+    let t2 = t1.plus_ms(6_000);
+    assert!(matches!(
+        save(&mut keel, t1.plus_ms(1_000), "2"),
+        CheckpointSave::Throttled { .. }
+    ));
+    // After it: written, and the store fails it.
+    assert!(matches!(
+        save(&mut keel, t2, "3"),
+        CheckpointSave::Saving { seq: 2 }
+    ));
+    let events = fail_all(&mut keel, t2);
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Effect::Event(Event::CheckpointFailed { run: r, seq: 2, .. }) if *r == run
+        )),
+        "{events:?}"
+    );
+    // The next save goes through at once, even a millisecond later.
+    assert!(matches!(
+        save(&mut keel, t2.plus_ms(1), "4"),
+        CheckpointSave::Saving { seq: 3 }
+    ));
+}
+
+/// SPEC C1 and docs/semantics.md ("A failed save is reported (`Event::CheckpointFailed`) and
+/// the next save is written at once"): not so when the failed save was written by
+/// `flush_checkpoints` (or `begin_shutdown`) inside the throttle window of an earlier
+/// acknowledged save. `Throttle::failed` keeps the window "as it was", which the flush had
+/// bypassed, so the next save is `Throttled` until `acked_at + interval`.
+#[test]
+fn the_save_after_a_failed_flushed_save_is_written_at_once() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let t1 = t0.plus_ms(60_000);
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(Config::default(), 7, t0);
+    keel.add_job(t0, every_minute("minutely")).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    let start = first_start(&mut keel, &mut store, t1);
+    let (run, token) = (start.run, start.lease.token);
+    keel.save_checkpoint(t1, run, token, "1".into())
+        .expect("the holder may save");
+    flush(&mut keel, &mut store, t1);
+    let t2 = t1.plus_ms(1_000);
+    let throttled = keel
+        .save_checkpoint(t2, run, token, "2".into())
+        .expect("the holder may save");
+    assert!(matches!(throttled, CheckpointSave::Throttled { .. }));
+    keel.flush_checkpoints(t2);
+    let events = fail_all(&mut keel, t2);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Effect::Event(Event::CheckpointFailed { seq: 2, .. }))),
+        "the flushed save failed: {events:?}"
+    );
+    let next = keel
+        .save_checkpoint(t2.plus_ms(10), run, token, "3".into())
+        .expect("the holder may save");
+    assert!(
+        matches!(next, CheckpointSave::Saving { .. }),
+        "the save after a failed save must be written, got {next:?}"
+    );
+}
+
+/// `begin_shutdown`: nothing new fires or starts; attempts in progress are asked to stop and
+/// the rest waits for the next start. But a run that ends during the shutdown settles, and
+/// settle takes its job's buffered slot (`overlap: buffer-one`, or a catch-up backlog): a new
+/// run is created, with a lease, during the shutdown. Its attempt is held, so the next start
+/// finds it cut short: a lost attempt, or, for a job that does not resume after crashes, a
+/// run that ends `interrupted` without ever having run. The slot should stay buffered until
+/// the next start.
+#[test]
+fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let t1 = t0.plus_ms(60_000);
+    let t2 = t1.plus_ms(60_000);
+    let mut spec = every_minute("minutely");
+    spec.overlap = OverlapPolicy::BufferOne;
+    spec.resume_after_crash = false;
+    let config = Config::default();
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(config, 7, t0);
+    keel.add_job(t0, spec).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    let start = first_start(&mut keel, &mut store, t1);
+    keel.heartbeat(t2, start.run, start.lease.token)
+        .expect("the holder renews");
+    keel.handle_timeout(t2);
+    flush(&mut keel, &mut store, t2);
+    let id = JobId::new("minutely").expect("valid");
+    assert_eq!(
+        keel.job(&id).map(|j| j.backlog.len()),
+        Some(1),
+        "slot 2 waits"
+    );
+
+    let shutdown = keel.begin_shutdown(t2);
+    assert_eq!(shutdown.attempts, vec![(start.run, start.attempt)]);
+    flush(&mut keel, &mut store, t2);
+    keel.handle_outcome(t2, start.run, start.lease.token, Outcome::ok())
+        .expect("the attempt stops in time");
+    flush(&mut keel, &mut store, t2);
+    // The process stops and starts again.
+    let mut keel = Scheduler::restore(config, 7, t2, store.snapshot());
+    flush(&mut keel, &mut store, t2);
+    let interrupted: Vec<&Run> = store
+        .runs
+        .values()
+        .filter(|r| r.state == RunState::Interrupted)
+        .collect();
+    assert!(
+        interrupted.is_empty(),
+        "slot 2 ended interrupted without running: {interrupted:?}"
+    );
+    // The next start drains the backlog: slot 2 runs now.
+    assert_eq!(keel.job(&id).map(|j| j.backlog.len()), Some(0));
+    assert!(
+        keel.runs()
+            .any(|r| r.slot() == Some(t2) && !r.state.is_terminal()),
+        "slot 2 runs after the restart"
+    );
+}
+
+/// SPEC W1, W2: the timeout is extended once per run; a killed run is never extended, and
+/// nothing its killed attempt reports is accepted.
+#[test]
+fn extend_once_and_a_kill_is_sticky() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let t1 = t0.plus_ms(60_000);
+    let mut spec = every_minute("minutely");
+    spec.timeout_ms = Some(20_000);
+    let config = Config::default();
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(config, 7, t0);
+    keel.add_job(t0, spec).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    let start = first_start(&mut keel, &mut store, t1);
+    let (run, token) = (start.run, start.lease.token);
+    let deadline = keel
+        .extend(t1, run, 5_000, "slow upstream")
+        .expect("the first extension");
+    assert_eq!(deadline, t1.plus_ms(25_000));
+    assert_eq!(
+        keel.extend(t1, run, 5_000, "again"),
+        Err(Rejected::AlreadyExtended(run))
+    );
+    flush(&mut keel, &mut store, t1);
+    assert!(store.runs[&run].extended, "the extension is durable");
+    // A restart does not grant a second one.
+    let mut keel = Scheduler::restore(config, 7, t1, store.snapshot());
+    flush(&mut keel, &mut store, t1);
+    let retry = first_start(&mut keel, &mut store, t1);
+    assert_eq!(retry.run, run);
+    assert!(
+        matches!(
+            keel.heartbeat(t1, run, token),
+            Err(Rejected::StaleToken { .. })
+        ),
+        "the attempt lost in the crash is fenced off"
+    );
+    assert_eq!(
+        keel.extend(t1, run, 5_000, "after the restart"),
+        Err(Rejected::AlreadyExtended(run))
+    );
+    // Time out, then kill.
+    let token = retry.lease.token;
+    let t2 = t1.plus_ms(20_000);
+    keel.heartbeat(t2, run, token).expect("alive");
+    keel.handle_timeout(t2);
+    let effects = flush(&mut keel, &mut store, t2);
+    assert!(effects
+        .iter()
+        .any(|e| matches!(e, Effect::CancelAttempt { run: r, .. } if *r == run)));
+    let t3 = t2.plus_ms(config.kill_grace_ms);
+    keel.handle_timeout(t3);
+    let effects = flush(&mut keel, &mut store, t3);
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::KillAttempt { run: r, attempt: a }
+                if *r == run && *a == retry.attempt)),
+        "{effects:?}"
+    );
+    assert_eq!(
+        keel.extend(t3, run, 5_000, "too late"),
+        Err(Rejected::Killed(run))
+    );
+    assert!(matches!(
+        keel.heartbeat(t3, run, token),
+        Err(Rejected::StaleToken { .. })
+    ));
+    assert!(matches!(
+        keel.handle_outcome(t3, run, token, Outcome::ok()),
+        Err(Rejected::StaleToken { .. } | Rejected::NotRunning { .. })
+    ));
+    assert_eq!(
+        keel.release(t3, run, token),
+        Ok(Released::AlreadyReleased),
+        "SPEC L4: releasing a lost lease is not an error"
+    );
+    assert_eq!(
+        store.runs[&run].killed,
+        Some(retry.attempt),
+        "the kill is durable"
+    );
+}
+
+/// SPEC D1, D4: a small outbox stays bounded (overflow evicts the oldest waiting delivery,
+/// never one in flight), each delivery ends once, and a stale answer is refused and changes
+/// nothing.
+#[test]
+fn a_small_outbox_stays_bounded_and_counts_each_delivery_once() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let config = Config {
+        outbox: OutboxConfig {
+            capacity: 3,
+            ..OutboxConfig::default()
+        },
+        ..Config::default()
+    };
+    let mut store = Store::default();
+    let mut keel = Scheduler::new(config, 7, t0);
+    let mut spec = every_minute("minutely");
+    spec.sinks = vec!["hook-a".into(), "hook-b".into()];
+    spec.overlap = OverlapPolicy::Allow;
+    keel.add_job(t0, spec).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    let mut ended = BTreeMap::new();
+    let mut evicted = 0;
+    let mut sends = Vec::new();
+    let mut note = |effects: Vec<Effect>, sends: &mut Vec<SendRequest>| {
+        for effect in effects {
+            match effect {
+                Effect::Event(Event::Delivery(OutboxEvent::Finished { id, .. })) => {
+                    *ended.entry(id).or_insert(0) += 1;
+                }
+                Effect::Event(Event::Delivery(OutboxEvent::Dropped { id, .. })) => {
+                    let id = id.expect("evicted, not refused: one delivery waits");
+                    *ended.entry(id).or_insert(0) += 1;
+                    evicted += 1;
+                }
+                Effect::Deliver(send) => sends.push(send),
+                _ => {}
+            }
+        }
+    };
+    // Two runs finish: four deliveries for an outbox of three. The first two are in flight
+    // when the second run finishes; its first delivery is evicted for its second.
+    for minute in 1..=2 {
+        let now = t0.plus_ms(minute * 60_000);
+        let start = first_start(&mut keel, &mut store, now);
+        keel.handle_outcome(now, start.run, start.lease.token, Outcome::ok())
+            .expect("current");
+        let effects = flush(&mut keel, &mut store, now);
+        note(effects, &mut sends);
+        assert!(keel.outbox().len() <= 3);
+    }
+    let t3 = t0.plus_ms(3 * 60_000);
+    keel.handle_timeout(t3);
+    let effects = flush(&mut keel, &mut store, t3);
+    note(effects, &mut sends);
+    assert!(!sends.is_empty(), "deliveries were sent");
+    for send in std::mem::take(&mut sends) {
+        let before = format!("{keel:?}");
+        assert!(keel
+            .handle_delivery_result(t3, send.id, send.attempt + 1, DeliveryResult::Delivered)
+            .is_err());
+        assert_eq!(
+            before,
+            format!("{keel:?}"),
+            "a stale answer changed nothing"
+        );
+        keel.handle_delivery_result(t3, send.id, send.attempt, DeliveryResult::Delivered)
+            .expect("the current attempt");
+        assert!(keel
+            .handle_delivery_result(t3, send.id, send.attempt, DeliveryResult::Delivered)
+            .is_err());
+        let effects = flush(&mut keel, &mut store, t3);
+        note(effects, &mut sends);
+    }
+    assert!(keel.outbox().is_empty());
+    assert!(store.deliveries.is_empty());
+    assert_eq!(
+        (ended.len(), evicted),
+        (4, 1),
+        "four deliveries ended, one evicted: {ended:?}"
+    );
+    assert!(
+        ended.values().all(|n| *n == 1),
+        "each counted once: {ended:?}"
+    );
 }
