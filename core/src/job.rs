@@ -31,9 +31,10 @@ pub struct JobSpec {
     /// text: the scheduler keeps one copy per distinct kind.
     pub kind: Arc<str>,
     /// Opaque input handed to every attempt, at most
-    /// [`limits::JOB_PAYLOAD_MAX_BYTES`](crate::limits::JOB_PAYLOAD_MAX_BYTES).
+    /// [`limits::JOB_PAYLOAD_MAX_BYTES`](crate::limits::JOB_PAYLOAD_MAX_BYTES). Shared text:
+    /// each run and attempt refers to it rather than copying it.
     #[serde(default)]
-    pub payload: String,
+    pub payload: Arc<str>,
     /// When it fires.
     pub schedule: ScheduleSpec,
     /// How failed attempts are retried.
@@ -61,12 +62,13 @@ pub struct JobSpec {
     #[serde(default)]
     pub timeout_ms: Option<u64>,
     /// Named outputs a completion must carry; a completion without them is refused, recorded,
-    /// and the run stays running.
+    /// and the run stays running. (A boxed slice, not a `Vec`: every idle job carries this
+    /// field, and `vec![…].into()` builds one.)
     #[serde(default)]
-    pub required_artifacts: Vec<String>,
+    pub required_artifacts: Box<[String]>,
     /// Where each finished run's result is delivered (sink names the driver knows).
     #[serde(default)]
-    pub sinks: Vec<Arc<str>>,
+    pub sinks: Box<[Arc<str>]>,
 }
 
 fn default_true() -> bool {
@@ -79,7 +81,7 @@ impl JobSpec {
         JobSpec {
             id,
             kind: kind.into(),
-            payload: String::new(),
+            payload: "".into(),
             schedule,
             retry: RetryPolicy::default(),
             misfire: MisfirePolicy::default(),
@@ -88,8 +90,8 @@ impl JobSpec {
             resume_after_crash: true,
             external: false,
             timeout_ms: None,
-            required_artifacts: Vec::new(),
-            sinks: Vec::new(),
+            required_artifacts: Box::default(),
+            sinks: Box::default(),
         }
     }
 }
@@ -106,6 +108,48 @@ pub enum OverlapPolicy {
     BufferOne,
     /// Start another run alongside.
     Allow,
+}
+
+/// Slots waiting for a job's active run to finish, oldest first. Almost always empty, so it is
+/// one pointer wide until a slot waits: it sits in every idle job.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+// One pointer in every idle job, where a `Vec` would be three.
+#[allow(clippy::box_collection)]
+pub struct Backlog(Option<Box<Vec<Timestamp>>>);
+
+impl Backlog {
+    /// How many slots wait.
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |slots| slots.len())
+    }
+
+    /// True if no slot waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The waiting slots, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &Timestamp> {
+        self.0.iter().flat_map(|slots| slots.iter())
+    }
+
+    pub(crate) fn push(&mut self, slot: Timestamp) {
+        self.0.get_or_insert_with(Default::default).push(slot);
+    }
+
+    pub(crate) fn pop_oldest(&mut self) -> Option<Timestamp> {
+        let slots = self.0.as_mut()?;
+        let slot = (!slots.is_empty()).then(|| slots.remove(0));
+        if slots.is_empty() {
+            self.0 = None;
+        }
+        slot
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.0 = None;
+    }
 }
 
 /// A job's state (see the module docs for the table).
@@ -139,7 +183,7 @@ pub struct Job {
     /// Slots waiting for the active run to finish (overlap `buffer-one`, misfire `catch-up`),
     /// oldest first.
     #[serde(default)]
-    pub backlog: Vec<Timestamp>,
+    pub backlog: Backlog,
     /// The latest slot ever fired; slots at or before it never fire again (SPEC S4, S6).
     #[serde(default)]
     pub last_fired: Option<Timestamp>,

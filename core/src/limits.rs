@@ -7,6 +7,10 @@ pub const JOB_ID_MAX_BYTES: usize = 128;
 /// Longest job kind (handler name), in bytes.
 pub const JOB_KIND_MAX_BYTES: usize = 128;
 
+/// Payloads up to this many bytes are shared between jobs that carry the same one (the empty
+/// payload above all).
+pub const SHARED_PAYLOAD_MAX_BYTES: usize = 64;
+
 /// Largest opaque payload a job may carry to its handler, in bytes.
 pub const JOB_PAYLOAD_MAX_BYTES: usize = 64 * 1024;
 

@@ -287,7 +287,7 @@ pub struct Run {
     pub kind: Arc<str>,
     /// The job's payload when the run was created.
     #[serde(default)]
-    pub payload: String,
+    pub payload: Arc<str>,
     /// The instant of the one-shot the job was when the run was created, if it was one: only a
     /// run of that very one-shot finishes it when it settles (a run left over from an earlier
     /// definition does not).
@@ -301,10 +301,10 @@ pub struct Run {
     pub timeout_ms: Option<u64>,
     /// Artifacts the job requires before it accepts a completion (copied from the job).
     #[serde(default)]
-    pub required_artifacts: Vec<String>,
+    pub required_artifacts: Box<[String]>,
     /// Sinks the run's result is delivered to (copied from the job).
     #[serde(default)]
-    pub sinks: Vec<Arc<str>>,
+    pub sinks: Box<[Arc<str>]>,
     /// The lease of the attempt in progress (`Starting` and `Running` only).
     #[serde(default)]
     pub lease: Option<Lease>,
@@ -386,7 +386,7 @@ pub struct RunTerms {
     /// The handler kind.
     pub kind: Arc<str>,
     /// The payload.
-    pub payload: String,
+    pub payload: Arc<str>,
     /// The one-shot's instant, if the job is a one-shot.
     pub of_one_shot: Option<Timestamp>,
     /// Run by external workers.
@@ -394,9 +394,9 @@ pub struct RunTerms {
     /// The attempt timeout.
     pub timeout_ms: Option<u64>,
     /// Artifacts required before a completion is accepted.
-    pub required_artifacts: Vec<String>,
+    pub required_artifacts: Box<[String]>,
     /// Sinks the result goes to.
-    pub sinks: Vec<Arc<str>>,
+    pub sinks: Box<[Arc<str>]>,
 }
 
 /// A state change of a run, for the audit trail.
@@ -866,12 +866,12 @@ mod tests {
             retry: policy,
             resume_after_crash: true,
             kind: "k".into(),
-            payload: String::new(),
+            payload: "".into(),
             of_one_shot: None,
             external: false,
             timeout_ms: None,
-            required_artifacts: Vec::new(),
-            sinks: Vec::new(),
+            required_artifacts: Box::default(),
+            sinks: Box::default(),
         };
         let mut run = Run::new(
             RunId(1),

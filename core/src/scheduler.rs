@@ -31,7 +31,7 @@ use crate::checkpoint::Throttle;
 use crate::error::Rejected;
 use crate::ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
 use crate::incident::{Incident, IncidentKind};
-use crate::job::{Job, JobSpec, JobState, OverlapPolicy};
+use crate::job::{Backlog, Job, JobSpec, JobState, OverlapPolicy};
 use crate::lease::{Lease, LeasePolicy};
 use crate::limits;
 use crate::outbox::{
@@ -125,7 +125,7 @@ pub struct AttemptStart {
     /// The handler to call.
     pub kind: Arc<str>,
     /// The job's payload.
-    pub payload: String,
+    pub payload: Arc<str>,
     /// The attempt number, from 1.
     pub attempt: Attempt,
     /// `run id + attempt`, for the handler's own side effects.
@@ -293,8 +293,8 @@ pub struct Scheduler {
     /// The latest slot fired by each deleted job, so a job re-added under its name never fires
     /// it again (SPEC S6). Expired by the history policy's age limit.
     tombstones: BTreeMap<JobId, Tombstone>,
-    /// One shared copy of each distinct handler kind and zone name: a million jobs of a few
-    /// kinds in a few zones should not hold a million copies of each.
+    /// One shared copy of each distinct handler kind, zone name and short payload: a million
+    /// jobs of a few kinds in a few zones should not hold a million copies of each.
     shared_text: BTreeSet<Arc<str>>,
 }
 
@@ -574,7 +574,7 @@ impl Scheduler {
         let job = Job {
             spec,
             state: JobState::Scheduled { next },
-            backlog: Vec::new(),
+            backlog: Backlog::default(),
             last_fired,
             active_runs,
             delete_when_idle: false,
@@ -1171,6 +1171,11 @@ impl Scheduler {
         if let ScheduleSpec::Cron { zone, .. } = &mut spec.schedule {
             share(zone);
         }
+        // Most jobs have no payload; even an empty `Arc<str>` is an allocation, so the empty
+        // one (and any other short, common one) is shared too.
+        if spec.payload.len() <= limits::SHARED_PAYLOAD_MAX_BYTES {
+            share(&mut spec.payload);
+        }
     }
 
     fn clamp(&mut self, now: Timestamp) -> Timestamp {
@@ -1568,7 +1573,7 @@ impl Scheduler {
         if job.backlog.is_empty() || !free || paused || self.shutting_down {
             return;
         }
-        let slot = job.backlog.remove(0);
+        let slot = job.backlog.pop_oldest().expect("checked non-empty");
         self.create_run(now, id, Trigger::Scheduled { slot }, Actor::Scheduler);
     }
 

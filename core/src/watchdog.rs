@@ -105,12 +105,12 @@ mod tests {
             retry: RetryPolicy::default(),
             resume_after_crash: true,
             kind: "k".into(),
-            payload: String::new(),
+            payload: "".into(),
             of_one_shot: None,
             external: false,
             timeout_ms,
-            required_artifacts: Vec::new(),
-            sinks: Vec::new(),
+            required_artifacts: Box::default(),
+            sinks: Box::default(),
         };
         let mut run = Run::new(
             RunId(1),

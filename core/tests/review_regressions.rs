@@ -343,7 +343,7 @@ fn restore_disables_a_job_whose_stored_policy_is_invalid() {
         state: JobState::Scheduled {
             next: t0.plus_ms(60_000),
         },
-        backlog: vec![],
+        backlog: Default::default(),
         last_fired: None,
         active_runs: 0,
         delete_when_idle: false,
@@ -401,7 +401,7 @@ fn restore_repairs_a_paused_cursor() {
     let job = Job {
         spec,
         state: JobState::Paused { next: Some(slot) },
-        backlog: vec![],
+        backlog: Default::default(),
         last_fired: Some(slot),
         active_runs: 0,
         delete_when_idle: false,
@@ -564,12 +564,12 @@ fn a_run_snoozed_snoozes_max_times_ends_failed() {
         retry: RetryPolicy::default(),
         resume_after_crash: true,
         kind: "k".into(),
-        payload: String::new(),
+        payload: "".into(),
         of_one_shot: None,
         external: false,
         timeout_ms: None,
-        required_artifacts: vec![],
-        sinks: vec![],
+        required_artifacts: Default::default(),
+        sinks: Default::default(),
     };
     let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
     let mut rng = SplitMix64::new(0);
@@ -618,12 +618,12 @@ fn crash_recovery_checks_the_deadline_against_now() {
         retry,
         resume_after_crash: true,
         kind: "k".into(),
-        payload: String::new(),
+        payload: "".into(),
         of_one_shot: None,
         external: false,
         timeout_ms: None,
-        required_artifacts: vec![],
-        sinks: vec![],
+        required_artifacts: Default::default(),
+        sinks: Default::default(),
     };
     let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
     run.mark_running(Timestamp(0), 30_000, 3);

@@ -185,7 +185,7 @@ impl Template {
             },
         };
         let mut spec = JobSpec::new(id.clone(), "work", schedule);
-        spec.payload = format!("payload of {id}");
+        spec.payload = format!("payload of {id}").into();
         spec.retry = RetryPolicy {
             attempts_max: self.attempts_max,
             backoff_base_ms: self.backoff_base_ms,
@@ -199,7 +199,7 @@ impl Template {
         spec.external = self.external;
         spec.timeout_ms = self.timeout_ms;
         if self.requires_report {
-            spec.required_artifacts = vec![REPORT.to_owned()];
+            spec.required_artifacts = vec![REPORT.to_owned()].into();
         }
         spec.sinks = SINKS[..self.sinks.min(SINKS.len())]
             .iter()
@@ -1721,7 +1721,7 @@ impl World {
         // Every job in these scenarios has kind "work" and a payload naming it.
         let expected = ("work".to_owned(), format!("payload of {}", start.job));
         assert!(
-            (start.kind.to_string(), start.payload.clone()) == expected,
+            (start.kind.to_string(), start.payload.to_string()) == expected,
             "{run} attempt {attempt} handed out with kind {:?} and payload {:?}",
             start.kind,
             start.payload
@@ -2158,7 +2158,7 @@ impl World {
         );
         assert_eq!(context.lease.owner, exec.owner);
         assert_eq!(context.lease.expires_at, exec.expires_at);
-        assert_eq!(context.payload, format!("payload of {}", context.job));
+        assert_eq!(&*context.payload, format!("payload of {}", context.job));
         assert_eq!(context.checkpoint, r.checkpoint);
         assert_eq!(context.progress, r.progress);
         self.stats.contexts += 1;
@@ -3327,7 +3327,7 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
     let batch = next_batch(&mut keel);
     keel.handle_persisted(t1, batch.id);
     let first = expect_start(keel.poll_effect());
-    assert_eq!((&*first.kind, first.payload.as_str()), ("work", "p"));
+    assert_eq!((&*first.kind, &*first.payload), ("work", "p"));
 
     keel.remove_job(t1, &JobId::new("minutely").expect("valid"))
         .expect("known job");
@@ -3348,7 +3348,7 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
         })
         .expect("the retry is handed out");
     assert_eq!(second.attempt, Attempt(2));
-    assert_eq!((&*second.kind, second.payload.as_str()), ("work", "p"));
+    assert_eq!((&*second.kind, &*second.payload), ("work", "p"));
 }
 
 /// SPEC W5 and `keel_core::incident`: incidents are persisted (`Record::PutIncident`) when
@@ -3740,7 +3740,7 @@ fn a_small_outbox_stays_bounded_and_counts_each_delivery_once() {
     let mut store = Store::default();
     let mut keel = Scheduler::new(config, 7, t0);
     let mut spec = every_minute("minutely");
-    spec.sinks = vec!["hook-a".into(), "hook-b".into()];
+    spec.sinks = vec!["hook-a".into(), "hook-b".into()].into();
     spec.overlap = OverlapPolicy::Allow;
     keel.add_job(t0, spec).expect("valid");
     flush(&mut keel, &mut store, t0);

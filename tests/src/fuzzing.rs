@@ -486,8 +486,8 @@ fn canned_spec(args: SpecArgs, now: Timestamp, start: Timestamp) -> JobSpec {
         // them. (Added with leases: these values, refused for their empty kind before, are
         // used by no committed corpus input, so the corpus keeps its meaning.)
         6 if retry_bits & 0xfc == 0xd8 => spec.timeout_ms = Some(ATTEMPT_TIMEOUT_MS),
-        6 => spec.kind = "".into(),         // refused: empty kind
-        7 => spec.payload = "p".repeat(64), // a payload the attempt must carry
+        6 => spec.kind = "".into(),                // refused: empty kind
+        7 => spec.payload = "p".repeat(64).into(), // a payload the attempt must carry
         _ => {}
     }
     spec
@@ -514,7 +514,7 @@ fn with_features(mut spec: JobSpec, features: u8) -> JobSpec {
         .map(|sink| (*sink).into())
         .collect();
     if features & 8 != 0 {
-        spec.required_artifacts = vec![REPORT.to_owned()];
+        spec.required_artifacts = vec![REPORT.to_owned()].into();
     }
     match (features >> 4) & 3 {
         0 => {}

@@ -24,7 +24,7 @@ fn job_with_sink(name: &str, sink: &str) -> JobSpec {
             at: t0().plus_ms(SECOND),
         },
     );
-    spec.sinks = vec![sink.into()];
+    spec.sinks = vec![sink.into()].into();
     spec
 }
 
@@ -166,7 +166,7 @@ fn each_delivery_is_counted_exactly_once() {
                     zone: "UTC".into(),
                 },
             );
-            spec.sinks = vec!["flaky".into()];
+            spec.sinks = vec!["flaky".into()].into();
             sim.add_job(spec).unwrap();
             sim.run_for(30 * MINUTE);
             sim.command("pause", |s, now| {

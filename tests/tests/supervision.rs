@@ -322,7 +322,7 @@ fn a_completion_without_required_artifacts_is_refused_recorded_and_the_run_keeps
     let mut w = World::new(Config::default());
     let mut spec = once_in("report", "pdf", SECOND);
     spec.external = true;
-    spec.required_artifacts = vec!["report.pdf".into()];
+    spec.required_artifacts = vec!["report.pdf".into()].into();
     w.add(spec);
     w.advance_to(t0().plus_ms(SECOND));
     w.core

@@ -65,7 +65,7 @@ pub struct RunContext {
     /// The handler kind.
     pub kind: Arc<str>,
     /// The payload.
-    pub payload: String,
+    pub payload: Arc<str>,
     /// The attempt in progress.
     pub attempt: Attempt,
     /// The holder's lease.
