@@ -38,7 +38,7 @@ use std::sync::Arc;
 use chrono::{TimeZone, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
-use croner::Cron;
+use croner::{Cron, Direction};
 use serde::{Deserialize, Serialize};
 
 use crate::limits;
@@ -504,26 +504,35 @@ impl Schedule {
         }
     }
 
+    /// The first cron slot after `t` (forward) or the latest at or before it (backward): in the
+    /// window if it is there, else in a bounded span of years, never croner's 1-5000.
+    fn cron_search(
+        &self,
+        w: &Window,
+        expr: &str,
+        zone: Tz,
+        t: Timestamp,
+        direction: Direction,
+    ) -> Option<Timestamp> {
+        let start = zone_time(zone, floor_to_second(t))?;
+        let search = |cron: &Cron| match direction {
+            Direction::Forward => cron.find_next_occurrence(&start, false).ok(),
+            Direction::Backward => cron.find_previous_occurrence(&start, true).ok(),
+        };
+        if let Some(found) = w.cron.as_ref().and_then(search) {
+            return Some(Timestamp::from(found));
+        }
+        let wide = match direction {
+            Direction::Forward => self.window_years(t, -1, t, limits::CRON_SEARCH_YEARS),
+            Direction::Backward => self.window_years(t, -limits::CRON_SEARCH_YEARS, t, 1),
+        };
+        let cron = wide.cron.or_else(|| parse_cron_years(expr, None))?;
+        search(&cron).map(Timestamp::from)
+    }
+
     fn next_in(&self, w: &Window, t: Timestamp) -> Option<Timestamp> {
         match &self.kind {
-            Kind::Cron { expr, zone } => {
-                let start = zone_time(*zone, floor_to_second(t))?;
-                let found = w
-                    .cron
-                    .as_ref()
-                    .and_then(|c| c.find_next_occurrence(&start, false).ok());
-                match found {
-                    Some(next) => Some(Timestamp::from(next)),
-                    // Not in the window: search a bounded span of years, never croner's 1-5000.
-                    None => {
-                        let wide = self.window_years(t, -1, t, limits::CRON_SEARCH_YEARS);
-                        let cron = wide.cron.or_else(|| parse_cron_years(expr, None))?;
-                        cron.find_next_occurrence(&start, false)
-                            .ok()
-                            .map(Timestamp::from)
-                    }
-                }
-            }
+            Kind::Cron { expr, zone } => self.cron_search(w, expr, *zone, t, Direction::Forward),
             Kind::Once { at } => (*at > t).then_some(*at),
             Kind::Every {
                 interval_ms,
@@ -539,23 +548,7 @@ impl Schedule {
 
     fn latest_in(&self, w: &Window, t: Timestamp) -> Option<Timestamp> {
         match &self.kind {
-            Kind::Cron { expr, zone } => {
-                let start = zone_time(*zone, floor_to_second(t))?;
-                let found = w
-                    .cron
-                    .as_ref()
-                    .and_then(|c| c.find_previous_occurrence(&start, true).ok());
-                match found {
-                    Some(prev) => Some(Timestamp::from(prev)),
-                    None => {
-                        let wide = self.window_years(t, -limits::CRON_SEARCH_YEARS, t, 1);
-                        let cron = wide.cron.or_else(|| parse_cron_years(expr, None))?;
-                        cron.find_previous_occurrence(&start, true)
-                            .ok()
-                            .map(Timestamp::from)
-                    }
-                }
-            }
+            Kind::Cron { expr, zone } => self.cron_search(w, expr, *zone, t, Direction::Backward),
             Kind::Once { at } => (*at <= t).then_some(*at),
             Kind::Every {
                 interval_ms,
