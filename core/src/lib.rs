@@ -72,8 +72,11 @@
 //!
 //! Each sub-machine lives in its own module with its states, transition table and tests:
 //! [`schedule`] (fire times, DST, misfires), [`run`] (attempts and outcomes), [`retry`]
-//! (backoff), [`job`] (job states, overlap), [`audit`] (the trail and retention), [`persist`]
-//! (records, batches, gating). [`limits`] names every bound.
+//! (backoff), [`job`] (job states, overlap), [`lease`] (leases, holders, contenders, the
+//! guarded-section table), [`watchdog`] (deadlines of a running attempt), [`checkpoint`] (the
+//! save throttle), [`incident`] (incident records), [`outbox`] (delivering results), [`audit`]
+//! (the trail and retention), [`persist`] (records, batches, gating). [`limits`] names every
+//! bound.
 
 pub mod audit;
 pub mod checkpoint;

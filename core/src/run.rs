@@ -357,7 +357,7 @@ pub struct Checkpoint {
     /// When it was saved.
     pub saved_at: Timestamp,
     /// The snapshot, opaque to keel; at most
-    /// [`limits::CHECKPOINT_MAX_BYTES`](crate::limits::CHECKPOINT_MAX_BYTES).
+    /// [`limits::CHECKPOINT_MAX_BYTES`].
     pub data: String,
 }
 

@@ -48,8 +48,8 @@ use crate::time::Timestamp;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ScheduleSpec {
-    /// A cron expression (6 fields with seconds, or 5 with seconds = 0, optionally a 7th year
-    /// field) evaluated in an IANA time zone such as `America/New_York`.
+    /// A cron expression (6 fields with seconds, or 5 with seconds = 0; no year field),
+    /// evaluated in an IANA time zone such as `America/New_York`.
     Cron {
         /// The expression, e.g. `0 30 2 * * *`.
         expr: Arc<str>,
@@ -108,8 +108,6 @@ pub enum ScheduleField {
     Month,
     /// The day-of-week field.
     DayOfWeek,
-    /// The optional year field.
-    Year,
     /// The time zone.
     Zone,
     /// The interval length.
@@ -128,7 +126,6 @@ impl fmt::Display for ScheduleField {
             ScheduleField::DayOfMonth => "day-of-month",
             ScheduleField::Month => "month",
             ScheduleField::DayOfWeek => "day-of-week",
-            ScheduleField::Year => "year",
             ScheduleField::Zone => "zone",
             ScheduleField::Interval => "interval",
             ScheduleField::Schedule => "schedule",
@@ -332,7 +329,7 @@ impl Schedule {
     }
 
     /// The first slot strictly after `t`, or `None` if there is none (a one-shot already past,
-    /// a cron expression whose last slot has gone, or a slot beyond year 5000).
+    /// a cron expression with no slot within `limits::CRON_SEARCH_YEARS` years).
     pub fn next_after(&self, t: Timestamp) -> Option<Timestamp> {
         self.next_in(&self.window(t, t), t)
     }
@@ -625,7 +622,7 @@ fn parse_cron(expr: &str) -> Result<(), ScheduleError> {
         &FIELDS[..6]
     };
     // croner accepts an empty item in a list (",", "1,,2") as a field that matches nothing,
-    // and then searches to year 5000 for a slot that cannot exist.
+    // and then searches for a slot that cannot exist.
     if !is_nickname {
         for (field, name) in fields.iter().zip(names) {
             if field.split(',').any(str::is_empty) {
@@ -670,7 +667,6 @@ fn allowed(field: ScheduleField) -> &'static str {
         ScheduleField::DayOfMonth => "1-31, L (last day), nW (nearest weekday)",
         ScheduleField::Month => "1-12 or JAN-DEC",
         ScheduleField::DayOfWeek => "0-7 or SUN-SAT (0 and 7 are Sunday), n#k, nL",
-        ScheduleField::Year => "1-5000",
         _ => "see the field's documentation",
     }
 }

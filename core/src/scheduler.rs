@@ -200,7 +200,7 @@ pub enum Event {
     /// An incident opened.
     IncidentOpened(Incident),
     /// An incident was not opened because
-    /// [`limits::INCIDENTS_OPEN_MAX`](crate::limits::INCIDENTS_OPEN_MAX) are open.
+    /// [`limits::INCIDENTS_OPEN_MAX`] are open.
     IncidentSuppressed {
         /// Its kind.
         kind: IncidentKind,
