@@ -1347,7 +1347,7 @@ impl Scheduler {
         match run.state {
             RunState::Starting { attempt } => {
                 let owner = self.worker.clone();
-                let lease = self.new_lease(id, owner);
+                let lease = self.new_lease(owner);
                 let run = self.runs.get_mut(&id).expect("checked above");
                 run.grant(lease);
                 self.journal.gate(&job, id, attempt);
@@ -1429,12 +1429,12 @@ impl Scheduler {
             .is_some_and(|lease| lease.owner != self.worker)
     }
 
-    /// A new lease for `run`, with the next fencing token (persisted with the batch).
-    fn new_lease(&mut self, run: RunId, owner: WorkerId) -> Lease {
+    /// A new lease for `owner`, with the next fencing token (persisted with the batch; announced
+    /// only when the attempt is handed out).
+    fn new_lease(&mut self, owner: WorkerId) -> Lease {
         let token = FencingToken(self.meta.next_token);
         self.meta.next_token += 1;
         self.journal.meta();
-        let _ = run;
         Lease {
             owner,
             token,

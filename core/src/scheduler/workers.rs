@@ -111,7 +111,7 @@ impl Scheduler {
         };
         self.empty_claims.remove(worker);
         self.resolve_idle_claims(worker, "the worker claimed a run");
-        let lease = self.new_lease(run_id, worker.clone());
+        let lease = self.new_lease(worker.clone());
         let run = self
             .runs
             .get_mut(&run_id)
