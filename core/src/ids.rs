@@ -174,6 +174,14 @@ impl fmt::Display for WorkerId {
 #[serde(transparent)]
 pub struct BatchId(pub u64);
 
+impl BatchId {
+    /// The epoch of the scheduler incarnation that built the batch (its high 32 bits); a store
+    /// accepts batches only from its current writer epoch.
+    pub fn epoch(self) -> u64 {
+        self.0 >> 32
+    }
+}
+
 impl fmt::Display for BatchId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "batch-{}", self.0)

@@ -93,6 +93,7 @@ pub mod rng;
 pub mod run;
 pub mod schedule;
 pub mod scheduler;
+pub mod store;
 pub mod time;
 pub mod watchdog;
 
@@ -114,4 +115,5 @@ pub use scheduler::{
     AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,
     Shutdown,
 };
+pub use store::{AuditQuery, Conflict, RunPage, RunQuery, Store, StoreError};
 pub use time::Timestamp;

@@ -110,3 +110,9 @@ pub const DELIVERY_ATTEMPTS_MAX: u32 = 100;
 
 /// Longest part of a sink's response body quoted in a delivery error, in bytes.
 pub const DELIVERY_BODY_EXCERPT_MAX_BYTES: usize = 512;
+
+/// Runs or audit records a history query returns when it does not set a limit.
+pub const HISTORY_PAGE_DEFAULT: usize = 100;
+
+/// Most runs or audit records one history query returns; larger limits are capped.
+pub const HISTORY_PAGE_MAX: usize = 10_000;

@@ -128,6 +128,8 @@ pub struct Meta {
 pub struct Batch {
     /// Its id, for the acknowledgement.
     pub id: BatchId,
+    /// The writer's clock when it built the batch; the store judges lease expiry by it.
+    pub at: Timestamp,
     /// The records.
     pub records: Vec<Record>,
 }

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Attempt, IdempotencyKey, JobId, RunId};
+use crate::ids::{Attempt, FencingToken, IdempotencyKey, JobId, RunId};
 use crate::lease::Lease;
 use crate::limits;
 use crate::retry::{RetryDecision, RetryPolicy};
@@ -308,6 +308,10 @@ pub struct Run {
     /// The lease of the attempt in progress (`Starting` and `Running` only).
     #[serde(default)]
     pub lease: Option<Lease>,
+    /// The token of the last lease that ended. A store uses it to tell a writer that saw the
+    /// stored lease end from one that never knew of it (see `store::check_batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_token: Option<FencingToken>,
     /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
     /// errors by `RetryPolicy::lost_attempts_max`.
     #[serde(default)]
@@ -446,6 +450,7 @@ impl Run {
             required_artifacts: terms.required_artifacts,
             sinks: terms.sinks,
             lease: None,
+            last_token: None,
             lost: 0,
             progress: None,
             last_activity: None,
@@ -803,7 +808,9 @@ impl Run {
 
     /// The attempt in progress is over, whatever its end: its lease and deadlines go.
     fn end_attempt(&mut self) {
-        self.lease = None;
+        if let Some(lease) = self.lease.take() {
+            self.last_token = Some(lease.token);
+        }
         self.watch = Watch::default();
     }
 

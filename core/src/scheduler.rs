@@ -1821,6 +1821,7 @@ impl Scheduler {
         }));
         Batch {
             id: batch.id,
+            at: self.now,
             records,
         }
     }
