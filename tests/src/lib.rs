@@ -30,9 +30,12 @@
 //! assert_eq!(sim.runs_of("once").len(), 1);
 //! ```
 
+pub mod conformance;
 pub mod fuzzing;
 pub mod sim;
 pub mod store;
+pub mod tempdir;
 
 pub use sim::{Execution, Faults, Handler, Sim, SimConfig, Sink};
-pub use store::MemStore;
+pub use store::{MemStore, SharedMemStore};
+pub use tempdir::TempDir;

@@ -378,7 +378,7 @@ impl Sim {
             self.config.scheduler,
             self.config.seed.wrapping_add(self.incarnation),
             now,
-            self.store.snapshot(),
+            self.store.restore(),
         );
         self.log(format!("crash #{} and restore", self.crashes));
         // External workers are other processes: they survive the crash and poll again.

@@ -11,11 +11,14 @@
 //! - audit sequence numbers are never reused for a different record.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use keel_core::outbox::{Delivery, DeliveryId};
 use keel_core::persist::Tombstone;
+use keel_core::store::{check_batch, next_writer_epoch, StoredView};
 use keel_core::{
-    AuditRecord, Batch, Incident, Job, JobId, Meta, Record, Run, RunId, Snapshot, Timestamp,
+    AuditQuery, AuditRecord, Batch, Incident, Job, JobId, Meta, Record, Run, RunId, RunPage,
+    RunQuery, Snapshot, Store, StoreError, Timestamp,
 };
 
 /// Durable state, as a real store would hold it after acknowledging batches.
@@ -30,6 +33,8 @@ pub struct MemStore {
     deliveries: BTreeMap<DeliveryId, Delivery>,
     meta: Meta,
     batches_applied: u64,
+    /// The epoch whose batches [`SharedMemStore`] accepts (see `keel_core::store`).
+    writer_epoch: u64,
 }
 
 impl MemStore {
@@ -41,10 +46,24 @@ impl MemStore {
     /// Applies every record of `batch`, atomically (nothing else can observe a half-applied
     /// batch in a single-threaded simulation). Panics if a store-level safety property breaks.
     pub fn apply(&mut self, batch: &Batch) {
+        // The core must never write a batch a durable store would refuse.
+        if let Err(conflict) = check_batch(self, batch) {
+            panic!("the store refuses {}: {conflict}", batch.id);
+        }
         for record in &batch.records {
             self.apply_record(record);
         }
         self.batches_applied += 1;
+    }
+
+    /// Like [`Store::restore`]: makes a new incarnation the writer (batches of earlier ones
+    /// are refused from now on) and returns what it is restored from.
+    pub fn restore(&mut self) -> Snapshot {
+        let epoch = next_writer_epoch(self.writer_epoch, self.meta.epoch);
+        self.writer_epoch = epoch;
+        let mut snapshot = self.snapshot();
+        snapshot.meta.epoch = epoch - 1;
+        snapshot
     }
 
     /// What a restarted scheduler needs: every job, every non-terminal run, the counters.
@@ -242,5 +261,75 @@ impl MemStore {
             self.audit.retain(|_, a| a.run != Some(id));
             // The slot stays claimed: a pruned slot must still never fire twice.
         }
+    }
+}
+
+impl StoredView for MemStore {
+    fn writer_epoch(&self) -> u64 {
+        self.writer_epoch
+    }
+
+    fn stored_run(&self, id: RunId) -> Option<Run> {
+        self.runs.get(&id).cloned()
+    }
+
+    fn slot_owner(&self, job: &JobId, slot: Timestamp) -> Option<RunId> {
+        self.slots.get(&(job.clone(), slot)).copied()
+    }
+}
+
+/// A [`MemStore`] behind the [`Store`] interface: every handle cloned from one shares the same
+/// state, like processes sharing a data directory. It checks the write rules exactly as the
+/// durable adapters do, so the conformance suite runs against it too; nothing survives the
+/// process.
+#[derive(Clone, Debug, Default)]
+pub struct SharedMemStore {
+    inner: Arc<Mutex<MemStore>>,
+}
+
+impl SharedMemStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        SharedMemStore::default()
+    }
+
+    /// The state, for assertions.
+    pub fn lock(&self) -> MutexGuard<'_, MemStore> {
+        // A panic while holding the lock (a failed assertion in another test thread) must not
+        // hide this thread's own result.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Store for SharedMemStore {
+    fn restore(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.lock().restore())
+    }
+
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut store = self.lock();
+        check_batch(&*store, batch)?;
+        store.apply(batch);
+        Ok(())
+    }
+
+    fn read(&self) -> Result<Snapshot, StoreError> {
+        Ok(self.lock().snapshot())
+    }
+
+    fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        Ok(self.lock().runs.get(&id).cloned())
+    }
+
+    fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        Ok(query.page(self.lock().runs.values().rev()))
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        Ok(query.page(self.lock().audit.values()))
+    }
+
+    fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        Ok(self.lock().incidents.values().cloned().collect())
     }
 }

@@ -169,6 +169,7 @@ fn recurring_job_advances_whatever_the_outcome() {
 #[test]
 fn job_whose_stored_zone_no_longer_exists_is_disabled_with_a_reason() {
     let mut store = MemStore::new();
+    let _ = store.restore(); // the restored scheduler below becomes its writer
     let mut sim = Sim::new(SimConfig::new(6));
     sim.handle("ok", |_, _| Execution::succeed_after(1));
     sim.add_job(spec("legacy", "ok", cron("0 0 * * * *", "Europe/Kyiv")))
@@ -225,6 +226,7 @@ fn job_whose_stored_schedule_has_no_next_slot_is_disabled_when_it_fires() {
         },
     );
     let mut store = sim.store().clone();
+    let _ = store.restore(); // the restored scheduler above becomes its writer
     let drain = |core: &mut keel_core::Scheduler, store: &mut MemStore, now| {
         while let Some(effect) = core.poll_effect() {
             if let keel_core::Effect::Persist(batch) = effect {

@@ -526,7 +526,7 @@ fn an_interrupted_run_resumes_from_its_checkpoint_and_completion_deletes_it() {
     w.drain();
     // kill -9: rebuild from the store.
     let now = w.now.plus_ms(SECOND);
-    w.core = Scheduler::restore(Config::default(), 8, now, w.store.snapshot());
+    w.core = Scheduler::restore(Config::default(), 8, now, w.store.restore());
     w.now = now;
     w.advance_to(now); // the recovered run retries at once
     w.drain();
