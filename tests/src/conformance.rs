@@ -739,7 +739,8 @@ pub fn history_queries_filter_and_page(harness: &impl Harness) {
     assert_eq!(ids(&window), vec![7, 6, 5]);
 }
 
-fn audit_record(seq: u64, job: &str, run: Option<u64>, at: Timestamp) -> AuditRecord {
+/// An audit record `seq` of `job` (and `run`), as a scheduler would append it.
+pub fn audit_record(seq: u64, job: &str, run: Option<u64>, at: Timestamp) -> AuditRecord {
     AuditRecord {
         seq,
         at,
