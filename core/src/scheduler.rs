@@ -1761,7 +1761,13 @@ impl Scheduler {
             job: run.job.clone(),
             run: Some(id),
             attempt: Some(run.attempt),
-            fencing_token: run.lease.as_ref().map(|l| l.token),
+            // The lease under which the change was made: the live one, or for the end of an
+            // attempt the one that just ended, so a completion names its holder's token.
+            fencing_token: match (&run.lease, old) {
+                (Some(lease), _) => Some(lease.token),
+                (None, Some(StateName::Starting | StateName::Running)) => run.last_token,
+                (None, _) => None,
+            },
             old,
             new,
             actor,
