@@ -1,10 +1,553 @@
-//! keel-store-fs: the embedded default store (a data directory on the local filesystem).
+//! keel-store-fs: keel's embedded default store, a crash-safe data directory on the local
+//! filesystem that several processes (the daemon, CLI commands, external workers) use at once.
 //!
-//! **Status: skeleton.** The durable implementation (checksummed append-only log, atomic
-//! snapshots, advisory locking, crash and corruption tests) is the storage issue's work. Until
-//! then, keel's executable example drives the core through `keel-testkit`'s in-memory store,
-//! which implements the same persist-and-acknowledge protocol.
+//! [`FsStore`] implements [`keel_core::Store`]: it checks the write rules
+//! ([`keel_core::store::check_batch`]) against what is on disk at the moment of each write, in
+//! the same transaction as the write, so that two processes sharing a directory never run the
+//! same slot twice and never both hold a lease with the same token (SPEC L6).
 //!
-//! The contract every store implements is described in `docs/architecture.md`: apply each
-//! `keel_core::Batch` atomically and durably, in order, then acknowledge it; load a
-//! `keel_core::Snapshot` to restore the core after a restart.
+//! ```no_run
+//! use keel_core::Store;
+//! use keel_store_fs::FsStore;
+//!
+//! let store = FsStore::open("/var/lib/keel")?;
+//! let snapshot = store.restore()?; // this process is now the writer
+//! # Ok::<(), keel_core::StoreError>(())
+//! ```
+//!
+//! # The directory
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | `VERSION` | exactly `keel-store-fs 1\n`; any other content is refused ([`StoreError::Version`]) |
+//! | `lock` | empty; the advisory lock every transaction takes |
+//! | `snapshot-<generation>` | the whole state at the start of a generation (none for generation 0, which starts empty) |
+//! | `log-<generation>` | the frames appended during a generation |
+//! | `quarantine/` | copies of damaged bytes, named `<file>-<offset>.bad` (corrupt frames), `<file>-<offset>.torn` (torn tails) and `<snapshot>.bad` |
+//!
+//! Generations are 16 hex digits. The directory is created `0700` and every file `0600`
+//! (SPEC T4); an existing empty directory is restricted to `0700` when the store is created
+//! in it. A directory that holds other files and no `VERSION` is refused, never adopted.
+//!
+//! # Format
+//!
+//! Logs and snapshots are sequences of frames, `"KLF1" | length u32 LE | CRC-32C u32 LE |
+//! payload`, with a JSON payload of at most 256 MiB (the [`format`](mod@format) module has
+//! the details). A log frame is a batch the store accepted (its id, its clock and its
+//! records, applied in order) or the writer epoch a `restore` claimed. A snapshot is a
+//! `begin` frame (generation, writer epoch, counters), one frame per item (every job, every
+//! run including terminal ones, every audit record, every slot claim including those of
+//! pruned runs, every tombstone, incident and delivery) and an `end` frame that counts the
+//! items.
+//!
+//! Replaying a snapshot and its log applies every record exactly as the simulator's
+//! `MemStore` does: upserts keyed by id, deletes, and `PruneHistory`, which removes terminal
+//! runs and their audit records but keeps their slot claims. Fields the core marks as not
+//! persisted read back as their defaults, except `Job::active_runs`, which `read` and
+//! `restore` fill in from the stored runs that are not terminal (as `Scheduler::restore`
+//! does).
+//!
+//! # Transactions and locking
+//!
+//! Each handle keeps the whole state in memory, with how far into the newest log it has
+//! read. Every operation is a transaction on the `lock` file (`File::lock`, advisory):
+//!
+//! - **Writes** (`apply`, `restore`) take the lock exclusively, catch up (apply the frames
+//!   other handles appended since this one last looked; reload from the newest snapshot if
+//!   another handle compacted), check the write rules against that state, append the batch
+//!   to the log, `fsync` it (`sync_data`), and only then release the lock. `restore`
+//!   appends a writer frame with the next writer epoch
+//!   ([`keel_core::store::next_writer_epoch`]): from then on every batch of an earlier epoch
+//!   is refused.
+//! - **Reads** (`read`, `run`, `runs`, `audit`, `incidents`) take the lock shared and catch
+//!   up first, so every handle sees every other handle's acknowledged writes.
+//! - **Group commit**: threads calling `apply` on one handle at once queue their batches;
+//!   one of them, the leader, takes the lock and every batch queued by then, checks each
+//!   against the state including the batches before it in the group (a refused batch is
+//!   skipped and gets its own conflict), appends them all, `fsync`s once, and hands every
+//!   waiting thread its own result.
+//!
+//! The lock is advisory and only works between processes that use it: a local filesystem
+//! is required (network filesystems' locking is not relied on).
+//!
+//! # Compaction
+//!
+//! When a writer's append takes the log past [`FsOptions::compact_after_bytes`], it starts
+//! a new generation while still holding the lock: it writes `snapshot-<g+1>.tmp`, fsyncs
+//! it, renames it to `snapshot-<g+1>`, fsyncs the directory, creates the empty
+//! `log-<g+1>` and fsyncs the directory again. Generation `g` (its snapshot and log) stays
+//! as the fallback; `g-1` and older are removed (if `g`'s snapshot was unusable, everything
+//! from the last good snapshot on is kept instead). A crash at any point of this leaves
+//! either the old generation alone (plus a `.tmp` file, removed by the next compaction) or
+//! a new snapshot with or without its log, both of which load. A handle notices a new
+//! generation when `snapshot-<g+1>` or `log-<g+1>` exists or its own log is gone, and
+//! reloads.
+//!
+//! # Recovery
+//!
+//! Opening takes the lock exclusively and loads the newest generation:
+//!
+//! - A bad frame at the end of the newest log, with no valid frame after it, is a write
+//!   interrupted by a crash (or garbage appended later): it was never acknowledged. A writer
+//!   copies it to `quarantine/` and truncates the log there; a reader holding the lock
+//!   shared only skips it.
+//! - A bad frame followed by a valid one (found by scanning forward for the magic, a sane
+//!   length and a matching checksum) is corruption: its bytes are copied to
+//!   `quarantine/<file>-<offset>.bad`, it is reported and skipped, and reading goes on. A
+//!   valid frame is never truncated or skipped. A frame whose checksum matches but whose
+//!   payload does not decode is corruption too, wherever it is.
+//! - A missing or unreadable newest snapshot is rebuilt from the previous one and every log
+//!   since (nothing is lost), and the store compacts again at its next write so that two
+//!   good snapshots exist. Only if no usable snapshot is left with the logs that follow it
+//!   does opening fail ([`StoreError::Corrupt`]).
+//!
+//! Everything found is reported by [`FsStore::recovery`] (with file and byte offset) and
+//! logged with `tracing::warn!`.
+//!
+//! # Guarantees
+//!
+//! - `apply` returning `Ok` means the batch is on disk (fsynced) and every handle sees it
+//!   from its next operation on. A batch is applied whole or not at all: it is one
+//!   checksummed frame, and a torn frame is discarded whole.
+//! - `Err(StoreError::Conflict)` means nothing of the batch was written. Any other error
+//!   leaves the outcome unknown; the handle reloads from the files before its next use.
+//! - A crash at any instant loses no acknowledged write and leaves a directory that opens
+//!   (SPEC T2), provided the filesystem honours `fsync` (and [`FsOptions::sync`] is on).
+//!   Damage to the files is reported and the rest stays readable.
+//! - Stored bytes never make the store panic: every decoder checks what it reads.
+//!
+//! Limits: a batch must encode to at most 256 MiB; a handle reads the newest log into
+//! memory when it loads (the log is compacted at [`FsOptions::compact_after_bytes`]);
+//! directory fsync is a no-op where directories cannot be opened (non-Unix).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use keel_core::store::{check_batch, next_writer_epoch};
+use keel_core::{
+    AuditQuery, AuditRecord, Batch, Incident, Run, RunId, RunPage, RunQuery, Snapshot, Store,
+    StoreError,
+};
+
+mod files;
+pub mod format;
+mod recovery;
+mod replica;
+mod state;
+
+pub use recovery::{Quarantined, RecoveryReport, SnapshotFallback, TornTail};
+
+use files::{io_error, Marker, LOCK_FILE};
+use replica::{Access, Replica};
+use state::State;
+
+/// How an [`FsStore`] behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsOptions {
+    /// Start a new generation (snapshot and empty log) once the log passes this many bytes.
+    /// Default: 64 MiB.
+    pub compact_after_bytes: u64,
+    /// Fsync every append and compaction. Default: true. Turning it off keeps every
+    /// guarantee except surviving a machine crash or power loss: for tests and benchmarks
+    /// only.
+    pub sync: bool,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions {
+            compact_after_bytes: 64 * 1024 * 1024,
+            sync: true,
+        }
+    }
+}
+
+/// What a handle did since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// Batches applied (accepted by the write rules and made durable).
+    pub batches: u64,
+    /// Batches refused by the write rules.
+    pub refused: u64,
+    /// Appends to the log, each made durable by one fsync (when [`FsOptions::sync`]): one
+    /// per group of concurrently applied batches, and one per `restore`.
+    pub syncs: u64,
+    /// Generations started by this handle.
+    pub compactions: u64,
+}
+
+/// A keel store in a directory on the local filesystem. See the [crate docs](crate) for the
+/// format, the locking and the guarantees.
+pub struct FsStore {
+    dir: PathBuf,
+    options: FsOptions,
+    /// The directory's `lock` file. Taken only while `inner` is held, so one handle never
+    /// locks or unlocks it from two threads at once.
+    lock: File,
+    inner: Mutex<Inner>,
+    /// Batches waiting for a leader to write them (group commit).
+    queue: Mutex<Queue>,
+    /// Signalled when a leader hands out results or gives up the lead.
+    turn: Condvar,
+    counters: Counters,
+    /// Signalled when a batch is queued, so a test can see a group form.
+    #[cfg(test)]
+    queued: Condvar,
+}
+
+#[derive(Debug)]
+struct Inner {
+    replica: Replica,
+    report: RecoveryReport,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    /// A thread is writing a group.
+    leading: bool,
+    next_ticket: u64,
+    /// Results not yet collected by their threads.
+    done: BTreeMap<u64, Result<(), StoreError>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    ticket: u64,
+    /// The batch as decoded from `frame`.
+    batch: Batch,
+    frame: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    batches: AtomicU64,
+    refused: AtomicU64,
+    syncs: AtomicU64,
+    compactions: AtomicU64,
+}
+
+impl FsStore {
+    /// Opens the store in `dir`, creating the directory and an empty store if needed, with
+    /// default options.
+    pub fn open(dir: impl AsRef<Path>) -> Result<FsStore, StoreError> {
+        FsStore::open_with(dir, FsOptions::default())
+    }
+
+    /// Opens the store in `dir` with `options`. Recovers from a crash (see the
+    /// [crate docs](crate#recovery)); what it found is in [`FsStore::recovery`].
+    pub fn open_with(dir: impl AsRef<Path>, options: FsOptions) -> Result<FsStore, StoreError> {
+        let dir = dir.as_ref().to_path_buf();
+        files::create_dir(&dir).map_err(|e| io_error(&dir, "cannot create", &e))?;
+        // Refuse a foreign directory before putting anything in it.
+        files::marker(&dir)?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = files::open_or_create(&lock_path)
+            .map_err(|e| io_error(&lock_path, "cannot open", &e))?;
+        lock.lock()
+            .map_err(|e| io_error(&lock_path, "cannot lock", &e))?;
+        let counters = Counters::default();
+        let opened = open_locked(&dir, options, &counters);
+        let _ = lock.unlock();
+        let inner = opened?;
+        Ok(FsStore {
+            dir,
+            options,
+            lock,
+            inner: Mutex::new(inner),
+            queue: Mutex::new(Queue::default()),
+            turn: Condvar::new(),
+            counters,
+            #[cfg(test)]
+            queued: Condvar::new(),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What opening and catching up found and repaired: torn tails, quarantined frames,
+    /// snapshots that had to be rebuilt. Cumulative for this handle.
+    pub fn recovery(&self) -> RecoveryReport {
+        self.inner().report.clone()
+    }
+
+    /// What this handle did since it was opened.
+    pub fn stats(&self) -> FsStats {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        FsStats {
+            batches: get(&self.counters.batches),
+            refused: get(&self.counters.refused),
+            syncs: get(&self.counters.syncs),
+            compactions: get(&self.counters.compactions),
+        }
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| {
+            // A thread panicked mid-transaction: the in-memory state may not match the files,
+            // which are the truth. Reload them at the next use.
+            self.inner.clear_poison();
+            let mut inner = poisoned.into_inner();
+            inner.replica.invalidate();
+            inner
+        })
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_file(&self, access: Access) -> Result<FileLock<'_>, StoreError> {
+        let locked = match access {
+            Access::Shared => self.lock.lock_shared(),
+            Access::Exclusive => self.lock.lock(),
+        };
+        locked.map_err(|e| io_error(&self.dir.join(LOCK_FILE), "cannot lock", &e))?;
+        Ok(FileLock(&self.lock))
+    }
+
+    /// Catches up under the shared lock, then answers from memory.
+    fn read_with<T>(&self, answer: impl FnOnce(&State) -> T) -> Result<T, StoreError> {
+        let mut inner = self.inner();
+        {
+            let _lock = self.lock_file(Access::Shared)?;
+            let Inner { replica, report } = &mut *inner;
+            replica.catch_up(Access::Shared, report)?;
+        }
+        Ok(answer(&inner.replica.state))
+    }
+
+    /// Writes one group of queued batches (group commit). Runs on the leader's thread.
+    fn lead(&self, leader: &mut Leader<'_>) {
+        let mut inner = self.inner();
+        let lock = self.lock_file(Access::Exclusive);
+        // Everything queued while this thread waited for the locks joins the group.
+        let group = std::mem::take(&mut self.queue().pending);
+        leader.taken = group.iter().map(|p| p.ticket).collect();
+        let _lock = match lock {
+            Ok(lock) => lock,
+            Err(e) => return leader.fail_all(&e),
+        };
+        let Inner { replica, report } = &mut *inner;
+        if let Err(e) = replica.catch_up(Access::Exclusive, report) {
+            return leader.fail_all(&e);
+        }
+        let mut frames = Vec::new();
+        let mut landed = Vec::new();
+        for pending in group {
+            match check_batch(&replica.state, &pending.batch) {
+                Ok(()) => {
+                    replica.state.apply(&pending.batch.records);
+                    frames.extend_from_slice(&pending.frame);
+                    landed.push(pending.ticket);
+                }
+                Err(conflict) => {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    leader.results.push((pending.ticket, Err(conflict.into())));
+                }
+            }
+        }
+        if !landed.is_empty() {
+            match replica.append(&frames) {
+                Ok(()) => {
+                    self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+                    let count = landed.len() as u64;
+                    self.counters.batches.fetch_add(count, Ordering::Relaxed);
+                    leader
+                        .results
+                        .extend(landed.into_iter().map(|ticket| (ticket, Ok(()))));
+                }
+                Err(e) => leader
+                    .results
+                    .extend(landed.into_iter().map(|ticket| (ticket, Err(e.clone())))),
+            }
+        }
+        // The writers need not wait for a compaction.
+        leader.publish();
+        self.maybe_compact(replica);
+    }
+
+    fn maybe_compact(&self, replica: &mut Replica) {
+        let threshold = self.options.compact_after_bytes;
+        if !replica.wants_compaction(threshold) {
+            return;
+        }
+        match replica.compact(threshold) {
+            Ok(()) => {
+                self.counters.compactions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("compaction failed; the current generation goes on: {e}"),
+        }
+    }
+}
+
+/// Under the exclusive lock: creates the store if the directory is new, loads it, and
+/// compacts at once if the newest snapshot had to be rebuilt.
+fn open_locked(dir: &Path, options: FsOptions, counters: &Counters) -> Result<Inner, StoreError> {
+    if let Marker::Absent = files::marker(dir)? {
+        files::restrict_dir(dir).map_err(|e| io_error(dir, "cannot restrict", &e))?;
+        files::write_marker(dir).map_err(|e| io_error(dir, "cannot initialise", &e))?;
+    }
+    let mut report = RecoveryReport::default();
+    let mut replica = Replica::load(dir, Access::Exclusive, options.sync, &mut report)?;
+    if replica.wants_compaction(options.compact_after_bytes) {
+        match replica.compact(options.compact_after_bytes) {
+            Ok(()) => {
+                counters.compactions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("compaction failed; the current generation goes on: {e}"),
+        }
+    }
+    Ok(Inner { replica, report })
+}
+
+impl Store for FsStore {
+    fn restore(&self) -> Result<Snapshot, StoreError> {
+        let mut inner = self.inner();
+        let _lock = self.lock_file(Access::Exclusive)?;
+        let Inner { replica, report } = &mut *inner;
+        replica.catch_up(Access::Exclusive, report)?;
+        let epoch = next_writer_epoch(replica.state.writer_epoch, replica.state.meta.epoch);
+        let frame = format::encode_writer(epoch).map_err(StoreError::Io)?;
+        replica.append(&frame)?;
+        self.counters.syncs.fetch_add(1, Ordering::Relaxed);
+        replica.state.writer_epoch = epoch;
+        let mut snapshot = replica.state.snapshot();
+        snapshot.meta.epoch = epoch - 1;
+        self.maybe_compact(replica);
+        Ok(snapshot)
+    }
+
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        let (frame, batch) = format::encode_batch(batch)
+            .map_err(|why| StoreError::Io(format!("batch {} cannot be stored: {why}", batch.id)))?;
+        let mut queue = self.queue();
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.pending.push(Pending {
+            ticket,
+            batch,
+            frame,
+        });
+        #[cfg(test)]
+        self.queued.notify_all();
+        loop {
+            if let Some(result) = queue.done.remove(&ticket) {
+                return result;
+            }
+            if queue.leading {
+                queue = self
+                    .turn
+                    .wait(queue)
+                    .unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            queue.leading = true;
+            drop(queue);
+            let mut leader = Leader {
+                store: self,
+                taken: BTreeSet::new(),
+                results: Vec::new(),
+            };
+            self.lead(&mut leader);
+            drop(leader);
+            queue = self.queue();
+        }
+    }
+
+    fn read(&self) -> Result<Snapshot, StoreError> {
+        self.read_with(State::snapshot)
+    }
+
+    fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        self.read_with(|state| state.runs.get(&id).cloned())
+    }
+
+    fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        self.read_with(|state| {
+            let below = match query.before {
+                Some(before) => state.runs.range(..before),
+                None => state.runs.range(..),
+            };
+            query.page(below.rev().map(|(_, run)| run))
+        })
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read_with(|state| {
+            let from = query.after.map_or(0, |after| after.saturating_add(1));
+            query.page(state.audit.range(from..).map(|(_, record)| record))
+        })
+    }
+
+    fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        self.read_with(|state| state.incidents.values().cloned().collect())
+    }
+}
+
+impl fmt::Debug for FsStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FsStore")
+            .field("dir", &self.dir)
+            .field("options", &self.options)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The held `lock` file; released on drop.
+struct FileLock<'a>(&'a File);
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
+}
+
+/// The thread writing a group: hands out results, and gives up the lead when dropped, even
+/// if it panicked (then every batch it took gets an error instead of waiting forever).
+struct Leader<'a> {
+    store: &'a FsStore,
+    taken: BTreeSet<u64>,
+    results: Vec<(u64, Result<(), StoreError>)>,
+}
+
+impl Leader<'_> {
+    fn fail_all(&mut self, error: &StoreError) {
+        let answered: BTreeSet<u64> = self.results.iter().map(|(t, _)| *t).collect();
+        let unanswered: Vec<u64> = self.taken.difference(&answered).copied().collect();
+        self.results
+            .extend(unanswered.into_iter().map(|t| (t, Err(error.clone()))));
+    }
+
+    /// Hands out the results so far and wakes their threads.
+    fn publish(&mut self) {
+        let mut queue = self.store.queue();
+        for (ticket, result) in self.results.drain(..) {
+            self.taken.remove(&ticket);
+            queue.done.insert(ticket, result);
+        }
+        drop(queue);
+        self.store.turn.notify_all();
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        let unknown = StoreError::Io("the thread writing this batch panicked".to_string());
+        self.fail_all(&unknown);
+        self.publish();
+        self.store.queue().leading = false;
+        self.store.turn.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests;

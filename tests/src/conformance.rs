@@ -236,6 +236,10 @@ impl<'a, S: Store> Driver<'a, S> {
 /// Sorts everything in a snapshot by id, so snapshots from different stores compare equal.
 fn normalized(mut snapshot: Snapshot) -> Snapshot {
     snapshot.jobs.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+    // Derived on restore, never stored (`#[serde(skip)]`).
+    for job in &mut snapshot.jobs {
+        job.active_runs = 0;
+    }
     snapshot.runs.sort_by_key(|r| r.id);
     snapshot.tombstones.sort_by(|a, b| a.job.cmp(&b.job));
     snapshot.incidents.sort_by_key(|i| i.id);

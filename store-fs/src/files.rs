@@ -1,0 +1,228 @@
+//! The data directory: file names, owner-only creation, the version marker, directory fsync
+//! and quarantine copies.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use keel_core::StoreError;
+
+use crate::format::VERSION_MARKER;
+
+pub(crate) const VERSION_FILE: &str = "VERSION";
+pub(crate) const LOCK_FILE: &str = "lock";
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+const VERSION_TMP: &str = "VERSION.tmp";
+
+/// The name of generation `generation`'s log.
+pub(crate) fn log_name(generation: u64) -> String {
+    format!("log-{generation:016x}")
+}
+
+/// The name of the snapshot that starts generation `generation`.
+pub(crate) fn snapshot_name(generation: u64) -> String {
+    format!("snapshot-{generation:016x}")
+}
+
+/// Every generation that has a snapshot or a log in `dir`.
+pub(crate) fn generations(dir: &Path) -> io::Result<BTreeSet<u64>> {
+    let mut found = BTreeSet::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let hex = name
+            .strip_prefix("log-")
+            .or_else(|| name.strip_prefix("snapshot-"));
+        if let Some(generation) = hex.and_then(parse_generation) {
+            found.insert(generation);
+        }
+    }
+    Ok(found)
+}
+
+fn parse_generation(hex: &str) -> Option<u64> {
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Files of generations below `keep_from`, and snapshots left half-written by a crash.
+pub(crate) fn obsolete_files(dir: &Path, keep_from: u64) -> io::Result<Vec<PathBuf>> {
+    let mut doomed = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let old = name
+            .strip_prefix("log-")
+            .or_else(|| name.strip_prefix("snapshot-"))
+            .and_then(parse_generation)
+            .is_some_and(|generation| generation < keep_from);
+        let half_written = name.starts_with("snapshot-") && name.ends_with(".tmp");
+        if old || half_written {
+            doomed.push(entry.path());
+        }
+    }
+    Ok(doomed)
+}
+
+/// Creates `dir` (and missing parents) owner-only.
+pub(crate) fn create_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// Makes an existing directory owner-only (a directory the store is initialised in).
+pub(crate) fn restrict_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// Options for a file the store creates: owner-only, readable and writable.
+pub(crate) fn owner_only() -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+}
+
+/// Opens (creating it if needed) a file for reading and writing.
+pub(crate) fn open_or_create(path: &Path) -> io::Result<File> {
+    owner_only().create(true).truncate(false).open(path)
+}
+
+/// Makes the directory's entries (created, renamed, removed files) durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)?.sync_all()
+    }
+    // Elsewhere a directory cannot be opened like this; renames are durable by other means.
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, directory fsync.
+pub(crate) fn write_atomically(
+    dir: &Path,
+    path: &Path,
+    tmp: &Path,
+    bytes: &[u8],
+) -> io::Result<()> {
+    let mut file = owner_only().create(true).truncate(true).open(tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(tmp, path)?;
+    sync_dir(dir)
+}
+
+/// What the `VERSION` file says about a directory.
+pub(crate) enum Marker {
+    /// A store in this format.
+    Current,
+    /// No marker, and nothing but what an interrupted initialisation leaves: the directory
+    /// may be made a store.
+    Absent,
+}
+
+/// Reads the version marker. A different marker is [`StoreError::Version`]; a directory with
+/// other files and no marker is refused rather than adopted.
+pub(crate) fn marker(dir: &Path) -> Result<Marker, StoreError> {
+    marker_once(dir, true)
+}
+
+fn marker_once(dir: &Path, again: bool) -> Result<Marker, StoreError> {
+    match fs::read(dir.join(VERSION_FILE)) {
+        Ok(found) if found == VERSION_MARKER.as_bytes() => return Ok(Marker::Current),
+        Ok(found) => {
+            let text = String::from_utf8_lossy(&found);
+            let found: String = text.trim_end().chars().take(80).collect();
+            return Err(StoreError::Version {
+                found,
+                supported: VERSION_MARKER.trim_end().to_string(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(&dir.join(VERSION_FILE), "cannot read", &e)),
+    }
+    let entries = fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", &e))?;
+    let mut foreign = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| io_error(dir, "cannot list", &e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let initialising = [LOCK_FILE, VERSION_TMP, QUARANTINE_DIR].contains(&name.as_str());
+        if name == VERSION_FILE && again {
+            // Written by another process since we looked: read it again.
+            return marker_once(dir, false);
+        }
+        if !initialising {
+            foreign.push(name);
+        }
+    }
+    if foreign.is_empty() {
+        return Ok(Marker::Absent);
+    }
+    foreign.sort();
+    foreign.truncate(5);
+    Err(StoreError::Io(format!(
+        "{} is not a keel store: it has no {VERSION_FILE} file but holds other files ({}); \
+         refusing to use it (point keel at an empty or new directory)",
+        dir.display(),
+        foreign.join(", ")
+    )))
+}
+
+/// Writes the version marker of a new store.
+pub(crate) fn write_marker(dir: &Path) -> io::Result<()> {
+    write_atomically(
+        dir,
+        &dir.join(VERSION_FILE),
+        &dir.join(VERSION_TMP),
+        VERSION_MARKER.as_bytes(),
+    )
+}
+
+/// Copies damaged bytes to `quarantine/<name>` unless an earlier scan already did; returns
+/// the copy's path.
+pub(crate) fn quarantine(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
+    let quarantine = dir.join(QUARANTINE_DIR);
+    create_dir(&quarantine)?;
+    let path = quarantine.join(name);
+    if fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return Ok(path);
+    }
+    // Unique per process and call: two handles may quarantine the same bytes at once.
+    static COPIES: AtomicU64 = AtomicU64::new(0);
+    let copy = COPIES.fetch_add(1, Ordering::Relaxed);
+    let tmp = quarantine.join(format!("{name}.{}-{copy}.tmp", std::process::id()));
+    write_atomically(&quarantine, &path, &tmp, bytes)?;
+    Ok(path)
+}
+
+/// An I/O failure on `path` as a store error.
+pub(crate) fn io_error(path: &Path, what: &str, error: &io::Error) -> StoreError {
+    StoreError::Io(format!("{what} {}: {error}", path.display()))
+}

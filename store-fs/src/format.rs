@@ -1,0 +1,849 @@
+//! The on-disk format: frames, what log and snapshot frames carry, and decoders that never
+//! panic, whatever the bytes (a fuzz target feeds them arbitrary input).
+//!
+//! # Frames
+//!
+//! Logs and snapshots are both sequences of frames:
+//!
+//! ```text
+//! magic "KLF1" (4 bytes) | payload length (u32 LE) | CRC-32C of the payload (u32 LE) | payload
+//! ```
+//!
+//! The payload is compact JSON (`serde_json`). A length above [`MAX_FRAME_BYTES`] is rejected
+//! before anything is allocated. Compact JSON never contains a byte below `0x20`, while the
+//! most significant byte of every valid length is at most `0x10`, so the bytes of a frame can
+//! never appear inside another frame's payload: when a scan finds a valid frame after a bad
+//! one, that frame really was written after it.
+//!
+//! # Logs
+//!
+//! A log frame is a [`LogFrame`]: a batch the store accepted, or the writer epoch a `restore`
+//! claimed. [`decode_log`] splits a log into valid frames, corrupt spans (a bad frame followed
+//! by a valid one) and a torn tail (bad bytes with no valid frame after them).
+//!
+//! # Snapshots
+//!
+//! A snapshot is one [`SnapshotFrame::Begin`], one frame per stored item (job, run, audit
+//! record, slot claim, tombstone, incident, delivery), and one [`SnapshotFrame::End`] that
+//! counts the items. One frame per item keeps every frame small, so a large history never
+//! needs one huge allocation. A snapshot is all or nothing: any bad frame, a missing `End` or
+//! a wrong count makes the whole snapshot unusable (the store then falls back to the previous
+//! generation).
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use keel_core::outbox::Delivery;
+use keel_core::{
+    AuditRecord, Batch, BatchId, Incident, Job, JobId, Meta, Record, Run, RunId, Timestamp,
+    Tombstone,
+};
+use serde::{Deserialize, Serialize};
+
+/// The first four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"KLF1";
+
+/// Bytes before a frame's payload: magic, length, checksum.
+pub const HEADER_BYTES: usize = 12;
+
+/// The largest payload a frame may carry (256 MiB). A batch that encodes larger is refused.
+pub const MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
+
+/// The exact contents of the `VERSION` file of a directory in this format.
+pub const VERSION_MARKER: &str = "keel-store-fs 1\n";
+
+/// What a log frame records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFrame {
+    /// A batch the write rules accepted, applied in order.
+    Batch {
+        /// The batch's id (for diagnostics; the store does not interpret it).
+        id: BatchId,
+        /// The writer's clock when it built the batch.
+        at: Timestamp,
+        /// The records.
+        records: Vec<Record>,
+    },
+    /// `restore` made `epoch` the store's writer epoch.
+    Writer {
+        /// The new writer epoch.
+        epoch: u64,
+    },
+}
+
+/// The same shape as [`LogFrame`], borrowed, so a batch is encoded without copying it.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+enum LogFrameRef<'a> {
+    Batch {
+        id: BatchId,
+        at: Timestamp,
+        records: &'a [Record],
+    },
+    Writer {
+        epoch: u64,
+    },
+}
+
+/// What a snapshot frame holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+// Frames are decoded one at a time and moved straight into the store's maps.
+#[allow(clippy::large_enum_variant)]
+pub enum SnapshotFrame {
+    /// The first frame.
+    Begin(SnapshotHeader),
+    /// A job.
+    Job(Job),
+    /// A run, terminal or not.
+    Run(Run),
+    /// An audit record.
+    Audit(AuditRecord),
+    /// A slot claim (kept after its run is pruned).
+    Slot(SlotClaim),
+    /// A tombstone.
+    Tombstone(Tombstone),
+    /// An incident, open or resolved.
+    Incident(Incident),
+    /// A delivery in the outbox.
+    Delivery(Delivery),
+    /// The last frame.
+    End {
+        /// How many item frames came between `Begin` and `End`.
+        items: u64,
+    },
+}
+
+/// The same shape as [`SnapshotFrame`], borrowed, for writing a snapshot from the store's maps.
+#[derive(Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum SnapshotFrameRef<'a> {
+    Begin(&'a SnapshotHeader),
+    Job(&'a Job),
+    Run(&'a Run),
+    Audit(&'a AuditRecord),
+    Slot(&'a SlotClaim),
+    Tombstone(&'a Tombstone),
+    Incident(&'a Incident),
+    Delivery(&'a Delivery),
+    End { items: u64 },
+}
+
+/// What a snapshot says about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    /// The generation it starts (it holds the state after every log before it).
+    pub generation: u64,
+    /// The writer epoch.
+    pub writer_epoch: u64,
+    /// The counters.
+    pub meta: Meta,
+}
+
+/// A `(job, slot)` and the run that claimed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotClaim {
+    /// The job.
+    pub job: JobId,
+    /// The slot.
+    pub slot: Timestamp,
+    /// The run that claimed it.
+    pub run: RunId,
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Fewer bytes than the header or the payload needs.
+    #[error("truncated frame: {needed} bytes needed, {available} available")]
+    Truncated {
+        /// Bytes the frame needs.
+        needed: u64,
+        /// Bytes there are.
+        available: u64,
+    },
+    /// The first four bytes are not [`MAGIC`].
+    #[error("bad magic {found:02x?}")]
+    BadMagic {
+        /// The bytes found.
+        found: [u8; 4],
+    },
+    /// The length is above [`MAX_FRAME_BYTES`].
+    #[error("frame length {len} exceeds the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLong {
+        /// The length found.
+        len: u32,
+    },
+    /// The payload's checksum does not match.
+    #[error("checksum mismatch: stored {stored:08x}, computed {computed:08x}")]
+    BadChecksum {
+        /// The checksum in the header.
+        stored: u32,
+        /// The checksum of the bytes found.
+        computed: u32,
+    },
+    /// The checksum matches but the payload is not what this frame should hold.
+    #[error("undecodable payload: {0}")]
+    BadPayload(String),
+}
+
+/// A valid frame found by [`decode_log`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogEntry {
+    /// Where the frame starts, relative to the decoded bytes.
+    pub offset: u64,
+    /// The frame's length, header included.
+    pub len: u64,
+    /// What it records.
+    pub frame: LogFrame,
+}
+
+/// Bytes that are not valid frames.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BadSpan {
+    /// Where they start, relative to the decoded bytes.
+    pub offset: u64,
+    /// How many bytes.
+    pub len: u64,
+    /// Why the first frame there is not valid.
+    pub reason: String,
+}
+
+/// A log split into what can be read and what cannot. Every byte belongs to exactly one
+/// entry, corrupt span or the torn tail, in order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LogScan {
+    /// Valid frames, in order.
+    pub entries: Vec<LogEntry>,
+    /// Bad spans that a valid frame follows: corruption, to quarantine and skip.
+    pub corrupt: Vec<BadSpan>,
+    /// Bad bytes at the end with no valid frame after them: an interrupted write.
+    pub torn_tail: Option<BadSpan>,
+    /// Where the readable part of the log ends (the torn tail's offset, or the length): the
+    /// log continues here.
+    pub valid_len: u64,
+}
+
+/// Splits `bytes` (a whole log, or its part from a frame boundary on) into frames, corrupt
+/// spans and a torn tail. Never panics.
+pub fn decode_log(bytes: &[u8]) -> LogScan {
+    let mut scan = LogScan::default();
+    let mut pos = 0;
+    while pos < bytes.len() {
+        let reason = match frame_at(bytes, pos) {
+            Ok((payload, end)) => {
+                match serde_json::from_slice::<LogFrame>(payload) {
+                    Ok(frame) => scan.entries.push(LogEntry {
+                        offset: pos as u64,
+                        len: (end - pos) as u64,
+                        frame,
+                    }),
+                    // Complete and checksummed, so not torn: quarantine it even at the end.
+                    Err(e) => scan.corrupt.push(BadSpan {
+                        offset: pos as u64,
+                        len: (end - pos) as u64,
+                        reason: FrameError::BadPayload(e.to_string()).to_string(),
+                    }),
+                }
+                pos = end;
+                continue;
+            }
+            Err(e) => e.to_string(),
+        };
+        match next_frame(bytes, pos + 1) {
+            Some(next) => {
+                scan.corrupt.push(BadSpan {
+                    offset: pos as u64,
+                    len: (next - pos) as u64,
+                    reason,
+                });
+                pos = next;
+            }
+            None => {
+                scan.torn_tail = Some(BadSpan {
+                    offset: pos as u64,
+                    len: (bytes.len() - pos) as u64,
+                    reason,
+                });
+                break;
+            }
+        }
+    }
+    scan.valid_len = scan
+        .torn_tail
+        .as_ref()
+        .map_or(bytes.len() as u64, |t| t.offset);
+    scan
+}
+
+/// Decodes a whole snapshot held in memory, checking its structure like the store does when
+/// it loads one. Never panics.
+pub fn decode_snapshot(bytes: &[u8]) -> Result<Vec<SnapshotFrame>, SnapshotError> {
+    let mut reader = SnapshotReader::new(bytes, bytes.len() as u64);
+    let mut frames = vec![SnapshotFrame::Begin(reader.header()?.clone())];
+    while let Some(frame) = reader.next_item()? {
+        frames.push(frame);
+    }
+    frames.push(SnapshotFrame::End {
+        items: reader.items,
+    });
+    Ok(frames)
+}
+
+/// Why a snapshot cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A frame is bad.
+    #[error("at byte {offset}: {error}")]
+    Frame {
+        /// Where the frame starts.
+        offset: u64,
+        /// What is wrong.
+        error: FrameError,
+    },
+    /// The frames are valid but do not form a snapshot.
+    #[error("at byte {offset}: {detail}")]
+    Structure {
+        /// Where.
+        offset: u64,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Reading failed.
+    #[error("read failed: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Reads a snapshot frame by frame, checking its structure: `Begin` first, `End` last with the
+/// right count, nothing after it.
+pub(crate) struct SnapshotReader<R> {
+    frames: FrameReader<R>,
+    header: Option<SnapshotHeader>,
+    items: u64,
+    ended: bool,
+}
+
+impl<R: Read> SnapshotReader<R> {
+    /// Reads from `reader`, which holds `len` bytes.
+    pub(crate) fn new(reader: R, len: u64) -> Self {
+        SnapshotReader {
+            frames: FrameReader {
+                reader,
+                offset: 0,
+                len,
+            },
+            header: None,
+            items: 0,
+            ended: false,
+        }
+    }
+
+    /// The `Begin` frame.
+    pub(crate) fn header(&mut self) -> Result<&SnapshotHeader, SnapshotError> {
+        if self.header.is_none() {
+            let offset = self.frames.offset;
+            match self.frames.next_decoded()? {
+                Some(SnapshotFrame::Begin(header)) => self.header = Some(header),
+                _ => return Err(structure(offset, "the first frame is not `begin`")),
+            }
+        }
+        // Set just above or on an earlier call.
+        self.header
+            .as_ref()
+            .ok_or_else(|| structure(0, "no header"))
+    }
+
+    /// The next item, or `None` after a valid `End` frame that closes the file.
+    pub(crate) fn next_item(&mut self) -> Result<Option<SnapshotFrame>, SnapshotError> {
+        self.header()?;
+        if self.ended {
+            return Ok(None);
+        }
+        let offset = self.frames.offset;
+        match self.frames.next_decoded()? {
+            None => Err(structure(
+                offset,
+                "the snapshot ends without an `end` frame",
+            )),
+            Some(SnapshotFrame::Begin(_)) => Err(structure(offset, "a second `begin` frame")),
+            Some(SnapshotFrame::End { items }) => {
+                if items != self.items {
+                    return Err(structure(
+                        offset,
+                        &format!("`end` counts {items} items, {} were read", self.items),
+                    ));
+                }
+                if self.frames.offset != self.frames.len {
+                    return Err(structure(self.frames.offset, "bytes after the `end` frame"));
+                }
+                self.ended = true;
+                Ok(None)
+            }
+            Some(item) => {
+                self.items += 1;
+                Ok(Some(item))
+            }
+        }
+    }
+}
+
+fn structure(offset: u64, detail: &str) -> SnapshotError {
+    SnapshotError::Structure {
+        offset,
+        detail: detail.to_string(),
+    }
+}
+
+/// Reads frames one by one from a reader of known length, strictly: any bad frame is an error.
+struct FrameReader<R> {
+    reader: R,
+    offset: u64,
+    len: u64,
+}
+
+impl<R: Read> FrameReader<R> {
+    fn next_decoded(&mut self) -> Result<Option<SnapshotFrame>, SnapshotError> {
+        let offset = self.offset;
+        let Some(payload) = self.next_payload()? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&payload)
+            .map(Some)
+            .map_err(|e| SnapshotError::Frame {
+                offset,
+                error: FrameError::BadPayload(e.to_string()),
+            })
+    }
+
+    fn next_payload(&mut self) -> Result<Option<Vec<u8>>, SnapshotError> {
+        let offset = self.offset;
+        let available = self.len.saturating_sub(offset);
+        if available == 0 {
+            return Ok(None);
+        }
+        let frame_error = |error| SnapshotError::Frame { offset, error };
+        if available < HEADER_BYTES as u64 {
+            return Err(frame_error(FrameError::Truncated {
+                needed: HEADER_BYTES as u64,
+                available,
+            }));
+        }
+        let mut header = [0u8; HEADER_BYTES];
+        self.reader.read_exact(&mut header)?;
+        let (len, stored) = parse_header(&header).map_err(frame_error)?;
+        let needed = HEADER_BYTES as u64 + u64::from(len);
+        if needed > available {
+            return Err(frame_error(FrameError::Truncated { needed, available }));
+        }
+        // Bounded by MAX_FRAME_BYTES and by what the file holds.
+        let mut payload = vec![0u8; len as usize];
+        self.reader.read_exact(&mut payload)?;
+        let computed = crc32c(&payload);
+        if computed != stored {
+            return Err(frame_error(FrameError::BadChecksum { stored, computed }));
+        }
+        self.offset += needed;
+        Ok(Some(payload))
+    }
+}
+
+/// Encodes `batch` as one log frame, and decodes it again: a frame that could not be read
+/// back would be an acknowledged write lost. Returns the frame and the batch as decoded, which
+/// is what the store applies in memory, so memory always holds what a replay of the log
+/// builds.
+pub(crate) fn encode_batch(batch: &Batch) -> Result<(Vec<u8>, Batch), String> {
+    let frame = LogFrameRef::Batch {
+        id: batch.id,
+        at: batch.at,
+        records: &batch.records,
+    };
+    let payload = serde_json::to_vec(&frame).map_err(|e| format!("cannot encode: {e}"))?;
+    match serde_json::from_slice::<LogFrame>(&payload) {
+        Ok(LogFrame::Batch { id, at, records }) => {
+            Ok((frame_bytes(&payload)?, Batch { id, at, records }))
+        }
+        Ok(LogFrame::Writer { .. }) => Err("its encoding decodes as another frame".to_string()),
+        Err(e) => Err(format!("its encoding does not decode ({e})")),
+    }
+}
+
+/// Encodes a writer epoch claim as one log frame.
+pub(crate) fn encode_writer(epoch: u64) -> Result<Vec<u8>, String> {
+    let payload = serde_json::to_vec(&LogFrameRef::Writer { epoch })
+        .map_err(|e| format!("cannot encode: {e}"))?;
+    frame_bytes(&payload)
+}
+
+/// Writes one snapshot frame.
+pub(crate) fn write_snapshot_frame(
+    out: &mut impl Write,
+    frame: &SnapshotFrameRef<'_>,
+) -> io::Result<()> {
+    let payload = serde_json::to_vec(frame).map_err(io::Error::other)?;
+    let frame = frame_bytes(&payload).map_err(io::Error::other)?;
+    out.write_all(&frame)
+}
+
+/// Frames `payload`: header, then the payload.
+pub fn frame_bytes(payload: &[u8]) -> Result<Vec<u8>, String> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| *len <= MAX_FRAME_BYTES)
+        .ok_or_else(|| {
+            format!(
+                "it encodes to {} bytes, over the frame limit of {MAX_FRAME_BYTES}",
+                payload.len()
+            )
+        })?;
+    let mut frame = Vec::with_capacity(HEADER_BYTES + payload.len());
+    frame.extend_from_slice(&MAGIC);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&crc32c(payload).to_le_bytes());
+    frame.extend_from_slice(payload);
+    Ok(frame)
+}
+
+/// The frame starting at `pos`: its payload and where it ends.
+fn frame_at(bytes: &[u8], pos: usize) -> Result<(&[u8], usize), FrameError> {
+    let rest = bytes.get(pos..).unwrap_or_default();
+    let header = rest
+        .get(..HEADER_BYTES)
+        .and_then(|h| <&[u8; HEADER_BYTES]>::try_from(h).ok())
+        .ok_or(FrameError::Truncated {
+            needed: HEADER_BYTES as u64,
+            available: rest.len() as u64,
+        })?;
+    let (len, stored) = parse_header(header)?;
+    let end = HEADER_BYTES + len as usize;
+    let payload = rest.get(HEADER_BYTES..end).ok_or(FrameError::Truncated {
+        needed: end as u64,
+        available: rest.len() as u64,
+    })?;
+    let computed = crc32c(payload);
+    if computed != stored {
+        return Err(FrameError::BadChecksum { stored, computed });
+    }
+    Ok((payload, pos + end))
+}
+
+/// Checks a header's magic and length; returns the length and the stored checksum.
+fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<(u32, u32), FrameError> {
+    let [m0, m1, m2, m3, l0, l1, l2, l3, c0, c1, c2, c3] = *header;
+    let found = [m0, m1, m2, m3];
+    if found != MAGIC {
+        return Err(FrameError::BadMagic { found });
+    }
+    let len = u32::from_le_bytes([l0, l1, l2, l3]);
+    if len > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLong { len });
+    }
+    Ok((len, u32::from_le_bytes([c0, c1, c2, c3])))
+}
+
+/// The start of the first valid frame (magic, length and checksum) at or after `from`.
+fn next_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut at = from;
+    loop {
+        let rest = bytes.get(at..)?;
+        let found = rest.windows(MAGIC.len()).position(|w| w == MAGIC)?;
+        let candidate = at + found;
+        if frame_at(bytes, candidate).is_ok() {
+            return Some(candidate);
+        }
+        at = candidate + 1;
+    }
+}
+
+/// CRC-32C (Castagnoli, reflected polynomial `0x82F63B78`), as used by iSCSI, ext4 and
+/// LevelDB; computed eight bytes at a time.
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let [b0, b1, b2, b3, b4, b5, b6, b7] = <[u8; 8]>::try_from(chunk).unwrap_or_default();
+        let low = crc ^ u32::from_le_bytes([b0, b1, b2, b3]);
+        crc = CRC_TABLES[7][(low & 0xff) as usize]
+            ^ CRC_TABLES[6][((low >> 8) & 0xff) as usize]
+            ^ CRC_TABLES[5][((low >> 16) & 0xff) as usize]
+            ^ CRC_TABLES[4][(low >> 24) as usize]
+            ^ CRC_TABLES[3][b4 as usize]
+            ^ CRC_TABLES[2][b5 as usize]
+            ^ CRC_TABLES[1][b6 as usize]
+            ^ CRC_TABLES[0][b7 as usize];
+    }
+    for &b in chunks.remainder() {
+        crc = CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// `CRC_TABLES[0]` is the classic byte table; table `k` advances a byte's contribution `k`
+/// more bytes (slicing-by-8).
+const CRC_TABLES: [[u32; 256]; 8] = crc_tables();
+
+const fn crc_tables() -> [[u32; 256]; 8] {
+    let mut tables = [[0u32; 256]; 8];
+    let mut i = 0;
+    while i < 256 {
+        let mut crc = i as u32;
+        let mut bit = 0;
+        while bit < 8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+            bit += 1;
+        }
+        tables[0][i] = crc;
+        i += 1;
+    }
+    let mut k = 1;
+    while k < 8 {
+        let mut i = 0;
+        while i < 256 {
+            let prev = tables[k - 1][i];
+            tables[k][i] = (prev >> 8) ^ tables[0][(prev & 0xff) as usize];
+            i += 1;
+        }
+        k += 1;
+    }
+    tables
+}
+
+impl fmt::Display for BadSpan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} bytes at offset {}: {}",
+            self.len, self.offset, self.reason
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer_frame(epoch: u64) -> Vec<u8> {
+        encode_writer(epoch).unwrap()
+    }
+
+    /// A frame with a valid checksum whose payload is not a log frame.
+    fn foreign_frame() -> Vec<u8> {
+        frame_bytes(br#"{"unknown":1}"#).unwrap()
+    }
+
+    #[test]
+    fn crc32c_matches_known_vectors() {
+        assert_eq!(crc32c(b""), 0);
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
+        let ascending: Vec<u8> = (0..32).collect();
+        assert_eq!(crc32c(&ascending), 0x46DD_794E);
+    }
+
+    #[test]
+    fn crc32c_eight_at_a_time_equals_bytewise() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 3) as u8).collect();
+        for len in 0..bytes.len() {
+            let mut crc = !0u32;
+            for &b in &bytes[..len] {
+                crc = CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+            }
+            assert_eq!(crc32c(&bytes[..len]), !crc, "length {len}");
+        }
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let mut log = Vec::new();
+        for epoch in 1..=3 {
+            log.extend(writer_frame(epoch));
+        }
+        let scan = decode_log(&log);
+        let epochs: Vec<LogFrame> = scan.entries.iter().map(|e| e.frame.clone()).collect();
+        assert_eq!(
+            epochs,
+            (1..=3)
+                .map(|epoch| LogFrame::Writer { epoch })
+                .collect::<Vec<_>>()
+        );
+        assert!(scan.corrupt.is_empty() && scan.torn_tail.is_none());
+        assert_eq!(scan.valid_len, log.len() as u64);
+    }
+
+    #[test]
+    fn a_cut_last_frame_is_a_torn_tail() {
+        let first = writer_frame(1);
+        let second = writer_frame(2);
+        for cut in 1..second.len() {
+            let mut log = first.clone();
+            log.extend_from_slice(&second[..cut]);
+            let scan = decode_log(&log);
+            assert_eq!(scan.entries.len(), 1);
+            let torn = scan.torn_tail.expect("torn tail");
+            assert_eq!(torn.offset, first.len() as u64);
+            assert_eq!(torn.len, cut as u64);
+            assert_eq!(scan.valid_len, first.len() as u64);
+        }
+    }
+
+    #[test]
+    fn a_damaged_frame_between_valid_ones_is_corrupt() {
+        let frames: Vec<Vec<u8>> = (1..=3).map(writer_frame).collect();
+        let middle = frames[0].len();
+        for flip in 0..frames[1].len() {
+            let mut log = frames.concat();
+            log[middle + flip] ^= 0x40;
+            let scan = decode_log(&log);
+            assert_eq!(scan.torn_tail, None, "flip at {flip}");
+            assert_eq!(scan.corrupt.len(), 1, "flip at {flip}");
+            assert_eq!(scan.corrupt[0].offset, middle as u64);
+            assert_eq!(scan.corrupt[0].len, frames[1].len() as u64);
+            let kept: Vec<&LogFrame> = scan.entries.iter().map(|e| &e.frame).collect();
+            assert_eq!(
+                kept,
+                [
+                    &LogFrame::Writer { epoch: 1 },
+                    &LogFrame::Writer { epoch: 3 }
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_checksummed_frame_that_does_not_decode_is_corrupt_even_at_the_end() {
+        let mut log = writer_frame(1);
+        log.extend(foreign_frame());
+        let scan = decode_log(&log);
+        assert_eq!(scan.torn_tail, None);
+        assert_eq!(scan.corrupt.len(), 1);
+        assert!(scan.corrupt[0].reason.contains("undecodable"));
+        assert_eq!(scan.valid_len, log.len() as u64);
+    }
+
+    #[test]
+    fn magic_inside_a_payload_is_not_a_frame() {
+        // A record's text may contain the magic; the JSON around it never forms a header.
+        let payload =
+            serde_json::to_vec(&serde_json::json!({ "note": "KLF1KLF1\u{1}\u{0}" })).unwrap();
+        let mut log = frame_bytes(&payload).unwrap();
+        log.truncate(log.len() - 1);
+        let scan = decode_log(&log);
+        assert_eq!(scan.torn_tail.map(|t| t.offset), Some(0));
+        assert!(scan.corrupt.is_empty());
+    }
+
+    #[test]
+    fn an_absurd_length_allocates_nothing() {
+        let mut log = MAGIC.to_vec();
+        log.extend_from_slice(&u32::MAX.to_le_bytes());
+        log.extend_from_slice(&[0; 4]);
+        let scan = decode_log(&log);
+        let torn = scan.torn_tail.expect("torn");
+        assert!(torn.reason.contains("exceeds"), "{}", torn.reason);
+        assert!(matches!(
+            decode_snapshot(&log),
+            Err(SnapshotError::Frame {
+                error: FrameError::TooLong { .. },
+                ..
+            })
+        ));
+    }
+
+    /// Arbitrary bytes, and valid logs damaged at random: the scan never panics and accounts
+    /// for every byte exactly once, in order.
+    #[test]
+    fn decoding_arbitrary_bytes_partitions_them() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..2_000 {
+            let mut bytes = Vec::new();
+            let frames = next() % 6;
+            for i in 0..frames {
+                match next() % 4 {
+                    0 => bytes.extend(foreign_frame()),
+                    1 => bytes.extend((0..next() % 40).map(|_| next() as u8)),
+                    _ => bytes.extend(writer_frame(i)),
+                }
+            }
+            for _ in 0..next() % 4 {
+                if bytes.is_empty() {
+                    break;
+                }
+                let at = (next() as usize) % bytes.len();
+                match next() % 3 {
+                    0 => bytes[at] ^= 1 << (next() % 8),
+                    1 => bytes.truncate(at),
+                    _ => bytes.insert(at, next() as u8),
+                }
+            }
+            let scan = decode_log(&bytes);
+            let mut spans: Vec<(u64, u64)> = scan
+                .entries
+                .iter()
+                .map(|e| (e.offset, e.len))
+                .chain(scan.corrupt.iter().map(|c| (c.offset, c.len)))
+                .chain(scan.torn_tail.iter().map(|t| (t.offset, t.len)))
+                .collect();
+            spans.sort_unstable();
+            let mut at = 0;
+            for (offset, len) in spans {
+                assert_eq!(offset, at, "round {round}: gap or overlap");
+                assert!(len > 0, "round {round}: empty span");
+                at += len;
+            }
+            assert_eq!(at, bytes.len() as u64, "round {round}");
+            let _ = decode_snapshot(&bytes);
+        }
+    }
+
+    #[test]
+    fn snapshots_must_be_complete() {
+        let header = SnapshotHeader {
+            generation: 3,
+            writer_epoch: 2,
+            meta: Meta::default(),
+        };
+        let claim = SlotClaim {
+            job: JobId::new("a").unwrap(),
+            slot: Timestamp(5),
+            run: RunId(9),
+        };
+        let mut bytes = Vec::new();
+        write_snapshot_frame(&mut bytes, &SnapshotFrameRef::Begin(&header)).unwrap();
+        write_snapshot_frame(&mut bytes, &SnapshotFrameRef::Slot(&claim)).unwrap();
+        let without_end = bytes.len();
+        write_snapshot_frame(&mut bytes, &SnapshotFrameRef::End { items: 1 }).unwrap();
+        assert_eq!(
+            decode_snapshot(&bytes).unwrap(),
+            vec![
+                SnapshotFrame::Begin(header.clone()),
+                SnapshotFrame::Slot(claim),
+                SnapshotFrame::End { items: 1 }
+            ]
+        );
+        assert!(matches!(
+            decode_snapshot(&bytes[..without_end]),
+            Err(SnapshotError::Structure { .. })
+        ));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(decode_snapshot(&trailing).is_err());
+        let mut miscounted = bytes[..without_end].to_vec();
+        write_snapshot_frame(&mut miscounted, &SnapshotFrameRef::End { items: 2 }).unwrap();
+        assert!(decode_snapshot(&miscounted).is_err());
+        assert!(
+            decode_snapshot(&[]).is_err(),
+            "an empty file is not a snapshot"
+        );
+    }
+}

@@ -1,0 +1,269 @@
+//! The stored state in memory: what replaying the snapshot and the logs builds, record by
+//! record, with the same semantics as the simulator's `MemStore`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, Read, Write};
+
+use keel_core::outbox::{Delivery, DeliveryId};
+use keel_core::store::StoredView;
+use keel_core::Tombstone;
+use keel_core::{AuditRecord, Incident, Job, JobId, Meta, Record, Run, RunId, Snapshot, Timestamp};
+
+use crate::format::{
+    write_snapshot_frame, SlotClaim, SnapshotError, SnapshotFrame, SnapshotFrameRef,
+    SnapshotHeader, SnapshotReader,
+};
+
+/// Everything the store holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct State {
+    pub(crate) jobs: BTreeMap<JobId, Job>,
+    pub(crate) runs: BTreeMap<RunId, Run>,
+    pub(crate) audit: BTreeMap<u64, AuditRecord>,
+    /// Every slot ever claimed, including those of pruned runs: a slot fires once (SPEC S6).
+    pub(crate) slots: BTreeMap<(JobId, Timestamp), RunId>,
+    pub(crate) tombstones: BTreeMap<JobId, Tombstone>,
+    pub(crate) incidents: BTreeMap<u64, Incident>,
+    pub(crate) deliveries: BTreeMap<DeliveryId, Delivery>,
+    pub(crate) meta: Meta,
+    /// The epoch whose batches are accepted (0 until the first `restore`).
+    pub(crate) writer_epoch: u64,
+}
+
+impl State {
+    /// Applies records in order. Every record is an upsert or a delete, so applying cannot
+    /// fail; whether a batch *may* be applied is `check_batch`'s decision, made before.
+    pub(crate) fn apply(&mut self, records: &[Record]) {
+        for record in records {
+            self.apply_record(record);
+        }
+    }
+
+    /// What `restore` and `read` return: every job, the runs that are not terminal, the
+    /// counters, the tombstones, the open incidents and the outbox.
+    ///
+    /// `Job::active_runs` is not persisted (`Scheduler::restore` derives it from the runs);
+    /// it is filled in here the same way, the count of the job's stored runs that are not
+    /// terminal, so that readers see a true value rather than 0.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let runs: Vec<Run> = self
+            .runs
+            .values()
+            .filter(|r| !r.state.is_terminal())
+            .cloned()
+            .collect();
+        let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
+        for run in &runs {
+            let count = active.entry(&run.job).or_default();
+            *count = count.saturating_add(1);
+        }
+        let jobs = self
+            .jobs
+            .values()
+            .map(|job| {
+                let mut job = job.clone();
+                job.active_runs = active.get(&job.spec.id).copied().unwrap_or(0);
+                job
+            })
+            .collect();
+        Snapshot {
+            jobs,
+            runs,
+            meta: self.meta,
+            tombstones: self.tombstones.values().cloned().collect(),
+            incidents: self
+                .incidents
+                .values()
+                .filter(|i| i.resolved_at.is_none())
+                .cloned()
+                .collect(),
+            deliveries: self.deliveries.values().cloned().collect(),
+        }
+    }
+
+    /// Writes the whole state as the snapshot that starts `generation`.
+    pub(crate) fn write_snapshot(&self, out: &mut impl Write, generation: u64) -> io::Result<()> {
+        let header = SnapshotHeader {
+            generation,
+            writer_epoch: self.writer_epoch,
+            meta: self.meta,
+        };
+        write_snapshot_frame(out, &SnapshotFrameRef::Begin(&header))?;
+        let mut items = 0u64;
+        let mut write = |frame: SnapshotFrameRef<'_>| {
+            items += 1;
+            write_snapshot_frame(out, &frame)
+        };
+        for job in self.jobs.values() {
+            write(SnapshotFrameRef::Job(job))?;
+        }
+        for run in self.runs.values() {
+            write(SnapshotFrameRef::Run(run))?;
+        }
+        for record in self.audit.values() {
+            write(SnapshotFrameRef::Audit(record))?;
+        }
+        for ((job, slot), run) in &self.slots {
+            let claim = SlotClaim {
+                job: job.clone(),
+                slot: *slot,
+                run: *run,
+            };
+            write(SnapshotFrameRef::Slot(&claim))?;
+        }
+        for tombstone in self.tombstones.values() {
+            write(SnapshotFrameRef::Tombstone(tombstone))?;
+        }
+        for incident in self.incidents.values() {
+            write(SnapshotFrameRef::Incident(incident))?;
+        }
+        for delivery in self.deliveries.values() {
+            write(SnapshotFrameRef::Delivery(delivery))?;
+        }
+        write_snapshot_frame(out, &SnapshotFrameRef::End { items })
+    }
+
+    /// Reads the snapshot that starts `generation` from `reader` (which holds `len` bytes).
+    pub(crate) fn read_snapshot(
+        reader: impl Read,
+        len: u64,
+        generation: u64,
+    ) -> Result<State, SnapshotError> {
+        let mut snapshot = SnapshotReader::new(reader, len);
+        let header = snapshot.header()?;
+        if header.generation != generation {
+            return Err(SnapshotError::Structure {
+                offset: 0,
+                detail: format!(
+                    "the snapshot says it starts generation {}, its name says {generation}",
+                    header.generation
+                ),
+            });
+        }
+        let mut state = State {
+            meta: header.meta,
+            writer_epoch: header.writer_epoch,
+            ..State::default()
+        };
+        while let Some(item) = snapshot.next_item()? {
+            match item {
+                SnapshotFrame::Job(job) => {
+                    state.jobs.insert(job.spec.id.clone(), job);
+                }
+                SnapshotFrame::Run(run) => {
+                    state.runs.insert(run.id, run);
+                }
+                SnapshotFrame::Audit(record) => {
+                    state.audit.insert(record.seq, record);
+                }
+                SnapshotFrame::Slot(claim) => {
+                    state.slots.insert((claim.job, claim.slot), claim.run);
+                }
+                SnapshotFrame::Tombstone(tombstone) => {
+                    state.tombstones.insert(tombstone.job.clone(), tombstone);
+                }
+                SnapshotFrame::Incident(incident) => {
+                    state.incidents.insert(incident.id, incident);
+                }
+                SnapshotFrame::Delivery(delivery) => {
+                    state.deliveries.insert(delivery.id, delivery);
+                }
+                // The reader only returns items.
+                SnapshotFrame::Begin(_) | SnapshotFrame::End { .. } => {}
+            }
+        }
+        Ok(state)
+    }
+
+    fn apply_record(&mut self, record: &Record) {
+        match record {
+            Record::PutJob(job) => {
+                self.jobs.insert(job.spec.id.clone(), job.clone());
+            }
+            // The job's runs, audit and slot claims stay: history outlives the definition.
+            Record::DeleteJob { id } => {
+                self.jobs.remove(id);
+            }
+            Record::PutRun(run) => {
+                if let Some(slot) = run.slot() {
+                    self.slots.insert((run.job.clone(), slot), run.id);
+                }
+                self.runs.insert(run.id, run.clone());
+            }
+            Record::Audit(record) => {
+                self.audit.insert(record.seq, record.clone());
+            }
+            Record::PruneHistory {
+                job,
+                keep_last,
+                finished_before,
+            } => self.prune(job.as_ref(), *keep_last, *finished_before),
+            Record::PutMeta(meta) => self.meta = *meta,
+            Record::PutTombstone(tombstone) => {
+                self.tombstones
+                    .insert(tombstone.job.clone(), tombstone.clone());
+            }
+            Record::DeleteTombstone { job } => {
+                self.tombstones.remove(job);
+            }
+            Record::PutIncident(incident) => {
+                self.incidents.insert(incident.id, incident.clone());
+            }
+            Record::PutDelivery(delivery) => {
+                self.deliveries.insert(delivery.id, delivery.clone());
+            }
+            Record::DeleteDelivery { id } => {
+                self.deliveries.remove(id);
+            }
+        }
+    }
+
+    /// Deletes terminal runs the history policy no longer keeps, with their audit records:
+    /// per job, all but the newest `keep_last` (by finish time), and all finished before
+    /// `finished_before`. Slot claims stay, so a pruned slot still never fires twice.
+    fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
+        let mut per_job: BTreeMap<&JobId, Vec<(Timestamp, RunId)>> = BTreeMap::new();
+        for run in self.runs.values() {
+            if job.is_some_and(|j| j != &run.job) {
+                continue;
+            }
+            if let Some(finished) = run.finished_at.filter(|_| run.state.is_terminal()) {
+                per_job
+                    .entry(&run.job)
+                    .or_default()
+                    .push((finished, run.id));
+            }
+        }
+        let mut doomed = BTreeSet::new();
+        for (_, mut finished) in per_job {
+            finished.sort_unstable_by(|a, b| b.cmp(a)); // newest first
+            for (i, (at, id)) in finished.into_iter().enumerate() {
+                if i >= keep_last as usize || at < finished_before {
+                    doomed.insert(id);
+                }
+            }
+        }
+        if doomed.is_empty() {
+            return;
+        }
+        for id in &doomed {
+            self.runs.remove(id);
+        }
+        self.audit
+            .retain(|_, a| a.run.is_none_or(|run| !doomed.contains(&run)));
+    }
+}
+
+impl StoredView for State {
+    fn writer_epoch(&self) -> u64 {
+        self.writer_epoch
+    }
+
+    fn stored_run(&self, id: RunId) -> Option<Run> {
+        self.runs.get(&id).cloned()
+    }
+
+    fn slot_owner(&self, job: &JobId, slot: Timestamp) -> Option<RunId> {
+        self.slots.get(&(job.clone(), slot)).copied()
+    }
+}

@@ -1,0 +1,197 @@
+//! Tests that need the store's insides: group commit, and a state that survives a snapshot.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use keel_core::{
+    BatchId, Conflict, JobId, Record, RetryPolicy, Run, RunState, RunTerms, Store, StoreError,
+    Timestamp, Trigger,
+};
+
+use super::*;
+
+const T0: Timestamp = Timestamp(1_800_000_000_000);
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!(
+            "keel-store-fs-unit-{name}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn run(id: u64, job: &str, slot: Timestamp) -> Run {
+    let terms = RunTerms {
+        retry: RetryPolicy::default(),
+        resume_after_crash: true,
+        kind: "work".into(),
+        payload: "".into(),
+        of_one_shot: None,
+        external: false,
+        timeout_ms: None,
+        required_artifacts: Box::default(),
+        sinks: Box::default(),
+    };
+    Run::new(
+        keel_core::RunId(id),
+        JobId::new(job).unwrap(),
+        Trigger::Scheduled { slot },
+        slot,
+        terms,
+    )
+}
+
+fn batch(epoch: u64, n: u64, records: Vec<Record>) -> Batch {
+    Batch {
+        id: BatchId((epoch << 32) + n),
+        at: T0,
+        records,
+    }
+}
+
+/// Eight threads apply at once; while the first waits for the store, the other seven queue
+/// behind it, and all eight go to disk with one fsync. A refused batch in the group gets its
+/// own conflict and keeps nobody else's batch out.
+#[test]
+fn concurrent_applies_share_one_fsync() {
+    let dir = TempDir::new("group");
+    let store = Arc::new(FsStore::open(dir.path()).unwrap());
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let before = store.stats();
+
+    let held = store.inner();
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                // Thread 7 writes as a writer that never restored.
+                let writer = if t == 7 { 0 } else { epoch };
+                let records = vec![Record::PutRun(run(t + 1, "job", T0.plus_ms(t)))];
+                store.apply(&batch(writer, t, records))
+            })
+        })
+        .collect();
+    let mut queue = store.queue();
+    while queue.pending.len() < 8 {
+        queue = store.queued.wait(queue).unwrap();
+    }
+    drop(queue);
+    drop(held);
+
+    let results: Vec<Result<(), StoreError>> =
+        threads.into_iter().map(|t| t.join().unwrap()).collect();
+    for (t, result) in results.iter().enumerate() {
+        if t == 7 {
+            assert_eq!(
+                result,
+                &Err(StoreError::Conflict(Conflict::Deposed {
+                    batch: 0,
+                    current: epoch
+                }))
+            );
+        } else {
+            assert_eq!(result, &Ok(()), "thread {t}");
+        }
+    }
+    let after = store.stats();
+    assert_eq!(
+        after.syncs - before.syncs,
+        1,
+        "one fsync for the whole group"
+    );
+    assert_eq!(after.batches - before.batches, 7);
+    assert_eq!(after.refused - before.refused, 1);
+
+    let reopened = FsStore::open(dir.path()).unwrap();
+    for id in 1..=7 {
+        assert!(
+            reopened.run(keel_core::RunId(id)).unwrap().is_some(),
+            "run {id}"
+        );
+    }
+    assert_eq!(reopened.run(keel_core::RunId(8)).unwrap(), None);
+}
+
+/// Batches in one group are checked against the state including the group's earlier
+/// batches: two runs claiming one slot in one group, one wins.
+#[test]
+fn a_group_checks_each_batch_against_the_ones_before_it() {
+    let dir = TempDir::new("group-order");
+    let store = Arc::new(FsStore::open(dir.path()).unwrap());
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let held = store.inner();
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                let records = vec![Record::PutRun(run(t + 1, "job", T0))];
+                store.apply(&batch(epoch, t, records))
+            })
+        })
+        .collect();
+    let mut queue = store.queue();
+    while queue.pending.len() < 2 {
+        queue = store.queued.wait(queue).unwrap();
+    }
+    drop(queue);
+    drop(held);
+    let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let won = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(won, 1, "{results:?}");
+    assert!(results
+        .iter()
+        .any(|r| matches!(r, Err(StoreError::Conflict(Conflict::SlotTaken { .. })))));
+    assert_eq!(store.stats().syncs, 2, "restore, then the group");
+}
+
+/// Every part of the state goes through a snapshot and comes back equal, including slot
+/// claims of pruned runs and the writer epoch.
+#[test]
+fn state_survives_a_snapshot_exactly() {
+    let dir = TempDir::new("snapshot-state");
+    let options = FsOptions {
+        compact_after_bytes: u64::MAX,
+        sync: false,
+    };
+    let store = FsStore::open_with(dir.path(), options).unwrap();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let mut done = run(1, "job", T0);
+    done.state = RunState::Succeeded;
+    done.finished_at = Some(T0);
+    let records = vec![
+        Record::PutRun(done),
+        Record::PutRun(run(2, "job", T0.plus_ms(1))),
+        Record::PruneHistory {
+            job: None,
+            keep_last: 0,
+            finished_before: T0.plus_ms(1),
+        },
+    ];
+    store.apply(&batch(epoch, 0, records)).unwrap();
+    let state = store.inner().replica.state.clone();
+    assert!(state.slots.len() == 2 && state.runs.len() == 1);
+
+    let mut bytes = Vec::new();
+    state.write_snapshot(&mut bytes, 7).unwrap();
+    let read = State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 7).unwrap();
+    assert_eq!(read, state);
+    assert!(State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 8).is_err());
+}

@@ -1,0 +1,218 @@
+//! Helpers shared by the store-fs integration tests.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use keel_core::outbox::Delivery;
+use keel_core::{
+    Actor, AuditRecord, Batch, BatchId, Incident, IncidentKind, Job, JobId, JobSpec, JobState,
+    Record, RetryPolicy, Run, RunId, RunTerms, ScheduleSpec, StateName, Timestamp, Tombstone,
+    Trigger,
+};
+
+pub const T0: Timestamp = Timestamp(1_800_000_000_000);
+
+/// The log of generation 0.
+pub const LOG0: &str = "log-0000000000000000";
+
+/// A fresh directory path under the system's temporary directory (not created), removed with
+/// everything in it on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("keel-store-fs-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The names of the directory's entries, sorted.
+    pub fn entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn job_id(name: &str) -> JobId {
+    JobId::new(name).unwrap()
+}
+
+pub fn batch(epoch: u64, n: u64, records: Vec<Record>) -> Batch {
+    Batch {
+        id: BatchId((epoch << 32) + n),
+        at: T0,
+        records,
+    }
+}
+
+/// A scheduled run of `job` for `slot`.
+pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
+    let terms = RunTerms {
+        retry: RetryPolicy {
+            backoff_factor: 1.7,
+            jitter: 0.1,
+            ..RetryPolicy::default()
+        },
+        resume_after_crash: true,
+        kind: "work".into(),
+        payload: "{\"KLF1\": \"magic inside a payload\"}".into(),
+        of_one_shot: None,
+        external: false,
+        timeout_ms: Some(60_000),
+        required_artifacts: Box::default(),
+        sinks: Box::default(),
+    };
+    Run::new(
+        RunId(id),
+        job_id(job),
+        Trigger::Scheduled { slot },
+        slot,
+        terms,
+    )
+}
+
+/// `run` in a terminal state, finished at `at`.
+pub fn finished(mut run: Run, at: Timestamp) -> Run {
+    run.state = keel_core::RunState::Succeeded;
+    run.finished_at = Some(at);
+    run.summary = Some("done".into());
+    run
+}
+
+pub fn job(name: &str) -> Job {
+    let spec = JobSpec::new(
+        job_id(name),
+        "work",
+        ScheduleSpec::Cron {
+            expr: "0 * * * * *".into(),
+            zone: "Europe/Paris".into(),
+        },
+    );
+    Job {
+        spec,
+        state: JobState::Scheduled { next: T0 },
+        backlog: Default::default(),
+        last_fired: Some(T0),
+        active_runs: 0,
+        delete_when_idle: false,
+    }
+}
+
+pub fn audit(seq: u64, job: &str, run: Option<u64>) -> AuditRecord {
+    AuditRecord {
+        seq,
+        at: T0.plus_ms(seq),
+        job: job_id(job),
+        run: run.map(RunId),
+        attempt: None,
+        fencing_token: None,
+        old: None,
+        new: StateName::Queued,
+        actor: Actor::Scheduler,
+        reason: format!("record {seq} ✓"),
+    }
+}
+
+pub fn incident(id: u64, resolved: bool) -> Incident {
+    Incident {
+        id,
+        kind: IncidentKind::StuckRun,
+        opened_at: T0,
+        resolved_at: resolved.then_some(T0.plus_ms(5)),
+        job: Some(job_id("a")),
+        run: Some(RunId(1)),
+        worker: None,
+        details: "no heartbeat".into(),
+    }
+}
+
+pub fn tombstone(name: &str) -> Tombstone {
+    Tombstone {
+        job: job_id(name),
+        last_fired: T0,
+        deleted_at: T0.plus_ms(1),
+    }
+}
+
+/// A delivery, built the way a store reads one back (its `durable` flag is not persisted).
+pub fn delivery(id: u64) -> Delivery {
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "sink": "webhook",
+        "payload": {
+            "run": 1,
+            "job": "a",
+            "state": "succeeded",
+            "summary": "ok",
+            "error": null,
+            "finished_at": T0.0,
+        },
+        "attempt": 0,
+        "state": { "state": "waiting", "due": T0.0 },
+        "created_at": T0.0,
+        "last_error": null,
+    }))
+    .unwrap()
+}
+
+/// A batch with one of everything.
+pub fn everything(epoch: u64, n: u64) -> Batch {
+    batch(
+        epoch,
+        n,
+        vec![
+            Record::PutJob(job("a")),
+            Record::PutJob(job("b")),
+            Record::PutRun(run(1, "a", T0)),
+            Record::PutRun(finished(
+                run(2, "a", T0.plus_ms(60_000)),
+                T0.plus_ms(61_000),
+            )),
+            Record::PutRun(run(3, "b", T0)),
+            Record::Audit(audit(1, "a", Some(1))),
+            Record::Audit(audit(2, "a", None)),
+            Record::Audit(audit(3, "b", Some(3))),
+            Record::PutTombstone(tombstone("gone")),
+            Record::PutIncident(incident(1, false)),
+            Record::PutIncident(incident(2, true)),
+            Record::PutDelivery(delivery(1)),
+            Record::PutDelivery(delivery(2)),
+            Record::DeleteDelivery {
+                id: keel_core::DeliveryId(2),
+            },
+            Record::DeleteJob { id: job_id("b") },
+            Record::PutMeta(keel_core::Meta {
+                next_run_id: 4,
+                next_audit_seq: 4,
+                clock: T0,
+                epoch,
+                next_token: 1,
+                next_incident: 3,
+                next_delivery: 3,
+            }),
+        ],
+    )
+}
