@@ -69,7 +69,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// applies every record of `batch` atomically and durably. `Ok` means durable.
     fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
 
-    /// The current state, as `restore` would return it, without becoming the writer.
+    /// The current state, without becoming the writer: what `restore` would return, except
+    /// that `meta` holds the stored counters as the last writer wrote them.
     fn read(&self) -> Result<Snapshot, StoreError>;
 
     /// One run, terminal or not (until the history policy prunes it).
