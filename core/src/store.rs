@@ -38,10 +38,10 @@
 //! | a new grant replaces a stored lease only if it expired or the writer saw it end | [`Conflict::LeaseHeld`] | SPEC L2: grant only if the lease is free or expired |
 //!
 //! A lease "expired" when its stored `expires_at` is not after the batch's `at` (the writer's
-//! clock when it built the batch). Heartbeats renew a lease in memory only, so the stored
-//! expiry can only be earlier than the holder's real one: the rule never refuses a grant the
-//! in-memory scheduler would make, and the scheduler itself waits `ttl + grace` before it
-//! reclaims (SPEC L3).
+//! clock when it built the batch). A renewed expiry reaches the store with the run's next
+//! batch, so the stored expiry is never later than the holder's real one: the rule never
+//! refuses a grant the in-memory scheduler would make, and the scheduler itself waits
+//! `ttl + grace` before it reclaims (SPEC L3).
 
 use std::collections::BTreeMap;
 use std::fmt;
