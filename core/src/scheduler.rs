@@ -980,6 +980,12 @@ impl Scheduler {
         Some(Effect::Persist(self.build_batch()))
     }
 
+    /// True while some change is not yet acknowledged by the store: written to a batch in
+    /// flight, or waiting for the next one.
+    pub fn has_unwritten_changes(&self) -> bool {
+        self.journal.in_flight.is_some() || self.journal.has_pending()
+    }
+
     /// When to call `handle_timeout` next, or `None` if nothing is scheduled.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let runs = self.due_runs.first().map(|(at, _)| *at);

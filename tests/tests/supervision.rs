@@ -226,6 +226,57 @@ fn heartbeats_keep_a_long_attempt_alive() {
     assert_eq!(w.store.run(start.run).unwrap().state, RunState::Succeeded);
 }
 
+// A runtime renews its own executor's leases while a handler works; that keeps the lease but
+// is not a sign of life, so a silent handler is still reported stuck.
+#[test]
+fn lease_renewal_keeps_the_lease_without_hiding_a_silent_handler() {
+    let mut w = World::new(Config::default());
+    w.add(once_in("j", "k", SECOND));
+    w.advance_to(t0().plus_ms(SECOND));
+    let start = w.last_start();
+    for i in 1..=8 {
+        w.advance_to(t0().plus_ms(SECOND + i * 15 * SECOND));
+        let lease = w
+            .core
+            .renew_lease(w.now, start.run, start.lease.token)
+            .unwrap();
+        assert_eq!(
+            lease.expires_at,
+            w.now.plus_ms(Config::default().lease.ttl_ms)
+        );
+        w.drain();
+    }
+    let run = w.core.run(start.run).unwrap();
+    assert_eq!(run.lost, 0, "the renewed lease was never reclaimed");
+    assert_eq!(
+        w.store
+            .run(start.run)
+            .unwrap()
+            .lease
+            .as_ref()
+            .unwrap()
+            .expires_at,
+        run.lease.as_ref().unwrap().expires_at,
+        "the renewal is written"
+    );
+    assert!(
+        w.core.incidents().any(|i| i.kind == IncidentKind::StuckRun),
+        "renewals are not signs of life"
+    );
+    w.core
+        .handle_outcome(w.now, start.run, start.lease.token, Outcome::ok())
+        .unwrap();
+    assert!(
+        w.core.has_unwritten_changes(),
+        "the outcome waits for a batch"
+    );
+    w.drain();
+    assert!(
+        !w.core.has_unwritten_changes(),
+        "the batch was acknowledged"
+    );
+}
+
 // Lost attempts have their own budget: a run whose attempts keep getting lost is poison.
 #[test]
 fn a_run_whose_attempts_keep_getting_lost_is_given_a_poison_verdict() {

@@ -192,6 +192,30 @@ impl Scheduler {
         Ok(lease)
     }
 
+    /// The holder's lease is renewed for a TTL from `now`, without counting as a sign of life
+    /// of the attempt. A runtime renews the leases of its own executor this way while a
+    /// handler works, so stuck detection (SPEC W5) still watches the handler's own heartbeats
+    /// and progress. Returns the renewed lease.
+    pub fn renew_lease(
+        &mut self,
+        now: Timestamp,
+        run_id: RunId,
+        token: FencingToken,
+    ) -> Result<Lease, Rejected> {
+        self.holder(run_id, token)?;
+        let now = self.clamp(now);
+        let ttl = self.config.lease.ttl_ms;
+        let run = self.runs.get_mut(&run_id).expect("checked above");
+        let lease = run.lease.as_mut().expect("a holder's run has a lease");
+        lease.renewed_at = now;
+        lease.expires_at = now.plus_ms(ttl);
+        let lease = lease.clone();
+        let job = run.job.clone();
+        self.journal.put_run(&job, run_id);
+        self.index_run(run_id);
+        Ok(lease)
+    }
+
     /// The holder reports progress: a phase and a message (each truncated to
     /// [`limits::PROGRESS_MAX_BYTES`]). Counts as a sign of life, not as a lease renewal.
     pub fn progress(
