@@ -1,5 +1,525 @@
-//! keel-runtime: the tokio driver for keel-core.
+//! keel-runtime: the tokio driver that runs keel-core for real.
 //!
-//! **Status: skeleton**, filled by the runtime issue. It will implement the driving loop that
-//! `keel_core`'s crate docs describe: one clock, tokio timers for `poll_timeout`, effects
-//! executed in order, store acknowledgements fed back.
+//! It drives a [`Scheduler`] by its documented contract (`keel_core`'s crate docs): one clock
+//! source ([`Clock`]), tokio timers for `poll_timeout`, effects executed in order, one store
+//! write in flight at a time with its acknowledgement fed back, and nothing handed to a handler
+//! before the store has made it durable.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use keel_core::{JobId, JobSpec, Outcome, ScheduleSpec};
+//! use keel_runtime::{AttemptContext, Runtime};
+//!
+//! # async fn example(store: Arc<dyn keel_core::Store>) -> Result<(), Box<dyn std::error::Error>> {
+//! let runtime = Runtime::builder(store)
+//!     .handler("report", |ctx: AttemptContext| async move {
+//!         ctx.progress("render", "page 1 of 3");
+//!         Outcome::ok()
+//!     })
+//!     .start()
+//!     .await?;
+//! let every_minute = ScheduleSpec::Cron { expr: "0 * * * * *".into(), zone: "UTC".into() };
+//! runtime
+//!     .handle()
+//!     .add_job(JobSpec::new(JobId::new("report")?, "report", every_minute))
+//!     .await?;
+//! runtime.run_until_signal(Duration::from_secs(30)).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! - **Handlers** are async functions registered by job kind ([`RuntimeBuilder::handler`]).
+//!   Each attempt gets an [`AttemptContext`]: run id, attempt, idempotency key, fencing token,
+//!   the last checkpoint, a checkpointer, progress and heartbeat reporting, and a
+//!   cancellation signal. A panicking handler is caught and recorded as a retryable failure
+//!   with its message. Timeouts follow SPEC W1–W3: the core's watchdog asks the attempt to
+//!   stop, then the runtime aborts its task.
+//! - **Unknown kinds are refused**, never discovered at the first tick: `start` fails with
+//!   [`StartError::NoHandler`] if a stored job's kind has no handler, and
+//!   [`RuntimeHandle::add_job`] refuses one with [`CommandError::NoHandler`]. Jobs for
+//!   external workers need no handler.
+//! - **Commands answer once durable**: [`RuntimeHandle`] methods return after what they
+//!   changed is acknowledged by the store.
+//! - **Graceful shutdown** ([`Runtime::shutdown`], [`Runtime::run_until_signal`] on SIGINT or
+//!   SIGTERM): stop claiming and firing, ask attempts to stop, flush checkpoints, drain
+//!   deliveries, all within one time budget; whatever is left stays durable and is recovered
+//!   at the next start.
+//! - **Observability**: a tracing span per attempt and an event per state change; counters
+//!   through the `metrics` facade ([`metrics_names`]).
+//! - **One writer**: if another process restores from the same store, this one's next write is
+//!   refused (`Conflict::Deposed`) and the runtime stops with [`RuntimeError::Deposed`].
+
+mod clock;
+mod driver;
+mod handler;
+pub mod metrics_names;
+mod observe;
+mod sink;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::lease::Lease;
+use keel_core::scheduler::{CheckpointSave, Released, RunContext};
+use keel_core::{
+    AttemptStart, Config, Event, FencingToken, Job, JobId, JobSpec, Outcome, Rejected, Run, RunId,
+    Scheduler, Store, StoreError, Timestamp, WorkerId,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+pub use clock::Clock;
+pub use handler::{AttemptContext, Handler};
+pub use sink::{BoxFuture, Sink};
+
+use driver::{Driver, Msg};
+
+/// Why the runtime stopped, or why a command could not reach it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RuntimeError {
+    /// Another process restored from the store and is its writer now.
+    #[error("deposed: {0}")]
+    Deposed(String),
+    /// The runtime has stopped.
+    #[error("the runtime has stopped")]
+    Stopped,
+}
+
+/// Why the runtime did not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StartError {
+    /// The store could not be read.
+    #[error("cannot restore from the store: {0}")]
+    Store(#[from] StoreError),
+    /// A stored job's kind has no handler.
+    #[error("job {job} has kind {kind:?}, and no handler is registered for it (register one, or remove the job)")]
+    NoHandler {
+        /// The job.
+        job: JobId,
+        /// Its kind.
+        kind: String,
+    },
+}
+
+/// Why a command was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CommandError {
+    /// The core refused it; nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+    /// The job's kind has no handler (and the job is not for external workers).
+    #[error("no handler is registered for kind {kind:?}")]
+    NoHandler {
+        /// The kind.
+        kind: String,
+    },
+    /// The runtime is gone.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Configures and starts a [`Runtime`].
+pub struct RuntimeBuilder {
+    store: Arc<dyn Store>,
+    config: Config,
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+    sinks: BTreeMap<String, Arc<dyn Sink>>,
+    seed: Option<u64>,
+    worker: Option<WorkerId>,
+    clock: Option<Clock>,
+}
+
+impl std::fmt::Debug for RuntimeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeBuilder")
+            .field("store", &self.store)
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .field("sinks", &self.sinks.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeBuilder {
+    /// The scheduler's configuration (defaults: `keel_core::Config::default()`).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Registers the handler for jobs of `kind`.
+    pub fn handler(mut self, kind: &str, handler: impl Handler) -> Self {
+        self.handlers.insert(kind.to_string(), Arc::new(handler));
+        self
+    }
+
+    /// Registers a sink, by the name jobs use in their `sinks`.
+    pub fn sink(mut self, name: &str, sink: impl Sink) -> Self {
+        self.sinks.insert(name.to_string(), Arc::new(sink));
+        self
+    }
+
+    /// The seed of the core's jitter (default: from the clock).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// This process's worker id, which holds the leases of its handlers' attempts (default:
+    /// `keel-<pid>`).
+    pub fn worker(mut self, worker: WorkerId) -> Self {
+        self.worker = Some(worker);
+        self
+    }
+
+    /// The clock (default: [`Clock::system`]).
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Restores from the store (becoming its writer), checks that every stored job's kind has
+    /// a handler, and starts the driver.
+    pub async fn start(self) -> Result<Runtime, StartError> {
+        let store = Arc::clone(&self.store);
+        let snapshot = tokio::task::spawn_blocking(move || store.restore())
+            .await
+            .map_err(|e| StartError::Store(StoreError::Io(e.to_string())))??;
+        for job in &snapshot.jobs {
+            if !job.spec.external && !self.handlers.contains_key(&*job.spec.kind) {
+                return Err(StartError::NoHandler {
+                    job: job.spec.id.clone(),
+                    kind: job.spec.kind.to_string(),
+                });
+            }
+        }
+        let clock = self.clock.unwrap_or_else(Clock::system);
+        let now = clock.now();
+        let seed = self.seed.unwrap_or(now.0 as u64);
+        let worker = match self.worker {
+            Some(worker) => worker,
+            None => WorkerId::new(&format!("keel-{}", std::process::id()))
+                .map_err(|e| StartError::Store(StoreError::Io(e.to_string())))?,
+        };
+        let core = Scheduler::restore(self.config, seed, now, snapshot).with_worker(worker.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(1024);
+        let driver = Driver::new(
+            core,
+            clock,
+            self.store,
+            Arc::new(self.handlers),
+            Arc::new(self.sinks),
+            worker,
+            tx.clone(),
+            events.clone(),
+        );
+        let task = tokio::spawn(driver.run(rx));
+        Ok(Runtime {
+            handle: RuntimeHandle { tx, events },
+            task,
+        })
+    }
+}
+
+/// A running keel: the driver task and a handle to it.
+#[derive(Debug)]
+pub struct Runtime {
+    handle: RuntimeHandle,
+    task: JoinHandle<Result<(), RuntimeError>>,
+}
+
+impl Runtime {
+    /// Starts configuring a runtime over `store`.
+    pub fn builder(store: Arc<dyn Store>) -> RuntimeBuilder {
+        RuntimeBuilder {
+            store,
+            config: Config::default(),
+            handlers: BTreeMap::new(),
+            sinks: BTreeMap::new(),
+            seed: None,
+            worker: None,
+            clock: None,
+        }
+    }
+
+    /// A handle for commands; clone it freely.
+    pub fn handle(&self) -> RuntimeHandle {
+        self.handle.clone()
+    }
+
+    /// Shuts down gracefully within `budget` and waits for the driver to stop.
+    pub async fn shutdown(self, budget: Duration) -> Result<(), RuntimeError> {
+        self.handle.begin_shutdown(budget);
+        self.wait().await
+    }
+
+    /// Waits for the driver to stop (after a shutdown, or because it was deposed).
+    pub async fn wait(self) -> Result<(), RuntimeError> {
+        self.task.await.unwrap_or(Err(RuntimeError::Stopped))
+    }
+
+    /// Runs until SIGINT or SIGTERM (Ctrl-C elsewhere), then shuts down within `budget`.
+    pub async fn run_until_signal(self, budget: Duration) -> Result<(), RuntimeError> {
+        let handle = self.handle.clone();
+        let mut task = self.task;
+        tokio::select! {
+            result = &mut task => return result.unwrap_or(Err(RuntimeError::Stopped)),
+            () = signal() => {}
+        }
+        handle.begin_shutdown(budget);
+        task.await.unwrap_or(Err(RuntimeError::Stopped))
+    }
+}
+
+#[cfg(unix)]
+async fn signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Commands to a running [`Runtime`]. Each returns once what it changed is durable.
+#[derive(Clone, Debug)]
+pub struct RuntimeHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+    events: broadcast::Sender<Event>,
+}
+
+impl RuntimeHandle {
+    /// Every core event from now on (run finished, retry scheduled, lease reclaimed...). A
+    /// subscriber that falls more than 1024 events behind misses the oldest.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Runs `f` on the driver with the scheduler and the current time, and returns its result
+    /// once everything it changed is durable. The typed methods below are built on it.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Scheduler, Timestamp) -> T + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let (reply, answer) = oneshot::channel();
+        let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            let now = driver.clock.now();
+            let value = f(&mut driver.core, now);
+            Some(Box::new(move |result: Result<(), RuntimeError>| {
+                let _ = reply.send(result.map(|()| value));
+            }))
+        });
+        self.tx
+            .send(Msg::Command(command))
+            .map_err(|_| RuntimeError::Stopped)?;
+        answer.await.unwrap_or(Err(RuntimeError::Stopped))
+    }
+
+    /// Returns once every change the scheduler made before this call is durable (events such
+    /// as `RunFinished` are announced as the change happens, before its write lands).
+    pub async fn sync(&self) -> Result<(), RuntimeError> {
+        self.call(|_, _| ()).await
+    }
+
+    async fn command<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Scheduler, Timestamp) -> Result<T, Rejected> + Send + 'static,
+    ) -> Result<T, CommandError> {
+        Ok(self.call(f).await??)
+    }
+
+    /// Adds a job. Refused if its kind has no handler, unless it is for external workers.
+    pub async fn add_job(&self, spec: JobSpec) -> Result<(), CommandError> {
+        self.with_handler_check(spec, |core, now, spec| core.add_job(now, spec))
+            .await
+    }
+
+    /// Replaces a job's definition (same checks as `add_job`).
+    pub async fn update_job(&self, spec: JobSpec) -> Result<(), CommandError> {
+        self.with_handler_check(spec, |core, now, spec| core.update_job(now, spec))
+            .await
+    }
+
+    async fn with_handler_check(
+        &self,
+        spec: JobSpec,
+        f: impl FnOnce(&mut Scheduler, Timestamp, JobSpec) -> Result<(), Rejected> + Send + 'static,
+    ) -> Result<(), CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            if !spec.external && !driver.has_handler(&spec.kind) {
+                let _ = reply.send(Err(CommandError::NoHandler {
+                    kind: spec.kind.to_string(),
+                }));
+                return None;
+            }
+            let now = driver.clock.now();
+            let result = f(&mut driver.core, now, spec);
+            Some(Box::new(move |durable: Result<(), RuntimeError>| {
+                let _ = reply.send(match durable {
+                    Ok(()) => result.map_err(CommandError::from),
+                    Err(e) => Err(e.into()),
+                });
+            }))
+        });
+        self.tx
+            .send(Msg::Command(command))
+            .map_err(|_| RuntimeError::Stopped)?;
+        answer.await.unwrap_or(Err(RuntimeError::Stopped.into()))
+    }
+
+    /// Deletes a job (its history stays, subject to the history policy).
+    pub async fn remove_job(&self, id: JobId) -> Result<(), CommandError> {
+        self.command(move |core, now| core.remove_job(now, &id))
+            .await
+    }
+
+    /// Pauses a job: no slot fires until it is resumed.
+    pub async fn pause_job(&self, id: JobId) -> Result<(), CommandError> {
+        self.command(move |core, now| core.pause_job(now, &id))
+            .await
+    }
+
+    /// Resumes a paused job.
+    pub async fn resume_job(&self, id: JobId) -> Result<(), CommandError> {
+        self.command(move |core, now| core.resume_job(now, &id))
+            .await
+    }
+
+    /// Starts a run of the job now, outside its schedule.
+    pub async fn trigger(&self, id: JobId) -> Result<RunId, CommandError> {
+        self.command(move |core, now| core.trigger(now, &id)).await
+    }
+
+    /// Cancels an active run (a running attempt is asked to stop).
+    pub async fn cancel_run(&self, id: RunId) -> Result<(), CommandError> {
+        self.command(move |core, now| core.cancel_run(now, id))
+            .await
+    }
+
+    /// Every job, as the scheduler holds it now.
+    pub async fn jobs(&self) -> Result<Vec<Job>, RuntimeError> {
+        self.call(|core, _| core.jobs().cloned().collect()).await
+    }
+
+    /// An active run, as the scheduler holds it now (finished runs: ask the store).
+    pub async fn run(&self, id: RunId) -> Result<Option<Run>, RuntimeError> {
+        self.call(move |core, _| core.run(id).cloned()).await
+    }
+
+    /// An external worker asks for work of some kinds. Returns the attempt, with its lease
+    /// and fencing token, once the grant is durable; `None` if nothing is queued.
+    pub async fn claim(
+        &self,
+        worker: WorkerId,
+        kinds: Vec<String>,
+    ) -> Result<Option<AttemptStart>, CommandError> {
+        let (reply, answer) = oneshot::channel();
+        let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            let now = driver.clock.now();
+            let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+            match driver.core.claim(now, &worker, &kinds) {
+                Ok(Some(claimed)) => {
+                    let (granted, attempt) = oneshot::channel();
+                    driver.claims.insert(claimed.run, granted);
+                    let _ = reply.send(Ok(Some(attempt)));
+                }
+                Ok(None) => {
+                    let _ = reply.send(Ok(None));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(CommandError::from(e)));
+                }
+            }
+            None
+        });
+        self.tx
+            .send(Msg::Command(command))
+            .map_err(|_| RuntimeError::Stopped)?;
+        let pending = answer.await.unwrap_or(Err(RuntimeError::Stopped.into()))?;
+        match pending {
+            None => Ok(None),
+            Some(attempt) => attempt
+                .await
+                .map(Some)
+                .map_err(|_| CommandError::Runtime(RuntimeError::Stopped)),
+        }
+    }
+
+    /// The holder is alive: renews its lease.
+    pub async fn heartbeat(&self, run: RunId, token: FencingToken) -> Result<Lease, CommandError> {
+        self.command(move |core, now| core.heartbeat(now, run, token))
+            .await
+    }
+
+    /// The holder reports progress.
+    pub async fn progress(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        phase: String,
+        message: String,
+    ) -> Result<(), CommandError> {
+        self.command(move |core, now| core.progress(now, run, token, &phase, &message))
+            .await
+    }
+
+    /// What the holder may know about its run: payload, lease, last checkpoint, progress.
+    pub async fn context(
+        &self,
+        run: RunId,
+        token: FencingToken,
+    ) -> Result<RunContext, CommandError> {
+        self.command(move |core, _| core.context(run, token)).await
+    }
+
+    /// The holder saves a checkpoint (throttled, SPEC C1).
+    pub async fn save_checkpoint(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        data: String,
+    ) -> Result<CheckpointSave, CommandError> {
+        self.command(move |core, now| core.save_checkpoint(now, run, token, data))
+            .await
+    }
+
+    /// The holder reports how its attempt ended.
+    pub async fn complete(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        outcome: Outcome,
+    ) -> Result<(), CommandError> {
+        self.command(move |core, now| core.handle_outcome(now, run, token, outcome))
+            .await
+    }
+
+    /// The holder gives its attempt back (it counts as lost; the run retries).
+    pub async fn release(&self, run: RunId, token: FencingToken) -> Result<Released, CommandError> {
+        self.command(move |core, now| core.release(now, run, token))
+            .await
+    }
+
+    /// Starts a graceful shutdown within `budget`; returns at once. Await
+    /// [`Runtime::wait`] to see it finish.
+    pub fn begin_shutdown(&self, budget: Duration) {
+        let _ = self.tx.send(Msg::Shutdown { budget });
+    }
+}

@@ -1,0 +1,551 @@
+//! The driver: one task that owns the [`Scheduler`] and carries out its effects.
+//!
+//! # States, inputs, effects
+//!
+//! The driver is `Running` until a shutdown is asked for, then `Draining` until its budget is
+//! spent or nothing is left, then `Stopped`. Its inputs arrive on one channel ([`Msg`]) or
+//! from one timer:
+//!
+//! | input | what the driver does |
+//! |---|---|
+//! | the timer (`poll_timeout`, lease renewals, the shutdown deadline) | `handle_timeout(now)`; renew the leases of its own attempts at half their TTL |
+//! | `Msg::Command` | runs it against the scheduler; answers once what it wrote is durable |
+//! | `Msg::Persisted` | `handle_persisted` or `handle_persist_failed`; a `Deposed` store stops the driver |
+//! | `Msg::Finished` (a handler returned or panicked) | `handle_outcome` with the attempt's token |
+//! | `Msg::Report` (checkpoint, progress, heartbeat from a handler) | the matching core call, fenced by the attempt's token |
+//! | `Msg::Delivered` (a sink answered) | `handle_delivery_result` |
+//!
+//! After every input it drains `poll_effect` in order:
+//!
+//! | effect | what the driver does |
+//! |---|---|
+//! | `Persist(batch)` | one `Store::apply` at a time on the blocking pool; the answer comes back as `Msg::Persisted` |
+//! | `StartAttempt` for its own worker id | spawns the kind's handler with an [`AttemptContext`] |
+//! | `StartAttempt` for an external worker | answers that worker's pending claim |
+//! | `CancelAttempt` | signals the attempt's cancellation token |
+//! | `KillAttempt` | aborts the handler's task (its lease is already revoked) |
+//! | `Deliver` | spawns the sink's `send`; an unknown sink is a permanent failure |
+//! | `Event` | a tracing event, metrics, and a broadcast to subscribers |
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::outbox::{DeliveryId, DeliveryResult};
+use keel_core::scheduler::CheckpointSave;
+use keel_core::{
+    AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected, RunId,
+    Scheduler, Store, StoreError, Timestamp, WorkerId,
+};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::handler::{AttemptContext, Handler};
+use crate::metrics_names as m;
+use crate::sink::Sink;
+use crate::RuntimeError;
+
+/// A command run on the driver against the scheduler. It returns a continuation that the
+/// driver calls with `Ok` once what the command wrote is durable (or with the store's error
+/// if the runtime stopped first).
+pub(crate) type Command = Box<dyn FnOnce(&mut Driver) -> Option<Reply> + Send>;
+
+/// An answer waiting for durability.
+pub(crate) type Reply = Box<dyn FnOnce(Result<(), RuntimeError>) + Send>;
+
+/// What a handler reports while it runs.
+#[derive(Debug)]
+pub(crate) enum Report {
+    Checkpoint {
+        data: String,
+        reply: oneshot::Sender<Result<CheckpointSave, Rejected>>,
+    },
+    Progress {
+        phase: String,
+        message: String,
+    },
+    Heartbeat,
+}
+
+/// The driver's inputs.
+pub(crate) enum Msg {
+    Command(Command),
+    Persisted {
+        batch: BatchId,
+        result: Result<(), StoreError>,
+    },
+    Finished {
+        run: RunId,
+        token: FencingToken,
+        outcome: Outcome,
+    },
+    Report {
+        run: RunId,
+        token: FencingToken,
+        report: Report,
+    },
+    Delivered {
+        id: DeliveryId,
+        attempt: u32,
+        result: DeliveryResult,
+    },
+    Shutdown {
+        budget: Duration,
+    },
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Command(_) => f.write_str("Command"),
+            Msg::Persisted { batch, result } => write!(f, "Persisted({batch}, {result:?})"),
+            Msg::Finished { run, outcome, .. } => write!(f, "Finished({run}, {outcome:?})"),
+            Msg::Report { run, report, .. } => write!(f, "Report({run}, {report:?})"),
+            Msg::Delivered { id, result, .. } => write!(f, "Delivered({id}, {result:?})"),
+            Msg::Shutdown { budget } => write!(f, "Shutdown({budget:?})"),
+        }
+    }
+}
+
+/// An attempt this process is executing.
+struct Executing {
+    token: FencingToken,
+    cancel: watch::Sender<bool>,
+    abort: AbortHandle,
+    renew_at: Instant,
+}
+
+/// The driver's state.
+pub(crate) struct Driver {
+    pub(crate) core: Scheduler,
+    pub(crate) clock: Clock,
+    store: Arc<dyn Store>,
+    handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
+    sinks: Arc<BTreeMap<String, Arc<dyn Sink>>>,
+    pub(crate) worker: WorkerId,
+    tx: mpsc::UnboundedSender<Msg>,
+    events: broadcast::Sender<Event>,
+    /// The batch being written, if any, and how many batches were sent so far.
+    in_flight: Option<BatchId>,
+    batches_sent: u64,
+    /// Answers waiting for the batch numbered above their mark to be acknowledged.
+    waiting: Vec<(u64, Reply)>,
+    executing: HashMap<RunId, Executing>,
+    /// External claims waiting for their grant to be durable.
+    pub(crate) claims: HashMap<RunId, oneshot::Sender<AttemptStart>>,
+    deliveries_in_flight: usize,
+    drain_until: Option<Instant>,
+    stopped: Option<Result<(), RuntimeError>>,
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        core: Scheduler,
+        clock: Clock,
+        store: Arc<dyn Store>,
+        handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
+        sinks: Arc<BTreeMap<String, Arc<dyn Sink>>>,
+        worker: WorkerId,
+        tx: mpsc::UnboundedSender<Msg>,
+        events: broadcast::Sender<Event>,
+    ) -> Self {
+        Driver {
+            core,
+            clock,
+            store,
+            handlers,
+            sinks,
+            worker,
+            tx,
+            events,
+            in_flight: None,
+            batches_sent: 0,
+            waiting: Vec::new(),
+            executing: HashMap::new(),
+            claims: HashMap::new(),
+            deliveries_in_flight: 0,
+            drain_until: None,
+            stopped: None,
+        }
+    }
+
+    /// The handlers, for commands that check a job's kind.
+    pub(crate) fn has_handler(&self, kind: &str) -> bool {
+        self.handlers.contains_key(kind)
+    }
+
+    /// Runs until shut down (or the store deposes this process).
+    pub(crate) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+    ) -> Result<(), RuntimeError> {
+        loop {
+            self.drain_effects();
+            if let Some(result) = self.stopped.take() {
+                self.stop_everything(result.clone());
+                return result;
+            }
+            if self.drained() {
+                self.stop_everything(Ok(()));
+                return Ok(());
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(msg) => self.handle(msg),
+                    // Every handle is gone: nobody can ask for a shutdown, so start one.
+                    None => self.begin_shutdown(Duration::ZERO),
+                },
+                () = sleep_until(wake) => self.tick(),
+            }
+        }
+    }
+
+    fn next_wake(&self) -> Option<Instant> {
+        let core = self.core.poll_timeout().map(|at| self.clock.instant_at(at));
+        let renew = self.executing.values().map(|e| e.renew_at).min();
+        [core, renew, self.drain_until].into_iter().flatten().min()
+    }
+
+    fn tick(&mut self) {
+        let now = self.clock.now();
+        self.core.handle_timeout(now);
+        let due: Vec<(RunId, FencingToken)> = self
+            .executing
+            .iter()
+            .filter(|(_, e)| e.renew_at <= Instant::now())
+            .map(|(run, e)| (*run, e.token))
+            .collect();
+        let half_ttl = Duration::from_millis(self.core.config().lease.ttl_ms / 2);
+        for (run, token) in due {
+            if let Some(executing) = self.executing.get_mut(&run) {
+                executing.renew_at = Instant::now() + half_ttl;
+            }
+            if let Err(e) = self.core.renew_lease(now, run, token) {
+                tracing::debug!(%run, error = %e, "lease not renewed");
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        let now = self.clock.now();
+        match msg {
+            Msg::Command(command) => {
+                let mark = self.batches_sent;
+                if let Some(reply) = command(self) {
+                    self.waiting.push((mark, reply));
+                }
+            }
+            Msg::Persisted { batch, result } => self.persisted(now, batch, result),
+            Msg::Finished {
+                run,
+                token,
+                outcome,
+            } => {
+                self.executing.remove(&run);
+                metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => outcome_label(&outcome))
+                    .increment(1);
+                if let Err(e) = self.core.handle_outcome(now, run, token, outcome) {
+                    // The lease was reclaimed or the attempt killed: the late report changes
+                    // nothing (SPEC L4).
+                    tracing::info!(%run, error = %e, "late outcome refused");
+                }
+            }
+            Msg::Report { run, token, report } => self.report(now, run, token, report),
+            Msg::Delivered {
+                id,
+                attempt,
+                result,
+            } => {
+                self.deliveries_in_flight = self.deliveries_in_flight.saturating_sub(1);
+                if let Err(e) = self.core.handle_delivery_result(now, id, attempt, result) {
+                    tracing::debug!(%id, error = %e, "delivery result refused");
+                }
+            }
+            Msg::Shutdown { budget } => self.begin_shutdown(budget),
+        }
+    }
+
+    fn report(&mut self, now: Timestamp, run: RunId, token: FencingToken, report: Report) {
+        match report {
+            Report::Checkpoint { data, reply } => {
+                let result = self.core.save_checkpoint(now, run, token, data);
+                match &result {
+                    Ok(CheckpointSave::Saving { .. }) => {
+                        metrics::counter!(m::CHECKPOINT_SAVES).increment(1);
+                    }
+                    Ok(CheckpointSave::Throttled { .. }) => {
+                        metrics::counter!(m::CHECKPOINT_THROTTLED).increment(1);
+                    }
+                    Err(_) => {}
+                }
+                let _ = reply.send(result);
+            }
+            Report::Progress { phase, message } => {
+                if let Err(e) = self.core.progress(now, run, token, &phase, &message) {
+                    tracing::debug!(%run, error = %e, "progress refused");
+                }
+            }
+            Report::Heartbeat => {
+                if let Err(e) = self.core.heartbeat(now, run, token) {
+                    tracing::debug!(%run, error = %e, "heartbeat refused");
+                }
+            }
+        }
+    }
+
+    fn persisted(&mut self, now: Timestamp, batch: BatchId, result: Result<(), StoreError>) {
+        self.in_flight = None;
+        match result {
+            Ok(()) => {
+                self.core.handle_persisted(now, batch);
+                let acknowledged = self.batches_sent;
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+                    .into_iter()
+                    .partition(|(mark, _)| *mark < acknowledged);
+                self.waiting = waiting;
+                for (_, reply) in ready {
+                    reply(Ok(()));
+                }
+            }
+            Err(StoreError::Conflict(conflict @ Conflict::Deposed { .. })) => {
+                tracing::error!(%conflict, "another keel process took over this store; stopping");
+                self.stopped = Some(Err(RuntimeError::Deposed(conflict.to_string())));
+            }
+            Err(error) => {
+                metrics::counter!(m::PERSIST_FAILURES).increment(1);
+                tracing::warn!(%batch, %error, "store write failed; retrying");
+                self.core
+                    .handle_persist_failed(now, batch, &error.to_string());
+            }
+        }
+    }
+
+    fn drain_effects(&mut self) {
+        // The core emits at most one batch until it is acknowledged.
+        while let Some(effect) = self.core.poll_effect() {
+            self.effect(effect);
+        }
+        // Commands that wrote nothing, or whose writes are all acknowledged.
+        if self.in_flight.is_none() && !self.core.has_unwritten_changes() {
+            for (_, reply) in std::mem::take(&mut self.waiting) {
+                reply(Ok(()));
+            }
+        }
+    }
+
+    fn effect(&mut self, effect: Effect) {
+        match effect {
+            Effect::Persist(batch) => {
+                self.in_flight = Some(batch.id);
+                self.batches_sent += 1;
+                metrics::counter!(m::BATCHES).increment(1);
+                let store = Arc::clone(&self.store);
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = store.apply(&batch);
+                    let _ = tx.send(Msg::Persisted {
+                        batch: batch.id,
+                        result,
+                    });
+                });
+            }
+            Effect::StartAttempt(start) if start.lease.owner == self.worker => self.start(start),
+            Effect::StartAttempt(start) => {
+                metrics::counter!(m::LEASE_GRANTS, "holder" => "external").increment(1);
+                match self.claims.remove(&start.run) {
+                    Some(waiter) => {
+                        let _ = waiter.send(start);
+                    }
+                    // The claimer went away: the lease expires and the run is reclaimed.
+                    None => {
+                        tracing::info!(run = %start.run, "granted attempt has no claimer waiting")
+                    }
+                }
+            }
+            Effect::CancelAttempt { run, .. } => {
+                if let Some(executing) = self.executing.get(&run) {
+                    let _ = executing.cancel.send(true);
+                }
+            }
+            Effect::KillAttempt { run, .. } => {
+                if let Some(executing) = self.executing.remove(&run) {
+                    executing.abort.abort();
+                    tracing::warn!(%run, "attempt killed by the watchdog");
+                }
+            }
+            Effect::Deliver(request) => {
+                let tx = self.tx.clone();
+                let (id, attempt) = (request.id, request.attempt);
+                self.deliveries_in_flight += 1;
+                match self.sinks.get(&*request.sink).cloned() {
+                    Some(sink) => {
+                        let label = request.sink.to_string();
+                        tokio::spawn(async move {
+                            let result = sink.send(request).await;
+                            metrics::counter!(m::DELIVERY_ATTEMPTS, "sink" => label, "result" => delivery_label(&result)).increment(1);
+                            let _ = tx.send(Msg::Delivered {
+                                id,
+                                attempt,
+                                result,
+                            });
+                        });
+                    }
+                    None => {
+                        let result = DeliveryResult::Permanent {
+                            error: format!("no sink named {:?} is configured", &*request.sink),
+                        };
+                        let _ = tx.send(Msg::Delivered {
+                            id,
+                            attempt,
+                            result,
+                        });
+                    }
+                }
+            }
+            Effect::Event(event) => {
+                crate::observe::event(&event);
+                let _ = self.events.send(event);
+            }
+        }
+    }
+
+    fn start(&mut self, start: AttemptStart) {
+        metrics::counter!(m::LEASE_GRANTS, "holder" => "runtime").increment(1);
+        let Some(handler) = self.handlers.get(&*start.kind).cloned() else {
+            // Refused at add and at start; a job whose kind lost its handler since (an older
+            // definition left running) fails permanently instead of panicking.
+            let message = format!("no handler is registered for kind {:?}", &*start.kind);
+            let _ = self.tx.send(Msg::Finished {
+                run: start.run,
+                token: start.lease.token,
+                outcome: Outcome::Permanent { message },
+            });
+            return;
+        };
+        let (cancel, cancel_rx) = watch::channel(false);
+        let ctx = AttemptContext {
+            run: start.run,
+            job: start.job.clone(),
+            kind: start.kind.clone(),
+            payload: start.payload.clone(),
+            attempt: start.attempt,
+            idempotency_key: start.idempotency_key,
+            token: start.lease.token,
+            checkpoint: start.checkpoint.clone(),
+            cancel: cancel_rx,
+            reports: self.tx.clone(),
+        };
+        let span = tracing::info_span!("attempt", run = %start.run, job = %start.job, attempt = start.attempt.0, token = start.lease.token.0);
+        // tokio catches a panicking handler and reports it through the `JoinError`.
+        let task = tokio::spawn(tracing::Instrument::instrument(handler.call(ctx), span));
+        let abort = task.abort_handle();
+        let tx = self.tx.clone();
+        let (run, token) = (start.run, start.lease.token);
+        tokio::spawn(async move {
+            let outcome = match task.await {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => Outcome::Retryable {
+                    message: format!("handler panicked: {}", panic_message(e.into_panic())),
+                },
+                // Killed: the lease is revoked, nothing to report.
+                Err(_) => return,
+            };
+            let _ = tx.send(Msg::Finished {
+                run,
+                token,
+                outcome,
+            });
+        });
+        let half_ttl = Duration::from_millis(self.core.config().lease.ttl_ms / 2);
+        self.executing.insert(
+            start.run,
+            Executing {
+                token: start.lease.token,
+                cancel,
+                abort,
+                renew_at: Instant::now() + half_ttl,
+            },
+        );
+    }
+
+    fn begin_shutdown(&mut self, budget: Duration) {
+        if self.drain_until.is_some() {
+            return;
+        }
+        let now = self.clock.now();
+        let shutdown = self.core.begin_shutdown(now);
+        tracing::info!(
+            attempts = shutdown.attempts.len(),
+            deliveries = shutdown.deliveries.len(),
+            ?budget,
+            "shutting down"
+        );
+        self.core.flush_checkpoints(now);
+        self.drain_until = Some(Instant::now() + budget);
+        for (_, waiter) in self.claims.drain() {
+            drop(waiter);
+        }
+    }
+
+    /// True when a shutdown has nothing left to wait for, or its budget is spent.
+    fn drained(&self) -> bool {
+        let Some(until) = self.drain_until else {
+            return false;
+        };
+        let idle = self.executing.is_empty()
+            && self.deliveries_in_flight == 0
+            && self.in_flight.is_none()
+            && !self.core.has_unwritten_changes();
+        idle || Instant::now() >= until
+    }
+
+    fn stop_everything(&mut self, result: Result<(), RuntimeError>) {
+        for (run, executing) in self.executing.drain() {
+            executing.abort.abort();
+            tracing::info!(%run, "attempt left running at shutdown; it is recovered at the next start");
+        }
+        let error = result.err().unwrap_or(RuntimeError::Stopped);
+        for (_, reply) in self.waiting.drain(..) {
+            reply(Err(error.clone()));
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a non-text panic payload".to_string()
+    }
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Success { .. } => "success",
+        Outcome::Retryable { .. } => "retryable",
+        Outcome::Permanent { .. } => "permanent",
+        Outcome::Snooze { .. } => "snooze",
+        Outcome::Cancelled { .. } => "cancelled",
+    }
+}
+
+fn delivery_label(result: &DeliveryResult) -> &'static str {
+    match result {
+        DeliveryResult::Delivered => "delivered",
+        DeliveryResult::Transient { .. } => "transient",
+        DeliveryResult::Permanent { .. } => "permanent",
+    }
+}

@@ -1,0 +1,31 @@
+//! The names of the metrics the runtime records through the `metrics` facade. Install any
+//! recorder (the `keel` binary installs a Prometheus one) to collect them.
+
+/// Runs that reached a terminal state, by `state`.
+pub const RUNS_FINISHED: &str = "keel_runs_finished_total";
+/// Attempts that ended, by `outcome` (success, retryable, permanent, snooze, cancelled).
+pub const ATTEMPTS_FINISHED: &str = "keel_attempts_finished_total";
+/// Retries scheduled.
+pub const RETRIES: &str = "keel_retries_total";
+/// Leases granted, by `holder` (runtime: this process's handlers; external: workers).
+pub const LEASE_GRANTS: &str = "keel_lease_grants_total";
+/// Leases reclaimed after they expired.
+pub const LEASE_RECLAIMS: &str = "keel_lease_reclaims_total";
+/// Delivery attempts, by `sink` and `result` (delivered, transient, permanent).
+pub const DELIVERY_ATTEMPTS: &str = "keel_delivery_attempts_total";
+/// Deliveries that ended, by `status` (success, exhausted, permanent, dropped...).
+pub const DELIVERIES_FINISHED: &str = "keel_deliveries_finished_total";
+/// Checkpoint saves written.
+pub const CHECKPOINT_SAVES: &str = "keel_checkpoint_saves_total";
+/// Checkpoint saves throttled (kept, written by a later save).
+pub const CHECKPOINT_THROTTLED: &str = "keel_checkpoint_throttled_total";
+/// Checkpoint saves that failed.
+pub const CHECKPOINT_FAILURES: &str = "keel_checkpoint_failures_total";
+/// Batches sent to the store.
+pub const BATCHES: &str = "keel_store_batches_total";
+/// Store writes that failed (and were retried).
+pub const PERSIST_FAILURES: &str = "keel_store_failures_total";
+/// Slots dropped by misfire or overlap policies.
+pub const SLOTS_DROPPED: &str = "keel_slots_dropped_total";
+/// Seconds from a run's slot to the end of its run, by `state` (a histogram).
+pub const RUN_SECONDS: &str = "keel_run_seconds";

@@ -1,0 +1,81 @@
+//! What the driver tells the outside world about each core event: a tracing event and the
+//! matching metrics.
+
+use keel_core::outbox::OutboxEvent;
+use keel_core::Event;
+
+use crate::metrics_names as m;
+
+/// Logs `event` and counts it.
+pub(crate) fn event(event: &Event) {
+    match event {
+        Event::RunFinished { run, job, state } => {
+            let state = format!("{state:?}").to_lowercase();
+            tracing::info!(%run, %job, %state, "run finished");
+            metrics::counter!(m::RUNS_FINISHED, "state" => state).increment(1);
+        }
+        Event::RetryScheduled { run, at } => {
+            tracing::info!(%run, %at, "retry scheduled");
+            metrics::counter!(m::RETRIES).increment(1);
+        }
+        Event::JobDisabled { job, reason } => tracing::warn!(%job, %reason, "job disabled"),
+        Event::JobDeleted { job, reason } => tracing::info!(%job, %reason, "job deleted"),
+        Event::SlotsDropped { job, count, reason } => {
+            tracing::warn!(%job, %count, %reason, "slots dropped");
+            metrics::counter!(m::SLOTS_DROPPED).increment(1);
+        }
+        Event::LeaseGranted { run, owner, token } => {
+            tracing::debug!(%run, %owner, token = token.0, "lease granted");
+        }
+        Event::LeaseReclaimed { run, token } => {
+            tracing::warn!(%run, token = token.0, "lease reclaimed");
+            metrics::counter!(m::LEASE_RECLAIMS).increment(1);
+        }
+        Event::IncidentOpened(incident) => {
+            tracing::warn!(id = incident.id, kind = ?incident.kind, details = %incident.details, "incident opened");
+        }
+        Event::IncidentSuppressed { kind, details, .. } => {
+            tracing::debug!(?kind, %details, "incident suppressed");
+        }
+        Event::IncidentResolved(incident) => {
+            tracing::info!(id = incident.id, kind = ?incident.kind, "incident resolved");
+        }
+        Event::CheckpointSaved { run, seq } => tracing::debug!(%run, seq, "checkpoint saved"),
+        Event::CheckpointThrottled { run } => tracing::debug!(%run, "checkpoint throttled"),
+        Event::CheckpointFailed { run, seq, error } => {
+            tracing::warn!(%run, seq, %error, "checkpoint save failed");
+            metrics::counter!(m::CHECKPOINT_FAILURES).increment(1);
+        }
+        Event::Delivery(OutboxEvent::Finished {
+            id,
+            sink,
+            run,
+            status,
+            attempts,
+            error,
+        }) => {
+            let status = format!("{status:?}").to_lowercase();
+            tracing::info!(%id, %sink, %run, %status, attempts, ?error, "delivery finished");
+            metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink.to_string(), "status" => status)
+                .increment(1);
+        }
+        Event::Delivery(OutboxEvent::Dropped {
+            sink, run, reason, ..
+        }) => {
+            tracing::warn!(%sink, %run, ?reason, "delivery dropped");
+            metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink.to_string(), "status" => "dropped")
+                .increment(1);
+        }
+        Event::Delivery(OutboxEvent::RetryScheduled {
+            id,
+            sink,
+            attempt,
+            at,
+        }) => tracing::info!(%id, %sink, attempt, %at, "delivery retry scheduled"),
+        Event::PersistFailed {
+            batch,
+            error,
+            retry_at,
+        } => tracing::warn!(%batch, %error, %retry_at, "store write failed"),
+    }
+}

@@ -1,0 +1,396 @@
+//! The runtime on tokio's paused clock: no test sleeps for real; time moves only when every
+//! task is idle, straight to the next timer.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::{
+    Event, JobId, JobSpec, Outcome, RetryPolicy, RunQuery, RunState, ScheduleSpec, StateName,
+    Store, Timestamp, WorkerId,
+};
+use keel_runtime::{
+    AttemptContext, Clock, CommandError, Runtime, RuntimeError, RuntimeHandle, StartError,
+};
+use keel_testkit::SharedMemStore;
+use tokio::sync::broadcast;
+
+const T0: Timestamp = Timestamp(1_800_000_000_000);
+
+fn id(name: &str) -> JobId {
+    JobId::new(name).unwrap()
+}
+
+fn every_second(name: &str, kind: &str) -> JobSpec {
+    JobSpec::new(
+        id(name),
+        kind,
+        ScheduleSpec::Cron {
+            expr: "* * * * * *".into(),
+            zone: "UTC".into(),
+        },
+    )
+}
+
+fn once(name: &str, kind: &str, after_ms: u64) -> JobSpec {
+    JobSpec::new(
+        id(name),
+        kind,
+        ScheduleSpec::Once {
+            at: T0.plus_ms(after_ms),
+        },
+    )
+}
+
+fn builder(store: &SharedMemStore) -> keel_runtime::RuntimeBuilder {
+    Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
+        .worker(WorkerId::new("runtime-test").unwrap())
+}
+
+/// Waits (on the paused clock) for the `n`th run of `job` to finish and its record to be
+/// durable; returns the states seen.
+async fn finished(
+    handle: &RuntimeHandle,
+    events: &mut broadcast::Receiver<Event>,
+    job: &str,
+    n: usize,
+) -> Vec<StateName> {
+    let mut states = Vec::new();
+    while states.len() < n {
+        if let Event::RunFinished { job: j, state, .. } = events.recv().await.unwrap() {
+            if j.as_str() == job {
+                states.push(state);
+            }
+        }
+    }
+    handle.sync().await.unwrap();
+    states
+}
+
+fn stored_runs(store: &SharedMemStore, job: &str) -> Vec<keel_core::Run> {
+    store
+        .runs(&RunQuery {
+            job: Some(id(job)),
+            limit: 1_000,
+            ..RunQuery::default()
+        })
+        .unwrap()
+        .runs
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cron_job_runs_its_handler_every_second_and_each_run_is_stored() {
+    let store = SharedMemStore::new();
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = Arc::clone(&calls);
+    let runtime = builder(&store)
+        .handler("tick", move |_ctx: AttemptContext| {
+            let counted = Arc::clone(&counted);
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                Outcome::ok()
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(every_second("tick", "tick")).await.unwrap();
+    assert!(
+        store
+            .read()
+            .unwrap()
+            .jobs
+            .iter()
+            .any(|j| j.spec.id == id("tick")),
+        "add_job returns once the job is durable"
+    );
+    let states = finished(&handle, &mut events, "tick", 5).await;
+    assert_eq!(states, vec![StateName::Succeeded; 5]);
+    assert_eq!(calls.load(Ordering::SeqCst), 5);
+    runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+    let runs = stored_runs(&store, "tick");
+    assert!(runs.len() >= 5);
+    assert!(
+        runs.iter()
+            .filter(|r| r.state == RunState::Succeeded)
+            .count()
+            >= 5
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_is_a_retryable_failure_and_the_runtime_keeps_going() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("boom", |_ctx: AttemptContext| async move {
+            panic!("disk on fire");
+        })
+        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let mut boom = once("boom", "boom", 1_000);
+    boom.retry = RetryPolicy {
+        attempts_max: 2,
+        ..RetryPolicy::default()
+    };
+    handle.add_job(boom).await.unwrap();
+    handle.add_job(every_second("tick", "tick")).await.unwrap();
+    let states = finished(&handle, &mut events, "boom", 1).await;
+    assert_eq!(states, vec![StateName::Failed]);
+    let run = &stored_runs(&store, "boom")[0];
+    assert_eq!(run.attempt.0, 2, "the panic was retried");
+    let error = run.last_error.as_ref().unwrap();
+    assert!(error.message.contains("disk on fire"), "{}", error.message);
+    // Still running: the other job keeps firing.
+    finished(&handle, &mut events, "tick", 2).await;
+    runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kind_without_a_handler_is_refused_when_added_and_at_start() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let refused = handle.add_job(every_second("typo", "tikc")).await;
+    assert_eq!(
+        refused,
+        Err(CommandError::NoHandler {
+            kind: "tikc".into()
+        })
+    );
+    // A job for external workers needs no handler here.
+    let mut external = every_second("remote", "gpu");
+    external.external = true;
+    handle.add_job(external).await.unwrap();
+    handle.add_job(every_second("tick", "tick")).await.unwrap();
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+
+    // A later start without the tick handler is refused before anything fires.
+    let refused = builder(&store).start().await.unwrap_err();
+    assert_eq!(
+        refused,
+        StartError::NoHandler {
+            job: id("tick"),
+            kind: "tick".into()
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_handler_is_asked_to_stop_then_killed_at_its_timeout() {
+    let store = SharedMemStore::new();
+    let cancelled_seen = Arc::new(AtomicU32::new(0));
+    let seen = Arc::clone(&cancelled_seen);
+    let runtime = builder(&store)
+        .handler("hang", move |mut ctx: AttemptContext| {
+            let seen = Arc::clone(&seen);
+            async move {
+                ctx.cancelled().await;
+                seen.fetch_add(1, Ordering::SeqCst);
+                // Ignores the request and hangs on.
+                std::future::pending::<()>().await;
+                Outcome::ok()
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let mut spec = once("hang", "hang", 1_000);
+    spec.timeout_ms = Some(5_000);
+    spec.retry = RetryPolicy {
+        attempts_max: 1,
+        ..RetryPolicy::default()
+    };
+    handle.add_job(spec).await.unwrap();
+    let states = finished(&handle, &mut events, "hang", 1).await;
+    assert_eq!(states, vec![StateName::Failed]);
+    assert_eq!(
+        cancelled_seen.load(Ordering::SeqCst),
+        1,
+        "asked to stop first"
+    );
+    let run = &stored_runs(&store, "hang")[0];
+    let error = run.last_error.as_ref().unwrap();
+    assert_eq!(error.kind, keel_core::ErrorKind::TimedOut, "{error:?}");
+    // Asked to stop at 1 s + 5 s, killed no later than the backstop at 1 s + 3 x 5 s.
+    assert!(error.at <= T0.plus_ms(16_000), "{error:?}");
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_saved_by_one_attempt_is_where_the_next_resumes() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("copy", |ctx: AttemptContext| async move {
+            match &ctx.checkpoint {
+                None => {
+                    ctx.checkpoint("copied 40 of 100").await.unwrap();
+                    Outcome::Retryable {
+                        message: "connection reset".into(),
+                    }
+                }
+                Some(checkpoint) => Outcome::Success {
+                    summary: Some(format!("resumed from: {}", checkpoint.data)),
+                    artifacts: Default::default(),
+                },
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(once("copy", "copy", 1_000)).await.unwrap();
+    assert_eq!(
+        finished(&handle, &mut events, "copy", 1).await,
+        vec![StateName::Succeeded]
+    );
+    let run = &stored_runs(&store, "copy")[0];
+    assert_eq!(run.attempt.0, 2);
+    assert_eq!(
+        run.summary.as_deref(),
+        Some("resumed from: copied 40 of 100")
+    );
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_external_worker_claims_completes_and_a_stale_token_is_refused() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store).start().await.unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let mut spec = once("render", "gpu", 1_000);
+    spec.external = true;
+    handle.add_job(spec).await.unwrap();
+    let worker = WorkerId::new("gpu-box-1").unwrap();
+    // Nothing is queued before the slot.
+    assert_eq!(
+        handle
+            .claim(worker.clone(), vec!["gpu".into()])
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let attempt = handle
+        .claim(worker.clone(), vec!["gpu".into()])
+        .await
+        .unwrap()
+        .expect("the queued run is granted");
+    assert_eq!(attempt.lease.owner, worker);
+    let stored = store.run(attempt.run).unwrap().unwrap();
+    assert_eq!(
+        stored.lease.as_ref().map(|l| l.token),
+        Some(attempt.lease.token),
+        "the grant is durable before the claim returns"
+    );
+    let stale = keel_core::FencingToken(attempt.lease.token.0 - 1);
+    assert!(matches!(
+        handle.complete(attempt.run, stale, Outcome::ok()).await,
+        Err(CommandError::Rejected(
+            keel_core::Rejected::StaleToken { .. }
+        ))
+    ));
+    handle
+        .complete(attempt.run, attempt.lease.token, Outcome::ok())
+        .await
+        .unwrap();
+    assert_eq!(
+        finished(&handle, &mut events, "render", 1).await,
+        vec![StateName::Succeeded]
+    );
+    assert_eq!(
+        store.run(attempt.run).unwrap().unwrap().state,
+        RunState::Succeeded
+    );
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_asks_attempts_to_stop_and_keeps_what_it_cannot_finish_durable() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("polite", |mut ctx: AttemptContext| async move {
+            ctx.cancelled().await;
+            Outcome::Cancelled {
+                reason: "shutting down".into(),
+            }
+        })
+        .handler("stubborn", |_ctx: AttemptContext| async move {
+            std::future::pending::<()>().await;
+            Outcome::ok()
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle
+        .add_job(once("polite", "polite", 1_000))
+        .await
+        .unwrap();
+    handle
+        .add_job(once("stubborn", "stubborn", 1_000))
+        .await
+        .unwrap();
+    // Wait until both attempts run.
+    let mut granted = 0;
+    while granted < 2 {
+        if let Event::LeaseGranted { .. } = events.recv().await.unwrap() {
+            granted += 1;
+        }
+    }
+    let started = tokio::time::Instant::now();
+    runtime.shutdown(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        started.elapsed() <= Duration::from_secs(10),
+        "the shutdown kept to its budget"
+    );
+    assert_eq!(
+        stored_runs(&store, "polite")[0].state,
+        RunState::Cancelled,
+        "the cooperative attempt finished within the budget"
+    );
+    assert!(
+        matches!(
+            stored_runs(&store, "stubborn")[0].state,
+            RunState::Running { .. }
+        ),
+        "the stubborn attempt stays durable as running, recovered at the next start"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_deposed_by_another_process_stops() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    handle.add_job(every_second("tick", "tick")).await.unwrap();
+    // Another process restores from the same store: it is the writer now.
+    let _ = store.restore().unwrap();
+    let result = runtime.wait().await;
+    assert!(
+        matches!(result, Err(RuntimeError::Deposed(_))),
+        "{result:?}"
+    );
+}
