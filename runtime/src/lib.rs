@@ -55,7 +55,9 @@ mod driver;
 mod handler;
 pub mod metrics_names;
 mod observe;
+pub mod prometheus;
 mod sink;
+pub mod sinks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -73,6 +75,7 @@ use tokio::task::JoinHandle;
 pub use clock::Clock;
 pub use handler::{AttemptContext, Handler};
 pub use sink::{BoxFuture, Sink};
+pub use sinks::{CommandSink, WebhookSink};
 
 use driver::{Driver, Msg};
 
