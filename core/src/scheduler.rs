@@ -354,6 +354,22 @@ impl Scheduler {
     /// clock resumes no earlier than the persisted high-water mark. Every such change is
     /// audited and persisted through the usual effects.
     pub fn restore(config: Config, seed: u64, now: Timestamp, snapshot: Snapshot) -> Self {
+        let worker = WorkerId::new("local").expect("a valid worker id");
+        Scheduler::restore_as(worker, config, seed, now, snapshot)
+    }
+
+    /// Like [`Scheduler::restore`], for an in-process executor named `worker` (see
+    /// [`Scheduler::with_worker`]). The name decides which restored attempts were this
+    /// executor's own, cut short by the restart and recovered at once, and which belong to
+    /// external workers, whose leases stand until they expire. A daemon should therefore keep
+    /// its name across restarts.
+    pub fn restore_as(
+        worker: WorkerId,
+        config: Config,
+        seed: u64,
+        now: Timestamp,
+        snapshot: Snapshot,
+    ) -> Self {
         let Snapshot {
             jobs,
             runs,
@@ -364,7 +380,7 @@ impl Scheduler {
         } = snapshot;
         // Time never runs backwards, not even across a restart (SPEC S4).
         let now = now.max(meta.clock);
-        let mut s = Scheduler::new(config, seed, now);
+        let mut s = Scheduler::new(config, seed, now).with_worker(worker);
         s.meta = Meta {
             next_run_id: meta.next_run_id.max(1),
             next_audit_seq: meta.next_audit_seq.max(1),

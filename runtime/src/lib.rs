@@ -79,6 +79,10 @@ pub use sinks::{CommandSink, WebhookSink};
 
 use driver::{Driver, Msg};
 
+/// The worker id a runtime holds its own attempts' leases under unless told otherwise (the
+/// core's default too). External workers must use other names.
+pub const DEFAULT_WORKER: &str = "local";
+
 /// Why the runtime stopped, or why a command could not reach it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RuntimeError {
@@ -170,7 +174,9 @@ impl RuntimeBuilder {
     }
 
     /// This process's worker id, which holds the leases of its handlers' attempts (default:
-    /// `keel-<pid>`).
+    /// [`DEFAULT_WORKER`]). Keep it across restarts: attempts held under it when the process
+    /// stopped are recovered at once by the next start, while attempts held under any other
+    /// name are external workers' and wait for their leases to expire.
     pub fn worker(mut self, worker: WorkerId) -> Self {
         self.worker = Some(worker);
         self
@@ -202,10 +208,9 @@ impl RuntimeBuilder {
         let seed = self.seed.unwrap_or(now.0 as u64);
         let worker = match self.worker {
             Some(worker) => worker,
-            None => WorkerId::new(&format!("keel-{}", std::process::id()))
-                .map_err(|e| StartError::Store(StoreError::Io(e.to_string())))?,
+            None => WorkerId::new(DEFAULT_WORKER).expect("a valid worker id"),
         };
-        let core = Scheduler::restore(self.config, seed, now, snapshot).with_worker(worker.clone());
+        let core = Scheduler::restore_as(worker.clone(), self.config, seed, now, snapshot);
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
         let driver = Driver::new(
