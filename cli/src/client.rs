@@ -1,0 +1,72 @@
+//! The client side of the control socket.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::os::unix::net::UnixStream;
+
+use serde_json::Value;
+
+use crate::error::Failure;
+use crate::place::Place;
+use crate::protocol::{Request, Response};
+
+/// A connection to a running daemon.
+#[derive(Debug)]
+pub(crate) struct Client {
+    writer: UnixStream,
+    reader: BufReader<UnixStream>,
+}
+
+impl Client {
+    /// Connects if a daemon answers on the data directory's socket; `None` if none does (no
+    /// socket, or a stale one left by a daemon that died).
+    pub(crate) fn connect(place: &Place) -> Result<Option<Client>, Failure> {
+        let path = place.socket();
+        match UnixStream::connect(&path) {
+            Ok(stream) => {
+                let reader = stream
+                    .try_clone()
+                    .map_err(|e| Failure::runtime(format!("cannot use the control socket: {e}")))?;
+                Ok(Some(Client {
+                    writer: stream,
+                    reader: BufReader::new(reader),
+                }))
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
+                Ok(None)
+            }
+            Err(e) => Err(Failure::runtime(format!(
+                "cannot connect to the daemon's control socket {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Sends one request and waits for its answer.
+    pub(crate) fn call(&mut self, request: &Request) -> Result<Value, Failure> {
+        let lost = |e: std::io::Error| {
+            Failure::runtime(format!(
+                "lost the connection to the daemon ({e}); it may have stopped: check with \
+                 `keel doctor` before retrying"
+            ))
+        };
+        let mut line = serde_json::to_string(request)
+            .map_err(|e| Failure::runtime(format!("cannot encode the request: {e}")))?;
+        line.push('\n');
+        self.writer.write_all(line.as_bytes()).map_err(lost)?;
+        let mut answer = String::new();
+        let read = self.reader.read_line(&mut answer).map_err(lost)?;
+        if read == 0 {
+            return Err(lost(std::io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "the daemon closed the connection",
+            )));
+        }
+        match serde_json::from_str::<Response>(&answer) {
+            Ok(Response::Ok(value)) => Ok(value),
+            Ok(Response::Err(failure)) => Err(failure),
+            Err(e) => Err(Failure::runtime(format!(
+                "the daemon sent an answer this keel does not read ({e}); is it another version?"
+            ))),
+        }
+    }
+}

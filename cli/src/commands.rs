@@ -1,0 +1,568 @@
+//! What each command does: build a request, send it (to the daemon, or to the store
+//! directly), print the answer.
+
+use std::io::Read;
+
+use keel_core::{
+    limits, AuditQuery, AuditRecord, FencingToken, Incident, Job, JobId, JobState, Outcome, Run,
+    RunId, RunQuery, StateName, WorkerId,
+};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::cli::{
+    AddArgs, Cli, Command, CompleteArgs, FailArgs, IncidentsArgs, JobCommand, NextArgs, RunsArgs,
+    RunsCommand, TokenArgs, WorkerCommand,
+};
+use crate::direct::{self, wall_clock};
+use crate::error::Failure;
+use crate::jobdef::{parse_pair, JobDef, Prior, Resolve};
+use crate::place::Place;
+use crate::protocol::{
+    from_value, jobs_from, Added, CheckpointAnswer, ClaimedAttempt, ContextView, JobView, Request,
+    RunsPage,
+};
+use crate::{config, daemon, doctor, show};
+
+/// Runs the parsed command line.
+pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
+    let place = Place {
+        dir: cli.data_dir,
+        kind: cli.store,
+    };
+    let out = Output { json: cli.json };
+    match cli.command {
+        Command::Run(args) => {
+            let config = args.config.as_deref().map(config::load).transpose()?;
+            daemon::run(&place, config)
+        }
+        Command::Job(command) => job(&place, out, command),
+        Command::Next(args) => next(&place, out, &args),
+        Command::Runs(args) => runs(&place, out, args),
+        Command::Interrupted(args) => {
+            let runs = list_runs(&place, None, Some(StateName::Interrupted), args.limit)?;
+            out.print(&runs, || {
+                let mut text = show::runs_table(&runs, wall_clock());
+                if !runs.is_empty() {
+                    text.push_str(
+                        "\nThese runs were found unfinished after a crash or shutdown and their \
+                         jobs do not resume after a crash. Start one again with \
+                         `keel job trigger JOB`.\n",
+                    );
+                }
+                text
+            })
+        }
+        Command::Incidents(args) => incidents(&place, out, &args),
+        Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref()),
+        Command::Worker(command) => worker(&place, out, command),
+    }
+}
+
+/// Human text or JSON on stdout.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Output {
+    pub(crate) json: bool,
+}
+
+impl Output {
+    fn print(&self, value: &impl Serialize, human: impl FnOnce() -> String) -> Result<(), Failure> {
+        if self.json {
+            print_json(value)
+        } else {
+            print!("{}", human());
+            Ok(())
+        }
+    }
+}
+
+/// Prints a value as pretty JSON.
+pub(crate) fn print_json(value: &impl Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::runtime(format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
+    direct::call(place, request)
+}
+
+fn job_id(name: &str) -> Result<JobId, Failure> {
+    JobId::new(name).map_err(|e| Failure::input(format!("invalid job name {name:?}: {e}")))
+}
+
+// ----- jobs --------------------------------------------------------------------------------
+
+fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
+    match command {
+        JobCommand::Add(args) => add(place, out, *args),
+        JobCommand::Ls => {
+            let jobs = jobs(place)?;
+            let views: Vec<JobView> = jobs.iter().cloned().map(JobView::new).collect();
+            out.print(&views, || show::jobs_table(&jobs, wall_clock()))
+        }
+        JobCommand::Show(arg) => {
+            let job = find_job(place, &arg.name)?;
+            let recent = list_runs(place, Some(job.spec.id.clone()), None, 5)?;
+            let view = JobView::new(job.clone());
+            out.print(&json!({ "job": view, "recent_runs": recent }), || {
+                show::job_detail(&job, &recent, wall_clock())
+            })
+        }
+        JobCommand::Rm(arg) => {
+            let job = job_id(&arg.name)?;
+            call(place, &Request::RemoveJob { job: job.clone() })?;
+            out.print(&json!({ "removed": job }), || {
+                format!("removed job {job} (its run history stays)\n")
+            })
+        }
+        JobCommand::Pause(arg) => {
+            let job = job_id(&arg.name)?;
+            call(place, &Request::PauseJob { job: job.clone() })?;
+            out.print(&json!({ "paused": job }), || format!("paused job {job}\n"))
+        }
+        JobCommand::Resume(arg) => {
+            let job = job_id(&arg.name)?;
+            call(place, &Request::ResumeJob { job: job.clone() })?;
+            let state = find_job(place, job.as_str()).map(|j| show::job_state(&j));
+            out.print(&json!({ "resumed": job }), || match state {
+                Ok(state) => format!("resumed job {job}: {state}\n"),
+                Err(_) => format!("resumed job {job}\n"),
+            })
+        }
+        JobCommand::Trigger(arg) => {
+            let job = job_id(&arg.name)?;
+            let daemon_up = crate::client::Client::connect(place)?.is_some();
+            let run: RunId = from_value(call(place, &Request::TriggerJob { job: job.clone() })?)?;
+            let external = find_job(place, job.as_str()).is_ok_and(|j| j.spec.external);
+            out.print(&json!({ "job": job, "run": run }), || {
+                let then = match (external, daemon_up) {
+                    (true, _) => "; it is queued for a worker to claim",
+                    (false, true) => "",
+                    (false, false) => "; no daemon is running, so it starts when `keel run` does",
+                };
+                format!("triggered job {job}: {run}{then}\n")
+            })
+        }
+    }
+}
+
+fn add(place: &Place, out: Output, args: AddArgs) -> Result<(), Failure> {
+    let mut env = std::collections::BTreeMap::new();
+    for pair in &args.env {
+        let (name, value) = parse_pair(pair, "--env").map_err(Failure::input)?;
+        env.insert(name, value);
+    }
+    let def = JobDef {
+        name: args.name,
+        cron: args.cron,
+        tz: args.tz,
+        at: args.at,
+        every: args.every,
+        command: args.program,
+        shell: args.shell,
+        cwd: args.cwd,
+        env,
+        attempts: args.attempts,
+        backoff: args.backoff,
+        timeout: args.timeout,
+        overlap: args.overlap,
+        misfire: args.misfire,
+        delete_after_run: args.delete_after_run,
+        notify: args.notify,
+        worker_kind: args.worker_kind,
+        payload: args.payload,
+        exit_success: args.exit_success,
+        exit_retryable: args.exit_retryable,
+        exit_permanent: args.exit_permanent,
+    };
+    let base_dir = std::env::current_dir()
+        .map_err(|e| Failure::runtime(format!("cannot read the current directory: {e}")))?;
+    let spec = def
+        .to_spec(Resolve {
+            now: wall_clock(),
+            base_dir: &base_dir,
+            prior: Prior::None,
+        })
+        .map_err(|e| Failure::input(format!("job {}: {e}", def.name)))?;
+    let added: Added = from_value(call(
+        place,
+        &Request::AddJob {
+            spec,
+            replace: args.replace,
+        },
+    )?)?;
+    out.print(&added.job, || {
+        let verb = if added.replaced { "replaced" } else { "added" };
+        match &added.job {
+            Some(job) => format!("{verb} job {}: {}\n", job.spec.id, show::job_state(job)),
+            None => format!("{verb} job {}\n", def.name),
+        }
+    })
+}
+
+fn jobs(place: &Place) -> Result<Vec<Job>, Failure> {
+    jobs_from(call(place, &Request::Jobs)?)
+}
+
+fn find_job(place: &Place, name: &str) -> Result<Job, Failure> {
+    let id = job_id(name)?;
+    jobs(place)?
+        .into_iter()
+        .find(|job| job.spec.id == id)
+        .ok_or_else(|| Failure::input(format!("no job named {name} (see `keel job ls`)")))
+}
+
+fn next(place: &Place, out: Output, args: &NextArgs) -> Result<(), Failure> {
+    let job = find_job(place, &args.name)?;
+    let now = wall_clock();
+    let zone = show::zone_of(&job.spec.schedule);
+    let mut times = Vec::new();
+    if let (Some(first), Ok(schedule)) = (job.next_fire(), job.schedule()) {
+        let mut at = Some(first);
+        while let Some(t) = at.filter(|_| times.len() < args.count) {
+            times.push(t);
+            at = schedule.next_after(t);
+        }
+    }
+    let rows: Vec<Value> = times
+        .iter()
+        .map(|t| {
+            json!({
+                "at_ms": t,
+                "utc": t.to_string(),
+                "local": show::local_time(*t, zone),
+                "zone": zone.name(),
+            })
+        })
+        .collect();
+    out.print(&rows, || {
+        let mut text = String::new();
+        match &job.state {
+            JobState::Disabled { reason } => {
+                text.push_str(&format!(
+                    "job {} is disabled ({reason}): it does not fire\n",
+                    job.spec.id
+                ));
+                return text;
+            }
+            JobState::Paused { .. } => text.push_str(&format!(
+                "job {} is paused; once resumed it fires at:\n",
+                job.spec.id
+            )),
+            JobState::Scheduled { .. } => {}
+        }
+        if times.is_empty() {
+            text.push_str("no fire time left\n");
+            return text;
+        }
+        let mut table =
+            crate::table::Table::new(&[&format!("LOCAL ({})", zone.name()), "UTC", "WHEN"]);
+        for t in &times {
+            let when = if *t <= now {
+                "due now (fires when the daemon runs)".to_string()
+            } else {
+                show::relative(*t, now)
+            };
+            table.row(vec![show::local_time(*t, zone), show::time(*t), when]);
+        }
+        text.push_str(&table.render());
+        text
+    })
+}
+
+// ----- runs --------------------------------------------------------------------------------
+
+fn runs(place: &Place, out: Output, args: RunsArgs) -> Result<(), Failure> {
+    match args.command {
+        Some(RunsCommand::Show(arg)) => {
+            let run_id = parse_run(&arg.run)?;
+            let run: Option<Run> = from_value(call(place, &Request::Run { run: run_id })?)?;
+            let Some(run) = run else {
+                return Err(Failure::input(format!(
+                    "no run {run_id} (it never existed, or the history policy pruned it)"
+                )));
+            };
+            let audit = audit_of(place, run_id)?;
+            out.print(&json!({ "run": run, "audit": audit }), || {
+                show::run_detail(&run, &audit, wall_clock())
+            })
+        }
+        Some(RunsCommand::Cancel(arg)) => {
+            let run = parse_run(&arg.run)?;
+            call(place, &Request::CancelRun { run })?;
+            out.print(&json!({ "cancelled": run }), || {
+                format!("{run}: cancelled (an attempt in progress is asked to stop first)\n")
+            })
+        }
+        None => {
+            let job = args.job.as_deref().map(job_id).transpose()?;
+            let state = args.state.as_deref().map(parse_state).transpose()?;
+            let runs = list_runs(place, job, state, args.limit)?;
+            out.print(&runs, || show::runs_table(&runs, wall_clock()))
+        }
+    }
+}
+
+/// Up to `limit` runs, newest first, across as many pages as that takes.
+fn list_runs(
+    place: &Place,
+    job: Option<JobId>,
+    state: Option<StateName>,
+    limit: usize,
+) -> Result<Vec<Run>, Failure> {
+    let mut runs = Vec::new();
+    let mut before = None;
+    while runs.len() < limit {
+        let query = RunQuery {
+            job: job.clone(),
+            state,
+            before,
+            limit: (limit - runs.len()).min(limits::HISTORY_PAGE_MAX),
+            ..RunQuery::default()
+        };
+        let page: RunsPage = from_value(call(place, &Request::Runs { query })?)?;
+        runs.extend(page.runs);
+        match page.next {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    runs.truncate(limit);
+    Ok(runs)
+}
+
+fn audit_of(place: &Place, run: RunId) -> Result<Vec<AuditRecord>, Failure> {
+    let mut records: Vec<AuditRecord> = Vec::new();
+    loop {
+        let query = AuditQuery {
+            run: Some(run),
+            after: records.last().map(|r| r.seq),
+            limit: limits::HISTORY_PAGE_MAX,
+            ..AuditQuery::default()
+        };
+        let page: Vec<AuditRecord> = from_value(call(place, &Request::Audit { query })?)?;
+        let full = page.len() == limits::HISTORY_PAGE_MAX;
+        records.extend(page);
+        if !full {
+            return Ok(records);
+        }
+    }
+}
+
+fn parse_state(text: &str) -> Result<StateName, Failure> {
+    let state: StateName =
+        serde_json::from_value(Value::String(text.replace('-', "_"))).map_err(|_| {
+            Failure::input(format!(
+                "unknown run state {text:?}: use queued, backing_off, starting, running, \
+                 succeeded, failed, failed_dropped, cancelled or interrupted"
+            ))
+        })?;
+    if matches!(
+        state,
+        StateName::Scheduled | StateName::Paused | StateName::Disabled | StateName::Removed
+    ) {
+        return Err(Failure::input(format!(
+            "{text:?} is a job state, not a run state"
+        )));
+    }
+    Ok(state)
+}
+
+fn incidents(place: &Place, out: Output, args: &IncidentsArgs) -> Result<(), Failure> {
+    let mut incidents: Vec<Incident> = from_value(call(place, &Request::Incidents)?)?;
+    if args.open {
+        incidents.retain(|i| i.resolved_at.is_none());
+    }
+    incidents.sort_by_key(|i| (i.resolved_at.is_some(), std::cmp::Reverse(i.id)));
+    out.print(&incidents, || show::incidents_table(&incidents))
+}
+
+// ----- workers -----------------------------------------------------------------------------
+
+fn worker(place: &Place, out: Output, command: WorkerCommand) -> Result<(), Failure> {
+    match command {
+        WorkerCommand::Claim(args) => {
+            let worker = WorkerId::new(&args.worker)
+                .map_err(|e| Failure::input(format!("invalid worker id {:?}: {e}", args.worker)))?;
+            if worker.as_str() == direct::DAEMON_WORKER {
+                return Err(Failure::input(format!(
+                    "worker id {:?} is the daemon's own executor; pick another",
+                    direct::DAEMON_WORKER
+                )));
+            }
+            let request = Request::Claim {
+                worker,
+                kinds: args.kinds.clone(),
+            };
+            let claimed: Option<ClaimedAttempt> = from_value(call(place, &request)?)?;
+            match claimed {
+                Some(attempt) => print_json(&attempt),
+                None => Err(Failure::NothingDue(format!(
+                    "nothing due for kind {}",
+                    args.kinds.join(", ")
+                ))),
+            }
+        }
+        WorkerCommand::Touch(args) => {
+            let (run, token) = attempt_of(&args)?;
+            let lease: keel_core::Lease = from_value(call(place, &Request::Touch { run, token })?)?;
+            out.print(&lease, || {
+                format!(
+                    "{run}: lease renewed until {}\n",
+                    show::time(lease.expires_at)
+                )
+            })
+        }
+        WorkerCommand::Progress(args) => {
+            let (run, token) = attempt_of(&args.attempt)?;
+            let request = Request::Progress {
+                run,
+                token,
+                phase: args.phase,
+                message: args.message,
+            };
+            call(place, &request)?;
+            Ok(())
+        }
+        WorkerCommand::Context(args) => {
+            let (run, token) = attempt_of(&args)?;
+            let context: ContextView = from_value(call(place, &Request::Context { run, token })?)?;
+            print_json(&context)
+        }
+        WorkerCommand::Checkpoint(args) => {
+            let (run, token) = attempt_of(&args)?;
+            let mut data = String::new();
+            std::io::stdin().read_to_string(&mut data).map_err(|e| {
+                Failure::input(format!(
+                    "cannot read the checkpoint from stdin (UTF-8 text): {e}"
+                ))
+            })?;
+            let answer: CheckpointAnswer =
+                from_value(call(place, &Request::Checkpoint { run, token, data })?)?;
+            out.print(&answer, || match answer {
+                CheckpointAnswer::Saved { seq } => format!("{run}: checkpoint #{seq} saved\n"),
+                CheckpointAnswer::Throttled { until } => format!(
+                    "{run}: checkpoint kept; it is written by a save after {} or when the \
+                     daemon stops\n",
+                    show::time(until)
+                ),
+            })
+        }
+        WorkerCommand::Complete(args) => complete(place, out, args),
+        WorkerCommand::Fail(args) => fail(place, out, args),
+    }
+}
+
+fn complete(place: &Place, out: Output, args: CompleteArgs) -> Result<(), Failure> {
+    let (run, token) = attempt_of(&args.attempt)?;
+    let mut artifacts = std::collections::BTreeMap::new();
+    for pair in &args.artifacts {
+        let (name, value) = parse_pair(pair, "--artifact").map_err(Failure::input)?;
+        artifacts.insert(name, value);
+    }
+    let outcome = Outcome::Success {
+        summary: args.summary,
+        artifacts,
+    };
+    call(
+        place,
+        &Request::Complete {
+            run,
+            token,
+            outcome,
+        },
+    )?;
+    out.print(&json!({ "run": run, "completed": true }), || {
+        format!("{run}: completed\n")
+    })
+}
+
+fn fail(place: &Place, out: Output, args: FailArgs) -> Result<(), Failure> {
+    let (run, token) = attempt_of(&args.attempt)?;
+    let outcome = if args.permanent {
+        Outcome::Permanent {
+            message: args.message,
+        }
+    } else {
+        Outcome::Retryable {
+            message: args.message,
+        }
+    };
+    call(
+        place,
+        &Request::Complete {
+            run,
+            token,
+            outcome,
+        },
+    )?;
+    out.print(
+        &json!({ "run": run, "failed": true, "permanent": args.permanent }),
+        || {
+            if args.permanent {
+                format!("{run}: failed permanently; it is not retried\n")
+            } else {
+                format!("{run}: failed; it is retried if the job's attempts allow\n")
+            }
+        },
+    )
+}
+
+fn attempt_of(args: &TokenArgs) -> Result<(RunId, FencingToken), Failure> {
+    Ok((parse_run(&args.run)?, parse_token(&args.token)?))
+}
+
+/// `run-42` or `42`.
+pub(crate) fn parse_run(text: &str) -> Result<RunId, Failure> {
+    text.strip_prefix("run-")
+        .unwrap_or(text)
+        .parse()
+        .map(RunId)
+        .map_err(|_| Failure::input(format!("invalid run {text:?}: expected run-42 or 42")))
+}
+
+/// `token-7` or `7`.
+pub(crate) fn parse_token(text: &str) -> Result<FencingToken, Failure> {
+    text.strip_prefix("token-")
+        .unwrap_or(text)
+        .parse()
+        .map(FencingToken)
+        .map_err(|_| {
+            Failure::input(format!(
+                "invalid token {text:?}: expected a number such as 7"
+            ))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_and_tokens_parse_with_or_without_their_prefix() {
+        assert_eq!(parse_run("run-42").unwrap(), RunId(42));
+        assert_eq!(parse_run("42").unwrap(), RunId(42));
+        assert_eq!(parse_run("job-42").unwrap_err().exit_code(), 2);
+        assert_eq!(parse_token("token-7").unwrap(), FencingToken(7));
+        assert_eq!(parse_token("7").unwrap(), FencingToken(7));
+        assert_eq!(parse_token("x").unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn run_states_parse_and_job_states_are_refused() {
+        assert_eq!(
+            parse_state("failed_dropped").unwrap(),
+            StateName::FailedDropped
+        );
+        assert_eq!(parse_state("backing-off").unwrap(), StateName::BackingOff);
+        let e = parse_state("done").unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.message().contains("\"done\""));
+        assert!(parse_state("paused")
+            .unwrap_err()
+            .message()
+            .contains("job state"));
+    }
+}

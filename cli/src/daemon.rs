@@ -1,0 +1,579 @@
+//! `keel run`: the daemon.
+//!
+//! 1. Reads and checks the config (a bad one stops here, exit 2).
+//! 2. Takes `<data-dir>/daemon.lock`. If another daemon holds it, says so and waits
+//!    (standby); it takes over when that daemon stops or dies. Only the lock holder writes,
+//!    so two daemons never run the same slot twice (the store's writer epochs would refuse
+//!    the loser's writes anyway).
+//! 3. Starts a `keel_runtime::Runtime` with the command-job handler and a webhook sink for
+//!    every `notify` URL of the stored and configured jobs, then adds or updates the config's
+//!    jobs.
+//! 4. Serves `<data-dir>/keel.sock` (0600, line-delimited JSON, see `protocol`), logs every
+//!    event as one line on stderr, and serves Prometheus metrics if the config asks.
+//! 5. Stops gracefully on SIGINT or SIGTERM within the shutdown budget, removes the socket and
+//!    releases the lock. A second signal stops at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_core::{Event, Job, JobId, Rejected, Snapshot, Store, WorkerId};
+use keel_runtime::prometheus;
+use keel_runtime::{CommandError, Runtime, RuntimeHandle, StartError, WebhookSink};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::command_job;
+use crate::config::{Config, SHUTDOWN_BUDGET_DEFAULT};
+use crate::direct::{wall_clock, DAEMON_WORKER};
+use crate::error::Failure;
+use crate::jobdef::{Prior, Resolve};
+use crate::place::{DaemonLock, Holder, Place};
+use crate::protocol::{
+    answer_read, to_value, Added, CheckpointAnswer, ClaimedAttempt, ContextView, DaemonStatus,
+    Request, Response,
+};
+use crate::show;
+
+/// Runs the daemon until a signal stops it.
+pub(crate) fn run(place: &Place, config: Option<Config>) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
+    let result = runtime.block_on(daemon(place, config));
+    // A store write stuck on a dead disk must not keep the process from exiting.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
+    let mut signals = Signals::new()?;
+    let budget = config
+        .as_ref()
+        .map_or(SHUTDOWN_BUDGET_DEFAULT, |c| c.shutdown_budget);
+    place.prepare()?;
+    let Some(lock) = take_lock(place, &mut signals).await? else {
+        log("stopped while waiting for the other daemon");
+        return Ok(());
+    };
+    let opened = place.open_store()?;
+    let store = opened.store();
+    let snapshot = read(&store).await?;
+
+    let mut builder = Runtime::builder(Arc::clone(&store))
+        .handler(command_job::KIND, command_job::handler())
+        .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
+    let webhooks = notify_urls(&snapshot, config.as_ref());
+    for url in &webhooks {
+        match WebhookSink::new(url) {
+            Ok(sink) => builder = builder.sink(url, sink),
+            Err(e) => log(&format!(
+                "webhook {}: {e}; its deliveries will fail",
+                crate::jobdef::redact_url(url)
+            )),
+        }
+    }
+    let runtime = builder.start().await.map_err(|e| match e {
+        StartError::NoHandler { job, kind } => Failure::runtime(format!(
+            "job {job} has kind {kind:?}, which nothing here runs (keel runs kind \
+             {:?}; other kinds must be jobs for external workers); remove it with \
+             `keel job rm {job}` (the daemon is not running, so this acts on the store)",
+            command_job::KIND
+        )),
+        StartError::Store(e) => Failure::from(e),
+    })?;
+    let handle = runtime.handle();
+    let (stop_printer, printer_stop) = tokio::sync::watch::channel(false);
+    let printer = tokio::spawn(print_events(
+        handle.clone(),
+        Arc::clone(&store),
+        printer_stop,
+    ));
+
+    let _metrics = match config.as_ref().and_then(|c| c.metrics) {
+        Some(addr) => match prometheus::serve(addr).await {
+            Ok(server) => {
+                log(&format!(
+                    "metrics at http://{}/metrics",
+                    server.local_addr()
+                ));
+                Some(server)
+            }
+            Err(e) => {
+                stop(runtime, handle, Duration::ZERO).await;
+                return Err(Failure::input(format!("[daemon] metrics: {e}")));
+            }
+        },
+        None => None,
+    };
+
+    if let Some(config) = &config {
+        if let Err(e) = apply_config(&handle, config, &snapshot).await {
+            stop(runtime, handle, Duration::ZERO).await;
+            return Err(e);
+        }
+    }
+
+    let socket = match Socket::bind(place) {
+        Ok(socket) => socket,
+        Err(e) => {
+            stop(runtime, handle, Duration::ZERO).await;
+            return Err(e);
+        }
+    };
+    let status = DaemonStatus {
+        pid: Some(std::process::id()),
+        store: place.kind.name().into(),
+        worker: DAEMON_WORKER.into(),
+    };
+    let server = tokio::spawn(serve(
+        socket.listener,
+        Server {
+            handle: handle.clone(),
+            store: Arc::clone(&store),
+            webhooks: Arc::new(webhooks),
+            status,
+        },
+    ));
+    let jobs = handle.jobs().await.map_or(0, |jobs| jobs.len());
+    log(&format!(
+        "ready: {} store in {}, {jobs} job{}, control socket {} (pid {})",
+        place.kind.name(),
+        place.dir.display(),
+        if jobs == 1 { "" } else { "s" },
+        socket.path.display(),
+        std::process::id()
+    ));
+
+    // The runtime listens for the same signals; this listener also catches one that came
+    // during start-up, and a second one, which stops at once.
+    let stopper = handle.clone();
+    let socket_path = socket.path.clone();
+    tokio::spawn(async move {
+        signals.recv().await;
+        log(&format!(
+            "stopping: finishing running attempts within {} (a second signal stops at once)",
+            show::duration(budget)
+        ));
+        stopper.begin_shutdown(budget);
+        signals.recv().await;
+        log("second signal: stopping now; unfinished attempts are recovered at the next start");
+        let _ = std::fs::remove_file(&socket_path);
+        std::process::exit(130);
+    });
+
+    let result = runtime.run_until_signal(budget).await;
+    server.abort();
+    drop(socket.guard);
+    drop(handle);
+    let _ = stop_printer.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
+    drop(lock);
+    match result {
+        Ok(()) => {
+            log("stopped");
+            Ok(())
+        }
+        Err(keel_runtime::RuntimeError::Deposed(why)) => Err(Failure::runtime(format!(
+            "another keel process took over the store ({why}); this daemon stopped"
+        ))),
+        Err(e) => Err(Failure::runtime(format!("the scheduler stopped: {e}"))),
+    }
+}
+
+/// Takes the daemon lock, waiting (standby) while another daemon holds it. `None` if a signal
+/// came first.
+async fn take_lock(place: &Place, signals: &mut Signals) -> Result<Option<DaemonLock>, Failure> {
+    let holder = match DaemonLock::try_take(place, "daemon")? {
+        Ok(lock) => return Ok(Some(lock)),
+        Err(holder) => holder,
+    };
+    match holder {
+        Holder::Daemon(pid) => log(&format!(
+            "another keel daemon (pid {pid}) is running on {}; waiting to take over",
+            place.dir.display()
+        )),
+        Holder::Command(pid) => log(&format!(
+            "a keel command (pid {pid}) is using {}; waiting for it",
+            place.dir.display()
+        )),
+        Holder::Unknown => log(&format!(
+            "another keel process holds {}; waiting to take over",
+            place.lock_path().display()
+        )),
+    }
+    // A plain thread: a blocking task would keep the async runtime from shutting down.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let waiting = place.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(DaemonLock::take_blocking(&waiting, "daemon"));
+    });
+    tokio::select! {
+        taken = rx => {
+            let lock = taken.map_err(|_| Failure::runtime("the lock waiter died"))??;
+            log("took over");
+            Ok(Some(lock))
+        }
+        () = signals.recv() => Ok(None),
+    }
+}
+
+async fn read(store: &Arc<dyn Store>) -> Result<Snapshot, Failure> {
+    let store = Arc::clone(store);
+    tokio::task::spawn_blocking(move || store.read())
+        .await
+        .map_err(|e| Failure::runtime(format!("store read failed: {e}")))?
+        .map_err(Failure::from)
+}
+
+/// Every distinct `notify` URL of the stored jobs and the config's.
+fn notify_urls(snapshot: &Snapshot, config: Option<&Config>) -> BTreeSet<String> {
+    let stored = snapshot
+        .jobs
+        .iter()
+        .flat_map(|job| job.spec.sinks.iter().map(|s| s.to_string()));
+    let configured = config.into_iter().flat_map(|c| {
+        c.jobs
+            .iter()
+            .flat_map(|(def, _)| def.notify.iter().cloned())
+    });
+    stored.chain(configured).collect()
+}
+
+/// Adds the config's jobs that are not stored, updates those whose definition changed, and
+/// leaves the rest (and every job not in the config) alone.
+async fn apply_config(
+    handle: &RuntimeHandle,
+    config: &Config,
+    snapshot: &Snapshot,
+) -> Result<(), Failure> {
+    let now = wall_clock();
+    let base_dir = config.base_dir();
+    let stored: BTreeMap<JobId, Job> = handle
+        .jobs()
+        .await?
+        .into_iter()
+        .map(|job| (job.spec.id.clone(), job))
+        .collect();
+    for (def, line) in &config.jobs {
+        let id = JobId::new(&def.name).map_err(|e| Failure::input(e.to_string()))?;
+        let prior = match stored.get(&id).map(|job| &job.spec.schedule) {
+            Some(keel_core::ScheduleSpec::Once { at }) => Prior::OneShot(*at),
+            Some(_) => Prior::None,
+            None => snapshot
+                .tombstones
+                .iter()
+                .find(|t| t.job == id)
+                .map_or(Prior::None, |t| Prior::Deleted(t.last_fired)),
+        };
+        let spec = def
+            .to_spec(Resolve {
+                now,
+                base_dir: &base_dir,
+                prior,
+            })
+            .map_err(|e| config_error(config, *line, &def.name, &e))?;
+        let name = &def.name;
+        let result = match stored.get(&id) {
+            Some(job) if job.spec == spec => {
+                log(&format!("job {name}: unchanged ({})", show::job_state(job)));
+                continue;
+            }
+            Some(_) => handle.update_job(spec).await.map(|()| "updated"),
+            None => handle.add_job(spec).await.map(|()| "added"),
+        };
+        match result {
+            Ok(what) => {
+                let next = handle
+                    .jobs()
+                    .await?
+                    .into_iter()
+                    .find(|job| job.spec.id == id)
+                    .map_or_else(String::new, |job| format!(" ({})", show::job_state(&job)));
+                log(&format!("job {name}: {what}{next}"));
+            }
+            Err(CommandError::Rejected(Rejected::AlreadyFired { slot, .. })) => log(&format!(
+                "job {name}: already done (its one-shot slot {slot} fired before); not re-armed"
+            )),
+            Err(e) => {
+                let failure = Failure::from(e);
+                return Err(config_error(config, *line, name, failure.message()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn config_error(config: &Config, line: usize, name: &str, error: &str) -> Failure {
+    Failure::input(format!(
+        "config {} line {line}: job {name:?}: {error}",
+        config.path.display()
+    ))
+}
+
+/// Shuts the runtime down after a start-up failure.
+async fn stop(runtime: Runtime, handle: RuntimeHandle, budget: Duration) {
+    drop(handle);
+    let _ = runtime.shutdown(budget).await;
+}
+
+// ----- the control socket --------------------------------------------------------------------
+
+struct Socket {
+    listener: UnixListener,
+    path: std::path::PathBuf,
+    guard: SocketGuard,
+}
+
+/// Removes the socket file when the daemon stops.
+struct SocketGuard(std::path::PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Socket {
+    fn bind(place: &Place) -> Result<Socket, Failure> {
+        let path = place.socket();
+        // Left by a daemon that died: this process holds the lock, so no daemon uses it.
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path)
+            .map_err(|e| Failure::runtime(format!("cannot listen on {}: {e}", path.display())))?;
+        let guard = SocketGuard(path.clone());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                |e| Failure::runtime(format!("cannot restrict {}: {e}", path.display())),
+            )?;
+        }
+        Ok(Socket {
+            listener,
+            path,
+            guard,
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Server {
+    handle: RuntimeHandle,
+    store: Arc<dyn Store>,
+    webhooks: Arc<BTreeSet<String>>,
+    status: DaemonStatus,
+}
+
+async fn serve(listener: UnixListener, server: Server) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(connection(stream, server.clone()));
+            }
+            Err(e) => {
+                log(&format!("control socket: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(stream: UnixStream, server: Server) {
+    let (reader, mut writer) = stream.into_split();
+    let mut lines = BufReader::new(reader).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => Response::from_result(dispatch(&server, request).await),
+            Err(e) => Response::Err(Failure::input(format!("malformed request: {e}"))),
+        };
+        let mut text = serde_json::to_string(&response).unwrap_or_else(|e| {
+            format!(r#"{{"err":{{"code":"failure","message":"cannot encode the answer: {e}"}}}}"#)
+        });
+        text.push('\n');
+        if writer.write_all(text.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
+    let handle = &server.handle;
+    match request {
+        Request::Status => to_value(&server.status),
+        read if read.is_read() => {
+            // Everything changed before this read is on disk before it reads.
+            handle.sync().await?;
+            let store = Arc::clone(&server.store);
+            tokio::task::spawn_blocking(move || answer_read(&*store, &read))
+                .await
+                .map_err(|e| Failure::runtime(format!("read failed: {e}")))?
+        }
+        Request::AddJob { spec, replace } => {
+            if let Some(url) = spec.sinks.iter().find(|s| !server.webhooks.contains(&***s)) {
+                return Err(Failure::input(format!(
+                    "the running daemon has no webhook for {} and cannot add one while it runs: \
+                     add the job to the config file, or stop the daemon, add the job, and start \
+                     it again",
+                    crate::jobdef::redact_url(url)
+                )));
+            }
+            let id = spec.id.clone();
+            let replaced = match handle.add_job(spec.clone()).await {
+                Ok(()) => false,
+                Err(CommandError::Rejected(Rejected::JobExists(_))) if replace => {
+                    handle.update_job(spec).await?;
+                    true
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let job = handle.jobs().await?.into_iter().find(|j| j.spec.id == id);
+            to_value(Added { replaced, job })
+        }
+        Request::RemoveJob { job } => to_value(handle.remove_job(job).await?),
+        Request::PauseJob { job } => to_value(handle.pause_job(job).await?),
+        Request::ResumeJob { job } => to_value(handle.resume_job(job).await?),
+        Request::TriggerJob { job } => to_value(handle.trigger(job).await?),
+        Request::CancelRun { run } => to_value(handle.cancel_run(run).await?),
+        Request::Claim { worker, kinds } => {
+            let claimed = handle.claim(worker, kinds).await?;
+            to_value(claimed.map(ClaimedAttempt::from))
+        }
+        Request::Touch { run, token } => to_value(handle.heartbeat(run, token).await?),
+        Request::Progress {
+            run,
+            token,
+            phase,
+            message,
+        } => to_value(handle.progress(run, token, phase, message).await?),
+        Request::Context { run, token } => {
+            to_value(ContextView::from(handle.context(run, token).await?))
+        }
+        Request::Checkpoint { run, token, data } => to_value(CheckpointAnswer::from(
+            handle.save_checkpoint(run, token, data).await?,
+        )),
+        Request::Complete {
+            run,
+            token,
+            outcome,
+        } => to_value(handle.complete(run, token, outcome).await?),
+        // Every read was matched above.
+        other => Err(Failure::runtime(format!("unexpected request {other:?}"))),
+    }
+}
+
+// ----- events and signals --------------------------------------------------------------------
+
+/// Prints every event as one line on stderr, until `stop` says the runtime has stopped (then
+/// it prints what is left and returns). A start names the job and attempt; a finished run's
+/// line carries its summary or error, read from the store once it is durable; a retry's line
+/// carries the error that caused it.
+async fn print_events(
+    handle: RuntimeHandle,
+    store: Arc<dyn Store>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut events = handle.subscribe();
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = stop.changed() => {
+                // The driver is gone: what is left is printed without looking anything up.
+                while let Ok(event) = events.try_recv() {
+                    log(&show::event_line(&event));
+                }
+                return;
+            }
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(RecvError::Lagged(missed)) => {
+                log(&format!("({missed} events not shown: the log fell behind)"));
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        log(&describe(&handle, &store, &event).await);
+    }
+}
+
+/// An event's line, with what the runtime and the store know about its run.
+async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event) -> String {
+    let mut line = show::event_line(event);
+    let detail = match event {
+        Event::LeaseGranted { run, owner, token } => {
+            if let Ok(Some(run)) = handle.run(*run).await {
+                let what = if owner.as_str() == DAEMON_WORKER {
+                    "started".to_string()
+                } else {
+                    format!("claimed by worker {owner}")
+                };
+                line = format!(
+                    "{} of job {}: attempt {} {what} ({token})",
+                    run.id, run.job, run.attempt
+                );
+            }
+            None
+        }
+        Event::RunFinished { run, .. } => {
+            let run = *run;
+            let store = Arc::clone(store);
+            match handle.sync().await {
+                Ok(()) => tokio::task::spawn_blocking(move || store.run(run))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+                    .and_then(|run| show::run_note(&run)),
+                Err(_) => None,
+            }
+        }
+        Event::RetryScheduled { run, .. } => handle
+            .run(*run)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|run| run.last_error)
+            .map(|e| e.message),
+        _ => None,
+    };
+    if let Some(detail) = detail.filter(|d| !d.is_empty()) {
+        line.push_str(": ");
+        line.push_str(&crate::table::clip(&detail, 200));
+    }
+    line
+}
+
+/// SIGINT and SIGTERM, listened to from the start so that none is missed.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Signals, Failure> {
+        let listen = |kind| {
+            signal(kind).map_err(|e| Failure::runtime(format!("cannot listen for signals: {e}")))
+        };
+        Ok(Signals {
+            interrupt: listen(SignalKind::interrupt())?,
+            terminate: listen(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+/// One line on stderr, stamped with the time.
+fn log(line: &str) {
+    eprintln!("{} keel: {line}", wall_clock());
+}

@@ -1,0 +1,397 @@
+//! `keel doctor`: checks what can be checked without changing anything, and says what to do
+//! about each finding. Exit 1 if any finding is a problem.
+//!
+//! | check | problem when |
+//! |---|---|
+//! | daemon | a process holds the daemon lock but does not answer on the control socket |
+//! | store | the store does not open, or opening it found damaged frames (fs: `FsStore::recovery`) |
+//! | leases | a running attempt's lease expired and nobody reclaimed it |
+//! | jobs | a job's kind has no handler (the daemon would refuse to start), a command job's payload does not read, a stored definition no longer validates |
+//! | config | `--config` does not parse or check |
+//!
+//! Warnings (exit 0): a stale socket, torn log tails and rebuilt snapshots (nothing
+//! acknowledged was lost), open incidents, a lease expired within the watchdog's grace.
+
+use std::path::Path;
+
+use keel_core::{Job, JobState, LeasePolicy, Run, RunState};
+use keel_store_fs::FsStore;
+use serde::Serialize;
+
+use crate::cli::StoreKind;
+use crate::client::Client;
+use crate::command_job::{self, CommandSpec};
+use crate::direct::wall_clock;
+use crate::error::Failure;
+use crate::place::{lock_holder, Holder, Place};
+use crate::protocol::{from_value, DaemonStatus, Request};
+use crate::show;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Level {
+    Ok,
+    Warning,
+    Problem,
+}
+
+#[derive(Debug, Serialize)]
+struct Finding {
+    level: Level,
+    check: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fix: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn add(&mut self, level: Level, check: &'static str, message: String, fix: Option<&str>) {
+        self.0.push(Finding {
+            level,
+            check,
+            message,
+            fix: fix.map(str::to_string),
+        });
+    }
+
+    fn count(&self, level: Level) -> usize {
+        self.0.iter().filter(|f| f.level == level).count()
+    }
+}
+
+/// Runs every check and prints the findings.
+pub(crate) fn run(place: &Place, json: bool, config: Option<&Path>) -> Result<(), Failure> {
+    let mut findings = Findings::default();
+    if let Some(path) = config {
+        match crate::config::load(path) {
+            Ok(config) => findings.add(
+                Level::Ok,
+                "config",
+                format!("{}: {} job(s), valid", path.display(), config.jobs.len()),
+                None,
+            ),
+            Err(e) => findings.add(
+                Level::Problem,
+                "config",
+                e.message().to_string(),
+                Some("fix the lines named; `keel run` refuses a config with problems"),
+            ),
+        }
+    }
+    if place.dir.is_dir() {
+        check_store(place, &mut findings);
+    } else {
+        findings.add(
+            Level::Problem,
+            "store",
+            format!("no data directory at {}", place.dir.display()),
+            Some("`keel run` or `keel job add` creates it; or pass --data-dir / KEEL_DATA_DIR"),
+        );
+    }
+    print(place, json, &findings)?;
+    match findings.count(Level::Problem) {
+        0 => Ok(()),
+        // The findings say it all.
+        _ => Err(Failure::runtime("")),
+    }
+}
+
+fn check_store(place: &Place, findings: &mut Findings) {
+    let mut daemon = match Client::connect(place) {
+        Ok(Some(mut client)) => match client.call(&Request::Status) {
+            Ok(value) => {
+                let status: Option<DaemonStatus> = from_value(value).ok();
+                let pid = status
+                    .and_then(|s| s.pid)
+                    .map_or("?".into(), |p| p.to_string());
+                findings.add(Level::Ok, "daemon", format!("running (pid {pid})"), None);
+                Some(client)
+            }
+            Err(e) => {
+                findings.add(
+                    Level::Problem,
+                    "daemon",
+                    format!("the control socket answers with an error: {e}"),
+                    Some("restart the daemon"),
+                );
+                None
+            }
+        },
+        Ok(None) => {
+            match lock_holder(place) {
+                Some(Holder::Daemon(pid)) => findings.add(
+                    Level::Problem,
+                    "daemon",
+                    format!(
+                        "a daemon (pid {pid}) holds {} but does not answer on {}",
+                        place.lock_path().display(),
+                        place.socket().display()
+                    ),
+                    Some("it may be starting, or stuck: if it stays like this, stop it and start it again"),
+                ),
+                Some(_) => findings.add(
+                    Level::Ok,
+                    "daemon",
+                    "not running (a keel command holds the store for a moment)".into(),
+                    None,
+                ),
+                None => findings.add(Level::Ok, "daemon", "not running".into(), None),
+            }
+            if place.socket().exists() {
+                findings.add(
+                    Level::Warning,
+                    "daemon",
+                    format!("stale control socket {}", place.socket().display()),
+                    Some("left by a daemon that died; the next `keel run` removes it"),
+                );
+            }
+            None
+        }
+        Err(e) => {
+            findings.add(
+                Level::Problem,
+                "daemon",
+                e.message().to_string(),
+                Some("check the permissions of the data directory"),
+            );
+            None
+        }
+    };
+
+    // Integrity: a handle of our own shows what opening the files finds.
+    let store = match (place.kind, daemon.is_some()) {
+        (StoreKind::Fs, _) => match FsStore::open(&place.dir) {
+            Ok(store) => {
+                let report = store.recovery();
+                let level = if !report.quarantined.is_empty() {
+                    Level::Problem
+                } else if report.is_clean() {
+                    Level::Ok
+                } else {
+                    Level::Warning
+                };
+                let fix = match level {
+                    Level::Problem => Some(
+                        "damaged frames were copied to quarantine/ and skipped: what they held \
+                         is lost; keep a copy of the data directory and check the disk",
+                    ),
+                    Level::Warning => Some(
+                        "interrupted writes and rebuilt snapshots lose nothing that was \
+                         acknowledged; no action needed",
+                    ),
+                    Level::Ok => None,
+                };
+                for line in report.to_string().lines() {
+                    findings.add(level, "store", format!("fs store: {line}"), fix);
+                }
+                Some(std::sync::Arc::new(store) as std::sync::Arc<dyn keel_core::Store>)
+            }
+            Err(e) => {
+                findings.add(
+                    Level::Problem,
+                    "store",
+                    format!("the fs store does not open: {e}"),
+                    Some("see docs/storage.md, recovery rules; keep a copy of the data directory"),
+                );
+                None
+            }
+        },
+        (StoreKind::Sled, true) => {
+            findings.add(
+                Level::Ok,
+                "store",
+                "sled store open in the daemon (sled checks its files when it opens them)".into(),
+                None,
+            );
+            None
+        }
+        (StoreKind::Sled, false) => match place.open_store() {
+            Ok(store) => {
+                findings.add(Level::Ok, "store", "sled store opens".into(), None);
+                Some(store.store())
+            }
+            Err(e) => {
+                findings.add(Level::Problem, "store", e.message().to_string(), None);
+                None
+            }
+        },
+    };
+
+    // The data: through the daemon when it runs (it holds sled), else from the store.
+    let read = |request: Request| -> Result<serde_json::Value, Failure> {
+        match (&mut daemon, &store) {
+            (Some(client), _) => client.call(&request),
+            (None, Some(store)) => crate::protocol::answer_read(&**store, &request),
+            (None, None) => Err(Failure::runtime("the store is not readable")),
+        }
+    };
+    let mut read = read;
+    let jobs: Vec<Job> = match read(Request::Jobs).and_then(crate::protocol::jobs_from) {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            if store.is_some() || daemon_answered(findings) {
+                findings.add(
+                    Level::Problem,
+                    "store",
+                    format!("cannot read jobs: {e}"),
+                    None,
+                );
+            }
+            return;
+        }
+    };
+    check_jobs(&jobs, findings);
+    if let Ok(runs) = read(Request::ActiveRuns).and_then(from_value::<Vec<Run>>) {
+        check_leases(&runs, daemon_answered(findings), findings);
+    }
+    if let Ok(incidents) = read(Request::Incidents).and_then(from_value::<Vec<keel_core::Incident>>)
+    {
+        let open = incidents.iter().filter(|i| i.resolved_at.is_none()).count();
+        if open > 0 {
+            findings.add(
+                Level::Warning,
+                "incidents",
+                format!("{open} open incident(s)"),
+                Some("see `keel incidents --open`"),
+            );
+        }
+    }
+}
+
+fn daemon_answered(findings: &Findings) -> bool {
+    findings
+        .0
+        .iter()
+        .any(|f| f.check == "daemon" && f.level == Level::Ok && f.message.starts_with("running"))
+}
+
+fn check_jobs(jobs: &[Job], findings: &mut Findings) {
+    let mut fine = 0;
+    for job in jobs {
+        let name = &job.spec.id;
+        if !job.spec.external && &*job.spec.kind != command_job::KIND {
+            findings.add(
+                Level::Problem,
+                "jobs",
+                format!(
+                    "job {name} has kind {:?}, which nothing runs: the daemon refuses to start",
+                    &*job.spec.kind
+                ),
+                Some("remove it (`keel job rm NAME`), or add it again with --worker-kind"),
+            );
+        } else if &*job.spec.kind == command_job::KIND && !job.spec.external {
+            if let Err(e) = CommandSpec::from_payload(&job.spec.payload) {
+                findings.add(
+                    Level::Problem,
+                    "jobs",
+                    format!("job {name}: its command does not read: {e}"),
+                    Some("add it again with `keel job add NAME --replace …`"),
+                );
+                continue;
+            }
+            fine += 1;
+        } else {
+            fine += 1;
+        }
+        if let JobState::Disabled { reason } = &job.state {
+            if reason.contains("no longer valid") {
+                findings.add(
+                    Level::Problem,
+                    "jobs",
+                    format!("job {name} is disabled: {reason}"),
+                    Some("add it again with a valid definition (`keel job add NAME --replace …`)"),
+                );
+            }
+        }
+    }
+    findings.add(
+        Level::Ok,
+        "jobs",
+        format!("{} job(s), {fine} runnable", jobs.len()),
+        None,
+    );
+}
+
+fn check_leases(runs: &[Run], daemon_running: bool, findings: &mut Findings) {
+    let now = wall_clock();
+    let grace = LeasePolicy::default().grace_ms;
+    let mut stale = 0;
+    for run in runs {
+        let running = matches!(
+            run.state,
+            RunState::Running { .. } | RunState::Starting { .. }
+        );
+        let Some(lease) = run.lease.as_ref().filter(|_| running) else {
+            continue;
+        };
+        if lease.expires_at > now {
+            continue;
+        }
+        stale += 1;
+        let what = format!(
+            "{} of job {}: the lease {} held by {} expired {}",
+            run.id,
+            run.job,
+            lease.token,
+            lease.owner,
+            show::relative(lease.expires_at, now)
+        );
+        let (level, fix) = match (daemon_running, now.ms_since(lease.expires_at) > 2 * grace) {
+            (false, _) => (
+                Level::Problem,
+                "start the daemon (`keel run`): its watchdog reclaims the lease and retries the run",
+            ),
+            (true, false) => (
+                Level::Warning,
+                "the daemon's watchdog reclaims it within the grace period; no action needed",
+            ),
+            (true, true) => (
+                Level::Problem,
+                "the daemon should have reclaimed it: check the daemon's log, and restart it",
+            ),
+        };
+        findings.add(level, "leases", what, Some(fix));
+    }
+    if stale == 0 {
+        findings.add(Level::Ok, "leases", "no expired lease".into(), None);
+    }
+}
+
+fn print(place: &Place, json: bool, findings: &Findings) -> Result<(), Failure> {
+    let problems = findings.count(Level::Problem);
+    let warnings = findings.count(Level::Warning);
+    if json {
+        return crate::commands::print_json(&serde_json::json!({
+            "data_dir": place.dir,
+            "store": place.kind.name(),
+            "findings": findings.0,
+            "problems": problems,
+            "warnings": warnings,
+        }));
+    }
+    println!(
+        "keel doctor: {} ({} store)",
+        place.dir.display(),
+        place.kind.name()
+    );
+    for f in &findings.0 {
+        let level = match f.level {
+            Level::Ok => "ok",
+            Level::Warning => "warning",
+            Level::Problem => "PROBLEM",
+        };
+        println!("{level:<8} {:<10} {}", f.check, f.message);
+        if let Some(fix) = &f.fix {
+            println!("{:<8} {:<10} fix: {fix}", "", "");
+        }
+    }
+    println!(
+        "\n{problems} problem{}, {warnings} warning{}",
+        if problems == 1 { "" } else { "s" },
+        if warnings == 1 { "" } else { "s" }
+    );
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! The data directory: where the store, the daemon's lock and its control socket live, and how
+//! each is opened.
+//!
+//! | path | what |
+//! |---|---|
+//! | `<dir>/` | the fs store (`VERSION`, `lock`, `log-*`, `snapshot-*`, `quarantine/`) |
+//! | `<dir>/sled/` | the sled store, with `--store sled` |
+//! | `<dir>/daemon.lock` | held by the one process acting as the store's writer: the daemon, or a command working on the store while no daemon runs; holds `<pid> <role>` |
+//! | `<dir>/keel.sock` | the daemon's control socket (0600), removed when it stops |
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use keel_core::{Store, StoreError};
+use keel_store_fs::FsStore;
+use keel_store_sled::SledStore;
+
+use crate::cli::StoreKind;
+use crate::error::Failure;
+
+/// The control socket's file name.
+pub(crate) const SOCKET_FILE: &str = "keel.sock";
+/// The daemon lock's file name.
+pub(crate) const LOCK_FILE: &str = "daemon.lock";
+/// The sled store's directory, inside the data directory.
+pub(crate) const SLED_DIR: &str = "sled";
+
+/// A data directory and the store adapter it holds.
+#[derive(Clone, Debug)]
+pub(crate) struct Place {
+    pub(crate) dir: PathBuf,
+    pub(crate) kind: StoreKind,
+}
+
+/// An open store, with the adapter-specific handle kept for `doctor`.
+#[derive(Clone, Debug)]
+pub(crate) enum OpenStore {
+    Fs(Arc<FsStore>),
+    Sled(Arc<SledStore>),
+}
+
+impl OpenStore {
+    /// The store behind the common interface.
+    pub(crate) fn store(&self) -> Arc<dyn Store> {
+        match self {
+            OpenStore::Fs(s) => s.clone(),
+            OpenStore::Sled(s) => s.clone(),
+        }
+    }
+}
+
+impl Place {
+    pub(crate) fn socket(&self) -> PathBuf {
+        self.dir.join(SOCKET_FILE)
+    }
+
+    pub(crate) fn lock_path(&self) -> PathBuf {
+        self.dir.join(LOCK_FILE)
+    }
+
+    /// Fails unless the data directory exists (for commands that only read).
+    pub(crate) fn require_existing(&self) -> Result<(), Failure> {
+        if self.dir.is_dir() {
+            return Ok(());
+        }
+        Err(Failure::runtime(format!(
+            "no keel data directory at {} (`keel run` or `keel job add` creates it; \
+             pass --data-dir or set KEEL_DATA_DIR to use another)",
+            self.dir.display()
+        )))
+    }
+
+    /// Opens (creating if needed) the store. For fs this must come before anything else is
+    /// put in a new directory: store-fs refuses to adopt a directory holding foreign files.
+    pub(crate) fn open_store(&self) -> Result<OpenStore, Failure> {
+        match self.kind {
+            StoreKind::Fs => FsStore::open(&self.dir)
+                .map(|s| OpenStore::Fs(Arc::new(s)))
+                .map_err(|e| self.store_error(e)),
+            StoreKind::Sled => {
+                create_private_dir(&self.dir)?;
+                SledStore::open(self.dir.join(SLED_DIR))
+                    .map(|s| OpenStore::Sled(Arc::new(s)))
+                    .map_err(|e| self.store_error(e))
+            }
+        }
+    }
+
+    /// Makes sure the directory exists, as the store would create it (0700).
+    pub(crate) fn prepare(&self) -> Result<(), Failure> {
+        match self.kind {
+            // The fs store creates the directory and its VERSION marker.
+            StoreKind::Fs => self.open_store().map(drop),
+            StoreKind::Sled => create_private_dir(&self.dir),
+        }
+    }
+
+    fn store_error(&self, error: StoreError) -> Failure {
+        let hint = match (self.kind, &error) {
+            (StoreKind::Fs, StoreError::Io(m)) if self.dir.join(SLED_DIR).is_dir() => {
+                format!("{m} (it holds a sled store: pass --store sled)")
+            }
+            (StoreKind::Sled, StoreError::Io(m)) => format!(
+                "{m} (a sled store is open in one process at a time: is a daemon or another \
+                 keel command using {}?)",
+                self.dir.display()
+            ),
+            _ => error.to_string(),
+        };
+        Failure::runtime(format!(
+            "cannot open the {} store in {}: {hint}",
+            self.kind.name(),
+            self.dir.display()
+        ))
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), Failure> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))
+}
+
+/// Who holds the daemon lock, as its file says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Holder {
+    Daemon(u32),
+    Command(u32),
+    Unknown,
+}
+
+impl Holder {
+    fn parse(text: &str) -> Holder {
+        let mut words = text.split_whitespace();
+        let pid = words.next().and_then(|p| p.parse().ok());
+        match (pid, words.next()) {
+            (Some(pid), Some("daemon")) => Holder::Daemon(pid),
+            (Some(pid), Some(_)) => Holder::Command(pid),
+            _ => Holder::Unknown,
+        }
+    }
+}
+
+/// The exclusive advisory lock on `<dir>/daemon.lock`: one store writer at a time. Released
+/// when dropped, and by the kernel if the process dies.
+#[derive(Debug)]
+pub(crate) struct DaemonLock {
+    file: File,
+}
+
+impl DaemonLock {
+    /// Takes the lock if it is free; `Ok(Err(holder))` if another process holds it.
+    pub(crate) fn try_take(
+        place: &Place,
+        role: &str,
+    ) -> Result<Result<DaemonLock, Holder>, Failure> {
+        let path = place.lock_path();
+        let file = open_lock_file(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Ok(DaemonLock::claimed(file, role, &path)?)),
+            Err(TryLockError::WouldBlock) => Ok(Err(read_holder(&path))),
+            Err(TryLockError::Error(e)) => Err(Failure::runtime(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Waits for the lock (blocking the thread).
+    pub(crate) fn take_blocking(place: &Place, role: &str) -> Result<DaemonLock, Failure> {
+        let path = place.lock_path();
+        let file = open_lock_file(&path)?;
+        file.lock()
+            .map_err(|e| Failure::runtime(format!("cannot lock {}: {e}", path.display())))?;
+        DaemonLock::claimed(file, role, &path)
+    }
+
+    fn claimed(mut file: File, role: &str, path: &Path) -> Result<DaemonLock, Failure> {
+        let write = |file: &mut File| -> std::io::Result<()> {
+            file.set_len(0)?;
+            file.seek(SeekFrom::Start(0))?;
+            writeln!(file, "{} {role}", std::process::id())
+        };
+        write(&mut file)
+            .map_err(|e| Failure::runtime(format!("cannot write {}: {e}", path.display())))?;
+        Ok(DaemonLock { file })
+    }
+}
+
+impl Drop for DaemonLock {
+    fn drop(&mut self) {
+        let _ = self.file.set_len(0);
+        let _ = self.file.unlock();
+    }
+}
+
+/// Who holds the lock, if anyone (for messages and `doctor`).
+pub(crate) fn lock_holder(place: &Place) -> Option<Holder> {
+    let path = place.lock_path();
+    let file = File::open(&path).ok()?;
+    match file.try_lock_shared() {
+        Ok(()) => {
+            let _ = file.unlock();
+            None
+        }
+        Err(_) => Some(read_holder(&path)),
+    }
+}
+
+fn read_holder(path: &Path) -> Holder {
+    let mut text = String::new();
+    match File::open(path).and_then(|mut f| f.read_to_string(&mut text)) {
+        Ok(_) => Holder::parse(&text),
+        Err(_) => Holder::Unknown,
+    }
+}
+
+fn open_lock_file(path: &Path) -> Result<File, Failure> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .map_err(|e| Failure::runtime(format!("cannot open {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_are_read_from_the_lock_file() {
+        assert_eq!(Holder::parse("42 daemon\n"), Holder::Daemon(42));
+        assert_eq!(Holder::parse("7 command\n"), Holder::Command(7));
+        assert_eq!(Holder::parse(""), Holder::Unknown);
+    }
+}

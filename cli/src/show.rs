@@ -1,0 +1,586 @@
+//! Human output: times, schedules, states, tables and detail views, and the daemon's event
+//! lines. JSON output is the core's own serde form and lives with each command.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use keel_core::outbox::OutboxEvent;
+use keel_core::{
+    AuditRecord, Event, Incident, Job, JobState, Run, RunState, ScheduleSpec, Timestamp, Trigger,
+};
+
+use crate::command_job::CommandSpec;
+use crate::duration::format_duration_ms;
+use crate::jobdef::{misfire_name, overlap_name, redact_url};
+use crate::table::{clip, Table};
+
+/// An instant as `2026-01-01 09:30:00Z` (UTC, to the second).
+pub(crate) fn time(t: Timestamp) -> String {
+    match t.to_utc() {
+        Some(utc) => utc.format("%Y-%m-%d %H:%M:%SZ").to_string(),
+        None => t.to_string(),
+    }
+}
+
+/// An instant in a zone: `2026-01-01 10:30:00 CET (+01:00)`.
+pub(crate) fn local_time(t: Timestamp, zone: Tz) -> String {
+    match t.to_utc() {
+        Some(utc) => utc
+            .with_timezone(&zone)
+            .format("%Y-%m-%d %H:%M:%S %Z (%:z)")
+            .to_string(),
+        None => t.to_string(),
+    }
+}
+
+/// `in 5m`, `3s ago`, relative to `now` (to the second).
+pub(crate) fn relative(t: Timestamp, now: Timestamp) -> String {
+    let round = |ms: u64| format_duration_ms(ms / 1000 * 1000);
+    if t >= now {
+        format!("in {}", round(t.ms_since(now)))
+    } else {
+        format!("{} ago", round(now.ms_since(t)))
+    }
+}
+
+/// A `std` duration as keel reads them (`30s`).
+pub(crate) fn duration(d: Duration) -> String {
+    format_duration_ms(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A schedule in one line: `cron 0 30 2 * * * (Europe/Paris)`, `at …`, `every 5m`.
+pub(crate) fn schedule(spec: &ScheduleSpec) -> String {
+    match spec {
+        ScheduleSpec::Cron { expr, zone } => format!("cron {expr} ({zone})"),
+        ScheduleSpec::Once { at } => format!("at {}", time(*at)),
+        ScheduleSpec::Every {
+            interval_ms,
+            anchor,
+        } if *anchor == Timestamp::EPOCH => format!("every {}", format_duration_ms(*interval_ms)),
+        ScheduleSpec::Every {
+            interval_ms,
+            anchor,
+        } => format!(
+            "every {} from {}",
+            format_duration_ms(*interval_ms),
+            time(*anchor)
+        ),
+    }
+}
+
+/// The zone a job's times are shown in: its cron zone, or UTC.
+pub(crate) fn zone_of(spec: &ScheduleSpec) -> Tz {
+    match spec {
+        ScheduleSpec::Cron { zone, .. } => zone.parse().unwrap_or(Tz::UTC),
+        _ => Tz::UTC,
+    }
+}
+
+/// A job's state in a few words: `scheduled, next 2026-… (in 5s)`.
+pub(crate) fn job_state(job: &Job) -> String {
+    match &job.state {
+        JobState::Scheduled { next } => format!("scheduled, next {}", time(*next)),
+        JobState::Paused { next: Some(next) } => format!("paused, next slot {}", time(*next)),
+        JobState::Paused { next: None } => "paused, no slot left".into(),
+        JobState::Disabled { reason } => format!("disabled: {reason}"),
+    }
+}
+
+fn state_word(state: &JobState) -> &'static str {
+    match state {
+        JobState::Scheduled { .. } => "scheduled",
+        JobState::Paused { .. } => "paused",
+        JobState::Disabled { .. } => "disabled",
+    }
+}
+
+/// The jobs as a table.
+pub(crate) fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
+    if jobs.is_empty() {
+        return "no jobs (add one with `keel job add`)\n".into();
+    }
+    let mut table = Table::new(&["NAME", "KIND", "SCHEDULE", "STATE", "NEXT", "ACTIVE"]);
+    for job in jobs {
+        let next = job.next_fire().map_or_else(
+            || "-".to_string(),
+            |t| format!("{} ({})", time(t), relative(t, now)),
+        );
+        let kind = if job.spec.external {
+            format!("worker:{}", job.spec.kind)
+        } else {
+            job.spec.kind.to_string()
+        };
+        table.row(vec![
+            job.spec.id.to_string(),
+            kind,
+            clip(&schedule(&job.spec.schedule), 40),
+            state_word(&job.state).into(),
+            next,
+            job.active_runs.to_string(),
+        ]);
+    }
+    table.render()
+}
+
+/// One job in detail.
+pub(crate) fn job_detail(job: &Job, recent: &[Run], now: Timestamp) -> String {
+    let spec = &job.spec;
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        let _ = writeln!(out, "{name:<14}{value}");
+    };
+    field("job", spec.id.to_string());
+    field("schedule", schedule(&spec.schedule));
+    field(
+        "state",
+        match &job.state {
+            JobState::Disabled { reason } => format!("disabled: {reason}"),
+            other => state_word(other).to_string(),
+        },
+    );
+    if let Some(next) = job.next_fire() {
+        let zone = zone_of(&spec.schedule);
+        field(
+            "next",
+            format!("{} ({})", local_time(next, zone), relative(next, now)),
+        );
+    }
+    if let Some(last) = job.last_fired {
+        field("last fired", time(last));
+    }
+    if spec.external {
+        field(
+            "run by",
+            format!("external workers of kind {:?}", &*spec.kind),
+        );
+        if !spec.payload.is_empty() {
+            field("payload", clip(&spec.payload, 200));
+        }
+    } else if &*spec.kind == crate::command_job::KIND {
+        match CommandSpec::from_payload(&spec.payload) {
+            Ok(command) => {
+                let argv = command
+                    .argv
+                    .iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                field(
+                    "command",
+                    if command.shell {
+                        format!("sh -c {}", shell_quote(&command.argv.join(" ")))
+                    } else {
+                        argv
+                    },
+                );
+                if let Some(cwd) = &command.cwd {
+                    field("cwd", cwd.display().to_string());
+                }
+                for (name, value) in &command.env {
+                    field("env", format!("{name}={value}"));
+                }
+                let codes = &command.exit_codes;
+                if !codes.retryable.is_empty() {
+                    field("retry on exit", format!("{:?}", codes.retryable));
+                }
+                if !codes.permanent.is_empty() {
+                    field("never retry on", format!("{:?}", codes.permanent));
+                }
+                if !codes.success.is_empty() {
+                    field("success on", format!("{:?}", codes.success));
+                }
+            }
+            Err(e) => field("command", format!("(unreadable payload: {e})")),
+        }
+    } else {
+        field("kind", spec.kind.to_string());
+    }
+    let retry = &spec.retry;
+    field(
+        "attempts",
+        format!(
+            "{} (backoff {}..{}, lost attempts allowed {})",
+            retry.attempts_max,
+            format_duration_ms(retry.backoff_base_ms),
+            format_duration_ms(retry.backoff_cap_ms),
+            retry.lost_attempts_max
+        ),
+    );
+    if let Some(timeout) = spec.timeout_ms {
+        field("timeout", format_duration_ms(timeout));
+    }
+    field("overlap", overlap_name(spec.overlap).into());
+    field("misfire", misfire_name(spec.misfire));
+    if spec.delete_after_run {
+        field("after its run", "deleted".into());
+    }
+    for sink in spec.sinks.iter() {
+        field("notify", sink.to_string());
+    }
+    field("active runs", job.active_runs.to_string());
+    if !job.backlog.is_empty() {
+        field("waiting slots", job.backlog.len().to_string());
+    }
+    if !recent.is_empty() {
+        out.push_str("\nrecent runs\n");
+        out.push_str(&runs_table(recent, now));
+    }
+    out
+}
+
+/// Runs as a table.
+pub(crate) fn runs_table(runs: &[Run], _now: Timestamp) -> String {
+    if runs.is_empty() {
+        return "no runs\n".into();
+    }
+    let mut table = Table::new(&[
+        "RUN", "JOB", "STATE", "ATTEMPT", "TRIGGER", "CREATED", "FINISHED", "NOTE",
+    ]);
+    for run in runs {
+        table.row(vec![
+            run.id.to_string(),
+            run.job.to_string(),
+            run_state(&run.state),
+            run.attempt.to_string(),
+            trigger(&run.trigger),
+            time(run.created_at),
+            run.finished_at.map_or_else(|| "-".into(), time),
+            run_note(run).map_or_else(String::new, |n| clip(&n, 60)),
+        ]);
+    }
+    table.render()
+}
+
+fn trigger(trigger: &Trigger) -> String {
+    match trigger {
+        Trigger::Scheduled { .. } => "schedule".into(),
+        Trigger::Manual => "manual".into(),
+    }
+}
+
+/// A run's state in a word or two (`backing_off until …`).
+pub(crate) fn run_state(state: &RunState) -> String {
+    match state {
+        RunState::BackingOff { until } => format!("backing_off until {}", time(*until)),
+        other => other.name().to_string(),
+    }
+}
+
+/// What is worth saying about a run: its summary on success, else its last error.
+pub(crate) fn run_note(run: &Run) -> Option<String> {
+    if run.state == RunState::Succeeded {
+        if let Some(summary) = &run.summary {
+            return Some(summary.clone());
+        }
+    }
+    if let Some(progress) = run.progress.as_ref().filter(|_| !run.state.is_terminal()) {
+        return Some(format!("{}: {}", progress.phase, progress.message));
+    }
+    run.last_error.as_ref().map(|e| {
+        let kind = serde_json::to_value(e.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        format!("{kind} (attempt {}): {}", e.attempt, e.message)
+    })
+}
+
+/// One run in detail, with its audit trail.
+pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        let _ = writeln!(out, "{name:<14}{value}");
+    };
+    field("run", format!("{} of job {}", run.id, run.job));
+    field("state", run_state(&run.state));
+    if run.cancel_requested && !run.state.is_terminal() {
+        field("cancel", "requested; the attempt was asked to stop".into());
+    }
+    field(
+        "trigger",
+        match run.trigger {
+            Trigger::Scheduled { slot } => format!("schedule, slot {}", time(slot)),
+            Trigger::Manual => "manual".into(),
+        },
+    );
+    field("created", time(run.created_at));
+    if let Some(finished) = run.finished_at {
+        field(
+            "finished",
+            format!("{} ({})", time(finished), relative(finished, now)),
+        );
+    }
+    let mut attempts = format!("{} of {}", run.attempt, run.retry.attempts_max);
+    if run.lost > 0 {
+        attempts.push_str(&format!(", {} lost", run.lost));
+    }
+    if run.snoozes > 0 {
+        attempts.push_str(&format!(", {} snoozed", run.snoozes));
+    }
+    field("attempts", attempts);
+    field(
+        "kind",
+        if run.external {
+            format!("{} (external workers)", run.kind)
+        } else {
+            run.kind.to_string()
+        },
+    );
+    if let Some(lease) = &run.lease {
+        field(
+            "lease",
+            format!(
+                "{} holds {}, expires {} ({})",
+                lease.owner,
+                lease.token,
+                time(lease.expires_at),
+                relative(lease.expires_at, now)
+            ),
+        );
+    }
+    if let Some(progress) = &run.progress {
+        field(
+            "progress",
+            format!(
+                "{}: {} ({})",
+                progress.phase,
+                progress.message,
+                time(progress.at)
+            ),
+        );
+    }
+    if let Some(checkpoint) = &run.checkpoint {
+        field(
+            "checkpoint",
+            format!(
+                "#{} from attempt {} at {}: {}",
+                checkpoint.seq,
+                checkpoint.attempt,
+                time(checkpoint.saved_at),
+                clip(&checkpoint.data, 80)
+            ),
+        );
+    }
+    if let Some(summary) = &run.summary {
+        field("summary", summary.clone());
+    }
+    if let Some(error) = &run.last_error {
+        let kind = serde_json::to_value(error.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        field(
+            "last error",
+            format!("{kind} in attempt {} at {}", error.attempt, time(error.at)),
+        );
+        for line in error.message.lines() {
+            let _ = writeln!(out, "{:<14}{line}", "");
+        }
+    }
+    for (name, value) in &run.artifacts {
+        let _ = writeln!(out, "{:<14}{name}={value}", "artifact");
+    }
+    out.push_str("\naudit trail\n");
+    if audit.is_empty() {
+        out.push_str("(none: pruned by the history policy)\n");
+    } else {
+        out.push_str(&audit_table(audit));
+    }
+    out
+}
+
+fn audit_table(records: &[AuditRecord]) -> String {
+    let mut table = Table::new(&["SEQ", "AT", "ACTOR", "ATTEMPT", "TOKEN", "CHANGE", "REASON"]);
+    for r in records {
+        let change = match r.old {
+            Some(old) if old == r.new => r.new.to_string(),
+            Some(old) => format!("{old} -> {}", r.new),
+            None => format!("-> {}", r.new),
+        };
+        table.row(vec![
+            r.seq.to_string(),
+            time(r.at),
+            r.actor.to_string(),
+            r.attempt.map_or_else(String::new, |a| a.to_string()),
+            r.fencing_token
+                .map_or_else(String::new, |t| t.0.to_string()),
+            change,
+            clip(&r.reason, 70),
+        ]);
+    }
+    table.render()
+}
+
+/// Incidents as a table.
+pub(crate) fn incidents_table(incidents: &[Incident]) -> String {
+    if incidents.is_empty() {
+        return "no incidents\n".into();
+    }
+    let mut table = Table::new(&["ID", "KIND", "JOB", "RUN", "OPENED", "RESOLVED", "DETAILS"]);
+    for i in incidents {
+        let kind = serde_json::to_value(i.kind)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        table.row(vec![
+            i.id.to_string(),
+            kind,
+            i.job.as_ref().map_or_else(String::new, |j| j.to_string()),
+            i.run.map_or_else(String::new, |r| r.to_string()),
+            time(i.opened_at),
+            i.resolved_at.map_or_else(|| "open".into(), time),
+            clip(&i.details, 70),
+        ]);
+    }
+    table.render()
+}
+
+/// An event as one line of the daemon's log.
+pub(crate) fn event_line(event: &Event) -> String {
+    match event {
+        Event::RunFinished { run, job, state } => format!("{run} of job {job} {state}"),
+        Event::RetryScheduled { run, at } => format!("{run} failed; retrying at {}", time(*at)),
+        Event::JobDisabled { job, reason } => format!("job {job} disabled: {reason}"),
+        Event::JobDeleted { job, reason } => format!("job {job} deleted: {reason}"),
+        Event::SlotsDropped { job, count, reason } => {
+            format!("job {job}: {count} slot(s) dropped ({reason})")
+        }
+        Event::LeaseGranted { run, owner, token } => {
+            if owner.as_str() == crate::direct::DAEMON_WORKER {
+                format!("{run} started ({token})")
+            } else {
+                format!("{run} claimed by worker {owner} ({token})")
+            }
+        }
+        Event::LeaseReclaimed { run, token } => format!(
+            "{run}: lease {token} reclaimed after its holder went silent; the attempt counts as \
+             lost"
+        ),
+        Event::IncidentOpened(i) => format!(
+            "incident #{} opened ({}): {}",
+            i.id,
+            incident_kind(i),
+            i.details
+        ),
+        Event::IncidentResolved(i) => format!("incident #{} resolved ({})", i.id, incident_kind(i)),
+        Event::IncidentSuppressed { details, .. } => {
+            format!("incident not recorded (too many are open): {details}")
+        }
+        Event::CheckpointSaved { run, seq } => format!("{run} checkpoint #{seq} saved"),
+        Event::CheckpointThrottled { run } => {
+            format!("{run} checkpoint kept (throttled; written by a later save)")
+        }
+        Event::CheckpointFailed { run, seq, error } => {
+            format!("{run} checkpoint #{seq} failed: {error}")
+        }
+        Event::Delivery(OutboxEvent::Finished {
+            sink,
+            run,
+            status,
+            attempts,
+            error,
+            ..
+        }) => {
+            let status = format!("{status:?}").to_lowercase();
+            let mut line = format!(
+                "{run} result delivery to {} {status} after {attempts} attempt(s)",
+                redact_url(sink)
+            );
+            if let Some(error) = error {
+                line.push_str(&format!(": {error}"));
+            }
+            line
+        }
+        Event::Delivery(OutboxEvent::Dropped {
+            sink, run, reason, ..
+        }) => format!(
+            "{run} result delivery to {} dropped: {reason:?}",
+            redact_url(sink)
+        ),
+        Event::Delivery(OutboxEvent::RetryScheduled {
+            sink, attempt, at, ..
+        }) => format!(
+            "result delivery to {} will retry (attempt {attempt}) at {}",
+            redact_url(sink),
+            time(*at)
+        ),
+        Event::PersistFailed {
+            batch,
+            error,
+            retry_at,
+        } => format!(
+            "store write {batch} failed: {error}; retrying at {}",
+            time(*retry_at)
+        ),
+    }
+}
+
+fn incident_kind(incident: &Incident) -> String {
+    serde_json::to_value(incident.kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// A word quoted for a POSIX shell if it needs it.
+fn shell_quote(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@%+,".contains(c));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_core::{JobId, RunId, StateName};
+
+    #[test]
+    fn times_and_schedules_read_well() {
+        let t = Timestamp::parse_rfc3339("2026-01-01T09:30:00Z").unwrap();
+        assert_eq!(time(t), "2026-01-01 09:30:00Z");
+        let paris: Tz = "Europe/Paris".parse().unwrap();
+        assert_eq!(local_time(t, paris), "2026-01-01 10:30:00 CET (+01:00)");
+        assert_eq!(relative(t.plus_ms(5_400), t), "in 5s");
+        assert_eq!(relative(t, t.plus_ms(90_000)), "1m30s ago");
+        let every = ScheduleSpec::Every {
+            interval_ms: 300_000,
+            anchor: Timestamp::EPOCH,
+        };
+        assert_eq!(schedule(&every), "every 5m");
+        let cron = ScheduleSpec::Cron {
+            expr: "0 30 2 * * *".into(),
+            zone: "Europe/Paris".into(),
+        };
+        assert_eq!(schedule(&cron), "cron 0 30 2 * * * (Europe/Paris)");
+    }
+
+    #[test]
+    fn events_are_one_line_each() {
+        let finished = Event::RunFinished {
+            run: RunId(3),
+            job: JobId::new("tick").unwrap(),
+            state: StateName::Succeeded,
+        };
+        assert_eq!(event_line(&finished), "run-3 of job tick succeeded");
+        let dropped = Event::SlotsDropped {
+            job: JobId::new("tick").unwrap(),
+            count: "2".into(),
+            reason: "overlap skip".into(),
+        };
+        assert!(!event_line(&dropped).contains('\n'));
+    }
+
+    #[test]
+    fn words_are_quoted_only_when_needed() {
+        assert_eq!(shell_quote("echo"), "echo");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+}
