@@ -14,7 +14,8 @@ Exit codes: 0 done, 1 keel or its store failed, 2 bad input (unknown job or run,
 zone, duration or time, stale token, refused command), 3 `worker claim` found nothing due.
 
 Commands talk to the daemon through <data-dir>/keel.sock when it runs, and work on the store \
-directly when it does not. See docs/cli.md.";
+directly when it does not. Library warnings go to stderr; KEEL_LOG chooses what is shown \
+(`info`, `warn,keel_runtime=debug`; default `warn`). See docs/cli.md.";
 
 /// keel: a crash-safe job scheduler.
 #[derive(Debug, Parser)]
@@ -270,7 +271,8 @@ pub(crate) enum WorkerCommand {
     /// Claim the oldest queued run of these kinds; print the attempt as JSON. Exit 3 if
     /// nothing is due.
     Claim(ClaimArgs),
-    /// Renew the lease (a heartbeat): do it at least every 15 s while working.
+    /// Renew the lease (a heartbeat): do it at least every half lease (15 s with the daemon's
+    /// default lease_ttl of 30 s) while working.
     Touch(TokenArgs),
     /// Report progress (also a sign of life).
     Progress(ProgressArgs),

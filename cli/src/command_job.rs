@@ -1094,7 +1094,10 @@ impl Lines {
             self.pending.extend_from_slice(&bytes[..=end]);
             bytes = &bytes[end + 1..];
             let line = std::mem::take(&mut self.pending);
-            out.push(if std::mem::take(&mut self.overlong) {
+            // Overlong whether it came in pieces or in one read: the same line is treated
+            // the same however the pipe splits it.
+            let overlong = std::mem::take(&mut self.overlong) || line.len() - 1 > self.max;
+            out.push(if overlong {
                 Piece::Text(line)
             } else {
                 Piece::Line(line)
@@ -1477,6 +1480,18 @@ mod tests {
         out.clear();
         lines.finish(&mut out);
         assert_eq!(out, vec![Piece::Line(b"next".to_vec())]);
+        // An overlong line that arrives in one read is plain output too; one of `max` bytes
+        // (its newline aside) is a line.
+        let mut lines = Lines::new(8);
+        out.clear();
+        lines.push(b"012345678\n01234567\n", &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Piece::Text(b"012345678\n".to_vec()),
+                Piece::Line(b"01234567\n".to_vec())
+            ]
+        );
         out.clear();
         lines.finish(&mut out);
         assert!(out.is_empty());

@@ -4,6 +4,10 @@
 //! [daemon]
 //! shutdown_budget = "30s"          # how long a graceful stop may take
 //! metrics = "127.0.0.1:9464"       # serve Prometheus metrics (off unless set)
+//! lease_ttl = "30s"                # how long a lease lasts unless renewed
+//! lease_grace = "10s"              # how long after expiry the watchdog reclaims it
+//! delivery_backoff = "30s"         # first retry delay of a result delivery (doubling)
+//! delivery_attempts = 3            # delivery attempts in total, the first included
 //!
 //! [[job]]
 //! name = "heartbeat"
@@ -21,13 +25,18 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::duration::parse_duration_ms;
+use crate::duration::{format_duration_ms, parse_duration_ms};
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
-use keel_core::Timestamp;
+use keel_core::outbox::{DeliveryPolicy, OutboxConfig};
+use keel_core::{limits, LeasePolicy, Timestamp};
 
 /// The shutdown budget when the config does not set one.
 pub(crate) const SHUTDOWN_BUDGET_DEFAULT: Duration = Duration::from_secs(30);
+
+/// The shortest `lease_ttl`: the daemon renews its own attempts' leases every half TTL, and an
+/// external worker must touch its lease as often.
+const LEASE_TTL_MIN_MS: u64 = 1_000;
 
 /// A loaded, checked config file.
 #[derive(Clone, Debug)]
@@ -38,6 +47,10 @@ pub(crate) struct Config {
     pub(crate) shutdown_budget: Duration,
     /// Where to serve Prometheus metrics, if anywhere.
     pub(crate) metrics: Option<SocketAddr>,
+    /// Lease timing (`lease_ttl`, `lease_grace`).
+    pub(crate) lease: LeasePolicy,
+    /// How result deliveries are retried (`delivery_backoff`, `delivery_attempts`).
+    pub(crate) delivery: DeliveryPolicy,
     /// The jobs, in file order, each with its line.
     pub(crate) jobs: Vec<(JobDef, usize)>,
 }
@@ -54,8 +67,12 @@ struct File {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Daemon {
-    shutdown_budget: Option<String>,
-    metrics: Option<String>,
+    shutdown_budget: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    lease_ttl: Option<Spanned<String>>,
+    lease_grace: Option<Spanned<String>>,
+    delivery_backoff: Option<Spanned<String>>,
+    delivery_attempts: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -68,6 +85,25 @@ impl Config {
     pub(crate) fn base_dir(&self) -> PathBuf {
         std::path::absolute(self.dir()).unwrap_or_else(|_| self.dir().to_path_buf())
     }
+
+    /// The scheduler's configuration: keel-core's defaults with this file's lease and delivery
+    /// settings.
+    pub(crate) fn core(&self) -> keel_core::Config {
+        let default = keel_core::Config::default();
+        keel_core::Config {
+            lease: self.lease,
+            outbox: OutboxConfig {
+                policy: self.delivery,
+                ..default.outbox
+            },
+            ..default
+        }
+    }
+}
+
+/// The scheduler's configuration for a daemon started with `config`, or without one.
+pub(crate) fn core_config(config: Option<&Config>) -> keel_core::Config {
+    config.map_or_else(keel_core::Config::default, Config::core)
 }
 
 /// Reads and checks a config file. Every problem is reported, each with its line.
@@ -87,39 +123,40 @@ pub(crate) fn load(path: &Path) -> Result<Config, Failure> {
 pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
     let file: File = toml::from_str(text).map_err(|e| vec![toml_error(&e)])?;
     let mut problems = Vec::new();
-    let shutdown_budget = match &file.daemon.shutdown_budget {
-        None => SHUTDOWN_BUDGET_DEFAULT,
-        Some(text) => match parse_duration_ms(text) {
-            Ok(ms) => Duration::from_millis(ms),
+    let daemon = &file.daemon;
+    let shutdown_budget = daemon
+        .shutdown_budget
+        .as_ref()
+        .and_then(|value| match parse_duration_ms(value.get_ref()) {
+            Ok(ms) => Some(Duration::from_millis(ms)),
             Err(e) => {
-                problems.push(format!("[daemon] shutdown_budget: {e}"));
-                SHUTDOWN_BUDGET_DEFAULT
-            }
-        },
-    };
-    let metrics = match &file.daemon.metrics {
-        None => None,
-        Some(text) => match text.parse::<SocketAddr>() {
-            Ok(addr) if addr.ip().is_loopback() => Some(addr),
-            Ok(addr) => {
-                problems.push(format!(
-                    "[daemon] metrics: {addr} is not a loopback address; metrics say what runs \
-                     and where results go, so keel serves them on 127.0.0.1 or ::1 only"
-                ));
+                problems.push(daemon_problem(text, value, "shutdown_budget", &e));
                 None
             }
-            Err(_) => {
-                problems.push(format!(
-                    "[daemon] metrics: {text:?} is not an address such as \"127.0.0.1:9464\""
-                ));
-                None
-            }
-        },
-    };
+        })
+        .unwrap_or(SHUTDOWN_BUDGET_DEFAULT);
+    let metrics = daemon.metrics.as_ref().and_then(|value| {
+        let problem = match value.get_ref().parse::<SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => return Some(addr),
+            Ok(addr) => format!(
+                "{addr} is not a loopback address; metrics say what runs and where results go, \
+                 so keel serves them on 127.0.0.1 or ::1 only"
+            ),
+            Err(_) => format!(
+                "{:?} is not an address such as \"127.0.0.1:9464\"",
+                value.get_ref()
+            ),
+        };
+        problems.push(daemon_problem(text, value, "metrics", &problem));
+        None
+    });
+    let (lease, delivery) = timings(text, daemon, &mut problems);
     let mut config = Config {
         path: path.to_path_buf(),
         shutdown_budget,
         metrics,
+        lease,
+        delivery,
         jobs: Vec::new(),
     };
     let base_dir = config.base_dir();
@@ -148,6 +185,92 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
     } else {
         Err(problems)
     }
+}
+
+/// `lease_ttl`, `lease_grace`, `delivery_backoff` and `delivery_attempts` over keel-core's
+/// defaults; a bad value is a problem (and its default is kept meanwhile).
+fn timings(
+    text: &str,
+    daemon: &Daemon,
+    problems: &mut Vec<String>,
+) -> (LeasePolicy, DeliveryPolicy) {
+    let mut lease = LeasePolicy::default();
+    let mut delivery = DeliveryPolicy::default();
+    let max = format_duration_ms(limits::DELAY_MAX_MS);
+    // A duration within `min..=DELAY_MAX_MS`.
+    let duration = |value: &Spanned<String>, min: u64| -> Result<u64, String> {
+        let ms = parse_duration_ms(value.get_ref())?;
+        if ms < min {
+            Err(format!(
+                "{} is too short: the least is {}",
+                value.get_ref(),
+                format_duration_ms(min)
+            ))
+        } else if ms > limits::DELAY_MAX_MS {
+            Err(format!(
+                "{} is too long: the most is {max}",
+                value.get_ref()
+            ))
+        } else {
+            Ok(ms)
+        }
+    };
+    if let Some(value) = &daemon.lease_ttl {
+        match duration(value, LEASE_TTL_MIN_MS) {
+            Ok(ttl_ms) => {
+                lease.ttl_ms = ttl_ms;
+                // The holder's safety margin keeps its default share of the TTL (5 s of 30 s),
+                // so that a short lease is not given up as lost the moment it is granted.
+                lease.margin_ms = lease.margin_ms.min(ttl_ms / 6);
+            }
+            Err(e) => problems.push(daemon_problem(
+                text,
+                value,
+                "lease_ttl",
+                &format!("{e} (the daemon renews its leases every half TTL)"),
+            )),
+        }
+    }
+    if let Some(value) = &daemon.lease_grace {
+        match duration(value, 0) {
+            Ok(ms) => lease.grace_ms = ms,
+            Err(e) => problems.push(daemon_problem(text, value, "lease_grace", &e)),
+        }
+    }
+    if let Some(value) = &daemon.delivery_backoff {
+        match duration(value, 1) {
+            Ok(ms) => {
+                delivery.backoff_base_ms = ms;
+                // The delay doubles per failure up to the cap (5 min); a longer first delay
+                // raises the cap rather than being cut to it.
+                delivery.backoff_cap_ms = delivery.backoff_cap_ms.max(ms);
+            }
+            Err(e) => problems.push(daemon_problem(text, value, "delivery_backoff", &e)),
+        }
+    }
+    if let Some(value) = &daemon.delivery_attempts {
+        let attempts = *value.get_ref();
+        match u32::try_from(attempts) {
+            Ok(n) if (1..=limits::DELIVERY_ATTEMPTS_MAX).contains(&n) => delivery.attempts_max = n,
+            _ => problems.push(daemon_problem(
+                text,
+                value,
+                "delivery_attempts",
+                &format!(
+                    "{attempts} is out of range: attempts in total, the first included, from 1 \
+                     to {}",
+                    limits::DELIVERY_ATTEMPTS_MAX
+                ),
+            )),
+        }
+    }
+    (lease, delivery)
+}
+
+/// A problem with the value of a `[daemon]` key, on its line.
+fn daemon_problem<T>(text: &str, value: &Spanned<T>, key: &str, problem: &str) -> String {
+    let line = line_of(text, value.span().start);
+    format!("line {line}: [daemon] {key}: {problem}")
 }
 
 /// Checks a job definition without depending on the time: a one-shot in the past is fine here
@@ -308,6 +431,89 @@ command = ["true"]
     fn a_wrong_type_is_an_error_with_its_line() {
         let e = parse_err("[[job]]\nname = \"x\"\nevery = \"1m\"\ncommand = \"echo hi\"\n");
         assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn timings_apply_to_the_core_config_and_default_to_keel_cores() {
+        let config = parse_ok("");
+        assert_eq!(config.core(), keel_core::Config::default());
+        assert_eq!(core_config(None), keel_core::Config::default());
+        let config = parse_ok(
+            "[daemon]\nlease_ttl = \"1s\"\nlease_grace = \"1s\"\n\
+             delivery_backoff = \"100ms\"\ndelivery_attempts = 5\n",
+        );
+        let core = config.core();
+        assert_eq!(core.lease.ttl_ms, 1_000);
+        assert_eq!(core.lease.grace_ms, 1_000);
+        assert!(
+            core.lease.margin_ms < core.lease.ttl_ms / 2,
+            "{:?}",
+            core.lease
+        );
+        assert_eq!(core.outbox.policy.backoff_base_ms, 100);
+        assert_eq!(core.outbox.policy.attempts_max, 5);
+        // Everything else is keel-core's default.
+        let default = keel_core::Config::default();
+        assert_eq!(
+            core.outbox.policy.backoff_cap_ms,
+            default.outbox.policy.backoff_cap_ms
+        );
+        assert_eq!(
+            keel_core::Config {
+                lease: default.lease,
+                outbox: default.outbox,
+                ..core
+            },
+            default
+        );
+        // A first delay past the cap raises the cap instead of being cut to it.
+        let core = parse_ok("[daemon]\ndelivery_backoff = \"1h\"\n").core();
+        assert_eq!(core.outbox.policy.clamped().backoff_base_ms, 3_600_000);
+        // A lease_grace of 0 reclaims at expiry; the default TTL's margin is kept.
+        let core = parse_ok("[daemon]\nlease_grace = \"0s\"\n").core();
+        assert_eq!(core.lease.grace_ms, 0);
+        assert_eq!(core.lease.margin_ms, LeasePolicy::default().margin_ms);
+    }
+
+    #[test]
+    fn bad_timings_are_each_reported_with_their_lines() {
+        let e = parse_err(
+            r#"[daemon]
+lease_ttl = "500ms"
+lease_grace = "soon"
+delivery_backoff = "0s"
+delivery_attempts = 0
+"#,
+        );
+        assert!(
+            e.contains("line 2: [daemon] lease_ttl: 500ms is too short: the least is 1s"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 3: [daemon] lease_grace: invalid duration \"soon\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 4: [daemon] delivery_backoff: 0s is too short: the least is 1ms"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 5: [daemon] delivery_attempts: 0 is out of range"),
+            "{e}"
+        );
+        let e = parse_err("[daemon]\ndelivery_attempts = 101\nlease_ttl = \"31d\"\n");
+        assert!(e.contains("line 2: [daemon] delivery_attempts: 101"), "{e}");
+        assert!(e.contains("from 1 to 100"), "{e}");
+        assert!(
+            e.contains("line 3: [daemon] lease_ttl: 31d is too long: the most is 30d"),
+            "{e}"
+        );
+        let e = parse_err("[daemon]\ndelivery_attempts = -1\n");
+        assert!(e.contains("delivery_attempts: -1 is out of range"), "{e}");
+        let e = parse_err("[daemon]\ndelivery_attempts = \"3\"\n");
+        assert!(e.contains("line 2"), "{e}");
+        let e = parse_err("[daemon]\nlease_tll = \"1s\"\n");
+        assert!(e.contains("lease_tll") && e.contains("line 2"), "{e}");
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //!    (standby); it takes over when that daemon stops or dies. Only the lock holder writes,
 //!    so two daemons never run the same slot twice (the store's writer epochs would refuse
 //!    the loser's writes anyway).
-//! 3. Starts a `keel_runtime::Runtime` with the command-job handler and a webhook sink for
-//!    every `notify` URL of the stored and configured jobs, then adds or updates the config's
-//!    jobs.
+//! 3. Starts a `keel_runtime::Runtime` with the command-job handler, the config's lease and
+//!    delivery timings, and a webhook sink for every `notify` URL of the stored and configured
+//!    jobs, then adds or updates the config's jobs.
 //! 4. Serves `<data-dir>/keel.sock` (0600, line-delimited JSON, see `protocol`), logs every
 //!    event as one line on stderr, and serves Prometheus metrics if the config asks.
 //! 5. Stops gracefully on SIGINT or SIGTERM within the shutdown budget, removes the socket and
@@ -27,7 +27,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::command_job;
-use crate::config::{Config, SHUTDOWN_BUDGET_DEFAULT};
+use crate::config::{core_config, Config, SHUTDOWN_BUDGET_DEFAULT};
 use crate::direct::{wall_clock, DAEMON_WORKER};
 use crate::error::Failure;
 use crate::jobdef::{Prior, Resolve};
@@ -65,6 +65,7 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
     let snapshot = read(&store).await?;
 
     let mut builder = Runtime::builder(Arc::clone(&store))
+        .config(core_config(config.as_ref()))
         .handler(command_job::KIND, command_job::handler())
         .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
     let webhooks = notify_urls(&snapshot, config.as_ref());

@@ -65,14 +65,19 @@ impl Findings {
 /// Runs every check and prints the findings.
 pub(crate) fn run(place: &Place, json: bool, config: Option<&Path>) -> Result<(), Failure> {
     let mut findings = Findings::default();
+    // The watchdog's grace: the config's when it is given and valid, keel's default otherwise.
+    let mut lease = LeasePolicy::default();
     if let Some(path) = config {
         match crate::config::load(path) {
-            Ok(config) => findings.add(
-                Level::Ok,
-                "config",
-                format!("{}: {} job(s), valid", path.display(), config.jobs.len()),
-                None,
-            ),
+            Ok(config) => {
+                lease = config.lease;
+                findings.add(
+                    Level::Ok,
+                    "config",
+                    format!("{}: {} job(s), valid", path.display(), config.jobs.len()),
+                    None,
+                );
+            }
             Err(e) => findings.add(
                 Level::Problem,
                 "config",
@@ -82,7 +87,7 @@ pub(crate) fn run(place: &Place, json: bool, config: Option<&Path>) -> Result<()
         }
     }
     if place.dir.is_dir() {
-        check_store(place, &mut findings);
+        check_store(place, lease, &mut findings);
     } else {
         findings.add(
             Level::Problem,
@@ -99,7 +104,7 @@ pub(crate) fn run(place: &Place, json: bool, config: Option<&Path>) -> Result<()
     }
 }
 
-fn check_store(place: &Place, findings: &mut Findings) {
+fn check_store(place: &Place, lease: LeasePolicy, findings: &mut Findings) {
     let mut daemon = match Client::connect(place) {
         Ok(Some(mut client)) => match client.call(&Request::Status) {
             Ok(value) => {
@@ -245,7 +250,7 @@ fn check_store(place: &Place, findings: &mut Findings) {
     };
     check_jobs(&jobs, findings);
     if let Ok(runs) = read(Request::ActiveRuns).and_then(from_value::<Vec<Run>>) {
-        check_leases(&runs, daemon_answered(findings), findings);
+        check_leases(&runs, lease, daemon_answered(findings), findings);
     }
     if let Ok(incidents) = read(Request::Incidents).and_then(from_value::<Vec<keel_core::Incident>>)
     {
@@ -315,9 +320,9 @@ fn check_jobs(jobs: &[Job], findings: &mut Findings) {
     );
 }
 
-fn check_leases(runs: &[Run], daemon_running: bool, findings: &mut Findings) {
+fn check_leases(runs: &[Run], policy: LeasePolicy, daemon_running: bool, findings: &mut Findings) {
     let now = wall_clock();
-    let grace = LeasePolicy::default().grace_ms;
+    let grace = policy.grace_ms;
     let mut stale = 0;
     for run in runs {
         let running = matches!(
@@ -339,7 +344,10 @@ fn check_leases(runs: &[Run], daemon_running: bool, findings: &mut Findings) {
             lease.owner,
             show::relative(lease.expires_at, now)
         );
-        let (level, fix) = match (daemon_running, now.ms_since(lease.expires_at) > 2 * grace) {
+        // Past twice the grace (and at least 1 s, for a grace of 0), a running watchdog would
+        // have reclaimed it.
+        let overdue = now.ms_since(lease.expires_at) > grace.saturating_mul(2).max(1_000);
+        let (level, fix) = match (daemon_running, overdue) {
             (false, _) => (
                 Level::Problem,
                 "start the daemon (`keel run`): its watchdog reclaims the lease and retries the run",

@@ -14,6 +14,7 @@
 //! | `jobdef` | a job as flags or config, and its `JobSpec` |
 //! | `command_job` | the handler of command jobs |
 //! | `doctor` | `keel doctor` |
+//! | `logging` | the tracing subscriber: library warnings on stderr, `KEEL_LOG` |
 //! | `show`, `table`, `duration` | human output and input |
 
 use std::process::ExitCode;
@@ -32,6 +33,7 @@ mod doctor;
 mod duration;
 mod error;
 mod jobdef;
+mod logging;
 mod place;
 mod protocol;
 mod show;
@@ -40,6 +42,7 @@ mod table;
 /// Runs `keel` with the process's arguments and returns its exit code (see `keel --help`).
 pub fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    logging::init();
     match commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

@@ -2,14 +2,18 @@
 //!
 //! They synchronise on what the processes print (the daemon's event lines on stderr) and on
 //! process exits, never on sleeps; every wait has a deadline and fails with the daemon's log.
+//! (One bounded poll of /proc waits for a killed process group to be gone.) Timings that matter are shortened in the config (`lease_ttl`, `delivery_backoff`), and a
+//! command that must stay busy blocks on a FIFO the test opens ([`Gate`]), not on `sleep`.
 
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel_testkit::TempDir;
 use serde_json::Value;
@@ -33,6 +37,10 @@ impl Place {
         self.tmp.path().join("data")
     }
 
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
     fn write(&self, name: &str, text: &str) -> PathBuf {
         let path = self.tmp.path().join(name);
         std::fs::write(&path, text).expect("config written");
@@ -41,11 +49,20 @@ impl Place {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
-        command
-            .env_remove("KEEL_DATA_DIR")
-            .arg("--data-dir")
-            .arg(self.data())
-            .args(args);
+        // Hermetic: the default log filter, and webhooks on 127.0.0.1 reached directly.
+        for name in [
+            "KEEL_DATA_DIR",
+            "KEEL_LOG",
+            "http_proxy",
+            "HTTP_PROXY",
+            "https_proxy",
+            "HTTPS_PROXY",
+            "all_proxy",
+            "ALL_PROXY",
+        ] {
+            command.env_remove(name);
+        }
+        command.arg("--data-dir").arg(self.data()).args(args);
         command
     }
 
@@ -82,8 +99,13 @@ impl Place {
     }
 
     fn daemon(&self, config: &Path) -> Daemon {
+        self.daemon_with_env(config, &[])
+    }
+
+    fn daemon_with_env(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
         let mut child = self
             .command(&["run", "--config", config.to_str().expect("utf-8 path")])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -199,6 +221,16 @@ impl Daemon {
         self.log.lock().expect("log").join("\n")
     }
 
+    /// How many lines so far contain every one of `words`.
+    fn count(&self, words: &[&str]) -> usize {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|line| words.iter().all(|w| line.contains(w)))
+            .count()
+    }
+
     fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
@@ -230,6 +262,233 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// The run an event line is about: its first `run-N` word.
+#[track_caller]
+fn run_of(line: &str) -> String {
+    line.split([' ', ':'])
+        .find(|word| {
+            word.strip_prefix("run-")
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .unwrap_or_else(|| panic!("no run in {line:?}"))
+        .to_string()
+}
+
+/// Milliseconds since the Unix epoch, as keel stamps its records.
+fn now_ms() -> i64 {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970");
+    i64::try_from(since.as_millis()).expect("in range")
+}
+
+/// A FIFO that a command job blocks on (`read -r _ < gate`) until the test opens it. Dropping
+/// the gate opens it too, so a command orphaned by a killed daemon never outlives its test.
+struct Gate {
+    path: PathBuf,
+}
+
+impl Gate {
+    fn new(path: PathBuf) -> Gate {
+        let made = Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success(), "mkfifo {}", path.display());
+        Gate { path }
+    }
+
+    /// Lets the commands blocked on the gate go on. Never blocks: on Linux a FIFO opened for
+    /// reading and writing at once does not wait for a peer.
+    fn open(&self) {
+        if let Ok(mut fifo) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+        {
+            let _ = fifo.write_all(b"go\n");
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.open();
+    }
+}
+
+/// The processes of group `pgid` that are still alive (zombies left aside), from /proc;
+/// nothing where there is no /proc.
+fn live_in_group(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid pgrp …"; comm may hold spaces and parentheses.
+            let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+            let state = fields.next()?;
+            let pgrp: u32 = fields.nth(1)?.parse().ok()?;
+            (pgrp == pgid && !matches!(state, "Z" | "X")).then_some(pid)
+        })
+        .collect()
+}
+
+/// One request a [`Hook`] received, and what it answered.
+#[derive(Clone, Debug)]
+struct Received {
+    path: String,
+    idempotency_key: Option<String>,
+    attempt: Option<String>,
+    status: u16,
+    body: Value,
+}
+
+/// What a [`Hook`] answers on one path: the scripted statuses in order, then `then`.
+struct Route {
+    script: VecDeque<u16>,
+    then: u16,
+}
+
+#[derive(Default)]
+struct HookState {
+    routes: BTreeMap<String, Route>,
+    received: Vec<Received>,
+}
+
+/// A webhook receiver on 127.0.0.1: HTTP/1.1, one request per connection, answered from a
+/// script per path (404 on unknown paths), every request recorded before it is answered.
+struct Hook {
+    addr: SocketAddr,
+    state: Arc<Mutex<HookState>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a local port");
+        let addr = listener.local_addr().expect("its address");
+        let state = Arc::new(Mutex::new(HookState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (serving, stopping) = (Arc::clone(&state), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(stream) = stream {
+                    serve_one(stream, &serving);
+                }
+            }
+        });
+        Hook { addr, state, stop }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Answers `path` with `script` in order, then with `then`.
+    fn route(&self, path: &str, script: &[u16], then: u16) {
+        self.state.lock().expect("hook").routes.insert(
+            path.to_string(),
+            Route {
+                script: script.iter().copied().collect(),
+                then,
+            },
+        );
+    }
+
+    fn received(&self, path: &str) -> Vec<Received> {
+        let state = self.state.lock().expect("hook");
+        state
+            .received
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so that it sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Reads one request, records it, answers it and closes the connection.
+fn serve_one(stream: TcpStream, state: &Mutex<HookState>) {
+    let _ = stream.set_read_timeout(Some(WAIT));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+        return; // the wake-up connection of `Hook::drop`
+    }
+    let path = request_line
+        .split(' ')
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+        }
+    }
+    let length: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    if reader.read_exact(&mut body).is_err() {
+        return;
+    }
+    let status = {
+        let mut state = state.lock().expect("hook");
+        let status = state
+            .routes
+            .get_mut(&path)
+            .map_or(404, |route| route.script.pop_front().unwrap_or(route.then));
+        state.received.push(Received {
+            path,
+            idempotency_key: headers.get("idempotency-key").cloned(),
+            attempt: headers.get("keel-delivery-attempt").cloned(),
+            status,
+            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        });
+        status
+    };
+    let (reason, text) = match status {
+        200 => ("OK", ""),
+        404 => ("Not Found", "no such hook"),
+        503 => ("Service Unavailable", "try later"),
+        _ => ("Status", ""),
+    };
+    let mut stream = stream;
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{text}",
+        text.len()
+    );
+    let _ = stream.flush();
 }
 
 #[test]
@@ -570,7 +829,12 @@ payload = "scene-1"
 
 #[test]
 fn sigterm_stops_the_daemon_within_its_budget_even_if_a_command_ignores_it() {
+    const BUDGET: Duration = Duration::from_secs(2);
+    // Process start-up, the final store writes and the exit, with room for a loaded machine.
+    const MARGIN: Duration = Duration::from_secs(3);
     let place = Place::new("budget");
+    // The command (and the `sleep` it starts, which inherits the ignored SIGTERM) runs in a
+    // process group of its own, whose id is the shell's pid.
     let config = place.write(
         "keel.toml",
         r#"
@@ -580,25 +844,42 @@ shutdown_budget = "2s"
 [[job]]
 name = "stubborn"
 at = "+0s"
-command = ["sh", "-c", "trap '' TERM; echo '::keel checkpoint trapped'; sleep 30"]
+cwd = "."
+command = ["sh", "-c", "trap '' TERM; echo $$ > pgid; echo '::keel checkpoint trapped'; sleep 30"]
 "#,
     );
     let mut daemon = place.daemon(&config);
     // The command saves a checkpoint once it ignores SIGTERM.
     daemon.wait_for(&["checkpoint #1 saved"]);
+    let pgid: u32 = std::fs::read_to_string(place.path("pgid"))
+        .expect("the command wrote its pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    assert!(!live_in_group(pgid).is_empty() || !Path::new("/proc").exists());
     let asked = Instant::now();
     daemon.signal("TERM");
     let status = daemon.wait_exit();
     let took = asked.elapsed();
-    assert!(status.success(), "exit {status:?}:\n{}", daemon.log());
+    assert_eq!(status.code(), Some(0), "exit {status:?}:\n{}", daemon.log());
+    assert!(took >= BUDGET, "stopped before the budget: {took:?}");
     assert!(
-        took >= Duration::from_secs(2),
-        "stopped before the budget: {took:?}"
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "took {took:?}:\n{}",
+        took < BUDGET + MARGIN,
+        "took {took:?}, more than the budget {BUDGET:?} + {MARGIN:?}:\n{}",
         daemon.log()
+    );
+    daemon.wait_for(&["stopping: finishing running attempts within 2s"]);
+    daemon.wait_for(&["keel: stopped"]);
+    // The budget ran out: the command's group was killed, not left running. (A process
+    // killed just before the exit may take a moment to go.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !live_in_group(pgid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        live_in_group(pgid),
+        Vec::<u32>::new(),
+        "the command outlived the daemon"
     );
     // The attempt it left is still on record, to be recovered at the next start.
     let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
@@ -726,5 +1007,364 @@ fn a_bad_config_is_refused_before_anything_starts() {
     place
         .keel(&["doctor", "--config", config.to_str().expect("utf-8")])
         .expect_code(1);
+    // Bad timings are refused too, each with its line.
+    let config = place.write(
+        "timings.toml",
+        "[daemon]\nlease_ttl = \"500ms\"\ndelivery_attempts = 0\n",
+    );
+    place
+        .keel(&["run", "--config", config.to_str().expect("utf-8")])
+        .expect_code(2)
+        .expect_stderr("line 2: [daemon] lease_ttl: 500ms is too short")
+        .expect_stderr("line 3: [daemon] delivery_attempts: 0 is out of range");
     assert!(!place.data().join("keel.sock").exists());
+}
+
+#[test]
+fn a_daemon_killed_after_a_checkpoint_resumes_the_run_from_it() {
+    let place = Place::new("resume");
+    // Each attempt writes its environment to env-N. The first saves a checkpoint and blocks on
+    // the gate, which stays shut: only the restarted daemon's attempt, which resumes from the
+    // checkpoint, gets past it.
+    place.write(
+        "job.sh",
+        r#"env > "env-$KEEL_ATTEMPT"
+if [ -z "${KEEL_CHECKPOINT+set}" ]; then
+  echo '::keel checkpoint step-1'
+  read -r _ < gate
+fi
+echo "finished from ${KEEL_CHECKPOINT:-the start}"
+"#,
+    );
+    let config = place.write(
+        "keel.toml",
+        r#"
+[[job]]
+name = "resumable"
+at = "+0s"
+cwd = "."
+command = ["sh", "job.sh"]
+"#,
+    );
+    let gate = Gate::new(place.path("gate"));
+    let mut first = place.daemon(&config);
+    let saved = first.wait_for(&["checkpoint #1 saved"]);
+    let run = run_of(&saved);
+    first.signal("KILL");
+    assert_eq!(first.wait_exit().code(), None, "killed by a signal");
+
+    let mut second = place.daemon(&config);
+    second.wait_for(&[
+        &format!("{run} of job resumable succeeded"),
+        "finished from step-1",
+    ]);
+    second.signal("TERM");
+    assert!(second.wait_exit().success(), "{}", second.log());
+    assert_eq!(
+        second.count(&[&format!("{run} of job resumable succeeded")]),
+        1,
+        "{}",
+        second.log()
+    );
+
+    let shown = place.json(&["runs", "show", &run, "--json"]);
+    assert_eq!(shown["run"]["state"]["state"], "succeeded", "{shown}");
+    let attempt = shown["run"]["attempt"].as_u64().expect("an attempt");
+    assert!(attempt >= 2, "{shown}");
+    let resumed =
+        std::fs::read_to_string(place.path(&format!("env-{attempt}"))).expect("its environment");
+    assert!(
+        resumed.lines().any(|l| l == "KEEL_CHECKPOINT=step-1"),
+        "{resumed}"
+    );
+    let started = std::fs::read_to_string(place.path("env-1")).expect("the first environment");
+    assert!(
+        !started.contains("KEEL_CHECKPOINT="),
+        "the first attempt had no checkpoint:\n{started}"
+    );
+    // The first attempt is still blocked on the gate, orphaned by the kill: let it go.
+    gate.open();
+}
+
+#[test]
+fn an_external_worker_that_goes_silent_loses_its_lease_and_its_token_goes_stale() {
+    let place = Place::new("lease");
+    let config = place.write(
+        "keel.toml",
+        r#"
+[daemon]
+lease_ttl = "1s"
+lease_grace = "1s"
+
+[[job]]
+name = "render"
+cron = "0 0 0 1 1 *"
+worker_kind = "render"
+payload = "scene-9"
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["ready"]);
+    let triggered = place.json(&["job", "trigger", "render", "--json"]);
+    let run = triggered["run"].as_u64().expect("a run id").to_string();
+
+    let before = now_ms();
+    let first = place.json(&["worker", "claim", "--kind", "render", "--worker", "w1"]);
+    let after = now_ms();
+    assert_eq!(first["run"].to_string(), run, "{first}");
+    let old = first["token"].as_u64().expect("a token");
+    // The lease is lease_ttl long, from the grant (give or take the daemon's clock, which is
+    // its start's wall time plus monotonic time, in whole milliseconds).
+    let expires = first["lease_expires_at_ms"].as_i64().expect("an expiry");
+    assert!(
+        before + 1_000 - 100 <= expires && expires <= after + 1_000 + 100,
+        "granted between {before} and {after}, expires at {expires}"
+    );
+
+    // The worker stays silent; the watchdog reclaims its lease lease_grace after it expires.
+    daemon.wait_for(&[&format!(
+        "run-{run}: lease token-{old} reclaimed after its holder went silent"
+    )]);
+    daemon.wait_for(&["incident", "opened (lease_reclaimed)"]);
+    place
+        .keel(&["worker", "complete", &run, "--token", &old.to_string()])
+        .expect_code(2)
+        .expect_stderr(&format!("token-{old} is not the current lease"));
+
+    let second = place.json(&["worker", "claim", "--kind", "render", "--worker", "w2"]);
+    assert_eq!(second["run"].to_string(), run, "{second}");
+    let new = second["token"].as_u64().expect("a token");
+    assert!(new > old, "token-{new} after token-{old}");
+    place
+        .keel(&[
+            "worker",
+            "complete",
+            &run,
+            "--token",
+            &new.to_string(),
+            "--summary",
+            "rendered",
+        ])
+        .expect_code(0);
+    daemon.wait_for(&[&format!("run-{run} of job render succeeded"), "rendered"]);
+    // The old token stays refused.
+    place
+        .keel(&["worker", "complete", &run, "--token", &old.to_string()])
+        .expect_code(2)
+        .expect_stderr("no active run");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+
+    // It succeeded once, under the second lease.
+    assert_eq!(
+        daemon.count(&[&format!("run-{run} of job render succeeded")]),
+        1,
+        "{}",
+        daemon.log()
+    );
+    let shown = place.json(&["runs", "show", &run, "--json"]);
+    assert_eq!(shown["run"]["state"]["state"], "succeeded", "{shown}");
+    assert_eq!(shown["run"]["summary"], "rendered", "{shown}");
+    let audit = shown["audit"].as_array().expect("an audit trail");
+    let successes: Vec<&Value> = audit.iter().filter(|r| r["new"] == "succeeded").collect();
+    assert_eq!(successes.len(), 1, "{shown}");
+    assert_eq!(successes[0]["fencing_token"], new, "{shown}");
+    let incidents = place.json(&["incidents", "--json"]);
+    assert!(
+        incidents
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|i| i["kind"] == "lease_reclaimed"),
+        "{incidents}"
+    );
+}
+
+#[test]
+fn webhook_deliveries_retry_a_503_once_and_drop_a_404() {
+    let place = Place::new("webhook");
+    let hook = Hook::start();
+    hook.route("/flaky", &[503], 200);
+    hook.route("/gone", &[], 404);
+    let (flaky, gone) = (hook.url("/flaky"), hook.url("/gone"));
+    let config = place.write(
+        "keel.toml",
+        &format!(
+            r#"
+[daemon]
+delivery_backoff = "100ms"
+delivery_attempts = 3
+
+[[job]]
+name = "flaky-hook"
+at = "+0s"
+command = ["echo", "done"]
+notify = ["{flaky}"]
+
+[[job]]
+name = "gone-hook"
+at = "+0s"
+command = ["echo", "done"]
+notify = ["{gone}"]
+"#
+        ),
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["result delivery to", &flaky, "will retry (attempt 1)"]);
+    let delivered = daemon.wait_for(&["result delivery to", &flaky, "success after 2 attempt(s)"]);
+    let dropped = daemon.wait_for(&["result delivery to", &gone, "permanent after 1 attempt(s)"]);
+    assert!(dropped.contains("404"), "{dropped}");
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+
+    // Stopped: nothing more can arrive. Two requests for the 503, the same delivery both times.
+    let requests = hook.received("/flaky");
+    let statuses: Vec<u16> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 200], "{requests:?}");
+    let key = requests[0]
+        .idempotency_key
+        .clone()
+        .expect("an idempotency key");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.idempotency_key.as_ref() == Some(&key)),
+        "{requests:?}"
+    );
+    let attempts: Vec<Option<&str>> = requests.iter().map(|r| r.attempt.as_deref()).collect();
+    assert_eq!(attempts, [Some("1"), Some("2")], "{requests:?}");
+    let body = &requests[1].body;
+    assert_eq!(body["delivery_id"], key.as_str(), "{body}");
+    assert_eq!(body["job"], "flaky-hook", "{body}");
+    assert_eq!(body["state"], "succeeded", "{body}");
+    assert_eq!(body["summary"], "done", "{body}");
+    assert_eq!(format!("run-{}", body["run"]), run_of(&delivered));
+    assert_eq!(
+        daemon.count(&[&flaky, "success after"]),
+        1,
+        "{}",
+        daemon.log()
+    );
+    // One request for the 404, never retried.
+    let requests = hook.received("/gone");
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests[0].status, 404);
+    assert_eq!(requests[0].body["job"], "gone-hook");
+    assert_eq!(daemon.count(&[&gone, "will retry"]), 0, "{}", daemon.log());
+}
+
+#[test]
+fn a_delivery_pending_when_the_daemon_stops_is_sent_by_the_next_start() {
+    let place = Place::new("pending");
+    let hook = Hook::start();
+    hook.route("/later", &[], 503);
+    let url = hook.url("/later");
+    let config = place.write(
+        "keel.toml",
+        &format!(
+            r#"
+[daemon]
+delivery_backoff = "200ms"
+delivery_attempts = 10
+
+[[job]]
+name = "report"
+at = "+0s"
+command = ["echo", "ready"]
+notify = ["{url}"]
+"#
+        ),
+    );
+    let mut first = place.daemon(&config);
+    first.wait_for(&["result delivery to", &url, "will retry (attempt 1)"]);
+    first.signal("TERM");
+    assert!(first.wait_exit().success(), "{}", first.log());
+    assert_eq!(
+        first.count(&[&url, " after "]),
+        0,
+        "still pending:\n{}",
+        first.log()
+    );
+    // Every attempt so far was answered 503 (one, or a few if a retry came before the stop).
+    let sent = hook.received("/later");
+    assert!(
+        !sent.is_empty() && sent.iter().all(|r| r.status == 503),
+        "{sent:?}"
+    );
+
+    // The receiver recovers while no daemon runs; the next start sends the delivery.
+    hook.route("/later", &[], 200);
+    let mut second = place.daemon(&config);
+    second.wait_for(&[
+        "result delivery to",
+        &url,
+        &format!("success after {} attempt(s)", sent.len() + 1),
+    ]);
+    second.signal("TERM");
+    assert!(second.wait_exit().success(), "{}", second.log());
+    assert!(
+        !second.log().contains("of job report succeeded"),
+        "not run again"
+    );
+
+    let requests = hook.received("/later");
+    assert_eq!(requests.len(), sent.len() + 1, "{requests:?}");
+    let last = requests.last().expect("the last request");
+    assert_eq!(last.status, 200);
+    let expected: Vec<Option<String>> = (1..=requests.len()).map(|n| Some(n.to_string())).collect();
+    let attempts: Vec<Option<String>> = requests.iter().map(|r| r.attempt.clone()).collect();
+    assert_eq!(attempts, expected, "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.idempotency_key.is_some() && r.idempotency_key == last.idempotency_key),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn library_warnings_reach_stderr_once_and_keel_log_silences_them() {
+    let place = Place::new("log");
+    // A checkpoint of 65,550 bytes: over the 64 KiB command jobs may save, so the handler logs
+    // a warning (and the line is not saved).
+    let config = place.write(
+        "keel.toml",
+        r#"
+[[job]]
+name = "big"
+cron = "0 0 0 1 1 *"
+command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["ready"]);
+    let run = place.json(&["job", "trigger", "big", "--json"])["run"]
+        .as_u64()
+        .expect("a run id");
+    daemon.wait_for(&[&format!("run-{run} of job big succeeded")]);
+    let warning = daemon.wait_for(&["WARN", "checkpoint line not saved"]);
+    assert!(
+        warning.contains(&format!("attempt{{run=run-{run} job=big attempt=1"))
+            && warning.contains("65550 bytes"),
+        "{warning}"
+    );
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    // The runtime's copy of each event is not printed: the daemon prints its own line.
+    assert!(
+        !daemon.log().contains("keel_runtime::observe"),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.count(&["WARN"]), 1, "{}", daemon.log());
+
+    let mut quiet = place.daemon_with_env(&config, &[("KEEL_LOG", "off")]);
+    quiet.wait_for(&["ready"]);
+    let run = place.json(&["job", "trigger", "big", "--json"])["run"]
+        .as_u64()
+        .expect("a run id");
+    quiet.wait_for(&[&format!("run-{run} of job big succeeded")]);
+    quiet.signal("TERM");
+    assert!(quiet.wait_exit().success(), "{}", quiet.log());
+    assert!(!quiet.log().contains("WARN"), "{}", quiet.log());
 }
