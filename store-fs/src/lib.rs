@@ -123,6 +123,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::File;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -472,11 +473,17 @@ impl Store for FsStore {
 
     fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
         self.read_with(|state| {
-            let below = match query.before {
-                Some(before) => state.runs.range(..before),
-                None => state.runs.range(..),
-            };
-            query.page(below.rev().map(|(_, run)| run))
+            let upper = query.before.map_or(Bound::Unbounded, Bound::Excluded);
+            let below = (Bound::Unbounded, upper);
+            match &query.job {
+                // One job's history: walk its index, not every stored run.
+                Some(job) => {
+                    let ids = state.index.runs_of_job.get(job);
+                    let ids = ids.into_iter().flat_map(|ids| ids.range(below).rev());
+                    query.page(ids.filter_map(|id| state.runs.get(id)))
+                }
+                None => query.page(state.runs.range(below).rev().map(|(_, run)| run)),
+            }
         })
     }
 

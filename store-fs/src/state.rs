@@ -28,6 +28,20 @@ pub(crate) struct State {
     pub(crate) meta: Meta,
     /// The epoch whose batches are accepted (0 until the first `restore`).
     pub(crate) writer_epoch: u64,
+    /// Derived indexes, kept in step by `insert_run`, `remove_run` and `insert_audit` so that
+    /// a prune and a job's history cost what they touch, not the size of the store.
+    pub(crate) index: Index,
+}
+
+/// Indexes derived from `runs` and `audit`; never written, rebuilt as a snapshot loads.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Index {
+    /// Every stored run of each job.
+    pub(crate) runs_of_job: BTreeMap<JobId, BTreeSet<RunId>>,
+    /// The terminal runs of each job, by finish time: what `PruneHistory` chooses from.
+    finished: BTreeMap<JobId, BTreeSet<(Timestamp, RunId)>>,
+    /// The audit records of each run.
+    audit_of_run: BTreeMap<RunId, BTreeSet<u64>>,
 }
 
 impl State {
@@ -150,12 +164,8 @@ impl State {
                 SnapshotFrame::Job(job) => {
                     state.jobs.insert(job.spec.id.clone(), job);
                 }
-                SnapshotFrame::Run(run) => {
-                    state.runs.insert(run.id, run);
-                }
-                SnapshotFrame::Audit(record) => {
-                    state.audit.insert(record.seq, record);
-                }
+                SnapshotFrame::Run(run) => state.insert_run(run),
+                SnapshotFrame::Audit(record) => state.insert_audit(record),
                 SnapshotFrame::Slot(claim) => {
                     state.slots.insert((claim.job, claim.slot), claim.run);
                 }
@@ -188,11 +198,9 @@ impl State {
                 if let Some(slot) = run.slot() {
                     self.slots.insert((run.job.clone(), slot), run.id);
                 }
-                self.runs.insert(run.id, run.clone());
+                self.insert_run(run.clone());
             }
-            Record::Audit(record) => {
-                self.audit.insert(record.seq, record.clone());
-            }
+            Record::Audit(record) => self.insert_audit(record.clone()),
             Record::PruneHistory {
                 job,
                 keep_last,
@@ -219,39 +227,103 @@ impl State {
     }
 
     /// Deletes terminal runs the history policy no longer keeps, with their audit records:
-    /// per job, all but the newest `keep_last` (by finish time), and all finished before
-    /// `finished_before`. Slot claims stay, so a pruned slot still never fires twice.
+    /// per job, all but the newest `keep_last` (by finish time, then id), and all finished
+    /// before `finished_before`. Slot claims stay, so a pruned slot still never fires twice.
+    /// Costs the jobs it looks at and the runs it deletes, through the `finished` index.
     fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
-        let mut per_job: BTreeMap<&JobId, Vec<(Timestamp, RunId)>> = BTreeMap::new();
-        for run in self.runs.values() {
-            if job.is_some_and(|j| j != &run.job) {
-                continue;
-            }
-            if let Some(finished) = run.finished_at.filter(|_| run.state.is_terminal()) {
-                per_job
-                    .entry(&run.job)
-                    .or_default()
-                    .push((finished, run.id));
-            }
+        let mut doomed = Vec::new();
+        let jobs: Vec<&BTreeSet<(Timestamp, RunId)>> = match job {
+            Some(job) => self.index.finished.get(job).into_iter().collect(),
+            None => self.index.finished.values().collect(),
+        };
+        for finished in jobs {
+            // Oldest first: the doomed runs are a prefix, those beyond the newest
+            // `keep_last` and those finished before the cut-off.
+            let beyond_kept = finished.len().saturating_sub(keep_last as usize);
+            let too_old = finished
+                .iter()
+                .take_while(|(at, _)| *at < finished_before)
+                .count();
+            let cut = beyond_kept.max(too_old);
+            doomed.extend(finished.iter().take(cut).map(|(_, id)| *id));
         }
-        let mut doomed = BTreeSet::new();
-        for (_, mut finished) in per_job {
-            finished.sort_unstable_by(|a, b| b.cmp(a)); // newest first
-            for (i, (at, id)) in finished.into_iter().enumerate() {
-                if i >= keep_last as usize || at < finished_before {
-                    doomed.insert(id);
-                }
-            }
+        for id in doomed {
+            self.remove_run(id);
         }
-        if doomed.is_empty() {
-            return;
-        }
-        for id in &doomed {
-            self.runs.remove(id);
-        }
-        self.audit
-            .retain(|_, a| a.run.is_none_or(|run| !doomed.contains(&run)));
     }
+
+    /// Inserts or replaces a run, keeping the indexes in step.
+    fn insert_run(&mut self, run: Run) {
+        if let Some(old) = self.runs.get(&run.id) {
+            let (id, job, finished) = (old.id, old.job.clone(), finished_key(old));
+            self.unindex_run(id, &job, finished);
+        }
+        self.index
+            .runs_of_job
+            .entry(run.job.clone())
+            .or_default()
+            .insert(run.id);
+        if let Some(key) = finished_key(&run) {
+            self.index
+                .finished
+                .entry(run.job.clone())
+                .or_default()
+                .insert(key);
+        }
+        self.runs.insert(run.id, run);
+    }
+
+    /// Deletes a run and its audit records (its slot claim stays).
+    fn remove_run(&mut self, id: RunId) {
+        let Some(run) = self.runs.remove(&id) else {
+            return;
+        };
+        let finished = finished_key(&run);
+        self.unindex_run(id, &run.job, finished);
+        for seq in self.index.audit_of_run.remove(&id).unwrap_or_default() {
+            self.audit.remove(&seq);
+        }
+    }
+
+    fn unindex_run(&mut self, id: RunId, job: &JobId, finished: Option<(Timestamp, RunId)>) {
+        if let Some(runs) = self.index.runs_of_job.get_mut(job) {
+            runs.remove(&id);
+            if runs.is_empty() {
+                self.index.runs_of_job.remove(job);
+            }
+        }
+        if let (Some(key), Some(set)) = (finished, self.index.finished.get_mut(job)) {
+            set.remove(&key);
+            if set.is_empty() {
+                self.index.finished.remove(job);
+            }
+        }
+    }
+
+    /// Inserts or replaces an audit record, keeping the per-run index in step.
+    fn insert_audit(&mut self, record: AuditRecord) {
+        if let Some(old_run) = self.audit.get(&record.seq).and_then(|old| old.run) {
+            if let Some(seqs) = self.index.audit_of_run.get_mut(&old_run) {
+                seqs.remove(&record.seq);
+            }
+        }
+        if let Some(run) = record.run {
+            self.index
+                .audit_of_run
+                .entry(run)
+                .or_default()
+                .insert(record.seq);
+        }
+        self.audit.insert(record.seq, record);
+    }
+}
+
+/// Where a run sits in the `finished` index: terminal runs with a finish time, the ones
+/// `PruneHistory` considers (as `MemStore` does).
+fn finished_key(run: &Run) -> Option<(Timestamp, RunId)> {
+    run.finished_at
+        .filter(|_| run.state.is_terminal())
+        .map(|at| (at, run.id))
 }
 
 impl StoredView for State {
