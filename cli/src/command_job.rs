@@ -131,11 +131,43 @@
 //! is retried at the next start, from its last checkpoint (this uses one of its attempts). A
 //! command still running when a shutdown's budget is spent is killed, and its run is recovered
 //! at the next start like one interrupted by a crash.
+//!
+//! # After a crash
+//!
+//! Its own process group lets a command outlive a daemon killed with SIGKILL, one that crashed,
+//! or one stopped at once by a second signal. The next daemon recovers the run at once and starts
+//! a new attempt. keel executes at least once, but an attempt known to be dead must not run
+//! beside the one that replaces it, so on Linux:
+//!
+//! - While a command runs, [`handler`] records it in its attempts directory (`keel run`:
+//!   `<data-dir>/attempts`, 0700) as `<run>-<attempt>` (`run-42-1`, 0600): the process group
+//!   id (the command's pid), the command's start time (field 22 of `/proc/<pid>/stat`, in clock
+//!   ticks since boot) and the boot id. The record is written right after the command starts,
+//!   before the attempt does anything else, and removed once the command has exited and been reaped, or was killed with
+//!   its group (a watchdog abort, a shutdown whose budget ran out).
+//! - At its start, once it holds `daemon.lock` and before the runtime recovers any attempt, the
+//!   daemon calls [`kill_leftovers`]. For each record whose process still runs with the recorded
+//!   start time and boot, it sends SIGKILL to the whole process group (no SIGTERM first: nobody
+//!   is left to wait for it), waits for the group to be gone (5 s at most) and logs `killed the
+//!   leftover command of run-42 attempt 1 (pgid 4711) from a previous daemon`, before `ready`.
+//!   A pid reused by another process since has another start time and is left alone. Every
+//!   record is then removed; a file that cannot be read or parsed is logged and removed.
+//! - A command whose record cannot be written is killed at once; the attempt ends as a
+//!   retryable failure ("cannot record … it was killed rather than left to run untracked").
+//!
+//! Not covered: a daemon killed in the instant between starting a command and recording it;
+//! processes a command started that outlive the command itself (once its own process has
+//! exited, the record is not acted on, just as keel does not stop such processes when a command
+//! exits normally, see "Output"); processes that left the command's process group. On other
+//! systems (no `/proc`) nothing is recorded and nothing is killed: a command left running by a
+//! dead daemon runs on beside the next attempt until it ends: where that matters, fence the
+//! command's writes with `KEEL_FENCING_TOKEN`, which storage that supports fencing refuses from
+//! an older attempt.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use keel_core::{limits, Outcome};
@@ -145,6 +177,10 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+mod leftovers;
+
+pub use leftovers::{kill_leftovers, Decision, Leftover};
 
 /// The job kind of command jobs.
 pub const KIND: &str = "command";
@@ -478,8 +514,14 @@ impl ExitCodes {
 
 /// The handler for jobs of kind [`KIND`]: runs the command of the job's payload (see the
 /// module docs).
-pub fn handler() -> impl Handler {
-    |ctx: AttemptContext| run_attempt(ctx)
+///
+/// Each command is recorded in `attempts_dir` while it runs (module docs, "After a crash"), so
+/// that [`kill_leftovers`] can kill the commands a crashed process left running: call it with
+/// the same directory before the runtime starts, while no other process uses the directory.
+/// `keel run` uses `<data-dir>/attempts`.
+pub fn handler(attempts_dir: PathBuf) -> impl Handler {
+    let attempts_dir: Arc<Path> = attempts_dir.into();
+    move |ctx: AttemptContext| run_attempt(ctx, Arc::clone(&attempts_dir))
 }
 
 /// What an exit status means: `code` if the command exited, `signal` if a signal killed it.
@@ -576,7 +618,7 @@ enum Stopped {
     Killed,
 }
 
-async fn run_attempt(mut ctx: AttemptContext) -> Outcome {
+async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcome {
     let spec = match CommandSpec::from_payload(&ctx.payload) {
         Ok(spec) => spec,
         Err(e) => {
@@ -604,7 +646,32 @@ async fn run_attempt(mut ctx: AttemptContext) -> Outcome {
         Err(e) => return spawn_failed(&spec, &e),
     };
     let pid = child.id();
-    let mut group = GroupGuard { pgid: pid };
+    let mut group = GroupGuard {
+        pgid: pid,
+        record: None,
+    };
+    if let Some(pgid) = pid {
+        // Before anything is awaited, so that the attempt cannot be dropped between the start
+        // and the record. (A daemon killed in between leaves the command unrecorded.)
+        match leftovers::record(&attempts_dir, ctx.run, ctx.attempt, pgid) {
+            Ok(record) => group.record = record,
+            Err(e) => {
+                // Untracked, a daemon crash would leave it running beside the next attempt.
+                signal_group(pid, "KILL", &mut child).await;
+                if child.wait().await.is_ok() {
+                    group.reaped();
+                }
+                return Outcome::Retryable {
+                    message: format!(
+                        "cannot record {} (process group {pgid}) in {}: {e}; it was killed \
+                         rather than left to run untracked",
+                        spec.label(),
+                        attempts_dir.display()
+                    ),
+                };
+            }
+        }
+    }
     let capture = spec.capture_bytes.unwrap_or(CAPTURE_BYTES_DEFAULT);
     let stdout_tail = Mutex::new(Tail::new(capture));
     let stderr_tail = Mutex::new(Tail::new(capture));
@@ -637,7 +704,7 @@ async fn run_attempt(mut ctx: AttemptContext) -> Outcome {
             result = child.wait(), if status.is_none() => {
                 if result.is_ok() {
                     // Reaped: its pid, and so the group's id, may be reused from now on.
-                    group.pgid = None;
+                    group.reaped();
                 }
                 status = Some(result);
                 drain_until = Some(Instant::now() + OUTPUT_DRAIN_AFTER_EXIT);
@@ -938,11 +1005,25 @@ async fn signal_group(pgid: Option<u32>, signal: &str, child: &mut Child) {
 
 /// Kills the command's process group with SIGKILL when the attempt is dropped before the
 /// command was reaped: the watchdog aborted the attempt, or the runtime stopped. (tokio's
-/// `kill_on_drop` kills the command itself, not what it started.)
+/// `kill_on_drop` kills the command itself, not what it started.) Removes the command's record
+/// once it is reaped, or killed.
 #[derive(Debug)]
 struct GroupGuard {
     /// Cleared once the command is reaped.
     pgid: Option<u32>,
+    /// The command's record in the attempts directory, if it has one.
+    record: Option<PathBuf>,
+}
+
+impl GroupGuard {
+    /// The command was reaped: its pid may be reused from now on, and no crash can leave it
+    /// running.
+    fn reaped(&mut self) {
+        self.pgid = None;
+        if let Some(record) = self.record.take() {
+            leftovers::remove(&record);
+        }
+    }
 }
 
 impl Drop for GroupGuard {
@@ -950,16 +1031,44 @@ impl Drop for GroupGuard {
         #[cfg(unix)]
         if let Some(pgid) = self.pgid {
             // Blocking, but brief (a fork and an exec), and only on an abort.
-            let _ = std::process::Command::new("sh")
-                .arg("-c")
-                .arg("kill -s KILL -- \"-$0\"")
-                .arg(pgid.to_string())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            if let Err(e) = kill_group(pgid) {
+                // The record stays: the next start kills the group.
+                tracing::warn!(error = %e, pgid, "kill of the command's group failed");
+                return;
+            }
+        }
+        if let Some(record) = self.record.take() {
+            leftovers::remove(&record);
         }
     }
+}
+
+/// Sends SIGKILL to process group `pgid`, blocking the thread until it is sent.
+fn kill_group(pgid: u32) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        // No new dependency for kill(2): the shell's `kill` builtin.
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("kill -s KILL -- \"-$0\"")
+            .arg(pgid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "`kill -s KILL -- -{pgid}` failed ({status})"
+            )))
+        }
+    }
+    #[cfg(not(unix))]
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        format!("cannot signal process group {pgid} here"),
+    ))
 }
 
 // ----- reading the output -------------------------------------------------------------------
@@ -1626,6 +1735,9 @@ mod tests {
         store: SharedMemStore,
         events: broadcast::Receiver<Event>,
         finished: BTreeSet<RunId>,
+        /// The handler's attempts directory, and the temporary directory it is in.
+        attempts: PathBuf,
+        tmp: TempDir,
     }
 
     impl Keel {
@@ -1634,12 +1746,19 @@ mod tests {
         }
 
         async fn start_with(config: Config) -> Keel {
+            let tmp = TempDir::new("keel-command-job").unwrap();
+            let attempts = tmp.path().join("attempts");
+            Keel::start_at(config, tmp, attempts).await
+        }
+
+        /// A runtime whose handler records its commands in `attempts`.
+        async fn start_at(config: Config, tmp: TempDir, attempts: PathBuf) -> Keel {
             let store = SharedMemStore::new();
             let runtime = Runtime::builder(Arc::new(store.clone()))
                 .config(config)
                 .clock(Clock::starting_at(T0))
                 .seed(7)
-                .handler(KIND, handler())
+                .handler(KIND, handler(attempts.clone()))
                 .start()
                 .await
                 .unwrap();
@@ -1651,6 +1770,8 @@ mod tests {
                 store,
                 events,
                 finished: BTreeSet::new(),
+                attempts,
+                tmp,
             }
         }
 
@@ -1713,8 +1834,21 @@ mod tests {
                 .expect("the checkpoint is saved");
         }
 
+        /// Stops the runtime, and checks that no command's record is left behind: each was
+        /// removed once its command was reaped.
         async fn stop(self) {
+            let attempts = self.attempts.clone();
+            let _tmp = self.stop_unchecked().await;
+            let left: Vec<PathBuf> = std::fs::read_dir(&attempts)
+                .map(|dir| dir.map(|entry| entry.unwrap().path()).collect())
+                .unwrap_or_default();
+            assert_eq!(left, Vec::<PathBuf>::new(), "records left behind");
+        }
+
+        /// Stops the runtime; returns the temporary directory, still there.
+        async fn stop_unchecked(self) -> TempDir {
             self.runtime.shutdown(Duration::from_secs(5)).await.unwrap();
+            self.tmp
         }
     }
 
@@ -2160,7 +2294,9 @@ mod tests {
         job.timeout_ms = Some(200);
         let run = keel.trigger_job(job).await;
         let record = keel.finished(run).await;
-        keel.stop().await;
+        // The attempt's task is dropped, killing the group and then removing the command's
+        // record, after the run is recorded: not necessarily by now.
+        keel.stop_unchecked().await;
         assert_eq!(record.state, RunState::Failed);
         assert_eq!(error_of(&record).0, ErrorKind::TimedOut);
         let read = tokio::time::timeout(PATIENCE, gone).await;
@@ -2243,5 +2379,63 @@ mod tests {
             let pid = std::fs::read_to_string(pid).unwrap();
             let _ = std::process::Command::new("kill").arg(pid.trim()).status();
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_running_command_is_recorded_until_it_is_reaped() {
+        let dir = TempDir::new("keel-command-job").unwrap();
+        let pid_file = dir.path().join("pid");
+        let script = r#"echo $$ > "$1"; echo '::keel checkpoint started'; exec sleep 300"#;
+        let mut keel = Keel::start().await;
+        let run = keel
+            .trigger(
+                "recorded",
+                &sh(script, &[pid_file.to_str().unwrap()]),
+                quick_retries(1),
+            )
+            .await;
+        keel.checkpoint_saved(run).await;
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let record = leftovers::Record::read(&keel.attempts.join(format!("{run}-1"))).unwrap();
+        assert_eq!((record.run, record.attempt.0, record.pgid), (run, 1, pid));
+        assert_eq!(
+            Some(record.start_ticks),
+            leftovers::proc_stat(pid).map(|stat| stat.start_ticks)
+        );
+        assert_eq!(leftovers::decide(&record), Decision::Kill, "it runs");
+        keel.handle.cancel_run(run).await.unwrap();
+        assert_eq!(keel.finished(run).await.state, RunState::Cancelled);
+        // `stop` checks that the record is gone.
+        keel.stop().await;
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_that_cannot_be_recorded_is_killed_and_fails_retryable() {
+        let tmp = TempDir::new("keel-command-job").unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        // Under a regular file: the directory cannot be created.
+        let attempts = file.join("attempts");
+        let mut keel = Keel::start_at(Config::default(), tmp, attempts).await;
+        // Finishing within the test's patience shows the `sleep` did not run on.
+        let run = keel
+            .trigger("unrecorded", &spec(&["sleep", "300"]), quick_retries(1))
+            .await;
+        let run = keel.finished(run).await;
+        assert_eq!(run.state, RunState::Failed);
+        let (kind, message) = error_of(&run);
+        assert_eq!(kind, ErrorKind::Retryable);
+        assert!(
+            message.starts_with("cannot record `sleep` (process group ")
+                && message.ends_with("it was killed rather than left to run untracked"),
+            "{message}"
+        );
+        keel.stop().await;
     }
 }

@@ -5,12 +5,15 @@
 //!    (standby); it takes over when that daemon stops or dies. Only the lock holder writes,
 //!    so two daemons never run the same slot twice (the store's writer epochs would refuse
 //!    the loser's writes anyway).
-//! 3. Starts a `keel_runtime::Runtime` with the command-job handler, the config's lease and
+//! 3. Kills the commands a previous daemon that died left running (`<data-dir>/attempts`, see
+//!    `command_job`), before any attempt is recovered, so that none runs beside the attempt
+//!    that replaces it.
+//! 4. Starts a `keel_runtime::Runtime` with the command-job handler, the config's lease and
 //!    delivery timings, and a webhook sink for every `notify` URL of the stored and configured
 //!    jobs, then adds or updates the config's jobs.
-//! 4. Serves `<data-dir>/keel.sock` (0600, line-delimited JSON, see `protocol`), logs every
+//! 5. Serves `<data-dir>/keel.sock` (0600, line-delimited JSON, see `protocol`), logs every
 //!    event as one line on stderr, and serves Prometheus metrics if the config asks.
-//! 5. Stops gracefully on SIGINT or SIGTERM within the shutdown budget, removes the socket and
+//! 6. Stops gracefully on SIGINT or SIGTERM within the shutdown budget, removes the socket and
 //!    releases the lock. A second signal stops at once.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -60,13 +63,17 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         log("stopped while waiting for the other daemon");
         return Ok(());
     };
+    kill_leftover_commands(place).await?;
     let opened = place.open_store()?;
     let store = opened.store();
     let snapshot = read(&store).await?;
 
     let mut builder = Runtime::builder(Arc::clone(&store))
         .config(core_config(config.as_ref()))
-        .handler(command_job::KIND, command_job::handler())
+        .handler(
+            command_job::KIND,
+            command_job::handler(place.attempts_dir()),
+        )
         .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
     let webhooks = notify_urls(&snapshot, config.as_ref());
     for url in &webhooks {
@@ -221,6 +228,27 @@ async fn take_lock(place: &Place, signals: &mut Signals) -> Result<Option<Daemon
         }
         () = signals.recv() => Ok(None),
     }
+}
+
+/// Kills the commands that a previous daemon, which died, left running: the runtime is about
+/// to recover their attempts and start new ones. Fails if the records cannot be listed, rather
+/// than risk running two attempts of a run at once.
+async fn kill_leftover_commands(place: &Place) -> Result<(), Failure> {
+    let dir = place.attempts_dir();
+    let listed = dir.clone();
+    let found = tokio::task::spawn_blocking(move || command_job::kill_leftovers(&listed))
+        .await
+        .map_err(|e| Failure::runtime(format!("the search for leftover commands failed: {e}")))?
+        .map_err(|e| {
+            Failure::runtime(format!(
+                "cannot list {} (the commands a previous daemon may have left running): {e}",
+                dir.display()
+            ))
+        })?;
+    for leftover in found.iter().filter(|leftover| leftover.is_notable()) {
+        log(&leftover.to_string());
+    }
+    Ok(())
 }
 
 async fn read(store: &Arc<dyn Store>) -> Result<Snapshot, Failure> {

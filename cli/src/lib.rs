@@ -9,10 +9,10 @@
 //! | `direct` | commands applied to the store when no daemon runs |
 //! | `protocol` | the control socket's requests and responses |
 //! | `client` | the socket's client side |
-//! | `place` | the data directory: store, daemon lock, socket |
+//! | `place` | the data directory: store, daemon lock, socket, records of running commands |
 //! | `config` | keel.toml |
 //! | `jobdef` | a job as flags or config, and its `JobSpec` |
-//! | `command_job` | the handler of command jobs |
+//! | `command_job` | the handler of command jobs, and the kill of commands a crashed daemon left running |
 //! | `doctor` | `keel doctor` |
 //! | `logging` | the tracing subscriber: library warnings on stderr, `KEEL_LOG` |
 //! | `show`, `table`, `duration` | human output and input |

@@ -7,6 +7,7 @@
 //! | `<dir>/sled/` | the sled store, with `--store sled` |
 //! | `<dir>/daemon.lock` | held by the one process acting as the store's writer: the daemon, or a command working on the store while no daemon runs; holds `<pid> <role>` |
 //! | `<dir>/keel.sock` | the daemon's control socket (0600), removed when it stops |
+//! | `<dir>/attempts/` | the daemon's commands while they run (0700; a file per command, 0600), so that the next daemon can kill those a crash left running (`command_job` module docs) |
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -26,6 +27,8 @@ pub(crate) const SOCKET_FILE: &str = "keel.sock";
 pub(crate) const LOCK_FILE: &str = "daemon.lock";
 /// The sled store's directory, inside the data directory.
 pub(crate) const SLED_DIR: &str = "sled";
+/// Where the daemon records its running commands, inside the data directory.
+pub(crate) const ATTEMPTS_DIR: &str = "attempts";
 
 /// A data directory and the store adapter it holds.
 #[derive(Clone, Debug)]
@@ -58,6 +61,11 @@ impl Place {
 
     pub(crate) fn lock_path(&self) -> PathBuf {
         self.dir.join(LOCK_FILE)
+    }
+
+    /// The command-job handler's records of running commands.
+    pub(crate) fn attempts_dir(&self) -> PathBuf {
+        self.dir.join(ATTEMPTS_DIR)
     }
 
     /// Fails unless the data directory exists (for commands that only read).

@@ -319,6 +319,30 @@ impl Drop for Gate {
     }
 }
 
+/// The process group id an attempt's command wrote to `pgid-<attempt>` (its pid: it leads a
+/// group of its own), once it has (the test waits for a line it prints after that).
+#[track_caller]
+fn pgid_of(place: &Place, attempt: u32) -> u32 {
+    let path = place.path(&format!("pgid-{attempt}"));
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+/// The daemon's records of running commands (`<data>/attempts`), by name.
+fn records(place: &Place) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(place.data().join("attempts"))
+        .map(|dir| {
+            dir.filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// The processes of group `pgid` that are still alive (zombies left aside), from /proc;
 /// nothing where there is no /proc.
 fn live_in_group(pgid: u32) -> Vec<u32> {
@@ -336,6 +360,44 @@ fn live_in_group(pgid: u32) -> Vec<u32> {
             (pgrp == pgid && !matches!(state, "Z" | "X")).then_some(pid)
         })
         .collect()
+}
+
+/// The attempts of `run` (`run-N`) whose commands have a live process (zombies aside) working
+/// in `place` (tests run at once, each with its own `run-1`), from their environment
+/// (`KEEL_RUN_ID`, `KEEL_ATTEMPT`) in /proc, each once, in order.
+fn live_attempts(place: &Place, run: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let here = place
+        .tmp
+        .path()
+        .canonicalize()
+        .expect("the test's directory");
+    let mut attempts: Vec<u32> = entries
+        .filter_map(|entry| {
+            let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.get(stat.rfind(')')? + 2..)?.split(' ').next()?;
+            let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            if matches!(state, "Z" | "X") || cwd != here {
+                return None;
+            }
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let var = |name: &str| {
+                environ.split(|&b| b == 0).find_map(|pair| {
+                    let pair = std::str::from_utf8(pair).ok()?;
+                    pair.strip_prefix(name)?
+                        .strip_prefix('=')
+                        .map(str::to_string)
+                })
+            };
+            (var("KEEL_RUN_ID")? == run).then(|| var("KEEL_ATTEMPT")?.parse().ok())?
+        })
+        .collect();
+    attempts.sort_unstable();
+    attempts.dedup();
+    attempts
 }
 
 /// One request a [`Hook`] received, and what it answered.
@@ -881,9 +943,11 @@ command = ["sh", "-c", "trap '' TERM; echo $$ > pgid; echo '::keel checkpoint tr
         Vec::<u32>::new(),
         "the command outlived the daemon"
     );
-    // The attempt it left is still on record, to be recovered at the next start.
+    // The attempt it left is still on record, to be recovered at the next start; the command's
+    // record is gone with the command.
     let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
     assert_eq!(runs[0]["state"]["state"], "running", "{runs}");
+    assert_eq!(records(&place), Vec::<String>::new());
 }
 
 #[test]
@@ -963,24 +1027,84 @@ fn a_run_triggered_without_a_daemon_starts_when_the_daemon_does() {
 #[test]
 fn a_daemon_killed_mid_attempt_is_recovered_at_once_by_the_next() {
     let place = Place::new("recover");
+    // Each attempt writes its pid, its process group's id, to pgid-N. The first saves a
+    // checkpoint and waits for the gate in a child process; the second, resumed from the
+    // checkpoint, saves one too and waits for the gate itself.
+    place.write(
+        "job.sh",
+        r#"echo $$ > "pgid-$KEEL_ATTEMPT"
+if [ "$KEEL_ATTEMPT" = 1 ]; then
+  echo '::keel checkpoint half'
+  cat gate > /dev/null
+  exit 1
+fi
+echo '::keel checkpoint again'
+read -r _ < gate
+echo "resumed from $KEEL_CHECKPOINT"
+"#,
+    );
     let config = place.write(
         "keel.toml",
         r#"
 [[job]]
 name = "slow"
 at = "+0s"
-command = ["sh", "-c", "if [ \"$KEEL_ATTEMPT\" = 1 ]; then echo '::keel checkpoint half'; sleep 15; fi; echo \"resumed from $KEEL_CHECKPOINT\""]
+cwd = "."
+command = ["sh", "job.sh"]
 "#,
     );
+    let gate = Gate::new(place.path("gate"));
     let mut first = place.daemon(&config);
-    first.wait_for(&["checkpoint #1 saved"]);
-    // Its `sleep` outlives it, orphaned, and ends by itself.
+    let run = run_of(&first.wait_for(&["checkpoint #1 saved"]));
+    let orphan = pgid_of(&place, 1);
+    let linux = cfg!(target_os = "linux");
+    if linux {
+        let record = place.data().join("attempts").join(format!("{run}-1"));
+        assert!(record.exists(), "the running command is recorded");
+    }
     first.signal("KILL");
     first.wait_exit();
+    if linux {
+        assert!(
+            !live_in_group(orphan).is_empty(),
+            "the command outlives the daemon"
+        );
+        assert_eq!(live_attempts(&place, &run), [1]);
+    }
 
     // Not after the lease expires (40 s): at once, from the checkpoint.
     let started = Instant::now();
     let mut second = place.daemon(&config);
+    if linux {
+        // Before anything runs (the daemon waits for the group to be gone before it says so).
+        let killed = format!(
+            "killed the leftover command of {run} attempt 1 (pgid {orphan}) from a previous \
+             daemon"
+        );
+        second.wait_for(&[&killed]);
+        assert_eq!(
+            live_in_group(orphan),
+            Vec::<u32>::new(),
+            "the orphaned command and its child are gone"
+        );
+        second.wait_for(&["ready"]);
+        let log = second.log();
+        let before = |a: &str, b: &str| log.find(a).zip(log.find(b)).is_some_and(|(a, b)| a < b);
+        assert!(before(&killed, "ready"), "{log}");
+    }
+    // The second attempt runs, alone.
+    second.wait_for(&[&format!("{run} checkpoint")]);
+    let successor = pgid_of(&place, 2);
+    if linux {
+        assert!(!live_in_group(successor).is_empty(), "{}", second.log());
+        assert_eq!(live_in_group(orphan), Vec::<u32>::new());
+        assert_eq!(
+            live_attempts(&place, &run),
+            [2],
+            "only the second attempt's command runs"
+        );
+    }
+    gate.open();
     second.wait_for(&["of job slow succeeded", "resumed from half"]);
     assert!(
         started.elapsed() < Duration::from_secs(10),
@@ -990,6 +1114,7 @@ command = ["sh", "-c", "if [ \"$KEEL_ATTEMPT\" = 1 ]; then echo '::keel checkpoi
     assert!(!second.log().contains("reclaimed"), "{}", second.log());
     second.signal("TERM");
     assert!(second.wait_exit().success(), "{}", second.log());
+    assert_eq!(records(&place), Vec::<String>::new());
 }
 
 #[test]
@@ -1054,6 +1179,11 @@ command = ["sh", "job.sh"]
     assert_eq!(first.wait_exit().code(), None, "killed by a signal");
 
     let mut second = place.daemon(&config);
+    if cfg!(target_os = "linux") {
+        second.wait_for(&[&format!(
+            "killed the leftover command of {run} attempt 1 (pgid "
+        )]);
+    }
     second.wait_for(&[
         &format!("{run} of job resumable succeeded"),
         "finished from step-1",
@@ -1082,7 +1212,8 @@ command = ["sh", "job.sh"]
         !started.contains("KEEL_CHECKPOINT="),
         "the first attempt had no checkpoint:\n{started}"
     );
-    // The first attempt is still blocked on the gate, orphaned by the kill: let it go.
+    // On Linux the second daemon killed the first attempt, orphaned by the kill and blocked on
+    // the gate; elsewhere it is still blocked there: let it go.
     gate.open();
 }
 
