@@ -38,6 +38,8 @@ pub(crate) struct State {
 pub(crate) struct Index {
     /// Every stored run of each job.
     pub(crate) runs_of_job: BTreeMap<JobId, BTreeSet<RunId>>,
+    /// The runs that are not terminal: what `restore` and `read` return.
+    active: BTreeSet<RunId>,
     /// The terminal runs of each job, by finish time: what `PruneHistory` chooses from.
     finished: BTreeMap<JobId, BTreeSet<(Timestamp, RunId)>>,
     /// The audit records of each run.
@@ -61,9 +63,10 @@ impl State {
     /// terminal, so that readers see a true value rather than 0.
     pub(crate) fn snapshot(&self) -> Snapshot {
         let runs: Vec<Run> = self
-            .runs
-            .values()
-            .filter(|r| !r.state.is_terminal())
+            .index
+            .active
+            .iter()
+            .filter_map(|id| self.runs.get(id))
             .cloned()
             .collect();
         let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
@@ -270,6 +273,9 @@ impl State {
                 .or_default()
                 .insert(key);
         }
+        if !run.state.is_terminal() {
+            self.index.active.insert(run.id);
+        }
         self.runs.insert(run.id, run);
     }
 
@@ -286,6 +292,7 @@ impl State {
     }
 
     fn unindex_run(&mut self, id: RunId, job: &JobId, finished: Option<(Timestamp, RunId)>) {
+        self.index.active.remove(&id);
         if let Some(runs) = self.index.runs_of_job.get_mut(job) {
             runs.remove(&id);
             if runs.is_empty() {

@@ -253,6 +253,11 @@ fn indexed_prune_matches_the_reference_store() {
             let audit: Vec<u64> = state.audit.keys().copied().collect();
             let expected: Vec<u64> = reference.audit().map(|a| a.seq).collect();
             assert_eq!(audit, expected, "seed {seed}, round {round}: audit differs");
+            assert_eq!(
+                state.snapshot().runs,
+                reference.snapshot().runs,
+                "seed {seed}, round {round}: the active runs differ"
+            );
         }
     }
 }
