@@ -161,6 +161,7 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
     // during start-up, and a second one, which stops at once.
     let stopper = handle.clone();
     let socket_path = socket.path.clone();
+    let attempts_dir = place.attempts_dir();
     tokio::spawn(async move {
         signals.recv().await;
         log(&format!(
@@ -170,6 +171,16 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         stopper.begin_shutdown(budget);
         signals.recv().await;
         log("second signal: stopping now; unfinished attempts are recovered at the next start");
+        // Their commands must not outlive the daemon: the next start would run the recovered
+        // attempt beside them.
+        let left = command_job::kill_leftovers(&attempts_dir).unwrap_or_default();
+        let killed = left
+            .iter()
+            .filter(|l| matches!(l, command_job::Leftover::Killed { .. }))
+            .count();
+        if killed > 0 {
+            log(&format!("killed {killed} running command(s)"));
+        }
         let _ = std::fs::remove_file(&socket_path);
         std::process::exit(130);
     });
@@ -535,7 +546,19 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
     let mut line = show::event_line(event);
     let detail = match event {
         Event::LeaseGranted { run, owner, token } => {
-            if let Ok(Some(run)) = handle.run(*run).await {
+            // A fast attempt may have finished (and left the scheduler's memory) already; its
+            // record is durable, since a grant is announced only then.
+            let id = *run;
+            let stored = Arc::clone(store);
+            let run = match handle.run(id).await {
+                Ok(Some(run)) => Some(run),
+                _ => tokio::task::spawn_blocking(move || stored.run(id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten(),
+            };
+            if let Some(run) = run {
                 let what = if owner.as_str() == DAEMON_WORKER {
                     "started".to_string()
                 } else {

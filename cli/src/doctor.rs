@@ -315,7 +315,13 @@ fn check_jobs(jobs: &[Job], findings: &mut Findings) {
     findings.add(
         Level::Ok,
         "jobs",
-        format!("{} job(s), {fine} runnable", jobs.len()),
+        format!(
+            "{} job(s): {fine} with a handler, {} disabled",
+            jobs.len(),
+            jobs.iter()
+                .filter(|job| matches!(job.state, JobState::Disabled { .. }))
+                .count()
+        ),
         None,
     );
 }

@@ -110,6 +110,17 @@ pub enum OverlapPolicy {
     Allow,
 }
 
+/// The policy as users write it: `skip`, `buffer-one`, `allow`.
+impl std::fmt::Display for OverlapPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            OverlapPolicy::Skip => "skip",
+            OverlapPolicy::BufferOne => "buffer-one",
+            OverlapPolicy::Allow => "allow",
+        })
+    }
+}
+
 /// Slots waiting for a job's active run to finish, oldest first. Almost always empty, so it is
 /// one pointer wide until a slot waits: it sits in every idle job.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

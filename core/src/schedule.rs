@@ -198,6 +198,17 @@ pub enum MisfirePolicy {
     },
 }
 
+/// The policy as users write it: `fire-once-now`, `skip`, `catch-up:N`.
+impl fmt::Display for MisfirePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MisfirePolicy::FireOnceNow => f.write_str("fire-once-now"),
+            MisfirePolicy::Skip => f.write_str("skip"),
+            MisfirePolicy::CatchUp { max } => write!(f, "catch-up:{max}"),
+        }
+    }
+}
+
 /// The slots a due job fires now, decided by [`Schedule::resolve_due`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Due {

@@ -1265,7 +1265,7 @@ impl Scheduler {
         }
         if due.dropped.counted > 0 {
             let reason = format!(
-                "misfire policy {policy:?} dropped {} missed slot(s)",
+                "misfire policy {policy} dropped {} missed slot(s)",
                 due.dropped
             );
             let dropped = due.dropped;
@@ -1309,7 +1309,7 @@ impl Scheduler {
             )
         } else {
             format!(
-                "overlap policy {:?}: slot {slot} dropped, a run is active",
+                "overlap policy {}: slot {slot} dropped, a run is active",
                 job.spec.overlap
             )
         };
