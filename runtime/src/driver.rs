@@ -35,7 +35,7 @@ use keel_core::outbox::{DeliveryId, DeliveryResult};
 use keel_core::scheduler::CheckpointSave;
 use keel_core::{
     AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected, RunId,
-    Scheduler, Store, StoreError, Timestamp, WorkerId,
+    Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -115,6 +115,7 @@ struct Executing {
     cancel: watch::Sender<bool>,
     abort: AbortHandle,
     renew_at: Instant,
+    started: Instant,
 }
 
 /// The driver's state.
@@ -133,6 +134,8 @@ pub(crate) struct Driver {
     /// Answers waiting for the batch numbered above their mark to be acknowledged.
     waiting: Vec<(u64, Reply)>,
     executing: HashMap<RunId, Executing>,
+    /// The tracing span of each run this process has started an attempt of, until it ends.
+    run_spans: HashMap<RunId, tracing::Span>,
     /// External claims waiting for their grant to be durable.
     pub(crate) claims: HashMap<RunId, oneshot::Sender<AttemptStart>>,
     deliveries_in_flight: usize,
@@ -165,6 +168,7 @@ impl Driver {
             batches_sent: 0,
             waiting: Vec::new(),
             executing: HashMap::new(),
+            run_spans: HashMap::new(),
             claims: HashMap::new(),
             deliveries_in_flight: 0,
             drain_until: None,
@@ -245,9 +249,12 @@ impl Driver {
                 token,
                 outcome,
             } => {
-                self.executing.remove(&run);
-                metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => outcome_label(&outcome))
-                    .increment(1);
+                let label = outcome_label(&outcome);
+                if let Some(executing) = self.executing.remove(&run) {
+                    metrics::histogram!(m::ATTEMPT_SECONDS, "outcome" => label)
+                        .record(executing.started.elapsed().as_secs_f64());
+                }
+                metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => label).increment(1);
                 if let Err(e) = self.core.handle_outcome(now, run, token, outcome) {
                     // The lease was reclaimed or the attempt killed: the late report changes
                     // nothing (SPEC L4).
@@ -407,6 +414,9 @@ impl Driver {
                 }
             }
             Effect::Event(event) => {
+                if let Event::RunFinished { run, .. } = &event {
+                    self.run_spans.remove(run);
+                }
                 crate::observe::event(&event);
                 let _ = self.events.send(event);
             }
@@ -439,7 +449,17 @@ impl Driver {
             cancel: cancel_rx,
             reports: self.tx.clone(),
         };
-        let span = tracing::info_span!("attempt", run = %start.run, job = %start.job, attempt = start.attempt.0, token = start.lease.token.0);
+        if let (Trigger::Scheduled { slot }, 1) = (start.trigger, start.attempt.0) {
+            let late_ms = self.clock.now().ms_since(slot);
+            metrics::histogram!(m::FIRING_LATENESS_SECONDS).record(late_ms as f64 / 1_000.0);
+        }
+        // One span per run, the parent of one span per attempt.
+        let run_span = self
+            .run_spans
+            .entry(start.run)
+            .or_insert_with(|| tracing::info_span!("run", run = %start.run, job = %start.job))
+            .clone();
+        let span = tracing::info_span!(parent: &run_span, "attempt", attempt = start.attempt.0, token = start.lease.token.0);
         // tokio catches a panicking handler and reports it through the `JoinError`.
         let task = tokio::spawn(tracing::Instrument::instrument(handler.call(ctx), span));
         let abort = task.abort_handle();
@@ -468,6 +488,7 @@ impl Driver {
                 cancel,
                 abort,
                 renew_at: Instant::now() + half_ttl,
+                started: Instant::now(),
             },
         );
     }

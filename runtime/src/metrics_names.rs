@@ -27,5 +27,8 @@ pub const BATCHES: &str = "keel_store_batches_total";
 pub const PERSIST_FAILURES: &str = "keel_store_failures_total";
 /// Slots dropped by misfire or overlap policies.
 pub const SLOTS_DROPPED: &str = "keel_slots_dropped_total";
-/// Seconds from a run's slot to the end of its run, by `state` (a histogram).
-pub const RUN_SECONDS: &str = "keel_run_seconds";
+/// Seconds an attempt's handler ran, by `outcome` (a histogram).
+pub const ATTEMPT_SECONDS: &str = "keel_attempt_seconds";
+/// Seconds from a scheduled slot to its attempt's handler starting: firing lateness, persist
+/// included (a histogram; retries and manual runs are not counted).
+pub const FIRING_LATENESS_SECONDS: &str = "keel_firing_lateness_seconds";

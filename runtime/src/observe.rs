@@ -10,7 +10,7 @@ use crate::metrics_names as m;
 pub(crate) fn event(event: &Event) {
     match event {
         Event::RunFinished { run, job, state } => {
-            let state = format!("{state:?}").to_lowercase();
+            let state = state.to_string();
             tracing::info!(%run, %job, %state, "run finished");
             metrics::counter!(m::RUNS_FINISHED, "state" => state).increment(1);
         }
@@ -54,7 +54,7 @@ pub(crate) fn event(event: &Event) {
             attempts,
             error,
         }) => {
-            let status = format!("{status:?}").to_lowercase();
+            let status = status.to_string();
             tracing::info!(%id, %sink, %run, %status, attempts, ?error, "delivery finished");
             metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink.to_string(), "status" => status)
                 .increment(1);

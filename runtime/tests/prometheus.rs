@@ -81,3 +81,47 @@ async fn a_non_loopback_address_is_refused_unless_allowed() {
     let response = http(local, "GET", "/metrics").await;
     assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
 }
+
+/// A real run through the runtime records the counters and histograms users scrape.
+#[tokio::test]
+async fn a_run_records_its_counters_and_histograms() {
+    use std::sync::Arc;
+
+    use keel_core::{Event, JobId, JobSpec, Outcome, ScheduleSpec};
+    use keel_runtime::{AttemptContext, Clock, Runtime};
+
+    let server = prometheus::serve("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let store = Arc::new(keel_testkit::SharedMemStore::new());
+    let clock = Clock::system();
+    let runtime = Runtime::builder(store)
+        .clock(clock)
+        .handler("work", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let at = clock.now().plus_ms(200);
+    let spec = JobSpec::new(JobId::new("metered").unwrap(), "work", ScheduleSpec::Once { at });
+    handle.add_job(spec).await.unwrap();
+    while !matches!(events.recv().await.unwrap(), Event::RunFinished { .. }) {}
+    handle.sync().await.unwrap();
+    let response = http(server.local_addr(), "GET", "/metrics").await;
+    for name in [
+        m::ATTEMPT_SECONDS,
+        m::FIRING_LATENESS_SECONDS,
+        m::ATTEMPTS_FINISHED,
+        m::RUNS_FINISHED,
+        m::LEASE_GRANTS,
+        m::BATCHES,
+    ] {
+        assert!(response.contains(name), "{name} missing from:\n{response}");
+    }
+    assert!(
+        response.contains("keel_runs_finished_total{state=\"succeeded\"} 1"),
+        "{response}"
+    );
+    runtime.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+}
