@@ -1746,7 +1746,7 @@ mod tests {
         }
 
         async fn start_with(config: Config) -> Keel {
-            let tmp = TempDir::new("keel-command-job").unwrap();
+            let tmp = TempDir::created("keel-command-job");
             let attempts = tmp.path().join("attempts");
             Keel::start_at(config, tmp, attempts).await
         }
@@ -2088,7 +2088,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn env_cwd_and_keel_variables_reach_the_command() {
-        let dir = TempDir::new("keel-command-job").unwrap();
+        let dir = TempDir::created("keel-command-job");
         let script = r#"
             echo "$GREETING from $(pwd -P)"
             echo "$KEEL_JOB|$KEEL_ATTEMPT|$KEEL_RUN_ID|$KEEL_IDEMPOTENCY_KEY|$KEEL_FENCING_TOKEN|${KEEL_CHECKPOINT-unset}"
@@ -2259,7 +2259,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_command_killed_by_the_watchdog_takes_its_process_group_with_it() {
-        let dir = TempDir::new("keel-command-job").unwrap();
+        let dir = TempDir::created("keel-command-job");
         let fifo = dir.path().join("fifo");
         let made = std::process::Command::new("mkfifo")
             .arg(&fifo)
@@ -2343,7 +2343,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_background_process_holding_the_output_does_not_hold_the_attempt() {
-        let dir = TempDir::new("keel-command-job").unwrap();
+        let dir = TempDir::created("keel-command-job");
         let pids = [dir.path().join("ok.pid"), dir.path().join("failed.pid")];
         // Each exits at once, leaving a background process that holds stdout open.
         let script = r#"sleep 300 & echo $! > "$1"; echo done; exit "$2""#;
@@ -2384,7 +2384,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_running_command_is_recorded_until_it_is_reaped() {
-        let dir = TempDir::new("keel-command-job").unwrap();
+        let dir = TempDir::created("keel-command-job");
         let pid_file = dir.path().join("pid");
         let script = r#"echo $$ > "$1"; echo '::keel checkpoint started'; exec sleep 300"#;
         let mut keel = Keel::start().await;
@@ -2417,7 +2417,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_command_that_cannot_be_recorded_is_killed_and_fails_retryable() {
-        let tmp = TempDir::new("keel-command-job").unwrap();
+        let tmp = TempDir::created("keel-command-job");
         let file = tmp.path().join("file");
         std::fs::write(&file, "").unwrap();
         // Under a regular file: the directory cannot be created.

@@ -29,7 +29,7 @@ struct Place {
 impl Place {
     fn new(name: &str) -> Place {
         Place {
-            tmp: TempDir::new(&format!("keel-e2e-{name}")).expect("a temporary directory"),
+            tmp: TempDir::created(&format!("keel-e2e-{name}")),
         }
     }
 

@@ -453,13 +453,21 @@ impl Driver {
             let late_ms = self.clock.now().ms_since(slot);
             metrics::histogram!(m::FIRING_LATENESS_SECONDS).record(late_ms as f64 / 1_000.0);
         }
-        // One span per run, the parent of one span per attempt.
+        // One span per run, the parent of one span per attempt (which repeats the run and job, so a
+        // subscriber that shows only the innermost span still names them).
         let run_span = self
             .run_spans
             .entry(start.run)
             .or_insert_with(|| tracing::info_span!("run", run = %start.run, job = %start.job))
             .clone();
-        let span = tracing::info_span!(parent: &run_span, "attempt", attempt = start.attempt.0, token = start.lease.token.0);
+        let span = tracing::info_span!(
+            parent: &run_span,
+            "attempt",
+            run = %start.run,
+            job = %start.job,
+            attempt = start.attempt.0,
+            token = start.lease.token.0
+        );
         // tokio catches a panicking handler and reports it through the `JoinError`.
         let task = tokio::spawn(tracing::Instrument::instrument(handler.call(ctx), span));
         let abort = task.abort_handle();

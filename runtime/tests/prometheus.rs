@@ -104,7 +104,11 @@ async fn a_run_records_its_counters_and_histograms() {
     let handle = runtime.handle();
     let mut events = handle.subscribe();
     let at = clock.now().plus_ms(200);
-    let spec = JobSpec::new(JobId::new("metered").unwrap(), "work", ScheduleSpec::Once { at });
+    let spec = JobSpec::new(
+        JobId::new("metered").unwrap(),
+        "work",
+        ScheduleSpec::Once { at },
+    );
     handle.add_job(spec).await.unwrap();
     while !matches!(events.recv().await.unwrap(), Event::RunFinished { .. }) {}
     handle.sync().await.unwrap();
@@ -123,5 +127,8 @@ async fn a_run_records_its_counters_and_histograms() {
         response.contains("keel_runs_finished_total{state=\"succeeded\"} 1"),
         "{response}"
     );
-    runtime.shutdown(std::time::Duration::from_secs(1)).await.unwrap();
+    runtime
+        .shutdown(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
 }

@@ -556,7 +556,7 @@ fn sh(script: &str, args: &[&str]) -> CommandSink {
 
 #[tokio::test]
 async fn command_exit_0_is_delivered_and_stdin_carries_the_json() {
-    let dir = TempDir::new("keel-command-sink").unwrap();
+    let dir = TempDir::created("keel-command-sink");
     let out = dir.path().join("stdin.json");
     let env = dir.path().join("env");
     let sink = sh(

@@ -262,7 +262,7 @@ struct Handoff {
 }
 
 fn suite(config: &Config, label: &str) -> Suite {
-    let probe = TempDir::new("keel-bench-probe").unwrap();
+    let probe = TempDir::created("keel-bench-probe");
     let storage = storage_of(probe.path());
     drop(probe);
     eprintln!(
@@ -478,7 +478,7 @@ fn batch_cost(width: u64) -> (f64, f64) {
     }
     let build_ns = (thread_cpu() - cpu) as f64 / n as f64;
 
-    let dir = TempDir::new("keel-bench-size").unwrap();
+    let dir = TempDir::created("keel-bench-size");
     let options = FsOptions {
         sync: false,
         ..FsOptions::default()
@@ -502,7 +502,7 @@ fn batch_cost(width: u64) -> (f64, f64) {
 // ----- the cases --------------------------------------------------------------------------------
 
 fn raw_fsync(length: Duration) -> Case {
-    let dir = TempDir::new("keel-bench-raw").unwrap();
+    let dir = TempDir::created("keel-bench-raw");
     let path = dir.path().join("raw");
     let mut file = OpenOptions::new()
         .create(true)
@@ -547,7 +547,7 @@ fn raw_fsync(length: Duration) -> Case {
 
 /// A fresh store, `restore`, then `threads` threads applying batches of `width` for `length`.
 fn write_case(name: &str, threads: usize, width: u64, length: Duration) -> Case {
-    let dir = TempDir::new("keel-bench-write").unwrap();
+    let dir = TempDir::created("keel-bench-write");
     let store = FsStore::open(dir.path()).unwrap();
     let epoch = store.restore().unwrap().meta.epoch + 1;
     let mut case = drive(&store, epoch, threads, width, Until::Elapsed(length));
@@ -621,7 +621,7 @@ fn drive(store: &FsStore, epoch: u64, threads: usize, width: u64, until: Until) 
 /// The writer applies batches of `width` while another process reads the store in a loop;
 /// then the reader goes on alone.
 fn contended(config: &Config, width: u64) -> Contention {
-    let dir = TempDir::new("keel-bench-contended").unwrap();
+    let dir = TempDir::created("keel-bench-contended");
     let store = FsStore::open(dir.path()).unwrap();
     let epoch = store.restore().unwrap().meta.epoch + 1;
     let mut reader = Command::new(env::current_exe().unwrap())
@@ -709,7 +709,7 @@ fn reader_child() {
 /// Builds a store of `config.handoff_runs` finished runs with a live writer (this process),
 /// then lets a new process take it over `config.handoffs` times.
 fn handoff(config: &Config, layout: &str, compact_after_bytes: u64) -> Handoff {
-    let dir = TempDir::new("keel-bench-handoff").unwrap();
+    let dir = TempDir::created("keel-bench-handoff");
     let options = FsOptions {
         compact_after_bytes,
         ..FsOptions::default()

@@ -1,7 +1,5 @@
 //! Tests that need the store's insides: group commit, and a state that survives a snapshot.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use keel_core::{
@@ -13,30 +11,7 @@ use super::*;
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "keel-store-fs-unit-{name}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use keel_testkit::TempDir;
 
 fn run(id: u64, job: &str, slot: Timestamp) -> Run {
     let terms = RunTerms {
@@ -72,7 +47,7 @@ fn batch(epoch: u64, n: u64, records: Vec<Record>) -> Batch {
 /// own conflict and keeps nobody else's batch out.
 #[test]
 fn concurrent_applies_share_one_fsync() {
-    let dir = TempDir::new("group");
+    let dir = TempDir::new("keel-store-fs-unit-group");
     let store = Arc::new(FsStore::open(dir.path()).unwrap());
     let epoch = store.restore().unwrap().meta.epoch + 1;
     let before = store.stats();
@@ -134,7 +109,7 @@ fn concurrent_applies_share_one_fsync() {
 /// batches: two runs claiming one slot in one group, one wins.
 #[test]
 fn a_group_checks_each_batch_against_the_ones_before_it() {
-    let dir = TempDir::new("group-order");
+    let dir = TempDir::new("keel-store-fs-unit-group-order");
     let store = Arc::new(FsStore::open(dir.path()).unwrap());
     let epoch = store.restore().unwrap().meta.epoch + 1;
     let held = store.inner();
@@ -166,7 +141,7 @@ fn a_group_checks_each_batch_against_the_ones_before_it() {
 /// claims of pruned runs and the writer epoch.
 #[test]
 fn state_survives_a_snapshot_exactly() {
-    let dir = TempDir::new("snapshot-state");
+    let dir = TempDir::new("keel-store-fs-unit-snapshot-state");
     let options = FsOptions {
         compact_after_bytes: u64::MAX,
         sync: false,

@@ -15,7 +15,7 @@ impl Harness for Fs {
     type Store = FsStore;
 
     fn fresh(&self) -> Opener<FsStore> {
-        let dir = Arc::new(TempDir::new("keel-store-fs-conformance").unwrap());
+        let dir = Arc::new(TempDir::new("keel-store-fs-conformance"));
         Box::new(move || FsStore::open(dir.path()).unwrap())
     }
 }

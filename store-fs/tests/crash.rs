@@ -311,7 +311,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         .unwrap_or(0x6b65656c);
     let mut rng = SplitMix64::new(seed);
     let exe = std::env::current_exe().unwrap();
-    let mut dir = keel_testkit::TempDir::new("keel-crash").unwrap();
+    let mut dir = keel_testkit::TempDir::new("keel-crash");
     let mut acknowledged = BTreeSet::new();
     let mut total_acknowledged = 0;
     let mut kills_before_ready = 0;
@@ -321,7 +321,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         if iteration % 25 == 0 && iteration > 0 {
             total_acknowledged += acknowledged.len();
             acknowledged.clear();
-            dir = keel_testkit::TempDir::new("keel-crash").unwrap();
+            dir = keel_testkit::TempDir::new("keel-crash");
         }
         let mut child = Command::new(&exe)
             .args([

@@ -108,7 +108,7 @@ fn processes_contending_for_runs_never_share_a_token() {
         child(Path::new(&dir), &name);
         return;
     }
-    let dir = TempDir::new("keel-processes").unwrap();
+    let dir = TempDir::new("keel-processes");
     // Queue JOBS external runs.
     {
         let store = FsStore::open(dir.path()).unwrap();

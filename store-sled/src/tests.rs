@@ -3,8 +3,7 @@
 //! shared conformance suite runs in `tests/conformance.rs`.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
 use keel_core::job::JobState;
 use keel_core::persist::Tombstone;
@@ -21,28 +20,7 @@ use super::*;
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
 /// A fresh directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("keel-store-sled-unit-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use keel_testkit::TempDir;
 
 fn job_id(name: &str) -> JobId {
     JobId::new(name).unwrap()
@@ -201,7 +179,7 @@ fn poke(dir: &Path, tree: TreeId, key: &[u8], value: &[u8]) {
 
 #[test]
 fn everything_acknowledged_survives_reopen() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     let meta = Meta {
         next_run_id: 4,
         next_audit_seq: 4,
@@ -273,7 +251,7 @@ fn everything_acknowledged_survives_reopen() {
 
 #[test]
 fn restore_raises_the_writer_epoch_durably() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     {
         let store = SledStore::open(dir.path()).unwrap();
         assert_eq!(store.restore().unwrap().meta.epoch, 0);
@@ -304,7 +282,7 @@ fn restore_raises_the_writer_epoch_durably() {
 
 #[test]
 fn deposed_batch_is_refused_and_applies_nothing() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     let store = SledStore::open(dir.path()).unwrap();
     let first = become_writer(&store);
     store
@@ -339,7 +317,7 @@ fn deposed_batch_is_refused_and_applies_nothing() {
 
 #[test]
 fn stale_token_is_refused_and_applies_nothing() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     let epoch = {
         let store = SledStore::open(dir.path()).unwrap();
         let epoch = become_writer(&store);
@@ -633,7 +611,7 @@ fn random_histories_match_the_reference_store() {
 
 #[test]
 fn an_unknown_format_is_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     drop(SledStore::open(dir.path()).unwrap());
     poke(dir.path(), TreeId::Meta, META_FORMAT, b"keel-store-sled 2");
     assert_eq!(
@@ -647,7 +625,7 @@ fn an_unknown_format_is_refused() {
 
 #[test]
 fn data_without_a_format_marker_is_refused() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     poke(dir.path(), TreeId::Jobs, b"a", b"{}");
     let error = SledStore::open(dir.path()).unwrap_err();
     assert!(
@@ -658,7 +636,7 @@ fn data_without_a_format_marker_is_refused() {
 
 #[test]
 fn a_corrupt_value_is_reported_where_it_is() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     {
         let store = SledStore::open(dir.path()).unwrap();
         let epoch = become_writer(&store);
@@ -687,7 +665,7 @@ fn a_corrupt_value_is_reported_where_it_is() {
 
 #[test]
 fn a_second_open_is_refused_while_the_first_is_open() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     let first = SledStore::open(dir.path()).unwrap();
     let error = SledStore::open(dir.path()).unwrap_err();
     assert!(
@@ -753,7 +731,7 @@ fn the_transaction_checks_the_rules_again() {
 #[test]
 fn store_files_are_owner_only() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new();
+    let dir = TempDir::new("keel-store-sled-unit");
     let store = SledStore::open(dir.path()).unwrap();
     let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(dir.path()), 0o700);

@@ -12,7 +12,7 @@ impl Harness for Sled {
     type Store = SledStore;
 
     fn fresh(&self) -> Opener<SledStore> {
-        let dir = TempDir::new("keel-store-sled-conformance").unwrap();
+        let dir = TempDir::new("keel-store-sled-conformance");
         Box::new(move || SledStore::open(dir.path()).unwrap())
     }
 

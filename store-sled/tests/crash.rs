@@ -38,7 +38,7 @@ fn a_killed_writer_loses_nothing_acknowledged() {
         write_until_killed(&SledStore::open(dir).unwrap());
     }
     for acks in [1, 7, 23, 60] {
-        let dir = TempDir::new("keel-store-sled-crash").unwrap();
+        let dir = TempDir::new("keel-store-sled-crash");
         let mut child = Writer(
             Command::new(std::env::current_exe().unwrap())
                 .args([

@@ -476,7 +476,7 @@ mod tests {
 
     #[test]
     fn a_record_round_trips_through_its_private_file() {
-        let tmp = TempDir::new("keel-leftovers").unwrap();
+        let tmp = TempDir::created("keel-leftovers");
         let dir = tmp.path().join("attempts");
         let pid = std::process::id();
         let path = record(&dir, RunId(42), Attempt(3), pid).unwrap().unwrap();
@@ -535,7 +535,7 @@ mod tests {
         assert_eq!(decide(&no_such_process), Decision::Ended);
 
         // The sweep leaves this process alone, and removes the record.
-        let tmp = TempDir::new("keel-leftovers").unwrap();
+        let tmp = TempDir::created("keel-leftovers");
         let dir = tmp.path().join("attempts");
         let path = dir.join("run-1-1");
         reused.write(&dir, &path).unwrap();
@@ -555,7 +555,7 @@ mod tests {
 
     #[test]
     fn a_leftover_command_is_killed_with_its_group_and_bad_files_are_removed() {
-        let tmp = TempDir::new("keel-leftovers").unwrap();
+        let tmp = TempDir::created("keel-leftovers");
         let dir = tmp.path().join("attempts");
         // A command with a child of its own, in a group of its own, as the handler starts it.
         let mut leftover = std::process::Command::new("sh")

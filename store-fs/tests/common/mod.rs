@@ -2,9 +2,6 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use keel_core::outbox::Delivery;
 use keel_core::{
     Actor, AuditRecord, Batch, BatchId, Incident, IncidentKind, Job, JobId, JobSpec, JobState,
@@ -17,44 +14,7 @@ pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 /// The log of generation 0.
 pub const LOG0: &str = "log-0000000000000000";
 
-/// A fresh directory path under the system's temporary directory (not created), removed with
-/// everything in it on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(name: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("keel-store-fs-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn file(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// The names of the directory's entries, sorted.
-    pub fn entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub use keel_testkit::TempDir;
 
 pub fn job_id(name: &str) -> JobId {
     JobId::new(name).unwrap()
