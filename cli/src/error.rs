@@ -99,6 +99,7 @@ impl From<CommandError> for Failure {
                 "no handler is registered for kind {kind:?}: keel runs command jobs itself; \
                  jobs of any other kind need --worker-kind (external workers)"
             )),
+            e @ CommandError::ReservedWorker { .. } => Failure::input(e.to_string()),
             CommandError::Runtime(e) => e.into(),
         }
     }

@@ -176,6 +176,11 @@ pub(crate) struct Journal {
     /// While set, no batch is emitted before this instant (a failed write is being retried).
     pub(crate) retry_at: Option<Timestamp>,
     consecutive_failures: u32,
+    /// Counts the journal's changes; see [`Journal::mark`] and [`Journal::durable_through`].
+    changes: u64,
+    /// The first change of what is pending outside job groups (incidents, global prunes, the
+    /// counters), if anything is.
+    others_since: Option<u64>,
 }
 
 /// Pending writes for one job.
@@ -196,6 +201,8 @@ pub(crate) struct Group {
     pub(crate) sends: Vec<SendRequest>,
     /// Outbox events (a delivery finished or was dropped) released with the acknowledgement.
     pub(crate) events: Vec<OutboxEvent>,
+    /// The journal's change count when this group was opened: every change in it is later.
+    since: u64,
     /// The pending audit record that counts dropped slots, and how many it counts: drops while
     /// a write is pending (a store outage) coalesce into one record instead of piling up.
     drops: Option<(usize, u64)>,
@@ -223,6 +230,7 @@ impl Group {
 
     /// Puts an older group (from a failed batch) back in front of this newer one.
     fn merge_older(&mut self, older: Group) {
+        self.since = self.since.min(older.since);
         if self.job == JobWrite::Nothing {
             self.job = older.job;
         }
@@ -264,6 +272,8 @@ pub(crate) struct InFlight {
     pub(crate) groups: Vec<(JobId, Group)>,
     pub(crate) global_prunes: Vec<Record>,
     pub(crate) incidents: Vec<Incident>,
+    /// The first change of the incidents, prunes and counters it carries.
+    others_since: Option<u64>,
 }
 
 /// What a failed batch puts back, for the scheduler's own bookkeeping.
@@ -332,6 +342,7 @@ impl Journal {
 
     /// An incident must be written.
     pub(crate) fn incident(&mut self, incident: Incident) {
+        self.other_change();
         self.incidents.insert(incident.id, incident);
     }
 
@@ -370,7 +381,10 @@ impl Journal {
     pub(crate) fn prune(&mut self, job: Option<&JobId>, record: Record) {
         match job {
             Some(job) => self.group(job).prunes = vec![record],
-            None => self.global_prunes = vec![record],
+            None => {
+                self.other_change();
+                self.global_prunes = vec![record];
+            }
         }
     }
 
@@ -381,6 +395,7 @@ impl Journal {
 
     /// The id counters changed.
     pub(crate) fn meta(&mut self) {
+        self.other_change();
         self.meta_dirty = true;
     }
 
@@ -443,11 +458,18 @@ impl Journal {
         };
         self.meta_dirty = false;
         let incidents = std::mem::take(&mut self.incidents).into_values().collect();
+        // Global prunes left behind by a full batch keep their place in the order.
+        let others_since = if self.global_prunes.is_empty() {
+            self.others_since.take()
+        } else {
+            self.others_since
+        };
         self.in_flight = Some(InFlight {
             id,
             groups,
             global_prunes,
             incidents,
+            others_since,
         });
         self.in_flight.as_ref().expect("just set")
     }
@@ -483,6 +505,10 @@ impl Journal {
         if self.global_prunes.is_empty() {
             self.global_prunes = failed.global_prunes;
         }
+        self.others_since = match (self.others_since, failed.others_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         self.meta_dirty = true;
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let shift = self.consecutive_failures.saturating_sub(1).min(16);
@@ -497,6 +523,37 @@ impl Journal {
     }
 
     fn group(&mut self, job: &JobId) -> &mut Group {
-        self.pending.entry(job.clone()).or_default()
+        self.changes += 1;
+        let since = self.changes;
+        self.pending.entry(job.clone()).or_insert_with(|| Group {
+            since,
+            ..Group::default()
+        })
+    }
+
+    fn other_change(&mut self) {
+        self.changes += 1;
+        self.others_since.get_or_insert(self.changes);
+    }
+
+    /// A mark for everything changed so far: [`Journal::durable_through`] says when all of it
+    /// is acknowledged.
+    pub(crate) fn mark(&self) -> u64 {
+        self.changes
+    }
+
+    /// True once every change up to `mark` is acknowledged by the store: no pending or
+    /// in-flight write holds a change at or before it.
+    pub(crate) fn durable_through(&self, mark: u64) -> bool {
+        let pending = self.pending.values().map(|g| g.since);
+        let others = self.others_since;
+        let in_flight = self
+            .in_flight
+            .iter()
+            .flat_map(|f| f.groups.iter().map(|(_, g)| g.since).chain(f.others_since));
+        pending
+            .chain(others)
+            .chain(in_flight)
+            .all(|since| since > mark)
     }
 }

@@ -996,6 +996,19 @@ impl Scheduler {
         Some(Effect::Persist(self.build_batch()))
     }
 
+    /// A mark for every change made so far; [`Scheduler::is_durable`] says when the store has
+    /// acknowledged all of them. A driver answers a command once its mark is durable.
+    pub fn write_mark(&self) -> u64 {
+        self.journal.mark()
+    }
+
+    /// True once every change made up to `mark` ([`Scheduler::write_mark`]) is acknowledged
+    /// by the store. Exact whatever the backlog: a batch holds at most
+    /// [`limits::BATCH_RECORDS_MAX`] records, so a change may wait several batches.
+    pub fn is_durable(&self, mark: u64) -> bool {
+        self.journal.durable_through(mark)
+    }
+
     /// True while some change is not yet acknowledged by the store: written to a batch in
     /// flight, or waiting for the next one.
     pub fn has_unwritten_changes(&self) -> bool {

@@ -715,3 +715,51 @@ fn batch_ids_are_unique_across_restores() {
         new_batch.id
     );
 }
+
+// A command's writes may wait several batches behind a backlog (a batch holds at most
+// BATCH_RECORDS_MAX records): a driver that answered "durable" at the next acknowledgement
+// answered too early. `is_durable(write_mark())` is exact.
+#[test]
+fn a_write_mark_is_durable_only_once_its_batch_is_acknowledged() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let mut s = Scheduler::new(Config::default(), 1, t0);
+    let hourly = || ScheduleSpec::Cron {
+        expr: "0 0 * * * *".into(),
+        zone: "UTC".into(),
+    };
+    for i in 0..6_000 {
+        let id = JobId::new(&format!("bulk-{i:05}")).unwrap();
+        s.add_job(t0, JobSpec::new(id, "k", hourly())).unwrap();
+    }
+    let before = s.write_mark();
+    let zz = JobId::new("zz-last").unwrap();
+    s.add_job(t0, JobSpec::new(zz.clone(), "k", hourly()))
+        .unwrap();
+    let mark = s.write_mark();
+    assert!(mark > before && !s.is_durable(mark));
+    let mut written = false;
+    let mut batches = 0;
+    while let Some(effect) = s.poll_effect() {
+        let Effect::Persist(batch) = effect else {
+            continue;
+        };
+        batches += 1;
+        let carries_zz = batch
+            .records
+            .iter()
+            .any(|r| matches!(r, Record::PutJob(job) if job.spec.id == zz));
+        assert!(
+            !s.is_durable(mark),
+            "durable before batch {batches} was acknowledged"
+        );
+        s.handle_persisted(t0, batch.id);
+        written |= carries_zz;
+        assert_eq!(
+            s.is_durable(mark),
+            written && !s.has_unwritten_changes(),
+            "after batch {batches}"
+        );
+    }
+    assert!(batches >= 2, "the backlog took {batches} batches");
+    assert!(written && s.is_durable(mark));
+}

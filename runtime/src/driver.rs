@@ -35,7 +35,7 @@ use keel_core::outbox::{DeliveryId, DeliveryResult};
 use keel_core::scheduler::CheckpointSave;
 use keel_core::{
     AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected, RunId,
-    Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
+    RunState, Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -126,18 +126,21 @@ pub(crate) struct Driver {
     handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
     sinks: Arc<BTreeMap<String, Arc<dyn Sink>>>,
     pub(crate) worker: WorkerId,
-    tx: mpsc::UnboundedSender<Msg>,
+    /// Weak, so that the channel closes (and the driver shuts down) once every handle is
+    /// dropped; the tasks it spawns hold strong senders while they run.
+    tx: mpsc::WeakUnboundedSender<Msg>,
     events: broadcast::Sender<Event>,
     /// The batch being written, if any, and how many batches were sent so far.
     in_flight: Option<BatchId>,
-    batches_sent: u64,
-    /// Answers waiting for the batch numbered above their mark to be acknowledged.
+    /// Answers waiting for every change up to their write mark to be acknowledged.
     waiting: Vec<(u64, Reply)>,
     executing: HashMap<RunId, Executing>,
     /// The tracing span of each run this process has started an attempt of, until it ends.
     run_spans: HashMap<RunId, tracing::Span>,
     /// External claims waiting for their grant to be durable.
-    pub(crate) claims: HashMap<RunId, oneshot::Sender<AttemptStart>>,
+    /// `None` is sent if the grant was dropped before it became durable (the run was
+    /// cancelled meanwhile).
+    pub(crate) claims: HashMap<RunId, oneshot::Sender<Option<AttemptStart>>>,
     deliveries_in_flight: usize,
     drain_until: Option<Instant>,
     stopped: Option<Result<(), RuntimeError>>,
@@ -152,7 +155,7 @@ impl Driver {
         handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
         sinks: Arc<BTreeMap<String, Arc<dyn Sink>>>,
         worker: WorkerId,
-        tx: mpsc::UnboundedSender<Msg>,
+        tx: mpsc::WeakUnboundedSender<Msg>,
         events: broadcast::Sender<Event>,
     ) -> Self {
         Driver {
@@ -165,7 +168,6 @@ impl Driver {
             tx,
             events,
             in_flight: None,
-            batches_sent: 0,
             waiting: Vec::new(),
             executing: HashMap::new(),
             run_spans: HashMap::new(),
@@ -174,6 +176,14 @@ impl Driver {
             drain_until: None,
             stopped: None,
         }
+    }
+
+    /// A sender for a task's answer. Once every handle is gone and nothing holds a sender,
+    /// the channel is closed and the driver is stopping: the answer is dropped.
+    fn sender(&self) -> mpsc::UnboundedSender<Msg> {
+        self.tx
+            .upgrade()
+            .unwrap_or_else(|| mpsc::unbounded_channel().0)
     }
 
     /// The handlers, for commands that check a job's kind.
@@ -216,7 +226,8 @@ impl Driver {
 
     fn tick(&mut self) {
         let now = self.clock.now();
-        self.core.handle_timeout(now);
+        // Renew first: after a stall (a paused VM, a busy host) the watchdog must not reclaim
+        // a lease whose holder is this very process and still working.
         let due: Vec<(RunId, FencingToken)> = self
             .executing
             .iter()
@@ -232,15 +243,16 @@ impl Driver {
                 tracing::debug!(%run, error = %e, "lease not renewed");
             }
         }
+        self.core.handle_timeout(now);
     }
 
     fn handle(&mut self, msg: Msg) {
         let now = self.clock.now();
         match msg {
             Msg::Command(command) => {
-                let mark = self.batches_sent;
                 if let Some(reply) = command(self) {
-                    self.waiting.push((mark, reply));
+                    // Everything the command changed is at or before this mark.
+                    self.waiting.push((self.core.write_mark(), reply));
                 }
             }
             Msg::Persisted { batch, result } => self.persisted(now, batch, result),
@@ -250,9 +262,12 @@ impl Driver {
                 outcome,
             } => {
                 let label = outcome_label(&outcome);
-                if let Some(executing) = self.executing.remove(&run) {
-                    metrics::histogram!(m::ATTEMPT_SECONDS, "outcome" => label)
-                        .record(executing.started.elapsed().as_secs_f64());
+                // Only this attempt's entry: a later attempt of the run may be executing.
+                if self.executing.get(&run).is_some_and(|e| e.token == token) {
+                    if let Some(executing) = self.executing.remove(&run) {
+                        metrics::histogram!(m::ATTEMPT_SECONDS, "outcome" => label)
+                            .record(executing.started.elapsed().as_secs_f64());
+                    }
                 }
                 metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => label).increment(1);
                 if let Err(e) = self.core.handle_outcome(now, run, token, outcome) {
@@ -309,14 +324,6 @@ impl Driver {
         match result {
             Ok(()) => {
                 self.core.handle_persisted(now, batch);
-                let acknowledged = self.batches_sent;
-                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-                    .into_iter()
-                    .partition(|(mark, _)| *mark < acknowledged);
-                self.waiting = waiting;
-                for (_, reply) in ready {
-                    reply(Ok(()));
-                }
             }
             Err(StoreError::Conflict(conflict @ Conflict::Deposed { .. })) => {
                 tracing::error!(%conflict, "another keel process took over this store; stopping");
@@ -336,11 +343,32 @@ impl Driver {
         while let Some(effect) = self.core.poll_effect() {
             self.effect(effect);
         }
-        // Commands that wrote nothing, or whose writes are all acknowledged.
-        if self.in_flight.is_none() && !self.core.has_unwritten_changes() {
-            for (_, reply) in std::mem::take(&mut self.waiting) {
-                reply(Ok(()));
+        // Claims whose grant was dropped before it became durable (the run was cancelled or
+        // moved on while the grant was being written): the claimer gets nothing.
+        let dropped: Vec<RunId> = self
+            .claims
+            .keys()
+            .filter(|run| {
+                !matches!(
+                    self.core.run(**run).map(|r| r.state),
+                    Some(RunState::Starting { .. })
+                )
+            })
+            .copied()
+            .collect();
+        for run in dropped {
+            if let Some(waiter) = self.claims.remove(&run) {
+                let _ = waiter.send(None);
             }
+        }
+        // Commands whose writes are all acknowledged (or that wrote nothing), in any number
+        // of batches.
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(mark, _)| self.core.is_durable(*mark));
+        self.waiting = waiting;
+        for (_, reply) in ready {
+            reply(Ok(()));
         }
     }
 
@@ -348,10 +376,9 @@ impl Driver {
         match effect {
             Effect::Persist(batch) => {
                 self.in_flight = Some(batch.id);
-                self.batches_sent += 1;
                 metrics::counter!(m::BATCHES).increment(1);
                 let store = Arc::clone(&self.store);
-                let tx = self.tx.clone();
+                let tx = self.sender();
                 tokio::task::spawn_blocking(move || {
                     let result = store.apply(&batch);
                     let _ = tx.send(Msg::Persisted {
@@ -365,7 +392,7 @@ impl Driver {
                 metrics::counter!(m::LEASE_GRANTS, "holder" => "external").increment(1);
                 match self.claims.remove(&start.run) {
                     Some(waiter) => {
-                        let _ = waiter.send(start);
+                        let _ = waiter.send(Some(start));
                     }
                     // The claimer went away: the lease expires and the run is reclaimed.
                     None => {
@@ -385,14 +412,27 @@ impl Driver {
                 }
             }
             Effect::Deliver(request) => {
-                let tx = self.tx.clone();
+                let tx = self.sender();
                 let (id, attempt) = (request.id, request.attempt);
                 self.deliveries_in_flight += 1;
                 match self.sinks.get(&*request.sink).cloned() {
                     Some(sink) => {
                         let label = request.sink.to_string();
                         tokio::spawn(async move {
-                            let result = sink.send(request).await;
+                            // A panicking sink is a failed attempt, retried like any other,
+                            // not a delivery stuck in flight forever.
+                            let result = match tokio::spawn(sink.send(request)).await {
+                                Ok(result) => result,
+                                Err(e) => DeliveryResult::Transient {
+                                    error: match e.try_into_panic() {
+                                        Ok(payload) => {
+                                            format!("sink panicked: {}", panic_message(payload))
+                                        }
+                                        Err(e) => format!("sink task failed: {e}"),
+                                    },
+                                    retry_after_ms: None,
+                                },
+                            };
                             metrics::counter!(m::DELIVERY_ATTEMPTS, "sink" => label, "result" => delivery_label(&result)).increment(1);
                             let _ = tx.send(Msg::Delivered {
                                 id,
@@ -414,8 +454,14 @@ impl Driver {
                 }
             }
             Effect::Event(event) => {
-                if let Event::RunFinished { run, .. } = &event {
-                    self.run_spans.remove(run);
+                match &event {
+                    Event::RunFinished { run, .. } => {
+                        self.run_spans.remove(run);
+                    }
+                    // This process's own attempt lost its lease (a stall longer than the TTL
+                    // and grace): it must not run on beside the run's next attempt (SPEC L2).
+                    Event::LeaseReclaimed { run, token } => self.stop_attempt(*run, *token),
+                    _ => {}
                 }
                 crate::observe::event(&event);
                 let _ = self.events.send(event);
@@ -429,7 +475,7 @@ impl Driver {
             // Refused at add and at start; a job whose kind lost its handler since (an older
             // definition left running) fails permanently instead of panicking.
             let message = format!("no handler is registered for kind {:?}", &*start.kind);
-            let _ = self.tx.send(Msg::Finished {
+            let _ = self.sender().send(Msg::Finished {
                 run: start.run,
                 token: start.lease.token,
                 outcome: Outcome::Permanent { message },
@@ -447,7 +493,7 @@ impl Driver {
             token: start.lease.token,
             checkpoint: start.checkpoint.clone(),
             cancel: cancel_rx,
-            reports: self.tx.clone(),
+            reports: self.sender(),
         };
         if let (Trigger::Scheduled { slot }, 1) = (start.trigger, start.attempt.0) {
             let late_ms = self.clock.now().ms_since(slot);
@@ -471,7 +517,7 @@ impl Driver {
         // tokio catches a panicking handler and reports it through the `JoinError`.
         let task = tokio::spawn(tracing::Instrument::instrument(handler.call(ctx), span));
         let abort = task.abort_handle();
-        let tx = self.tx.clone();
+        let tx = self.sender();
         let (run, token) = (start.run, start.lease.token);
         tokio::spawn(async move {
             let outcome = match task.await {
@@ -489,6 +535,10 @@ impl Driver {
             });
         });
         let half_ttl = Duration::from_millis(self.core.config().lease.ttl_ms / 2);
+        if let Some(previous) = self.executing.get(&start.run) {
+            let token = previous.token;
+            self.stop_attempt(start.run, token);
+        }
         self.executing.insert(
             start.run,
             Executing {
@@ -499,6 +549,18 @@ impl Driver {
                 started: Instant::now(),
             },
         );
+    }
+
+    /// Stops an attempt of this process that no longer holds its lease: its task is aborted
+    /// (its command, for command jobs, killed with it), and nothing it reports is accepted.
+    fn stop_attempt(&mut self, run: RunId, token: FencingToken) {
+        if self.executing.get(&run).is_some_and(|e| e.token == token) {
+            if let Some(executing) = self.executing.remove(&run) {
+                let _ = executing.cancel.send(true);
+                executing.abort.abort();
+                tracing::warn!(%run, token = token.0, "attempt stopped: its lease was lost");
+            }
+        }
     }
 
     fn begin_shutdown(&mut self, budget: Duration) {

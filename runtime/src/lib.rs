@@ -122,6 +122,12 @@ pub enum CommandError {
         /// The kind.
         kind: String,
     },
+    /// An external worker asked for work under the runtime's own worker id.
+    #[error("worker id {worker} is this runtime's own; external workers need another name")]
+    ReservedWorker {
+        /// The id.
+        worker: WorkerId,
+    },
     /// The runtime is gone.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -220,7 +226,7 @@ impl RuntimeBuilder {
             Arc::new(self.handlers),
             Arc::new(self.sinks),
             worker,
-            tx.clone(),
+            tx.downgrade(),
             events.clone(),
         );
         let task = tokio::spawn(driver.run(rx));
@@ -432,7 +438,8 @@ impl RuntimeHandle {
     }
 
     /// An external worker asks for work of some kinds. Returns the attempt, with its lease
-    /// and fencing token, once the grant is durable; `None` if nothing is queued.
+    /// and fencing token, once the grant is durable; `None` if nothing is queued, or if the
+    /// run was cancelled while its grant was being written.
     pub async fn claim(
         &self,
         worker: WorkerId,
@@ -440,6 +447,11 @@ impl RuntimeHandle {
     ) -> Result<Option<AttemptStart>, CommandError> {
         let (reply, answer) = oneshot::channel();
         let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            // The runtime's own name: a grant to it would be run here, by a handler.
+            if worker == driver.worker {
+                let _ = reply.send(Err(CommandError::ReservedWorker { worker }));
+                return None;
+            }
             let now = driver.clock.now();
             let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
             match driver.core.claim(now, &worker, &kinds) {
@@ -465,7 +477,6 @@ impl RuntimeHandle {
             None => Ok(None),
             Some(attempt) => attempt
                 .await
-                .map(Some)
                 .map_err(|_| CommandError::Runtime(RuntimeError::Stopped)),
         }
     }

@@ -394,3 +394,173 @@ async fn a_runtime_deposed_by_another_process_stops() {
         "{result:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_stops_the_runtime() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(every_second("tick", "tick")).await.unwrap();
+    finished(&handle, &mut events, "tick", 2).await;
+    drop(handle);
+    drop(runtime);
+    let before = stored_runs(&store, "tick").len();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        stored_runs(&store, "tick").len() <= before + 1,
+        "a runtime nobody can reach kept firing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_under_the_runtimes_own_name_is_refused() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store).start().await.unwrap();
+    let handle = runtime.handle();
+    let mut spec = once("render", "gpu", 1_000);
+    spec.external = true;
+    handle.add_job(spec).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let own = WorkerId::new("runtime-test").unwrap();
+    assert!(matches!(
+        handle.claim(own, vec!["gpu".into()]).await,
+        Err(CommandError::ReservedWorker { .. })
+    ));
+    // The run is still there for a real worker.
+    let worker = WorkerId::new("gpu-box").unwrap();
+    assert!(handle
+        .claim(worker, vec!["gpu".into()])
+        .await
+        .unwrap()
+        .is_some());
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A store whose writes can be held, to act while a grant is being written.
+#[derive(Clone, Debug)]
+struct GatedStore {
+    inner: SharedMemStore,
+    gate: Arc<std::sync::Mutex<()>>,
+}
+
+impl Store for GatedStore {
+    fn restore(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
+        self.inner.restore()
+    }
+    fn apply(&self, batch: &keel_core::Batch) -> Result<(), keel_core::StoreError> {
+        let _open = self.gate.lock().unwrap();
+        self.inner.apply(batch)
+    }
+    fn read(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
+        self.inner.read()
+    }
+    fn run(&self, id: keel_core::RunId) -> Result<Option<keel_core::Run>, keel_core::StoreError> {
+        self.inner.run(id)
+    }
+    fn runs(&self, query: &RunQuery) -> Result<keel_core::RunPage, keel_core::StoreError> {
+        self.inner.runs(query)
+    }
+    fn audit(
+        &self,
+        query: &keel_core::AuditQuery,
+    ) -> Result<Vec<keel_core::AuditRecord>, keel_core::StoreError> {
+        self.inner.audit(query)
+    }
+    fn incidents(&self) -> Result<Vec<keel_core::Incident>, keel_core::StoreError> {
+        self.inner.incidents()
+    }
+}
+
+// Holding the store's write across awaits is the point: the driver works while it waits.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(start_paused = true)]
+async fn a_claim_whose_run_is_cancelled_while_its_grant_is_written_gets_nothing() {
+    let store = GatedStore {
+        inner: SharedMemStore::new(),
+        gate: Arc::new(std::sync::Mutex::new(())),
+    };
+    let runtime = Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut spec = once("render", "gpu", 1_000);
+    spec.external = true;
+    handle.add_job(spec).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    handle.sync().await.unwrap();
+    let run = stored_runs(&store.inner, "render")[0].id;
+    // Hold the store while the claim's grant is written, and cancel the run meanwhile.
+    let held = store.gate.lock().unwrap();
+    let claimer = handle.clone();
+    let claim = tokio::spawn(async move {
+        claimer
+            .claim(WorkerId::new("gpu-box").unwrap(), vec!["gpu".into()])
+            .await
+    });
+    let canceller = handle.clone();
+    let cancel = tokio::spawn(async move { canceller.cancel_run(run).await });
+    tokio::task::yield_now().await;
+    drop(held);
+    cancel.await.unwrap().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), claim)
+        .await
+        .expect("the claimer is answered")
+        .unwrap();
+    assert_eq!(answer.unwrap(), None, "a cancelled run is not handed out");
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+/// Sets a flag when dropped: proves a handler's future was dropped (its task aborted).
+struct DropFlag(Arc<AtomicU32>);
+
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_whose_lease_is_reclaimed_is_stopped_not_left_running() {
+    let store = SharedMemStore::new();
+    let dropped = Arc::new(AtomicU32::new(0));
+    let flag = Arc::clone(&dropped);
+    let runtime = builder(&store)
+        .handler("work", move |ctx: AttemptContext| {
+            let guard = DropFlag(Arc::clone(&flag));
+            async move {
+                let _guard = guard;
+                if ctx.attempt.0 == 1 {
+                    // Works on, never reporting: only an abort ends it.
+                    std::future::pending::<()>().await;
+                }
+                Outcome::ok()
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(once("work", "work", 1_000)).await.unwrap();
+    while !matches!(events.recv().await.unwrap(), Event::LeaseGranted { .. }) {}
+    // The watchdog sees the lease long expired (as after a stall longer than TTL + grace).
+    handle
+        .call(|core, now| core.handle_timeout(now.plus_ms(3_600_000)))
+        .await
+        .unwrap();
+    let states = finished(&handle, &mut events, "work", 1).await;
+    assert_eq!(states, vec![StateName::Succeeded]);
+    assert!(
+        dropped.load(Ordering::SeqCst) >= 2,
+        "the first attempt was aborted, not left running beside the second"
+    );
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
