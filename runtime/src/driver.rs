@@ -34,15 +34,15 @@ use std::time::Duration;
 use keel_core::outbox::{DeliveryId, DeliveryResult};
 use keel_core::scheduler::CheckpointSave;
 use keel_core::{
-    AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected, RunId,
-    RunState, Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
+    AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, RunId, RunState,
+    Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
-use crate::handler::{AttemptContext, Handler};
+use crate::handler::{AttemptContext, CheckpointError, Handler};
 use crate::metrics_names as m;
 use crate::sink::Sink;
 use crate::RuntimeError;
@@ -60,7 +60,7 @@ pub(crate) type Reply = Box<dyn FnOnce(Result<(), RuntimeError>) + Send>;
 pub(crate) enum Report {
     Checkpoint {
         data: String,
-        reply: oneshot::Sender<Result<CheckpointSave, Rejected>>,
+        reply: oneshot::Sender<Result<CheckpointSave, CheckpointError>>,
     },
     Progress {
         phase: String,
@@ -135,6 +135,8 @@ pub(crate) struct Driver {
     /// Answers waiting for every change up to their write mark to be acknowledged.
     waiting: Vec<(u64, Reply)>,
     executing: HashMap<RunId, Executing>,
+    /// Handlers waiting for a checkpoint save to be acknowledged, by run and save.
+    checkpoints: HashMap<(RunId, u64), oneshot::Sender<Result<CheckpointSave, CheckpointError>>>,
     /// The tracing span of each run this process has started an attempt of, until it ends.
     run_spans: HashMap<RunId, tracing::Span>,
     /// External claims waiting for their grant to be durable.
@@ -171,6 +173,7 @@ impl Driver {
             waiting: Vec::new(),
             executing: HashMap::new(),
             run_spans: HashMap::new(),
+            checkpoints: HashMap::new(),
             claims: HashMap::new(),
             deliveries_in_flight: 0,
             drain_until: None,
@@ -294,17 +297,20 @@ impl Driver {
     fn report(&mut self, now: Timestamp, run: RunId, token: FencingToken, report: Report) {
         match report {
             Report::Checkpoint { data, reply } => {
-                let result = self.core.save_checkpoint(now, run, token, data);
-                match &result {
-                    Ok(CheckpointSave::Saving { .. }) => {
+                match self.core.save_checkpoint(now, run, token, data) {
+                    // Answered when the store says (SPEC C1: a failed save returns the error).
+                    Ok(CheckpointSave::Saving { seq }) => {
                         metrics::counter!(m::CHECKPOINT_SAVES).increment(1);
+                        self.checkpoints.insert((run, seq), reply);
                     }
-                    Ok(CheckpointSave::Throttled { .. }) => {
+                    Ok(throttled @ CheckpointSave::Throttled { .. }) => {
                         metrics::counter!(m::CHECKPOINT_THROTTLED).increment(1);
+                        let _ = reply.send(Ok(throttled));
                     }
-                    Err(_) => {}
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
                 }
-                let _ = reply.send(result);
             }
             Report::Progress { phase, message } => {
                 if let Err(e) = self.core.progress(now, run, token, &phase, &message) {
@@ -461,6 +467,19 @@ impl Driver {
                     // This process's own attempt lost its lease (a stall longer than the TTL
                     // and grace): it must not run on beside the run's next attempt (SPEC L2).
                     Event::LeaseReclaimed { run, token } => self.stop_attempt(*run, *token),
+                    Event::CheckpointSaved { run, seq } => {
+                        if let Some(reply) = self.checkpoints.remove(&(*run, *seq)) {
+                            let _ = reply.send(Ok(CheckpointSave::Saving { seq: *seq }));
+                        }
+                    }
+                    Event::CheckpointFailed { run, seq, error } => {
+                        if let Some(reply) = self.checkpoints.remove(&(*run, *seq)) {
+                            let _ = reply.send(Err(CheckpointError::Failed {
+                                seq: *seq,
+                                error: error.clone(),
+                            }));
+                        }
+                    }
                     _ => {}
                 }
                 crate::observe::event(&event);

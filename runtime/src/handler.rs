@@ -46,6 +46,22 @@ where
     }
 }
 
+/// Why a checkpoint was not saved.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CheckpointError {
+    /// Refused: the attempt no longer holds its lease, or the data is too large.
+    #[error(transparent)]
+    Rejected(#[from] Rejected),
+    /// The store failed to write it.
+    #[error("checkpoint {seq} was not saved: {error}")]
+    Failed {
+        /// The save.
+        seq: u64,
+        /// The store's error.
+        error: String,
+    },
+}
+
 /// Everything one attempt is given: who it is, where to resume from, and how to talk back.
 #[derive(Debug)]
 pub struct AttemptContext {
@@ -73,8 +89,10 @@ pub struct AttemptContext {
 
 impl AttemptContext {
     /// True once the attempt was asked to stop (a timeout, a cancelled run, a shutdown). The
-    /// handler should return soon, with `Outcome::Cancelled` or whatever it managed; if it does
-    /// not, it is killed after the kill grace (SPEC W1).
+    /// handler should return soon, with `Outcome::Cancelled` or whatever it managed. If it
+    /// does not: after a timeout it is killed at the end of the kill grace (SPEC W1); at
+    /// shutdown it is abandoned when the budget is spent and recovered at the next start; an
+    /// operator's cancel waits for it.
     pub fn is_cancelled(&self) -> bool {
         *self.cancel.borrow()
     }
@@ -90,17 +108,24 @@ impl AttemptContext {
     }
 
     /// Saves a checkpoint: the next attempt of this run (after a retry, a crash or a restart)
-    /// starts with it in [`AttemptContext::checkpoint`]. Saves are throttled (SPEC C1): a save
-    /// inside the window is kept and written by the next one after it. Fails if the attempt no
-    /// longer holds its lease or the data is too large.
-    pub async fn checkpoint(&self, data: impl Into<String>) -> Result<CheckpointSave, Rejected> {
+    /// starts with it in [`AttemptContext::checkpoint`]. `Ok(Saving)` means the store has it;
+    /// saves are throttled (SPEC C1), and a save inside the window returns `Ok(Throttled)` at
+    /// once: it is kept and written by the next save after the window, by the end of the
+    /// attempt, or at shutdown. Fails if the attempt no longer holds its lease, the data is too
+    /// large, or the store failed to write it (the next save is then not throttled).
+    pub async fn checkpoint(
+        &self,
+        data: impl Into<String>,
+    ) -> Result<CheckpointSave, CheckpointError> {
         let (reply, answer) = oneshot::channel();
         let report = Report::Checkpoint {
             data: data.into(),
             reply,
         };
         self.report(report);
-        answer.await.unwrap_or(Err(Rejected::ShuttingDown))
+        answer
+            .await
+            .unwrap_or(Err(CheckpointError::Rejected(Rejected::ShuttingDown)))
     }
 
     /// Reports progress: a phase and a message, shown by `keel runs show` and in stuck

@@ -73,7 +73,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use clock::Clock;
-pub use handler::{AttemptContext, Handler};
+pub use handler::{AttemptContext, CheckpointError, Handler};
 pub use sink::{BoxFuture, Sink};
 pub use sinks::{CommandSink, WebhookSink};
 

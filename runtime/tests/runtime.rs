@@ -441,11 +441,13 @@ async fn a_claim_under_the_runtimes_own_name_is_refused() {
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
-/// A store whose writes can be held, to act while a grant is being written.
+/// A store whose writes can be held, to act while a grant is being written, and that fails
+/// (once) the first write carrying a checkpoint named `doomed`.
 #[derive(Clone, Debug)]
 struct GatedStore {
     inner: SharedMemStore,
     gate: Arc<std::sync::Mutex<()>>,
+    doomed_failed: Arc<AtomicU32>,
 }
 
 impl Store for GatedStore {
@@ -454,6 +456,13 @@ impl Store for GatedStore {
     }
     fn apply(&self, batch: &keel_core::Batch) -> Result<(), keel_core::StoreError> {
         let _open = self.gate.lock().unwrap();
+        let doomed = batch.records.iter().any(|r| {
+            matches!(r, keel_core::Record::PutRun(run)
+                if run.checkpoint.as_ref().is_some_and(|c| c.data == "doomed"))
+        });
+        if doomed && self.doomed_failed.fetch_add(1, Ordering::SeqCst) == 0 {
+            return Err(keel_core::StoreError::Io("disk full".into()));
+        }
         self.inner.apply(batch)
     }
     fn read(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
@@ -483,6 +492,7 @@ async fn a_claim_whose_run_is_cancelled_while_its_grant_is_written_gets_nothing(
     let store = GatedStore {
         inner: SharedMemStore::new(),
         gate: Arc::new(std::sync::Mutex::new(())),
+        doomed_failed: Arc::new(AtomicU32::new(0)),
     };
     let runtime = Runtime::builder(Arc::new(store.clone()))
         .clock(Clock::starting_at(T0))
@@ -562,5 +572,45 @@ async fn an_attempt_whose_lease_is_reclaimed_is_stopped_not_left_running() {
         dropped.load(Ordering::SeqCst) >= 2,
         "the first attempt was aborted, not left running beside the second"
     );
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+// SPEC C1: a failed checkpoint save returns the error to the caller, and the next save is
+// not throttled away.
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
+    let store = GatedStore {
+        inner: SharedMemStore::new(),
+        gate: Arc::new(std::sync::Mutex::new(())),
+        doomed_failed: Arc::new(AtomicU32::new(0)),
+    };
+    let runtime = Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
+        .handler("save", |ctx: AttemptContext| async move {
+            let failed = ctx.checkpoint("doomed").await;
+            let retried = ctx.checkpoint("second").await;
+            Outcome::Success {
+                summary: Some(format!("{failed:?} / {retried:?}")),
+                artifacts: Default::default(),
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(once("save", "save", 1_000)).await.unwrap();
+    assert_eq!(
+        finished(&handle, &mut events, "save", 1).await,
+        vec![StateName::Succeeded]
+    );
+    let run = &stored_runs(&store.inner, "save")[0];
+    let summary = run.summary.as_deref().unwrap();
+    assert!(
+        summary.starts_with("Err(Failed { seq: 1, error: \"store I/O failed: disk full\" })"),
+        "{summary}"
+    );
+    assert!(summary.ends_with("Ok(Saving { seq: 2 })"), "{summary}");
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
