@@ -189,6 +189,14 @@ impl Driver {
             .unwrap_or_else(|| mpsc::unbounded_channel().0)
     }
 
+    /// How logs and metrics name a sink: its own label, else the name it is registered under.
+    fn sink_label(&self, name: &str) -> String {
+        self.sinks
+            .get(name)
+            .and_then(|sink| sink.label())
+            .unwrap_or_else(|| name.to_string())
+    }
+
     /// The handlers, for commands that check a job's kind.
     pub(crate) fn has_handler(&self, kind: &str) -> bool {
         self.handlers.contains_key(kind)
@@ -423,7 +431,7 @@ impl Driver {
                 self.deliveries_in_flight += 1;
                 match self.sinks.get(&*request.sink).cloned() {
                     Some(sink) => {
-                        let label = request.sink.to_string();
+                        let label = self.sink_label(&request.sink);
                         tokio::spawn(async move {
                             // A panicking sink is a failed attempt, retried like any other,
                             // not a delivery stuck in flight forever.
@@ -482,7 +490,7 @@ impl Driver {
                     }
                     _ => {}
                 }
-                crate::observe::event(&event);
+                crate::observe::event(&event, &|name| self.sink_label(name));
                 let _ = self.events.send(event);
             }
         }

@@ -6,8 +6,8 @@ use keel_core::Event;
 
 use crate::metrics_names as m;
 
-/// Logs `event` and counts it.
-pub(crate) fn event(event: &Event) {
+/// Logs `event` and counts it; `label` names a sink in logs and metric labels.
+pub(crate) fn event(event: &Event, label: &dyn Fn(&str) -> String) {
     match event {
         Event::RunFinished { run, job, state } => {
             let state = state.to_string();
@@ -55,15 +55,17 @@ pub(crate) fn event(event: &Event) {
             error,
         }) => {
             let status = status.to_string();
+            let sink = label(sink);
             tracing::info!(%id, %sink, %run, %status, attempts, ?error, "delivery finished");
-            metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink.to_string(), "status" => status)
+            metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink, "status" => status)
                 .increment(1);
         }
         Event::Delivery(OutboxEvent::Dropped {
             sink, run, reason, ..
         }) => {
+            let sink = label(sink);
             tracing::warn!(%sink, %run, ?reason, "delivery dropped");
-            metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink.to_string(), "status" => "dropped")
+            metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink, "status" => "dropped")
                 .increment(1);
         }
         Event::Delivery(OutboxEvent::RetryScheduled {
@@ -71,7 +73,10 @@ pub(crate) fn event(event: &Event) {
             sink,
             attempt,
             at,
-        }) => tracing::info!(%id, %sink, attempt, %at, "delivery retry scheduled"),
+        }) => {
+            let sink = label(sink);
+            tracing::info!(%id, %sink, attempt, %at, "delivery retry scheduled");
+        }
         Event::PersistFailed {
             batch,
             error,

@@ -15,4 +15,10 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub trait Sink: Send + Sync + 'static {
     /// Makes one delivery attempt.
     fn send(&self, request: SendRequest) -> BoxFuture<DeliveryResult>;
+
+    /// How logs and metric labels name this sink, if not by the name it was registered under:
+    /// a sink whose name carries a secret (a webhook URL with a token) returns a redacted form.
+    fn label(&self) -> Option<String> {
+        None
+    }
 }

@@ -650,3 +650,20 @@ async fn command_that_does_not_exist_is_permanent() {
         CommandSinkError::EmptyArgv
     );
 }
+
+/// Logs and metric labels name a webhook by scheme, host and port: the URL's user info,
+/// path and query often carry secrets.
+#[test]
+fn a_webhook_is_labelled_without_its_secrets() {
+    use keel_runtime::Sink;
+    let sink = keel_runtime::WebhookSink::new(
+        "https://user:hunter2@hooks.example.com:8443/services/T0/SECRET?token=abc",
+    )
+    .unwrap();
+    assert_eq!(
+        sink.label().as_deref(),
+        Some("https://hooks.example.com:8443")
+    );
+    let plain = keel_runtime::WebhookSink::new("http://127.0.0.1/hook").unwrap();
+    assert_eq!(plain.label().as_deref(), Some("http://127.0.0.1"));
+}

@@ -194,6 +194,15 @@ impl Sink for WebhookSink {
         let sink = self.clone();
         Box::pin(async move { sink.deliver(&request).await })
     }
+
+    /// Scheme, host and port only: paths, queries and user info often carry tokens.
+    fn label(&self) -> Option<String> {
+        let host = self.url.host_str().unwrap_or("?");
+        Some(match self.url.port() {
+            Some(port) => format!("{}://{host}:{port}", self.url.scheme()),
+            None => format!("{}://{host}", self.url.scheme()),
+        })
+    }
 }
 
 /// The start of a response body, enough for `classify_http` to quote: a few bytes past its
