@@ -189,6 +189,12 @@ impl Driver {
             .unwrap_or_else(|| mpsc::unbounded_channel().0)
     }
 
+    /// How often the driver renews its own attempts' leases: half their TTL, and never more
+    /// often than every 100 ms (a tiny TTL must not turn the driver into a busy loop).
+    fn renew_every(&self) -> Duration {
+        Duration::from_millis((self.core.config().lease.ttl_ms / 2).max(100))
+    }
+
     /// How logs and metrics name a sink: its own label, else the name it is registered under.
     fn sink_label(&self, name: &str) -> String {
         self.sinks
@@ -245,7 +251,7 @@ impl Driver {
             .filter(|(_, e)| e.renew_at <= Instant::now())
             .map(|(run, e)| (*run, e.token))
             .collect();
-        let half_ttl = Duration::from_millis(self.core.config().lease.ttl_ms / 2);
+        let half_ttl = self.renew_every();
         for (run, token) in due {
             if let Some(executing) = self.executing.get_mut(&run) {
                 executing.renew_at = Instant::now() + half_ttl;
@@ -561,7 +567,7 @@ impl Driver {
                 outcome,
             });
         });
-        let half_ttl = Duration::from_millis(self.core.config().lease.ttl_ms / 2);
+        let half_ttl = self.renew_every();
         if let Some(previous) = self.executing.get(&start.run) {
             let token = previous.token;
             self.stop_attempt(start.run, token);
