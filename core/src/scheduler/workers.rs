@@ -180,15 +180,8 @@ impl Scheduler {
         run_id: RunId,
         token: FencingToken,
     ) -> Result<Lease, Rejected> {
-        self.holder(run_id, token)?;
-        let now = self.clamp(now);
-        let ttl = self.config.lease.ttl_ms;
-        let run = self.runs.get_mut(&run_id).expect("checked above");
-        let lease = run.lease.as_mut().expect("a holder's run has a lease");
-        lease.renewed_at = now;
-        lease.expires_at = now.plus_ms(ttl);
-        let lease = lease.clone();
-        self.alive(now, run_id);
+        let lease = self.renew_lease(now, run_id, token)?;
+        self.alive(self.now, run_id);
         Ok(lease)
     }
 
