@@ -381,6 +381,15 @@ impl Drop for SocketGuard {
 impl Socket {
     fn bind(place: &Place) -> Result<Socket, Failure> {
         let path = place.socket();
+        // The socket is created with the umask's mode and restricted just after; in a data
+        // directory only its owner can enter, nobody else can connect in between.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&place.dir, std::fs::Permissions::from_mode(0o700)).map_err(
+                |e| Failure::runtime(format!("cannot restrict {}: {e}", place.dir.display())),
+            )?;
+        }
         // Left by a daemon that died: this process holds the lock, so no daemon uses it.
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path)

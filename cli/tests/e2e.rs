@@ -803,6 +803,14 @@ payload = "scene-1"
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready", "4 jobs"]);
     assert!(place.data().join("keel.sock").exists());
+    #[cfg(unix)]
+    {
+        // Only the owner may reach the control socket, or the data around it.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(place.data()), 0o700);
+        assert_eq!(mode(place.data().join("keel.sock")), 0o600);
+    }
 
     daemon.wait_for_n(2, &["of job tick succeeded", "tick"]);
     daemon.wait_for(&["of job once succeeded", "once once"]);
