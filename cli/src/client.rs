@@ -2,12 +2,26 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::error::Failure;
 use crate::place::Place;
 use crate::protocol::{Request, Response};
+
+/// How long a command waits for the daemon's answer unless `KEEL_TIMEOUT` (seconds) says
+/// otherwise. The daemon answers once what the command changed is durable, so a daemon whose
+/// store keeps failing would otherwise keep a command waiting for ever.
+const ANSWER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
+
+fn answer_timeout() -> Duration {
+    std::env::var("KEEL_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|secs| *secs > 0)
+        .map_or(ANSWER_TIMEOUT_DEFAULT, Duration::from_secs)
+}
 
 /// A connection to a running daemon.
 #[derive(Debug)]
@@ -23,6 +37,9 @@ impl Client {
         let path = place.socket();
         match UnixStream::connect(&path) {
             Ok(stream) => {
+                stream
+                    .set_read_timeout(Some(answer_timeout()))
+                    .map_err(|e| Failure::runtime(format!("cannot use the control socket: {e}")))?;
                 let reader = stream
                     .try_clone()
                     .map_err(|e| Failure::runtime(format!("cannot use the control socket: {e}")))?;
@@ -54,7 +71,18 @@ impl Client {
         line.push('\n');
         self.writer.write_all(line.as_bytes()).map_err(lost)?;
         let mut answer = String::new();
-        let read = self.reader.read_line(&mut answer).map_err(lost)?;
+        let read = self.reader.read_line(&mut answer).map_err(|e| {
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                Failure::runtime(format!(
+                    "the daemon did not answer within {} s (KEEL_TIMEOUT): its store may be \
+                     failing (see its log). The command may still take effect: check before \
+                     retrying",
+                    answer_timeout().as_secs()
+                ))
+            } else {
+                lost(e)
+            }
+        })?;
         if read == 0 {
             return Err(lost(std::io::Error::new(
                 ErrorKind::UnexpectedEof,
