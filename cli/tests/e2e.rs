@@ -1507,3 +1507,37 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
     assert!(quiet.wait_exit().success(), "{}", quiet.log());
     assert!(!quiet.log().contains("WARN"), "{}", quiet.log());
 }
+
+#[test]
+fn a_command_gives_up_on_a_daemon_that_never_answers() {
+    let place = Place::new("timeout");
+    std::fs::create_dir_all(place.data()).expect("data directory");
+    // A "daemon" that accepts the connection and never answers (a store that keeps failing).
+    let listener =
+        std::os::unix::net::UnixListener::bind(place.data().join("keel.sock")).expect("bind");
+    let silent = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().expect("the command connects");
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&stream), &mut line);
+        // Holds the connection open, unanswered, until the command gives up.
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut &stream, &mut rest);
+        line
+    });
+    let done = Done(
+        place
+            .command(&["job", "pause", "nightly"])
+            .env("KEEL_TIMEOUT", "1")
+            .output()
+            .expect("keel runs"),
+    );
+    done.expect_code(1);
+    assert!(
+        done.stderr().contains("did not answer within 1 s")
+            && done.stderr().contains("may still take effect"),
+        "{}",
+        done.stderr()
+    );
+    let request = silent.join().expect("the silent daemon");
+    assert!(request.contains("nightly"), "{request}");
+}
