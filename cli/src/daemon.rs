@@ -386,9 +386,21 @@ impl Socket {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&place.dir, std::fs::Permissions::from_mode(0o700)).map_err(
-                |e| Failure::runtime(format!("cannot restrict {}: {e}", place.dir.display())),
-            )?;
+            let private = |dir: &std::path::Path| {
+                std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o077 == 0)
+            };
+            if !private(&place.dir) {
+                // Not ours to change (another owner): refuse rather than expose the socket.
+                std::fs::set_permissions(&place.dir, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| {
+                        Failure::runtime(format!(
+                            "{} is open to other users and cannot be made private ({e}); the \
+                             control socket would be reachable by them: use a data directory \
+                             only you can enter (chmod 700)",
+                            place.dir.display()
+                        ))
+                    })?;
+            }
         }
         // Left by a daemon that died: this process holds the lock, so no daemon uses it.
         let _ = std::fs::remove_file(&path);

@@ -354,14 +354,15 @@ fn check_url(url: &str) -> Result<(), String> {
 pub(crate) fn redact_url(url: &str) -> String {
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let rest = rest.split(['?', '#']).next().unwrap_or("");
+    // The path goes too: services put their secret in it (hooks.slack.com/services/T/B/SECRET).
     let rest = match rest.split_once('/') {
-        Some((authority, path)) => {
+        Some((authority, _path)) => {
             let host = authority.rsplit('@').next().unwrap_or(authority);
-            format!("{host}/{path}")
+            format!("{host}/")
         }
         None => rest.rsplit('@').next().unwrap_or(rest).to_string(),
     };
-    let hidden = if url.contains('?') || url.contains('@') {
+    let hidden = if url.contains('?') || url.contains('@') || rest.ends_with('/') {
         "…"
     } else {
         ""
@@ -568,9 +569,14 @@ mod tests {
     fn urls_are_redacted_for_logs() {
         assert_eq!(
             redact_url("https://user:pw@hooks.example.com/x?token=1"),
-            "https://hooks.example.com/x…"
+            "https://hooks.example.com/…"
         );
-        assert_eq!(redact_url("http://example.com/a"), "http://example.com/a");
+        // A path can hold the secret itself.
+        assert_eq!(
+            redact_url("https://hooks.slack.com/services/T0/B0/SECRET"),
+            "https://hooks.slack.com/…"
+        );
+        assert_eq!(redact_url("http://example.com"), "http://example.com");
     }
 
     #[test]

@@ -34,8 +34,8 @@ use std::time::Duration;
 use keel_core::outbox::{DeliveryId, DeliveryResult};
 use keel_core::scheduler::CheckpointSave;
 use keel_core::{
-    AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, RunId, RunState,
-    Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
+    AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected, RunId,
+    RunState, Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -55,12 +55,15 @@ pub(crate) type Command = Box<dyn FnOnce(&mut Driver) -> Option<Reply> + Send>;
 /// An answer waiting for durability.
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), RuntimeError>) + Send>;
 
+/// How a handler's checkpoint save is answered.
+type CheckpointReply = oneshot::Sender<Result<CheckpointSave, CheckpointError>>;
+
 /// What a handler reports while it runs.
 #[derive(Debug)]
 pub(crate) enum Report {
     Checkpoint {
         data: String,
-        reply: oneshot::Sender<Result<CheckpointSave, CheckpointError>>,
+        reply: CheckpointReply,
     },
     Progress {
         phase: String,
@@ -126,9 +129,7 @@ pub(crate) struct Driver {
     handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
     sinks: Arc<BTreeMap<String, Arc<dyn Sink>>>,
     pub(crate) worker: WorkerId,
-    /// Weak, so that the channel closes (and the driver shuts down) once every handle is
-    /// dropped; the tasks it spawns hold strong senders while they run.
-    tx: mpsc::WeakUnboundedSender<Msg>,
+    tx: mpsc::UnboundedSender<Msg>,
     events: broadcast::Sender<Event>,
     /// The batch being written, if any, and how many batches were sent so far.
     in_flight: Option<BatchId>,
@@ -136,7 +137,7 @@ pub(crate) struct Driver {
     waiting: Vec<(u64, Reply)>,
     executing: HashMap<RunId, Executing>,
     /// Handlers waiting for a checkpoint save to be acknowledged, by run and save.
-    checkpoints: HashMap<(RunId, u64), oneshot::Sender<Result<CheckpointSave, CheckpointError>>>,
+    checkpoints: BTreeMap<(RunId, u64), CheckpointReply>,
     /// The tracing span of each run this process has started an attempt of, until it ends.
     run_spans: HashMap<RunId, tracing::Span>,
     /// External claims waiting for their grant to be durable.
@@ -157,7 +158,7 @@ impl Driver {
         handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
         sinks: Arc<BTreeMap<String, Arc<dyn Sink>>>,
         worker: WorkerId,
-        tx: mpsc::WeakUnboundedSender<Msg>,
+        tx: mpsc::UnboundedSender<Msg>,
         events: broadcast::Sender<Event>,
     ) -> Self {
         Driver {
@@ -173,7 +174,7 @@ impl Driver {
             waiting: Vec::new(),
             executing: HashMap::new(),
             run_spans: HashMap::new(),
-            checkpoints: HashMap::new(),
+            checkpoints: BTreeMap::new(),
             claims: HashMap::new(),
             deliveries_in_flight: 0,
             drain_until: None,
@@ -181,26 +182,31 @@ impl Driver {
         }
     }
 
-    /// A sender for a task's answer. Once every handle is gone and nothing holds a sender,
-    /// the channel is closed and the driver is stopping: the answer is dropped.
+    /// A sender for a task's answer.
     fn sender(&self) -> mpsc::UnboundedSender<Msg> {
-        self.tx
-            .upgrade()
-            .unwrap_or_else(|| mpsc::unbounded_channel().0)
+        self.tx.clone()
     }
 
     /// How often the driver renews its own attempts' leases: half their TTL, and never more
-    /// often than every 100 ms (a tiny TTL must not turn the driver into a busy loop).
+    /// often than every millisecond (a TTL of 1 ms must not make it a busy loop).
     fn renew_every(&self) -> Duration {
-        Duration::from_millis((self.core.config().lease.ttl_ms / 2).max(100))
+        Duration::from_millis((self.core.config().lease.ttl_ms / 2).max(1))
     }
 
     /// How logs and metrics name a sink: its own label, else the name it is registered under.
     fn sink_label(&self, name: &str) -> String {
-        self.sinks
-            .get(name)
-            .and_then(|sink| sink.label())
-            .unwrap_or_else(|| name.to_string())
+        match self.sinks.get(name).and_then(|sink| sink.label()) {
+            Some(label) => label,
+            // Not registered (any more): if the name is a URL, keep its secrets out anyway.
+            None => match name.split_once("://") {
+                Some((scheme, rest)) => {
+                    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+                    let host = authority.rsplit('@').next().unwrap_or(authority);
+                    format!("{scheme}://{host}")
+                }
+                None => name.to_string(),
+            },
+        }
     }
 
     /// The handlers, for commands that check a job's kind.
@@ -287,10 +293,18 @@ impl Driver {
                     }
                 }
                 metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => label).increment(1);
-                if let Err(e) = self.core.handle_outcome(now, run, token, outcome) {
+                match self.core.handle_outcome(now, run, token, outcome) {
+                    Ok(()) => {}
+                    // The handler is done but its success lacks a required artifact: nobody
+                    // can complete it any more, so give the attempt back (it is retried)
+                    // rather than wait for its lease to expire.
+                    Err(e @ Rejected::MissingArtifacts { .. }) => {
+                        tracing::warn!(%run, error = %e, "success refused; the attempt is retried");
+                        let _ = self.core.release(now, run, token);
+                    }
                     // The lease was reclaimed or the attempt killed: the late report changes
                     // nothing (SPEC L4).
-                    tracing::info!(%run, error = %e, "late outcome refused");
+                    Err(e) => tracing::info!(%run, error = %e, "late outcome refused"),
                 }
             }
             Msg::Report { run, token, report } => self.report(now, run, token, report),
@@ -463,7 +477,10 @@ impl Driver {
                     }
                     None => {
                         let result = DeliveryResult::Permanent {
-                            error: format!("no sink named {:?} is configured", &*request.sink),
+                            error: format!(
+                                "no sink named {:?} is configured",
+                                self.sink_label(&request.sink)
+                            ),
                         };
                         let _ = tx.send(Msg::Delivered {
                             id,
@@ -477,19 +494,24 @@ impl Driver {
                 match &event {
                     Event::RunFinished { run, .. } => {
                         self.run_spans.remove(run);
+                        // Nobody is left to answer: the attempt is over.
+                        drop(self.take_checkpoints(*run, None));
                     }
                     // This process's own attempt lost its lease (a stall longer than the TTL
                     // and grace): it must not run on beside the run's next attempt (SPEC L2).
                     Event::LeaseReclaimed { run, token } => self.stop_attempt(*run, *token),
+                    // A save is answered by its own acknowledgement or by a newer save's of
+                    // the same run (a flush may write a newer save before the older's batch
+                    // is acknowledged, and the store then holds the newer data).
                     Event::CheckpointSaved { run, seq } => {
-                        if let Some(reply) = self.checkpoints.remove(&(*run, *seq)) {
-                            let _ = reply.send(Ok(CheckpointSave::Saving { seq: *seq }));
+                        for (saved, reply) in self.take_checkpoints(*run, Some(*seq)) {
+                            let _ = reply.send(Ok(CheckpointSave::Saving { seq: saved }));
                         }
                     }
                     Event::CheckpointFailed { run, seq, error } => {
-                        if let Some(reply) = self.checkpoints.remove(&(*run, *seq)) {
+                        for (failed, reply) in self.take_checkpoints(*run, Some(*seq)) {
                             let _ = reply.send(Err(CheckpointError::Failed {
-                                seq: *seq,
+                                seq: failed,
                                 error: error.clone(),
                             }));
                         }
@@ -582,6 +604,22 @@ impl Driver {
                 started: Instant::now(),
             },
         );
+    }
+
+    /// Removes the checkpoint waiters of `run` (those up to save `through`, or all).
+    fn take_checkpoints(
+        &mut self,
+        run: RunId,
+        through: Option<u64>,
+    ) -> Vec<(u64, CheckpointReply)> {
+        let keys: Vec<(RunId, u64)> = self
+            .checkpoints
+            .range((run, 0)..=(run, through.unwrap_or(u64::MAX)))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| self.checkpoints.remove(&key).map(|reply| (key.1, reply)))
+            .collect()
     }
 
     /// Stops an attempt of this process that no longer holds its lease: its task is aborted

@@ -52,7 +52,9 @@ pub enum CheckpointError {
     /// Refused: the attempt no longer holds its lease, or the data is too large.
     #[error(transparent)]
     Rejected(#[from] Rejected),
-    /// The store failed to write it.
+    /// The store failed to write it. Treat it as not saved: the run's record still holds the
+    /// data in memory, so the retried write may store it after all, but nothing promises that;
+    /// save again to be sure.
     #[error("checkpoint {seq} was not saved: {error}")]
     Failed {
         /// The save.

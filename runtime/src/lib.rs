@@ -226,12 +226,17 @@ impl RuntimeBuilder {
             Arc::new(self.handlers),
             Arc::new(self.sinks),
             worker,
-            tx.downgrade(),
+            tx.clone(),
             events.clone(),
         );
         let task = tokio::spawn(driver.run(rx));
+        let alive = Arc::new(Alive(tx.clone()));
         Ok(Runtime {
-            handle: RuntimeHandle { tx, events },
+            handle: RuntimeHandle {
+                tx,
+                events,
+                _alive: alive,
+            },
             task,
         })
     }
@@ -311,11 +316,26 @@ async fn signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Commands to a running [`Runtime`]. Each returns once what it changed is durable.
+/// Commands to a running [`Runtime`]. Each returns once what it changed is durable. When the
+/// last handle (and the `Runtime`) is dropped, the runtime shuts down at once: nothing could
+/// reach it any more.
 #[derive(Clone, Debug)]
 pub struct RuntimeHandle {
     tx: mpsc::UnboundedSender<Msg>,
     events: broadcast::Sender<Event>,
+    _alive: Arc<Alive>,
+}
+
+/// Shared by every handle; the last one dropped asks the driver to stop.
+#[derive(Debug)]
+struct Alive(mpsc::UnboundedSender<Msg>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        let _ = self.0.send(Msg::Shutdown {
+            budget: Duration::ZERO,
+        });
+    }
 }
 
 impl RuntimeHandle {

@@ -400,11 +400,17 @@ async fn dropping_every_handle_stops_the_runtime() {
     let store = SharedMemStore::new();
     let runtime = builder(&store)
         .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .handler("hang", |_ctx: AttemptContext| async move {
+            std::future::pending::<()>().await;
+            Outcome::ok()
+        })
         .start()
         .await
         .unwrap();
     let handle = runtime.handle();
     let mut events = handle.subscribe();
+    // A hung attempt holds a sender to the driver: it must not keep the runtime alive.
+    handle.add_job(once("hang", "hang", 500)).await.unwrap();
     handle.add_job(every_second("tick", "tick")).await.unwrap();
     finished(&handle, &mut events, "tick", 2).await;
     drop(handle);
@@ -613,4 +619,59 @@ async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
     );
     assert!(summary.ends_with("Ok(Saving { seq: 2 })"), "{summary}");
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+// A save answered by a newer save's acknowledgement: the shutdown flush writes a throttled save
+// while an older one is still being written, and both callers must be answered.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(start_paused = true)]
+async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
+    let store = GatedStore {
+        inner: SharedMemStore::new(),
+        gate: Arc::new(std::sync::Mutex::new(())),
+        doomed_failed: Arc::new(AtomicU32::new(0)),
+    };
+    let go = Arc::new(tokio::sync::Notify::new());
+    let signal = Arc::clone(&go);
+    let runtime = Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
+        .handler("save", move |ctx: AttemptContext| {
+            let signal = Arc::clone(&signal);
+            async move {
+                signal.notified().await;
+                let (a, b) = tokio::join!(ctx.checkpoint("a"), ctx.checkpoint("b"));
+                Outcome::Success {
+                    summary: Some(format!("{a:?} / {b:?}")),
+                    artifacts: Default::default(),
+                }
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(once("save", "save", 1_000)).await.unwrap();
+    while !matches!(events.recv().await.unwrap(), Event::LeaseGranted { .. }) {}
+    handle.sync().await.unwrap();
+    // Hold every write, let the handler save twice (the second is throttled), then shut down:
+    // the flush writes the second save while the first is still in flight.
+    let held = store.gate.lock().unwrap();
+    go.notify_one();
+    while !matches!(
+        events.recv().await.unwrap(),
+        Event::CheckpointThrottled { .. }
+    ) {}
+    handle.begin_shutdown(Duration::from_secs(60));
+    tokio::task::yield_now().await;
+    drop(held);
+    let stopped = tokio::time::timeout(Duration::from_secs(30), runtime.wait()).await;
+    assert!(stopped.is_ok(), "the handler never got its answer");
+    let run = &stored_runs(&store.inner, "save")[0];
+    let summary = run.summary.as_deref().unwrap_or_default();
+    assert!(
+        summary.starts_with("Ok(Saving { seq: 1 })") && summary.contains("Ok(Throttled"),
+        "{run:#?}"
+    );
 }
