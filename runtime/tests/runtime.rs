@@ -675,3 +675,68 @@ async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
         "{run:#?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_success_missing_its_artifacts_is_retried_at_once() {
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("report", |ctx: AttemptContext| async move {
+            let mut artifacts = std::collections::BTreeMap::new();
+            if ctx.attempt.0 > 1 {
+                artifacts.insert("pdf".to_string(), "s3://reports/1.pdf".to_string());
+            }
+            Outcome::Success {
+                summary: None,
+                artifacts,
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let mut spec = once("report", "report", 1_000);
+    spec.required_artifacts = vec!["pdf".to_string()].into();
+    handle.add_job(spec).await.unwrap();
+    assert_eq!(
+        finished(&handle, &mut events, "report", 1).await,
+        vec![StateName::Succeeded]
+    );
+    let run = &stored_runs(&store, "report")[0];
+    assert_eq!(run.attempt.0, 2);
+    // Given back at once, not left to its lease (30 s TTL + 10 s grace).
+    let took = run.finished_at.unwrap().ms_since(run.created_at);
+    assert!(took < 30_000, "the retry waited {took} ms");
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tiny_lease_ttl_is_renewed_in_time() {
+    let store = SharedMemStore::new();
+    let mut config = keel_core::Config::default();
+    config.lease.ttl_ms = 80;
+    config.lease.grace_ms = 0;
+    let runtime = builder(&store)
+        .config(config)
+        .handler("slow", |_ctx: AttemptContext| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Outcome::ok()
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    handle.add_job(once("slow", "slow", 1_000)).await.unwrap();
+    assert_eq!(
+        finished(&handle, &mut events, "slow", 1).await,
+        vec![StateName::Succeeded]
+    );
+    let run = &stored_runs(&store, "slow")[0];
+    assert_eq!(
+        (run.attempt.0, run.lost),
+        (1, 0),
+        "the lease was never reclaimed"
+    );
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
