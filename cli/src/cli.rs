@@ -209,9 +209,17 @@ pub(crate) struct AddArgs {
 pub(crate) struct NextArgs {
     /// The job's name.
     pub(crate) name: String,
-    /// How many fire times to show.
-    #[arg(short = 'n', long = "count", default_value_t = 5, value_name = "N")]
+    /// How many fire times to show (1 to 1000).
+    #[arg(short = 'n', long = "count", default_value_t = 5, value_name = "N", value_parser = count)]
     pub(crate) count: usize,
+}
+
+/// A count of fire times: at least one (zero would read as "the job never fires again").
+fn count(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if (1..=1000).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a count from 1 to 1000")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -347,6 +355,12 @@ mod tests {
     #[test]
     fn the_command_tree_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn next_shows_at_least_one_fire_time() {
+        assert!(Cli::try_parse_from(["keel", "next", "job", "-n", "0"]).is_err());
+        assert!(Cli::try_parse_from(["keel", "next", "job", "-n", "3"]).is_ok());
     }
 
     #[test]

@@ -72,16 +72,19 @@ impl Client {
         self.writer.write_all(line.as_bytes()).map_err(lost)?;
         let mut answer = String::new();
         let read = self.reader.read_line(&mut answer).map_err(|e| {
-            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                Failure::runtime(format!(
-                    "the daemon did not answer within {} s (KEEL_TIMEOUT): its store may be \
-                     failing (see its log). The command may still take effect: check before \
-                     retrying",
-                    answer_timeout().as_secs()
-                ))
-            } else {
-                lost(e)
+            if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                return lost(e);
             }
+            let after = if request.is_read() {
+                "it may be stopped or overloaded (see its log)"
+            } else {
+                "its store may be failing (see its log). The command may still take effect: \
+                 check before retrying"
+            };
+            Failure::runtime(format!(
+                "the daemon did not answer within {} s (KEEL_TIMEOUT): {after}",
+                answer_timeout().as_secs()
+            ))
         })?;
         if read == 0 {
             return Err(lost(std::io::Error::new(

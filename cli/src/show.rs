@@ -270,9 +270,8 @@ pub(crate) fn run_state(state: &RunState) -> String {
 /// What is worth saying about a run: its summary on success, else its last error.
 pub(crate) fn run_note(run: &Run) -> Option<String> {
     if run.state == RunState::Succeeded {
-        if let Some(summary) = &run.summary {
-            return Some(summary.clone());
-        }
+        // An earlier attempt's error is not the note of a success.
+        return run.summary.clone();
     }
     if let Some(progress) = run.progress.as_ref().filter(|_| !run.state.is_terminal()) {
         return Some(format!("{}: {}", progress.phase, progress.message));
@@ -540,6 +539,23 @@ fn shell_quote(word: &str) -> String {
 mod tests {
     use super::*;
     use keel_core::{JobId, RunId, StateName};
+
+    #[test]
+    fn a_success_is_not_noted_with_an_earlier_attempts_error() {
+        let mut run = keel_testkit::conformance::run(1, "backup", Timestamp(0));
+        run.state = RunState::Succeeded;
+        run.last_error = Some(keel_core::RunError {
+            kind: keel_core::ErrorKind::Lost,
+            message: "attempt 1 released by local".into(),
+            attempt: keel_core::Attempt(1),
+            at: Timestamp(0),
+        });
+        assert_eq!(run_note(&run), None);
+        run.summary = Some("archived 3 files".into());
+        assert_eq!(run_note(&run).as_deref(), Some("archived 3 files"));
+        run.state = RunState::Failed;
+        assert!(run_note(&run).unwrap().contains("released by local"));
+    }
 
     #[test]
     fn times_and_schedules_read_well() {
