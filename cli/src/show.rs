@@ -310,9 +310,19 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
             format!("{} ({})", time(finished), relative(finished, now)),
         );
     }
-    let mut attempts = format!("{} of {}", run.attempt, run.retry.attempts_max);
+    // Lost and snoozed attempts have budgets of their own: only the rest count against
+    // attempts_max.
+    let mut attempts = format!(
+        "{} started; {} of {} counted",
+        run.attempt.0,
+        run.attempts_counted(),
+        run.retry.attempts_max
+    );
     if run.lost > 0 {
-        attempts.push_str(&format!(", {} lost", run.lost));
+        attempts.push_str(&format!(
+            ", {} of {} lost",
+            run.lost, run.retry.lost_attempts_max
+        ));
     }
     if run.snoozes > 0 {
         attempts.push_str(&format!(", {} snoozed", run.snoozes));
