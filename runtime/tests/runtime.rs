@@ -82,6 +82,20 @@ fn stored_runs(store: &SharedMemStore, job: &str) -> Vec<keel_core::Run> {
         .runs
 }
 
+/// Adds `spec`, waits (on the paused clock) for its first run to end and its record to be
+/// durable, and returns the state it ended in and the stored run.
+async fn run_to_end(
+    handle: &RuntimeHandle,
+    store: &SharedMemStore,
+    spec: JobSpec,
+) -> (StateName, keel_core::Run) {
+    let mut events = handle.subscribe();
+    let job = spec.id.clone();
+    handle.add_job(spec).await.unwrap();
+    let state = finished(handle, &mut events, job.as_str(), 1).await[0];
+    (state, stored_runs(store, job.as_str()).remove(0))
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cron_job_runs_its_handler_every_second_and_each_run_is_stored() {
     let store = SharedMemStore::new();
@@ -209,22 +223,19 @@ async fn a_hung_handler_is_asked_to_stop_then_killed_at_its_timeout() {
         .await
         .unwrap();
     let handle = runtime.handle();
-    let mut events = handle.subscribe();
     let mut spec = once("hang", "hang", 1_000);
     spec.timeout_ms = Some(5_000);
     spec.retry = RetryPolicy {
         attempts_max: 1,
         ..RetryPolicy::default()
     };
-    handle.add_job(spec).await.unwrap();
-    let states = finished(&handle, &mut events, "hang", 1).await;
-    assert_eq!(states, vec![StateName::Failed]);
+    let (state, run) = run_to_end(&handle, &store, spec).await;
+    assert_eq!(state, StateName::Failed);
     assert_eq!(
         cancelled_seen.load(Ordering::SeqCst),
         1,
         "asked to stop first"
     );
-    let run = &stored_runs(&store, "hang")[0];
     let error = run.last_error.as_ref().unwrap();
     assert_eq!(error.kind, keel_core::ErrorKind::TimedOut, "{error:?}");
     // Asked to stop at 1 s + 5 s, killed no later than the backstop at 1 s + 3 x 5 s.
@@ -254,13 +265,8 @@ async fn a_checkpoint_saved_by_one_attempt_is_where_the_next_resumes() {
         .await
         .unwrap();
     let handle = runtime.handle();
-    let mut events = handle.subscribe();
-    handle.add_job(once("copy", "copy", 1_000)).await.unwrap();
-    assert_eq!(
-        finished(&handle, &mut events, "copy", 1).await,
-        vec![StateName::Succeeded]
-    );
-    let run = &stored_runs(&store, "copy")[0];
+    let (state, run) = run_to_end(&handle, &store, once("copy", "copy", 1_000)).await;
+    assert_eq!(state, StateName::Succeeded);
     assert_eq!(run.attempt.0, 2);
     assert_eq!(
         run.summary.as_deref(),
@@ -456,6 +462,23 @@ struct GatedStore {
     doomed_failed: Arc<AtomicU32>,
 }
 
+impl GatedStore {
+    fn new() -> Self {
+        GatedStore {
+            inner: SharedMemStore::new(),
+            gate: Arc::new(std::sync::Mutex::new(())),
+            doomed_failed: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// A runtime over this store, on the paused clock.
+    fn builder(&self) -> keel_runtime::RuntimeBuilder {
+        Runtime::builder(Arc::new(self.clone()))
+            .clock(Clock::starting_at(T0))
+            .seed(7)
+    }
+}
+
 impl Store for GatedStore {
     fn restore(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
         self.inner.restore()
@@ -495,17 +518,8 @@ impl Store for GatedStore {
 #[allow(clippy::await_holding_lock)]
 #[tokio::test(start_paused = true)]
 async fn a_claim_whose_run_is_cancelled_while_its_grant_is_written_gets_nothing() {
-    let store = GatedStore {
-        inner: SharedMemStore::new(),
-        gate: Arc::new(std::sync::Mutex::new(())),
-        doomed_failed: Arc::new(AtomicU32::new(0)),
-    };
-    let runtime = Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
-        .start()
-        .await
-        .unwrap();
+    let store = GatedStore::new();
+    let runtime = store.builder().start().await.unwrap();
     let handle = runtime.handle();
     let mut spec = once("render", "gpu", 1_000);
     spec.external = true;
@@ -585,14 +599,9 @@ async fn an_attempt_whose_lease_is_reclaimed_is_stopped_not_left_running() {
 // not throttled away.
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
-    let store = GatedStore {
-        inner: SharedMemStore::new(),
-        gate: Arc::new(std::sync::Mutex::new(())),
-        doomed_failed: Arc::new(AtomicU32::new(0)),
-    };
-    let runtime = Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
+    let store = GatedStore::new();
+    let runtime = store
+        .builder()
         .handler("save", |ctx: AttemptContext| async move {
             let failed = ctx.checkpoint("doomed").await;
             let retried = ctx.checkpoint("second").await;
@@ -605,13 +614,8 @@ async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
         .await
         .unwrap();
     let handle = runtime.handle();
-    let mut events = handle.subscribe();
-    handle.add_job(once("save", "save", 1_000)).await.unwrap();
-    assert_eq!(
-        finished(&handle, &mut events, "save", 1).await,
-        vec![StateName::Succeeded]
-    );
-    let run = &stored_runs(&store.inner, "save")[0];
+    let (state, run) = run_to_end(&handle, &store.inner, once("save", "save", 1_000)).await;
+    assert_eq!(state, StateName::Succeeded);
     let summary = run.summary.as_deref().unwrap();
     assert!(
         summary.starts_with("Err(Failed { seq: 1, error: \"store I/O failed: disk full\" })"),
@@ -626,16 +630,11 @@ async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
 #[allow(clippy::await_holding_lock)]
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
-    let store = GatedStore {
-        inner: SharedMemStore::new(),
-        gate: Arc::new(std::sync::Mutex::new(())),
-        doomed_failed: Arc::new(AtomicU32::new(0)),
-    };
+    let store = GatedStore::new();
     let go = Arc::new(tokio::sync::Notify::new());
     let signal = Arc::clone(&go);
-    let runtime = Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
+    let runtime = store
+        .builder()
         .handler("save", move |ctx: AttemptContext| {
             let signal = Arc::clone(&signal);
             async move {
@@ -694,15 +693,10 @@ async fn a_success_missing_its_artifacts_is_retried_at_once() {
         .await
         .unwrap();
     let handle = runtime.handle();
-    let mut events = handle.subscribe();
     let mut spec = once("report", "report", 1_000);
     spec.required_artifacts = vec!["pdf".to_string()].into();
-    handle.add_job(spec).await.unwrap();
-    assert_eq!(
-        finished(&handle, &mut events, "report", 1).await,
-        vec![StateName::Succeeded]
-    );
-    let run = &stored_runs(&store, "report")[0];
+    let (state, run) = run_to_end(&handle, &store, spec).await;
+    assert_eq!(state, StateName::Succeeded);
     assert_eq!(run.attempt.0, 2);
     // Given back at once, not left to its lease (30 s TTL + 10 s grace).
     let took = run.finished_at.unwrap().ms_since(run.created_at);
@@ -726,13 +720,8 @@ async fn a_tiny_lease_ttl_is_renewed_in_time() {
         .await
         .unwrap();
     let handle = runtime.handle();
-    let mut events = handle.subscribe();
-    handle.add_job(once("slow", "slow", 1_000)).await.unwrap();
-    assert_eq!(
-        finished(&handle, &mut events, "slow", 1).await,
-        vec![StateName::Succeeded]
-    );
-    let run = &stored_runs(&store, "slow")[0];
+    let (state, run) = run_to_end(&handle, &store, once("slow", "slow", 1_000)).await;
+    assert_eq!(state, StateName::Succeeded);
     assert_eq!(
         (run.attempt.0, run.lost),
         (1, 0),

@@ -156,6 +156,17 @@ pub fn leased(mut run: Run, owner: &str, token: u64, expires_at: Timestamp) -> R
     run
 }
 
+/// Writes one run in a batch of its own.
+fn put_run(
+    store: &impl Store,
+    epoch: u64,
+    n: u64,
+    at: Timestamp,
+    run: Run,
+) -> Result<(), StoreError> {
+    store.apply(&batch(epoch, n, at, vec![Record::PutRun(run)]))
+}
+
 fn unwrap_conflict(result: Result<(), StoreError>) -> Conflict {
     match result {
         Err(StoreError::Conflict(conflict)) => conflict,
@@ -354,9 +365,7 @@ pub fn refused_batch_applies_nothing(harness: &impl Harness) {
     let mut done = run(1, "a", T0);
     done.state = RunState::Succeeded;
     done.finished_at = Some(T0);
-    store
-        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(done.clone())]))
-        .unwrap();
+    put_run(&store, epoch, 0, T0, done.clone()).unwrap();
 
     let newcomer = JobSpec::new(job_id("newcomer"), "work", ScheduleSpec::Once { at: T0 });
     let job = keel_core::Job {
@@ -394,17 +403,9 @@ pub fn deposed_writer_is_refused(harness: &impl Harness) {
     let open = harness.fresh();
     let store = open();
     let first = become_writer(&store);
-    store
-        .apply(&batch(first, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
-        .unwrap();
+    put_run(&store, first, 0, T0, run(1, "a", T0)).unwrap();
     let _ = store.read().unwrap();
-    store
-        .apply(&batch(
-            first,
-            1,
-            T0,
-            vec![Record::PutRun(run(2, "a", T0.plus_ms(1)))],
-        ))
+    put_run(&store, first, 1, T0, run(2, "a", T0.plus_ms(1)))
         .expect("read does not depose the writer");
 
     let second = {
@@ -417,12 +418,7 @@ pub fn deposed_writer_is_refused(harness: &impl Harness) {
         become_writer(other.as_ref().unwrap_or(&store))
     };
     assert!(second > first, "epochs rise: {first} then {second}");
-    let conflict = unwrap_conflict(store.apply(&batch(
-        first,
-        2,
-        T0,
-        vec![Record::PutRun(run(3, "a", T0.plus_ms(2)))],
-    )));
+    let conflict = unwrap_conflict(put_run(&store, first, 2, T0, run(3, "a", T0.plus_ms(2))));
     assert_eq!(
         conflict,
         Conflict::Deposed {
@@ -431,14 +427,7 @@ pub fn deposed_writer_is_refused(harness: &impl Harness) {
         }
     );
     assert_eq!(store.run(RunId(3)).unwrap(), None);
-    store
-        .apply(&batch(
-            second,
-            0,
-            T0,
-            vec![Record::PutRun(run(3, "a", T0.plus_ms(2)))],
-        ))
-        .expect("the new writer writes");
+    put_run(&store, second, 0, T0, run(3, "a", T0.plus_ms(2))).expect("the new writer writes");
     // A writer that never restored (epoch 0) is refused too.
     let conflict = unwrap_conflict(store.apply(&batch(0, 0, T0, vec![])));
     assert!(matches!(conflict, Conflict::Deposed { batch: 0, .. }));
@@ -450,9 +439,7 @@ fn stored_lease(harness: &impl Harness) -> (Opener<impl Store>, u64) {
         let store = open();
         let epoch = become_writer(&store);
         let held = leased(run(1, "a", T0), "w1", 5, T0.plus_ms(30_000));
-        store
-            .apply(&batch(epoch, 0, T0, vec![Record::PutRun(held)]))
-            .unwrap();
+        put_run(&store, epoch, 0, T0, held).unwrap();
         epoch
     };
     (open, epoch)
@@ -463,7 +450,7 @@ pub fn stale_token_is_refused(harness: &impl Harness) {
     let (open, epoch) = stored_lease(harness);
     let store = open();
     let stale = leased(run(1, "a", T0), "w0", 4, T0.plus_ms(30_000));
-    let conflict = unwrap_conflict(store.apply(&batch(epoch, 1, T0, vec![Record::PutRun(stale)])));
+    let conflict = unwrap_conflict(put_run(&store, epoch, 1, T0, stale));
     assert_eq!(
         conflict,
         Conflict::StaleToken {
@@ -473,8 +460,7 @@ pub fn stale_token_is_refused(harness: &impl Harness) {
         }
     );
     // A write that knows no token at all is stale too.
-    let unaware =
-        unwrap_conflict(store.apply(&batch(epoch, 2, T0, vec![Record::PutRun(run(1, "a", T0))])));
+    let unaware = unwrap_conflict(put_run(&store, epoch, 2, T0, run(1, "a", T0)));
     assert!(
         matches!(unaware, Conflict::StaleToken { .. }),
         "{unaware:?}"
@@ -482,14 +468,7 @@ pub fn stale_token_is_refused(harness: &impl Harness) {
     // The holder's own write (same token) lands.
     let mut progressed = leased(run(1, "a", T0), "w1", 5, T0.plus_ms(30_000));
     progressed.summary = Some("half way".into());
-    store
-        .apply(&batch(
-            epoch,
-            3,
-            T0,
-            vec![Record::PutRun(progressed.clone())],
-        ))
-        .unwrap();
+    put_run(&store, epoch, 3, T0, progressed.clone()).unwrap();
     assert_eq!(store.run(RunId(1)).unwrap(), Some(progressed));
 }
 
@@ -499,12 +478,7 @@ pub fn live_lease_is_not_granted_again(harness: &impl Harness) {
     let store = open();
     let before_expiry = T0.plus_ms(29_999);
     let grab = leased(run(1, "a", T0), "w2", 6, T0.plus_ms(60_000));
-    let conflict = unwrap_conflict(store.apply(&batch(
-        epoch,
-        1,
-        before_expiry,
-        vec![Record::PutRun(grab.clone())],
-    )));
+    let conflict = unwrap_conflict(put_run(&store, epoch, 1, before_expiry, grab.clone()));
     assert_eq!(
         conflict,
         Conflict::LeaseHeld {
@@ -517,14 +491,7 @@ pub fn live_lease_is_not_granted_again(harness: &impl Harness) {
     // The writer saw token 5 end (the holder finished), so it may grant 6 at once.
     let mut regrant = grab;
     regrant.last_token = Some(FencingToken(5));
-    store
-        .apply(&batch(
-            epoch,
-            2,
-            before_expiry,
-            vec![Record::PutRun(regrant.clone())],
-        ))
-        .unwrap();
+    put_run(&store, epoch, 2, before_expiry, regrant.clone()).unwrap();
     assert_eq!(store.run(RunId(1)).unwrap(), Some(regrant));
 }
 
@@ -533,18 +500,11 @@ pub fn expired_lease_is_granted_again(harness: &impl Harness) {
     let (open, epoch) = stored_lease(harness);
     let store = open();
     let grab = leased(run(1, "a", T0), "w2", 6, T0.plus_ms(60_000));
-    store
-        .apply(&batch(
-            epoch,
-            1,
-            T0.plus_ms(30_000),
-            vec![Record::PutRun(grab.clone())],
-        ))
-        .unwrap();
+    put_run(&store, epoch, 1, T0.plus_ms(30_000), grab.clone()).unwrap();
     assert_eq!(store.run(RunId(1)).unwrap(), Some(grab));
     // The old holder's write is now stale.
     let old = leased(run(1, "a", T0), "w1", 5, T0.plus_ms(30_000));
-    let conflict = unwrap_conflict(store.apply(&batch(epoch, 2, T0, vec![Record::PutRun(old)])));
+    let conflict = unwrap_conflict(put_run(&store, epoch, 2, T0, old));
     assert!(
         matches!(conflict, Conflict::StaleToken { .. }),
         "{conflict:?}"
@@ -556,8 +516,7 @@ pub fn token_has_one_owner(harness: &impl Harness) {
     let (open, epoch) = stored_lease(harness);
     let store = open();
     let impostor = leased(run(1, "a", T0), "w9", 5, T0.plus_ms(30_000));
-    let conflict =
-        unwrap_conflict(store.apply(&batch(epoch, 1, T0, vec![Record::PutRun(impostor)])));
+    let conflict = unwrap_conflict(put_run(&store, epoch, 1, T0, impostor));
     assert_eq!(
         conflict,
         Conflict::TokenReused {
@@ -574,11 +533,8 @@ pub fn slot_has_one_run(harness: &impl Harness) {
     let open = harness.fresh();
     let store = open();
     let epoch = become_writer(&store);
-    store
-        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
-        .unwrap();
-    let conflict =
-        unwrap_conflict(store.apply(&batch(epoch, 1, T0, vec![Record::PutRun(run(2, "a", T0))])));
+    put_run(&store, epoch, 0, T0, run(1, "a", T0)).unwrap();
+    let conflict = unwrap_conflict(put_run(&store, epoch, 1, T0, run(2, "a", T0)));
     assert_eq!(
         conflict,
         Conflict::SlotTaken {
@@ -604,9 +560,7 @@ pub fn slot_has_one_run(harness: &impl Harness) {
     ));
     assert_eq!(store.run(RunId(3)).unwrap(), None);
     // The same slot of another job is another slot.
-    store
-        .apply(&batch(epoch, 3, T0, vec![Record::PutRun(run(5, "b", T0))]))
-        .unwrap();
+    put_run(&store, epoch, 3, T0, run(5, "b", T0)).unwrap();
 }
 
 /// A run id stays with its job.
@@ -614,11 +568,8 @@ pub fn run_id_keeps_its_job(harness: &impl Harness) {
     let open = harness.fresh();
     let store = open();
     let epoch = become_writer(&store);
-    store
-        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
-        .unwrap();
-    let conflict =
-        unwrap_conflict(store.apply(&batch(epoch, 1, T0, vec![Record::PutRun(run(1, "b", T0))])));
+    put_run(&store, epoch, 0, T0, run(1, "a", T0)).unwrap();
+    let conflict = unwrap_conflict(put_run(&store, epoch, 1, T0, run(1, "b", T0)));
     assert_eq!(
         conflict,
         Conflict::RunIdTaken {
@@ -637,17 +588,12 @@ pub fn terminal_run_is_final(harness: &impl Harness) {
     let mut done = run(1, "a", T0);
     done.state = RunState::Failed;
     done.finished_at = Some(T0);
-    store
-        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(done.clone())]))
-        .unwrap();
+    put_run(&store, epoch, 0, T0, done.clone()).unwrap();
     // Writing it again unchanged is harmless (a retried batch).
-    store
-        .apply(&batch(epoch, 1, T0, vec![Record::PutRun(done.clone())]))
-        .unwrap();
+    put_run(&store, epoch, 1, T0, done.clone()).unwrap();
     let mut revived = done;
     revived.state = RunState::Succeeded;
-    let conflict =
-        unwrap_conflict(store.apply(&batch(epoch, 2, T0, vec![Record::PutRun(revived)])));
+    let conflict = unwrap_conflict(put_run(&store, epoch, 2, T0, revived));
     assert_eq!(
         conflict,
         Conflict::TerminalRunChanged {
@@ -866,12 +812,13 @@ pub fn prune_forgets_runs_but_not_slots(harness: &impl Harness) {
     assert_eq!(store.run(RunId(8)).unwrap(), None);
     assert!(store.run(RunId(10)).unwrap().is_some());
     // Run 2's slot was pruned with it, but it is still claimed.
-    let conflict = unwrap_conflict(store.apply(&batch(
+    let conflict = unwrap_conflict(put_run(
+        &store,
         epoch,
         4,
         T0,
-        vec![Record::PutRun(run(99, "b", T0.plus_ms(2_000)))],
-    )));
+        run(99, "b", T0.plus_ms(2_000)),
+    ));
     assert!(
         matches!(
             conflict,
@@ -959,9 +906,7 @@ pub fn contended_grants_have_one_winner(harness: &impl Harness) {
     let epoch = {
         let store = open();
         let epoch = become_writer(&store);
-        store
-            .apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
-            .unwrap();
+        put_run(&store, epoch, 0, T0, run(1, "a", T0)).unwrap();
         epoch
     };
     let stores = handles(harness, &open, THREADS as usize);
@@ -982,7 +927,7 @@ pub fn contended_grants_have_one_winner(harness: &impl Harness) {
                 // Each contender saw the run free (it never held a token).
                 grant.last_token = None;
                 barrier.wait();
-                let result = store.apply(&batch(epoch, 1 + t, T0, vec![Record::PutRun(grant)]));
+                let result = put_run(&*store, epoch, 1 + t, T0, grant);
                 (t, result)
             })
         })
