@@ -20,6 +20,7 @@
 //! never overwrites a newer state with an older one, and because records are upserts keyed by
 //! id (audit records by `seq`), applying one twice is harmless.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound::{Excluded, Included, Unbounded};
 
@@ -176,11 +177,16 @@ pub(crate) struct Journal {
     /// While set, no batch is emitted before this instant (a failed write is being retried).
     pub(crate) retry_at: Option<Timestamp>,
     consecutive_failures: u32,
-    /// Counts the journal's changes; see [`Journal::mark`] and [`Journal::durable_through`].
+    /// Counts the journal's changes; see [`Journal::mark`] and [`Journal::durable_mark`].
     changes: u64,
     /// The first change of what is pending outside job groups (incidents, global prunes, the
     /// counters), if anything is.
     others_since: Option<u64>,
+    /// The first change of every write not yet acknowledged, counted: one entry for each
+    /// pending or in-flight group and for the pending and in-flight `others_since`. Its first
+    /// key answers [`Journal::durable_mark`] in O(log n) however much is waiting; a walk over
+    /// every group made each answer cost O(groups) and bulk adds quadratic.
+    open: BTreeMap<u64, u32>,
 }
 
 /// Pending writes for one job.
@@ -458,10 +464,14 @@ impl Journal {
         };
         self.meta_dirty = false;
         let incidents = std::mem::take(&mut self.incidents).into_values().collect();
-        // Global prunes left behind by a full batch keep their place in the order.
+        // Global prunes left behind by a full batch keep their place in the order: the pending
+        // and the in-flight part each hold the mark until they are written.
         let others_since = if self.global_prunes.is_empty() {
             self.others_since.take()
         } else {
+            if let Some(since) = self.others_since {
+                open_mark(&mut self.open, since);
+            }
             self.others_since
         };
         self.in_flight = Some(InFlight {
@@ -480,7 +490,14 @@ impl Journal {
             return None;
         }
         self.consecutive_failures = 0;
-        self.in_flight.take()
+        let batch = self.in_flight.take()?;
+        for (_, group) in &batch.groups {
+            close_mark(&mut self.open, group.since);
+        }
+        if let Some(since) = batch.others_since {
+            close_mark(&mut self.open, since);
+        }
+        Some(batch)
     }
 
     /// The store failed to write `id`: everything in it becomes pending again, ahead of what
@@ -495,7 +512,17 @@ impl Journal {
         for (job, mut older) in failed.groups {
             runs.extend(older.runs.iter().copied());
             checkpoints.append(&mut older.checkpoints);
-            self.group(&job).merge_older(older);
+            match self.pending.entry(job) {
+                // Pending again under its own first change, which stays open.
+                Entry::Vacant(slot) => {
+                    slot.insert(older);
+                }
+                // The newer group takes the older one's first change; its own closes.
+                Entry::Occupied(mut newer) => {
+                    close_mark(&mut self.open, newer.get().since.max(older.since));
+                    newer.get_mut().merge_older(older);
+                }
+            }
         }
         for incident in failed.incidents {
             // A newer copy of the same incident wins.
@@ -506,7 +533,10 @@ impl Journal {
             self.global_prunes = failed.global_prunes;
         }
         self.others_since = match (self.others_since, failed.others_since) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+            (Some(a), Some(b)) => {
+                close_mark(&mut self.open, a.max(b));
+                Some(a.min(b))
+            }
             (a, b) => a.or(b),
         };
         self.meta_dirty = true;
@@ -525,35 +555,176 @@ impl Journal {
     fn group(&mut self, job: &JobId) -> &mut Group {
         self.changes += 1;
         let since = self.changes;
-        self.pending.entry(job.clone()).or_insert_with(|| Group {
-            since,
-            ..Group::default()
-        })
+        match self.pending.entry(job.clone()) {
+            Entry::Occupied(group) => group.into_mut(),
+            Entry::Vacant(slot) => {
+                open_mark(&mut self.open, since);
+                slot.insert(Group {
+                    since,
+                    ..Group::default()
+                })
+            }
+        }
     }
 
     fn other_change(&mut self) {
         self.changes += 1;
-        self.others_since.get_or_insert(self.changes);
+        if self.others_since.is_none() {
+            self.others_since = Some(self.changes);
+            open_mark(&mut self.open, self.changes);
+        }
     }
 
-    /// A mark for everything changed so far: [`Journal::durable_through`] says when all of it
+    /// A mark for everything changed so far: [`Journal::durable_mark`] says when all of it
     /// is acknowledged.
     pub(crate) fn mark(&self) -> u64 {
         self.changes
     }
 
-    /// True once every change up to `mark` is acknowledged by the store: no pending or
-    /// in-flight write holds a change at or before it.
-    pub(crate) fn durable_through(&self, mark: u64) -> bool {
-        let pending = self.pending.values().map(|g| g.since);
-        let others = self.others_since;
-        let in_flight = self
+    /// The latest mark whose changes are all acknowledged by the store: every change up to it
+    /// is durable, and the next one is pending or in flight (or not made yet). O(log n).
+    pub(crate) fn durable_mark(&self) -> u64 {
+        match self.open.first_key_value() {
+            Some((&oldest, _)) => oldest - 1,
+            None => self.changes,
+        }
+    }
+}
+
+/// Counts one more unacknowledged write whose first change is `since`.
+fn open_mark(open: &mut BTreeMap<u64, u32>, since: u64) {
+    *open.entry(since).or_insert(0) += 1;
+}
+
+/// That write is acknowledged, or merged into an older one.
+fn close_mark(open: &mut BTreeMap<u64, u32>, since: u64) {
+    match open.get_mut(&since) {
+        Some(count) if *count > 1 => *count -= 1,
+        Some(_) => {
+            open.remove(&since);
+        }
+        None => debug_assert!(false, "closing mark {since}, which is not open"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// What `durable_mark` answered before the index: a walk over every open write.
+    fn durable_by_walk(journal: &Journal) -> u64 {
+        let pending = journal.pending.values().map(|g| g.since);
+        let in_flight = journal
             .in_flight
             .iter()
             .flat_map(|f| f.groups.iter().map(|(_, g)| g.since).chain(f.others_since));
         pending
-            .chain(others)
+            .chain(journal.others_since)
             .chain(in_flight)
-            .all(|since| since > mark)
+            .min()
+            .map_or(journal.changes, |oldest| oldest - 1)
+    }
+
+    /// The index holds exactly the first changes of the open writes, counted.
+    fn check(journal: &Journal) {
+        let mut expected = BTreeMap::new();
+        let pending = journal.pending.values().map(|g| g.since);
+        let in_flight = journal
+            .in_flight
+            .iter()
+            .flat_map(|f| f.groups.iter().map(|(_, g)| g.since).chain(f.others_since));
+        for since in pending.chain(journal.others_since).chain(in_flight) {
+            open_mark(&mut expected, since);
+        }
+        assert_eq!(journal.open, expected, "the open-mark index drifted");
+        assert_eq!(journal.durable_mark(), durable_by_walk(journal));
+    }
+
+    fn prune() -> Record {
+        Record::PruneHistory {
+            job: None,
+            keep_last: 1,
+            finished_before: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn the_durable_mark_index_agrees_with_a_walk_through_writes_failures_and_full_batches() {
+        let jobs: Vec<JobId> = (0..12)
+            .map(|i| JobId::new(&format!("job-{i}")).expect("valid name"))
+            .collect();
+        for seed in 0..40 {
+            let mut rng = SplitMix64::new(seed);
+            let mut journal = Journal::default();
+            let mut next_run = 0;
+            let mut marks = Vec::new();
+            for step in 0..400 {
+                match rng.below_inclusive(9) {
+                    0..=3 => {
+                        let job = &jobs[rng.below_inclusive(11) as usize];
+                        // Now and then a burst big enough to fill a batch on its own, so
+                        // global prunes are left behind and split across two writes.
+                        let runs = if rng.chance(1, 30) { 5_000 } else { 1 };
+                        for _ in 0..runs {
+                            next_run += 1;
+                            journal.put_run(job, RunId(next_run));
+                        }
+                    }
+                    4 => journal.meta(),
+                    5 => journal.prune(None, prune()),
+                    6 if journal.can_emit() => {
+                        journal.start_batch();
+                    }
+                    7 => {
+                        if let Some(id) = journal.in_flight.as_ref().map(|f| f.id) {
+                            journal.acknowledge(id);
+                        }
+                    }
+                    8 => {
+                        if let Some(id) = journal.in_flight.as_ref().map(|f| f.id) {
+                            journal.fail(id, Timestamp(step));
+                            journal.retry_at = None;
+                        }
+                    }
+                    _ => {}
+                }
+                check(&journal);
+                marks.push(journal.mark());
+            }
+            // Drain: every mark taken becomes durable once everything is acknowledged.
+            while journal.can_emit() || journal.in_flight.is_some() {
+                if journal.in_flight.is_none() {
+                    journal.start_batch();
+                }
+                let id = journal.in_flight.as_ref().map(|f| f.id).expect("in flight");
+                journal.acknowledge(id);
+                check(&journal);
+            }
+            assert!(journal.open.is_empty());
+            assert!(marks.iter().all(|&m| m <= journal.durable_mark()));
+        }
+    }
+
+    #[test]
+    fn a_mark_is_not_durable_while_a_change_at_or_before_it_is_pending_or_in_flight() {
+        let a = JobId::new("a").expect("valid name");
+        let b = JobId::new("b").expect("valid name");
+        let mut journal = Journal::default();
+        journal.put_run(&a, RunId(1));
+        let first = journal.mark();
+        assert_eq!(journal.durable_mark(), first - 1);
+        let batch = journal.start_batch().id;
+        journal.put_run(&b, RunId(2));
+        let second = journal.mark();
+        assert!(journal.durable_mark() < first);
+        // The batch fails: its write is pending again, still holding the oldest change.
+        journal.fail(batch, Timestamp(0));
+        journal.retry_at = None;
+        assert!(journal.durable_mark() < first);
+        let batch = journal.start_batch().id;
+        journal.acknowledge(batch);
+        assert!(journal.durable_mark() >= second);
+        check(&journal);
     }
 }
