@@ -50,6 +50,22 @@ pub struct Incident {
     pub details: String,
 }
 
+/// What an open incident is about, for the scheduler's index of them: its run, its worker and
+/// its id. Ordered by run first, so one run's incidents (whatever their worker) are adjacent.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct IncidentSubject(
+    pub(crate) Option<RunId>,
+    pub(crate) Option<WorkerId>,
+    pub(crate) u64,
+);
+
+impl IncidentSubject {
+    /// The subject of `incident`.
+    pub(crate) fn of(incident: &Incident) -> Self {
+        IncidentSubject(incident.run, incident.worker.clone(), incident.id)
+    }
+}
+
 impl Incident {
     /// True if it concerns this subject (run or worker) and is of this kind.
     pub(crate) fn is_about(

@@ -149,6 +149,8 @@ impl Backlog {
         self.0.get_or_insert_with(Default::default).push(slot);
     }
 
+    /// O(backlog) for the shift, bounded by [`limits::BACKLOG_MAX`](crate::limits::BACKLOG_MAX):
+    /// a `Vec` keeps the idle job one pointer wide and its stored form a plain list.
     pub(crate) fn pop_oldest(&mut self) -> Option<Timestamp> {
         let slots = self.0.as_mut()?;
         let slot = (!slots.is_empty()).then(|| slots.remove(0));

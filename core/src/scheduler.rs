@@ -30,7 +30,7 @@ use crate::audit::{Actor, AuditRecord, HistoryPolicy};
 use crate::checkpoint::Throttle;
 use crate::error::Rejected;
 use crate::ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
-use crate::incident::{Incident, IncidentKind};
+use crate::incident::{Incident, IncidentKind, IncidentSubject};
 use crate::job::{Backlog, Job, JobSpec, JobState, OverlapPolicy};
 use crate::lease::{Lease, LeasePolicy};
 use crate::limits;
@@ -246,6 +246,55 @@ pub enum Event {
     },
 }
 
+/// What the scheduler's inputs have cost, counted in entries of its indexes visited rather
+/// than timed: tests assert that a firing, a command or an acknowledgement costs the same with
+/// a thousand jobs as with a hundred thousand (`docs/performance.md` has the audit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Work {
+    /// Due jobs and runs taken off the timer indexes by `handle_timeout`.
+    pub timers_popped: u64,
+    /// Job groups moved into batches.
+    pub groups_batched: u64,
+    /// Entries of the run-by-job index visited to find one job's runs (adding a job, refusing
+    /// a trigger).
+    pub runs_visited: u64,
+    /// Entries of the incident-by-subject index visited to find one run's or one worker's
+    /// incidents.
+    pub incidents_visited: u64,
+}
+
+/// The scheduler's [`Work`], kept out of its `Debug` text: a cost, not state. A refused command
+/// still costs a look-up, and must leave the state exactly as it was.
+#[derive(Clone, Copy, Default)]
+struct WorkCounter(Work);
+
+impl std::fmt::Debug for WorkCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("..")
+    }
+}
+
+impl std::ops::Deref for WorkCounter {
+    type Target = Work;
+    fn deref(&self) -> &Work {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for WorkCounter {
+    fn deref_mut(&mut self) -> &mut Work {
+        &mut self.0
+    }
+}
+
+impl Work {
+    /// Every entry visited, of any kind.
+    pub fn total(&self) -> u64 {
+        self.timers_popped + self.groups_batched + self.runs_visited + self.incidents_visited
+    }
+}
+
 /// The sans-IO scheduler. See the crate docs for how to drive it.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -256,6 +305,9 @@ pub struct Scheduler {
     // roughly halves the memory of an idle job (docs/performance.md).
     jobs: BTreeMap<JobId, Box<Job>>,
     runs: BTreeMap<RunId, Run>,
+    /// The runs in `runs`, by job: adding a job and refusing a trigger look at that job's runs
+    /// only, not at every run in memory.
+    runs_by_job: BTreeSet<(JobId, RunId)>,
     /// Scheduled jobs by cursor.
     due_jobs: BTreeSet<(Timestamp, JobId)>,
     /// Runs by their next deadline: `until` of a backing-off run, the watchdog's next deadline
@@ -271,10 +323,16 @@ pub struct Scheduler {
     worker: WorkerId,
     /// Open incidents, by id.
     incidents: BTreeMap<u64, Incident>,
+    /// The open incidents by subject (run, worker), so that opening one and resolving those of
+    /// a run or a worker (on every run transition, every claim) look at that subject's few
+    /// incidents rather than at all of them.
+    incident_subjects: BTreeSet<IncidentSubject>,
     /// Consecutive empty claims per worker (idle claim loop detection).
     empty_claims: BTreeMap<WorkerId, u32>,
     /// Reclaims whose batch failed, by run: two failures escalate (SPEC W5).
     reclaim_failures: BTreeMap<RunId, u32>,
+    /// What the inputs have cost, in index entries visited.
+    work: WorkCounter,
     /// Completions refused for missing artifacts, audited once per attempt.
     refused_completions: BTreeSet<(RunId, Attempt)>,
     /// Checkpoint throttles of running attempts.
@@ -313,6 +371,7 @@ impl Scheduler {
             rng: SplitMix64::new(seed),
             jobs: BTreeMap::new(),
             runs: BTreeMap::new(),
+            runs_by_job: BTreeSet::new(),
             due_jobs: BTreeSet::new(),
             due_runs: BTreeSet::new(),
             run_due: BTreeMap::new(),
@@ -320,9 +379,11 @@ impl Scheduler {
             run_queue: BTreeMap::new(),
             worker: WorkerId::new("local").expect("a valid worker id"),
             incidents: BTreeMap::new(),
+            incident_subjects: BTreeSet::new(),
             empty_claims: BTreeMap::new(),
             reclaim_failures: BTreeMap::new(),
             refused_completions: BTreeSet::new(),
+            work: WorkCounter::default(),
             throttles: BTreeMap::new(),
             shutting_down: false,
             outbox: Outbox::new(config.outbox),
@@ -402,6 +463,7 @@ impl Scheduler {
             .filter(|i| i.resolved_at.is_none())
             .map(|i| (i.id, i))
             .collect();
+        s.incident_subjects = s.incidents.values().map(IncidentSubject::of).collect();
         for job in jobs {
             s.restore_job(job);
         }
@@ -414,6 +476,7 @@ impl Scheduler {
                 job.active_runs += 1;
             }
             let id = run.id;
+            s.runs_by_job.insert((run.job.clone(), id));
             s.runs.insert(id, run);
             match s.runs[&id].state {
                 RunState::BackingOff { .. } | RunState::Queued { .. } => s.index_run(id),
@@ -566,15 +629,19 @@ impl Scheduler {
         let next = first_slot(&schedule, &spec, now, self.config.misfire_grace_ms)?;
         let id = spec.id.clone();
         // A job deleted under this name, or runs of it still finishing, fired slots that must
-        // not fire again (SPEC S6). Leftover runs settle against this job, so they are counted
-        // (a rare, O(runs) case).
-        let leftovers = self
-            .runs
-            .values()
-            .filter(|r| r.job == id && !r.state.is_terminal());
-        let active_runs = leftovers.clone().count() as u32;
+        // not fire again (SPEC S6). Leftover runs settle against this job, so they are counted.
+        let leftovers: Vec<&Run> = self
+            .active_runs_of(&id)
+            .iter()
+            .filter_map(|r| self.runs.get(r))
+            .collect();
+        let active_runs = leftovers.len() as u32;
         let tombstone = self.tombstones.get(&id).map(|t| t.last_fired);
-        let last_fired = leftovers.filter_map(|r| r.slot()).chain(tombstone).max();
+        let last_fired = leftovers
+            .into_iter()
+            .filter_map(|r| r.slot())
+            .chain(tombstone)
+            .max();
         if let Some(last) = last_fired.filter(|last| next <= *last) {
             return Err(Rejected::AlreadyFired {
                 job: id,
@@ -738,11 +805,9 @@ impl Scheduler {
             return Err(Rejected::UnknownJob(id.clone()));
         };
         if job.active_runs > 0 && job.spec.overlap != OverlapPolicy::Allow {
-            let run = self
-                .runs
-                .values()
-                .find(|r| &r.job == id && !r.state.is_terminal())
-                .map(|r| r.id)
+            let run = *self
+                .active_runs_of(id)
+                .first()
                 .expect("active_runs counts runs in memory");
             return Err(Rejected::RunActive {
                 job: id.clone(),
@@ -804,10 +869,12 @@ impl Scheduler {
                 .cloned();
             match (run, job) {
                 (Some((at, id)), job) if job.as_ref().is_none_or(|(j, _)| at <= *j) => {
+                    self.work.timers_popped += 1;
                     self.unindex_run(id);
                     self.run_due(now, id);
                 }
                 (_, Some((at, id))) => {
+                    self.work.timers_popped += 1;
                     self.due_jobs.remove(&(at, id.clone()));
                     self.fire(now, &id);
                 }
@@ -853,6 +920,7 @@ impl Scheduler {
                 self.reclaim_failures.remove(run_id);
                 if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal()) {
                     self.runs.remove(run_id);
+                    self.runs_by_job.remove(&(job.clone(), *run_id));
                 }
             }
             for (run, seq) in &group.checkpoints {
@@ -997,16 +1065,24 @@ impl Scheduler {
     }
 
     /// A mark for every change made so far; [`Scheduler::is_durable`] says when the store has
-    /// acknowledged all of them. A driver answers a command once its mark is durable.
+    /// acknowledged all of them. A driver answers a command once its mark is durable. Marks
+    /// only rise, so a driver can keep its waiters in the order it took their marks and wake
+    /// them from the front while their mark is at most [`Scheduler::durable_mark`].
     pub fn write_mark(&self) -> u64 {
         self.journal.mark()
     }
 
-    /// True once every change made up to `mark` ([`Scheduler::write_mark`]) is acknowledged
-    /// by the store. Exact whatever the backlog: a batch holds at most
+    /// The latest write mark whose changes are all acknowledged by the store, in O(log n) of
+    /// what is pending. Exact whatever the backlog: a batch holds at most
     /// [`limits::BATCH_RECORDS_MAX`] records, so a change may wait several batches.
+    pub fn durable_mark(&self) -> u64 {
+        self.journal.durable_mark()
+    }
+
+    /// True once every change made up to `mark` ([`Scheduler::write_mark`]) is acknowledged
+    /// by the store: `mark <= durable_mark()`.
     pub fn is_durable(&self, mark: u64) -> bool {
-        self.journal.durable_through(mark)
+        mark <= self.journal.durable_mark()
     }
 
     /// True while some change is not yet acknowledged by the store: written to a batch in
@@ -1036,6 +1112,27 @@ impl Scheduler {
         .min()
     }
 
+    /// The runs of `job` in memory that are not terminal, in O(log runs + the job's runs).
+    fn active_runs_of(&mut self, job: &JobId) -> Vec<RunId> {
+        let first = (job.clone(), RunId(0));
+        let mut visited = 0;
+        let runs = self
+            .runs_by_job
+            .range(first..)
+            .take_while(|(j, _)| j == job)
+            .inspect(|_| visited += 1)
+            .filter(|(_, id)| self.runs.get(id).is_some_and(|r| !r.state.is_terminal()))
+            .map(|(_, id)| *id)
+            .collect();
+        self.work.runs_visited += visited;
+        runs
+    }
+
+    /// What the scheduler's inputs have cost so far, counted in index entries visited.
+    pub fn work(&self) -> Work {
+        self.work.0
+    }
+
     // ----- invariants -------------------------------------------------------------------
 
     /// Checks whole-state invariants and panics with a description if one is broken. Cheap
@@ -1047,8 +1144,17 @@ impl Scheduler {
         let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
         let mut slots = BTreeSet::new();
         let mut tokens = BTreeSet::new();
+        assert_eq!(
+            self.runs_by_job.len(),
+            self.runs.len(),
+            "runs_by_job and runs disagree"
+        );
         for (id, run) in &self.runs {
             assert_eq!(*id, run.id, "run stored under the wrong id");
+            assert!(
+                self.runs_by_job.contains(&(run.job.clone(), *id)),
+                "run {id} missing from runs_by_job"
+            );
             assert!(
                 run.id.0 < self.meta.next_run_id,
                 "{id} not below next_run_id"
@@ -1180,6 +1286,12 @@ impl Scheduler {
             "the claim queue disagrees with run states"
         );
         assert!(self.incidents.len() <= limits::INCIDENTS_OPEN_MAX);
+        let subjects: BTreeSet<IncidentSubject> =
+            self.incidents.values().map(IncidentSubject::of).collect();
+        assert_eq!(
+            subjects, self.incident_subjects,
+            "incident_subjects disagrees with the open incidents"
+        );
         if let Some(batch) = &self.journal.in_flight {
             for (run, attempt) in batch.groups.iter().flat_map(|(_, g)| &g.gates) {
                 if let Some(r) = self.runs.get(run) {
@@ -1359,6 +1471,7 @@ impl Scheduler {
         };
         let first = run.state.name();
         self.mark_job(id);
+        self.runs_by_job.insert((id.clone(), run_id));
         self.runs.insert(run_id, run);
         self.audit_run(run_id, None, first, actor, &reason);
         self.begin_attempt(run_id);
@@ -1498,6 +1611,13 @@ impl Scheduler {
                 checkpoint.saved_at = self.now;
             }
             self.resolve_incidents_of_kind(id, IncidentKind::StuckRun, "the attempt ended");
+            // Refusals are audited once per attempt; the attempt is over, so is its entry.
+            let attempts = (id, Attempt(0))..=(id, Attempt(u32::MAX));
+            let ended: Vec<(RunId, Attempt)> =
+                self.refused_completions.range(attempts).copied().collect();
+            for key in ended {
+                self.refused_completions.remove(&key);
+            }
         }
         match state {
             RunState::BackingOff { until } => {
@@ -1613,6 +1733,8 @@ impl Scheduler {
     }
 
     /// Forgets tombstones older than the history policy's age limit.
+    /// A walk over every tombstone, bounded by its rate: the history sweep runs once per
+    /// [`limits::HISTORY_SWEEP_INTERVAL_MS`], never per firing or per command.
     fn expire_tombstones(&mut self, now: Timestamp) {
         let age_max = self.config.history.age_max_ms;
         let expired: Vec<JobId> = self
@@ -1812,6 +1934,7 @@ impl Scheduler {
 
     fn build_batch(&mut self) -> Batch {
         let batch = self.journal.start_batch();
+        self.work.groups_batched += batch.groups.len() as u64;
         let mut records = Vec::new();
         for (id, group) in &batch.groups {
             match group.job {

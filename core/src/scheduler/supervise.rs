@@ -184,11 +184,7 @@ impl Scheduler {
         worker: Option<&WorkerId>,
         details: String,
     ) {
-        if self
-            .incidents
-            .values()
-            .any(|i| i.is_about(kind, run, worker))
-        {
+        if self.has_incident(kind, run, worker) {
             return;
         }
         if self.incidents.len() >= limits::INCIDENTS_OPEN_MAX {
@@ -216,17 +212,49 @@ impl Scheduler {
         self.journal.incident(incident.clone());
         self.effects
             .push_back(Effect::Event(Event::IncidentOpened(incident.clone())));
+        self.incident_subjects
+            .insert(IncidentSubject::of(&incident));
         self.incidents.insert(id, incident);
+    }
+
+    /// True if an incident of `kind` about this subject is open. O(log incidents).
+    pub(super) fn has_incident(
+        &mut self,
+        kind: IncidentKind,
+        run: Option<RunId>,
+        worker: Option<&WorkerId>,
+    ) -> bool {
+        !self
+            .incident_ids(run, worker, |i| i.is_about(kind, run, worker))
+            .is_empty()
+    }
+
+    /// The ids of the open incidents about `run` (with any worker) or, with no run, about
+    /// exactly `worker`, that `keep` keeps: a range of the subject index, not a scan.
+    fn incident_ids(
+        &mut self,
+        run: Option<RunId>,
+        worker: Option<&WorkerId>,
+        keep: impl Fn(&Incident) -> bool,
+    ) -> Vec<u64> {
+        let worker = if run.is_some() { None } else { worker.cloned() };
+        let first = IncidentSubject(run, worker.clone(), 0);
+        let mut visited = 0;
+        let ids = self
+            .incident_subjects
+            .range(first..)
+            .take_while(|s| s.0 == run && (run.is_some() || s.1 == worker))
+            .inspect(|_| visited += 1)
+            .filter(|s| self.incidents.get(&s.2).is_some_and(&keep))
+            .map(|s| s.2)
+            .collect();
+        self.work.incidents_visited += visited;
+        ids
     }
 
     /// Resolves every open incident about `run`.
     pub(super) fn resolve_incidents_of_run(&mut self, run: RunId, reason: &str) {
-        let ids: Vec<u64> = self
-            .incidents
-            .values()
-            .filter(|i| i.run == Some(run))
-            .map(|i| i.id)
-            .collect();
+        let ids = self.incident_ids(Some(run), None, |_| true);
         for id in ids {
             self.resolve_incident(id, reason);
         }
@@ -239,12 +267,7 @@ impl Scheduler {
         kind: IncidentKind,
         reason: &str,
     ) {
-        let ids: Vec<u64> = self
-            .incidents
-            .values()
-            .filter(|i| i.run == Some(run) && i.kind == kind)
-            .map(|i| i.id)
-            .collect();
+        let ids = self.incident_ids(Some(run), None, |i| i.kind == kind);
         for id in ids {
             self.resolve_incident(id, reason);
         }
@@ -252,12 +275,9 @@ impl Scheduler {
 
     /// Resolves the idle-claim-loop incident of `worker`, if open.
     pub(super) fn resolve_idle_claims(&mut self, worker: &WorkerId, reason: &str) {
-        let ids: Vec<u64> = self
-            .incidents
-            .values()
-            .filter(|i| i.is_about(IncidentKind::IdleClaimLoop, None, Some(worker)))
-            .map(|i| i.id)
-            .collect();
+        let ids = self.incident_ids(None, Some(worker), |i| {
+            i.is_about(IncidentKind::IdleClaimLoop, None, Some(worker))
+        });
         for id in ids {
             self.resolve_incident(id, reason);
         }
@@ -267,6 +287,8 @@ impl Scheduler {
         let Some(mut incident) = self.incidents.remove(&id) else {
             return;
         };
+        self.incident_subjects
+            .remove(&IncidentSubject::of(&incident));
         incident.resolved_at = Some(self.now);
         incident.details =
             crate::run::truncate(&format!("{}; resolved: {reason}", incident.details));

@@ -465,8 +465,12 @@ impl Scheduler {
         let count = self.empty_claims.entry(worker.clone()).or_default();
         *count = count.saturating_add(1);
         let count = *count;
-        let waiting: Vec<&str> = self.queued.keys().map(|k| &**k).collect();
-        if count >= self.config.idle_claims_max {
+        // Past the threshold a worker polling in a loop asks again and again: its incident is
+        // already open, so look it up (O(log)) before describing the backlog (O(kinds)).
+        if count >= self.config.idle_claims_max
+            && !self.has_incident(IncidentKind::IdleClaimLoop, None, Some(worker))
+        {
+            let waiting: Vec<&str> = self.queued.keys().map(|k| &**k).collect();
             let details = format!(
                 "{count} empty claims for kinds {kinds:?} while runs of kinds {waiting:?} wait"
             );
