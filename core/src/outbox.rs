@@ -425,6 +425,9 @@ pub struct Outbox {
     deliveries: BTreeMap<DeliveryId, Delivery>,
     /// Durable `Waiting` deliveries by due time: exactly what `handle_timeout` may send.
     due: BTreeSet<(Timestamp, DeliveryId)>,
+    /// Every `Waiting` delivery (durable or not) by id, so that `drop_oldest` finds its victim
+    /// in O(log n) instead of walking the deliveries, most of which may be `Sending`.
+    waiting: BTreeSet<DeliveryId>,
     /// Attempts started and not yet polled; at most one per `Sending` delivery.
     sends: VecDeque<(DeliveryId, u32)>,
     /// Drained after every input, so it holds what one input produced: at most one event per
@@ -445,6 +448,7 @@ impl Outbox {
             config: config.clamped(),
             deliveries: BTreeMap::new(),
             due: BTreeSet::new(),
+            waiting: BTreeSet::new(),
             sends: VecDeque::new(),
             events: VecDeque::new(),
             upserts: BTreeSet::new(),
@@ -487,7 +491,7 @@ impl Outbox {
                 ));
                 outbox.upserts.insert(id);
             }
-            outbox.deliveries.insert(id, delivery);
+            outbox.insert(delivery);
             if outbox.deliveries[&id].attempt >= attempts_max {
                 outbox.finish(id, DeliveryStatus::Exhausted);
                 continue;
@@ -538,19 +542,16 @@ impl Outbox {
             }
             let id = DeliveryId(self.next_id);
             self.next_id += 1;
-            self.deliveries.insert(
+            self.insert(Delivery {
                 id,
-                Delivery {
-                    id,
-                    sink: sink.clone(),
-                    payload: payload.clone(),
-                    attempt: 0,
-                    state: DeliveryState::Waiting { due: now },
-                    created_at: now,
-                    last_error: None,
-                    durable: false,
-                },
-            );
+                sink: sink.clone(),
+                payload: payload.clone(),
+                attempt: 0,
+                state: DeliveryState::Waiting { due: now },
+                created_at: now,
+                last_error: None,
+                durable: false,
+            });
             self.upserts.insert(id);
             created.push(id);
         }
@@ -583,6 +584,7 @@ impl Outbox {
                 break;
             }
             self.due.remove(&(due, id));
+            self.waiting.remove(&id);
             let delivery = self
                 .deliveries
                 .get_mut(&id)
@@ -662,6 +664,7 @@ impl Outbox {
                 let at = now.plus_ms(policy.retry_delay_ms(attempt, retry_after_ms));
                 delivery.state = DeliveryState::Waiting { due: at };
                 let sink = delivery.sink.clone();
+                self.waiting.insert(id);
                 self.index(id);
                 self.upserts.insert(id);
                 self.events.push_back(OutboxEvent::RetryScheduled {
@@ -706,6 +709,7 @@ impl Outbox {
 
     /// The deliveries with an attempt in flight, in id order: what a graceful shutdown waits
     /// for, within its time budget, before it leaves the rest for the next start (SPEC D5).
+    /// O(deliveries): called only once, when a shutdown begins, never per event.
     pub fn in_flight(&self) -> Vec<DeliveryId> {
         self.deliveries
             .values()
@@ -749,6 +753,7 @@ impl Outbox {
             self.config.capacity
         );
         let mut expected_due = BTreeSet::new();
+        let mut expected_waiting = BTreeSet::new();
         for (id, d) in &self.deliveries {
             assert_eq!(*id, d.id, "{id} is filed under another id");
             assert!(id.0 >= 1 && id.0 < self.next_id, "{id} not below next_id");
@@ -760,6 +765,7 @@ impl Outbox {
             match d.state {
                 DeliveryState::Waiting { due } => {
                     assert!(d.attempt < attempts_max, "{id} waits with no attempts left");
+                    expected_waiting.insert(*id);
                     if d.durable {
                         expected_due.insert((due, *id));
                     }
@@ -777,6 +783,10 @@ impl Outbox {
         assert_eq!(
             self.due, expected_due,
             "the due index does not match the durable waiting deliveries"
+        );
+        assert_eq!(
+            self.waiting, expected_waiting,
+            "the waiting index does not match the waiting deliveries"
         );
         let mut queued = BTreeSet::new();
         for &(id, attempt) in &self.sends {
@@ -802,6 +812,17 @@ impl Outbox {
         self.now
     }
 
+    /// Puts a new delivery into the outbox, and into the waiting index if it is `Waiting`.
+    /// The due index is separate: see [`Outbox::index`].
+    fn insert(&mut self, delivery: Delivery) {
+        let id = delivery.id;
+        if let DeliveryState::Waiting { .. } = delivery.state {
+            self.waiting.insert(id);
+        }
+        let previous = self.deliveries.insert(id, delivery);
+        debug_assert!(previous.is_none(), "{id} inserted twice");
+    }
+
     /// Adds a durable waiting delivery to the due index.
     fn index(&mut self, id: DeliveryId) {
         let d = &self.deliveries[&id];
@@ -812,10 +833,7 @@ impl Outbox {
 
     /// The oldest (lowest id) waiting delivery: the one `drop_oldest` evicts.
     fn oldest_waiting(&self) -> Option<DeliveryId> {
-        self.deliveries
-            .values()
-            .find(|d| matches!(d.state, DeliveryState::Waiting { .. }))
-            .map(|d| d.id)
+        self.waiting.first().copied()
     }
 
     /// Makes room for one delivery by the overflow policy; false if it cannot.
@@ -838,6 +856,7 @@ impl Outbox {
             .expect("only deliveries in the outbox are removed");
         if let DeliveryState::Waiting { due } = delivery.state {
             self.due.remove(&(due, id));
+            self.waiting.remove(&id);
         }
         self.upserts.remove(&id);
         self.deletes.insert(id);
@@ -1287,6 +1306,84 @@ mod tests {
         );
         assert_eq!(outbox.in_flight(), vec![id]);
         outbox.check_invariants();
+    }
+
+    #[test]
+    fn drop_oldest_skips_deliveries_in_flight_and_evicts_the_lowest_waiting_id() {
+        let mut outbox = Outbox::new(config(5, OverflowPolicy::DropOldest));
+        let evicted = |outbox: &mut Outbox| -> Vec<DeliveryId> {
+            events(outbox)
+                .into_iter()
+                .filter_map(|e| match e {
+                    OutboxEvent::Dropped {
+                        id,
+                        reason: DropReason::Evicted,
+                        ..
+                    } => id,
+                    _ => None,
+                })
+                .collect()
+        };
+        // 1, 2 and 3 go out; 4 and 5 wait (not durable yet). The outbox is full.
+        for run in 1..=3 {
+            outbox.enqueue(T0, &[sink("hook")], &payload(run));
+        }
+        persist(&mut outbox);
+        outbox.handle_timeout(T0);
+        let sent: Vec<DeliveryId> = std::iter::from_fn(|| outbox.poll_send())
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(sent, vec![DeliveryId(1), DeliveryId(2), DeliveryId(3)]);
+        for run in 4..=5 {
+            outbox.enqueue(T0, &[sink("hook")], &payload(run));
+        }
+        outbox.check_invariants();
+        assert_eq!(outbox.len(), 5);
+        assert_eq!(outbox.oldest_waiting(), Some(DeliveryId(4)));
+
+        // The oldest waiting delivery goes, not the older ones in flight.
+        assert_eq!(
+            outbox.enqueue(T0, &[sink("hook")], &payload(6)),
+            vec![DeliveryId(6)]
+        );
+        outbox.check_invariants();
+        assert_eq!(evicted(&mut outbox), vec![DeliveryId(4)]);
+        assert_eq!(
+            outbox.in_flight(),
+            vec![DeliveryId(1), DeliveryId(2), DeliveryId(3)]
+        );
+
+        // A failed attempt puts 2 back to waiting: it is now the oldest waiting one.
+        outbox
+            .handle_result(T0, DeliveryId(2), 1, transient(None))
+            .unwrap();
+        outbox.check_invariants();
+        assert_eq!(outbox.oldest_waiting(), Some(DeliveryId(2)));
+        assert_eq!(
+            outbox.enqueue(T0, &[sink("hook")], &payload(7)),
+            vec![DeliveryId(7)]
+        );
+        outbox.check_invariants();
+        assert_eq!(evicted(&mut outbox), vec![DeliveryId(2)]);
+
+        // A finished delivery frees its place without touching the waiting ones; the next
+        // overflow takes 5, then 6.
+        outbox
+            .handle_result(T0, DeliveryId(1), 1, DeliveryResult::Delivered)
+            .unwrap();
+        outbox.check_invariants();
+        assert_eq!(
+            outbox.enqueue(T0, &[sink("hook")], &payload(8)),
+            vec![DeliveryId(8)]
+        );
+        assert_eq!(evicted(&mut outbox), vec![]);
+        outbox.enqueue(T0, &[sink("hook")], &payload(9));
+        outbox.enqueue(T0, &[sink("hook")], &payload(10));
+        outbox.check_invariants();
+        assert_eq!(evicted(&mut outbox), vec![DeliveryId(5), DeliveryId(6)]);
+        let kept: Vec<DeliveryId> = outbox.deliveries().map(|d| d.id).collect();
+        assert_eq!(kept, [3, 7, 8, 9, 10].map(DeliveryId).to_vec());
+        assert_eq!(outbox.in_flight(), vec![DeliveryId(3)]);
     }
 
     #[test]
