@@ -27,7 +27,7 @@
 //! | `Deliver` | spawns the sink's `send`; an unknown sink is a permanent failure |
 //! | `Event` | a tracing event, metrics, and a broadcast to subscribers |
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +54,30 @@ pub(crate) type Command = Box<dyn FnOnce(&mut Driver) -> Option<Reply> + Send>;
 
 /// An answer waiting for durability.
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), RuntimeError>) + Send>;
+
+/// What waits for a write mark to be durable.
+pub(crate) enum Waiter {
+    /// A command's answer.
+    Reply(Reply),
+    /// An external claim, answered by its `StartAttempt` or, if the grant was dropped before
+    /// it became durable, with nothing.
+    Claim(RunId),
+}
+
+/// How much work the driver has done: what it checked to wake waiters, so tests can assert
+/// that an acknowledgement costs what it wakes, not what waits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DriverStats {
+    /// Times the driver looked for waiters to wake (once per turn of its loop).
+    pub wake_checks: u64,
+    /// Waiters it looked at: those woken plus at most one per look.
+    pub waiters_checked: u64,
+    /// Waiters woken: commands answered and claims settled.
+    pub waiters_woken: u64,
+    /// The most waiters ever waiting at once.
+    pub waiters_max: u64,
+}
 
 /// How a handler's checkpoint save is answered.
 type CheckpointReply = oneshot::Sender<Result<CheckpointSave, CheckpointError>>;
@@ -133,9 +157,16 @@ pub(crate) struct Driver {
     events: broadcast::Sender<Event>,
     /// The batch being written, if any, and how many batches were sent so far.
     in_flight: Option<BatchId>,
-    /// Answers waiting for every change up to their write mark to be acknowledged.
-    waiting: Vec<(u64, Reply)>,
+    /// What waits for every change up to its write mark to be acknowledged, in the order the
+    /// marks were taken (marks only rise): each turn wakes a prefix of it, so an
+    /// acknowledgement costs what it wakes, however many wait behind.
+    waiting: VecDeque<(u64, Waiter)>,
+    /// Work counters, for tests that prove the driver's cost does not grow with what waits.
+    stats: DriverStats,
     executing: HashMap<RunId, Executing>,
+    /// When each executing attempt's lease is next renewed, soonest first: the next wake and
+    /// the renewals due read its front instead of every attempt.
+    renewals: BTreeSet<(Instant, RunId)>,
     /// Handlers waiting for a checkpoint save to be acknowledged, by run and save.
     checkpoints: BTreeMap<(RunId, u64), CheckpointReply>,
     /// The tracing span of each run this process has started an attempt of, until it ends.
@@ -171,8 +202,10 @@ impl Driver {
             tx,
             events,
             in_flight: None,
-            waiting: Vec::new(),
+            waiting: VecDeque::new(),
+            stats: DriverStats::default(),
             executing: HashMap::new(),
+            renewals: BTreeSet::new(),
             run_spans: HashMap::new(),
             checkpoints: BTreeMap::new(),
             claims: HashMap::new(),
@@ -243,7 +276,7 @@ impl Driver {
 
     fn next_wake(&self) -> Option<Instant> {
         let core = self.core.poll_timeout().map(|at| self.clock.instant_at(at));
-        let renew = self.executing.values().map(|e| e.renew_at).min();
+        let renew = self.renewals.first().map(|(at, _)| *at);
         [core, renew, self.drain_until].into_iter().flatten().min()
     }
 
@@ -251,17 +284,19 @@ impl Driver {
         let now = self.clock.now();
         // Renew first: after a stall (a paused VM, a busy host) the watchdog must not reclaim
         // a lease whose holder is this very process and still working.
-        let due: Vec<(RunId, FencingToken)> = self
-            .executing
-            .iter()
-            .filter(|(_, e)| e.renew_at <= Instant::now())
-            .map(|(run, e)| (*run, e.token))
-            .collect();
         let half_ttl = self.renew_every();
-        for (run, token) in due {
-            if let Some(executing) = self.executing.get_mut(&run) {
-                executing.renew_at = Instant::now() + half_ttl;
+        let due_by = Instant::now();
+        while let Some(&(at, run)) = self.renewals.first() {
+            if at > due_by {
+                break;
             }
+            self.renewals.pop_first();
+            let Some(executing) = self.executing.get_mut(&run) else {
+                continue;
+            };
+            let token = executing.token;
+            executing.renew_at = due_by + half_ttl;
+            self.renewals.insert((executing.renew_at, run));
             if let Err(e) = self.core.renew_lease(now, run, token) {
                 tracing::debug!(%run, error = %e, "lease not renewed");
             }
@@ -275,7 +310,7 @@ impl Driver {
             Msg::Command(command) => {
                 if let Some(reply) = command(self) {
                     // Everything the command changed is at or before this mark.
-                    self.waiting.push((self.core.write_mark(), reply));
+                    self.wait_for_durable(Waiter::Reply(reply));
                 }
             }
             Msg::Persisted { batch, result } => self.persisted(now, batch, result),
@@ -287,7 +322,7 @@ impl Driver {
                 let label = outcome_label(&outcome);
                 // Only this attempt's entry: a later attempt of the run may be executing.
                 if self.executing.get(&run).is_some_and(|e| e.token == token) {
-                    if let Some(executing) = self.executing.remove(&run) {
+                    if let Some(executing) = self.untrack(run) {
                         metrics::histogram!(m::ATTEMPT_SECONDS, "outcome" => label)
                             .record(executing.started.elapsed().as_secs_f64());
                     }
@@ -377,33 +412,55 @@ impl Driver {
         while let Some(effect) = self.core.poll_effect() {
             self.effect(effect);
         }
-        // Claims whose grant was dropped before it became durable (the run was cancelled or
-        // moved on while the grant was being written): the claimer gets nothing.
-        let dropped: Vec<RunId> = self
-            .claims
-            .keys()
-            .filter(|run| {
-                !matches!(
-                    self.core.run(**run).map(|r| r.state),
-                    Some(RunState::Starting { .. })
-                )
-            })
-            .copied()
-            .collect();
-        for run in dropped {
-            if let Some(waiter) = self.claims.remove(&run) {
-                let _ = waiter.send(None);
+        self.wake_durable();
+    }
+
+    /// Waits for everything changed so far to be acknowledged.
+    pub(crate) fn wait_for_durable(&mut self, waiter: Waiter) {
+        let mark = self.core.write_mark();
+        debug_assert!(self.waiting.back().is_none_or(|(last, _)| *last <= mark));
+        self.waiting.push_back((mark, waiter));
+        self.stats.waiters_max = self.stats.waiters_max.max(self.waiting.len() as u64);
+    }
+
+    /// Wakes the waiters whose writes are all acknowledged (or that wrote nothing), in any
+    /// number of batches: a prefix of the queue, since marks rise with it.
+    fn wake_durable(&mut self) {
+        let durable = self.core.durable_mark();
+        self.stats.wake_checks += 1;
+        while let Some((mark, _)) = self.waiting.front() {
+            self.stats.waiters_checked += 1;
+            if *mark > durable {
+                break;
+            }
+            let Some((_, waiter)) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.waiters_woken += 1;
+            match waiter {
+                Waiter::Reply(reply) => reply(Ok(())),
+                // The batch that carried the grant is acknowledged and gave no `StartAttempt`
+                // for it (drained before this): the run was cancelled or moved on while the
+                // grant was being written, and the claimer gets nothing. A run still starting
+                // was claimed again since, under a later mark that answers that claim.
+                Waiter::Claim(run) => {
+                    let starting = matches!(
+                        self.core.run(run).map(|r| r.state),
+                        Some(RunState::Starting { .. })
+                    );
+                    if !starting {
+                        if let Some(claimer) = self.claims.remove(&run) {
+                            let _ = claimer.send(None);
+                        }
+                    }
+                }
             }
         }
-        // Commands whose writes are all acknowledged (or that wrote nothing), in any number
-        // of batches.
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(mark, _)| self.core.is_durable(*mark));
-        self.waiting = waiting;
-        for (_, reply) in ready {
-            reply(Ok(()));
-        }
+    }
+
+    /// The driver's work counters so far.
+    pub(crate) fn stats(&self) -> DriverStats {
+        self.stats
     }
 
     fn effect(&mut self, effect: Effect) {
@@ -440,7 +497,7 @@ impl Driver {
                 }
             }
             Effect::KillAttempt { run, .. } => {
-                if let Some(executing) = self.executing.remove(&run) {
+                if let Some(executing) = self.untrack(run) {
                     executing.abort.abort();
                     tracing::warn!(%run, "attempt killed by the watchdog");
                 }
@@ -594,16 +651,25 @@ impl Driver {
             let token = previous.token;
             self.stop_attempt(start.run, token);
         }
+        let renew_at = Instant::now() + half_ttl;
+        self.renewals.insert((renew_at, start.run));
         self.executing.insert(
             start.run,
             Executing {
                 token: start.lease.token,
                 cancel,
                 abort,
-                renew_at: Instant::now() + half_ttl,
+                renew_at,
                 started: Instant::now(),
             },
         );
+    }
+
+    /// Forgets an attempt this process was executing, with its renewal.
+    fn untrack(&mut self, run: RunId) -> Option<Executing> {
+        let executing = self.executing.remove(&run)?;
+        self.renewals.remove(&(executing.renew_at, run));
+        Some(executing)
     }
 
     /// Removes the checkpoint waiters of `run` (those up to save `through`, or all).
@@ -626,7 +692,7 @@ impl Driver {
     /// (its command, for command jobs, killed with it), and nothing it reports is accepted.
     fn stop_attempt(&mut self, run: RunId, token: FencingToken) {
         if self.executing.get(&run).is_some_and(|e| e.token == token) {
-            if let Some(executing) = self.executing.remove(&run) {
+            if let Some(executing) = self.untrack(run) {
                 let _ = executing.cancel.send(true);
                 executing.abort.abort();
                 tracing::warn!(%run, token = token.0, "attempt stopped: its lease was lost");
@@ -666,13 +732,18 @@ impl Driver {
     }
 
     fn stop_everything(&mut self, result: Result<(), RuntimeError>) {
+        self.renewals.clear();
         for (run, executing) in self.executing.drain() {
             executing.abort.abort();
             tracing::info!(%run, "attempt left running at shutdown; it is recovered at the next start");
         }
         let error = result.err().unwrap_or(RuntimeError::Stopped);
-        for (_, reply) in self.waiting.drain(..) {
-            reply(Err(error.clone()));
+        for (_, waiter) in self.waiting.drain(..) {
+            match waiter {
+                Waiter::Reply(reply) => reply(Err(error.clone())),
+                // Its claimer sees the runtime stop when the driver drops its sender.
+                Waiter::Claim(_) => {}
+            }
         }
     }
 }

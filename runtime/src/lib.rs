@@ -73,6 +73,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use clock::Clock;
+pub use driver::DriverStats;
 pub use handler::{AttemptContext, CheckpointError, Handler};
 pub use sink::{BoxFuture, Sink};
 pub use sinks::{CommandSink, WebhookSink};
@@ -365,6 +366,21 @@ impl RuntimeHandle {
         answer.await.unwrap_or(Err(RuntimeError::Stopped))
     }
 
+    /// The driver's work counters (what it checked to answer commands), answered at once.
+    /// For tests and diagnosis: they show that an acknowledgement costs what it wakes,
+    /// however many commands wait.
+    pub async fn driver_stats(&self) -> Result<DriverStats, RuntimeError> {
+        let (reply, answer) = oneshot::channel();
+        let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            let _ = reply.send(driver.stats());
+            None
+        });
+        self.tx
+            .send(Msg::Command(command))
+            .map_err(|_| RuntimeError::Stopped)?;
+        answer.await.map_err(|_| RuntimeError::Stopped)
+    }
+
     /// Returns once every change the scheduler made before this call is durable (events such
     /// as `RunFinished` are announced as the change happens, before its write lands).
     pub async fn sync(&self) -> Result<(), RuntimeError> {
@@ -478,6 +494,7 @@ impl RuntimeHandle {
                 Ok(Some(claimed)) => {
                     let (granted, attempt) = oneshot::channel();
                     driver.claims.insert(claimed.run, granted);
+                    driver.wait_for_durable(driver::Waiter::Claim(claimed.run));
                     let _ = reply.send(Ok(Some(attempt)));
                 }
                 Ok(None) => {
