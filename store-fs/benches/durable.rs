@@ -712,6 +712,8 @@ fn handoff(config: &Config, layout: &str, compact_after_bytes: u64) -> Handoff {
     let dir = TempDir::created("keel-bench-handoff");
     let options = FsOptions {
         compact_after_bytes,
+        // The layout under test: compact at exactly this size, whatever the snapshot's.
+        compact_at_snapshot_size: false,
         ..FsOptions::default()
     };
     let store = FsStore::open_with(dir.path(), options).unwrap();

@@ -72,7 +72,9 @@
 //!
 //! # Compaction
 //!
-//! When a writer's append takes the log past [`FsOptions::compact_after_bytes`], it starts
+//! When a writer's append takes the log past [`FsOptions::compact_after_bytes`] and past the
+//! size of the snapshot its state was built on (so a compaction, which rewrites the whole
+//! state, is paid for by at least as many bytes appended), it starts
 //! a new generation while still holding the lock: it writes `snapshot-<g+1>.tmp`, fsyncs
 //! it, renames it to `snapshot-<g+1>`, fsyncs the directory, creates the empty
 //! `log-<g+1>` and fsyncs the directory again. Generation `g` (its snapshot and log) stays
@@ -149,9 +151,15 @@ use state::State;
 /// How an [`FsStore`] behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FsOptions {
-    /// Start a new generation (snapshot and empty log) once the log passes this many bytes.
-    /// Default: 64 MiB.
+    /// Start a new generation (snapshot and empty log) once the log passes this many bytes
+    /// (and, with `compact_at_snapshot_size`, the size of the newest snapshot). Default: 64 MiB.
     pub compact_after_bytes: u64,
+    /// Also wait for the log to grow as large as the newest snapshot before compacting, so that
+    /// rewriting the whole state is paid for by at least as many bytes appended and the work of
+    /// compacting stays proportional to what was written. Default: true. Off, a large store
+    /// compacts every `compact_after_bytes` (tests that want a compaction after every write
+    /// turn it off).
+    pub compact_at_snapshot_size: bool,
     /// Fsync every append and compaction. Default: true. Turning it off keeps every
     /// guarantee except surviving a machine crash or power loss: for tests and benchmarks
     /// only.
@@ -162,6 +170,7 @@ impl Default for FsOptions {
     fn default() -> Self {
         FsOptions {
             compact_after_bytes: 64 * 1024 * 1024,
+            compact_at_snapshot_size: true,
             sync: true,
         }
     }
@@ -377,7 +386,7 @@ impl FsStore {
 
     fn maybe_compact(&self, replica: &mut Replica) {
         let threshold = self.options.compact_after_bytes;
-        if !replica.wants_compaction(threshold) {
+        if !replica.wants_compaction(threshold, self.options.compact_at_snapshot_size) {
             return;
         }
         match replica.compact(threshold) {
@@ -398,7 +407,10 @@ fn open_locked(dir: &Path, options: FsOptions, counters: &Counters) -> Result<In
     }
     let mut report = RecoveryReport::default();
     let mut replica = Replica::load(dir, Access::Exclusive, options.sync, &mut report)?;
-    if replica.wants_compaction(options.compact_after_bytes) {
+    if replica.wants_compaction(
+        options.compact_after_bytes,
+        options.compact_at_snapshot_size,
+    ) {
         match replica.compact(options.compact_after_bytes) {
             Ok(()) => {
                 counters.compactions.fetch_add(1, Ordering::Relaxed);

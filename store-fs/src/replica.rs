@@ -49,6 +49,11 @@ pub(crate) struct Replica {
     degraded: bool,
     /// No compaction is attempted before the log reaches this size (set after one failed).
     compact_floor: u64,
+    /// The size of the snapshot the state was built on. The log must grow at least this much
+    /// before the next compaction, so that rewriting the whole state costs no more than what
+    /// was appended since: with a fixed threshold, a store of a million jobs rewrote its
+    /// whole state every few seconds while they were added, and the adds were quadratic.
+    snapshot_bytes: u64,
     /// Appends and compactions are fsynced (`FsOptions::sync`).
     sync: bool,
 }
@@ -91,6 +96,7 @@ impl Replica {
             }
         };
 
+        let snapshot_bytes = fs::metadata(dir.join(snapshot_name(base))).map_or(0, |m| m.len());
         let mut log = None;
         let mut offset = 0;
         for generation in base..=newest {
@@ -142,6 +148,7 @@ impl Replica {
             stale: false,
             degraded: !unusable.is_empty(),
             compact_floor: 0,
+            snapshot_bytes,
             sync,
         })
     }
@@ -207,10 +214,17 @@ impl Replica {
         self.stale = true;
     }
 
-    /// True if a writer should compact now: the log passed `threshold` bytes (and is not
-    /// empty), or the load had to fall back past an unusable snapshot.
-    pub(crate) fn wants_compaction(&self, threshold: u64) -> bool {
-        let grown = self.offset > 0 && self.offset >= threshold.max(self.compact_floor);
+    /// True if a writer should compact now: the log passed `threshold` bytes (and, with
+    /// `at_snapshot_size`, the size of the snapshot the state was built on) and is not empty,
+    /// or the load had to fall back past an unusable snapshot.
+    pub(crate) fn wants_compaction(&self, threshold: u64, at_snapshot_size: bool) -> bool {
+        let snapshot = if at_snapshot_size {
+            self.snapshot_bytes
+        } else {
+            0
+        };
+        let due = threshold.max(snapshot).max(self.compact_floor);
+        let grown = self.offset > 0 && self.offset >= due;
         !self.stale && (self.degraded || grown)
     }
 
@@ -232,10 +246,13 @@ impl Replica {
         let path = dir.join(snapshot_name(next));
         let tmp = dir.join(format!("{}.tmp", snapshot_name(next)));
         // The snapshot is complete and durable before it gets its name.
-        if let Err(e) = self.write_snapshot(&tmp, next) {
-            let _ = fs::remove_file(&tmp);
-            return Err(io_error(&tmp, "cannot write", &e));
-        }
+        let snapshot_bytes = match self.write_snapshot(&tmp, next) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_error(&tmp, "cannot write", &e));
+            }
+        };
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(io_error(&path, "cannot create", &e));
@@ -261,12 +278,14 @@ impl Replica {
         self.offset = 0;
         self.degraded = false;
         self.compact_floor = 0;
-        tracing::debug!(generation = next, "compacted");
+        self.snapshot_bytes = snapshot_bytes;
+        tracing::debug!(generation = next, snapshot_bytes, "compacted");
         self.remove_obsolete(keep_from);
         Ok(())
     }
 
-    fn write_snapshot(&self, path: &Path, generation: u64) -> io::Result<()> {
+    /// Writes the snapshot and returns its size in bytes.
+    fn write_snapshot(&self, path: &Path, generation: u64) -> io::Result<u64> {
         let file = owner_only().create(true).truncate(true).open(path)?;
         let mut out = BufWriter::with_capacity(1 << 16, file);
         self.state.write_snapshot(&mut out, generation)?;
@@ -274,7 +293,7 @@ impl Replica {
         if self.sync {
             file.sync_all()?;
         }
-        Ok(())
+        Ok(file.metadata()?.len())
     }
 
     /// Removes generations older than `keep_from` (the last one whose snapshot is known

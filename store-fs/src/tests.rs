@@ -145,6 +145,7 @@ fn state_survives_a_snapshot_exactly() {
     let options = FsOptions {
         compact_after_bytes: u64::MAX,
         sync: false,
+        ..FsOptions::default()
     };
     let store = FsStore::open_with(dir.path(), options).unwrap();
     let epoch = store.restore().unwrap().meta.epoch + 1;

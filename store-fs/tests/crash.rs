@@ -31,6 +31,7 @@ const THREADS: u64 = 4;
 fn options() -> FsOptions {
     FsOptions {
         compact_after_bytes: 64 * 1024,
+        compact_at_snapshot_size: false,
         sync: true,
     }
 }
@@ -173,6 +174,7 @@ const RANDOM_CHILD_ENV: &str = "KEEL_CRASH_CHILD";
 fn small_options() -> FsOptions {
     FsOptions {
         compact_after_bytes: 16 * 1024,
+        compact_at_snapshot_size: false,
         ..FsOptions::default()
     }
 }

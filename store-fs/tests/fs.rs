@@ -263,6 +263,7 @@ fn garbage_after_the_last_frame_is_cut_off() {
 fn compacting(bytes: u64) -> FsOptions {
     FsOptions {
         compact_after_bytes: bytes,
+        compact_at_snapshot_size: false,
         ..FsOptions::default()
     }
 }
@@ -723,4 +724,56 @@ fn an_interrupted_compaction_loses_nothing() {
         !dir.file(&half_written).exists(),
         "the next compaction removed the leftover"
     );
+}
+
+/// With the default `compact_at_snapshot_size`, the log must grow as large as the snapshot
+/// before the next compaction: rewriting the whole state costs no more than what was appended
+/// since, so a store that keeps growing is not rewritten every few megabytes (adding a million
+/// jobs was quadratic).
+#[test]
+fn a_compaction_waits_for_the_log_to_reach_the_snapshot_size() {
+    let dir = TempDir::new("snapshot-sized");
+    let options = FsOptions {
+        compact_after_bytes: 1,
+        ..FsOptions::default()
+    };
+    let store = FsStore::open_with(dir.path(), options).unwrap();
+    let epoch = writer(&store);
+    // The first write of the new store compacts at once (its snapshot is empty), and the
+    // next ones each take the log past the previous, still small, snapshot.
+    runs(&store, epoch, 1, 200);
+    let grown = store.stats().compactions;
+    assert!(grown >= 3, "a small store compacts often ({grown})");
+    let snapshot = newest_size(&dir, "snapshot-");
+    let log = newest_size(&dir, "log-");
+    assert!(
+        log < snapshot,
+        "the log is smaller than the snapshot: {log} < {snapshot}"
+    );
+    // A few more small writes stay in the log: far less than a snapshot's worth.
+    runs(&store, epoch, 201, 5);
+    assert_eq!(store.stats().compactions, grown);
+    // Once the log has grown past the snapshot's size, the next write compacts.
+    let mut id = 206;
+    while newest_size(&dir, "log-") < snapshot {
+        runs(&store, epoch, id, 1);
+        id += 1;
+    }
+    runs(&store, epoch, id, 1);
+    assert_eq!(store.stats().compactions, grown + 1);
+}
+
+/// The size of the newest file whose name starts with `prefix`.
+fn newest_size(dir: &TempDir, prefix: &str) -> u64 {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name.starts_with(prefix) && !name.ends_with(".tmp"))
+                .then(|| (name, e.metadata().unwrap().len()))
+        })
+        .collect();
+    files.sort();
+    files.last().map_or(0, |(_, len)| *len)
 }
