@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo bench -p keel-core                   # 10k and 1M jobs, shared and distinct exprs
-//! cargo bench -p keel-core -- --quick        # 10k jobs only, fewer firings
+//! cargo bench -p keel-core --bench core -- --quick   # 10k jobs only, fewer firings
 //! KEEL_BENCH_JOBS=10000,100000 cargo bench -p keel-core
 //! ```
 //!
