@@ -132,8 +132,8 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use keel_core::store::{check_batch, next_writer_epoch};
 use keel_core::{
-    AuditQuery, AuditRecord, Batch, Incident, Run, RunId, RunPage, RunQuery, Snapshot, Store,
-    StoreError,
+    AuditQuery, AuditRecord, Batch, BatchId, Incident, IncidentKind, Record, Run, RunId, RunPage,
+    RunQuery, Snapshot, Store, StoreError, Timestamp,
 };
 
 mod files;
@@ -142,7 +142,7 @@ mod recovery;
 mod replica;
 mod state;
 
-pub use recovery::{Quarantined, RecoveryReport, SnapshotFallback, TornTail};
+pub use recovery::{Damage, Quarantined, RecoveryReport, SnapshotFallback, TornTail};
 
 use files::{io_error, Marker, LOCK_FILE};
 use replica::{Access, Replica};
@@ -174,6 +174,17 @@ impl Default for FsOptions {
             sync: true,
         }
     }
+}
+
+/// What [`FsStore::repair`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repaired {
+    /// The generation the store now stands at.
+    pub generation: u64,
+    /// The id of the `store_repaired` incident that records the repair.
+    pub incident: u64,
+    /// What was lost or damaged, as found before the repair.
+    pub lost: Vec<Damage>,
 }
 
 /// What a handle did since it was opened.
@@ -288,6 +299,86 @@ impl FsStore {
         self.inner().report.clone()
     }
 
+    /// Checks every generation the directory keeps, not only the one loaded: the fallback
+    /// generation's snapshot and log must read whole and rebuild the newest snapshot exactly
+    /// (see the [crate docs](crate#damage-and-repair)). Returns what is wrong, with what
+    /// loading and catching up found (as in [`FsStore::recovery`]); changes nothing.
+    pub fn verify(&self) -> Result<RecoveryReport, StoreError> {
+        let mut inner = self.inner();
+        let _lock = self.lock_file(Access::Shared)?;
+        let Inner { replica, report } = &mut *inner;
+        replica.catch_up(Access::Shared, report)?;
+        let mut verified = report.clone();
+        for damage in replica.verify_fallbacks()? {
+            verified.damage(damage);
+        }
+        Ok(verified)
+    }
+
+    /// Rewrites a damaged store from what is readable, so that it accepts writes again:
+    /// under the exclusive lock, it claims the next writer epoch (any earlier writer is
+    /// deposed and must restore), records a `store_repaired` incident (opened and resolved at
+    /// `now`) listing what was lost, and starts two new generations through the compaction
+    /// path, so that neither the damaged files nor a generation built on them are needed; the
+    /// damaged bytes stay in `quarantine/`. Returns `None` if [`FsStore::verify`] finds
+    /// nothing to repair (nothing is written then).
+    pub fn repair(&self, now: Timestamp) -> Result<Option<Repaired>, StoreError> {
+        let mut inner = self.inner();
+        let _lock = self.lock_file(Access::Exclusive)?;
+        let Inner { replica, report } = &mut *inner;
+        replica.catch_up(Access::Exclusive, report)?;
+        let mut lost: Vec<Damage> = replica.damage().to_vec();
+        lost.extend(replica.verify_fallbacks()?);
+        if lost.is_empty() {
+            return Ok(None);
+        }
+        let state = &replica.state;
+        let epoch = next_writer_epoch(state.writer_epoch, state.meta.epoch);
+        let id = state
+            .meta
+            .next_incident
+            .max(state.incidents.keys().next_back().map_or(1, |id| id + 1));
+        let lines: Vec<String> = lost.iter().map(ToString::to_string).collect();
+        let incident = Incident {
+            id,
+            kind: IncidentKind::StoreRepaired,
+            opened_at: now,
+            resolved_at: Some(now),
+            job: None,
+            run: None,
+            worker: None,
+            details: format!(
+                "the store was rewritten from what was readable; damaged bytes are in \
+                 quarantine/; lost or damaged: {}",
+                lines.join("; ")
+            ),
+        };
+        let mut meta = state.meta;
+        meta.next_incident = id + 1;
+        let batch = Batch {
+            id: BatchId(epoch << 32),
+            at: now,
+            records: vec![Record::PutIncident(incident), Record::PutMeta(meta)],
+        };
+        let writer = format::encode_writer(epoch).map_err(StoreError::Io)?;
+        let (frame, batch) = format::encode_batch(&batch).map_err(StoreError::Io)?;
+        replica.state.writer_epoch = epoch;
+        replica.state.apply(&batch.records);
+        let result = replica.repair(&[writer, frame].concat());
+        if result.is_err() {
+            replica.invalidate();
+        }
+        result?;
+        self.counters.compactions.fetch_add(2, Ordering::Relaxed);
+        // What this handle found is dealt with; it starts a fresh account.
+        *report = RecoveryReport::default();
+        Ok(Some(Repaired {
+            generation: replica.generation(),
+            incident: id,
+            lost,
+        }))
+    }
+
     /// What this handle did since it was opened.
     pub fn stats(&self) -> FsStats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -346,7 +437,10 @@ impl FsStore {
             Err(e) => return leader.fail_all(&e),
         };
         let Inner { replica, report } = &mut *inner;
-        if let Err(e) = replica.catch_up(Access::Exclusive, report) {
+        if let Err(e) = replica
+            .catch_up(Access::Exclusive, report)
+            .and_then(|()| replica.writable())
+        {
             return leader.fail_all(&e);
         }
         let mut frames = Vec::new();
@@ -427,6 +521,7 @@ impl Store for FsStore {
         let _lock = self.lock_file(Access::Exclusive)?;
         let Inner { replica, report } = &mut *inner;
         replica.catch_up(Access::Exclusive, report)?;
+        replica.writable()?;
         let epoch = next_writer_epoch(replica.state.writer_epoch, replica.state.meta.epoch);
         let frame = format::encode_writer(epoch).map_err(StoreError::Io)?;
         replica.append(&frame)?;
