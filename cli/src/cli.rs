@@ -272,6 +272,11 @@ pub(crate) struct DoctorArgs {
     /// Also check this config file.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// Repair a damaged fs store first: rewrite it from what is readable (the damaged bytes
+    /// stay in quarantine/), record what was lost as a `store_repaired` incident, and print
+    /// it. Refused while a daemon holds the store.
+    #[arg(long)]
+    pub(crate) repair: bool,
 }
 
 #[derive(Debug, Subcommand)]

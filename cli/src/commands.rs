@@ -54,7 +54,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
             })
         }
         Command::Incidents(args) => incidents(&place, out, &args),
-        Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref()),
+        Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref(), args.repair),
         Command::Worker(command) => worker(&place, out, command),
     }
 }

@@ -4,13 +4,18 @@
 //! | check | problem when |
 //! |---|---|
 //! | daemon | a process holds the daemon lock but does not answer on the control socket |
-//! | store | the store does not open, or opening it found damaged frames (fs: `FsStore::recovery`) |
+//! | store | the store does not open, or it may have lost acknowledged writes: damaged frames, a missing or emptied log, a damaged fallback generation (fs: `FsStore::verify`, which checks every generation kept) |
 //! | leases | a running attempt's lease expired and nobody reclaimed it |
 //! | jobs | a job's kind has no handler (the daemon would refuse to start), a command job's payload does not read, a stored definition no longer validates |
 //! | config | `--config` does not parse or check |
 //!
 //! Warnings (exit 0): a stale socket, torn log tails and rebuilt snapshots (nothing
 //! acknowledged was lost), open incidents, a lease expired within the watchdog's grace.
+//!
+//! `--repair` (fs store only) first rewrites a damaged store from what is readable
+//! (`FsStore::repair`), under the daemon lock, so never while a daemon runs; what was lost is
+//! printed (as `repair` findings) and recorded as a `store_repaired` incident. The checks
+//! then run on the repaired store.
 
 use std::path::Path;
 
@@ -23,7 +28,7 @@ use crate::client::Client;
 use crate::command_job::{self, CommandSpec};
 use crate::direct::wall_clock;
 use crate::error::Failure;
-use crate::place::{lock_holder, Holder, Place};
+use crate::place::{lock_holder, DaemonLock, Holder, Place};
 use crate::protocol::{from_value, DaemonStatus, Request};
 use crate::show;
 
@@ -63,8 +68,16 @@ impl Findings {
 }
 
 /// Runs every check and prints the findings.
-pub(crate) fn run(place: &Place, json: bool, config: Option<&Path>) -> Result<(), Failure> {
+pub(crate) fn run(
+    place: &Place,
+    json: bool,
+    config: Option<&Path>,
+    repair: bool,
+) -> Result<(), Failure> {
     let mut findings = Findings::default();
+    if repair {
+        repair_store(place, &mut findings)?;
+    }
     // The watchdog's grace: the config's when it is given and valid, keel's default otherwise.
     let mut lease = LeasePolicy::default();
     if let Some(path) = config {
@@ -102,6 +115,59 @@ pub(crate) fn run(place: &Place, json: bool, config: Option<&Path>) -> Result<()
         // The findings say it all.
         _ => Err(Failure::runtime("")),
     }
+}
+
+/// `--repair`: rewrites a damaged fs store under the daemon lock, and says what was lost.
+fn repair_store(place: &Place, findings: &mut Findings) -> Result<(), Failure> {
+    if place.kind != StoreKind::Fs {
+        return Err(Failure::input(
+            "--repair applies to the fs store; sled checks and repairs its own files",
+        ));
+    }
+    place.require_existing()?;
+    let _lock = match DaemonLock::try_take(place, "command")? {
+        Ok(lock) => lock,
+        Err(Holder::Daemon(pid)) => {
+            return Err(Failure::runtime(format!(
+                "a daemon (pid {pid}) holds the store in {}: stop it (SIGTERM), then run \
+                 `keel doctor --repair` again; a store is only repaired while nothing writes to it",
+                place.dir.display()
+            )))
+        }
+        Err(_) => {
+            return Err(Failure::runtime(format!(
+                "another keel command holds the store in {} (see {}): run `keel doctor \
+                 --repair` again when it has finished",
+                place.dir.display(),
+                place.lock_path().display()
+            )))
+        }
+    };
+    let store = FsStore::open(&place.dir).map_err(Failure::from)?;
+    match store.repair(wall_clock()).map_err(Failure::from)? {
+        None => findings.add(
+            Level::Ok,
+            "repair",
+            "nothing to repair: every generation kept reads whole".into(),
+            None,
+        ),
+        Some(repaired) => {
+            findings.add(
+                Level::Ok,
+                "repair",
+                format!(
+                    "rewrote the store from what was readable (now generation {}); recorded as \
+                     incident #{}",
+                    repaired.generation, repaired.incident
+                ),
+                Some("see `keel incidents`; the damaged bytes stay in quarantine/"),
+            );
+            for lost in &repaired.lost {
+                findings.add(Level::Warning, "repair", format!("lost: {lost}"), None);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_store(place: &Place, lease: LeasePolicy, findings: &mut Findings) {
@@ -170,28 +236,7 @@ fn check_store(place: &Place, lease: LeasePolicy, findings: &mut Findings) {
     let store = match (place.kind, daemon.is_some()) {
         (StoreKind::Fs, _) => match FsStore::open(&place.dir) {
             Ok(store) => {
-                let report = store.recovery();
-                let level = if !report.quarantined.is_empty() {
-                    Level::Problem
-                } else if report.is_clean() {
-                    Level::Ok
-                } else {
-                    Level::Warning
-                };
-                let fix = match level {
-                    Level::Problem => Some(
-                        "damaged frames were copied to quarantine/ and skipped: what they held \
-                         is lost; keep a copy of the data directory and check the disk",
-                    ),
-                    Level::Warning => Some(
-                        "interrupted writes and rebuilt snapshots lose nothing that was \
-                         acknowledged; no action needed",
-                    ),
-                    Level::Ok => None,
-                };
-                for line in report.to_string().lines() {
-                    findings.add(level, "store", format!("fs store: {line}"), fix);
-                }
+                check_fs_integrity(&store, findings);
                 Some(std::sync::Arc::new(store) as std::sync::Arc<dyn keel_core::Store>)
             }
             Err(e) => {
@@ -263,6 +308,72 @@ fn check_store(place: &Place, lease: LeasePolicy, findings: &mut Findings) {
                 Some("see `keel incidents --open`"),
             );
         }
+    }
+}
+
+/// Every generation the fs store keeps, as `FsStore::verify` finds it: damage is a problem
+/// (writes are refused until a repair), torn tails and rebuilt snapshots are warnings.
+fn check_fs_integrity(store: &FsStore, findings: &mut Findings) {
+    let report = match store.verify() {
+        Ok(report) => report,
+        Err(e) => {
+            findings.add(
+                Level::Problem,
+                "store",
+                format!("the fs store cannot be verified: {e}"),
+                Some("keep a copy of the data directory; see docs/storage.md, recovery rules"),
+            );
+            return;
+        }
+    };
+    if report.is_clean() {
+        findings.add(Level::Ok, "store", "fs store: no damage found".into(), None);
+        return;
+    }
+    let repair = "acknowledged writes may be lost and the store refuses writes: keep a copy of \
+                  the data directory, then run `keel doctor --repair` (with the daemon stopped)";
+    for q in &report.quarantined {
+        findings.add(
+            Level::Problem,
+            "store",
+            format!(
+                "fs store: corrupt frame in {} at byte {} ({} bytes, copied to quarantine/): {}",
+                q.file, q.offset, q.len, q.reason
+            ),
+            Some(repair),
+        );
+    }
+    for d in &report.damage {
+        findings.add(
+            Level::Problem,
+            "store",
+            format!("fs store: damage: {d}"),
+            Some(repair),
+        );
+    }
+    let harmless = "interrupted writes and rebuilt snapshots lose nothing that was \
+                    acknowledged; no action needed";
+    for t in &report.torn_tails {
+        findings.add(
+            Level::Warning,
+            "store",
+            format!(
+                "fs store: torn tail (a write cut short) in {} at byte {} ({} bytes)",
+                t.file, t.offset, t.len
+            ),
+            Some(harmless),
+        );
+    }
+    for s in &report.snapshot_fallbacks {
+        findings.add(
+            Level::Warning,
+            "store",
+            format!(
+                "fs store: snapshot of generation {} unusable ({}); rebuilt from generation {}",
+                s.generation, s.reason, s.restored_from
+            ),
+            Some(harmless),
+        );
     }
 }
 

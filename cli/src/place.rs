@@ -115,6 +115,10 @@ impl Place {
                  keel command using {}?)",
                 self.dir.display()
             ),
+            (_, StoreError::Version { .. }) => format!(
+                "{error} (run the keel version that wrote it, or point keel at another directory \
+                 with --data-dir or KEEL_DATA_DIR; nothing in it was changed)"
+            ),
             _ => error.to_string(),
         };
         Failure::runtime(format!(

@@ -1554,3 +1554,134 @@ fn a_command_gives_up_on_a_daemon_that_never_answers() {
     let request = silent.join().expect("the silent daemon");
     assert!(request.contains("nightly"), "{request}");
 }
+
+/// Flips one byte inside the last complete frame of `log`.
+fn flip_last_frame(log: &Path) {
+    let mut bytes = std::fs::read(log).expect("log");
+    let scan = keel_store_fs::format::decode_log(&bytes);
+    let last = scan.entries.last().expect("a frame");
+    let at = (last.offset + last.len - 3) as usize;
+    bytes[at] ^= 0x01;
+    std::fs::write(log, &bytes).expect("log written");
+}
+
+#[test]
+fn doctor_fails_on_a_damaged_store_and_repair_recovers_it() {
+    let place = Place::new("doctor-repair");
+    place
+        .keel(&["job", "add", "first", "--every", "1h", "--", "true"])
+        .expect_code(0);
+    place
+        .keel(&["job", "add", "second", "--every", "1h", "--", "true"])
+        .expect_code(0);
+    place.keel(&["doctor"]).expect_code(0);
+    // An acknowledged write, damaged: a whole frame that fails its checksum, at the end.
+    flip_last_frame(&place.data().join("log-0000000000000000"));
+
+    let doctor = place.keel(&["doctor"]);
+    doctor.expect_code(1);
+    assert!(
+        doctor.stdout().contains("corrupt frame") && doctor.stdout().contains("--repair"),
+        "{}",
+        doctor.stdout()
+    );
+    // Writing is refused until the damage is acknowledged; reading works.
+    place
+        .keel(&["job", "add", "third", "--every", "1h", "--", "true"])
+        .expect_code(1)
+        .expect_stderr("keel doctor --repair");
+    place.keel(&["job", "ls"]).expect_code(0);
+
+    let repaired = place.keel(&["doctor", "--repair"]);
+    repaired.expect_code(0);
+    let out = repaired.stdout();
+    assert!(out.contains("rewrote the store"), "{out}");
+    assert!(
+        out.contains("lost: log-0000000000000000 at byte"),
+        "what was lost is printed: {out}"
+    );
+    assert!(
+        std::fs::read_dir(place.data().join("quarantine"))
+            .expect("quarantine")
+            .count()
+            >= 1
+    );
+    place.keel(&["doctor"]).expect_code(0);
+    let incidents = place.json(&["incidents", "--json"]);
+    assert!(
+        incidents
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|i| i["kind"] == "store_repaired"),
+        "{incidents}"
+    );
+    place
+        .keel(&["job", "add", "third", "--every", "1h", "--", "true"])
+        .expect_code(0);
+    place
+        .keel(&["doctor", "--repair"])
+        .expect_code(0)
+        .stdout()
+        .contains("nothing to repair")
+        .then_some(())
+        .expect("nothing left to repair");
+}
+
+#[test]
+fn doctor_checks_the_fallback_generation_and_a_deleted_newest_log() {
+    use keel_core::Store;
+    let place = Place::new("doctor-generations");
+    let compacting = keel_store_fs::FsOptions {
+        compact_after_bytes: 1,
+        compact_at_snapshot_size: false,
+        ..keel_store_fs::FsOptions::default()
+    };
+    {
+        let store = keel_store_fs::FsStore::open_with(place.data(), compacting).expect("store");
+        store.restore().expect("writer");
+        store.restore().expect("writer");
+    }
+    place.keel(&["doctor"]).expect_code(0);
+    let fallback = place.data().join("log-0000000000000001");
+    assert!(fallback.exists());
+    flip_last_frame(&fallback);
+    let doctor = place.keel(&["doctor"]);
+    doctor.expect_code(1);
+    assert!(
+        doctor.stdout().contains("log-0000000000000001"),
+        "{}",
+        doctor.stdout()
+    );
+    place.keel(&["doctor", "--repair"]).expect_code(0);
+    place.keel(&["doctor"]).expect_code(0);
+
+    // The newest log deleted: every write since the compaction is gone, and doctor says so.
+    let newest = std::fs::read_dir(place.data())
+        .expect("data")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("log-"))
+        .max()
+        .expect("a log");
+    std::fs::remove_file(place.data().join(&newest)).expect("removed");
+    let doctor = place.keel(&["doctor"]);
+    doctor.expect_code(1);
+    assert!(
+        doctor.stdout().contains(&newest) && doctor.stdout().contains("missing"),
+        "{}",
+        doctor.stdout()
+    );
+}
+
+#[test]
+fn doctor_repair_is_refused_while_a_daemon_runs() {
+    let place = Place::new("doctor-repair-daemon");
+    let config = place.write("keel.toml", "");
+    let daemon = place.daemon(&config);
+    daemon.wait_for(&["ready"]);
+    place
+        .keel(&["doctor", "--repair"])
+        .expect_code(1)
+        .expect_stderr("stop it");
+    drop(daemon);
+}

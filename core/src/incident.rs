@@ -6,6 +6,7 @@
 //! | `stuck_run` | a running attempt shows no heartbeat or progress for `stuck_after_ms` | the attempt shows life again, or ends |
 //! | `idle_claim_loop` | a worker's claims come back empty `idle_claims_max` times in a row while runs of other kinds wait (a capability mismatch) | the worker claims a run, or no run waits |
 //! | `reclaim_escalation` | the write recording a reclaim failed twice | the reclaim is written |
+//! | `store_repaired` | a store was rewritten from what was readable (`keel doctor --repair`); the details say what was lost | at once: it records an operator's acknowledgement |
 //!
 //! Incidents are persisted (`Record::PutIncident`) when they open and when they resolve; at
 //! most [`limits::INCIDENTS_OPEN_MAX`](crate::limits::INCIDENTS_OPEN_MAX) are open at once.
@@ -27,6 +28,9 @@ pub enum IncidentKind {
     IdleClaimLoop,
     /// Recording a reclaim failed twice.
     ReclaimEscalation,
+    /// A damaged store was rewritten from what was readable; written by the store itself,
+    /// resolved when it opens, with what was lost in its details.
+    StoreRepaired,
 }
 
 /// One incident.

@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use keel_core::StoreError;
 
-use crate::format::VERSION_MARKER;
+use crate::format::{decode_current, encode_current, Current, VERSION_MARKER, VERSION_MARKER_V1};
 
 pub(crate) const VERSION_FILE: &str = "VERSION";
 pub(crate) const LOCK_FILE: &str = "lock";
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+pub(crate) const CURRENT_FILE: &str = "CURRENT";
 const VERSION_TMP: &str = "VERSION.tmp";
+const CURRENT_TMP: &str = "CURRENT.tmp";
 
 /// The name of generation `generation`'s log.
 pub(crate) fn log_name(generation: u64) -> String {
@@ -140,9 +142,12 @@ pub(crate) fn write_atomically(
 }
 
 /// What the `VERSION` file says about a directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Marker {
     /// A store in this format.
     Current,
+    /// A store in format 1, which the first compaction migrates.
+    V1,
     /// No marker, and nothing but what an interrupted initialisation leaves: the directory
     /// may be made a store.
     Absent,
@@ -157,12 +162,17 @@ pub(crate) fn marker(dir: &Path) -> Result<Marker, StoreError> {
 fn marker_once(dir: &Path, again: bool) -> Result<Marker, StoreError> {
     match fs::read(dir.join(VERSION_FILE)) {
         Ok(found) if found == VERSION_MARKER.as_bytes() => return Ok(Marker::Current),
+        Ok(found) if found == VERSION_MARKER_V1.as_bytes() => return Ok(Marker::V1),
         Ok(found) => {
             let text = String::from_utf8_lossy(&found);
             let found: String = text.trim_end().chars().take(80).collect();
             return Err(StoreError::Version {
                 found,
-                supported: VERSION_MARKER.trim_end().to_string(),
+                supported: format!(
+                    "{} or {}",
+                    VERSION_MARKER.trim_end(),
+                    VERSION_MARKER_V1.trim_end()
+                ),
             });
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -170,6 +180,7 @@ fn marker_once(dir: &Path, again: bool) -> Result<Marker, StoreError> {
     }
     let entries = fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", &e))?;
     let mut foreign = Vec::new();
+    let mut store_files = false;
     for entry in entries {
         let entry = entry.map_err(|e| io_error(dir, "cannot list", &e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -179,6 +190,8 @@ fn marker_once(dir: &Path, again: bool) -> Result<Marker, StoreError> {
             return marker_once(dir, false);
         }
         if !initialising {
+            store_files |=
+                name == CURRENT_FILE || name.starts_with("log-") || name.starts_with("snapshot-");
             foreign.push(name);
         }
     }
@@ -187,9 +200,26 @@ fn marker_once(dir: &Path, again: bool) -> Result<Marker, StoreError> {
     }
     foreign.sort();
     foreign.truncate(5);
+    let hint = if store_files {
+        // A store's own files: its marker was lost, and which format wrote them is known.
+        let marker = if dir.join(CURRENT_FILE).exists() {
+            VERSION_MARKER
+        } else {
+            VERSION_MARKER_V1
+        };
+        format!(
+            "if this is a keel store whose {VERSION_FILE} file was lost, recreate it with \
+             `printf '{}\\n' > {}`, then run `keel doctor`; otherwise point keel at an empty \
+             or new directory (--data-dir or KEEL_DATA_DIR)",
+            marker.trim_end(),
+            dir.join(VERSION_FILE).display()
+        )
+    } else {
+        "point keel at an empty or new directory (--data-dir or KEEL_DATA_DIR)".to_string()
+    };
     Err(StoreError::Io(format!(
         "{} is not a keel store: it has no {VERSION_FILE} file but holds other files ({}); \
-         refusing to use it (point keel at an empty or new directory)",
+         refusing to use it: {hint}",
         dir.display(),
         foreign.join(", ")
     )))
@@ -203,6 +233,38 @@ pub(crate) fn write_marker(dir: &Path) -> io::Result<()> {
         &dir.join(VERSION_TMP),
         VERSION_MARKER.as_bytes(),
     )
+}
+
+/// What the `CURRENT` file says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum CurrentFile {
+    /// The committed generation.
+    Named(u64),
+    /// No such file: format 1, or a store not yet created.
+    Missing,
+    /// The file is damaged (why).
+    Unreadable(String),
+}
+
+/// Reads the `CURRENT` file.
+pub(crate) fn read_current(dir: &Path) -> Result<CurrentFile, StoreError> {
+    let path = dir.join(CURRENT_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(CurrentFile::Missing),
+        Err(e) => return Err(io_error(&path, "cannot read", &e)),
+    };
+    Ok(match decode_current(&bytes) {
+        Ok(current) => CurrentFile::Named(current.generation),
+        Err(e) => CurrentFile::Unreadable(e.to_string()),
+    })
+}
+
+/// Commits `generation`: writes the `CURRENT` file atomically (always fsynced: it is written
+/// once per compaction, and a commit that could vanish would undo the guarantee it gives).
+pub(crate) fn write_current(dir: &Path, generation: u64) -> io::Result<()> {
+    let bytes = encode_current(Current { generation }).map_err(io::Error::other)?;
+    write_atomically(dir, &dir.join(CURRENT_FILE), &dir.join(CURRENT_TMP), &bytes)
 }
 
 /// Copies damaged bytes to `quarantine/<name>` unless an earlier scan already did; returns

@@ -17,9 +17,20 @@
 //!
 //! # Logs
 //!
-//! A log frame is a [`LogFrame`]: a batch the store accepted, or the writer epoch a `restore`
-//! claimed. [`decode_log`] splits a log into valid frames, corrupt spans (a bad frame followed
-//! by a valid one) and a torn tail (bad bytes with no valid frame after them).
+//! A log frame is a [`LogFrame`]: the `start` frame that opens every log of format 2 and names
+//! its generation (so an emptied or swapped log is told from a new one), a batch the store
+//! accepted, or the writer epoch a `restore` claimed. [`decode_log`] splits a log into valid
+//! frames, corrupt spans and a torn tail. Only a frame cut short (a prefix of a frame: fewer
+//! bytes than its length says) at the very end is a torn tail, what a write interrupted by a
+//! crash leaves; a whole frame that fails its checksum is corrupt wherever it is, because it
+//! may be an acknowledged write.
+//!
+//! # The `CURRENT` file
+//!
+//! One frame whose payload is a [`Current`]: the generation the store committed to. A
+//! compaction writes it (atomically) only after the new generation's snapshot and log exist,
+//! so a missing or emptied log of the committed generation is damage, while the files of a
+//! newer, uncommitted generation are what an interrupted compaction leaves.
 //!
 //! # Snapshots
 //!
@@ -50,12 +61,28 @@ pub const HEADER_BYTES: usize = 12;
 pub const MAX_FRAME_BYTES: u32 = 256 * 1024 * 1024;
 
 /// The exact contents of the `VERSION` file of a directory in this format.
-pub const VERSION_MARKER: &str = "keel-store-fs 1\n";
+pub const VERSION_MARKER: &str = "keel-store-fs 2\n";
+
+/// The `VERSION` of format 1 (no `CURRENT` file, logs without a `start` frame), still read:
+/// the first writer of this build migrates it (see the crate docs).
+pub const VERSION_MARKER_V1: &str = "keel-store-fs 1\n";
+
+/// What the `CURRENT` file names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Current {
+    /// The committed generation: its log exists and starts with its `start` frame.
+    pub generation: u64,
+}
 
 /// What a log frame records.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFrame {
+    /// The first frame of a log (format 2): the generation the log belongs to.
+    Start {
+        /// The log's generation.
+        generation: u64,
+    },
     /// A batch the write rules accepted, applied in order.
     Batch {
         /// The batch's id (for diagnostics; the store does not interpret it).
@@ -76,6 +103,9 @@ pub enum LogFrame {
 #[derive(Serialize)]
 #[serde(rename_all = "snake_case")]
 enum LogFrameRef<'a> {
+    Start {
+        generation: u64,
+    },
     Batch {
         id: BatchId,
         at: Timestamp,
@@ -139,6 +169,10 @@ pub struct SnapshotHeader {
     pub writer_epoch: u64,
     /// The counters.
     pub meta: Meta,
+    /// How long the previous generation's log was when this snapshot was taken from it, so
+    /// that the fallback generation can be verified whole (absent in format 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_log_len: Option<u64>,
 }
 
 /// A `(job, slot)` and the run that claimed it.
@@ -218,7 +252,7 @@ pub struct LogScan {
     pub entries: Vec<LogEntry>,
     /// Bad spans that a valid frame follows: corruption, to quarantine and skip.
     pub corrupt: Vec<BadSpan>,
-    /// Bad bytes at the end with no valid frame after them: an interrupted write.
+    /// A frame cut short at the end, with no valid frame after it: an interrupted write.
     pub torn_tail: Option<BadSpan>,
     /// Where the readable part of the log ends (the torn tail's offset, or the length): the
     /// log continues here.
@@ -284,21 +318,23 @@ pub fn decode_log(bytes: &[u8]) -> LogScan {
             }
             Err(e) => e.to_string(),
         };
-        match next_frame(bytes, pos + 1) {
+        let next = next_frame(bytes, pos + 1);
+        let span = BadSpan {
+            offset: pos as u64,
+            len: (next.unwrap_or(bytes.len()) - pos) as u64,
+            reason,
+        };
+        match next {
             Some(next) => {
-                scan.corrupt.push(BadSpan {
-                    offset: pos as u64,
-                    len: (next - pos) as u64,
-                    reason,
-                });
+                scan.corrupt.push(span);
                 pos = next;
             }
+            None if cut_short(bytes.get(pos..).unwrap_or_default()) => {
+                scan.torn_tail = Some(span);
+                break;
+            }
             None => {
-                scan.torn_tail = Some(BadSpan {
-                    offset: pos as u64,
-                    len: (bytes.len() - pos) as u64,
-                    reason,
-                });
+                scan.corrupt.push(span);
                 break;
             }
         }
@@ -496,9 +532,36 @@ pub(crate) fn encode_batch(batch: &Batch) -> Result<(Vec<u8>, Batch), String> {
         Ok(LogFrame::Batch { id, at, records }) => {
             Ok((frame_bytes(&payload)?, Batch { id, at, records }))
         }
-        Ok(LogFrame::Writer { .. }) => Err("its encoding decodes as another frame".to_string()),
+        Ok(LogFrame::Writer { .. } | LogFrame::Start { .. }) => {
+            Err("its encoding decodes as another frame".to_string())
+        }
         Err(e) => Err(format!("its encoding does not decode ({e})")),
     }
+}
+
+/// Encodes the `start` frame of generation `generation`'s log.
+pub(crate) fn encode_start(generation: u64) -> Result<Vec<u8>, String> {
+    let payload = serde_json::to_vec(&LogFrameRef::Start { generation })
+        .map_err(|e| format!("cannot encode: {e}"))?;
+    frame_bytes(&payload)
+}
+
+/// Encodes the contents of the `CURRENT` file.
+pub(crate) fn encode_current(current: Current) -> Result<Vec<u8>, String> {
+    let payload = serde_json::to_vec(&current).map_err(|e| format!("cannot encode: {e}"))?;
+    frame_bytes(&payload)
+}
+
+/// Decodes the contents of the `CURRENT` file: exactly one valid frame.
+pub fn decode_current(bytes: &[u8]) -> Result<Current, FrameError> {
+    let (payload, end) = frame_at(bytes, 0)?;
+    if end != bytes.len() {
+        return Err(FrameError::BadPayload(format!(
+            "{} bytes after the frame",
+            bytes.len() - end
+        )));
+    }
+    serde_json::from_slice(payload).map_err(|e| FrameError::BadPayload(e.to_string()))
 }
 
 /// Encodes a writer epoch claim as one log frame.
@@ -572,6 +635,32 @@ fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<(u32, u32), FrameError> {
         return Err(FrameError::TooLong { len });
     }
     Ok((len, u32::from_le_bytes([c0, c1, c2, c3])))
+}
+
+/// True if `rest`, bad bytes at the end of a log with no valid frame after them, can be what
+/// a write cut short leaves: a prefix of a frame (the magic as far as it goes, and a length
+/// that runs past the end), or zeros (a filesystem that grew the file before the data reached
+/// it). A whole frame is never torn, even if its length field was damaged: the checksum of
+/// everything after the header then still matches.
+fn cut_short(rest: &[u8]) -> bool {
+    if rest.iter().all(|&b| b == 0) {
+        return true;
+    }
+    let magic = rest.len().min(MAGIC.len());
+    if rest.get(..magic) != MAGIC.get(..magic) {
+        return false;
+    }
+    let Some(header) = rest
+        .get(..HEADER_BYTES)
+        .and_then(|h| <&[u8; HEADER_BYTES]>::try_from(h).ok())
+    else {
+        return true;
+    };
+    let Ok((len, stored)) = parse_header(header) else {
+        return false;
+    };
+    let payload = rest.get(HEADER_BYTES..).unwrap_or_default();
+    payload.len() < len as usize && crc32c(payload) != stored
 }
 
 /// The start of the first valid frame (magic, length and checksum) at or after `from`.
@@ -759,6 +848,37 @@ mod tests {
     }
 
     #[test]
+    fn a_whole_last_frame_that_fails_its_checksum_is_corrupt_not_torn() {
+        let first = writer_frame(1);
+        let second = writer_frame(2);
+        for flip in 0..second.len() {
+            let mut log = [first.clone(), second.clone()].concat();
+            log[first.len() + flip] ^= 0x08;
+            let scan = decode_log(&log);
+            assert_eq!(scan.torn_tail, None, "flip at {flip}");
+            assert_eq!(scan.corrupt.len(), 1, "flip at {flip}");
+            assert_eq!(scan.corrupt[0].offset, first.len() as u64);
+            assert_eq!(scan.valid_len, log.len() as u64);
+        }
+        // Zeros where a frame should be: the file grew before its data reached the disk.
+        let mut zeros = first.clone();
+        zeros.extend_from_slice(&[0; 40]);
+        assert!(decode_log(&zeros).torn_tail.is_some());
+    }
+
+    #[test]
+    fn current_round_trips_and_rejects_damage() {
+        let bytes = encode_current(Current { generation: 7 }).unwrap();
+        assert_eq!(decode_current(&bytes), Ok(Current { generation: 7 }));
+        let mut bad = bytes.clone();
+        let last = bad.len() - 2;
+        bad[last] ^= 1;
+        assert!(decode_current(&bad).is_err());
+        assert!(decode_current(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode_current(&[]).is_err());
+    }
+
+    #[test]
     fn magic_inside_a_payload_is_not_a_frame() {
         // A record's text may contain the magic; the JSON around it never forms a header.
         let payload =
@@ -776,8 +896,13 @@ mod tests {
         log.extend_from_slice(&u32::MAX.to_le_bytes());
         log.extend_from_slice(&[0; 4]);
         let scan = decode_log(&log);
-        let torn = scan.torn_tail.expect("torn");
-        assert!(torn.reason.contains("exceeds"), "{}", torn.reason);
+        // Nothing the store writes has such a length: damage, not a write cut short.
+        assert_eq!(scan.torn_tail, None);
+        assert!(
+            scan.corrupt[0].reason.contains("exceeds"),
+            "{:?}",
+            scan.corrupt
+        );
         assert!(matches!(
             decode_snapshot(&log),
             Err(SnapshotError::Frame {
@@ -829,6 +954,7 @@ mod tests {
             generation: 3,
             writer_epoch: 2,
             meta: Meta::default(),
+            previous_log_len: Some(12),
         };
         let claim = SlotClaim {
             job: JobId::new("a").unwrap(),

@@ -19,10 +19,11 @@
 //!
 //! | file | what it holds |
 //! |---|---|
-//! | `VERSION` | exactly `keel-store-fs 1\n`; any other content is refused ([`StoreError::Version`]) |
+//! | `VERSION` | exactly `keel-store-fs 2\n` (or `keel-store-fs 1\n`, migrated at the first open); any other content is refused ([`StoreError::Version`]) |
+//! | `CURRENT` | one frame naming the committed generation, written by a compaction once the generation's snapshot and log exist |
 //! | `lock` | empty; the advisory lock every transaction takes |
 //! | `snapshot-<generation>` | the whole state at the start of a generation (none for generation 0, which starts empty) |
-//! | `log-<generation>` | the frames appended during a generation |
+//! | `log-<generation>` | a `start` frame naming the generation, then the frames appended during it |
 //! | `quarantine/` | copies of damaged bytes, named `<file>-<offset>.bad` (corrupt frames), `<file>-<offset>.torn` (torn tails) and `<snapshot>.bad` |
 //!
 //! Generations are 16 hex digits. The directory is created `0700` and every file `0600`
@@ -74,43 +75,53 @@
 //!
 //! When a writer's append takes the log past [`FsOptions::compact_after_bytes`] and past the
 //! size of the snapshot its state was built on (so a compaction, which rewrites the whole
-//! state, is paid for by at least as many bytes appended), it starts
-//! a new generation while still holding the lock: it writes `snapshot-<g+1>.tmp`, fsyncs
-//! it, renames it to `snapshot-<g+1>`, fsyncs the directory, creates the empty
-//! `log-<g+1>` and fsyncs the directory again. Generation `g` (its snapshot and log) stays
-//! as the fallback; `g-1` and older are removed (if `g`'s snapshot was unusable, everything
-//! from the last good snapshot on is kept instead). A crash at any point of this leaves
-//! either the old generation alone (plus a `.tmp` file, removed by the next compaction) or
-//! a new snapshot with or without its log, both of which load. A handle notices a new
-//! generation when `snapshot-<g+1>` or `log-<g+1>` exists or its own log is gone, and
-//! reloads.
+//! state, is paid for by at least as many bytes appended), it starts a new generation while
+//! still holding the lock: it removes leftovers of an interrupted compaction, writes
+//! `snapshot-<g+1>.tmp` (recording how long `log-<g>` is), fsyncs it, renames it, fsyncs the
+//! directory, creates `log-<g+1>` with its `start` frame, fsyncs it and the directory, and only
+//! then commits by writing `CURRENT` atomically (a format-1 directory then gets `VERSION` 2).
+//! Generation `g` stays as the fallback; `g-1` and older are removed. A crash before the commit
+//! leaves `g` committed and `g+1`'s files ignored; after it, `g+1` with its log. A handle
+//! notices a new generation when `CURRENT` changes or its own log is gone, and reloads.
 //!
 //! # Recovery
 //!
-//! Opening takes the lock exclusively and loads the newest generation:
+//! Opening takes the lock exclusively and loads the committed generation:
 //!
-//! - A bad frame at the end of the newest log, with no valid frame after it, is a write
-//!   interrupted by a crash (or garbage appended later): it was never acknowledged. A writer
-//!   copies it to `quarantine/` and truncates the log there; a reader holding the lock
-//!   shared only skips it.
-//! - A bad frame followed by a valid one (found by scanning forward for the magic, a sane
-//!   length and a matching checksum) is corruption: its bytes are copied to
-//!   `quarantine/<file>-<offset>.bad`, it is reported and skipped, and reading goes on. A
-//!   valid frame is never truncated or skipped. A frame whose checksum matches but whose
-//!   payload does not decode is corruption too, wherever it is.
+//! - A frame cut short at the end of the newest log (a prefix of a frame, or zeros), with no
+//!   valid frame after it, is a write interrupted by a crash: it was never acknowledged. A
+//!   writer copies it to `quarantine/` and truncates the log there; a reader only skips it.
+//! - A whole frame that fails its checksum or does not decode, wherever it is (even last), and
+//!   bytes at the end that cannot be the beginning of a frame, are corruption: copied to
+//!   `quarantine/<file>-<offset>.bad`, reported and skipped; reading goes on.
+//! - The committed generation's log missing, empty or without its `start` frame, a log shorter
+//!   than what a handle had read, or `CURRENT` missing or unreadable, is [`Damage`].
 //! - A missing or unreadable newest snapshot is rebuilt from the previous one and every log
-//!   since (nothing is lost), and the store compacts again at its next write so that two
-//!   good snapshots exist. Only if no usable snapshot is left with the logs that follow it
-//!   does opening fail ([`StoreError::Corrupt`]).
+//!   since (nothing is lost), and the store compacts again at its next write. Only if no usable
+//!   snapshot is left with the logs that follow it does opening fail ([`StoreError::Corrupt`]).
 //!
 //! Everything found is reported by [`FsStore::recovery`] (with file and byte offset) and
 //! logged with `tracing::warn!`.
+//!
+//! # Damage and repair
+//!
+//! While acknowledged writes may be missing (corrupt frames or [`Damage`]), `restore` and
+//! `apply` fail with [`StoreError::Corrupt`] naming the damage and `keel doctor --repair`;
+//! reads keep working. [`FsStore::verify`] also checks the fallback generation: its snapshot
+//! and log must read whole, the log must have the length the next snapshot recorded, and
+//! replaying both must rebuild the next snapshot. [`FsStore::repair`] rewrites the store from
+//! what is readable through two compactions, records a `store_repaired` incident listing what
+//! was lost, and keeps the damaged bytes in `quarantine/`.
+//!
+//! A log cut exactly at a frame boundary while no handle that had read past the cut is open
+//! cannot be told from one that was never longer (that would need metadata written on every
+//! append); `docs/storage.md` states this limit.
 //!
 //! # Guarantees
 //!
 //! - `apply` returning `Ok` means the batch is on disk (fsynced) and every handle sees it
 //!   from its next operation on. A batch is applied whole or not at all: it is one
-//!   checksummed frame, and a torn frame is discarded whole.
+//!   checksummed frame, and a frame cut short is discarded whole.
 //! - `Err(StoreError::Conflict)` means nothing of the batch was written. Any other error
 //!   leaves the outcome unknown; the handle reloads from the files before its next use.
 //! - A crash at any instant loses no acknowledged write and leaves a directory that opens
@@ -132,8 +143,8 @@ use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use keel_core::store::{check_batch, next_writer_epoch};
 use keel_core::{
-    AuditQuery, AuditRecord, Batch, Incident, Run, RunId, RunPage, RunQuery, Snapshot, Store,
-    StoreError,
+    AuditQuery, AuditRecord, Batch, BatchId, Incident, IncidentKind, Record, Run, RunId, RunPage,
+    RunQuery, Snapshot, Store, StoreError, Timestamp,
 };
 
 mod files;
@@ -142,7 +153,7 @@ mod recovery;
 mod replica;
 mod state;
 
-pub use recovery::{Quarantined, RecoveryReport, SnapshotFallback, TornTail};
+pub use recovery::{Damage, Quarantined, RecoveryReport, SnapshotFallback, TornTail};
 
 use files::{io_error, Marker, LOCK_FILE};
 use replica::{Access, Replica};
@@ -174,6 +185,17 @@ impl Default for FsOptions {
             sync: true,
         }
     }
+}
+
+/// What [`FsStore::repair`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Repaired {
+    /// The generation the store now stands at.
+    pub generation: u64,
+    /// The id of the `store_repaired` incident that records the repair.
+    pub incident: u64,
+    /// What was lost or damaged, as found before the repair.
+    pub lost: Vec<Damage>,
 }
 
 /// What a handle did since it was opened.
@@ -288,6 +310,86 @@ impl FsStore {
         self.inner().report.clone()
     }
 
+    /// Checks every generation the directory keeps, not only the one loaded: the fallback
+    /// generation's snapshot and log must read whole and rebuild the newest snapshot exactly
+    /// (see the [crate docs](crate#damage-and-repair)). Returns what is wrong, with what
+    /// loading and catching up found (as in [`FsStore::recovery`]); changes nothing.
+    pub fn verify(&self) -> Result<RecoveryReport, StoreError> {
+        let mut inner = self.inner();
+        let _lock = self.lock_file(Access::Shared)?;
+        let Inner { replica, report } = &mut *inner;
+        replica.catch_up(Access::Shared, report)?;
+        let mut verified = report.clone();
+        for damage in replica.verify_fallbacks()? {
+            verified.damage(damage);
+        }
+        Ok(verified)
+    }
+
+    /// Rewrites a damaged store from what is readable, so that it accepts writes again:
+    /// under the exclusive lock, it claims the next writer epoch (any earlier writer is
+    /// deposed and must restore), records a `store_repaired` incident (opened and resolved at
+    /// `now`) listing what was lost, and starts two new generations through the compaction
+    /// path, so that neither the damaged files nor a generation built on them are needed; the
+    /// damaged bytes stay in `quarantine/`. Returns `None` if [`FsStore::verify`] finds
+    /// nothing to repair (nothing is written then).
+    pub fn repair(&self, now: Timestamp) -> Result<Option<Repaired>, StoreError> {
+        let mut inner = self.inner();
+        let _lock = self.lock_file(Access::Exclusive)?;
+        let Inner { replica, report } = &mut *inner;
+        replica.catch_up(Access::Exclusive, report)?;
+        let mut lost: Vec<Damage> = replica.damage().to_vec();
+        lost.extend(replica.verify_fallbacks()?);
+        if lost.is_empty() {
+            return Ok(None);
+        }
+        let state = &replica.state;
+        let epoch = next_writer_epoch(state.writer_epoch, state.meta.epoch);
+        let id = state
+            .meta
+            .next_incident
+            .max(state.incidents.keys().next_back().map_or(1, |id| id + 1));
+        let lines: Vec<String> = lost.iter().map(ToString::to_string).collect();
+        let incident = Incident {
+            id,
+            kind: IncidentKind::StoreRepaired,
+            opened_at: now,
+            resolved_at: Some(now),
+            job: None,
+            run: None,
+            worker: None,
+            details: format!(
+                "the store was rewritten from what was readable; damaged bytes are in \
+                 quarantine/; lost or damaged: {}",
+                lines.join("; ")
+            ),
+        };
+        let mut meta = state.meta;
+        meta.next_incident = id + 1;
+        let batch = Batch {
+            id: BatchId(epoch << 32),
+            at: now,
+            records: vec![Record::PutIncident(incident), Record::PutMeta(meta)],
+        };
+        let writer = format::encode_writer(epoch).map_err(StoreError::Io)?;
+        let (frame, batch) = format::encode_batch(&batch).map_err(StoreError::Io)?;
+        replica.state.writer_epoch = epoch;
+        replica.state.apply(&batch.records);
+        let result = replica.repair(&[writer, frame].concat());
+        if result.is_err() {
+            replica.invalidate();
+        }
+        result?;
+        self.counters.compactions.fetch_add(2, Ordering::Relaxed);
+        // What this handle found is dealt with; it starts a fresh account.
+        *report = RecoveryReport::default();
+        Ok(Some(Repaired {
+            generation: replica.generation(),
+            incident: id,
+            lost,
+        }))
+    }
+
     /// What this handle did since it was opened.
     pub fn stats(&self) -> FsStats {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
@@ -346,7 +448,10 @@ impl FsStore {
             Err(e) => return leader.fail_all(&e),
         };
         let Inner { replica, report } = &mut *inner;
-        if let Err(e) = replica.catch_up(Access::Exclusive, report) {
+        if let Err(e) = replica
+            .catch_up(Access::Exclusive, report)
+            .and_then(|()| replica.writable())
+        {
             return leader.fail_all(&e);
         }
         let mut frames = Vec::new();
@@ -427,6 +532,7 @@ impl Store for FsStore {
         let _lock = self.lock_file(Access::Exclusive)?;
         let Inner { replica, report } = &mut *inner;
         replica.catch_up(Access::Exclusive, report)?;
+        replica.writable()?;
         let epoch = next_writer_epoch(replica.state.writer_epoch, replica.state.meta.epoch);
         let frame = format::encode_writer(epoch).map_err(StoreError::Io)?;
         replica.append(&frame)?;

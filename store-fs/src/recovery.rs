@@ -13,6 +13,31 @@ pub struct RecoveryReport {
     pub quarantined: Vec<Quarantined>,
     /// Snapshots that were missing or unreadable, and what the state was rebuilt from.
     pub snapshot_fallbacks: Vec<SnapshotFallback>,
+    /// Data that should be there and is not (a missing or emptied log of the committed
+    /// generation, a log shorter than a handle had read), or a fallback generation that
+    /// fails verification.
+    pub damage: Vec<Damage>,
+}
+
+/// Something the store should hold and does not, or holds damaged: acknowledged writes may
+/// be lost (or, in a fallback generation, would be if the newest snapshot were lost).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Damage {
+    /// The file's name.
+    pub file: String,
+    /// Where in it, if the damage has a place.
+    pub offset: Option<u64>,
+    /// What is wrong.
+    pub detail: String,
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.offset {
+            Some(offset) => write!(f, "{} at byte {offset}: {}", self.file, self.detail),
+            None => write!(f, "{}: {}", self.file, self.detail),
+        }
+    }
 }
 
 /// Bytes after the last valid frame of a log: a write interrupted by a crash (or garbage
@@ -68,6 +93,20 @@ impl RecoveryReport {
         self.torn_tails.is_empty()
             && self.quarantined.is_empty()
             && self.snapshot_fallbacks.is_empty()
+            && self.damage.is_empty()
+    }
+
+    /// True if acknowledged writes may be missing: corrupt frames, or [`Damage`].
+    pub fn is_damaged(&self) -> bool {
+        !self.quarantined.is_empty() || !self.damage.is_empty()
+    }
+
+    pub(crate) fn damage(&mut self, damage: Damage) {
+        if self.damage.contains(&damage) {
+            return;
+        }
+        tracing::warn!(file = %damage.file, offset = damage.offset, "damage: {}", damage.detail);
+        self.damage.push(damage);
     }
 
     pub(crate) fn torn_tail(&mut self, tail: TornTail) {
@@ -151,6 +190,9 @@ impl fmt::Display for RecoveryReport {
                 "quarantined: {} at byte {} ({} bytes): {}",
                 q.file, q.offset, q.len, q.reason
             )?;
+        }
+        for d in &self.damage {
+            writeln!(f, "damage: {d}")?;
         }
         for s in &self.snapshot_fallbacks {
             writeln!(

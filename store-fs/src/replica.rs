@@ -12,11 +12,12 @@ use std::path::{Path, PathBuf};
 use keel_core::StoreError;
 
 use crate::files::{
-    generations, io_error, log_name, obsolete_files, open_or_create, owner_only, quarantine,
-    snapshot_name, sync_dir,
+    generations, io_error, log_name, marker, obsolete_files, open_or_create, owner_only,
+    quarantine, read_current, snapshot_name, sync_dir, write_current, write_marker, CurrentFile,
+    Marker, CURRENT_FILE, QUARANTINE_DIR,
 };
-use crate::format::{decode_log, LogFrame};
-use crate::recovery::{Quarantined, RecoveryReport, SnapshotFallback, TornTail};
+use crate::format::{decode_log, encode_start, LogFrame};
+use crate::recovery::{Damage, Quarantined, RecoveryReport, SnapshotFallback, TornTail};
 use crate::state::State;
 
 /// How the caller holds the directory's lock.
@@ -37,10 +38,19 @@ pub(crate) struct Replica {
     /// The generation whose snapshot the state was built from (0: the empty start), or last
     /// written by this handle: the oldest generation recovery could need.
     base: u64,
-    /// The log of `generation`; `None` while it does not exist (a compaction was interrupted
-    /// between writing the snapshot and creating the log, and no writer came since).
+    /// The log of `generation`; `None` while it does not exist (format 1: a compaction was
+    /// interrupted between writing the snapshot and creating the log, and no writer came
+    /// since; format 2: damage, the committed generation's log is gone).
     log: Option<File>,
     offset: u64,
+    /// The length of the log's `start` frame: appended bytes are counted after it.
+    log_start: u64,
+    /// Format 1: no `CURRENT` file, logs without a `start` frame. The first compaction
+    /// migrates the directory to format 2.
+    legacy: bool,
+    /// What may have lost acknowledged writes, found by the load or a catch-up: while any,
+    /// writes are refused.
+    damage: Vec<Damage>,
     /// The files changed in a way this handle cannot follow incrementally (a failed write, a
     /// log shorter than what was read): reload everything before the next use.
     stale: bool,
@@ -59,8 +69,10 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    /// Loads the newest generation: its snapshot and log, or, if that snapshot is missing or
-    /// unusable, the newest older snapshot that loads and every log since.
+    /// Loads the committed generation (the one `CURRENT` names; in format 1, the newest on
+    /// disk): its snapshot and log, or, if that snapshot is missing or unusable, the newest
+    /// older snapshot that loads and every log since. What should be there and is not is
+    /// recorded as damage, and the replica then refuses writes ([`Replica::writable`]).
     pub(crate) fn load(
         dir: &Path,
         access: Access,
@@ -68,11 +80,51 @@ impl Replica {
         report: &mut RecoveryReport,
     ) -> Result<Replica, StoreError> {
         let on_disk = generations(dir).map_err(|e| io_error(dir, "cannot list", &e))?;
-        let newest = on_disk.last().copied().unwrap_or(0);
-        let oldest = on_disk.first().copied().unwrap_or(0);
+        let newest_on_disk = on_disk.last().copied().unwrap_or(0);
+        let mut damage = Vec::new();
+        let mut legacy = false;
+        let committed = match read_current(dir)? {
+            CurrentFile::Named(generation) => generation,
+            CurrentFile::Missing => match marker(dir)? {
+                Marker::V1 => {
+                    legacy = true;
+                    newest_on_disk
+                }
+                Marker::Current | Marker::Absent if on_disk.is_empty() => {
+                    // A new store, or one whose creation stopped before anything was written.
+                    if access == Access::Exclusive {
+                        start_log(dir, 0, sync)?;
+                        write_current(dir, 0).map_err(|e| io_error(dir, "cannot commit", &e))?;
+                    }
+                    0
+                }
+                Marker::Current | Marker::Absent => {
+                    damage.push(Damage {
+                        file: CURRENT_FILE.to_string(),
+                        offset: None,
+                        detail: "missing: the committed generation is unknown; the newest \
+                                 generation found was loaded"
+                            .to_string(),
+                    });
+                    newest_on_disk
+                }
+            },
+            CurrentFile::Unreadable(reason) => {
+                damage.push(Damage {
+                    file: CURRENT_FILE.to_string(),
+                    offset: None,
+                    detail: format!(
+                        "unreadable ({reason}): the committed generation is unknown; the newest \
+                         generation found was loaded"
+                    ),
+                });
+                newest_on_disk
+            }
+        };
+        let oldest = on_disk.range(..=committed).next().copied().unwrap_or(0);
 
         let mut unusable = Vec::new();
-        let mut base = newest;
+        let mut base = committed;
         let mut state = loop {
             match read_snapshot(dir, base) {
                 Ok(state) => break state,
@@ -83,10 +135,12 @@ impl Replica {
                     unusable.push((base, reason));
                     if base <= oldest {
                         return Err(StoreError::Corrupt {
-                            location: dir.join(snapshot_name(newest)).display().to_string(),
+                            location: dir.join(snapshot_name(committed)).display().to_string(),
                             detail: format!(
                                 "no usable snapshot, and the logs needed to rebuild without one \
-                                 are gone: {}",
+                                 are gone: {}; nothing was changed: keep a copy of the directory \
+                                 and restore it from a backup (damaged snapshots were copied to \
+                                 {QUARANTINE_DIR}/)",
                                 describe(&unusable)
                             ),
                         });
@@ -99,10 +153,12 @@ impl Replica {
         let snapshot_bytes = fs::metadata(dir.join(snapshot_name(base))).map_or(0, |m| m.len());
         let mut log = None;
         let mut offset = 0;
-        for generation in base..=newest {
-            let path = dir.join(log_name(generation));
-            let newest_log = generation == newest;
-            let file = if newest_log && access == Access::Exclusive {
+        let mut log_start = 0;
+        for generation in base..=committed {
+            let name = log_name(generation);
+            let path = dir.join(&name);
+            let newest_log = generation == committed;
+            let file = if newest_log && legacy && access == Access::Exclusive {
                 let existed = path.exists();
                 let file = open_or_create(&path).map_err(|e| io_error(&path, "cannot open", &e))?;
                 if !existed {
@@ -113,22 +169,55 @@ impl Replica {
                 open_existing(&path)?
             };
             let Some(mut file) = file else {
+                if newest_log && legacy {
+                    continue;
+                }
                 if newest_log {
+                    damage.push(Damage {
+                        file: name,
+                        offset: None,
+                        detail: "the log of the committed generation is missing: every write \
+                                 since its compaction is lost"
+                            .to_string(),
+                    });
                     continue;
                 }
                 return Err(StoreError::Corrupt {
                     location: path.display().to_string(),
                     detail: format!(
-                        "the log is missing, and the state cannot be rebuilt without it ({})",
+                        "the log is missing, and the state cannot be rebuilt without it ({}); \
+                         nothing was changed: keep a copy of the directory and restore it from \
+                         a backup",
                         describe(&unusable)
                     ),
                 });
             };
             let repair = newest_log && access == Access::Exclusive;
-            let end = replay_log(dir, generation, &mut file, 0, &mut state, repair, report)?;
+            let replayed = replay_log(dir, generation, &mut file, 0, &mut state, repair, report)?;
+            damage.extend(replayed.corrupt);
+            match replayed.start {
+                Some((found, _)) if found != generation => damage.push(Damage {
+                    file: name.clone(),
+                    offset: Some(0),
+                    detail: format!("the log starts generation {found}, not {generation}"),
+                }),
+                None if newest_log && !legacy => damage.push(Damage {
+                    file: name.clone(),
+                    offset: Some(0),
+                    detail: if replayed.end == 0 {
+                        "the log is empty: its start frame is gone, and with it every write \
+                         since the compaction"
+                            .to_string()
+                    } else {
+                        "the log does not begin with its start frame".to_string()
+                    },
+                }),
+                _ => {}
+            }
             if newest_log {
+                log_start = replayed.start.map_or(0, |(_, len)| len);
                 log = Some(file);
-                offset = end;
+                offset = replayed.end;
             }
         }
         for (generation, reason) in &unusable {
@@ -138,13 +227,22 @@ impl Replica {
                 restored_from: base,
             });
         }
+        for d in &damage {
+            // Corrupt frames are already in the report, as quarantined.
+            if d.offset.is_none() || !d.detail.starts_with(CORRUPT_FRAME) {
+                report.damage(d.clone());
+            }
+        }
         Ok(Replica {
             dir: dir.to_path_buf(),
             state,
-            generation: newest,
+            generation: committed,
             base,
             log,
             offset,
+            log_start,
+            legacy,
+            damage,
             stale: false,
             degraded: !unusable.is_empty(),
             compact_floor: 0,
@@ -153,18 +251,48 @@ impl Replica {
         })
     }
 
+    /// Fails with [`StoreError::Corrupt`] if acknowledged writes may be missing: a writer must
+    /// not decide anything (grant a lease, fire a slot) on a state with a hole in it.
+    pub(crate) fn writable(&self) -> Result<(), StoreError> {
+        let Some(first) = self.damage.first() else {
+            return Ok(());
+        };
+        let all: Vec<String> = self.damage.iter().map(ToString::to_string).collect();
+        Err(StoreError::Corrupt {
+            location: self.dir.join(&first.file).display().to_string(),
+            detail: format!(
+                "acknowledged writes may be missing ({}); reading works, writing is refused \
+                 until the damage is acknowledged: run `keel doctor --repair` \
+                 (`FsStore::repair`)",
+                all.join("; ")
+            ),
+        })
+    }
+
+    /// The committed generation this replica stands at.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// What the load and catch-ups found that may have lost acknowledged writes.
+    pub(crate) fn damage(&self) -> &[Damage] {
+        &self.damage
+    }
+
     /// Applies whatever other handles wrote since this one last looked. If the generation
     /// moved on (another handle compacted) or the files changed in a way that cannot be
-    /// followed, reloads from the newest snapshot.
+    /// followed, reloads from the committed generation. A log shorter than what was already
+    /// read from it lost acknowledged writes: that is damage, kept across the reload.
     pub(crate) fn catch_up(
         &mut self,
         access: Access,
         report: &mut RecoveryReport,
     ) -> Result<(), StoreError> {
+        let mut shrunk = None;
         if !self.stale && !self.generation_moved()? {
             match self.read_new_frames(access, report) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
+                Ok(None) => return Ok(()),
+                Ok(Some(damage)) => shrunk = Some(damage),
                 Err(e) => {
                     self.stale = true;
                     return Err(e);
@@ -173,6 +301,10 @@ impl Replica {
         }
         self.stale = true;
         *self = Replica::load(&self.dir, access, self.sync, report)?;
+        if let Some(damage) = shrunk {
+            report.damage(damage.clone());
+            self.damage.push(damage);
+        }
         Ok(())
     }
 
@@ -183,6 +315,12 @@ impl Replica {
         let path = self.dir.join(log_name(self.generation));
         let log = match &mut self.log {
             Some(log) => log,
+            None if !self.legacy => {
+                return Err(self
+                    .writable()
+                    .err()
+                    .unwrap_or_else(|| StoreError::Io(format!("{} is not open", path.display()))))
+            }
             None => {
                 let log =
                     open_or_create(&path).map_err(|e| io_error(&path, "cannot create", &e))?;
@@ -216,7 +354,9 @@ impl Replica {
 
     /// True if a writer should compact now: the log passed `threshold` bytes (and, with
     /// `at_snapshot_size`, the size of the snapshot the state was built on) and is not empty,
-    /// or the load had to fall back past an unusable snapshot.
+    /// the load had to fall back past an unusable snapshot, or the directory is still in
+    /// format 1. Never while damaged: a compaction would make the loss look legitimate, and
+    /// only a repair may do that, on purpose.
     pub(crate) fn wants_compaction(&self, threshold: u64, at_snapshot_size: bool) -> bool {
         let snapshot = if at_snapshot_size {
             self.snapshot_bytes
@@ -224,8 +364,19 @@ impl Replica {
             0
         };
         let due = threshold.max(snapshot).max(self.compact_floor);
-        let grown = self.offset > 0 && self.offset >= due;
-        !self.stale && (self.degraded || grown)
+        let appended = self.offset.saturating_sub(self.log_start);
+        let grown = appended > 0 && appended >= due;
+        !self.stale && self.damage.is_empty() && (self.degraded || self.legacy || grown)
+    }
+
+    /// Rewrites the store from what is readable: a new generation, then the `frames`
+    /// recording the repair, then another generation, so that neither the damaged files nor
+    /// a generation built on them are kept (their bad bytes stay in `quarantine/`). Requires
+    /// the exclusive lock, a caught-up state, and `frames` already applied to the state.
+    pub(crate) fn repair(&mut self, frames: &[u8]) -> Result<(), StoreError> {
+        self.compact_once()?;
+        self.append(frames)?;
+        self.compact_once()
     }
 
     /// Starts the next generation: writes the whole state as its snapshot, creates its empty
@@ -245,8 +396,17 @@ impl Replica {
         let next = self.generation + 1;
         let path = dir.join(snapshot_name(next));
         let tmp = dir.join(format!("{}.tmp", snapshot_name(next)));
+        // Files of `next` are what an interrupted compaction left: it was never committed.
+        for leftover in [path.clone(), dir.join(log_name(next))] {
+            match fs::remove_file(&leftover) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&leftover, "cannot remove", &e)),
+            }
+        }
         // The snapshot is complete and durable before it gets its name.
-        let snapshot_bytes = match self.write_snapshot(&tmp, next) {
+        let previous_log_len = self.log.as_ref().map(|_| self.offset);
+        let snapshot_bytes = match self.write_snapshot(&tmp, next, previous_log_len) {
             Ok(bytes) => bytes,
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -257,16 +417,26 @@ impl Replica {
             let _ = fs::remove_file(&tmp);
             return Err(io_error(&path, "cannot create", &e));
         }
-        // From here on the new generation exists: other handles move to it, and so must this
-        // one, if only by reloading.
+        // The new log exists, with its start frame, before `CURRENT` commits the generation:
+        // a committed generation whose log is missing or empty is damage, never a crash.
         let new_log = dir.join(log_name(next));
-        let sync_dir = |dir: &Path| if self.sync { sync_dir(dir) } else { Ok(()) };
-        let switched = sync_dir(&dir)
-            .and_then(|()| owner_only().create_new(true).open(&new_log))
-            .and_then(|log| sync_dir(&dir).map(|()| log));
-        let log = match switched {
-            Ok(log) => log,
+        let sync = self.sync;
+        let synced_dir = |dir: &Path| if sync { sync_dir(dir) } else { Ok(()) };
+        let switched = synced_dir(&dir)
+            .and_then(|()| start_log(&dir, next, sync).map_err(io::Error::other))
+            .and_then(|(log, start)| {
+                write_current(&dir, next)?;
+                if self.legacy {
+                    // Format 2 from here on; a build that reads only format 1 now refuses
+                    // the directory instead of misreading it.
+                    write_marker(&dir)?;
+                }
+                Ok((log, start))
+            });
+        let (log, start) = match switched {
+            Ok(switched) => switched,
             Err(e) => {
+                // Other handles may see the new generation or not: reload before the next use.
                 self.stale = true;
                 return Err(io_error(&new_log, "cannot create", &e));
             }
@@ -275,7 +445,10 @@ impl Replica {
         self.generation = next;
         self.base = next;
         self.log = Some(log);
-        self.offset = 0;
+        self.offset = start;
+        self.log_start = start;
+        self.legacy = false;
+        self.damage.clear();
         self.degraded = false;
         self.compact_floor = 0;
         self.snapshot_bytes = snapshot_bytes;
@@ -285,10 +458,16 @@ impl Replica {
     }
 
     /// Writes the snapshot and returns its size in bytes.
-    fn write_snapshot(&self, path: &Path, generation: u64) -> io::Result<u64> {
+    fn write_snapshot(
+        &self,
+        path: &Path,
+        generation: u64,
+        previous_log_len: Option<u64>,
+    ) -> io::Result<u64> {
         let file = owner_only().create(true).truncate(true).open(path)?;
         let mut out = BufWriter::with_capacity(1 << 16, file);
-        self.state.write_snapshot(&mut out, generation)?;
+        self.state
+            .write_snapshot(&mut out, generation, previous_log_len)?;
         let file = out.into_inner().map_err(|e| e.into_error())?;
         if self.sync {
             file.sync_all()?;
@@ -317,33 +496,49 @@ impl Replica {
         }
     }
 
-    /// True if a newer generation than this handle's exists: the next one has a snapshot or
-    /// a log, or this handle's log is gone (removed by a compaction two or more generations
-    /// on, which may have removed the next generation too). A log that does not exist yet
-    /// (see `log`) also counts: reloading then finds the same generation, at some cost, until
-    /// a writer creates the log.
+    /// True if the committed generation is no longer this handle's (another handle
+    /// compacted or repaired), or this handle's log is gone. In format 1 (no `CURRENT`): the
+    /// next generation has a snapshot or a log, or this handle's log is gone (removed by a
+    /// compaction two or more generations on); a log that does not exist yet also counts, so
+    /// reloading finds the same generation until a writer creates the log.
     fn generation_moved(&self) -> Result<bool, StoreError> {
-        let exists = |name: String| {
+        let exists = |name: &str| {
             let path = self.dir.join(name);
             path.try_exists()
                 .map_err(|e| io_error(&path, "cannot check", &e))
         };
+        let log_gone = || exists(&log_name(self.generation)).map(|found| !found);
+        if !self.legacy {
+            return match read_current(&self.dir)? {
+                CurrentFile::Named(generation) if generation == self.generation => {
+                    // A log already known to be missing is damage, not news.
+                    Ok(self.log.is_some() && log_gone()?)
+                }
+                _ => Ok(true),
+            };
+        }
         let Some(next) = self.generation.checked_add(1) else {
             return Ok(false);
         };
-        Ok(exists(snapshot_name(next))?
-            || exists(log_name(next))?
-            || !exists(log_name(self.generation))?)
+        Ok(exists(CURRENT_FILE)?
+            || exists(&snapshot_name(next))?
+            || exists(&log_name(next))?
+            || log_gone()?)
     }
 
-    /// Reads frames appended since `offset`. Returns false if the log is shorter than what
-    /// was already read (the files changed behind the store's back: reload).
+    /// Reads frames appended since `offset`. Returns the damage if the log is shorter than
+    /// what was already read (the files changed behind the store's back: reload).
     fn read_new_frames(
         &mut self,
         access: Access,
         report: &mut RecoveryReport,
-    ) -> Result<bool, StoreError> {
-        let path = self.dir.join(log_name(self.generation));
+    ) -> Result<Option<Damage>, StoreError> {
+        let name = log_name(self.generation);
+        let path = self.dir.join(&name);
+        if self.log.is_none() && !self.legacy {
+            // Known damage: the committed log is missing.
+            return Ok(None);
+        }
         if self.log.is_none() {
             self.log = match access {
                 Access::Exclusive => {
@@ -356,7 +551,7 @@ impl Replica {
             };
         }
         let Some(log) = &mut self.log else {
-            return Ok(true);
+            return Ok(None);
         };
         let len = log
             .metadata()
@@ -369,10 +564,18 @@ impl Replica {
                 read = self.offset,
                 "the log is shorter than what was read; reloading"
             );
-            return Ok(false);
+            return Ok(Some(Damage {
+                file: name,
+                offset: Some(len),
+                detail: format!(
+                    "the log is {len} bytes, but {} had been read from it: acknowledged writes \
+                     were cut off",
+                    self.offset
+                ),
+            }));
         }
         let repair = access == Access::Exclusive;
-        self.offset = replay_log(
+        let replayed = replay_log(
             &self.dir,
             self.generation,
             log,
@@ -381,11 +584,164 @@ impl Replica {
             repair,
             report,
         )?;
-        Ok(true)
+        self.offset = replayed.end;
+        self.damage.extend(replayed.corrupt);
+        Ok(None)
+    }
+
+    /// Checks every generation kept besides the committed one, as it would be used if the
+    /// newest snapshot were lost: its snapshot loads, its log reads whole (no corrupt frame,
+    /// no torn tail: a compaction read it to its end), has the length the next snapshot was
+    /// taken at, and replaying both rebuilds exactly the next snapshot. Changes nothing.
+    pub(crate) fn verify_fallbacks(&self) -> Result<Vec<Damage>, StoreError> {
+        let dir = &self.dir;
+        let on_disk = generations(dir).map_err(|e| io_error(dir, "cannot list", &e))?;
+        let mut damage = Vec::new();
+        for &generation in on_disk.range(..self.generation) {
+            let name = log_name(generation);
+            let mut state = match read_snapshot(dir, generation) {
+                Ok(state) => state,
+                Err(reason) => {
+                    damage.push(Damage {
+                        file: snapshot_name(generation),
+                        offset: None,
+                        detail: format!("the fallback snapshot is unusable: {reason}"),
+                    });
+                    continue;
+                }
+            };
+            let bytes = match fs::read(dir.join(&name)) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    damage.push(Damage {
+                        file: name,
+                        offset: None,
+                        detail: format!("the fallback log cannot be read: {e}"),
+                    });
+                    continue;
+                }
+            };
+            let scan = decode_log(&bytes);
+            for bad in scan.corrupt.iter().chain(&scan.torn_tail) {
+                damage.push(Damage {
+                    file: name.clone(),
+                    offset: Some(bad.offset),
+                    detail: format!(
+                        "{CORRUPT_FRAME} in the fallback log ({} bytes): {}",
+                        bad.len, bad.reason
+                    ),
+                });
+            }
+            for (i, entry) in scan.entries.iter().enumerate() {
+                if let LogFrame::Start { generation: found } = entry.frame {
+                    if i > 0 || entry.offset > 0 || found != generation {
+                        damage.push(Damage {
+                            file: name.clone(),
+                            offset: Some(entry.offset),
+                            detail: format!("a start frame of generation {found} out of place"),
+                        });
+                    }
+                }
+                apply_frame(&mut state, &entry.frame);
+            }
+            let Ok((next, header)) = read_snapshot_with_header(dir, generation + 1) else {
+                // The load reports an unusable committed snapshot; an older one was checked above.
+                continue;
+            };
+            if let Some(expected) = header.previous_log_len {
+                if expected != bytes.len() as u64 {
+                    damage.push(Damage {
+                        file: name.clone(),
+                        offset: Some(bytes.len().min(expected as usize) as u64),
+                        detail: format!(
+                            "the fallback log is {} bytes, but {} was compacted from {expected}",
+                            bytes.len(),
+                            snapshot_name(generation + 1)
+                        ),
+                    });
+                    continue;
+                }
+            }
+            if next != state {
+                damage.push(Damage {
+                    file: name,
+                    offset: None,
+                    detail: format!(
+                        "replaying {} and this log does not rebuild {}",
+                        snapshot_name(generation),
+                        snapshot_name(generation + 1)
+                    ),
+                });
+            }
+        }
+        Ok(damage)
     }
 }
 
 const MISSING: &str = "missing";
+
+/// How a corrupt frame's [`Damage`] starts (it is reported as quarantined too).
+const CORRUPT_FRAME: &str = "corrupt frame";
+
+/// What replaying a log found.
+struct Replayed {
+    /// Where the readable log ends.
+    end: u64,
+    /// The generation and length of the `start` frame, if the replay began at byte 0 and the
+    /// log begins with one.
+    start: Option<(u64, u64)>,
+    /// Corrupt frames (quarantined and skipped): acknowledged writes lost.
+    corrupt: Vec<Damage>,
+}
+
+/// Creates generation `generation`'s log with its `start` frame, durable (with `sync`)
+/// before anything names the generation as committed. Returns the log and the frame's length.
+fn start_log(dir: &Path, generation: u64, sync: bool) -> Result<(File, u64), StoreError> {
+    let path = dir.join(log_name(generation));
+    let frame = encode_start(generation).map_err(StoreError::Io)?;
+    let created = owner_only()
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut log| {
+            log.write_all(&frame)?;
+            if sync {
+                log.sync_data()?;
+                sync_dir(dir)?;
+            }
+            Ok(log)
+        });
+    match created {
+        Ok(log) => Ok((log, frame.len() as u64)),
+        Err(e) => {
+            let _ = fs::remove_file(&path);
+            Err(io_error(&path, "cannot create", &e))
+        }
+    }
+}
+
+/// Applies one log frame to the state.
+fn apply_frame(state: &mut State, frame: &LogFrame) {
+    match frame {
+        LogFrame::Batch { records, .. } => state.apply(records),
+        LogFrame::Writer { epoch } => state.writer_epoch = *epoch,
+        LogFrame::Start { .. } => {}
+    }
+}
+
+/// The snapshot that starts `generation` (> 0), with its header.
+fn read_snapshot_with_header(
+    dir: &Path,
+    generation: u64,
+) -> Result<(State, crate::format::SnapshotHeader), String> {
+    let path = dir.join(snapshot_name(generation));
+    let file = File::open(&path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot stat: {e}"))?
+        .len();
+    State::read_snapshot_with_header(BufReader::with_capacity(1 << 16, file), len, generation)
+        .map_err(|e| e.to_string())
+}
 
 /// The state a generation starts from: its snapshot, or the empty state for generation 0.
 fn read_snapshot(dir: &Path, generation: u64) -> Result<State, String> {
@@ -445,15 +801,20 @@ fn replay_log(
     state: &mut State,
     repair: bool,
     report: &mut RecoveryReport,
-) -> Result<u64, StoreError> {
+) -> Result<Replayed, StoreError> {
     let name = log_name(generation);
     let path = dir.join(&name);
     let len = log
         .metadata()
         .map_err(|e| io_error(&path, "cannot stat", &e))?
         .len();
+    let mut replayed = Replayed {
+        end: from,
+        start: None,
+        corrupt: Vec::new(),
+    };
     if len <= from {
-        return Ok(from);
+        return Ok(replayed);
     }
     let size = usize::try_from(len - from)
         .map_err(|_| StoreError::Io(format!("{} is too large to read", path.display())))?;
@@ -463,11 +824,13 @@ fn replay_log(
         .map_err(|e| io_error(&path, "cannot read", &e))?;
 
     let scan = decode_log(&bytes);
-    for entry in scan.entries {
-        match entry.frame {
-            LogFrame::Batch { records, .. } => state.apply(&records),
-            LogFrame::Writer { epoch } => state.writer_epoch = epoch,
+    for entry in &scan.entries {
+        if let LogFrame::Start { generation: found } = entry.frame {
+            if from == 0 && entry.offset == 0 {
+                replayed.start = Some((found, entry.len));
+            }
         }
+        apply_frame(state, &entry.frame);
     }
     let span = |offset: u64, len: u64| {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
@@ -483,6 +846,14 @@ fn replay_log(
         )
         .map_err(|e| tracing::warn!("cannot quarantine {name} at {offset}: {e}"))
         .ok();
+        replayed.corrupt.push(Damage {
+            file: name.clone(),
+            offset: Some(offset),
+            detail: format!(
+                "{CORRUPT_FRAME} ({} bytes, copied to {QUARANTINE_DIR}/): {}",
+                bad.len, bad.reason
+            ),
+        });
         report.quarantined(Quarantined {
             file: name.clone(),
             offset,
@@ -517,5 +888,6 @@ fn replay_log(
             copy,
         });
     }
-    Ok(from + scan.valid_len)
+    replayed.end = from + scan.valid_len;
+    Ok(replayed)
 }

@@ -99,11 +99,19 @@ impl State {
     }
 
     /// Writes the whole state as the snapshot that starts `generation`.
-    pub(crate) fn write_snapshot(&self, out: &mut impl Write, generation: u64) -> io::Result<()> {
+    /// `previous_log_len` is how long the log the state was read from is (see
+    /// [`SnapshotHeader::previous_log_len`]).
+    pub(crate) fn write_snapshot(
+        &self,
+        out: &mut impl Write,
+        generation: u64,
+        previous_log_len: Option<u64>,
+    ) -> io::Result<()> {
         let header = SnapshotHeader {
             generation,
             writer_epoch: self.writer_epoch,
             meta: self.meta,
+            previous_log_len,
         };
         write_snapshot_frame(out, &SnapshotFrameRef::Begin(&header))?;
         let mut items = 0u64;
@@ -146,8 +154,17 @@ impl State {
         len: u64,
         generation: u64,
     ) -> Result<State, SnapshotError> {
+        State::read_snapshot_with_header(reader, len, generation).map(|(state, _)| state)
+    }
+
+    /// Like [`State::read_snapshot`], and also returns the snapshot's header.
+    pub(crate) fn read_snapshot_with_header(
+        reader: impl Read,
+        len: u64,
+        generation: u64,
+    ) -> Result<(State, SnapshotHeader), SnapshotError> {
         let mut snapshot = SnapshotReader::new(reader, len);
-        let header = snapshot.header()?;
+        let header = snapshot.header()?.clone();
         if header.generation != generation {
             return Err(SnapshotError::Structure {
                 offset: 0,
@@ -185,7 +202,7 @@ impl State {
                 SnapshotFrame::Begin(_) | SnapshotFrame::End { .. } => {}
             }
         }
-        Ok(state)
+        Ok((state, header))
     }
 
     fn apply_record(&mut self, record: &Record) {

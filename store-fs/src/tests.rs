@@ -166,7 +166,7 @@ fn state_survives_a_snapshot_exactly() {
     assert!(state.slots.len() == 2 && state.runs.len() == 1);
 
     let mut bytes = Vec::new();
-    state.write_snapshot(&mut bytes, 7).unwrap();
+    state.write_snapshot(&mut bytes, 7, None).unwrap();
     let read = State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 7).unwrap();
     assert_eq!(read, state);
     assert!(State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 8).is_err());
