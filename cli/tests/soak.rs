@@ -67,7 +67,13 @@ fn the_daemon_survives_kill_9_cycles_without_duplicates_or_lost_completions() {
         }
         daemon.kill9();
         kills.daemons += 1;
-        seen.check(&soak, cycle);
+        if let Err(broken) = seen.check(&soak, cycle) {
+            panic!(
+                "{broken}\nthe daemon's log:\n{}\nthe commands' log:\n{}",
+                daemon.log(),
+                soak.log_lines("").join("\n")
+            );
+        }
     }
     // Heal: one more daemon, no kills, for long enough that every cut-off attempt is
     // recovered (lease TTL + grace, plus a firing or two).
@@ -78,7 +84,9 @@ fn the_daemon_survives_kill_9_cycles_without_duplicates_or_lost_completions() {
         worker.stop.store(true, Ordering::SeqCst);
     }
     let completions: Vec<Completion> = workers.into_iter().flat_map(|w| w.join()).collect();
-    seen.check(&soak, cycles);
+    if let Err(broken) = seen.check(&soak, cycles) {
+        panic!("{broken}\nthe daemon's log:\n{}", daemon.log());
+    }
     seen.check_recovered(&soak);
     seen.check_completions(&soak, &completions);
     drop(daemon);
@@ -144,19 +152,19 @@ lease_grace = "{grace}ms"
 [[job]]
 name = "tick"
 cron = "*/2 * * * * *"
-command = ["sh", "-c", '{attempt}', "soak-marker"]
+command = ["sh", "-c", '{attempt}', "{marker}"]
 
 [[job]]
 name = "once"
 at = "+3s"
-command = ["sh", "-c", '{attempt}', "soak-marker"]
+command = ["sh", "-c", '{attempt}', "{marker}"]
 
 [[job]]
 name = "flaky"
 every = "3s"
 attempts = 5
 backoff = "100ms..200ms"
-command = ["sh", "-c", '{flaky}', "soak-marker"]
+command = ["sh", "-c", '{flaky}', "{marker}"]
 
 [[job]]
 name = "render"
@@ -165,9 +173,15 @@ worker_kind = "render"
 "#,
             ttl = LEASE_TTL_MS,
             grace = LEASE_GRACE_MS,
+            marker = soak.marker(),
         );
         std::fs::write(soak.path("keel.toml"), config).unwrap();
         soak
+    }
+
+    /// The argument that names this soak's commands (`$0` of their shell), for `pgrep`.
+    fn marker(&self) -> String {
+        format!("keel-soak-command-{}", std::process::id())
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -244,13 +258,25 @@ worker_kind = "render"
         Daemon { child, log }
     }
 
-    /// Kills every running command attempt with SIGKILL; returns how many were signalled.
+    /// Kills every running command attempt of this soak with SIGKILL, as a whole process group
+    /// (the shell and its `sleep`, which holds the run's lock too), the way a crash or the OOM
+    /// killer would; returns how many were killed.
     fn kill_commands(&self) -> u32 {
-        let found = Command::new("pkill")
-            .args(["-9", "-f", "soak-marker"])
-            .status()
+        let found = Command::new("pgrep")
+            .args(["-f", &self.marker()])
+            .output()
             .unwrap();
-        u32::from(found.success())
+        let mut killed = 0;
+        for pid in String::from_utf8_lossy(&found.stdout).split_whitespace() {
+            // Each command leads its own process group: its pid is the group's id.
+            let status = Command::new("kill")
+                .args(["-9", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            killed += u32::from(status.success());
+        }
+        killed
     }
 
     /// The lines of the commands' log that start with `prefix`.
@@ -290,6 +316,10 @@ impl Daemon {
             "the daemon never got ready:\n{}",
             self.log.lock().unwrap().join("\n")
         );
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     fn kill9(&mut self) {
@@ -410,34 +440,38 @@ struct Seen {
 
 impl Seen {
     /// Reads every run the store holds (the daemon is dead: this opens the store directly) and
-    /// checks what a cycle may not break.
-    fn check(&mut self, soak: &Soak, cycle: u32) {
+    /// checks what a cycle may not break; says what broke.
+    fn check(&mut self, soak: &Soak, cycle: u32) -> Result<(), String> {
         let runs = soak.json(&["--json", "runs", "--limit", "100000"]);
         for run in runs.as_array().unwrap() {
             let id = run["id"].as_u64().unwrap();
             let job = run["job"].as_str().unwrap().to_owned();
             if let Some(slot) = run["trigger"]["slot"].as_i64() {
                 let first = *self.slots.entry((job.clone(), slot)).or_insert(id);
-                assert_eq!(
-                    first, id,
-                    "cycle {cycle}: slot {slot} of {job} produced two runs: run-{first} and run-{id}"
-                );
+                if first != id {
+                    return Err(format!(
+                        "cycle {cycle}: slot {slot} of {job} produced two runs: run-{first} and run-{id}"
+                    ));
+                }
             }
             self.runs.insert(id, run.clone());
         }
         let overlaps = soak.log_lines("OVERLAP");
-        assert!(
-            overlaps.is_empty(),
-            "cycle {cycle}: attempts of one run overlapped: {overlaps:?}"
-        );
+        if !overlaps.is_empty() {
+            return Err(format!(
+                "cycle {cycle}: attempts of one run overlapped: {overlaps:?}"
+            ));
+        }
         let mut tokens = BTreeSet::new();
         for line in soak.log_lines("start ") {
             let token = line.rsplit(' ').next().unwrap().to_owned();
-            assert!(
-                tokens.insert(token.clone()),
-                "cycle {cycle}: token {token} was handed out twice (line {line:?})"
-            );
+            if !tokens.insert(token.clone()) {
+                return Err(format!(
+                    "cycle {cycle}: token {token} was handed out twice (line {line:?})"
+                ));
+            }
         }
+        Ok(())
     }
 
     /// After the healing run: no run is left running on a lease that expired (plus the grace)
