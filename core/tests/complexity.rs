@@ -100,7 +100,10 @@ fn work_per_firing(n: usize) -> f64 {
         firings += s.work().timers_popped - fired_before;
         records += drain(&mut s, now);
     }
-    assert!(firings as usize >= n, "every cron job fired ({firings} of {n})");
+    assert!(
+        firings as usize >= n,
+        "every cron job fired ({firings} of {n})"
+    );
     s.check_invariants();
     (s.work().total() - before + records) as f64 / firings as f64
 }
@@ -138,10 +141,18 @@ fn assert_flat(what: &str, small: f64, large: f64) {
 
 #[test]
 fn a_firing_costs_the_same_with_ten_times_the_jobs_runs_and_incidents() {
-    assert_flat("work per firing", work_per_firing(500), work_per_firing(5_000));
+    assert_flat(
+        "work per firing",
+        work_per_firing(500),
+        work_per_firing(5_000),
+    );
 }
 
 #[test]
 fn a_command_costs_the_same_with_ten_times_the_jobs_runs_and_incidents() {
-    assert_flat("work per command", work_per_command(500), work_per_command(5_000));
+    assert_flat(
+        "work per command",
+        work_per_command(500),
+        work_per_command(5_000),
+    );
 }
