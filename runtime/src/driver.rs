@@ -15,6 +15,11 @@
 //! | `Msg::Report` (checkpoint, progress, heartbeat from a handler) | the matching core call, fenced by the attempt's token |
 //! | `Msg::Delivered` (a sink answered) | `handle_delivery_result` |
 //!
+//! Each step (one input, then draining the effects) runs under `catch_unwind`. A panic is
+//! handled as a restart would be (SPEC W4): the driver's own attempts are aborted, waiting
+//! commands are answered with [`RuntimeError::Interrupted`], and the core is rebuilt from
+//! `Store::restore`; [`PANICS_IN_A_ROW_MAX`] panics in a row stop the runtime.
+//!
 //! After every input it drains `poll_effect` in order:
 //!
 //! | effect | what the driver does |
@@ -45,7 +50,14 @@ use crate::clock::Clock;
 use crate::handler::{AttemptContext, CheckpointError, Handler};
 use crate::metrics_names as m;
 use crate::sink::Sink;
-use crate::RuntimeError;
+use crate::{RuntimeError, PANICS_IN_A_ROW_MAX};
+
+/// Panics further apart than this are not counted as in a row, even if the driver was never
+/// settled between them (a busy one may not be).
+const PANIC_STREAK_RESET: Duration = Duration::from_secs(60);
+
+/// How long a recovery waits for the attempts it aborted to be gone before it rebuilds the core.
+const ATTEMPTS_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// A command run on the driver against the scheduler. It returns a continuation that the
 /// driver calls with `Ok` once what the command wrote is durable (or with the store's error
@@ -114,6 +126,9 @@ pub(crate) enum Msg {
         report: Report,
     },
     Delivered {
+        /// The scheduler the delivery was sent for: a result sent for one that a recovery
+        /// replaced is dropped (the restored outbox sends again).
+        generation: u64,
         id: DeliveryId,
         attempt: u32,
         result: DeliveryResult,
@@ -141,13 +156,35 @@ struct Executing {
     token: FencingToken,
     cancel: watch::Sender<bool>,
     abort: AbortHandle,
+    /// The task that waits for the handler: it ends once the handler's task has ended
+    /// (returned, panicked, or aborted and dropped).
+    watcher: tokio::task::JoinHandle<()>,
     renew_at: Instant,
     started: Instant,
+}
+
+/// What the driver waits for next: one input per step of its loop.
+enum Input {
+    Msg(Msg),
+    /// Every sender is gone.
+    Closed,
+    /// A timer is due.
+    Tick,
 }
 
 /// The driver's state.
 pub(crate) struct Driver {
     pub(crate) core: Scheduler,
+    /// The core's jitter seed, reused (plus the recovery count) when a panic rebuilds it.
+    seed: u64,
+    /// How many times a panic rebuilt the core from the store.
+    generation: u64,
+    /// Panics since the last step that succeeded and left the driver settled (SPEC W4).
+    panics_in_a_row: u32,
+    /// When the latest panic was caught.
+    last_panic: Option<Instant>,
+    /// The run the current step is about, if any, for the log of a panic.
+    concerning: Option<RunId>,
     pub(crate) clock: Clock,
     store: Arc<dyn Store>,
     handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
@@ -184,6 +221,7 @@ impl Driver {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         core: Scheduler,
+        seed: u64,
         clock: Clock,
         store: Arc<dyn Store>,
         handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
@@ -194,6 +232,11 @@ impl Driver {
     ) -> Self {
         Driver {
             core,
+            seed,
+            generation: 0,
+            panics_in_a_row: 0,
+            last_panic: None,
+            concerning: None,
             clock,
             store,
             handlers,
@@ -247,13 +290,39 @@ impl Driver {
         self.handlers.contains_key(kind)
     }
 
-    /// Runs until shut down (or the store deposes this process).
+    /// Runs until shut down (or the store deposes this process, or it panics
+    /// [`PANICS_IN_A_ROW_MAX`] times in a row).
+    ///
+    /// Each step (handling one input, then draining the effects) runs under `catch_unwind`: a panic in
+    /// the core, a sink or the driver's own code is logged and the core is rebuilt from the
+    /// store, as a restart would (SPEC W4), instead of taking the daemon down.
     pub(crate) async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
     ) -> Result<(), RuntimeError> {
+        // The input of the next step; none for the first, or after a recovery, when the
+        // step only drains what the (restored) core has to say.
+        let mut input = None;
         loop {
-            self.drain_effects();
+            if self.stopped.is_none() {
+                let had_input = input.is_some();
+                let step = self.guarded(|driver| {
+                    if let Some(input) = input.take() {
+                        driver.input(input);
+                    }
+                    driver.drain_effects();
+                });
+                match step {
+                    // An input handled, its effects carried out and every write acknowledged:
+                    // whatever panicked before did not come back.
+                    Ok(()) if had_input && self.settled() => self.panics_in_a_row = 0,
+                    Ok(()) => {}
+                    Err(panic) => {
+                        self.recover(panic).await;
+                        continue;
+                    }
+                }
+            }
             if let Some(result) = self.stopped.take() {
                 self.stop_everything(result.clone());
                 return result;
@@ -262,16 +331,170 @@ impl Driver {
                 self.stop_everything(Ok(()));
                 return Ok(());
             }
-            let wake = self.next_wake();
-            tokio::select! {
+            let wake = match self.guarded(|driver| driver.next_wake()) {
+                Ok(wake) => wake,
+                Err(panic) => {
+                    self.recover(panic).await;
+                    continue;
+                }
+            };
+            input = Some(tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(msg) => self.handle(msg),
-                    // Every handle is gone: nobody can ask for a shutdown, so start one.
-                    None => self.begin_shutdown(Duration::ZERO),
+                    Some(msg) => Input::Msg(msg),
+                    None => Input::Closed,
                 },
-                () = sleep_until(wake) => self.tick(),
+                () = sleep_until(wake) => Input::Tick,
+            });
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match input {
+            Input::Msg(msg) => self.handle(msg),
+            // Every handle is gone: nobody can ask for a shutdown, so start one.
+            Input::Closed => self.begin_shutdown(Duration::ZERO),
+            Input::Tick => self.tick(),
+        }
+    }
+
+    /// Nothing is being written and nothing waits to be: the core has caught up with the store.
+    fn settled(&self) -> bool {
+        self.in_flight.is_none() && !self.core.has_unwritten_changes()
+    }
+
+    /// Runs one step of the loop, catching a panic.
+    fn guarded<T>(
+        &mut self,
+        step: impl FnOnce(&mut Driver) -> T,
+    ) -> Result<T, Box<dyn std::any::Any + Send>> {
+        self.concerning = None;
+        // Unwind safety: after a panic nothing of the driver's state is trusted that the
+        // panic could have left half changed. `recover` drops the core and every table that
+        // follows it, and rebuilds them from the store.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(self)))
+    }
+
+    /// After a panic in a step: stops this process's attempts, answers what waits with an
+    /// error, and rebuilds the core from the store, as a restart of the process would; or
+    /// stops the runtime once [`PANICS_IN_A_ROW_MAX`] panics came in a row.
+    async fn recover(&mut self, panic: Box<dyn std::any::Any + Send>) {
+        // A busy driver may never be settled between two panics far apart: those are not in a
+        // row either.
+        let now = Instant::now();
+        if self
+            .last_panic
+            .is_some_and(|last| now.duration_since(last) >= PANIC_STREAK_RESET)
+        {
+            self.panics_in_a_row = 0;
+        }
+        self.last_panic = Some(now);
+        self.panics_in_a_row += 1;
+        metrics::counter!(m::DRIVER_PANICS).increment(1);
+        let message = panic_message(panic);
+        let run = self.concerning.take();
+        // The run's job, if the (suspect) core still answers; a lookup that panics too says
+        // nothing.
+        let job = run.and_then(|run| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.core.run(run).map(|r| r.job.to_string())
+            }))
+            .ok()
+            .flatten()
+        });
+        let run_name = run.map(|run| run.to_string());
+        let in_a_row = self.panics_in_a_row;
+        if in_a_row >= PANICS_IN_A_ROW_MAX {
+            tracing::error!(
+                run = run_name,
+                job,
+                panics_in_a_row = in_a_row,
+                "the scheduler panicked: {message}; it panicked {in_a_row} times in a row, \
+                 stopping"
+            );
+            self.stopped = Some(Err(RuntimeError::Panicked(message)));
+            return;
+        }
+        tracing::error!(
+            run = run_name,
+            job,
+            panics_in_a_row = in_a_row,
+            "the scheduler panicked: {message}; its attempts are stopped and it is rebuilt \
+             from the store"
+        );
+        // As a restart would: this process's attempts stop (their runs are recovered by the
+        // restore, under this worker id, so none runs twice and none is left behind), and
+        // whatever waited for the old core is answered.
+        let stopping = self.abandon(RuntimeError::Interrupted(message.clone()));
+        // An aborted task is dropped (a command job's process group killed with it) at its
+        // next poll: wait for that, so the restored runs do not start beside what they replace.
+        let deadline = Instant::now() + ATTEMPTS_STOP_WAIT;
+        for watcher in stopping {
+            if tokio::time::timeout_at(deadline, watcher).await.is_err() {
+                tracing::warn!(
+                    "an attempt did not stop within {ATTEMPTS_STOP_WAIT:?} (a handler blocking \
+                     its thread?); the scheduler is rebuilt anyway"
+                );
+                break;
             }
         }
+        let store = Arc::clone(&self.store);
+        let snapshot = match tokio::task::spawn_blocking(move || store.restore()).await {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(e)) => return self.unrecoverable(&message, &e.to_string()),
+            Err(e) => return self.unrecoverable(&message, &e.to_string()),
+        };
+        let now = self.clock.now();
+        self.generation += 1;
+        let config = *self.core.config();
+        let seed = self.seed.wrapping_add(self.generation);
+        let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Scheduler::restore_as(self.worker.clone(), config, seed, now, snapshot)
+        }));
+        let Ok(core) = rebuilt else {
+            return self.unrecoverable(&message, "the restore panicked");
+        };
+        self.core = core;
+        // A write of the old core may still be in flight: its answer is recognised as stale
+        // by its batch id, and the store refuses it anyway (an older writer epoch).
+        self.in_flight = None;
+        self.deliveries_in_flight = 0;
+        if self.drain_until.is_some() {
+            self.core.begin_shutdown(now);
+            self.core.flush_checkpoints(now);
+        }
+    }
+
+    /// The core cannot be rebuilt: the runtime stops.
+    fn unrecoverable(&mut self, panic: &str, why: &str) {
+        tracing::error!("the scheduler panicked ({panic}) and cannot be rebuilt: {why}");
+        self.stopped = Some(Err(RuntimeError::Panicked(format!(
+            "{panic}; rebuilding from the store failed: {why}"
+        ))));
+    }
+
+    /// Stops this process's attempts and drops every table that follows the core; commands
+    /// waiting for a write are answered with `error`. Returns the attempts' watchers, which end
+    /// once the attempts are gone.
+    fn abandon(&mut self, error: RuntimeError) -> Vec<tokio::task::JoinHandle<()>> {
+        self.renewals.clear();
+        let mut stopping = Vec::new();
+        for (run, executing) in self.executing.drain() {
+            let _ = executing.cancel.send(true);
+            executing.abort.abort();
+            stopping.push(executing.watcher);
+            tracing::warn!(%run, "attempt stopped: the scheduler is being rebuilt; the run is recovered");
+        }
+        for (_, waiter) in self.waiting.drain(..) {
+            match waiter {
+                Waiter::Reply(reply) => reply(Err(error.clone())),
+                // Its claimer sees the sender dropped below.
+                Waiter::Claim(_) => {}
+            }
+        }
+        self.claims.clear();
+        self.checkpoints.clear();
+        self.run_spans.clear();
+        stopping
     }
 
     fn next_wake(&self) -> Option<Instant> {
@@ -306,6 +529,10 @@ impl Driver {
 
     fn handle(&mut self, msg: Msg) {
         let now = self.clock.now();
+        self.concerning = match &msg {
+            Msg::Finished { run, .. } | Msg::Report { run, .. } => Some(*run),
+            _ => None,
+        };
         match msg {
             Msg::Command(command) => {
                 if let Some(reply) = command(self) {
@@ -343,10 +570,14 @@ impl Driver {
                 }
             }
             Msg::Report { run, token, report } => self.report(now, run, token, report),
+            Msg::Delivered { generation, .. } if generation != self.generation => {
+                tracing::debug!("result of a delivery sent before a recovery dropped");
+            }
             Msg::Delivered {
                 id,
                 attempt,
                 result,
+                ..
             } => {
                 self.deliveries_in_flight = self.deliveries_in_flight.saturating_sub(1);
                 if let Err(e) = self.core.handle_delivery_result(now, id, attempt, result) {
@@ -389,6 +620,11 @@ impl Driver {
     }
 
     fn persisted(&mut self, now: Timestamp, batch: BatchId, result: Result<(), StoreError>) {
+        if self.in_flight != Some(batch) {
+            // Written for a core that a recovery replaced since.
+            tracing::debug!(%batch, "answer of a write of a replaced scheduler ignored");
+            return;
+        }
         self.in_flight = None;
         match result {
             Ok(()) => {
@@ -464,6 +700,7 @@ impl Driver {
     }
 
     fn effect(&mut self, effect: Effect) {
+        self.concerning = effect_run(&effect);
         match effect {
             Effect::Persist(batch) => {
                 self.in_flight = Some(batch.id);
@@ -504,6 +741,7 @@ impl Driver {
             }
             Effect::Deliver(request) => {
                 let tx = self.sender();
+                let generation = self.generation;
                 let (id, attempt) = (request.id, request.attempt);
                 self.deliveries_in_flight += 1;
                 match self.sinks.get(&*request.sink).cloned() {
@@ -526,6 +764,7 @@ impl Driver {
                             };
                             metrics::counter!(m::DELIVERY_ATTEMPTS, "sink" => label, "result" => delivery_label(&result)).increment(1);
                             let _ = tx.send(Msg::Delivered {
+                                generation,
                                 id,
                                 attempt,
                                 result,
@@ -540,6 +779,7 @@ impl Driver {
                             ),
                         };
                         let _ = tx.send(Msg::Delivered {
+                            generation,
                             id,
                             attempt,
                             result,
@@ -631,7 +871,7 @@ impl Driver {
         let abort = task.abort_handle();
         let tx = self.sender();
         let (run, token) = (start.run, start.lease.token);
-        tokio::spawn(async move {
+        let watcher = tokio::spawn(async move {
             let outcome = match task.await {
                 Ok(outcome) => outcome,
                 Err(e) if e.is_panic() => Outcome::Retryable {
@@ -659,6 +899,7 @@ impl Driver {
                 token: start.lease.token,
                 cancel,
                 abort,
+                watcher,
                 renew_at,
                 started: Instant::now(),
             },
@@ -752,6 +993,16 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The run an effect is about, if any.
+fn effect_run(effect: &Effect) -> Option<RunId> {
+    match effect {
+        Effect::StartAttempt(start) => Some(start.run),
+        Effect::CancelAttempt { run, .. } | Effect::KillAttempt { run, .. } => Some(*run),
+        Effect::Deliver(request) => Some(request.payload.run),
+        Effect::Persist(_) | Effect::Event(_) => None,
     }
 }
 
