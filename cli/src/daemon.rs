@@ -200,6 +200,11 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         Err(keel_runtime::RuntimeError::Deposed(why)) => Err(Failure::runtime(format!(
             "another keel process took over the store ({why}); this daemon stopped"
         ))),
+        Err(keel_runtime::RuntimeError::Panicked(why)) => Err(Failure::runtime(format!(
+            "the scheduler failed {} times in a row and stopped: {why}; this is a bug in keel \
+             (please report it with the log above)",
+            keel_runtime::PANICS_IN_A_ROW_MAX
+        ))),
         Err(e) => Err(Failure::runtime(format!("the scheduler stopped: {e}"))),
     }
 }

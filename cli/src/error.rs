@@ -107,7 +107,11 @@ impl From<CommandError> for Failure {
 
 impl From<RuntimeError> for Failure {
     fn from(error: RuntimeError) -> Failure {
-        Failure::runtime(format!("the daemon's scheduler stopped: {error}"))
+        match error {
+            // The daemon runs on; only this command's answer was lost.
+            e @ RuntimeError::Interrupted(_) => Failure::runtime(e.to_string()),
+            e => Failure::runtime(format!("the daemon's scheduler stopped: {e}")),
+        }
     }
 }
 

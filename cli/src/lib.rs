@@ -16,6 +16,7 @@
 //! | `doctor` | `keel doctor` |
 //! | `logging` | the tracing subscriber: library warnings on stderr, `KEEL_LOG` |
 //! | `show`, `table`, `duration` | human output and input |
+//! | `whole_file` | small files written whole or not at all (temp file, sync, rename) |
 
 use std::process::ExitCode;
 
@@ -38,6 +39,7 @@ mod place;
 mod protocol;
 mod show;
 mod table;
+mod whole_file;
 
 /// Runs `keel` with the process's arguments and returns its exit code (see `keel --help`).
 pub fn main() -> ExitCode {

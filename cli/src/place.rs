@@ -193,6 +193,10 @@ impl DaemonLock {
         DaemonLock::claimed(file, role, &path)
     }
 
+    /// Writes the holder into the lock file in place. Not through `whole_file`: the lock is on
+    /// this inode, which a rename would replace, and nothing depends on the text after a crash
+    /// (the kernel releases the lock; an empty or partial text reads as `Holder::Unknown`, used
+    /// only in messages).
     fn claimed(mut file: File, role: &str, path: &Path) -> Result<DaemonLock, Failure> {
         let write = |file: &mut File| -> std::io::Result<()> {
             file.set_len(0)?;

@@ -763,3 +763,95 @@ fn a_write_mark_is_durable_only_once_its_batch_is_acknowledged() {
     assert!(batches >= 2, "the backlog took {batches} batches");
     assert!(written && s.is_durable(mark));
 }
+
+/// SPEC L4: a success reported under a lease that was lost is refused, and recorded as evidence
+/// in the audit trail without changing the run; the current holder's token is not "refused".
+#[test]
+fn a_result_refused_after_its_lease_was_lost_is_audited_as_evidence() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let mut s = Scheduler::new(Config::default(), 1, t0);
+    s.add_job(
+        t0,
+        JobSpec::new(id("j"), "k", ScheduleSpec::Once { at: t0 }),
+    )
+    .unwrap();
+    s.handle_timeout(t0);
+    let start = drain(&mut s, t0, None)
+        .into_iter()
+        .find_map(|e| match e {
+            Effect::StartAttempt(a) => Some(a),
+            _ => None,
+        })
+        .unwrap();
+    let worker = start.lease.owner.clone();
+    // The current holder's result is not a refused one.
+    assert!(matches!(
+        s.record_refused_result(t0, start.run, start.attempt, start.lease.token, &worker, ""),
+        Err(Rejected::StaleToken { .. })
+    ));
+    assert!(!s.has_unwritten_changes());
+    // The holder gives the lease up (lost); its late success is refused...
+    s.release(t0, start.run, start.lease.token).unwrap();
+    drain(&mut s, t0, None);
+    let state = s.run(start.run).unwrap().state.name();
+    let refused = s.handle_outcome(t0, start.run, start.lease.token, Outcome::ok());
+    assert!(
+        matches!(refused, Err(Rejected::StaleToken { .. })),
+        "{refused:?}"
+    );
+    // ... and recorded as evidence.
+    s.record_refused_result(
+        t0.plus_ms(5),
+        start.run,
+        start.attempt,
+        start.lease.token,
+        &worker,
+        "42 rows",
+    )
+    .unwrap();
+    assert_eq!(
+        s.run(start.run).unwrap().state.name(),
+        state,
+        "the run is unchanged"
+    );
+    let audits: Vec<AuditRecord> = drain(&mut s, t0, None)
+        .into_iter()
+        .flat_map(|e| match e {
+            Effect::Persist(b) => b
+                .records
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Audit(a) => Some(a),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(audits.len(), 1, "{audits:?}");
+    let evidence = &audits[0];
+    assert_eq!(evidence.run, Some(start.run));
+    assert_eq!(evidence.attempt, Some(start.attempt));
+    assert_eq!(evidence.fencing_token, Some(start.lease.token));
+    assert_eq!((evidence.old, evidence.new), (Some(state), state));
+    assert_eq!(evidence.actor, Actor::Worker(worker.to_string()));
+    assert!(
+        evidence.reason.starts_with("result refused: lease")
+            && evidence
+                .reason
+                .ends_with("the run will execute again: 42 rows"),
+        "{}",
+        evidence.reason
+    );
+    assert!(matches!(
+        s.record_refused_result(
+            t0,
+            RunId(999),
+            start.attempt,
+            start.lease.token,
+            &worker,
+            ""
+        ),
+        Err(Rejected::UnknownRun(_))
+    ));
+}

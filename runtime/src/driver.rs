@@ -8,12 +8,30 @@
 //!
 //! | input | what the driver does |
 //! |---|---|
-//! | the timer (`poll_timeout`, lease renewals, the shutdown deadline) | `handle_timeout(now)`; renew the leases of its own attempts at half their TTL |
+//! | the timer (`poll_timeout`, its attempts' lease timers, the shutdown deadline) | `handle_timeout(now)`; drives each own attempt's `LeaseHolder`: renews at half the TTL, and once no renewal was durable for `ttl - margin` stops the attempt (below) |
 //! | `Msg::Command` | runs it against the scheduler; answers once what it wrote is durable |
 //! | `Msg::Persisted` | `handle_persisted` or `handle_persist_failed`; a `Deposed` store stops the driver |
-//! | `Msg::Finished` (a handler returned or panicked) | `handle_outcome` with the attempt's token |
+//! | `Msg::Finished` (a handler returned or panicked) | `handle_outcome` with the attempt's token; a success refused because the lease was lost is a WARN and audit evidence (SPEC L4) |
 //! | `Msg::Report` (checkpoint, progress, heartbeat from a handler) | the matching core call, fenced by the attempt's token |
 //! | `Msg::Delivered` (a sink answered) | `handle_delivery_result` |
+//!
+//! # Its own attempts' leases (SPEC L2, L4, M2)
+//!
+//! Each attempt this process runs has a [`LeaseHolder`]: a renewal is sent at half the TTL
+//! (`renew_lease`, whose write is the renewal) and succeeds when that write is acknowledged.
+//! Once `sent_at + ttl - margin` passes with no renewal durable (a store that fails or stalls),
+//! the lease is lost: the attempt is asked to stop (its cancellation token), the lease is given
+//! back (`release`, so the run retries and anything the attempt still reports is refused), and
+//! the attempt is aborted at `sent_at + ttl` if it has not ended, before any other holder could
+//! be granted the run. A success reported after the loss goes through `guarded_outcome`: refused
+//! (the usual case), it is logged at WARN ("result refused: lease lost; the run will execute
+//! again") and recorded as evidence with `record_refused_result`; accepted (the store still took
+//! the token), it stands with a WARN.
+//!
+//! Each step (one input, then draining the effects) runs under `catch_unwind`. A panic is
+//! handled as a restart would be (SPEC W4): the driver's own attempts are aborted, waiting
+//! commands are answered with [`RuntimeError::Interrupted`], and the core is rebuilt from
+//! `Store::restore`; [`PANICS_IN_A_ROW_MAX`] panics in a row stop the runtime.
 //!
 //! After every input it drains `poll_effect` in order:
 //!
@@ -31,11 +49,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_core::lease::{guarded_outcome, GuardedOutcome, LeaseHolder, SectionEnd};
 use keel_core::outbox::{DeliveryId, DeliveryResult};
 use keel_core::scheduler::CheckpointSave;
 use keel_core::{
-    AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected, RunId,
-    RunState, Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
+    Attempt, AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected,
+    RunId, RunState, Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -45,7 +64,14 @@ use crate::clock::Clock;
 use crate::handler::{AttemptContext, CheckpointError, Handler};
 use crate::metrics_names as m;
 use crate::sink::Sink;
-use crate::RuntimeError;
+use crate::{RuntimeError, PANICS_IN_A_ROW_MAX};
+
+/// Panics further apart than this are not counted as in a row, even if the driver was never
+/// settled between them (a busy one may not be).
+const PANIC_STREAK_RESET: Duration = Duration::from_secs(60);
+
+/// How long a recovery waits for the attempts it aborted to be gone before it rebuilds the core.
+const ATTEMPTS_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// A command run on the driver against the scheduler. It returns a continuation that the
 /// driver calls with `Ok` once what the command wrote is durable (or with the store's error
@@ -105,6 +131,7 @@ pub(crate) enum Msg {
     },
     Finished {
         run: RunId,
+        attempt: Attempt,
         token: FencingToken,
         outcome: Outcome,
     },
@@ -114,6 +141,9 @@ pub(crate) enum Msg {
         report: Report,
     },
     Delivered {
+        /// The scheduler the delivery was sent for: a result sent for one that a recovery
+        /// replaced is dropped (the restored outbox sends again).
+        generation: u64,
         id: DeliveryId,
         attempt: u32,
         result: DeliveryResult,
@@ -141,13 +171,42 @@ struct Executing {
     token: FencingToken,
     cancel: watch::Sender<bool>,
     abort: AbortHandle,
-    renew_at: Instant,
+    /// The task that waits for the handler: it ends once the handler's task has ended
+    /// (returned, panicked, or aborted and dropped).
+    watcher: tokio::task::JoinHandle<()>,
+    /// When to renew, and when the lease counts as lost (SPEC L2).
+    holder: LeaseHolder,
+    /// The renewal in flight: the write mark that makes it durable, and when it was sent.
+    renewing: Option<(u64, Timestamp)>,
+    /// Once the lease is lost: when the attempt is aborted if it has not ended by then.
+    abort_at: Option<Instant>,
+    /// This attempt's key in `lease_timers`.
+    wake_at: Instant,
     started: Instant,
+}
+
+/// What the driver waits for next: one input per step of its loop.
+enum Input {
+    Msg(Msg),
+    /// Every sender is gone.
+    Closed,
+    /// A timer is due.
+    Tick,
 }
 
 /// The driver's state.
 pub(crate) struct Driver {
     pub(crate) core: Scheduler,
+    /// The core's jitter seed, reused (plus the recovery count) when a panic rebuilds it.
+    seed: u64,
+    /// How many times a panic rebuilt the core from the store.
+    generation: u64,
+    /// Panics since the last step that succeeded and left the driver settled (SPEC W4).
+    panics_in_a_row: u32,
+    /// When the latest panic was caught.
+    last_panic: Option<Instant>,
+    /// The run the current step is about, if any, for the log of a panic.
+    concerning: Option<RunId>,
     pub(crate) clock: Clock,
     store: Arc<dyn Store>,
     handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
@@ -164,9 +223,12 @@ pub(crate) struct Driver {
     /// Work counters, for tests that prove the driver's cost does not grow with what waits.
     stats: DriverStats,
     executing: HashMap<RunId, Executing>,
-    /// When each executing attempt's lease is next renewed, soonest first: the next wake and
-    /// the renewals due read its front instead of every attempt.
-    renewals: BTreeSet<(Instant, RunId)>,
+    /// When each executing attempt's lease holder next acts (a renewal, the lost deadline, the
+    /// abort after a loss), soonest first: the next wake and the timers due read its front
+    /// instead of every attempt.
+    lease_timers: BTreeSet<(Instant, RunId)>,
+    /// Renewals in flight by the write mark that makes them durable, lowest first.
+    renewals_writing: BTreeSet<(u64, RunId)>,
     /// Handlers waiting for a checkpoint save to be acknowledged, by run and save.
     checkpoints: BTreeMap<(RunId, u64), CheckpointReply>,
     /// The tracing span of each run this process has started an attempt of, until it ends.
@@ -184,6 +246,7 @@ impl Driver {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         core: Scheduler,
+        seed: u64,
         clock: Clock,
         store: Arc<dyn Store>,
         handlers: Arc<BTreeMap<String, Arc<dyn Handler>>>,
@@ -194,6 +257,11 @@ impl Driver {
     ) -> Self {
         Driver {
             core,
+            seed,
+            generation: 0,
+            panics_in_a_row: 0,
+            last_panic: None,
+            concerning: None,
             clock,
             store,
             handlers,
@@ -205,7 +273,8 @@ impl Driver {
             waiting: VecDeque::new(),
             stats: DriverStats::default(),
             executing: HashMap::new(),
-            renewals: BTreeSet::new(),
+            lease_timers: BTreeSet::new(),
+            renewals_writing: BTreeSet::new(),
             run_spans: HashMap::new(),
             checkpoints: BTreeMap::new(),
             claims: HashMap::new(),
@@ -218,12 +287,6 @@ impl Driver {
     /// A sender for a task's answer.
     fn sender(&self) -> mpsc::UnboundedSender<Msg> {
         self.tx.clone()
-    }
-
-    /// How often the driver renews its own attempts' leases: half their TTL, and never more
-    /// often than every millisecond (a TTL of 1 ms must not make it a busy loop).
-    fn renew_every(&self) -> Duration {
-        Duration::from_millis((self.core.config().lease.ttl_ms / 2).max(1))
     }
 
     /// How logs and metrics name a sink: its own label, else the name it is registered under.
@@ -247,13 +310,39 @@ impl Driver {
         self.handlers.contains_key(kind)
     }
 
-    /// Runs until shut down (or the store deposes this process).
+    /// Runs until shut down (or the store deposes this process, or it panics
+    /// [`PANICS_IN_A_ROW_MAX`] times in a row).
+    ///
+    /// Each step (handling one input, then draining the effects) runs under `catch_unwind`: a panic in
+    /// the core, a sink or the driver's own code is logged and the core is rebuilt from the
+    /// store, as a restart would (SPEC W4), instead of taking the daemon down.
     pub(crate) async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
     ) -> Result<(), RuntimeError> {
+        // The input of the next step; none for the first, or after a recovery, when the
+        // step only drains what the (restored) core has to say.
+        let mut input = None;
         loop {
-            self.drain_effects();
+            if self.stopped.is_none() {
+                let had_input = input.is_some();
+                let step = self.guarded(|driver| {
+                    if let Some(input) = input.take() {
+                        driver.input(input);
+                    }
+                    driver.drain_effects();
+                });
+                match step {
+                    // An input handled, its effects carried out and every write acknowledged:
+                    // whatever panicked before did not come back.
+                    Ok(()) if had_input && self.settled() => self.panics_in_a_row = 0,
+                    Ok(()) => {}
+                    Err(panic) => {
+                        self.recover(panic).await;
+                        continue;
+                    }
+                }
+            }
             if let Some(result) = self.stopped.take() {
                 self.stop_everything(result.clone());
                 return result;
@@ -262,21 +351,176 @@ impl Driver {
                 self.stop_everything(Ok(()));
                 return Ok(());
             }
-            let wake = self.next_wake();
-            tokio::select! {
+            let wake = match self.guarded(|driver| driver.next_wake()) {
+                Ok(wake) => wake,
+                Err(panic) => {
+                    self.recover(panic).await;
+                    continue;
+                }
+            };
+            input = Some(tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(msg) => self.handle(msg),
-                    // Every handle is gone: nobody can ask for a shutdown, so start one.
-                    None => self.begin_shutdown(Duration::ZERO),
+                    Some(msg) => Input::Msg(msg),
+                    None => Input::Closed,
                 },
-                () = sleep_until(wake) => self.tick(),
+                () = sleep_until(wake) => Input::Tick,
+            });
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        match input {
+            Input::Msg(msg) => self.handle(msg),
+            // Every handle is gone: nobody can ask for a shutdown, so start one.
+            Input::Closed => self.begin_shutdown(Duration::ZERO),
+            Input::Tick => self.tick(),
+        }
+    }
+
+    /// Nothing is being written and nothing waits to be: the core has caught up with the store.
+    fn settled(&self) -> bool {
+        self.in_flight.is_none() && !self.core.has_unwritten_changes()
+    }
+
+    /// Runs one step of the loop, catching a panic.
+    fn guarded<T>(
+        &mut self,
+        step: impl FnOnce(&mut Driver) -> T,
+    ) -> Result<T, Box<dyn std::any::Any + Send>> {
+        self.concerning = None;
+        // Unwind safety: after a panic nothing of the driver's state is trusted that the
+        // panic could have left half changed. `recover` drops the core and every table that
+        // follows it, and rebuilds them from the store.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(self)))
+    }
+
+    /// After a panic in a step: stops this process's attempts, answers what waits with an
+    /// error, and rebuilds the core from the store, as a restart of the process would; or
+    /// stops the runtime once [`PANICS_IN_A_ROW_MAX`] panics came in a row.
+    async fn recover(&mut self, panic: Box<dyn std::any::Any + Send>) {
+        // A busy driver may never be settled between two panics far apart: those are not in a
+        // row either.
+        let now = Instant::now();
+        if self
+            .last_panic
+            .is_some_and(|last| now.duration_since(last) >= PANIC_STREAK_RESET)
+        {
+            self.panics_in_a_row = 0;
+        }
+        self.last_panic = Some(now);
+        self.panics_in_a_row += 1;
+        metrics::counter!(m::DRIVER_PANICS).increment(1);
+        let message = panic_message(panic);
+        let run = self.concerning.take();
+        // The run's job, if the (suspect) core still answers; a lookup that panics too says
+        // nothing.
+        let job = run.and_then(|run| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.core.run(run).map(|r| r.job.to_string())
+            }))
+            .ok()
+            .flatten()
+        });
+        let run_name = run.map(|run| run.to_string());
+        let in_a_row = self.panics_in_a_row;
+        if in_a_row >= PANICS_IN_A_ROW_MAX {
+            tracing::error!(
+                run = run_name,
+                job,
+                panics_in_a_row = in_a_row,
+                "the scheduler panicked: {message}; it panicked {in_a_row} times in a row, \
+                 stopping"
+            );
+            self.stopped = Some(Err(RuntimeError::Panicked(message)));
+            return;
+        }
+        tracing::error!(
+            run = run_name,
+            job,
+            panics_in_a_row = in_a_row,
+            "the scheduler panicked: {message}; its attempts are stopped and it is rebuilt \
+             from the store"
+        );
+        // As a restart would: this process's attempts stop (their runs are recovered by the
+        // restore, under this worker id, so none runs twice and none is left behind), and
+        // whatever waited for the old core is answered.
+        let stopping = self.abandon(RuntimeError::Interrupted(message.clone()));
+        // An aborted task is dropped (a command job's process group killed with it) at its
+        // next poll: wait for that, so the restored runs do not start beside what they replace.
+        let deadline = Instant::now() + ATTEMPTS_STOP_WAIT;
+        for watcher in stopping {
+            if tokio::time::timeout_at(deadline, watcher).await.is_err() {
+                tracing::warn!(
+                    "an attempt did not stop within {ATTEMPTS_STOP_WAIT:?} (a handler blocking \
+                     its thread?); the scheduler is rebuilt anyway"
+                );
+                break;
             }
         }
+        let store = Arc::clone(&self.store);
+        let snapshot = match tokio::task::spawn_blocking(move || store.restore()).await {
+            Ok(Ok(snapshot)) => snapshot,
+            Ok(Err(e)) => return self.unrecoverable(&message, &e.to_string()),
+            Err(e) => return self.unrecoverable(&message, &e.to_string()),
+        };
+        let now = self.clock.now();
+        self.generation += 1;
+        let config = *self.core.config();
+        let seed = self.seed.wrapping_add(self.generation);
+        let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Scheduler::restore_as(self.worker.clone(), config, seed, now, snapshot)
+        }));
+        let Ok(core) = rebuilt else {
+            return self.unrecoverable(&message, "the restore panicked");
+        };
+        self.core = core;
+        // A write of the old core may still be in flight: its answer is recognised as stale
+        // by its batch id, and the store refuses it anyway (an older writer epoch).
+        self.in_flight = None;
+        self.deliveries_in_flight = 0;
+        if self.drain_until.is_some() {
+            self.core.begin_shutdown(now);
+            self.core.flush_checkpoints(now);
+        }
+    }
+
+    /// The core cannot be rebuilt: the runtime stops.
+    fn unrecoverable(&mut self, panic: &str, why: &str) {
+        tracing::error!("the scheduler panicked ({panic}) and cannot be rebuilt: {why}");
+        self.stopped = Some(Err(RuntimeError::Panicked(format!(
+            "{panic}; rebuilding from the store failed: {why}"
+        ))));
+    }
+
+    /// Stops this process's attempts and drops every table that follows the core; commands
+    /// waiting for a write are answered with `error`. Returns the attempts' watchers, which end
+    /// once the attempts are gone.
+    fn abandon(&mut self, error: RuntimeError) -> Vec<tokio::task::JoinHandle<()>> {
+        self.lease_timers.clear();
+        self.renewals_writing.clear();
+        let mut stopping = Vec::new();
+        for (run, executing) in self.executing.drain() {
+            let _ = executing.cancel.send(true);
+            executing.abort.abort();
+            stopping.push(executing.watcher);
+            tracing::warn!(%run, "attempt stopped: the scheduler is being rebuilt; the run is recovered");
+        }
+        for (_, waiter) in self.waiting.drain(..) {
+            match waiter {
+                Waiter::Reply(reply) => reply(Err(error.clone())),
+                // Its claimer sees the sender dropped below.
+                Waiter::Claim(_) => {}
+            }
+        }
+        self.claims.clear();
+        self.checkpoints.clear();
+        self.run_spans.clear();
+        stopping
     }
 
     fn next_wake(&self) -> Option<Instant> {
         let core = self.core.poll_timeout().map(|at| self.clock.instant_at(at));
-        let renew = self.renewals.first().map(|(at, _)| *at);
+        let renew = self.lease_timers.first().map(|(at, _)| *at);
         [core, renew, self.drain_until].into_iter().flatten().min()
     }
 
@@ -284,28 +528,143 @@ impl Driver {
         let now = self.clock.now();
         // Renew first: after a stall (a paused VM, a busy host) the watchdog must not reclaim
         // a lease whose holder is this very process and still working.
-        let half_ttl = self.renew_every();
         let due_by = Instant::now();
-        while let Some(&(at, run)) = self.renewals.first() {
+        while let Some(&(at, run)) = self.lease_timers.first() {
             if at > due_by {
                 break;
             }
-            self.renewals.pop_first();
-            let Some(executing) = self.executing.get_mut(&run) else {
-                continue;
-            };
-            let token = executing.token;
-            executing.renew_at = due_by + half_ttl;
-            self.renewals.insert((executing.renew_at, run));
-            if let Err(e) = self.core.renew_lease(now, run, token) {
-                tracing::debug!(%run, error = %e, "lease not renewed");
-            }
+            self.lease_timers.pop_first();
+            self.lease_timer(now, run);
         }
         self.core.handle_timeout(now);
     }
 
+    /// An attempt's lease timer is due: abort it (its lease was lost and it has not ended),
+    /// renew its lease, or find the lease lost.
+    fn lease_timer(&mut self, now: Timestamp, run: RunId) {
+        let Some(executing) = self.executing.get_mut(&run) else {
+            return;
+        };
+        if executing.abort_at.is_some() {
+            if let Some(executing) = self.untrack(run) {
+                executing.abort.abort();
+                tracing::warn!(
+                    %run,
+                    token = executing.token.0,
+                    "attempt aborted: it had not stopped when its lost lease expired"
+                );
+            }
+            return;
+        }
+        if let Some(renewal) = executing.holder.poll_renew(now) {
+            match self.core.renew_lease(now, run, renewal.token) {
+                // Sent: it succeeds when the write that carries it is acknowledged.
+                Ok(_) => {
+                    let mark = self.core.write_mark();
+                    executing.renewing = Some((mark, renewal.sent_at));
+                    self.renewals_writing.insert((mark, run));
+                }
+                Err(e) => {
+                    tracing::debug!(%run, error = %e, "lease not renewed");
+                    executing.holder.on_renew_failed(renewal.sent_at, now);
+                }
+            }
+        }
+        if executing.holder.is_lost(now) {
+            self.lose_lease(now, run);
+        } else {
+            self.schedule_lease_timer(run);
+        }
+    }
+
+    /// No renewal of this attempt's lease was durable for `ttl - margin` (SPEC L2, M2): ask the
+    /// attempt to stop, give the lease back, and abort the attempt when the lease would expire.
+    fn lose_lease(&mut self, now: Timestamp, run: RunId) {
+        let margin_ms = self.holder_policy().margin_ms;
+        let Some(executing) = self.executing.get_mut(&run) else {
+            return;
+        };
+        let lost_at = executing.holder.lost_at();
+        // `sent_at + ttl`: the store's expiry of the last durable renewal. The attempt is gone
+        // by then, before the watchdog (expiry + grace) could hand the run to anyone else.
+        let abort_at = self.clock.instant_at(lost_at.plus_ms(margin_ms));
+        executing.abort_at = Some(abort_at);
+        if let Some((mark, _)) = executing.renewing.take() {
+            self.renewals_writing.remove(&(mark, run));
+        }
+        let _ = executing.cancel.send(true);
+        let token = executing.token;
+        tracing::warn!(
+            %run,
+            token = token.0,
+            %lost_at,
+            "lease lost: no renewal was durable in time; the attempt is asked to stop"
+        );
+        // Given back, the run retries now rather than after expiry and grace, and whatever
+        // the attempt still reports under this token is refused. After a reclaim the core
+        // answers "already released", which is fine.
+        if let Err(e) = self.core.release(now, run, token) {
+            tracing::debug!(%run, error = %e, "lost lease not released");
+        }
+        self.schedule_lease_timer(run);
+    }
+
+    /// The lease policy this process's attempts are held under: the core's, except that a
+    /// margin of half the TTL or more, which would lose every lease before its first renewal,
+    /// is cut to the default share of the TTL (a sixth, as the `keel` config does).
+    fn holder_policy(&self) -> keel_core::lease::LeasePolicy {
+        let mut policy = self.core.config().lease;
+        if policy.margin_ms.saturating_mul(2) >= policy.ttl_ms {
+            policy.margin_ms = policy.ttl_ms / 6;
+        }
+        policy
+    }
+
+    /// Sets an attempt's lease timer from its holder (or its abort deadline, once lost).
+    fn schedule_lease_timer(&mut self, run: RunId) {
+        let Some(executing) = self.executing.get_mut(&run) else {
+            return;
+        };
+        self.lease_timers.remove(&(executing.wake_at, run));
+        let at = match (executing.abort_at, executing.holder.poll_timeout()) {
+            (Some(abort_at), _) => abort_at,
+            (None, Some(at)) => self.clock.instant_at(at),
+            // Lost, found at the next timer.
+            (None, None) => Instant::now(),
+        };
+        executing.wake_at = at;
+        self.lease_timers.insert((at, run));
+    }
+
+    /// Renewals whose writes are now durable have succeeded.
+    fn renewals_durable(&mut self, durable: u64) {
+        let now = self.clock.now();
+        while let Some(&(mark, run)) = self.renewals_writing.first() {
+            if mark > durable {
+                break;
+            }
+            self.renewals_writing.pop_first();
+            let Some(executing) = self.executing.get_mut(&run) else {
+                continue;
+            };
+            let Some((renewing_mark, sent_at)) = executing.renewing else {
+                continue;
+            };
+            if renewing_mark != mark {
+                continue;
+            }
+            executing.renewing = None;
+            executing.holder.on_renewed(sent_at, now);
+            self.schedule_lease_timer(run);
+        }
+    }
+
     fn handle(&mut self, msg: Msg) {
         let now = self.clock.now();
+        self.concerning = match &msg {
+            Msg::Finished { run, .. } | Msg::Report { run, .. } => Some(*run),
+            _ => None,
+        };
         match msg {
             Msg::Command(command) => {
                 if let Some(reply) = command(self) {
@@ -316,37 +675,19 @@ impl Driver {
             Msg::Persisted { batch, result } => self.persisted(now, batch, result),
             Msg::Finished {
                 run,
+                attempt,
                 token,
                 outcome,
-            } => {
-                let label = outcome_label(&outcome);
-                // Only this attempt's entry: a later attempt of the run may be executing.
-                if self.executing.get(&run).is_some_and(|e| e.token == token) {
-                    if let Some(executing) = self.untrack(run) {
-                        metrics::histogram!(m::ATTEMPT_SECONDS, "outcome" => label)
-                            .record(executing.started.elapsed().as_secs_f64());
-                    }
-                }
-                metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => label).increment(1);
-                match self.core.handle_outcome(now, run, token, outcome) {
-                    Ok(()) => {}
-                    // The handler is done but its success lacks a required artifact: nobody
-                    // can complete it any more, so give the attempt back (it is retried)
-                    // rather than wait for its lease to expire.
-                    Err(e @ Rejected::MissingArtifacts { .. }) => {
-                        tracing::warn!(%run, error = %e, "success refused; the attempt is retried");
-                        let _ = self.core.release(now, run, token);
-                    }
-                    // The lease was reclaimed or the attempt killed: the late report changes
-                    // nothing (SPEC L4).
-                    Err(e) => tracing::info!(%run, error = %e, "late outcome refused"),
-                }
-            }
+            } => self.finished(now, run, attempt, token, outcome),
             Msg::Report { run, token, report } => self.report(now, run, token, report),
+            Msg::Delivered { generation, .. } if generation != self.generation => {
+                tracing::debug!("result of a delivery sent before a recovery dropped");
+            }
             Msg::Delivered {
                 id,
                 attempt,
                 result,
+                ..
             } => {
                 self.deliveries_in_flight = self.deliveries_in_flight.saturating_sub(1);
                 if let Err(e) = self.core.handle_delivery_result(now, id, attempt, result) {
@@ -354,6 +695,88 @@ impl Driver {
                 }
             }
             Msg::Shutdown { budget } => self.begin_shutdown(budget),
+        }
+    }
+
+    /// An attempt of this process ended. Its outcome is reported under its token; a success
+    /// is judged by the L4 table, the lease counting as lost if the holder found it lost, if
+    /// the attempt was stopped for its lease (untracked), or if the core refused the token.
+    fn finished(
+        &mut self,
+        now: Timestamp,
+        run: RunId,
+        attempt: Attempt,
+        token: FencingToken,
+        outcome: Outcome,
+    ) {
+        let label = outcome_label(&outcome);
+        // Only this attempt's entry: a later attempt of the run may be executing.
+        let mut held = false;
+        if self.executing.get(&run).is_some_and(|e| e.token == token) {
+            if let Some(executing) = self.untrack(run) {
+                held = executing.abort_at.is_none() && !executing.holder.is_lost(now);
+                metrics::histogram!(m::ATTEMPT_SECONDS, "outcome" => label)
+                    .record(executing.started.elapsed().as_secs_f64());
+            }
+        }
+        metrics::counter!(m::ATTEMPTS_FINISHED, "outcome" => label).increment(1);
+        let summary = match &outcome {
+            Outcome::Success { summary, .. } => Some(summary.clone().unwrap_or_default()),
+            _ => None,
+        };
+        let result = self.core.handle_outcome(now, run, token, outcome);
+        // The handler is done but its success lacks a required artifact: nobody can complete
+        // it any more, so give the attempt back (it is retried) rather than wait for its lease
+        // to expire.
+        if let Err(e @ Rejected::MissingArtifacts { .. }) = &result {
+            tracing::warn!(%run, error = %e, "success refused; the attempt is retried");
+            let _ = self.core.release(now, run, token);
+            return;
+        }
+        let end = match summary {
+            Some(summary) => SectionEnd::Succeeded(summary),
+            None => SectionEnd::Failed(()),
+        };
+        let reported = match &end {
+            SectionEnd::Succeeded(summary) => summary.clone(),
+            _ => String::new(),
+        };
+        let lease_lost = !held || result.is_err();
+        match guarded_outcome(token, end, lease_lost, result.is_ok()) {
+            GuardedOutcome::Ok(_) => {}
+            GuardedOutcome::OkLeaseLost(_, warning) => {
+                tracing::warn!(%run, token = token.0, "result accepted: {warning}");
+            }
+            GuardedOutcome::LeaseLost(lost) => {
+                let refusal = match &result {
+                    Err(e) => e.to_string(),
+                    Ok(()) => String::new(),
+                };
+                tracing::warn!(
+                    %run,
+                    attempt = attempt.0,
+                    token = token.0,
+                    error = %lost,
+                    %refusal,
+                    "result refused: lease lost; the run will execute again"
+                );
+                // Evidence that the work may have been done (do not retry blindly). A run
+                // that is not active any more has nothing to attach it to.
+                let worker = self.worker.clone();
+                if let Err(e) = self
+                    .core
+                    .record_refused_result(now, run, attempt, token, &worker, &reported)
+                {
+                    tracing::debug!(%run, error = %e, "refused result not recorded");
+                }
+            }
+            // A failure (or any outcome but success) refused: the late report changes nothing
+            // (SPEC L4).
+            GuardedOutcome::Err(()) => {
+                if let Err(e) = result {
+                    tracing::info!(%run, error = %e, "late outcome refused");
+                }
+            }
         }
     }
 
@@ -389,6 +812,11 @@ impl Driver {
     }
 
     fn persisted(&mut self, now: Timestamp, batch: BatchId, result: Result<(), StoreError>) {
+        if self.in_flight != Some(batch) {
+            // Written for a core that a recovery replaced since.
+            tracing::debug!(%batch, "answer of a write of a replaced scheduler ignored");
+            return;
+        }
         self.in_flight = None;
         match result {
             Ok(()) => {
@@ -427,6 +855,7 @@ impl Driver {
     /// number of batches: a prefix of the queue, since marks rise with it.
     fn wake_durable(&mut self) {
         let durable = self.core.durable_mark();
+        self.renewals_durable(durable);
         self.stats.wake_checks += 1;
         while let Some((mark, _)) = self.waiting.front() {
             self.stats.waiters_checked += 1;
@@ -464,6 +893,7 @@ impl Driver {
     }
 
     fn effect(&mut self, effect: Effect) {
+        self.concerning = effect_run(&effect);
         match effect {
             Effect::Persist(batch) => {
                 self.in_flight = Some(batch.id);
@@ -504,6 +934,7 @@ impl Driver {
             }
             Effect::Deliver(request) => {
                 let tx = self.sender();
+                let generation = self.generation;
                 let (id, attempt) = (request.id, request.attempt);
                 self.deliveries_in_flight += 1;
                 match self.sinks.get(&*request.sink).cloned() {
@@ -526,6 +957,7 @@ impl Driver {
                             };
                             metrics::counter!(m::DELIVERY_ATTEMPTS, "sink" => label, "result" => delivery_label(&result)).increment(1);
                             let _ = tx.send(Msg::Delivered {
+                                generation,
                                 id,
                                 attempt,
                                 result,
@@ -540,6 +972,7 @@ impl Driver {
                             ),
                         };
                         let _ = tx.send(Msg::Delivered {
+                            generation,
                             id,
                             attempt,
                             result,
@@ -589,6 +1022,7 @@ impl Driver {
             let message = format!("no handler is registered for kind {:?}", &*start.kind);
             let _ = self.sender().send(Msg::Finished {
                 run: start.run,
+                attempt: start.attempt,
                 token: start.lease.token,
                 outcome: Outcome::Permanent { message },
             });
@@ -630,8 +1064,8 @@ impl Driver {
         let task = tokio::spawn(tracing::Instrument::instrument(handler.call(ctx), span));
         let abort = task.abort_handle();
         let tx = self.sender();
-        let (run, token) = (start.run, start.lease.token);
-        tokio::spawn(async move {
+        let (run, attempt, token) = (start.run, start.attempt, start.lease.token);
+        let watcher = tokio::spawn(async move {
             let outcome = match task.await {
                 Ok(outcome) => outcome,
                 Err(e) if e.is_panic() => Outcome::Retryable {
@@ -642,33 +1076,46 @@ impl Driver {
             };
             let _ = tx.send(Msg::Finished {
                 run,
+                attempt,
                 token,
                 outcome,
             });
         });
-        let half_ttl = self.renew_every();
         if let Some(previous) = self.executing.get(&start.run) {
             let token = previous.token;
             self.stop_attempt(start.run, token);
         }
-        let renew_at = Instant::now() + half_ttl;
-        self.renewals.insert((renew_at, start.run));
+        // The grant is durable (the core releases `StartAttempt` only then): it is the first
+        // successful "renewal", sent when the lease was stamped.
+        let holder = LeaseHolder::new(
+            self.holder_policy(),
+            start.lease.token,
+            start.lease.renewed_at,
+        );
         self.executing.insert(
             start.run,
             Executing {
                 token: start.lease.token,
                 cancel,
                 abort,
-                renew_at,
+                watcher,
+                holder,
+                renewing: None,
+                abort_at: None,
+                wake_at: Instant::now(),
                 started: Instant::now(),
             },
         );
+        self.schedule_lease_timer(start.run);
     }
 
     /// Forgets an attempt this process was executing, with its renewal.
     fn untrack(&mut self, run: RunId) -> Option<Executing> {
         let executing = self.executing.remove(&run)?;
-        self.renewals.remove(&(executing.renew_at, run));
+        self.lease_timers.remove(&(executing.wake_at, run));
+        if let Some((mark, _)) = executing.renewing {
+            self.renewals_writing.remove(&(mark, run));
+        }
         Some(executing)
     }
 
@@ -732,7 +1179,8 @@ impl Driver {
     }
 
     fn stop_everything(&mut self, result: Result<(), RuntimeError>) {
-        self.renewals.clear();
+        self.lease_timers.clear();
+        self.renewals_writing.clear();
         for (run, executing) in self.executing.drain() {
             executing.abort.abort();
             tracing::info!(%run, "attempt left running at shutdown; it is recovered at the next start");
@@ -752,6 +1200,16 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The run an effect is about, if any.
+fn effect_run(effect: &Effect) -> Option<RunId> {
+    match effect {
+        Effect::StartAttempt(start) => Some(start.run),
+        Effect::CancelAttempt { run, .. } | Effect::KillAttempt { run, .. } => Some(*run),
+        Effect::Deliver(request) => Some(request.payload.run),
+        Effect::Persist(_) | Effect::Event(_) => None,
     }
 }
 

@@ -47,6 +47,10 @@
 //!   at the next start.
 //! - **Observability**: a tracing span per attempt and an event per state change; counters
 //!   through the `metrics` facade ([`metrics_names`]).
+//! - **It survives its own panics** (SPEC W4): a panic in the driver (the core, a sink, a
+//!   command) is logged, the process's attempts are stopped and the scheduler is rebuilt from
+//!   the store, as a restart would; [`PANICS_IN_A_ROW_MAX`] in a row stop the runtime with
+//!   [`RuntimeError::Panicked`].
 //! - **One writer**: if another process restores from the same store, this one's next write is
 //!   refused (`Conflict::Deposed`) and the runtime stops with [`RuntimeError::Deposed`].
 
@@ -93,7 +97,23 @@ pub enum RuntimeError {
     /// The runtime has stopped.
     #[error("the runtime has stopped")]
     Stopped,
+    /// The driver panicked while the command waited for its write, and rebuilt its scheduler
+    /// from the store (SPEC W4): what the command changed may or may not have been saved.
+    #[error(
+        "interrupted: the runtime recovered from an internal error ({0}); what this command \
+         changed may not have been saved, check and retry"
+    )]
+    Interrupted(String),
+    /// The driver panicked [`PANICS_IN_A_ROW_MAX`] times in a row and stopped.
+    #[error("the runtime failed {PANICS_IN_A_ROW_MAX} times in a row and stopped: {0}")]
+    Panicked(String),
 }
+
+/// How many panics of the driver in a row it recovers from before it stops with
+/// [`RuntimeError::Panicked`]: a panic that comes back after every rebuild from the store is a
+/// bug that recovering cannot fix. "In a row": without a step between them that succeeded and
+/// left the driver settled (every write acknowledged), and less than a minute apart.
+pub const PANICS_IN_A_ROW_MAX: u32 = 3;
 
 /// Why the runtime did not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -222,6 +242,7 @@ impl RuntimeBuilder {
         let (events, _) = broadcast::channel(1024);
         let driver = Driver::new(
             core,
+            seed,
             clock,
             self.store,
             Arc::new(self.handlers),

@@ -32,3 +32,5 @@ pub const ATTEMPT_SECONDS: &str = "keel_attempt_seconds";
 /// Seconds from a scheduled slot to its attempt's handler starting: firing lateness, persist
 /// included (a histogram; retries and manual runs are not counted).
 pub const FIRING_LATENESS_SECONDS: &str = "keel_firing_lateness_seconds";
+/// Panics of the driver caught and recovered from by rebuilding the scheduler (SPEC W4).
+pub const DRIVER_PANICS: &str = "keel_driver_panics_total";

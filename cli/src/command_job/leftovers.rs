@@ -11,14 +11,16 @@
 //! A record holds the process group id (the command's pid), the command's start time in clock
 //! ticks since boot (field 22 of `/proc/<pid>/stat`) and the boot id: a pid reused by another
 //! process since, or a record from before a reboot, is never taken for the command. A record is
-//! written with one `write` and not synced: it must survive the daemon, not the machine (a
-//! power loss ends the command too).
+//! written whole or not at all (`whole_file`: a temporary file, synced, renamed over the record,
+//! the directory synced), so a full disk or a crash mid-write never leaves an empty or partial
+//! record: the command is then killed rather than left to run unrecorded. A temporary file left
+//! by a daemon killed mid-write is removed by the sweep as unreadable.
 //!
 //! Linux only: where there is no `/proc`, nothing is recorded and nothing is killed.
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -240,12 +242,7 @@ impl Record {
         builder.create(dir)?;
         let mut text = serde_json::to_vec(self).map_err(io::Error::other)?;
         text.push(b'\n');
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        // One write of a few dozen bytes: a daemon killed meanwhile leaves no half record.
-        options.open(path)?.write_all(&text)
+        crate::whole_file::write(path, &text)
     }
 
     pub(crate) fn read(path: &Path) -> Result<Record, String> {

@@ -16,6 +16,7 @@
 //! | `save_checkpoint` | holder | saves a snapshot, throttled (see `checkpoint`) |
 //! | `handle_outcome` | holder | ends the attempt: success (with artifacts), retryable or permanent failure, snooze, cancelled |
 //! | `release` | holder | gives the attempt back (it counts as lost); after a loss, "already released" is not an error |
+//! | `record_refused_result` | holder | after a success was refused because its lease was lost: audits it as evidence; the run does not change |
 
 use super::*;
 use crate::checkpoint::SaveDecision;
@@ -278,6 +279,59 @@ impl Scheduler {
         let t = run.lose_attempt(now, ErrorKind::Lost, &message);
         self.after_run_transition(run_id, t, Actor::Worker(owner));
         Ok(Released::Released)
+    }
+
+    /// Records a result that was refused because its lease was lost (SPEC L4) as evidence in
+    /// the audit trail: attempt `attempt` of `run_id`, under `token`, held by `worker`, reported
+    /// a success that no longer counts, and the run will execute again. The run does not change
+    /// (the record's old and new states are its current one); only the trail shows that the
+    /// work may have been done, so that whoever reads it does not retry blindly. Refused with
+    /// `UnknownRun` if the run is not active any more (nothing left to attach the record to),
+    /// and with `StaleToken` if `token` is the run's current lease (its result was not refused:
+    /// report it with `handle_outcome`).
+    pub fn record_refused_result(
+        &mut self,
+        now: Timestamp,
+        run_id: RunId,
+        attempt: Attempt,
+        token: FencingToken,
+        worker: &WorkerId,
+        summary: &str,
+    ) -> Result<(), Rejected> {
+        let Some(run) = self.runs.get(&run_id) else {
+            return Err(Rejected::UnknownRun(run_id));
+        };
+        let current = run.lease.as_ref().map(|l| l.token);
+        if current == Some(token) {
+            return Err(Rejected::StaleToken {
+                run: run_id,
+                got: token,
+                current,
+            });
+        }
+        let (job, state) = (run.job.clone(), run.state.name());
+        self.clamp(now);
+        let seq = self.next_seq();
+        let mut reason = format!(
+            "result refused: lease {token} of attempt {attempt} was lost; the run will execute again"
+        );
+        if !summary.is_empty() {
+            reason.push_str(": ");
+            reason.push_str(summary);
+        }
+        self.journal.audit(AuditRecord {
+            seq,
+            at: self.now,
+            job,
+            run: Some(run_id),
+            attempt: Some(attempt),
+            fencing_token: Some(token),
+            old: Some(state),
+            new: state,
+            actor: Actor::Worker(worker.to_string()),
+            reason: crate::run::truncate(&reason),
+        });
+        Ok(())
     }
 
     /// Saves a checkpoint for the holder's run, throttled: no more often than

@@ -1,0 +1,202 @@
+//! The runtime holds its own attempts' leases with the core's `LeaseHolder` (SPEC L2, L4, M2):
+//! an attempt whose renewals stop being durable is stopped at `sent_at + ttl - margin`, and a
+//! success it reports afterwards is refused, logged at WARN and kept as audit evidence. On
+//! tokio's paused clock.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_core::{
+    Actor, AuditQuery, Batch, Config, Event, JobId, JobSpec, Outcome, RunQuery, ScheduleSpec,
+    Snapshot, StateName, Store, StoreError, Timestamp, WorkerId,
+};
+use keel_runtime::{AttemptContext, Clock, Runtime};
+use keel_testkit::SharedMemStore;
+use tokio::time::Instant;
+
+const T0: Timestamp = Timestamp(1_800_000_000_000);
+const TTL_MS: u64 = 10_000;
+const MARGIN_MS: u64 = 2_000;
+
+/// A store whose writes fail while `failing` is set, as a full or dead disk's do.
+#[derive(Clone, Debug, Default)]
+struct FailingStore {
+    inner: SharedMemStore,
+    failing: Arc<AtomicBool>,
+}
+
+impl Store for FailingStore {
+    fn restore(&self) -> Result<Snapshot, StoreError> {
+        self.inner.restore()
+    }
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Io("disk full".into()));
+        }
+        self.inner.apply(batch)
+    }
+    fn read(&self) -> Result<Snapshot, StoreError> {
+        self.inner.read()
+    }
+    fn run(&self, id: keel_core::RunId) -> Result<Option<keel_core::Run>, StoreError> {
+        self.inner.run(id)
+    }
+    fn runs(&self, query: &RunQuery) -> Result<keel_core::RunPage, StoreError> {
+        self.inner.runs(query)
+    }
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<keel_core::AuditRecord>, StoreError> {
+        self.inner.audit(query)
+    }
+    fn incidents(&self) -> Result<Vec<keel_core::Incident>, StoreError> {
+        self.inner.incidents()
+    }
+}
+
+/// The log lines written while it is the thread's default subscriber.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_attempt_whose_renewals_are_not_durable_is_stopped_and_its_late_success_refused() {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _default = tracing::subscriber::set_default(subscriber);
+
+    let store = FailingStore::default();
+    let mut config = Config::default();
+    config.lease.ttl_ms = TTL_MS;
+    config.lease.margin_ms = MARGIN_MS;
+    config.lease.grace_ms = 5_000;
+    let started_at = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let cancelled_at = Arc::new(Mutex::new(None::<Instant>));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let (starts, cancels, counted) = (
+        Arc::clone(&started_at),
+        Arc::clone(&cancelled_at),
+        Arc::clone(&attempts),
+    );
+    let runtime = Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
+        .worker(WorkerId::new("lease-test").unwrap())
+        .config(config)
+        .handler("work", move |mut ctx: AttemptContext| {
+            starts.lock().unwrap().push(Instant::now());
+            counted.fetch_add(1, Ordering::SeqCst);
+            let cancels = Arc::clone(&cancels);
+            async move {
+                if ctx.attempt.0 == 1 {
+                    // Works until asked to stop, then reports that it finished anyway.
+                    ctx.cancelled().await;
+                    *cancels.lock().unwrap() = Some(Instant::now());
+                    return Outcome::Success {
+                        summary: Some("wrote 42 rows".into()),
+                        artifacts: Default::default(),
+                    };
+                }
+                Outcome::ok()
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let spec = JobSpec::new(
+        JobId::new("work").unwrap(),
+        "work",
+        ScheduleSpec::Once {
+            at: T0.plus_ms(1_000),
+        },
+    );
+    handle.add_job(spec).await.unwrap();
+    let token = loop {
+        if let Event::LeaseGranted { token, .. } = events.recv().await.unwrap() {
+            break token;
+        }
+    };
+    handle.sync().await.unwrap();
+    // The grant is durable and the handler runs; from now on no write lands.
+    store.failing.store(true, Ordering::SeqCst);
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while cancelled_at.lock().unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "the attempt was never asked to stop");
+    let granted = started_at.lock().unwrap()[0];
+    let cancelled = cancelled_at.lock().unwrap().unwrap();
+    assert_eq!(
+        cancelled.duration_since(granted),
+        Duration::from_millis(TTL_MS - MARGIN_MS),
+        "stopped at sent_at + ttl - margin"
+    );
+
+    // The store heals; the run executes again.
+    store.failing.store(false, Ordering::SeqCst);
+    let state = tokio::time::timeout(Duration::from_secs(600), async {
+        loop {
+            if let Event::RunFinished { state, .. } = events.recv().await.unwrap() {
+                return state;
+            }
+        }
+    })
+    .await
+    .expect("the run finishes");
+    assert_eq!(state, StateName::Succeeded);
+    handle.sync().await.unwrap();
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+
+    let text = logs.text();
+    let refused = text
+        .lines()
+        .find(|line| line.contains("result refused: lease lost; the run will execute again"))
+        .unwrap_or_else(|| panic!("no refusal in the log:\n{text}"));
+    assert!(refused.contains("WARN"), "{refused}");
+    assert!(!text.contains("late outcome refused"), "{text}");
+
+    let audit = store
+        .audit(&AuditQuery {
+            job: Some(JobId::new("work").unwrap()),
+            ..AuditQuery::default()
+        })
+        .unwrap();
+    let evidence = audit
+        .iter()
+        .find(|a| a.reason.starts_with("result refused: lease"))
+        .unwrap_or_else(|| panic!("no evidence in the audit trail: {audit:#?}"));
+    assert_eq!(evidence.fencing_token, Some(token));
+    assert_eq!(evidence.attempt.map(|a| a.0), Some(1));
+    assert_eq!(evidence.actor, Actor::Worker("lease-test".into()));
+    assert!(
+        evidence.reason.ends_with(": wrote 42 rows"),
+        "{}",
+        evidence.reason
+    );
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
