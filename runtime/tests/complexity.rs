@@ -7,12 +7,13 @@
 
 use std::sync::Arc;
 
-use keel_core::{JobId, JobSpec, ScheduleSpec, Timestamp, WorkerId};
+use keel_core::{JobId, JobSpec, ScheduleSpec, WorkerId};
 use keel_runtime::{Clock, DriverStats, Runtime};
 use keel_testkit::SharedMemStore;
 use tokio::task::JoinSet;
 
-const T0: Timestamp = Timestamp(1_800_000_000_000);
+mod common;
+use common::T0;
 
 fn job(i: usize) -> JobSpec {
     let mut spec = JobSpec::new(

@@ -5,72 +5,25 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::outbox::{DeliveryResult, SendRequest};
-use keel_core::{
-    Batch, Event, JobId, JobSpec, Outcome, RunQuery, ScheduleSpec, Snapshot, StateName, Store,
-    StoreError, Timestamp, WorkerId,
-};
+use keel_core::{Event, JobId, Outcome, RunQuery, StateName, Store, WorkerId};
 use keel_runtime::{
     AttemptContext, BoxFuture, Clock, CommandError, Runtime, RuntimeError, Sink,
     PANICS_IN_A_ROW_MAX,
 };
 use keel_testkit::SharedMemStore;
 
-const T0: Timestamp = Timestamp(1_800_000_000_000);
-
-fn once(name: &str, kind: &str, after_ms: u64) -> JobSpec {
-    JobSpec::new(
-        JobId::new(name).unwrap(),
-        kind,
-        ScheduleSpec::Once {
-            at: T0.plus_ms(after_ms),
-        },
-    )
-}
+mod common;
+use common::{once, TestStore, T0};
 
 fn builder(store: Arc<dyn Store>) -> keel_runtime::RuntimeBuilder {
     Runtime::builder(store)
         .clock(Clock::starting_at(T0))
         .seed(7)
         .worker(WorkerId::new("panics-test").unwrap())
-}
-
-/// A store whose writes wait while the test holds `gate`.
-#[derive(Clone, Debug, Default)]
-struct GatedStore {
-    inner: SharedMemStore,
-    gate: Arc<Mutex<()>>,
-}
-
-impl Store for GatedStore {
-    fn restore(&self) -> Result<Snapshot, StoreError> {
-        self.inner.restore()
-    }
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        let _open = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        self.inner.apply(batch)
-    }
-    fn read(&self) -> Result<Snapshot, StoreError> {
-        self.inner.read()
-    }
-    fn run(&self, id: keel_core::RunId) -> Result<Option<keel_core::Run>, StoreError> {
-        self.inner.run(id)
-    }
-    fn runs(&self, query: &RunQuery) -> Result<keel_core::RunPage, StoreError> {
-        self.inner.runs(query)
-    }
-    fn audit(
-        &self,
-        query: &keel_core::AuditQuery,
-    ) -> Result<Vec<keel_core::AuditRecord>, StoreError> {
-        self.inner.audit(query)
-    }
-    fn incidents(&self) -> Result<Vec<keel_core::Incident>, StoreError> {
-        self.inner.incidents()
-    }
 }
 
 /// A sink whose `label` (called by the driver itself, in its own task) panics the first
@@ -126,7 +79,7 @@ async fn finished(events: &mut tokio::sync::broadcast::Receiver<Event>, job: &st
 #[allow(clippy::await_holding_lock)]
 #[tokio::test(start_paused = true)]
 async fn a_command_that_panics_is_survived_and_commands_waiting_for_a_write_get_an_error() {
-    let store = GatedStore::default();
+    let store = TestStore::default();
     let runtime = builder(Arc::new(store.clone()))
         .handler("work", |_ctx: AttemptContext| async move { Outcome::ok() })
         .start()

@@ -5,55 +5,22 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_core::{
-    Actor, AuditQuery, Batch, Config, Event, JobId, JobSpec, Outcome, RunQuery, ScheduleSpec,
-    Snapshot, StateName, Store, StoreError, Timestamp, WorkerId,
+    Actor, AuditQuery, Config, Event, JobId, JobSpec, Outcome, ScheduleSpec, StateName, Store,
+    WorkerId,
 };
 use keel_runtime::{AttemptContext, Clock, Runtime};
-use keel_testkit::SharedMemStore;
 use tokio::time::Instant;
 
-const T0: Timestamp = Timestamp(1_800_000_000_000);
+mod common;
+use common::{TestStore, T0};
+
 const TTL_MS: u64 = 10_000;
 const MARGIN_MS: u64 = 2_000;
-
-/// A store whose writes fail while `failing` is set, as a full or dead disk's do.
-#[derive(Clone, Debug, Default)]
-struct FailingStore {
-    inner: SharedMemStore,
-    failing: Arc<AtomicBool>,
-}
-
-impl Store for FailingStore {
-    fn restore(&self) -> Result<Snapshot, StoreError> {
-        self.inner.restore()
-    }
-    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        if self.failing.load(Ordering::SeqCst) {
-            return Err(StoreError::Io("disk full".into()));
-        }
-        self.inner.apply(batch)
-    }
-    fn read(&self) -> Result<Snapshot, StoreError> {
-        self.inner.read()
-    }
-    fn run(&self, id: keel_core::RunId) -> Result<Option<keel_core::Run>, StoreError> {
-        self.inner.run(id)
-    }
-    fn runs(&self, query: &RunQuery) -> Result<keel_core::RunPage, StoreError> {
-        self.inner.runs(query)
-    }
-    fn audit(&self, query: &AuditQuery) -> Result<Vec<keel_core::AuditRecord>, StoreError> {
-        self.inner.audit(query)
-    }
-    fn incidents(&self) -> Result<Vec<keel_core::Incident>, StoreError> {
-        self.inner.incidents()
-    }
-}
 
 /// The log lines written while it is the thread's default subscriber.
 #[derive(Clone, Default)]
@@ -86,7 +53,7 @@ async fn an_attempt_whose_renewals_are_not_durable_is_stopped_and_its_late_succe
         .finish();
     let _default = tracing::subscriber::set_default(subscriber);
 
-    let store = FailingStore::default();
+    let store = TestStore::default();
     let mut config = Config::default();
     config.lease.ttl_ms = TTL_MS;
     config.lease.margin_ms = MARGIN_MS;

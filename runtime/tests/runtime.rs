@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use keel_core::{
     Event, JobId, JobSpec, Outcome, RetryPolicy, RunQuery, RunState, ScheduleSpec, StateName,
-    Store, Timestamp, WorkerId,
+    Store, WorkerId,
 };
 use keel_runtime::{
     AttemptContext, Clock, CommandError, Runtime, RuntimeError, RuntimeHandle, StartError,
@@ -17,7 +17,8 @@ use keel_runtime::{
 use keel_testkit::SharedMemStore;
 use tokio::sync::broadcast;
 
-const T0: Timestamp = Timestamp(1_800_000_000_000);
+mod common;
+use common::{once, TestStore, T0};
 
 fn id(name: &str) -> JobId {
     JobId::new(name).unwrap()
@@ -30,16 +31,6 @@ fn every_second(name: &str, kind: &str) -> JobSpec {
         ScheduleSpec::Cron {
             expr: "* * * * * *".into(),
             zone: "UTC".into(),
-        },
-    )
-}
-
-fn once(name: &str, kind: &str, after_ms: u64) -> JobSpec {
-    JobSpec::new(
-        id(name),
-        kind,
-        ScheduleSpec::Once {
-            at: T0.plus_ms(after_ms),
         },
     )
 }
@@ -453,73 +444,19 @@ async fn a_claim_under_the_runtimes_own_name_is_refused() {
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
-/// A store whose writes can be held, to act while a grant is being written, and that fails
-/// (once) the first write carrying a checkpoint named `doomed`.
-#[derive(Clone, Debug)]
-struct GatedStore {
-    inner: SharedMemStore,
-    gate: Arc<std::sync::Mutex<()>>,
-    doomed_failed: Arc<AtomicU32>,
-}
-
-impl GatedStore {
-    fn new() -> Self {
-        GatedStore {
-            inner: SharedMemStore::new(),
-            gate: Arc::new(std::sync::Mutex::new(())),
-            doomed_failed: Arc::new(AtomicU32::new(0)),
-        }
-    }
-
-    /// A runtime over this store, on the paused clock.
-    fn builder(&self) -> keel_runtime::RuntimeBuilder {
-        Runtime::builder(Arc::new(self.clone()))
-            .clock(Clock::starting_at(T0))
-            .seed(7)
-    }
-}
-
-impl Store for GatedStore {
-    fn restore(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
-        self.inner.restore()
-    }
-    fn apply(&self, batch: &keel_core::Batch) -> Result<(), keel_core::StoreError> {
-        let _open = self.gate.lock().unwrap();
-        let doomed = batch.records.iter().any(|r| {
-            matches!(r, keel_core::Record::PutRun(run)
-                if run.checkpoint.as_ref().is_some_and(|c| c.data == "doomed"))
-        });
-        if doomed && self.doomed_failed.fetch_add(1, Ordering::SeqCst) == 0 {
-            return Err(keel_core::StoreError::Io("disk full".into()));
-        }
-        self.inner.apply(batch)
-    }
-    fn read(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
-        self.inner.read()
-    }
-    fn run(&self, id: keel_core::RunId) -> Result<Option<keel_core::Run>, keel_core::StoreError> {
-        self.inner.run(id)
-    }
-    fn runs(&self, query: &RunQuery) -> Result<keel_core::RunPage, keel_core::StoreError> {
-        self.inner.runs(query)
-    }
-    fn audit(
-        &self,
-        query: &keel_core::AuditQuery,
-    ) -> Result<Vec<keel_core::AuditRecord>, keel_core::StoreError> {
-        self.inner.audit(query)
-    }
-    fn incidents(&self) -> Result<Vec<keel_core::Incident>, keel_core::StoreError> {
-        self.inner.incidents()
-    }
+/// A runtime over `store`, on the paused clock.
+fn gated_builder(store: &TestStore) -> keel_runtime::RuntimeBuilder {
+    Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
 }
 
 // Holding the store's write across awaits is the point: the driver works while it waits.
 #[allow(clippy::await_holding_lock)]
 #[tokio::test(start_paused = true)]
 async fn a_claim_whose_run_is_cancelled_while_its_grant_is_written_gets_nothing() {
-    let store = GatedStore::new();
-    let runtime = store.builder().start().await.unwrap();
+    let store = TestStore::default();
+    let runtime = gated_builder(&store).start().await.unwrap();
     let handle = runtime.handle();
     let mut spec = once("render", "gpu", 1_000);
     spec.external = true;
@@ -599,9 +536,8 @@ async fn an_attempt_whose_lease_is_reclaimed_is_stopped_not_left_running() {
 // not throttled away.
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
-    let store = GatedStore::new();
-    let runtime = store
-        .builder()
+    let store = TestStore::default();
+    let runtime = gated_builder(&store)
         .handler("save", |ctx: AttemptContext| async move {
             let failed = ctx.checkpoint("doomed").await;
             let retried = ctx.checkpoint("second").await;
@@ -630,11 +566,10 @@ async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
 #[allow(clippy::await_holding_lock)]
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
-    let store = GatedStore::new();
+    let store = TestStore::default();
     let go = Arc::new(tokio::sync::Notify::new());
     let signal = Arc::clone(&go);
-    let runtime = store
-        .builder()
+    let runtime = gated_builder(&store)
         .handler("save", move |ctx: AttemptContext| {
             let signal = Arc::clone(&signal);
             async move {
