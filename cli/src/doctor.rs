@@ -160,10 +160,36 @@ fn repair_store(place: &Place, findings: &mut Findings) -> Result<(), Failure> {
                      incident #{}",
                     repaired.generation, repaired.incident
                 ),
-                Some("see `keel incidents`; the damaged bytes stay in quarantine/"),
+                Some("see `keel incidents --json` for what it records"),
             );
             for lost in &repaired.lost {
                 findings.add(Level::Warning, "repair", format!("lost: {lost}"), None);
+            }
+            for damaged in &repaired.fallback {
+                findings.add(
+                    Level::Ok,
+                    "repair",
+                    format!("replaced the damaged fallback generation (nothing lost): {damaged}"),
+                    None,
+                );
+            }
+            for kept in &repaired.kept {
+                findings.add(
+                    Level::Ok,
+                    "repair",
+                    format!("kept the damaged file as {kept}"),
+                    None,
+                );
+            }
+            if !repaired.lost.is_empty() {
+                findings.add(
+                    Level::Warning,
+                    "repair",
+                    "what was lost is gone from the schedule too: a one-shot whose run was lost \
+                     can fire again, and a lost run's slot can run again (at least once)"
+                        .into(),
+                    None,
+                );
             }
         }
     }
@@ -349,6 +375,19 @@ fn check_fs_integrity(store: &FsStore, findings: &mut Findings) {
             "store",
             format!("fs store: damage: {d}"),
             Some(repair),
+        );
+    }
+    for d in &report.fallback_damage {
+        findings.add(
+            Level::Problem,
+            "store",
+            format!("fs store: damage in the fallback generation: {d}"),
+            Some(
+                "nothing is lost yet and writes go on, but the store could not be rebuilt from \
+                 this generation if its newest snapshot were lost: keep a copy of the data \
+                 directory, then run `keel doctor --repair` (with the daemon stopped) to start \
+                 fresh generations",
+            ),
         );
     }
     let harmless = "interrupted writes and rebuilt snapshots lose nothing that was \

@@ -194,8 +194,12 @@ pub struct Repaired {
     pub generation: u64,
     /// The id of the `store_repaired` incident that records the repair.
     pub incident: u64,
-    /// What was lost or damaged, as found before the repair.
+    /// What was lost (acknowledged writes), as found before the repair.
     pub lost: Vec<Damage>,
+    /// Damage in a fallback generation: nothing was lost, the repair only replaced it.
+    pub fallback: Vec<Damage>,
+    /// The damaged files, copied whole into `quarantine/` before the repair removed them.
+    pub kept: Vec<String>,
 }
 
 /// What a handle did since it was opened.
@@ -320,9 +324,7 @@ impl FsStore {
         let Inner { replica, report } = &mut *inner;
         replica.catch_up(Access::Shared, report)?;
         let mut verified = report.clone();
-        for damage in replica.verify_fallbacks()? {
-            verified.damage(damage);
-        }
+        verified.fallback_damage = replica.verify_fallbacks()?;
         Ok(verified)
     }
 
@@ -338,10 +340,22 @@ impl FsStore {
         let _lock = self.lock_file(Access::Exclusive)?;
         let Inner { replica, report } = &mut *inner;
         replica.catch_up(Access::Exclusive, report)?;
-        let mut lost: Vec<Damage> = replica.damage().to_vec();
-        lost.extend(replica.verify_fallbacks()?);
-        if lost.is_empty() {
+        let lost: Vec<Damage> = replica.damage().to_vec();
+        let fallback = replica.verify_fallbacks()?;
+        if lost.is_empty() && fallback.is_empty() {
             return Ok(None);
+        }
+        // The compactions below remove the damaged generations: keep their files first, whole,
+        // for whoever wants to look at what was lost.
+        let mut kept = Vec::new();
+        for damage in lost.iter().chain(&fallback) {
+            let Ok(bytes) = std::fs::read(self.dir.join(&damage.file)) else {
+                continue; // a missing file has nothing to keep
+            };
+            let name = format!("{}.before-repair", damage.file);
+            let path = files::quarantine(&self.dir, &name, &bytes)
+                .map_err(|e| io_error(&self.dir.join(&name), "cannot keep", &e))?;
+            kept.push(path.display().to_string());
         }
         let state = &replica.state;
         let epoch = next_writer_epoch(state.writer_epoch, state.meta.epoch);
@@ -349,7 +363,8 @@ impl FsStore {
             .meta
             .next_incident
             .max(state.incidents.keys().next_back().map_or(1, |id| id + 1));
-        let lines: Vec<String> = lost.iter().map(ToString::to_string).collect();
+        let mut lines: Vec<String> = lost.iter().map(ToString::to_string).collect();
+        lines.extend(fallback.iter().map(|d| format!("{d} (nothing lost)")));
         let incident = Incident {
             id,
             kind: IncidentKind::StoreRepaired,
@@ -359,8 +374,8 @@ impl FsStore {
             run: None,
             worker: None,
             details: format!(
-                "the store was rewritten from what was readable; damaged bytes are in \
-                 quarantine/; lost or damaged: {}",
+                "the store was rewritten from what was readable; damaged files and frames are \
+                 kept in quarantine/; lost or damaged: {}",
                 lines.join("; ")
             ),
         };
@@ -387,6 +402,8 @@ impl FsStore {
             generation: replica.generation(),
             incident: id,
             lost,
+            fallback,
+            kept,
         }))
     }
 

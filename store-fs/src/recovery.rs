@@ -14,9 +14,13 @@ pub struct RecoveryReport {
     /// Snapshots that were missing or unreadable, and what the state was rebuilt from.
     pub snapshot_fallbacks: Vec<SnapshotFallback>,
     /// Data that should be there and is not (a missing or emptied log of the committed
-    /// generation, a log shorter than a handle had read), or a fallback generation that
-    /// fails verification.
+    /// generation, a log shorter than a handle had read): acknowledged writes may be lost, and
+    /// writes are refused until a repair.
     pub damage: Vec<Damage>,
+    /// A fallback generation that fails verification ([`FsStore::verify`](crate::FsStore::verify)):
+    /// nothing is lost yet and writes go on, but the store could not be rebuilt from it if the
+    /// newest snapshot were lost.
+    pub fallback_damage: Vec<Damage>,
 }
 
 /// Something the store should hold and does not, or holds damaged: acknowledged writes may
@@ -94,6 +98,7 @@ impl RecoveryReport {
             && self.quarantined.is_empty()
             && self.snapshot_fallbacks.is_empty()
             && self.damage.is_empty()
+            && self.fallback_damage.is_empty()
     }
 
     /// True if acknowledged writes may be missing: corrupt frames, or [`Damage`].
@@ -193,6 +198,12 @@ impl fmt::Display for RecoveryReport {
         }
         for d in &self.damage {
             writeln!(f, "damage: {d}")?;
+        }
+        for d in &self.fallback_damage {
+            writeln!(
+                f,
+                "damage in the fallback generation (nothing lost yet): {d}"
+            )?;
         }
         for s in &self.snapshot_fallbacks {
             writeln!(

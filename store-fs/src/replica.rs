@@ -177,7 +177,8 @@ impl Replica {
                         file: name,
                         offset: None,
                         detail: "the log of the committed generation is missing: every write \
-                                 since its compaction is lost"
+                                 since the generation began (the store's creation or its last \
+                                 compaction) is lost"
                             .to_string(),
                     });
                     continue;
@@ -262,8 +263,8 @@ impl Replica {
             location: self.dir.join(&first.file).display().to_string(),
             detail: format!(
                 "acknowledged writes may be missing ({}); reading works, writing is refused \
-                 until the damage is acknowledged: run `keel doctor --repair` \
-                 (`FsStore::repair`)",
+                 until the damage is acknowledged: keep a copy of the data directory, then run \
+                 `keel doctor --repair` with the daemon stopped",
                 all.join("; ")
             ),
         })

@@ -224,14 +224,31 @@ fn damage_in_the_fallback_generation_is_found_by_verify() {
     assert!(store.recovery().is_clean(), "loading reads only the newest");
     let verified = store.verify().unwrap();
     assert!(verified.to_string().contains(&log_name(1)), "{verified}");
-    assert!(!verified.damage.is_empty());
+    assert!(!verified.fallback_damage.is_empty());
+    assert!(verified.damage.is_empty(), "nothing is lost: {verified}");
     // The newest generation is whole: writing goes on.
     assert!(store.restore().is_ok());
 
     // A repair drops the damaged fallback, and verification is clean again.
     let repaired = store.repair(T0).unwrap().expect("something to repair");
-    assert!(repaired.lost.iter().any(|d| d.file == log_name(1)));
+    assert!(repaired.fallback.iter().any(|d| d.file == log_name(1)));
+    assert!(
+        repaired.lost.is_empty(),
+        "nothing was lost: {:?}",
+        repaired.lost
+    );
     assert!(!dir.file(&log_name(1)).exists());
+    // The damaged log is kept, whole, in quarantine/.
+    let kept = dir
+        .path()
+        .join("quarantine")
+        .join(format!("{}.before-repair", log_name(1)));
+    assert!(
+        repaired.kept.contains(&kept.display().to_string()),
+        "{:?}",
+        repaired.kept
+    );
+    assert!(kept.exists());
     assert!(store.verify().unwrap().is_clean());
 }
 
@@ -246,7 +263,10 @@ fn a_fallback_log_cut_at_a_frame_boundary_is_found_by_verify() {
     let store = FsStore::open(dir.path()).unwrap();
     let verified = store.verify().unwrap();
     assert!(
-        verified.damage.iter().any(|d| d.file == log_name(1)),
+        verified
+            .fallback_damage
+            .iter()
+            .any(|d| d.file == log_name(1)),
         "{verified}"
     );
 }
