@@ -74,6 +74,10 @@ fn the_daemon_survives_kill_9_cycles_without_duplicates_or_lost_completions() {
                 soak.log_lines("").join("\n")
             );
         }
+        if (cycle + 1) % 50 == 0 {
+            // A long run shows how far it got, should it be stopped before its end.
+            eprintln!("soak: {} cycles passed their checks", cycle + 1);
+        }
     }
     // Heal: one more daemon, no kills, for long enough that every cut-off attempt is
     // recovered (lease TTL + grace, plus a firing or two).
