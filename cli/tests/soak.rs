@@ -21,7 +21,7 @@
 //!
 //! `KEEL_SOAK_CYCLES` sets the number of cycles (default 30, what CI runs; `docs/testing.md`
 //! records a 1,000-cycle run) and `KEEL_SOAK_SEED` the seed of the random moments.
-//! Waits poll the daemon's log or a command's exit with deadlines; the random pause before each
+//! The daemon's readiness is awaited on its `ready:` line, with a deadline; the random pause before each
 //! kill is the point of the test, not synchronisation.
 
 #![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel_testkit::TempDir;
 use serde_json::Value;
@@ -254,12 +254,20 @@ worker_kind = "render"
         let stderr = child.stderr.take().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let keep = Arc::clone(&log);
+        let (ready, ready_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready:") {
+                    let _ = ready.send(());
+                }
                 keep.lock().unwrap().push(line);
             }
         });
-        Daemon { child, log }
+        Daemon {
+            child,
+            log,
+            ready: ready_rx,
+        }
     }
 
     /// Kills every running command attempt of this soak with SIGKILL, as a whole process group
@@ -297,29 +305,17 @@ worker_kind = "render"
 struct Daemon {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Wakes when the daemon prints its `ready:` line.
+    ready: std::sync::mpsc::Receiver<()>,
 }
 
 impl Daemon {
     /// Waits for the daemon's `ready:` line (a daemon that cannot open the store never prints
     /// it, and the test fails with its log).
     fn wait_ready(&self) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("ready:"))
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if self.ready.recv_timeout(WAIT).is_err() {
+            panic!("the daemon never got ready:\n{}", self.log());
         }
-        panic!(
-            "the daemon never got ready:\n{}",
-            self.log.lock().unwrap().join("\n")
-        );
     }
 
     fn log(&self) -> String {
