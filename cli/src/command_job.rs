@@ -142,9 +142,17 @@
 //! - While a command runs, [`handler`] records it in its attempts directory (`keel run`:
 //!   `<data-dir>/attempts`, 0700) as `<run>-<attempt>` (`run-42-1`, 0600): the process group
 //!   id (the command's pid), the command's start time (field 22 of `/proc/<pid>/stat`, in clock
-//!   ticks since boot) and the boot id. The record is written right after the command starts,
-//!   before the attempt does anything else, and removed once the command has exited and been reaped, or was killed with
-//!   its group (a watchdog abort, a shutdown whose budget ran out).
+//!   ticks since boot) and the boot id. The record is removed once the command has exited and
+//!   been reaped, or was killed with its group (a watchdog abort, a shutdown whose budget ran
+//!   out).
+//! - The command cannot run before it is recorded. The pid is known only once the process
+//!   exists, and writing the record (synced to disk) takes time a SIGKILL can land in, so keel
+//!   starts a gate: `/bin/sh` in the command's new process group, waiting for a line on its
+//!   stdin. Once the record is written, keel sends the line and the gate `exec`s the command in
+//!   its place (same pid, same group, same start time; stdin `/dev/null` as before). A daemon
+//!   that dies before that closes the gate's stdin, and the gate exits with code 125 without
+//!   running anything. A program that cannot be found or is not executable is reported before
+//!   the gate starts, as `cannot start …`, like a failed start.
 //! - At its start, once it holds `daemon.lock` and before the runtime recovers any attempt, the
 //!   daemon calls [`kill_leftovers`]. For each record whose process still runs with the recorded
 //!   start time and boot, it sends SIGKILL to the whole process group (no SIGTERM first: nobody
@@ -155,8 +163,7 @@
 //! - A command whose record cannot be written is killed at once; the attempt ends as a
 //!   retryable failure ("cannot record … it was killed rather than left to run untracked").
 //!
-//! Not covered: a daemon killed in the instant between starting a command and recording it;
-//! processes a command started that outlive the command itself (once its own process has
+//! Not covered: processes a command started that outlive the command itself (once its own process has
 //! exited, the record is not acted on, just as keel does not stop such processes when a command
 //! exits normally, see "Output"); processes that left the command's process group. On other
 //! systems (no `/proc`) nothing is recorded and nothing is killed: a command left running by a
@@ -450,14 +457,35 @@ impl CommandSpec {
     }
 
     /// The process to start, with keel's variables `vars` added to its environment.
+    ///
+    /// On Unix it starts as the gate (module docs, "After a crash"): `/bin/sh` waits for a line
+    /// on its stdin, then replaces itself with the command, same pid and process group; at the
+    /// end of its stdin without that line it exits with [`GATE_CLOSED_EXIT`] instead.
     fn command(&self, vars: &[(&str, Option<String>)]) -> Command {
-        let mut command = if self.shell {
-            let mut command = Command::new("sh");
-            command.arg("-c").arg(self.argv.join(" "));
+        #[cfg(unix)]
+        let mut command = {
+            let mut command = Command::new("/bin/sh");
+            command.arg("-c").arg(GATE_SCRIPT).arg("keel-gate");
+            if self.shell {
+                command.arg("sh").arg("-c").arg(self.argv.join(" "));
+            } else {
+                command.args(&self.argv);
+            }
+            command.stdin(Stdio::piped());
             command
-        } else {
-            let mut command = Command::new(self.argv.first().map_or("", String::as_str));
-            command.args(self.argv.iter().skip(1));
+        };
+        #[cfg(not(unix))]
+        let mut command = {
+            let mut command = if self.shell {
+                let mut command = Command::new("sh");
+                command.arg("-c").arg(self.argv.join(" "));
+                command
+            } else {
+                let mut command = Command::new(self.argv.first().map_or("", String::as_str));
+                command.args(self.argv.iter().skip(1));
+                command
+            };
+            command.stdin(Stdio::null());
             command
         };
         if let Some(cwd) = &self.cwd {
@@ -471,7 +499,6 @@ impl CommandSpec {
             };
         }
         command
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -480,6 +507,62 @@ impl CommandSpec {
         #[cfg(unix)]
         command.process_group(0);
         command
+    }
+}
+
+impl CommandSpec {
+    /// Whether the program can be started, as `exec` would find it: the gate's shell finds it
+    /// only once it runs, so without this a missing program would end as exit code 127 rather
+    /// than as the error that names it. The job's own `PATH` wins over the daemon's, as it
+    /// does for the command; a relative path is taken from the job's `cwd`. A program that
+    /// goes between this check and the `exec` still ends the attempt as a permanent failure
+    /// (exit code 127, see "Exit codes").
+    #[cfg(unix)]
+    fn find_program(&self) -> std::io::Result<()> {
+        use std::io::{Error, ErrorKind};
+        use std::os::unix::fs::PermissionsExt;
+        let program = if self.shell {
+            "sh"
+        } else {
+            self.argv.first().map_or("", String::as_str)
+        };
+        let candidates: Vec<PathBuf> = if program.contains('/') {
+            let path = Path::new(program);
+            vec![match &self.cwd {
+                Some(cwd) if path.is_relative() => cwd.join(path),
+                _ => path.to_path_buf(),
+            }]
+        } else {
+            let search = match self.env.get("PATH") {
+                Some(path) => Some(std::ffi::OsString::from(path)),
+                None => std::env::var_os("PATH"),
+            };
+            let Some(search) = search else {
+                // No search path at all: the shell's default applies; let it decide.
+                return Ok(());
+            };
+            std::env::split_paths(&search)
+                .map(|dir| match &self.cwd {
+                    Some(cwd) if dir.is_relative() => cwd.join(dir).join(program),
+                    _ => dir.join(program),
+                })
+                .collect()
+        };
+        let mut not_executable = false;
+        for candidate in candidates {
+            match std::fs::metadata(&candidate) {
+                Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {
+                    return Ok(())
+                }
+                Ok(_) => not_executable = true,
+                Err(_) => {}
+            }
+        }
+        Err(if not_executable {
+            Error::new(ErrorKind::PermissionDenied, "not an executable file")
+        } else {
+            Error::new(ErrorKind::NotFound, "no such program")
+        })
     }
 }
 
@@ -641,10 +724,17 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
             ctx.checkpoint.as_ref().map(|c| c.data.clone()),
         ),
     ];
+    #[cfg(unix)]
+    if let Err(e) = spec.find_program() {
+        return spawn_failed(&spec, &e);
+    }
     let mut child = match spec.command(&vars).spawn() {
         Ok(child) => child,
         Err(e) => return spawn_failed(&spec, &e),
     };
+    // The gate's end: the command runs once this gets a line (see below).
+    #[cfg(unix)]
+    let gate = child.stdin.take();
     let pid = child.id();
     let mut group = GroupGuard {
         pgid: pid,
@@ -672,6 +762,9 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
             }
         }
     }
+    // Recorded (or nothing to record): the command may run.
+    #[cfg(unix)]
+    open_gate(gate).await;
     let capture = spec.capture_bytes.unwrap_or(CAPTURE_BYTES_DEFAULT);
     let stdout_tail = Mutex::new(Tail::new(capture));
     let stderr_tail = Mutex::new(Tail::new(capture));
@@ -960,6 +1053,28 @@ fn spawn_failed(spec: &CommandSpec, error: &std::io::Error) -> Outcome {
         | ErrorKind::InvalidInput
         | ErrorKind::ArgumentListTooLong => Outcome::Permanent { message },
         _ => Outcome::Retryable { message },
+    }
+}
+
+/// The gate's shell script: `"$@"` is the command. `read` fails at the end of stdin without a
+/// line: the daemon that started the gate died before it recorded the command.
+#[cfg(unix)]
+const GATE_SCRIPT: &str = "read -r keel_gate || exit 125; exec \"$@\" </dev/null";
+
+/// The exit code of a gate that closed without letting its command run (in [`GATE_SCRIPT`]).
+#[cfg(all(unix, test))]
+const GATE_CLOSED_EXIT: i32 = 125;
+
+/// Lets the command run: sends the gate its line and closes its stdin. A gate that is gone
+/// (the command was killed already) is not an error here: the command's exit status says what
+/// happened.
+#[cfg(unix)]
+async fn open_gate(gate: Option<tokio::process::ChildStdin>) {
+    use tokio::io::AsyncWriteExt;
+    if let Some(mut gate) = gate {
+        if let Err(e) = gate.write_all(b"go\n").await {
+            tracing::debug!(error = %e, "the command's gate was gone before it opened");
+        }
     }
 }
 
@@ -2379,6 +2494,90 @@ mod tests {
             let pid = std::fs::read_to_string(pid).unwrap();
             let _ = std::process::Command::new("kill").arg(pid.trim()).status();
         }
+    }
+
+    // ----- the gate ---------------------------------------------------------------------
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_gate_closed_without_its_line_exits_125_and_runs_nothing() {
+        assert!(
+            GATE_SCRIPT.contains(&format!("exit {GATE_CLOSED_EXIT};")),
+            "{GATE_SCRIPT}"
+        );
+        let dir = TempDir::created("keel-command-job");
+        let marker = dir.path().join("ran");
+        let spec = sh(r#"touch "$1""#, &[marker.to_str().unwrap()]);
+        let mut child = spec.command(&[]).spawn().unwrap();
+        // What a daemon's death does: its end of the gate closes.
+        drop(child.stdin.take());
+        let status = child.wait().await.unwrap();
+        assert_eq!(status.code(), Some(GATE_CLOSED_EXIT));
+        assert!(!marker.exists(), "the command ran");
+
+        let mut child = spec.command(&[]).spawn().unwrap();
+        open_gate(child.stdin.take()).await;
+        assert!(child.wait().await.unwrap().success());
+        assert!(marker.exists(), "the opened gate ran the command");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gated_command_reads_nothing_on_stdin() {
+        // (That it keeps the gate's pid: `a_running_command_is_recorded_until_it_is_reaped`.)
+        let mut keel = Keel::start().await;
+        // Exits 3 (retryable: the run fails, one attempt) if it could read anything.
+        let spec = sh("if read -r line || [ -n \"$line\" ]; then exit 3; fi", &[]);
+        let run = keel.trigger("stdin", &spec, quick_retries(1)).await;
+        let run = keel.finished(run).await;
+        assert_eq!(run.state, RunState::Succeeded, "{:?}", run.last_error);
+        keel.stop().await;
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_program_is_looked_for_as_exec_would() {
+        use std::io::ErrorKind as Io;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::created("keel-command-job");
+        let tool = dir.path().join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let in_path = |argv: &[&str]| {
+            let mut spec = spec(argv);
+            spec.env
+                .insert("PATH".into(), dir.path().to_str().unwrap().into());
+            spec
+        };
+        assert_eq!(spec(&["sh"]).find_program().map_err(|e| e.kind()), Ok(()));
+        let missing = spec(&["keel-test-no-such-program"]).find_program();
+        assert_eq!(missing.map_err(|e| e.kind()), Err(Io::NotFound));
+        let not_executable = in_path(&["tool"]).find_program();
+        assert_eq!(
+            not_executable.map_err(|e| e.kind()),
+            Err(Io::PermissionDenied)
+        );
+
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            in_path(&["tool"]).find_program().map_err(|e| e.kind()),
+            Ok(())
+        );
+        let mut relative = spec(&["./tool"]);
+        assert_eq!(
+            relative.find_program().map_err(|e| e.kind()),
+            Err(Io::NotFound),
+            "not in the daemon's directory"
+        );
+        relative.cwd = Some(dir.path().to_path_buf());
+        assert_eq!(relative.find_program().map_err(|e| e.kind()), Ok(()));
+        let mut shell = in_path(&["tool --flag"]);
+        shell.shell = true;
+        assert_eq!(
+            shell.find_program().map_err(|e| e.kind()),
+            Err(Io::NotFound),
+            "a shell command needs `sh`, not in this PATH"
+        );
     }
 
     #[cfg(target_os = "linux")]
