@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_core::{Event, Job, JobId, Rejected, Snapshot, Store, WorkerId};
+use keel_core::{Ensured, Event, Job, JobId, Rejected, Snapshot, Store, WorkerId};
 use keel_runtime::prometheus;
 use keel_runtime::{CommandError, Runtime, RuntimeHandle, StartError, WebhookSink};
 use serde_json::Value;
@@ -323,15 +323,14 @@ async fn apply_config(
             })
             .map_err(|e| config_error(config, *line, &def.name, &e))?;
         let name = &def.name;
-        let result = match stored.get(&id) {
-            Some(job) if job.spec == spec => {
-                log(&format!("job {name}: unchanged ({})", show::job_state(job)));
-                continue;
+        match handle.ensure_job(spec).await {
+            Ok(Ensured::Unchanged) => {
+                let state = stored.get(&id).map(show::job_state).unwrap_or_default();
+                log(&format!("job {name}: unchanged ({state})"));
             }
-            Some(_) => handle.update_job(spec).await.map(|()| "updated"),
-            None => handle.add_job(spec).await.map(|()| "added"),
-        };
-        match result {
+            Ok(Ensured::Done { last }) => log(&format!(
+                "job {name}: already done (its one-shot slot {last} fired before); not re-armed"
+            )),
             Ok(what) => {
                 let next = handle
                     .jobs()
@@ -341,9 +340,6 @@ async fn apply_config(
                     .map_or_else(String::new, |job| format!(" ({})", show::job_state(&job)));
                 log(&format!("job {name}: {what}{next}"));
             }
-            Err(CommandError::Rejected(Rejected::AlreadyFired { slot, .. })) => log(&format!(
-                "job {name}: already done (its one-shot slot {slot} fired before); not re-armed"
-            )),
             Err(e) => {
                 let failure = Failure::from(e);
                 return Err(config_error(config, *line, name, failure.message()));

@@ -230,3 +230,31 @@ impl Job {
         matches!(self.spec.schedule, ScheduleSpec::Once { .. })
     }
 }
+
+/// What [`Scheduler::ensure_job`](crate::Scheduler::ensure_job) did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Ensured {
+    /// The job was not there: it was added.
+    Added,
+    /// Its definition differed: it was updated.
+    Updated,
+    /// It was there as defined: nothing changed.
+    Unchanged,
+    /// A one-shot that already fired under this name: it is done and was not re-armed.
+    Done {
+        /// The slot that fired.
+        last: Timestamp,
+    },
+}
+
+impl std::fmt::Display for Ensured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ensured::Added => f.write_str("added"),
+            Ensured::Updated => f.write_str("updated"),
+            Ensured::Unchanged => f.write_str("unchanged"),
+            Ensured::Done { last } => write!(f, "done (its one-shot slot {last} fired)"),
+        }
+    }
+}

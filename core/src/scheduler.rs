@@ -31,7 +31,7 @@ use crate::checkpoint::Throttle;
 use crate::error::Rejected;
 use crate::ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
 use crate::incident::{Incident, IncidentKind, IncidentSubject};
-use crate::job::{Backlog, Job, JobSpec, JobState, OverlapPolicy};
+use crate::job::{Backlog, Ensured, Job, JobSpec, JobState, OverlapPolicy};
 use crate::lease::{Lease, LeasePolicy};
 use crate::limits;
 use crate::outbox::{
@@ -729,6 +729,41 @@ impl Scheduler {
         self.mark_job(&id);
         self.audit_job(&id, Some(old), new, Actor::Operator, "definition updated");
         Ok(())
+    }
+
+    /// Makes the job be as `spec` says, the way a configuration file is applied at every
+    /// start: adds it if it is not there, updates it if its definition differs, and leaves it
+    /// alone if it is the same. Says which ([`Ensured`]).
+    ///
+    /// A one-shot (`ScheduleSpec::Once`) is done once it has fired: ensuring it again leaves it
+    /// alone and returns [`Ensured::Done`], whatever its instant now says. So an application
+    /// that computes "in five seconds" at each start runs the one-shot once in total, not once
+    /// per start. "Fired" means a slot fired under this name, while the job or its tombstone is
+    /// kept (a deleted job's tombstone lasts as long as the history policy keeps history). To
+    /// re-arm a fired one-shot on purpose, use [`Scheduler::update_job`].
+    ///
+    /// Refused as `add_job` and `update_job` refuse.
+    pub fn ensure_job(&mut self, now: Timestamp, spec: JobSpec) -> Result<Ensured, Rejected> {
+        let one_shot = matches!(spec.schedule, ScheduleSpec::Once { .. });
+        let fired = match self.jobs.get(&spec.id) {
+            Some(job) if job.spec == spec => return Ok(Ensured::Unchanged),
+            Some(job) => job
+                .last_fired
+                .filter(|_| matches!(job.spec.schedule, ScheduleSpec::Once { .. })),
+            None => self.tombstones.get(&spec.id).map(|t| t.last_fired),
+        };
+        if let Some(last) = fired.filter(|_| one_shot) {
+            return Ok(Ensured::Done { last });
+        }
+        let result = if self.jobs.contains_key(&spec.id) {
+            self.update_job(now, spec).map(|()| Ensured::Updated)
+        } else {
+            self.add_job(now, spec).map(|()| Ensured::Added)
+        };
+        match result {
+            Err(Rejected::AlreadyFired { last, .. }) if one_shot => Ok(Ensured::Done { last }),
+            result => result,
+        }
     }
 
     /// Removes a job definition. Runs under way finish normally; its history stays, subject to
@@ -2079,6 +2114,84 @@ mod tests {
             }
         }
         batches
+    }
+
+    /// Acknowledges every write and finishes every attempt with success. Returns the number
+    /// of attempts started.
+    fn settle(s: &mut Scheduler, now: Timestamp) -> usize {
+        let mut started = 0;
+        while let Some(effect) = s.poll_effect() {
+            match effect {
+                Effect::Persist(batch) => s.handle_persisted(now, batch.id),
+                Effect::StartAttempt(a) => {
+                    started += 1;
+                    s.handle_outcome(now, a.run, a.lease.token, Outcome::ok())
+                        .unwrap();
+                }
+                _ => {}
+            }
+        }
+        started
+    }
+
+    #[test]
+    fn ensure_adds_updates_or_leaves_a_job_and_says_which() {
+        let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
+        let mut s = Scheduler::new(Config::default(), 1, t0);
+        let spec = every_minute("report");
+        assert_eq!(s.ensure_job(t0, spec.clone()), Ok(Ensured::Added));
+        assert_eq!(s.ensure_job(t0, spec.clone()), Ok(Ensured::Unchanged));
+        let mut changed = spec.clone();
+        changed.payload = "v2".into();
+        assert_eq!(s.ensure_job(t0, changed.clone()), Ok(Ensured::Updated));
+        assert_eq!(s.job(&spec.id).unwrap().spec, changed);
+        assert_eq!(s.ensure_job(t0, changed), Ok(Ensured::Unchanged));
+        let mut bad = every_minute("bad");
+        bad.schedule = ScheduleSpec::Cron {
+            expr: "nope".into(),
+            zone: "UTC".into(),
+        };
+        assert!(matches!(s.ensure_job(t0, bad), Err(Rejected::Schedule(_))));
+        settle(&mut s, t0);
+        s.check_invariants();
+    }
+
+    #[test]
+    fn ensure_leaves_a_fired_one_shot_done_whatever_its_new_instant() {
+        let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
+        let mut s = Scheduler::new(Config::default(), 1, t0);
+        // "In five seconds", computed at each start of the application.
+        let in_5s = |now: Timestamp| {
+            JobSpec::new(
+                JobId::new("welcome").unwrap(),
+                "k",
+                ScheduleSpec::Once {
+                    at: now.plus_ms(5_000),
+                },
+            )
+        };
+        assert_eq!(s.ensure_job(t0, in_5s(t0)), Ok(Ensured::Added));
+        // Before it fires, a new instant moves it.
+        let t1 = t0.plus_ms(1_000);
+        assert_eq!(s.ensure_job(t1, in_5s(t1)), Ok(Ensured::Updated));
+        settle(&mut s, t1);
+        let fired_at = t1.plus_ms(5_000);
+        s.handle_timeout(fired_at);
+        assert_eq!(settle(&mut s, fired_at), 1);
+        let t2 = fired_at.plus_ms(60_000);
+        let done = Ok(Ensured::Done { last: fired_at });
+        assert_eq!(s.ensure_job(t2, in_5s(t2)), done);
+        // Deleted, its tombstone still says it fired.
+        s.remove_job(t2, &JobId::new("welcome").unwrap()).unwrap();
+        assert_eq!(s.ensure_job(t2, in_5s(t2)), done);
+        s.handle_timeout(t2.plus_ms(10_000));
+        assert_eq!(settle(&mut s, t2.plus_ms(10_000)), 0, "fired once in total");
+        // A recurring job under a fired name is not a one-shot: it is added.
+        assert_eq!(
+            s.ensure_job(t2, every_minute("welcome")),
+            Ok(Ensured::Added)
+        );
+        s.check_invariants();
     }
 
     #[test]

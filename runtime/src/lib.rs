@@ -70,8 +70,8 @@ use std::time::Duration;
 use keel_core::lease::Lease;
 use keel_core::scheduler::{CheckpointSave, Released, RunContext};
 use keel_core::{
-    AttemptStart, Config, Event, FencingToken, Job, JobId, JobSpec, Outcome, Rejected, Run, RunId,
-    Scheduler, Store, StoreError, Timestamp, WorkerId,
+    AttemptStart, Config, Ensured, Event, FencingToken, Job, JobId, JobSpec, Outcome, Rejected,
+    Run, RunId, Scheduler, Store, StoreError, Timestamp, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -427,11 +427,20 @@ impl RuntimeHandle {
             .await
     }
 
-    async fn with_handler_check(
+    /// Makes the job be as `spec` says: adds it, updates it, or leaves it alone, and says
+    /// which. A one-shot that already fired is left done, whatever its instant now says, so an
+    /// application can ensure its jobs at every start (see `Scheduler::ensure_job`). Same
+    /// checks as `add_job`.
+    pub async fn ensure_job(&self, spec: JobSpec) -> Result<Ensured, CommandError> {
+        self.with_handler_check(spec, |core, now, spec| core.ensure_job(now, spec))
+            .await
+    }
+
+    async fn with_handler_check<T: Send + 'static>(
         &self,
         spec: JobSpec,
-        f: impl FnOnce(&mut Scheduler, Timestamp, JobSpec) -> Result<(), Rejected> + Send + 'static,
-    ) -> Result<(), CommandError> {
+        f: impl FnOnce(&mut Scheduler, Timestamp, JobSpec) -> Result<T, Rejected> + Send + 'static,
+    ) -> Result<T, CommandError> {
         let (reply, answer) = oneshot::channel();
         let command: driver::Command = Box::new(move |driver: &mut Driver| {
             if !spec.external && !driver.has_handler(&spec.kind) {
