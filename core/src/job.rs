@@ -94,6 +94,69 @@ impl JobSpec {
             sinks: Box::default(),
         }
     }
+
+    /// With this payload (input handed to every attempt).
+    #[must_use]
+    pub fn with_payload(mut self, payload: impl Into<Arc<str>>) -> Self {
+        self.payload = payload.into();
+        self
+    }
+
+    /// With `attempts` attempts in total, the first included, and the default backoff.
+    #[must_use]
+    pub fn with_attempts(mut self, attempts: u32) -> Self {
+        self.retry.attempts_max = attempts;
+        self
+    }
+
+    /// With this retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// With an attempt timeout (see [`JobSpec::timeout_ms`]).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+
+    /// With this misfire policy.
+    #[must_use]
+    pub fn with_misfire(mut self, misfire: MisfirePolicy) -> Self {
+        self.misfire = misfire;
+        self
+    }
+
+    /// With this overlap policy.
+    #[must_use]
+    pub fn with_overlap(mut self, overlap: OverlapPolicy) -> Self {
+        self.overlap = overlap;
+        self
+    }
+
+    /// Deleted, rather than disabled, once its one-shot run is terminal.
+    #[must_use]
+    pub fn deleted_after_run(mut self) -> Self {
+        self.delete_after_run = true;
+        self
+    }
+
+    /// Run by external workers rather than an in-process handler.
+    #[must_use]
+    pub fn for_external_workers(mut self) -> Self {
+        self.external = true;
+        self
+    }
+
+    /// Each finished run's result is delivered to these sinks.
+    #[must_use]
+    pub fn with_sinks<S: Into<Arc<str>>>(mut self, sinks: impl IntoIterator<Item = S>) -> Self {
+        self.sinks = sinks.into_iter().map(Into::into).collect();
+        self
+    }
 }
 
 /// What to do when a slot comes due while a run of the same job is active (SPEC S5).

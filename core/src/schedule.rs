@@ -70,6 +70,37 @@ pub enum ScheduleSpec {
     },
 }
 
+impl ScheduleSpec {
+    /// A cron expression in UTC (6 fields with seconds, or 5): `ScheduleSpec::cron("*/5 * * * *")`.
+    /// Validated when the job is added.
+    pub fn cron(expr: &str) -> ScheduleSpec {
+        ScheduleSpec::cron_in(expr, "UTC")
+    }
+
+    /// A cron expression in an IANA zone: `ScheduleSpec::cron_in("0 30 2 * * *",
+    /// "Europe/Paris")`.
+    pub fn cron_in(expr: &str, zone: &str) -> ScheduleSpec {
+        ScheduleSpec::Cron {
+            expr: expr.into(),
+            zone: zone.into(),
+        }
+    }
+
+    /// Every `interval`, on a grid anchored at the Unix epoch: `every(5 minutes)` fires at
+    /// :00, :05, :10... UTC. At least [`INTERVAL_MIN_MS`].
+    pub fn every(interval: std::time::Duration) -> ScheduleSpec {
+        ScheduleSpec::Every {
+            interval_ms: u64::try_from(interval.as_millis()).unwrap_or(u64::MAX),
+            anchor: Timestamp(0),
+        }
+    }
+
+    /// Once, at `at`.
+    pub fn once(at: Timestamp) -> ScheduleSpec {
+        ScheduleSpec::Once { at }
+    }
+}
+
 /// The shortest fixed interval accepted: one second, the resolution of cron.
 pub const INTERVAL_MIN_MS: u64 = 1_000;
 

@@ -2135,6 +2135,47 @@ mod tests {
     }
 
     #[test]
+    fn the_schedule_and_job_helpers_build_what_the_fields_would() {
+        let t0 = Timestamp::parse_rfc3339("2026-01-01T00:02:30Z").unwrap();
+        let mut s = Scheduler::new(Config::default(), 1, t0);
+        let id = |name: &str| JobId::new(name).unwrap();
+        let five_minutes = std::time::Duration::from_secs(300);
+        let spec = JobSpec::new(id("grid"), "k", ScheduleSpec::every(five_minutes))
+            .with_payload("p")
+            .with_attempts(4)
+            .with_timeout(std::time::Duration::from_secs(30))
+            .with_sinks(["log"]);
+        assert_eq!(
+            (&*spec.payload, spec.retry.attempts_max, spec.timeout_ms),
+            ("p", 4, Some(30_000))
+        );
+        assert_eq!(&*spec.sinks, &[Arc::<str>::from("log")]);
+        s.add_job(t0, spec).unwrap();
+        let next = |s: &Scheduler, name: &str| s.job(&id(name)).unwrap().next_fire();
+        let at = |t: &str| Some(Timestamp::parse_rfc3339(t).unwrap());
+        assert_eq!(
+            next(&s, "grid"),
+            at("2026-01-01T00:05:00Z"),
+            "on the epoch grid"
+        );
+        s.add_job(
+            t0,
+            JobSpec::new(id("cron"), "k", ScheduleSpec::cron("*/10 * * * *")),
+        )
+        .unwrap();
+        assert_eq!(next(&s, "cron"), at("2026-01-01T00:10:00Z"));
+        let paris = ScheduleSpec::cron_in("0 0 9 * * *", "Europe/Paris");
+        s.add_job(t0, JobSpec::new(id("paris"), "k", paris))
+            .unwrap();
+        assert_eq!(next(&s, "paris"), at("2026-01-01T08:00:00Z"));
+        let once = ScheduleSpec::once(t0.plus_ms(1_000));
+        s.add_job(t0, JobSpec::new(id("once"), "k", once).deleted_after_run())
+            .unwrap();
+        assert_eq!(next(&s, "once"), Some(t0.plus_ms(1_000)));
+        assert!(s.job(&id("once")).unwrap().spec.delete_after_run);
+    }
+
+    #[test]
     fn ensure_adds_updates_or_leaves_a_job_and_says_which() {
         let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
         let mut s = Scheduler::new(Config::default(), 1, t0);

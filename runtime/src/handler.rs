@@ -11,19 +11,22 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::driver::{Msg, Report};
 use crate::sink::BoxFuture;
 
-/// Does the work of one job kind. Any `Fn(AttemptContext) -> impl Future<Output = Outcome>`
-/// is a handler:
+/// Does the work of one job kind. Any `Fn(AttemptContext) -> impl Future<Output = O>` is a
+/// handler, where `O` is an [`Outcome`] or a `Result` ([`IntoOutcome`]), so `?` works:
 ///
 /// ```
-/// use keel_core::Outcome;
-/// use keel_runtime::AttemptContext;
+/// use keel_runtime::{AttemptContext, Failure, ResultExt};
 ///
-/// async fn backup(ctx: AttemptContext) -> Outcome {
+/// async fn backup(ctx: AttemptContext) -> Result<String, Failure> {
+///     // A malformed payload will not get better on a retry: permanent.
+///     let target: std::path::PathBuf = ctx.payload.parse().permanent()?;
 ///     let resume_from = ctx.checkpoint.as_ref().map(|c| c.data.clone());
+///     // Any std error is a retryable failure: `?` retries the run (while attempts remain).
+///     let files = std::fs::read_dir(&target)?.count();
 ///     // ... do the work, calling ctx.checkpoint(...) and ctx.progress(...) on the way,
 ///     // and stopping early if ctx.is_cancelled() ...
 ///     let _ = resume_from;
-///     Outcome::ok()
+///     Ok(format!("{files} files"))
 /// }
 /// # let _ = keel_runtime::Runtime::builder(std::sync::Arc::new(keel_testkit::SharedMemStore::new()))
 /// #     .handler("backup", backup);
@@ -39,10 +42,196 @@ pub trait Handler: Send + Sync + 'static {
 impl<F, Fut> Handler for F
 where
     F: Fn(AttemptContext) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = Outcome> + Send + 'static,
+    Fut: Future + Send + 'static,
+    Fut::Output: IntoOutcome,
 {
     fn call(&self, ctx: AttemptContext) -> BoxFuture<Outcome> {
-        Box::pin(self(ctx))
+        let attempt = self(ctx);
+        Box::pin(async move { attempt.await.into_outcome() })
+    }
+}
+
+/// What a handler returns: an [`Outcome`], `()` (success), or a `Result` whose `Ok` is a success
+/// ([`IntoSuccess`]) and whose `Err` is a [`Failure`] or anything that converts into one (any
+/// `std::error::Error`: a retryable failure).
+pub trait IntoOutcome {
+    /// The attempt's outcome.
+    fn into_outcome(self) -> Outcome;
+}
+
+/// A handler that returns nothing succeeded.
+impl IntoOutcome for () {
+    fn into_outcome(self) -> Outcome {
+        Outcome::ok()
+    }
+}
+
+impl IntoOutcome for Outcome {
+    fn into_outcome(self) -> Outcome {
+        self
+    }
+}
+
+impl<T: IntoSuccess, E: Into<Failure>> IntoOutcome for Result<T, E> {
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Ok(value) => value.into_success(),
+            Err(e) => e.into().outcome,
+        }
+    }
+}
+
+/// A handler's `Ok` value: `()` (success), a `String` or `&'static str` (success with that
+/// summary, kept in the run's record), or an [`Outcome`] (the handler decides).
+pub trait IntoSuccess {
+    /// The outcome of an attempt that returned `Ok(self)`.
+    fn into_success(self) -> Outcome;
+}
+
+impl IntoSuccess for () {
+    fn into_success(self) -> Outcome {
+        Outcome::ok()
+    }
+}
+
+impl IntoSuccess for String {
+    fn into_success(self) -> Outcome {
+        Outcome::Success {
+            summary: Some(self),
+            artifacts: Default::default(),
+        }
+    }
+}
+
+impl IntoSuccess for &'static str {
+    fn into_success(self) -> Outcome {
+        self.to_string().into_success()
+    }
+}
+
+impl IntoSuccess for Outcome {
+    fn into_success(self) -> Outcome {
+        self
+    }
+}
+
+/// Why an attempt did not succeed, as a handler's `Err`: retryable unless made otherwise.
+///
+/// `?` converts any `std::error::Error` into a retryable failure whose message is the error and
+/// its sources (`connect: connection refused`). Say otherwise with the constructors, or with
+/// [`ResultExt`] on a `Result`:
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_runtime::{AttemptContext, Failure, ResultExt};
+///
+/// async fn import(ctx: AttemptContext) -> Result<(), Failure> {
+///     let rows: u32 = ctx.payload.parse().permanent()?; // bad input: never retried
+///     if rows == 0 {
+///         return Err(Failure::snooze(Duration::from_secs(60))); // not now, no attempt used
+///     }
+///     Ok(())
+/// }
+/// # let _ = keel_runtime::Runtime::builder(std::sync::Arc::new(keel_testkit::SharedMemStore::new()))
+/// #     .handler("import", import);
+/// ```
+///
+/// It does not implement `std::error::Error` itself: that is what lets `?` convert every error
+/// into it (the same trade as `anyhow::Error`). An error type that is not a `std` error (an
+/// `anyhow::Error`) converts with `.map_err(Failure::retryable)` or [`ResultExt`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    outcome: Outcome,
+}
+
+impl Failure {
+    /// It failed, and trying again may help: the run is retried while its attempts last.
+    pub fn retryable(error: impl std::fmt::Display) -> Failure {
+        Failure {
+            outcome: Outcome::Retryable {
+                message: error.to_string(),
+            },
+        }
+    }
+
+    /// It failed, and trying again cannot help: the run fails now, whatever attempts remain.
+    pub fn permanent(error: impl std::fmt::Display) -> Failure {
+        Failure {
+            outcome: Outcome::Permanent {
+                message: error.to_string(),
+            },
+        }
+    }
+
+    /// Not now: the run is tried again after `delay`, without using up an attempt.
+    pub fn snooze(delay: std::time::Duration) -> Failure {
+        Failure {
+            outcome: Outcome::Snooze {
+                for_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            },
+        }
+    }
+
+    /// The run should not happen (or the handler stopped because it was asked to): it ends
+    /// `cancelled`.
+    pub fn cancel(reason: impl std::fmt::Display) -> Failure {
+        Failure {
+            outcome: Outcome::Cancelled {
+                reason: reason.to_string(),
+            },
+        }
+    }
+
+    /// The outcome the attempt ends with.
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.outcome {
+            Outcome::Retryable { message } => write!(f, "retryable: {message}"),
+            Outcome::Permanent { message } => write!(f, "permanent: {message}"),
+            Outcome::Snooze { for_ms } => write!(f, "snoozed for {for_ms} ms"),
+            Outcome::Cancelled { reason } => write!(f, "cancelled: {reason}"),
+            Outcome::Success { .. } => f.write_str("success"),
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for Failure {
+    fn from(error: E) -> Failure {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            // Many errors repeat their source's text in their own; say it once.
+            if !message.ends_with(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
+        Failure::retryable(message)
+    }
+}
+
+/// Says what kind of failure a `Result`'s error is, for `?` in a handler.
+pub trait ResultExt<T> {
+    /// An error here is permanent: the run fails now.
+    fn permanent(self) -> Result<T, Failure>;
+    /// An error here is retryable (for errors that are not `std` errors).
+    fn retryable(self) -> Result<T, Failure>;
+}
+
+impl<T, E: std::fmt::Display> ResultExt<T> for Result<T, E> {
+    fn permanent(self) -> Result<T, Failure> {
+        self.map_err(Failure::permanent)
+    }
+
+    fn retryable(self) -> Result<T, Failure> {
+        self.map_err(Failure::retryable)
     }
 }
 
@@ -152,5 +341,91 @@ impl AttemptContext {
             token: self.token,
             report,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("cannot reach the ledger")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    fn outcome(result: Result<impl IntoSuccess, Failure>) -> Outcome {
+        result.into_outcome()
+    }
+
+    #[test]
+    fn ok_values_become_successes_with_their_summary() {
+        assert_eq!(outcome(Ok(())), Outcome::ok());
+        let summary = |s: &str| Outcome::Success {
+            summary: Some(s.into()),
+            artifacts: Default::default(),
+        };
+        assert_eq!(outcome(Ok("3 rows")), summary("3 rows"));
+        assert_eq!(outcome(Ok(String::from("4 rows"))), summary("4 rows"));
+        let snooze = Outcome::Snooze { for_ms: 5 };
+        assert_eq!(outcome(Ok(snooze.clone())), snooze);
+        assert_eq!(Outcome::ok().into_outcome(), Outcome::ok());
+        assert_eq!(().into_outcome(), Outcome::ok());
+    }
+
+    #[test]
+    fn a_std_error_is_retryable_with_its_sources_and_the_rest_say_what_they_are() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let failure = Failure::from(Outer(refused));
+        assert_eq!(
+            failure.outcome(),
+            &Outcome::Retryable {
+                message: "cannot reach the ledger: refused".into()
+            }
+        );
+        // `?` in a handler: any std error converts.
+        fn parse(text: &str) -> Result<u32, Failure> {
+            Ok(text.parse::<u32>()?)
+        }
+        assert!(matches!(
+            parse("x").map(drop).into_outcome(),
+            Outcome::Retryable { message } if message == "invalid digit found in string"
+        ));
+        let permanent = "x".parse::<u32>().permanent().map(drop).into_outcome();
+        assert!(
+            matches!(permanent, Outcome::Permanent { .. }),
+            "{permanent:?}"
+        );
+        let retryable = Err::<(), _>("busy").retryable().into_outcome();
+        assert_eq!(
+            retryable,
+            Outcome::Retryable {
+                message: "busy".into()
+            }
+        );
+        let snooze = Failure::snooze(std::time::Duration::from_secs(2));
+        assert_eq!(snooze.outcome(), &Outcome::Snooze { for_ms: 2_000 });
+        assert_eq!(snooze.to_string(), "snoozed for 2000 ms");
+        let cancel = Failure::cancel("not needed");
+        assert_eq!(
+            Err::<(), _>(cancel).into_outcome(),
+            Outcome::Cancelled {
+                reason: "not needed".into()
+            }
+        );
+        assert_eq!(
+            Failure::permanent("bad").to_string(),
+            "permanent: bad",
+            "Display names the kind"
+        );
     }
 }

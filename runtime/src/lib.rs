@@ -70,15 +70,18 @@ use std::time::Duration;
 use keel_core::lease::Lease;
 use keel_core::scheduler::{CheckpointSave, Released, RunContext};
 use keel_core::{
-    AttemptStart, Config, Ensured, Event, FencingToken, Job, JobId, JobSpec, Outcome, Rejected,
-    Run, RunId, Scheduler, Store, StoreError, Timestamp, WorkerId,
+    AttemptStart, AuditQuery, AuditRecord, Config, Ensured, Event, FencingToken, Job, JobId,
+    JobSpec, Outcome, Rejected, Run, RunId, RunQuery, Scheduler, Store, StoreError, Timestamp,
+    WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 pub use clock::Clock;
 pub use driver::DriverStats;
-pub use handler::{AttemptContext, CheckpointError, Handler};
+pub use handler::{
+    AttemptContext, CheckpointError, Failure, Handler, IntoOutcome, IntoSuccess, ResultExt,
+};
 pub use sink::{BoxFuture, Sink};
 pub use sinks::{CommandSink, WebhookSink};
 
@@ -114,6 +117,24 @@ pub enum RuntimeError {
 /// bug that recovering cannot fix. "In a row": without a step between them that succeeded and
 /// left the driver settled (every write acknowledged), and less than a minute apart.
 pub const PANICS_IN_A_ROW_MAX: u32 = 3;
+
+/// Why a read through [`RuntimeHandle`] failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The runtime is gone.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The store could not be read.
+    #[error("cannot read the store: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The system's wall-clock time now, as a keel [`Timestamp`]: to compute a one-shot's instant
+/// (`ScheduleSpec::once(keel_runtime::now().plus_ms(5_000))`). In a runtime on a simulated
+/// clock, use [`RuntimeHandle::now`].
+pub fn now() -> Timestamp {
+    Clock::system().now()
+}
 
 /// Why the runtime did not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -240,6 +261,7 @@ impl RuntimeBuilder {
         let core = Scheduler::restore_as(worker.clone(), self.config, seed, now, snapshot);
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
+        let store = Arc::clone(&self.store);
         let driver = Driver::new(
             core,
             seed,
@@ -257,6 +279,8 @@ impl RuntimeBuilder {
             handle: RuntimeHandle {
                 tx,
                 events,
+                store,
+                clock,
                 _alive: alive,
             },
             task,
@@ -345,6 +369,8 @@ async fn signal() {
 pub struct RuntimeHandle {
     tx: mpsc::UnboundedSender<Msg>,
     events: broadcast::Sender<Event>,
+    store: Arc<dyn Store>,
+    clock: Clock,
     _alive: Arc<Alive>,
 }
 
@@ -498,9 +524,62 @@ impl RuntimeHandle {
         self.call(|core, _| core.jobs().cloned().collect()).await
     }
 
-    /// An active run, as the scheduler holds it now (finished runs: ask the store).
-    pub async fn run(&self, id: RunId) -> Result<Option<Run>, RuntimeError> {
-        self.call(move |core, _| core.run(id).cloned()).await
+    /// The runtime's clock now: the system's wall clock, or the simulated one it was given
+    /// ([`RuntimeBuilder::clock`]), which moves with tokio's paused time in tests.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// A run, active or finished: as the scheduler holds it while it is active, then as the
+    /// store keeps it (until the history policy prunes it).
+    pub async fn run(&self, id: RunId) -> Result<Option<Run>, ReadError> {
+        if let Some(run) = self.call(move |core, _| core.run(id).cloned()).await? {
+            return Ok(Some(run));
+        }
+        self.read(move |store| store.run(id)).await
+    }
+
+    /// The runs of a job, newest first, at most `limit` of them, as durable now: what the
+    /// scheduler changed before this call is in the store when it reads.
+    pub async fn runs_of(&self, job: JobId, limit: usize) -> Result<Vec<Run>, ReadError> {
+        self.sync().await?;
+        let query = RunQuery {
+            job: Some(job),
+            limit,
+            ..RunQuery::default()
+        };
+        Ok(self.read(move |store| store.runs(&query)).await?.runs)
+    }
+
+    /// A run's audit trail (every state change, who made it and why), oldest first, at most
+    /// `limit` records, as durable now.
+    pub async fn audit_of_run(
+        &self,
+        run: RunId,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, ReadError> {
+        self.sync().await?;
+        let query = AuditQuery {
+            run: Some(run),
+            limit,
+            ..AuditQuery::default()
+        };
+        self.read(move |store| store.audit(&query)).await
+    }
+
+    /// Runs a store read off the async threads.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let store = Arc::clone(&self.store);
+        let read = tokio::task::spawn_blocking(move || f(&*store));
+        match read.await {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(ReadError::Store(StoreError::Io(format!(
+                "the read did not finish: {e}"
+            )))),
+        }
     }
 
     /// An external worker asks for work of some kinds. Returns the attempt, with its lease
