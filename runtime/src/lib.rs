@@ -5,31 +5,18 @@
 //! write in flight at a time with its acknowledgement fed back, and nothing handed to a handler
 //! before the store has made it durable.
 //!
-//! ```no_run
-//! use std::sync::Arc;
-//! use std::time::Duration;
-//! use keel_core::{JobId, JobSpec, Outcome, ScheduleSpec};
-//! use keel_runtime::{AttemptContext, Runtime};
+//! The hello world (`runtime/examples/hello.rs`): a handler, a cron job and a one-shot on the
+//! embedded store, in a directory given as its first argument. Jobs are *ensured* at each start
+//! ([`RuntimeHandle::ensure_job`]): added the first time, left alone after, and a one-shot that
+//! fired stays done. Run it twice on one directory: the one-shot fires once in total.
 //!
-//! # async fn example(store: Arc<dyn keel_core::Store>) -> Result<(), Box<dyn std::error::Error>> {
-//! let runtime = Runtime::builder(store)
-//!     .handler("report", |ctx: AttemptContext| async move {
-//!         ctx.progress("render", "page 1 of 3");
-//!         Outcome::ok()
-//!     })
-//!     .start()
-//!     .await?;
-//! let every_minute = ScheduleSpec::Cron { expr: "0 * * * * *".into(), zone: "UTC".into() };
-//! runtime
-//!     .handle()
-//!     .add_job(JobSpec::new(JobId::new("report")?, "report", every_minute))
-//!     .await?;
-//! runtime.run_until_signal(Duration::from_secs(30)).await?;
-//! # Ok(())
-//! # }
+//! ```no_run
+#![doc = include_str!("../examples/hello.rs")]
 //! ```
 //!
 //! - **Handlers** are async functions registered by job kind ([`RuntimeBuilder::handler`]).
+//!   They return `Result<T, Failure>` so that `?` works (any error is retryable;
+//!   [`Failure::permanent`] and [`ResultExt::permanent`] say it is not), `()`, or an `Outcome`.
 //!   Each attempt gets an [`AttemptContext`]: run id, attempt, idempotency key, fencing token,
 //!   the last checkpoint, a checkpointer, progress and heartbeat reporting, and a
 //!   cancellation signal. A panicking handler is caught and recorded as a retryable failure
