@@ -197,6 +197,9 @@ enum Input {
 /// The driver's state.
 pub(crate) struct Driver {
     pub(crate) core: Scheduler,
+    /// Call the store on the driver's task rather than on tokio's blocking pool
+    /// (`RuntimeBuilder::store_calls_inline`).
+    pub(crate) store_inline: bool,
     /// The core's jitter seed, reused (plus the recovery count) when a panic rebuilds it.
     seed: u64,
     /// How many times a panic rebuilt the core from the store.
@@ -222,7 +225,7 @@ pub(crate) struct Driver {
     waiting: VecDeque<(u64, Waiter)>,
     /// Work counters, for tests that prove the driver's cost does not grow with what waits.
     stats: DriverStats,
-    executing: HashMap<RunId, Executing>,
+    executing: BTreeMap<RunId, Executing>,
     /// When each executing attempt's lease holder next acts (a renewal, the lost deadline, the
     /// abort after a loss), soonest first: the next wake and the timers due read its front
     /// instead of every attempt.
@@ -257,6 +260,7 @@ impl Driver {
     ) -> Self {
         Driver {
             core,
+            store_inline: false,
             seed,
             generation: 0,
             panics_in_a_row: 0,
@@ -272,7 +276,7 @@ impl Driver {
             in_flight: None,
             waiting: VecDeque::new(),
             stats: DriverStats::default(),
-            executing: HashMap::new(),
+            executing: BTreeMap::new(),
             lease_timers: BTreeSet::new(),
             renewals_writing: BTreeSet::new(),
             run_spans: HashMap::new(),
@@ -358,12 +362,17 @@ impl Driver {
                     continue;
                 }
             };
+            // Biased, so that one run of the driver on a paused clock repeats exactly (an
+            // unbiased select picks a ready branch at random). Due timers first: a flood of
+            // messages must not make slots late, and a tick does bounded work and moves the
+            // next wake forward, so messages wait at most one tick.
             input = Some(tokio::select! {
+                biased;
+                () = sleep_until(wake) => Input::Tick,
                 msg = rx.recv() => match msg {
                     Some(msg) => Input::Msg(msg),
                     None => Input::Closed,
                 },
-                () = sleep_until(wake) => Input::Tick,
             });
         }
     }
@@ -499,7 +508,7 @@ impl Driver {
         self.lease_timers.clear();
         self.renewals_writing.clear();
         let mut stopping = Vec::new();
-        for (run, executing) in self.executing.drain() {
+        for (run, executing) in std::mem::take(&mut self.executing) {
             let _ = executing.cancel.send(true);
             executing.abort.abort();
             stopping.push(executing.watcher);
@@ -900,13 +909,20 @@ impl Driver {
                 metrics::counter!(m::BATCHES).increment(1);
                 let store = Arc::clone(&self.store);
                 let tx = self.sender();
-                tokio::task::spawn_blocking(move || {
+                let write = move || {
                     let result = store.apply(&batch);
                     let _ = tx.send(Msg::Persisted {
                         batch: batch.id,
                         result,
                     });
-                });
+                };
+                if self.store_inline {
+                    // Answered through the channel all the same: the driver sees the
+                    // acknowledgement on its next turn, as it would from the pool.
+                    write();
+                } else {
+                    tokio::task::spawn_blocking(write);
+                }
             }
             Effect::StartAttempt(start) if start.lease.owner == self.worker => self.start(start),
             Effect::StartAttempt(start) => {
@@ -1181,7 +1197,7 @@ impl Driver {
     fn stop_everything(&mut self, result: Result<(), RuntimeError>) {
         self.lease_timers.clear();
         self.renewals_writing.clear();
-        for (run, executing) in self.executing.drain() {
+        for (run, executing) in std::mem::take(&mut self.executing) {
             executing.abort.abort();
             tracing::info!(%run, "attempt left running at shutdown; it is recovered at the next start");
         }

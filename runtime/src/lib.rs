@@ -171,6 +171,7 @@ pub struct RuntimeBuilder {
     seed: Option<u64>,
     worker: Option<WorkerId>,
     clock: Option<Clock>,
+    store_inline: bool,
 }
 
 impl std::fmt::Debug for RuntimeBuilder {
@@ -223,6 +224,16 @@ impl RuntimeBuilder {
         self
     }
 
+    /// Calls the store's writes on the driver's own task instead of tokio's blocking pool.
+    /// Only for in-memory stores in tests: with tokio's clock paused on a current-thread
+    /// runtime, it makes a run of the runtime exactly repeatable (no thread decides when a
+    /// write lands). A store that does I/O would block the runtime on every write.
+    #[must_use]
+    pub fn store_calls_inline(mut self) -> Self {
+        self.store_inline = true;
+        self
+    }
+
     /// Restores from the store (becoming its writer), checks that every stored job's kind has
     /// a handler, and starts the driver.
     pub async fn start(self) -> Result<Runtime, StartError> {
@@ -249,7 +260,7 @@ impl RuntimeBuilder {
         let (tx, rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(1024);
         let store = Arc::clone(&self.store);
-        let driver = Driver::new(
+        let mut driver = Driver::new(
             core,
             seed,
             clock,
@@ -260,6 +271,7 @@ impl RuntimeBuilder {
             tx.clone(),
             events.clone(),
         );
+        driver.store_inline = self.store_inline;
         let task = tokio::spawn(driver.run(rx));
         let alive = Arc::new(Alive(tx.clone()));
         Ok(Runtime {
@@ -293,6 +305,7 @@ impl Runtime {
             seed: None,
             worker: None,
             clock: None,
+            store_inline: false,
         }
     }
 

@@ -30,6 +30,7 @@
 //! assert_eq!(sim.runs_of("once").len(), 1);
 //! ```
 
+pub mod app;
 pub mod conformance;
 pub mod fuzzing;
 pub mod sim;
