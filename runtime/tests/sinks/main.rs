@@ -1,5 +1,5 @@
-//! The ready-made sinks: the command sink against `sh` scripts, the webhook sink against a
-//! scripted local HTTP server.
+//! The ready-made sinks: the command sink against `sh` scripts and, with the `webhook` feature,
+//! the webhook sink against a scripted local HTTP server.
 //!
 //! These tests use real time: with tokio's clock paused, the runtime idles while it waits on a
 //! socket or a child process, and the paused clock would jump straight to the sink's timeout.
@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod command;
+#[cfg(feature = "webhook")]
 mod webhook;
 
 use std::time::Duration;
