@@ -40,12 +40,33 @@
 //!   [`RuntimeError::Panicked`].
 //! - **One writer**: if another process restores from the same store, this one's next write is
 //!   refused (`Conflict::Deposed`) and the runtime stops with [`RuntimeError::Deposed`].
+//!
+//! # Features
+//!
+//! Both are on by default; turn them off (`default-features = false`) to build without what
+//! they pull in. Everything else, the command sink included, is always there.
+//!
+//! - **`webhook`**: [`WebhookSink`], which posts each run's result over HTTP(S). Pulls in
+//!   `reqwest` (with hyper) and `rustls` (with the `ring` crypto provider).
+//! - **`prometheus`**: the [`prometheus`] module, a loopback `GET /metrics` endpoint for the
+//!   [`metrics_names`] counters. Pulls in `metrics-exporter-prometheus`. Without it the
+//!   counters still go to whatever `metrics` recorder the application installs.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+// Links to the feature-gated items cannot resolve with a feature off; the default build, which
+// CI documents with warnings denied, checks every link.
+#![cfg_attr(
+    not(all(feature = "webhook", feature = "prometheus")),
+    allow(rustdoc::broken_intra_doc_links)
+)]
 
 mod clock;
 mod driver;
 mod handler;
 pub mod metrics_names;
 mod observe;
+#[cfg(feature = "prometheus")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
 pub mod prometheus;
 mod sink;
 pub mod sinks;
@@ -70,7 +91,10 @@ pub use handler::{
     AttemptContext, CheckpointError, Failure, Handler, IntoOutcome, IntoSuccess, ResultExt,
 };
 pub use sink::{BoxFuture, Sink};
-pub use sinks::{CommandSink, WebhookSink};
+pub use sinks::CommandSink;
+#[cfg(feature = "webhook")]
+#[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
+pub use sinks::WebhookSink;
 
 use driver::{Driver, Msg};
 

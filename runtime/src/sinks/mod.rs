@@ -1,4 +1,5 @@
-//! Ready-made [`Sink`](crate::Sink)s: an HTTP webhook and a local command.
+//! Ready-made [`Sink`](crate::Sink)s: an HTTP webhook (the `webhook` feature) and a local
+//! command (always there).
 //!
 //! Both send the same JSON document for a delivery attempt, built by [`delivery_json`]: the
 //! delivery's id (stable across attempts and restarts, so a receiver can deduplicate), the sink's
@@ -19,12 +20,15 @@
 //! them on a real-time runtime.
 
 mod command;
+#[cfg(feature = "webhook")]
 mod webhook;
 
 use keel_core::outbox::{DeliveryPayload, SendRequest};
 use serde::Serialize;
 
 pub use command::{CommandSink, CommandSinkError, COMMAND_TIMEOUT_DEFAULT, EX_TEMPFAIL};
+#[cfg(feature = "webhook")]
+#[cfg_attr(docsrs, doc(cfg(feature = "webhook")))]
 pub use webhook::{WebhookError, WebhookSink, IDEMPOTENCY_KEY_HEADER, WEBHOOK_TIMEOUT_DEFAULT};
 
 /// The JSON document a sink sends for one delivery attempt (see the module docs).

@@ -1,11 +1,5 @@
-//! The webhook and command sinks, against a scripted local HTTP server and `sh` scripts.
-//!
-//! These tests use real time: with tokio's clock paused, the runtime idles while it waits on a
-//! socket or a child process, and the paused clock would jump straight to the sink's timeout.
-//! Nothing sleeps to synchronise: tests wait for requests and events, with a generous
-//! `tokio::time::timeout` as a guard against hanging.
-
-#![allow(clippy::unwrap_used)]
+//! The webhook sink, against a scripted local HTTP server: one attempt at a time, then end to
+//! end through the runtime's outbox.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -13,23 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_core::outbox::{
-    DeliveryId, DeliveryPayload, DeliveryPolicy, DeliveryResult, DeliveryStatus, OutboxConfig,
-    OutboxEvent, SendRequest,
+    DeliveryPolicy, DeliveryResult, DeliveryStatus, OutboxConfig, OutboxEvent,
 };
-use keel_core::{
-    Config, Event, JobId, JobSpec, Outcome, ScheduleSpec, StateName, Store, Timestamp, WorkerId,
-};
-use keel_runtime::sinks::{CommandSinkError, WebhookError, IDEMPOTENCY_KEY_HEADER};
-use keel_runtime::{AttemptContext, Clock, CommandSink, Runtime, Sink, WebhookSink};
-use keel_testkit::{SharedMemStore, TempDir};
+use keel_core::{Config, Event, JobId, JobSpec, Outcome, ScheduleSpec, Store, WorkerId};
+use keel_runtime::sinks::{WebhookError, IDEMPOTENCY_KEY_HEADER};
+use keel_runtime::{AttemptContext, Clock, Runtime, Sink, WebhookSink};
+use keel_testkit::SharedMemStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc};
 
-const T0: Timestamp = Timestamp(1_800_000_000_000);
-
-/// A guard against a test hanging; never reached when the code under test works.
-const GUARD: Duration = Duration::from_secs(20);
+use crate::{assert_document, request, GUARD, T0};
 
 // ---------------------------------------------------------------------------------------------
 // A scripted HTTP/1.1 server.
@@ -200,38 +188,6 @@ async fn serve_one(
         }
     }
 }
-
-// ---------------------------------------------------------------------------------------------
-// Fixtures.
-
-fn request(id: u64, attempt: u32) -> SendRequest {
-    SendRequest {
-        id: DeliveryId(id),
-        sink: "hook".into(),
-        payload: DeliveryPayload {
-            run: keel_core::RunId(12),
-            job: JobId::new("report").unwrap(),
-            state: StateName::Succeeded,
-            summary: Some("42 rows".into()),
-            error: None,
-            finished_at: T0,
-        },
-        attempt,
-    }
-}
-
-fn assert_document(json: &serde_json::Value, id: &str, attempt: u32) {
-    assert_eq!(json["delivery_id"], id, "{json}");
-    assert_eq!(json["sink"], "hook", "{json}");
-    assert_eq!(json["attempt"], attempt, "{json}");
-    assert_eq!(json["run"], 12, "{json}");
-    assert_eq!(json["job"], "report", "{json}");
-    assert_eq!(json["state"], "succeeded", "{json}");
-    assert_eq!(json["summary"], "42 rows", "{json}");
-    assert_eq!(json["error"], serde_json::Value::Null, "{json}");
-    assert_eq!(json["finished_at"], T0.0, "{json}");
-}
-
 // ---------------------------------------------------------------------------------------------
 // The webhook sink, one attempt at a time.
 
@@ -378,7 +334,6 @@ fn webhook_urls_must_be_http_or_https() {
         WebhookError::InvalidHeader { .. }
     ));
 }
-
 // ---------------------------------------------------------------------------------------------
 // End to end: a run's result goes through the runtime's outbox to the webhook.
 
@@ -544,113 +499,6 @@ async fn a_result_the_webhook_answers_404_is_dropped_as_permanent_after_one_atte
     assert_eq!(server.received().len(), 1);
     assert!(store.read().unwrap().deliveries.is_empty());
 }
-
-// ---------------------------------------------------------------------------------------------
-// The command sink.
-
-fn sh(script: &str, args: &[&str]) -> CommandSink {
-    let mut argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
-    argv.extend(args.iter().map(|a| a.to_string()));
-    CommandSink::new(argv).unwrap()
-}
-
-#[tokio::test]
-async fn command_exit_0_is_delivered_and_stdin_carries_the_json() {
-    let dir = TempDir::created("keel-command-sink");
-    let out = dir.path().join("stdin.json");
-    let env = dir.path().join("env");
-    let sink = sh(
-        r#"cat > "$0" && printf '%s %s %s' "$KEEL_DELIVERY_ID" "$KEEL_DELIVERY_ATTEMPT" "$KEEL_SINK" > "$1""#,
-        &[out.to_str().unwrap(), env.to_str().unwrap()],
-    );
-    assert_eq!(sink.send(request(9, 2)).await, DeliveryResult::Delivered);
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
-    assert_document(&json, "delivery-9", 2);
-    assert_eq!(std::fs::read_to_string(&env).unwrap(), "delivery-9 2 hook");
-}
-
-#[tokio::test]
-async fn command_exit_75_is_transient() {
-    let sink = sh(
-        "cat > /dev/null; echo 'queue full, try later' >&2; exit 75",
-        &[],
-    );
-    match sink.send(request(1, 1)).await {
-        DeliveryResult::Transient {
-            error,
-            retry_after_ms,
-        } => {
-            assert_eq!(retry_after_ms, None);
-            assert!(error.contains("75"), "{error}");
-            assert!(error.contains("queue full, try later"), "{error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
-}
-
-#[tokio::test]
-async fn command_exit_1_is_permanent_with_the_end_of_stderr() {
-    let sink = sh("echo 'bad payload' >&2; exit 1", &[]);
-    match sink.send(request(1, 1)).await {
-        DeliveryResult::Permanent { error } => {
-            assert!(error.contains("exit status: 1"), "{error}");
-            assert!(error.contains("bad payload"), "{error}");
-        }
-        other => panic!("expected permanent, got {other:?}"),
-    }
-    // A long stderr is quoted by its end, bounded.
-    let sink = sh(
-        "i=0; while [ $i -lt 500 ]; do echo \"noise line $i\" >&2; i=$((i+1)); done; echo 'the real cause' >&2; exit 3",
-        &[],
-    );
-    match sink.send(request(1, 1)).await {
-        DeliveryResult::Permanent { error } => {
-            assert!(error.contains("the real cause"), "{error}");
-            assert!(!error.contains("noise line 0\n"), "{error}");
-            assert!(error.contains('…'), "the cut is marked: {error}");
-            assert!(error.len() < 700, "{} bytes: {error}", error.len());
-        }
-        other => panic!("expected permanent, got {other:?}"),
-    }
-}
-
-#[tokio::test]
-async fn command_that_ignores_stdin_is_judged_by_its_exit_status() {
-    assert_eq!(
-        sh("exit 0", &[]).send(request(1, 1)).await,
-        DeliveryResult::Delivered
-    );
-}
-
-#[tokio::test]
-async fn command_killed_at_its_timeout_is_transient() {
-    let sink = sh("exec sleep 30", &[]).with_timeout(Duration::from_millis(200));
-    let started = std::time::Instant::now();
-    let result = tokio::time::timeout(GUARD, sink.send(request(1, 1)))
-        .await
-        .unwrap();
-    match result {
-        DeliveryResult::Transient { error, .. } => {
-            assert!(error.contains("timed out"), "{error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
-    assert!(started.elapsed() < Duration::from_secs(10));
-}
-
-#[tokio::test]
-async fn command_that_does_not_exist_is_permanent() {
-    let sink = CommandSink::new(["/nonexistent/keel-notify"]).unwrap();
-    assert!(matches!(
-        sink.send(request(1, 1)).await,
-        DeliveryResult::Permanent { .. }
-    ));
-    assert_eq!(
-        CommandSink::new(Vec::<String>::new()).unwrap_err(),
-        CommandSinkError::EmptyArgv
-    );
-}
-
 /// Logs and metric labels name a webhook by scheme, host and port: the URL's user info,
 /// path and query often carry secrets.
 #[test]

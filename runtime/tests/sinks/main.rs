@@ -1,0 +1,51 @@
+//! The ready-made sinks: the command sink against `sh` scripts and, with the `webhook` feature,
+//! the webhook sink against a scripted local HTTP server.
+//!
+//! These tests use real time: with tokio's clock paused, the runtime idles while it waits on a
+//! socket or a child process, and the paused clock would jump straight to the sink's timeout.
+//! Nothing sleeps to synchronise: tests wait for requests and events, with a generous
+//! `tokio::time::timeout` as a guard against hanging.
+
+#![allow(clippy::unwrap_used)]
+
+mod command;
+#[cfg(feature = "webhook")]
+mod webhook;
+
+use std::time::Duration;
+
+use keel_core::outbox::{DeliveryId, DeliveryPayload, SendRequest};
+use keel_core::{JobId, StateName, Timestamp};
+
+const T0: Timestamp = Timestamp(1_800_000_000_000);
+
+/// A guard against a test hanging; never reached when the code under test works.
+const GUARD: Duration = Duration::from_secs(20);
+
+fn request(id: u64, attempt: u32) -> SendRequest {
+    SendRequest {
+        id: DeliveryId(id),
+        sink: "hook".into(),
+        payload: DeliveryPayload {
+            run: keel_core::RunId(12),
+            job: JobId::new("report").unwrap(),
+            state: StateName::Succeeded,
+            summary: Some("42 rows".into()),
+            error: None,
+            finished_at: T0,
+        },
+        attempt,
+    }
+}
+
+fn assert_document(json: &serde_json::Value, id: &str, attempt: u32) {
+    assert_eq!(json["delivery_id"], id, "{json}");
+    assert_eq!(json["sink"], "hook", "{json}");
+    assert_eq!(json["attempt"], attempt, "{json}");
+    assert_eq!(json["run"], 12, "{json}");
+    assert_eq!(json["job"], "report", "{json}");
+    assert_eq!(json["state"], "succeeded", "{json}");
+    assert_eq!(json["summary"], "42 rows", "{json}");
+    assert_eq!(json["error"], serde_json::Value::Null, "{json}");
+    assert_eq!(json["finished_at"], T0.0, "{json}");
+}
