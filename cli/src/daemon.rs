@@ -93,6 +93,7 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
             command_job::KIND
         )),
         StartError::Store(e) => Failure::from(e),
+        e => Failure::runtime(e.to_string()),
     })?;
     let handle = runtime.handle();
     let (stop_printer, printer_stop) = tokio::sync::watch::channel(false);

@@ -101,6 +101,7 @@ impl From<CommandError> for Failure {
             )),
             e @ CommandError::ReservedWorker { .. } => Failure::input(e.to_string()),
             CommandError::Runtime(e) => e.into(),
+            e => Failure::runtime(e.to_string()),
         }
     }
 }

@@ -18,6 +18,8 @@
 //! | `show`, `table`, `duration` | human output and input |
 //! | `whole_file` | small files written whole or not at all (temp file, sync, rename) |
 
+#![warn(missing_docs)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

@@ -10,6 +10,7 @@ use crate::time::Timestamp;
 
 /// Why a command or input was refused. A refused command changes nothing.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Rejected {
     /// No job has this id.
     #[error("no job named {0}")]

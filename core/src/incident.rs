@@ -19,6 +19,7 @@ use crate::time::Timestamp;
 /// What kind of trouble an incident reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum IncidentKind {
     /// A lease expired and the watchdog reclaimed it.
     LeaseReclaimed,

@@ -78,6 +78,8 @@
 //! (the trail and retention), [`persist`] (records, batches, gating). [`limits`] names every
 //! bound.
 
+#![warn(missing_docs)]
+
 pub mod audit;
 pub mod checkpoint;
 pub mod error;

@@ -1089,6 +1089,7 @@ impl Scheduler {
     // ----- outputs ----------------------------------------------------------------------
 
     /// The next output, or `None` when there is nothing to do until an input arrives.
+    #[must_use = "an effect polled is removed from the queue: carry it out"]
     pub fn poll_effect(&mut self) -> Option<Effect> {
         if let Some(effect) = self.effects.pop_front() {
             return Some(effect);
@@ -1127,6 +1128,7 @@ impl Scheduler {
     }
 
     /// When to call `handle_timeout` next, or `None` if nothing is scheduled.
+    #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         let runs = self.due_runs.first().map(|(at, _)| *at);
         let jobs = self

@@ -88,6 +88,7 @@ pub trait Store: Send + Sync + fmt::Debug {
 
 /// Why a store did not apply a batch or answer a query.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// A write rule refused the batch; nothing of it was applied.
     #[error("batch refused: {0}")]
@@ -118,6 +119,7 @@ pub enum StoreError {
 /// A write rule that refused a batch (see the [module docs](self#write-rules)).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case", tag = "conflict")]
+#[non_exhaustive]
 pub enum Conflict {
     /// The batch's writer is no longer the store's writer: another scheduler restored from
     /// the store since.

@@ -237,6 +237,7 @@ impl<T, E: std::fmt::Display> ResultExt<T> for Result<T, E> {
 
 /// Why a checkpoint was not saved.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CheckpointError {
     /// Refused: the attempt no longer holds its lease, or the data is too large.
     #[error(transparent)]

@@ -59,6 +59,7 @@
     not(all(feature = "webhook", feature = "prometheus")),
     allow(rustdoc::broken_intra_doc_links)
 )]
+#![warn(missing_docs)]
 
 mod clock;
 mod driver;
@@ -104,6 +105,7 @@ pub const DEFAULT_WORKER: &str = "local";
 
 /// Why the runtime stopped, or why a command could not reach it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RuntimeError {
     /// Another process restored from the store and is its writer now.
     #[error("deposed: {0}")]
@@ -131,6 +133,7 @@ pub const PANICS_IN_A_ROW_MAX: u32 = 3;
 
 /// Why a read through [`RuntimeHandle`] failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ReadError {
     /// The runtime is gone.
     #[error(transparent)]
@@ -149,6 +152,7 @@ pub fn now() -> Timestamp {
 
 /// Why the runtime did not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The store could not be read.
     #[error("cannot restore from the store: {0}")]
@@ -165,6 +169,7 @@ pub enum StartError {
 
 /// Why a command was refused.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CommandError {
     /// The core refused it; nothing changed.
     #[error(transparent)]
@@ -210,24 +215,28 @@ impl std::fmt::Debug for RuntimeBuilder {
 
 impl RuntimeBuilder {
     /// The scheduler's configuration (defaults: `keel_core::Config::default()`).
+    #[must_use]
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
         self
     }
 
     /// Registers the handler for jobs of `kind`.
+    #[must_use]
     pub fn handler(mut self, kind: &str, handler: impl Handler) -> Self {
         self.handlers.insert(kind.to_string(), Arc::new(handler));
         self
     }
 
     /// Registers a sink, by the name jobs use in their `sinks`.
+    #[must_use]
     pub fn sink(mut self, name: &str, sink: impl Sink) -> Self {
         self.sinks.insert(name.to_string(), Arc::new(sink));
         self
     }
 
     /// The seed of the core's jitter (default: from the clock).
+    #[must_use]
     pub fn seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self
@@ -237,12 +246,14 @@ impl RuntimeBuilder {
     /// [`DEFAULT_WORKER`]). Keep it across restarts: attempts held under it when the process
     /// stopped are recovered at once by the next start, while attempts held under any other
     /// name are external workers' and wait for their leases to expire.
+    #[must_use]
     pub fn worker(mut self, worker: WorkerId) -> Self {
         self.worker = Some(worker);
         self
     }
 
     /// The clock (default: [`Clock::system`]).
+    #[must_use]
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = Some(clock);
         self
@@ -417,8 +428,12 @@ impl RuntimeHandle {
         self.events.subscribe()
     }
 
-    /// Runs `f` on the driver with the scheduler and the current time, and returns its result
-    /// once everything it changed is durable. The typed methods below are built on it.
+    /// **Escape hatch.** Runs `f` on the driver with the scheduler and the current time, and
+    /// returns its result once everything it changed is durable. The typed methods below are
+    /// built on it; prefer them. `f` may call any of the scheduler's commands (they keep its
+    /// indexes and invariants), but it bypasses the runtime's own checks (a handler for the
+    /// job's kind, the reserved worker id), so use it for reads and for commands the handle
+    /// does not offer yet.
     pub async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Scheduler, Timestamp) -> T + Send + 'static,

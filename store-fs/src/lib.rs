@@ -133,6 +133,8 @@
 //! memory when it loads (the log is compacted at [`FsOptions::compact_after_bytes`]);
 //! directory fsync is a no-op where directories cannot be opened (non-Unix).
 
+#![warn(missing_docs)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::File;

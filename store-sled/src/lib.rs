@@ -109,6 +109,8 @@
 //!
 //! [`check_batch`]: keel_core::store::check_batch
 
+#![warn(missing_docs)]
+
 mod keys;
 mod stage;
 

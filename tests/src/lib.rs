@@ -30,6 +30,8 @@
 //! assert_eq!(sim.runs_of("once").len(), 1);
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod conformance;
 pub mod fuzzing;
