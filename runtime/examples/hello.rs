@@ -1,9 +1,7 @@
 //! keel's hello world: `cargo run -p keel-runtime --example hello -- DIR`. Run it twice on the
 //! same DIR: the cron job fires every second in each run, the one-shot once in total.
+use keel_runtime::{AttemptContext, Failure, JobId, JobSpec, Runtime, ScheduleSpec};
 use std::{sync::Arc, time::Duration};
-
-use keel_core::{JobId, JobSpec, ScheduleSpec};
-use keel_runtime::{AttemptContext, Failure, Runtime};
 
 async fn greet(ctx: AttemptContext) -> Result<String, Failure> {
     println!("{} {}: {}", keel_runtime::now(), ctx.job, ctx.payload);
@@ -13,11 +11,8 @@ async fn greet(ctx: AttemptContext) -> Result<String, Failure> {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args().nth(1).ok_or("usage: hello DIR")?;
-    let store = Arc::new(keel_store_fs::FsStore::open(dir)?);
-    let runtime = Runtime::builder(store)
-        .handler("greet", greet)
-        .start()
-        .await?;
+    let fs = Arc::new(keel_store_fs::FsStore::open(dir)?);
+    let runtime = Runtime::builder(fs).handler("greet", greet).start().await?;
     let (keel, tick) = (runtime.handle(), ScheduleSpec::cron("* * * * * *"));
     let soon = ScheduleSpec::once(keel.now().plus_ms(1_000));
     for (name, schedule, text) in [("tick", tick, "tick"), ("welcome", soon, "welcome!")] {

@@ -79,12 +79,17 @@ use std::time::Duration;
 use keel_core::lease::Lease;
 use keel_core::scheduler::{CheckpointSave, Released, RunContext};
 use keel_core::{
-    AttemptStart, AuditQuery, AuditRecord, Config, Ensured, Event, FencingToken, Job, JobId,
-    JobSpec, Outcome, Rejected, Run, RunId, RunQuery, Scheduler, Store, StoreError, Timestamp,
-    WorkerId,
+    AttemptStart, AuditQuery, AuditRecord, Config, Event, FencingToken, Job, Rejected, RunId,
+    RunQuery, Scheduler, Store, StoreError, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
+
+/// The core's types an embedding application names, re-exported so that it needs only this
+/// crate and a store: jobs and their schedules, outcomes, runs and times.
+pub use keel_core::{
+    Ensured, JobId, JobSpec, Outcome, RetryPolicy, Run, RunState, ScheduleSpec, Timestamp,
+};
 
 pub use clock::Clock;
 pub use driver::DriverStats;
