@@ -128,7 +128,8 @@
 //! command's exit status, because keel cannot tell whether the work was done. keel then decides
 //! by why it asked: after an operator's cancel the run ends `cancelled`; after a timeout the run
 //! is retried like any failure (or `failed` once its attempts are used up); after a shutdown it
-//! is retried at the next start, from its last checkpoint (this uses one of its attempts). A
+//! is interrupted by shutdown and resumes at the next start, from its last checkpoint, using
+//! none of its attempts (SPEC O1: the core records it so, whatever the command reports). A
 //! command still running when a shutdown's budget is spent is killed, and its run is recovered
 //! at the next start like one interrupted by a crash.
 //!

@@ -14,7 +14,8 @@
 //! 5. Serves `<data-dir>/keel.sock` (0600, line-delimited JSON, see `protocol`), logs every
 //!    event as one line on stderr, and serves Prometheus metrics if the config asks.
 //! 6. Stops gracefully on SIGINT or SIGTERM within the shutdown budget, removes the socket and
-//!    releases the lock. A second signal stops at once.
+//!    releases the lock. A second signal stops at once (attempts interrupted, no attempt
+//!    used); a third exits without waiting for the store.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -171,7 +172,14 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         ));
         stopper.begin_shutdown(budget);
         signals.recv().await;
-        log("second signal: stopping now; unfinished attempts are recovered at the next start");
+        log(
+            "second signal: stopping now; running attempts are interrupted (no attempt used) \
+             and resume at the next start (a third signal exits at once)",
+        );
+        // The same accounting as a budget that ran out, only now (SPEC O1).
+        stopper.begin_shutdown(Duration::ZERO);
+        signals.recv().await;
+        log("third signal: exiting now; unfinished attempts are recovered at the next start");
         // Their commands must not outlive the daemon: the next start would run the recovered
         // attempt beside them.
         let left = command_job::kill_leftovers(&attempts_dir).unwrap_or_default();

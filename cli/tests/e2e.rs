@@ -898,29 +898,39 @@ payload = "scene-1"
 }
 
 #[test]
-fn sigterm_stops_the_daemon_within_its_budget_even_if_a_command_ignores_it() {
-    const BUDGET: Duration = Duration::from_secs(2);
+fn sigterm_lets_commands_finish_within_the_budget_and_what_it_stops_resumes_unpaid() {
+    // SPEC O1. The budget is 4 s: attempts run undisturbed for 2 s, then are asked to stop.
+    const BUDGET: Duration = Duration::from_secs(4);
     // Process start-up, the final store writes and the exit, with room for a loaded machine.
     const MARGIN: Duration = Duration::from_secs(3);
     let place = Place::new("budget");
-    // The command (and the `sleep` it starts, which inherits the ignored SIGTERM) runs in a
-    // process group of its own, whose id is the shell's pid.
+    // `stubborn`'s first attempt ignores SIGTERM and would sleep 30 s; its command (and the
+    // `sleep` it starts, which inherits the ignored SIGTERM) runs in a process group of its
+    // own, whose id is the shell's pid. Its next attempt succeeds at once. `quick` finishes
+    // 1.5 s after it started, well within the budget. Each job has one attempt in all.
     let config = place.write(
         "keel.toml",
         r#"
 [daemon]
-shutdown_budget = "2s"
+shutdown_budget = "4s"
 
 [[job]]
 name = "stubborn"
 at = "+0s"
 cwd = "."
-command = ["sh", "-c", "trap '' TERM; echo $$ > pgid; echo '::keel checkpoint trapped'; sleep 30"]
+attempts = 1
+command = ["sh", "-c", "if [ $KEEL_ATTEMPT = 1 ]; then trap '' TERM; echo $$ > pgid; echo '::keel checkpoint trapped'; sleep 30; fi; echo resumed"]
+
+[[job]]
+name = "quick"
+at = "+0s"
+attempts = 1
+command = ["sh", "-c", "echo '::keel checkpoint started'; sleep 1.5; echo finished"]
 "#,
     );
     let mut daemon = place.daemon(&config);
-    // The command saves a checkpoint once it ignores SIGTERM.
-    daemon.wait_for(&["checkpoint #1 saved"]);
+    // Both commands run (each saves a checkpoint first thing).
+    daemon.wait_for_n(2, &["checkpoint #1 saved"]);
     let pgid: u32 = std::fs::read_to_string(place.path("pgid"))
         .expect("the command wrote its pid")
         .trim()
@@ -938,7 +948,7 @@ command = ["sh", "-c", "trap '' TERM; echo $$ > pgid; echo '::keel checkpoint tr
         "took {took:?}, more than the budget {BUDGET:?} + {MARGIN:?}:\n{}",
         daemon.log()
     );
-    daemon.wait_for(&["stopping: finishing running attempts within 2s"]);
+    daemon.wait_for(&["stopping: finishing running attempts within 4s"]);
     daemon.wait_for(&["keel: stopped"]);
     // The budget ran out: the command's group was killed, not left running. (A process
     // killed just before the exit may take a moment to go.)
@@ -951,11 +961,29 @@ command = ["sh", "-c", "trap '' TERM; echo $$ > pgid; echo '::keel checkpoint tr
         Vec::<u32>::new(),
         "the command outlived the daemon"
     );
-    // The attempt it left is still on record, to be recovered at the next start; the command's
-    // record is gone with the command.
-    let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
-    assert_eq!(runs[0]["state"]["state"], "running", "{runs}");
     assert_eq!(records(&place), Vec::<String>::new());
+    // `quick` was never disturbed: it succeeded, though the signal came while it ran.
+    let quick = place.json(&["runs", "--json", "--job", "quick"]);
+    assert_eq!(quick[0]["state"]["state"], "succeeded", "{quick}");
+    // `stubborn` was interrupted by the shutdown: waiting for the next start, no attempt used.
+    let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
+    assert_eq!(runs[0]["state"]["state"], "backing_off", "{runs}");
+    assert_eq!(runs[0]["shutdowns"], 1, "{runs}");
+    assert!(
+        runs[0]["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped by a shutdown")),
+        "{runs}"
+    );
+
+    // The next start resumes it at once; its one attempt was still unused, so it succeeds.
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["stubborn", "succeeded"]);
+    daemon.signal("TERM");
+    daemon.wait_exit();
+    let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
+    assert_eq!(runs[0]["state"]["state"], "succeeded", "{runs}");
+    assert_eq!(runs[0]["attempt"], 2, "{runs}");
 }
 
 #[test]

@@ -16,6 +16,7 @@
 //! | `Running` | outcome `snooze(d)` | `BackingOff { until: now + d }` (no attempt consumed) |
 //! | `Running` | outcome `cancelled`, or any failure or snooze after a cancel request | `Cancelled` |
 //! | `Running` | lease reclaimed, or released by its holder: the attempt is lost | `BackingOff { until: now }`, or `FailedDropped` (poison) once `lost_attempts_max` attempts were lost |
+//! | `Starting`, `Running` | a graceful shutdown stopped it, or ran out of budget before it ended (SPEC O1) | `BackingOff { until: now }`, resumed at the next start; no attempt used (`Cancelled` after a cancel request) |
 //! | `Running` | the watchdog kills it (timeout, backstop) | as a retryable failure; the kill is sticky |
 //! | `Queued`, `BackingOff`, `Starting` | operator cancels | `Cancelled` |
 //! | `Running` | operator cancels | `Running` with a cancel request (cooperative) |
@@ -38,6 +39,10 @@ use crate::limits;
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::rng::SplitMix64;
 use crate::time::Timestamp;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
 
 /// Why a run exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -316,6 +321,9 @@ pub struct Run {
     /// errors by `RetryPolicy::lost_attempts_max`.
     #[serde(default)]
     pub lost: u32,
+    /// Attempts a graceful shutdown stopped (SPEC O1); they count against no budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shutdowns: u32,
     /// The last progress the holder reported.
     #[serde(default)]
     pub progress: Option<Progress>,
@@ -452,6 +460,7 @@ impl Run {
             lease: None,
             last_token: None,
             lost: 0,
+            shutdowns: 0,
             progress: None,
             last_activity: None,
             artifacts: BTreeMap::new(),
@@ -479,12 +488,13 @@ impl Run {
     }
 
     /// Attempts that count against `attempts_max`: every attempt started except snoozed and
-    /// lost ones (lost attempts have their own budget).
+    /// lost ones (lost attempts have their own budget) and those a shutdown stopped.
     pub fn attempts_counted(&self) -> u32 {
         self.attempt
             .0
             .saturating_sub(self.snoozes)
             .saturating_sub(self.lost)
+            .saturating_sub(self.shutdowns)
     }
 
     /// `BackingOff { until }` reached: an in-process run starts its next attempt (its lease is
@@ -680,6 +690,35 @@ impl Run {
             now,
             ErrorKind::Interrupted,
             &format!("attempt {attempt} was cut short by a crash or shutdown"),
+        )
+    }
+
+    /// A graceful shutdown stopped the attempt in progress, or its budget ran out before the
+    /// attempt ended (SPEC O1). It uses no attempt and no lost-attempt budget: the run retries
+    /// at the next start (`BackingOff { until: now }`, which a shutting-down scheduler leaves
+    /// for the next start). A run an operator had cancelled ends `cancelled`.
+    pub fn interrupt_for_shutdown(&mut self, now: Timestamp) -> Transition {
+        let attempt = self.attempt;
+        self.end_attempt();
+        self.record_error(
+            now,
+            ErrorKind::Interrupted,
+            &format!("attempt {attempt} was stopped by a shutdown"),
+        );
+        if self.cancel_requested {
+            return self.finish(
+                now,
+                RunState::Cancelled,
+                format!("attempt {attempt} stopped by a shutdown after a cancel request"),
+            );
+        }
+        self.shutdowns += 1;
+        self.change(
+            RunState::BackingOff { until: now },
+            format!(
+                "attempt {attempt} interrupted by shutdown; it resumes at the next start and \
+                 uses no attempt"
+            ),
         )
     }
 

@@ -339,6 +339,9 @@ pub struct Scheduler {
     throttles: BTreeMap<RunId, Throttle>,
     /// Set by `begin_shutdown`: nothing new fires or is claimed.
     shutting_down: bool,
+    /// Own attempts a shutdown asked to stop (`stop_for_shutdown`): whatever they report but
+    /// a success interrupts them for the next start, using no attempt (SPEC O1).
+    stopped_for_shutdown: BTreeSet<(RunId, Attempt)>,
     /// Results waiting to be delivered to sinks (SPEC D1–D5).
     outbox: Outbox,
     /// The job of each delivery in the outbox (deliveries travel in their job's group).
@@ -386,6 +389,7 @@ impl Scheduler {
             work: WorkCounter::default(),
             throttles: BTreeMap::new(),
             shutting_down: false,
+            stopped_for_shutdown: BTreeSet::new(),
             outbox: Outbox::new(config.outbox),
             delivery_jobs: BTreeMap::new(),
             meta: Meta {
@@ -2134,6 +2138,123 @@ mod tests {
             }
         }
         started
+    }
+
+    /// Acknowledges every write; returns the attempts started and the attempts asked to stop.
+    fn ack_all(s: &mut Scheduler, now: Timestamp) -> (Vec<AttemptStart>, Vec<RunId>) {
+        let (mut started, mut stopped) = (Vec::new(), Vec::new());
+        while let Some(effect) = s.poll_effect() {
+            match effect {
+                Effect::Persist(batch) => s.handle_persisted(now, batch.id),
+                Effect::StartAttempt(a) => started.push(a),
+                Effect::CancelAttempt { run, .. } => stopped.push(run),
+                _ => {}
+            }
+        }
+        (started, stopped)
+    }
+
+    /// A scheduler running two one-shot attempts of a job with one attempt in all: one its own,
+    /// one an external worker's.
+    fn shutdown_world() -> (Scheduler, Timestamp, AttemptStart, Claimed) {
+        let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z").unwrap();
+        let mut s = Scheduler::new(Config::default(), 1, t0);
+        let at = t0.plus_ms(1_000);
+        let own =
+            JobSpec::new(JobId::new("own").unwrap(), "k", ScheduleSpec::once(at)).with_attempts(1);
+        let ext = JobSpec::new(JobId::new("ext").unwrap(), "x", ScheduleSpec::once(at))
+            .with_attempts(1)
+            .for_external_workers();
+        s.add_job(t0, own).unwrap();
+        s.add_job(t0, ext).unwrap();
+        ack_all(&mut s, t0);
+        s.handle_timeout(at);
+        let (started, _) = ack_all(&mut s, at);
+        let worker = WorkerId::new("w").unwrap();
+        let claimed = s.claim(at, &worker, &["x"]).unwrap().unwrap();
+        ack_all(&mut s, at);
+        (s, at, started.into_iter().next().unwrap(), claimed)
+    }
+
+    #[test]
+    fn a_graceful_shutdown_lets_attempts_finish_and_stops_only_its_own_late() {
+        let (mut s, at, own, ext) = shutdown_world();
+        let shutdown = s.begin_shutdown(at);
+        assert_eq!(
+            shutdown.attempts,
+            vec![(own.run, own.attempt)],
+            "its own only"
+        );
+        let (_, stopped) = ack_all(&mut s, at);
+        assert!(stopped.is_empty(), "attempts keep their budget to finish");
+        // Near the end of the budget, its own attempt is asked to stop; the worker's is not.
+        let late = at.plus_ms(7_500);
+        assert_eq!(s.stop_for_shutdown(late), vec![(own.run, own.attempt)]);
+        assert_eq!(ack_all(&mut s, late).1, vec![own.run]);
+        // Stopped, the handler reports a failure: that is the shutdown's doing.
+        let failed = Outcome::Retryable {
+            message: "asked to stop".into(),
+        };
+        s.handle_outcome(late, own.run, own.lease.token, failed)
+            .unwrap();
+        ack_all(&mut s, late);
+        let run = s.run(own.run).unwrap();
+        assert_eq!(run.state, RunState::BackingOff { until: late });
+        assert_eq!(
+            (run.shutdowns, run.attempts_counted()),
+            (1, 0),
+            "no attempt used"
+        );
+        assert!(run
+            .last_error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("stopped by a shutdown")));
+        let ext_run = s.run(ext.run).unwrap();
+        assert!(matches!(ext_run.state, RunState::Running { .. }));
+        // A retry waits for the next start.
+        s.handle_timeout(late.plus_ms(60_000));
+        assert!(ack_all(&mut s, late.plus_ms(60_000)).0.is_empty());
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_success_after_the_stop_stands_and_the_budget_end_interrupts_the_rest() {
+        let (mut s, at, own, _) = shutdown_world();
+        s.begin_shutdown(at);
+        s.stop_for_shutdown(at);
+        ack_all(&mut s, at);
+        s.handle_outcome(at, own.run, own.lease.token, Outcome::ok())
+            .unwrap();
+        assert_eq!(s.run(own.run).map(|r| r.state), Some(RunState::Succeeded));
+
+        let (mut s, at, own, ext) = shutdown_world();
+        s.begin_shutdown(at);
+        let end = at.plus_ms(10_000);
+        assert_eq!(s.end_shutdown(end), vec![own.run]);
+        ack_all(&mut s, end);
+        let run = s.run(own.run).unwrap();
+        assert_eq!(
+            (run.state, run.shutdowns),
+            (RunState::BackingOff { until: end }, 1)
+        );
+        // The abandoned attempt's late word is refused: its lease ended with the shutdown.
+        let late = s.handle_outcome(end, own.run, own.lease.token, Outcome::ok());
+        assert!(late.is_err(), "{late:?}");
+        assert!(matches!(
+            s.run(ext.run).unwrap().state,
+            RunState::Running { .. }
+        ));
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_cancelled_run_stopped_by_a_shutdown_ends_cancelled() {
+        let (mut s, at, own, _) = shutdown_world();
+        s.cancel_run(at, own.run).unwrap();
+        s.begin_shutdown(at);
+        s.end_shutdown(at);
+        assert_eq!(s.run(own.run).map(|r| r.state), Some(RunState::Cancelled));
+        s.check_invariants();
     }
 
     #[test]

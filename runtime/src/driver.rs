@@ -2,13 +2,16 @@
 //!
 //! # States, inputs, effects
 //!
-//! The driver is `Running` until a shutdown is asked for, then `Draining` until its budget is
-//! spent or nothing is left, then `Stopped`. Its inputs arrive on one channel ([`Msg`]) or
-//! from one timer:
+//! The driver is `Running` until a shutdown is asked for, then `Draining` until nothing is left
+//! or its budget is spent, then `Stopped`. Draining has three steps (SPEC O1): attempts run
+//! undisturbed until `stop_at` (half the budget left, at most 10 s); then its own attempts
+//! still running are asked to stop (`stop_for_shutdown`); at the budget's end those left are
+//! interrupted (`end_shutdown`) and aborted, and the driver stops once that is written (or 2 s
+//! later). Its inputs arrive on one channel ([`Msg`]) or from one timer:
 //!
 //! | input | what the driver does |
 //! |---|---|
-//! | the timer (`poll_timeout`, its attempts' lease timers, the shutdown deadline) | `handle_timeout(now)`; drives each own attempt's `LeaseHolder`: renews at half the TTL, and once no renewal was durable for `ttl - margin` stops the attempt (below) |
+//! | the timer (`poll_timeout`, its attempts' lease timers, the shutdown's steps) | `handle_timeout(now)`; drives each own attempt's `LeaseHolder`: renews at half the TTL, and once no renewal was durable for `ttl - margin` stops the attempt (below); moves a shutdown to its next step |
 //! | `Msg::Command` | runs it against the scheduler; answers once what it wrote is durable |
 //! | `Msg::Persisted` | `handle_persisted` or `handle_persist_failed`; a `Deposed` store stops the driver |
 //! | `Msg::Finished` (a handler returned or panicked) | `handle_outcome` with the attempt's token; a success refused because the lease was lost is a WARN and audit evidence (SPEC L4) |
@@ -242,6 +245,11 @@ pub(crate) struct Driver {
     pub(crate) claims: HashMap<RunId, oneshot::Sender<Option<AttemptStart>>>,
     deliveries_in_flight: usize,
     drain_until: Option<Instant>,
+    /// The shutdown's phases (SPEC O1): when its own attempts still running are asked to stop,
+    /// and whether they were; and whether the budget's end interrupted the rest.
+    stop_at: Option<Instant>,
+    stop_sent: bool,
+    ended: bool,
     stopped: Option<Result<(), RuntimeError>>,
 }
 
@@ -284,6 +292,9 @@ impl Driver {
             claims: HashMap::new(),
             deliveries_in_flight: 0,
             drain_until: None,
+            stop_at: None,
+            stop_sent: false,
+            ended: false,
             stopped: None,
         }
     }
@@ -490,6 +501,9 @@ impl Driver {
         if self.drain_until.is_some() {
             self.core.begin_shutdown(now);
             self.core.flush_checkpoints(now);
+            // The rebuilt core runs none of the old attempts (they were aborted above); the
+            // shutdown's steps go on from where they were.
+            self.ended = false;
         }
     }
 
@@ -530,7 +544,12 @@ impl Driver {
     fn next_wake(&self) -> Option<Instant> {
         let core = self.core.poll_timeout().map(|at| self.clock.instant_at(at));
         let renew = self.lease_timers.first().map(|(at, _)| *at);
-        [core, renew, self.drain_until].into_iter().flatten().min()
+        let shutdown = match (self.stop_sent, self.ended) {
+            (false, _) => self.stop_at,
+            (true, false) => self.drain_until,
+            (true, true) => self.drain_until.map(|until| until + END_WRITE_GRACE),
+        };
+        [core, renew, shutdown].into_iter().flatten().min()
     }
 
     fn tick(&mut self) {
@@ -546,6 +565,40 @@ impl Driver {
             self.lease_timer(now, run);
         }
         self.core.handle_timeout(now);
+        self.shutdown_phase(now);
+    }
+
+    /// Moves a shutdown on (SPEC O1): at `stop_at` its own attempts still running are asked to
+    /// stop; at the budget's end those left are interrupted for the next start (no attempt
+    /// used) and their tasks aborted, and the driver stops once that is written.
+    fn shutdown_phase(&mut self, now: Timestamp) {
+        let (Some(stop_at), Some(until)) = (self.stop_at, self.drain_until) else {
+            return;
+        };
+        let at = Instant::now();
+        if !self.stop_sent && at >= stop_at {
+            self.stop_sent = true;
+            let asked = self.core.stop_for_shutdown(now);
+            if !asked.is_empty() {
+                tracing::info!(
+                    attempts = asked.len(),
+                    "shutdown: asking the attempts still running to stop"
+                );
+            }
+        }
+        if !self.ended && at >= until {
+            self.ended = true;
+            let interrupted = self.core.end_shutdown(now);
+            for run in &interrupted {
+                if let Some(executing) = self.untrack(*run) {
+                    executing.abort.abort();
+                }
+                tracing::info!(
+                    %run,
+                    "attempt interrupted by shutdown; it resumes at the next start and uses no attempt"
+                );
+            }
+        }
     }
 
     /// An attempt's lease timer is due: abort it (its lease was lost and it has not ended),
@@ -1164,10 +1217,17 @@ impl Driver {
     }
 
     fn begin_shutdown(&mut self, budget: Duration) {
-        if self.drain_until.is_some() {
+        let now = self.clock.now();
+        let until = Instant::now() + budget;
+        if let Some(current) = self.drain_until {
+            // A second request with a shorter budget (a second signal) moves the end closer.
+            if until < current {
+                self.drain_until = Some(until);
+                self.stop_at = self.stop_at.map(|at| at.min(until));
+                self.shutdown_phase(now);
+            }
             return;
         }
-        let now = self.clock.now();
         let shutdown = self.core.begin_shutdown(now);
         tracing::info!(
             attempts = shutdown.attempts.len(),
@@ -1176,22 +1236,24 @@ impl Driver {
             "shutting down"
         );
         self.core.flush_checkpoints(now);
-        self.drain_until = Some(Instant::now() + budget);
+        self.drain_until = Some(until);
+        self.stop_at = Some(until - stop_window(budget));
         for (_, waiter) in self.claims.drain() {
             drop(waiter);
         }
+        self.shutdown_phase(now);
     }
 
-    /// True when a shutdown has nothing left to wait for, or its budget is spent.
+    /// True when a shutdown has nothing left to wait for; or its budget is spent, what that
+    /// interrupted is written (or the write's grace is spent too).
     fn drained(&self) -> bool {
         let Some(until) = self.drain_until else {
             return false;
         };
-        let idle = self.executing.is_empty()
-            && self.deliveries_in_flight == 0
-            && self.in_flight.is_none()
-            && !self.core.has_unwritten_changes();
-        idle || Instant::now() >= until
+        let written = self.in_flight.is_none() && !self.core.has_unwritten_changes();
+        let idle = self.executing.is_empty() && self.deliveries_in_flight == 0 && written;
+        let now = Instant::now();
+        idle || (self.ended && (written || now >= until + END_WRITE_GRACE))
     }
 
     fn stop_everything(&mut self, result: Result<(), RuntimeError>) {
@@ -1211,6 +1273,19 @@ impl Driver {
         }
     }
 }
+
+/// How long before the end of a shutdown's budget its attempts still running are asked to
+/// stop: half the budget, at most [`STOP_WINDOW_MAX`]. Until then they finish undisturbed.
+fn stop_window(budget: Duration) -> Duration {
+    (budget / 2).min(STOP_WINDOW_MAX)
+}
+
+/// The longest a shutdown leaves its attempts undisturbed is its budget less this.
+const STOP_WINDOW_MAX: Duration = Duration::from_secs(10);
+
+/// After the budget's end, how long the driver waits for the write recording the attempts it
+/// interrupted; past it they are recovered at the next start as lost attempts instead.
+const END_WRITE_GRACE: Duration = Duration::from_secs(2);
 
 async fn sleep_until(at: Option<Instant>) {
     match at {

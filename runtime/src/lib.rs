@@ -28,10 +28,13 @@
 //!   external workers need no handler.
 //! - **Commands answer once durable**: [`RuntimeHandle`] methods return after what they
 //!   changed is acknowledged by the store.
-//! - **Graceful shutdown** ([`Runtime::shutdown`], [`Runtime::run_until_signal`] on SIGINT or
-//!   SIGTERM): stop claiming and firing, ask attempts to stop, flush checkpoints, drain
-//!   deliveries, all within one time budget; whatever is left stays durable and is recovered
-//!   at the next start.
+//! - **Graceful shutdown** (SPEC O1; [`Runtime::shutdown`], [`Runtime::run_until_signal`] on
+//!   SIGINT or SIGTERM), within one time budget: stop claiming and firing; let attempts
+//!   finish; when half the budget is left (at most 10 s), ask those still running to stop; at
+//!   its end, abort the rest. An attempt the shutdown stops is interrupted by shutdown: it uses
+//!   no attempt and resumes at the next start. Checkpoints are flushed and deliveries drained;
+//!   whatever is left stays durable. A second `begin_shutdown` with a shorter budget (a second
+//!   signal) moves the end closer.
 //! - **Observability**: a tracing span per attempt and an event per state change; counters
 //!   through the `metrics` facade ([`metrics_names`]).
 //! - **It survives its own panics** (SPEC W4): a panic in the driver (the core, a sink, a

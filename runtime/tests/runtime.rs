@@ -322,14 +322,26 @@ async fn an_external_worker_claims_completes_and_a_stale_token_is_refused() {
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
+/// SPEC O1: attempts get the budget to finish; those still running near its end are asked to
+/// stop, and what a shutdown stops uses no attempt and resumes at the next start.
 #[tokio::test(start_paused = true)]
-async fn shutdown_asks_attempts_to_stop_and_keeps_what_it_cannot_finish_durable() {
+async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_an_attempt() {
     let store = SharedMemStore::new();
+    let asked_at = Arc::new(std::sync::Mutex::new(None));
+    let asked = Arc::clone(&asked_at);
     let runtime = builder(&store)
-        .handler("polite", |mut ctx: AttemptContext| async move {
-            ctx.cancelled().await;
-            Outcome::Cancelled {
-                reason: "shutting down".into(),
+        .handler("quick", |_ctx: AttemptContext| async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Outcome::ok()
+        })
+        .handler("polite", move |mut ctx: AttemptContext| {
+            let asked = Arc::clone(&asked);
+            async move {
+                ctx.cancelled().await;
+                *asked.lock().unwrap() = Some(tokio::time::Instant::now());
+                Outcome::Cancelled {
+                    reason: "asked to stop".into(),
+                }
             }
         })
         .handler("stubborn", |_ctx: AttemptContext| async move {
@@ -341,39 +353,71 @@ async fn shutdown_asks_attempts_to_stop_and_keeps_what_it_cannot_finish_durable(
         .unwrap();
     let handle = runtime.handle();
     let mut events = handle.subscribe();
-    handle
-        .add_job(once("polite", "polite", 1_000))
-        .await
-        .unwrap();
-    handle
-        .add_job(once("stubborn", "stubborn", 1_000))
-        .await
-        .unwrap();
-    // Wait until both attempts run.
+    for kind in ["quick", "polite", "stubborn"] {
+        let job = once(kind, kind, 1_000).with_attempts(1);
+        handle.add_job(job).await.unwrap();
+    }
     let mut granted = 0;
-    while granted < 2 {
+    while granted < 3 {
         if let Event::LeaseGranted { .. } = events.recv().await.unwrap() {
             granted += 1;
         }
     }
     let started = tokio::time::Instant::now();
     runtime.shutdown(Duration::from_secs(10)).await.unwrap();
+    let took = started.elapsed();
     assert!(
-        started.elapsed() <= Duration::from_secs(10),
-        "the shutdown kept to its budget"
+        took <= Duration::from_secs(10),
+        "kept to its budget: {took:?}"
     );
+    let asked = asked_at.lock().unwrap().expect("polite was asked to stop");
     assert_eq!(
-        stored_runs(&store, "polite")[0].state,
-        RunState::Cancelled,
-        "the cooperative attempt finished within the budget"
+        asked - started,
+        Duration::from_secs(5),
+        "attempts run undisturbed for the budget less the stop window (half of 10 s)"
     );
-    assert!(
-        matches!(
-            stored_runs(&store, "stubborn")[0].state,
-            RunState::Running { .. }
-        ),
-        "the stubborn attempt stays durable as running, recovered at the next start"
+    let run = |job: &str| stored_runs(&store, job)[0].clone();
+    assert_eq!(
+        run("quick").state,
+        RunState::Succeeded,
+        "it finished in time"
     );
+    for job in ["polite", "stubborn"] {
+        let run = run(job);
+        assert!(
+            matches!(run.state, RunState::BackingOff { .. }),
+            "{job}: {:?}",
+            run.state
+        );
+        assert_eq!((run.shutdowns, run.attempts_counted()), (1, 0), "{job}");
+    }
+
+    // The next start resumes both at once, with their one attempt still to use.
+    let runtime = builder(&store)
+        .handler("quick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .handler(
+            "polite",
+            |_ctx: AttemptContext| async move { Outcome::ok() },
+        )
+        .handler(
+            "stubborn",
+            |_ctx: AttemptContext| async move { Outcome::ok() },
+        )
+        .start()
+        .await
+        .unwrap();
+    let mut events = runtime.handle().subscribe();
+    finished(&runtime.handle(), &mut events, "polite", 1).await;
+    runtime.handle().sync().await.unwrap();
+    for job in ["polite", "stubborn"] {
+        let run = run(job);
+        assert_eq!(
+            (run.state, run.attempt.0),
+            (RunState::Succeeded, 2),
+            "{job}"
+        );
+    }
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]

@@ -166,7 +166,16 @@ impl Scheduler {
                 });
             }
         }
+        let attempt = run.attempt;
         let now = self.clamp(now);
+        if self.stopped_for_shutdown.remove(&(run_id, attempt))
+            && !matches!(outcome, Outcome::Success { .. })
+        {
+            // Stopped by the shutdown, not failed: whatever it says (a cancel, an error from
+            // being stopped) is the shutdown's doing (SPEC O1).
+            self.interrupt_for_shutdown(now, run_id);
+            return Ok(());
+        }
         let run = self.runs.get_mut(&run_id).expect("checked above");
         let t = run.apply_outcome(now, outcome, &mut self.rng);
         self.after_run_transition(run_id, t, Actor::Worker(owner));
@@ -401,9 +410,10 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Starts a graceful shutdown: nothing new fires or is claimed, throttled checkpoints are
-    /// flushed, and every attempt in progress is asked to stop. The driver drains within its
-    /// budget; what does not finish stays durable and is recovered at the next start.
+    /// Starts a graceful shutdown (SPEC O1): nothing new fires or is claimed, and throttled
+    /// checkpoints are flushed. Attempts in progress go on: they have the driver's budget to
+    /// finish. Near its end the driver calls [`Scheduler::stop_for_shutdown`], and at its end
+    /// [`Scheduler::end_shutdown`]; what does not finish stays durable for the next start.
     pub fn begin_shutdown(&mut self, now: Timestamp) -> Shutdown {
         self.flush_checkpoints(now);
         self.shutting_down = true;
@@ -417,22 +427,71 @@ impl Scheduler {
         for run in backing_off {
             self.index_run(run);
         }
-        let attempts: Vec<(RunId, Attempt)> = self
-            .runs
-            .values()
-            .filter(|r| matches!(r.state, RunState::Running { .. }))
-            .map(|r| (r.id, r.attempt))
-            .collect();
-        for (run, attempt) in &attempts {
-            self.effects.push_back(Effect::CancelAttempt {
-                run: *run,
-                attempt: *attempt,
-            });
-        }
         Shutdown {
-            attempts,
+            attempts: self.own_attempts(|state| matches!(state, RunState::Running { .. })),
             deliveries: self.outbox.in_flight(),
         }
+    }
+
+    /// Asks this scheduler's own attempts still running to stop (`CancelAttempt`), because the
+    /// shutdown's budget is nearly spent. Whatever such an attempt then reports, except a
+    /// success, interrupts its run for the next start without using an attempt. Attempts of
+    /// external workers are theirs to finish: their leases run on. Returns the attempts asked.
+    pub fn stop_for_shutdown(&mut self, now: Timestamp) -> Vec<(RunId, Attempt)> {
+        if !self.shutting_down {
+            self.begin_shutdown(now);
+        }
+        let running = self.own_attempts(|state| matches!(state, RunState::Running { .. }));
+        for &(run, attempt) in &running {
+            if self.stopped_for_shutdown.insert((run, attempt)) {
+                self.effects
+                    .push_back(Effect::CancelAttempt { run, attempt });
+            }
+        }
+        running
+    }
+
+    /// The shutdown's budget is spent: this scheduler's own attempts that have not ended are
+    /// interrupted for the next start, using no attempt (SPEC O1), and their leases end, so
+    /// nothing they report later is accepted. The driver then stops their tasks, writes this
+    /// change and exits. Returns the runs interrupted.
+    pub fn end_shutdown(&mut self, now: Timestamp) -> Vec<RunId> {
+        if !self.shutting_down {
+            self.begin_shutdown(now);
+        }
+        let now = self.clamp(now);
+        let left = self.own_attempts(|state| {
+            matches!(state, RunState::Starting { .. } | RunState::Running { .. })
+        });
+        for &(run, _) in &left {
+            self.interrupt_for_shutdown(now, run);
+        }
+        left.into_iter().map(|(run, _)| run).collect()
+    }
+
+    fn interrupt_for_shutdown(&mut self, now: Timestamp, run_id: RunId) {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let attempt = run.attempt;
+        self.stopped_for_shutdown.remove(&(run_id, attempt));
+        let t = run.interrupt_for_shutdown(now);
+        self.after_run_transition(run_id, t, Actor::Scheduler);
+    }
+
+    /// This scheduler's own attempts in a state `state` accepts, in run order.
+    fn own_attempts(&self, state: impl Fn(&RunState) -> bool) -> Vec<(RunId, Attempt)> {
+        self.runs
+            .values()
+            .filter(|r| state(&r.state))
+            .filter(|r| r.lease.as_ref().is_some_and(|l| l.owner == self.worker))
+            .map(|r| (r.id, r.attempt))
+            .collect()
+    }
+
+    /// The worker id this scheduler's own executor holds leases under (`restore_as`).
+    pub fn worker(&self) -> &WorkerId {
+        &self.worker
     }
 
     /// True once `begin_shutdown` was called.
