@@ -95,7 +95,7 @@ impl From<CommandError> for Failure {
     fn from(error: CommandError) -> Failure {
         match error {
             CommandError::Rejected(r) => r.into(),
-            CommandError::NoHandler { kind } => Failure::input(format!(
+            CommandError::NoHandler { kind, .. } => Failure::input(format!(
                 "no handler is registered for kind {kind:?}: keel runs command jobs itself; \
                  jobs of any other kind need --worker-kind (external workers)"
             )),

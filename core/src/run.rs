@@ -244,6 +244,23 @@ pub enum ErrorKind {
     Poison,
 }
 
+impl fmt::Display for ErrorKind {
+    /// The name it is stored under: `retryable`, `timed_out`...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::Retryable => "retryable",
+            ErrorKind::Permanent => "permanent",
+            ErrorKind::Interrupted => "interrupted",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
+            ErrorKind::SnoozeLimit => "snooze_limit",
+            ErrorKind::Lost => "lost",
+            ErrorKind::TimedOut => "timed_out",
+            ErrorKind::Poison => "poison",
+        })
+    }
+}
+
 /// A concrete error kept with a run (SPEC R4).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunError {
@@ -255,6 +272,17 @@ pub struct RunError {
     pub attempt: Attempt,
     /// When it was recorded.
     pub at: Timestamp,
+}
+
+impl fmt::Display for RunError {
+    /// `attempt 2, retryable: upstream 503`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "attempt {}, {}: {}",
+            self.attempt, self.kind, self.message
+        )
+    }
 }
 
 /// A run, in memory and as persisted.
@@ -906,6 +934,32 @@ pub(crate) fn truncate(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_kind_displays_as_it_is_stored_and_an_error_says_its_attempt() {
+        use ErrorKind::*;
+        for kind in [
+            Retryable,
+            Permanent,
+            Interrupted,
+            Cancelled,
+            DeadlineExceeded,
+            SnoozeLimit,
+            Lost,
+            TimedOut,
+            Poison,
+        ] {
+            let stored = serde_json::to_value(kind).unwrap();
+            assert_eq!(stored.as_str(), Some(kind.to_string().as_str()));
+        }
+        let error = RunError {
+            kind: Retryable,
+            message: "upstream 503".into(),
+            attempt: Attempt(2),
+            at: Timestamp(0),
+        };
+        assert_eq!(error.to_string(), "attempt 2, retryable: upstream 503");
+    }
 
     fn running_run(policy: RetryPolicy) -> Run {
         let terms = RunTerms {

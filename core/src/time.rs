@@ -38,6 +38,11 @@ impl Timestamp {
         Timestamp(self.0.saturating_add_unsigned(ms))
     }
 
+    /// This instant minus `ms` milliseconds (saturating).
+    pub fn minus_ms(self, ms: u64) -> Self {
+        Timestamp(self.0.saturating_sub_unsigned(ms))
+    }
+
     /// This instant plus `ms` milliseconds, or `None` past [`Timestamp::MAX`]. For computing
     /// slots, where a saturated instant would be a slot that is not on the schedule.
     pub fn checked_plus_ms(self, ms: u64) -> Option<Self> {

@@ -325,6 +325,11 @@ impl Driver {
         self.handlers.contains_key(kind)
     }
 
+    /// The kinds that have a handler, in order.
+    pub(crate) fn handler_kinds(&self) -> Vec<String> {
+        self.handlers.keys().cloned().collect()
+    }
+
     /// Runs until shut down (or the store deposes this process, or it panics
     /// [`PANICS_IN_A_ROW_MAX`] times in a row).
     ///
@@ -332,8 +337,20 @@ impl Driver {
     /// the core, a sink or the driver's own code is logged and the core is rebuilt from the
     /// store, as a restart would (SPEC W4), instead of taking the daemon down.
     pub(crate) async fn run(
-        mut self,
+        self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
+        stop_reason: Arc<std::sync::OnceLock<RuntimeError>>,
+    ) -> Result<(), RuntimeError> {
+        let result = self.run_until_stopped(&mut rx).await;
+        // Before the channel closes: a caller that finds it closed reads why.
+        let _ = stop_reason.set(result.clone().err().unwrap_or(RuntimeError::Stopped));
+        drop(rx);
+        result
+    }
+
+    async fn run_until_stopped(
+        mut self,
+        rx: &mut mpsc::UnboundedReceiver<Msg>,
     ) -> Result<(), RuntimeError> {
         // The input of the next step; none for the first, or after a recovery, when the
         // step only drains what the (restored) core has to say.

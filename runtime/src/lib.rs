@@ -36,7 +36,9 @@
 //!   whatever is left stays durable. A second `begin_shutdown` with a shorter budget (a second
 //!   signal) moves the end closer.
 //! - **Observability**: a tracing span per attempt and an event per state change; counters
-//!   through the `metrics` facade ([`metrics_names`]).
+//!   through the `metrics` facade ([`metrics_names`]). The runtime only emits: install a
+//!   `tracing` subscriber (`tracing_subscriber::fmt::init()`) to see its log lines, which
+//!   include why it stopped (another process took over the store, a failing store).
 //! - **It survives its own panics** (SPEC W4): a panic in the driver (the core, a sink, a
 //!   command) is logged, the process's attempts are stopped and the scheduler is rebuilt from
 //!   the store, as a restart would; [`PANICS_IN_A_ROW_MAX`] in a row stop the runtime with
@@ -82,8 +84,8 @@ use std::time::Duration;
 use keel_core::lease::Lease;
 use keel_core::scheduler::{CheckpointSave, Released, RunContext};
 use keel_core::{
-    AttemptStart, AuditQuery, AuditRecord, Config, Event, FencingToken, Job, Rejected, RunId,
-    RunQuery, Scheduler, Store, StoreError, WorkerId,
+    AttemptStart, AuditQuery, AuditRecord, Event, FencingToken, Job, Rejected, RunId, RunQuery,
+    Scheduler, Store, StoreError, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -91,7 +93,8 @@ use tokio::task::JoinHandle;
 /// The core's types an embedding application names, re-exported so that it needs only this
 /// crate and a store: jobs and their schedules, outcomes, runs and times.
 pub use keel_core::{
-    Ensured, JobId, JobSpec, Outcome, RetryPolicy, Run, RunState, ScheduleSpec, Timestamp,
+    Config, Ensured, JobId, JobSpec, Outcome, RetryPolicy, Run, RunError, RunState, ScheduleSpec,
+    Timestamp,
 };
 
 pub use clock::Clock;
@@ -158,6 +161,18 @@ pub fn now() -> Timestamp {
     Clock::system().now()
 }
 
+/// `"a", "b"`, or `none`.
+fn registered_list(kinds: &[String]) -> String {
+    if kinds.is_empty() {
+        return "none".into();
+    }
+    kinds
+        .iter()
+        .map(|k| format!("{k:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Why the runtime did not start.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -183,10 +198,18 @@ pub enum CommandError {
     #[error(transparent)]
     Rejected(#[from] Rejected),
     /// The job's kind has no handler (and the job is not for external workers).
-    #[error("no handler is registered for kind {kind:?}")]
+    #[error(
+        "job {job} has kind {kind:?}, and no handler is registered for it (registered: {}); \
+         register one with RuntimeBuilder::handler, or mark the job for external workers",
+        registered_list(registered)
+    )]
     NoHandler {
-        /// The kind.
+        /// The job.
+        job: JobId,
+        /// Its kind.
         kind: String,
+        /// The kinds that have a handler.
+        registered: Vec<String>,
     },
     /// An external worker asked for work under the runtime's own worker id.
     #[error("worker id {worker} is this runtime's own; external workers need another name")]
@@ -229,7 +252,26 @@ impl RuntimeBuilder {
         self
     }
 
-    /// Registers the handler for jobs of `kind`.
+    /// Registers the handler for jobs of `kind`: an `async fn(AttemptContext) -> R`, or a
+    /// closure, where `R` is `()`, an `Outcome` or a `Result` ([`IntoOutcome`]).
+    ///
+    /// A closure needs its types spelled out, since `handler` accepts any [`Handler`]: its
+    /// argument (`|ctx: AttemptContext|`) and, if it returns a `Result`, the error type
+    /// (`Ok::<_, Failure>(())`). An `async fn` needs neither:
+    ///
+    /// ```
+    /// # use keel_runtime::{AttemptContext, Failure, Runtime};
+    /// # let store = std::sync::Arc::new(keel_testkit::SharedMemStore::new());
+    /// let greeting = String::from("hello");
+    /// let builder = Runtime::builder(store).handler("greet", move |ctx: AttemptContext| {
+    ///     let line = format!("{greeting} from {}", ctx.job);
+    ///     async move {
+    ///         println!("{line}");
+    ///         Ok::<_, Failure>(())
+    ///     }
+    /// });
+    /// # drop(builder);
+    /// ```
     #[must_use]
     pub fn handler(mut self, kind: &str, handler: impl Handler) -> Self {
         self.handlers.insert(kind.to_string(), Arc::new(handler));
@@ -315,7 +357,8 @@ impl RuntimeBuilder {
             events.clone(),
         );
         driver.store_inline = self.store_inline;
-        let task = tokio::spawn(driver.run(rx));
+        let stop_reason = Arc::new(std::sync::OnceLock::new());
+        let task = tokio::spawn(driver.run(rx, Arc::clone(&stop_reason)));
         let alive = Arc::new(Alive(tx.clone()));
         Ok(Runtime {
             handle: RuntimeHandle {
@@ -323,6 +366,7 @@ impl RuntimeBuilder {
                 events,
                 store,
                 clock,
+                stop_reason,
                 _alive: alive,
             },
             task,
@@ -414,6 +458,8 @@ pub struct RuntimeHandle {
     events: broadcast::Sender<Event>,
     store: Arc<dyn Store>,
     clock: Clock,
+    /// Why the driver stopped, once it has: what a call that finds it gone answers.
+    stop_reason: Arc<std::sync::OnceLock<RuntimeError>>,
     _alive: Arc<Alive>,
 }
 
@@ -430,6 +476,15 @@ impl Drop for Alive {
 }
 
 impl RuntimeHandle {
+    /// What a call that finds the driver gone answers: why it stopped (deposed by another
+    /// process, failed), or [`RuntimeError::Stopped`] after a shutdown.
+    fn gone(&self) -> RuntimeError {
+        self.stop_reason
+            .get()
+            .cloned()
+            .unwrap_or(RuntimeError::Stopped)
+    }
+
     /// Every core event from now on (run finished, retry scheduled, lease reclaimed...). A
     /// subscriber that falls more than 1024 events behind misses the oldest.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -456,8 +511,8 @@ impl RuntimeHandle {
         });
         self.tx
             .send(Msg::Command(command))
-            .map_err(|_| RuntimeError::Stopped)?;
-        answer.await.unwrap_or(Err(RuntimeError::Stopped))
+            .map_err(|_| self.gone())?;
+        answer.await.unwrap_or_else(|_| Err(self.gone()))
     }
 
     /// The driver's work counters (what it checked to answer commands), answered at once.
@@ -471,8 +526,8 @@ impl RuntimeHandle {
         });
         self.tx
             .send(Msg::Command(command))
-            .map_err(|_| RuntimeError::Stopped)?;
-        answer.await.map_err(|_| RuntimeError::Stopped)
+            .map_err(|_| self.gone())?;
+        answer.await.map_err(|_| self.gone())
     }
 
     /// Returns once every change the scheduler made before this call is durable (events such
@@ -504,6 +559,10 @@ impl RuntimeHandle {
     /// which. A one-shot that already fired is left done, whatever its instant now says, so an
     /// application can ensure its jobs at every start (see `Scheduler::ensure_job`). Same
     /// checks as `add_job`.
+    ///
+    /// A one-shot that has *not* fired yet takes the new instant: "in five seconds" computed
+    /// at each start moves it on every restart until it fires. For an instant that must hold
+    /// across restarts, compute it once (a fixed time, or one saved with your own state).
     pub async fn ensure_job(&self, spec: JobSpec) -> Result<Ensured, CommandError> {
         self.with_handler_check(spec, |core, now, spec| core.ensure_job(now, spec))
             .await
@@ -518,7 +577,9 @@ impl RuntimeHandle {
         let command: driver::Command = Box::new(move |driver: &mut Driver| {
             if !spec.external && !driver.has_handler(&spec.kind) {
                 let _ = reply.send(Err(CommandError::NoHandler {
+                    job: spec.id.clone(),
                     kind: spec.kind.to_string(),
+                    registered: driver.handler_kinds(),
                 }));
                 return None;
             }
@@ -533,8 +594,8 @@ impl RuntimeHandle {
         });
         self.tx
             .send(Msg::Command(command))
-            .map_err(|_| RuntimeError::Stopped)?;
-        answer.await.unwrap_or(Err(RuntimeError::Stopped.into()))
+            .map_err(|_| self.gone())?;
+        answer.await.unwrap_or_else(|_| Err(self.gone().into()))
     }
 
     /// Deletes a job (its history stays, subject to the history policy).
@@ -664,13 +725,13 @@ impl RuntimeHandle {
         });
         self.tx
             .send(Msg::Command(command))
-            .map_err(|_| RuntimeError::Stopped)?;
-        let pending = answer.await.unwrap_or(Err(RuntimeError::Stopped.into()))?;
+            .map_err(|_| self.gone())?;
+        let pending = answer.await.unwrap_or_else(|_| Err(self.gone().into()))?;
         match pending {
             None => Ok(None),
             Some(attempt) => attempt
                 .await
-                .map_err(|_| CommandError::Runtime(RuntimeError::Stopped)),
+                .map_err(|_| CommandError::Runtime(self.gone())),
         }
     }
 

@@ -172,12 +172,23 @@ async fn a_kind_without_a_handler_is_refused_when_added_and_at_start() {
         .await
         .unwrap();
     let handle = runtime.handle();
-    let refused = handle.add_job(every_second("typo", "tikc")).await;
+    let refused = handle
+        .add_job(every_second("typo", "tikc"))
+        .await
+        .unwrap_err();
     assert_eq!(
         refused,
-        Err(CommandError::NoHandler {
-            kind: "tikc".into()
-        })
+        CommandError::NoHandler {
+            job: id("typo"),
+            kind: "tikc".into(),
+            registered: vec!["tick".into()],
+        }
+    );
+    assert_eq!(
+        refused.to_string(),
+        "job typo has kind \"tikc\", and no handler is registered for it (registered: \
+         \"tick\"); register one with RuntimeBuilder::handler, or mark the job for external \
+         workers"
     );
     // A job for external workers needs no handler here.
     let mut external = every_second("remote", "gpu");
@@ -436,6 +447,12 @@ async fn a_runtime_deposed_by_another_process_stops() {
     assert!(
         matches!(result, Err(RuntimeError::Deposed(_))),
         "{result:?}"
+    );
+    // A handle used after that says why, not just that the runtime is gone.
+    let answer = handle.jobs().await;
+    assert!(
+        matches!(answer, Err(RuntimeError::Deposed(_))),
+        "{answer:?}"
     );
 }
 

@@ -17,8 +17,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use keel_core::{JobId, JobSpec, RunState, ScheduleSpec};
-//! use keel_runtime::{AttemptContext, Failure};
+//! use keel_runtime::{AttemptContext, Failure, JobId, JobSpec, RunState, ScheduleSpec};
 //! use keel_testkit::app::{App, Faults, Ledger};
 //!
 //! for seed in 0..8 {
@@ -64,9 +63,10 @@ use crate::store::SharedMemStore;
 /// Where the simulated clock starts unless told otherwise: 2027-01-15T08:00:00Z.
 pub const START: Timestamp = Timestamp(1_800_000_000_000);
 
-/// Faults an [`App`] run injects, drawn from its seed.
+/// Faults an [`App`] run injects, drawn from its seed. Start from a preset and change what
+/// you need: `Faults { crash_every: Some(Duration::from_secs(60)), ..Faults::CRASHY }`.
+/// (Not the simulator's [`crate::Faults`], which models a core without a runtime.)
 #[derive(Clone, Copy, Debug, PartialEq)]
-#[non_exhaustive]
 pub struct Faults {
     /// The mean time between crashes (exponentially distributed), or none.
     pub crash_every: Option<Duration>,
@@ -121,12 +121,17 @@ impl std::fmt::Debug for App {
 }
 
 impl App {
-    /// An app with no handlers or jobs yet, seeded with `seed`, starting at [`START`].
+    /// An app with no handlers or jobs yet, seeded with `seed`, starting at [`START`], with
+    /// `Config::default()` except that the store keeps the most history it can
+    /// (`limits::HISTORY_RUNS_MAX` runs per job), so that [`Report::runs`] shows every run of
+    /// a long test.
     pub fn new(seed: u64) -> App {
+        let mut config = Config::default();
+        config.history.runs_max = keel_core::limits::HISTORY_RUNS_MAX;
         App {
             seed,
             start: START,
-            config: Config::default(),
+            config,
             handlers: Vec::new(),
             jobs: Vec::new(),
             faults: Faults::NONE,
@@ -155,7 +160,8 @@ impl App {
         self
     }
 
-    /// The scheduler's configuration (default: `Config::default()`).
+    /// The scheduler's configuration (default: see [`App::new`]). The store prunes each job's
+    /// history to `history.runs_max` runs, and [`Report::runs`] shows what it kept.
     #[must_use]
     pub fn config(mut self, config: Config) -> App {
         self.config = config;
@@ -350,7 +356,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// The runs of a job, oldest first, as the store holds them.
+    /// The runs of a job, oldest first, as the store holds them: its history is pruned to the
+    /// config's `history.runs_max` runs per job (the most it can keep, unless the test set
+    /// less).
     pub fn runs(&self, job: &str) -> Vec<Run> {
         let store = self.store.lock();
         let mut runs: Vec<Run> = store
