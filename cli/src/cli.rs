@@ -21,16 +21,17 @@ directly when it does not. Library warnings go to stderr; KEEL_LOG chooses what 
 #[derive(Debug, Parser)]
 #[command(name = "keel", version, after_help = AFTER_HELP, max_term_width = 100)]
 pub(crate) struct Cli {
-    /// The data directory: the store, the daemon's lock and its control socket.
+    /// The data directory: the store, the daemon's lock and its control socket. Default: one
+    /// per user, wherever you run keel from: /var/lib/keel as root, $STATE_DIRECTORY under
+    /// systemd, else $XDG_STATE_HOME/keel (~/.local/state/keel).
     #[arg(
         long,
         global = true,
         env = "KEEL_DATA_DIR",
-        default_value = "./keel-data",
         value_name = "DIR",
         help_heading = "Global options"
     )]
-    pub(crate) data_dir: PathBuf,
+    pub(crate) data_dir: Option<PathBuf>,
     /// The store adapter: `fs` (the default, shared by several processes) or `sled` (one
     /// process at a time; see docs/storage.md).
     #[arg(
@@ -405,6 +406,6 @@ mod tests {
         let cli =
             Cli::try_parse_from(["keel", "job", "ls", "--json", "--data-dir", "/tmp/k"]).unwrap();
         assert!(cli.json);
-        assert_eq!(cli.data_dir, PathBuf::from("/tmp/k"));
+        assert_eq!(cli.data_dir, Some(PathBuf::from("/tmp/k")));
     }
 }

@@ -27,7 +27,10 @@ use crate::{config, daemon, doctor, show};
 /// Runs the parsed command line.
 pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
     let place = Place {
-        dir: cli.data_dir,
+        dir: match cli.data_dir {
+            Some(dir) => dir,
+            None => crate::place::default_data_dir()?,
+        },
         kind: cli.store,
     };
     let out = Output { json: cli.json };

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use keel_core::{Store, StoreError};
-use keel_store_fs::FsStore;
+use keel_store_fs::{check_private_dir, FsStore};
 use keel_store_sled::SledStore;
 
 use crate::cli::StoreKind;
@@ -82,18 +82,31 @@ impl Place {
 
     /// Opens (creating if needed) the store. For fs this must come before anything else is
     /// put in a new directory: store-fs refuses to adopt a directory holding foreign files.
+    /// Either way the directory must be private (`check_private_dir`), and a directory this
+    /// creates is announced on stderr.
     pub(crate) fn open_store(&self) -> Result<OpenStore, Failure> {
-        match self.kind {
+        let new = !self.dir.exists();
+        let store = match self.kind {
             StoreKind::Fs => FsStore::open(&self.dir)
                 .map(|s| OpenStore::Fs(Arc::new(s)))
-                .map_err(|e| self.store_error(e)),
+                .map_err(|e| self.store_error(e))?,
             StoreKind::Sled => {
                 create_private_dir(&self.dir)?;
+                check_private_dir(&self.dir).map_err(|e| self.store_error(e))?;
                 SledStore::open(self.dir.join(SLED_DIR))
                     .map(|s| OpenStore::Sled(Arc::new(s)))
-                    .map_err(|e| self.store_error(e))
+                    .map_err(|e| self.store_error(e))?
             }
+        };
+        if new {
+            eprintln!(
+                "{} keel: created the data directory {} ({} store)",
+                crate::direct::wall_clock(),
+                self.dir.display(),
+                self.kind.name()
+            );
         }
+        Ok(store)
     }
 
     /// Makes sure the directory exists, as the store would create it (0700).
@@ -126,6 +139,48 @@ impl Place {
             self.kind.name(),
             self.dir.display()
         ))
+    }
+}
+
+/// The data directory when none is given (SPEC O3): one per user, whatever the current
+/// directory. Root: `/var/lib/keel`. A systemd service with `StateDirectory=`:
+/// `$STATE_DIRECTORY`. Others: `$XDG_STATE_HOME/keel`, else `~/.local/state/keel`.
+pub(crate) fn default_data_dir() -> Result<PathBuf, Failure> {
+    #[cfg(unix)]
+    let root = rustix::process::geteuid().is_root();
+    #[cfg(not(unix))]
+    let root = false;
+    data_dir_for(root, |name| std::env::var_os(name))
+}
+
+/// [`default_data_dir`] for a user who is `root` or not, with environment `var`.
+fn data_dir_for(
+    root: bool,
+    var: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<PathBuf, Failure> {
+    let env = |name: &str| var(name).map(PathBuf::from).filter(|p| p.is_absolute());
+    if root {
+        return Ok(PathBuf::from("/var/lib/keel"));
+    }
+    if let Some(dir) = var("STATE_DIRECTORY") {
+        // systemd may list several, separated by colons; keel's is the first.
+        if let Some(first) = std::env::split_paths(&dir)
+            .next()
+            .filter(|p| p.is_absolute())
+        {
+            return Ok(first);
+        }
+    }
+    if let Some(state) = env("XDG_STATE_HOME") {
+        return Ok(state.join("keel"));
+    }
+    match env("HOME") {
+        Some(home) => Ok(home.join(".local").join("state").join("keel")),
+        None => Err(Failure::input(
+            "no data directory: HOME is not set (or not absolute), so keel has no default; \
+             pass --data-dir DIR or set KEEL_DATA_DIR"
+                .to_string(),
+        )),
     }
 }
 
@@ -238,6 +293,9 @@ fn read_holder(path: &Path) -> Holder {
 }
 
 fn open_lock_file(path: &Path) -> Result<File, Failure> {
+    if let Some(dir) = path.parent().filter(|d| d.is_dir()) {
+        check_private_dir(dir).map_err(|e| Failure::runtime(e.to_string()))?;
+    }
     let mut options = OpenOptions::new();
     options.read(true).write(true).create(true).truncate(false);
     #[cfg(unix)]
@@ -250,6 +308,44 @@ fn open_lock_file(path: &Path) -> Result<File, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_data_directory_is_one_per_user_whatever_the_current_directory() {
+        fn env<'a>(
+            vars: &'a [(&'a str, &'a str)],
+        ) -> impl Fn(&str) -> Option<std::ffi::OsString> + 'a {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| std::ffi::OsString::from(v))
+            }
+        }
+        let home = [("HOME", "/home/ada")];
+        assert_eq!(
+            data_dir_for(true, env(&home)).unwrap(),
+            PathBuf::from("/var/lib/keel")
+        );
+        assert_eq!(
+            data_dir_for(false, env(&home)).unwrap(),
+            PathBuf::from("/home/ada/.local/state/keel")
+        );
+        let xdg = [("HOME", "/home/ada"), ("XDG_STATE_HOME", "/srv/state")];
+        assert_eq!(
+            data_dir_for(false, env(&xdg)).unwrap(),
+            PathBuf::from("/srv/state/keel")
+        );
+        // systemd's StateDirectory= wins; a relative XDG path is ignored, as the spec says.
+        let unit = [
+            ("STATE_DIRECTORY", "/var/lib/keel-a:/var/lib/other"),
+            ("XDG_STATE_HOME", "relative"),
+        ];
+        assert_eq!(
+            data_dir_for(false, env(&unit)).unwrap(),
+            PathBuf::from("/var/lib/keel-a")
+        );
+        let error = data_dir_for(false, env(&[])).unwrap_err();
+        assert!(error.message().contains("pass --data-dir"), "{error:?}");
+    }
 
     #[test]
     fn holders_are_read_from_the_lock_file() {

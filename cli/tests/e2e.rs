@@ -1713,3 +1713,51 @@ fn doctor_repair_is_refused_while_a_daemon_runs() {
         .expect_stderr("stop it");
     drop(daemon);
 }
+
+/// SPEC O3, the reproduction from the issue: a link planted in the data directory where the
+/// first log belongs. `keel job add` must refuse, naming it, and leave its target alone; a
+/// directory keel creates is announced; one others may write to is refused with the fix.
+#[cfg(unix)]
+#[test]
+fn a_data_directory_with_a_planted_link_or_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let place = Place::new("safety");
+    let created = place.keel(&["job", "add", "x", "--every", "1m", "--", "true"]);
+    created.expect_code(0);
+    assert!(
+        created.stderr().contains(&format!(
+            "created the data directory {}",
+            place.data().display()
+        )),
+        "{}",
+        created.stderr()
+    );
+    let again = place.keel(&["job", "add", "y", "--every", "1m", "--", "true"]);
+    assert!(!again.stderr().contains("created"), "{}", again.stderr());
+
+    let place = Place::new("planted");
+    let victim = place.write("victim", "precious");
+    std::fs::create_dir(place.data()).unwrap();
+    std::fs::set_permissions(place.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&victim, place.data().join("log-0000000000000000")).unwrap();
+    let refused = place.keel(&["job", "add", "x", "--every", "1m", "--", "true"]);
+    refused.expect_code(1);
+    assert!(
+        refused.stderr().contains("log-0000000000000000")
+            && refused.stderr().contains("symbolic link"),
+        "{}",
+        refused.stderr()
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+
+    let place = Place::new("open");
+    std::fs::create_dir(place.data()).unwrap();
+    std::fs::set_permissions(place.data(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = place.keel(&["job", "ls"]);
+    assert_ne!(refused.code(), Some(0));
+    assert!(
+        refused.stderr().contains("chmod 700"),
+        "{}",
+        refused.stderr()
+    );
+}

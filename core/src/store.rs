@@ -114,6 +114,16 @@ pub enum StoreError {
     /// outcome is unknown; re-sending a rebuilt batch is safe.
     #[error("store I/O failed: {0}")]
     Io(String),
+    /// The store refuses a place another user could tamper with (SPEC O3): a directory owned
+    /// by someone else or writable by others, or a symbolic link where a store file belongs.
+    /// Nothing was read or written there.
+    #[error("refusing {path}: {reason}")]
+    Unsafe {
+        /// The directory or file refused.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
 }
 
 /// A write rule that refused a batch (see the [module docs](self#write-rules)).

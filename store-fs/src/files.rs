@@ -95,16 +95,95 @@ pub(crate) fn restrict_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Options for a file the store creates: owner-only, readable and writable.
+/// Options for a file the store creates: owner-only, readable and writable, and never through
+/// a symbolic link (SPEC O3: a link planted where a store file belongs would have keel truncate
+/// and overwrite whatever it points to).
 pub(crate) fn owner_only() -> OpenOptions {
     let mut options = OpenOptions::new();
     options.read(true).write(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(0o600).custom_flags(no_follow());
     }
     options
+}
+
+/// Opens a store file to read it, never through a symbolic link.
+pub(crate) fn open_read(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(no_follow());
+    }
+    options.open(path)
+}
+
+/// Reads a whole store file, never through a symbolic link.
+pub(crate) fn read(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_read(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(unix)]
+fn no_follow() -> i32 {
+    // The flag's bits fit an `int`, as `open(2)` takes them.
+    rustix::fs::OFlags::NOFOLLOW.bits() as i32
+}
+
+/// Refuses a data directory another user could tamper with (SPEC O3), before anything in it is
+/// read or written: one owned by another user, one its group or others may write to, or one
+/// holding a symbolic link (keel's own files are never links, and a link where a store file
+/// belongs would have keel read or overwrite whatever it points to).
+pub fn check_private_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let unsafe_dir = |reason: String| StoreError::Unsafe {
+            path: dir.display().to_string(),
+            reason,
+        };
+        let meta = fs::metadata(dir).map_err(|e| io_error(dir, "cannot read", &e))?;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(unsafe_dir(format!(
+                "it is owned by uid {}, not by this user (uid {me}); its owner could change what \
+                 keel reads and runs. Use a directory of your own (--data-dir)",
+                meta.uid()
+            )));
+        }
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            return Err(unsafe_dir(format!(
+                "its group or others may write to it (mode {mode:04o}); make it private with \
+                 `chmod 700 {}`",
+                dir.display()
+            )));
+        }
+        let entries = fs::read_dir(dir).map_err(|e| io_error(dir, "cannot list", &e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_error(dir, "cannot list", &e))?;
+            let kind = entry
+                .file_type()
+                .map_err(|e| io_error(&entry.path(), "cannot read", &e))?;
+            if kind.is_symlink() {
+                return Err(StoreError::Unsafe {
+                    path: entry.path().display().to_string(),
+                    reason: "it is a symbolic link, and keel never follows one in its data \
+                             directory (a link where a store file belongs would have keel \
+                             read or overwrite what it points to); remove it"
+                        .into(),
+                });
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 /// Opens (creating it if needed) a file for reading and writing.
@@ -160,7 +239,7 @@ pub(crate) fn marker(dir: &Path) -> Result<Marker, StoreError> {
 }
 
 fn marker_once(dir: &Path, again: bool) -> Result<Marker, StoreError> {
-    match fs::read(dir.join(VERSION_FILE)) {
+    match read(&dir.join(VERSION_FILE)) {
         Ok(found) if found == VERSION_MARKER.as_bytes() => return Ok(Marker::Current),
         Ok(found) if found == VERSION_MARKER_V1.as_bytes() => return Ok(Marker::V1),
         Ok(found) => {
@@ -249,7 +328,7 @@ pub(crate) enum CurrentFile {
 /// Reads the `CURRENT` file.
 pub(crate) fn read_current(dir: &Path) -> Result<CurrentFile, StoreError> {
     let path = dir.join(CURRENT_FILE);
-    let bytes = match fs::read(&path) {
+    let bytes = match read(&path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(CurrentFile::Missing),
         Err(e) => return Err(io_error(&path, "cannot read", &e)),
@@ -287,4 +366,28 @@ pub(crate) fn quarantine(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<Pat
 /// An I/O failure on `path` as a store error.
 pub(crate) fn io_error(path: &Path, what: &str, error: &io::Error) -> StoreError {
     StoreError::Io(format!("{what} {}: {error}", path.display()))
+}
+
+#[cfg(all(test, unix))]
+mod safety_tests {
+    use super::*;
+
+    /// Defence in depth behind `check_private_dir`: even a link that appears after the check
+    /// is never opened through, for writing or for reading.
+    #[test]
+    fn store_files_are_never_opened_through_a_link() {
+        let tmp = keel_testkit::TempDir::created("keel-nofollow");
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        let link = tmp.path().join("log-0000000000000000");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(owner_only()
+            .create(true)
+            .truncate(true)
+            .open(&link)
+            .is_err());
+        assert!(open_or_create(&link).is_err());
+        assert!(read(&link).is_err());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+    }
 }

@@ -155,6 +155,7 @@ mod recovery;
 mod replica;
 mod state;
 
+pub use files::check_private_dir;
 pub use recovery::{Damage, Quarantined, RecoveryReport, SnapshotFallback, TornTail};
 
 use files::{io_error, Marker, LOCK_FILE};
@@ -281,7 +282,9 @@ impl FsStore {
     pub fn open_with(dir: impl AsRef<Path>, options: FsOptions) -> Result<FsStore, StoreError> {
         let dir = dir.as_ref().to_path_buf();
         files::create_dir(&dir).map_err(|e| io_error(&dir, "cannot create", &e))?;
-        // Refuse a foreign directory before putting anything in it.
+        // Refuse a directory another user could tamper with, and a foreign one, before
+        // putting anything in it.
+        files::check_private_dir(&dir)?;
         files::marker(&dir)?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = files::open_or_create(&lock_path)
@@ -351,7 +354,7 @@ impl FsStore {
         // for whoever wants to look at what was lost.
         let mut kept = Vec::new();
         for damage in lost.iter().chain(&fallback) {
-            let Ok(bytes) = std::fs::read(self.dir.join(&damage.file)) else {
+            let Ok(bytes) = files::read(&self.dir.join(&damage.file)) else {
                 continue; // a missing file has nothing to keep
             };
             let name = format!("{}.before-repair", damage.file);

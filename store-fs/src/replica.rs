@@ -611,7 +611,7 @@ impl Replica {
                     continue;
                 }
             };
-            let bytes = match fs::read(dir.join(&name)) {
+            let bytes = match crate::files::read(&dir.join(&name)) {
                 Ok(bytes) => bytes,
                 Err(e) => {
                     damage.push(Damage {
@@ -735,7 +735,7 @@ fn read_snapshot_with_header(
     generation: u64,
 ) -> Result<(State, crate::format::SnapshotHeader), String> {
     let path = dir.join(snapshot_name(generation));
-    let file = File::open(&path).map_err(|e| format!("cannot open: {e}"))?;
+    let file = crate::files::open_read(&path).map_err(|e| format!("cannot open: {e}"))?;
     let len = file
         .metadata()
         .map_err(|e| format!("cannot stat: {e}"))?
@@ -750,7 +750,7 @@ fn read_snapshot(dir: &Path, generation: u64) -> Result<State, String> {
         return Ok(State::default());
     }
     let path = dir.join(snapshot_name(generation));
-    let file = match File::open(&path) {
+    let file = match crate::files::open_read(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(MISSING.to_string()),
         Err(e) => return Err(format!("cannot open: {e}")),
@@ -766,8 +766,8 @@ fn read_snapshot(dir: &Path, generation: u64) -> Result<State, String> {
 /// Copies an unusable snapshot to `quarantine/` before a later compaction removes it.
 fn keep_bad_snapshot(dir: &Path, generation: u64) {
     let name = snapshot_name(generation);
-    let copied =
-        fs::read(dir.join(&name)).and_then(|bytes| quarantine(dir, &format!("{name}.bad"), &bytes));
+    let copied = crate::files::read(&dir.join(&name))
+        .and_then(|bytes| quarantine(dir, &format!("{name}.bad"), &bytes));
     if let Err(e) = copied {
         tracing::warn!("cannot quarantine {name}: {e}");
     }
