@@ -51,6 +51,8 @@ pub(crate) struct Config {
     pub(crate) lease: LeasePolicy,
     /// How result deliveries are retried (`delivery_backoff`, `delivery_attempts`).
     pub(crate) delivery: DeliveryPolicy,
+    /// Failed runs in a row that raise a `failing_job` incident (`failing_after`; 0: never).
+    pub(crate) failing_after: u32,
     /// The jobs, in file order, each with its line.
     pub(crate) jobs: Vec<(JobDef, usize)>,
 }
@@ -73,6 +75,7 @@ struct Daemon {
     lease_grace: Option<Spanned<String>>,
     delivery_backoff: Option<Spanned<String>>,
     delivery_attempts: Option<Spanned<i64>>,
+    failing_after: Option<Spanned<i64>>,
 }
 
 impl Config {
@@ -96,6 +99,7 @@ impl Config {
                 policy: self.delivery,
                 ..default.outbox
             },
+            failing_after: self.failing_after,
             ..default
         }
     }
@@ -151,12 +155,32 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         None
     });
     let (lease, delivery) = timings(text, daemon, &mut problems);
+    let failing_after = match &daemon.failing_after {
+        None => keel_core::Config::default().failing_after,
+        Some(value) => match u32::try_from(*value.get_ref()) {
+            Ok(n) if n <= FAILING_AFTER_MAX => n,
+            _ => {
+                problems.push(daemon_problem(
+                    text,
+                    value,
+                    "failing_after",
+                    &format!(
+                        "{} is out of range: failed runs in a row, from 1 to \
+                         {FAILING_AFTER_MAX}, or 0 for never",
+                        value.get_ref()
+                    ),
+                ));
+                0
+            }
+        },
+    };
     let mut config = Config {
         path: path.to_path_buf(),
         shutdown_budget,
         metrics,
         lease,
         delivery,
+        failing_after,
         jobs: Vec::new(),
     };
     let base_dir = config.base_dir();
@@ -266,6 +290,9 @@ fn timings(
     }
     (lease, delivery)
 }
+
+/// The most failed runs in a row `failing_after` may wait for.
+const FAILING_AFTER_MAX: u32 = 1_000;
 
 /// A problem with the value of a `[daemon]` key, on its line.
 fn daemon_problem<T>(text: &str, value: &Spanned<T>, key: &str, problem: &str) -> String {

@@ -346,6 +346,8 @@ mod tests {
             last_fired: None,
             active_runs: 2,
             delete_when_idle: false,
+            last_run: None,
+            failures_in_a_row: 0,
         };
         let value = to_value(vec![JobView::new(job.clone())]).unwrap();
         assert_eq!(value[0]["active_runs"], 2);

@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use keel_core::outbox::OutboxEvent;
 use keel_core::{
-    AuditRecord, Event, Incident, Job, JobState, Run, RunState, ScheduleSpec, Timestamp, Trigger,
+    AuditRecord, Event, Incident, Job, JobState, Run, RunState, ScheduleSpec, StateName, Timestamp,
+    Trigger,
 };
 
 use crate::command_job::CommandSpec;
@@ -100,12 +101,18 @@ pub(crate) fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
     if jobs.is_empty() {
         return "no jobs (add one with `keel job add`)\n".into();
     }
-    let mut table = Table::new(&["NAME", "KIND", "SCHEDULE", "STATE", "NEXT", "ACTIVE"]);
+    let mut table = Table::new(&[
+        "NAME", "KIND", "SCHEDULE", "STATE", "NEXT", "LEFT", "LAST", "RESULT", "ACTIVE",
+    ]);
     for job in jobs {
-        let next = job.next_fire().map_or_else(
-            || "-".to_string(),
-            |t| format!("{} ({})", time(t), relative(t, now)),
-        );
+        let next = job.next_fire();
+        let (last, result) = match &job.last_run {
+            Some(last) => (
+                relative(last.finished_at, now),
+                last_result(last.state, job.failures_in_a_row),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         let kind = if job.spec.external {
             format!("worker:{}", job.spec.kind)
         } else {
@@ -116,11 +123,38 @@ pub(crate) fn jobs_table(jobs: &[Job], now: Timestamp) -> String {
             kind,
             clip(&schedule(&job.spec.schedule), 40),
             state_word(&job.state).into(),
-            next,
+            next.map_or_else(|| "-".into(), time),
+            next.map_or_else(|| "-".into(), |t| left(t, now)),
+            last,
+            result,
             job.active_runs.to_string(),
         ]);
     }
     table.render()
+}
+
+/// How the last run ended, with the streak of failures it belongs to: `failed (3 in a row)`.
+fn last_result(state: StateName, failures_in_a_row: u32) -> String {
+    if failures_in_a_row > 1 {
+        format!("{state} ({failures_in_a_row} in a row)")
+    } else {
+        state.to_string()
+    }
+}
+
+/// The time until `at`, `systemctl list-timers` style: `4min 10s`, `now` if past.
+fn left(at: Timestamp, now: Timestamp) -> String {
+    if at <= now {
+        return "now".into();
+    }
+    let secs = at.ms_since(now).div_ceil(1000);
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}min {s}s"),
+        (0, _, _) => format!("{h}h {m}min"),
+        _ => format!("{d}d {h}h"),
+    }
 }
 
 /// One job in detail.
@@ -148,6 +182,17 @@ pub(crate) fn job_detail(job: &Job, recent: &[Run], now: Timestamp) -> String {
     }
     if let Some(last) = job.last_fired {
         field("last fired", time(last));
+    }
+    if let Some(last) = &job.last_run {
+        field(
+            "last run",
+            format!(
+                "{} {} ({})",
+                last.run,
+                last_result(last.state, job.failures_in_a_row),
+                relative(last.finished_at, now)
+            ),
+        );
     }
     if spec.external {
         field(

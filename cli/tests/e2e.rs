@@ -1761,3 +1761,49 @@ fn a_data_directory_with_a_planted_link_or_open_to_others_is_refused() {
         refused.stderr()
     );
 }
+
+/// SPEC O4: a job failing in a row shows it in `job ls` and raises one incident, which its
+/// next success resolves.
+#[test]
+fn a_job_failing_in_a_row_shows_it_and_raises_an_incident_until_it_succeeds() {
+    let place = Place::new("failing");
+    let config = place.write(
+        "keel.toml",
+        r#"
+[daemon]
+failing_after = 2
+
+[[job]]
+name = "health"
+every = "1s"
+cwd = "."
+attempts = 1
+command = ["sh", "-c", "test -e healthy"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&[
+        "incident #1 opened (failing_job)",
+        "job health",
+        "2 runs failed in a row",
+    ]);
+    let ls = place.keel(&["job", "ls"]);
+    ls.expect_code(0);
+    assert!(
+        ls.stdout().contains("LAST") && ls.stdout().contains("in a row)"),
+        "{}",
+        ls.stdout()
+    );
+    std::fs::write(place.path("healthy"), "").unwrap();
+    daemon.wait_for(&["incident #1 resolved (failing_job"]);
+    let ls = place.keel(&["job", "ls"]);
+    assert!(ls.stdout().contains("succeeded"), "{}", ls.stdout());
+    daemon.signal("TERM");
+    daemon.wait_exit();
+    assert_eq!(
+        daemon.log().matches("opened (failing_job").count(),
+        1,
+        "{}",
+        daemon.log()
+    );
+}

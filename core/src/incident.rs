@@ -32,6 +32,9 @@ pub enum IncidentKind {
     /// A damaged store was rewritten from what was readable; written by the store itself,
     /// resolved when it opens, with what was lost in its details.
     StoreRepaired,
+    /// A job's runs failed `Config::failing_after` times in a row; its next success resolves
+    /// it (SPEC O4).
+    FailingJob,
 }
 
 /// One incident.

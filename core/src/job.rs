@@ -17,8 +17,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::JobId;
+use crate::ids::{JobId, RunId};
 use crate::retry::RetryPolicy;
+use crate::run::StateName;
 use crate::schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleSpec};
 use crate::time::Timestamp;
 
@@ -270,6 +271,27 @@ pub struct Job {
     /// from an earlier definition to settle.
     #[serde(default)]
     pub delete_when_idle: bool,
+    /// The last run of this job that ended, and how (SPEC O4: listings show it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<LastRun>,
+    /// Runs that ended failed in a row, up to the last one; a success resets it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub failures_in_a_row: u32,
+}
+
+/// How the last run of a job ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastRun {
+    /// The run.
+    pub run: RunId,
+    /// Its terminal state.
+    pub state: StateName,
+    /// When it ended.
+    pub finished_at: Timestamp,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Job {

@@ -31,7 +31,7 @@ use crate::checkpoint::Throttle;
 use crate::error::Rejected;
 use crate::ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
 use crate::incident::{Incident, IncidentKind, IncidentSubject};
-use crate::job::{Backlog, Ensured, Job, JobSpec, JobState, OverlapPolicy};
+use crate::job::{Backlog, Ensured, Job, JobSpec, JobState, LastRun, OverlapPolicy};
 use crate::lease::{Lease, LeasePolicy};
 use crate::limits;
 use crate::outbox::{
@@ -66,6 +66,9 @@ pub struct Config {
     pub checkpoint_interval_ms: u64,
     /// The delivery outbox: capacity, overflow policy, delivery retry policy.
     pub outbox: OutboxConfig,
+    /// A job whose runs fail this many times in a row raises a `failing_job` incident, which
+    /// its next success resolves (SPEC O4). 0: never.
+    pub failing_after: u32,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             idle_claims_max: 10,
             checkpoint_interval_ms: 5_000,
             outbox: OutboxConfig::default(),
+            failing_after: 3,
         }
     }
 }
@@ -665,6 +669,8 @@ impl Scheduler {
             last_fired,
             active_runs,
             delete_when_idle: false,
+            last_run: None,
+            failures_in_a_row: 0,
         };
         self.due_jobs.insert((next, id.clone()));
         self.jobs.insert(id.clone(), Box::new(job));
@@ -1699,6 +1705,14 @@ impl Scheduler {
         job.active_runs -= 1;
         let run = &self.runs[&run_id];
         let state = run.state.name();
+        job.last_run = Some(LastRun {
+            run: run_id,
+            state,
+            finished_at: run.finished_at.unwrap_or(now),
+        });
+        self.count_failures(id, run_id, state);
+        let job = self.jobs.get_mut(id).expect("checked above");
+        let run = &self.runs[&run_id];
         // Only a run of this very one-shot finishes it: its slot, or a manual run made while the
         // job was this one-shot. A run left from an earlier definition does not.
         let own_one_shot = match (&job.spec.schedule, run.trigger) {
@@ -2254,6 +2268,66 @@ mod tests {
         s.begin_shutdown(at);
         s.end_shutdown(at);
         assert_eq!(s.run(own.run).map(|r| r.state), Some(RunState::Cancelled));
+        s.check_invariants();
+    }
+
+    #[test]
+    fn a_job_failing_in_a_row_raises_one_incident_that_its_next_success_resolves() {
+        let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
+        let mut s = Scheduler::new(Config::default(), 1, t0);
+        let other = every_minute("other").with_attempts(1);
+        s.add_job(t0, every_minute("check").with_attempts(1))
+            .unwrap();
+        s.add_job(t0, other).unwrap();
+        ack_all(&mut s, t0);
+        let id = JobId::new("check").unwrap();
+        let failing = |s: &Scheduler| {
+            s.incidents()
+                .filter(|i| i.kind == IncidentKind::FailingJob)
+                .map(|i| i.job.clone().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        // Minute k: "check" ends as `outcomes[k]`, "other" fails every time.
+        let outcomes = [false, false, false, false, true, false];
+        let mut opened_at = Vec::new();
+        for (k, ok) in outcomes.into_iter().enumerate() {
+            let minute = Timestamp::parse_rfc3339("2026-01-01T00:01:00Z")
+                .unwrap()
+                .plus_ms(k as u64 * 60_000);
+            s.handle_timeout(minute);
+            let (started, _) = ack_all(&mut s, minute);
+            for a in started {
+                let outcome = if ok && a.job == id {
+                    Outcome::ok()
+                } else {
+                    Outcome::Permanent {
+                        message: "exit 1".into(),
+                    }
+                };
+                s.handle_outcome(minute, a.run, a.lease.token, outcome)
+                    .unwrap();
+            }
+            ack_all(&mut s, minute);
+            let job = s.job(&id).unwrap();
+            let last = job.last_run.as_ref().unwrap();
+            assert_eq!(last.finished_at, minute);
+            opened_at.push((job.failures_in_a_row, failing(&s)));
+        }
+        let check = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            opened_at,
+            vec![
+                (1, check(&[])),
+                (2, check(&[])),
+                (3, check(&["check", "other"])),
+                (4, check(&["check", "other"])),
+                (0, check(&["other"])),
+                (1, check(&["other"])),
+            ],
+            "one incident per failing job, from the third failure, until a success"
+        );
+        let resolved = s.incidents().count();
+        assert_eq!(resolved, 1, "the resolved one left the open set");
         s.check_invariants();
     }
 

@@ -347,6 +347,8 @@ fn restore_disables_a_job_whose_stored_policy_is_invalid() {
         last_fired: None,
         active_runs: 0,
         delete_when_idle: false,
+        last_run: None,
+        failures_in_a_row: 0,
     };
     let snap = Snapshot {
         jobs: vec![job],
@@ -405,6 +407,8 @@ fn restore_repairs_a_paused_cursor() {
         last_fired: Some(slot),
         active_runs: 0,
         delete_when_idle: false,
+        last_run: None,
+        failures_in_a_row: 0,
     };
     let snap = Snapshot {
         jobs: vec![job],

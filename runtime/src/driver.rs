@@ -1094,7 +1094,7 @@ impl Driver {
                     }
                     _ => {}
                 }
-                crate::observe::event(&event, &|name| self.sink_label(name));
+                crate::observe::event(&event, self.clock.now(), &|name| self.sink_label(name));
                 let _ = self.events.send(event);
             }
         }

@@ -1,8 +1,11 @@
 //! The names of the metrics the runtime records through the `metrics` facade. Install any
 //! recorder (the `keel` binary installs a Prometheus one) to collect them.
 
-/// Runs that reached a terminal state, by `state`.
+/// Runs that reached a terminal state, by `job` and `state` (SPEC O4: per-job outcomes).
 pub const RUNS_FINISHED: &str = "keel_runs_finished_total";
+/// When each job's last run succeeded, in seconds since the Unix epoch, by `job`: alert on
+/// `time() - keel_job_last_success_timestamp_seconds > ...` (SPEC O4).
+pub const JOB_LAST_SUCCESS: &str = "keel_job_last_success_timestamp_seconds";
 /// Attempts that ended, by `outcome` (success, retryable, permanent, snooze, cancelled).
 pub const ATTEMPTS_FINISHED: &str = "keel_attempts_finished_total";
 /// Retries scheduled.

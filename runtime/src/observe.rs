@@ -2,17 +2,22 @@
 //! matching metrics.
 
 use keel_core::outbox::OutboxEvent;
-use keel_core::Event;
+use keel_core::{Event, StateName, Timestamp};
 
 use crate::metrics_names as m;
 
-/// Logs `event` and counts it; `label` names a sink in logs and metric labels.
-pub(crate) fn event(event: &Event, label: &dyn Fn(&str) -> String) {
+/// Logs `event` and counts it at `now`; `label` names a sink in logs and metric labels.
+pub(crate) fn event(event: &Event, now: Timestamp, label: &dyn Fn(&str) -> String) {
     match event {
         Event::RunFinished { run, job, state } => {
-            let state = state.to_string();
-            tracing::info!(%run, %job, %state, "run finished");
-            metrics::counter!(m::RUNS_FINISHED, "state" => state).increment(1);
+            let state_name = state.to_string();
+            tracing::info!(%run, %job, state = %state_name, "run finished");
+            metrics::counter!(m::RUNS_FINISHED, "job" => job.to_string(), "state" => state_name)
+                .increment(1);
+            if *state == StateName::Succeeded {
+                metrics::gauge!(m::JOB_LAST_SUCCESS, "job" => job.to_string())
+                    .set(now.0 as f64 / 1000.0);
+            }
         }
         Event::RetryScheduled { run, at } => {
             tracing::info!(%run, %at, "retry scheduled");

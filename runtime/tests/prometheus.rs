@@ -124,7 +124,8 @@ async fn a_run_records_its_counters_and_histograms() {
         assert!(response.contains(name), "{name} missing from:\n{response}");
     }
     assert!(
-        response.contains("keel_runs_finished_total{state=\"succeeded\"} 1"),
+        response.contains("keel_runs_finished_total{job=\"metered\",state=\"succeeded\"} 1")
+            && response.contains("keel_job_last_success_timestamp_seconds{job=\"metered\"}"),
         "{response}"
     );
     runtime

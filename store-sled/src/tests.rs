@@ -34,6 +34,8 @@ fn job(name: &str) -> Job {
         last_fired: None,
         active_runs: 0,
         delete_when_idle: false,
+        last_run: None,
+        failures_in_a_row: 0,
     }
 }
 

@@ -375,6 +375,8 @@ pub fn refused_batch_applies_nothing(harness: &impl Harness) {
         last_fired: None,
         active_runs: 0,
         delete_when_idle: false,
+        last_run: None,
+        failures_in_a_row: 0,
     };
     let mut reopened = done.clone();
     reopened.state = RunState::Queued { since: T0 };

@@ -174,7 +174,8 @@ impl Scheduler {
         }
     }
 
-    /// Opens an incident unless the same one is open already, or too many are.
+    /// Opens an incident unless the same one is open already, or too many are. An incident
+    /// about neither a run nor a worker is the same one only for the same job.
     pub(super) fn open_incident(
         &mut self,
         now: Timestamp,
@@ -184,7 +185,11 @@ impl Scheduler {
         worker: Option<&WorkerId>,
         details: String,
     ) {
-        if self.has_incident(kind, run, worker) {
+        let about_job = run.is_none() && worker.is_none();
+        let same = self.incident_ids(run, worker, |i| {
+            i.is_about(kind, run, worker) && (!about_job || i.job == job)
+        });
+        if !same.is_empty() {
             return;
         }
         if self.incidents.len() >= limits::INCIDENTS_OPEN_MAX {
@@ -270,6 +275,55 @@ impl Scheduler {
         let ids = self.incident_ids(Some(run), None, |i| i.kind == kind);
         for id in ids {
             self.resolve_incident(id, reason);
+        }
+    }
+
+    /// Counts a job's failures in a row as one of its runs ends (SPEC O4): a failure (`failed`,
+    /// `failed_dropped`, `interrupted`) adds one, and at `Config::failing_after` opens a
+    /// `failing_job` incident; a success resets the count and resolves it. A cancelled run is
+    /// neither. Records the run as the job's last.
+    pub(super) fn count_failures(&mut self, id: &JobId, run: RunId, state: StateName) {
+        let now = self.now;
+        let threshold = self.config.failing_after;
+        let Some(job) = self.jobs.get_mut(id) else {
+            return;
+        };
+        let before = job.failures_in_a_row;
+        match state {
+            StateName::Succeeded => job.failures_in_a_row = 0,
+            StateName::Failed | StateName::FailedDropped | StateName::Interrupted => {
+                job.failures_in_a_row = before.saturating_add(1);
+            }
+            _ => {}
+        }
+        let after = job.failures_in_a_row;
+        self.mark_job(id);
+        if after == 0 && before > 0 {
+            // Job-level incidents have no run or worker: a range of the subject index bounded
+            // by the open-incident limit, filtered by job.
+            let ids = self.incident_ids(None, None, |i| {
+                i.kind == IncidentKind::FailingJob && i.job.as_ref() == Some(id)
+            });
+            let reason = format!("{run} succeeded after {before} failed run(s) in a row");
+            for incident in ids {
+                self.resolve_incident(incident, &reason);
+            }
+        } else if threshold > 0 && after >= threshold {
+            let error = self.runs[&run]
+                .last_error
+                .as_ref()
+                .map(|e| format!(": {}", e.message))
+                .unwrap_or_default();
+            let details =
+                format!("job {id}: {after} runs failed in a row; the last, {run}, {state}{error}");
+            self.open_incident(
+                now,
+                IncidentKind::FailingJob,
+                Some(id.clone()),
+                None,
+                None,
+                details,
+            );
         }
     }
 

@@ -78,6 +78,8 @@ pub fn job(name: &str) -> Job {
         last_fired: Some(T0),
         active_runs: 0,
         delete_when_idle: false,
+        last_run: None,
+        failures_in_a_row: 0,
     }
 }
 
