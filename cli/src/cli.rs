@@ -172,6 +172,9 @@ pub(crate) struct AddArgs {
     /// POST each finished run's result as JSON to this http(s) URL (repeatable).
     #[arg(long, value_name = "URL")]
     pub(crate) notify: Vec<String>,
+    /// Which runs --notify posts: `always` (default) or `failure` (failed runs only).
+    #[arg(long, value_name = "WHEN")]
+    pub(crate) notify_on: Option<String>,
     /// Run by external workers that claim this kind (`keel worker claim --kind KIND`); no
     /// PROGRAM.
     #[arg(long, value_name = "KIND")]

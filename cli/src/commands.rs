@@ -174,6 +174,7 @@ fn add(place: &Place, out: Output, args: AddArgs) -> Result<(), Failure> {
         misfire: args.misfire,
         delete_after_run: args.delete_after_run,
         notify: args.notify,
+        notify_on: args.notify_on,
         worker_kind: args.worker_kind,
         payload: args.payload,
         exit_success: args.exit_success,

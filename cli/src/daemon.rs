@@ -76,6 +76,12 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
             command_job::handler(place.attempts_dir()),
         )
         .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
+    // A job added while the daemon runs may notify a URL no job had at its start.
+    builder = builder.sink_factory(|name| {
+        let url = name.starts_with("http://") || name.starts_with("https://");
+        let sink = WebhookSink::new(name).ok().filter(|_| url)?;
+        Some(Arc::new(sink) as Arc<dyn keel_runtime::Sink>)
+    });
     let webhooks = notify_urls(&snapshot, config.as_ref());
     for url in &webhooks {
         match WebhookSink::new(url) {
@@ -145,7 +151,6 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         Server {
             handle: handle.clone(),
             store: Arc::clone(&store),
-            webhooks: Arc::new(webhooks),
             status,
         },
     ));
@@ -436,7 +441,6 @@ impl Socket {
 struct Server {
     handle: RuntimeHandle,
     store: Arc<dyn Store>,
-    webhooks: Arc<BTreeSet<String>>,
     status: DaemonStatus,
 }
 
@@ -485,14 +489,6 @@ async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
                 .map_err(|e| Failure::runtime(format!("read failed: {e}")))?
         }
         Request::AddJob { spec, replace } => {
-            if let Some(url) = spec.sinks.iter().find(|s| !server.webhooks.contains(&***s)) {
-                return Err(Failure::input(format!(
-                    "the running daemon has no webhook for {} and cannot add one while it runs: \
-                     add the job to the config file, or stop the daemon, add the job, and start \
-                     it again",
-                    crate::jobdef::redact_url(url)
-                )));
-            }
             let id = spec.id.clone();
             let replaced = match handle.add_job(spec.clone()).await {
                 Ok(()) => false,

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use keel_core::{
-    limits, JobId, JobSpec, MisfirePolicy, OverlapPolicy, RetryPolicy, Schedule, ScheduleSpec,
-    Timestamp,
+    limits, JobId, JobSpec, MisfirePolicy, NotifyOn, OverlapPolicy, RetryPolicy, Schedule,
+    ScheduleSpec, Timestamp,
 };
 use serde::Deserialize;
 
@@ -39,6 +39,7 @@ pub(crate) struct JobDef {
     pub(crate) delete_after_run: bool,
     #[serde(default)]
     pub(crate) notify: Vec<String>,
+    pub(crate) notify_on: Option<String>,
     pub(crate) worker_kind: Option<String>,
     pub(crate) payload: Option<String>,
     #[serde(default)]
@@ -108,6 +109,18 @@ impl JobDef {
             check_url(url)?;
         }
         spec.sinks = self.notify.iter().map(|u| u.as_str().into()).collect();
+        spec.notify_on = match self.notify_on.as_deref() {
+            None | Some("always") => NotifyOn::Always,
+            Some("failure") => NotifyOn::Failure,
+            Some(other) => {
+                return Err(format!(
+                    "notify_on {other:?}: expected \"failure\" (failed runs only) or \"always\""
+                ))
+            }
+        };
+        if self.notify_on.is_some() && self.notify.is_empty() {
+            return Err("notify_on says when to notify: give a notify URL too".to_string());
+        }
         Ok(spec)
     }
 
@@ -514,6 +527,23 @@ mod tests {
         let mut url = echo("x");
         url.notify = vec!["ftp://example.com/x".into()];
         assert!(url.to_spec(resolve()).unwrap_err().contains("notify URL"));
+        let mut failures = echo("f");
+        failures.notify = vec!["https://example.com/hook".into()];
+        failures.notify_on = Some("failure".into());
+        assert_eq!(
+            failures.to_spec(resolve()).unwrap().notify_on,
+            NotifyOn::Failure
+        );
+        failures.notify_on = Some("errors".into());
+        let e = failures.to_spec(resolve()).unwrap_err();
+        assert!(
+            e.contains("notify_on \"errors\": expected \"failure\""),
+            "{e}"
+        );
+        let mut alone = echo("a");
+        alone.notify_on = Some("failure".into());
+        let e = alone.to_spec(resolve()).unwrap_err();
+        assert!(e.contains("give a notify URL too"), "{e}");
 
         let mut code = echo("x");
         code.exit_retryable = vec![300];

@@ -1807,3 +1807,46 @@ command = ["sh", "-c", "test -e healthy"]
         daemon.log()
     );
 }
+
+/// SPEC O4: a job added while the daemon runs can notify (its URL was not known at start), and
+/// `--notify-on failure` posts its failed runs only.
+#[test]
+fn a_job_added_to_a_running_daemon_notifies_its_failures_only() {
+    let place = Place::new("notify-on");
+    let hook = Hook::start();
+    hook.route("/ops", &[], 200);
+    let config = place.write("keel.toml", "[daemon]\ndelivery_backoff = \"100ms\"\n");
+    let mut daemon = place.daemon(&config);
+    let ok = place.path("ok");
+    let script = format!("test -e {}", ok.display());
+    let added = place.keel(&[
+        "job",
+        "add",
+        "check",
+        "--every",
+        "1s",
+        "--attempts",
+        "1",
+        "--notify",
+        &hook.url("/ops"),
+        "--notify-on",
+        "failure",
+        "--shell",
+        "--",
+        &script,
+    ]);
+    added.expect_code(0);
+    daemon.wait_for_n(2, &["result delivery to", "success after 1 attempt(s)"]);
+    std::fs::write(&ok, "").unwrap();
+    daemon.wait_for_n(2, &["of job check succeeded"]);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    let posted = hook.received("/ops");
+    assert!(posted.len() >= 2, "{posted:?}");
+    assert!(
+        posted
+            .iter()
+            .all(|r| r.body["state"] == "failed_dropped" || r.body["state"] == "failed"),
+        "only failures are posted: {posted:?}"
+    );
+}

@@ -70,6 +70,39 @@ pub struct JobSpec {
     /// Where each finished run's result is delivered (sink names the driver knows).
     #[serde(default)]
     pub sinks: Box<[Arc<str>]>,
+    /// Which finished runs are delivered to the sinks: all of them, or failures only (SPEC
+    /// O4). Read when a run finishes, so a change applies to runs finishing from then on.
+    #[serde(default, skip_serializing_if = "NotifyOn::is_always")]
+    pub notify_on: NotifyOn,
+}
+
+/// Which finished runs a job's sinks hear of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyOn {
+    /// Every run, whatever its end.
+    #[default]
+    Always,
+    /// Runs that ended `failed`, `failed_dropped` or `interrupted` (not a success, not a
+    /// cancel).
+    Failure,
+}
+
+impl NotifyOn {
+    fn is_always(&self) -> bool {
+        *self == NotifyOn::Always
+    }
+
+    /// Whether a run that ended in `state` is delivered.
+    pub fn delivers(self, state: StateName) -> bool {
+        match self {
+            NotifyOn::Always => true,
+            NotifyOn::Failure => matches!(
+                state,
+                StateName::Failed | StateName::FailedDropped | StateName::Interrupted
+            ),
+        }
+    }
 }
 
 fn default_true() -> bool {
@@ -93,6 +126,7 @@ impl JobSpec {
             timeout_ms: None,
             required_artifacts: Box::default(),
             sinks: Box::default(),
+            notify_on: NotifyOn::Always,
         }
     }
 
@@ -156,6 +190,13 @@ impl JobSpec {
     #[must_use]
     pub fn with_sinks<S: Into<Arc<str>>>(mut self, sinks: impl IntoIterator<Item = S>) -> Self {
         self.sinks = sinks.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Which finished runs the sinks hear of.
+    #[must_use]
+    pub fn with_notify_on(mut self, notify_on: NotifyOn) -> Self {
+        self.notify_on = notify_on;
         self
     }
 }

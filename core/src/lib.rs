@@ -103,7 +103,7 @@ pub use audit::{Actor, AuditRecord, HistoryPolicy};
 pub use error::Rejected;
 pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};
 pub use incident::{Incident, IncidentKind};
-pub use job::{Ensured, Job, JobSpec, JobState, LastRun, OverlapPolicy};
+pub use job::{Ensured, Job, JobSpec, JobState, LastRun, NotifyOn, OverlapPolicy};
 pub use lease::{Lease, LeasePolicy};
 pub use outbox::{
     Delivery, DeliveryId, DeliveryPayload, DeliveryPolicy, DeliveryResult, DeliveryState,

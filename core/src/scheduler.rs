@@ -31,7 +31,7 @@ use crate::checkpoint::Throttle;
 use crate::error::Rejected;
 use crate::ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
 use crate::incident::{Incident, IncidentKind, IncidentSubject};
-use crate::job::{Backlog, Ensured, Job, JobSpec, JobState, LastRun, OverlapPolicy};
+use crate::job::{Backlog, Ensured, Job, JobSpec, JobState, LastRun, NotifyOn, OverlapPolicy};
 use crate::lease::{Lease, LeasePolicy};
 use crate::limits;
 use crate::outbox::{
@@ -1562,6 +1562,14 @@ impl Scheduler {
         if run.sinks.is_empty() {
             return;
         }
+        // The job's current wish; a run of a removed job is delivered as it always was.
+        let notify_on = self
+            .jobs
+            .get(&run.job)
+            .map_or(NotifyOn::Always, |job| job.spec.notify_on);
+        if !notify_on.delivers(run.state.name()) {
+            return;
+        }
         let payload = DeliveryPayload {
             run: run.id,
             job: run.job.clone(),
@@ -2329,6 +2337,51 @@ mod tests {
         let resolved = s.incidents().count();
         assert_eq!(resolved, 1, "the resolved one left the open set");
         s.check_invariants();
+    }
+
+    #[test]
+    fn a_job_notifying_on_failure_delivers_its_failures_only() {
+        let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
+        let mut s = Scheduler::new(Config::default(), 1, t0);
+        let job = every_minute("check")
+            .with_attempts(1)
+            .with_sinks(["ops"])
+            .with_notify_on(NotifyOn::Failure);
+        s.add_job(t0, job).unwrap();
+        ack_all(&mut s, t0);
+        let mut delivered = Vec::new();
+        for (k, ok) in [true, false, true].into_iter().enumerate() {
+            let minute = Timestamp::parse_rfc3339("2026-01-01T00:01:00Z")
+                .unwrap()
+                .plus_ms(k as u64 * 60_000);
+            s.handle_timeout(minute);
+            for a in ack_all(&mut s, minute).0 {
+                let outcome = if ok {
+                    Outcome::ok()
+                } else {
+                    Outcome::Permanent {
+                        message: "down".into(),
+                    }
+                };
+                s.handle_outcome(minute, a.run, a.lease.token, outcome)
+                    .unwrap();
+            }
+            while let Some(effect) = s.poll_effect() {
+                match effect {
+                    Effect::Persist(batch) => s.handle_persisted(minute, batch.id),
+                    Effect::Deliver(request) => delivered.push(request.payload.state),
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(
+            delivered,
+            vec![StateName::FailedDropped],
+            "the failure only"
+        );
+        assert!(NotifyOn::Always.delivers(StateName::Succeeded));
+        assert!(!NotifyOn::Failure.delivers(StateName::Cancelled));
+        assert!(NotifyOn::Failure.delivers(StateName::Interrupted));
     }
 
     #[test]

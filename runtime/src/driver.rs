@@ -200,6 +200,8 @@ enum Input {
 /// The driver's state.
 pub(crate) struct Driver {
     pub(crate) core: Scheduler,
+    /// Makes a sink for a name none was registered under (`RuntimeBuilder::sink_factory`).
+    pub(crate) sink_factory: Option<crate::SinkFactory>,
     /// Call the store on the driver's task rather than on tokio's blocking pool
     /// (`RuntimeBuilder::store_calls_inline`).
     pub(crate) store_inline: bool,
@@ -268,6 +270,7 @@ impl Driver {
     ) -> Self {
         Driver {
             core,
+            sink_factory: None,
             store_inline: false,
             seed,
             generation: 0,
@@ -323,6 +326,16 @@ impl Driver {
     /// The handlers, for commands that check a job's kind.
     pub(crate) fn has_handler(&self, kind: &str) -> bool {
         self.handlers.contains_key(kind)
+    }
+
+    /// The sink registered under `name`, or the one the factory makes for it (kept).
+    fn sink(&mut self, name: &str) -> Option<Arc<dyn Sink>> {
+        if let Some(sink) = self.sinks.get(name) {
+            return Some(Arc::clone(sink));
+        }
+        let sink = (self.sink_factory.as_ref()?)(name)?;
+        Arc::make_mut(&mut self.sinks).insert(name.to_string(), Arc::clone(&sink));
+        Some(sink)
     }
 
     /// The kinds that have a handler, in order.
@@ -1023,7 +1036,7 @@ impl Driver {
                 let generation = self.generation;
                 let (id, attempt) = (request.id, request.attempt);
                 self.deliveries_in_flight += 1;
-                match self.sinks.get(&*request.sink).cloned() {
+                match self.sink(&request.sink) {
                     Some(sink) => {
                         let label = self.sink_label(&request.sink);
                         tokio::spawn(async move {

@@ -228,11 +228,15 @@ pub struct RuntimeBuilder {
     config: Config,
     handlers: BTreeMap<String, Arc<dyn Handler>>,
     sinks: BTreeMap<String, Arc<dyn Sink>>,
+    sink_factory: Option<SinkFactory>,
     seed: Option<u64>,
     worker: Option<WorkerId>,
     clock: Option<Clock>,
     store_inline: bool,
 }
+
+/// Makes the sink for a name no sink was registered under (`RuntimeBuilder::sink_factory`).
+pub type SinkFactory = Arc<dyn Fn(&str) -> Option<Arc<dyn Sink>> + Send + Sync>;
 
 impl std::fmt::Debug for RuntimeBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -282,6 +286,19 @@ impl RuntimeBuilder {
     #[must_use]
     pub fn sink(mut self, name: &str, sink: impl Sink) -> Self {
         self.sinks.insert(name.to_string(), Arc::new(sink));
+        self
+    }
+
+    /// Makes sinks on demand: a delivery to a name no sink was registered under asks
+    /// `factory` for one (once; the sink is kept). `None` leaves the delivery failing as to an
+    /// unknown sink. The `keel` daemon makes a webhook sink for any http(s) URL this way, so a
+    /// job added while it runs can notify.
+    #[must_use]
+    pub fn sink_factory(
+        mut self,
+        factory: impl Fn(&str) -> Option<Arc<dyn Sink>> + Send + Sync + 'static,
+    ) -> Self {
+        self.sink_factory = Some(Arc::new(factory));
         self
     }
 
@@ -357,6 +374,7 @@ impl RuntimeBuilder {
             events.clone(),
         );
         driver.store_inline = self.store_inline;
+        driver.sink_factory = self.sink_factory;
         let stop_reason = Arc::new(std::sync::OnceLock::new());
         let task = tokio::spawn(driver.run(rx, Arc::clone(&stop_reason)));
         let alive = Arc::new(Alive(tx.clone()));
@@ -389,6 +407,7 @@ impl Runtime {
             config: Config::default(),
             handlers: BTreeMap::new(),
             sinks: BTreeMap::new(),
+            sink_factory: None,
             seed: None,
             worker: None,
             clock: None,

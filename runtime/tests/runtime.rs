@@ -728,3 +728,65 @@ async fn a_tiny_lease_ttl_is_renewed_in_time() {
     );
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
+
+/// A sink made on demand (`RuntimeBuilder::sink_factory`): a job added while the runtime runs
+/// delivers to a name no sink was registered under at start.
+#[tokio::test(start_paused = true)]
+async fn a_sink_factory_makes_the_sink_of_a_job_added_while_running() {
+    use keel_core::outbox::{DeliveryResult, DeliveryStatus, OutboxEvent, SendRequest};
+    use keel_runtime::{BoxFuture, Sink};
+
+    struct Recorder(Arc<std::sync::Mutex<Vec<String>>>, String);
+    impl Sink for Recorder {
+        fn send(&self, request: SendRequest) -> BoxFuture<DeliveryResult> {
+            let line = format!("{} {}", self.1, request.payload.job);
+            self.0.lock().unwrap().push(line);
+            Box::pin(async { DeliveryResult::Delivered })
+        }
+    }
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let made = Arc::clone(&seen);
+    let asked = Arc::new(AtomicU32::new(0));
+    let factory_calls = Arc::clone(&asked);
+    let store = SharedMemStore::new();
+    let runtime = builder(&store)
+        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .sink_factory(move |name| {
+            factory_calls.fetch_add(1, Ordering::SeqCst);
+            let sink = Recorder(Arc::clone(&made), name.to_string());
+            name.starts_with("rec:")
+                .then(|| Arc::new(sink) as Arc<dyn Sink>)
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    for (job, sink) in [("a", "rec:ops"), ("b", "nowhere"), ("c", "rec:ops")] {
+        let spec = once(job, "tick", 1_000).with_sinks([sink]);
+        handle.add_job(spec).await.unwrap();
+    }
+    let mut ended = Vec::new();
+    while ended.len() < 3 {
+        if let Event::Delivery(OutboxEvent::Finished { sink, status, .. }) =
+            events.recv().await.unwrap()
+        {
+            ended.push((sink.to_string(), status));
+        }
+    }
+    ended.sort();
+    assert_eq!(
+        ended,
+        [
+            ("nowhere".to_string(), DeliveryStatus::Permanent),
+            ("rec:ops".to_string(), DeliveryStatus::Success),
+            ("rec:ops".to_string(), DeliveryStatus::Success),
+        ]
+    );
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(seen, ["rec:ops a", "rec:ops c"]);
+    // "rec:ops" was made once and kept; "nowhere" was asked for and refused.
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
