@@ -91,6 +91,17 @@ pub(crate) enum Command {
     /// The external worker protocol: claim work, report on it, finish it.
     #[command(subcommand)]
     Worker(WorkerCommand),
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    ///
+    /// bash: `keel completions bash > /etc/bash_completion.d/keel`; zsh: into a directory of
+    /// your $fpath as `_keel`; fish: `~/.config/fish/completions/keel.fish`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print keel's man page (roff): `keel man > /usr/local/share/man/man1/keel.1`.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -116,6 +127,8 @@ pub(crate) enum JobCommand {
     Ls,
     /// Show a job: its definition, state, next fire time and recent runs.
     Show(NameArg),
+    /// A job's history: every change to its definition and state, who made it and why.
+    History(NameArg),
     /// Remove a job (its history stays; a run under way finishes).
     #[command(visible_alias = "remove")]
     Rm(NameArg),
@@ -139,7 +152,8 @@ pub(crate) struct AddArgs {
     pub(crate) name: String,
     #[arg(long, value_name = "EXPR", help = CRON_HELP)]
     pub(crate) cron: Option<String>,
-    /// The IANA time zone of --cron (default UTC), e.g. Europe/Paris.
+    /// The IANA time zone of --cron (default UTC), e.g. Europe/Paris; `local`: the system's
+    /// zone, resolved now and shown by `job show`.
     #[arg(long, value_name = "ZONE")]
     pub(crate) tz: Option<String>,
     /// Fire once: an RFC 3339 instant (2026-01-01T09:00:00Z) or +DURATION from now (+10m).

@@ -26,6 +26,21 @@ use crate::{config, daemon, doctor, show};
 
 /// Runs the parsed command line.
 pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
+    // Generated from the parser; they need no data directory.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "keel", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            return clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                .map_err(|e| Failure::runtime(format!("cannot write the man page: {e}")));
+        }
+        _ => {}
+    }
     let place = Place {
         dir: match cli.data_dir {
             Some(dir) => dir,
@@ -59,6 +74,8 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Incidents(args) => incidents(&place, out, &args),
         Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref(), args.repair),
         Command::Worker(command) => worker(&place, out, command),
+        // Answered above, before a data directory is looked for.
+        Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
 
@@ -112,6 +129,15 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
             out.print(&json!({ "job": view, "recent_runs": recent }), || {
                 show::job_detail(&job, &recent, wall_clock())
             })
+        }
+        JobCommand::History(arg) => {
+            let job = job_id(&arg.name)?;
+            let records: Vec<AuditRecord> = job_history(place, &job)?;
+            if records.is_empty() {
+                // Unknown, and never known (its history outlives it otherwise).
+                find_job(place, job.as_str())?;
+            }
+            out.print(&records, || show::job_history(&job, &records))
         }
         JobCommand::Rm(arg) => {
             let job = job_id(&arg.name)?;
@@ -335,6 +361,28 @@ fn list_runs(
     }
     runs.truncate(limit);
     Ok(runs)
+}
+
+/// The audit records of a job's own changes (not of its runs), oldest first.
+fn job_history(place: &Place, job: &JobId) -> Result<Vec<AuditRecord>, Failure> {
+    let mut records: Vec<AuditRecord> = Vec::new();
+    // Pages follow the last record read, whether it was kept (a job's) or not (a run's).
+    let mut after = None;
+    loop {
+        let query = AuditQuery {
+            job: Some(job.clone()),
+            after,
+            limit: limits::HISTORY_PAGE_MAX,
+            ..AuditQuery::default()
+        };
+        let page: Vec<AuditRecord> = from_value(call(place, &Request::Audit { query })?)?;
+        let full = page.len() == limits::HISTORY_PAGE_MAX;
+        after = page.last().map(|r| r.seq).or(after);
+        records.extend(page.into_iter().filter(|r| r.run.is_none()));
+        if !full {
+            return Ok(records);
+        }
+    }
 }
 
 fn audit_of(place: &Place, run: RunId) -> Result<Vec<AuditRecord>, Failure> {

@@ -84,6 +84,26 @@ impl Config {
         self.path.parent().unwrap_or(Path::new("."))
     }
 
+    /// The `[daemon]` settings, to tell whether a reloaded file changed them.
+    pub(crate) fn daemon_settings(&self) -> String {
+        format!(
+            "{:?}",
+            (
+                self.shutdown_budget,
+                self.metrics,
+                self.lease,
+                self.delivery,
+                self.failing_after
+            )
+        )
+    }
+
+    /// The file's path as its jobs' origin names it: absolute, so that the same file started
+    /// from another directory still owns its jobs.
+    pub(crate) fn path_for_origin(&self) -> PathBuf {
+        std::path::absolute(&self.path).unwrap_or_else(|_| self.path.clone())
+    }
+
     /// Where relative `cwd`s of this config's jobs resolve, as an absolute path when possible.
     pub(crate) fn base_dir(&self) -> PathBuf {
         std::path::absolute(self.dir()).unwrap_or_else(|_| self.dir().to_path_buf())
@@ -338,6 +358,26 @@ fn line_of(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `examples/keel.service` stops keel the way SPEC O1 needs: SIGTERM to the daemon alone,
+    /// and time for the whole shutdown budget before systemd kills anything.
+    #[test]
+    fn the_example_unit_gives_keel_its_budget_and_reloads_with_sighup() {
+        let unit = include_str!("../../examples/keel.service");
+        let value = |key: &str| {
+            unit.lines()
+                .find_map(|line| line.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("{key} missing"))
+        };
+        assert_eq!(value("KillMode"), "mixed");
+        assert_eq!(value("ExecReload"), "/bin/kill -HUP $MAINPID");
+        let timeout: u64 = value("TimeoutStopSec").parse().unwrap();
+        assert!(
+            timeout > SHUTDOWN_BUDGET_DEFAULT.as_secs(),
+            "TimeoutStopSec {timeout} leaves no room beyond the budget"
+        );
+        assert_eq!(value("StateDirectoryMode"), "0700");
+    }
 
     fn parse_ok(text: &str) -> Config {
         parse(text, Path::new("/etc/keel/keel.toml")).unwrap()

@@ -56,6 +56,9 @@ pub(crate) fn run(place: &Place, config: Option<Config>) -> Result<(), Failure> 
 
 async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
     let mut signals = Signals::new()?;
+    // Listened to from the start: SIGHUP's default action would end the daemon silently.
+    let hangup = signal(SignalKind::hangup())
+        .map_err(|e| Failure::runtime(format!("cannot listen for SIGHUP: {e}")))?;
     let budget = config
         .as_ref()
         .map_or(SHUTDOWN_BUDGET_DEFAULT, |c| c.shutdown_budget);
@@ -133,6 +136,12 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
             return Err(e);
         }
     }
+    tokio::spawn(reload_on_hangup(
+        hangup,
+        handle.clone(),
+        Arc::clone(&store),
+        config.clone(),
+    ));
 
     let socket = match Socket::bind(place) {
         Ok(socket) => socket,
@@ -303,8 +312,61 @@ fn notify_urls(snapshot: &Snapshot, config: Option<&Config>) -> BTreeSet<String>
     stored.chain(configured).collect()
 }
 
-/// Adds the config's jobs that are not stored, updates those whose definition changed, and
-/// leaves the rest (and every job not in the config) alone.
+/// SIGHUP reloads the config file (SPEC O2): its jobs are applied as at a start (added,
+/// updated, removed, each logged). A file that does not load leaves everything as it was, with
+/// the reason logged. `[daemon]` settings take effect at the next start.
+async fn reload_on_hangup(
+    mut hangup: Signal,
+    handle: RuntimeHandle,
+    store: Arc<dyn Store>,
+    mut running: Option<Config>,
+) {
+    while hangup.recv().await.is_some() {
+        let Some(path) = running.as_ref().map(|c| c.path.clone()) else {
+            log("SIGHUP: there is no config file to reload (the daemon was started without --config)");
+            continue;
+        };
+        log(&format!("SIGHUP: reloading {}", path.display()));
+        let config = match crate::config::load(&path) {
+            Ok(config) => config,
+            Err(e) => {
+                log(&format!(
+                    "reload failed; the jobs stay as they were: {}",
+                    e.message()
+                ));
+                continue;
+            }
+        };
+        let snapshot = match read(&store).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                log(&format!("reload failed: {}", e.message()));
+                continue;
+            }
+        };
+        match apply_config(&handle, &config, &snapshot).await {
+            Ok(()) => log(&format!("reloaded {}", path.display())),
+            Err(e) => log(&format!("reload stopped at an error: {}", e.message())),
+        }
+        if running
+            .as_ref()
+            .is_some_and(|old| old.daemon_settings() != config.daemon_settings())
+        {
+            log("[daemon] settings changed in the file; they take effect at the next start");
+        }
+        running = Some(config);
+    }
+}
+
+/// The origin a config file's jobs carry (`JobSpec::origin`).
+fn config_origin(config: &Config) -> String {
+    format!("config:{}", config.path_for_origin().display())
+}
+
+/// Makes the stored jobs what the config says (SPEC O2): adds the config's jobs that are not
+/// stored, updates those whose definition changed, leaves the rest, and removes the jobs this
+/// file defined before and defines no more. A job added from the CLI is never the file's to
+/// remove. Each change is one log line.
 async fn apply_config(
     handle: &RuntimeHandle,
     config: &Config,
@@ -312,6 +374,7 @@ async fn apply_config(
 ) -> Result<(), Failure> {
     let now = wall_clock();
     let base_dir = config.base_dir();
+    let origin = config_origin(config);
     let stored: BTreeMap<JobId, Job> = handle
         .jobs()
         .await?
@@ -335,7 +398,8 @@ async fn apply_config(
                 base_dir: &base_dir,
                 prior,
             })
-            .map_err(|e| config_error(config, *line, &def.name, &e))?;
+            .map_err(|e| config_error(config, *line, &def.name, &e))?
+            .with_origin(origin.as_str());
         let name = &def.name;
         match handle.ensure_job(spec).await {
             Ok(Ensured::Unchanged) => {
@@ -358,6 +422,29 @@ async fn apply_config(
                 let failure = Failure::from(e);
                 return Err(config_error(config, *line, name, failure.message()));
             }
+        }
+    }
+    let defined: BTreeSet<&str> = config
+        .jobs
+        .iter()
+        .map(|(def, _)| def.name.as_str())
+        .collect();
+    let dropped = stored.values().filter(|job| {
+        job.spec.origin.as_deref() == Some(origin.as_str())
+            && !defined.contains(job.spec.id.as_str())
+    });
+    for job in dropped {
+        let name = &job.spec.id;
+        match handle.remove_job(name.clone()).await {
+            Ok(()) => log(&format!(
+                "job {name}: removed (no longer in {})",
+                config.path.display()
+            )),
+            Err(e) => log(&format!(
+                "job {name}: no longer in {}, but not removed: {}",
+                config.path.display(),
+                Failure::from(e).message()
+            )),
         }
     }
     Ok(())
@@ -499,13 +586,38 @@ async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
                 Err(e) => return Err(e.into()),
             };
             let job = handle.jobs().await?.into_iter().find(|j| j.spec.id == id);
+            let what = if replaced { "replaced" } else { "added" };
+            let state = job.as_ref().map(show::job_state).unwrap_or_default();
+            log(&format!("job {id}: {what} by a command ({state})"));
             to_value(Added { replaced, job })
         }
-        Request::RemoveJob { job } => to_value(handle.remove_job(job).await?),
-        Request::PauseJob { job } => to_value(handle.pause_job(job).await?),
-        Request::ResumeJob { job } => to_value(handle.resume_job(job).await?),
-        Request::TriggerJob { job } => to_value(handle.trigger(job).await?),
-        Request::CancelRun { run } => to_value(handle.cancel_run(run).await?),
+        // Each change an operator makes through the socket is a line in the log, when it
+        // happens (SPEC O5); `keel job history` keeps it.
+        Request::RemoveJob { job } => {
+            handle.remove_job(job.clone()).await?;
+            log(&format!("job {job}: removed by a command"));
+            to_value(())
+        }
+        Request::PauseJob { job } => {
+            handle.pause_job(job.clone()).await?;
+            log(&format!("job {job}: paused by a command"));
+            to_value(())
+        }
+        Request::ResumeJob { job } => {
+            handle.resume_job(job.clone()).await?;
+            log(&format!("job {job}: resumed by a command"));
+            to_value(())
+        }
+        Request::TriggerJob { job } => {
+            let run = handle.trigger(job.clone()).await?;
+            log(&format!("job {job}: {run} triggered by a command"));
+            to_value(run)
+        }
+        Request::CancelRun { run } => {
+            handle.cancel_run(run).await?;
+            log(&format!("{run}: cancel requested by a command"));
+            to_value(())
+        }
         Request::Claim { worker, kinds } => {
             let claimed = handle.claim(worker, kinds).await?;
             to_value(claimed.map(ClaimedAttempt::from))

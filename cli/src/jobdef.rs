@@ -50,6 +50,18 @@ pub(crate) struct JobDef {
     pub(crate) exit_permanent: Vec<i32>,
 }
 
+/// `--tz local`: the system's zone, by its IANA name, resolved once when the job is defined
+/// (so the job says which zone it runs in, and a later change of the system's zone does not
+/// move it silently).
+fn local_zone() -> Result<String, String> {
+    iana_time_zone::get_timezone().map_err(|e| {
+        format!(
+            "--tz local: cannot tell the system's time zone ({e}); name it instead, e.g. \
+             --tz Europe/Paris"
+        )
+    })
+}
+
 /// What is already stored under a job's name, for resolving a relative `at` (`+5s`) the same
 /// way every time the config is loaded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,7 +148,11 @@ impl JobDef {
             return Err("tz applies to cron schedules only".to_string());
         }
         let spec = if let Some(expr) = &self.cron {
-            let zone = self.tz.as_deref().unwrap_or("UTC");
+            let zone = match self.tz.as_deref() {
+                None => "UTC".to_string(),
+                Some("local") => local_zone()?,
+                Some(zone) => zone.to_string(),
+            };
             ScheduleSpec::Cron {
                 expr: expr.as_str().into(),
                 zone: zone.into(),

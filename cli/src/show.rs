@@ -183,6 +183,13 @@ pub(crate) fn job_detail(job: &Job, recent: &[Run], now: Timestamp) -> String {
     if let Some(last) = job.last_fired {
         field("last fired", time(last));
     }
+    if let Some(origin) = &spec.origin {
+        let origin = origin.strip_prefix("config:").map_or_else(
+            || origin.to_string(),
+            |path| format!("{path} (removed from it, the job is removed at its next load)"),
+        );
+        field("defined in", origin);
+    }
     if let Some(last) = &job.last_run {
         field(
             "last run",
@@ -444,14 +451,18 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
     out
 }
 
+/// An audit record's change of state: `running -> succeeded`.
+fn change(r: &AuditRecord) -> String {
+    match r.old {
+        Some(old) if old == r.new => r.new.to_string(),
+        Some(old) => format!("{old} -> {}", r.new),
+        None => format!("-> {}", r.new),
+    }
+}
+
 fn audit_table(records: &[AuditRecord]) -> String {
     let mut table = Table::new(&["SEQ", "AT", "ACTOR", "ATTEMPT", "TOKEN", "CHANGE", "REASON"]);
     for r in records {
-        let change = match r.old {
-            Some(old) if old == r.new => r.new.to_string(),
-            Some(old) => format!("{old} -> {}", r.new),
-            None => format!("-> {}", r.new),
-        };
         table.row(vec![
             r.seq.to_string(),
             time(r.at),
@@ -459,8 +470,26 @@ fn audit_table(records: &[AuditRecord]) -> String {
             r.attempt.map_or_else(String::new, |a| a.to_string()),
             r.fencing_token
                 .map_or_else(String::new, |t| t.0.to_string()),
-            change,
+            change(r),
             clip(&r.reason, 70),
+        ]);
+    }
+    table.render()
+}
+
+/// A job's history as a table (SPEC O2, O5): its definition's and state's changes.
+pub(crate) fn job_history(job: &keel_core::JobId, records: &[AuditRecord]) -> String {
+    if records.is_empty() {
+        return format!("no history for job {job} (pruned by the history policy)\n");
+    }
+    let mut table = Table::new(&["SEQ", "AT", "ACTOR", "CHANGE", "REASON"]);
+    for r in records {
+        table.row(vec![
+            r.seq.to_string(),
+            time(r.at),
+            r.actor.to_string(),
+            change(r),
+            clip(&r.reason, 90),
         ]);
     }
     table.render()

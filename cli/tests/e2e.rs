@@ -1850,3 +1850,135 @@ fn a_job_added_to_a_running_daemon_notifies_its_failures_only() {
         "only failures are posted: {posted:?}"
     );
 }
+
+/// SPEC O8: completions and the man page come from the parser, so they name every command,
+/// and `--tz local` resolves the system's zone by name. None of them needs a data directory.
+#[test]
+fn completions_the_man_page_and_tz_local() {
+    let place = Place::new("install");
+    let bash = place.keel(&["completions", "bash"]);
+    bash.expect_code(0);
+    for word in ["_keel()", "worker", "incidents", "--data-dir"] {
+        assert!(bash.stdout().contains(word), "{word}: {}", bash.stdout());
+    }
+    let zsh = place.keel(&["completions", "zsh"]);
+    assert!(
+        zsh.stdout().starts_with("#compdef keel"),
+        "{}",
+        zsh.stdout()
+    );
+    let man = place.keel(&["man"]);
+    man.expect_code(0);
+    assert!(man.stdout().contains(".TH keel 1"), "{}", man.stdout());
+    assert!(man.stdout().contains("completions"), "{}", man.stdout());
+    assert!(!place.data().exists(), "no data directory was created");
+
+    let added = place.keel(&[
+        "job",
+        "add",
+        "local",
+        "--cron",
+        "0 0 9 * * *",
+        "--tz",
+        "local",
+        "--",
+        "true",
+    ]);
+    added.expect_code(0);
+    let show = place.keel(&["job", "show", "local"]);
+    let zone = iana_time_zone::get_timezone().unwrap();
+    assert!(
+        show.stdout().contains(&format!("({zone})")),
+        "{}",
+        show.stdout()
+    );
+}
+
+/// SPEC O2: SIGHUP reloads keel.toml: the file's jobs are added, updated and removed as it now
+/// says, each change logged; a job added from the CLI is not the file's to remove; a file that
+/// does not load changes nothing. `job history` shows who changed a job and why.
+#[test]
+fn sighup_reloads_the_config_and_removes_only_the_files_own_jobs() {
+    let place = Place::new("reload");
+    let first = r#"
+[[job]]
+name = "kept"
+every = "1h"
+command = ["true"]
+
+[[job]]
+name = "dropped"
+every = "1h"
+command = ["true"]
+"#;
+    let config = place.write("keel.toml", first);
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["ready"]);
+    place
+        .keel(&["job", "add", "by-hand", "--every", "1h", "--", "true"])
+        .expect_code(0);
+    // A change made through the daemon is a line in its log (SPEC O5).
+    daemon.wait_for(&["job by-hand: added by a command"]);
+    place.write(
+        "keel.toml",
+        r#"
+[[job]]
+name = "kept"
+every = "2h"
+command = ["true"]
+
+[[job]]
+name = "new"
+every = "1h"
+command = ["true"]
+"#,
+    );
+    daemon.signal("HUP");
+    daemon.wait_for(&["reloaded"]);
+    daemon.wait_for(&["job kept: updated"]);
+    daemon.wait_for(&["job new: added"]);
+    daemon.wait_for(&["job dropped: removed (no longer in"]);
+    let names: Vec<String> = place
+        .json(&["job", "ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["spec"]["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["by-hand", "kept", "new"], "{}", daemon.log());
+    let show = place.keel(&["job", "show", "kept"]);
+    assert!(show.stdout().contains("defined in"), "{}", show.stdout());
+    assert!(!place
+        .keel(&["job", "show", "by-hand"])
+        .stdout()
+        .contains("defined in"));
+
+    // A broken file: logged, nothing changes, the daemon runs on.
+    place.write("keel.toml", "[[job]]\nname = \"kept\"\nevery = \"soon\"\n");
+    daemon.signal("HUP");
+    daemon.wait_for(&["reload failed; the jobs stay as they were"]);
+    assert!(
+        daemon.log().contains("invalid duration \"soon\""),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        place
+            .json(&["job", "ls", "--json"])
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let history = place.keel(&["job", "history", "dropped"]);
+    history.expect_code(0);
+    assert!(
+        history.stdout().contains("-> scheduled") && history.stdout().contains("removed"),
+        "{}",
+        history.stdout()
+    );
+    place.keel(&["job", "history", "never-was"]).expect_code(2);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+}

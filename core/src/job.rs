@@ -74,6 +74,12 @@ pub struct JobSpec {
     /// O4). Read when a run finishes, so a change applies to runs finishing from then on.
     #[serde(default, skip_serializing_if = "NotifyOn::is_always")]
     pub notify_on: NotifyOn,
+    /// Who manages this definition, if anyone but an operator's commands: a config file, as
+    /// `config:/etc/keel/keel.toml`. A manager may remove the jobs it manages and no other
+    /// (SPEC O2: a reloaded file removes the jobs it dropped, never one added from the CLI).
+    /// At most [`limits::JOB_ORIGIN_MAX_BYTES`](crate::limits::JOB_ORIGIN_MAX_BYTES).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Arc<str>>,
 }
 
 /// Which finished runs a job's sinks hear of.
@@ -127,6 +133,7 @@ impl JobSpec {
             required_artifacts: Box::default(),
             sinks: Box::default(),
             notify_on: NotifyOn::Always,
+            origin: None,
         }
     }
 
@@ -190,6 +197,13 @@ impl JobSpec {
     #[must_use]
     pub fn with_sinks<S: Into<Arc<str>>>(mut self, sinks: impl IntoIterator<Item = S>) -> Self {
         self.sinks = sinks.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Managed by `origin` (see [`JobSpec::origin`]).
+    #[must_use]
+    pub fn with_origin(mut self, origin: impl Into<Arc<str>>) -> Self {
+        self.origin = Some(origin.into());
         self
     }
 

@@ -14,6 +14,9 @@ pub const SHARED_PAYLOAD_MAX_BYTES: usize = 64;
 /// Largest opaque payload a job may carry to its handler, in bytes.
 pub const JOB_PAYLOAD_MAX_BYTES: usize = 64 * 1024;
 
+/// The longest `JobSpec::origin` (who manages a job: a config file's path, with its tag).
+pub const JOB_ORIGIN_MAX_BYTES: usize = 4096;
+
 /// Longest cron expression accepted, in bytes.
 pub const CRON_EXPR_MAX_BYTES: usize = 256;
 

@@ -2072,6 +2072,16 @@ fn validate_fields(spec: &JobSpec) -> Result<Schedule, Rejected> {
             ),
         });
     }
+    if spec
+        .origin
+        .as_ref()
+        .is_some_and(|o| o.len() > limits::JOB_ORIGIN_MAX_BYTES)
+    {
+        return Err(Rejected::InvalidField {
+            field: "origin",
+            reason: format!("is longer than {} bytes", limits::JOB_ORIGIN_MAX_BYTES),
+        });
+    }
     if let MisfirePolicy::CatchUp { max } = spec.misfire {
         if max == 0 || max > limits::CATCH_UP_MAX {
             return Err(Rejected::InvalidField {
