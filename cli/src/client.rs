@@ -15,12 +15,21 @@ use crate::protocol::{Request, Response};
 /// store keeps failing would otherwise keep a command waiting for ever.
 const ANSWER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
 
-fn answer_timeout() -> Duration {
-    std::env::var("KEEL_TIMEOUT")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|secs| *secs > 0)
-        .map_or(ANSWER_TIMEOUT_DEFAULT, Duration::from_secs)
+/// `KEEL_TIMEOUT`, or the default. A value that is not a whole number of seconds, at least 1,
+/// is refused by name rather than ignored.
+pub(crate) fn answer_timeout() -> Result<Duration, Failure> {
+    let Some(value) = std::env::var_os("KEEL_TIMEOUT") else {
+        return Ok(ANSWER_TIMEOUT_DEFAULT);
+    };
+    let text = value.to_string_lossy();
+    match text.trim().parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(Duration::from_secs(secs)),
+        _ => Err(Failure::input(format!(
+            "KEEL_TIMEOUT={text:?}: expected a whole number of seconds, at least 1 (how long a \
+             command waits for the daemon's answer; default {})",
+            ANSWER_TIMEOUT_DEFAULT.as_secs()
+        ))),
+    }
 }
 
 /// A connection to a running daemon.
@@ -38,7 +47,7 @@ impl Client {
         match UnixStream::connect(&path) {
             Ok(stream) => {
                 stream
-                    .set_read_timeout(Some(answer_timeout()))
+                    .set_read_timeout(Some(answer_timeout()?))
                     .map_err(|e| Failure::runtime(format!("cannot use the control socket: {e}")))?;
                 let reader = stream
                     .try_clone()
@@ -83,7 +92,9 @@ impl Client {
             };
             Failure::runtime(format!(
                 "the daemon did not answer within {} s (KEEL_TIMEOUT): {after}",
-                answer_timeout().as_secs()
+                answer_timeout()
+                    .map_or(ANSWER_TIMEOUT_DEFAULT, |t| t)
+                    .as_secs()
             ))
         })?;
         if read == 0 {

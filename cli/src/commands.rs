@@ -48,6 +48,9 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         },
         kind: cli.store,
     };
+    place.check()?;
+    // Refused by name before anything runs, not ignored.
+    crate::client::answer_timeout()?;
     let out = Output { json: cli.json };
     match cli.command {
         Command::Run(args) => {
@@ -148,17 +151,27 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
         }
         JobCommand::Pause(arg) => {
             let job = job_id(&arg.name)?;
-            call(place, &Request::PauseJob { job: job.clone() })?;
-            out.print(&json!({ "paused": job }), || format!("paused job {job}\n"))
+            let changed: bool = from_value(call(place, &Request::PauseJob { job: job.clone() })?)?;
+            out.print(&json!({ "paused": job, "changed": changed }), || {
+                if changed {
+                    format!("paused job {job}\n")
+                } else {
+                    format!("job {job} was already paused\n")
+                }
+            })
         }
         JobCommand::Resume(arg) => {
             let job = job_id(&arg.name)?;
-            call(place, &Request::ResumeJob { job: job.clone() })?;
+            let changed: bool = from_value(call(place, &Request::ResumeJob { job: job.clone() })?)?;
             let state = find_job(place, job.as_str()).map(|j| show::job_state(&j));
-            out.print(&json!({ "resumed": job }), || match state {
-                Ok(state) => format!("resumed job {job}: {state}\n"),
-                Err(_) => format!("resumed job {job}\n"),
-            })
+            let word = if changed { "resumed" } else { "not paused" };
+            out.print(
+                &json!({ "resumed": job, "changed": changed }),
+                || match state {
+                    Ok(state) => format!("{word}: job {job}: {state}\n"),
+                    Err(_) => format!("{word}: job {job}\n"),
+                },
+            )
         }
         JobCommand::Trigger(arg) => {
             let job = job_id(&arg.name)?;
@@ -329,7 +342,11 @@ fn runs(place: &Place, out: Output, args: RunsArgs) -> Result<(), Failure> {
         None => {
             let job = args.job.as_deref().map(job_id).transpose()?;
             let state = args.state.as_deref().map(parse_state).transpose()?;
-            let runs = list_runs(place, job, state, args.limit)?;
+            let runs = list_runs(place, job.clone(), state, args.limit)?;
+            if let Some(job) = job.filter(|_| runs.is_empty()) {
+                // No runs, and no such job either: a typo, not an empty history.
+                find_job(place, job.as_str())?;
+            }
             out.print(&runs, || show::runs_table(&runs, wall_clock()))
         }
     }

@@ -563,6 +563,15 @@ async fn connection(stream: UnixStream, server: Server) {
     }
 }
 
+/// A command's refusal by the core, apart from the runtime's own failures.
+fn command(result: Result<(), CommandError>) -> Result<Result<(), Rejected>, Failure> {
+    match result {
+        Ok(()) => Ok(Ok(())),
+        Err(CommandError::Rejected(rejected)) => Ok(Err(rejected)),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
     let handle = &server.handle;
     match request {
@@ -599,14 +608,18 @@ async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
             to_value(())
         }
         Request::PauseJob { job } => {
-            handle.pause_job(job.clone()).await?;
-            log(&format!("job {job}: paused by a command"));
-            to_value(())
+            let changed = crate::protocol::changed(command(handle.pause_job(job.clone()).await)?)?;
+            if changed {
+                log(&format!("job {job}: paused by a command"));
+            }
+            to_value(changed)
         }
         Request::ResumeJob { job } => {
-            handle.resume_job(job.clone()).await?;
-            log(&format!("job {job}: resumed by a command"));
-            to_value(())
+            let changed = crate::protocol::changed(command(handle.resume_job(job.clone()).await)?)?;
+            if changed {
+                log(&format!("job {job}: resumed by a command"));
+            }
+            to_value(changed)
         }
         Request::TriggerJob { job } => {
             let run = handle.trigger(job.clone()).await?;

@@ -179,8 +179,12 @@ fn apply(core: &mut Scheduler, now: Timestamp, request: &Request) -> Result<Answ
             })?
         }
         Request::RemoveJob { job } => to_value(core.remove_job(now, &job)?)?,
-        Request::PauseJob { job } => to_value(core.pause_job(now, &job)?)?,
-        Request::ResumeJob { job } => to_value(core.resume_job(now, &job)?)?,
+        Request::PauseJob { job } => {
+            to_value(crate::protocol::changed(core.pause_job(now, &job))?)?
+        }
+        Request::ResumeJob { job } => {
+            to_value(crate::protocol::changed(core.resume_job(now, &job))?)?
+        }
         Request::TriggerJob { job } => to_value(core.trigger(now, &job)?)?,
         Request::CancelRun { run } => to_value(core.cancel_run(now, run)?)?,
         Request::Claim { worker, kinds } => {

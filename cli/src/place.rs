@@ -55,6 +55,33 @@ impl OpenStore {
 }
 
 impl Place {
+    /// Refuses, before anything is created, a path that is not a directory and a directory
+    /// that holds the other adapter's store, each with what to do.
+    pub(crate) fn check(&self) -> Result<(), Failure> {
+        if self.dir.exists() && !self.dir.is_dir() {
+            return Err(Failure::input(format!(
+                "{} is not a directory: a keel data directory holds the store, the daemon's \
+                 lock and its socket (pass --data-dir DIR with a directory, or a path that does \
+                 not exist yet)",
+                self.dir.display()
+            )));
+        }
+        let fs = self.dir.join("VERSION").exists();
+        let sled = self.dir.join(SLED_DIR).is_dir();
+        match self.kind {
+            StoreKind::Sled if fs && !sled => Err(Failure::input(format!(
+                "{} holds an fs store, not a sled one: drop --store sled (or use another \
+                 directory for a sled store)",
+                self.dir.display()
+            ))),
+            StoreKind::Fs if sled && !fs => Err(Failure::input(format!(
+                "{} holds a sled store, not an fs one: pass --store sled",
+                self.dir.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn socket(&self) -> PathBuf {
         self.dir.join(SOCKET_FILE)
     }

@@ -36,9 +36,10 @@ pub(crate) enum Request {
     },
     /// Removes a job. Answers `null`.
     RemoveJob { job: JobId },
-    /// Pauses a job. Answers `null`.
+    /// Pauses a job; one already paused is left so. Answers whether it changed (`true`), or
+    /// was paused already (`false`).
     PauseJob { job: JobId },
-    /// Resumes a job. Answers `null`.
+    /// Resumes a job; one not paused is left so. Answers whether it changed.
     ResumeJob { job: JobId },
     /// Starts a run now. Answers the run id.
     TriggerJob { job: JobId },
@@ -310,6 +311,19 @@ pub(crate) fn to_value(value: impl Serialize) -> Result<Value, Failure> {
 pub(crate) fn from_value<T: DeserializeOwned>(value: Value) -> Result<T, Failure> {
     serde_json::from_value(value)
         .map_err(|e| Failure::runtime(format!("unexpected answer from the daemon: {e}")))
+}
+
+/// Pause and resume are idempotent for the CLI (SPEC O5's operator): pausing a paused job, or
+/// resuming one that is not paused, changes nothing and is not an error. `Ok(true)` if it
+/// changed.
+pub(crate) fn changed(
+    result: Result<(), keel_core::Rejected>,
+) -> Result<bool, keel_core::Rejected> {
+    match result {
+        Ok(()) => Ok(true),
+        Err(keel_core::Rejected::AlreadyPaused(_) | keel_core::Rejected::NotPaused(_)) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use keel_core::{
 use crate::command_job::CommandSpec;
 use crate::duration::format_duration_ms;
 use crate::jobdef::{misfire_name, overlap_name, redact_url};
+use crate::table::terminal_safe;
 use crate::table::{clip, Table};
 
 /// An instant as `2026-01-01 09:30:00Z` (UTC, to the second).
@@ -323,18 +324,33 @@ pub(crate) fn run_state(state: &RunState) -> String {
 pub(crate) fn run_note(run: &Run) -> Option<String> {
     if run.state == RunState::Succeeded {
         // An earlier attempt's error is not the note of a success.
-        return run.summary.clone();
+        return run.summary.as_deref().map(terminal_safe);
     }
     if let Some(progress) = run.progress.as_ref().filter(|_| !run.state.is_terminal()) {
-        return Some(format!("{}: {}", progress.phase, progress.message));
+        return Some(format!(
+            "{}: {}",
+            terminal_safe(&progress.phase),
+            terminal_safe(&progress.message)
+        ));
     }
     run.last_error.as_ref().map(|e| {
-        let kind = serde_json::to_value(e.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        format!("{kind} (attempt {}): {}", e.attempt, e.message)
+        let kind = error_kind_word(run, e);
+        format!(
+            "{kind} (attempt {}): {}",
+            e.attempt,
+            terminal_safe(&e.message)
+        )
     })
+}
+
+/// How a run's last error is named: its kind, except that a retryable error that ended the run
+/// (no attempts left, or past its deadline) is not called retryable.
+fn error_kind_word(run: &Run, error: &keel_core::RunError) -> String {
+    if run.state.is_terminal() && error.kind == keel_core::ErrorKind::Retryable {
+        "failed, no attempts left".into()
+    } else {
+        error.kind.to_string()
+    }
 }
 
 /// One run in detail, with its audit trail.
@@ -405,8 +421,8 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
             "progress",
             format!(
                 "{}: {} ({})",
-                progress.phase,
-                progress.message,
+                terminal_safe(&progress.phase),
+                terminal_safe(&progress.message),
                 time(progress.at)
             ),
         );
@@ -424,22 +440,24 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
         );
     }
     if let Some(summary) = &run.summary {
-        field("summary", summary.clone());
+        field("summary", terminal_safe(summary));
     }
     if let Some(error) = &run.last_error {
-        let kind = serde_json::to_value(error.kind)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
         field(
             "last error",
-            format!("{kind} in attempt {} at {}", error.attempt, time(error.at)),
+            format!(
+                "{} in attempt {} at {}",
+                error_kind_word(run, error),
+                error.attempt,
+                time(error.at)
+            ),
         );
-        for line in error.message.lines() {
+        for line in terminal_safe(&error.message).lines() {
             let _ = writeln!(out, "{:<14}{line}", "");
         }
     }
     for (name, value) in &run.artifacts {
+        let (name, value) = (terminal_safe(name), terminal_safe(value));
         let _ = writeln!(out, "{:<14}{name}={value}", "artifact");
     }
     out.push_str("\naudit trail\n");

@@ -50,6 +50,26 @@ impl Table {
     }
 }
 
+/// `text` made safe to print on a terminal: control characters that could move the cursor,
+/// change colours or retitle the window (escape sequences a command printed) are shown in
+/// caret notation (`^[`, `^?`) or as `\u{9b}`; newlines and tabs stay.
+pub(crate) fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\u{7f}' => out.push_str("^?"),
+            c if (c as u32) < 0x20 => {
+                out.push('^');
+                out.push(char::from_u32(c as u32 + 0x40).unwrap_or('?'));
+            }
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// `text` cut to at most `max` characters, ending in `…` if it was cut; newlines become spaces.
 pub(crate) fn clip(text: &str, max: usize) -> String {
     let flat: String = text
@@ -95,6 +115,15 @@ mod tests {
         assert_eq!(t.render(), "A  B\n");
         t.row(vec!["x".into()]);
         assert_eq!(t.render(), "A  B\nx\n");
+    }
+
+    #[test]
+    fn control_characters_are_shown_not_obeyed() {
+        assert_eq!(
+            terminal_safe("ok\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}x\tend\nnext"),
+            "ok^[[2J^[]0;pwned^G\\u{9b}x\tend\nnext"
+        );
+        assert_eq!(terminal_safe("plain"), "plain");
     }
 
     #[test]

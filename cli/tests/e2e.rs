@@ -1982,3 +1982,90 @@ command = ["true"]
     daemon.signal("TERM");
     assert!(daemon.wait_exit().success(), "{}", daemon.log());
 }
+
+/// Issue 11's messages: idempotent pause and resume, unknown jobs and bad environment values
+/// refused by name (exit 2), a data directory that is a file or holds the other store, a
+/// final failure not called retryable, and a command's escape sequences shown, not obeyed.
+#[test]
+fn operator_mistakes_get_messages_that_name_the_real_problem() {
+    let place = Place::new("messages");
+    place
+        .keel(&["job", "add", "x", "--every", "1h", "--", "true"])
+        .expect_code(0);
+    place.keel(&["job", "pause", "x"]).expect_code(0);
+    let again = place.keel(&["job", "pause", "x"]);
+    again.expect_code(0);
+    assert!(
+        again.stdout().contains("already paused"),
+        "{}",
+        again.stdout()
+    );
+    place.keel(&["job", "resume", "x"]).expect_code(0);
+    let again = place.keel(&["job", "resume", "x"]);
+    again.expect_code(0);
+    assert!(again.stdout().contains("not paused"), "{}", again.stdout());
+
+    let unknown = place.keel(&["runs", "--job", "nosuch"]);
+    unknown.expect_code(2);
+    assert!(unknown.stderr().contains("nosuch"), "{}", unknown.stderr());
+
+    let timeout = place
+        .command(&["job", "ls"])
+        .env("KEEL_TIMEOUT", "soon")
+        .output()
+        .unwrap();
+    assert_eq!(timeout.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&timeout.stderr);
+    assert!(stderr.contains("KEEL_TIMEOUT=\"soon\""), "{stderr}");
+
+    let sled = place.keel(&["--store", "sled", "job", "ls"]);
+    sled.expect_code(2);
+    assert!(
+        sled.stderr().contains("holds an fs store"),
+        "{}",
+        sled.stderr()
+    );
+    assert!(
+        !place.data().join("sled").exists(),
+        "no second store beside it"
+    );
+
+    let file = Place::new("file");
+    std::fs::write(file.data(), "not a directory").unwrap();
+    let refused = file.keel(&["job", "ls"]);
+    refused.expect_code(2);
+    assert!(
+        refused.stderr().contains("is not a directory"),
+        "{}",
+        refused.stderr()
+    );
+
+    // A command whose output would clear the screen and retitle the terminal, failing for good.
+    let config = place.write("keel.toml", "");
+    let mut daemon = place.daemon(&config);
+    let escape = "printf '\\033[2J\\033]0;pwned\\007' >&2; exit 1";
+    place
+        .keel(&[
+            "job",
+            "add",
+            "loud",
+            "--at",
+            "+0s",
+            "--attempts",
+            "1",
+            "--shell",
+            "--",
+            escape,
+        ])
+        .expect_code(0);
+    let line = daemon.wait_for(&["of job loud failed"]);
+    assert!(!line.contains('\u{1b}'), "raw escape in the log: {line:?}");
+    let run = run_of(&line);
+    let show = place.keel(&["runs", "show", &run]).stdout();
+    assert!(!show.contains('\u{1b}'), "raw escape printed: {show:?}");
+    assert!(show.contains("^[[2J"), "{show}");
+    assert!(show.contains("failed, no attempts left"), "{show}");
+    assert!(line.contains("failed, no attempts left"), "{line}");
+    daemon.signal("TERM");
+    daemon.wait_exit();
+}
