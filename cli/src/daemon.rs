@@ -38,7 +38,7 @@ use crate::jobdef::{Prior, Resolve};
 use crate::place::{DaemonLock, Holder, Place};
 use crate::protocol::{
     answer_read, to_value, Added, CheckpointAnswer, ClaimedAttempt, ContextView, DaemonStatus,
-    Request, Response,
+    JobView, Request, Response,
 };
 use crate::show;
 
@@ -563,6 +563,9 @@ async fn connection(stream: UnixStream, server: Server) {
     }
 }
 
+/// How long a read waits for earlier changes to be durable before it answers from what is.
+const READ_SYNC_WAIT: Duration = Duration::from_secs(2);
+
 /// A command's refusal by the core, apart from the runtime's own failures.
 fn command(result: Result<(), CommandError>) -> Result<Result<(), Rejected>, Failure> {
     match result {
@@ -576,9 +579,21 @@ async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
     let handle = &server.handle;
     match request {
         Request::Status => to_value(&server.status),
+        // From memory: the jobs as the scheduler runs them, answered even while the store fails.
+        Request::Jobs => to_value(
+            handle
+                .jobs()
+                .await?
+                .into_iter()
+                .map(JobView::new)
+                .collect::<Vec<_>>(),
+        ),
         read if read.is_read() => {
-            // Everything changed before this read is on disk before it reads.
-            handle.sync().await?;
+            // Everything changed before this read is on disk before it reads, unless the store
+            // is failing: then the read shows what is durable rather than wait (SPEC O5).
+            if let Ok(synced) = tokio::time::timeout(READ_SYNC_WAIT, handle.sync()).await {
+                synced?;
+            }
             let store = Arc::clone(&server.store);
             tokio::task::spawn_blocking(move || answer_read(&*store, &read))
                 .await
@@ -670,6 +685,8 @@ async fn print_events(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut events = handle.subscribe();
+    // Between a failed write and the next success (SPEC O5: an outage's start and end).
+    let mut outage = false;
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
@@ -689,6 +706,18 @@ async fn print_events(
             }
             Err(RecvError::Closed) => return,
         };
+        match &event {
+            Event::PersistFailed { .. } if !outage => {
+                outage = true;
+                log(
+                    "store outage: writes are failing; keel keeps running and retries them, \
+                     commands that change something wait for the store, and reads show what \
+                     is durable",
+                );
+            }
+            Event::StoreRecovered { .. } => outage = false,
+            _ => {}
+        }
         log(&describe(&handle, &store, &event).await);
     }
 }
@@ -723,19 +752,14 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
             }
             None
         }
-        Event::RunFinished { run, .. } => {
-            let run = *run;
-            let store = Arc::clone(store);
-            match handle.sync().await {
-                Ok(()) => tokio::task::spawn_blocking(move || store.run(run))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten()
-                    .and_then(|run| show::run_note(&run)),
-                Err(_) => None,
-            }
-        }
+        // From memory, where a finished run stays until its record is durable: the line is
+        // written when the run ends, even while the store fails (SPEC O5).
+        Event::RunFinished { run, .. } => handle
+            .run(*run)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|run| show::run_note(&run)),
         Event::RetryScheduled { run, .. } => handle
             .run(*run)
             .await

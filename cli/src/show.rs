@@ -614,6 +614,14 @@ pub(crate) fn event_line(event: &Event) -> String {
             "store write {batch} failed: {error}; retrying at {}",
             time(*retry_at)
         ),
+        Event::StoreRecovered {
+            failing_since,
+            failures,
+        } => format!(
+            "store outage over: writes succeed again after {failures} failed write(s) since {}; \
+             what waited is written now",
+            time(*failing_since)
+        ),
     }
 }
 

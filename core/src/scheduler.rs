@@ -248,6 +248,14 @@ pub enum Event {
         /// When the next batch is emitted.
         retry_at: Timestamp,
     },
+    /// A write succeeded after writes had failed (SPEC O5: an outage's end, as the first
+    /// `PersistFailed` is its start).
+    StoreRecovered {
+        /// When the first of the failures happened.
+        failing_since: Timestamp,
+        /// How many writes failed in a row.
+        failures: u32,
+    },
 }
 
 /// What the scheduler's inputs have cost, counted in entries of its indexes visited rather
@@ -343,6 +351,8 @@ pub struct Scheduler {
     throttles: BTreeMap<RunId, Throttle>,
     /// Set by `begin_shutdown`: nothing new fires or is claimed.
     shutting_down: bool,
+    /// Since when, and how many times in a row, store writes have failed (none: they succeed).
+    store_failing: Option<(Timestamp, u32)>,
     /// Own attempts a shutdown asked to stop (`stop_for_shutdown`): whatever they report but
     /// a success interrupts them for the next start, using no attempt (SPEC O1).
     stopped_for_shutdown: BTreeSet<(RunId, Attempt)>,
@@ -394,6 +404,7 @@ impl Scheduler {
             throttles: BTreeMap::new(),
             shutting_down: false,
             stopped_for_shutdown: BTreeSet::new(),
+            store_failing: None,
             outbox: Outbox::new(config.outbox),
             delivery_jobs: BTreeMap::new(),
             meta: Meta {
@@ -956,6 +967,8 @@ impl Scheduler {
             return;
         };
         let now = self.clamp(now);
+        // Announced after what the write released.
+        let recovered = self.store_failing.take();
         // Terminal runs whose final record is now durable leave memory: they are history.
         for (job, group) in &batch.groups {
             for run_id in &group.runs {
@@ -1055,6 +1068,12 @@ impl Scheduler {
             self.effects.push_back(Effect::StartAttempt(start));
             self.effects.push_back(Effect::Event(granted));
         }
+        if let Some((failing_since, failures)) = recovered {
+            self.effects.push_back(Effect::Event(Event::StoreRecovered {
+                failing_since,
+                failures,
+            }));
+        }
     }
 
     /// The store failed to write batch `id`. Its records are re-sent (rebuilt from current
@@ -1068,6 +1087,8 @@ impl Scheduler {
             return;
         };
         let error = crate::run::truncate(error);
+        let (since, failures) = self.store_failing.unwrap_or((now, 0));
+        self.store_failing = Some((since, failures + 1));
         self.effects.push_back(Effect::Event(Event::PersistFailed {
             batch: id,
             error: error.clone(),

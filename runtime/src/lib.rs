@@ -534,6 +534,26 @@ impl RuntimeHandle {
         answer.await.unwrap_or_else(|_| Err(self.gone()))
     }
 
+    /// Reads the scheduler as it is now, and answers at once, without waiting for any write:
+    /// what it shows may not be durable yet (a change accepted while the store fails). For
+    /// reads that must go on while the store is failing (SPEC O5). `f` must not change the
+    /// scheduler: use [`RuntimeHandle::call`] for that.
+    pub async fn peek<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Scheduler, Timestamp) -> T + Send + 'static,
+    ) -> Result<T, RuntimeError> {
+        let (reply, answer) = oneshot::channel();
+        let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            let now = driver.clock.now();
+            let _ = reply.send(f(&driver.core, now));
+            None
+        });
+        self.tx
+            .send(Msg::Command(command))
+            .map_err(|_| self.gone())?;
+        answer.await.map_err(|_| self.gone())
+    }
+
     /// The driver's work counters (what it checked to answer commands), answered at once.
     /// For tests and diagnosis: they show that an acknowledgement costs what it wakes,
     /// however many commands wait.
@@ -646,9 +666,10 @@ impl RuntimeHandle {
             .await
     }
 
-    /// Every job, as the scheduler holds it now.
+    /// Every job, as the scheduler holds it now (answered at once, even while the store
+    /// fails: see [`RuntimeHandle::peek`]).
     pub async fn jobs(&self) -> Result<Vec<Job>, RuntimeError> {
-        self.call(|core, _| core.jobs().cloned().collect()).await
+        self.peek(|core, _| core.jobs().cloned().collect()).await
     }
 
     /// The runtime's clock now: the system's wall clock, or the simulated one it was given
@@ -660,7 +681,7 @@ impl RuntimeHandle {
     /// A run, active or finished: as the scheduler holds it while it is active, then as the
     /// store keeps it (until the history policy prunes it).
     pub async fn run(&self, id: RunId) -> Result<Option<Run>, ReadError> {
-        if let Some(run) = self.call(move |core, _| core.run(id).cloned()).await? {
+        if let Some(run) = self.peek(move |core, _| core.run(id).cloned()).await? {
             return Ok(Some(run));
         }
         self.read(move |store| store.run(id)).await

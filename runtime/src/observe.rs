@@ -87,5 +87,9 @@ pub(crate) fn event(event: &Event, now: Timestamp, label: &dyn Fn(&str) -> Strin
             error,
             retry_at,
         } => tracing::warn!(%batch, %error, %retry_at, "store write failed"),
+        Event::StoreRecovered {
+            failing_since,
+            failures,
+        } => tracing::warn!(%failing_since, failures, "store writes succeed again"),
     }
 }

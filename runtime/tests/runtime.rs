@@ -790,3 +790,43 @@ async fn a_sink_factory_makes_the_sink_of_a_job_added_while_running() {
     assert_eq!(asked.load(Ordering::SeqCst), 2);
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
+
+/// SPEC O5: while the store fails, reads of what the scheduler holds are answered at once (a
+/// job accepted but not yet durable included), and the end of the outage is an event.
+#[tokio::test(start_paused = true)]
+async fn reads_answer_while_the_store_fails_and_its_recovery_is_announced() {
+    let store = TestStore::default();
+    let runtime = Runtime::builder(Arc::new(store.clone()))
+        .clock(Clock::starting_at(T0))
+        .seed(7)
+        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    store.failing.store(true, Ordering::SeqCst);
+    // The add waits for a durable write, which does not come.
+    let adding = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.add_job(every_second("late", "tick")).await }
+    });
+    let mut failures = 0;
+    while failures < 3 {
+        if let Event::PersistFailed { .. } = events.recv().await.unwrap() {
+            failures += 1;
+        }
+    }
+    assert!(!adding.is_finished(), "the add waits for the store");
+    let jobs = handle.jobs().await.unwrap();
+    assert_eq!(jobs.len(), 1, "memory answers, without waiting for the store");
+    store.failing.store(false, Ordering::SeqCst);
+    adding.await.unwrap().unwrap();
+    loop {
+        if let Event::StoreRecovered { failures, .. } = events.recv().await.unwrap() {
+            assert!(failures >= 3, "{failures}");
+            break;
+        }
+    }
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}
