@@ -84,6 +84,8 @@ pub(crate) enum Command {
     Runs(RunsArgs),
     /// List runs that ended `interrupted` (found unfinished after a crash, not resumable).
     Interrupted(LimitArgs),
+    /// Print what a run's command wrote (stdout, then stderr), as the daemon kept it.
+    Logs(LogsArgs),
     /// List incidents: reclaimed leases, stuck runs, idle claim loops.
     Incidents(IncidentsArgs),
     /// Check the store, leases, jobs and (with --config) a config file; exit 1 on any problem.
@@ -263,6 +265,18 @@ pub(crate) enum RunsCommand {
     Show(RunArg),
     /// Cancel an active run (a running attempt is asked to stop).
     Cancel(RunArg),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LogsArgs {
+    /// The run: `run-42` or `42`.
+    pub(crate) run: String,
+    /// The attempt (default: the last one with output).
+    #[arg(long, value_name = "N")]
+    pub(crate) attempt: Option<u32>,
+    /// Keep printing what the command writes until its run ends.
+    #[arg(long, short)]
+    pub(crate) follow: bool,
 }
 
 #[derive(Debug, Args)]

@@ -107,8 +107,11 @@
 //! # Output
 //!
 //! keel keeps the last `capture_bytes` bytes of stdout (control lines left out) and of stderr,
-//! decoded as UTF-8 with invalid bytes replaced. On success, the run's summary is the last
-//! lines of stdout, at most 1 KiB (none if stdout was empty). On failure, the message names the
+//! decoded as UTF-8 with invalid bytes replaced. On success, the run's summary is the text of
+//! the last `::keel summary TEXT` line, if the command printed one, or else the last line of
+//! stdout that is not blank, at most 1 KiB (none if stdout was empty). With
+//! [`handler_keeping_output`] (the daemon's), the whole of each stream is also kept per attempt,
+//! bounded ([`output`]), for `keel logs`. On failure, the message names the
 //! exit code or signal and quotes the end of stderr, or of stdout when stderr is empty; it is
 //! at most 4 KiB, keel's limit on stored messages, keeping the end of the output. If the
 //! command leaves a background process that holds its stdout or stderr open, keel stops
@@ -187,6 +190,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 mod leftovers;
+pub mod output;
 
 pub use leftovers::{kill_leftovers, Decision, Leftover};
 
@@ -605,7 +609,21 @@ impl ExitCodes {
 /// `keel run` uses `<data-dir>/attempts`.
 pub fn handler(attempts_dir: PathBuf) -> impl Handler {
     let attempts_dir: Arc<Path> = attempts_dir.into();
-    move |ctx: AttemptContext| run_attempt(ctx, Arc::clone(&attempts_dir))
+    move |ctx: AttemptContext| run_attempt(ctx, Arc::clone(&attempts_dir), None)
+}
+
+/// [`handler`], keeping each attempt's stdout and stderr under `output_dir` ([`output`]).
+/// `keel run` uses `<data-dir>/output`.
+pub fn handler_keeping_output(attempts_dir: PathBuf, output_dir: PathBuf) -> impl Handler {
+    let attempts_dir: Arc<Path> = attempts_dir.into();
+    let output_dir: Arc<Path> = output_dir.into();
+    move |ctx: AttemptContext| {
+        run_attempt(
+            ctx,
+            Arc::clone(&attempts_dir),
+            Some(Arc::clone(&output_dir)),
+        )
+    }
 }
 
 /// What an exit status means: `code` if the command exited, `signal` if a signal killed it.
@@ -649,6 +667,8 @@ enum Control {
     Checkpoint(String),
     /// A `::keel progress` line.
     Progress { phase: String, message: String },
+    /// A `::keel summary` line: the run's summary if it succeeds (the last such line wins).
+    Summary(String),
 }
 
 /// How the command ended.
@@ -702,7 +722,11 @@ enum Stopped {
     Killed,
 }
 
-async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcome {
+async fn run_attempt(
+    mut ctx: AttemptContext,
+    attempts_dir: Arc<Path>,
+    output_dir: Option<Arc<Path>>,
+) -> Outcome {
     let spec = match CommandSpec::from_payload(&ctx.payload) {
         Ok(spec) => spec,
         Err(e) => {
@@ -769,10 +793,21 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
     let capture = spec.capture_bytes.unwrap_or(CAPTURE_BYTES_DEFAULT);
     let stdout_tail = Mutex::new(Tail::new(capture));
     let stderr_tail = Mutex::new(Tail::new(capture));
+    let keep = |stream| {
+        output_dir
+            .as_deref()
+            .map(|dir| output::Kept::open(dir, ctx.run, ctx.attempt, stream))
+    };
+    let (mut stdout_kept, mut stderr_kept) = (keep("stdout"), keep("stderr"));
     let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE_MAX);
     let readers = {
-        let stdout = read_stdout(child.stdout.take(), &stdout_tail, tx.clone());
-        let stderr = read_stderr(child.stderr.take(), &stderr_tail, tx);
+        let stdout = read_stdout(
+            child.stdout.take(),
+            &stdout_tail,
+            stdout_kept.as_mut(),
+            tx.clone(),
+        );
+        let stderr = read_stderr(child.stderr.take(), &stderr_tail, stderr_kept.as_mut(), tx);
         async move {
             tokio::join!(stdout, stderr);
         }
@@ -785,6 +820,8 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
     let mut drain_until: Option<Instant> = None;
     let mut pulse = Pulse::default();
     let mut refused = Refused::default();
+    // The summary a `::keel summary` line gave, if any.
+    let mut said: Option<String> = None;
     let mut held_open = false;
     // Until the command has exited and every control line it printed is applied (its output
     // closed), or its output stays open too long after the exit.
@@ -792,7 +829,7 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
         tokio::select! {
             () = &mut readers, if !readers_done => readers_done = true,
             control = rx.recv(), if controls_open => match control {
-                Some(control) => apply(&ctx, control, &mut pulse, &mut refused).await,
+                Some(control) => apply(&ctx, control, &mut pulse, &mut refused, &mut said).await,
                 None => controls_open = false,
             },
             result = child.wait(), if status.is_none() => {
@@ -819,7 +856,7 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
                      waiting for it"
                 );
                 while let Ok(control) = rx.try_recv() {
-                    apply(&ctx, control, &mut pulse, &mut refused).await;
+                    apply(&ctx, control, &mut pulse, &mut refused, &mut said).await;
                 }
                 held_open = true;
                 break;
@@ -845,6 +882,7 @@ async fn run_attempt(mut ctx: AttemptContext, attempts_dir: Arc<Path>) -> Outcom
         stderr: &stderr,
         refused: refused.note(),
         held_open,
+        said: said.as_deref(),
     };
     let stopped = match stopping {
         None => Stopped::No,
@@ -878,9 +916,16 @@ impl Refused {
 }
 
 /// Carries out one control message.
-async fn apply(ctx: &AttemptContext, control: Control, pulse: &mut Pulse, refused: &mut Refused) {
+async fn apply(
+    ctx: &AttemptContext,
+    control: Control,
+    pulse: &mut Pulse,
+    refused: &mut Refused,
+    said: &mut Option<String>,
+) {
     let now = Instant::now();
     match control {
+        Control::Summary(text) => *said = Some(text),
         Control::Activity => {
             if pulse.due(now) {
                 ctx.heartbeat();
@@ -926,6 +971,8 @@ struct Output<'a> {
     refused: Option<String>,
     /// A process the command started still held stdout or stderr open after it exited.
     held_open: bool,
+    /// The summary a `::keel summary` line gave.
+    said: Option<&'a str>,
 }
 
 /// The attempt's outcome, from how the command ended and what it printed.
@@ -952,7 +999,11 @@ fn outcome(spec: &CommandSpec, exit: Exit, stopped: Stopped, output: &Output<'_>
     }
     match classify(exit.code, exit.signal, &spec.exit_codes) {
         Verdict::Success => Outcome::Success {
-            summary: summary(output.stdout),
+            summary: match output.said {
+                Some(said) => Some(bounded_head(said.to_string(), SUMMARY_MAX_BYTES))
+                    .filter(|s| !s.is_empty()),
+                None => summary(output.stdout),
+            },
             artifacts: BTreeMap::new(),
         },
         Verdict::Retryable => Outcome::Retryable {
@@ -995,14 +1046,12 @@ fn failure_message(head: &str, output: &Output<'_>) -> String {
     message
 }
 
-/// The end of stdout, whole lines as far as they fit in [`SUMMARY_MAX_BYTES`]; `None` if the
-/// command printed nothing (control lines aside).
+/// The last line of stdout that is not blank, cut to [`SUMMARY_MAX_BYTES`]; `None` if the
+/// command printed nothing (control lines aside). A command that printed fifty lines is
+/// summed up by its last, not all fifty: the rest is in its output (`keel logs`).
 fn summary(stdout: &str) -> Option<String> {
-    let text = stdout.trim_end();
-    if text.is_empty() {
-        return None;
-    }
-    Some(tail_lines(text, SUMMARY_MAX_BYTES))
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty())?;
+    Some(tail_lines(line.trim_end(), SUMMARY_MAX_BYTES))
 }
 
 /// The last `max` bytes of `text` at most, starting at a line if a line break falls in them.
@@ -1193,6 +1242,7 @@ fn kill_group(pgid: u32) -> std::io::Result<()> {
 async fn read_stdout(
     pipe: Option<impl AsyncRead + Unpin>,
     tail: &Mutex<Tail>,
+    mut kept: Option<&mut output::Kept>,
     tx: mpsc::Sender<Control>,
 ) {
     let Some(mut pipe) = pipe else {
@@ -1207,6 +1257,9 @@ async fn read_stdout(
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(kept) = kept.as_deref_mut() {
+            kept.write(&chunk[..n]);
+        }
         if pulse.due(Instant::now()) && tx.send(Control::Activity).await.is_err() {
             return;
         }
@@ -1241,6 +1294,7 @@ async fn forward(pieces: &mut Vec<Piece>, tail: &Mutex<Tail>, tx: &mpsc::Sender<
 async fn read_stderr(
     pipe: Option<impl AsyncRead + Unpin>,
     tail: &Mutex<Tail>,
+    mut kept: Option<&mut output::Kept>,
     tx: mpsc::Sender<Control>,
 ) {
     let Some(mut pipe) = pipe else {
@@ -1254,6 +1308,9 @@ async fn read_stderr(
             Ok(n) => n,
         };
         lock(tail).push(&chunk[..n]);
+        if let Some(kept) = kept.as_deref_mut() {
+            kept.write(&chunk[..n]);
+        }
         if pulse.due(Instant::now()) && tx.send(Control::Activity).await.is_err() {
             return;
         }
@@ -1272,6 +1329,7 @@ fn parse_control(line: &[u8]) -> Option<Control> {
     };
     match command {
         "checkpoint" => Some(Control::Checkpoint(argument.unwrap_or("").to_string())),
+        "summary" => Some(Control::Summary(argument.unwrap_or("").to_string())),
         "progress" => {
             let argument = argument.filter(|a| !a.is_empty())?;
             let (phase, message) = argument.split_once(' ').unwrap_or((argument, ""));
@@ -1766,12 +1824,13 @@ mod tests {
     fn summaries_and_messages_are_bounded_and_keep_the_end() {
         assert_eq!(summary(""), None);
         assert_eq!(summary("\n\n"), None);
-        assert_eq!(summary("one\ntwo\n").as_deref(), Some("one\ntwo"));
+        assert_eq!(
+            summary("one\ntwo\n\n  \n").as_deref(),
+            Some("two"),
+            "the last line"
+        );
         let long: String = (1..=1000).map(|i| format!("line {i}\n")).collect();
-        let s = summary(&long).unwrap();
-        assert!(s.len() <= SUMMARY_MAX_BYTES);
-        assert!(s.starts_with("line "), "starts at a line: {s:?}");
-        assert!(s.ends_with("line 1000"));
+        assert_eq!(summary(&long).as_deref(), Some("line 1000"));
         // One line longer than the bound: its end, cut on a character boundary.
         let wide = "é".repeat(SUMMARY_MAX_BYTES);
         let s = summary(&wide).unwrap();
@@ -1783,6 +1842,7 @@ mod tests {
             stderr: &big,
             refused: None,
             held_open: false,
+            said: None,
         };
         let message = failure_message("`x` exited with code 1", &output);
         assert!(message.len() <= limits::MESSAGE_MAX_BYTES);
@@ -1793,6 +1853,7 @@ mod tests {
             stderr: "",
             refused: Some("1 checkpoint line(s) were not saved".into()),
             held_open: true,
+            said: None,
         };
         assert_eq!(
             failure_message("`x` exited with code 1", &output),
@@ -1808,6 +1869,7 @@ mod tests {
             stderr: "",
             refused: None,
             held_open: false,
+            said: None,
         };
         let exit = Exit {
             code: Some(0),
@@ -1983,7 +2045,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_command_that_exits_0_succeeds_with_the_end_of_stdout_as_its_summary() {
+    async fn a_command_that_exits_0_succeeds_with_its_last_line_or_its_summary_line() {
         let run = run_once(
             &sh(
                 "echo starting; echo 'noise' >&2; printf 'one\\ntwo\\nthree\\n'",
@@ -1994,7 +2056,17 @@ mod tests {
         .await;
         assert_eq!(run.state, RunState::Succeeded);
         assert_eq!(run.attempt.0, 1);
-        assert_eq!(run.summary.as_deref(), Some("starting\none\ntwo\nthree"));
+        assert_eq!(run.summary.as_deref(), Some("three"));
+        let said = sh(
+            "echo '::keel summary 3 files, 2 MB'; echo 'cleaning up'",
+            &[],
+        );
+        let run = run_once(&said, quick_retries(1)).await;
+        assert_eq!(
+            run.summary.as_deref(),
+            Some("3 files, 2 MB"),
+            "the line wins"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2206,8 +2278,7 @@ mod tests {
     async fn env_cwd_and_keel_variables_reach_the_command() {
         let dir = TempDir::created("keel-command-job");
         let script = r#"
-            echo "$GREETING from $(pwd -P)"
-            echo "$KEEL_JOB|$KEEL_ATTEMPT|$KEEL_RUN_ID|$KEEL_IDEMPOTENCY_KEY|$KEEL_FENCING_TOKEN|${KEEL_CHECKPOINT-unset}"
+            echo "$GREETING from $(pwd -P)|$KEEL_JOB|$KEEL_ATTEMPT|$KEEL_RUN_ID|$KEEL_IDEMPOTENCY_KEY|$KEEL_FENCING_TOKEN|${KEEL_CHECKPOINT-unset}"
         "#;
         let command = CommandSpec {
             cwd: Some(dir.path().to_path_buf()),
@@ -2223,7 +2294,7 @@ mod tests {
         assert_eq!(
             run.summary.unwrap(),
             format!(
-                "hello from {}\nenv-cwd|1|{id}|{id}-attempt-1|{token}|unset",
+                "hello from {}|env-cwd|1|{id}|{id}-attempt-1|{token}|unset",
                 cwd.display()
             )
         );
@@ -2261,10 +2332,7 @@ mod tests {
 
         let run = keel.finished(summary).await;
         let summary = run.summary.unwrap();
-        assert!(
-            summary.len() <= 100 && summary.ends_with("\n2000"),
-            "{summary:?}"
-        );
+        assert_eq!(summary, "2000", "the last line, whatever the capture");
 
         let run = keel.finished(large).await;
         let (_, message) = error_of(&run);

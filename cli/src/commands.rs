@@ -74,6 +74,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
                 text
             })
         }
+        Command::Logs(args) => logs(&place, &args),
         Command::Incidents(args) => incidents(&place, out, &args),
         Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref(), args.repair),
         Command::Worker(command) => worker(&place, out, command),
@@ -437,6 +438,94 @@ fn parse_state(text: &str) -> Result<StateName, Failure> {
         )));
     }
     Ok(state)
+}
+
+/// `keel logs`: the kept output of one attempt (`command_job::output`), stdout then stderr,
+/// each under a header, control characters shown rather than obeyed. With `--follow`, what the
+/// command writes next is printed as it comes, until the run ends.
+fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
+    use crate::command_job::output;
+    use std::io::Write;
+    let run_id = parse_run(&args.run)?;
+    let run: Option<Run> = from_value(call(place, &Request::Run { run: run_id })?)?;
+    let Some(run) = run else {
+        return Err(Failure::input(format!(
+            "no run {run_id} (it never existed, or the history policy pruned it)"
+        )));
+    };
+    let dir = place.output_dir();
+    let attempt = match args.attempt {
+        Some(n) => keel_core::Attempt(n),
+        None => match output::attempts(&dir, run_id).last() {
+            Some(last) => *last,
+            None if args.follow && !run.state.is_terminal() => run.attempt,
+            None => {
+                return Err(Failure::input(format!(
+                    "no output kept for {run_id}: it ran no command here (a job for external \
+                     workers, or a run from before keel kept output)"
+                )))
+            }
+        },
+    };
+    let paths = ["stdout", "stderr"].map(|s| output::attempt_path(&dir, run_id, attempt, s));
+    let mut printed = [0u64; 2];
+    let mut stdout = std::io::stdout().lock();
+    let print = |stdout: &mut std::io::StdoutLock<'_>, bytes: &[u8]| {
+        let text = crate::table::terminal_safe(&String::from_utf8_lossy(bytes));
+        let _ = stdout.write_all(text.as_bytes());
+        let _ = stdout.flush();
+    };
+    for (i, path) in paths.iter().enumerate() {
+        let older = std::fs::read(output::rotated(path)).unwrap_or_default();
+        let current = std::fs::read(path).unwrap_or_default();
+        if older.is_empty() && current.is_empty() && !args.follow {
+            continue;
+        }
+        let stream = if i == 0 { "stdout" } else { "stderr" };
+        let _ = writeln!(stdout, "== {run_id} attempt {attempt}: {stream} ==");
+        if !older.is_empty() {
+            let _ = writeln!(
+                stdout,
+                "(older output was cut: the first part shown is not the start)"
+            );
+            print(&mut stdout, &older);
+        }
+        print(&mut stdout, &current);
+        printed[i] = current.len() as u64;
+    }
+    if !args.follow {
+        return Ok(());
+    }
+    // Follow: poll both files for what was appended, and the run for its end.
+    let mut checked = std::time::Instant::now();
+    let mut ended = false;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        if checked.elapsed() >= std::time::Duration::from_secs(1) {
+            checked = std::time::Instant::now();
+            let now: Option<Run> = from_value(call(place, &Request::Run { run: run_id })?)?;
+            // Read once more below: what was written before the end.
+            ended = now.is_none_or(|r| r.state.is_terminal() || r.attempt != attempt);
+        }
+        for (i, path) in paths.iter().enumerate() {
+            let Ok(bytes) = std::fs::read(path) else {
+                continue;
+            };
+            // A rotation starts the file again.
+            let from = if (bytes.len() as u64) < printed[i] {
+                0
+            } else {
+                printed[i]
+            };
+            if (bytes.len() as u64) > from {
+                print(&mut stdout, &bytes[from as usize..]);
+            }
+            printed[i] = bytes.len() as u64;
+        }
+        if ended {
+            return Ok(());
+        }
+    }
 }
 
 fn incidents(place: &Place, out: Output, args: &IncidentsArgs) -> Result<(), Failure> {

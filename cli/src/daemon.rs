@@ -76,7 +76,7 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         .config(core_config(config.as_ref()))
         .handler(
             command_job::KIND,
-            command_job::handler(place.attempts_dir()),
+            command_job::handler_keeping_output(place.attempts_dir(), place.output_dir()),
         )
         .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
     // A job added while the daemon runs may notify a URL no job had at its start.
@@ -136,6 +136,7 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
             return Err(e);
         }
     }
+    tokio::spawn(prune_output(place.output_dir(), Arc::clone(&store)));
     tokio::spawn(reload_on_hangup(
         hangup,
         handle.clone(),
@@ -310,6 +311,17 @@ fn notify_urls(snapshot: &Snapshot, config: Option<&Config>) -> BTreeSet<String>
             .flat_map(|(def, _)| def.notify.iter().cloned())
     });
     stored.chain(configured).collect()
+}
+
+/// Removes the kept output of runs the history policy pruned: at start, then every 10 minutes.
+async fn prune_output(dir: std::path::PathBuf, store: Arc<dyn Store>) {
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        every.tick().await;
+        let (dir, store) = (dir.clone(), Arc::clone(&store));
+        let _ =
+            tokio::task::spawn_blocking(move || command_job::output::prune(&dir, &*store)).await;
+    }
 }
 
 /// SIGHUP reloads the config file (SPEC O2): its jobs are applied as at a start (added,

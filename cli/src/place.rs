@@ -7,6 +7,7 @@
 //! | `<dir>/sled/` | the sled store, with `--store sled` |
 //! | `<dir>/daemon.lock` | held by the one process acting as the store's writer: the daemon, or a command working on the store while no daemon runs; holds `<pid> <role>` |
 //! | `<dir>/keel.sock` | the daemon's control socket (0600), removed when it stops |
+//! | `<dir>/output/` | each attempt's stdout and stderr, bounded, kept as long as its run's record (0700; `command_job::output`) |
 //! | `<dir>/attempts/` | the daemon's commands while they run (0700; a file per command, 0600), so that the next daemon can kill those a crash left running (`command_job` module docs) |
 
 use std::fs::{File, OpenOptions, TryLockError};
@@ -29,6 +30,8 @@ pub(crate) const LOCK_FILE: &str = "daemon.lock";
 pub(crate) const SLED_DIR: &str = "sled";
 /// Where the daemon records its running commands, inside the data directory.
 pub(crate) const ATTEMPTS_DIR: &str = "attempts";
+/// Where the daemon keeps each attempt's output, inside the data directory.
+pub(crate) const OUTPUT_DIR: &str = "output";
 
 /// A data directory and the store adapter it holds.
 #[derive(Clone, Debug)]
@@ -93,6 +96,11 @@ impl Place {
     /// The command-job handler's records of running commands.
     pub(crate) fn attempts_dir(&self) -> PathBuf {
         self.dir.join(ATTEMPTS_DIR)
+    }
+
+    /// Each attempt's kept output (`command_job::output`).
+    pub(crate) fn output_dir(&self) -> PathBuf {
+        self.dir.join(OUTPUT_DIR)
     }
 
     /// Fails unless the data directory exists (for commands that only read).

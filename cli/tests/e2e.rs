@@ -2069,3 +2069,49 @@ fn operator_mistakes_get_messages_that_name_the_real_problem() {
     daemon.signal("TERM");
     daemon.wait_exit();
 }
+
+/// SPEC O7: each attempt's stdout and stderr are kept, successful or not, readable with
+/// `keel logs RUN [--attempt N]`; the summary is the last line (or a `::keel summary` line).
+#[test]
+fn each_attempts_output_is_kept_and_readable_with_keel_logs() {
+    let place = Place::new("logs");
+    let config = place.write(
+        "keel.toml",
+        r#"
+[[job]]
+name = "chatty"
+at = "+0s"
+attempts = 2
+backoff = "100ms"
+shell = true
+command = ["for i in $(seq 1 50); do echo line $i; done; echo 'a warning' >&2; [ $KEEL_ATTEMPT = 2 ]"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    let line = daemon.wait_for(&["of job chatty succeeded"]);
+    assert!(
+        line.ends_with("succeeded: line 50"),
+        "the last line is the summary: {line}"
+    );
+    let run = run_of(&line);
+    let logs = place.keel(&["logs", &run]);
+    logs.expect_code(0);
+    let text = logs.stdout();
+    assert!(
+        text.contains(&format!("== {run} attempt 2: stdout ==")),
+        "{text}"
+    );
+    assert!(
+        text.contains("line 1\n") && text.contains("line 50\n"),
+        "{text}"
+    );
+    assert!(text.contains("attempt 2: stderr ==\na warning"), "{text}");
+    let first = place.keel(&["logs", &run, "--attempt", "1"]).stdout();
+    assert!(
+        first.contains(&format!("== {run} attempt 1: stdout ==")),
+        "{first}"
+    );
+    place.keel(&["logs", "run-999"]).expect_code(2);
+    daemon.signal("TERM");
+    daemon.wait_exit();
+}

@@ -819,7 +819,11 @@ async fn reads_answer_while_the_store_fails_and_its_recovery_is_announced() {
     }
     assert!(!adding.is_finished(), "the add waits for the store");
     let jobs = handle.jobs().await.unwrap();
-    assert_eq!(jobs.len(), 1, "memory answers, without waiting for the store");
+    assert_eq!(
+        jobs.len(),
+        1,
+        "memory answers, without waiting for the store"
+    );
     store.failing.store(false, Ordering::SeqCst);
     adding.await.unwrap().unwrap();
     loop {
