@@ -19,10 +19,9 @@ use crate::error::Failure;
 use crate::jobdef::{parse_pair, JobDef, Prior, Resolve};
 use crate::place::Place;
 use crate::protocol::{
-    from_value, jobs_from, Added, CheckpointAnswer, ClaimedAttempt, ContextView, JobView, Request,
-    RunsPage,
+    from_value, jobs_from, Added, CheckpointAnswer, ClaimedAttempt, ContextView, Request, RunsPage,
 };
-use crate::{config, daemon, doctor, show};
+use crate::{config, daemon, doctor, show, views};
 
 /// Runs the parsed command line.
 pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
@@ -62,7 +61,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         Command::Runs(args) => runs(&place, out, args),
         Command::Interrupted(args) => {
             let runs = list_runs(&place, None, Some(StateName::Interrupted), args.limit)?;
-            out.print(&runs, || {
+            out.print(&views::all(&runs, views::run), || {
                 let mut text = show::runs_table(&runs, wall_clock());
                 if !runs.is_empty() {
                     text.push_str(
@@ -123,16 +122,18 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
         JobCommand::Add(args) => add(place, out, *args),
         JobCommand::Ls => {
             let jobs = jobs(place)?;
-            let views: Vec<JobView> = jobs.iter().cloned().map(JobView::new).collect();
-            out.print(&views, || show::jobs_table(&jobs, wall_clock()))
+            out.print(&views::all(&jobs, views::job), || {
+                show::jobs_table(&jobs, wall_clock())
+            })
         }
         JobCommand::Show(arg) => {
             let job = find_job(place, &arg.name)?;
             let recent = list_runs(place, Some(job.spec.id.clone()), None, 5)?;
-            let view = JobView::new(job.clone());
-            out.print(&json!({ "job": view, "recent_runs": recent }), || {
-                show::job_detail(&job, &recent, wall_clock())
-            })
+            let view = json!({
+                "job": views::job(&job),
+                "recent_runs": views::all(&recent, views::run),
+            });
+            out.print(&view, || show::job_detail(&job, &recent, wall_clock()))
         }
         JobCommand::History(arg) => {
             let job = job_id(&arg.name)?;
@@ -141,19 +142,21 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
                 // Unknown, and never known (its history outlives it otherwise).
                 find_job(place, job.as_str())?;
             }
-            out.print(&records, || show::job_history(&job, &records))
+            out.print(&views::all(&records, views::audit), || {
+                show::job_history(&job, &records)
+            })
         }
         JobCommand::Rm(arg) => {
             let job = job_id(&arg.name)?;
             call(place, &Request::RemoveJob { job: job.clone() })?;
-            out.print(&json!({ "removed": job }), || {
+            out.print(&views::acted("job", json!(job), "removed", true), || {
                 format!("removed job {job} (its run history stays)\n")
             })
         }
         JobCommand::Pause(arg) => {
             let job = job_id(&arg.name)?;
             let changed: bool = from_value(call(place, &Request::PauseJob { job: job.clone() })?)?;
-            out.print(&json!({ "paused": job, "changed": changed }), || {
+            out.print(&views::acted("job", json!(job), "paused", changed), || {
                 if changed {
                     format!("paused job {job}\n")
                 } else {
@@ -167,7 +170,7 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
             let state = find_job(place, job.as_str()).map(|j| show::job_state(&j));
             let word = if changed { "resumed" } else { "not paused" };
             out.print(
-                &json!({ "resumed": job, "changed": changed }),
+                &views::acted("job", json!(job), "resumed", changed),
                 || match state {
                     Ok(state) => format!("{word}: job {job}: {state}\n"),
                     Err(_) => format!("{word}: job {job}\n"),
@@ -179,7 +182,8 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
             let daemon_up = crate::client::Client::connect(place)?.is_some();
             let run: RunId = from_value(call(place, &Request::TriggerJob { job: job.clone() })?)?;
             let external = find_job(place, job.as_str()).is_ok_and(|j| j.spec.external);
-            out.print(&json!({ "job": job, "run": run }), || {
+            let view = json!({ "job": job, "run": run.to_string(), "action": "triggered" });
+            out.print(&view, || {
                 let then = match (external, daemon_up) {
                     (true, _) => "; it is queued for a worker to claim",
                     (false, true) => "",
@@ -237,7 +241,12 @@ fn add(place: &Place, out: Output, args: AddArgs) -> Result<(), Failure> {
             replace: args.replace,
         },
     )?)?;
-    out.print(&added.job, || {
+    let view = json!({
+        "job": added.job.as_ref().map(views::job),
+        "action": if added.replaced { "replaced" } else { "added" },
+        "changed": true,
+    });
+    out.print(&view, || {
         let verb = if added.replaced { "replaced" } else { "added" };
         match &added.job {
             Some(job) => format!("{verb} job {}: {}\n", job.spec.id, show::job_state(job)),
@@ -274,8 +283,8 @@ fn next(place: &Place, out: Output, args: &NextArgs) -> Result<(), Failure> {
         .iter()
         .map(|t| {
             json!({
-                "at_ms": t,
-                "utc": t.to_string(),
+                "at": t.to_string(),
+                "at_ms": t.0,
                 "local": show::local_time(*t, zone),
                 "zone": zone.name(),
             })
@@ -329,14 +338,17 @@ fn runs(place: &Place, out: Output, args: RunsArgs) -> Result<(), Failure> {
                 )));
             };
             let audit = audit_of(place, run_id)?;
-            out.print(&json!({ "run": run, "audit": audit }), || {
-                show::run_detail(&run, &audit, wall_clock())
-            })
+            let view = json!({
+                "run": views::run(&run),
+                "audit": views::all(&audit, views::audit),
+            });
+            out.print(&view, || show::run_detail(&run, &audit, wall_clock()))
         }
         Some(RunsCommand::Cancel(arg)) => {
             let run = parse_run(&arg.run)?;
             call(place, &Request::CancelRun { run })?;
-            out.print(&json!({ "cancelled": run }), || {
+            let view = views::acted("run", json!(run.to_string()), "cancel_requested", true);
+            out.print(&view, || {
                 format!("{run}: cancelled (an attempt in progress is asked to stop first)\n")
             })
         }
@@ -348,7 +360,9 @@ fn runs(place: &Place, out: Output, args: RunsArgs) -> Result<(), Failure> {
                 // No runs, and no such job either: a typo, not an empty history.
                 find_job(place, job.as_str())?;
             }
-            out.print(&runs, || show::runs_table(&runs, wall_clock()))
+            out.print(&views::all(&runs, views::run), || {
+                show::runs_table(&runs, wall_clock())
+            })
         }
     }
 }
@@ -534,7 +548,9 @@ fn incidents(place: &Place, out: Output, args: &IncidentsArgs) -> Result<(), Fai
         incidents.retain(|i| i.resolved_at.is_none());
     }
     incidents.sort_by_key(|i| (i.resolved_at.is_some(), std::cmp::Reverse(i.id)));
-    out.print(&incidents, || show::incidents_table(&incidents))
+    out.print(&views::all(&incidents, views::incident), || {
+        show::incidents_table(&incidents)
+    })
 }
 
 // ----- workers -----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ mod place;
 mod protocol;
 mod show;
 mod table;
+mod views;
 mod whole_file;
 
 /// Runs `keel` with the process's arguments and returns its exit code (see `keel --help`).

@@ -264,6 +264,14 @@ impl Drop for Daemon {
     }
 }
 
+/// The number of a run as views name it (`"run-7"` is 7).
+fn run_number(run: &Value) -> u64 {
+    run.as_str()
+        .and_then(|r| r.strip_prefix("run-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a run: {run}"))
+}
+
 /// The run an event line is about: its first `run-N` word.
 #[track_caller]
 fn run_of(line: &str) -> String {
@@ -579,17 +587,15 @@ fn job_add_then_job_ls_json_shows_it() {
     let jobs = place.json(&["job", "ls", "--json"]);
     let jobs = jobs.as_array().expect("a list of jobs");
     assert_eq!(jobs.len(), 1);
-    let spec = &jobs[0]["spec"];
-    assert_eq!(spec["id"], "backup");
-    assert_eq!(spec["kind"], "command");
-    assert_eq!(spec["schedule"]["expr"], "0 30 2 * * *");
-    assert_eq!(spec["schedule"]["zone"], "Europe/Paris");
-    assert_eq!(spec["retry"]["attempts_max"], 5);
-    assert_eq!(spec["timeout_ms"], 3_600_000);
-    let payload: Value =
-        serde_json::from_str(spec["payload"].as_str().expect("a payload")).expect("JSON");
-    assert_eq!(payload["argv"], serde_json::json!(["echo", "hi"]));
-    assert_eq!(jobs[0]["state"]["state"], "scheduled");
+    let job = &jobs[0];
+    assert_eq!(job["name"], "backup");
+    assert_eq!(job["kind"], "command");
+    assert_eq!(job["schedule"]["expr"], "0 30 2 * * *");
+    assert_eq!(job["schedule"]["zone"], "Europe/Paris");
+    assert_eq!(job["attempts_max"], 5);
+    assert_eq!(job["timeout_ms"], 3_600_000);
+    assert_eq!(job["command"]["argv"], serde_json::json!(["echo", "hi"]));
+    assert_eq!(job["state"], "scheduled");
 
     // The same name again is refused; --replace changes it.
     place
@@ -609,7 +615,7 @@ fn job_add_then_job_ls_json_shows_it() {
         ])
         .expect_code(0);
     let jobs = place.json(&["job", "ls", "--json"]);
-    assert_eq!(jobs[0]["spec"]["schedule"]["kind"], "every");
+    assert_eq!(jobs[0]["schedule"]["kind"], "every");
     let next = place.json(&["next", "backup", "-n", "3", "--json"]);
     assert_eq!(next.as_array().map(Vec::len), Some(3));
     place.keel(&["job", "rm", "backup"]).expect_code(0);
@@ -713,7 +719,7 @@ fn worker_protocol_without_a_daemon() {
         .expect_code(3)
         .expect_stderr("nothing due");
     let triggered = place.json(&["job", "trigger", "render", "--json"]);
-    let run = triggered["run"].as_u64().expect("a run id");
+    let run = run_number(&triggered["run"]);
 
     let claimed = place.json(&["worker", "claim", "--kind", "render", "--worker", "w1"]);
     assert_eq!(claimed["run"].as_u64(), Some(run));
@@ -762,7 +768,7 @@ fn worker_protocol_without_a_daemon() {
         .expect_code(2)
         .expect_stderr("no active run");
     let shown = place.json(&["runs", "show", &run, "--json"]);
-    assert_eq!(shown["run"]["state"]["state"], "succeeded");
+    assert_eq!(shown["run"]["state"], "succeeded");
     assert_eq!(shown["run"]["summary"], "3 pages");
     assert!(shown["audit"].as_array().is_some_and(|a| a.len() >= 4));
 }
@@ -822,7 +828,7 @@ payload = "scene-1"
         .as_array()
         .expect("a list of runs")
         .iter()
-        .filter(|r| r["state"]["state"] == "succeeded")
+        .filter(|r| r["state"] == "succeeded")
         .collect();
     assert!(succeeded.iter().any(|r| r["job"] == "tick"));
     assert!(succeeded.iter().any(|r| r["job"] == "once"));
@@ -865,9 +871,9 @@ payload = "scene-1"
     let jobs = place.json(&["job", "ls", "--json"]);
     let tick = jobs
         .as_array()
-        .and_then(|jobs| jobs.iter().find(|j| j["spec"]["id"] == "tick"))
+        .and_then(|jobs| jobs.iter().find(|j| j["name"] == "tick"))
         .expect("tick is listed");
-    assert_eq!(tick["state"]["state"], "paused");
+    assert_eq!(tick["state"], "paused");
     place.keel(&["doctor"]).expect_code(0);
 
     let asked = Instant::now();
@@ -964,13 +970,13 @@ command = ["sh", "-c", "echo '::keel checkpoint started'; sleep 1.5; echo finish
     assert_eq!(records(&place), Vec::<String>::new());
     // `quick` was never disturbed: it succeeded, though the signal came while it ran.
     let quick = place.json(&["runs", "--json", "--job", "quick"]);
-    assert_eq!(quick[0]["state"]["state"], "succeeded", "{quick}");
+    assert_eq!(quick[0]["state"], "succeeded", "{quick}");
     // `stubborn` was interrupted by the shutdown: waiting for the next start, no attempt used.
     let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
-    assert_eq!(runs[0]["state"]["state"], "backing_off", "{runs}");
-    assert_eq!(runs[0]["shutdowns"], 1, "{runs}");
+    assert_eq!(runs[0]["state"], "backing_off", "{runs}");
+    assert_eq!(runs[0]["shutdown_interruptions"], 1, "{runs}");
     assert!(
-        runs[0]["last_error"]["message"]
+        runs[0]["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("stopped by a shutdown")),
         "{runs}"
@@ -982,7 +988,7 @@ command = ["sh", "-c", "echo '::keel checkpoint started'; sleep 1.5; echo finish
     daemon.signal("TERM");
     daemon.wait_exit();
     let runs = place.json(&["runs", "--json", "--job", "stubborn"]);
-    assert_eq!(runs[0]["state"]["state"], "succeeded", "{runs}");
+    assert_eq!(runs[0]["state"], "succeeded", "{runs}");
     assert_eq!(runs[0]["attempt"], 2, "{runs}");
 }
 
@@ -1020,13 +1026,13 @@ command = ["echo", "tick"]
     let runs = place.json(&["runs", "--json", "--job", "tick", "--limit", "1000"]);
     let runs = runs.as_array().expect("a list of runs");
     assert!(runs.len() >= 4, "{runs:?}");
-    let mut slots: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut slots: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for run in runs {
-        let slot = run["trigger"]["slot"].to_string();
+        let slot = run["slot_ms"].to_string();
         slots
             .entry(slot)
             .or_default()
-            .push(run["id"].as_u64().expect("an id"));
+            .push(run["run"].as_str().expect("a run").to_string());
     }
     for (slot, ids) in &slots {
         assert_eq!(ids.len(), 1, "slot {slot} has runs {ids:?}");
@@ -1049,9 +1055,9 @@ fn a_run_triggered_without_a_daemon_starts_when_the_daemon_does() {
         ])
         .expect_code(0);
     let triggered = place.json(&["job", "trigger", "manual", "--json"]);
-    let run = triggered["run"].as_u64().expect("a run id");
+    let run = run_number(&triggered["run"]);
     let runs = place.json(&["runs", "--json"]);
-    assert_eq!(runs[0]["state"]["state"], "backing_off", "{runs}");
+    assert_eq!(runs[0]["state"], "backing_off", "{runs}");
 
     let config = place.write("keel.toml", "");
     let mut daemon = place.daemon(&config);
@@ -1234,7 +1240,7 @@ command = ["sh", "job.sh"]
     );
 
     let shown = place.json(&["runs", "show", &run, "--json"]);
-    assert_eq!(shown["run"]["state"]["state"], "succeeded", "{shown}");
+    assert_eq!(shown["run"]["state"], "succeeded", "{shown}");
     let attempt = shown["run"]["attempt"].as_u64().expect("an attempt");
     assert!(attempt >= 2, "{shown}");
     let resumed =
@@ -1273,7 +1279,7 @@ payload = "scene-9"
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
     let triggered = place.json(&["job", "trigger", "render", "--json"]);
-    let run = triggered["run"].as_u64().expect("a run id").to_string();
+    let run = run_number(&triggered["run"]).to_string();
 
     let before = now_ms();
     let first = place.json(&["worker", "claim", "--kind", "render", "--worker", "w1"]);
@@ -1330,12 +1336,12 @@ payload = "scene-9"
         daemon.log()
     );
     let shown = place.json(&["runs", "show", &run, "--json"]);
-    assert_eq!(shown["run"]["state"]["state"], "succeeded", "{shown}");
+    assert_eq!(shown["run"]["state"], "succeeded", "{shown}");
     assert_eq!(shown["run"]["summary"], "rendered", "{shown}");
     let audit = shown["audit"].as_array().expect("an audit trail");
-    let successes: Vec<&Value> = audit.iter().filter(|r| r["new"] == "succeeded").collect();
+    let successes: Vec<&Value> = audit.iter().filter(|r| r["to"] == "succeeded").collect();
     assert_eq!(successes.len(), 1, "{shown}");
-    assert_eq!(successes[0]["fencing_token"], new, "{shown}");
+    assert_eq!(successes[0]["token"], format!("token-{new}"), "{shown}");
     let incidents = place.json(&["incidents", "--json"]);
     assert!(
         incidents
@@ -1518,9 +1524,7 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
     );
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
-    let run = place.json(&["job", "trigger", "big", "--json"])["run"]
-        .as_u64()
-        .expect("a run id");
+    let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]);
     daemon.wait_for(&[&format!("run-{run} of job big succeeded")]);
     let warning = daemon.wait_for(&["WARN", "checkpoint line not saved"]);
     assert!(
@@ -1540,9 +1544,7 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
 
     let mut quiet = place.daemon_with_env(&config, &[("KEEL_LOG", "off")]);
     quiet.wait_for(&["ready"]);
-    let run = place.json(&["job", "trigger", "big", "--json"])["run"]
-        .as_u64()
-        .expect("a run id");
+    let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]);
     quiet.wait_for(&[&format!("run-{run} of job big succeeded")]);
     quiet.signal("TERM");
     assert!(quiet.wait_exit().success(), "{}", quiet.log());
@@ -1943,7 +1945,7 @@ command = ["true"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|j| j["spec"]["id"].as_str().unwrap().to_string())
+        .map(|j| j["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["by-hand", "kept", "new"], "{}", daemon.log());
     let show = place.keel(&["job", "show", "kept"]);

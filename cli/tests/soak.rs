@@ -444,9 +444,9 @@ impl Seen {
     fn check(&mut self, soak: &Soak, cycle: u32) -> Result<(), String> {
         let runs = soak.json(&["--json", "runs", "--limit", "100000"]);
         for run in runs.as_array().unwrap() {
-            let id = run["id"].as_u64().unwrap();
+            let id = numbered(&run["run"], "run-");
             let job = run["job"].as_str().unwrap().to_owned();
-            if let Some(slot) = run["trigger"]["slot"].as_i64() {
+            if let Some(slot) = run["slot_ms"].as_i64() {
                 let first = *self.slots.entry((job.clone(), slot)).or_insert(id);
                 if first != id {
                     return Err(format!(
@@ -483,11 +483,11 @@ impl Seen {
             .unwrap()
             .as_millis() as i64;
         for run in running.as_array().unwrap() {
-            let expires = run["lease"]["expires_at"].as_i64().unwrap_or(i64::MAX);
+            let expires = run["lease"]["expires_at_ms"].as_i64().unwrap_or(i64::MAX);
             assert!(
                 expires + (LEASE_GRACE_MS as i64) + 1_000 > now_ms - 2_500,
-                "run-{} still running on a lease that expired at {expires} (now {now_ms}): {run}",
-                run["id"]
+                "{} still running on a lease that expired at {expires} (now {now_ms}): {run}",
+                run["run"]
             );
         }
     }
@@ -517,7 +517,12 @@ impl Seen {
                 );
             };
             assert_eq!(
-                (run["state"]["state"].as_str(), run["last_token"].as_u64()),
+                (
+                    run["state"].as_str(),
+                    run["last_token"]
+                        .as_str()
+                        .map(|_| numbered(&run["last_token"], "token-")),
+                ),
                 (Some("succeeded"), Some(c.token)),
                 "run-{} was completed with token {} (acknowledged{}), but the store says: {run}",
                 c.run,
@@ -535,4 +540,13 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
             .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
         Err(_) => default,
     }
+}
+
+/// The number in a view's name for a run or a token (`"run-7"`, `"token-9"`).
+fn numbered(value: &Value, prefix: &str) -> u64 {
+    value
+        .as_str()
+        .and_then(|v| v.strip_prefix(prefix))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not {prefix}N: {value}"))
 }

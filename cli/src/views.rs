@@ -1,0 +1,472 @@
+//! What `--json` prints (SPEC O6): documented view objects, apart from the stored records and
+//! the control socket's wire types, so that neither a change of storage nor of the protocol
+//! changes what scripts read. `docs/cli.md` ("JSON output") documents each shape, and the tests
+//! below pin them.
+//!
+//! The rules: states are flat names (`"state": "failed"`); times are RFC 3339 strings with a
+//! `*_ms` twin (milliseconds since the Unix epoch); runs, tokens and jobs are named as the
+//! tables name them (`"run": "run-7"`, `"token": "token-9"`, `"job": "backup"`); a command
+//! job's command is an object with its argv as an array; optional fields are `null` when
+//! absent, never missing.
+
+use std::collections::BTreeMap;
+
+use keel_core::{
+    AuditRecord, Incident, Job, JobState, NotifyOn, Run, RunState, ScheduleSpec, Timestamp, Trigger,
+};
+use serde_json::{json, Value};
+
+use crate::command_job::{self, CommandSpec};
+use crate::jobdef::redact_url;
+
+/// A time as a pair of fields: `name` (RFC 3339) and `name_ms`.
+fn time(fields: &mut serde_json::Map<String, Value>, name: &str, at: Option<Timestamp>) {
+    fields.insert(
+        name.into(),
+        at.map_or(Value::Null, |t| json!(t.to_string())),
+    );
+    fields.insert(format!("{name}_ms"), at.map_or(Value::Null, |t| json!(t.0)));
+}
+
+/// An object from `(key, value)` pairs, in order, with times added by `times`.
+fn object(
+    pairs: Vec<(&str, Value)>,
+    times: &[(&str, Option<Timestamp>)],
+) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    for (key, value) in pairs {
+        fields.insert(key.into(), value);
+    }
+    for (name, at) in times {
+        time(&mut fields, name, *at);
+    }
+    fields
+}
+
+/// A job.
+pub(crate) fn job(job: &Job) -> Value {
+    let spec = &job.spec;
+    let (state, reason) = match &job.state {
+        JobState::Scheduled { .. } => ("scheduled", None),
+        JobState::Paused { .. } => ("paused", None),
+        JobState::Disabled { reason } => ("disabled", Some(reason.clone())),
+    };
+    let schedule = match &spec.schedule {
+        ScheduleSpec::Cron { expr, zone } => json!({ "kind": "cron", "expr": expr, "zone": zone }),
+        ScheduleSpec::Once { at } => {
+            Value::Object(object(vec![("kind", json!("once"))], &[("at", Some(*at))]))
+        }
+        ScheduleSpec::Every {
+            interval_ms,
+            anchor,
+        } => Value::Object(object(
+            vec![
+                ("kind", json!("every")),
+                ("interval_ms", json!(interval_ms)),
+            ],
+            &[("anchor", Some(*anchor))],
+        )),
+    };
+    let command = (&*spec.kind == command_job::KIND && !spec.external)
+        .then(|| CommandSpec::from_payload(&spec.payload).ok())
+        .flatten()
+        .map(|c| {
+            json!({
+                "argv": c.argv,
+                "shell": c.shell,
+                "cwd": c.cwd,
+                "env": c.env,
+            })
+        });
+    let last_run = job.last_run.as_ref().map(|last| {
+        Value::Object(object(
+            vec![
+                ("run", json!(last.run.to_string())),
+                ("state", json!(last.state.to_string())),
+            ],
+            &[("finished_at", Some(last.finished_at))],
+        ))
+    });
+    let notify: Vec<String> = spec.sinks.iter().map(|s| redact_url(s)).collect();
+    let fields = object(
+        vec![
+            ("name", json!(spec.id.as_str())),
+            ("kind", json!(&*spec.kind)),
+            ("external", json!(spec.external)),
+            ("schedule", schedule),
+            ("state", json!(state)),
+            ("disabled_reason", json!(reason)),
+            ("command", command.unwrap_or(Value::Null)),
+            (
+                "payload",
+                if spec.external {
+                    json!(&*spec.payload)
+                } else {
+                    Value::Null
+                },
+            ),
+            ("attempts_max", json!(spec.retry.attempts_max)),
+            ("timeout_ms", json!(spec.timeout_ms)),
+            ("notify", json!(notify)),
+            (
+                "notify_on",
+                json!(match spec.notify_on {
+                    NotifyOn::Always => "always",
+                    NotifyOn::Failure => "failure",
+                }),
+            ),
+            ("defined_in", json!(spec.origin.as_deref())),
+            ("active_runs", json!(job.active_runs)),
+            ("last_run", last_run.unwrap_or(Value::Null)),
+            ("failures_in_a_row", json!(job.failures_in_a_row)),
+        ],
+        &[("next", job.next_fire()), ("last_fired", job.last_fired)],
+    );
+    Value::Object(fields)
+}
+
+/// A run.
+pub(crate) fn run(run: &Run) -> Value {
+    let (trigger, slot) = match run.trigger {
+        Trigger::Scheduled { slot } => ("scheduled", Some(slot)),
+        Trigger::Manual => ("manual", None),
+    };
+    let (waiting_since, retry_at) = match run.state {
+        RunState::Queued { since } => (Some(since), None),
+        RunState::BackingOff { until } => (None, Some(until)),
+        _ => (None, None),
+    };
+    let error = run.last_error.as_ref().map(|e| {
+        Value::Object(object(
+            vec![
+                ("kind", json!(e.kind.to_string())),
+                ("message", json!(e.message)),
+                ("attempt", json!(e.attempt.0)),
+            ],
+            &[("at", Some(e.at))],
+        ))
+    });
+    let lease = run.lease.as_ref().map(|l| {
+        Value::Object(object(
+            vec![
+                ("worker", json!(l.owner.as_str())),
+                ("token", json!(l.token.to_string())),
+            ],
+            &[("expires_at", Some(l.expires_at))],
+        ))
+    });
+    let progress = run.progress.as_ref().map(|p| {
+        Value::Object(object(
+            vec![("phase", json!(p.phase)), ("message", json!(p.message))],
+            &[("at", Some(p.at))],
+        ))
+    });
+    let checkpoint = run.checkpoint.as_ref().map(|c| {
+        Value::Object(object(
+            vec![
+                ("seq", json!(c.seq)),
+                ("attempt", json!(c.attempt.0)),
+                ("data", json!(c.data)),
+            ],
+            &[("saved_at", Some(c.saved_at))],
+        ))
+    });
+    let artifacts: BTreeMap<&str, &str> = run
+        .artifacts
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Value::Object(object(
+        vec![
+            ("run", json!(run.id.to_string())),
+            ("job", json!(run.job.as_str())),
+            ("state", json!(run.state.name().to_string())),
+            ("attempt", json!(run.attempt.0)),
+            ("trigger", json!(trigger)),
+            ("summary", json!(run.summary)),
+            ("error", error.unwrap_or(Value::Null)),
+            ("cancel_requested", json!(run.cancel_requested)),
+            ("lease", lease.unwrap_or(Value::Null)),
+            ("last_token", json!(run.last_token.map(|t| t.to_string()))),
+            ("progress", progress.unwrap_or(Value::Null)),
+            ("checkpoint", checkpoint.unwrap_or(Value::Null)),
+            ("artifacts", json!(artifacts)),
+            ("lost_attempts", json!(run.lost)),
+            ("shutdown_interruptions", json!(run.shutdowns)),
+        ],
+        &[
+            ("slot", slot),
+            ("created_at", Some(run.created_at)),
+            ("finished_at", run.finished_at),
+            ("waiting_since", waiting_since),
+            ("retry_at", retry_at),
+        ],
+    ))
+}
+
+/// An audit record.
+pub(crate) fn audit(record: &AuditRecord) -> Value {
+    Value::Object(object(
+        vec![
+            ("seq", json!(record.seq)),
+            ("job", json!(record.job.as_str())),
+            ("run", json!(record.run.map(|r| r.to_string()))),
+            ("attempt", json!(record.attempt.map(|a| a.0))),
+            ("token", json!(record.fencing_token.map(|t| t.to_string()))),
+            ("from", json!(record.old.map(|s| s.to_string()))),
+            ("to", json!(record.new.to_string())),
+            ("actor", json!(record.actor.to_string())),
+            ("reason", json!(record.reason)),
+        ],
+        &[("at", Some(record.at))],
+    ))
+}
+
+/// An incident.
+pub(crate) fn incident(incident: &Incident) -> Value {
+    let kind = serde_json::to_value(incident.kind).unwrap_or(Value::Null);
+    Value::Object(object(
+        vec![
+            ("id", json!(incident.id)),
+            ("kind", kind),
+            ("open", json!(incident.resolved_at.is_none())),
+            ("job", json!(incident.job.as_ref().map(|j| j.as_str()))),
+            ("run", json!(incident.run.map(|r| r.to_string()))),
+            (
+                "worker",
+                json!(incident.worker.as_ref().map(|w| w.as_str())),
+            ),
+            ("details", json!(incident.details)),
+        ],
+        &[
+            ("opened_at", Some(incident.opened_at)),
+            ("resolved_at", incident.resolved_at),
+        ],
+    ))
+}
+
+/// Views of a list.
+pub(crate) fn all<T>(items: &[T], view: impl Fn(&T) -> Value) -> Value {
+    Value::Array(items.iter().map(view).collect())
+}
+
+/// The object a command acted on, and what it did: `{"job": …, "action": "paused",
+/// "changed": true}`.
+pub(crate) fn acted(subject: &str, value: Value, action: &str, changed: bool) -> Value {
+    let mut fields = serde_json::Map::new();
+    fields.insert(subject.into(), value);
+    fields.insert("action".into(), json!(action));
+    fields.insert("changed".into(), json!(changed));
+    Value::Object(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each view's shape, pinned: a renamed or dropped field fails here before it breaks a
+    //! script (`docs/cli.md`, "JSON output", lists the same fields).
+
+    use keel_core::{
+        Actor, Attempt, FencingToken, IncidentKind, JobId, JobSpec, JobState, RunId, RunTerms,
+        StateName, WorkerId,
+    };
+
+    use super::*;
+
+    fn keys(value: &Value) -> Vec<&str> {
+        value
+            .as_object()
+            .expect("an object")
+            .keys()
+            .map(String::as_str)
+            .collect()
+    }
+
+    const T: Timestamp = Timestamp(1_800_000_000_000);
+
+    #[test]
+    fn a_job_view_has_flat_states_named_ids_times_with_ms_twins_and_argv_as_an_array() {
+        let command = CommandSpec::from_payload(r#"{"argv":["tar","czf","x.tgz"]}"#).unwrap();
+        let spec = JobSpec::new(
+            JobId::new("backup").unwrap(),
+            command_job::KIND,
+            ScheduleSpec::cron("0 30 2 * * *"),
+        )
+        .with_payload(command.to_payload());
+        let job = Job {
+            spec,
+            state: JobState::Scheduled { next: T },
+            backlog: Default::default(),
+            last_fired: None,
+            active_runs: 0,
+            delete_when_idle: false,
+            last_run: Some(keel_core::LastRun {
+                run: RunId(7),
+                state: StateName::Failed,
+                finished_at: T,
+            }),
+            failures_in_a_row: 2,
+        };
+        let view = super::job(&job);
+        assert_eq!(
+            keys(&view),
+            [
+                "active_runs",
+                "attempts_max",
+                "command",
+                "defined_in",
+                "disabled_reason",
+                "external",
+                "failures_in_a_row",
+                "kind",
+                "last_fired",
+                "last_fired_ms",
+                "last_run",
+                "name",
+                "next",
+                "next_ms",
+                "notify",
+                "notify_on",
+                "payload",
+                "schedule",
+                "state",
+                "timeout_ms",
+            ]
+        );
+        assert_eq!(view["name"], "backup");
+        assert_eq!(view["state"], "scheduled");
+        assert_eq!(view["next"], "2027-01-15T08:00:00.000Z");
+        assert_eq!(view["next_ms"], T.0);
+        assert_eq!(view["command"]["argv"], json!(["tar", "czf", "x.tgz"]));
+        assert_eq!(
+            view["schedule"],
+            json!({"kind": "cron", "expr": "0 30 2 * * *", "zone": "UTC"})
+        );
+        assert_eq!(view["last_run"]["run"], "run-7");
+        assert_eq!(view["last_run"]["state"], "failed");
+        assert_eq!(view["last_run"]["finished_at_ms"], T.0);
+    }
+
+    #[test]
+    fn a_run_view_names_its_run_job_token_and_state_as_the_tables_do() {
+        let terms = RunTerms {
+            retry: Default::default(),
+            resume_after_crash: true,
+            kind: "render".into(),
+            payload: "".into(),
+            of_one_shot: None,
+            external: true,
+            timeout_ms: None,
+            required_artifacts: Box::default(),
+            sinks: Box::default(),
+        };
+        let mut run = Run::new(
+            RunId(7),
+            JobId::new("render").unwrap(),
+            Trigger::Scheduled { slot: T },
+            T,
+            terms,
+        );
+        run.last_token = Some(FencingToken(9));
+        let view = super::run(&run);
+        assert_eq!(
+            keys(&view),
+            [
+                "artifacts",
+                "attempt",
+                "cancel_requested",
+                "checkpoint",
+                "created_at",
+                "created_at_ms",
+                "error",
+                "finished_at",
+                "finished_at_ms",
+                "job",
+                "last_token",
+                "lease",
+                "lost_attempts",
+                "progress",
+                "retry_at",
+                "retry_at_ms",
+                "run",
+                "shutdown_interruptions",
+                "slot",
+                "slot_ms",
+                "state",
+                "summary",
+                "trigger",
+                "waiting_since",
+                "waiting_since_ms",
+            ]
+        );
+        assert_eq!(view["run"], "run-7");
+        assert_eq!(view["state"], "queued");
+        assert_eq!(view["trigger"], "scheduled");
+        assert_eq!(view["slot_ms"], T.0);
+        assert_eq!(view["last_token"], "token-9");
+        assert_eq!(view["finished_at"], Value::Null);
+    }
+
+    #[test]
+    fn audit_and_incident_views_are_flat_too() {
+        let record = AuditRecord {
+            seq: 3,
+            at: T,
+            job: JobId::new("render").unwrap(),
+            run: Some(RunId(7)),
+            attempt: Some(Attempt(1)),
+            fencing_token: Some(FencingToken(9)),
+            old: Some(StateName::Running),
+            new: StateName::Succeeded,
+            actor: Actor::Worker("w1".into()),
+            reason: "attempt 1 succeeded".into(),
+        };
+        let view = audit(&record);
+        assert_eq!(
+            keys(&view),
+            [
+                "actor", "at", "at_ms", "attempt", "from", "job", "reason", "run", "seq", "to",
+                "token"
+            ]
+        );
+        assert_eq!(
+            (&view["from"], &view["to"], &view["actor"], &view["token"]),
+            (
+                &json!("running"),
+                &json!("succeeded"),
+                &json!("worker:w1"),
+                &json!("token-9")
+            )
+        );
+        let open = Incident {
+            id: 4,
+            kind: IncidentKind::FailingJob,
+            opened_at: T,
+            resolved_at: None,
+            job: Some(JobId::new("health").unwrap()),
+            run: None,
+            worker: Some(WorkerId::new("w1").unwrap()),
+            details: "3 runs failed in a row".into(),
+        };
+        let view = incident(&open);
+        assert_eq!(
+            keys(&view),
+            [
+                "details",
+                "id",
+                "job",
+                "kind",
+                "open",
+                "opened_at",
+                "opened_at_ms",
+                "resolved_at",
+                "resolved_at_ms",
+                "run",
+                "worker",
+            ]
+        );
+        assert_eq!(
+            (&view["kind"], &view["open"]),
+            (&json!("failing_job"), &json!(true))
+        );
+    }
+}
