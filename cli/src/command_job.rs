@@ -883,6 +883,7 @@ async fn run_attempt(
         refused: refused.note(),
         held_open,
         said: said.as_deref(),
+        stop_reason: ctx.stop_reason(),
     };
     let stopped = match stopping {
         None => Stopped::No,
@@ -973,6 +974,8 @@ struct Output<'a> {
     held_open: bool,
     /// The summary a `::keel summary` line gave.
     said: Option<&'a str>,
+    /// Why keel asked the command to stop, if it did.
+    stop_reason: Option<keel_core::StopReason>,
 }
 
 /// The attempt's outcome, from how the command ended and what it printed.
@@ -989,10 +992,11 @@ fn outcome(spec: &CommandSpec, exit: Exit, stopped: Stopped, output: &Output<'_>
     if let Some(sent) = sent {
         // Retryable, not `Cancelled`: the core ends the run `cancelled` after an operator's
         // cancel anyway, while a timeout or a shutdown must leave the run to retry.
-        let head = format!(
-            "asked to stop (a cancel, the timeout or a shutdown): {sent} {}",
-            exit.describe()
+        let why = output.stop_reason.map_or_else(
+            || "asked to stop".to_string(),
+            |r| format!("stopped because {r}"),
         );
+        let head = format!("{why}: {sent} {}", exit.describe());
         return Outcome::Retryable {
             message: failure_message(&head, output),
         };
@@ -1843,6 +1847,7 @@ mod tests {
             refused: None,
             held_open: false,
             said: None,
+            stop_reason: None,
         };
         let message = failure_message("`x` exited with code 1", &output);
         assert!(message.len() <= limits::MESSAGE_MAX_BYTES);
@@ -1854,6 +1859,7 @@ mod tests {
             refused: Some("1 checkpoint line(s) were not saved".into()),
             held_open: true,
             said: None,
+            stop_reason: None,
         };
         assert_eq!(
             failure_message("`x` exited with code 1", &output),
@@ -1870,6 +1876,7 @@ mod tests {
             refused: None,
             held_open: false,
             said: None,
+            stop_reason: None,
         };
         let exit = Exit {
             code: Some(0),
@@ -1881,7 +1888,7 @@ mod tests {
         };
         assert_eq!(
             message,
-            "asked to stop (a cancel, the timeout or a shutdown): sent SIGTERM to `x`, which then \
+            "asked to stop: sent SIGTERM to `x`, which then \
              exited with code 0"
         );
         assert_eq!(checkpoint_refusal("ok"), None);
@@ -2394,7 +2401,7 @@ mod tests {
         // process group, got SIGTERM too and closed its stdout.
         assert_eq!(
             message,
-            "asked to stop (a cancel, the timeout or a shutdown): sent SIGTERM to `sh`, which \
+            "stopped because the run was cancelled: sent SIGTERM to `sh`, which \
              then was killed by signal 15 (SIGTERM)"
         );
     }
@@ -2413,7 +2420,7 @@ mod tests {
         // (The shell may also report its `sleep`, killed by the same SIGTERM: "Terminated".)
         assert!(
             message.starts_with(
-                "asked to stop (a cancel, the timeout or a shutdown): sent SIGTERM to `sh`, \
+                "stopped because the run was cancelled: sent SIGTERM to `sh`, \
                  which then exited with code 143\nstderr:\n"
             ),
             "{message}"
@@ -2436,7 +2443,7 @@ mod tests {
         // Without "still held its output open": the background `sleep` was killed too.
         assert_eq!(
             message,
-            "asked to stop (a cancel, the timeout or a shutdown): sent SIGTERM to `sh`, then \
+            "stopped because the run was cancelled: sent SIGTERM to `sh`, then \
              SIGKILL 500 ms later; it was killed by signal 9 (SIGKILL)"
         );
     }
@@ -2487,6 +2494,26 @@ mod tests {
         assert!(
             matches!(read, Ok(Ok(Ok(())))),
             "the sleep was killed with the command: {read:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_command_stopped_by_its_timeout_says_so() {
+        let mut keel = Keel::start().await;
+        let at = T0.plus_ms(3_600_000);
+        let mut job = JobSpec::new(JobId::new("slow").unwrap(), KIND, ScheduleSpec::Once { at });
+        job.payload = sh("trap 'exit 3' TERM; sleep 30 & wait", &[])
+            .to_payload()
+            .into();
+        job.retry = quick_retries(1);
+        job.timeout_ms = Some(200);
+        let run = keel.trigger_job(job).await;
+        let record = keel.finished(run).await;
+        keel.stop().await;
+        let (_, message) = error_of(&record);
+        assert!(
+            message.starts_with("stopped because the job's timeout passed: sent SIGTERM"),
+            "{message}"
         );
     }
 

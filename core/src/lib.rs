@@ -115,7 +115,7 @@ pub use run::{ErrorKind, Outcome, Run, RunError, RunState, RunTerms, StateName, 
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{
     AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,
-    Shutdown, Work,
+    Shutdown, StopReason, Work,
 };
 pub use store::{AuditQuery, Conflict, RunPage, RunQuery, Store, StoreError};
 pub use time::Timestamp;

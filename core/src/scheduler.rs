@@ -88,6 +88,32 @@ impl Default for Config {
     }
 }
 
+/// Why an attempt is asked to stop (`Effect::CancelAttempt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum StopReason {
+    /// An operator cancelled the run.
+    Cancel,
+    /// The job's timeout passed.
+    Timeout,
+    /// The scheduler is shutting down (SPEC O1).
+    Shutdown,
+    /// The attempt's lease was lost (its renewals did not become durable in time).
+    LeaseLost,
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Cancel => "the run was cancelled",
+            StopReason::Timeout => "the job's timeout passed",
+            StopReason::Shutdown => "keel is shutting down",
+            StopReason::LeaseLost => "the attempt lost its lease",
+        })
+    }
+}
+
 /// An output of the scheduler, drained with [`Scheduler::poll_effect`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
@@ -103,6 +129,8 @@ pub enum Effect {
         run: RunId,
         /// The attempt.
         attempt: Attempt,
+        /// Why, for the handler to say (a command job's message names it).
+        reason: StopReason,
     },
     /// Stop the attempt now (the watchdog killed it). Its lease is already revoked: nothing it
     /// reports afterwards is accepted.
@@ -901,8 +929,11 @@ impl Scheduler {
                     Actor::Operator,
                     "cancel requested; the attempt is asked to stop",
                 );
-                self.effects
-                    .push_back(Effect::CancelAttempt { run: id, attempt });
+                self.effects.push_back(Effect::CancelAttempt {
+                    run: id,
+                    attempt,
+                    reason: StopReason::Cancel,
+                });
             }
         }
         Ok(())

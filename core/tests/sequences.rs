@@ -1589,7 +1589,7 @@ impl World {
                     }
                 }
                 Effect::StartAttempt(start) => self.start(start),
-                Effect::CancelAttempt { run, attempt } => {
+                Effect::CancelAttempt { run, attempt, .. } => {
                     assert!(
                         self.handed_out.contains(&(run, attempt)),
                         "cancel for {run} attempt {attempt}, which was never handed out"

@@ -57,7 +57,7 @@ use keel_core::outbox::{DeliveryId, DeliveryResult};
 use keel_core::scheduler::CheckpointSave;
 use keel_core::{
     Attempt, AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected,
-    RunId, RunState, Scheduler, Store, StoreError, Timestamp, Trigger, WorkerId,
+    RunId, RunState, Scheduler, StopReason, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -172,7 +172,7 @@ impl std::fmt::Debug for Msg {
 /// An attempt this process is executing.
 struct Executing {
     token: FencingToken,
-    cancel: watch::Sender<bool>,
+    cancel: watch::Sender<Option<StopReason>>,
     abort: AbortHandle,
     /// The task that waits for the handler: it ends once the handler's task has ended
     /// (returned, panicked, or aborted and dropped).
@@ -553,7 +553,7 @@ impl Driver {
         self.renewals_writing.clear();
         let mut stopping = Vec::new();
         for (run, executing) in std::mem::take(&mut self.executing) {
-            let _ = executing.cancel.send(true);
+            let _ = executing.cancel.send(Some(StopReason::Shutdown));
             executing.abort.abort();
             stopping.push(executing.watcher);
             tracing::warn!(%run, "attempt stopped: the scheduler is being rebuilt; the run is recovered");
@@ -684,7 +684,7 @@ impl Driver {
         if let Some((mark, _)) = executing.renewing.take() {
             self.renewals_writing.remove(&(mark, run));
         }
-        let _ = executing.cancel.send(true);
+        let _ = executing.cancel.send(Some(StopReason::LeaseLost));
         let token = executing.token;
         tracing::warn!(
             %run,
@@ -1020,9 +1020,9 @@ impl Driver {
                     }
                 }
             }
-            Effect::CancelAttempt { run, .. } => {
+            Effect::CancelAttempt { run, reason, .. } => {
                 if let Some(executing) = self.executing.get(&run) {
-                    let _ = executing.cancel.send(true);
+                    let _ = executing.cancel.send(Some(reason));
                 }
             }
             Effect::KillAttempt { run, .. } => {
@@ -1127,7 +1127,7 @@ impl Driver {
             });
             return;
         };
-        let (cancel, cancel_rx) = watch::channel(false);
+        let (cancel, cancel_rx) = watch::channel(None);
         let ctx = AttemptContext {
             run: start.run,
             job: start.job.clone(),
@@ -1239,7 +1239,7 @@ impl Driver {
     fn stop_attempt(&mut self, run: RunId, token: FencingToken) {
         if self.executing.get(&run).is_some_and(|e| e.token == token) {
             if let Some(executing) = self.untrack(run) {
-                let _ = executing.cancel.send(true);
+                let _ = executing.cancel.send(Some(StopReason::LeaseLost));
                 executing.abort.abort();
                 tracing::warn!(%run, token = token.0, "attempt stopped: its lease was lost");
             }

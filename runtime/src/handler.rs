@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use keel_core::run::Checkpoint;
 use keel_core::scheduler::CheckpointSave;
-use keel_core::{Attempt, FencingToken, IdempotencyKey, JobId, Outcome, Rejected, RunId};
+use keel_core::{
+    Attempt, FencingToken, IdempotencyKey, JobId, Outcome, Rejected, RunId, StopReason,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::driver::{Msg, Report};
@@ -275,7 +277,7 @@ pub struct AttemptContext {
     /// The last checkpoint saved by an earlier attempt (or this run's earlier process), to
     /// resume from.
     pub checkpoint: Option<Checkpoint>,
-    pub(crate) cancel: watch::Receiver<bool>,
+    pub(crate) cancel: watch::Receiver<Option<StopReason>>,
     pub(crate) reports: mpsc::UnboundedSender<Msg>,
 }
 
@@ -286,12 +288,18 @@ impl AttemptContext {
     /// shutdown it is abandoned when the budget is spent and recovered at the next start; an
     /// operator's cancel waits for it.
     pub fn is_cancelled(&self) -> bool {
+        self.cancel.borrow().is_some()
+    }
+
+    /// Why the attempt was asked to stop, once it was: an operator's cancel, the job's
+    /// timeout, a shutdown, or the lease lost. A handler can say so in its outcome.
+    pub fn stop_reason(&self) -> Option<StopReason> {
         *self.cancel.borrow()
     }
 
     /// Resolves when the attempt is asked to stop; use it in `tokio::select!`.
     pub async fn cancelled(&mut self) {
-        while !*self.cancel.borrow_and_update() {
+        while self.cancel.borrow_and_update().is_none() {
             if self.cancel.changed().await.is_err() {
                 // The runtime is gone; nothing will ever ask again.
                 std::future::pending::<()>().await;

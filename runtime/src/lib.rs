@@ -94,7 +94,7 @@ use tokio::task::JoinHandle;
 /// crate and a store: jobs and their schedules, outcomes, runs and times.
 pub use keel_core::{
     Config, Ensured, JobId, JobSpec, Outcome, RetryPolicy, Run, RunError, RunState, ScheduleSpec,
-    Timestamp,
+    StopReason, Timestamp,
 };
 
 pub use clock::Clock;

@@ -1026,7 +1026,7 @@ impl World {
                     }
                 }
                 Effect::StartAttempt(start) => self.start_attempt(start),
-                Effect::CancelAttempt { run, attempt } => {
+                Effect::CancelAttempt { run, attempt, .. } => {
                     // The outcome may have been reported since the cancel was requested.
                     assert!(
                         self.handed_out.contains(&(run, attempt)),

@@ -600,7 +600,7 @@ impl Sim {
                     self.schedule(delay, WorldEvent::WriteDone { batch_index, ok });
                 }
                 Effect::StartAttempt(start) => self.start_attempt(start),
-                Effect::CancelAttempt { run, attempt } => {
+                Effect::CancelAttempt { run, attempt, .. } => {
                     // The simulated handler honours cancellation at once (unless stalled).
                     let done = self.events.iter().find_map(|(key, (_, e))| match e {
                         WorldEvent::AttemptDone {

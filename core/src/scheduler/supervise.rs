@@ -119,8 +119,11 @@ impl Scheduler {
                          {kill_at} unless it stops"
                     ),
                 );
-                self.effects
-                    .push_back(Effect::CancelAttempt { run: id, attempt });
+                self.effects.push_back(Effect::CancelAttempt {
+                    run: id,
+                    attempt,
+                    reason: StopReason::Timeout,
+                });
             }
             WatchAction::Stuck => {
                 run.watch.stuck_reported = true;

@@ -444,8 +444,11 @@ impl Scheduler {
         let running = self.own_attempts(|state| matches!(state, RunState::Running { .. }));
         for &(run, attempt) in &running {
             if self.stopped_for_shutdown.insert((run, attempt)) {
-                self.effects
-                    .push_back(Effect::CancelAttempt { run, attempt });
+                self.effects.push_back(Effect::CancelAttempt {
+                    run,
+                    attempt,
+                    reason: StopReason::Shutdown,
+                });
             }
         }
         running
