@@ -172,6 +172,10 @@ pub(crate) struct AddArgs {
     /// per failed attempt, with full jitter.
     #[arg(long, value_name = "DURATION[..MAX]")]
     pub(crate) backoff: Option<String>,
+    /// Retry delay jitter: `full` (default: a random delay up to the backoff, so retries of many
+    /// runs spread out) or `none` (exactly the backoff).
+    #[arg(long, value_name = "none|full")]
+    pub(crate) jitter: Option<String>,
     /// Attempt timeout: the attempt is asked to stop, then killed 10 s later.
     #[arg(long, value_name = "DURATION")]
     pub(crate) timeout: Option<String>,

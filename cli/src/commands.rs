@@ -213,6 +213,7 @@ fn add(place: &Place, out: Output, args: AddArgs) -> Result<(), Failure> {
         env,
         attempts: args.attempts,
         backoff: args.backoff,
+        jitter: args.jitter,
         timeout: args.timeout,
         overlap: args.overlap,
         misfire: args.misfire,

@@ -28,7 +28,7 @@ use toml::Spanned;
 use crate::duration::{format_duration_ms, parse_duration_ms};
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
-use keel_core::outbox::{DeliveryPolicy, OutboxConfig};
+use keel_core::outbox::{DeliveryPolicy, OutboxConfig, OverflowPolicy};
 use keel_core::{limits, LeasePolicy, Timestamp};
 
 /// The shutdown budget when the config does not set one.
@@ -53,6 +53,9 @@ pub(crate) struct Config {
     pub(crate) delivery: DeliveryPolicy,
     /// Failed runs in a row that raise a `failing_job` incident (`failing_after`; 0: never).
     pub(crate) failing_after: u32,
+    /// The delivery outbox's capacity and overflow policy (`outbox_capacity`,
+    /// `outbox_overflow`).
+    pub(crate) outbox: (usize, OverflowPolicy),
     /// The jobs, in file order, each with its line.
     pub(crate) jobs: Vec<(JobDef, usize)>,
 }
@@ -76,6 +79,8 @@ struct Daemon {
     delivery_backoff: Option<Spanned<String>>,
     delivery_attempts: Option<Spanned<i64>>,
     failing_after: Option<Spanned<i64>>,
+    outbox_capacity: Option<Spanned<i64>>,
+    outbox_overflow: Option<Spanned<String>>,
 }
 
 impl Config {
@@ -93,7 +98,8 @@ impl Config {
                 self.metrics,
                 self.lease,
                 self.delivery,
-                self.failing_after
+                self.failing_after,
+                self.outbox
             )
         )
     }
@@ -117,7 +123,8 @@ impl Config {
             lease: self.lease,
             outbox: OutboxConfig {
                 policy: self.delivery,
-                ..default.outbox
+                capacity: self.outbox.0,
+                overflow: self.outbox.1,
             },
             failing_after: self.failing_after,
             ..default
@@ -194,6 +201,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
             }
         },
     };
+    let outbox = outbox(text, daemon, &mut problems);
     let mut config = Config {
         path: path.to_path_buf(),
         shutdown_budget,
@@ -201,6 +209,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         lease,
         delivery,
         failing_after,
+        outbox,
         jobs: Vec::new(),
     };
     let base_dir = config.base_dir();
@@ -309,6 +318,50 @@ fn timings(
         }
     }
     (lease, delivery)
+}
+
+/// `outbox_capacity` and `outbox_overflow` over keel-core's defaults.
+fn outbox(text: &str, daemon: &Daemon, problems: &mut Vec<String>) -> (usize, OverflowPolicy) {
+    let default = OutboxConfig::default();
+    let capacity = match &daemon.outbox_capacity {
+        None => default.capacity,
+        Some(value) => match usize::try_from(*value.get_ref()) {
+            Ok(n) if (1..=limits::OUTBOX_CAPACITY_MAX).contains(&n) => n,
+            _ => {
+                problems.push(daemon_problem(
+                    text,
+                    value,
+                    "outbox_capacity",
+                    &format!(
+                        "{} is out of range: deliveries held at once, from 1 to {}",
+                        value.get_ref(),
+                        limits::OUTBOX_CAPACITY_MAX
+                    ),
+                ));
+                default.capacity
+            }
+        },
+    };
+    let overflow = match daemon.outbox_overflow.as_ref() {
+        None => default.overflow,
+        Some(value) => match value.get_ref().as_str() {
+            "drop-oldest" => OverflowPolicy::DropOldest,
+            "reject-newest" => OverflowPolicy::RejectNewest,
+            other => {
+                problems.push(daemon_problem(
+                    text,
+                    value,
+                    "outbox_overflow",
+                    &format!(
+                        "{other:?}: expected \"drop-oldest\" (make room by dropping the oldest \
+                         waiting delivery) or \"reject-newest\" (drop the new one)"
+                    ),
+                ));
+                default.overflow
+            }
+        },
+    };
+    (capacity, overflow)
 }
 
 /// The most failed runs in a row `failing_after` may wait for.
@@ -498,6 +551,32 @@ command = ["true"]
     fn a_wrong_type_is_an_error_with_its_line() {
         let e = parse_err("[[job]]\nname = \"x\"\nevery = \"1m\"\ncommand = \"echo hi\"\n");
         assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn outbox_and_failing_after_settings_reach_the_core_and_bad_ones_name_their_line() {
+        let config = parse_ok(
+            "[daemon]\noutbox_capacity = 50\noutbox_overflow = \"reject-newest\"\n\
+             failing_after = 5\n",
+        );
+        let core = config.core();
+        assert_eq!(core.outbox.capacity, 50);
+        assert_eq!(core.outbox.overflow, OverflowPolicy::RejectNewest);
+        assert_eq!(core.failing_after, 5);
+        let e = parse_err("[daemon]\noutbox_capacity = 0\noutbox_overflow = \"spill\"\n");
+        assert!(
+            e.contains("line 2: [daemon] outbox_capacity: 0 is out of range"),
+            "{e}"
+        );
+        assert!(
+            e.contains("line 3: [daemon] outbox_overflow: \"spill\""),
+            "{e}"
+        );
+        let e = parse_err("[daemon]\nfailing_after = -1\n");
+        assert!(
+            e.contains("line 2: [daemon] failing_after: -1 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub(crate) struct JobDef {
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) attempts: Option<u32>,
     pub(crate) backoff: Option<String>,
+    pub(crate) jitter: Option<String>,
     pub(crate) timeout: Option<String>,
     pub(crate) overlap: Option<String>,
     pub(crate) misfire: Option<String>,
@@ -292,6 +293,16 @@ impl JobDef {
                 return Err(format!(
                     "backoff {text:?}: the first delay is longer than the largest"
                 ));
+            }
+        }
+        match self.jitter.as_deref() {
+            None | Some("full") => {}
+            Some("none") => retry.jitter = 0.0,
+            Some(other) => {
+                return Err(format!(
+                    "jitter {other:?}: expected \"full\" (random delays up to the backoff) or \
+                     \"none\" (exact delays)"
+                ))
             }
         }
         retry.validate().map_err(|e| match e {
@@ -556,6 +567,12 @@ mod tests {
             e.contains("notify_on \"errors\": expected \"failure\""),
             "{e}"
         );
+        let mut exact = echo("j");
+        exact.jitter = Some("none".into());
+        assert_eq!(exact.to_spec(resolve()).unwrap().retry.jitter, 0.0);
+        exact.jitter = Some("some".into());
+        let e = exact.to_spec(resolve()).unwrap_err();
+        assert!(e.contains("jitter \"some\""), "{e}");
         let mut alone = echo("a");
         alone.notify_on = Some("failure".into());
         let e = alone.to_spec(resolve()).unwrap_err();
