@@ -80,15 +80,15 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         )
         .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
     // A job added while the daemon runs may notify a URL no job had at its start.
-    builder = builder.sink_factory(|name| {
-        let url = name.starts_with("http://") || name.starts_with("https://");
-        let sink = WebhookSink::new(name).ok().filter(|_| url)?;
+    builder = builder.sink_factory(|entry| {
+        let sink = webhook(entry).ok()??;
         Some(Arc::new(sink) as Arc<dyn keel_runtime::Sink>)
     });
     let webhooks = notify_urls(&snapshot, config.as_ref());
     for url in &webhooks {
-        match WebhookSink::new(url) {
-            Ok(sink) => builder = builder.sink(url, sink),
+        match webhook(url) {
+            Ok(Some(sink)) => builder = builder.sink(url, sink),
+            Ok(None) => {}
             Err(e) => log(&format!(
                 "webhook {}: {e}; its deliveries will fail",
                 crate::jobdef::redact_url(url)
@@ -297,6 +297,19 @@ async fn read(store: &Arc<dyn Store>) -> Result<Snapshot, Failure> {
         .await
         .map_err(|e| Failure::runtime(format!("store read failed: {e}")))?
         .map_err(Failure::from)
+}
+
+/// The webhook for a `notify` entry (`URL` or `NAME=URL`), or `None` if it is not one.
+fn webhook(entry: &str) -> Result<Option<WebhookSink>, keel_runtime::sinks::WebhookError> {
+    let (name, url) = crate::jobdef::notify_entry(entry);
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Ok(None);
+    }
+    let sink = WebhookSink::new(url)?;
+    Ok(Some(match name {
+        Some(name) => sink.named(name),
+        None => sink,
+    }))
 }
 
 /// Every distinct `notify` URL of the stored jobs and the config's.

@@ -451,6 +451,23 @@ fn check_jobs(jobs: &[Job], findings: &mut Findings) {
         } else {
             fine += 1;
         }
+        if job.failures_in_a_row > 0 {
+            // SPEC O4: a job that keeps failing is not a healthy one.
+            let last = job
+                .last_run
+                .as_ref()
+                .map(|l| format!("; the last, {}, {}", l.run, l.state))
+                .unwrap_or_default();
+            findings.add(
+                Level::Warning,
+                "jobs",
+                format!(
+                    "job {name}: {} run(s) failed in a row{last}",
+                    job.failures_in_a_row
+                ),
+                Some("see `keel runs --job NAME` and `keel logs RUN`"),
+            );
+        }
         if let JobState::Disabled { reason } = &job.state {
             if reason.contains("no longer valid") {
                 findings.add(

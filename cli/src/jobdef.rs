@@ -377,7 +377,24 @@ pub(crate) fn misfire_name(policy: MisfirePolicy) -> String {
     }
 }
 
-fn check_url(url: &str) -> Result<(), String> {
+/// A `notify` entry: `URL`, or `NAME=URL` to name the sink (its label in logs and metrics).
+pub(crate) fn notify_entry(entry: &str) -> (Option<&str>, &str) {
+    match entry.split_once('=') {
+        Some((name, url))
+            if !name.is_empty()
+                && !name.contains("://")
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
+        {
+            (Some(name), url)
+        }
+        _ => (None, entry),
+    }
+}
+
+fn check_url(entry: &str) -> Result<(), String> {
+    let (_, url) = notify_entry(entry);
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"));
@@ -392,6 +409,10 @@ fn check_url(url: &str) -> Result<(), String> {
 
 /// A URL without what may be a secret (user info, query), for logs.
 pub(crate) fn redact_url(url: &str) -> String {
+    // A named sink is shown by its name alone.
+    if let (Some(name), _) = notify_entry(url) {
+        return name.to_string();
+    }
     let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
     let rest = rest.split(['?', '#']).next().unwrap_or("");
     // The path goes too: services put their secret in it (hooks.slack.com/services/T/B/SECRET).
@@ -567,6 +588,12 @@ mod tests {
             e.contains("notify_on \"errors\": expected \"failure\""),
             "{e}"
         );
+        assert_eq!(
+            notify_entry("ops=https://h/x?k=1"),
+            (Some("ops"), "https://h/x?k=1")
+        );
+        assert_eq!(notify_entry("https://h/x?a=b"), (None, "https://h/x?a=b"));
+        assert_eq!(redact_url("ops=https://h/secret"), "ops");
         let mut exact = echo("j");
         exact.jitter = Some("none".into());
         assert_eq!(exact.to_spec(resolve()).unwrap().retry.jitter, 0.0);

@@ -1796,6 +1796,12 @@ command = ["sh", "-c", "test -e healthy"]
         "{}",
         ls.stdout()
     );
+    let doctor = place.keel(&["doctor"]);
+    assert!(
+        doctor.stdout().contains("failed in a row"),
+        "doctor says so too:\n{}",
+        doctor.stdout()
+    );
     std::fs::write(place.path("healthy"), "").unwrap();
     daemon.wait_for(&["incident #1 resolved (failing_job"]);
     let ls = place.keel(&["job", "ls"]);
@@ -2116,4 +2122,36 @@ command = ["for i in $(seq 1 50); do echo line $i; done; echo 'a warning' >&2; [
     place.keel(&["logs", "run-999"]).expect_code(2);
     daemon.signal("TERM");
     daemon.wait_exit();
+}
+
+/// Issue 11: a notify sink may be named (`NAME=URL`), and logs (and metric labels) use the
+/// name, so two webhooks on one host stay apart and no URL secret reaches the log.
+#[test]
+fn named_webhooks_on_one_host_stay_apart_in_the_log() {
+    let place = Place::new("named-sinks");
+    let hook = Hook::start();
+    hook.route("/ops", &[], 200);
+    hook.route("/audit", &[], 200);
+    let config = place.write(
+        "keel.toml",
+        &format!(
+            r#"
+[[job]]
+name = "report"
+at = "+0s"
+command = ["echo", "done"]
+notify = ["ops={}", "audit={}"]
+"#,
+            hook.url("/ops"),
+            hook.url("/audit")
+        ),
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["result delivery to ops", "success"]);
+    daemon.wait_for(&["result delivery to audit", "success"]);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    assert!(!daemon.log().contains("/ops") && !daemon.log().contains("/audit"));
+    assert_eq!(hook.received("/ops").len(), 1);
+    assert_eq!(hook.received("/audit").len(), 1);
 }

@@ -68,6 +68,7 @@ pub struct WebhookSink {
     url: Url,
     headers: HeaderMap,
     timeout: Duration,
+    name: Option<String>,
 }
 
 impl fmt::Debug for WebhookSink {
@@ -101,7 +102,16 @@ impl WebhookSink {
             url,
             headers: HeaderMap::new(),
             timeout: WEBHOOK_TIMEOUT_DEFAULT,
+            name: None,
         })
+    }
+
+    /// Names the sink: logs and metric labels say `name` rather than the URL's scheme and host,
+    /// so two webhooks on one host stay apart.
+    #[must_use]
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
     }
 
     /// Sets how long one attempt may take, from connecting to reading the response.
@@ -197,6 +207,9 @@ impl Sink for WebhookSink {
 
     /// Scheme, host and port only: paths, queries and user info often carry tokens.
     fn label(&self) -> Option<String> {
+        if let Some(name) = &self.name {
+            return Some(name.clone());
+        }
         let host = self.url.host_str().unwrap_or("?");
         Some(match self.url.port() {
             Some(port) => format!("{}://{host}:{port}", self.url.scheme()),
