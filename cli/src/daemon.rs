@@ -785,13 +785,19 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
             .ok()
             .flatten()
             .and_then(|run| show::run_note(&run)),
-        Event::RetryScheduled { run, .. } => handle
-            .run(*run)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|run| run.last_error)
-            .map(|e| e.message),
+        Event::RetryScheduled { run, at } => match handle.run(*run).await.ok().flatten() {
+            Some(run) => {
+                line = format!(
+                    "{} of job {} failed; retrying at {}",
+                    run.id,
+                    run.job,
+                    show::time(*at)
+                );
+                run.last_error
+                    .map(|e| crate::table::terminal_safe(&e.message))
+            }
+            None => None,
+        },
         _ => None,
     };
     if let Some(detail) = detail.filter(|d| !d.is_empty()) {

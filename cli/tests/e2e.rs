@@ -1025,7 +1025,9 @@ command = ["echo", "tick"]
     // Read the store directly: each slot belongs to one run.
     let runs = place.json(&["runs", "--json", "--job", "tick", "--limit", "1000"]);
     let runs = runs.as_array().expect("a list of runs");
-    assert!(runs.len() >= 4, "{runs:?}");
+    // The first daemon logs a success when it happens, which may be before its record is
+    // durable: a success the kill cut off is run again by the second. So at least three runs.
+    assert!(runs.len() >= 3, "{runs:?}");
     let mut slots: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for run in runs {
         let slot = run["slot_ms"].to_string();
