@@ -156,7 +156,8 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
         JobCommand::Pause(arg) => {
             let job = job_id(&arg.name)?;
             let changed: bool = from_value(call(place, &Request::PauseJob { job: job.clone() })?)?;
-            out.print(&views::acted("job", json!(job), "paused", changed), || {
+            let view = find_job(place, job.as_str()).map_or(json!(job), |j| views::job(&j));
+            out.print(&views::acted("job", view, "paused", changed), || {
                 if changed {
                     format!("paused job {job}\n")
                 } else {
@@ -167,10 +168,12 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
         JobCommand::Resume(arg) => {
             let job = job_id(&arg.name)?;
             let changed: bool = from_value(call(place, &Request::ResumeJob { job: job.clone() })?)?;
-            let state = find_job(place, job.as_str()).map(|j| show::job_state(&j));
+            let found = find_job(place, job.as_str());
+            let view = found.as_ref().map_or(json!(job), views::job);
+            let state = found.map(|j| show::job_state(&j));
             let word = if changed { "resumed" } else { "not paused" };
             out.print(
-                &views::acted("job", json!(job), "resumed", changed),
+                &views::acted("job", view, "resumed", changed),
                 || match state {
                     Ok(state) => format!("{word}: job {job}: {state}\n"),
                     Err(_) => format!("{word}: job {job}\n"),
@@ -182,7 +185,15 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
             let daemon_up = crate::client::Client::connect(place)?.is_some();
             let run: RunId = from_value(call(place, &Request::TriggerJob { job: job.clone() })?)?;
             let external = find_job(place, job.as_str()).is_ok_and(|j| j.spec.external);
-            let view = json!({ "job": job, "run": run.to_string(), "action": "triggered" });
+            let triggered: Option<Run> = from_value(call(place, &Request::Run { run })?)?;
+            let view = views::acted(
+                "run",
+                triggered
+                    .as_ref()
+                    .map_or(json!(run.to_string()), views::run),
+                "triggered",
+                true,
+            );
             out.print(&view, || {
                 let then = match (external, daemon_up) {
                     (true, _) => "; it is queued for a worker to claim",

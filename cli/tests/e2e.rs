@@ -719,7 +719,7 @@ fn worker_protocol_without_a_daemon() {
         .expect_code(3)
         .expect_stderr("nothing due");
     let triggered = place.json(&["job", "trigger", "render", "--json"]);
-    let run = run_number(&triggered["run"]);
+    let run = run_number(&triggered["run"]["run"]);
 
     let claimed = place.json(&["worker", "claim", "--kind", "render", "--worker", "w1"]);
     assert_eq!(claimed["run"].as_u64(), Some(run));
@@ -1057,7 +1057,7 @@ fn a_run_triggered_without_a_daemon_starts_when_the_daemon_does() {
         ])
         .expect_code(0);
     let triggered = place.json(&["job", "trigger", "manual", "--json"]);
-    let run = run_number(&triggered["run"]);
+    let run = run_number(&triggered["run"]["run"]);
     let runs = place.json(&["runs", "--json"]);
     assert_eq!(runs[0]["state"], "backing_off", "{runs}");
 
@@ -1281,7 +1281,7 @@ payload = "scene-9"
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
     let triggered = place.json(&["job", "trigger", "render", "--json"]);
-    let run = run_number(&triggered["run"]).to_string();
+    let run = run_number(&triggered["run"]["run"]).to_string();
 
     let before = now_ms();
     let first = place.json(&["worker", "claim", "--kind", "render", "--worker", "w1"]);
@@ -1526,7 +1526,7 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
     );
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
-    let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]);
+    let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]["run"]);
     daemon.wait_for(&[&format!("run-{run} of job big succeeded")]);
     let warning = daemon.wait_for(&["WARN", "checkpoint line not saved"]);
     assert!(
@@ -1546,7 +1546,7 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
 
     let mut quiet = place.daemon_with_env(&config, &[("KEEL_LOG", "off")]);
     quiet.wait_for(&["ready"]);
-    let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]);
+    let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]["run"]);
     quiet.wait_for(&[&format!("run-{run} of job big succeeded")]);
     quiet.signal("TERM");
     assert!(quiet.wait_exit().success(), "{}", quiet.log());
