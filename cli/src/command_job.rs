@@ -1148,20 +1148,13 @@ async fn sleep_until(at: Option<Instant>) {
 async fn signal_group(pgid: Option<u32>, signal: &str, child: &mut Child) {
     #[cfg(unix)]
     if let Some(pgid) = pgid {
-        // No new dependency for kill(2): the shell's `kill` builtin, present wherever `sh` is.
-        let sent = Command::new("sh")
-            .arg("-c")
-            .arg("kill -s \"$0\" -- \"-$1\"")
-            .arg(signal)
-            .arg(pgid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await;
-        match sent {
-            Ok(status) if status.success() => return,
-            Ok(status) => tracing::warn!(%status, signal, "kill of the command's group failed"),
+        let sig = if signal == "KILL" {
+            rustix::process::Signal::KILL
+        } else {
+            rustix::process::Signal::TERM
+        };
+        match send_to_group(pgid, sig) {
+            Ok(()) => return,
             Err(e) => tracing::warn!(error = %e, signal, "kill of the command's group failed"),
         }
     }
@@ -1170,6 +1163,16 @@ async fn signal_group(pgid: Option<u32>, signal: &str, child: &mut Child) {
     if let Err(e) = child.start_kill() {
         tracing::warn!(error = %e, "kill of the command failed");
     }
+}
+
+/// Sends `sig` to process group `pgid` with kill(2), through rustix's safe wrapper.
+#[cfg(unix)]
+fn send_to_group(pgid: u32, sig: rustix::process::Signal) -> std::io::Result<()> {
+    let pid = i32::try_from(pgid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("{pgid} is not a process group id")))?;
+    rustix::process::kill_process_group(pid, sig).map_err(std::io::Error::from)
 }
 
 /// Kills the command's process group with SIGKILL when the attempt is dropped before the
@@ -1199,7 +1202,6 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         #[cfg(unix)]
         if let Some(pgid) = self.pgid {
-            // Blocking, but brief (a fork and an exec), and only on an abort.
             if let Err(e) = kill_group(pgid) {
                 // The record stays: the next start kills the group.
                 tracing::warn!(error = %e, pgid, "kill of the command's group failed");
@@ -1212,27 +1214,10 @@ impl Drop for GroupGuard {
     }
 }
 
-/// Sends SIGKILL to process group `pgid`, blocking the thread until it is sent.
+/// Sends SIGKILL to process group `pgid` (a system call: nothing blocks, so a `Drop` may).
 fn kill_group(pgid: u32) -> std::io::Result<()> {
     #[cfg(unix)]
-    {
-        // No new dependency for kill(2): the shell's `kill` builtin.
-        let status = std::process::Command::new("sh")
-            .arg("-c")
-            .arg("kill -s KILL -- \"-$0\"")
-            .arg(pgid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(std::io::Error::other(format!(
-                "`kill -s KILL -- -{pgid}` failed ({status})"
-            )))
-        }
-    }
+    return send_to_group(pgid, rustix::process::Signal::KILL);
     #[cfg(not(unix))]
     Err(std::io::Error::new(
         std::io::ErrorKind::Unsupported,
