@@ -42,7 +42,8 @@ pub(crate) struct Cli {
         help_heading = "Global options"
     )]
     pub(crate) store: StoreKind,
-    /// Print listings and results as JSON (times in milliseconds since the Unix epoch).
+    /// Print listings and results as JSON view objects: flat states, RFC 3339 times with `_ms`
+    /// twins, run-7 style names (docs/cli.md, "JSON output").
     #[arg(long, global = true, help_heading = "Global options")]
     pub(crate) json: bool,
     #[command(subcommand)]

@@ -18,7 +18,8 @@ const ANSWER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(120);
 /// `KEEL_TIMEOUT`, or the default. A value that is not a whole number of seconds, at least 1,
 /// is refused by name rather than ignored.
 pub(crate) fn answer_timeout() -> Result<Duration, Failure> {
-    let Some(value) = std::env::var_os("KEEL_TIMEOUT") else {
+    // Unset or empty: the default, as for `KEEL_LOG`.
+    let Some(value) = std::env::var_os("KEEL_TIMEOUT").filter(|v| !v.is_empty()) else {
         return Ok(ANSWER_TIMEOUT_DEFAULT);
     };
     let text = value.to_string_lossy();

@@ -34,9 +34,13 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
-            return clap_mangen::Man::new(command)
-                .render(&mut std::io::stdout())
-                .map_err(|e| Failure::runtime(format!("cannot write the man page: {e}")));
+            return match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
+                // `keel man | head`: the reader had enough.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => {
+                    other.map_err(|e| Failure::runtime(format!("cannot write the man page: {e}")))
+                }
+            };
         }
         _ => {}
     }
@@ -480,9 +484,23 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
         )));
     };
     let dir = place.output_dir();
+    let kept = output::attempts(&dir, run_id);
+    let running = !run.state.is_terminal();
     let attempt = match args.attempt {
-        Some(n) => keel_core::Attempt(n),
-        None => match output::attempts(&dir, run_id).last() {
+        Some(n) if kept.contains(&keel_core::Attempt(n)) => keel_core::Attempt(n),
+        Some(n) if args.follow && running && run.attempt.0 == n => run.attempt,
+        Some(n) => {
+            let have: Vec<String> = kept.iter().map(|a| a.to_string()).collect();
+            return Err(Failure::input(format!(
+                "{run_id} has no output kept for attempt {n} (attempts with output: {})",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            )));
+        }
+        None => match kept.last() {
             Some(last) => *last,
             None if args.follow && !run.state.is_terminal() => run.attempt,
             None => {
@@ -504,11 +522,12 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
     for (i, path) in paths.iter().enumerate() {
         let older = std::fs::read(output::rotated(path)).unwrap_or_default();
         let current = std::fs::read(path).unwrap_or_default();
-        if older.is_empty() && current.is_empty() && !args.follow {
-            continue;
-        }
         let stream = if i == 0 { "stdout" } else { "stderr" };
         let _ = writeln!(stdout, "== {run_id} attempt {attempt}: {stream} ==");
+        if older.is_empty() && current.is_empty() && !args.follow {
+            let _ = writeln!(stdout, "(nothing)");
+            continue;
+        }
         if !older.is_empty() {
             let _ = writeln!(
                 stdout,

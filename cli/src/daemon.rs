@@ -786,6 +786,19 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
             .flatten()
             .and_then(|run| show::run_note(&run)),
         Event::RetryScheduled { run, at } => match handle.run(*run).await.ok().flatten() {
+            Some(run)
+                if run.last_error.as_ref().is_some_and(|e| {
+                    e.kind == keel_core::ErrorKind::Interrupted
+                        && e.message.contains("by a shutdown")
+                }) =>
+            {
+                line = format!(
+                    "{} of job {}: attempt {} interrupted by shutdown; it resumes at the next \
+                     start and uses no attempt",
+                    run.id, run.job, run.attempt
+                );
+                None
+            }
             Some(run) => {
                 line = format!(
                     "{} of job {} failed; retrying at {}",

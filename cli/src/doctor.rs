@@ -458,6 +458,8 @@ fn check_jobs(jobs: &[Job], findings: &mut Findings) {
                 .as_ref()
                 .map(|l| format!("; the last, {}, {}", l.run, l.state))
                 .unwrap_or_default();
+            let fix =
+                format!("see `keel runs --job {name}`, and `keel logs RUN` for a run's output");
             findings.add(
                 Level::Warning,
                 "jobs",
@@ -465,7 +467,7 @@ fn check_jobs(jobs: &[Job], findings: &mut Findings) {
                     "job {name}: {} run(s) failed in a row{last}",
                     job.failures_in_a_row
                 ),
-                Some("see `keel runs --job NAME` and `keel logs RUN`"),
+                Some(&fix),
             );
         }
         if let JobState::Disabled { reason } = &job.state {

@@ -143,19 +143,13 @@ fn last_result(state: StateName, failures_in_a_row: u32) -> String {
     }
 }
 
-/// The time until `at`, `systemctl list-timers` style: `4min 10s`, `now` if past.
+/// The time until `at`: `4m10s`, `now` if past.
 fn left(at: Timestamp, now: Timestamp) -> String {
     if at <= now {
         return "now".into();
     }
-    let secs = at.ms_since(now).div_ceil(1000);
-    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
-    match (d, h, m) {
-        (0, 0, 0) => format!("{s}s"),
-        (0, 0, _) => format!("{m}min {s}s"),
-        (0, _, _) => format!("{h}h {m}min"),
-        _ => format!("{d}d {h}h"),
-    }
+    // Whole seconds, in the same style as the other durations shown (`38m15s`).
+    format_duration_ms(at.ms_since(now).div_ceil(1000) * 1000)
 }
 
 /// One job in detail.
@@ -187,7 +181,7 @@ pub(crate) fn job_detail(job: &Job, recent: &[Run], now: Timestamp) -> String {
     if let Some(origin) = &spec.origin {
         let origin = origin.strip_prefix("config:").map_or_else(
             || origin.to_string(),
-            |path| format!("{path} (removed from it, the job is removed at its next load)"),
+            |path| format!("{path} (taking it out of the file removes the job at the next load)"),
         );
         field("defined in", origin);
     }
@@ -346,7 +340,7 @@ pub(crate) fn run_note(run: &Run) -> Option<String> {
 /// How a run's last error is named: its kind, except that a retryable error that ended the run
 /// (no attempts left, or past its deadline) is not called retryable.
 fn error_kind_word(run: &Run, error: &keel_core::RunError) -> String {
-    if run.state.is_terminal() && error.kind == keel_core::ErrorKind::Retryable {
+    if run.state == RunState::Failed && error.kind == keel_core::ErrorKind::Retryable {
         "failed, no attempts left".into()
     } else {
         error.kind.to_string()

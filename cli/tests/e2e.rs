@@ -2122,6 +2122,13 @@ command = ["for i in $(seq 1 50); do echo line $i; done; echo 'a warning' >&2; [
         "{first}"
     );
     place.keel(&["logs", "run-999"]).expect_code(2);
+    let none = place.keel(&["logs", &run, "--attempt", "9"]);
+    none.expect_code(2);
+    assert!(
+        none.stderr().contains("attempts with output: 1, 2"),
+        "{}",
+        none.stderr()
+    );
     daemon.signal("TERM");
     daemon.wait_exit();
 }
