@@ -25,7 +25,7 @@ use keel_core::{Ensured, Event, Job, JobId, Rejected, Snapshot, Store, WorkerId}
 use keel_runtime::prometheus;
 use keel_runtime::{CommandError, Runtime, RuntimeHandle, StartError, WebhookSink};
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
@@ -570,19 +570,36 @@ async fn serve(listener: UnixListener, server: Server) {
     }
 }
 
+/// The longest request line the control socket reads: room for a checkpoint at its limit
+/// (1 MiB), JSON-escaped. A longer line is refused and the connection closed, rather than
+/// buffered without bound.
+const REQUEST_MAX_BYTES: u64 = 4 * 1024 * 1024;
+
 async fn connection(stream: UnixStream, server: Server) {
     let (reader, mut writer) = stream.into_split();
-    let mut lines = BufReader::new(reader).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => Response::from_result(dispatch(&server, request).await),
-            Err(e) => Response::Err(Failure::input(format!("malformed request: {e}"))),
+    let mut reader = BufReader::new(reader);
+    loop {
+        let mut line = Vec::new();
+        let read = (&mut reader)
+            .take(REQUEST_MAX_BYTES + 1)
+            .read_until(b'\n', &mut line)
+            .await;
+        let too_long = line.len() as u64 > REQUEST_MAX_BYTES;
+        let response = match read {
+            Ok(0) | Err(_) => return,
+            Ok(_) if too_long => Response::Err(Failure::input(format!(
+                "request longer than {REQUEST_MAX_BYTES} bytes; the connection is closed"
+            ))),
+            Ok(_) => match serde_json::from_slice::<Request>(&line) {
+                Ok(request) => Response::from_result(dispatch(&server, request).await),
+                Err(e) => Response::Err(Failure::input(format!("malformed request: {e}"))),
+            },
         };
         let mut text = serde_json::to_string(&response).unwrap_or_else(|e| {
             format!(r#"{{"err":{{"code":"failure","message":"cannot encode the answer: {e}"}}}}"#)
         });
         text.push('\n');
-        if writer.write_all(text.as_bytes()).await.is_err() {
+        if writer.write_all(text.as_bytes()).await.is_err() || too_long {
             return;
         }
     }

@@ -2164,3 +2164,29 @@ notify = ["ops={}", "audit={}"]
     assert_eq!(hook.received("/ops").len(), 1);
     assert_eq!(hook.received("/audit").len(), 1);
 }
+
+/// The control socket reads a request line up to 4 MiB: a longer one is refused and the
+/// connection closed, rather than buffered without bound.
+#[test]
+fn an_overlong_request_on_the_control_socket_is_refused_not_buffered() {
+    use std::io::{BufRead, Write as _};
+    let place = Place::new("overlong");
+    let config = place.write("keel.toml", "");
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["ready"]);
+    let socket = place.data().join("keel.sock");
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..5 {
+        if stream.write_all(&chunk).is_err() {
+            break; // closed already: refused
+        }
+    }
+    let mut answer = String::new();
+    let _ = std::io::BufReader::new(&stream).read_line(&mut answer);
+    assert!(answer.contains("request longer than"), "{answer}");
+    // The daemon is fine: the next client is answered.
+    place.keel(&["job", "ls"]).expect_code(0);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+}
