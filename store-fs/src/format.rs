@@ -678,60 +678,9 @@ fn next_frame(bytes: &[u8], from: usize) -> Option<usize> {
 }
 
 /// CRC-32C (Castagnoli, reflected polynomial `0x82F63B78`), as used by iSCSI, ext4 and
-/// LevelDB; computed eight bytes at a time.
+/// LevelDB. The `crc32c` crate computes it with the CPU's instruction where there is one.
 pub fn crc32c(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    let mut chunks = bytes.chunks_exact(8);
-    for chunk in &mut chunks {
-        let [b0, b1, b2, b3, b4, b5, b6, b7] = <[u8; 8]>::try_from(chunk).unwrap_or_default();
-        let low = crc ^ u32::from_le_bytes([b0, b1, b2, b3]);
-        crc = CRC_TABLES[7][(low & 0xff) as usize]
-            ^ CRC_TABLES[6][((low >> 8) & 0xff) as usize]
-            ^ CRC_TABLES[5][((low >> 16) & 0xff) as usize]
-            ^ CRC_TABLES[4][(low >> 24) as usize]
-            ^ CRC_TABLES[3][b4 as usize]
-            ^ CRC_TABLES[2][b5 as usize]
-            ^ CRC_TABLES[1][b6 as usize]
-            ^ CRC_TABLES[0][b7 as usize];
-    }
-    for &b in chunks.remainder() {
-        crc = CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
-/// `CRC_TABLES[0]` is the classic byte table; table `k` advances a byte's contribution `k`
-/// more bytes (slicing-by-8).
-const CRC_TABLES: [[u32; 256]; 8] = crc_tables();
-
-const fn crc_tables() -> [[u32; 256]; 8] {
-    let mut tables = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        tables[0][i] = crc;
-        i += 1;
-    }
-    let mut k = 1;
-    while k < 8 {
-        let mut i = 0;
-        while i < 256 {
-            let prev = tables[k - 1][i];
-            tables[k][i] = (prev >> 8) ^ tables[0][(prev & 0xff) as usize];
-            i += 1;
-        }
-        k += 1;
-    }
-    tables
+    crc32c::crc32c(bytes)
 }
 
 impl fmt::Display for BadSpan {
@@ -768,12 +717,19 @@ mod tests {
     }
 
     #[test]
-    fn crc32c_eight_at_a_time_equals_bytewise() {
+    fn crc32c_equals_the_bitwise_definition_at_every_length() {
         let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7 + i / 3) as u8).collect();
         for len in 0..bytes.len() {
             let mut crc = !0u32;
             for &b in &bytes[..len] {
-                crc = CRC_TABLES[0][((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8);
+                crc ^= u32::from(b);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0x82F6_3B78
+                    } else {
+                        crc >> 1
+                    };
+                }
             }
             assert_eq!(crc32c(&bytes[..len]), !crc, "length {len}");
         }
