@@ -1,34 +1,32 @@
 //! A temporary directory for tests of durable stores, removed when dropped.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A fresh path under the system's temporary directory, named after a prefix, the process and
-/// a counter so parallel tests and processes never share one. Nothing is created there (a
-/// store creates its own directory, with its own permissions); whatever a test leaves is
-/// removed on drop.
+/// A fresh path under the system's temporary directory, whose last component starts with a
+/// prefix. `tempfile` makes the directory that holds it, with an unpredictable name and owner-
+/// only permissions, so parallel tests and processes never share one and nobody else can plant
+/// anything in it. Whatever a test leaves is removed on drop.
 #[derive(Debug)]
 pub struct TempDir {
+    root: tempfile::TempDir,
     path: PathBuf,
 }
 
 impl TempDir {
-    /// A new, unused path whose last component starts with `prefix`.
+    /// A new, unused path whose last component starts with `prefix`. Nothing is created at the
+    /// path itself (a store creates its own directory, with its own permissions).
     pub fn new(prefix: &str) -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("{prefix}-{}-{n}", std::process::id()));
-        // A leftover of an earlier process with the same pid.
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir { path }
+        let root = root(prefix);
+        let path = root.path().join(prefix);
+        TempDir { root, path }
     }
 
-    /// Like [`TempDir::new`], with the directory created (empty). Panics if it cannot be:
-    /// this is test support.
+    /// Like [`TempDir::new`], with the directory created (empty, owner-only). Panics if it
+    /// cannot be: this is test support.
     pub fn created(prefix: &str) -> TempDir {
-        let dir = TempDir::new(prefix);
-        std::fs::create_dir_all(&dir.path).expect("create a temporary directory");
-        dir
+        let root = root(prefix);
+        let path = root.path().to_path_buf();
+        TempDir { root, path }
     }
 
     /// The directory.
@@ -52,10 +50,16 @@ impl TempDir {
         names.sort();
         names
     }
+
+    /// The directory `tempfile` made, which holds [`TempDir::path`] (or is it).
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
+fn root(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}-"))
+        .tempdir()
+        .expect("create a temporary directory")
 }
