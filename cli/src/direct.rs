@@ -9,7 +9,7 @@
 //! (`release`, which counts it as lost, see docs/semantics.md), so the run waits in
 //! `backing_off` and the daemon starts it on its first tick.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use keel_core::{
     Conflict, Effect, Rejected, RunId, Scheduler, Store, StoreError, Timestamp, WorkerId,
@@ -269,8 +269,6 @@ fn drain(
 
 /// The system's wall clock.
 pub(crate) fn wall_clock() -> Timestamp {
-    let since = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    Timestamp(i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    // One wall clock for all of keel: the runtime's.
+    keel_runtime::now()
 }
