@@ -82,6 +82,7 @@
 
 pub mod audit;
 pub mod checkpoint;
+pub mod config;
 pub mod error;
 pub mod ids;
 pub mod incident;

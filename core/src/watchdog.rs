@@ -16,8 +16,8 @@
 //! kill needs no stuck report. A kill is sticky (W2): the attempt's lease is revoked, so it can
 //! report nothing afterwards, and `extend` refuses a killed or timed-out attempt.
 
+use crate::config::Config;
 use crate::run::{Run, RunState};
-use crate::scheduler::Config;
 use crate::time::Timestamp;
 
 /// What the watchdog does to a running attempt.
