@@ -181,6 +181,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use keel_core::text::{ceil_char_boundary, floor_char_boundary};
 use keel_core::{limits, Outcome};
 use keel_runtime::{AttemptContext, Handler};
 use serde::{Deserialize, Serialize};
@@ -1075,22 +1076,6 @@ fn bounded_head(mut text: String, max: usize) -> String {
     let cut = floor_char_boundary(&text, max);
     text.truncate(cut);
     text
-}
-
-fn floor_char_boundary(text: &str, at: usize) -> usize {
-    if at >= text.len() {
-        return text.len();
-    }
-    (0..=at)
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0)
-}
-
-fn ceil_char_boundary(text: &str, at: usize) -> usize {
-    (at..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len())
 }
 
 /// A command that could not be started: permanent if it will not start next time either.

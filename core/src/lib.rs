@@ -97,6 +97,7 @@ pub mod run;
 pub mod schedule;
 pub mod scheduler;
 pub mod store;
+pub mod text;
 pub mod time;
 pub mod watchdog;
 

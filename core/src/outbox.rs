@@ -902,7 +902,8 @@ pub fn classify_http(status: u16, retry_after: Option<&str>, body_excerpt: &str)
     if (200..=299).contains(&status) {
         return DeliveryResult::Delivered;
     }
-    let excerpt = truncate_to(body_excerpt.trim(), limits::DELIVERY_BODY_EXCERPT_MAX_BYTES);
+    let excerpt =
+        crate::text::truncate(body_excerpt.trim(), limits::DELIVERY_BODY_EXCERPT_MAX_BYTES);
     let error = if excerpt.is_empty() {
         format!("HTTP {status}")
     } else {
@@ -935,18 +936,6 @@ fn retry_after_delta_ms(value: &str) -> Option<u64> {
     // Only overflow can fail once every byte is a digit.
     let seconds = digits.parse::<u64>().unwrap_or(u64::MAX);
     Some(seconds.saturating_mul(1_000))
-}
-
-/// `text` cut to at most `max` bytes on a char boundary, marked with `…` if cut.
-fn truncate_to(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
 }
 
 #[cfg(test)]

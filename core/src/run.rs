@@ -921,14 +921,7 @@ impl Run {
 
 /// Truncates to [`limits::MESSAGE_MAX_BYTES`] on a char boundary.
 pub(crate) fn truncate(text: &str) -> String {
-    if text.len() <= limits::MESSAGE_MAX_BYTES {
-        return text.to_owned();
-    }
-    let mut end = limits::MESSAGE_MAX_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
+    crate::text::truncate(text, limits::MESSAGE_MAX_BYTES)
 }
 
 #[cfg(test)]
