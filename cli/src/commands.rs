@@ -95,20 +95,12 @@ pub(crate) struct Output {
 impl Output {
     fn print(&self, value: &impl Serialize, human: impl FnOnce() -> String) -> Result<(), Failure> {
         if self.json {
-            print_json(value)
+            views::print_json(value)
         } else {
             print!("{}", human());
             Ok(())
         }
     }
-}
-
-/// Prints a value as pretty JSON.
-pub(crate) fn print_json(value: &impl Serialize) -> Result<(), Failure> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| Failure::runtime(format!("cannot encode JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
 }
 
 fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
@@ -603,7 +595,7 @@ fn worker(place: &Place, out: Output, command: WorkerCommand) -> Result<(), Fail
             };
             let claimed: Option<ClaimedAttempt> = from_value(call(place, &request)?)?;
             match claimed {
-                Some(attempt) => print_json(&attempt),
+                Some(attempt) => views::print_json(&attempt),
                 None => Err(Failure::NothingDue(format!(
                     "nothing due for kind {}",
                     args.kinds.join(", ")
@@ -634,7 +626,7 @@ fn worker(place: &Place, out: Output, command: WorkerCommand) -> Result<(), Fail
         WorkerCommand::Context(args) => {
             let (run, token) = attempt_of(&args)?;
             let context: ContextView = from_value(call(place, &Request::Context { run, token })?)?;
-            print_json(&context)
+            views::print_json(&context)
         }
         WorkerCommand::Checkpoint(args) => {
             let (run, token) = attempt_of(&args)?;

@@ -547,7 +547,7 @@ fn print(place: &Place, json: bool, findings: &Findings) -> Result<(), Failure> 
     let problems = findings.count(Level::Problem);
     let warnings = findings.count(Level::Warning);
     if json {
-        return crate::commands::print_json(&serde_json::json!({
+        return crate::views::print_json(&serde_json::json!({
             "data_dir": place.dir,
             "store": place.kind.name(),
             "findings": findings.0,

@@ -17,7 +17,16 @@ use keel_core::{
 use serde_json::{json, Value};
 
 use crate::command_job::{self, CommandSpec};
+use crate::error::Failure;
 use crate::jobdef::redact_url;
+
+/// Prints a value as pretty JSON.
+pub(crate) fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::runtime(format!("cannot encode JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
 
 /// A time as a pair of fields: `name` (RFC 3339) and `name_ms`.
 fn time(fields: &mut serde_json::Map<String, Value>, name: &str, at: Option<Timestamp>) {

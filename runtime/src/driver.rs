@@ -64,7 +64,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::clock::Clock;
-use crate::handler::{AttemptContext, CheckpointError, Handler};
+use crate::handler::{AttemptContext, CheckpointError, CheckpointReply, Handler, Report};
 use crate::metrics_names as m;
 use crate::sink::Sink;
 use crate::{RuntimeError, PANICS_IN_A_ROW_MAX};
@@ -106,23 +106,6 @@ pub struct DriverStats {
     pub waiters_woken: u64,
     /// The most waiters ever waiting at once.
     pub waiters_max: u64,
-}
-
-/// How a handler's checkpoint save is answered.
-type CheckpointReply = oneshot::Sender<Result<CheckpointSave, CheckpointError>>;
-
-/// What a handler reports while it runs.
-#[derive(Debug)]
-pub(crate) enum Report {
-    Checkpoint {
-        data: String,
-        reply: CheckpointReply,
-    },
-    Progress {
-        phase: String,
-        message: String,
-    },
-    Heartbeat,
 }
 
 /// The driver's inputs.
@@ -1138,7 +1121,12 @@ impl Driver {
             token: start.lease.token,
             checkpoint: start.checkpoint.clone(),
             cancel: cancel_rx,
-            reports: self.sender(),
+            reports: {
+                let tx = self.sender();
+                Arc::new(move |run, token, report| {
+                    let _ = tx.send(Msg::Report { run, token, report });
+                })
+            },
         };
         if let (Trigger::Scheduled { slot }, 1) = (start.trigger, start.attempt.0) {
             let late_ms = self.clock.now().ms_since(slot);

@@ -8,9 +8,8 @@ use keel_core::scheduler::CheckpointSave;
 use keel_core::{
     Attempt, FencingToken, IdempotencyKey, JobId, Outcome, Rejected, RunId, StopReason,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
-use crate::driver::{Msg, Report};
 use crate::sink::BoxFuture;
 
 /// Does the work of one job kind. Any `Fn(AttemptContext) -> impl Future<Output = O>` is a
@@ -256,8 +255,27 @@ pub enum CheckpointError {
     },
 }
 
-/// Everything one attempt is given: who it is, where to resume from, and how to talk back.
+/// How a handler's checkpoint save is answered.
+pub(crate) type CheckpointReply = oneshot::Sender<Result<CheckpointSave, CheckpointError>>;
+
+/// What a handler reports while it runs.
 #[derive(Debug)]
+pub(crate) enum Report {
+    Checkpoint {
+        data: String,
+        reply: CheckpointReply,
+    },
+    Progress {
+        phase: String,
+        message: String,
+    },
+    Heartbeat,
+}
+
+/// Where an attempt's reports go (the driver's inbox), without the handler knowing the driver.
+pub(crate) type Reporter = Arc<dyn Fn(RunId, FencingToken, Report) + Send + Sync>;
+
+/// Everything one attempt is given: who it is, where to resume from, and how to talk back.
 pub struct AttemptContext {
     /// The run.
     pub run: RunId,
@@ -278,7 +296,20 @@ pub struct AttemptContext {
     /// resume from.
     pub checkpoint: Option<Checkpoint>,
     pub(crate) cancel: watch::Receiver<Option<StopReason>>,
-    pub(crate) reports: mpsc::UnboundedSender<Msg>,
+    pub(crate) reports: Reporter,
+}
+
+impl std::fmt::Debug for AttemptContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttemptContext")
+            .field("run", &self.run)
+            .field("job", &self.job)
+            .field("kind", &self.kind)
+            .field("attempt", &self.attempt)
+            .field("token", &self.token)
+            .field("stop_reason", &self.stop_reason())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AttemptContext {
@@ -345,11 +376,7 @@ impl AttemptContext {
     }
 
     fn report(&self, report: Report) {
-        let _ = self.reports.send(Msg::Report {
-            run: self.run,
-            token: self.token,
-            report,
-        });
+        (self.reports)(self.run, self.token, report);
     }
 }
 
