@@ -160,6 +160,15 @@ impl Done {
     }
 
     #[track_caller]
+    fn expect_stdout(&self, text: &str) -> &Done {
+        assert!(
+            self.stdout().contains(text),
+            "stdout lacks {text:?}:\n{}",
+            self.stdout()
+        );
+        self
+    }
+
     fn expect_stderr(&self, text: &str) -> &Done {
         assert!(
             self.stderr().contains(text),
@@ -1680,11 +1689,7 @@ fn doctor_checks_the_fallback_generation_and_a_deleted_newest_log() {
     flip_last_frame(&fallback);
     let doctor = place.keel(&["doctor"]);
     doctor.expect_code(1);
-    assert!(
-        doctor.stdout().contains("log-0000000000000001"),
-        "{}",
-        doctor.stdout()
-    );
+    doctor.expect_stdout("log-0000000000000001");
     place.keel(&["doctor", "--repair"]).expect_code(0);
     place.keel(&["doctor"]).expect_code(0);
 
@@ -1759,11 +1764,7 @@ fn a_data_directory_with_a_planted_link_or_open_to_others_is_refused() {
     std::fs::set_permissions(place.data(), std::fs::Permissions::from_mode(0o777)).unwrap();
     let refused = place.keel(&["job", "ls"]);
     assert_ne!(refused.code(), Some(0));
-    assert!(
-        refused.stderr().contains("chmod 700"),
-        "{}",
-        refused.stderr()
-    );
+    refused.expect_stderr("chmod 700");
 }
 
 /// SPEC O4: a job failing in a row shows it in `job ls` and raises one incident, which its
@@ -1807,7 +1808,7 @@ command = ["sh", "-c", "test -e healthy"]
     std::fs::write(place.path("healthy"), "").unwrap();
     daemon.wait_for(&["incident #1 resolved (failing_job"]);
     let ls = place.keel(&["job", "ls"]);
-    assert!(ls.stdout().contains("succeeded"), "{}", ls.stdout());
+    ls.expect_stdout("succeeded");
     daemon.signal("TERM");
     daemon.wait_exit();
     assert_eq!(
@@ -1879,8 +1880,8 @@ fn completions_the_man_page_and_tz_local() {
     );
     let man = place.keel(&["man"]);
     man.expect_code(0);
-    assert!(man.stdout().contains(".TH keel 1"), "{}", man.stdout());
-    assert!(man.stdout().contains("completions"), "{}", man.stdout());
+    man.expect_stdout(".TH keel 1");
+    man.expect_stdout("completions");
     assert!(!place.data().exists(), "no data directory was created");
 
     let added = place.keel(&[
@@ -1907,11 +1908,7 @@ fn completions_the_man_page_and_tz_local() {
         // A machine with no zone configured: refused by name, with what to do.
         Err(_) => {
             added.expect_code(2);
-            assert!(
-                added.stderr().contains("--tz local: cannot tell"),
-                "{}",
-                added.stderr()
-            );
+            added.expect_stderr("--tz local: cannot tell");
         }
     }
 }
@@ -1969,7 +1966,7 @@ command = ["true"]
         .collect();
     assert_eq!(names, ["by-hand", "kept", "new"], "{}", daemon.log());
     let show = place.keel(&["job", "show", "kept"]);
-    assert!(show.stdout().contains("defined in"), "{}", show.stdout());
+    show.expect_stdout("defined in");
     assert!(!place
         .keel(&["job", "show", "by-hand"])
         .stdout()
@@ -2017,19 +2014,15 @@ fn operator_mistakes_get_messages_that_name_the_real_problem() {
     place.keel(&["job", "pause", "x"]).expect_code(0);
     let again = place.keel(&["job", "pause", "x"]);
     again.expect_code(0);
-    assert!(
-        again.stdout().contains("already paused"),
-        "{}",
-        again.stdout()
-    );
+    again.expect_stdout("already paused");
     place.keel(&["job", "resume", "x"]).expect_code(0);
     let again = place.keel(&["job", "resume", "x"]);
     again.expect_code(0);
-    assert!(again.stdout().contains("not paused"), "{}", again.stdout());
+    again.expect_stdout("not paused");
 
     let unknown = place.keel(&["runs", "--job", "nosuch"]);
     unknown.expect_code(2);
-    assert!(unknown.stderr().contains("nosuch"), "{}", unknown.stderr());
+    unknown.expect_stderr("nosuch");
 
     let timeout = place
         .command(&["job", "ls"])
@@ -2042,11 +2035,7 @@ fn operator_mistakes_get_messages_that_name_the_real_problem() {
 
     let sled = place.keel(&["--store", "sled", "job", "ls"]);
     sled.expect_code(2);
-    assert!(
-        sled.stderr().contains("holds an fs store"),
-        "{}",
-        sled.stderr()
-    );
+    sled.expect_stderr("holds an fs store");
     assert!(
         !place.data().join("sled").exists(),
         "no second store beside it"
@@ -2056,11 +2045,7 @@ fn operator_mistakes_get_messages_that_name_the_real_problem() {
     std::fs::write(file.data(), "not a directory").unwrap();
     let refused = file.keel(&["job", "ls"]);
     refused.expect_code(2);
-    assert!(
-        refused.stderr().contains("is not a directory"),
-        "{}",
-        refused.stderr()
-    );
+    refused.expect_stderr("is not a directory");
 
     // A command whose output would clear the screen and retitle the terminal, failing for good.
     let config = place.write("keel.toml", "");
@@ -2136,11 +2121,7 @@ command = ["for i in $(seq 1 50); do echo line $i; done; echo 'a warning' >&2; [
     place.keel(&["logs", "run-999"]).expect_code(2);
     let none = place.keel(&["logs", &run, "--attempt", "9"]);
     none.expect_code(2);
-    assert!(
-        none.stderr().contains("attempts with output: 1, 2"),
-        "{}",
-        none.stderr()
-    );
+    none.expect_stderr("attempts with output: 1, 2");
     daemon.signal("TERM");
     daemon.wait_exit();
 }
