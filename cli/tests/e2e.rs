@@ -2180,3 +2180,30 @@ fn an_overlong_request_on_the_control_socket_is_refused_not_buffered() {
     daemon.signal("TERM");
     assert!(daemon.wait_exit().success(), "{}", daemon.log());
 }
+
+/// `keel logs --follow` prints what a running command writes as it comes, and returns once the
+/// run ends.
+#[test]
+fn keel_logs_follow_prints_a_running_commands_output_until_the_run_ends() {
+    let place = Place::new("follow");
+    let config = place.write(
+        "keel.toml",
+        r#"
+[[job]]
+name = "slow"
+at = "+0s"
+shell = true
+command = ["echo one; sleep 1; echo two"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    let started = daemon.wait_for(&["of job slow: attempt 1 started"]);
+    let run = run_of(&started);
+    let follow = place.keel(&["logs", &run, "--follow"]);
+    follow.expect_code(0);
+    follow.expect_stdout("one\n");
+    follow.expect_stdout("two\n");
+    daemon.wait_for(&["of job slow succeeded: two"]);
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+}
