@@ -53,8 +53,7 @@ use std::time::Duration;
 
 use keel_core::rng::SplitMix64;
 use keel_core::{
-    AuditQuery, AuditRecord, Batch, Config, IdempotencyKey, Incident, JobSpec, Run, RunId, RunPage,
-    RunQuery, Snapshot, Store, StoreError, Timestamp,
+    AuditRecord, Batch, Config, IdempotencyKey, JobSpec, Run, RunId, Store, StoreError, Timestamp,
 };
 use keel_runtime::{AttemptContext, Clock, Handler, Runtime};
 
@@ -421,10 +420,6 @@ impl FaultyStore {
 }
 
 impl Store for FaultyStore {
-    fn restore(&self) -> Result<Snapshot, StoreError> {
-        self.inner.restore()
-    }
-
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         let (fails, lost) = self.draw();
         if fails {
@@ -441,25 +436,7 @@ impl Store for FaultyStore {
         Ok(())
     }
 
-    fn read(&self) -> Result<Snapshot, StoreError> {
-        self.inner.read()
-    }
-
-    fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        self.inner.run(id)
-    }
-
-    fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        self.inner.runs(query)
-    }
-
-    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        self.inner.audit(query)
-    }
-
-    fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
-        self.inner.incidents()
-    }
+    crate::store_reads_from!(inner);
 }
 
 fn ms(duration: Duration) -> u64 {

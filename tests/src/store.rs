@@ -333,3 +333,45 @@ impl Store for SharedMemStore {
         Ok(self.lock().incidents.values().cloned().collect())
     }
 }
+
+/// The read half of [`Store`], forwarded to the field `$inner` (any `Store`): for test stores
+/// that wrap a [`SharedMemStore`] to do something to its writes and nothing to its reads.
+///
+/// ```ignore
+/// impl Store for Failing {
+///     fn apply(&self, batch: &Batch) -> Result<(), StoreError> { /* … */ }
+///     keel_testkit::store_reads_from!(inner);
+/// }
+/// ```
+#[macro_export]
+macro_rules! store_reads_from {
+    ($inner:ident) => {
+        fn restore(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
+            self.$inner.restore()
+        }
+        fn read(&self) -> Result<keel_core::Snapshot, keel_core::StoreError> {
+            self.$inner.read()
+        }
+        fn run(
+            &self,
+            id: keel_core::RunId,
+        ) -> Result<Option<keel_core::Run>, keel_core::StoreError> {
+            self.$inner.run(id)
+        }
+        fn runs(
+            &self,
+            query: &keel_core::RunQuery,
+        ) -> Result<keel_core::RunPage, keel_core::StoreError> {
+            self.$inner.runs(query)
+        }
+        fn audit(
+            &self,
+            query: &keel_core::AuditQuery,
+        ) -> Result<Vec<keel_core::AuditRecord>, keel_core::StoreError> {
+            self.$inner.audit(query)
+        }
+        fn incidents(&self) -> Result<Vec<keel_core::Incident>, keel_core::StoreError> {
+            self.$inner.incidents()
+        }
+    };
+}

@@ -7,10 +7,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use keel_core::{
-    AuditQuery, AuditRecord, Batch, Incident, JobId, JobSpec, Record, Run, RunId, RunPage,
-    RunQuery, ScheduleSpec, Snapshot, Store, StoreError, Timestamp,
-};
+use keel_core::{Batch, JobId, JobSpec, Record, ScheduleSpec, Store, StoreError, Timestamp};
 use keel_testkit::SharedMemStore;
 
 /// Where the paused clock starts.
@@ -40,9 +37,6 @@ pub(crate) struct TestStore {
 }
 
 impl Store for TestStore {
-    fn restore(&self) -> Result<Snapshot, StoreError> {
-        self.inner.restore()
-    }
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         let _open = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         if self.failing.load(Ordering::SeqCst) {
@@ -57,19 +51,6 @@ impl Store for TestStore {
         }
         self.inner.apply(batch)
     }
-    fn read(&self) -> Result<Snapshot, StoreError> {
-        self.inner.read()
-    }
-    fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        self.inner.run(id)
-    }
-    fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        self.inner.runs(query)
-    }
-    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        self.inner.audit(query)
-    }
-    fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
-        self.inner.incidents()
-    }
+
+    keel_testkit::store_reads_from!(inner);
 }
