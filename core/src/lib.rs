@@ -60,6 +60,8 @@
 //! assert_eq!(now, Timestamp::parse_rfc3339("2026-01-01T00:03:00Z").unwrap());
 //! ```
 //!
+//! [`drive`] is this loop written once, for synchronous drivers that write to a [`Store`].
+//!
 //! # Error tiers
 //!
 //! 1. A refused command returns `Err(`[`Rejected`]`)` and changes nothing.
@@ -83,6 +85,7 @@
 pub mod audit;
 pub mod checkpoint;
 pub mod config;
+pub mod drive;
 pub mod error;
 pub mod ids;
 pub mod incident;
