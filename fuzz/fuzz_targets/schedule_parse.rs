@@ -2,4 +2,4 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| keel_testkit::fuzzing::schedule_parse(data));
+fuzz_target!(|data: &[u8]| keel_harness::fuzzing::schedule_parse(data));

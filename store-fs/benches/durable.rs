@@ -11,7 +11,7 @@
 //! KEEL_BENCH_THREADS=32 cargo bench -p keel-store-fs   # group commit with 32 threads
 //! ```
 //!
-//! Every store lives in a `keel_testkit::TempDir`, that is under `std::env::temp_dir()`
+//! Every store lives in a `keel_harness::TempDir`, that is under `std::env::temp_dir()`
 //! (`$TMPDIR`, default `/tmp`), so the raw fsync rate is measured on the same filesystem as the
 //! store. The whole suite then runs again in a child process with `TMPDIR=/dev/shm` (tmpfs,
 //! where fsync returns at once), which shows what the store's own software costs.
@@ -55,9 +55,9 @@ use keel_core::{
     Actor, Attempt, Batch, Conflict, FencingToken, Meta, Record, RunQuery, RunState, StateName,
     Store, StoreError, Timestamp,
 };
+use keel_harness::conformance::{audit_record, batch, leased, run};
+use keel_harness::TempDir;
 use keel_store_fs::{FsOptions, FsStats, FsStore};
-use keel_testkit::conformance::{audit_record, batch, leased, run};
-use keel_testkit::TempDir;
 use serde::{Deserialize, Serialize};
 
 /// Which part this process plays; unset in the process `cargo bench` starts.

@@ -376,7 +376,7 @@ mod safety_tests {
     /// is never opened through, for writing or for reading.
     #[test]
     fn store_files_are_never_opened_through_a_link() {
-        let tmp = keel_testkit::TempDir::created("keel-nofollow");
+        let tmp = keel_harness::TempDir::created("keel-nofollow");
         let victim = tmp.path().join("victim");
         fs::write(&victim, "precious").unwrap();
         let link = tmp.path().join("log-0000000000000000");

@@ -11,7 +11,7 @@ use super::*;
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
-use keel_testkit::TempDir;
+use keel_harness::TempDir;
 
 fn run(id: u64, job: &str, slot: Timestamp) -> Run {
     let terms = RunTerms {
@@ -178,7 +178,7 @@ fn state_survives_a_snapshot_exactly() {
 #[test]
 fn indexed_prune_matches_the_reference_store() {
     use keel_core::rng::SplitMix64;
-    use keel_testkit::conformance::{audit_record, run};
+    use keel_harness::conformance::{audit_record, run};
     for seed in 0..40 {
         let mut rng = SplitMix64::new(seed);
         let mut reference = keel_testkit::MemStore::new();

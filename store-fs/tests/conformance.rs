@@ -1,13 +1,13 @@
-//! The store conformance suite (`keel_testkit::conformance`) against `FsStore`: every handle
+//! The store conformance suite (`keel_harness::conformance`) against `FsStore`: every handle
 //! the suite opens is a new `FsStore` on one directory, like a separate process.
 
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 
+use keel_harness::conformance::{Harness, Opener};
+use keel_harness::TempDir;
 use keel_store_fs::FsStore;
-use keel_testkit::conformance::{Harness, Opener};
-use keel_testkit::TempDir;
 
 struct Fs;
 
@@ -20,4 +20,4 @@ impl Harness for Fs {
     }
 }
 
-keel_testkit::conformance_suite!(Fs);
+keel_harness::conformance_suite!(Fs);

@@ -21,9 +21,9 @@ use std::process::{Command, Stdio};
 use common::*;
 use keel_core::rng::SplitMix64;
 use keel_core::{AuditQuery, Record, RunId, RunQuery, Store};
+use keel_harness::conformance;
 use keel_store_fs::format::frame_bytes;
 use keel_store_fs::{FsOptions, FsStore};
-use keel_testkit::conformance;
 
 const CHILD_DIR: &str = "KEEL_STORE_FS_CRASH_CHILD_DIR";
 const THREADS: u64 = 4;
@@ -313,7 +313,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         .unwrap_or(0x6b65656c);
     let mut rng = SplitMix64::new(seed);
     let exe = std::env::current_exe().unwrap();
-    let mut dir = keel_testkit::TempDir::new("keel-crash");
+    let mut dir = keel_harness::TempDir::new("keel-crash");
     let mut acknowledged = BTreeSet::new();
     let mut total_acknowledged = 0;
     let mut kills_before_ready = 0;
@@ -323,7 +323,7 @@ fn sigkill_at_random_points_loses_nothing_acknowledged() {
         if iteration % 25 == 0 && iteration > 0 {
             total_acknowledged += acknowledged.len();
             acknowledged.clear();
-            dir = keel_testkit::TempDir::new("keel-crash");
+            dir = keel_harness::TempDir::new("keel-crash");
         }
         let mut child = Command::new(&exe)
             .args([

@@ -18,8 +18,8 @@ use keel_core::{
     AuditQuery, Conflict, Effect, FencingToken, JobId, JobSpec, Outcome, RunId, RunQuery, RunState,
     ScheduleSpec, Scheduler, Store, StoreError, Timestamp, WorkerId,
 };
+use keel_harness::TempDir;
 use keel_store_fs::FsStore;
-use keel_testkit::TempDir;
 
 const CHILD_ENV: &str = "KEEL_PROCESS_CHILD";
 const PROCESSES: usize = 3;

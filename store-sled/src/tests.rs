@@ -20,7 +20,7 @@ use super::*;
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
 /// A fresh directory, removed on drop.
-use keel_testkit::TempDir;
+use keel_harness::TempDir;
 
 fn job_id(name: &str) -> JobId {
     JobId::new(name).unwrap()

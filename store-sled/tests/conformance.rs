@@ -1,10 +1,10 @@
-//! The store conformance suite (`keel_testkit::conformance`), run against sled.
+//! The store conformance suite (`keel_harness::conformance`), run against sled.
 
 #![allow(clippy::unwrap_used)]
 
+use keel_harness::conformance::{Harness, Opener};
+use keel_harness::TempDir;
 use keel_store_sled::SledStore;
-use keel_testkit::conformance::{Harness, Opener};
-use keel_testkit::TempDir;
 
 struct Sled;
 
@@ -22,4 +22,4 @@ impl Harness for Sled {
     }
 }
 
-keel_testkit::conformance_suite!(Sled);
+keel_harness::conformance_suite!(Sled);

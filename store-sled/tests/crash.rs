@@ -12,9 +12,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 
 use keel_core::{AuditQuery, Record, RunId, RunQuery, Store, Timestamp};
+use keel_harness::conformance::{audit_record, batch, run};
+use keel_harness::TempDir;
 use keel_store_sled::SledStore;
-use keel_testkit::conformance::{audit_record, batch, run};
-use keel_testkit::TempDir;
 
 /// Set in the child: the store directory to write to.
 const CHILD_DIR: &str = "KEEL_STORE_SLED_CRASH_CHILD_DIR";

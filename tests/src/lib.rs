@@ -33,12 +33,8 @@
 #![warn(missing_docs)]
 
 pub mod app;
-pub mod conformance;
-pub mod fuzzing;
 pub mod sim;
 pub mod store;
-pub mod tempdir;
 
 pub use sim::{Execution, Faults, Handler, Sim, SimConfig, Sink};
 pub use store::{MemStore, SharedMemStore};
-pub use tempdir::TempDir;

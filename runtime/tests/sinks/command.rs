@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use keel_core::outbox::DeliveryResult;
+use keel_harness::TempDir;
 use keel_runtime::sinks::CommandSinkError;
 use keel_runtime::{CommandSink, Sink};
-use keel_testkit::TempDir;
 
 use crate::{assert_document, request, GUARD};
 

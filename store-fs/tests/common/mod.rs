@@ -14,7 +14,7 @@ pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 /// The log of generation 0.
 pub const LOG0: &str = "log-0000000000000000";
 
-pub use keel_testkit::TempDir;
+pub use keel_harness::TempDir;
 
 pub fn job_id(name: &str) -> JobId {
     JobId::new(name).unwrap()

@@ -5,7 +5,7 @@
 //! expands [`conformance_suite!`](crate::conformance_suite) in an integration test:
 //!
 //! ```
-//! use keel_testkit::conformance::{Harness, Opener};
+//! use keel_harness::conformance::{Harness, Opener};
 //! use keel_testkit::SharedMemStore;
 //!
 //! struct Memory;
@@ -13,14 +13,14 @@
 //! impl Harness for Memory {
 //!     type Store = SharedMemStore;
 //!     fn fresh(&self) -> Opener<SharedMemStore> {
-//!         // A durable adapter opens a fresh `keel_testkit::TempDir` here, and the opener
+//!         // A durable adapter opens a fresh `keel_harness::TempDir` here, and the opener
 //!         // owns it, so the directory lives as long as the test needs it.
 //!         let store = SharedMemStore::new();
 //!         Box::new(move || store.clone())
 //!     }
 //! }
 //!
-//! keel_testkit::conformance_suite!(Memory);
+//! keel_harness::conformance_suite!(Memory);
 //! # fn main() {}
 //! ```
 //!
@@ -50,7 +50,7 @@ use keel_core::{
     Scheduler, Snapshot, StateName, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 
-use crate::store::MemStore;
+use keel_testkit::MemStore;
 
 /// Opens a handle on one store location; every call is like another process opening it.
 pub type Opener<S> = Box<dyn Fn() -> S + Send + Sync>;

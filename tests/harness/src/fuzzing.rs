@@ -1162,7 +1162,7 @@ impl World {
             Event::CheckpointFailed { run, seq, .. } => {
                 // Polled after the fact: only if no newer save was written since. A save
                 // written by a flush is left out: after it fails the next save is throttled
-                // (a core bug, pinned by an ignored test in core/tests/sequences.rs).
+                // (a core bug, pinned by an ignored test in tests/harness/tests/sequences.rs).
                 let latest = self
                     .sched
                     .run(run)

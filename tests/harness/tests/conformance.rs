@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use keel_testkit::conformance::{Harness, Opener};
+use keel_harness::conformance::{Harness, Opener};
 use keel_testkit::SharedMemStore;
 
 struct Memory;
@@ -17,4 +17,4 @@ impl Harness for Memory {
     }
 }
 
-keel_testkit::conformance_suite!(Memory);
+keel_harness::conformance_suite!(Memory);

@@ -1,5 +1,5 @@
 //! Replays the committed fuzz corpus (`fuzz/corpus/<target>/`) through the fuzz target bodies
-//! in `keel_testkit::fuzzing`, on the stable toolchain, so that every input that ever found new
+//! in `keel_harness::fuzzing`, on the stable toolchain, so that every input that ever found new
 //! coverage keeps passing without nightly or libFuzzer.
 
 use std::panic::{self, AssertUnwindSafe};
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
+        .join("../../fuzz/corpus")
         .join(target)
 }
 
@@ -55,10 +55,10 @@ fn replay(target: &str, body: fn(&[u8])) {
 
 #[test]
 fn schedule_parse_corpus() {
-    replay("schedule_parse", keel_testkit::fuzzing::schedule_parse);
+    replay("schedule_parse", keel_harness::fuzzing::schedule_parse);
 }
 
 #[test]
 fn core_events_corpus() {
-    replay("core_events", keel_testkit::fuzzing::core_events);
+    replay("core_events", keel_harness::fuzzing::core_events);
 }
