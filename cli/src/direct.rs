@@ -12,7 +12,7 @@
 use std::time::{Duration, Instant};
 
 use keel_core::{
-    Conflict, Effect, Rejected, RunId, Scheduler, Store, StoreError, Timestamp, WorkerId,
+    drive, Conflict, Effect, Rejected, RunId, Scheduler, Store, StoreError, Timestamp, WorkerId,
 };
 use serde_json::Value;
 
@@ -220,8 +220,8 @@ enum Drained {
     Failed(Failure),
 }
 
-/// Writes every batch the scheduler has, acknowledging each; returns the attempts it
-/// released (claims of external workers).
+/// Writes every batch the scheduler has, acknowledging each (`keel_core::drive`); returns the
+/// attempts it released (claims of external workers).
 fn drain(
     core: &mut Scheduler,
     store: &dyn Store,
@@ -229,41 +229,33 @@ fn drain(
 ) -> Result<Vec<keel_core::AttemptStart>, Drained> {
     let mut started = Vec::new();
     let mut written = 0;
-    loop {
-        let mut wrote = false;
-        while let Some(effect) = core.poll_effect() {
-            match effect {
-                Effect::Persist(batch) => {
-                    match store.apply(&batch) {
-                        Ok(()) => core.handle_persisted(now, batch.id),
-                        Err(StoreError::Conflict(Conflict::Deposed { .. })) => {
-                            return Err(Drained::Deposed { wrote: written > 0 })
-                        }
-                        Err(e) => return Err(Drained::Failed(e.into())),
-                    }
-                    wrote = true;
-                    written += 1;
-                }
-                // An attempt for this process's executor (a triggered command job): nothing
-                // runs it here, so it is given back and the run waits for the daemon. Left
-                // running, it would wait for its lease to be reclaimed instead.
-                Effect::StartAttempt(start) if start.lease.owner.as_str() == DAEMON_WORKER => {
-                    let _ = core.release(now, start.run, start.lease.token);
-                }
-                // An external worker's claim: handed to it.
-                Effect::StartAttempt(start) => started.push(start),
-                // Nothing runs here, nothing is delivered; events are the daemon's to log.
-                Effect::CancelAttempt { .. }
-                | Effect::KillAttempt { .. }
-                | Effect::Deliver(_)
-                | Effect::Event(_) => {}
-            }
+    let write = |batch: &keel_core::Batch| {
+        store.apply(batch)?;
+        written += 1;
+        Ok(())
+    };
+    let hand_on = |core: &mut Scheduler, now, effect| match effect {
+        // An attempt for this process's executor (a triggered command job): nothing runs it
+        // here, so it is given back and the run waits for the daemon. Left running, it would
+        // wait for its lease to be reclaimed instead. The drain writes the release too.
+        Effect::StartAttempt(start) if start.lease.owner.as_str() == DAEMON_WORKER => {
+            let _ = core.release(now, start.run, start.lease.token);
         }
-        // At most one batch is in flight: after an acknowledgement the next one may follow
-        // (a release above is written by the next pass of the loop above).
-        if !wrote {
-            return Ok(started);
+        // An external worker's claim: handed to it.
+        Effect::StartAttempt(start) => started.push(start),
+        // Nothing runs here, nothing is delivered; events are the daemon's to log.
+        Effect::Persist(_)
+        | Effect::CancelAttempt { .. }
+        | Effect::KillAttempt { .. }
+        | Effect::Deliver(_)
+        | Effect::Event(_) => {}
+    };
+    match drive::drain(core, now, write, hand_on) {
+        Ok(_) => Ok(started),
+        Err(StoreError::Conflict(Conflict::Deposed { .. })) => {
+            Err(Drained::Deposed { wrote: written > 0 })
         }
+        Err(e) => Err(Drained::Failed(e.into())),
     }
 }
 

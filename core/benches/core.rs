@@ -45,7 +45,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use keel_core::{
-    Effect, Event, Job, JobId, JobSpec, JobState, Outcome, RetryPolicy, Run, Schedule,
+    drive, Effect, Event, Job, JobId, JobSpec, JobState, Outcome, RetryPolicy, Run, Schedule,
     ScheduleSpec, Scheduler, Timestamp,
 };
 
@@ -491,29 +491,22 @@ struct Counters {
     finished: u64,
 }
 
-/// Drains effects as a driver does: ack every batch at once, succeed every attempt at once.
+/// Drains effects as a driver does (`keel_core::drive`): ack every batch at once, succeed every
+/// attempt at once.
 fn drain(s: &mut Scheduler, now: Timestamp, c: &mut Counters) {
-    while let Some(effect) = s.poll_effect() {
-        c.effects += 1;
-        match effect {
-            Effect::Persist(batch) => {
-                let len = batch.records.len() as u64;
-                c.records += len;
-                c.largest_batch = c.largest_batch.max(len);
-                s.handle_persisted(now, batch.id);
-            }
-            Effect::StartAttempt(a) => {
-                c.started += 1;
-                s.handle_outcome(now, a.run, a.lease.token, Outcome::ok())
-                    .expect("the attempt is running");
-            }
-            Effect::Event(Event::RunFinished { .. }) => c.finished += 1,
-            Effect::CancelAttempt { .. }
-            | Effect::KillAttempt { .. }
-            | Effect::Deliver(_)
-            | Effect::Event(_) => {}
+    let drained = drive::drain(s, now, drive::acknowledge, |s, now, effect| match effect {
+        Effect::StartAttempt(a) => {
+            c.started += 1;
+            s.handle_outcome(now, a.run, a.lease.token, Outcome::ok())
+                .expect("the attempt is running");
         }
-    }
+        Effect::Event(Event::RunFinished { .. }) => c.finished += 1,
+        _ => {}
+    })
+    .expect("acknowledging cannot fail");
+    c.effects += drained.effects;
+    c.records += drained.records;
+    c.largest_batch = c.largest_batch.max(drained.largest_batch);
 }
 
 fn run_scenario(sc: Scenario) -> ScenarioResult {

@@ -38,24 +38,19 @@ fn external_job(i: usize) -> JobSpec {
     spec
 }
 
-/// Drains effects: acknowledges every batch at once and completes every attempt with success.
-/// Returns the records written.
+/// Drains effects (`keel_core::drive`): acknowledges every batch at once and completes every
+/// attempt with success. Returns the records written.
 fn drain(s: &mut Scheduler, now: Timestamp) -> u64 {
-    let mut records = 0;
-    while let Some(effect) = s.poll_effect() {
-        match effect {
-            Effect::Persist(batch) => {
-                records += batch.records.len() as u64;
-                s.handle_persisted(now, batch.id);
-            }
-            Effect::StartAttempt(a) => {
-                s.handle_outcome(now, a.run, a.lease.token, Outcome::ok())
-                    .unwrap();
-            }
-            _ => {}
-        }
+    drive::drain(s, now, drive::acknowledge, succeed)
+        .unwrap()
+        .records
+}
+
+fn succeed(s: &mut Scheduler, now: Timestamp, effect: Effect) {
+    if let Effect::StartAttempt(a) = effect {
+        s.handle_outcome(now, a.run, a.lease.token, Outcome::ok())
+            .unwrap();
     }
-    records
 }
 
 /// A world of `n` cron jobs, `n / 10` queued external runs and `n / 50` open idle-claim

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_core::{
-    Config, Effect, JobId, JobSpec, Outcome, ScheduleSpec, Scheduler, Store, Timestamp,
+    drive, Config, JobId, JobSpec, Outcome, ScheduleSpec, Scheduler, Store, Timestamp,
 };
 use keel_runtime::{AttemptContext, Runtime};
 use keel_store_fs::{FsOptions, FsStore};
@@ -156,11 +156,7 @@ fn run_case(case: &str, jobs: u64, dir: &std::path::Path, in_flight: usize) -> D
             for i in 0..jobs {
                 keel.add_job(now, spec(i)).unwrap();
             }
-            while let Some(effect) = keel.poll_effect() {
-                if let Effect::Persist(batch) = effect {
-                    keel.handle_persisted(now, batch.id);
-                }
-            }
+            drive::drain(&mut keel, now, drive::acknowledge, |_, _, _| {}).unwrap();
             started.elapsed()
         }
         "keel-mem" => {

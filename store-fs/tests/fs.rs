@@ -10,8 +10,8 @@ use std::io::Write;
 
 use common::*;
 use keel_core::{
-    AuditQuery, AuditRecord, Conflict, Effect, Incident, Outcome, Record, Run, RunId, RunQuery,
-    Scheduler, Snapshot, Store, StoreError,
+    drive, AuditQuery, AuditRecord, Conflict, Effect, Incident, Outcome, Record, Run, RunId,
+    RunQuery, Scheduler, Snapshot, Store, StoreError,
 };
 use keel_store_fs::format::{decode_log, frame_bytes, LogFrame};
 use keel_store_fs::{FsOptions, FsStore, SnapshotFallback};
@@ -644,27 +644,25 @@ fn compaction_keeps_everything() {
     }
     let mut followed = 0;
     for step in 0..400u64 {
-        while let Some(effect) = keel.poll_effect() {
-            match effect {
-                Effect::Persist(batch) => {
-                    store.apply(&batch).unwrap();
-                    model.apply(&batch);
-                    keel.handle_persisted(now, batch.id);
-                }
-                Effect::StartAttempt(start) => {
-                    let outcome = if start.run.0 % 4 == 0 {
-                        Outcome::Retryable {
-                            message: "flaky".into(),
-                        }
-                    } else {
-                        Outcome::ok()
-                    };
-                    keel.handle_outcome(now, start.run, start.lease.token, outcome)
-                        .unwrap();
-                }
-                _ => {}
+        let write = |batch: &keel_core::Batch| {
+            store.apply(batch)?;
+            model.apply(batch);
+            Ok(())
+        };
+        drive::drain(&mut keel, now, write, |keel, now, effect| {
+            if let Effect::StartAttempt(start) = effect {
+                let outcome = if start.run.0 % 4 == 0 {
+                    Outcome::Retryable {
+                        message: "flaky".into(),
+                    }
+                } else {
+                    Outcome::ok()
+                };
+                keel.handle_outcome(now, start.run, start.lease.token, outcome)
+                    .unwrap();
             }
-        }
+        })
+        .unwrap();
         if step % 50 == 0 {
             assert_eq!(
                 normalized(contents(&follower)),

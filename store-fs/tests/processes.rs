@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use keel_core::{
-    AuditQuery, Conflict, Effect, FencingToken, JobId, JobSpec, Outcome, RunId, RunQuery, RunState,
-    ScheduleSpec, Scheduler, Store, StoreError, Timestamp, WorkerId,
+    drive, AuditQuery, Conflict, Effect, FencingToken, JobId, JobSpec, Outcome, RunId, RunQuery,
+    RunState, ScheduleSpec, Scheduler, Store, StoreError, Timestamp, WorkerId,
 };
 use keel_harness::TempDir;
 use keel_store_fs::FsStore;
@@ -34,35 +34,32 @@ fn wall() -> Timestamp {
     Timestamp(i64::try_from(ms).unwrap())
 }
 
-/// Sends every pending batch to the store. Returns false if the store refused one (this
-/// process was deposed): its scheduler must be dropped and restored.
+/// Sends every pending batch to the store (`keel_core::drive`). Returns false if the store
+/// refused one (this process was deposed): its scheduler must be dropped and restored.
 fn pump(
     store: &FsStore,
     scheduler: &mut Scheduler,
     out: &mut impl Write,
     started: &mut Vec<(RunId, FencingToken)>,
 ) -> bool {
-    while let Some(effect) = scheduler.poll_effect() {
-        match effect {
-            Effect::Persist(batch) => match store.apply(&batch) {
-                Ok(()) => scheduler.handle_persisted(wall(), batch.id),
-                Err(StoreError::Conflict(Conflict::Deposed { .. })) => {
-                    writeln!(out, "deposed").unwrap();
-                    return false;
-                }
-                Err(e) => {
-                    writeln!(out, "refused {e}").unwrap();
-                    return false;
-                }
-            },
-            Effect::StartAttempt(start) => {
-                writeln!(out, "granted {} {}", start.run.0, start.lease.token.0).unwrap();
-                started.push((start.run, start.lease.token));
-            }
-            _ => {}
+    let granted = |_: &mut Scheduler, _, effect| {
+        if let Effect::StartAttempt(start) = effect {
+            writeln!(out, "granted {} {}", start.run.0, start.lease.token.0).unwrap();
+            started.push((start.run, start.lease.token));
+        }
+    };
+    let drained = drive::drain(scheduler, wall(), |b| store.apply(b), granted);
+    match drained {
+        Ok(_) => true,
+        Err(StoreError::Conflict(Conflict::Deposed { .. })) => {
+            writeln!(out, "deposed").unwrap();
+            false
+        }
+        Err(e) => {
+            writeln!(out, "refused {e}").unwrap();
+            false
         }
     }
-    true
 }
 
 fn child(dir: &Path, name: &str) {

@@ -45,9 +45,9 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Barrier};
 
 use keel_core::{
-    Actor, AuditQuery, AuditRecord, Batch, BatchId, Conflict, Effect, FencingToken, JobId, JobSpec,
-    Lease, Outcome, Record, RetryPolicy, Run, RunId, RunQuery, RunState, RunTerms, ScheduleSpec,
-    Scheduler, Snapshot, StateName, Store, StoreError, Timestamp, Trigger, WorkerId,
+    drive, Actor, AuditQuery, AuditRecord, Batch, BatchId, Conflict, Effect, FencingToken, JobId,
+    JobSpec, Lease, Outcome, Record, RetryPolicy, Run, RunId, RunQuery, RunState, RunTerms,
+    ScheduleSpec, Scheduler, Snapshot, StateName, Store, StoreError, Timestamp, Trigger, WorkerId,
 };
 
 use keel_testkit::MemStore;
@@ -200,39 +200,23 @@ impl<'a, S: Store> Driver<'a, S> {
         }
     }
 
-    /// Runs every effect to completion: batches go to the store, attempts end at once
-    /// (every third fails retryably), external work is claimed by one worker.
+    /// Runs every effect to completion (`keel_core::drive`): batches go to the store, attempts
+    /// end at once (every third fails retryably), external work is claimed by one worker.
     fn pump(&mut self) {
         let worker = WorkerId::new("worker-1").expect("valid worker id");
         loop {
             let _ = self.scheduler.claim(self.now, &worker, &["remote"]);
-            let Some(effect) = self.scheduler.poll_effect() else {
-                break;
+            let acknowledged = &mut self.acknowledged;
+            let store = self.store;
+            let write = |batch: &Batch| {
+                store.apply(batch)?;
+                acknowledged.push(batch.clone());
+                Ok(())
             };
-            match effect {
-                Effect::Persist(batch) => {
-                    self.store
-                        .apply(&batch)
-                        .expect("the store accepts the writer's batch");
-                    self.scheduler.handle_persisted(self.now, batch.id);
-                    self.acknowledged.push(batch);
-                }
-                Effect::StartAttempt(start) => {
-                    let outcome = if start.run.0 % 3 == 0 {
-                        Outcome::Retryable {
-                            message: "flaky".into(),
-                        }
-                    } else {
-                        Outcome::Success {
-                            summary: Some("ok".into()),
-                            artifacts: Default::default(),
-                        }
-                    };
-                    self.scheduler
-                        .handle_outcome(self.now, start.run, start.lease.token, outcome)
-                        .expect("the holder's outcome is accepted");
-                }
-                _ => {}
+            let drained = drive::drain(&mut self.scheduler, self.now, write, end_at_once)
+                .expect("the store accepts the writer's batch");
+            if drained.is_empty() {
+                break;
             }
         }
     }
@@ -241,6 +225,25 @@ impl<'a, S: Store> Driver<'a, S> {
         self.now = self.now.plus_ms(ms);
         self.scheduler.handle_timeout(self.now);
         self.pump();
+    }
+}
+
+/// Ends an attempt at once: every third fails retryably, the rest succeed.
+fn end_at_once(scheduler: &mut Scheduler, now: Timestamp, effect: Effect) {
+    if let Effect::StartAttempt(start) = effect {
+        let outcome = if start.run.0 % 3 == 0 {
+            Outcome::Retryable {
+                message: "flaky".into(),
+            }
+        } else {
+            Outcome::Success {
+                summary: Some("ok".into()),
+                artifacts: Default::default(),
+            }
+        };
+        scheduler
+            .handle_outcome(now, start.run, start.lease.token, outcome)
+            .expect("the holder's outcome is accepted");
     }
 }
 
