@@ -181,7 +181,7 @@ fn indexed_prune_matches_the_reference_store() {
     use keel_harness::conformance::{audit_record, run};
     for seed in 0..40 {
         let mut rng = SplitMix64::new(seed);
-        let mut reference = keel_testkit::MemStore::new();
+        let mut reference = keel_testkit::MemStore::store_rules_only();
         let epoch = next_writer_epoch(0, 0);
         let _ = reference.restore();
         let mut state = State {

@@ -89,7 +89,7 @@ fn everything_survives_reopening() {
         store.apply(&everything(epoch, 0)).unwrap();
         (contents(&store), epoch)
     };
-    let mut model = MemStore::new();
+    let mut model = MemStore::store_rules_only();
     let _ = model.restore();
     model.apply(&everything(epoch, 0));
     assert_eq!(

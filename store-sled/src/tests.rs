@@ -535,7 +535,7 @@ fn random_histories_match_the_reference_store() {
         let mut rng = Rng(seed);
         let store = SledStore::temporary().unwrap();
         let epoch = become_writer(&store);
-        let mut model = MemStore::new();
+        let mut model = MemStore::store_rules_only();
         let _ = model.restore(); // the same writer epoch
         let jobs = ["a", "b", "c"];
         let mut next_run = 1;

@@ -15,7 +15,7 @@
 //!     fn fresh(&self) -> Opener<SharedMemStore> {
 //!         // A durable adapter opens a fresh `keel_harness::TempDir` here, and the opener
 //!         // owns it, so the directory lives as long as the test needs it.
-//!         let store = SharedMemStore::new();
+//!         let store = SharedMemStore::store_rules_only();
 //!         Box::new(move || store.clone())
 //!     }
 //! }

@@ -16,12 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use keel_core::schedule::Due;
 use keel_core::{
-    limits, Attempt, AttemptStart, AuditRecord, Batch, CheckpointSave, Config, Delivery,
-    DeliveryId, DeliveryResult, DeliveryState, Effect, Event, FencingToken, Incident, IncidentKind,
-    Job, JobId, JobSpec, JobState, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome,
-    OverflowPolicy, OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState,
-    Schedule, ScheduleSpec, Scheduler, SendRequest, Snapshot, Timestamp, WorkerId,
+    limits, Attempt, AttemptStart, Batch, CheckpointSave, Config, DeliveryId, DeliveryResult,
+    DeliveryState, Effect, Event, FencingToken, Incident, IncidentKind, Job, JobId, JobSpec,
+    JobState, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome, OverflowPolicy, OverlapPolicy,
+    Record, Rejected, Released, RetryPolicy, RunId, RunState, Schedule, ScheduleSpec, Scheduler,
+    SendRequest, Timestamp, WorkerId,
 };
+use keel_testkit::MemStore;
 
 // ----- byte decoding ------------------------------------------------------------------------
 
@@ -560,243 +561,6 @@ fn outcome(kind: u8, arg: u8) -> Outcome {
     }
 }
 
-/// A store that keeps what the core asked it to write and acknowledged, and checks that the
-/// requests make sense.
-#[derive(Debug, Default)]
-struct ModelStore {
-    jobs: BTreeMap<JobId, Job>,
-    runs: BTreeMap<RunId, Run>,
-    audit: BTreeMap<u64, AuditRecord>,
-    meta: keel_core::Meta,
-    tombstones: BTreeMap<JobId, keel_core::persist::Tombstone>,
-    /// Every incident ever written, open or resolved.
-    incidents: BTreeMap<u64, Incident>,
-    deliveries: BTreeMap<DeliveryId, Delivery>,
-    /// Every delivery the store ever held.
-    ever_deliveries: BTreeSet<DeliveryId>,
-    /// The highest lease token a stored run ever held.
-    max_token: Option<FencingToken>,
-}
-
-impl ModelStore {
-    /// Applies a batch the store made durable.
-    fn apply(&mut self, batch: &Batch) {
-        // Ids may be allocated by the counters written in this same batch.
-        let counters = batch
-            .records
-            .iter()
-            .filter_map(|r| match r {
-                Record::PutMeta(m) => Some(*m),
-                _ => None,
-            })
-            .fold(self.meta, |a, m| keel_core::Meta {
-                next_run_id: a.next_run_id.max(m.next_run_id),
-                next_audit_seq: a.next_audit_seq.max(m.next_audit_seq),
-                next_token: a.next_token.max(m.next_token),
-                next_incident: a.next_incident.max(m.next_incident),
-                next_delivery: a.next_delivery.max(m.next_delivery),
-                ..a
-            });
-        for record in &batch.records {
-            match record {
-                Record::PutJob(job) => {
-                    if let JobState::Scheduled { next } = job.state {
-                        if let Some(last) = job.last_fired {
-                            assert!(
-                                next > last,
-                                "persisted job {}: cursor {next} not after last fired {last}",
-                                job.spec.id
-                            );
-                        }
-                    }
-                    self.jobs.insert(job.spec.id.clone(), job.clone());
-                }
-                Record::DeleteJob { id } => {
-                    self.jobs.remove(id);
-                }
-                Record::PutTombstone(tombstone) => {
-                    self.tombstones
-                        .insert(tombstone.job.clone(), tombstone.clone());
-                }
-                Record::DeleteTombstone { job } => {
-                    self.tombstones.remove(job);
-                }
-                Record::PutRun(run) => {
-                    if let Some(old) = self.runs.get(&run.id) {
-                        assert!(
-                            old.job == run.job
-                                && old.trigger == run.trigger
-                                && old.created_at == run.created_at,
-                            "run id {} reused: stored {old:?}, now {run:?}",
-                            run.id
-                        );
-                        assert!(
-                            !old.state.is_terminal() || old.state == run.state,
-                            "run {} left its durable terminal state {:?} for {:?}",
-                            run.id,
-                            old.state,
-                            run.state
-                        );
-                        assert!(
-                            run.attempt >= old.attempt,
-                            "run {}: durable attempt went back from {} to {}",
-                            run.id,
-                            old.attempt,
-                            run.attempt
-                        );
-                        // SPEC W1, W2: the extension flag and a kill are never undone.
-                        assert!(
-                            !old.extended || run.extended,
-                            "run {} lost its durable extension flag",
-                            run.id
-                        );
-                        assert!(
-                            run.killed >= old.killed,
-                            "run {}: durable kill {:?} undone ({:?})",
-                            run.id,
-                            old.killed,
-                            run.killed
-                        );
-                    }
-                    // The poison verdict: no active run has lost its budget of attempts, and
-                    // attempts stay within the budgets.
-                    assert!(
-                        run.state.is_terminal() || run.lost < run.retry.lost_attempts_max,
-                        "run {} persisted active with {} lost attempts",
-                        run.id,
-                        run.lost
-                    );
-                    assert!(
-                        run.attempt.0
-                            <= run
-                                .retry
-                                .attempts_max
-                                .saturating_add(run.lost)
-                                .saturating_add(run.snoozes),
-                        "run {} persisted at attempt {} beyond its budgets",
-                        run.id,
-                        run.attempt
-                    );
-                    // SPEC C2: completion and terminal failure delete the checkpoint (an
-                    // interrupted or poison run keeps it).
-                    let poison = run
-                        .last_error
-                        .as_ref()
-                        .is_some_and(|e| e.kind == keel_core::ErrorKind::Poison);
-                    assert!(
-                        !run.state.is_terminal()
-                            || run.state == RunState::Interrupted
-                            || poison
-                            || run.checkpoint.is_none(),
-                        "terminal run {} persisted with a checkpoint",
-                        run.id
-                    );
-                    assert!(
-                        run.id.0 < counters.next_run_id,
-                        "run {} persisted without a counter above it",
-                        run.id
-                    );
-                    if let Some(lease) = &run.lease {
-                        // A restart grants from the durable counter: it must be above every
-                        // durable token, or a token could be granted twice.
-                        assert!(
-                            lease.token.0 < counters.next_token,
-                            "run {} persisted with {} without a token counter above it",
-                            run.id,
-                            lease.token
-                        );
-                        self.max_token = self.max_token.max(Some(lease.token));
-                    }
-                    self.runs.insert(run.id, run.clone());
-                }
-                Record::Audit(record) => {
-                    if let Some(old) = self.audit.get(&record.seq) {
-                        assert_eq!(old, record, "audit seq {} reused", record.seq);
-                    }
-                    assert!(
-                        record.seq < counters.next_audit_seq,
-                        "audit seq {} persisted without a counter above it",
-                        record.seq
-                    );
-                    self.audit.insert(record.seq, record.clone());
-                }
-                Record::PruneHistory { .. } => {
-                    // Retention is the store's business; the model keeps everything.
-                }
-                Record::PutMeta(meta) => {
-                    let old = self.meta;
-                    assert!(
-                        meta.next_run_id >= old.next_run_id
-                            && meta.next_audit_seq >= old.next_audit_seq
-                            && meta.next_token >= old.next_token
-                            && meta.next_incident >= old.next_incident
-                            && meta.next_delivery >= old.next_delivery,
-                        "durable counters went backwards: {old:?} -> {meta:?}"
-                    );
-                    self.meta = *meta;
-                }
-                Record::PutIncident(incident) => {
-                    assert!(
-                        incident.id < counters.next_incident,
-                        "incident {} persisted without a counter above it",
-                        incident.id
-                    );
-                    if let Some(old) = self.incidents.get(&incident.id) {
-                        assert!(
-                            old.kind == incident.kind
-                                && old.opened_at == incident.opened_at
-                                && old.run == incident.run
-                                && old.job == incident.job
-                                && old.worker == incident.worker,
-                            "incident id {} reused: stored {old:?}, now {incident:?}",
-                            incident.id
-                        );
-                        assert!(
-                            old.resolved_at.is_none() || old == incident,
-                            "resolved incident {} changed: stored {old:?}, now {incident:?}",
-                            incident.id
-                        );
-                    }
-                    self.incidents.insert(incident.id, incident.clone());
-                }
-                Record::PutDelivery(delivery) => {
-                    assert!(
-                        delivery.id.0 < counters.next_delivery,
-                        "{} persisted without a counter above it",
-                        delivery.id
-                    );
-                    self.ever_deliveries.insert(delivery.id);
-                    self.deliveries.insert(delivery.id, delivery.clone());
-                }
-                Record::DeleteDelivery { id } => {
-                    self.deliveries.remove(id);
-                }
-            }
-        }
-    }
-
-    /// The incidents the store holds as open.
-    fn open_incidents(&self) -> Vec<&Incident> {
-        self.incidents
-            .values()
-            .filter(|i| i.resolved_at.is_none())
-            .collect()
-    }
-
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            jobs: self.jobs.values().cloned().collect(),
-            // Terminal runs and resolved incidents included on purpose: restore must ignore
-            // them.
-            runs: self.runs.values().cloned().collect(),
-            meta: self.meta,
-            tombstones: self.tombstones.values().cloned().collect(),
-            incidents: self.incidents.values().cloned().collect(),
-            deliveries: self.deliveries.values().cloned().collect(),
-        }
-    }
-}
-
 /// What to do with each persist batch while draining.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PersistMode {
@@ -830,7 +594,7 @@ struct World {
     start: Timestamp,
     now: Timestamp,
     sched: Scheduler,
-    store: ModelStore,
+    store: MemStore,
     /// The batch the store is writing, if any.
     in_flight: Option<Batch>,
     /// The in-process executor: the owner of every lease here.
@@ -1067,7 +831,7 @@ impl World {
         } = start;
         let token = lease.token;
         // Persist before act: the attempt's record, with its lease, is durable.
-        let durable = self.store.runs.get(&run);
+        let durable = self.store.run(run);
         assert!(
             durable.is_some_and(|r| r.attempt == attempt
                 && r.state == RunState::Starting { attempt }
@@ -1215,17 +979,17 @@ impl World {
             job
         };
         let memory: Vec<Job> = self.sched.jobs().map(normalise).collect();
-        let durable: Vec<Job> = self.store.jobs.values().map(normalise).collect();
+        let durable: Vec<Job> = self.store.jobs().map(normalise).collect();
         assert_eq!(memory, durable, "quiescent, but the store's jobs differ");
         for run in self.sched.runs() {
             assert_eq!(
-                self.store.runs.get(&run.id),
+                self.store.run(run.id),
                 Some(run),
                 "quiescent, but {} differs in the store",
                 run.id
             );
         }
-        for run in self.store.runs.values() {
+        for run in self.store.runs() {
             if !run.state.is_terminal() {
                 assert!(
                     self.sched.run(run.id).is_some(),
@@ -1237,7 +1001,7 @@ impl World {
         let memory: Vec<&Incident> = self.sched.incidents().collect();
         assert_eq!(
             memory,
-            self.store.open_incidents(),
+            self.store.open_incidents().collect::<Vec<_>>(),
             "quiescent, but the store's open incidents differ"
         );
     }
@@ -1384,24 +1148,28 @@ impl World {
         // What outlives the process is what the store holds. An end of delivery is announced
         // only once durable, so a delivery ends once across crashes too; only an id above the
         // durable counter (of a delivery never written) may be handed out again.
-        let next_delivery = self.store.meta.next_delivery;
+        let next_delivery = self.store.meta().next_delivery;
         self.ended.retain(|id| id.0 < next_delivery);
         self.extended = self
             .store
-            .runs
-            .values()
+            .runs()
             .filter(|r| r.extended)
             .map(|r| (r.id, 1))
             .collect();
-        let runs = &self.store.runs;
+        let store = &self.store;
         self.killed
-            .retain(|(run, attempt)| runs.get(run).is_some_and(|r| r.killed >= Some(*attempt)));
+            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
         self.floor = self.tokens.last().copied();
         // The clock may have moved either way across the restart.
         if flags & 2 != 0 {
             self.set_now(self.now.0 - 3_600_000 * i64::from(flags >> 2));
         }
-        self.sched = Scheduler::restore(self.config, seed, self.now, self.store.snapshot());
+        self.sched = Scheduler::restore(
+            self.config,
+            seed,
+            self.now,
+            self.store.restore_with_history(),
+        );
         // Only attempts handed out to external workers outlive the process, with their lease
         // as the store holds it (a report the store never received is undone, so the token is
         // current again); in-process attempts were cut short.
@@ -1451,7 +1219,7 @@ impl World {
         // open new ones itself (a run it recovered ended a job's streak of failures), written
         // with its first batch.
         for incident in self.sched.incidents() {
-            match self.store.incidents.get(&incident.id) {
+            match self.store.incident(incident.id) {
                 Some(stored) => assert_eq!(
                     stored, incident,
                     "restored incident {} differs from the store's",
@@ -1873,7 +1641,7 @@ pub fn core_events(data: &[u8]) {
         start,
         now: start,
         sched: Scheduler::new(config, seed, start),
-        store: ModelStore::default(),
+        store: MemStore::keeping_history(),
         in_flight: None,
         local: WorkerId::new("local").expect("a valid worker id"),
         started: Vec::new(),
@@ -2317,11 +2085,11 @@ impl World {
             "{id} attempt {attempt} sent twice"
         );
         assert_eq!(
-            self.store.deliveries.get(&id).map(|d| d.state),
+            self.store.delivery(id).map(|d| d.state),
             Some(DeliveryState::Sending { attempt }),
             "{id} attempt {attempt} sent before its record was durable"
         );
-        let run = self.store.runs.get(&send.payload.run);
+        let run = self.store.run(send.payload.run);
         assert!(
             run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
             "{id} carries a result the store does not hold: {run:?}"
@@ -2395,7 +2163,7 @@ impl World {
         self.ended_ever.insert(id);
         // Announced only once the end is durable (a delivery never written ends at once).
         assert!(
-            !self.store.deliveries.contains_key(&id),
+            self.store.delivery(id).is_none(),
             "{id} ended before its end was durable"
         );
         self.awaiting_end.remove(&id);
@@ -2484,7 +2252,7 @@ impl World {
             if self.settled() {
                 let missing: Vec<&DeliveryId> = self
                     .store
-                    .ever_deliveries
+                    .ever_delivered()
                     .difference(&self.ended_ever)
                     .filter(|id| !self.uncounted.contains(id))
                     .collect();
@@ -2540,9 +2308,9 @@ impl World {
             && self.started.is_empty()
             && self.sends.is_empty()
             && self.sched.runs().all(|r| r.state.is_terminal())
-            && self.store.runs.values().all(|r| r.state.is_terminal())
+            && self.store.runs().all(|r| r.state.is_terminal())
             && self.sched.outbox().is_empty()
-            && self.store.deliveries.is_empty()
+            && self.store.deliveries().next().is_none()
     }
 
     fn advance_to_next_deadline(&mut self) {

@@ -12,7 +12,7 @@ impl Harness for Memory {
     type Store = SharedMemStore;
 
     fn fresh(&self) -> Opener<SharedMemStore> {
-        let store = SharedMemStore::new();
+        let store = SharedMemStore::store_rules_only();
         Box::new(move || store.clone())
     }
 }

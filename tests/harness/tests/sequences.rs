@@ -87,11 +87,12 @@ use keel_core::rng::SplitMix64;
 use keel_core::run::Checkpoint;
 use keel_core::{
     Attempt, AttemptStart, Batch, BatchId, CheckpointSave, Config, DeliveryId, DeliveryResult,
-    DeliveryState, Effect, ErrorKind, Event, FencingToken, HistoryPolicy, IdempotencyKey, Incident,
-    Job, JobId, JobSpec, JobState, Lease, Meta, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome,
+    DeliveryState, Effect, Event, FencingToken, HistoryPolicy, IdempotencyKey, Incident, Job,
+    JobId, JobSpec, JobState, Lease, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome,
     OverflowPolicy, OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState,
-    ScheduleSpec, Scheduler, SendRequest, Snapshot, Timestamp, Trigger, WorkerId,
+    ScheduleSpec, Scheduler, SendRequest, Timestamp, Trigger, WorkerId,
 };
+use keel_testkit::MemStore;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
@@ -581,281 +582,6 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         )
 }
 
-// ----- the model store ------------------------------------------------------------------
-
-/// What a store holds after applying every acknowledged (or durably written) batch.
-#[derive(Debug, Default)]
-struct Store {
-    jobs: BTreeMap<JobId, Job>,
-    runs: BTreeMap<RunId, Run>,
-    meta: Meta,
-    audit: BTreeMap<u64, keel_core::AuditRecord>,
-    prunes: u64,
-    /// `(job, slot)` to the run that fired it, for every job ever known under that name: a job
-    /// added again under a deleted job's name inherits its fired slots (tombstones).
-    slots: BTreeMap<(JobId, Timestamp), RunId>,
-    tombstones: BTreeMap<JobId, keel_core::Tombstone>,
-    /// Every incident ever written, open or resolved, by id.
-    incidents: BTreeMap<u64, Incident>,
-    /// The highest lease token any stored run record ever held.
-    max_token: Option<FencingToken>,
-    /// The delivery outbox.
-    deliveries: BTreeMap<DeliveryId, keel_core::Delivery>,
-    /// Every delivery the store ever held.
-    ever_deliveries: BTreeSet<DeliveryId>,
-}
-
-impl Store {
-    fn apply(&mut self, batch: &Batch) {
-        for record in &batch.records {
-            // What a real store writes and reads back: the serde form, not the Rust value.
-            let text = serde_json::to_string(record).expect("a record serialises");
-            let record: Record = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("record does not deserialise: {e}\n{text}"));
-            match record {
-                Record::PutJob(job) => {
-                    self.jobs.insert(job.spec.id.clone(), job);
-                }
-                Record::DeleteJob { id } => {
-                    self.jobs.remove(&id);
-                }
-                Record::PutTombstone(tombstone) => {
-                    self.tombstones.insert(tombstone.job.clone(), tombstone);
-                }
-                Record::DeleteTombstone { job } => {
-                    self.tombstones.remove(&job);
-                }
-                Record::PutRun(run) => self.put_run(run),
-                Record::Audit(audit) => {
-                    if let Some(old) = self.audit.get(&audit.seq) {
-                        assert_eq!(
-                            old, &audit,
-                            "audit seq {} written twice with different content",
-                            audit.seq
-                        );
-                    }
-                    self.audit.insert(audit.seq, audit);
-                }
-                Record::PruneHistory { .. } => self.prunes += 1,
-                Record::PutMeta(meta) => {
-                    assert!(
-                        meta.next_run_id >= self.meta.next_run_id
-                            && meta.next_audit_seq >= self.meta.next_audit_seq
-                            && meta.next_token >= self.meta.next_token
-                            && meta.next_incident >= self.meta.next_incident
-                            && meta.next_delivery >= self.meta.next_delivery,
-                        "stored counters went backwards: {:?} -> {meta:?}",
-                        self.meta
-                    );
-                    self.meta = meta;
-                }
-                Record::PutIncident(incident) => self.put_incident(incident),
-                Record::PutDelivery(delivery) => {
-                    self.ever_deliveries.insert(delivery.id);
-                    self.deliveries.insert(delivery.id, delivery);
-                }
-                Record::DeleteDelivery { id } => {
-                    self.deliveries.remove(&id);
-                }
-            }
-        }
-        if let Some((&last, _)) = self.deliveries.last_key_value() {
-            assert!(
-                last.0 < self.meta.next_delivery,
-                "stored {last} is not below the stored next_delivery {}: a restart could \
-                 reuse it",
-                self.meta.next_delivery
-            );
-        }
-        if let Some((&last, _)) = self.incidents.last_key_value() {
-            assert!(
-                last < self.meta.next_incident,
-                "stored incident {last} is not below the stored next_incident {}",
-                self.meta.next_incident
-            );
-        }
-        for run in self.runs.values() {
-            if let Some(lease) = &run.lease {
-                assert!(
-                    lease.token.0 < self.meta.next_token,
-                    "stored {} holds {} not below the stored next_token {}: a restart could \
-                     grant it again",
-                    run.id,
-                    lease.token,
-                    self.meta.next_token
-                );
-            }
-        }
-        if let Some((&last, _)) = self.runs.last_key_value() {
-            assert!(
-                last.0 < self.meta.next_run_id,
-                "stored {last} is not below the stored next_run_id {}: a restart could reuse it",
-                self.meta.next_run_id
-            );
-        }
-        if let Some((&last, _)) = self.audit.last_key_value() {
-            assert!(
-                last < self.meta.next_audit_seq,
-                "stored audit seq {last} is not below the stored next_audit_seq {}",
-                self.meta.next_audit_seq
-            );
-        }
-    }
-
-    fn put_run(&mut self, run: Run) {
-        if let Some(old) = self.runs.get(&run.id) {
-            assert!(
-                !old.state.is_terminal() || *old == run,
-                "terminal {} changed in the store:\nwas {old:?}\nnow {run:?}",
-                run.id
-            );
-            assert_eq!(old.job, run.job, "{} changed job", run.id);
-            assert_eq!(old.trigger, run.trigger, "{} changed trigger", run.id);
-            assert!(
-                run.attempt >= old.attempt,
-                "{} attempt went back from {} to {}",
-                run.id,
-                old.attempt,
-                run.attempt
-            );
-            // SPEC W1: the extension flag is persisted with the run and never cleared, so a
-            // restart cannot grant a second extension.
-            assert!(
-                !old.extended || run.extended,
-                "{} lost its durable extension flag",
-                run.id
-            );
-            // SPEC W2: a kill is sticky, in the store too.
-            assert!(
-                run.killed >= old.killed,
-                "{} was killed ({:?}) but is stored with killed {:?}",
-                run.id,
-                old.killed,
-                run.killed
-            );
-        }
-        // The poison verdict (no run loops forever): a run that lost its budget of attempts is
-        // terminal, and attempts are bounded by the budgets.
-        if !run.state.is_terminal() {
-            assert!(
-                run.lost < run.retry.lost_attempts_max,
-                "{} stored active with {} lost attempts (budget {})",
-                run.id,
-                run.lost,
-                run.retry.lost_attempts_max
-            );
-        }
-        assert!(
-            run.attempt.0 <= run.retry.attempts_max + run.lost + run.snoozes,
-            "{} stored with attempt {}, above attempts_max {} + lost {} + snoozes {}",
-            run.id,
-            run.attempt,
-            run.retry.attempts_max,
-            run.lost,
-            run.snoozes
-        );
-        // SPEC C2: completion and terminal failure delete the checkpoint (an interrupted or
-        // poison run keeps it).
-        let poison = run
-            .last_error
-            .as_ref()
-            .is_some_and(|e| e.kind == ErrorKind::Poison);
-        if run.state.is_terminal() && run.state != RunState::Interrupted && !poison {
-            assert!(
-                run.checkpoint.is_none(),
-                "terminal {} ({:?}) stored with a checkpoint",
-                run.id,
-                run.state
-            );
-        }
-        if run.state.is_terminal() && run.state != RunState::Succeeded {
-            assert!(
-                run.last_error.is_some(),
-                "SPEC R4: terminal {} ({:?}) stored without its last error",
-                run.id,
-                run.state
-            );
-        }
-        if let Some(slot) = run.slot() {
-            let first = *self.slots.entry((run.job.clone(), slot)).or_insert(run.id);
-            assert_eq!(
-                first, run.id,
-                "SPEC S6: slot {slot} of job {} fired twice: {first} and {}",
-                run.job, run.id
-            );
-        }
-        if let Some(lease) = &run.lease {
-            self.max_token = self.max_token.max(Some(lease.token));
-        }
-        self.runs.insert(run.id, run);
-    }
-
-    /// An incident is written when it opens and when it resolves: its identity never changes,
-    /// and a resolved incident stays resolved.
-    fn put_incident(&mut self, incident: Incident) {
-        if let Some(old) = self.incidents.get(&incident.id) {
-            assert!(
-                (
-                    old.kind,
-                    old.opened_at,
-                    old.job.as_ref(),
-                    old.run,
-                    old.worker.as_ref()
-                ) == (
-                    incident.kind,
-                    incident.opened_at,
-                    incident.job.as_ref(),
-                    incident.run,
-                    incident.worker.as_ref()
-                ),
-                "incident {} changed identity:\nwas {old:?}\nnow {incident:?}",
-                incident.id
-            );
-            if old.resolved_at.is_some() {
-                assert_eq!(
-                    old, &incident,
-                    "resolved incident {} written again with different content",
-                    incident.id
-                );
-            }
-        }
-        if let Some(resolved) = incident.resolved_at {
-            assert!(
-                resolved >= incident.opened_at,
-                "incident {} resolved before it opened",
-                incident.id
-            );
-        }
-        self.incidents.insert(incident.id, incident);
-    }
-
-    /// The incidents still open.
-    fn open_incidents(&self) -> BTreeMap<u64, Incident> {
-        self.incidents
-            .iter()
-            .filter(|(_, i)| i.resolved_at.is_none())
-            .map(|(id, i)| (*id, i.clone()))
-            .collect()
-    }
-
-    /// What a store hands to `Scheduler::restore`.
-    fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            jobs: self.jobs.values().cloned().collect(),
-            runs: self
-                .runs
-                .values()
-                .filter(|r| !r.state.is_terminal())
-                .cloned()
-                .collect(),
-            meta: self.meta,
-            tombstones: self.tombstones.values().cloned().collect(),
-            incidents: self.open_incidents().into_values().collect(),
-            deliveries: self.deliveries.values().cloned().collect(),
-        }
-    }
-}
-
 // ----- the world ------------------------------------------------------------------------
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -977,7 +703,7 @@ struct World {
     local: WorkerId,
     /// The test's own choices (ack, fail or hold a batch; restore seeds).
     rng: SplitMix64,
-    store: Store,
+    store: MemStore,
     /// The batch the store has neither acknowledged nor failed.
     held: Option<Batch>,
     /// Batches that failed, for late acknowledgements.
@@ -1073,7 +799,7 @@ impl World {
             keel,
             local: WorkerId::new("local").expect("a valid worker id"),
             rng,
-            store: Store::default(),
+            store: MemStore::keeping_history(),
             held: None,
             failed: Vec::new(),
             executing: BTreeMap::new(),
@@ -1693,7 +1419,7 @@ impl World {
             ..
         } = start;
         let token = lease.token;
-        let stored = self.store.runs.get(&run).unwrap_or_else(|| {
+        let stored = self.store.run(run).unwrap_or_else(|| {
             panic!("persist before act: {run} attempt {attempt} handed out, but the store has never acknowledged the run")
         });
         assert_eq!(
@@ -1837,12 +1563,8 @@ impl World {
         // Nothing pending: the store must say exactly what memory says.
         let memory: BTreeMap<&JobId, serde_json::Value> =
             self.keel.jobs().map(|j| (&j.spec.id, json(j))).collect();
-        let stored: BTreeMap<&JobId, serde_json::Value> = self
-            .store
-            .jobs
-            .iter()
-            .map(|(id, j)| (id, json(j)))
-            .collect();
+        let stored: BTreeMap<&JobId, serde_json::Value> =
+            self.store.jobs().map(|j| (&j.spec.id, json(j))).collect();
         assert_eq!(
             memory, stored,
             "quiescent, but stored jobs differ from memory"
@@ -1853,7 +1575,7 @@ impl World {
                 "quiescent, but terminal {} is still in memory",
                 run.id
             );
-            let stored = self.store.runs.get(&run.id).map(json);
+            let stored = self.store.run(run.id).map(json);
             assert_eq!(
                 Some(json(run)),
                 stored,
@@ -1861,7 +1583,7 @@ impl World {
                 run.id
             );
         }
-        for run in self.store.runs.values() {
+        for run in self.store.runs() {
             assert!(
                 run.state.is_terminal() || self.keel.run(run.id).is_some(),
                 "the store holds active {} but memory has forgotten it",
@@ -1872,7 +1594,10 @@ impl World {
             self.keel.incidents().map(|i| (i.id, i.clone())).collect();
         assert_eq!(
             memory,
-            self.store.open_incidents(),
+            self.store
+                .open_incidents()
+                .map(|i| (i.id, i.clone()))
+                .collect(),
             "quiescent, but the store's open incidents differ from memory"
         );
     }
@@ -1907,21 +1632,20 @@ impl World {
         // What outlives the process is what the store holds. An end of delivery is announced
         // only once durable, so a delivery ends once across crashes too; only an id above the
         // durable counter (of a delivery never written) may be handed out again.
-        let next_delivery = self.store.meta.next_delivery;
+        let next_delivery = self.store.meta().next_delivery;
         self.ended.retain(|id| id.0 < next_delivery);
         self.extended = self
             .store
-            .runs
-            .values()
+            .runs()
             .filter(|r| r.extended)
             .map(|r| (r.id, 1))
             .collect();
-        let runs = &self.store.runs;
+        let store = &self.store;
         self.killed
-            .retain(|(run, attempt)| runs.get(run).is_some_and(|r| r.killed >= Some(*attempt)));
+            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
         self.floor = self.tokens.keys().next_back().copied();
         self.failed.clear();
-        let snapshot = self.store.snapshot();
+        let snapshot = self.store.restore();
         let seed = self.rng.next_u64();
         let keel = Scheduler::restore(self.config, seed, self.clock, snapshot.clone());
         let twin = Scheduler::restore(self.config, seed, self.clock, snapshot);
@@ -2417,11 +2141,11 @@ impl World {
             "{id} attempt {attempt} sent twice"
         );
         assert_eq!(
-            self.store.deliveries.get(&id).map(|d| d.state),
+            self.store.delivery(id).map(|d| d.state),
             Some(DeliveryState::Sending { attempt }),
             "{id} attempt {attempt} sent before its record was durable"
         );
-        let run = self.store.runs.get(&send.payload.run);
+        let run = self.store.run(send.payload.run);
         assert!(
             run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
             "{id} carries {} {}, but the store holds {run:?}",
@@ -2529,7 +2253,7 @@ impl World {
         self.ended_ever.insert(id);
         // Announced only once the end is durable (a delivery never written ends at once).
         assert!(
-            !self.store.deliveries.contains_key(&id),
+            self.store.delivery(id).is_none(),
             "{id} ended before its end was durable"
         );
         self.awaiting_end.remove(&id);
@@ -2584,7 +2308,7 @@ impl World {
             .keel
             .runs()
             .map(|r| r.id)
-            .chain(self.store.runs.keys().copied())
+            .chain(self.store.runs().map(|r| r.id))
             .max();
         self.shutdown_floor = Some(highest.unwrap_or(RunId(0)));
         self.shutdown_backlog = self
@@ -2664,8 +2388,7 @@ impl World {
                 LIVENESS_HORIZON_MS / HOUR_MS,
                 self.keel.runs().collect::<Vec<_>>(),
                 self.store
-                    .runs
-                    .values()
+                    .runs()
                     .filter(|r| !r.state.is_terminal())
                     .collect::<Vec<_>>(),
                 self.keel.outbox().deliveries().collect::<Vec<_>>()
@@ -2673,7 +2396,7 @@ impl World {
         }
         let missing: Vec<&DeliveryId> = self
             .store
-            .ever_deliveries
+            .ever_delivered()
             .difference(&self.ended_ever)
             .filter(|id| !self.uncounted.contains(id))
             .collect();
@@ -2691,9 +2414,9 @@ impl World {
             && self.executing.is_empty()
             && self.sends.is_empty()
             && self.keel.runs().all(|r| r.state.is_terminal())
-            && self.store.runs.values().all(|r| r.state.is_terminal())
+            && self.store.runs().all(|r| r.state.is_terminal())
             && self.keel.outbox().is_empty()
-            && self.store.deliveries.is_empty()
+            && self.store.deliveries().next().is_none()
     }
 
     /// Returns the command's value; if it was refused, asserts it changed nothing.
@@ -3229,7 +2952,7 @@ fn snooze_after_a_cancel_request_keeps_a_last_error() {
 fn a_cancel_request_survives_a_crash() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(Config::default(), 7, t0);
     keel.add_job(t0, every_minute("minutely")).expect("valid");
     flush(&mut keel, &mut store, t0);
@@ -3245,13 +2968,13 @@ fn a_cancel_request_survives_a_crash() {
         .expect("a running run can be cancelled");
     flush(&mut keel, &mut store, t1);
     assert!(
-        store.runs[&start.run].cancel_requested,
+        store.run(start.run).unwrap().cancel_requested,
         "the request is durable"
     );
 
     // Crash before the handler reports.
     let t2 = t1.plus_ms(1_000);
-    let mut keel = Scheduler::restore(Config::default(), 7, t2, store.snapshot());
+    let mut keel = Scheduler::restore(Config::default(), 7, t2, store.restore());
     keel.handle_timeout(t2);
     let effects = flush(&mut keel, &mut store, t2);
     assert!(
@@ -3260,7 +2983,7 @@ fn a_cancel_request_survives_a_crash() {
             .any(|e| matches!(e, Effect::StartAttempt(s) if s.run == start.run)),
         "the cancelled run was handed out again: {effects:?}"
     );
-    assert_eq!(store.runs[&start.run].state, RunState::Cancelled);
+    assert_eq!(store.run(start.run).unwrap().state, RunState::Cancelled);
 }
 
 /// SPEC R5 finishes a one-shot job when its run settles, but settle treats any run of the job
@@ -3302,7 +3025,7 @@ fn a_one_shot_is_not_finished_by_a_run_of_an_earlier_schedule() {
 
 /// Drains every effect, writing and acknowledging each batch into `store`; returns the other
 /// effects.
-fn flush(keel: &mut Scheduler, store: &mut Store, now: Timestamp) -> Vec<Effect> {
+fn flush(keel: &mut Scheduler, store: &mut MemStore, now: Timestamp) -> Vec<Effect> {
     let mut others = Vec::new();
     while let Some(effect) = keel.poll_effect() {
         match effect {
@@ -3343,7 +3066,7 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
     keel.handle_outcome(t1, first.run, first.lease.token, failed)
         .expect("current attempt");
     let retry_at = t1.plus_ms(1_000);
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     flush(&mut keel, &mut store, t1);
     keel.handle_timeout(retry_at);
     let second = flush(&mut keel, &mut store, retry_at)
@@ -3365,7 +3088,7 @@ fn an_incident_is_persisted_when_it_opens_and_when_it_resolves() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
     let config = Config::default();
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(config, 7, t0);
     keel.add_job(t0, every_minute("minutely")).expect("valid");
     flush(&mut keel, &mut store, t0);
@@ -3394,7 +3117,11 @@ fn an_incident_is_persisted_when_it_opens_and_when_it_resolves() {
     );
     assert!(keel.is_quiescent());
     assert_eq!(
-        store.incidents, incidents,
+        store
+            .incidents()
+            .map(|i| (i.id, i.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        incidents,
         "the store does not hold the incidents in their latest state"
     );
 }
@@ -3409,7 +3136,7 @@ fn attempts_granted_together_are_handed_out_in_grant_order() {
         .expect("valid");
     keel.add_job(t0, once_spec("a", t0.plus_ms(2_000)))
         .expect("valid");
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     flush(&mut keel, &mut store, t0);
     let t1 = t0.plus_ms(2_000);
     keel.handle_timeout(t1);
@@ -3437,7 +3164,7 @@ fn a_claimed_token_is_not_granted_again_after_a_crash() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let mut spec = once_spec("external", t0);
     spec.external = true;
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(Config::default(), 7, t0);
     keel.add_job(t0, spec).expect("valid");
     keel.handle_timeout(t0);
@@ -3449,7 +3176,7 @@ fn a_claimed_token_is_not_granted_again_after_a_crash() {
         .expect("the run is queued");
     // The claim reveals no token: worker a gets its lease only with the StartAttempt that
     // follows the durable grant. The process dies before that batch is written.
-    let mut keel = Scheduler::restore(Config::default(), 7, t0, store.snapshot());
+    let mut keel = Scheduler::restore(Config::default(), 7, t0, store.restore());
     flush(&mut keel, &mut store, t0);
     let b = WorkerId::new("worker-b").expect("valid");
     let second = keel
@@ -3477,7 +3204,7 @@ fn a_claimed_token_is_not_granted_again_after_a_crash() {
 // ----- workers, watchdog, checkpoints, outbox ----------------------------------------------
 
 /// Runs `keel` until its first attempt is handed out, persisting into `store`.
-fn first_start(keel: &mut Scheduler, store: &mut Store, now: Timestamp) -> AttemptStart {
+fn first_start(keel: &mut Scheduler, store: &mut MemStore, now: Timestamp) -> AttemptStart {
     keel.handle_timeout(now);
     flush(keel, store, now)
         .into_iter()
@@ -3506,7 +3233,7 @@ fn fail_all(keel: &mut Scheduler, now: Timestamp) -> Vec<Effect> {
 fn the_save_after_a_failed_save_is_written_at_once() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(Config::default(), 7, t0);
     keel.add_job(t0, every_minute("minutely")).expect("valid");
     flush(&mut keel, &mut store, t0);
@@ -3556,7 +3283,7 @@ fn the_save_after_a_failed_save_is_written_at_once() {
 fn the_save_after_a_failed_flushed_save_is_written_at_once() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(Config::default(), 7, t0);
     keel.add_job(t0, every_minute("minutely")).expect("valid");
     flush(&mut keel, &mut store, t0);
@@ -3603,7 +3330,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
     spec.overlap = OverlapPolicy::BufferOne;
     spec.resume_after_crash = false;
     let config = Config::default();
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(config, 7, t0);
     keel.add_job(t0, spec).expect("valid");
     flush(&mut keel, &mut store, t0);
@@ -3626,11 +3353,10 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
         .expect("the attempt stops in time");
     flush(&mut keel, &mut store, t2);
     // The process stops and starts again.
-    let mut keel = Scheduler::restore(config, 7, t2, store.snapshot());
+    let mut keel = Scheduler::restore(config, 7, t2, store.restore());
     flush(&mut keel, &mut store, t2);
     let interrupted: Vec<&Run> = store
-        .runs
-        .values()
+        .runs()
         .filter(|r| r.state == RunState::Interrupted)
         .collect();
     assert!(
@@ -3655,7 +3381,7 @@ fn extend_once_and_a_kill_is_sticky() {
     let mut spec = every_minute("minutely");
     spec.timeout_ms = Some(20_000);
     let config = Config::default();
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(config, 7, t0);
     keel.add_job(t0, spec).expect("valid");
     flush(&mut keel, &mut store, t0);
@@ -3670,9 +3396,9 @@ fn extend_once_and_a_kill_is_sticky() {
         Err(Rejected::AlreadyExtended(run))
     );
     flush(&mut keel, &mut store, t1);
-    assert!(store.runs[&run].extended, "the extension is durable");
+    assert!(store.run(run).unwrap().extended, "the extension is durable");
     // A restart does not grant a second one.
-    let mut keel = Scheduler::restore(config, 7, t1, store.snapshot());
+    let mut keel = Scheduler::restore(config, 7, t1, store.restore());
     flush(&mut keel, &mut store, t1);
     let retry = first_start(&mut keel, &mut store, t1);
     assert_eq!(retry.run, run);
@@ -3724,7 +3450,7 @@ fn extend_once_and_a_kill_is_sticky() {
         "SPEC L4: releasing a lost lease is not an error"
     );
     assert_eq!(
-        store.runs[&run].killed,
+        store.run(run).unwrap().killed,
         Some(retry.attempt),
         "the kill is durable"
     );
@@ -3743,7 +3469,7 @@ fn a_small_outbox_stays_bounded_and_counts_each_delivery_once() {
         },
         ..Config::default()
     };
-    let mut store = Store::default();
+    let mut store = MemStore::keeping_history();
     let mut keel = Scheduler::new(config, 7, t0);
     let mut spec = every_minute("minutely");
     spec.sinks = vec!["hook-a".into(), "hook-b".into()].into();
@@ -3804,7 +3530,7 @@ fn a_small_outbox_stays_bounded_and_counts_each_delivery_once() {
         note(effects, &mut sends);
     }
     assert!(keel.outbox().is_empty());
-    assert!(store.deliveries.is_empty());
+    assert!(store.deliveries().next().is_none());
     assert_eq!(
         (ended.len(), evicted),
         (4, 1),
