@@ -272,4 +272,56 @@ impl Scheduler {
         self.outbox.enqueue(self.now, &sinks, &payload);
         self.pump_outbox();
     }
+
+    /// Hands out the attempts a durable batch gated (persist before act), in grant order.
+    pub(super) fn hand_out_gated(
+        &mut self,
+        now: Timestamp,
+        gates: impl IntoIterator<Item = (RunId, Attempt)>,
+    ) {
+        let mut starts = Vec::new();
+        for (run_id, attempt) in gates {
+            // A run cancelled (or otherwise moved on) while its record was in flight is not
+            // started.
+            let Some(run) = self.runs.get(&run_id) else {
+                continue;
+            };
+            // Nothing new starts once shutdown began; the attempt is recovered at the next
+            // start.
+            if run.state != (RunState::Starting { attempt }) || self.shutting_down {
+                continue;
+            }
+            let (ttl, factor) = (self.config.lease.ttl_ms, self.config.backstop_factor);
+            let run = self.runs.get_mut(&run_id).expect("checked above");
+            let t = run.mark_running(now, ttl, factor);
+            let lease = run.lease.clone().expect("a starting run holds a lease");
+            let start = AttemptStart {
+                run: run_id,
+                job: run.job.clone(),
+                kind: run.kind.clone(),
+                payload: run.payload.clone(),
+                attempt,
+                idempotency_key: run.idempotency_key(),
+                trigger: run.trigger,
+                lease,
+                checkpoint: run.checkpoint.clone(),
+            };
+            self.resolve_incidents_of_run(run_id, "the run's next attempt is running");
+            self.after_run_transition(run_id, t, Actor::Scheduler);
+            starts.push(start);
+        }
+        // Hand out in grant order, so tokens handed out together rise with the hand-out. A
+        // grant is announced only now that it is durable (a token announced earlier could be
+        // granted again after a crash).
+        starts.sort_by_key(|start| start.lease.token);
+        for start in starts {
+            let granted = Event::LeaseGranted {
+                run: start.run,
+                owner: start.lease.owner.clone(),
+                token: start.lease.token,
+            };
+            self.effects.push_back(Effect::StartAttempt(start));
+            self.effects.push_back(Effect::Event(granted));
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! journal, and the batches built from the journal for the store.
 
 use super::*;
+use crate::persist::Group;
 
 impl Scheduler {
     /// Moves what the outbox produced into the journal, each in the group of the job whose
@@ -164,6 +165,64 @@ impl Scheduler {
             id: batch.id,
             at: self.now,
             records,
+        }
+    }
+
+    /// After batch acknowledgement: terminal runs whose final record is now durable leave
+    /// memory (they are history), and checkpoint saves the batch held are announced.
+    pub(super) fn acknowledge_runs(&mut self, now: Timestamp, groups: &[(JobId, Group)]) {
+        for (job, group) in groups {
+            for run_id in &group.runs {
+                if self.journal.run_pending(job, *run_id) {
+                    continue; // a newer write of the run is still to come
+                }
+                self.reclaim_failures.remove(run_id);
+                if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal()) {
+                    self.runs.remove(run_id);
+                    self.runs_by_job.remove(&(job.clone(), *run_id));
+                }
+            }
+            for (run, seq) in &group.checkpoints {
+                let saved = self
+                    .throttles
+                    .get_mut(run)
+                    .is_some_and(|t| t.acknowledged(*seq, now));
+                if saved {
+                    self.effects
+                        .push_back(Effect::Event(Event::CheckpointSaved {
+                            run: *run,
+                            seq: *seq,
+                        }));
+                }
+            }
+        }
+    }
+
+    /// After batch acknowledgement: deliveries whose record is durable may be sent, deleted
+    /// ones are forgotten, and the sends and delivery events the batch held are released.
+    pub(super) fn acknowledge_deliveries(&mut self, groups: &[(JobId, Group)]) {
+        for (_, group) in groups {
+            let durable: Vec<DeliveryId> = group
+                .deliveries
+                .iter()
+                .filter(|(_, write)| **write == JobWrite::Put)
+                .map(|(id, _)| *id)
+                .collect();
+            self.outbox.mark_durable(&durable);
+            for (id, write) in &group.deliveries {
+                if *write == JobWrite::Delete {
+                    self.delivery_jobs.remove(id);
+                }
+            }
+            self.effects
+                .extend(group.sends.iter().cloned().map(Effect::Deliver));
+            self.effects.extend(
+                group
+                    .events
+                    .iter()
+                    .cloned()
+                    .map(|e| Effect::Event(Event::Delivery(e))),
+            );
         }
     }
 }

@@ -629,105 +629,15 @@ impl Scheduler {
         let now = self.clamp(now);
         // Announced after what the write released.
         let recovered = self.store_failing.take();
-        // Terminal runs whose final record is now durable leave memory: they are history.
-        for (job, group) in &batch.groups {
-            for run_id in &group.runs {
-                if self.journal.run_pending(job, *run_id) {
-                    continue; // a newer write of the run is still to come
-                }
-                self.reclaim_failures.remove(run_id);
-                if self.runs.get(run_id).is_some_and(|r| r.state.is_terminal()) {
-                    self.runs.remove(run_id);
-                    self.runs_by_job.remove(&(job.clone(), *run_id));
-                }
-            }
-            for (run, seq) in &group.checkpoints {
-                let saved = self
-                    .throttles
-                    .get_mut(run)
-                    .is_some_and(|t| t.acknowledged(*seq, now));
-                if saved {
-                    self.effects
-                        .push_back(Effect::Event(Event::CheckpointSaved {
-                            run: *run,
-                            seq: *seq,
-                        }));
-                }
-            }
-        }
-        for (_, group) in &batch.groups {
-            let durable: Vec<DeliveryId> = group
-                .deliveries
-                .iter()
-                .filter(|(_, write)| **write == JobWrite::Put)
-                .map(|(id, _)| *id)
-                .collect();
-            self.outbox.mark_durable(&durable);
-            for (id, write) in &group.deliveries {
-                if *write == JobWrite::Delete {
-                    self.delivery_jobs.remove(id);
-                }
-            }
-            self.effects
-                .extend(group.sends.iter().cloned().map(Effect::Deliver));
-            self.effects.extend(
-                group
-                    .events
-                    .iter()
-                    .cloned()
-                    .map(|e| Effect::Event(Event::Delivery(e))),
-            );
-        }
+        self.acknowledge_runs(now, &batch.groups);
+        self.acknowledge_deliveries(&batch.groups);
         // Deliveries that just became durable may be due already.
         if !self.shutting_down {
             self.outbox.handle_timeout(now);
         }
         self.pump_outbox();
         let gates = batch.groups.into_iter().flat_map(|(_, group)| group.gates);
-        let mut starts = Vec::new();
-        for (run_id, attempt) in gates {
-            // A run cancelled (or otherwise moved on) while its record was in flight is not
-            // started.
-            let Some(run) = self.runs.get(&run_id) else {
-                continue;
-            };
-            // Nothing new starts once shutdown began; the attempt is recovered at the next
-            // start.
-            if run.state != (RunState::Starting { attempt }) || self.shutting_down {
-                continue;
-            }
-            let (ttl, factor) = (self.config.lease.ttl_ms, self.config.backstop_factor);
-            let run = self.runs.get_mut(&run_id).expect("checked above");
-            let t = run.mark_running(now, ttl, factor);
-            let lease = run.lease.clone().expect("a starting run holds a lease");
-            let start = AttemptStart {
-                run: run_id,
-                job: run.job.clone(),
-                kind: run.kind.clone(),
-                payload: run.payload.clone(),
-                attempt,
-                idempotency_key: run.idempotency_key(),
-                trigger: run.trigger,
-                lease,
-                checkpoint: run.checkpoint.clone(),
-            };
-            self.resolve_incidents_of_run(run_id, "the run's next attempt is running");
-            self.after_run_transition(run_id, t, Actor::Scheduler);
-            starts.push(start);
-        }
-        // Hand out in grant order, so tokens handed out together rise with the hand-out. A
-        // grant is announced only now that it is durable (a token announced earlier could be
-        // granted again after a crash).
-        starts.sort_by_key(|start| start.lease.token);
-        for start in starts {
-            let granted = Event::LeaseGranted {
-                run: start.run,
-                owner: start.lease.owner.clone(),
-                token: start.lease.token,
-            };
-            self.effects.push_back(Effect::StartAttempt(start));
-            self.effects.push_back(Effect::Event(granted));
-        }
+        self.hand_out_gated(now, gates);
         if let Some((failing_since, failures)) = recovered {
             self.effects.push_back(Effect::Event(Event::StoreRecovered {
                 failing_since,
