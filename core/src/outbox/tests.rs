@@ -53,6 +53,23 @@ fn events(outbox: &mut Outbox) -> Vec<OutboxEvent> {
     std::iter::from_fn(|| outbox.poll_event()).collect()
 }
 
+/// The `Finished` event of a delivery of run 1 to `hook` (as `durable_one` makes).
+fn finished(
+    id: DeliveryId,
+    status: DeliveryStatus,
+    attempts: u32,
+    error: Option<&str>,
+) -> OutboxEvent {
+    OutboxEvent::Finished {
+        id,
+        sink: sink("hook"),
+        run: RunId(1),
+        status,
+        attempts,
+        error: error.map(String::from),
+    }
+}
+
 fn transient(retry_after_ms: Option<u64>) -> DeliveryResult {
     DeliveryResult::Transient {
         error: "HTTP 503".into(),
@@ -121,14 +138,7 @@ fn delivered_finishes_success_once_and_deletes_the_record() {
     outbox.check_invariants();
     assert_eq!(
         events(&mut outbox),
-        vec![OutboxEvent::Finished {
-            id,
-            sink: sink("hook"),
-            run: RunId(1),
-            status: DeliveryStatus::Success,
-            attempts: 1,
-            error: None,
-        }]
+        vec![finished(id, DeliveryStatus::Success, 1, None)]
     );
     assert!(outbox.is_empty());
     assert_eq!(outbox.take_writes(), (vec![], vec![id]));
@@ -150,14 +160,12 @@ fn a_404_is_permanent_and_never_retried() {
     outbox.check_invariants();
     assert_eq!(
         events(&mut outbox),
-        vec![OutboxEvent::Finished {
+        vec![finished(
             id,
-            sink: sink("hook"),
-            run: RunId(1),
-            status: DeliveryStatus::Permanent,
-            attempts: 1,
-            error: Some("HTTP 404: no such hook".into()),
-        }]
+            DeliveryStatus::Permanent,
+            1,
+            Some("HTTP 404: no such hook")
+        )]
     );
     assert!(outbox.is_empty());
     assert_eq!(outbox.poll_timeout(), None);
@@ -200,14 +208,7 @@ fn transient_failures_back_off_30_s_then_60_s_then_exhaust_after_3_attempts() {
     outbox.check_invariants();
     assert_eq!(
         events(&mut outbox),
-        vec![OutboxEvent::Finished {
-            id,
-            sink: sink("hook"),
-            run: RunId(1),
-            status: DeliveryStatus::Exhausted,
-            attempts: 3,
-            error: Some("HTTP 503".into()),
-        }]
+        vec![finished(id, DeliveryStatus::Exhausted, 3, Some("HTTP 503"))]
     );
     assert!(outbox.is_empty());
     assert_eq!(outbox.poll_timeout(), None);
@@ -580,14 +581,12 @@ fn restore_exhausts_a_delivery_whose_last_attempt_was_cut_short() {
     assert_eq!(restored.take_writes(), (vec![], vec![id]));
     assert_eq!(
         events(&mut restored),
-        vec![OutboxEvent::Finished {
+        vec![finished(
             id,
-            sink: sink("hook"),
-            run: RunId(1),
-            status: DeliveryStatus::Exhausted,
-            attempts: 3,
-            error: Some("attempt 3 was cut short by a restart".into()),
-        }]
+            DeliveryStatus::Exhausted,
+            3,
+            Some("attempt 3 was cut short by a restart")
+        )]
     );
 }
 
