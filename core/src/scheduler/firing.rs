@@ -178,22 +178,9 @@ impl Scheduler {
     /// records fold into one, so a slow store cannot make a job's pending writes grow.
     pub(super) fn note_dropped(&mut self, id: &JobId, slots: u64, at_least: bool, reason: String) {
         let state = job_state_name(&self.jobs[id].state);
-        let seq = self.next_seq();
-        self.journal.audit_drop(
-            AuditRecord {
-                seq,
-                at: self.now,
-                job: id.clone(),
-                run: None,
-                attempt: None,
-                fencing_token: None,
-                old: Some(state),
-                new: state,
-                actor: Actor::Scheduler,
-                reason: reason.clone(),
-            },
-            slots,
-        );
+        let record =
+            self.job_audit_record(id, Some(state), state, Actor::Scheduler, reason.clone());
+        self.journal.audit_drop(record, slots);
         let count = if at_least {
             format!("at least {slots}")
         } else {

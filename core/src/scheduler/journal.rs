@@ -65,8 +65,22 @@ impl Scheduler {
         actor: Actor,
         reason: &str,
     ) {
+        let record = self.job_audit_record(id, old, new, actor, crate::run::truncate(reason));
+        self.journal.audit(record);
+    }
+
+    /// An audit record of a change to job `id` itself (no run), numbered with the next audit
+    /// sequence number.
+    pub(super) fn job_audit_record(
+        &mut self,
+        id: &JobId,
+        old: Option<StateName>,
+        new: StateName,
+        actor: Actor,
+        reason: String,
+    ) -> AuditRecord {
         let seq = self.next_seq();
-        self.journal.audit(AuditRecord {
+        AuditRecord {
             seq,
             at: self.now,
             job: id.clone(),
@@ -76,8 +90,8 @@ impl Scheduler {
             old,
             new,
             actor,
-            reason: crate::run::truncate(reason),
-        });
+            reason,
+        }
     }
 
     pub(super) fn audit_run(
