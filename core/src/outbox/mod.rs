@@ -174,10 +174,12 @@ impl DeliveryPolicy {
 
     /// The backoff after failed attempt number `failed` (1-based), before `Retry-After`.
     pub fn backoff_ms(&self, failed: u32) -> u64 {
-        let exponent = i32::try_from(failed.saturating_sub(1)).unwrap_or(i32::MAX);
-        let delay = self.backoff_base_ms as f64 * self.backoff_factor.powi(exponent);
-        // `as` saturates for floats above u64::MAX and maps NaN to 0; the cap bounds it anyway.
-        (delay as u64).min(self.backoff_cap_ms)
+        crate::retry::capped_backoff_ms(
+            self.backoff_base_ms,
+            self.backoff_factor,
+            self.backoff_cap_ms,
+            failed,
+        )
     }
 
     /// The delay before the attempt after failed attempt `failed`: the backoff, or the sink's
