@@ -54,6 +54,24 @@ fn ack_all(s: &mut Scheduler, now: Timestamp) -> (Vec<AttemptStart>, Vec<RunId>)
     (started, stopped)
 }
 
+/// The start of minute `k` after 2026-01-01T00:01:00Z.
+fn minute(k: usize) -> Timestamp {
+    Timestamp::parse_rfc3339("2026-01-01T00:01:00Z")
+        .unwrap()
+        .plus_ms(k as u64 * 60_000)
+}
+
+/// Success, or a permanent failure with `message`.
+fn ok_or_permanent(ok: bool, message: &str) -> Outcome {
+    if ok {
+        Outcome::ok()
+    } else {
+        Outcome::Permanent {
+            message: message.into(),
+        }
+    }
+}
+
 /// A scheduler running two one-shot attempts of a job with one attempt in all: one its own,
 /// one an external worker's.
 fn shutdown_world() -> (Scheduler, Timestamp, AttemptStart, Claimed) {
@@ -177,19 +195,11 @@ fn a_job_failing_in_a_row_raises_one_incident_that_its_next_success_resolves() {
     let outcomes = [false, false, false, false, true, false];
     let mut opened_at = Vec::new();
     for (k, ok) in outcomes.into_iter().enumerate() {
-        let minute = Timestamp::parse_rfc3339("2026-01-01T00:01:00Z")
-            .unwrap()
-            .plus_ms(k as u64 * 60_000);
+        let minute = minute(k);
         s.handle_timeout(minute);
         let (started, _) = ack_all(&mut s, minute);
         for a in started {
-            let outcome = if ok && a.job == id {
-                Outcome::ok()
-            } else {
-                Outcome::Permanent {
-                    message: "exit 1".into(),
-                }
-            };
+            let outcome = ok_or_permanent(ok && a.job == id, "exit 1");
             s.handle_outcome(minute, a.run, a.lease.token, outcome)
                 .unwrap();
         }
@@ -229,18 +239,10 @@ fn a_job_notifying_on_failure_delivers_its_failures_only() {
     ack_all(&mut s, t0);
     let mut delivered = Vec::new();
     for (k, ok) in [true, false, true].into_iter().enumerate() {
-        let minute = Timestamp::parse_rfc3339("2026-01-01T00:01:00Z")
-            .unwrap()
-            .plus_ms(k as u64 * 60_000);
+        let minute = minute(k);
         s.handle_timeout(minute);
         for a in ack_all(&mut s, minute).0 {
-            let outcome = if ok {
-                Outcome::ok()
-            } else {
-                Outcome::Permanent {
-                    message: "down".into(),
-                }
-            };
+            let outcome = ok_or_permanent(ok, "down");
             s.handle_outcome(minute, a.run, a.lease.token, outcome)
                 .unwrap();
         }
