@@ -1,6 +1,7 @@
-//! Attempts and outcomes: starting an attempt (lease, persist before act), the bookkeeping
-//! after every run transition, settling a finished run into its job (SPEC R5) and queueing its
-//! result for delivery. Also the run due index and the claim queue.
+//! Attempts and outcomes: starting an attempt (lease, persist before act) and handing it out
+//! once the batch granting it is durable, the bookkeeping after every run transition, settling
+//! a finished run into its job (SPEC R5) and queueing its result for delivery. Also the run due
+//! index and the claim queue.
 
 use super::*;
 

@@ -1,5 +1,6 @@
 //! What the scheduler writes: audit records, the outbox's writes and sends moved into the
-//! journal, and the batches built from the journal for the store.
+//! journal, the batches built from the journal for the store, and what the store's
+//! acknowledgement of a batch releases (runs leave memory, deliveries may be sent).
 
 use super::*;
 use crate::persist::Group;

@@ -25,8 +25,8 @@
 //! | `effect.rs` | what the scheduler emits: [`Effect`], [`Event`], [`AttemptStart`], [`StopReason`] |
 //! | `restore.rs` | [`Scheduler::restore`]: rebuilding from a store's snapshot |
 //! | `firing.rs` | due jobs fire; slots are admitted, buffered or dropped; runs are created; tombstones |
-//! | `attempts.rs` | attempts start (persist before act); run transitions, settling and deliveries; the run due index |
-//! | `journal.rs` | audit records, the outbox's writes moved into the journal, and batches |
+//! | `attempts.rs` | attempts start, and are handed out once their grant is durable (persist before act); run transitions, settling and deliveries; the run due index |
+//! | `journal.rs` | audit records, the outbox's writes moved into the journal, batches, and what an acknowledged batch releases |
 //! | `workers.rs` | the worker protocol: claims and fenced writes, checkpoints, shutdown |
 //! | `supervise.rs` | applying the watchdog's decisions, and incidents |
 //! | `invariants.rs` | [`Scheduler::check_invariants`] |
