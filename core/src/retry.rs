@@ -147,10 +147,12 @@ impl RetryPolicy {
 
     /// The ceiling of the delay after failed attempt number `failed` (1-based).
     pub fn ceiling_ms(&self, failed: u32) -> u64 {
-        let exponent = i32::try_from(failed.saturating_sub(1)).unwrap_or(i32::MAX);
-        let ceiling = self.backoff_base_ms as f64 * self.backoff_factor.powi(exponent);
-        // `as` saturates for floats above u64::MAX and maps NaN to 0; the cap bounds it anyway.
-        (ceiling as u64).min(self.backoff_cap_ms)
+        capped_backoff_ms(
+            self.backoff_base_ms,
+            self.backoff_factor,
+            self.backoff_cap_ms,
+            failed,
+        )
     }
 
     /// Like [`RetryPolicy::decide`] for a retry that starts at once (after a crash): checks
@@ -181,6 +183,18 @@ impl RetryPolicy {
         }
         RetryDecision::RetryAfter { delay_ms }
     }
+}
+
+/// The capped exponential backoff after failed attempt number `failed` (1-based):
+/// `min(cap_ms, base_ms * factor^(failed - 1))`. One formula for job retries
+/// ([`RetryPolicy::ceiling_ms`]) and delivery retries ([`DeliveryPolicy::backoff_ms`]).
+///
+/// [`DeliveryPolicy::backoff_ms`]: crate::outbox::DeliveryPolicy::backoff_ms
+pub(crate) fn capped_backoff_ms(base_ms: u64, factor: f64, cap_ms: u64, failed: u32) -> u64 {
+    let exponent = i32::try_from(failed.saturating_sub(1)).unwrap_or(i32::MAX);
+    let delay = base_ms as f64 * factor.powi(exponent);
+    // `as` saturates for floats above u64::MAX and maps NaN to 0; the cap bounds it anyway.
+    (delay as u64).min(cap_ms)
 }
 
 #[cfg(test)]

@@ -50,15 +50,8 @@ impl Scheduler {
         run.watch.timeout_at = Some(new_deadline);
         run.extended = true;
         let job = run.job.clone();
-        self.journal.put_run(&job, run_id);
-        self.index_run(run_id);
-        self.audit_run(
-            run_id,
-            Some(StateName::Running),
-            StateName::Running,
-            Actor::Operator,
-            &format!("timeout extended to {new_deadline} (once per run): {reason}"),
-        );
+        let reason = format!("timeout extended to {new_deadline} (once per run): {reason}");
+        self.rewatch(&job, run_id, Actor::Operator, &reason);
         Ok(new_deadline)
     }
 
@@ -107,18 +100,11 @@ impl Scheduler {
             WatchAction::Timeout { kill_at } => {
                 run.watch.kill_at = Some(kill_at);
                 let timeout = run.timeout_ms.unwrap_or_default();
-                self.journal.put_run(&job, id);
-                self.index_run(id);
-                self.audit_run(
-                    id,
-                    Some(StateName::Running),
-                    StateName::Running,
-                    Actor::Watchdog,
-                    &format!(
-                        "attempt {attempt} timed out after {timeout} ms; asked to stop, killed at \
-                         {kill_at} unless it stops"
-                    ),
+                let reason = format!(
+                    "attempt {attempt} timed out after {timeout} ms; asked to stop, killed at \
+                     {kill_at} unless it stops"
                 );
+                self.rewatch(&job, id, Actor::Watchdog, &reason);
                 self.effects.push_back(Effect::CancelAttempt {
                     run: id,
                     attempt,
@@ -152,6 +138,20 @@ impl Scheduler {
                 );
             }
         }
+    }
+
+    /// A running attempt's watch changed (a deadline moved) but its state did not: persist the
+    /// run, put it where its next deadline says, and audit the change.
+    fn rewatch(&mut self, job: &JobId, id: RunId, actor: Actor, reason: &str) {
+        self.journal.put_run(job, id);
+        self.index_run(id);
+        self.audit_run(
+            id,
+            Some(StateName::Running),
+            StateName::Running,
+            actor,
+            reason,
+        );
     }
 
     /// A batch carrying these runs failed: a reclaim whose record fails to persist twice
