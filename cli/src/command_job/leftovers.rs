@@ -310,7 +310,7 @@ pub fn kill_leftovers(dir: &Path) -> io::Result<Vec<Leftover>> {
             removed(&path, &mut found);
             continue;
         }
-        match super::kill_group(record.pgid) {
+        match super::group::kill_group(record.pgid) {
             Ok(()) => killed.push((record, path)),
             // The command may have ended since it was looked at.
             Err(_) if decide(&record) != Decision::Kill && !group_alive(record.pgid) => {

@@ -1,0 +1,400 @@
+//! Reading the command's output: control lines, the kept tail, signs of life (module docs of
+//! [`super`], "Talking to keel" and "Output").
+
+use std::sync::{Mutex, PoisonError};
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{output, HEARTBEAT_INTERVAL, LINE_MAX_BYTES, READ_CHUNK_BYTES};
+
+/// What the output readers tell the attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Control {
+    /// The command wrote something (sent at most once a second per stream).
+    Activity,
+    /// A `::keel checkpoint` line.
+    Checkpoint(String),
+    /// A `::keel progress` line.
+    Progress { phase: String, message: String },
+    /// A `::keel summary` line: the run's summary if it succeeds (the last such line wins).
+    Summary(String),
+}
+
+pub(super) fn lock(tail: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
+    // A reader never panics while holding the lock; if one did, its bytes are still good.
+    tail.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads stdout: control lines go to the attempt, other bytes to `tail`.
+pub(super) async fn read_stdout(
+    pipe: Option<impl AsyncRead + Unpin>,
+    tail: &Mutex<Tail>,
+    mut kept: Option<&mut output::Kept>,
+    tx: mpsc::Sender<Control>,
+) {
+    let Some(mut pipe) = pipe else {
+        return;
+    };
+    let mut chunk = vec![0; READ_CHUNK_BYTES];
+    let mut lines = Lines::new(LINE_MAX_BYTES);
+    let mut pieces = Vec::new();
+    let mut pulse = Pulse::default();
+    loop {
+        let n = match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if let Some(kept) = kept.as_deref_mut() {
+            kept.write(&chunk[..n]);
+        }
+        if pulse.due(Instant::now()) && tx.send(Control::Activity).await.is_err() {
+            return;
+        }
+        lines.push(&chunk[..n], &mut pieces);
+        if !forward(&mut pieces, tail, &tx).await {
+            return;
+        }
+    }
+    lines.finish(&mut pieces);
+    forward(&mut pieces, tail, &tx).await;
+}
+
+/// Hands control lines to the attempt and the rest to `tail`; false if the attempt is gone.
+pub(super) async fn forward(
+    pieces: &mut Vec<Piece>,
+    tail: &Mutex<Tail>,
+    tx: &mpsc::Sender<Control>,
+) -> bool {
+    for piece in pieces.drain(..) {
+        match piece {
+            Piece::Line(line) => match parse_control(&line) {
+                Some(control) => {
+                    if tx.send(control).await.is_err() {
+                        return false;
+                    }
+                }
+                None => lock(tail).push(&line),
+            },
+            Piece::Text(text) => lock(tail).push(&text),
+        }
+    }
+    true
+}
+
+/// Reads stderr into `tail`.
+pub(super) async fn read_stderr(
+    pipe: Option<impl AsyncRead + Unpin>,
+    tail: &Mutex<Tail>,
+    mut kept: Option<&mut output::Kept>,
+    tx: mpsc::Sender<Control>,
+) {
+    let Some(mut pipe) = pipe else {
+        return;
+    };
+    let mut chunk = vec![0; READ_CHUNK_BYTES];
+    let mut pulse = Pulse::default();
+    loop {
+        let n = match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        lock(tail).push(&chunk[..n]);
+        if let Some(kept) = kept.as_deref_mut() {
+            kept.write(&chunk[..n]);
+        }
+        if pulse.due(Instant::now()) && tx.send(Control::Activity).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The control line in `line` (with its line ending), if it is one (module docs).
+pub(super) fn parse_control(line: &[u8]) -> Option<Control> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let line = std::str::from_utf8(line).ok()?;
+    let rest = line.strip_prefix("::keel ")?;
+    let (command, argument) = match rest.split_once(' ') {
+        Some((command, argument)) => (command, Some(argument)),
+        None => (rest, None),
+    };
+    match command {
+        "checkpoint" => Some(Control::Checkpoint(argument.unwrap_or("").to_string())),
+        "summary" => Some(Control::Summary(argument.unwrap_or("").to_string())),
+        "progress" => {
+            let argument = argument.filter(|a| !a.is_empty())?;
+            let (phase, message) = argument.split_once(' ').unwrap_or((argument, ""));
+            if phase.is_empty() {
+                return None;
+            }
+            Some(Control::Progress {
+                phase: phase.to_string(),
+                message: message.to_string(),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A piece of stdout.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Piece {
+    /// A whole line, with its `\n` (the last line may lack it): maybe a control line.
+    Line(Vec<u8>),
+    /// Part of a line too long to be a control line: ordinary output.
+    Text(Vec<u8>),
+}
+
+/// Splits a byte stream into lines, holding at most `max` bytes of an unfinished line.
+#[derive(Debug)]
+pub(super) struct Lines {
+    pending: Vec<u8>,
+    /// The line being read outgrew `max`: the rest of it is ordinary output.
+    overlong: bool,
+    max: usize,
+}
+
+impl Lines {
+    pub(super) fn new(max: usize) -> Lines {
+        Lines {
+            pending: Vec::new(),
+            overlong: false,
+            max,
+        }
+    }
+
+    pub(super) fn push(&mut self, mut bytes: &[u8], out: &mut Vec<Piece>) {
+        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
+            self.pending.extend_from_slice(&bytes[..=end]);
+            bytes = &bytes[end + 1..];
+            let line = std::mem::take(&mut self.pending);
+            // Overlong whether it came in pieces or in one read: the same line is treated
+            // the same however the pipe splits it.
+            let overlong = std::mem::take(&mut self.overlong) || line.len() - 1 > self.max;
+            out.push(if overlong {
+                Piece::Text(line)
+            } else {
+                Piece::Line(line)
+            });
+        }
+        self.pending.extend_from_slice(bytes);
+        if self.pending.len() > self.max {
+            self.overlong = true;
+            out.push(Piece::Text(std::mem::take(&mut self.pending)));
+        }
+    }
+
+    pub(super) fn finish(&mut self, out: &mut Vec<Piece>) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let rest = std::mem::take(&mut self.pending);
+        out.push(if self.overlong {
+            Piece::Text(rest)
+        } else {
+            Piece::Line(rest)
+        });
+    }
+}
+
+/// The last `max` bytes of a stream.
+#[derive(Debug)]
+pub(super) struct Tail {
+    bytes: Vec<u8>,
+    max: usize,
+    /// Bytes pushed in all.
+    seen: u64,
+}
+
+impl Tail {
+    pub(super) fn new(max: usize) -> Tail {
+        Tail {
+            bytes: Vec::new(),
+            max,
+            seen: 0,
+        }
+    }
+
+    pub(super) fn push(&mut self, bytes: &[u8]) {
+        self.seen += bytes.len() as u64;
+        if bytes.len() >= self.max {
+            self.bytes.clear();
+            self.bytes
+                .extend_from_slice(&bytes[bytes.len() - self.max..]);
+            return;
+        }
+        self.bytes.extend_from_slice(bytes);
+        // Trimmed in batches, so a stream of small writes costs amortised O(1) per byte.
+        if self.bytes.len() >= 2 * self.max {
+            let excess = self.bytes.len() - self.max;
+            self.bytes.drain(..excess);
+        }
+    }
+
+    /// The tail as text: invalid UTF-8 replaced, a character cut in half at the start dropped.
+    pub(super) fn text(&self) -> String {
+        let mut kept = &self.bytes[self.bytes.len().saturating_sub(self.max)..];
+        if self.seen > kept.len() as u64 {
+            // Skip the continuation bytes of a character whose start was dropped.
+            let partial = kept
+                .iter()
+                .take(3)
+                .take_while(|&&b| b & 0b1100_0000 == 0b1000_0000)
+                .count();
+            kept = &kept[partial..];
+        }
+        String::from_utf8_lossy(kept).into_owned()
+    }
+}
+
+/// Rate-limits signs of life, on tokio's clock rather than a timer: `due` is true at most once
+/// per [`HEARTBEAT_INTERVAL`].
+#[derive(Debug, Default)]
+pub(super) struct Pulse {
+    last: Option<Instant>,
+}
+
+impl Pulse {
+    pub(super) fn due(&mut self, now: Instant) -> bool {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < HEARTBEAT_INTERVAL)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+
+    pub(super) fn mark(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn control_lines_are_parsed_exactly_and_anything_else_is_output() {
+        let checkpoint = |data: &str| Some(Control::Checkpoint(data.to_string()));
+        let progress = |phase: &str, message: &str| {
+            Some(Control::Progress {
+                phase: phase.to_string(),
+                message: message.to_string(),
+            })
+        };
+        let parse = |line: &str| parse_control(line.as_bytes());
+        assert_eq!(
+            parse("::keel checkpoint {\"page\": 3}\n"),
+            checkpoint("{\"page\": 3}")
+        );
+        assert_eq!(
+            parse("::keel checkpoint  two  spaces \r\n"),
+            checkpoint(" two  spaces ")
+        );
+        assert_eq!(parse("::keel checkpoint\n"), checkpoint(""));
+        assert_eq!(parse("::keel checkpoint "), checkpoint(""));
+        assert_eq!(
+            parse("::keel progress upload 3 of 10 files\n"),
+            progress("upload", "3 of 10 files")
+        );
+        assert_eq!(parse("::keel progress upload\n"), progress("upload", ""));
+        assert_eq!(parse("::keel progress\n"), None);
+        assert_eq!(parse("::keel progress \n"), None);
+        assert_eq!(parse("::keel progress  x\n"), None);
+        assert_eq!(parse("::keel heartbeat\n"), None);
+        assert_eq!(parse("::keel  checkpoint x\n"), None);
+        assert_eq!(parse("::keelcheckpoint x\n"), None);
+        assert_eq!(parse(" ::keel checkpoint x\n"), None);
+        assert_eq!(parse("echo ::keel checkpoint x\n"), None);
+        assert_eq!(parse_control(b"::keel checkpoint \xff\n"), None);
+    }
+
+    #[test]
+    fn lines_are_split_across_reads_and_an_overlong_line_is_plain_output() {
+        let mut lines = Lines::new(8);
+        let mut out = Vec::new();
+        lines.push(b"ab", &mut out);
+        lines.push(b"c\nde\nf", &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Piece::Line(b"abc\n".to_vec()),
+                Piece::Line(b"de\n".to_vec())
+            ]
+        );
+        out.clear();
+        lines.push(b"0123456789", &mut out);
+        assert_eq!(out, vec![Piece::Text(b"f0123456789".to_vec())]);
+        out.clear();
+        lines.push(b"rest\nnext", &mut out);
+        assert_eq!(
+            out,
+            vec![Piece::Text(b"rest\n".to_vec())],
+            "the same long line"
+        );
+        out.clear();
+        lines.finish(&mut out);
+        assert_eq!(out, vec![Piece::Line(b"next".to_vec())]);
+        // An overlong line that arrives in one read is plain output too; one of `max` bytes
+        // (its newline aside) is a line.
+        let mut lines = Lines::new(8);
+        out.clear();
+        lines.push(b"012345678\n01234567\n", &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Piece::Text(b"012345678\n".to_vec()),
+                Piece::Line(b"01234567\n".to_vec())
+            ]
+        );
+        out.clear();
+        lines.finish(&mut out);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes_as_valid_text() {
+        let mut tail = Tail::new(5);
+        tail.push(b"hello ");
+        tail.push(b"wor");
+        tail.push(b"ld");
+        assert_eq!(tail.text(), "world");
+        for _ in 0..100 {
+            tail.push(b"xy");
+        }
+        assert!(
+            tail.bytes.len() < 2 * 5 + 2,
+            "bounded: {}",
+            tail.bytes.len()
+        );
+        assert_eq!(tail.text(), "yxyxy");
+        // A character cut in half at the start is dropped, not replaced.
+        let mut tail = Tail::new(4);
+        tail.push("aé€".as_bytes()); // a, 2 bytes, 3 bytes
+        assert_eq!(tail.text(), "€");
+        let mut tail = Tail::new(8);
+        tail.push(b"ok \xff");
+        assert_eq!(tail.text(), "ok \u{fffd}");
+        let mut none = Tail::new(0);
+        none.push(b"anything");
+        assert_eq!(none.text(), "");
+    }
+
+    #[test]
+    fn a_pulse_is_due_at_most_once_a_second() {
+        let t0 = Instant::now();
+        let mut pulse = Pulse::default();
+        assert!(pulse.due(t0));
+        assert!(!pulse.due(t0 + Duration::from_millis(999)));
+        assert!(pulse.due(t0 + Duration::from_millis(1_000)));
+        pulse.mark(t0 + Duration::from_millis(1_500));
+        assert!(!pulse.due(t0 + Duration::from_millis(2_000)));
+        assert!(pulse.due(t0 + Duration::from_millis(2_500)));
+    }
+}
