@@ -3,6 +3,7 @@
 
 use std::sync::{Mutex, PoisonError};
 
+use keel_runtime::child::Tail;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -199,56 +200,6 @@ impl Lines {
     }
 }
 
-/// The last `max` bytes of a stream.
-#[derive(Debug)]
-pub(super) struct Tail {
-    bytes: Vec<u8>,
-    max: usize,
-    /// Bytes pushed in all.
-    seen: u64,
-}
-
-impl Tail {
-    pub(super) fn new(max: usize) -> Tail {
-        Tail {
-            bytes: Vec::new(),
-            max,
-            seen: 0,
-        }
-    }
-
-    pub(super) fn push(&mut self, bytes: &[u8]) {
-        self.seen += bytes.len() as u64;
-        if bytes.len() >= self.max {
-            self.bytes.clear();
-            self.bytes
-                .extend_from_slice(&bytes[bytes.len() - self.max..]);
-            return;
-        }
-        self.bytes.extend_from_slice(bytes);
-        // Trimmed in batches, so a stream of small writes costs amortised O(1) per byte.
-        if self.bytes.len() >= 2 * self.max {
-            let excess = self.bytes.len() - self.max;
-            self.bytes.drain(..excess);
-        }
-    }
-
-    /// The tail as text: invalid UTF-8 replaced, a character cut in half at the start dropped.
-    pub(super) fn text(&self) -> String {
-        let mut kept = &self.bytes[self.bytes.len().saturating_sub(self.max)..];
-        if self.seen > kept.len() as u64 {
-            // Skip the continuation bytes of a character whose start was dropped.
-            let partial = kept
-                .iter()
-                .take(3)
-                .take_while(|&&b| b & 0b1100_0000 == 0b1000_0000)
-                .count();
-            kept = &kept[partial..];
-        }
-        String::from_utf8_lossy(kept).into_owned()
-    }
-}
-
 /// Rate-limits signs of life, on tokio's clock rather than a timer: `due` is true at most once
 /// per [`HEARTBEAT_INTERVAL`].
 #[derive(Debug, Default)]
@@ -356,34 +307,6 @@ mod tests {
         out.clear();
         lines.finish(&mut out);
         assert!(out.is_empty());
-    }
-
-    #[test]
-    fn the_tail_keeps_the_last_bytes_as_valid_text() {
-        let mut tail = Tail::new(5);
-        tail.push(b"hello ");
-        tail.push(b"wor");
-        tail.push(b"ld");
-        assert_eq!(tail.text(), "world");
-        for _ in 0..100 {
-            tail.push(b"xy");
-        }
-        assert!(
-            tail.bytes.len() < 2 * 5 + 2,
-            "bounded: {}",
-            tail.bytes.len()
-        );
-        assert_eq!(tail.text(), "yxyxy");
-        // A character cut in half at the start is dropped, not replaced.
-        let mut tail = Tail::new(4);
-        tail.push("aé€".as_bytes()); // a, 2 bytes, 3 bytes
-        assert_eq!(tail.text(), "€");
-        let mut tail = Tail::new(8);
-        tail.push(b"ok \xff");
-        assert_eq!(tail.text(), "ok \u{fffd}");
-        let mut none = Tail::new(0);
-        none.push(b"anything");
-        assert_eq!(none.text(), "");
     }
 
     #[test]

@@ -180,6 +180,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_core::Outcome;
+use keel_runtime::child::{Tail, OUTPUT_OPEN_AFTER_EXIT_MAX};
 use keel_runtime::{AttemptContext, Handler};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -194,7 +195,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-use capture::{lock, read_stderr, read_stdout, Control, Pulse, Tail};
+use capture::{lock, read_stderr, read_stdout, Control, Pulse};
 #[cfg(unix)]
 use gate::open_gate;
 use group::{signal_group, GroupGuard};
@@ -240,10 +241,6 @@ const TERM_GRACE: Duration = if cfg!(test) {
 } else {
     Duration::from_secs(10)
 };
-
-/// How long output is still read after the command exited, for a background process that
-/// holds the pipes open.
-const OUTPUT_DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// The handler for jobs of kind [`KIND`]: runs the command of the job's payload (see the
 /// module docs).
@@ -396,7 +393,7 @@ async fn run_attempt(
                     group.reaped();
                 }
                 status = Some(result);
-                drain_until = Some(Instant::now() + OUTPUT_DRAIN_AFTER_EXIT);
+                drain_until = Some(Instant::now() + OUTPUT_OPEN_AFTER_EXIT_MAX);
             }
             () = ctx.cancelled(), if stopping.is_none() && status.is_none() => {
                 signal_group(pid, "TERM", &mut child).await;

@@ -6,6 +6,7 @@ use std::process::ExitStatus;
 
 use keel_core::text::{ceil_char_boundary, floor_char_boundary};
 use keel_core::{limits, Outcome};
+use keel_runtime::child::start_error_is_lasting;
 
 use super::{CommandSpec, ExitCodes, SUMMARY_MAX_BYTES, TERM_GRACE};
 
@@ -221,12 +222,16 @@ pub(super) fn spawn_failed(spec: &CommandSpec, error: &std::io::Error) -> Outcom
         None => String::new(),
     };
     let message = format!("cannot start {}{place}: {error}", spec.label());
-    match error.kind() {
-        ErrorKind::NotFound
-        | ErrorKind::PermissionDenied
-        | ErrorKind::InvalidInput
-        | ErrorKind::ArgumentListTooLong => Outcome::Permanent { message },
-        _ => Outcome::Retryable { message },
+    // Arguments the system refuses (a NUL byte, too long a list) are refused again next time.
+    let lasting = start_error_is_lasting(error)
+        || matches!(
+            error.kind(),
+            ErrorKind::InvalidInput | ErrorKind::ArgumentListTooLong
+        );
+    if lasting {
+        Outcome::Permanent { message }
+    } else {
+        Outcome::Retryable { message }
     }
 }
 
