@@ -197,23 +197,13 @@ fn worker_protocol_without_a_daemon() {
 
     // A token that is not the current lease is refused, and changes nothing.
     place
-        .keel(&["worker", "complete", &run, "--token", &stale])
+        .complete(&run, &stale, None)
         .expect_code(2)
         .expect_stderr("is not the current lease");
-    place
-        .keel(&[
-            "worker",
-            "complete",
-            &run,
-            "--token",
-            &token,
-            "--summary",
-            "3 pages",
-        ])
-        .expect_code(0);
+    place.complete(&run, &token, Some("3 pages")).expect_code(0);
     // Completing twice: the run has finished.
     place
-        .keel(&["worker", "complete", &run, "--token", &token])
+        .complete(&run, &token, None)
         .expect_code(2)
         .expect_stderr("no active run");
     let shown = place.json(&["runs", "show", &run, "--json"]);
@@ -308,15 +298,7 @@ fn doctor_fails_on_a_damaged_store_and_repair_recovers_it() {
             >= 1
     );
     place.keel(&["doctor"]).expect_code(0);
-    let incidents = place.json(&["incidents", "--json"]);
-    assert!(
-        incidents
-            .as_array()
-            .expect("a list")
-            .iter()
-            .any(|i| i["kind"] == "store_repaired"),
-        "{incidents}"
-    );
+    place.expect_incident("store_repaired");
     place
         .keel(&["job", "add", "third", "--every", "1h", "--", "true"])
         .expect_code(0);
@@ -373,7 +355,7 @@ fn doctor_checks_the_fallback_generation_and_a_deleted_newest_log() {
 #[test]
 fn doctor_repair_is_refused_while_a_daemon_runs() {
     let place = Place::new("doctor-repair-daemon");
-    let config = place.write("keel.toml", "");
+    let config = place.config("");
     let daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
     place
@@ -524,7 +506,7 @@ fn operator_mistakes_get_messages_that_name_the_real_problem() {
     refused.expect_stderr("is not a directory");
 
     // A command whose output would clear the screen and retitle the terminal, failing for good.
-    let config = place.write("keel.toml", "");
+    let config = place.config("");
     let mut daemon = place.daemon(&config);
     let escape = "printf '\\033[2J\\033]0;pwned\\007' >&2; exit 1";
     place

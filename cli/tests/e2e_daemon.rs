@@ -17,8 +17,7 @@ use common::*;
 #[test]
 fn the_daemon_runs_config_jobs_serves_the_socket_and_stops_on_sigterm() {
     let place = Place::new("daemon");
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [daemon]
 shutdown_budget = "5s"
@@ -85,26 +84,10 @@ payload = "scene-1"
     let token = claimed["token"].as_u64().expect("a token");
     daemon.wait_for(&["claimed by worker w1"]);
     place
-        .keel(&[
-            "worker",
-            "complete",
-            &run,
-            "--token",
-            &(token + 1).to_string(),
-        ])
+        .complete(&run, token + 1, None)
         .expect_code(2)
         .expect_stderr("is not the current lease");
-    place
-        .keel(&[
-            "worker",
-            "complete",
-            &run,
-            "--token",
-            &token.to_string(),
-            "--summary",
-            "ok",
-        ])
-        .expect_code(0);
+    place.complete(&run, token, Some("ok")).expect_code(0);
     daemon.wait_for(&["of job render succeeded"]);
 
     // Management commands go through the daemon too.
@@ -155,8 +138,7 @@ fn sigterm_lets_commands_finish_within_the_budget_and_what_it_stops_resumes_unpa
     // `sleep` it starts, which inherits the ignored SIGTERM) runs in a process group of its
     // own, whose id is the shell's pid. Its next attempt succeeds at once. `quick` finishes
     // 1.5 s after it started, well within the budget. Each job has one attempt in all.
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [daemon]
 shutdown_budget = "4s"
@@ -236,8 +218,7 @@ command = ["sh", "-c", "echo '::keel checkpoint started'; sleep 1.5; echo finish
 #[test]
 fn a_second_daemon_waits_and_takes_over_and_no_slot_runs_twice() {
     let place = Place::new("standby");
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [[job]]
 name = "tick"
@@ -260,8 +241,7 @@ command = ["echo", "tick"]
     second.wait_for(&["took over"]);
     second.wait_for(&["ready"]);
     second.wait_for_n(2, &["of job tick succeeded"]);
-    second.signal("TERM");
-    assert!(second.wait_exit().success(), "{}", second.log());
+    second.stop();
 
     // Read the store directly: each slot belongs to one run.
     let runs = place.json(&["runs", "--json", "--job", "tick", "--limit", "1000"]);
@@ -302,11 +282,10 @@ fn a_run_triggered_without_a_daemon_starts_when_the_daemon_does() {
     let runs = place.json(&["runs", "--json"]);
     assert_eq!(runs[0]["state"], "backing_off", "{runs}");
 
-    let config = place.write("keel.toml", "");
+    let config = place.config("");
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&[&format!("run-{run} of job manual succeeded"), "by hand"]);
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
 }
 
 #[test]
@@ -315,8 +294,8 @@ fn a_daemon_killed_mid_attempt_is_recovered_at_once_by_the_next() {
     // Each attempt writes its pid, its process group's id, to pgid-N. The first saves a
     // checkpoint and waits for the gate in a child process; the second, resumed from the
     // checkpoint, saves one too and waits for the gate itself.
-    place.write(
-        "job.sh",
+    let config = place.script_job(
+        "slow",
         r#"echo $$ > "pgid-$KEEL_ATTEMPT"
 if [ "$KEEL_ATTEMPT" = 1 ]; then
   echo '::keel checkpoint half'
@@ -326,16 +305,6 @@ fi
 echo '::keel checkpoint again'
 read -r _ < gate
 echo "resumed from $KEEL_CHECKPOINT"
-"#,
-    );
-    let config = place.write(
-        "keel.toml",
-        r#"
-[[job]]
-name = "slow"
-at = "+0s"
-cwd = "."
-command = ["sh", "job.sh"]
 "#,
     );
     let gate = Gate::new(place.path("gate"));
@@ -397,18 +366,15 @@ command = ["sh", "job.sh"]
         started.elapsed()
     );
     assert!(!second.log().contains("reclaimed"), "{}", second.log());
-    second.signal("TERM");
-    assert!(second.wait_exit().success(), "{}", second.log());
+    second.stop();
     assert_eq!(records(&place), Vec::<String>::new());
 }
 
 #[test]
 fn a_bad_config_is_refused_before_anything_starts() {
     let place = Place::new("bad-config");
-    let config = place.write(
-        "keel.toml",
-        "[[job]]\nname = \"x\"\nevery = \"1m\"\ncommand = [\"true\"]\nretries = 3\n",
-    );
+    let config =
+        place.config("[[job]]\nname = \"x\"\nevery = \"1m\"\ncommand = [\"true\"]\nretries = 3\n");
     place
         .keel(&["run", "--config", config.to_str().expect("utf-8")])
         .expect_code(2)
@@ -436,24 +402,14 @@ fn a_daemon_killed_after_a_checkpoint_resumes_the_run_from_it() {
     // Each attempt writes its environment to env-N. The first saves a checkpoint and blocks on
     // the gate, which stays shut: only the restarted daemon's attempt, which resumes from the
     // checkpoint, gets past it.
-    place.write(
-        "job.sh",
+    let config = place.script_job(
+        "resumable",
         r#"env > "env-$KEEL_ATTEMPT"
 if [ -z "${KEEL_CHECKPOINT+set}" ]; then
   echo '::keel checkpoint step-1'
   read -r _ < gate
 fi
 echo "finished from ${KEEL_CHECKPOINT:-the start}"
-"#,
-    );
-    let config = place.write(
-        "keel.toml",
-        r#"
-[[job]]
-name = "resumable"
-at = "+0s"
-cwd = "."
-command = ["sh", "job.sh"]
 "#,
     );
     let gate = Gate::new(place.path("gate"));
@@ -473,14 +429,8 @@ command = ["sh", "job.sh"]
         &format!("{run} of job resumable succeeded"),
         "finished from step-1",
     ]);
-    second.signal("TERM");
-    assert!(second.wait_exit().success(), "{}", second.log());
-    assert_eq!(
-        second.count(&[&format!("{run} of job resumable succeeded")]),
-        1,
-        "{}",
-        second.log()
-    );
+    second.stop();
+    second.expect_count(1, &[&format!("{run} of job resumable succeeded")]);
 
     let shown = place.json(&["runs", "show", &run, "--json"]);
     assert_eq!(shown["run"]["state"], "succeeded", "{shown}");
@@ -507,8 +457,7 @@ fn library_warnings_reach_stderr_once_and_keel_log_silences_them() {
     let place = Place::new("log");
     // A checkpoint of 65,550 bytes: over the 64 KiB command jobs may save, so the handler logs
     // a warning (and the line is not saved).
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [[job]]
 name = "big"
@@ -526,22 +475,20 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
             && warning.contains("65550 bytes"),
         "{warning}"
     );
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
     // The runtime's copy of each event is not printed: the daemon prints its own line.
     assert!(
         !daemon.log().contains("keel_runtime::observe"),
         "{}",
         daemon.log()
     );
-    assert_eq!(daemon.count(&["WARN"]), 1, "{}", daemon.log());
+    daemon.expect_count(1, &["WARN"]);
 
     let mut quiet = place.daemon_with_env(&config, &[("KEEL_LOG", "off")]);
     quiet.wait_for(&["ready"]);
     let run = run_number(&place.json(&["job", "trigger", "big", "--json"])["run"]["run"]);
     quiet.wait_for(&[&format!("run-{run} of job big succeeded")]);
-    quiet.signal("TERM");
-    assert!(quiet.wait_exit().success(), "{}", quiet.log());
+    quiet.stop();
     assert!(!quiet.log().contains("WARN"), "{}", quiet.log());
 }
 
@@ -562,7 +509,7 @@ name = "dropped"
 every = "1h"
 command = ["true"]
 "#;
-    let config = place.write("keel.toml", first);
+    let config = place.config(first);
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
     place
@@ -570,8 +517,7 @@ command = ["true"]
         .expect_code(0);
     // A change made through the daemon is a line in its log (SPEC O5).
     daemon.wait_for(&["job by-hand: added by a command"]);
-    place.write(
-        "keel.toml",
+    place.config(
         r#"
 [[job]]
 name = "kept"
@@ -605,7 +551,7 @@ command = ["true"]
         .contains("defined in"));
 
     // A broken file: logged, nothing changes, the daemon runs on.
-    place.write("keel.toml", "[[job]]\nname = \"kept\"\nevery = \"soon\"\n");
+    place.config("[[job]]\nname = \"kept\"\nevery = \"soon\"\n");
     daemon.signal("HUP");
     daemon.wait_for(&["reload failed; the jobs stay as they were"]);
     // The reason is on the next line of the log: wait for it, not for the log so far.
@@ -627,8 +573,7 @@ command = ["true"]
         history.stdout()
     );
     place.keel(&["job", "history", "never-was"]).expect_code(2);
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
 }
 
 /// The control socket reads a request line up to 4 MiB: a longer one is refused and the
@@ -637,7 +582,7 @@ command = ["true"]
 fn an_overlong_request_on_the_control_socket_is_refused_not_buffered() {
     use std::io::{BufRead, Write as _};
     let place = Place::new("overlong");
-    let config = place.write("keel.toml", "");
+    let config = place.config("");
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["ready"]);
     let socket = place.data().join("keel.sock");
@@ -653,6 +598,5 @@ fn an_overlong_request_on_the_control_socket_is_refused_not_buffered() {
     assert!(answer.contains("request longer than"), "{answer}");
     // The daemon is fine: the next client is answered.
     place.keel(&["job", "ls"]).expect_code(0);
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
 }

@@ -14,8 +14,7 @@ use common::*;
 #[test]
 fn an_external_worker_that_goes_silent_loses_its_lease_and_its_token_goes_stale() {
     let place = Place::new("lease");
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [daemon]
 lease_ttl = "1s"
@@ -52,7 +51,7 @@ payload = "scene-9"
     )]);
     daemon.wait_for(&["incident", "opened (lease_reclaimed)"]);
     place
-        .keel(&["worker", "complete", &run, "--token", &old.to_string()])
+        .complete(&run, old, None)
         .expect_code(2)
         .expect_stderr(&format!("token-{old} is not the current lease"));
 
@@ -60,33 +59,17 @@ payload = "scene-9"
     assert_eq!(second["run"].to_string(), run, "{second}");
     let new = second["token"].as_u64().expect("a token");
     assert!(new > old, "token-{new} after token-{old}");
-    place
-        .keel(&[
-            "worker",
-            "complete",
-            &run,
-            "--token",
-            &new.to_string(),
-            "--summary",
-            "rendered",
-        ])
-        .expect_code(0);
+    place.complete(&run, new, Some("rendered")).expect_code(0);
     daemon.wait_for(&[&format!("run-{run} of job render succeeded"), "rendered"]);
     // The old token stays refused.
     place
-        .keel(&["worker", "complete", &run, "--token", &old.to_string()])
+        .complete(&run, old, None)
         .expect_code(2)
         .expect_stderr("no active run");
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
 
     // It succeeded once, under the second lease.
-    assert_eq!(
-        daemon.count(&[&format!("run-{run} of job render succeeded")]),
-        1,
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_count(1, &[&format!("run-{run} of job render succeeded")]);
     let shown = place.json(&["runs", "show", &run, "--json"]);
     assert_eq!(shown["run"]["state"], "succeeded", "{shown}");
     assert_eq!(shown["run"]["summary"], "rendered", "{shown}");
@@ -94,15 +77,7 @@ payload = "scene-9"
     let successes: Vec<&Value> = audit.iter().filter(|r| r["to"] == "succeeded").collect();
     assert_eq!(successes.len(), 1, "{shown}");
     assert_eq!(successes[0]["token"], format!("token-{new}"), "{shown}");
-    let incidents = place.json(&["incidents", "--json"]);
-    assert!(
-        incidents
-            .as_array()
-            .expect("a list")
-            .iter()
-            .any(|i| i["kind"] == "lease_reclaimed"),
-        "{incidents}"
-    );
+    place.expect_incident("lease_reclaimed");
 }
 
 #[test]
@@ -112,10 +87,8 @@ fn webhook_deliveries_retry_a_503_once_and_drop_a_404() {
     hook.route("/flaky", &[503], 200);
     hook.route("/gone", &[], 404);
     let (flaky, gone) = (hook.url("/flaky"), hook.url("/gone"));
-    let config = place.write(
-        "keel.toml",
-        &format!(
-            r#"
+    let config = place.config(&format!(
+        r#"
 [daemon]
 delivery_backoff = "100ms"
 delivery_attempts = 3
@@ -132,8 +105,7 @@ at = "+0s"
 command = ["echo", "done"]
 notify = ["{gone}"]
 "#
-        ),
-    );
+    ));
     let mut daemon = place.daemon(&config);
     // The log names a webhook by scheme and host only (paths and queries hold secrets).
     let host = hook.url("/");
@@ -142,8 +114,7 @@ notify = ["{gone}"]
     let dropped = daemon.wait_for(&["result delivery to", &host, "permanent after 1 attempt(s)"]);
     assert!(!daemon.log().contains("/flaky") && !daemon.log().contains("/gone"));
     assert!(dropped.contains("404"), "{dropped}");
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
 
     // Stopped: nothing more can arrive. Two requests for the 503, the same delivery both times.
     let requests = hook.received("/flaky");
@@ -167,24 +138,14 @@ notify = ["{gone}"]
     assert_eq!(body["state"], "succeeded", "{body}");
     assert_eq!(body["summary"], "done", "{body}");
     assert_eq!(format!("run-{}", body["run"]), run_of(&delivered));
-    assert_eq!(
-        daemon.count(&[&host, "success after"]),
-        1,
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_count(1, &[&host, "success after"]);
     // One request for the 404, never retried.
     let requests = hook.received("/gone");
     assert_eq!(requests.len(), 1, "{requests:?}");
     assert_eq!(requests[0].status, 404);
     assert_eq!(requests[0].body["job"], "gone-hook");
     // The 503's one retry is the only one: the 404 was never retried.
-    assert_eq!(
-        daemon.count(&["result delivery to", "will retry"]),
-        1,
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_count(1, &["result delivery to", "will retry"]);
 }
 
 #[test]
@@ -193,10 +154,8 @@ fn a_delivery_pending_when_the_daemon_stops_is_sent_by_the_next_start() {
     let hook = Hook::start();
     hook.route("/later", &[], 503);
     let url = hook.url("/later");
-    let config = place.write(
-        "keel.toml",
-        &format!(
-            r#"
+    let config = place.config(&format!(
+        r#"
 [daemon]
 delivery_backoff = "200ms"
 delivery_attempts = 10
@@ -207,16 +166,14 @@ at = "+0s"
 command = ["echo", "ready"]
 notify = ["{url}"]
 "#
-        ),
-    );
+    ));
     let mut first = place.daemon(&config);
     first.wait_for(&[
         "result delivery to",
         &hook.url("/"),
         "will retry (attempt 1)",
     ]);
-    first.signal("TERM");
-    assert!(first.wait_exit().success(), "{}", first.log());
+    first.stop();
     assert_eq!(
         first.count(&[&url, " after "]),
         0,
@@ -238,8 +195,7 @@ notify = ["{url}"]
         &hook.url("/"),
         &format!("success after {} attempt(s)", sent.len() + 1),
     ]);
-    second.signal("TERM");
-    assert!(second.wait_exit().success(), "{}", second.log());
+    second.stop();
     assert!(
         !second.log().contains("of job report succeeded"),
         "not run again"
@@ -265,8 +221,7 @@ notify = ["{url}"]
 #[test]
 fn a_job_failing_in_a_row_shows_it_and_raises_an_incident_until_it_succeeds() {
     let place = Place::new("failing");
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [daemon]
 failing_after = 2
@@ -319,7 +274,7 @@ fn a_job_added_to_a_running_daemon_notifies_its_failures_only() {
     let place = Place::new("notify-on");
     let hook = Hook::start();
     hook.route("/ops", &[], 200);
-    let config = place.write("keel.toml", "[daemon]\ndelivery_backoff = \"100ms\"\n");
+    let config = place.config("[daemon]\ndelivery_backoff = \"100ms\"\n");
     let mut daemon = place.daemon(&config);
     let ok = place.path("ok");
     let script = format!("test -e {}", ok.display());
@@ -343,8 +298,7 @@ fn a_job_added_to_a_running_daemon_notifies_its_failures_only() {
     daemon.wait_for_n(2, &["result delivery to", "success after 1 attempt(s)"]);
     std::fs::write(&ok, "").unwrap();
     daemon.wait_for_n(2, &["of job check succeeded"]);
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
     let posted = hook.received("/ops");
     assert!(posted.len() >= 2, "{posted:?}");
     assert!(
@@ -360,8 +314,7 @@ fn a_job_added_to_a_running_daemon_notifies_its_failures_only() {
 #[test]
 fn each_attempts_output_is_kept_and_readable_with_keel_logs() {
     let place = Place::new("logs");
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [[job]]
 name = "chatty"
@@ -412,25 +365,21 @@ fn named_webhooks_on_one_host_stay_apart_in_the_log() {
     let hook = Hook::start();
     hook.route("/ops", &[], 200);
     hook.route("/audit", &[], 200);
-    let config = place.write(
-        "keel.toml",
-        &format!(
-            r#"
+    let config = place.config(&format!(
+        r#"
 [[job]]
 name = "report"
 at = "+0s"
 command = ["echo", "done"]
 notify = ["ops={}", "audit={}"]
 "#,
-            hook.url("/ops"),
-            hook.url("/audit")
-        ),
-    );
+        hook.url("/ops"),
+        hook.url("/audit")
+    ));
     let mut daemon = place.daemon(&config);
     daemon.wait_for(&["result delivery to ops", "success"]);
     daemon.wait_for(&["result delivery to audit", "success"]);
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
     assert!(!daemon.log().contains("/ops") && !daemon.log().contains("/audit"));
     assert_eq!(hook.received("/ops").len(), 1);
     assert_eq!(hook.received("/audit").len(), 1);
@@ -441,8 +390,7 @@ notify = ["ops={}", "audit={}"]
 #[test]
 fn keel_logs_follow_prints_a_running_commands_output_until_the_run_ends() {
     let place = Place::new("follow");
-    let config = place.write(
-        "keel.toml",
+    let config = place.config(
         r#"
 [[job]]
 name = "slow"
@@ -459,6 +407,5 @@ command = ["echo one; sleep 1; echo two"]
     follow.expect_stdout("one\n");
     follow.expect_stdout("two\n");
     daemon.wait_for(&["of job slow succeeded: two"]);
-    daemon.signal("TERM");
-    assert!(daemon.wait_exit().success(), "{}", daemon.log());
+    daemon.stop();
 }

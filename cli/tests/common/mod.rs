@@ -52,6 +52,27 @@ impl Place {
         path
     }
 
+    /// Writes the daemon's config, `keel.toml`.
+    pub fn config(&self, toml: &str) -> PathBuf {
+        self.write("keel.toml", toml)
+    }
+
+    /// Writes `script` as `job.sh`, and a config with one job, `name`, that runs it with `sh`
+    /// once at the start, in this place's directory (where the gate and the files it writes
+    /// are).
+    pub fn script_job(&self, name: &str, script: &str) -> PathBuf {
+        self.write("job.sh", script);
+        self.config(&format!(
+            r#"
+[[job]]
+name = "{name}"
+at = "+0s"
+cwd = "."
+command = ["sh", "job.sh"]
+"#
+        ))
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
         // Hermetic: the default log filter, and webhooks on 127.0.0.1 reached directly.
@@ -101,6 +122,35 @@ impl Place {
         done.expect_code(0);
         serde_json::from_str(&done.stdout())
             .unwrap_or_else(|e| panic!("keel {args:?} printed no JSON ({e}):\n{}", done.stdout()))
+    }
+
+    /// `keel worker complete RUN --token TOKEN`, with `--summary` if given.
+    pub fn complete(
+        &self,
+        run: &str,
+        token: impl std::fmt::Display,
+        summary: Option<&str>,
+    ) -> Done {
+        let token = token.to_string();
+        let mut args = vec!["worker", "complete", run, "--token", &token];
+        if let Some(summary) = summary {
+            args.extend(["--summary", summary]);
+        }
+        self.keel(&args)
+    }
+
+    /// Checks that `keel incidents` lists one of `kind`.
+    #[track_caller]
+    pub fn expect_incident(&self, kind: &str) {
+        let incidents = self.json(&["incidents", "--json"]);
+        assert!(
+            incidents
+                .as_array()
+                .expect("a list")
+                .iter()
+                .any(|i| i["kind"] == kind),
+            "{incidents}"
+        );
     }
 
     pub fn daemon(&self, config: &Path) -> Daemon {
@@ -243,6 +293,19 @@ impl Daemon {
             .iter()
             .filter(|line| words.iter().all(|w| line.contains(w)))
             .count()
+    }
+
+    /// Checks that exactly `count` lines so far contain every one of `words`.
+    #[track_caller]
+    pub fn expect_count(&self, count: usize, words: &[&str]) {
+        assert_eq!(self.count(words), count, "{}", self.log());
+    }
+
+    /// Stops the daemon with SIGTERM and checks that it exits cleanly.
+    #[track_caller]
+    pub fn stop(&mut self) {
+        self.signal("TERM");
+        assert!(self.wait_exit().success(), "{}", self.log());
     }
 
     pub fn signal(&self, signal: &str) {
