@@ -30,36 +30,22 @@ pub(super) fn lock(tail: &Mutex<Tail>) -> std::sync::MutexGuard<'_, Tail> {
 
 /// Reads stdout: control lines go to the attempt, other bytes to `tail`.
 pub(super) async fn read_stdout(
-    pipe: Option<impl AsyncRead + Unpin>,
+    mut stream: Stream<'_, impl AsyncRead + Unpin>,
     tail: &Mutex<Tail>,
-    mut kept: Option<&mut output::Kept>,
-    tx: mpsc::Sender<Control>,
 ) {
-    let Some(mut pipe) = pipe else {
-        return;
-    };
-    let mut chunk = vec![0; READ_CHUNK_BYTES];
     let mut lines = Lines::new(LINE_MAX_BYTES);
     let mut pieces = Vec::new();
-    let mut pulse = Pulse::default();
-    loop {
-        let n = match pipe.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if let Some(kept) = kept.as_deref_mut() {
-            kept.write(&chunk[..n]);
-        }
-        if pulse.due(Instant::now()) && tx.send(Control::Activity).await.is_err() {
-            return;
-        }
-        lines.push(&chunk[..n], &mut pieces);
-        if !forward(&mut pieces, tail, &tx).await {
+    while let Some(chunk) = stream.next().await {
+        lines.push(chunk, &mut pieces);
+        if !forward(&mut pieces, tail, &stream.tx).await {
             return;
         }
     }
+    if stream.gone {
+        return;
+    }
     lines.finish(&mut pieces);
-    forward(&mut pieces, tail, &tx).await;
+    forward(&mut pieces, tail, &stream.tx).await;
 }
 
 /// Hands control lines to the attempt and the rest to `tail`; false if the attempt is gone.
@@ -86,28 +72,60 @@ pub(super) async fn forward(
 
 /// Reads stderr into `tail`.
 pub(super) async fn read_stderr(
-    pipe: Option<impl AsyncRead + Unpin>,
+    mut stream: Stream<'_, impl AsyncRead + Unpin>,
     tail: &Mutex<Tail>,
-    mut kept: Option<&mut output::Kept>,
-    tx: mpsc::Sender<Control>,
 ) {
-    let Some(mut pipe) = pipe else {
-        return;
-    };
-    let mut chunk = vec![0; READ_CHUNK_BYTES];
-    let mut pulse = Pulse::default();
-    loop {
-        let n = match pipe.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
+    while let Some(chunk) = stream.next().await {
+        lock(tail).push(chunk);
+    }
+}
+
+/// One of the command's output streams, read a chunk at a time: each chunk is kept (when the
+/// handler keeps output) and is a sign of life, reported at most once per
+/// [`HEARTBEAT_INTERVAL`].
+pub(super) struct Stream<'a, R> {
+    /// `None` if the command has no such stream: nothing to read.
+    pipe: Option<R>,
+    chunk: Vec<u8>,
+    kept: Option<&'a mut output::Kept>,
+    pulse: Pulse,
+    tx: mpsc::Sender<Control>,
+    /// The attempt stopped listening.
+    gone: bool,
+}
+
+impl<'a, R: AsyncRead + Unpin> Stream<'a, R> {
+    pub(super) fn new(
+        pipe: Option<R>,
+        kept: Option<&'a mut output::Kept>,
+        tx: mpsc::Sender<Control>,
+    ) -> Self {
+        Stream {
+            pipe,
+            chunk: vec![0; READ_CHUNK_BYTES],
+            kept,
+            pulse: Pulse::default(),
+            tx,
+            gone: false,
+        }
+    }
+
+    /// The next chunk, kept and reported; `None` at the end of the stream, after a read
+    /// error, or once the attempt is gone (then `gone` is set).
+    async fn next(&mut self) -> Option<&[u8]> {
+        let pipe = self.pipe.as_mut()?;
+        let n = match pipe.read(&mut self.chunk).await {
+            Ok(0) | Err(_) => return None,
             Ok(n) => n,
         };
-        lock(tail).push(&chunk[..n]);
-        if let Some(kept) = kept.as_deref_mut() {
-            kept.write(&chunk[..n]);
+        if let Some(kept) = self.kept.as_deref_mut() {
+            kept.write(&self.chunk[..n]);
         }
-        if pulse.due(Instant::now()) && tx.send(Control::Activity).await.is_err() {
-            return;
+        if self.pulse.due(Instant::now()) && self.tx.send(Control::Activity).await.is_err() {
+            self.gone = true;
+            return None;
         }
+        Some(&self.chunk[..n])
     }
 }
 

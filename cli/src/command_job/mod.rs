@@ -195,7 +195,7 @@ mod spec;
 #[cfg(test)]
 mod tests;
 
-use capture::{lock, read_stderr, read_stdout, Control, Pulse};
+use capture::{lock, read_stderr, read_stdout, Control, Pulse, Stream};
 #[cfg(unix)]
 use gate::open_gate;
 use group::{signal_group, GroupGuard};
@@ -356,13 +356,12 @@ async fn run_attempt(
     let (mut stdout_kept, mut stderr_kept) = (keep("stdout"), keep("stderr"));
     let (tx, mut rx) = mpsc::channel(CONTROL_QUEUE_MAX);
     let readers = {
-        let stdout = read_stdout(
-            child.stdout.take(),
-            &stdout_tail,
-            stdout_kept.as_mut(),
-            tx.clone(),
+        let stdout = Stream::new(child.stdout.take(), stdout_kept.as_mut(), tx.clone());
+        let stderr = Stream::new(child.stderr.take(), stderr_kept.as_mut(), tx);
+        let (stdout, stderr) = (
+            read_stdout(stdout, &stdout_tail),
+            read_stderr(stderr, &stderr_tail),
         );
-        let stderr = read_stderr(child.stderr.take(), &stderr_tail, stderr_kept.as_mut(), tx);
         async move {
             tokio::join!(stdout, stderr);
         }
