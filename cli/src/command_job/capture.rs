@@ -286,42 +286,28 @@ mod tests {
 
     #[test]
     fn lines_are_split_across_reads_and_an_overlong_line_is_plain_output() {
+        let line = |bytes: &[u8]| Piece::Line(bytes.to_vec());
+        let text = |bytes: &[u8]| Piece::Text(bytes.to_vec());
         let mut lines = Lines::new(8);
         let mut out = Vec::new();
         lines.push(b"ab", &mut out);
         lines.push(b"c\nde\nf", &mut out);
-        assert_eq!(
-            out,
-            vec![
-                Piece::Line(b"abc\n".to_vec()),
-                Piece::Line(b"de\n".to_vec())
-            ]
-        );
+        assert_eq!(out, vec![line(b"abc\n"), line(b"de\n")]);
         out.clear();
         lines.push(b"0123456789", &mut out);
-        assert_eq!(out, vec![Piece::Text(b"f0123456789".to_vec())]);
+        assert_eq!(out, vec![text(b"f0123456789")]);
         out.clear();
         lines.push(b"rest\nnext", &mut out);
-        assert_eq!(
-            out,
-            vec![Piece::Text(b"rest\n".to_vec())],
-            "the same long line"
-        );
+        assert_eq!(out, vec![text(b"rest\n")], "the same long line");
         out.clear();
         lines.finish(&mut out);
-        assert_eq!(out, vec![Piece::Line(b"next".to_vec())]);
+        assert_eq!(out, vec![line(b"next")]);
         // An overlong line that arrives in one read is plain output too; one of `max` bytes
         // (its newline aside) is a line.
         let mut lines = Lines::new(8);
         out.clear();
         lines.push(b"012345678\n01234567\n", &mut out);
-        assert_eq!(
-            out,
-            vec![
-                Piece::Text(b"012345678\n".to_vec()),
-                Piece::Line(b"01234567\n".to_vec())
-            ]
-        );
+        assert_eq!(out, vec![text(b"012345678\n"), line(b"01234567\n")]);
         out.clear();
         lines.finish(&mut out);
         assert!(out.is_empty());
