@@ -663,14 +663,7 @@ fn complete(place: &Place, out: Output, args: CompleteArgs) -> Result<(), Failur
         summary: args.summary,
         artifacts,
     };
-    call(
-        place,
-        &Request::Complete {
-            run,
-            token,
-            outcome,
-        },
-    )?;
+    end_attempt(place, run, token, outcome)?;
     out.print(&json!({ "run": run, "completed": true }), || {
         format!("{run}: completed\n")
     })
@@ -687,14 +680,7 @@ fn fail(place: &Place, out: Output, args: FailArgs) -> Result<(), Failure> {
             message: args.message,
         }
     };
-    call(
-        place,
-        &Request::Complete {
-            run,
-            token,
-            outcome,
-        },
-    )?;
+    end_attempt(place, run, token, outcome)?;
     out.print(
         &json!({ "run": run, "failed": true, "permanent": args.permanent }),
         || {
@@ -705,6 +691,24 @@ fn fail(place: &Place, out: Output, args: FailArgs) -> Result<(), Failure> {
             }
         },
     )
+}
+
+/// Ends the attempt that `token` holds on `run` with `outcome`, through the daemon.
+fn end_attempt(
+    place: &Place,
+    run: RunId,
+    token: FencingToken,
+    outcome: Outcome,
+) -> Result<(), Failure> {
+    call(
+        place,
+        &Request::Complete {
+            run,
+            token,
+            outcome,
+        },
+    )?;
+    Ok(())
 }
 
 fn attempt_of(args: &TokenArgs) -> Result<(RunId, FencingToken), Failure> {

@@ -66,6 +66,7 @@
 )]
 #![warn(missing_docs)]
 
+pub mod child;
 mod clock;
 mod driver;
 mod handler;

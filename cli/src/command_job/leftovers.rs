@@ -301,25 +301,15 @@ pub fn kill_leftovers(dir: &Path) -> io::Result<Vec<Leftover>> {
         };
         let decision = decide(&record);
         if decision != Decision::Kill {
-            found.push(Leftover::Left {
-                run: record.run,
-                attempt: record.attempt,
-                pgid: record.pgid,
-                decision,
-            });
+            found.push(left(&record, decision));
             removed(&path, &mut found);
             continue;
         }
-        match super::kill_group(record.pgid) {
+        match super::group::kill_group(record.pgid) {
             Ok(()) => killed.push((record, path)),
             // The command may have ended since it was looked at.
             Err(_) if decide(&record) != Decision::Kill && !group_alive(record.pgid) => {
-                found.push(Leftover::Left {
-                    run: record.run,
-                    attempt: record.attempt,
-                    pgid: record.pgid,
-                    decision: Decision::Ended,
-                });
+                found.push(left(&record, Decision::Ended));
                 removed(&path, &mut found);
             }
             Err(e) => found.push(Leftover::NotKilled {
@@ -344,6 +334,16 @@ pub fn kill_leftovers(dir: &Path) -> io::Result<Vec<Leftover>> {
         removed(&path, &mut found);
     }
     Ok(found)
+}
+
+/// The command of `record`, left alone because of `decision`.
+fn left(record: &Record, decision: Decision) -> Leftover {
+    Leftover::Left {
+        run: record.run,
+        attempt: record.attempt,
+        pgid: record.pgid,
+        decision,
+    }
 }
 
 /// Removes `path`, noting a failure in `found`.

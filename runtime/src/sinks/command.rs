@@ -13,6 +13,7 @@ use tokio::process::Command;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::delivery_json;
+use crate::child::{start_error_is_lasting, Tail, OUTPUT_OPEN_AFTER_EXIT_MAX};
 use crate::sink::{BoxFuture, Sink};
 
 /// How long the program may run, unless [`CommandSink::with_timeout`] says otherwise.
@@ -23,10 +24,6 @@ pub const EX_TEMPFAIL: i32 = 75;
 
 /// How much of the end of the program's stderr a failure quotes.
 const STDERR_TAIL_MAX_BYTES: usize = limits::DELIVERY_BODY_EXCERPT_MAX_BYTES;
-
-/// After the program exits, how long its stderr may stay open (held by a child it left
-/// behind) before the failure is reported with what was read so far.
-const STDERR_GRACE: Duration = Duration::from_secs(1);
 
 /// Why a [`CommandSink`] could not be built.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -116,7 +113,7 @@ impl CommandSink {
         let stdin = child.stdin.take();
         let stderr = child.stderr.take();
         let deadline = Instant::now() + self.timeout;
-        let mut tail = Vec::new();
+        let mut tail = Tail::new(STDERR_TAIL_MAX_BYTES);
         let status = {
             let feed = async move {
                 let Some(mut stdin) = stdin else { return };
@@ -140,7 +137,9 @@ impl CommandSink {
                 }
             };
             if status.is_some() && !collected {
-                let _ = timeout(STDERR_GRACE, &mut collect).await;
+                // After the exit, stderr may stay open (held by a child the program left behind): the
+                // failure is then reported with what was read so far.
+                let _ = timeout(OUTPUT_OPEN_AFTER_EXIT_MAX, &mut collect).await;
             }
             status
         };
@@ -173,7 +172,7 @@ impl Sink for CommandSink {
 }
 
 /// Exit 0 is delivered, [`EX_TEMPFAIL`] transient, anything else permanent.
-fn classify_exit(name: &str, status: ExitStatus, tail: &[u8]) -> DeliveryResult {
+fn classify_exit(name: &str, status: ExitStatus, tail: &Tail) -> DeliveryResult {
     if status.success() {
         return DeliveryResult::Delivered;
     }
@@ -191,43 +190,31 @@ fn classify_exit(name: &str, status: ExitStatus, tail: &[u8]) -> DeliveryResult 
 /// A program that is not there or not executable will not be on the next attempt either.
 fn spawn_failure(name: &str, error: &io::Error) -> DeliveryResult {
     let error_text = format!("cannot run {name}: {error}");
-    match error.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => {
-            DeliveryResult::Permanent { error: error_text }
-        }
-        _ => DeliveryResult::Transient {
-            error: error_text,
-            retry_after_ms: None,
-        },
+    if start_error_is_lasting(error) {
+        return DeliveryResult::Permanent { error: error_text };
+    }
+    DeliveryResult::Transient {
+        error: error_text,
+        retry_after_ms: None,
     }
 }
 
-/// Reads `from` to its end, keeping its last [`STDERR_TAIL_MAX_BYTES`] in `tail`, plus one
-/// byte that says whether anything was cut.
-async fn read_tail(from: Option<impl AsyncRead + Unpin>, tail: &mut Vec<u8>) {
+/// Reads `from` to its end into `tail`.
+async fn read_tail(from: Option<impl AsyncRead + Unpin>, tail: &mut Tail) {
     let Some(mut from) = from else { return };
     let mut buf = [0u8; 4096];
     loop {
         match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                tail.extend_from_slice(&buf[..n]);
-                if tail.len() > STDERR_TAIL_MAX_BYTES + 1 {
-                    let excess = tail.len() - STDERR_TAIL_MAX_BYTES - 1;
-                    tail.drain(..excess);
-                }
-            }
+            Ok(n) => tail.push(&buf[..n]),
         }
     }
 }
 
 /// `message`, then the stderr tail if there is one, marked `…` at its start if it was cut.
-fn with_tail(message: String, tail: &[u8]) -> String {
-    let (cut, tail) = match tail.len().checked_sub(STDERR_TAIL_MAX_BYTES) {
-        Some(excess) if excess > 0 => ("…", &tail[excess..]),
-        _ => ("", tail),
-    };
-    let text = String::from_utf8_lossy(tail);
+fn with_tail(message: String, tail: &Tail) -> String {
+    let cut = if tail.was_cut() { "…" } else { "" };
+    let text = String::from_utf8_lossy(tail.bytes());
     let text = text.trim();
     if text.is_empty() {
         return message;
