@@ -646,7 +646,7 @@ mod tests {
 
     #[test]
     fn a_success_is_not_noted_with_an_earlier_attempts_error() {
-        let mut run = keel_testkit::conformance::run(1, "backup", Timestamp(0));
+        let mut run = keel_harness::conformance::run(1, "backup", Timestamp(0));
         run.state = RunState::Succeeded;
         run.last_error = Some(keel_core::RunError {
             kind: keel_core::ErrorKind::Lost,

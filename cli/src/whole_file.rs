@@ -48,7 +48,7 @@ fn sync_dir(_dir: &Path) -> io::Result<()> {
 mod tests {
     use std::fs;
 
-    use keel_testkit::TempDir;
+    use keel_harness::TempDir;
 
     use super::*;
 

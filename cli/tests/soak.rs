@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_testkit::TempDir;
+use keel_harness::TempDir;
 use serde_json::Value;
 
 /// The longest any single wait may take before the test fails.

@@ -144,7 +144,7 @@ impl CommandSpec {
 
 #[cfg(all(test, unix))]
 mod tests {
-    use keel_testkit::TempDir;
+    use keel_harness::TempDir;
 
     use super::super::tests::{sh, spec};
     use super::*;

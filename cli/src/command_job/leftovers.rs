@@ -450,7 +450,7 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
 
-    use keel_testkit::TempDir;
+    use keel_harness::TempDir;
 
     use super::*;
 

@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn a_stream_keeps_its_newest_bytes_in_two_files_at_most() {
-        let tmp = keel_testkit::TempDir::created("keel-output");
+        let tmp = keel_harness::TempDir::created("keel-output");
         let mut kept = Kept::open(tmp.path(), RunId(7), Attempt(2), "stdout");
         let chunk = vec![b'x'; 400 * 1024];
         for _ in 0..3 {
@@ -179,7 +179,7 @@ mod tests {
 
     #[test]
     fn output_of_runs_the_store_pruned_goes() {
-        let tmp = keel_testkit::TempDir::created("keel-output");
+        let tmp = keel_harness::TempDir::created("keel-output");
         Kept::open(tmp.path(), RunId(1), Attempt(1), "stdout").write(b"old\n");
         let store = keel_testkit::SharedMemStore::new();
         assert_eq!(prune(tmp.path(), &store), 1);

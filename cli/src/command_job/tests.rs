@@ -9,8 +9,9 @@ use keel_core::{
     limits, Config, ErrorKind, Event, JobId, JobSpec, RetryPolicy, Run, RunId, RunState,
     ScheduleSpec, Store, Timestamp,
 };
+use keel_harness::TempDir;
 use keel_runtime::{Clock, Runtime, RuntimeHandle};
-use keel_testkit::{SharedMemStore, TempDir};
+use keel_testkit::SharedMemStore;
 use tokio::sync::broadcast;
 
 use super::*;

@@ -20,7 +20,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keel_testkit::TempDir;
+use keel_harness::TempDir;
 use serde_json::Value;
 
 /// The longest any single wait may take before the test fails.
