@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::promises::{checkpoint_seqs, expected_extend, own_attempts_in_progress, Promises};
 use keel_core::schedule::Due;
 use keel_core::{
     limits, Attempt, AttemptStart, Batch, CheckpointSave, Config, DeliveryId, DeliveryResult,
@@ -23,7 +24,6 @@ use keel_core::{
     SendRequest, Timestamp, WorkerId,
 };
 use keel_testkit::MemStore;
-
 
 mod schedule_parse;
 mod world;
@@ -730,18 +730,7 @@ pub fn core_events(data: &[u8]) {
         workers: (0..WORKERS)
             .map(|i| WorkerId::new(&format!("worker-{i}")).expect("a valid worker id"))
             .collect(),
-        claims: BTreeMap::new(),
-        extended: BTreeMap::new(),
-        killed: BTreeSet::new(),
-        must_write: BTreeMap::new(),
-        flushed: BTreeSet::new(),
-        sends: BTreeMap::new(),
-        sent: BTreeSet::new(),
-        answered: Vec::new(),
-        ended: BTreeSet::new(),
-        ended_ever: BTreeSet::new(),
-        awaiting_end: BTreeSet::new(),
-        uncounted: BTreeSet::new(),
+        promises: Promises::default(),
     };
     world.check();
     for op in ops {

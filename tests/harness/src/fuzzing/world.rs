@@ -59,33 +59,8 @@ pub(super) struct World {
     pub(super) acked_in_shutdown: bool,
     /// External workers.
     pub(super) workers: Vec<WorkerId>,
-    /// The worker of each claim this incarnation granted, by run.
-    pub(super) claims: BTreeMap<RunId, WorkerId>,
-    /// Extensions granted per run, in this incarnation or durable before it (SPEC W1).
-    pub(super) extended: BTreeMap<RunId, u32>,
-    /// Attempts the watchdog killed, whose kill is in memory or durable (SPEC W2).
-    pub(super) killed: BTreeSet<(RunId, Attempt)>,
-    /// Runs whose latest checkpoint save failed to persist: the attempt's next save must be
-    /// written, not throttled (SPEC C1).
-    pub(super) must_write: BTreeMap<RunId, Attempt>,
-    /// Checkpoint saves written by a flush rather than by a save.
-    pub(super) flushed: BTreeSet<(RunId, u64)>,
-    /// Sends released and not yet answered, by delivery.
-    pub(super) sends: BTreeMap<DeliveryId, SendRequest>,
-    /// Every `(delivery, attempt)` ever released, across crashes.
-    pub(super) sent: BTreeSet<(DeliveryId, u32)>,
-    /// Sends that are no longer current: answered, or lost in a crash.
-    pub(super) answered: Vec<(DeliveryId, u32)>,
-    /// Deliveries that ended and may not end again (SPEC D4; across a crash only those whose
-    /// end was durable).
-    pub(super) ended: BTreeSet<DeliveryId>,
-    /// Every delivery that ever ended.
-    pub(super) ended_ever: BTreeSet<DeliveryId>,
-    /// Deliveries whose end an acknowledged batch made durable and whose end event has not
-    /// been polled yet.
-    pub(super) awaiting_end: BTreeSet<DeliveryId>,
-    /// Deliveries whose durable end a crash kept from being counted (docs/semantics.md, D4).
-    pub(super) uncounted: BTreeSet<DeliveryId>,
+    /// What the scheduler promised (claims, W1, W2, C1, D1–D4).
+    pub(super) promises: Promises,
 }
 
 impl World {
@@ -101,7 +76,7 @@ impl World {
         );
         for run in self.sched.runs() {
             // SPEC W1: at most one extension per run, and the run's flag agrees.
-            let granted = self.extended.get(&run.id).copied().unwrap_or(0);
+            let granted = self.promises.extended.get(&run.id).copied().unwrap_or(0);
             assert!(
                 granted <= 1 && run.extended == (granted == 1),
                 "{}: extended {} with {granted} extensions granted",
@@ -110,7 +85,7 @@ impl World {
             );
         }
         // SPEC W2: a kill is sticky.
-        for (run, attempt) in &self.killed {
+        for (run, attempt) in &self.promises.killed {
             if let Some(r) = self.sched.run(*run) {
                 assert!(
                     r.killed >= Some(*attempt),
@@ -209,9 +184,9 @@ impl World {
             let Some(effect) = self.sched.poll_effect() else {
                 // SPEC D4: every end of delivery an acknowledgement made durable was counted.
                 assert!(
-                    self.awaiting_end.is_empty(),
+                    self.promises.awaiting_end.is_empty(),
                     "deliveries {:?} ended durably, but no event counted them",
-                    self.awaiting_end
+                    self.promises.awaiting_end
                 );
                 break;
             };
@@ -249,7 +224,7 @@ impl World {
                         killed.is_none_or(|k| k >= Some(attempt)),
                         "{run} attempt {attempt} killed, but the run says {killed:?}"
                     );
-                    self.killed.insert((run, attempt));
+                    self.promises.killed.insert((run, attempt));
                 }
                 Effect::Deliver(send) => self.deliver(send),
                 Effect::Event(event) => self.event(event),
@@ -296,7 +271,12 @@ impl World {
         // SPEC L1: the lease the store holds for the run (checked above), owned by the
         // executor or the worker that claimed it, a token never handed out before, above every
         // token handed out before the last restart; its grant is announced next.
-        let owner = self.claims.get(&run).unwrap_or(&self.local).clone();
+        let owner = self
+            .promises
+            .claims
+            .get(&run)
+            .unwrap_or(&self.local)
+            .clone();
         assert_eq!(lease.owner, owner, "{run} attempt {attempt}");
         assert_eq!(
             self.announce, None,
@@ -381,13 +361,13 @@ impl World {
                     .map(|s| s.attempt);
                 if let (Some(attempt), true) = (
                     attempt,
-                    latest == Some(seq) && !self.flushed.contains(&(run, seq)),
+                    latest == Some(seq) && !self.promises.flushed.contains(&(run, seq)),
                 ) {
-                    self.must_write.insert(run, attempt);
+                    self.promises.must_write.insert(run, attempt);
                 }
             }
             Event::CheckpointSaved { run, .. } => {
-                self.must_write.remove(&run);
+                self.promises.must_write.remove(&run);
             }
             Event::Delivery(event) => self.delivery_event(event),
             _ => {}
@@ -397,7 +377,9 @@ impl World {
     pub(super) fn ack(&mut self) {
         if let Some(batch) = self.in_flight.take() {
             self.store.apply(&batch);
-            self.awaiting_end.extend(deleted_deliveries(&batch));
+            self.promises
+                .awaiting_end
+                .extend(deleted_deliveries(&batch));
             self.acked_in_shutdown = self.sched.is_shutting_down();
             self.sched.handle_persisted(self.now, batch.id);
         }
@@ -572,35 +554,15 @@ impl World {
         if flags & 1 != 0 {
             if let Some(batch) = self.in_flight.take() {
                 self.store.apply(&batch);
-                self.uncounted.extend(deleted_deliveries(&batch));
+                self.promises.uncounted.extend(deleted_deliveries(&batch));
             }
         }
         self.in_flight = None;
-        self.uncounted.append(&mut self.awaiting_end);
+        self.promises.after_crash(&self.store);
         self.announce = None;
         self.acked_in_shutdown = false;
         let lost = std::mem::take(&mut self.started);
         self.stale.extend(lost.iter().map(|s| (s.run, s.token)));
-        let lost = std::mem::take(&mut self.sends);
-        self.answered
-            .extend(lost.into_values().map(|send| (send.id, send.attempt)));
-        self.claims.clear();
-        self.must_write.clear();
-        self.flushed.clear();
-        // What outlives the process is what the store holds. An end of delivery is announced
-        // only once durable, so a delivery ends once across crashes too; only an id above the
-        // durable counter (of a delivery never written) may be handed out again.
-        let next_delivery = self.store.meta().next_delivery;
-        self.ended.retain(|id| id.0 < next_delivery);
-        self.extended = self
-            .store
-            .runs()
-            .filter(|r| r.extended)
-            .map(|r| (r.id, 1))
-            .collect();
-        let store = &self.store;
-        self.killed
-            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
         self.floor = self.tokens.last().copied();
         // The clock may have moved either way across the restart.
         if flags & 2 != 0 {

@@ -151,7 +151,7 @@ impl World {
                 self.extend(usize::from(index), target, 1_000 * (1 + u64::from(by)));
             }
             CoreOp::Flush => {
-                let seqs = self.checkpoint_seqs();
+                let seqs = checkpoint_seqs(&self.sched);
                 self.sched.flush_checkpoints(now);
                 self.after_flush(&seqs);
             }
@@ -212,7 +212,7 @@ impl World {
                     .expect("a claimed run is in memory");
                 assert!(matches!(run.state, RunState::Starting { .. }));
                 assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
-                self.claims.insert(claimed.run, worker);
+                self.promises.claims.insert(claimed.run, worker);
                 Some(claimed.run)
             }
             other => panic!(
@@ -300,7 +300,7 @@ impl World {
             .save_checkpoint(self.now, s.run, s.token, data.clone())
             .unwrap_or_else(|e| panic!("checkpoint of executing {} ({}): {e}", s.run, s.token));
         let current = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
-        if self.must_write.remove(&s.run) == Some(s.attempt) {
+        if self.promises.must_write.remove(&s.run) == Some(s.attempt) {
             // SPEC C1: a failed save never throttles the next one away.
             assert!(
                 matches!(result, CheckpointSave::Saving { .. }),
@@ -336,41 +336,13 @@ impl World {
             2 if !runs.is_empty() => runs[index % runs.len()],
             _ => RunId(1_000_000 + index as u64),
         };
-        let now = self.sched.now().max(self.now);
-        let expected = match self.sched.run(run_id) {
-            None => Err(Rejected::UnknownRun(run_id)),
-            Some(run) if run.killed.is_some() => Err(Rejected::Killed(run_id)),
-            Some(run) if !matches!(run.state, RunState::Running { .. }) => {
-                Err(Rejected::NotRunning {
-                    run: run_id,
-                    state: run.state.name(),
-                })
-            }
-            Some(run) if run.extended => Err(Rejected::AlreadyExtended(run_id)),
-            Some(run) => match (run.watch.timeout_at, run.watch.kill_at) {
-                (None, _) => Err(Rejected::NoTimeout(run_id)),
-                (Some(_), Some(_)) => Err(Rejected::TimedOut(run_id)),
-                (Some(at), None) => {
-                    let extended = at.max(now).plus_ms(by_ms);
-                    Ok(run
-                        .watch
-                        .backstop_at
-                        .map_or(extended, |cap| extended.min(cap)))
-                }
-            },
-        };
+        let expected = expected_extend(&self.sched, run_id, self.now, by_ms);
         let before = self.sched.run(run_id).cloned();
         let timeout = self.sched.poll_timeout();
         let result = self.sched.extend(self.now, run_id, by_ms, "slow upstream");
         assert_eq!(result, expected, "extend({run_id}, {by_ms} ms)");
-        if self.killed.iter().any(|(run, _)| *run == run_id) {
-            assert_eq!(result, Err(Rejected::Killed(run_id)), "SPEC W2");
-        }
-        if result.is_ok() {
-            let granted = self.extended.entry(run_id).or_default();
-            *granted += 1;
-            assert_eq!(*granted, 1, "SPEC W1: {run_id} extended twice");
-        } else {
+        self.promises.extend_answered(run_id, &result);
+        if result.is_err() {
             assert_eq!(
                 self.sched.run(run_id),
                 before.as_ref(),
@@ -380,58 +352,28 @@ impl World {
         }
     }
 
-    /// The checkpoint sequence number of every run in memory.
-    pub(super) fn checkpoint_seqs(&self) -> BTreeMap<RunId, Option<u64>> {
-        self.sched
-            .runs()
-            .map(|r| (r.id, r.checkpoint.as_ref().map(|c| c.seq)))
-            .collect()
-    }
-
     /// After a flush: what it wrote is the save after a failed one, if any.
     pub(super) fn after_flush(&mut self, before: &BTreeMap<RunId, Option<u64>>) {
-        let written: Vec<(RunId, u64)> = self
-            .sched
-            .runs()
-            .filter_map(|r| {
-                let seq = r.checkpoint.as_ref().map(|c| c.seq)?;
-                (Some(seq) != before.get(&r.id).copied().flatten()).then_some((r.id, seq))
-            })
-            .collect();
-        for (run, seq) in written {
-            self.flushed.insert((run, seq));
-            self.must_write.remove(&run);
-        }
+        self.promises.flushed_since(&self.sched, before);
     }
 
     /// `Effect::Deliver`: only once the record of that attempt is durable, carrying a durable
     /// terminal result, never twice for one attempt (across crashes too).
     pub(super) fn deliver(&mut self, send: SendRequest) {
-        let (id, attempt) = (send.id, send.attempt);
-        assert!(
-            self.sent.insert((id, attempt)),
-            "{id} attempt {attempt} sent twice"
-        );
-        assert_eq!(
-            self.store.delivery(id).map(|d| d.state),
-            Some(DeliveryState::Sending { attempt }),
-            "{id} attempt {attempt} sent before its record was durable"
-        );
-        let run = self.store.run(send.payload.run);
-        assert!(
-            run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
-            "{id} carries a result the store does not hold: {run:?}"
-        );
-        let previous = self.sends.insert(id, send);
-        assert!(previous.is_none(), "{id}: two attempts in flight");
+        self.promises.sent(send, &self.store);
     }
 
     /// The sink answers the send at `index`: accepted.
     pub(super) fn answer(&mut self, index: usize, result: DeliveryResult) {
-        let Some(&id) = self.sends.keys().nth(index % self.sends.len().max(1)) else {
+        let Some(&id) = self
+            .promises
+            .sends
+            .keys()
+            .nth(index % self.promises.sends.len().max(1))
+        else {
             return;
         };
-        let send = self.sends.remove(&id).expect("picked");
+        let send = self.promises.sends.remove(&id).expect("picked");
         let state = self.sched.outbox().delivery(id).map(|d| d.state);
         assert_eq!(
             state,
@@ -442,18 +384,21 @@ impl World {
         self.sched
             .handle_delivery_result(self.now, id, send.attempt, result)
             .unwrap_or_else(|e| panic!("answer to {id} attempt {}: {e}", send.attempt));
-        self.answered.push((id, send.attempt));
+        self.promises.answered.push((id, send.attempt));
     }
 
     /// An answer that is not current is refused and changes nothing.
     pub(super) fn stale_answer(&mut self, index: usize, variant: u8) {
         let (id, attempt) = match variant % 3 {
-            0 if !self.answered.is_empty() => self.answered[index % self.answered.len()],
-            1 if !self.sends.is_empty() => {
+            0 if !self.promises.answered.is_empty() => {
+                self.promises.answered[index % self.promises.answered.len()]
+            }
+            1 if !self.promises.sends.is_empty() => {
                 let send = self
+                    .promises
                     .sends
                     .values()
-                    .nth(index % self.sends.len())
+                    .nth(index % self.promises.sends.len())
                     .expect("some");
                 (send.id, send.attempt + 1 + u32::from(variant >> 4))
             }
@@ -484,21 +429,7 @@ impl World {
         else {
             return;
         };
-        assert!(
-            self.ended.insert(id),
-            "SPEC D4: {id} ended (was counted) twice"
-        );
-        self.ended_ever.insert(id);
-        // Announced only once the end is durable (a delivery never written ends at once).
-        assert!(
-            self.store.delivery(id).is_none(),
-            "{id} ended before its end was durable"
-        );
-        self.awaiting_end.remove(&id);
-        assert!(
-            !self.sends.contains_key(&id),
-            "{id} ended with its send unanswered"
-        );
+        self.promises.ended(id, &self.store);
     }
 
     /// `begin_shutdown`: the scheduler's own attempts in progress are listed (they go on, with
@@ -508,19 +439,8 @@ impl World {
         if self.sched.is_shutting_down() {
             return;
         }
-        let seqs = self.checkpoint_seqs();
-        let running: BTreeSet<(RunId, Attempt)> = self
-            .sched
-            .runs()
-            .filter(|r| {
-                let worker = self.sched.worker();
-                r.lease.as_ref().is_some_and(|l| &l.owner == worker)
-            })
-            .filter_map(|r| match r.state {
-                RunState::Running { attempt, .. } => Some((r.id, attempt)),
-                _ => None,
-            })
-            .collect();
+        let seqs = checkpoint_seqs(&self.sched);
+        let running = own_attempts_in_progress(&self.sched);
         let in_flight = self.sched.outbox().in_flight();
         let shutdown = self.sched.begin_shutdown(self.now);
         let listed: BTreeSet<(RunId, Attempt)> = shutdown.attempts.iter().copied().collect();
@@ -529,7 +449,7 @@ impl World {
             "begin_shutdown lists the own attempts in progress"
         );
         assert_eq!(shutdown.deliveries, in_flight);
-        for id in self.sends.keys() {
+        for id in self.promises.sends.keys() {
             assert!(shutdown.deliveries.contains(id), "{id} is being sent");
         }
         self.after_flush(&seqs);
@@ -572,18 +492,13 @@ impl World {
             while !self.started.is_empty() {
                 self.report(0, success.clone());
             }
-            while !self.sends.is_empty() {
+            while !self.promises.sends.is_empty() {
                 self.answer(0, DeliveryResult::Delivered);
             }
             self.drain(PersistMode::Ack);
             self.check();
             if self.settled() {
-                let missing: Vec<&DeliveryId> = self
-                    .store
-                    .ever_delivered()
-                    .difference(&self.ended_ever)
-                    .filter(|id| !self.uncounted.contains(id))
-                    .collect();
+                let missing = self.promises.never_ended(&self.store);
                 assert!(
                     missing.is_empty(),
                     "SPEC D4: {missing:?} stored but never ended"
@@ -634,7 +549,7 @@ impl World {
         self.in_flight.is_none()
             && self.sched.is_quiescent()
             && self.started.is_empty()
-            && self.sends.is_empty()
+            && self.promises.sends.is_empty()
             && self.sched.runs().all(|r| r.state.is_terminal())
             && self.store.runs().all(|r| r.state.is_terminal())
             && self.sched.outbox().is_empty()

@@ -92,11 +92,13 @@ use keel_core::{
     OverflowPolicy, OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState,
     ScheduleSpec, Scheduler, SendRequest, Timestamp, Trigger, WorkerId,
 };
+use keel_harness::promises::{
+    checkpoint_seqs, expected_extend, own_attempts_in_progress, Promises,
+};
 use keel_testkit::MemStore;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
-
 
 mod regressions;
 mod scenario;
@@ -253,39 +255,10 @@ struct World {
     last_tick: Timestamp,
     /// External workers.
     workers: Vec<WorkerId>,
-    /// The worker of each claim this incarnation granted, by run.
-    claims: BTreeMap<RunId, WorkerId>,
-    /// Extensions granted per run: in this incarnation, or durable before it (SPEC W1).
-    extended: BTreeMap<RunId, u32>,
-    /// Attempts the watchdog killed (`Effect::KillAttempt`) whose kill is in memory or durable:
-    /// their run's `killed` stays set (SPEC W2).
-    killed: BTreeSet<(RunId, Attempt)>,
-    /// Runs whose last checkpoint save failed to persist (`Event::CheckpointFailed`), with the
-    /// attempt: its next save must be written, not throttled (SPEC C1).
-    must_write: BTreeMap<RunId, Attempt>,
-    /// Checkpoint saves written by `flush_checkpoints` (or `begin_shutdown`), not by a save.
-    flushed: BTreeSet<(RunId, u64)>,
+    /// What the scheduler promised (claims, W1, W2, C1, D1–D4).
+    promises: Promises,
     /// The latest throttled save of each executing attempt, until a save or a flush writes it.
     throttled: BTreeMap<RunId, (Attempt, String)>,
-    /// Sends released (`Effect::Deliver`) and not yet answered, by delivery.
-    sends: BTreeMap<DeliveryId, SendRequest>,
-    /// Every `(delivery, attempt)` ever released, across crashes.
-    sent: BTreeSet<(DeliveryId, u32)>,
-    /// Sends that are no longer current: answered, or lost in a crash.
-    answered: Vec<(DeliveryId, u32)>,
-    /// Deliveries that ended (`Finished` or `Dropped`) and may not end again: in this
-    /// incarnation, or before it with their deletion durable (SPEC D4, at-least-once across
-    /// crashes for deletions that were not).
-    ended: BTreeSet<DeliveryId>,
-    /// Every delivery that ever ended, in any incarnation.
-    ended_ever: BTreeSet<DeliveryId>,
-    /// Deliveries whose end (their deletion) an acknowledged batch made durable, and whose
-    /// end event has not been polled yet: it must be, in the same drain.
-    awaiting_end: BTreeSet<DeliveryId>,
-    /// Deliveries whose end became durable but whose event a crash swallowed (before the driver
-    /// read it, or with the batch written but never acknowledged): the one count docs/semantics.md
-    /// allows a crash to lose (D4).
-    uncounted: BTreeSet<DeliveryId>,
     /// After `begin_shutdown`: the highest run id at the time; no later run is scheduled.
     shutdown_floor: Option<RunId>,
     /// The slots waiting in job backlogs at `begin_shutdown`: a run that ends during the
@@ -337,19 +310,8 @@ impl World {
             workers: (0..WORKERS)
                 .map(|i| WorkerId::new(&format!("worker-{i}")).expect("a valid worker id"))
                 .collect(),
-            claims: BTreeMap::new(),
-            extended: BTreeMap::new(),
-            killed: BTreeSet::new(),
-            must_write: BTreeMap::new(),
-            flushed: BTreeSet::new(),
+            promises: Promises::default(),
             throttled: BTreeMap::new(),
-            sends: BTreeMap::new(),
-            sent: BTreeSet::new(),
-            answered: Vec::new(),
-            ended: BTreeSet::new(),
-            ended_ever: BTreeSet::new(),
-            awaiting_end: BTreeSet::new(),
-            uncounted: BTreeSet::new(),
             shutdown_floor: None,
             shutdown_backlog: BTreeSet::new(),
             faults: true,
@@ -527,7 +489,7 @@ impl World {
             } => self.extend(*pick, *target, *by_ms),
             Op::Checkpoint { pick, stale } => self.checkpoint(*pick, *stale),
             Op::Flush => {
-                let seqs = self.checkpoint_seqs();
+                let seqs = checkpoint_seqs(&self.keel);
                 self.keel.flush_checkpoints(self.clock);
                 self.after_flush(&seqs);
             }
@@ -903,14 +865,14 @@ impl World {
                     .run(run)
                     .and_then(|r| r.checkpoint.as_ref())
                     .map(|c| c.seq);
-                if !self.flushed.contains(&(run, seq)) && latest == Some(seq) {
+                if !self.promises.flushed.contains(&(run, seq)) && latest == Some(seq) {
                     if let Some(exec) = self.executing.get(&run) {
-                        self.must_write.insert(run, exec.attempt);
+                        self.promises.must_write.insert(run, exec.attempt);
                     }
                 }
             }
             Event::CheckpointSaved { run, .. } => {
-                self.must_write.remove(&run);
+                self.promises.must_write.remove(&run);
             }
             Event::Delivery(event) => self.delivery_event(event),
             _ => {}
@@ -919,7 +881,9 @@ impl World {
 
     fn ack(&mut self, batch: Batch) {
         self.store.apply(&batch);
-        self.awaiting_end.extend(deleted_deliveries(&batch));
+        self.promises
+            .awaiting_end
+            .extend(deleted_deliveries(&batch));
         self.acked_in_shutdown = self.keel.is_shutting_down();
         self.keel.handle_persisted(self.clock, batch.id);
         self.stats.batches_acked += 1;
@@ -984,10 +948,15 @@ impl World {
         // hand-out; its grant is announced next.
         assert_eq!(
             stored.external,
-            self.claims.contains_key(&run),
+            self.promises.claims.contains_key(&run),
             "{run} attempt {attempt}: external runs, and only they, are claimed"
         );
-        let owner = self.claims.get(&run).unwrap_or(&self.local).clone();
+        let owner = self
+            .promises
+            .claims
+            .get(&run)
+            .unwrap_or(&self.local)
+            .clone();
         assert_eq!(lease.owner, owner);
         let timeout_ms = stored.timeout_ms;
         assert_eq!(
@@ -1055,9 +1024,9 @@ impl World {
 
     fn check_after_drain(&mut self) {
         assert!(
-            self.awaiting_end.is_empty(),
+            self.promises.awaiting_end.is_empty(),
             "SPEC D4: deliveries {:?} ended durably, but no event counted them",
-            self.awaiting_end
+            self.promises.awaiting_end
         );
         let running: BTreeMap<RunId, (Attempt, Option<FencingToken>)> = self
             .keel
@@ -1129,42 +1098,21 @@ impl World {
             // The write may have become durable without its acknowledgement arriving.
             if self.rng.chance(1, 2) {
                 self.store.apply(&batch);
-                self.uncounted.extend(deleted_deliveries(&batch));
+                self.promises.uncounted.extend(deleted_deliveries(&batch));
             }
         }
-        self.uncounted.append(&mut self.awaiting_end);
+        self.promises.after_crash(&self.store);
         // Attempts of the in-process executor die with the process; external workers' attempts
         // do not (their leases are revived below, from what the store holds).
         let lost = std::mem::take(&mut self.executing);
         self.stale
             .extend(lost.into_iter().map(|(run, e)| (run, e.token)));
-        // Sends in flight die with the process: their answers are stale from now on.
-        let lost = std::mem::take(&mut self.sends);
-        self.answered
-            .extend(lost.into_values().map(|send| (send.id, send.attempt)));
-        self.claims.clear();
-        self.must_write.clear();
-        self.flushed.clear();
         self.throttled.clear();
         self.shutdown_floor = None;
         self.shutdown_backlog.clear();
         self.announce = None;
         self.acked_in_shutdown = false;
         self.refused_completions.clear();
-        // What outlives the process is what the store holds. An end of delivery is announced
-        // only once durable, so a delivery ends once across crashes too; only an id above the
-        // durable counter (of a delivery never written) may be handed out again.
-        let next_delivery = self.store.meta().next_delivery;
-        self.ended.retain(|id| id.0 < next_delivery);
-        self.extended = self
-            .store
-            .runs()
-            .filter(|r| r.extended)
-            .map(|r| (r.id, 1))
-            .collect();
-        let store = &self.store;
-        self.killed
-            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
         self.floor = self.tokens.keys().next_back().copied();
         self.failed.clear();
         let snapshot = self.store.restore();
@@ -1230,7 +1178,7 @@ impl World {
             .remove(&run)
             .unwrap_or_else(|| panic!("{run} has no executing attempt"));
         self.stale.push((run, exec.token));
-        self.must_write.remove(&run);
+        self.promises.must_write.remove(&run);
         self.throttled.remove(&run);
         exec
     }
@@ -1249,7 +1197,7 @@ impl World {
         );
         for run in self.keel.runs() {
             // SPEC W1: one extension per run at most, and the run's flag says whether it had it.
-            let granted = self.extended.get(&run.id).copied().unwrap_or(0);
+            let granted = self.promises.extended.get(&run.id).copied().unwrap_or(0);
             assert!(granted <= 1, "{} extended {granted} times", run.id);
             assert_eq!(
                 run.extended,
@@ -1270,7 +1218,7 @@ impl World {
             );
         }
         // SPEC W2: a kill is sticky.
-        for (run, attempt) in &self.killed {
+        for (run, attempt) in &self.promises.killed {
             let Some(r) = self.keel.run(*run) else {
                 continue;
             };
@@ -1289,7 +1237,6 @@ impl World {
             );
         }
     }
-
 }
 
 // ----- helpers ----------------------------------------------------------------------------

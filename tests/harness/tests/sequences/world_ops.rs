@@ -43,7 +43,7 @@ impl World {
                     }
                 );
                 assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
-                self.claims.insert(id, worker);
+                self.promises.claims.insert(id, worker);
                 self.stats.claims += 1;
                 Some(id)
             }
@@ -198,43 +198,15 @@ impl World {
                 .copied()
                 .unwrap_or(RunId(u64::MAX / 2)),
         };
-        let now = self.keel.now().max(self.clock);
-        let expected = match self.keel.run(run_id) {
-            None => Err(Rejected::UnknownRun(run_id)),
-            Some(run) if run.killed.is_some() => Err(Rejected::Killed(run_id)),
-            Some(run) if !matches!(run.state, RunState::Running { .. }) => {
-                Err(Rejected::NotRunning {
-                    run: run_id,
-                    state: run.state.name(),
-                })
-            }
-            Some(run) if run.extended => Err(Rejected::AlreadyExtended(run_id)),
-            Some(run) => match (run.watch.timeout_at, run.watch.kill_at) {
-                (None, _) => Err(Rejected::NoTimeout(run_id)),
-                (Some(_), Some(_)) => Err(Rejected::TimedOut(run_id)),
-                (Some(timeout_at), None) => {
-                    let extended = timeout_at.max(now).plus_ms(by_ms);
-                    Ok(run
-                        .watch
-                        .backstop_at
-                        .map_or(extended, |cap| extended.min(cap)))
-                }
-            },
-        };
-        let seen_killed = self.killed.iter().any(|(run, _)| *run == run_id);
+        let expected = expected_extend(&self.keel, run_id, self.clock, by_ms);
         let before = fingerprint(&self.keel);
         let result = self
             .keel
             .extend(self.clock, run_id, by_ms, "the upstream is slow today");
         assert_eq!(result, expected, "extend({run_id}, {by_ms} ms)");
-        if seen_killed {
-            assert_eq!(result, Err(Rejected::Killed(run_id)), "SPEC W2");
-        }
+        self.promises.extend_answered(run_id, &result);
         match result {
             Ok(deadline) => {
-                let granted = self.extended.entry(run_id).or_default();
-                *granted += 1;
-                assert_eq!(*granted, 1, "SPEC W1: {run_id} extended twice");
                 let run = self.keel.run(run_id).expect("extended");
                 assert!(run.extended);
                 assert_eq!(run.watch.timeout_at, Some(deadline));
@@ -279,7 +251,7 @@ impl World {
             r.lease.as_ref().is_none_or(|l| l.token != exec.token),
             "a kill revokes the lease"
         );
-        self.killed.insert((run, attempt));
+        self.promises.killed.insert((run, attempt));
         self.stats.kills += 1;
     }
 
@@ -301,7 +273,7 @@ impl World {
             .unwrap_or_else(|e| panic!("checkpoint of executing {run} ({}): {e}", exec.token));
         let now = self.keel.now();
         let current = self.keel.run(run).and_then(|r| r.checkpoint.clone());
-        if let Some(attempt) = self.must_write.remove(&run) {
+        if let Some(attempt) = self.promises.must_write.remove(&run) {
             // SPEC C1: a failed save never throttles the next one away.
             assert_eq!(attempt, exec.attempt);
             assert!(
@@ -334,14 +306,6 @@ impl World {
         }
     }
 
-    /// The checkpoint sequence number of every run in memory.
-    pub(super) fn checkpoint_seqs(&self) -> BTreeMap<RunId, Option<u64>> {
-        self.keel
-            .runs()
-            .map(|r| (r.id, r.checkpoint.as_ref().map(|c| c.seq)))
-            .collect()
-    }
-
     /// After `flush_checkpoints` (or `begin_shutdown`): every throttled save was written
     /// (SPEC C3), and each write is the save that follows a failed one, if any.
     pub(super) fn after_flush(&mut self, before: &BTreeMap<RunId, Option<u64>>) {
@@ -353,41 +317,13 @@ impl World {
                 "SPEC C3: the flush did not write {run}'s throttled save"
             );
         }
-        let written: Vec<(RunId, u64)> = self
-            .keel
-            .runs()
-            .filter_map(|r| {
-                let seq = r.checkpoint.as_ref().map(|c| c.seq);
-                (seq != before.get(&r.id).copied().flatten()).then_some((r.id, seq))
-            })
-            .map(|(run, seq)| (run, seq.expect("a flush writes checkpoints, never deletes")))
-            .collect();
-        for (run, seq) in written {
-            self.flushed.insert((run, seq));
-            self.must_write.remove(&run);
-        }
+        self.promises.flushed_since(&self.keel, before);
     }
 
     /// `Effect::Deliver`: released only once its record is durable, carrying a durable result,
     /// and never twice for one attempt, across crashes too (SPEC D1).
     pub(super) fn deliver(&mut self, send: SendRequest) {
         let (id, attempt) = (send.id, send.attempt);
-        assert!(
-            self.sent.insert((id, attempt)),
-            "{id} attempt {attempt} sent twice"
-        );
-        assert_eq!(
-            self.store.delivery(id).map(|d| d.state),
-            Some(DeliveryState::Sending { attempt }),
-            "{id} attempt {attempt} sent before its record was durable"
-        );
-        let run = self.store.run(send.payload.run);
-        assert!(
-            run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
-            "{id} carries {} {}, but the store holds {run:?}",
-            send.payload.run,
-            send.payload.state
-        );
         assert!(
             SINKS.contains(&&*send.sink),
             "{id} to unknown sink {}",
@@ -398,28 +334,32 @@ impl World {
             (1..=attempts_max).contains(&attempt),
             "{id} attempt {attempt}"
         );
-        let previous = self.sends.insert(id, send);
-        assert!(previous.is_none(), "{id}: two attempts in flight");
+        self.promises.sent(send, &self.store);
         self.stats.sends += 1;
     }
 
     /// A sink answers a send: accepted; the delivery ends, or retries after its backoff.
     pub(super) fn answer(&mut self, pick: usize, answer: AnswerChoice) {
-        let Some(&id) = self.sends.keys().nth(pick % self.sends.len().max(1)) else {
+        let Some(&id) = self
+            .promises
+            .sends
+            .keys()
+            .nth(pick % self.promises.sends.len().max(1))
+        else {
             return;
         };
         self.answer_send(id, answer);
     }
 
     pub(super) fn answer_send(&mut self, id: DeliveryId, answer: AnswerChoice) {
-        let send = self.sends.remove(&id).expect("a send in flight");
+        let send = self.promises.sends.remove(&id).expect("a send in flight");
         let attempt = send.attempt;
         let state = self.keel.outbox().delivery(id).map(|d| d.state);
         assert_eq!(state, Some(DeliveryState::Sending { attempt }));
         self.keel
             .handle_delivery_result(self.clock, id, attempt, answer.result())
             .unwrap_or_else(|e| panic!("answer to {id} attempt {attempt}: {e}"));
-        self.answered.push((id, attempt));
+        self.promises.answered.push((id, attempt));
         self.stats.answers += 1;
         let now = self.keel.now();
         let after = self.keel.outbox().delivery(id);
@@ -443,12 +383,15 @@ impl World {
     /// An answer for a send that is not current is refused and changes nothing.
     pub(super) fn stale_answer(&mut self, pick: usize) {
         let (id, attempt) = match pick % 3 {
-            0 if !self.answered.is_empty() => self.answered[(pick / 3) % self.answered.len()],
-            1 if !self.sends.is_empty() => {
+            0 if !self.promises.answered.is_empty() => {
+                self.promises.answered[(pick / 3) % self.promises.answered.len()]
+            }
+            1 if !self.promises.sends.is_empty() => {
                 let send = self
+                    .promises
                     .sends
                     .values()
-                    .nth((pick / 3) % self.sends.len())
+                    .nth((pick / 3) % self.promises.sends.len())
                     .expect("not empty");
                 (send.id, send.attempt + 1)
             }
@@ -482,21 +425,7 @@ impl World {
         let Some(id) = id else {
             return;
         };
-        assert!(
-            self.ended.insert(id),
-            "SPEC D4: {id} ended (was counted) twice"
-        );
-        self.ended_ever.insert(id);
-        // Announced only once the end is durable (a delivery never written ends at once).
-        assert!(
-            self.store.delivery(id).is_none(),
-            "{id} ended before its end was durable"
-        );
-        self.awaiting_end.remove(&id);
-        assert!(
-            !self.sends.contains_key(&id),
-            "{id} ended with its send unanswered"
-        );
+        self.promises.ended(id, &self.store);
         assert!(
             self.keel.outbox().delivery(id).is_none(),
             "{id} ended but is still in the outbox"
@@ -510,19 +439,8 @@ impl World {
         if self.keel.is_shutting_down() {
             return;
         }
-        let seqs = self.checkpoint_seqs();
-        let running: BTreeSet<(RunId, Attempt)> = self
-            .keel
-            .runs()
-            .filter(|r| {
-                let worker = self.keel.worker();
-                r.lease.as_ref().is_some_and(|l| &l.owner == worker)
-            })
-            .filter_map(|r| match r.state {
-                RunState::Running { attempt, .. } => Some((r.id, attempt)),
-                _ => None,
-            })
-            .collect();
+        let seqs = checkpoint_seqs(&self.keel);
+        let running = own_attempts_in_progress(&self.keel);
         let in_flight = self.keel.outbox().in_flight();
         let shutdown = self.keel.begin_shutdown(self.clock);
         assert!(self.keel.is_shutting_down());
@@ -536,7 +454,7 @@ impl World {
             assert!(asked.contains(&(*run, exec.attempt)));
         }
         assert_eq!(shutdown.deliveries, in_flight);
-        for id in self.sends.keys() {
+        for id in self.promises.sends.keys() {
             assert!(shutdown.deliveries.contains(id), "{id} is being sent");
         }
         self.after_flush(&seqs);
@@ -595,7 +513,7 @@ impl World {
                     _ => self.release_run(run),
                 }
             }
-            let sends: Vec<DeliveryId> = self.sends.keys().copied().collect();
+            let sends: Vec<DeliveryId> = self.promises.sends.keys().copied().collect();
             for id in sends {
                 let answer = match self.rng.below_inclusive(9) {
                     0..=6 => AnswerChoice::Delivered,
@@ -630,12 +548,7 @@ impl World {
                 self.keel.outbox().deliveries().collect::<Vec<_>>()
             );
         }
-        let missing: Vec<&DeliveryId> = self
-            .store
-            .ever_delivered()
-            .difference(&self.ended_ever)
-            .filter(|id| !self.uncounted.contains(id))
-            .collect();
+        let missing: Vec<&DeliveryId> = self.promises.never_ended(&self.store);
         assert!(
             missing.is_empty(),
             "SPEC D4: deliveries {missing:?} were stored but never ended"
@@ -648,7 +561,7 @@ impl World {
         self.held.is_none()
             && self.keel.is_quiescent()
             && self.executing.is_empty()
-            && self.sends.is_empty()
+            && self.promises.sends.is_empty()
             && self.keel.runs().all(|r| r.state.is_terminal())
             && self.store.runs().all(|r| r.state.is_terminal())
             && self.keel.outbox().is_empty()
