@@ -83,6 +83,22 @@ impl World {
     fn last_start(&self) -> AttemptStart {
         self.starts.last().cloned().expect("an attempt started")
     }
+
+    /// A default world with `spec` (due one second in) added and its first attempt started.
+    fn started(spec: JobSpec) -> (World, AttemptStart) {
+        let mut w = World::new(Config::default());
+        w.add(spec);
+        w.advance_to(t0().plus_ms(SECOND));
+        let start = w.last_start();
+        (w, start)
+    }
+}
+
+/// A one-shot due one second in, with a 20 s attempt timeout.
+fn timed_once() -> JobSpec {
+    let mut spec = once_in("j", "k", SECOND);
+    spec.timeout_ms = Some(20 * SECOND);
+    spec
 }
 
 fn once_in(name: &str, kind: &str, after_ms: u64) -> JobSpec {
@@ -206,10 +222,7 @@ fn a_stalled_holder_is_reclaimed_after_ttl_plus_grace_and_its_late_report_is_ref
 
 #[test]
 fn heartbeats_keep_a_long_attempt_alive() {
-    let mut w = World::new(Config::default());
-    w.add(once_in("j", "k", SECOND));
-    w.advance_to(t0().plus_ms(SECOND));
-    let start = w.last_start();
+    let (mut w, start) = World::started(once_in("j", "k", SECOND));
     for i in 1..=40 {
         w.advance_to(t0().plus_ms(SECOND + i * 15 * SECOND));
         w.core
@@ -230,10 +243,7 @@ fn heartbeats_keep_a_long_attempt_alive() {
 // is not a sign of life, so a silent handler is still reported stuck.
 #[test]
 fn lease_renewal_keeps_the_lease_without_hiding_a_silent_handler() {
-    let mut w = World::new(Config::default());
-    w.add(once_in("j", "k", SECOND));
-    w.advance_to(t0().plus_ms(SECOND));
-    let start = w.last_start();
+    let (mut w, start) = World::started(once_in("j", "k", SECOND));
     for i in 1..=8 {
         w.advance_to(t0().plus_ms(SECOND + i * 15 * SECOND));
         let lease = w
@@ -416,12 +426,7 @@ fn a_completion_without_required_artifacts_is_refused_recorded_and_the_run_keeps
 // SPEC W1–W3: timeout, cooperative cancel, kill; the kill is sticky.
 #[test]
 fn a_timed_out_attempt_is_asked_to_stop_then_killed_and_the_kill_is_sticky() {
-    let mut w = World::new(Config::default());
-    let mut spec = once_in("j", "k", SECOND);
-    spec.timeout_ms = Some(20 * SECOND);
-    w.add(spec);
-    w.advance_to(t0().plus_ms(SECOND));
-    let start = w.last_start();
+    let (mut w, start) = World::started(timed_once());
     let started = w.now;
     let heartbeat_until = |w: &mut World, at: Timestamp| {
         while w.now < at {
@@ -459,12 +464,7 @@ fn a_timed_out_attempt_is_asked_to_stop_then_killed_and_the_kill_is_sticky() {
 
 #[test]
 fn a_deadline_extension_is_granted_once_per_run_and_capped_by_the_backstop() {
-    let mut w = World::new(Config::default());
-    let mut spec = once_in("j", "k", SECOND);
-    spec.timeout_ms = Some(20 * SECOND);
-    w.add(spec);
-    w.advance_to(t0().plus_ms(SECOND));
-    let start = w.last_start();
+    let (mut w, start) = World::started(timed_once());
     let started = w.now;
     let deadline = w
         .core
@@ -494,10 +494,7 @@ fn a_deadline_extension_is_granted_once_per_run_and_capped_by_the_backstop() {
 
 #[test]
 fn silence_raises_a_stuck_incident_with_the_last_phase_and_life_resolves_it() {
-    let mut w = World::new(Config::default());
-    w.add(once_in("j", "k", SECOND));
-    w.advance_to(t0().plus_ms(SECOND));
-    let start = w.last_start();
+    let (mut w, start) = World::started(once_in("j", "k", SECOND));
     w.core
         .progress(
             w.now,
@@ -528,10 +525,7 @@ fn silence_raises_a_stuck_incident_with_the_last_phase_and_life_resolves_it() {
 // SPEC C1: saves are throttled; the clock advances only on a successful persist.
 #[test]
 fn checkpoint_saves_are_throttled_and_a_failed_save_is_not_throttled_away() {
-    let mut w = World::new(Config::default());
-    w.add(once_in("j", "k", SECOND));
-    w.advance_to(t0().plus_ms(SECOND));
-    let start = w.last_start();
+    let (mut w, start) = World::started(once_in("j", "k", SECOND));
     let (run, token) = (start.run, start.lease.token);
     let save = |w: &mut World, data: &str| w.core.save_checkpoint(w.now, run, token, data.into());
     assert_eq!(save(&mut w, "1"), Ok(CheckpointSave::Saving { seq: 1 }));

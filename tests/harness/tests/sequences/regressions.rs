@@ -69,24 +69,54 @@ fn with_job(t0: Timestamp, spec: JobSpec) -> Scheduler {
     keel
 }
 
-#[test]
-fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged() {
+/// A scheduler at `t0` over a model store, with `spec` added and written, and its config.
+fn stored_with(t0: Timestamp, spec: JobSpec) -> (Scheduler, MemStore, Config) {
+    let config = Config::default();
+    let mut store = MemStore::keeping_history();
+    let mut keel = Scheduler::new(config, 7, t0);
+    keel.add_job(t0, spec).expect("valid");
+    flush(&mut keel, &mut store, t0);
+    (keel, store, config)
+}
+
+/// A minutely job at `t0`, fired at `t1` (one minute later) and its first attempt handed out.
+fn minutely_started() -> (Scheduler, Timestamp, AttemptStart) {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let t1 = t0.plus_ms(60_000);
+    let mut keel = with_job(t0, every_minute("minutely"));
+    keel.handle_timeout(t1);
+    let batch = next_batch(&mut keel);
+    keel.handle_persisted(t1, batch.id);
+    let start = expect_start(keel.poll_effect());
+    (keel, t1, start)
+}
+
+/// A one-shot due one second after `2026-01-01`, fired: the batch recording its first attempt
+/// is next. Returns the scheduler and the fire time.
+fn once_fired() -> (Scheduler, Timestamp) {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(1_000);
     let mut keel = with_job(t0, once_spec("once", t1));
-
     keel.handle_timeout(t1);
+    (keel, t1)
+}
+
+/// What the batch recording a first attempt holds for `run`.
+fn starting(run: RunId) -> Vec<(RunId, RunState)> {
+    vec![(
+        run,
+        RunState::Starting {
+            attempt: Attempt(1),
+        },
+    )]
+}
+
+#[test]
+fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged() {
+    let (mut keel, t1) = once_fired();
     let first = next_batch(&mut keel);
     let run = keel.runs().next().expect("the slot fired").id;
-    assert_eq!(
-        stored_run_states(&first),
-        vec![(
-            run,
-            RunState::Starting {
-                attempt: Attempt(1)
-            }
-        )]
-    );
+    assert_eq!(stored_run_states(&first), starting(run));
     // Nothing is handed out while the batch is in flight.
     assert_eq!(keel.poll_effect(), None);
 
@@ -119,15 +149,7 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
     keel.handle_timeout(retry_at);
     let second = next_batch(&mut keel);
     assert_ne!(second.id, first.id);
-    assert_eq!(
-        stored_run_states(&second),
-        vec![(
-            run,
-            RunState::Starting {
-                attempt: Attempt(1)
-            }
-        )]
-    );
+    assert_eq!(stored_run_states(&second), starting(run));
     assert_eq!(
         keel.poll_effect(),
         None,
@@ -148,11 +170,8 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
 #[test]
 fn a_run_cancelled_while_starting_is_never_handed_out() {
     let t0 = ts("2026-01-01T00:00:00Z");
-    let t1 = t0.plus_ms(1_000);
-
     // Cancelled while the batch recording its first attempt is in flight.
-    let mut keel = with_job(t0, once_spec("once", t1));
-    keel.handle_timeout(t1);
+    let (mut keel, t1) = once_fired();
     let first = next_batch(&mut keel);
     let run = keel.runs().next().expect("the slot fired").id;
     keel.cancel_run(t1, run)
@@ -365,13 +384,7 @@ fn readding_a_job_removed_while_its_run_is_active_keeps_active_runs_consistent()
 /// request ends the run `cancelled`; a permanent error ends it `failed_dropped` instead.
 #[test]
 fn permanent_error_after_a_cancel_request_ends_the_run_cancelled() {
-    let t0 = ts("2026-01-01T00:00:00Z");
-    let t1 = t0.plus_ms(60_000);
-    let mut keel = with_job(t0, every_minute("minutely"));
-    keel.handle_timeout(t1);
-    let batch = next_batch(&mut keel);
-    keel.handle_persisted(t1, batch.id);
-    let start = expect_start(keel.poll_effect());
+    let (mut keel, t1, start) = minutely_started();
     keel.cancel_run(t1, start.run).expect("running");
     let outcome = Outcome::Permanent {
         message: "stopped".into(),
@@ -388,13 +401,7 @@ fn permanent_error_after_a_cancel_request_ends_the_run_cancelled() {
 /// request ends the run `cancelled` without recording any error.
 #[test]
 fn snooze_after_a_cancel_request_keeps_a_last_error() {
-    let t0 = ts("2026-01-01T00:00:00Z");
-    let t1 = t0.plus_ms(60_000);
-    let mut keel = with_job(t0, every_minute("minutely"));
-    keel.handle_timeout(t1);
-    let batch = next_batch(&mut keel);
-    keel.handle_persisted(t1, batch.id);
-    let start = expect_start(keel.poll_effect());
+    let (mut keel, t1, start) = minutely_started();
     keel.cancel_run(t1, start.run).expect("running");
     keel.handle_outcome(
         t1,
@@ -417,18 +424,8 @@ fn snooze_after_a_cancel_request_keeps_a_last_error() {
 fn a_cancel_request_survives_a_crash() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(Config::default(), 7, t0);
-    keel.add_job(t0, every_minute("minutely")).expect("valid");
-    flush(&mut keel, &mut store, t0);
-    keel.handle_timeout(t1);
-    let start = flush(&mut keel, &mut store, t1)
-        .into_iter()
-        .find_map(|e| match e {
-            Effect::StartAttempt(start) => Some(start),
-            _ => None,
-        })
-        .expect("the slot fired and its attempt was handed out");
+    let (mut keel, mut store, _) = stored_with(t0, every_minute("minutely"));
+    let start = first_start(&mut keel, &mut store, t1);
     keel.cancel_run(t1, start.run)
         .expect("a running run can be cancelled");
     flush(&mut keel, &mut store, t1);
@@ -552,19 +549,8 @@ fn an_attempt_of_a_removed_job_keeps_its_kind_and_payload() {
 fn an_incident_is_persisted_when_it_opens_and_when_it_resolves() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let config = Config::default();
-    let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(config, 7, t0);
-    keel.add_job(t0, every_minute("minutely")).expect("valid");
-    flush(&mut keel, &mut store, t0);
-    keel.handle_timeout(t1);
-    let start = flush(&mut keel, &mut store, t1)
-        .into_iter()
-        .find_map(|e| match e {
-            Effect::StartAttempt(start) => Some(start),
-            _ => None,
-        })
-        .expect("the slot fired and its attempt was handed out");
+    let (mut keel, mut store, config) = stored_with(t0, every_minute("minutely"));
+    let start = first_start(&mut keel, &mut store, t1);
 
     // The attempt goes silent: its lease is reclaimed, which opens an incident, and the retry
     // that starts at once resolves it.
@@ -698,10 +684,7 @@ fn fail_all(keel: &mut Scheduler, now: Timestamp) -> Vec<Effect> {
 fn the_save_after_a_failed_save_is_written_at_once() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(Config::default(), 7, t0);
-    keel.add_job(t0, every_minute("minutely")).expect("valid");
-    flush(&mut keel, &mut store, t0);
+    let (mut keel, mut store, _) = stored_with(t0, every_minute("minutely"));
     let start = first_start(&mut keel, &mut store, t1);
     let (run, token) = (start.run, start.lease.token);
     let save = |keel: &mut Scheduler, at: Timestamp, data: &str| {
@@ -748,10 +731,7 @@ fn the_save_after_a_failed_save_is_written_at_once() {
 fn the_save_after_a_failed_flushed_save_is_written_at_once() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let t1 = t0.plus_ms(60_000);
-    let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(Config::default(), 7, t0);
-    keel.add_job(t0, every_minute("minutely")).expect("valid");
-    flush(&mut keel, &mut store, t0);
+    let (mut keel, mut store, _) = stored_with(t0, every_minute("minutely"));
     let start = first_start(&mut keel, &mut store, t1);
     let (run, token) = (start.run, start.lease.token);
     keel.save_checkpoint(t1, run, token, "1".into())
@@ -794,11 +774,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
     let mut spec = every_minute("minutely");
     spec.overlap = OverlapPolicy::BufferOne;
     spec.resume_after_crash = false;
-    let config = Config::default();
-    let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(config, 7, t0);
-    keel.add_job(t0, spec).expect("valid");
-    flush(&mut keel, &mut store, t0);
+    let (mut keel, mut store, config) = stored_with(t0, spec);
     let start = first_start(&mut keel, &mut store, t1);
     keel.heartbeat(t2, start.run, start.lease.token)
         .expect("the holder renews");
@@ -845,11 +821,7 @@ fn extend_once_and_a_kill_is_sticky() {
     let t1 = t0.plus_ms(60_000);
     let mut spec = every_minute("minutely");
     spec.timeout_ms = Some(20_000);
-    let config = Config::default();
-    let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(config, 7, t0);
-    keel.add_job(t0, spec).expect("valid");
-    flush(&mut keel, &mut store, t0);
+    let (mut keel, mut store, config) = stored_with(t0, spec);
     let start = first_start(&mut keel, &mut store, t1);
     let (run, token) = (start.run, start.lease.token);
     let deadline = keel
