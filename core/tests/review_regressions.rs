@@ -90,11 +90,15 @@ fn id(s: &str) -> JobId {
     JobId::new(s).unwrap()
 }
 fn every_second(name: &str) -> JobSpec {
+    cron(name, "* * * * * *")
+}
+/// A job of kind `k` on the cron `expr`, in UTC.
+fn cron(name: &str, expr: &str) -> JobSpec {
     JobSpec::new(
         id(name),
         "k",
         ScheduleSpec::Cron {
-            expr: "* * * * * *".into(),
+            expr: expr.into(),
             zone: "UTC".into(),
         },
     )
@@ -118,15 +122,8 @@ fn drain(s: &mut Scheduler, now: Timestamp, outcome: Option<Outcome>) -> Vec<Eff
     out
 }
 
-/// A store outage of one hour: one job's pending group grows without bound, and the batch
-/// after recovery is far beyond BATCH_RECORDS_MAX.
-#[test]
-fn a_store_outage_does_not_make_an_unbounded_batch() {
-    let t0 = ts("2026-01-01T00:00:00Z");
-    let mut s = Scheduler::new(Config::default(), 1, t0);
-    s.add_job(t0, every_second("tick")).unwrap();
-    drain(&mut s, t0, None);
-    // The store now fails every write.
+/// Runs the scheduler's timers for three hours from `t0` while the store fails every write.
+fn fail_every_write_for_3_hours(s: &mut Scheduler, t0: Timestamp) {
     let mut now = t0;
     while now < t0.plus_ms(3 * 3_600_000) {
         now = s.poll_timeout().unwrap();
@@ -137,6 +134,18 @@ fn a_store_outage_does_not_make_an_unbounded_batch() {
             }
         }
     }
+}
+
+/// A store outage of one hour: one job's pending group grows without bound, and the batch
+/// after recovery is far beyond BATCH_RECORDS_MAX.
+#[test]
+fn a_store_outage_does_not_make_an_unbounded_batch() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let mut s = Scheduler::new(Config::default(), 1, t0);
+    s.add_job(t0, every_second("tick")).unwrap();
+    drain(&mut s, t0, None);
+    // The store now fails every write.
+    fail_every_write_for_3_hours(&mut s, t0);
     // The store heals: the next batch holds everything for the job.
     let mut biggest = 0;
     for _ in 0..20 {
@@ -169,17 +178,24 @@ fn poll_timeout_is_later_than_now_even_at_the_end_of_time() {
     );
 }
 
+/// A scheduler at `t0` with one every-second job, `tick`, whose runs may overlap, its addition
+/// written.
+fn overlapping_ticks(t0: Timestamp) -> Scheduler {
+    let mut s = Scheduler::new(Config::default(), 1, t0);
+    let mut spec = every_second("tick");
+    spec.overlap = OverlapPolicy::Allow;
+    s.add_job(t0, spec).unwrap();
+    drain(&mut s, t0, None);
+    s
+}
+
 /// A 59-second stall (within grace) fires 59 runs of an every-second job, while a 61-second
 /// stall fires one (fire-once-now).
 #[test]
 fn a_stall_shorter_than_the_grace_still_fires_once() {
     for stall_s in [59u64, 61] {
         let t0 = ts("2026-01-01T00:00:00Z");
-        let mut s = Scheduler::new(Config::default(), 1, t0);
-        let mut spec = every_second("tick");
-        spec.overlap = OverlapPolicy::Allow;
-        s.add_job(t0, spec).unwrap();
-        drain(&mut s, t0, None);
+        let mut s = overlapping_ticks(t0);
         let now = t0.plus_ms(stall_s * 1000);
         s.handle_timeout(now);
         let started = drain(&mut s, now, None)
@@ -198,21 +214,8 @@ fn a_stall_shorter_than_the_grace_still_fires_once() {
 #[test]
 fn a_store_outage_does_not_pile_up_runs() {
     let t0 = ts("2026-01-01T00:00:00Z");
-    let mut s = Scheduler::new(Config::default(), 1, t0);
-    let mut spec = every_second("tick");
-    spec.overlap = OverlapPolicy::Allow;
-    s.add_job(t0, spec).unwrap();
-    drain(&mut s, t0, None);
-    let mut now = t0;
-    while now < t0.plus_ms(3 * 3_600_000) {
-        now = s.poll_timeout().unwrap();
-        s.handle_timeout(now);
-        while let Some(e) = s.poll_effect() {
-            if let Effect::Persist(b) = e {
-                s.handle_persist_failed(now, b.id, "disk full");
-            }
-        }
-    }
+    let mut s = overlapping_ticks(t0);
+    fail_every_write_for_3_hours(&mut s, t0);
     let runs = s.runs().count();
     assert!(
         runs <= limits::BACKLOG_MAX,
@@ -245,14 +248,7 @@ fn run_to_end(s: &mut Scheduler, now: Timestamp, id: RunId, outcome: Outcome) {
 fn delete_after_run_waits_for_a_leftover_run() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let mut s = Scheduler::new(Config::default(), 1, t0);
-    let mut spec = JobSpec::new(
-        id("j"),
-        "k",
-        ScheduleSpec::Cron {
-            expr: "0 * * * * *".into(),
-            zone: "UTC".into(),
-        },
-    );
+    let mut spec = cron("j", "0 * * * * *");
     spec.overlap = OverlapPolicy::Allow;
     s.add_job(t0, spec.clone()).unwrap();
     drain(&mut s, t0, None);
@@ -324,45 +320,50 @@ fn a_manual_run_of_an_earlier_one_shot_does_not_finish_the_new_one() {
     );
 }
 
-/// Restore trusts every stored field except the schedule: a stored retry policy that
-/// `validate` would refuse (jitter above 1) panics the scheduler on the run's first retry.
-#[test]
-fn restore_disables_a_job_whose_stored_policy_is_invalid() {
-    let t0 = ts("2026-01-01T00:00:00Z");
-    let mut spec = JobSpec::new(
-        id("j"),
-        "k",
-        ScheduleSpec::Cron {
-            expr: "0 * * * * *".into(),
-            zone: "UTC".into(),
-        },
-    );
-    spec.retry.jitter = 2.0; // e.g. written by an older version with looser validation
+/// What a store holds for one job, `spec` in `state` having last fired `last_fired`, and no
+/// runs, as of `clock`.
+fn snapshot_of(
+    spec: JobSpec,
+    state: JobState,
+    last_fired: Option<Timestamp>,
+    clock: Timestamp,
+) -> Snapshot {
     let job = Job {
         spec,
-        state: JobState::Scheduled {
-            next: t0.plus_ms(60_000),
-        },
+        state,
         backlog: Default::default(),
-        last_fired: None,
+        last_fired,
         active_runs: 0,
         delete_when_idle: false,
         last_run: None,
         failures_in_a_row: 0,
     };
-    let snap = Snapshot {
+    Snapshot {
         jobs: vec![job],
         runs: vec![],
         meta: Meta {
             next_run_id: 1,
             next_audit_seq: 1,
-            clock: t0,
+            clock,
             epoch: 0,
             ..Meta::default()
         },
         tombstones: vec![],
         ..Snapshot::default()
+    }
+}
+
+/// Restore trusts every stored field except the schedule: a stored retry policy that
+/// `validate` would refuse (jitter above 1) panics the scheduler on the run's first retry.
+#[test]
+fn restore_disables_a_job_whose_stored_policy_is_invalid() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let mut spec = cron("j", "0 * * * * *");
+    spec.retry.jitter = 2.0; // e.g. written by an older version with looser validation
+    let state = JobState::Scheduled {
+        next: t0.plus_ms(60_000),
     };
+    let snap = snapshot_of(spec, state, None, t0);
     let mut s = Scheduler::restore(Config::default(), 1, t0, snap);
     let JobState::Disabled { reason } = &s.job(&id("j")).unwrap().state else {
         panic!("a stored invalid policy must disable the job");
@@ -392,37 +393,9 @@ fn restore_disables_a_job_whose_stored_policy_is_invalid() {
 fn restore_repairs_a_paused_cursor() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let slot = t0.plus_ms(60_000);
-    let spec = JobSpec::new(
-        id("j"),
-        "k",
-        ScheduleSpec::Cron {
-            expr: "0 * * * * *".into(),
-            zone: "UTC".into(),
-        },
-    );
-    let job = Job {
-        spec,
-        state: JobState::Paused { next: Some(slot) },
-        backlog: Default::default(),
-        last_fired: Some(slot),
-        active_runs: 0,
-        delete_when_idle: false,
-        last_run: None,
-        failures_in_a_row: 0,
-    };
-    let snap = Snapshot {
-        jobs: vec![job],
-        runs: vec![],
-        meta: Meta {
-            next_run_id: 1,
-            next_audit_seq: 1,
-            clock: slot,
-            epoch: 0,
-            ..Meta::default()
-        },
-        tombstones: vec![],
-        ..Snapshot::default()
-    };
+    let spec = cron("j", "0 * * * * *");
+    let state = JobState::Paused { next: Some(slot) };
+    let snap = snapshot_of(spec, state, Some(slot), slot);
     let mut s = Scheduler::restore(Config::default(), 1, slot, snap);
     s.check_invariants();
     s.resume_job(slot, &id("j")).unwrap();
@@ -435,14 +408,7 @@ fn restore_repairs_a_paused_cursor() {
 fn an_empty_cron_field_is_refused() {
     let t0 = ts("2026-01-01T00:00:00Z");
     let mut s = Scheduler::new(Config::default(), 1, t0);
-    let spec = JobSpec::new(
-        id("j"),
-        "k",
-        ScheduleSpec::Cron {
-            expr: ", * * * * *".into(),
-            zone: "UTC".into(),
-        },
-    );
+    let spec = cron("j", ", * * * * *");
     let result = s.add_job(t0, spec);
     assert!(
         matches!(
@@ -559,13 +525,10 @@ fn busy_jobs_sorting_first_do_not_starve_a_job_sorting_last() {
     assert!(started_zz > 0, "job zz never started a run in 120 s");
 }
 
-/// limits::SNOOZES_MAX: "a run snoozed this many times ends `failed`". The 1 000th snooze
-/// backs off; only the 1 001st fails the run.
-#[test]
-fn a_run_snoozed_snoozes_max_times_ends_failed() {
-    use keel_core::rng::SplitMix64;
+/// A manual run of job `j` under `retry`, created at time 0, its first attempt running.
+fn running_run(retry: RetryPolicy) -> Run {
     let terms = RunTerms {
-        retry: RetryPolicy::default(),
+        retry,
         resume_after_crash: true,
         kind: "k".into(),
         payload: "".into(),
@@ -576,8 +539,17 @@ fn a_run_snoozed_snoozes_max_times_ends_failed() {
         sinks: Default::default(),
     };
     let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
-    let mut rng = SplitMix64::new(0);
     run.mark_running(Timestamp(0), 30_000, 3);
+    run
+}
+
+/// limits::SNOOZES_MAX: "a run snoozed this many times ends `failed`". The 1 000th snooze
+/// backs off; only the 1 001st fails the run.
+#[test]
+fn a_run_snoozed_snoozes_max_times_ends_failed() {
+    use keel_core::rng::SplitMix64;
+    let mut run = running_run(RetryPolicy::default());
+    let mut rng = SplitMix64::new(0);
     for n in 1..=limits::SNOOZES_MAX {
         run.apply_outcome(Timestamp(0), Outcome::Snooze { for_ms: 1 }, &mut rng);
         if n < limits::SNOOZES_MAX {
@@ -618,19 +590,7 @@ fn crash_recovery_checks_the_deadline_against_now() {
         deadline_ms: Some(10_000),
         ..RetryPolicy::default()
     };
-    let terms = RunTerms {
-        retry,
-        resume_after_crash: true,
-        kind: "k".into(),
-        payload: "".into(),
-        of_one_shot: None,
-        external: false,
-        timeout_ms: None,
-        required_artifacts: Default::default(),
-        sinks: Default::default(),
-    };
-    let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
-    run.mark_running(Timestamp(0), 30_000, 3);
+    let mut run = running_run(retry);
     // Restored 6 s after creation: attempt 2 could start now, 4 s before the deadline.
     let t = run.recover_after_crash(Timestamp(6_000));
     assert_eq!(
@@ -643,11 +603,8 @@ fn crash_recovery_checks_the_deadline_against_now() {
     );
 }
 
-/// An operator's cancel request on a running attempt leaves no audit record; the run's end is
-/// later audited with actor `scheduler`.
-#[test]
-fn a_cancel_request_is_audited() {
-    let t0 = ts("2026-01-01T00:00:00Z");
+/// A scheduler at `t0` with one job, `j`, a one-shot due at `t0` whose attempt has started.
+fn started_one_shot(t0: Timestamp) -> (Scheduler, AttemptStart) {
     let mut s = Scheduler::new(Config::default(), 1, t0);
     s.add_job(
         t0,
@@ -662,8 +619,12 @@ fn a_cancel_request_is_audited() {
             _ => None,
         })
         .unwrap();
-    s.cancel_run(t0, start.run).unwrap();
-    let audits: Vec<AuditRecord> = drain(&mut s, t0, None)
+    (s, start)
+}
+
+/// The audit records the persist effects among `effects` carry.
+fn audits_in(effects: Vec<Effect>) -> Vec<AuditRecord> {
+    effects
         .into_iter()
         .flat_map(|e| match e {
             Effect::Persist(b) => b
@@ -676,7 +637,17 @@ fn a_cancel_request_is_audited() {
                 .collect(),
             _ => vec![],
         })
-        .collect();
+        .collect()
+}
+
+/// An operator's cancel request on a running attempt leaves no audit record; the run's end is
+/// later audited with actor `scheduler`.
+#[test]
+fn a_cancel_request_is_audited() {
+    let t0 = ts("2026-01-01T00:00:00Z");
+    let (mut s, start) = started_one_shot(t0);
+    s.cancel_run(t0, start.run).unwrap();
+    let audits = audits_in(drain(&mut s, t0, None));
     assert!(
         audits
             .iter()
@@ -773,20 +744,7 @@ fn a_write_mark_is_durable_only_once_its_batch_is_acknowledged() {
 #[test]
 fn a_result_refused_after_its_lease_was_lost_is_audited_as_evidence() {
     let t0 = ts("2026-01-01T00:00:00Z");
-    let mut s = Scheduler::new(Config::default(), 1, t0);
-    s.add_job(
-        t0,
-        JobSpec::new(id("j"), "k", ScheduleSpec::Once { at: t0 }),
-    )
-    .unwrap();
-    s.handle_timeout(t0);
-    let start = drain(&mut s, t0, None)
-        .into_iter()
-        .find_map(|e| match e {
-            Effect::StartAttempt(a) => Some(a),
-            _ => None,
-        })
-        .unwrap();
+    let (mut s, start) = started_one_shot(t0);
     let worker = start.lease.owner.clone();
     // The current holder's result is not a refused one.
     assert!(matches!(
@@ -818,20 +776,7 @@ fn a_result_refused_after_its_lease_was_lost_is_audited_as_evidence() {
         state,
         "the run is unchanged"
     );
-    let audits: Vec<AuditRecord> = drain(&mut s, t0, None)
-        .into_iter()
-        .flat_map(|e| match e {
-            Effect::Persist(b) => b
-                .records
-                .into_iter()
-                .filter_map(|r| match r {
-                    Record::Audit(a) => Some(a),
-                    _ => None,
-                })
-                .collect(),
-            _ => vec![],
-        })
-        .collect();
+    let audits = audits_in(drain(&mut s, t0, None));
     assert_eq!(audits.len(), 1, "{audits:?}");
     let evidence = &audits[0];
     assert_eq!(evidence.run, Some(start.run));

@@ -9,21 +9,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::outbox::{DeliveryResult, SendRequest};
-use keel_core::{Event, JobId, Outcome, RunQuery, StateName, Store, WorkerId};
+use keel_core::{Event, JobId, StateName, Store, WorkerId};
 use keel_runtime::{
-    AttemptContext, BoxFuture, Clock, CommandError, Runtime, RuntimeError, Sink,
+    AttemptContext, BoxFuture, CommandError, Runtime, RuntimeError, RuntimeHandle, Sink,
     PANICS_IN_A_ROW_MAX,
 };
 use keel_testkit::SharedMemStore;
 
 mod common;
-use common::{once, TestStore, T0};
+use common::{
+    finished_within, hang_first_attempt, once, paused, stored_runs, succeed, Started, TestStore,
+};
 
 fn builder(store: Arc<dyn Store>) -> keel_runtime::RuntimeBuilder {
-    Runtime::builder(store)
-        .clock(Clock::starting_at(T0))
-        .seed(7)
-        .worker(WorkerId::new("panics-test").unwrap())
+    paused(store).worker(WorkerId::new("panics-test").unwrap())
 }
 
 /// A sink whose `label` (called by the driver itself, in its own task) panics the first
@@ -50,6 +49,19 @@ impl Sink for PanickingLabel {
     }
 }
 
+/// A runtime with one job, `notify`, whose result goes to `sink` (registered as `boom`).
+async fn notifying(sink: PanickingLabel) -> (Runtime, RuntimeHandle) {
+    let (runtime, handle) = builder(Arc::new(SharedMemStore::new()))
+        .handler("work", succeed)
+        .sink("boom", sink)
+        .started()
+        .await;
+    let mut spec = once("notify", "work", 1_000);
+    spec.sinks = vec!["boom".into()].into_boxed_slice();
+    handle.add_job(spec).await.unwrap();
+    (runtime, handle)
+}
+
 /// Counts attempts running at once: up when created, down when dropped (returned or aborted).
 struct Running(Arc<AtomicU32>);
 
@@ -62,30 +74,17 @@ impl Drop for Running {
 /// The state the next run of `job` finishes in; fails (rather than hang) if none finishes
 /// within an hour of the paused clock.
 async fn finished(events: &mut tokio::sync::broadcast::Receiver<Event>, job: &str) -> StateName {
-    let wait = async {
-        loop {
-            if let Event::RunFinished { job: j, state, .. } = events.recv().await.unwrap() {
-                if j.as_str() == job {
-                    return state;
-                }
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3_600), wait)
-        .await
-        .expect("the run finishes")
+    finished_within(events, job, Duration::from_secs(3_600)).await
 }
 
 #[allow(clippy::await_holding_lock)]
 #[tokio::test(start_paused = true)]
 async fn a_command_that_panics_is_survived_and_commands_waiting_for_a_write_get_an_error() {
     let store = TestStore::default();
-    let runtime = builder(Arc::new(store.clone()))
-        .handler("work", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = builder(Arc::new(store.clone()))
+        .handler("work", succeed)
+        .started()
+        .await;
     handle
         .add_job(once("later", "work", 3_600_000))
         .await
@@ -131,25 +130,15 @@ async fn a_panic_stops_this_process_attempts_and_the_rebuilt_scheduler_runs_them
         Arc::clone(&most),
         Arc::clone(&attempts),
     );
-    let runtime = builder(Arc::new(store.clone()))
+    let (runtime, handle) = builder(Arc::new(store.clone()))
         .handler("slow", move |ctx: AttemptContext| {
             let now = counted.fetch_add(1, Ordering::SeqCst) + 1;
             seen.fetch_max(now, Ordering::SeqCst);
             started.fetch_add(1, Ordering::SeqCst);
-            let guard = Running(Arc::clone(&counted));
-            async move {
-                let _guard = guard;
-                if ctx.attempt.0 == 1 {
-                    // Works on until stopped.
-                    std::future::pending::<()>().await;
-                }
-                Outcome::ok()
-            }
+            hang_first_attempt(ctx, Running(Arc::clone(&counted)))
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     handle.add_job(once("slow", "slow", 1_000)).await.unwrap();
     while !matches!(events.recv().await.unwrap(), Event::LeaseGranted { .. }) {}
@@ -166,13 +155,7 @@ async fn a_panic_stops_this_process_attempts_and_the_rebuilt_scheduler_runs_them
         "the first attempt was stopped before the second started"
     );
     assert_eq!(running.load(Ordering::SeqCst), 0, "nothing left running");
-    let runs = store
-        .runs(&RunQuery {
-            job: Some(JobId::new("slow").unwrap()),
-            ..RunQuery::default()
-        })
-        .unwrap()
-        .runs;
+    let runs = stored_runs(&store, "slow");
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].attempt.0, 2);
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
@@ -180,24 +163,12 @@ async fn a_panic_stops_this_process_attempts_and_the_rebuilt_scheduler_runs_them
 
 #[tokio::test(start_paused = true)]
 async fn a_sink_label_that_panics_once_is_survived_and_the_delivery_is_sent() {
-    let store = SharedMemStore::new();
     let sent = Arc::new(AtomicU32::new(0));
-    let runtime = builder(Arc::new(store.clone()))
-        .handler("work", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .sink(
-            "boom",
-            PanickingLabel {
-                panics: AtomicU32::new(1),
-                sent: Arc::clone(&sent),
-            },
-        )
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
-    let mut spec = once("notify", "work", 1_000);
-    spec.sinks = vec!["boom".into()].into_boxed_slice();
-    handle.add_job(spec).await.unwrap();
+    let (runtime, handle) = notifying(PanickingLabel {
+        panics: AtomicU32::new(1),
+        sent: Arc::clone(&sent),
+    })
+    .await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     handle.sync().await.unwrap();
     assert!(
@@ -209,23 +180,11 @@ async fn a_sink_label_that_panics_once_is_survived_and_the_delivery_is_sent() {
 
 #[tokio::test(start_paused = true)]
 async fn a_panic_that_repeats_stops_the_runtime_with_a_clear_error() {
-    let store = SharedMemStore::new();
-    let runtime = builder(Arc::new(store.clone()))
-        .handler("work", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .sink(
-            "boom",
-            PanickingLabel {
-                panics: AtomicU32::new(u32::MAX),
-                sent: Arc::default(),
-            },
-        )
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
-    let mut spec = once("notify", "work", 1_000);
-    spec.sinks = vec!["boom".into()].into_boxed_slice();
-    handle.add_job(spec).await.unwrap();
+    let (runtime, _handle) = notifying(PanickingLabel {
+        panics: AtomicU32::new(u32::MAX),
+        sent: Arc::default(),
+    })
+    .await;
     let stopped = tokio::time::timeout(Duration::from_secs(600), runtime.wait())
         .await
         .expect("the runtime stops");

@@ -9,15 +9,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_core::{
-    Actor, AuditQuery, Config, Event, JobId, JobSpec, Outcome, ScheduleSpec, StateName, Store,
-    WorkerId,
-};
-use keel_runtime::{AttemptContext, Clock, Runtime};
+use keel_core::{Actor, AuditQuery, Config, Event, JobId, Outcome, StateName, Store, WorkerId};
+use keel_runtime::AttemptContext;
 use tokio::time::Instant;
 
 mod common;
-use common::{TestStore, T0};
+use common::{finished_within, once, paused, Started, TestStore};
 
 const TTL_MS: u64 = 10_000;
 const MARGIN_MS: u64 = 2_000;
@@ -66,9 +63,7 @@ async fn an_attempt_whose_renewals_are_not_durable_is_stopped_and_its_late_succe
         Arc::clone(&cancelled_at),
         Arc::clone(&attempts),
     );
-    let runtime = Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
+    let (runtime, handle) = paused(Arc::new(store.clone()))
         .worker(WorkerId::new("lease-test").unwrap())
         .config(config)
         .handler("work", move |mut ctx: AttemptContext| {
@@ -88,19 +83,10 @@ async fn an_attempt_whose_renewals_are_not_durable_is_stopped_and_its_late_succe
                 Outcome::ok()
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
-    let spec = JobSpec::new(
-        JobId::new("work").unwrap(),
-        "work",
-        ScheduleSpec::Once {
-            at: T0.plus_ms(1_000),
-        },
-    );
-    handle.add_job(spec).await.unwrap();
+    handle.add_job(once("work", "work", 1_000)).await.unwrap();
     let token = loop {
         if let Event::LeaseGranted { token, .. } = events.recv().await.unwrap() {
             break token;
@@ -126,15 +112,7 @@ async fn an_attempt_whose_renewals_are_not_durable_is_stopped_and_its_late_succe
 
     // The store heals; the run executes again.
     store.failing.store(false, Ordering::SeqCst);
-    let state = tokio::time::timeout(Duration::from_secs(600), async {
-        loop {
-            if let Event::RunFinished { state, .. } = events.recv().await.unwrap() {
-                return state;
-            }
-        }
-    })
-    .await
-    .expect("the run finishes");
+    let state = finished_within(&mut events, "work", Duration::from_secs(600)).await;
     assert_eq!(state, StateName::Succeeded);
     handle.sync().await.unwrap();
     assert_eq!(attempts.load(Ordering::SeqCst), 2);

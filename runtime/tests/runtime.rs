@@ -8,17 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::{
-    Event, JobId, JobSpec, Outcome, RetryPolicy, RunQuery, RunState, ScheduleSpec, StateName,
-    Store, WorkerId,
+    Event, JobId, JobSpec, Outcome, RetryPolicy, RunState, ScheduleSpec, StateName, Store, WorkerId,
 };
-use keel_runtime::{
-    AttemptContext, Clock, CommandError, Runtime, RuntimeError, RuntimeHandle, StartError,
-};
+use keel_runtime::{AttemptContext, CommandError, RuntimeError, RuntimeHandle, StartError};
 use keel_testkit::SharedMemStore;
 use tokio::sync::broadcast;
 
 mod common;
-use common::{once, TestStore, T0};
+use common::{hang_first_attempt, once, paused, stored_runs, succeed, Started, TestStore, T0};
 
 fn id(name: &str) -> JobId {
     JobId::new(name).unwrap()
@@ -36,10 +33,7 @@ fn every_second(name: &str, kind: &str) -> JobSpec {
 }
 
 fn builder(store: &SharedMemStore) -> keel_runtime::RuntimeBuilder {
-    Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
-        .worker(WorkerId::new("runtime-test").unwrap())
+    paused(Arc::new(store.clone())).worker(WorkerId::new("runtime-test").unwrap())
 }
 
 /// Waits (on the paused clock) for the `n`th run of `job` to finish and its record to be
@@ -62,17 +56,6 @@ async fn finished(
     states
 }
 
-fn stored_runs(store: &SharedMemStore, job: &str) -> Vec<keel_core::Run> {
-    store
-        .runs(&RunQuery {
-            job: Some(id(job)),
-            limit: 1_000,
-            ..RunQuery::default()
-        })
-        .unwrap()
-        .runs
-}
-
 /// Adds `spec`, waits (on the paused clock) for its first run to end and its record to be
 /// durable, and returns the state it ended in and the stored run.
 async fn run_to_end(
@@ -92,7 +75,7 @@ async fn a_cron_job_runs_its_handler_every_second_and_each_run_is_stored() {
     let store = SharedMemStore::new();
     let calls = Arc::new(AtomicU32::new(0));
     let counted = Arc::clone(&calls);
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("tick", move |_ctx: AttemptContext| {
             let counted = Arc::clone(&counted);
             async move {
@@ -100,10 +83,8 @@ async fn a_cron_job_runs_its_handler_every_second_and_each_run_is_stored() {
                 Outcome::ok()
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     handle.add_job(every_second("tick", "tick")).await.unwrap();
     assert!(
@@ -132,18 +113,16 @@ async fn a_cron_job_runs_its_handler_every_second_and_each_run_is_stored() {
 #[tokio::test(start_paused = true)]
 async fn a_panicking_handler_is_a_retryable_failure_and_the_runtime_keeps_going() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("boom", |_ctx: AttemptContext| async move {
             if true {
                 panic!("disk on fire");
             }
             Outcome::ok()
         })
-        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .handler("tick", succeed)
+        .started()
+        .await;
     let mut events = handle.subscribe();
     let mut boom = once("boom", "boom", 1_000);
     boom.retry = RetryPolicy {
@@ -166,12 +145,7 @@ async fn a_panicking_handler_is_a_retryable_failure_and_the_runtime_keeps_going(
 #[tokio::test(start_paused = true)]
 async fn a_kind_without_a_handler_is_refused_when_added_and_at_start() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
-        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = builder(&store).handler("tick", succeed).started().await;
     let refused = handle
         .add_job(every_second("typo", "tikc"))
         .await
@@ -213,7 +187,7 @@ async fn a_hung_handler_is_asked_to_stop_then_killed_at_its_timeout() {
     let store = SharedMemStore::new();
     let cancelled_seen = Arc::new(AtomicU32::new(0));
     let seen = Arc::clone(&cancelled_seen);
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("hang", move |mut ctx: AttemptContext| {
             let seen = Arc::clone(&seen);
             async move {
@@ -224,10 +198,8 @@ async fn a_hung_handler_is_asked_to_stop_then_killed_at_its_timeout() {
                 Outcome::ok()
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut spec = once("hang", "hang", 1_000);
     spec.timeout_ms = Some(5_000);
     spec.retry = RetryPolicy {
@@ -251,7 +223,7 @@ async fn a_hung_handler_is_asked_to_stop_then_killed_at_its_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_saved_by_one_attempt_is_where_the_next_resumes() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("copy", |ctx: AttemptContext| async move {
             match &ctx.checkpoint {
                 None => {
@@ -266,10 +238,8 @@ async fn a_checkpoint_saved_by_one_attempt_is_where_the_next_resumes() {
                 },
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let (state, run) = run_to_end(&handle, &store, once("copy", "copy", 1_000)).await;
     assert_eq!(state, StateName::Succeeded);
     assert_eq!(run.attempt.0, 2);
@@ -283,8 +253,7 @@ async fn a_checkpoint_saved_by_one_attempt_is_where_the_next_resumes() {
 #[tokio::test(start_paused = true)]
 async fn an_external_worker_claims_completes_and_a_stale_token_is_refused() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store).start().await.unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = builder(&store).started().await;
     let mut events = handle.subscribe();
     let mut spec = once("render", "gpu", 1_000);
     spec.external = true;
@@ -340,7 +309,7 @@ async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_a
     let store = SharedMemStore::new();
     let asked_at = Arc::new(std::sync::Mutex::new(None));
     let asked = Arc::clone(&asked_at);
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("quick", |_ctx: AttemptContext| async move {
             tokio::time::sleep(Duration::from_secs(2)).await;
             Outcome::ok()
@@ -359,10 +328,8 @@ async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_a
             std::future::pending::<()>().await;
             Outcome::ok()
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     for kind in ["quick", "polite", "stubborn"] {
         let job = once(kind, kind, 1_000).with_attempts(1);
@@ -405,15 +372,9 @@ async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_a
 
     // The next start resumes both at once, with their one attempt still to use.
     let runtime = builder(&store)
-        .handler("quick", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .handler(
-            "polite",
-            |_ctx: AttemptContext| async move { Outcome::ok() },
-        )
-        .handler(
-            "stubborn",
-            |_ctx: AttemptContext| async move { Outcome::ok() },
-        )
+        .handler("quick", succeed)
+        .handler("polite", succeed)
+        .handler("stubborn", succeed)
         .start()
         .await
         .unwrap();
@@ -434,12 +395,7 @@ async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_a
 #[tokio::test(start_paused = true)]
 async fn a_runtime_deposed_by_another_process_stops() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
-        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = builder(&store).handler("tick", succeed).started().await;
     handle.add_job(every_second("tick", "tick")).await.unwrap();
     // Another process restores from the same store: it is the writer now.
     let _ = store.restore().unwrap();
@@ -459,16 +415,14 @@ async fn a_runtime_deposed_by_another_process_stops() {
 #[tokio::test(start_paused = true)]
 async fn dropping_every_handle_stops_the_runtime() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
-        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+    let (runtime, handle) = builder(&store)
+        .handler("tick", succeed)
         .handler("hang", |_ctx: AttemptContext| async move {
             std::future::pending::<()>().await;
             Outcome::ok()
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     // A hung attempt holds a sender to the driver: it must not keep the runtime alive.
     handle.add_job(once("hang", "hang", 500)).await.unwrap();
@@ -487,8 +441,7 @@ async fn dropping_every_handle_stops_the_runtime() {
 #[tokio::test(start_paused = true)]
 async fn a_claim_under_the_runtimes_own_name_is_refused() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store).start().await.unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = builder(&store).started().await;
     let mut spec = once("render", "gpu", 1_000);
     spec.external = true;
     handle.add_job(spec).await.unwrap();
@@ -510,9 +463,7 @@ async fn a_claim_under_the_runtimes_own_name_is_refused() {
 
 /// A runtime over `store`, on the paused clock.
 fn gated_builder(store: &TestStore) -> keel_runtime::RuntimeBuilder {
-    Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
+    paused(Arc::new(store.clone()))
 }
 
 // Holding the store's write across awaits is the point: the driver works while it waits.
@@ -520,8 +471,7 @@ fn gated_builder(store: &TestStore) -> keel_runtime::RuntimeBuilder {
 #[tokio::test(start_paused = true)]
 async fn a_claim_whose_run_is_cancelled_while_its_grant_is_written_gets_nothing() {
     let store = TestStore::default();
-    let runtime = gated_builder(&store).start().await.unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = gated_builder(&store).started().await;
     let mut spec = once("render", "gpu", 1_000);
     spec.external = true;
     handle.add_job(spec).await.unwrap();
@@ -563,22 +513,12 @@ async fn an_attempt_whose_lease_is_reclaimed_is_stopped_not_left_running() {
     let store = SharedMemStore::new();
     let dropped = Arc::new(AtomicU32::new(0));
     let flag = Arc::clone(&dropped);
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("work", move |ctx: AttemptContext| {
-            let guard = DropFlag(Arc::clone(&flag));
-            async move {
-                let _guard = guard;
-                if ctx.attempt.0 == 1 {
-                    // Works on, never reporting: only an abort ends it.
-                    std::future::pending::<()>().await;
-                }
-                Outcome::ok()
-            }
+            hang_first_attempt(ctx, DropFlag(Arc::clone(&flag)))
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     handle.add_job(once("work", "work", 1_000)).await.unwrap();
     while !matches!(events.recv().await.unwrap(), Event::LeaseGranted { .. }) {}
@@ -601,7 +541,7 @@ async fn an_attempt_whose_lease_is_reclaimed_is_stopped_not_left_running() {
 #[tokio::test(start_paused = true)]
 async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
     let store = TestStore::default();
-    let runtime = gated_builder(&store)
+    let (runtime, handle) = gated_builder(&store)
         .handler("save", |ctx: AttemptContext| async move {
             let failed = ctx.checkpoint("doomed").await;
             let retried = ctx.checkpoint("second").await;
@@ -610,10 +550,8 @@ async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
                 artifacts: Default::default(),
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let (state, run) = run_to_end(&handle, &store.inner, once("save", "save", 1_000)).await;
     assert_eq!(state, StateName::Succeeded);
     let summary = run.summary.as_deref().unwrap();
@@ -633,7 +571,7 @@ async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
     let store = TestStore::default();
     let go = Arc::new(tokio::sync::Notify::new());
     let signal = Arc::clone(&go);
-    let runtime = gated_builder(&store)
+    let (runtime, handle) = gated_builder(&store)
         .handler("save", move |ctx: AttemptContext| {
             let signal = Arc::clone(&signal);
             async move {
@@ -645,10 +583,8 @@ async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
                 }
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     handle.add_job(once("save", "save", 1_000)).await.unwrap();
     while !matches!(events.recv().await.unwrap(), Event::LeaseGranted { .. }) {}
@@ -677,7 +613,7 @@ async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
 #[tokio::test(start_paused = true)]
 async fn a_success_missing_its_artifacts_is_retried_at_once() {
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .handler("report", |ctx: AttemptContext| async move {
             let mut artifacts = std::collections::BTreeMap::new();
             if ctx.attempt.0 > 1 {
@@ -688,10 +624,8 @@ async fn a_success_missing_its_artifacts_is_retried_at_once() {
                 artifacts,
             }
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut spec = once("report", "report", 1_000);
     spec.required_artifacts = vec!["pdf".to_string()].into();
     let (state, run) = run_to_end(&handle, &store, spec).await;
@@ -709,16 +643,14 @@ async fn a_tiny_lease_ttl_is_renewed_in_time() {
     let mut config = keel_core::Config::default();
     config.lease.ttl_ms = 80;
     config.lease.grace_ms = 0;
-    let runtime = builder(&store)
+    let (runtime, handle) = builder(&store)
         .config(config)
         .handler("slow", |_ctx: AttemptContext| async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
             Outcome::ok()
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let (state, run) = run_to_end(&handle, &store, once("slow", "slow", 1_000)).await;
     assert_eq!(state, StateName::Succeeded);
     assert_eq!(
@@ -749,18 +681,16 @@ async fn a_sink_factory_makes_the_sink_of_a_job_added_while_running() {
     let asked = Arc::new(AtomicU32::new(0));
     let factory_calls = Arc::clone(&asked);
     let store = SharedMemStore::new();
-    let runtime = builder(&store)
-        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
+    let (runtime, handle) = builder(&store)
+        .handler("tick", succeed)
         .sink_factory(move |name| {
             factory_calls.fetch_add(1, Ordering::SeqCst);
             let sink = Recorder(Arc::clone(&made), name.to_string());
             name.starts_with("rec:")
                 .then(|| Arc::new(sink) as Arc<dyn Sink>)
         })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+        .started()
+        .await;
     let mut events = handle.subscribe();
     for (job, sink) in [("a", "rec:ops"), ("b", "nowhere"), ("c", "rec:ops")] {
         let spec = once(job, "tick", 1_000).with_sinks([sink]);
@@ -796,14 +726,10 @@ async fn a_sink_factory_makes_the_sink_of_a_job_added_while_running() {
 #[tokio::test(start_paused = true)]
 async fn reads_answer_while_the_store_fails_and_its_recovery_is_announced() {
     let store = TestStore::default();
-    let runtime = Runtime::builder(Arc::new(store.clone()))
-        .clock(Clock::starting_at(T0))
-        .seed(7)
-        .handler("tick", |_ctx: AttemptContext| async move { Outcome::ok() })
-        .start()
-        .await
-        .unwrap();
-    let handle = runtime.handle();
+    let (runtime, handle) = gated_builder(&store)
+        .handler("tick", succeed)
+        .started()
+        .await;
     let mut events = handle.subscribe();
     store.failing.store(true, Ordering::SeqCst);
     // The add waits for a durable write, which does not come.

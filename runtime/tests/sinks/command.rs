@@ -7,7 +7,7 @@ use keel_harness::TempDir;
 use keel_runtime::sinks::CommandSinkError;
 use keel_runtime::{CommandSink, Sink};
 
-use crate::{assert_document, request, GUARD};
+use crate::{assert_document, assert_times_out, request, transient};
 
 fn sh(script: &str, args: &[&str]) -> CommandSink {
     let mut argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
@@ -36,17 +36,10 @@ async fn command_exit_75_is_transient() {
         "cat > /dev/null; echo 'queue full, try later' >&2; exit 75",
         &[],
     );
-    match sink.send(request(1, 1)).await {
-        DeliveryResult::Transient {
-            error,
-            retry_after_ms,
-        } => {
-            assert_eq!(retry_after_ms, None);
-            assert!(error.contains("75"), "{error}");
-            assert!(error.contains("queue full, try later"), "{error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
+    let (error, retry_after_ms) = transient(sink.send(request(1, 1)).await);
+    assert_eq!(retry_after_ms, None);
+    assert!(error.contains("75"), "{error}");
+    assert!(error.contains("queue full, try later"), "{error}");
 }
 
 #[tokio::test]
@@ -86,17 +79,7 @@ async fn command_that_ignores_stdin_is_judged_by_its_exit_status() {
 #[tokio::test]
 async fn command_killed_at_its_timeout_is_transient() {
     let sink = sh("exec sleep 30", &[]).with_timeout(Duration::from_millis(200));
-    let started = std::time::Instant::now();
-    let result = tokio::time::timeout(GUARD, sink.send(request(1, 1)))
-        .await
-        .unwrap();
-    match result {
-        DeliveryResult::Transient { error, .. } => {
-            assert!(error.contains("timed out"), "{error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_times_out(&sink, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]

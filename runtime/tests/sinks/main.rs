@@ -14,8 +14,9 @@ mod webhook;
 
 use std::time::Duration;
 
-use keel_core::outbox::{DeliveryId, DeliveryPayload, SendRequest};
+use keel_core::outbox::{DeliveryId, DeliveryPayload, DeliveryResult, SendRequest};
 use keel_core::{JobId, StateName, Timestamp};
+use keel_runtime::Sink;
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
@@ -48,4 +49,27 @@ fn assert_document(json: &serde_json::Value, id: &str, attempt: u32) {
     assert_eq!(json["summary"], "42 rows", "{json}");
     assert_eq!(json["error"], serde_json::Value::Null, "{json}");
     assert_eq!(json["finished_at"], T0.0, "{json}");
+}
+
+/// Sends `sink` a delivery it cannot finish within its timeout, and asserts the attempt ended
+/// transient, as timed out, in less than `within` of real time.
+async fn assert_times_out(sink: &impl Sink, within: Duration) {
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(GUARD, sink.send(request(1, 1)))
+        .await
+        .unwrap();
+    let (error, _) = transient(result);
+    assert!(error.contains("timed out"), "{error}");
+    assert!(started.elapsed() < within);
+}
+
+/// The error and the asked-for delay of a transient result; panics on any other.
+fn transient(result: DeliveryResult) -> (String, Option<u64>) {
+    match result {
+        DeliveryResult::Transient {
+            error,
+            retry_after_ms,
+        } => (error, retry_after_ms),
+        other => panic!("expected transient, got {other:?}"),
+    }
 }

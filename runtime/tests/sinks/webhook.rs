@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::{assert_document, request, GUARD, T0};
+use crate::{assert_document, assert_times_out, request, transient, GUARD, T0};
 
 // ---------------------------------------------------------------------------------------------
 // A scripted HTTP/1.1 server.
@@ -224,17 +224,10 @@ async fn webhook_503_with_retry_after_is_transient_and_passes_the_delay_on() {
     }])
     .await;
     let sink = WebhookSink::new(&server.url("/")).unwrap();
-    match sink.send(request(1, 1)).await {
-        DeliveryResult::Transient {
-            error,
-            retry_after_ms,
-        } => {
-            assert_eq!(retry_after_ms, Some(7_000));
-            assert!(error.contains("503"), "{error}");
-            assert!(error.contains("down for maintenance"), "{error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
+    let (error, retry_after_ms) = transient(sink.send(request(1, 1)).await);
+    assert_eq!(retry_after_ms, Some(7_000));
+    assert!(error.contains("503"), "{error}");
+    assert!(error.contains("down for maintenance"), "{error}");
 }
 
 #[tokio::test]
@@ -279,16 +272,9 @@ async fn webhook_connection_refused_is_transient() {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     let sink = WebhookSink::new(&format!("http://{addr}/hook?token=s3cret")).unwrap();
-    match sink.send(request(1, 1)).await {
-        DeliveryResult::Transient {
-            error,
-            retry_after_ms,
-        } => {
-            assert_eq!(retry_after_ms, None);
-            assert!(!error.contains("s3cret"), "the URL is kept out: {error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
+    let (error, retry_after_ms) = transient(sink.send(request(1, 1)).await);
+    assert_eq!(retry_after_ms, None);
+    assert!(!error.contains("s3cret"), "the URL is kept out: {error}");
 }
 
 #[tokio::test]
@@ -297,17 +283,7 @@ async fn webhook_a_server_slower_than_the_timeout_is_transient() {
     let sink = WebhookSink::new(&server.url("/"))
         .unwrap()
         .with_timeout(Duration::from_millis(200));
-    let started = std::time::Instant::now();
-    let result = tokio::time::timeout(GUARD, sink.send(request(1, 1)))
-        .await
-        .unwrap();
-    match result {
-        DeliveryResult::Transient { error, .. } => {
-            assert!(error.contains("timed out"), "{error}");
-        }
-        other => panic!("expected transient, got {other:?}"),
-    }
-    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_times_out(&sink, Duration::from_secs(5)).await;
     server.next_request().await;
 }
 
