@@ -285,9 +285,103 @@ impl fmt::Display for RunError {
     }
 }
 
-/// A run, in memory and as persisted.
+/// A run, the machine: changed only by the [`Scheduler`](crate::Scheduler), read through its
+/// accessors. It serializes exactly as its [`RunRecord`], the stored form.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Run {
+    /// Its id.
+    pub(crate) id: RunId,
+    /// The job it belongs to.
+    pub(crate) job: JobId,
+    /// Why it exists.
+    pub(crate) trigger: Trigger,
+    /// When it was created.
+    pub(crate) created_at: Timestamp,
+    /// The latest attempt started (0 before the first).
+    pub(crate) attempt: Attempt,
+    /// Attempts that ended in a snooze; they do not count against `attempts_max`.
+    pub(crate) snoozes: u32,
+    /// The state.
+    pub(crate) state: RunState,
+    /// The last concrete error, kept in every terminal state.
+    pub(crate) last_error: Option<RunError>,
+    /// The success summary.
+    pub(crate) summary: Option<String>,
+    /// An operator asked to cancel the attempt in progress.
+    pub(crate) cancel_requested: bool,
+    /// When it reached its terminal state.
+    pub(crate) finished_at: Option<Timestamp>,
+    /// The retry policy in force when the run was created; a later job update does not change
+    /// the rules of a run already under way.
+    pub(crate) retry: RetryPolicy,
+    /// Copied from the job: retry after a crash (true) or end `interrupted`.
+    pub(crate) resume_after_crash: bool,
+    /// The handler kind in force when the run was created; attempts keep it even if the job is
+    /// updated or removed meanwhile.
+    pub(crate) kind: Arc<str>,
+    /// The job's payload when the run was created.
+    #[serde(default)]
+    pub(crate) payload: Arc<str>,
+    /// The instant of the one-shot the job was when the run was created, if it was one: only a
+    /// run of that very one-shot finishes it when it settles (a run left over from an earlier
+    /// definition does not).
+    #[serde(default)]
+    pub(crate) of_one_shot: Option<Timestamp>,
+    /// Attempts run by an external worker that claims them (copied from the job).
+    #[serde(default)]
+    pub(crate) external: bool,
+    /// The attempt timeout copied from the job, if any.
+    #[serde(default)]
+    pub(crate) timeout_ms: Option<u64>,
+    /// Artifacts the job requires before it accepts a completion (copied from the job).
+    #[serde(default)]
+    pub(crate) required_artifacts: Box<[String]>,
+    /// Sinks the run's result is delivered to (copied from the job).
+    #[serde(default)]
+    pub(crate) sinks: Box<[Arc<str>]>,
+    /// The lease of the attempt in progress (`Starting` and `Running` only).
+    #[serde(default)]
+    pub(crate) lease: Option<Lease>,
+    /// The token of the last lease that ended. A store uses it to tell a writer that saw the
+    /// stored lease end from one that never knew of it (see `store::check_batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_token: Option<FencingToken>,
+    /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
+    /// errors by `RetryPolicy::lost_attempts_max`.
+    #[serde(default)]
+    pub(crate) lost: u32,
+    /// Attempts a graceful shutdown stopped (SPEC O1); they count against no budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) shutdowns: u32,
+    /// The last progress the holder reported.
+    #[serde(default)]
+    pub(crate) progress: Option<Progress>,
+    /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
+    #[serde(default)]
+    pub(crate) last_activity: Option<Timestamp>,
+    /// Artifacts of the successful completion.
+    #[serde(default)]
+    pub(crate) artifacts: BTreeMap<String, String>,
+    /// The watchdog's deadlines for the attempt in progress.
+    #[serde(default)]
+    pub(crate) watch: Watch,
+    /// True once an extension was granted: at most one per run (SPEC W1).
+    #[serde(default)]
+    pub(crate) extended: bool,
+    /// The attempt the watchdog killed, if any: a kill is sticky, nothing revives it (W2).
+    #[serde(default)]
+    pub(crate) killed: Option<Attempt>,
+    /// The latest checkpoint, handed to the next attempt; deleted when the run completes or
+    /// fails terminally, kept when it is interrupted (SPEC C2).
+    #[serde(default)]
+    pub(crate) checkpoint: Option<Checkpoint>,
+}
+
+/// A run as stored: the store format (see the module docs). Every field is public, for stores
+/// and for tests that build runs in arbitrary states; [`Run::from_record`] turns it into a run.
+/// Its serde shape must stay that of [`Run`] (`run::tests::record_and_run_serialize_alike`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
     /// Its id.
     pub id: RunId,
     /// The job it belongs to.
@@ -374,6 +468,318 @@ pub struct Run {
     /// fails terminally, kept when it is interrupted (SPEC C2).
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+}
+
+/// Read access, one accessor per field: `Copy` values by value, others by reference.
+impl Run {
+    /// Its id.
+    pub fn id(&self) -> RunId {
+        self.id
+    }
+
+    /// The job it belongs to.
+    pub fn job(&self) -> &JobId {
+        &self.job
+    }
+
+    /// Why it exists.
+    pub fn trigger(&self) -> Trigger {
+        self.trigger
+    }
+
+    /// When it was created.
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+
+    /// The latest attempt started (0 before the first).
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+
+    /// Attempts that ended in a snooze; they do not count against `attempts_max`.
+    pub fn snoozes(&self) -> u32 {
+        self.snoozes
+    }
+
+    /// The state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// The last concrete error, kept in every terminal state.
+    pub fn last_error(&self) -> Option<&RunError> {
+        self.last_error.as_ref()
+    }
+
+    /// The success summary.
+    pub fn summary(&self) -> Option<&str> {
+        self.summary.as_deref()
+    }
+
+    /// An operator asked to cancel the attempt in progress.
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel_requested
+    }
+
+    /// When it reached its terminal state.
+    pub fn finished_at(&self) -> Option<Timestamp> {
+        self.finished_at
+    }
+
+    /// The retry policy in force when the run was created.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Retry after a crash (true) or end `interrupted` (copied from the job).
+    pub fn resume_after_crash(&self) -> bool {
+        self.resume_after_crash
+    }
+
+    /// The handler kind in force when the run was created.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The job's payload when the run was created.
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    /// The instant of the one-shot the job was when the run was created, if it was one.
+    pub fn of_one_shot(&self) -> Option<Timestamp> {
+        self.of_one_shot
+    }
+
+    /// Attempts run by an external worker that claims them (copied from the job).
+    pub fn external(&self) -> bool {
+        self.external
+    }
+
+    /// The attempt timeout copied from the job, if any.
+    pub fn timeout_ms(&self) -> Option<u64> {
+        self.timeout_ms
+    }
+
+    /// Artifacts the job requires before it accepts a completion (copied from the job).
+    pub fn required_artifacts(&self) -> &[String] {
+        &self.required_artifacts
+    }
+
+    /// Sinks the run's result is delivered to (copied from the job).
+    pub fn sinks(&self) -> &[Arc<str>] {
+        &self.sinks
+    }
+
+    /// The lease of the attempt in progress (`Starting` and `Running` only).
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// The token of the last lease that ended.
+    pub fn last_token(&self) -> Option<FencingToken> {
+        self.last_token
+    }
+
+    /// Attempts lost to crashes, reclaimed leases or releases.
+    pub fn lost(&self) -> u32 {
+        self.lost
+    }
+
+    /// Attempts a graceful shutdown stopped (SPEC O1).
+    pub fn shutdowns(&self) -> u32 {
+        self.shutdowns
+    }
+
+    /// The last progress the holder reported.
+    pub fn progress(&self) -> Option<&Progress> {
+        self.progress.as_ref()
+    }
+
+    /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
+    pub fn last_activity(&self) -> Option<Timestamp> {
+        self.last_activity
+    }
+
+    /// Artifacts of the successful completion.
+    pub fn artifacts(&self) -> &BTreeMap<String, String> {
+        &self.artifacts
+    }
+
+    /// The watchdog's deadlines for the attempt in progress.
+    pub fn watch(&self) -> Watch {
+        self.watch
+    }
+
+    /// True once an extension was granted: at most one per run (SPEC W1).
+    pub fn extended(&self) -> bool {
+        self.extended
+    }
+
+    /// The attempt the watchdog killed, if any.
+    pub fn killed(&self) -> Option<Attempt> {
+        self.killed
+    }
+
+    /// The latest checkpoint, handed to the next attempt.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_ref()
+    }
+}
+
+impl Run {
+    /// A run rebuilt from its stored form, as a store loads it or a test makes it.
+    pub fn from_record(record: RunRecord) -> Self {
+        let RunRecord {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        } = record;
+        Run {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        }
+    }
+
+    /// The stored form of this run (a copy).
+    pub fn record(&self) -> RunRecord {
+        self.clone().into()
+    }
+}
+
+impl From<RunRecord> for Run {
+    fn from(record: RunRecord) -> Self {
+        Run::from_record(record)
+    }
+}
+
+impl From<Run> for RunRecord {
+    fn from(run: Run) -> Self {
+        let Run {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        } = run;
+        RunRecord {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        }
+    }
 }
 
 /// What a holder last said it was doing.

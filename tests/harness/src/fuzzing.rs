@@ -659,21 +659,21 @@ impl World {
         );
         for run in self.sched.runs() {
             // SPEC W1: at most one extension per run, and the run's flag agrees.
-            let granted = self.extended.get(&run.id).copied().unwrap_or(0);
+            let granted = self.extended.get(&run.id()).copied().unwrap_or(0);
             assert!(
-                granted <= 1 && run.extended == (granted == 1),
+                granted <= 1 && run.extended() == (granted == 1),
                 "{}: extended {} with {granted} extensions granted",
-                run.id,
-                run.extended
+                run.id(),
+                run.extended()
             );
         }
         // SPEC W2: a kill is sticky.
         for (run, attempt) in &self.killed {
             if let Some(r) = self.sched.run(*run) {
                 assert!(
-                    r.killed >= Some(*attempt),
+                    r.killed() >= Some(*attempt),
                     "{run}: attempt {attempt} was killed, but the run says {:?}",
-                    r.killed
+                    r.killed()
                 );
             }
         }
@@ -682,7 +682,7 @@ impl World {
             let current = self
                 .sched
                 .run(s.run)
-                .map(|r| (r.state, r.lease.as_ref().map(|l| (l.token, l.expires_at))));
+                .map(|r| (r.state(), r.lease().map(|l| (l.token, l.expires_at))));
             assert!(
                 matches!(
                     current,
@@ -713,8 +713,8 @@ impl World {
         let mut still = Vec::new();
         for s in std::mem::take(&mut self.started) {
             let running = self.sched.run(s.run).is_some_and(|r| {
-                matches!(r.state, RunState::Running { attempt, .. } if attempt == s.attempt)
-                    && r.lease.as_ref().is_some_and(|l| l.token == s.token)
+                matches!(r.state(), RunState::Running { attempt, .. } if attempt == s.attempt)
+                    && r.lease().is_some_and(|l| l.token == s.token)
             });
             let (may_end_at, must_end_at) = self.watchdog_deadlines(&s);
             if running {
@@ -802,7 +802,7 @@ impl World {
                         self.handed_out.contains(&(run, attempt)),
                         "kill for {run} attempt {attempt}, which was never handed out"
                     );
-                    let killed = self.sched.run(run).map(|r| r.killed);
+                    let killed = self.sched.run(run).map(|r| r.killed());
                     assert!(
                         killed.is_none_or(|k| k >= Some(attempt)),
                         "{run} attempt {attempt} killed, but the run says {killed:?}"
@@ -833,9 +833,9 @@ impl World {
         // Persist before act: the attempt's record, with its lease, is durable.
         let durable = self.store.run(run);
         assert!(
-            durable.is_some_and(|r| r.attempt == attempt
-                && r.state == RunState::Starting { attempt }
-                && r.lease.as_ref().map(|l| l.token) == Some(token)),
+            durable.is_some_and(|r| r.attempt() == attempt
+                && r.state() == RunState::Starting { attempt }
+                && r.lease().map(|l| l.token) == Some(token)),
             "{run} attempt {attempt} ({token}) handed out before it was durable (store has \
              {durable:?})"
         );
@@ -848,7 +848,7 @@ impl World {
         // SPEC C2: the attempt resumes from the durable checkpoint.
         assert_eq!(
             start.checkpoint,
-            durable.and_then(|r| r.checkpoint.clone()),
+            durable.and_then(|r| r.checkpoint().cloned()),
             "{run} attempt {attempt} handed out with another checkpoint than the durable one"
         );
         // SPEC L1: the lease the store holds for the run (checked above), owned by the
@@ -883,11 +883,11 @@ impl World {
             token,
             started_at: lease.renewed_at,
             expires_at: lease.expires_at,
-            timeout_ms: self.sched.run(run).and_then(|r| r.timeout_ms),
+            timeout_ms: self.sched.run(run).and_then(|r| r.timeout_ms()),
         };
         let running = self.sched.run(run).is_some_and(|r| {
-            matches!(r.state, RunState::Running { attempt: a, started_at } if a == attempt && started_at == lease.renewed_at)
-                && r.lease.as_ref() == Some(lease)
+            matches!(r.state(), RunState::Running { attempt: a, started_at } if a == attempt && started_at == lease.renewed_at)
+                && r.lease() == Some(lease)
         });
         if running {
             self.started.push(s);
@@ -917,7 +917,7 @@ impl World {
                     self.tokens.contains(&token),
                     "{run}: {token} reclaimed, but it was never handed out"
                 );
-                let current = self.sched.run(run).and_then(|r| r.lease.as_ref());
+                let current = self.sched.run(run).and_then(|r| r.lease());
                 assert!(
                     current.is_none_or(|l| l.token != token),
                     "{run}: {token} reclaimed but still current"
@@ -930,7 +930,7 @@ impl World {
                 let latest = self
                     .sched
                     .run(run)
-                    .and_then(|r| r.checkpoint.as_ref())
+                    .and_then(|r| r.checkpoint())
                     .map(|c| c.seq);
                 let attempt = self
                     .started
@@ -983,18 +983,18 @@ impl World {
         assert_eq!(memory, durable, "quiescent, but the store's jobs differ");
         for run in self.sched.runs() {
             assert_eq!(
-                self.store.run(run.id),
+                self.store.run(run.id()),
                 Some(run),
                 "quiescent, but {} differs in the store",
-                run.id
+                run.id()
             );
         }
         for run in self.store.runs() {
-            if !run.state.is_terminal() {
+            if !run.state().is_terminal() {
                 assert!(
-                    self.sched.run(run.id).is_some(),
+                    self.sched.run(run.id()).is_some(),
                     "{} is active in the store but not in memory",
-                    run.id
+                    run.id()
                 );
             }
         }
@@ -1016,7 +1016,7 @@ impl World {
         let s = self.started.remove(i);
         let missing: Vec<String> = match (&outcome, self.sched.run(s.run)) {
             (Outcome::Success { artifacts, .. }, Some(run)) => run
-                .required_artifacts
+                .required_artifacts()
                 .iter()
                 .filter(|name| !artifacts.contains_key(*name))
                 .cloned()
@@ -1097,10 +1097,7 @@ impl World {
         let before = self.sched.run(run).cloned();
         let timeout = self.sched.poll_timeout();
         let now = self.sched.now();
-        let current = before
-            .as_ref()
-            .and_then(|r| r.lease.as_ref())
-            .map(|l| l.token);
+        let current = before.as_ref().and_then(|r| r.lease()).map(|l| l.token);
         let result = write(&mut self.sched);
         let refused = match &result {
             Err(Rejected::StaleToken {
@@ -1153,12 +1150,15 @@ impl World {
         self.extended = self
             .store
             .runs()
-            .filter(|r| r.extended)
-            .map(|r| (r.id, 1))
+            .filter(|r| r.extended())
+            .map(|r| (r.id(), 1))
             .collect();
         let store = &self.store;
-        self.killed
-            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
+        self.killed.retain(|(run, attempt)| {
+            store
+                .run(*run)
+                .is_some_and(|r| r.killed() >= Some(*attempt))
+        });
         self.floor = self.tokens.last().copied();
         // The clock may have moved either way across the restart.
         if flags & 2 != 0 {
@@ -1176,7 +1176,7 @@ impl World {
         let restored: Vec<Started> = self
             .sched
             .runs()
-            .filter_map(|r| match (r.state, &r.lease) {
+            .filter_map(|r| match (r.state(), r.lease()) {
                 (
                     RunState::Running {
                         attempt,
@@ -1184,12 +1184,12 @@ impl World {
                     },
                     Some(lease),
                 ) => Some(Started {
-                    run: r.id,
+                    run: r.id(),
                     attempt,
                     token: lease.token,
                     started_at,
                     expires_at: lease.expires_at,
-                    timeout_ms: r.timeout_ms,
+                    timeout_ms: r.timeout_ms(),
                 }),
                 _ => None,
             })
@@ -1198,7 +1198,7 @@ impl World {
             let owner = self
                 .sched
                 .run(s.run)
-                .and_then(|r| r.lease.as_ref())
+                .and_then(|r| r.lease())
                 .map(|l| &l.owner);
             assert_ne!(
                 owner,
@@ -1725,7 +1725,7 @@ impl World {
                 let _ = self.sched.trigger(now, &job_id(id));
             }
             CoreOp::Cancel(index) => {
-                let runs: Vec<RunId> = self.sched.runs().map(|r| r.id).collect();
+                let runs: Vec<RunId> = self.sched.runs().map(|r| r.id()).collect();
                 let run = if runs.is_empty() || index == 0xff {
                     RunId(u64::from(index))
                 } else {
@@ -1776,11 +1776,8 @@ impl World {
                         .progress(now, s.run, s.token, "upload", "42 items")
                         .unwrap_or_else(|e| panic!("progress of executing {}: {e}", s.run));
                     let run = self.sched.run(s.run).expect("executing");
-                    assert_eq!(run.last_activity, Some(self.sched.now()));
-                    assert_eq!(
-                        run.progress.as_ref().map(|p| p.phase.as_str()),
-                        Some("upload")
-                    );
+                    assert_eq!(run.last_activity(), Some(self.sched.now()));
+                    assert_eq!(run.progress().map(|p| p.phase.as_str()), Some("upload"));
                 }
             }
             CoreOp::Context { index, variant } if variant % 4 == 3 => {
@@ -1802,7 +1799,7 @@ impl World {
                         ),
                         (s.attempt, s.token, s.expires_at)
                     );
-                    assert_eq!(context.checkpoint, run.checkpoint);
+                    assert_eq!(context.checkpoint.as_ref(), run.checkpoint());
                 }
             }
             CoreOp::Release { index, variant } if variant % 4 == 3 => {
@@ -1867,8 +1864,8 @@ impl World {
         let oldest = self
             .sched
             .runs()
-            .filter_map(|r| match r.state {
-                RunState::Queued { since } if kinds.contains(&&*r.kind) => Some((since, r.id)),
+            .filter_map(|r| match r.state() {
+                RunState::Queued { since } if kinds.contains(&r.kind()) => Some((since, r.id())),
                 _ => None,
             })
             .min();
@@ -1882,8 +1879,8 @@ impl World {
                     .sched
                     .run(claimed.run)
                     .expect("a claimed run is in memory");
-                assert!(matches!(run.state, RunState::Starting { .. }));
-                assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
+                assert!(matches!(run.state(), RunState::Starting { .. }));
+                assert_eq!(run.lease().map(|l| &l.owner), Some(&worker));
                 self.claims.insert(claimed.run, worker);
                 Some(claimed.run)
             }
@@ -1922,7 +1919,7 @@ impl World {
             return;
         }
         let s = self.started.remove(index % self.started.len());
-        let lost = self.sched.run(s.run).map(|r| r.lost);
+        let lost = self.sched.run(s.run).map(|r| r.lost());
         let result = self.sched.release(self.now, s.run, s.token);
         assert_eq!(
             result,
@@ -1932,11 +1929,11 @@ impl World {
         );
         let run = self.sched.run(s.run).expect("in memory until acknowledged");
         assert_eq!(
-            Some(run.lost),
+            Some(run.lost()),
             lost.map(|l| l + 1),
             "a release counts as lost"
         );
-        assert!(run.lease.is_none());
+        assert!(run.lease().is_none());
         self.stale.push((s.run, s.token));
     }
 
@@ -1946,7 +1943,7 @@ impl World {
             return;
         }
         let s = self.started[index % self.started.len()];
-        let previous = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
+        let previous = self.sched.run(s.run).and_then(|r| r.checkpoint().cloned());
         if variant % 8 == 7 {
             let data = "x".repeat(limits::CHECKPOINT_MAX_BYTES + 1);
             let timeout = self.sched.poll_timeout();
@@ -1961,7 +1958,7 @@ impl World {
                 ),
                 "an oversized checkpoint: {result:?}"
             );
-            let current = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
+            let current = self.sched.run(s.run).and_then(|r| r.checkpoint().cloned());
             assert_eq!(current, previous);
             assert_eq!(self.sched.poll_timeout(), timeout);
             return;
@@ -1971,7 +1968,7 @@ impl World {
             .sched
             .save_checkpoint(self.now, s.run, s.token, data.clone())
             .unwrap_or_else(|e| panic!("checkpoint of executing {} ({}): {e}", s.run, s.token));
-        let current = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
+        let current = self.sched.run(s.run).and_then(|r| r.checkpoint().cloned());
         if self.must_write.remove(&s.run) == Some(s.attempt) {
             // SPEC C1: a failed save never throttles the next one away.
             assert!(
@@ -1995,12 +1992,12 @@ impl World {
     /// `extend`: granted at most once per run, never for a killed run, and otherwise exactly
     /// as the run's state allows (SPEC W1, W2).
     fn extend(&mut self, index: usize, target: u8, by_ms: u64) {
-        let runs: Vec<RunId> = self.sched.runs().map(|r| r.id).collect();
+        let runs: Vec<RunId> = self.sched.runs().map(|r| r.id()).collect();
         let killed: Vec<RunId> = self
             .sched
             .runs()
-            .filter(|r| r.killed.is_some())
-            .map(|r| r.id)
+            .filter(|r| r.killed().is_some())
+            .map(|r| r.id())
             .collect();
         let run_id = match target % 4 {
             0 if !self.started.is_empty() => self.started[index % self.started.len()].run,
@@ -2011,21 +2008,21 @@ impl World {
         let now = self.sched.now().max(self.now);
         let expected = match self.sched.run(run_id) {
             None => Err(Rejected::UnknownRun(run_id)),
-            Some(run) if run.killed.is_some() => Err(Rejected::Killed(run_id)),
-            Some(run) if !matches!(run.state, RunState::Running { .. }) => {
+            Some(run) if run.killed().is_some() => Err(Rejected::Killed(run_id)),
+            Some(run) if !matches!(run.state(), RunState::Running { .. }) => {
                 Err(Rejected::NotRunning {
                     run: run_id,
-                    state: run.state.name(),
+                    state: run.state().name(),
                 })
             }
-            Some(run) if run.extended => Err(Rejected::AlreadyExtended(run_id)),
-            Some(run) => match (run.watch.timeout_at, run.watch.kill_at) {
+            Some(run) if run.extended() => Err(Rejected::AlreadyExtended(run_id)),
+            Some(run) => match (run.watch().timeout_at, run.watch().kill_at) {
                 (None, _) => Err(Rejected::NoTimeout(run_id)),
                 (Some(_), Some(_)) => Err(Rejected::TimedOut(run_id)),
                 (Some(at), None) => {
                     let extended = at.max(now).plus_ms(by_ms);
                     Ok(run
-                        .watch
+                        .watch()
                         .backstop_at
                         .map_or(extended, |cap| extended.min(cap)))
                 }
@@ -2056,7 +2053,7 @@ impl World {
     fn checkpoint_seqs(&self) -> BTreeMap<RunId, Option<u64>> {
         self.sched
             .runs()
-            .map(|r| (r.id, r.checkpoint.as_ref().map(|c| c.seq)))
+            .map(|r| (r.id(), r.checkpoint().map(|c| c.seq)))
             .collect()
     }
 
@@ -2066,8 +2063,8 @@ impl World {
             .sched
             .runs()
             .filter_map(|r| {
-                let seq = r.checkpoint.as_ref().map(|c| c.seq)?;
-                (Some(seq) != before.get(&r.id).copied().flatten()).then_some((r.id, seq))
+                let seq = r.checkpoint().map(|c| c.seq)?;
+                (Some(seq) != before.get(&r.id()).copied().flatten()).then_some((r.id(), seq))
             })
             .collect();
         for (run, seq) in written {
@@ -2091,7 +2088,7 @@ impl World {
         );
         let run = self.store.run(send.payload.run);
         assert!(
-            run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
+            run.is_some_and(|r| r.state().is_terminal() && r.state().name() == send.payload.state),
             "{id} carries a result the store does not hold: {run:?}"
         );
         let previous = self.sends.insert(id, send);
@@ -2186,10 +2183,10 @@ impl World {
             .runs()
             .filter(|r| {
                 let worker = self.sched.worker();
-                r.lease.as_ref().is_some_and(|l| &l.owner == worker)
+                r.lease().is_some_and(|l| &l.owner == worker)
             })
-            .filter_map(|r| match r.state {
-                RunState::Running { attempt, .. } => Some((r.id, attempt)),
+            .filter_map(|r| match r.state() {
+                RunState::Running { attempt, .. } => Some((r.id(), attempt)),
                 _ => None,
             })
             .collect();
@@ -2267,7 +2264,7 @@ impl World {
             let retry = self
                 .sched
                 .runs()
-                .filter_map(|r| match r.state {
+                .filter_map(|r| match r.state() {
                     RunState::BackingOff { until } => Some(until),
                     _ => None,
                 })
@@ -2291,7 +2288,7 @@ impl World {
              deliveries {:?}",
             self.sched
                 .runs()
-                .map(|r| (r.id, r.state))
+                .map(|r| (r.id(), r.state()))
                 .collect::<Vec<_>>(),
             self.sched
                 .outbox()
@@ -2307,8 +2304,8 @@ impl World {
             && self.sched.is_quiescent()
             && self.started.is_empty()
             && self.sends.is_empty()
-            && self.sched.runs().all(|r| r.state.is_terminal())
-            && self.store.runs().all(|r| r.state.is_terminal())
+            && self.sched.runs().all(|r| r.state().is_terminal())
+            && self.store.runs().all(|r| r.state().is_terminal())
             && self.sched.outbox().is_empty()
             && self.store.deliveries().next().is_none()
     }

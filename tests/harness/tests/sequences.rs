@@ -877,25 +877,25 @@ impl World {
                 // SPEC L3: the watchdog misses no expired lease.
                 let grace = self.config.lease.grace_ms;
                 for run in self.keel.runs() {
-                    if let (RunState::Running { .. }, Some(lease)) = (run.state, &run.lease) {
+                    if let (RunState::Running { .. }, Some(lease)) = (run.state(), run.lease()) {
                         assert!(
                             lease.expires_at.plus_ms(grace) > self.last_tick,
                             "{} still running at {} with {} expired at {}",
-                            run.id,
+                            run.id(),
                             self.last_tick,
                             lease.token,
                             lease.expires_at
                         );
                     }
                     // SPEC W3: no attempt outlives its backstop, extension or not.
-                    if let RunState::Running { started_at, .. } = run.state {
-                        if let Some(timeout) = run.timeout_ms {
+                    if let RunState::Running { started_at, .. } = run.state() {
+                        if let Some(timeout) = run.timeout_ms() {
                             let factor = u64::from(self.config.backstop_factor);
                             let backstop = started_at.plus_ms(timeout * factor);
                             assert!(
                                 backstop > self.last_tick,
                                 "{} still running at {}, past its backstop {backstop}",
-                                run.id,
+                                run.id(),
                                 self.last_tick
                             );
                         }
@@ -903,12 +903,12 @@ impl World {
                     // Nothing new fires while shutting down.
                     if let Some(floor) = self.shutdown_floor {
                         let buffered = run.slot().is_some_and(|slot| {
-                            self.shutdown_backlog.contains(&(run.job.clone(), slot))
+                            self.shutdown_backlog.contains(&(run.job().clone(), slot))
                         });
                         assert!(
-                            run.id <= floor || run.trigger == Trigger::Manual || buffered,
+                            run.id() <= floor || run.trigger() == Trigger::Manual || buffered,
                             "{} fired by the schedule after begin_shutdown",
-                            run.id
+                            run.id()
                         );
                     }
                 }
@@ -945,18 +945,18 @@ impl World {
                 let r = self.keel.trigger(self.clock, &job_id(*job));
                 if let Some(run) = self.refused_changes_nothing("trigger", before, r) {
                     let run = self.keel.run(run).expect("a triggered run is in memory");
-                    assert_eq!(run.trigger, Trigger::Manual);
-                    if run.external {
+                    assert_eq!(run.trigger(), Trigger::Manual);
+                    if run.external() {
                         assert_eq!(
-                            run.state,
+                            run.state(),
                             RunState::Queued {
                                 since: self.keel.now()
                             }
                         );
-                        assert_eq!(run.attempt, Attempt(0));
+                        assert_eq!(run.attempt(), Attempt(0));
                     } else {
                         assert_eq!(
-                            run.state,
+                            run.state(),
                             RunState::Starting {
                                 attempt: Attempt(1)
                             }
@@ -1027,7 +1027,7 @@ impl World {
             let current = self
                 .keel
                 .run(*run)
-                .map(|r| (r.state, r.lease.as_ref().map(|l| (l.token, l.expires_at))));
+                .map(|r| (r.state(), r.lease().map(|l| (l.token, l.expires_at))));
             assert!(
                 matches!(
                     current,
@@ -1080,11 +1080,11 @@ impl World {
             .keel
             .run(run_id)
             .expect("an executing run is in memory");
-        let cancel_requested = run.cancel_requested;
+        let cancel_requested = run.cancel_requested();
         let outcome = outcome.outcome();
         let missing: Vec<String> = match &outcome {
             Outcome::Success { artifacts, .. } => run
-                .required_artifacts
+                .required_artifacts()
                 .iter()
                 .filter(|name| !artifacts.contains_key(*name))
                 .cloned()
@@ -1116,9 +1116,9 @@ impl World {
             );
             let run = self.keel.run(run_id).expect("still running");
             assert!(
-                matches!(run.state, RunState::Running { attempt, .. } if attempt == exec.attempt),
+                matches!(run.state(), RunState::Running { attempt, .. } if attempt == exec.attempt),
                 "{run_id} is {:?} after a refused completion",
-                run.state
+                run.state()
             );
             self.stats.artifact_refusals += 1;
             return;
@@ -1136,22 +1136,22 @@ impl World {
             .run(run_id)
             .expect("a run stays in memory until its record is acknowledged");
         assert!(
-            run.lease.is_none(),
+            run.lease().is_none(),
             "{run_id} kept its lease after reporting"
         );
         if cancel_requested && !matches!(outcome, Outcome::Success { .. }) {
             assert_eq!(
-                run.state,
+                run.state(),
                 RunState::Cancelled,
                 "a failure after a cancel request must end the run cancelled"
             );
         }
         if let Outcome::Success { summary, artifacts } = outcome {
-            assert_eq!(run.state, RunState::Succeeded);
-            assert_eq!(run.summary, summary);
-            assert_eq!(run.artifacts, artifacts, "{run_id} lost its artifacts");
+            assert_eq!(run.state(), RunState::Succeeded);
+            assert_eq!(run.summary(), summary.as_deref());
+            assert_eq!(run.artifacts(), &artifacts, "{run_id} lost its artifacts");
         }
-        if run.state.is_terminal() {
+        if run.state().is_terminal() {
             self.stats.terminal_runs += 1;
         }
     }
@@ -1188,11 +1188,7 @@ impl World {
         token: FencingToken,
         result: &Result<T, Rejected>,
     ) {
-        let current = self
-            .keel
-            .run(run)
-            .and_then(|r| r.lease.as_ref())
-            .map(|l| l.token);
+        let current = self.keel.run(run).and_then(|r| r.lease()).map(|l| l.token);
         let refused = match result {
             Err(Rejected::StaleToken {
                 run: r,
@@ -1246,10 +1242,7 @@ impl World {
             (now, now.plus_ms(self.config.lease.ttl_ms)),
             "a heartbeat renews the lease for a TTL from now"
         );
-        assert_eq!(
-            self.keel.run(run).and_then(|r| r.lease.as_ref()),
-            Some(&lease)
-        );
+        assert_eq!(self.keel.run(run).and_then(|r| r.lease()), Some(&lease));
         self.executing
             .get_mut(&run)
             .expect("picked from executing")
@@ -1258,10 +1251,10 @@ impl World {
     }
 
     fn cancel(&mut self, pick: usize) {
-        let ids: Vec<RunId> = self.keel.runs().map(|r| r.id).collect();
+        let ids: Vec<RunId> = self.keel.runs().map(|r| r.id()).collect();
         let i = pick % (ids.len() + 1);
         let id = ids.get(i).copied().unwrap_or(RunId(u64::MAX / 2));
-        let was = self.keel.run(id).map(|r| r.state);
+        let was = self.keel.run(id).map(|r| r.state());
         let before = fingerprint(&self.keel);
         let r = self.keel.cancel_run(self.clock, id);
         if self
@@ -1276,12 +1269,12 @@ impl World {
             .expect("a cancelled run is still in memory");
         match was.expect("accepted cancels name a known run") {
             RunState::Running { .. } => {
-                assert!(matches!(run.state, RunState::Running { .. }));
-                assert!(run.cancel_requested);
+                assert!(matches!(run.state(), RunState::Running { .. }));
+                assert!(run.cancel_requested());
                 self.stats.cancel_requests += 1;
             }
             _ => {
-                assert_eq!(run.state, RunState::Cancelled);
+                assert_eq!(run.state(), RunState::Cancelled);
                 self.stats.terminal_runs += 1;
             }
         }
@@ -1359,7 +1352,7 @@ impl World {
                     self.last_tick,
                     exec.expires_at
                 );
-                let state = self.keel.run(run).map(|r| r.state);
+                let state = self.keel.run(run).map(|r| r.state());
                 assert!(
                     !matches!(state, Some(RunState::Running { .. })),
                     "{run} still running after its lease was reclaimed"
@@ -1379,7 +1372,7 @@ impl World {
                 let latest = self
                     .keel
                     .run(run)
-                    .and_then(|r| r.checkpoint.as_ref())
+                    .and_then(|r| r.checkpoint())
                     .map(|c| c.seq);
                 if !self.flushed.contains(&(run, seq)) && latest == Some(seq) {
                     if let Some(exec) = self.executing.get(&run) {
@@ -1423,20 +1416,20 @@ impl World {
             panic!("persist before act: {run} attempt {attempt} handed out, but the store has never acknowledged the run")
         });
         assert_eq!(
-            stored.state,
+            stored.state(),
             RunState::Starting { attempt },
             "persist before act: {run} attempt {attempt} handed out, but the store holds {:?}",
-            stored.state
+            stored.state()
         );
         assert_eq!(
-            stored.lease.as_ref().map(|l| l.token),
+            stored.lease().map(|l| l.token),
             Some(token),
             "persist before act: {run} attempt {attempt} handed out with {token}, but the \
              store holds {:?}",
-            stored.lease
+            stored.lease()
         );
         assert!(
-            !stored.cancel_requested,
+            !stored.cancel_requested(),
             "{run} attempt {attempt} handed out although the run's cancel request is durable"
         );
         assert_eq!(idempotency_key, IdempotencyKey { run, attempt });
@@ -1454,20 +1447,21 @@ impl World {
         );
         // SPEC C2: the attempt resumes from the run's durable checkpoint.
         assert_eq!(
-            start.checkpoint, stored.checkpoint,
+            start.checkpoint.as_ref(),
+            stored.checkpoint(),
             "{run} attempt {attempt} handed out with another checkpoint than the stored one"
         );
         // The lease: the one the store holds for this run (checked above), owned by the
         // executor (or the worker that claimed an external run), running for a TTL from the
         // hand-out; its grant is announced next.
         assert_eq!(
-            stored.external,
+            stored.external(),
             self.claims.contains_key(&run),
             "{run} attempt {attempt}: external runs, and only they, are claimed"
         );
         let owner = self.claims.get(&run).unwrap_or(&self.local).clone();
         assert_eq!(lease.owner, owner);
-        let timeout_ms = stored.timeout_ms;
+        let timeout_ms = stored.timeout_ms();
         assert_eq!(
             self.announce, None,
             "a hand-out before the previous one's grant was announced"
@@ -1486,7 +1480,7 @@ impl World {
         );
         // Unless the watchdog reclaimed it before this effect was polled, the attempt is
         // running, and its lease runs from the acknowledgement that handed it out.
-        if let Some(RunState::Running { started_at, .. }) = self.keel.run(run).map(|r| r.state) {
+        if let Some(RunState::Running { started_at, .. }) = self.keel.run(run).map(|r| r.state()) {
             assert_eq!(
                 lease.renewed_at, started_at,
                 "{run} attempt {attempt}: the lease does not run from the hand-out"
@@ -1540,9 +1534,9 @@ impl World {
         let running: BTreeMap<RunId, (Attempt, Option<FencingToken>)> = self
             .keel
             .runs()
-            .filter_map(|r| match r.state {
+            .filter_map(|r| match r.state() {
                 RunState::Running { attempt, .. } => {
-                    Some((r.id, (attempt, r.lease.as_ref().map(|l| l.token))))
+                    Some((r.id(), (attempt, r.lease().map(|l| l.token))))
                 }
                 _ => None,
             })
@@ -1571,23 +1565,23 @@ impl World {
         );
         for run in self.keel.runs() {
             assert!(
-                !run.state.is_terminal(),
+                !run.state().is_terminal(),
                 "quiescent, but terminal {} is still in memory",
-                run.id
+                run.id()
             );
-            let stored = self.store.run(run.id).map(json);
+            let stored = self.store.run(run.id()).map(json);
             assert_eq!(
                 Some(json(run)),
                 stored,
                 "quiescent, but stored {} differs from memory",
-                run.id
+                run.id()
             );
         }
         for run in self.store.runs() {
             assert!(
-                run.state.is_terminal() || self.keel.run(run.id).is_some(),
+                run.state().is_terminal() || self.keel.run(run.id()).is_some(),
                 "the store holds active {} but memory has forgotten it",
-                run.id
+                run.id()
             );
         }
         let memory: BTreeMap<u64, Incident> =
@@ -1637,12 +1631,15 @@ impl World {
         self.extended = self
             .store
             .runs()
-            .filter(|r| r.extended)
-            .map(|r| (r.id, 1))
+            .filter(|r| r.extended())
+            .map(|r| (r.id(), 1))
             .collect();
         let store = &self.store;
-        self.killed
-            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
+        self.killed.retain(|(run, attempt)| {
+            store
+                .run(*run)
+                .is_some_and(|r| r.killed() >= Some(*attempt))
+        });
         self.floor = self.tokens.keys().next_back().copied();
         self.failed.clear();
         let snapshot = self.store.restore();
@@ -1663,14 +1660,14 @@ impl World {
         let restored: Vec<(RunId, Attempt, Timestamp, Lease, Option<u64>)> = self
             .keel
             .runs()
-            .filter_map(|r| match (r.state, &r.lease) {
+            .filter_map(|r| match (r.state(), r.lease()) {
                 (
                     RunState::Running {
                         attempt,
                         started_at,
                     },
                     Some(lease),
-                ) => Some((r.id, attempt, started_at, lease.clone(), r.timeout_ms)),
+                ) => Some((r.id(), attempt, started_at, lease.clone(), r.timeout_ms())),
                 _ => None,
             })
             .collect();
@@ -1727,24 +1724,24 @@ impl World {
         );
         for run in self.keel.runs() {
             // SPEC W1: one extension per run at most, and the run's flag says whether it had it.
-            let granted = self.extended.get(&run.id).copied().unwrap_or(0);
-            assert!(granted <= 1, "{} extended {granted} times", run.id);
+            let granted = self.extended.get(&run.id()).copied().unwrap_or(0);
+            assert!(granted <= 1, "{} extended {granted} times", run.id());
             assert_eq!(
-                run.extended,
+                run.extended(),
                 granted == 1,
                 "{}: extended flag {} but {granted} extensions granted",
-                run.id,
-                run.extended
+                run.id(),
+                run.extended()
             );
             // No run loops forever: attempts stay within the budgets.
             assert!(
-                run.attempt.0 <= run.retry.attempts_max + run.lost + run.snoozes,
+                run.attempt().0 <= run.retry().attempts_max + run.lost() + run.snoozes(),
                 "{} at attempt {}, above attempts_max {} + lost {} + snoozes {}",
-                run.id,
-                run.attempt,
-                run.retry.attempts_max,
-                run.lost,
-                run.snoozes
+                run.id(),
+                run.attempt(),
+                run.retry().attempts_max,
+                run.lost(),
+                run.snoozes()
             );
         }
         // SPEC W2: a kill is sticky.
@@ -1753,13 +1750,13 @@ impl World {
                 continue;
             };
             assert!(
-                r.killed >= Some(*attempt),
+                r.killed() >= Some(*attempt),
                 "{run}: attempt {attempt} was killed, but the run says killed {:?}",
-                r.killed
+                r.killed()
             );
             assert!(
                 !matches!(
-                    r.state,
+                    r.state(),
                     RunState::Starting { attempt: a } | RunState::Running { attempt: a, .. }
                         if a == *attempt
                 ),
@@ -1775,9 +1772,9 @@ impl World {
         let oldest = self
             .keel
             .runs()
-            .filter_map(|r| match r.state {
-                RunState::Queued { since } if kinds.contains(&&*r.kind) => {
-                    Some((since, r.id, r.attempt))
+            .filter_map(|r| match r.state() {
+                RunState::Queued { since } if kinds.contains(&r.kind()) => {
+                    Some((since, r.id(), r.attempt()))
                 }
                 _ => None,
             })
@@ -1801,12 +1798,12 @@ impl World {
                 );
                 let run = self.keel.run(id).expect("a claimed run is in memory");
                 assert_eq!(
-                    run.state,
+                    run.state(),
                     RunState::Starting {
                         attempt: Attempt(attempt.0 + 1)
                     }
                 );
-                assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
+                assert_eq!(run.lease().map(|l| &l.owner), Some(&worker));
                 self.claims.insert(id, worker);
                 self.stats.claims += 1;
                 Some(id)
@@ -1849,7 +1846,7 @@ impl World {
             .unwrap_or_else(|e| panic!("progress of executing {run} ({}): {e}", exec.token));
         let now = self.keel.now();
         let r = self.keel.run(run).expect("an executing run is in memory");
-        let progress = r.progress.as_ref().expect("progress is recorded");
+        let progress = r.progress().expect("progress is recorded");
         assert_eq!(
             (
                 progress.phase.as_str(),
@@ -1858,7 +1855,7 @@ impl World {
             ),
             ("upload", message.as_str(), now)
         );
-        assert_eq!(r.last_activity, Some(now), "progress is a sign of life");
+        assert_eq!(r.last_activity(), Some(now), "progress is a sign of life");
         self.stats.progress += 1;
     }
 
@@ -1883,8 +1880,8 @@ impl World {
         assert_eq!(context.lease.owner, exec.owner);
         assert_eq!(context.lease.expires_at, exec.expires_at);
         assert_eq!(&*context.payload, format!("payload of {}", context.job));
-        assert_eq!(context.checkpoint, r.checkpoint);
-        assert_eq!(context.progress, r.progress);
+        assert_eq!(context.checkpoint.as_ref(), r.checkpoint());
+        assert_eq!(context.progress.as_ref(), r.progress());
         self.stats.contexts += 1;
     }
 
@@ -1923,7 +1920,7 @@ impl World {
     /// retries at once or ends (poison, exhausted, cancelled).
     fn release_run(&mut self, run: RunId) {
         let token = self.executing[&run].token;
-        let lost = self.keel.run(run).expect("executing").lost;
+        let lost = self.keel.run(run).expect("executing").lost();
         let result = self.keel.release(self.clock, run, token);
         assert_eq!(result, Ok(Released::Released), "release of executing {run}");
         self.retire(run);
@@ -1932,14 +1929,14 @@ impl World {
             .keel
             .run(run)
             .expect("in memory until its record is acknowledged");
-        assert_eq!(r.lost, lost + 1, "a released attempt counts as lost");
-        assert!(r.lease.is_none(), "{run} kept its lease after a release");
+        assert_eq!(r.lost(), lost + 1, "a released attempt counts as lost");
+        assert!(r.lease().is_none(), "{run} kept its lease after a release");
         assert!(
-            r.state.is_terminal() || r.state == RunState::BackingOff { until: now },
+            r.state().is_terminal() || r.state() == RunState::BackingOff { until: now },
             "{run} is {:?} after a release",
-            r.state
+            r.state()
         );
-        if r.state.is_terminal() {
+        if r.state().is_terminal() {
             self.stats.terminal_runs += 1;
         }
         self.stats.releases += 1;
@@ -1947,12 +1944,12 @@ impl World {
 
     /// `extend` a run: the answer is exactly what the run's state allows (SPEC W1, W2).
     fn extend(&mut self, pick: usize, target: u8, by_ms: u64) {
-        let in_memory: Vec<RunId> = self.keel.runs().map(|r| r.id).collect();
+        let in_memory: Vec<RunId> = self.keel.runs().map(|r| r.id()).collect();
         let killed: Vec<RunId> = self
             .keel
             .runs()
-            .filter(|r| r.killed.is_some())
-            .map(|r| r.id)
+            .filter(|r| r.killed().is_some())
+            .map(|r| r.id())
             .collect();
         let run_id = match target % 4 {
             0 | 1 if !self.executing.is_empty() => self.pick_executing(pick).expect("some").0,
@@ -1965,21 +1962,21 @@ impl World {
         let now = self.keel.now().max(self.clock);
         let expected = match self.keel.run(run_id) {
             None => Err(Rejected::UnknownRun(run_id)),
-            Some(run) if run.killed.is_some() => Err(Rejected::Killed(run_id)),
-            Some(run) if !matches!(run.state, RunState::Running { .. }) => {
+            Some(run) if run.killed().is_some() => Err(Rejected::Killed(run_id)),
+            Some(run) if !matches!(run.state(), RunState::Running { .. }) => {
                 Err(Rejected::NotRunning {
                     run: run_id,
-                    state: run.state.name(),
+                    state: run.state().name(),
                 })
             }
-            Some(run) if run.extended => Err(Rejected::AlreadyExtended(run_id)),
-            Some(run) => match (run.watch.timeout_at, run.watch.kill_at) {
+            Some(run) if run.extended() => Err(Rejected::AlreadyExtended(run_id)),
+            Some(run) => match (run.watch().timeout_at, run.watch().kill_at) {
                 (None, _) => Err(Rejected::NoTimeout(run_id)),
                 (Some(_), Some(_)) => Err(Rejected::TimedOut(run_id)),
                 (Some(timeout_at), None) => {
                     let extended = timeout_at.max(now).plus_ms(by_ms);
                     Ok(run
-                        .watch
+                        .watch()
                         .backstop_at
                         .map_or(extended, |cap| extended.min(cap)))
                 }
@@ -2000,8 +1997,8 @@ impl World {
                 *granted += 1;
                 assert_eq!(*granted, 1, "SPEC W1: {run_id} extended twice");
                 let run = self.keel.run(run_id).expect("extended");
-                assert!(run.extended);
-                assert_eq!(run.watch.timeout_at, Some(deadline));
+                assert!(run.extended());
+                assert_eq!(run.watch().timeout_at, Some(deadline));
                 self.stats.extensions += 1;
             }
             Err(e) => {
@@ -2037,10 +2034,10 @@ impl World {
             .keel
             .run(run)
             .expect("a killed run is in memory until its record is acknowledged");
-        assert_eq!(r.killed, Some(attempt));
+        assert_eq!(r.killed(), Some(attempt));
         // The lease is revoked (a retry due at once may already hold a new one).
         assert!(
-            r.lease.as_ref().is_none_or(|l| l.token != exec.token),
+            r.lease().is_none_or(|l| l.token != exec.token),
             "a kill revokes the lease"
         );
         self.killed.insert((run, attempt));
@@ -2057,14 +2054,14 @@ impl World {
         let Some((run, exec)) = self.pick_executing(pick) else {
             return;
         };
-        let previous = self.keel.run(run).and_then(|r| r.checkpoint.clone());
+        let previous = self.keel.run(run).and_then(|r| r.checkpoint().cloned());
         let data = format!("{run} attempt {} at {}", exec.attempt, pick % 1_000);
         let result = self
             .keel
             .save_checkpoint(clock, run, exec.token, data.clone())
             .unwrap_or_else(|e| panic!("checkpoint of executing {run} ({}): {e}", exec.token));
         let now = self.keel.now();
-        let current = self.keel.run(run).and_then(|r| r.checkpoint.clone());
+        let current = self.keel.run(run).and_then(|r| r.checkpoint().cloned());
         if let Some(attempt) = self.must_write.remove(&run) {
             // SPEC C1: a failed save never throttles the next one away.
             assert_eq!(attempt, exec.attempt);
@@ -2102,7 +2099,7 @@ impl World {
     fn checkpoint_seqs(&self) -> BTreeMap<RunId, Option<u64>> {
         self.keel
             .runs()
-            .map(|r| (r.id, r.checkpoint.as_ref().map(|c| c.seq)))
+            .map(|r| (r.id(), r.checkpoint().map(|c| c.seq)))
             .collect()
     }
 
@@ -2112,7 +2109,7 @@ impl World {
         for (run, (attempt, data)) in std::mem::take(&mut self.throttled) {
             let r = self.keel.run(run).expect("an executing run is in memory");
             assert_eq!(
-                r.checkpoint.as_ref().map(|c| (c.attempt, c.data.as_str())),
+                r.checkpoint().map(|c| (c.attempt, c.data.as_str())),
                 Some((attempt, data.as_str())),
                 "SPEC C3: the flush did not write {run}'s throttled save"
             );
@@ -2121,8 +2118,8 @@ impl World {
             .keel
             .runs()
             .filter_map(|r| {
-                let seq = r.checkpoint.as_ref().map(|c| c.seq);
-                (seq != before.get(&r.id).copied().flatten()).then_some((r.id, seq))
+                let seq = r.checkpoint().map(|c| c.seq);
+                (seq != before.get(&r.id()).copied().flatten()).then_some((r.id(), seq))
             })
             .map(|(run, seq)| (run, seq.expect("a flush writes checkpoints, never deletes")))
             .collect();
@@ -2147,7 +2144,7 @@ impl World {
         );
         let run = self.store.run(send.payload.run);
         assert!(
-            run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
+            run.is_some_and(|r| r.state().is_terminal() && r.state().name() == send.payload.state),
             "{id} carries {} {}, but the store holds {run:?}",
             send.payload.run,
             send.payload.state
@@ -2280,10 +2277,10 @@ impl World {
             .runs()
             .filter(|r| {
                 let worker = self.keel.worker();
-                r.lease.as_ref().is_some_and(|l| &l.owner == worker)
+                r.lease().is_some_and(|l| &l.owner == worker)
             })
-            .filter_map(|r| match r.state {
-                RunState::Running { attempt, .. } => Some((r.id, attempt)),
+            .filter_map(|r| match r.state() {
+                RunState::Running { attempt, .. } => Some((r.id(), attempt)),
                 _ => None,
             })
             .collect();
@@ -2307,8 +2304,8 @@ impl World {
         let highest = self
             .keel
             .runs()
-            .map(|r| r.id)
-            .chain(self.store.runs().map(|r| r.id))
+            .map(|r| r.id())
+            .chain(self.store.runs().map(|r| r.id()))
             .max();
         self.shutdown_floor = Some(highest.unwrap_or(RunId(0)));
         self.shutdown_backlog = self
@@ -2389,7 +2386,7 @@ impl World {
                 self.keel.runs().collect::<Vec<_>>(),
                 self.store
                     .runs()
-                    .filter(|r| !r.state.is_terminal())
+                    .filter(|r| !r.state().is_terminal())
                     .collect::<Vec<_>>(),
                 self.keel.outbox().deliveries().collect::<Vec<_>>()
             );
@@ -2413,8 +2410,8 @@ impl World {
             && self.keel.is_quiescent()
             && self.executing.is_empty()
             && self.sends.is_empty()
-            && self.keel.runs().all(|r| r.state.is_terminal())
-            && self.store.runs().all(|r| r.state.is_terminal())
+            && self.keel.runs().all(|r| r.state().is_terminal())
+            && self.store.runs().all(|r| r.state().is_terminal())
             && self.keel.outbox().is_empty()
             && self.store.deliveries().next().is_none()
     }
@@ -2588,7 +2585,7 @@ fn stored_run_states(batch: &Batch) -> Vec<(RunId, RunState)> {
         .records
         .iter()
         .filter_map(|r| match r {
-            Record::PutRun(run) => Some((run.id, run.state)),
+            Record::PutRun(run) => Some((run.id(), run.state())),
             _ => None,
         })
         .collect()
@@ -2612,7 +2609,7 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
 
     keel.handle_timeout(t1);
     let first = next_batch(&mut keel);
-    let run = keel.runs().next().expect("the slot fired").id;
+    let run = keel.runs().next().expect("the slot fired").id();
     assert_eq!(
         stored_run_states(&first),
         vec![(
@@ -2641,7 +2638,7 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
     keel.handle_persisted(t1, first.id);
     assert_eq!(keel.poll_effect(), None);
     assert_eq!(
-        keel.run(run).map(|r| r.state),
+        keel.run(run).map(|r| r.state()),
         Some(RunState::Starting {
             attempt: Attempt(1)
         })
@@ -2674,7 +2671,7 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
     let start = expect_start(keel.poll_effect());
     assert_eq!((start.run, start.attempt), (run, Attempt(1)));
     assert_eq!(
-        keel.run(run).map(|r| r.state.name()),
+        keel.run(run).map(|r| r.state().name()),
         Some(keel_core::StateName::Running)
     );
     keel.check_invariants();
@@ -2689,10 +2686,10 @@ fn a_run_cancelled_while_starting_is_never_handed_out() {
     let mut keel = with_job(t0, once_spec("once", t1));
     keel.handle_timeout(t1);
     let first = next_batch(&mut keel);
-    let run = keel.runs().next().expect("the slot fired").id;
+    let run = keel.runs().next().expect("the slot fired").id();
     keel.cancel_run(t1, run)
         .expect("a starting run can be cancelled");
-    assert_eq!(keel.run(run).map(|r| r.state), Some(RunState::Cancelled));
+    assert_eq!(keel.run(run).map(|r| r.state()), Some(RunState::Cancelled));
     keel.handle_persisted(t1, first.id);
     let effects = drain_all(&mut keel);
     assert!(
@@ -2914,7 +2911,7 @@ fn permanent_error_after_a_cancel_request_ends_the_run_cancelled() {
     keel.handle_outcome(t1, start.run, start.lease.token, outcome)
         .expect("current attempt");
     assert_eq!(
-        keel.run(start.run).map(|r| r.state),
+        keel.run(start.run).map(|r| r.state()),
         Some(RunState::Cancelled)
     );
 }
@@ -2939,8 +2936,8 @@ fn snooze_after_a_cancel_request_keeps_a_last_error() {
     )
     .expect("current attempt");
     let run = keel.run(start.run).expect("in memory until persisted");
-    assert_eq!(run.state, RunState::Cancelled);
-    assert!(run.last_error.is_some(), "{run:?}");
+    assert_eq!(run.state(), RunState::Cancelled);
+    assert!(run.last_error().is_some(), "{run:?}");
 }
 
 /// An operator's cancel request is persisted with the running attempt (`cancel_requested`),
@@ -2968,7 +2965,7 @@ fn a_cancel_request_survives_a_crash() {
         .expect("a running run can be cancelled");
     flush(&mut keel, &mut store, t1);
     assert!(
-        store.run(start.run).unwrap().cancel_requested,
+        store.run(start.run).unwrap().cancel_requested(),
         "the request is durable"
     );
 
@@ -2983,7 +2980,7 @@ fn a_cancel_request_survives_a_crash() {
             .any(|e| matches!(e, Effect::StartAttempt(s) if s.run == start.run)),
         "the cancelled run was handed out again: {effects:?}"
     );
-    assert_eq!(store.run(start.run).unwrap().state, RunState::Cancelled);
+    assert_eq!(store.run(start.run).unwrap().state(), RunState::Cancelled);
 }
 
 /// SPEC R5 finishes a one-shot job when its run settles, but settle treats any run of the job
@@ -3357,7 +3354,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
     flush(&mut keel, &mut store, t2);
     let interrupted: Vec<&Run> = store
         .runs()
-        .filter(|r| r.state == RunState::Interrupted)
+        .filter(|r| r.state() == RunState::Interrupted)
         .collect();
     assert!(
         interrupted.is_empty(),
@@ -3367,7 +3364,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
     assert_eq!(keel.job(&id).map(|j| j.backlog.len()), Some(0));
     assert!(
         keel.runs()
-            .any(|r| r.slot() == Some(t2) && !r.state.is_terminal()),
+            .any(|r| r.slot() == Some(t2) && !r.state().is_terminal()),
         "slot 2 runs after the restart"
     );
 }
@@ -3396,7 +3393,10 @@ fn extend_once_and_a_kill_is_sticky() {
         Err(Rejected::AlreadyExtended(run))
     );
     flush(&mut keel, &mut store, t1);
-    assert!(store.run(run).unwrap().extended, "the extension is durable");
+    assert!(
+        store.run(run).unwrap().extended(),
+        "the extension is durable"
+    );
     // A restart does not grant a second one.
     let mut keel = Scheduler::restore(config, 7, t1, store.restore());
     flush(&mut keel, &mut store, t1);
@@ -3450,7 +3450,7 @@ fn extend_once_and_a_kill_is_sticky() {
         "SPEC L4: releasing a lost lease is not an error"
     );
     assert_eq!(
-        store.run(run).unwrap().killed,
+        store.run(run).unwrap().killed(),
         Some(retry.attempt),
         "the kill is durable"
     );
