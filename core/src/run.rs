@@ -26,6 +26,24 @@
 //!
 //! Terminal states (`succeeded`, `failed`, `failed_dropped`, `cancelled`, `interrupted`) have no
 //! way out; each keeps the last concrete error (SPEC R4).
+//!
+//! # The machine and its stored form
+//!
+//! [`Run`] is the machine: its fields are private to the core, so only the
+//! [`Scheduler`](crate::Scheduler) changes a run; everyone else reads it through accessors named
+//! after the fields (`run.state()`, `run.job()`, `run.lease()`, ...), `Copy` values by value and
+//! others by reference.
+//!
+//! [`RunRecord`] is the stored form: a plain struct with public fields whose serde shape is the
+//! store format for runs, and which `Run` serializes to byte for byte
+//! (`record_and_run_serialize_alike`, `the_stored_form_of_a_run_is_pinned`). Stores gate that
+//! format with their markers (store-fs's `VERSION` file, store-sled's `format` marker): renaming,
+//! retyping or removing a field of `RunRecord` (or changing its `#[serde]` attributes) is a format
+//! change that needs a new format version and a migration; a new field needs
+//! `#[serde(default)]` so that existing stores still open. Tests and stores that need a run in an
+//! arbitrary state build a `RunRecord` and convert it with [`Run::from_record`];
+//! [`Run::record`] goes the other way. What the CLI and the daemon show is a third thing again,
+//! the JSON views of `keel-cli`'s `views` module.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -1520,5 +1538,230 @@ mod tests {
         let t = truncate(&long);
         assert!(t.len() <= limits::MESSAGE_MAX_BYTES + "…".len());
         assert!(t.ends_with('…'));
+    }
+
+    /// A stored run with every field away from its default, so that a field serialized
+    /// differently by `Run` and `RunRecord` shows. The literal is exhaustive: a new field must
+    /// be added here.
+    fn full_record() -> RunRecord {
+        RunRecord {
+            id: RunId(42),
+            job: JobId::new("backup").unwrap(),
+            trigger: Trigger::Scheduled {
+                slot: Timestamp(60_000),
+            },
+            created_at: Timestamp(60_001),
+            attempt: Attempt(3),
+            snoozes: 1,
+            state: RunState::Running {
+                attempt: Attempt(3),
+                started_at: Timestamp(70_000),
+            },
+            last_error: Some(RunError {
+                kind: ErrorKind::Retryable,
+                message: "upstream 503".into(),
+                attempt: Attempt(2),
+                at: Timestamp(65_000),
+            }),
+            summary: Some("half".into()),
+            cancel_requested: true,
+            finished_at: Some(Timestamp(90_000)),
+            retry: RetryPolicy {
+                attempts_max: 5,
+                backoff_factor: 1.7,
+                jitter: 0.1,
+                deadline_ms: Some(3_600_000),
+                ..RetryPolicy::default()
+            },
+            resume_after_crash: true,
+            kind: "copy".into(),
+            payload: "{\"from\": \"a\"}".into(),
+            of_one_shot: Some(Timestamp(60_000)),
+            external: true,
+            timeout_ms: Some(30_000),
+            required_artifacts: vec!["report".to_string()].into(),
+            sinks: vec![Arc::from("mail")].into(),
+            lease: Some(Lease {
+                owner: crate::WorkerId::new("w1").unwrap(),
+                token: FencingToken(9),
+                renewed_at: Timestamp(70_000),
+                expires_at: Timestamp(100_000),
+            }),
+            last_token: Some(FencingToken(8)),
+            lost: 1,
+            shutdowns: 2,
+            progress: Some(Progress {
+                phase: "upload".into(),
+                message: "40 of 100".into(),
+                at: Timestamp(75_000),
+            }),
+            last_activity: Some(Timestamp(75_000)),
+            artifacts: BTreeMap::from([("report".to_string(), "s3://r".to_string())]),
+            watch: Watch {
+                timeout_at: Some(Timestamp(100_000)),
+                kill_at: Some(Timestamp(110_000)),
+                backstop_at: Some(Timestamp(200_000)),
+                stuck_reported: true,
+            },
+            extended: true,
+            killed: Some(Attempt(2)),
+            checkpoint: Some(Checkpoint {
+                seq: 4,
+                attempt: Attempt(3),
+                saved_at: Timestamp(74_000),
+                data: "copied 40".into(),
+            }),
+        }
+    }
+
+    /// The store format is `RunRecord`'s serde shape, and `Run` serializes exactly as it did
+    /// before `RunRecord` existed: both must give the same bytes, field order included.
+    #[test]
+    fn record_and_run_serialize_alike() {
+        let mut fresh = running_run(RetryPolicy::default()).record();
+        fresh.state = RunState::Queued {
+            since: Timestamp(0),
+        };
+        // `fresh` leaves the skipped-when-default fields (`last_token`, `shutdowns`) at their
+        // defaults, `full_record` sets every field.
+        for record in [fresh, full_record()] {
+            let run = Run::from_record(record.clone());
+            let from_run = serde_json::to_string(&run).unwrap();
+            assert_eq!(from_run, serde_json::to_string(&record).unwrap());
+            assert_eq!(
+                serde_json::to_string_pretty(&run).unwrap(),
+                serde_json::to_string_pretty(&record).unwrap()
+            );
+        }
+        let fresh = serde_json::to_value(running_run(RetryPolicy::default())).unwrap();
+        assert!(fresh.get("last_token").is_none() && fresh.get("shutdowns").is_none());
+    }
+
+    /// The stored bytes of a run, pinned: a change here is a store format change (a new format
+    /// version and a migration, see the module docs).
+    #[test]
+    fn the_stored_form_of_a_run_is_pinned() {
+        let golden = concat!(
+            r#"{"#,
+            r#""id":42,"#,
+            r#""job":"backup","#,
+            r#""trigger":{"trigger":"scheduled","slot":60000},"#,
+            r#""created_at":60001,"#,
+            r#""attempt":3,"#,
+            r#""snoozes":1,"#,
+            r#""state":{"state":"running","attempt":3,"started_at":70000},"#,
+            r#""last_error":{"kind":"retryable","message":"upstream 503","attempt":2,"at":65000},"#,
+            r#""summary":"half","#,
+            r#""cancel_requested":true,"#,
+            r#""finished_at":90000,"#,
+            r#""retry":{"attempts_max":5,"backoff_base_ms":1000,"backoff_factor":1.7,"backoff_cap_ms":300000,"jitter":0.1,"deadline_ms":3600000,"lost_attempts_max":3},"#,
+            r#""resume_after_crash":true,"#,
+            r#""kind":"copy","#,
+            r#""payload":"{\"from\": \"a\"}","#,
+            r#""of_one_shot":60000,"#,
+            r#""external":true,"#,
+            r#""timeout_ms":30000,"#,
+            r#""required_artifacts":["report"],"#,
+            r#""sinks":["mail"],"#,
+            r#""lease":{"owner":"w1","token":9,"renewed_at":70000,"expires_at":100000},"#,
+            r#""last_token":8,"#,
+            r#""lost":1,"#,
+            r#""shutdowns":2,"#,
+            r#""progress":{"phase":"upload","message":"40 of 100","at":75000},"#,
+            r#""last_activity":75000,"#,
+            r#""artifacts":{"report":"s3://r"},"#,
+            r#""watch":{"timeout_at":100000,"kill_at":110000,"backstop_at":200000,"stuck_reported":true},"#,
+            r#""extended":true,"#,
+            r#""killed":2,"#,
+            r#""checkpoint":{"seq":4,"attempt":3,"saved_at":74000,"data":"copied 40"}"#,
+            r#"}"#,
+        );
+        assert_eq!(serde_json::to_string(&full_record()).unwrap(), golden);
+        assert_eq!(
+            serde_json::from_str::<RunRecord>(golden).unwrap(),
+            full_record()
+        );
+    }
+
+    /// Both read the same bytes to the same run, including a record written before the
+    /// defaulted fields existed.
+    #[test]
+    fn record_and_run_read_alike_and_round_trip() {
+        let record = full_record();
+        let run = Run::from_record(record.clone());
+        assert_eq!(run.record(), record);
+        assert_eq!(RunRecord::from(run.clone()), record);
+        assert_eq!(Run::from(record.clone()), run);
+
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(serde_json::from_str::<Run>(&json).unwrap(), run);
+        assert_eq!(serde_json::from_str::<RunRecord>(&json).unwrap(), record);
+
+        // An old record: only the fields without `#[serde(default)]`.
+        let mut old = serde_json::to_value(&record).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        for defaulted in [
+            "payload",
+            "of_one_shot",
+            "external",
+            "timeout_ms",
+            "required_artifacts",
+            "sinks",
+            "lease",
+            "last_token",
+            "lost",
+            "shutdowns",
+            "progress",
+            "last_activity",
+            "artifacts",
+            "watch",
+            "extended",
+            "killed",
+            "checkpoint",
+        ] {
+            assert!(fields.remove(defaulted).is_some(), "{defaulted}");
+        }
+        let old_run: Run = serde_json::from_value(old.clone()).unwrap();
+        let old_record: RunRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old_run, Run::from_record(old_record.clone()));
+        assert_eq!(old_record.payload.as_ref(), "");
+        assert_eq!(old_record.watch, Watch::default());
+    }
+
+    #[test]
+    fn accessors_read_the_fields() {
+        let record = full_record();
+        let run = Run::from_record(record.clone());
+        assert_eq!(run.id(), record.id);
+        assert_eq!(run.job(), &record.job);
+        assert_eq!(run.trigger(), record.trigger);
+        assert_eq!(run.created_at(), record.created_at);
+        assert_eq!(run.attempt(), record.attempt);
+        assert_eq!(run.snoozes(), record.snoozes);
+        assert_eq!(run.state(), record.state);
+        assert_eq!(run.last_error(), record.last_error.as_ref());
+        assert_eq!(run.summary(), record.summary.as_deref());
+        assert_eq!(run.cancel_requested(), record.cancel_requested);
+        assert_eq!(run.finished_at(), record.finished_at);
+        assert_eq!(run.retry(), &record.retry);
+        assert_eq!(run.resume_after_crash(), record.resume_after_crash);
+        assert_eq!(run.kind(), &*record.kind);
+        assert_eq!(run.payload(), &*record.payload);
+        assert_eq!(run.of_one_shot(), record.of_one_shot);
+        assert_eq!(run.external(), record.external);
+        assert_eq!(run.timeout_ms(), record.timeout_ms);
+        assert_eq!(run.required_artifacts(), &*record.required_artifacts);
+        assert_eq!(run.sinks(), &*record.sinks);
+        assert_eq!(run.lease(), record.lease.as_ref());
+        assert_eq!(run.last_token(), record.last_token);
+        assert_eq!(run.lost(), record.lost);
+        assert_eq!(run.shutdowns(), record.shutdowns);
+        assert_eq!(run.progress(), record.progress.as_ref());
+        assert_eq!(run.last_activity(), record.last_activity);
+        assert_eq!(run.artifacts(), &record.artifacts);
+        assert_eq!(run.watch(), record.watch);
+        assert_eq!(run.extended(), record.extended);
+        assert_eq!(run.killed(), record.killed);
+        assert_eq!(run.checkpoint(), record.checkpoint.as_ref());
     }
 }
