@@ -477,10 +477,10 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
     };
     let dir = place.output_dir();
     let kept = output::attempts(&dir, run_id);
-    let running = !run.state.is_terminal();
+    let running = !run.state().is_terminal();
     let attempt = match args.attempt {
         Some(n) if kept.contains(&keel_core::Attempt(n)) => keel_core::Attempt(n),
-        Some(n) if args.follow && running && run.attempt.0 == n => run.attempt,
+        Some(n) if args.follow && running && run.attempt().0 == n => run.attempt(),
         Some(n) => {
             let have: Vec<String> = kept.iter().map(|a| a.to_string()).collect();
             return Err(Failure::input(format!(
@@ -494,7 +494,7 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
         }
         None => match kept.last() {
             Some(last) => *last,
-            None if args.follow && !run.state.is_terminal() => run.attempt,
+            None if args.follow && !run.state().is_terminal() => run.attempt(),
             None => {
                 return Err(Failure::input(format!(
                     "no output kept for {run_id}: it ran no command here (a job for external \
@@ -542,7 +542,7 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
             checked = std::time::Instant::now();
             let now: Option<Run> = from_value(call(place, &Request::Run { run: run_id })?)?;
             // Read once more below: what was written before the end.
-            ended = now.is_none_or(|r| r.state.is_terminal() || r.attempt != attempt);
+            ended = now.is_none_or(|r| r.state().is_terminal() || r.attempt() != attempt);
         }
         for (i, path) in paths.iter().enumerate() {
             let Ok(bytes) = std::fs::read(path) else {

@@ -789,7 +789,9 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
                 };
                 line = format!(
                     "{} of job {}: attempt {} {what} ({token})",
-                    run.id, run.job, run.attempt
+                    run.id(),
+                    run.job(),
+                    run.attempt()
                 );
             }
             None
@@ -804,7 +806,7 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
             .and_then(|run| show::run_note(&run)),
         Event::RetryScheduled { run, at } => match handle.run(*run).await.ok().flatten() {
             Some(run)
-                if run.last_error.as_ref().is_some_and(|e| {
+                if run.last_error().is_some_and(|e| {
                     e.kind == keel_core::ErrorKind::Interrupted
                         && e.message.contains("by a shutdown")
                 }) =>
@@ -812,18 +814,20 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
                 line = format!(
                     "{} of job {}: attempt {} interrupted by shutdown; it resumes at the next \
                      start and uses no attempt",
-                    run.id, run.job, run.attempt
+                    run.id(),
+                    run.job(),
+                    run.attempt()
                 );
                 None
             }
             Some(run) => {
                 line = format!(
                     "{} of job {} failed; retrying at {}",
-                    run.id,
-                    run.job,
+                    run.id(),
+                    run.job(),
                     show::time(*at)
                 );
-                run.last_error
+                run.last_error()
                     .map(|e| crate::table::terminal_safe(&e.message))
             }
             None => None,

@@ -501,10 +501,10 @@ fn check_leases(runs: &[Run], policy: LeasePolicy, daemon_running: bool, finding
     let mut stale = 0;
     for run in runs {
         let running = matches!(
-            run.state,
+            run.state(),
             RunState::Running { .. } | RunState::Starting { .. }
         );
-        let Some(lease) = run.lease.as_ref().filter(|_| running) else {
+        let Some(lease) = run.lease().filter(|_| running) else {
             continue;
         };
         if lease.expires_at > now {
@@ -513,8 +513,8 @@ fn check_leases(runs: &[Run], policy: LeasePolicy, daemon_running: bool, finding
         stale += 1;
         let what = format!(
             "{} of job {}: the lease {} held by {} expired {}",
-            run.id,
-            run.job,
+            run.id(),
+            run.job(),
             lease.token,
             lease.owner,
             show::relative(lease.expires_at, now)

@@ -286,13 +286,13 @@ pub(crate) fn runs_table(runs: &[Run], _now: Timestamp) -> String {
     ]);
     for run in runs {
         table.row(vec![
-            run.id.to_string(),
-            run.job.to_string(),
-            run_state(&run.state),
-            run.attempt.to_string(),
-            trigger(&run.trigger),
-            time(run.created_at),
-            run.finished_at.map_or_else(|| "-".into(), time),
+            run.id().to_string(),
+            run.job().to_string(),
+            run_state(&run.state()),
+            run.attempt().to_string(),
+            trigger(&run.trigger()),
+            time(run.created_at()),
+            run.finished_at().map_or_else(|| "-".into(), time),
             run_note(run).map_or_else(String::new, |n| clip(&n, 60)),
         ]);
     }
@@ -316,18 +316,18 @@ pub(crate) fn run_state(state: &RunState) -> String {
 
 /// What is worth saying about a run: its summary on success, else its last error.
 pub(crate) fn run_note(run: &Run) -> Option<String> {
-    if run.state == RunState::Succeeded {
+    if run.state() == RunState::Succeeded {
         // An earlier attempt's error is not the note of a success.
-        return run.summary.as_deref().map(terminal_safe);
+        return run.summary().map(terminal_safe);
     }
-    if let Some(progress) = run.progress.as_ref().filter(|_| !run.state.is_terminal()) {
+    if let Some(progress) = run.progress().filter(|_| !run.state().is_terminal()) {
         return Some(format!(
             "{}: {}",
             terminal_safe(&progress.phase),
             terminal_safe(&progress.message)
         ));
     }
-    run.last_error.as_ref().map(|e| {
+    run.last_error().map(|e| {
         let kind = error_kind_word(run, e);
         format!(
             "{kind} (attempt {}): {}",
@@ -340,7 +340,7 @@ pub(crate) fn run_note(run: &Run) -> Option<String> {
 /// How a run's last error is named: its kind, except that a retryable error that ended the run
 /// (no attempts left, or past its deadline) is not called retryable.
 fn error_kind_word(run: &Run, error: &keel_core::RunError) -> String {
-    if run.state == RunState::Failed && error.kind == keel_core::ErrorKind::Retryable {
+    if run.state() == RunState::Failed && error.kind == keel_core::ErrorKind::Retryable {
         "failed, no attempts left".into()
     } else {
         error.kind.to_string()
@@ -353,20 +353,20 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
     let mut field = |name: &str, value: String| {
         let _ = writeln!(out, "{name:<14}{value}");
     };
-    field("run", format!("{} of job {}", run.id, run.job));
-    field("state", run_state(&run.state));
-    if run.cancel_requested && !run.state.is_terminal() {
+    field("run", format!("{} of job {}", run.id(), run.job()));
+    field("state", run_state(&run.state()));
+    if run.cancel_requested() && !run.state().is_terminal() {
         field("cancel", "requested; the attempt was asked to stop".into());
     }
     field(
         "trigger",
-        match run.trigger {
+        match run.trigger() {
             Trigger::Scheduled { slot } => format!("schedule, slot {}", time(slot)),
             Trigger::Manual => "manual".into(),
         },
     );
-    field("created", time(run.created_at));
-    if let Some(finished) = run.finished_at {
+    field("created", time(run.created_at()));
+    if let Some(finished) = run.finished_at() {
         field(
             "finished",
             format!("{} ({})", time(finished), relative(finished, now)),
@@ -376,29 +376,30 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
     // attempts_max.
     let mut attempts = format!(
         "{} started; {} of {} counted",
-        run.attempt.0,
+        run.attempt().0,
         run.attempts_counted(),
-        run.retry.attempts_max
+        run.retry().attempts_max
     );
-    if run.lost > 0 {
+    if run.lost() > 0 {
         attempts.push_str(&format!(
             ", {} of {} lost",
-            run.lost, run.retry.lost_attempts_max
+            run.lost(),
+            run.retry().lost_attempts_max
         ));
     }
-    if run.snoozes > 0 {
-        attempts.push_str(&format!(", {} snoozed", run.snoozes));
+    if run.snoozes() > 0 {
+        attempts.push_str(&format!(", {} snoozed", run.snoozes()));
     }
     field("attempts", attempts);
     field(
         "kind",
-        if run.external {
-            format!("{} (external workers)", run.kind)
+        if run.external() {
+            format!("{} (external workers)", run.kind())
         } else {
-            run.kind.to_string()
+            run.kind().to_string()
         },
     );
-    if let Some(lease) = &run.lease {
+    if let Some(lease) = run.lease() {
         field(
             "lease",
             format!(
@@ -410,7 +411,7 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
             ),
         );
     }
-    if let Some(progress) = &run.progress {
+    if let Some(progress) = run.progress() {
         field(
             "progress",
             format!(
@@ -421,7 +422,7 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
             ),
         );
     }
-    if let Some(checkpoint) = &run.checkpoint {
+    if let Some(checkpoint) = run.checkpoint() {
         field(
             "checkpoint",
             format!(
@@ -433,10 +434,10 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
             ),
         );
     }
-    if let Some(summary) = &run.summary {
+    if let Some(summary) = run.summary() {
         field("summary", terminal_safe(summary));
     }
-    if let Some(error) = &run.last_error {
+    if let Some(error) = run.last_error() {
         field(
             "last error",
             format!(
@@ -450,7 +451,7 @@ pub(crate) fn run_detail(run: &Run, audit: &[AuditRecord], now: Timestamp) -> St
             let _ = writeln!(out, "{:<14}{line}", "");
         }
     }
-    for (name, value) in &run.artifacts {
+    for (name, value) in run.artifacts() {
         let (name, value) = (terminal_safe(name), terminal_safe(value));
         let _ = writeln!(out, "{:<14}{name}={value}", "artifact");
     }
@@ -646,19 +647,24 @@ mod tests {
 
     #[test]
     fn a_success_is_not_noted_with_an_earlier_attempts_error() {
-        let mut run = keel_harness::conformance::run(1, "backup", Timestamp(0));
-        run.state = RunState::Succeeded;
-        run.last_error = Some(keel_core::RunError {
+        let mut record = keel_harness::conformance::run(1, "backup", Timestamp(0)).record();
+        record.state = RunState::Succeeded;
+        record.last_error = Some(keel_core::RunError {
             kind: keel_core::ErrorKind::Lost,
             message: "attempt 1 released by local".into(),
             attempt: keel_core::Attempt(1),
             at: Timestamp(0),
         });
-        assert_eq!(run_note(&run), None);
-        run.summary = Some("archived 3 files".into());
-        assert_eq!(run_note(&run).as_deref(), Some("archived 3 files"));
-        run.state = RunState::Failed;
-        assert!(run_note(&run).unwrap().contains("released by local"));
+        assert_eq!(run_note(&Run::from_record(record.clone())), None);
+        record.summary = Some("archived 3 files".into());
+        assert_eq!(
+            run_note(&Run::from_record(record.clone())).as_deref(),
+            Some("archived 3 files")
+        );
+        record.state = RunState::Failed;
+        assert!(run_note(&Run::from_record(record))
+            .unwrap()
+            .contains("released by local"));
     }
 
     #[test]

@@ -136,16 +136,16 @@ pub(crate) fn job(job: &Job) -> Value {
 
 /// A run.
 pub(crate) fn run(run: &Run) -> Value {
-    let (trigger, slot) = match run.trigger {
+    let (trigger, slot) = match run.trigger() {
         Trigger::Scheduled { slot } => ("scheduled", Some(slot)),
         Trigger::Manual => ("manual", None),
     };
-    let (waiting_since, retry_at) = match run.state {
+    let (waiting_since, retry_at) = match run.state() {
         RunState::Queued { since } => (Some(since), None),
         RunState::BackingOff { until } => (None, Some(until)),
         _ => (None, None),
     };
-    let error = run.last_error.as_ref().map(|e| {
+    let error = run.last_error().map(|e| {
         Value::Object(object(
             vec![
                 ("kind", json!(e.kind.to_string())),
@@ -155,7 +155,7 @@ pub(crate) fn run(run: &Run) -> Value {
             &[("at", Some(e.at))],
         ))
     });
-    let lease = run.lease.as_ref().map(|l| {
+    let lease = run.lease().map(|l| {
         Value::Object(object(
             vec![
                 ("worker", json!(l.owner.as_str())),
@@ -164,13 +164,13 @@ pub(crate) fn run(run: &Run) -> Value {
             &[("expires_at", Some(l.expires_at))],
         ))
     });
-    let progress = run.progress.as_ref().map(|p| {
+    let progress = run.progress().map(|p| {
         Value::Object(object(
             vec![("phase", json!(p.phase)), ("message", json!(p.message))],
             &[("at", Some(p.at))],
         ))
     });
-    let checkpoint = run.checkpoint.as_ref().map(|c| {
+    let checkpoint = run.checkpoint().map(|c| {
         Value::Object(object(
             vec![
                 ("seq", json!(c.seq)),
@@ -181,32 +181,32 @@ pub(crate) fn run(run: &Run) -> Value {
         ))
     });
     let artifacts: BTreeMap<&str, &str> = run
-        .artifacts
+        .artifacts()
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     Value::Object(object(
         vec![
-            ("run", json!(run.id.to_string())),
-            ("job", json!(run.job.as_str())),
-            ("state", json!(run.state.name().to_string())),
-            ("attempt", json!(run.attempt.0)),
+            ("run", json!(run.id().to_string())),
+            ("job", json!(run.job().as_str())),
+            ("state", json!(run.state().name().to_string())),
+            ("attempt", json!(run.attempt().0)),
             ("trigger", json!(trigger)),
-            ("summary", json!(run.summary)),
+            ("summary", json!(run.summary())),
             ("error", error.unwrap_or(Value::Null)),
-            ("cancel_requested", json!(run.cancel_requested)),
+            ("cancel_requested", json!(run.cancel_requested())),
             ("lease", lease.unwrap_or(Value::Null)),
-            ("last_token", json!(run.last_token.map(|t| t.to_string()))),
+            ("last_token", json!(run.last_token().map(|t| t.to_string()))),
             ("progress", progress.unwrap_or(Value::Null)),
             ("checkpoint", checkpoint.unwrap_or(Value::Null)),
             ("artifacts", json!(artifacts)),
-            ("lost_attempts", json!(run.lost)),
-            ("shutdown_interruptions", json!(run.shutdowns)),
+            ("lost_attempts", json!(run.lost())),
+            ("shutdown_interruptions", json!(run.shutdowns())),
         ],
         &[
             ("slot", slot),
-            ("created_at", Some(run.created_at)),
-            ("finished_at", run.finished_at),
+            ("created_at", Some(run.created_at())),
+            ("finished_at", run.finished_at()),
             ("waiting_since", waiting_since),
             ("retry_at", retry_at),
         ],
@@ -368,14 +368,16 @@ mod tests {
             required_artifacts: Box::default(),
             sinks: Box::default(),
         };
-        let mut run = Run::new(
+        let mut record = Run::new(
             RunId(7),
             JobId::new("render").unwrap(),
             Trigger::Scheduled { slot: T },
             T,
             terms,
-        );
-        run.last_token = Some(FencingToken(9));
+        )
+        .record();
+        record.last_token = Some(FencingToken(9));
+        let run = Run::from_record(record);
         let view = super::run(&run);
         assert_eq!(
             keys(&view),

@@ -116,7 +116,9 @@ pub use outbox::{
 };
 pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
-pub use run::{ErrorKind, Outcome, Run, RunError, RunState, RunTerms, StateName, Trigger};
+pub use run::{
+    ErrorKind, Outcome, Run, RunError, RunRecord, RunState, RunTerms, StateName, Trigger,
+};
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{
     AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,

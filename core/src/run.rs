@@ -26,6 +26,24 @@
 //!
 //! Terminal states (`succeeded`, `failed`, `failed_dropped`, `cancelled`, `interrupted`) have no
 //! way out; each keeps the last concrete error (SPEC R4).
+//!
+//! # The machine and its stored form
+//!
+//! [`Run`] is the machine: its fields are private to the core, so only the
+//! [`Scheduler`](crate::Scheduler) changes a run; everyone else reads it through accessors named
+//! after the fields (`run.state()`, `run.job()`, `run.lease()`, ...), `Copy` values by value and
+//! others by reference.
+//!
+//! [`RunRecord`] is the stored form: a plain struct with public fields whose serde shape is the
+//! store format for runs, and which `Run` serializes to byte for byte
+//! (`record_and_run_serialize_alike`, `the_stored_form_of_a_run_is_pinned`). Stores gate that
+//! format with their markers (store-fs's `VERSION` file, store-sled's `format` marker): renaming,
+//! retyping or removing a field of `RunRecord` (or changing its `#[serde]` attributes) is a format
+//! change that needs a new format version and a migration; a new field needs
+//! `#[serde(default)]` so that existing stores still open. Tests and stores that need a run in an
+//! arbitrary state build a `RunRecord` and convert it with [`Run::from_record`];
+//! [`Run::record`] goes the other way. What the CLI and the daemon show is a third thing again,
+//! the JSON views of `keel-cli`'s `views` module.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -285,9 +303,103 @@ impl fmt::Display for RunError {
     }
 }
 
-/// A run, in memory and as persisted.
+/// A run, the machine: changed only by the [`Scheduler`](crate::Scheduler), read through its
+/// accessors. It serializes exactly as its [`RunRecord`], the stored form.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Run {
+    /// Its id.
+    pub(crate) id: RunId,
+    /// The job it belongs to.
+    pub(crate) job: JobId,
+    /// Why it exists.
+    pub(crate) trigger: Trigger,
+    /// When it was created.
+    pub(crate) created_at: Timestamp,
+    /// The latest attempt started (0 before the first).
+    pub(crate) attempt: Attempt,
+    /// Attempts that ended in a snooze; they do not count against `attempts_max`.
+    pub(crate) snoozes: u32,
+    /// The state.
+    pub(crate) state: RunState,
+    /// The last concrete error, kept in every terminal state.
+    pub(crate) last_error: Option<RunError>,
+    /// The success summary.
+    pub(crate) summary: Option<String>,
+    /// An operator asked to cancel the attempt in progress.
+    pub(crate) cancel_requested: bool,
+    /// When it reached its terminal state.
+    pub(crate) finished_at: Option<Timestamp>,
+    /// The retry policy in force when the run was created; a later job update does not change
+    /// the rules of a run already under way.
+    pub(crate) retry: RetryPolicy,
+    /// Copied from the job: retry after a crash (true) or end `interrupted`.
+    pub(crate) resume_after_crash: bool,
+    /// The handler kind in force when the run was created; attempts keep it even if the job is
+    /// updated or removed meanwhile.
+    pub(crate) kind: Arc<str>,
+    /// The job's payload when the run was created.
+    #[serde(default)]
+    pub(crate) payload: Arc<str>,
+    /// The instant of the one-shot the job was when the run was created, if it was one: only a
+    /// run of that very one-shot finishes it when it settles (a run left over from an earlier
+    /// definition does not).
+    #[serde(default)]
+    pub(crate) of_one_shot: Option<Timestamp>,
+    /// Attempts run by an external worker that claims them (copied from the job).
+    #[serde(default)]
+    pub(crate) external: bool,
+    /// The attempt timeout copied from the job, if any.
+    #[serde(default)]
+    pub(crate) timeout_ms: Option<u64>,
+    /// Artifacts the job requires before it accepts a completion (copied from the job).
+    #[serde(default)]
+    pub(crate) required_artifacts: Box<[String]>,
+    /// Sinks the run's result is delivered to (copied from the job).
+    #[serde(default)]
+    pub(crate) sinks: Box<[Arc<str>]>,
+    /// The lease of the attempt in progress (`Starting` and `Running` only).
+    #[serde(default)]
+    pub(crate) lease: Option<Lease>,
+    /// The token of the last lease that ended. A store uses it to tell a writer that saw the
+    /// stored lease end from one that never knew of it (see `store::check_batch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_token: Option<FencingToken>,
+    /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
+    /// errors by `RetryPolicy::lost_attempts_max`.
+    #[serde(default)]
+    pub(crate) lost: u32,
+    /// Attempts a graceful shutdown stopped (SPEC O1); they count against no budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(crate) shutdowns: u32,
+    /// The last progress the holder reported.
+    #[serde(default)]
+    pub(crate) progress: Option<Progress>,
+    /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
+    #[serde(default)]
+    pub(crate) last_activity: Option<Timestamp>,
+    /// Artifacts of the successful completion.
+    #[serde(default)]
+    pub(crate) artifacts: BTreeMap<String, String>,
+    /// The watchdog's deadlines for the attempt in progress.
+    #[serde(default)]
+    pub(crate) watch: Watch,
+    /// True once an extension was granted: at most one per run (SPEC W1).
+    #[serde(default)]
+    pub(crate) extended: bool,
+    /// The attempt the watchdog killed, if any: a kill is sticky, nothing revives it (W2).
+    #[serde(default)]
+    pub(crate) killed: Option<Attempt>,
+    /// The latest checkpoint, handed to the next attempt; deleted when the run completes or
+    /// fails terminally, kept when it is interrupted (SPEC C2).
+    #[serde(default)]
+    pub(crate) checkpoint: Option<Checkpoint>,
+}
+
+/// A run as stored: the store format (see the module docs). Every field is public, for stores
+/// and for tests that build runs in arbitrary states; [`Run::from_record`] turns it into a run.
+/// Its serde shape must stay that of [`Run`] (`run::tests::record_and_run_serialize_alike`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
     /// Its id.
     pub id: RunId,
     /// The job it belongs to.
@@ -374,6 +486,318 @@ pub struct Run {
     /// fails terminally, kept when it is interrupted (SPEC C2).
     #[serde(default)]
     pub checkpoint: Option<Checkpoint>,
+}
+
+/// Read access, one accessor per field: `Copy` values by value, others by reference.
+impl Run {
+    /// Its id.
+    pub fn id(&self) -> RunId {
+        self.id
+    }
+
+    /// The job it belongs to.
+    pub fn job(&self) -> &JobId {
+        &self.job
+    }
+
+    /// Why it exists.
+    pub fn trigger(&self) -> Trigger {
+        self.trigger
+    }
+
+    /// When it was created.
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+
+    /// The latest attempt started (0 before the first).
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+
+    /// Attempts that ended in a snooze; they do not count against `attempts_max`.
+    pub fn snoozes(&self) -> u32 {
+        self.snoozes
+    }
+
+    /// The state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// The last concrete error, kept in every terminal state.
+    pub fn last_error(&self) -> Option<&RunError> {
+        self.last_error.as_ref()
+    }
+
+    /// The success summary.
+    pub fn summary(&self) -> Option<&str> {
+        self.summary.as_deref()
+    }
+
+    /// An operator asked to cancel the attempt in progress.
+    pub fn cancel_requested(&self) -> bool {
+        self.cancel_requested
+    }
+
+    /// When it reached its terminal state.
+    pub fn finished_at(&self) -> Option<Timestamp> {
+        self.finished_at
+    }
+
+    /// The retry policy in force when the run was created.
+    pub fn retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// Retry after a crash (true) or end `interrupted` (copied from the job).
+    pub fn resume_after_crash(&self) -> bool {
+        self.resume_after_crash
+    }
+
+    /// The handler kind in force when the run was created.
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// The job's payload when the run was created.
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    /// The instant of the one-shot the job was when the run was created, if it was one.
+    pub fn of_one_shot(&self) -> Option<Timestamp> {
+        self.of_one_shot
+    }
+
+    /// Attempts run by an external worker that claims them (copied from the job).
+    pub fn external(&self) -> bool {
+        self.external
+    }
+
+    /// The attempt timeout copied from the job, if any.
+    pub fn timeout_ms(&self) -> Option<u64> {
+        self.timeout_ms
+    }
+
+    /// Artifacts the job requires before it accepts a completion (copied from the job).
+    pub fn required_artifacts(&self) -> &[String] {
+        &self.required_artifacts
+    }
+
+    /// Sinks the run's result is delivered to (copied from the job).
+    pub fn sinks(&self) -> &[Arc<str>] {
+        &self.sinks
+    }
+
+    /// The lease of the attempt in progress (`Starting` and `Running` only).
+    pub fn lease(&self) -> Option<&Lease> {
+        self.lease.as_ref()
+    }
+
+    /// The token of the last lease that ended.
+    pub fn last_token(&self) -> Option<FencingToken> {
+        self.last_token
+    }
+
+    /// Attempts lost to crashes, reclaimed leases or releases.
+    pub fn lost(&self) -> u32 {
+        self.lost
+    }
+
+    /// Attempts a graceful shutdown stopped (SPEC O1).
+    pub fn shutdowns(&self) -> u32 {
+        self.shutdowns
+    }
+
+    /// The last progress the holder reported.
+    pub fn progress(&self) -> Option<&Progress> {
+        self.progress.as_ref()
+    }
+
+    /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
+    pub fn last_activity(&self) -> Option<Timestamp> {
+        self.last_activity
+    }
+
+    /// Artifacts of the successful completion.
+    pub fn artifacts(&self) -> &BTreeMap<String, String> {
+        &self.artifacts
+    }
+
+    /// The watchdog's deadlines for the attempt in progress.
+    pub fn watch(&self) -> Watch {
+        self.watch
+    }
+
+    /// True once an extension was granted: at most one per run (SPEC W1).
+    pub fn extended(&self) -> bool {
+        self.extended
+    }
+
+    /// The attempt the watchdog killed, if any.
+    pub fn killed(&self) -> Option<Attempt> {
+        self.killed
+    }
+
+    /// The latest checkpoint, handed to the next attempt.
+    pub fn checkpoint(&self) -> Option<&Checkpoint> {
+        self.checkpoint.as_ref()
+    }
+}
+
+impl Run {
+    /// A run rebuilt from its stored form, as a store loads it or a test makes it.
+    pub fn from_record(record: RunRecord) -> Self {
+        let RunRecord {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        } = record;
+        Run {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        }
+    }
+
+    /// The stored form of this run (a copy).
+    pub fn record(&self) -> RunRecord {
+        self.clone().into()
+    }
+}
+
+impl From<RunRecord> for Run {
+    fn from(record: RunRecord) -> Self {
+        Run::from_record(record)
+    }
+}
+
+impl From<Run> for RunRecord {
+    fn from(run: Run) -> Self {
+        let Run {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        } = run;
+        RunRecord {
+            id,
+            job,
+            trigger,
+            created_at,
+            attempt,
+            snoozes,
+            state,
+            last_error,
+            summary,
+            cancel_requested,
+            finished_at,
+            retry,
+            resume_after_crash,
+            kind,
+            payload,
+            of_one_shot,
+            external,
+            timeout_ms,
+            required_artifacts,
+            sinks,
+            lease,
+            last_token,
+            lost,
+            shutdowns,
+            progress,
+            last_activity,
+            artifacts,
+            watch,
+            extended,
+            killed,
+            checkpoint,
+        }
+    }
 }
 
 /// What a holder last said it was doing.
@@ -1114,5 +1538,230 @@ mod tests {
         let t = truncate(&long);
         assert!(t.len() <= limits::MESSAGE_MAX_BYTES + "…".len());
         assert!(t.ends_with('…'));
+    }
+
+    /// A stored run with every field away from its default, so that a field serialized
+    /// differently by `Run` and `RunRecord` shows. The literal is exhaustive: a new field must
+    /// be added here.
+    fn full_record() -> RunRecord {
+        RunRecord {
+            id: RunId(42),
+            job: JobId::new("backup").unwrap(),
+            trigger: Trigger::Scheduled {
+                slot: Timestamp(60_000),
+            },
+            created_at: Timestamp(60_001),
+            attempt: Attempt(3),
+            snoozes: 1,
+            state: RunState::Running {
+                attempt: Attempt(3),
+                started_at: Timestamp(70_000),
+            },
+            last_error: Some(RunError {
+                kind: ErrorKind::Retryable,
+                message: "upstream 503".into(),
+                attempt: Attempt(2),
+                at: Timestamp(65_000),
+            }),
+            summary: Some("half".into()),
+            cancel_requested: true,
+            finished_at: Some(Timestamp(90_000)),
+            retry: RetryPolicy {
+                attempts_max: 5,
+                backoff_factor: 1.7,
+                jitter: 0.1,
+                deadline_ms: Some(3_600_000),
+                ..RetryPolicy::default()
+            },
+            resume_after_crash: true,
+            kind: "copy".into(),
+            payload: "{\"from\": \"a\"}".into(),
+            of_one_shot: Some(Timestamp(60_000)),
+            external: true,
+            timeout_ms: Some(30_000),
+            required_artifacts: vec!["report".to_string()].into(),
+            sinks: vec![Arc::from("mail")].into(),
+            lease: Some(Lease {
+                owner: crate::WorkerId::new("w1").unwrap(),
+                token: FencingToken(9),
+                renewed_at: Timestamp(70_000),
+                expires_at: Timestamp(100_000),
+            }),
+            last_token: Some(FencingToken(8)),
+            lost: 1,
+            shutdowns: 2,
+            progress: Some(Progress {
+                phase: "upload".into(),
+                message: "40 of 100".into(),
+                at: Timestamp(75_000),
+            }),
+            last_activity: Some(Timestamp(75_000)),
+            artifacts: BTreeMap::from([("report".to_string(), "s3://r".to_string())]),
+            watch: Watch {
+                timeout_at: Some(Timestamp(100_000)),
+                kill_at: Some(Timestamp(110_000)),
+                backstop_at: Some(Timestamp(200_000)),
+                stuck_reported: true,
+            },
+            extended: true,
+            killed: Some(Attempt(2)),
+            checkpoint: Some(Checkpoint {
+                seq: 4,
+                attempt: Attempt(3),
+                saved_at: Timestamp(74_000),
+                data: "copied 40".into(),
+            }),
+        }
+    }
+
+    /// The store format is `RunRecord`'s serde shape, and `Run` serializes exactly as it did
+    /// before `RunRecord` existed: both must give the same bytes, field order included.
+    #[test]
+    fn record_and_run_serialize_alike() {
+        let mut fresh = running_run(RetryPolicy::default()).record();
+        fresh.state = RunState::Queued {
+            since: Timestamp(0),
+        };
+        // `fresh` leaves the skipped-when-default fields (`last_token`, `shutdowns`) at their
+        // defaults, `full_record` sets every field.
+        for record in [fresh, full_record()] {
+            let run = Run::from_record(record.clone());
+            let from_run = serde_json::to_string(&run).unwrap();
+            assert_eq!(from_run, serde_json::to_string(&record).unwrap());
+            assert_eq!(
+                serde_json::to_string_pretty(&run).unwrap(),
+                serde_json::to_string_pretty(&record).unwrap()
+            );
+        }
+        let fresh = serde_json::to_value(running_run(RetryPolicy::default())).unwrap();
+        assert!(fresh.get("last_token").is_none() && fresh.get("shutdowns").is_none());
+    }
+
+    /// The stored bytes of a run, pinned: a change here is a store format change (a new format
+    /// version and a migration, see the module docs).
+    #[test]
+    fn the_stored_form_of_a_run_is_pinned() {
+        let golden = concat!(
+            r#"{"#,
+            r#""id":42,"#,
+            r#""job":"backup","#,
+            r#""trigger":{"trigger":"scheduled","slot":60000},"#,
+            r#""created_at":60001,"#,
+            r#""attempt":3,"#,
+            r#""snoozes":1,"#,
+            r#""state":{"state":"running","attempt":3,"started_at":70000},"#,
+            r#""last_error":{"kind":"retryable","message":"upstream 503","attempt":2,"at":65000},"#,
+            r#""summary":"half","#,
+            r#""cancel_requested":true,"#,
+            r#""finished_at":90000,"#,
+            r#""retry":{"attempts_max":5,"backoff_base_ms":1000,"backoff_factor":1.7,"backoff_cap_ms":300000,"jitter":0.1,"deadline_ms":3600000,"lost_attempts_max":3},"#,
+            r#""resume_after_crash":true,"#,
+            r#""kind":"copy","#,
+            r#""payload":"{\"from\": \"a\"}","#,
+            r#""of_one_shot":60000,"#,
+            r#""external":true,"#,
+            r#""timeout_ms":30000,"#,
+            r#""required_artifacts":["report"],"#,
+            r#""sinks":["mail"],"#,
+            r#""lease":{"owner":"w1","token":9,"renewed_at":70000,"expires_at":100000},"#,
+            r#""last_token":8,"#,
+            r#""lost":1,"#,
+            r#""shutdowns":2,"#,
+            r#""progress":{"phase":"upload","message":"40 of 100","at":75000},"#,
+            r#""last_activity":75000,"#,
+            r#""artifacts":{"report":"s3://r"},"#,
+            r#""watch":{"timeout_at":100000,"kill_at":110000,"backstop_at":200000,"stuck_reported":true},"#,
+            r#""extended":true,"#,
+            r#""killed":2,"#,
+            r#""checkpoint":{"seq":4,"attempt":3,"saved_at":74000,"data":"copied 40"}"#,
+            r#"}"#,
+        );
+        assert_eq!(serde_json::to_string(&full_record()).unwrap(), golden);
+        assert_eq!(
+            serde_json::from_str::<RunRecord>(golden).unwrap(),
+            full_record()
+        );
+    }
+
+    /// Both read the same bytes to the same run, including a record written before the
+    /// defaulted fields existed.
+    #[test]
+    fn record_and_run_read_alike_and_round_trip() {
+        let record = full_record();
+        let run = Run::from_record(record.clone());
+        assert_eq!(run.record(), record);
+        assert_eq!(RunRecord::from(run.clone()), record);
+        assert_eq!(Run::from(record.clone()), run);
+
+        let json = serde_json::to_string(&run).unwrap();
+        assert_eq!(serde_json::from_str::<Run>(&json).unwrap(), run);
+        assert_eq!(serde_json::from_str::<RunRecord>(&json).unwrap(), record);
+
+        // An old record: only the fields without `#[serde(default)]`.
+        let mut old = serde_json::to_value(&record).unwrap();
+        let fields = old.as_object_mut().unwrap();
+        for defaulted in [
+            "payload",
+            "of_one_shot",
+            "external",
+            "timeout_ms",
+            "required_artifacts",
+            "sinks",
+            "lease",
+            "last_token",
+            "lost",
+            "shutdowns",
+            "progress",
+            "last_activity",
+            "artifacts",
+            "watch",
+            "extended",
+            "killed",
+            "checkpoint",
+        ] {
+            assert!(fields.remove(defaulted).is_some(), "{defaulted}");
+        }
+        let old_run: Run = serde_json::from_value(old.clone()).unwrap();
+        let old_record: RunRecord = serde_json::from_value(old).unwrap();
+        assert_eq!(old_run, Run::from_record(old_record.clone()));
+        assert_eq!(old_record.payload.as_ref(), "");
+        assert_eq!(old_record.watch, Watch::default());
+    }
+
+    #[test]
+    fn accessors_read_the_fields() {
+        let record = full_record();
+        let run = Run::from_record(record.clone());
+        assert_eq!(run.id(), record.id);
+        assert_eq!(run.job(), &record.job);
+        assert_eq!(run.trigger(), record.trigger);
+        assert_eq!(run.created_at(), record.created_at);
+        assert_eq!(run.attempt(), record.attempt);
+        assert_eq!(run.snoozes(), record.snoozes);
+        assert_eq!(run.state(), record.state);
+        assert_eq!(run.last_error(), record.last_error.as_ref());
+        assert_eq!(run.summary(), record.summary.as_deref());
+        assert_eq!(run.cancel_requested(), record.cancel_requested);
+        assert_eq!(run.finished_at(), record.finished_at);
+        assert_eq!(run.retry(), &record.retry);
+        assert_eq!(run.resume_after_crash(), record.resume_after_crash);
+        assert_eq!(run.kind(), &*record.kind);
+        assert_eq!(run.payload(), &*record.payload);
+        assert_eq!(run.of_one_shot(), record.of_one_shot);
+        assert_eq!(run.external(), record.external);
+        assert_eq!(run.timeout_ms(), record.timeout_ms);
+        assert_eq!(run.required_artifacts(), &*record.required_artifacts);
+        assert_eq!(run.sinks(), &*record.sinks);
+        assert_eq!(run.lease(), record.lease.as_ref());
+        assert_eq!(run.last_token(), record.last_token);
+        assert_eq!(run.lost(), record.lost);
+        assert_eq!(run.shutdowns(), record.shutdowns);
+        assert_eq!(run.progress(), record.progress.as_ref());
+        assert_eq!(run.last_activity(), record.last_activity);
+        assert_eq!(run.artifacts(), &record.artifacts);
+        assert_eq!(run.watch(), record.watch);
+        assert_eq!(run.extended(), record.extended);
+        assert_eq!(run.killed(), record.killed);
+        assert_eq!(run.checkpoint(), record.checkpoint.as_ref());
     }
 }

@@ -273,7 +273,7 @@ fn delete_after_run_waits_for_a_leftover_run() {
         .runs()
         .find(|r| r.slot() == Some(at))
         .expect("one-shot fired")
-        .id;
+        .id();
     run_to_end(&mut s, at, own, Outcome::ok());
     // The leftover recurring run finishes last.
     s.handle_outcome(at, leftover.run, leftover.lease.token, Outcome::ok())
@@ -518,8 +518,8 @@ fn busy_jobs_sorting_first_do_not_starve_a_job_sorting_last() {
     println!(
         "a-jobs started {started_a} attempts; zz state {:?}",
         s.runs()
-            .filter(|r| r.job.as_str() == "zz")
-            .map(|r| r.state)
+            .filter(|r| r.job().as_str() == "zz")
+            .map(|r| r.state())
             .collect::<Vec<_>>()
     );
     assert!(started_zz > 0, "job zz never started a run in 120 s");
@@ -558,11 +558,11 @@ fn a_run_snoozed_snoozes_max_times_ends_failed() {
         }
     }
     assert_eq!(
-        run.state,
+        run.state(),
         RunState::Failed,
         "after {} snoozes: {:?}",
-        run.snoozes,
-        run.state
+        run.snoozes(),
+        run.state()
     );
 }
 
@@ -594,7 +594,7 @@ fn crash_recovery_checks_the_deadline_against_now() {
     // Restored 6 s after creation: attempt 2 could start now, 4 s before the deadline.
     let t = run.recover_after_crash(Timestamp(6_000));
     assert_eq!(
-        run.state,
+        run.state(),
         RunState::BackingOff {
             until: Timestamp(6_000)
         },
@@ -755,7 +755,7 @@ fn a_result_refused_after_its_lease_was_lost_is_audited_as_evidence() {
     // The holder gives the lease up (lost); its late success is refused...
     s.release(t0, start.run, start.lease.token).unwrap();
     drain(&mut s, t0, None);
-    let state = s.run(start.run).unwrap().state.name();
+    let state = s.run(start.run).unwrap().state().name();
     let refused = s.handle_outcome(t0, start.run, start.lease.token, Outcome::ok());
     assert!(
         matches!(refused, Err(Rejected::StaleToken { .. })),
@@ -772,7 +772,7 @@ fn a_result_refused_after_its_lease_was_lost_is_audited_as_evidence() {
     )
     .unwrap();
     assert_eq!(
-        s.run(start.run).unwrap().state.name(),
+        s.run(start.run).unwrap().state().name(),
         state,
         "the run is unchanged"
     );

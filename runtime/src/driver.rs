@@ -449,7 +449,7 @@ impl Driver {
         // nothing.
         let job = run.and_then(|run| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.core.run(run).map(|r| r.job.to_string())
+                self.core.run(run).map(|r| r.job().to_string())
             }))
             .ok()
             .flatten()
@@ -949,7 +949,7 @@ impl Driver {
                 // was claimed again since, under a later mark that answers that claim.
                 Waiter::Claim(run) => {
                     let starting = matches!(
-                        self.core.run(run).map(|r| r.state),
+                        self.core.run(run).map(|r| r.state()),
                         Some(RunState::Starting { .. })
                     );
                     if !starting {

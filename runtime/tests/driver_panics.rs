@@ -157,7 +157,7 @@ async fn a_panic_stops_this_process_attempts_and_the_rebuilt_scheduler_runs_them
     assert_eq!(running.load(Ordering::SeqCst), 0, "nothing left running");
     let runs = stored_runs(&store, "slow");
     assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].attempt.0, 2);
+    assert_eq!(runs[0].attempt().0, 2);
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 

@@ -74,16 +74,16 @@ async fn result_handlers_retry_on_errors_fail_on_permanent_ones_and_jobs_are_ens
     );
     let good = handle.runs_of(id("good"), 10).await.unwrap();
     assert_eq!(good.len(), 1);
-    assert_eq!(good[0].attempt.0, 2, "the `?` error was retried");
-    assert_eq!(good[0].summary.as_deref(), Some("12 rows"));
+    assert_eq!(good[0].attempt().0, 2, "the `?` error was retried");
+    assert_eq!(good[0].summary(), Some("12 rows"));
     let bad = &handle.runs_of(id("bad"), 10).await.unwrap()[0];
-    assert_eq!((bad.state, bad.attempt.0), (RunState::FailedDropped, 1));
-    let message = &bad.last_error.as_ref().unwrap().message;
+    assert_eq!((bad.state(), bad.attempt().0), (RunState::FailedDropped, 1));
+    let message = &bad.last_error().unwrap().message;
     assert!(message.contains("invalid digit"), "{message}");
     // A finished run is read from the store, with its audit trail.
-    let run = handle.run(good[0].id).await.unwrap().unwrap();
-    assert_eq!(run.state, RunState::Succeeded);
-    let audit = handle.audit_of_run(run.id, 100).await.unwrap();
+    let run = handle.run(good[0].id()).await.unwrap().unwrap();
+    assert_eq!(run.state(), RunState::Succeeded);
+    let audit = handle.audit_of_run(run.id(), 100).await.unwrap();
     assert!(audit.len() >= 3, "{audit:?}");
     assert_eq!(audit.last().unwrap().new, StateName::Succeeded);
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();

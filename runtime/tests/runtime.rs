@@ -104,7 +104,7 @@ async fn a_cron_job_runs_its_handler_every_second_and_each_run_is_stored() {
     assert!(runs.len() >= 5);
     assert!(
         runs.iter()
-            .filter(|r| r.state == RunState::Succeeded)
+            .filter(|r| r.state() == RunState::Succeeded)
             .count()
             >= 5
     );
@@ -134,8 +134,8 @@ async fn a_panicking_handler_is_a_retryable_failure_and_the_runtime_keeps_going(
     let states = finished(&handle, &mut events, "boom", 1).await;
     assert_eq!(states, vec![StateName::Failed]);
     let run = &stored_runs(&store, "boom")[0];
-    assert_eq!(run.attempt.0, 2, "the panic was retried");
-    let error = run.last_error.as_ref().unwrap();
+    assert_eq!(run.attempt().0, 2, "the panic was retried");
+    let error = run.last_error().unwrap();
     assert!(error.message.contains("disk on fire"), "{}", error.message);
     // Still running: the other job keeps firing.
     finished(&handle, &mut events, "tick", 2).await;
@@ -213,7 +213,7 @@ async fn a_hung_handler_is_asked_to_stop_then_killed_at_its_timeout() {
         1,
         "asked to stop first"
     );
-    let error = run.last_error.as_ref().unwrap();
+    let error = run.last_error().unwrap();
     assert_eq!(error.kind, keel_core::ErrorKind::TimedOut, "{error:?}");
     // Asked to stop at 1 s + 5 s, killed no later than the backstop at 1 s + 3 x 5 s.
     assert!(error.at <= T0.plus_ms(16_000), "{error:?}");
@@ -242,11 +242,8 @@ async fn a_checkpoint_saved_by_one_attempt_is_where_the_next_resumes() {
         .await;
     let (state, run) = run_to_end(&handle, &store, once("copy", "copy", 1_000)).await;
     assert_eq!(state, StateName::Succeeded);
-    assert_eq!(run.attempt.0, 2);
-    assert_eq!(
-        run.summary.as_deref(),
-        Some("resumed from: copied 40 of 100")
-    );
+    assert_eq!(run.attempt().0, 2);
+    assert_eq!(run.summary(), Some("resumed from: copied 40 of 100"));
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
 
@@ -276,7 +273,7 @@ async fn an_external_worker_claims_completes_and_a_stale_token_is_refused() {
     assert_eq!(attempt.lease.owner, worker);
     let stored = store.run(attempt.run).unwrap().unwrap();
     assert_eq!(
-        stored.lease.as_ref().map(|l| l.token),
+        stored.lease().map(|l| l.token),
         Some(attempt.lease.token),
         "the grant is durable before the claim returns"
     );
@@ -296,7 +293,7 @@ async fn an_external_worker_claims_completes_and_a_stale_token_is_refused() {
         vec![StateName::Succeeded]
     );
     assert_eq!(
-        store.run(attempt.run).unwrap().unwrap().state,
+        store.run(attempt.run).unwrap().unwrap().state(),
         RunState::Succeeded
     );
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
@@ -356,18 +353,18 @@ async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_a
     );
     let run = |job: &str| stored_runs(&store, job)[0].clone();
     assert_eq!(
-        run("quick").state,
+        run("quick").state(),
         RunState::Succeeded,
         "it finished in time"
     );
     for job in ["polite", "stubborn"] {
         let run = run(job);
         assert!(
-            matches!(run.state, RunState::BackingOff { .. }),
+            matches!(run.state(), RunState::BackingOff { .. }),
             "{job}: {:?}",
-            run.state
+            run.state()
         );
-        assert_eq!((run.shutdowns, run.attempts_counted()), (1, 0), "{job}");
+        assert_eq!((run.shutdowns(), run.attempts_counted()), (1, 0), "{job}");
     }
 
     // The next start resumes both at once, with their one attempt still to use.
@@ -384,7 +381,7 @@ async fn shutdown_lets_attempts_finish_and_what_it_stops_resumes_without_using_a
     for job in ["polite", "stubborn"] {
         let run = run(job);
         assert_eq!(
-            (run.state, run.attempt.0),
+            (run.state(), run.attempt().0),
             (RunState::Succeeded, 2),
             "{job}"
         );
@@ -477,7 +474,7 @@ async fn a_claim_whose_run_is_cancelled_while_its_grant_is_written_gets_nothing(
     handle.add_job(spec).await.unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     handle.sync().await.unwrap();
-    let run = stored_runs(&store.inner, "render")[0].id;
+    let run = stored_runs(&store.inner, "render")[0].id();
     // Hold the store while the claim's grant is written, and cancel the run meanwhile.
     let held = store.gate.lock().unwrap();
     let claimer = handle.clone();
@@ -554,7 +551,7 @@ async fn a_checkpoint_the_store_fails_to_write_is_an_error_for_the_handler() {
         .await;
     let (state, run) = run_to_end(&handle, &store.inner, once("save", "save", 1_000)).await;
     assert_eq!(state, StateName::Succeeded);
-    let summary = run.summary.as_deref().unwrap();
+    let summary = run.summary().unwrap();
     assert!(
         summary.starts_with("Err(Failed { seq: 1, error: \"store I/O failed: disk full\" })"),
         "{summary}"
@@ -603,7 +600,7 @@ async fn a_checkpoint_superseded_by_a_flushed_save_is_still_answered() {
     let stopped = tokio::time::timeout(Duration::from_secs(30), runtime.wait()).await;
     assert!(stopped.is_ok(), "the handler never got its answer");
     let run = &stored_runs(&store.inner, "save")[0];
-    let summary = run.summary.as_deref().unwrap_or_default();
+    let summary = run.summary().unwrap_or_default();
     assert!(
         summary.starts_with("Ok(Saving { seq: 1 })") && summary.contains("Ok(Throttled"),
         "{run:#?}"
@@ -630,9 +627,9 @@ async fn a_success_missing_its_artifacts_is_retried_at_once() {
     spec.required_artifacts = vec!["pdf".to_string()].into();
     let (state, run) = run_to_end(&handle, &store, spec).await;
     assert_eq!(state, StateName::Succeeded);
-    assert_eq!(run.attempt.0, 2);
+    assert_eq!(run.attempt().0, 2);
     // Given back at once, not left to its lease (30 s TTL + 10 s grace).
-    let took = run.finished_at.unwrap().ms_since(run.created_at);
+    let took = run.finished_at().unwrap().ms_since(run.created_at());
     assert!(took < 30_000, "the retry waited {took} ms");
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
@@ -654,7 +651,7 @@ async fn a_tiny_lease_ttl_is_renewed_in_time() {
     let (state, run) = run_to_end(&handle, &store, once("slow", "slow", 1_000)).await;
     assert_eq!(state, StateName::Succeeded);
     assert_eq!(
-        (run.attempt.0, run.lost),
+        (run.attempt().0, run.lost()),
         (1, 0),
         "the lease was never reclaimed"
     );

@@ -423,18 +423,19 @@ fn run_at(r: u64, phase: u64, at: Timestamp) -> keel_core::Run {
     match phase {
         0 => created,
         1 => {
-            let mut running = leased(created, "worker-1", token, at.plus_ms(30_000));
+            let running = leased(created, "worker-1", token, at.plus_ms(30_000));
+            let mut running = running.record();
             running.attempt = Attempt(1);
-            running
+            keel_core::Run::from_record(running)
         }
         _ => {
-            let mut done = created;
+            let mut done = created.record();
             done.attempt = Attempt(1);
             done.state = RunState::Succeeded;
             done.last_token = Some(FencingToken(token));
             done.finished_at = Some(at);
             done.summary = Some("ok".to_string());
-            done
+            keel_core::Run::from_record(done)
         }
     }
 }

@@ -71,7 +71,7 @@ impl State {
             .collect();
         let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
         for run in &runs {
-            let count = active.entry(&run.job).or_default();
+            let count = active.entry(run.job()).or_default();
             *count = count.saturating_add(1);
         }
         let jobs = self
@@ -216,7 +216,7 @@ impl State {
             }
             Record::PutRun(run) => {
                 if let Some(slot) = run.slot() {
-                    self.slots.insert((run.job.clone(), slot), run.id);
+                    self.slots.insert((run.job().clone(), slot), run.id());
                 }
                 self.insert_run(run.clone());
             }
@@ -274,26 +274,26 @@ impl State {
 
     /// Inserts or replaces a run, keeping the indexes in step.
     fn insert_run(&mut self, run: Run) {
-        if let Some(old) = self.runs.get(&run.id) {
-            let (id, job, finished) = (old.id, old.job.clone(), finished_key(old));
+        if let Some(old) = self.runs.get(&run.id()) {
+            let (id, job, finished) = (old.id(), old.job().clone(), finished_key(old));
             self.unindex_run(id, &job, finished);
         }
         self.index
             .runs_of_job
-            .entry(run.job.clone())
+            .entry(run.job().clone())
             .or_default()
-            .insert(run.id);
+            .insert(run.id());
         if let Some(key) = finished_key(&run) {
             self.index
                 .finished
-                .entry(run.job.clone())
+                .entry(run.job().clone())
                 .or_default()
                 .insert(key);
         }
-        if !run.state.is_terminal() {
-            self.index.active.insert(run.id);
+        if !run.state().is_terminal() {
+            self.index.active.insert(run.id());
         }
-        self.runs.insert(run.id, run);
+        self.runs.insert(run.id(), run);
     }
 
     /// Deletes a run and its audit records (its slot claim stays).
@@ -302,7 +302,7 @@ impl State {
             return;
         };
         let finished = finished_key(&run);
-        self.unindex_run(id, &run.job, finished);
+        self.unindex_run(id, run.job(), finished);
         for seq in self.index.audit_of_run.remove(&id).unwrap_or_default() {
             self.audit.remove(&seq);
         }
@@ -345,9 +345,9 @@ impl State {
 /// Where a run sits in the `finished` index: terminal runs with a finish time, the ones
 /// `PruneHistory` considers (as `MemStore` does).
 fn finished_key(run: &Run) -> Option<(Timestamp, RunId)> {
-    run.finished_at
-        .filter(|_| run.state.is_terminal())
-        .map(|at| (at, run.id))
+    run.finished_at()
+        .filter(|_| run.state().is_terminal())
+        .map(|at| (at, run.id()))
 }
 
 impl StoredView for State {

@@ -149,11 +149,11 @@ fn state_survives_a_snapshot_exactly() {
     };
     let store = FsStore::open_with(dir.path(), options).unwrap();
     let epoch = store.restore().unwrap().meta.epoch + 1;
-    let mut done = run(1, "job", T0);
+    let mut done = run(1, "job", T0).record();
     done.state = RunState::Succeeded;
     done.finished_at = Some(T0);
     let records = vec![
-        Record::PutRun(done),
+        Record::PutRun(Run::from_record(done)),
         Record::PutRun(run(2, "job", T0.plus_ms(1))),
         Record::PruneHistory {
             job: None,
@@ -194,13 +194,13 @@ fn indexed_prune_matches_the_reference_store() {
             for k in 0..rng.below_inclusive(6) {
                 let id = round * 10 + k + 1;
                 let job = format!("job-{}", rng.below_inclusive(3));
-                let mut r = run(id, &job, T0.plus_ms(id * 1_000));
+                let mut r = run(id, &job, T0.plus_ms(id * 1_000)).record();
                 if rng.chance(3, 4) {
                     r.state = RunState::Succeeded;
                     // Few distinct finish times: ties are common.
                     r.finished_at = Some(T0.plus_ms(rng.below_inclusive(8) * 1_000));
                 }
-                records.push(Record::PutRun(r));
+                records.push(Record::PutRun(Run::from_record(r)));
                 for _ in 0..rng.below_inclusive(2) {
                     seq += 1;
                     records.push(Record::Audit(audit_record(seq, &job, Some(id), T0)));

@@ -212,7 +212,7 @@ fn random_child(dir: &Path) -> ! {
         .unwrap()
         .runs
         .first()
-        .map_or(1, |r| r.id.0 + 1);
+        .map_or(1, |r| r.id().0 + 1);
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready {next}").unwrap();
     out.flush().unwrap();
@@ -249,7 +249,7 @@ fn verify(dir: &Path, acknowledged: &BTreeSet<u64>, iteration: u64) {
                 ..RunQuery::default()
             })
             .unwrap();
-        runs.extend(page.runs.iter().map(|r| r.id.0));
+        runs.extend(page.runs.iter().map(|r| r.id().0));
         match page.next {
             Some(next) => before = Some(next),
             None => break,

@@ -179,7 +179,7 @@ fn a_damaged_frame_is_quarantined_and_the_rest_stays_readable() {
     let third = scan
         .entries
         .iter()
-        .find(|e| matches!(&e.frame, LogFrame::Batch { records, .. } if matches!(&records[0], Record::PutRun(r) if r.id == RunId(3))))
+        .find(|e| matches!(&e.frame, LogFrame::Batch { records, .. } if matches!(&records[0], Record::PutRun(r) if r.id() == RunId(3))))
         .unwrap()
         .clone();
     let middle = (third.offset + third.len / 2) as usize;
@@ -233,7 +233,7 @@ fn a_damaged_frame_is_quarantined_and_the_rest_stays_readable() {
         .unwrap()
         .runs
         .iter()
-        .map(|r| r.id.0)
+        .map(|r| r.id().0)
         .collect();
     assert_eq!(ids, vec![6, 5, 4, 2, 1]);
 }

@@ -182,7 +182,7 @@ fn processes_contending_for_runs_never_share_a_token() {
     let store = FsStore::open(dir.path()).unwrap();
     for (run, token) in &completed {
         let stored = store.run(RunId(*run)).unwrap().unwrap();
-        assert_eq!(stored.state, RunState::Succeeded, "run {run}");
+        assert_eq!(stored.state(), RunState::Succeeded, "run {run}");
         let audit = store
             .audit(&AuditQuery {
                 run: Some(RunId(*run)),
@@ -210,7 +210,7 @@ fn processes_contending_for_runs_never_share_a_token() {
     for run in &runs.runs {
         let audit = store
             .audit(&AuditQuery {
-                run: Some(run.id),
+                run: Some(run.id()),
                 ..AuditQuery::default()
             })
             .unwrap();
@@ -222,10 +222,10 @@ fn processes_contending_for_runs_never_share_a_token() {
         assert!(
             tokens.windows(2).all(|w| w[0] <= w[1]),
             "{}: tokens {tokens:?}",
-            run.id
+            run.id()
         );
-        if run.state == RunState::Succeeded {
-            succeeded.insert(run.id.0);
+        if run.state() == RunState::Succeeded {
+            succeeded.insert(run.id().0);
         }
     }
     let completed_runs: BTreeSet<u64> = completed.iter().map(|(r, _)| *r).collect();

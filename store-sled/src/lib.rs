@@ -303,7 +303,7 @@ impl SledStore {
                     "the index lists a run that is not stored",
                 ));
             };
-            if !run.state.is_terminal() {
+            if !run.state().is_terminal() {
                 runs.push(run);
             }
         }

@@ -100,7 +100,7 @@ impl<'a> Stage<'a> {
 
     /// Writes a run and keeps its slot claim and the indexes in step with it.
     fn put_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        let key = id_key(run.id.0).to_vec();
+        let key = id_key(run.id().0).to_vec();
         if let Some(bytes) = self.get(TreeId::Runs, &key)? {
             let old: Run = decode(TreeId::Runs, &key, &bytes)?;
             if let Some(old_key) = finished_index_key(&old) {
@@ -108,12 +108,12 @@ impl<'a> Stage<'a> {
             }
         }
         if let Some(slot) = run.slot() {
-            self.put_json(TreeId::Slots, slot_key(&run.job, slot), &run.id)?;
+            self.put_json(TreeId::Slots, slot_key(run.job(), slot), &run.id())?;
         }
         if let Some(new_key) = finished_index_key(run) {
             self.put(TreeId::Finished, new_key, Vec::new());
         }
-        if run.state.is_terminal() {
+        if run.state().is_terminal() {
             self.remove(TreeId::Active, key.clone());
         } else {
             self.put(TreeId::Active, key.clone(), Vec::new());
@@ -277,8 +277,8 @@ impl Prefetched {
             let Record::PutRun(run) = record else {
                 continue;
             };
-            if let Entry::Vacant(entry) = runs.entry(run.id) {
-                let key = id_key(run.id.0);
+            if let Entry::Vacant(entry) = runs.entry(run.id()) {
+                let key = id_key(run.id().0);
                 let stored = get(TreeId::Runs, &key)?
                     .map(|bytes| decode::<Run>(TreeId::Runs, &key, &bytes))
                     .transpose()?;
@@ -287,8 +287,8 @@ impl Prefetched {
             let Some(slot) = run.slot() else {
                 continue;
             };
-            if let Entry::Vacant(entry) = slots.entry((run.job.clone(), slot)) {
-                let key = slot_key(&run.job, slot);
+            if let Entry::Vacant(entry) = slots.entry((run.job().clone(), slot)) {
+                let key = slot_key(run.job(), slot);
                 let owner = get(TreeId::Slots, &key)?
                     .map(|bytes| decode::<RunId>(TreeId::Slots, &key, &bytes))
                     .transpose()?;
@@ -353,6 +353,6 @@ fn job_key(job: &JobId) -> Vec<u8> {
 
 /// The [`TreeId::Finished`] key of a run, if it is terminal and has finished.
 fn finished_index_key(run: &Run) -> Option<Vec<u8>> {
-    let finished_at = run.finished_at.filter(|_| run.state.is_terminal())?;
-    Some(finished_key(&run.job, finished_at, run.id))
+    let finished_at = run.finished_at().filter(|_| run.state().is_terminal())?;
+    Some(finished_key(run.job(), finished_at, run.id()))
 }

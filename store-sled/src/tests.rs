@@ -73,25 +73,27 @@ fn manual(id: u64, job: &str) -> Run {
 }
 
 /// `run`, succeeded at `finished_at`.
-fn finished(mut run: Run, finished_at: Timestamp) -> Run {
-    run.state = RunState::Succeeded;
-    run.finished_at = Some(finished_at);
-    run
+fn finished(run: Run, finished_at: Timestamp) -> Run {
+    let mut record = run.record();
+    record.state = RunState::Succeeded;
+    record.finished_at = Some(finished_at);
+    Run::from_record(record)
 }
 
 /// `run`, running under a lease of `owner` with `token`.
-fn leased(mut run: Run, owner: &str, token: u64) -> Run {
-    run.state = RunState::Running {
+fn leased(run: Run, owner: &str, token: u64) -> Run {
+    let mut record = run.record();
+    record.state = RunState::Running {
         attempt: Attempt(1),
         started_at: T0,
     };
-    run.lease = Some(Lease {
+    record.lease = Some(Lease {
         owner: WorkerId::new(owner).unwrap(),
         token: FencingToken(token),
         renewed_at: T0,
         expires_at: T0.plus_ms(30_000),
     });
-    run
+    Run::from_record(record)
 }
 
 fn audit(seq: u64, job: &str, run: Option<u64>) -> AuditRecord {
@@ -157,7 +159,7 @@ fn all_runs(store: &SledStore) -> Vec<u64> {
     };
     let page = store.runs(&query).unwrap();
     assert_eq!(page.next, None);
-    page.runs.iter().map(|r| r.id.0).collect()
+    page.runs.iter().map(|r| r.id().0).collect()
 }
 
 fn all_audit(store: &SledStore) -> Vec<AuditRecord> {
@@ -345,7 +347,7 @@ fn stale_token_is_refused_and_applies_nothing() {
         }
     );
     let stored = store.run(RunId(1)).unwrap().unwrap();
-    assert_eq!(stored.lease.map(|l| l.token), Some(FencingToken(5)));
+    assert_eq!(stored.lease().map(|l| l.token), Some(FencingToken(5)));
     assert_eq!(store.run(RunId(2)).unwrap(), None);
     assert!(all_audit(&store).is_empty());
     // The slot run 2 would have claimed is still free.
@@ -374,9 +376,9 @@ fn prune_keeps_the_newest_terminal_runs_and_every_slot() {
         })
         .collect();
     records.push(Record::PutRun(run(6, "a", T0.plus_ms(6_000))));
-    let mut unfinished = run(7, "a", T0.plus_ms(7_000));
+    let mut unfinished = run(7, "a", T0.plus_ms(7_000)).record();
     unfinished.state = RunState::Cancelled;
-    records.push(Record::PutRun(unfinished));
+    records.push(Record::PutRun(Run::from_record(unfinished)));
     records.push(Record::PutRun(finished(run(8, "b", T0), Timestamp(1))));
     for id in 1..=8 {
         let job = if id == 8 { "b" } else { "a" };
@@ -586,7 +588,7 @@ fn random_histories_match_the_reference_store() {
             store.apply(&batch).unwrap();
             model.apply(&batch);
 
-            let mut expected: Vec<u64> = model.runs().map(|r| r.id.0).collect();
+            let mut expected: Vec<u64> = model.runs().map(|r| r.id().0).collect();
             expected.reverse();
             assert_eq!(all_runs(&store), expected, "seed {seed}, batch {n}");
             let expected: Vec<AuditRecord> = model.audit().cloned().collect();

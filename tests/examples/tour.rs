@@ -100,8 +100,8 @@ fn main() {
     }
     for job in ["upload", "migrate"] {
         let run = sim.runs_of(job)[0].clone();
-        println!("\naudit trail of {} ({job}):", run.id);
-        for entry in sim.store().audit_of_run(run.id) {
+        println!("\naudit trail of {} ({job}):", run.id());
+        for entry in sim.store().audit_of_run(run.id()) {
             let old = entry
                 .old
                 .map(|s| s.to_string())
@@ -135,16 +135,16 @@ fn print_run(run: &Run) {
         .map(|t| t.to_string())
         .unwrap_or_else(|| "manual".into());
     let error = run
-        .last_error
+        .last_error()
         .as_ref()
         .map(|e| e.message.as_str())
         .unwrap_or("");
     println!(
         "{:<8} {:<8} {:<26} {:>7}  {:<15} {error}",
-        run.id.to_string(),
-        run.job.as_str(),
+        run.id().to_string(),
+        run.job().as_str(),
         slot,
-        run.attempt.0,
-        run.state.name().to_string()
+        run.attempt().0,
+        run.state().name().to_string()
     );
 }

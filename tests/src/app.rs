@@ -34,8 +34,8 @@
 //!         .faults(Faults::CRASHY)
 //!         .run_for(Duration::from_secs(3600));
 //!     for run in report.runs("billing") {
-//!         assert_eq!(run.state, RunState::Succeeded, "seed {seed}");
-//!         assert!(ledger.commits(run.id) >= 1, "seed {seed}: at least once");
+//!         assert_eq!(run.state(), RunState::Succeeded, "seed {seed}");
+//!         assert!(ledger.commits(run.id()) >= 1, "seed {seed}: at least once");
 //!     }
 //!     assert!(ledger.most_per_key() <= 1, "seed {seed}: once per idempotency key");
 //!     assert!(report.crashes > 0 && report.runs("billing").len() >= 55);
@@ -362,10 +362,10 @@ impl Report {
         let store = self.store.lock();
         let mut runs: Vec<Run> = store
             .runs()
-            .filter(|run| run.job.as_str() == job)
+            .filter(|run| run.job().as_str() == job)
             .cloned()
             .collect();
-        runs.sort_by_key(|run| run.id);
+        runs.sort_by_key(|run| run.id());
         runs
     }
 
@@ -489,7 +489,7 @@ mod tests {
     fn trace(report: &Report) -> Vec<(RunState, u32, Timestamp)> {
         let runs = report.runs("slow");
         runs.iter()
-            .map(|r| (r.state, r.attempt.0, r.created_at))
+            .map(|r| (r.state(), r.attempt().0, r.created_at()))
             .collect()
     }
 
@@ -504,7 +504,7 @@ mod tests {
         assert_eq!(runs.len(), 70, "{:?}", trace(&report));
         assert!(runs
             .iter()
-            .all(|r| r.state == RunState::Succeeded && r.attempt.0 == 1));
+            .all(|r| r.state() == RunState::Succeeded && r.attempt().0 == 1));
         let log = log.lock().unwrap();
         assert_eq!(log.iter().filter(|l| l.starts_with("end ")).count(), 70);
     }
@@ -527,8 +527,8 @@ mod tests {
             let dropped: Vec<&&str> = started.iter().filter(|k| !ended.contains(k)).collect();
             cut += dropped.len();
             for run in report.runs("slow") {
-                assert_eq!(run.state, RunState::Succeeded, "seed {seed}: {run:?}");
-                let prefix = format!("{}-", run.id);
+                assert_eq!(run.state(), RunState::Succeeded, "seed {seed}: {run:?}");
+                let prefix = format!("{}-", run.id());
                 assert!(ended.iter().any(|k| k.starts_with(&prefix)), "seed {seed}");
             }
             // Each attempt ran at most once: a key never starts twice.

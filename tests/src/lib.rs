@@ -25,7 +25,7 @@
 //! // Crashes may have cost attempts, but the job fired once and will never fire again.
 //! let runs = sim.runs_of("once");
 //! assert_eq!(runs.len(), 1);
-//! assert!(matches!(runs[0].state, RunState::Failed | RunState::Interrupted));
+//! assert!(matches!(runs[0].state(), RunState::Failed | RunState::Interrupted));
 //! sim.run_for(24 * 3600 * 1000);
 //! assert_eq!(sim.runs_of("once").len(), 1);
 //! ```

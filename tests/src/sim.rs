@@ -408,13 +408,13 @@ impl Sim {
     /// run that existed when it began has reached a terminal state in the store.
     pub fn check_liveness(&mut self, within_ms: u64) {
         self.heal();
-        let pending: Vec<RunId> = self.core.runs().map(|r| r.id).collect();
+        let pending: Vec<RunId> = self.core.runs().map(|r| r.id()).collect();
         let deadline = self.real.plus_ms(within_ms);
         while self.real < deadline {
             let done = pending.iter().all(|id| {
                 self.store
                     .run(*id)
-                    .is_some_and(|run| run.state.is_terminal())
+                    .is_some_and(|run| run.state().is_terminal())
                     || self.core.run(*id).is_none() && self.store.run(*id).is_none()
             });
             if done {
@@ -427,8 +427,8 @@ impl Sim {
         let stuck: Vec<String> = pending
             .iter()
             .filter_map(|id| self.core.run(*id))
-            .filter(|r| !r.state.is_terminal())
-            .map(|r| format!("{} {:?}", r.id, r.state))
+            .filter(|r| !r.state().is_terminal())
+            .map(|r| format!("{} {:?}", r.id(), r.state()))
             .collect();
         assert!(
             stuck.is_empty(),
@@ -676,7 +676,7 @@ impl Sim {
         let durable = self
             .store
             .run(start.run)
-            .map(|r| (r.attempt, r.lease.as_ref().map(|l| l.token)));
+            .map(|r| (r.attempt(), r.lease().map(|l| l.token)));
         assert!(
             durable.is_some_and(
                 |(a, token)| a >= start.attempt && token.is_none_or(|t| t >= start.lease.token)

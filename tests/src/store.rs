@@ -180,7 +180,7 @@ impl MemStore {
             runs: self
                 .runs
                 .values()
-                .filter(|r| !r.state.is_terminal())
+                .filter(|r| !r.state().is_terminal())
                 .cloned()
                 .collect(),
             incidents: self.open_incidents().cloned().collect(),
@@ -222,7 +222,7 @@ impl MemStore {
 
     /// The durable runs of one job, ordered by id.
     pub fn runs_of<'a>(&'a self, job: &'a JobId) -> impl Iterator<Item = &'a Run> + 'a {
-        self.runs.values().filter(move |r| &r.job == job)
+        self.runs.values().filter(move |r| r.job() == job)
     }
 
     /// The audit trail of one job (its job-level and run-level records), in order.
@@ -354,24 +354,29 @@ impl MemStore {
     }
 
     fn put_run(&mut self, run: Run) {
-        if let Some(old) = self.runs.get(&run.id) {
+        if let Some(old) = self.runs.get(&run.id()) {
             check_run_update(old, &run);
         }
         if self.core_properties {
             check_run_budgets(&run);
         }
         if let Some(slot) = run.slot() {
-            let first = *self.slots.entry((run.job.clone(), slot)).or_insert(run.id);
+            let first = *self
+                .slots
+                .entry((run.job().clone(), slot))
+                .or_insert(run.id());
             assert_eq!(
-                first, run.id,
+                first,
+                run.id(),
                 "SPEC S6: slot {slot} of job {} fired twice: {first} and {}",
-                run.job, run.id
+                run.job(),
+                run.id()
             );
         }
-        if let Some(lease) = &run.lease {
+        if let Some(lease) = run.lease() {
             self.max_token = self.max_token.max(Some(lease.token));
         }
-        self.runs.insert(run.id, run);
+        self.runs.insert(run.id(), run);
     }
 
     /// An incident is written when it opens and when it resolves: its identity never changes,
@@ -404,14 +409,14 @@ impl MemStore {
     fn execute_prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
         let mut per_job: BTreeMap<&JobId, Vec<(Timestamp, RunId)>> = BTreeMap::new();
         for run in self.runs.values() {
-            if job.is_some_and(|j| j != &run.job) {
+            if job.is_some_and(|j| j != run.job()) {
                 continue;
             }
-            if let Some(finished) = run.finished_at.filter(|_| run.state.is_terminal()) {
+            if let Some(finished) = run.finished_at().filter(|_| run.state().is_terminal()) {
                 per_job
-                    .entry(&run.job)
+                    .entry(run.job())
                     .or_default()
-                    .push((finished, run.id));
+                    .push((finished, run.id()));
             }
         }
         let mut doomed = Vec::new();
@@ -444,15 +449,15 @@ fn check_counters(record: &Record, counters: &Meta) {
     match record {
         Record::PutRun(run) => {
             assert!(
-                run.id.0 < counters.next_run_id,
+                run.id().0 < counters.next_run_id,
                 "{} persisted without a counter above it",
-                run.id
+                run.id()
             );
-            if let Some(lease) = &run.lease {
+            if let Some(lease) = run.lease() {
                 assert!(
                     lease.token.0 < counters.next_token,
                     "{} persisted with {} without a token counter above it",
-                    run.id,
+                    run.id(),
                     lease.token
                 );
             }
@@ -490,85 +495,89 @@ fn check_cursor(job: &Job) {
 /// What may change when a stored run is written again.
 fn check_run_update(old: &Run, run: &Run) {
     assert!(
-        !old.state.is_terminal() || old == run,
+        !old.state().is_terminal() || old == run,
         "terminal {} changed in the store:\nwas {old:?}\nnow {run:?}",
-        run.id
+        run.id()
     );
     assert!(
-        old.job == run.job && old.trigger == run.trigger && old.created_at == run.created_at,
+        old.job() == run.job()
+            && old.trigger() == run.trigger()
+            && old.created_at() == run.created_at(),
         "run id {} reused: stored {old:?}, now {run:?}",
-        run.id
+        run.id()
     );
     assert!(
-        run.attempt >= old.attempt,
+        run.attempt() >= old.attempt(),
         "{} attempt went back from {} to {}",
-        run.id,
-        old.attempt,
-        run.attempt
+        run.id(),
+        old.attempt(),
+        run.attempt()
     );
     // SPEC W1: the extension flag is persisted with the run and never cleared, so a restart
     // cannot grant a second extension.
     assert!(
-        !old.extended || run.extended,
+        !old.extended() || run.extended(),
         "{} lost its durable extension flag",
-        run.id
+        run.id()
     );
     // SPEC W2: a kill is sticky, in the store too.
     assert!(
-        run.killed >= old.killed,
+        run.killed() >= old.killed(),
         "{} was killed ({:?}) but is stored with killed {:?}",
-        run.id,
-        old.killed,
-        run.killed
+        run.id(),
+        old.killed(),
+        run.killed()
     );
 }
 
 /// The poison verdict (no run loops forever) and what a terminal run keeps.
 fn check_run_budgets(run: &Run) {
     assert!(
-        run.state.is_terminal() || run.lost < run.retry.lost_attempts_max,
+        run.state().is_terminal() || run.lost() < run.retry().lost_attempts_max,
         "{} stored active with {} lost attempts (budget {})",
-        run.id,
-        run.lost,
-        run.retry.lost_attempts_max
+        run.id(),
+        run.lost(),
+        run.retry().lost_attempts_max
     );
     // An attempt a shutdown stops uses no attempt (SPEC O1), like a snooze.
     let budget = run
-        .retry
+        .retry()
         .attempts_max
-        .saturating_add(run.lost)
-        .saturating_add(run.snoozes)
-        .saturating_add(run.shutdowns);
+        .saturating_add(run.lost())
+        .saturating_add(run.snoozes())
+        .saturating_add(run.shutdowns());
     assert!(
-        run.attempt.0 <= budget,
+        run.attempt().0 <= budget,
         "{} stored with attempt {}, above attempts_max {} + lost {} + snoozes {} + shutdowns {}",
-        run.id,
-        run.attempt,
-        run.retry.attempts_max,
-        run.lost,
-        run.snoozes,
-        run.shutdowns
+        run.id(),
+        run.attempt(),
+        run.retry().attempts_max,
+        run.lost(),
+        run.snoozes(),
+        run.shutdowns()
     );
     // SPEC C2: completion and terminal failure delete the checkpoint (an interrupted or poison
     // run keeps it).
     let poison = run
-        .last_error
+        .last_error()
         .as_ref()
         .is_some_and(|e| e.kind == ErrorKind::Poison);
     assert!(
-        !run.state.is_terminal()
-            || run.state == RunState::Interrupted
+        !run.state().is_terminal()
+            || run.state() == RunState::Interrupted
             || poison
-            || run.checkpoint.is_none(),
+            || run.checkpoint().is_none(),
         "terminal {} ({:?}) stored with a checkpoint",
-        run.id,
-        run.state
+        run.id(),
+        run.state()
     );
     assert!(
-        !run.state.is_terminal() || run.state == RunState::Succeeded || run.last_error.is_some(),
+        !run.state().is_terminal()
+            || run.state() == RunState::Succeeded
+            || run.last_error().is_some(),
         "SPEC R4: terminal {} ({:?}) stored without its last error",
-        run.id,
-        run.state
+        run.id(),
+        run.state()
     );
 }
 

@@ -59,7 +59,7 @@ fn a_503_then_a_200_is_delivered_once_after_one_retry() {
     );
     // D2: re-sending the result never re-ran the job.
     assert_eq!(sim.runs_of("report").len(), 1);
-    assert_eq!(sim.runs_of("report")[0].attempt.0, 1);
+    assert_eq!(sim.runs_of("report")[0].attempt().0, 1);
 }
 
 #[test]
@@ -132,7 +132,7 @@ fn pending_deliveries_survive_a_crash_and_are_sent_after_restart() {
     sim.run_for(15 * MINUTE);
     assert_eq!(count(&sim, "webhook", "success"), 1);
     assert!(sim.store().deliveries().next().is_none());
-    assert_eq!(sim.runs_of("report")[0].state, RunState::Succeeded);
+    assert_eq!(sim.runs_of("report")[0].state(), RunState::Succeeded);
 }
 
 // SPEC D4: every delivery ends exactly once and is counted once, by status and sink. Slow and
@@ -181,7 +181,11 @@ fn each_delivery_is_counted_exactly_once() {
                 "seed {seed}: outbox drained"
             );
             let finished: u64 = sim.delivery_counts().values().sum();
-            let results = sim.store().runs().filter(|r| r.state.is_terminal()).count() as u64;
+            let results = sim
+                .store()
+                .runs()
+                .filter(|r| r.state().is_terminal())
+                .count() as u64;
             if exact {
                 assert_eq!(finished, results, "seed {seed}: one count per result");
             } else {

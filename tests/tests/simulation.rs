@@ -95,11 +95,11 @@ fn simulate(seed: u64) {
     );
     // Every durable run that is terminal keeps a concrete error unless it succeeded.
     for run in sim.store().runs() {
-        if run.state.is_terminal() && run.state != RunState::Succeeded {
+        if run.state().is_terminal() && run.state() != RunState::Succeeded {
             assert!(
-                run.last_error.is_some(),
+                run.last_error().is_some(),
                 "seed {seed}: {} lost its error",
-                run.id
+                run.id()
             );
         }
     }
@@ -163,7 +163,7 @@ fn an_hourly_job_runs_every_slot_whatever_the_seed() {
         let runs = sim.runs_of("invoices");
         assert_eq!(runs.len(), 24, "seed {seed}");
         assert!(
-            runs.iter().all(|r| r.state == RunState::Succeeded),
+            runs.iter().all(|r| r.state() == RunState::Succeeded),
             "seed {seed}"
         );
     }

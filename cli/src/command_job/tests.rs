@@ -182,7 +182,7 @@ async fn run_once(command: &CommandSpec, retry: RetryPolicy) -> Run {
 }
 
 fn error_of(run: &Run) -> (ErrorKind, String) {
-    let error = run.last_error.as_ref().expect("an error is recorded");
+    let error = run.last_error().expect("an error is recorded");
     (error.kind, error.message.clone())
 }
 
@@ -196,19 +196,15 @@ async fn a_command_that_exits_0_succeeds_with_its_last_line_or_its_summary_line(
         quick_retries(1),
     )
     .await;
-    assert_eq!(run.state, RunState::Succeeded);
-    assert_eq!(run.attempt.0, 1);
-    assert_eq!(run.summary.as_deref(), Some("three"));
+    assert_eq!(run.state(), RunState::Succeeded);
+    assert_eq!(run.attempt().0, 1);
+    assert_eq!(run.summary(), Some("three"));
     let said = sh(
         "echo '::keel summary 3 files, 2 MB'; echo 'cleaning up'",
         &[],
     );
     let run = run_once(&said, quick_retries(1)).await;
-    assert_eq!(
-        run.summary.as_deref(),
-        Some("3 files, 2 MB"),
-        "the line wins"
-    );
+    assert_eq!(run.summary(), Some("3 files, 2 MB"), "the line wins");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,16 +225,16 @@ async fn exit_127_and_a_missing_program_are_permanent_and_never_retried() {
         )
         .await;
     let run = keel.finished(exit_127).await;
-    assert_eq!(run.state, RunState::FailedDropped);
-    assert_eq!(run.attempt.0, 1);
+    assert_eq!(run.state(), RunState::FailedDropped);
+    assert_eq!(run.attempt().0, 1);
     let (kind, message) = error_of(&run);
     assert_eq!(kind, ErrorKind::Permanent);
     assert!(message.contains("exited with code 127"), "{message}");
     assert!(message.ends_with("stderr:\nnope: not found"), "{message}");
 
     let run = keel.finished(missing).await;
-    assert_eq!(run.state, RunState::FailedDropped);
-    assert_eq!(run.attempt.0, 1);
+    assert_eq!(run.state(), RunState::FailedDropped);
+    assert_eq!(run.attempt().0, 1);
     let (_, message) = error_of(&run);
     assert!(
         message.starts_with("cannot start `/nonexistent/keel-test-program`"),
@@ -265,12 +261,12 @@ async fn exit_75_and_other_codes_are_retried() {
         )
         .await;
     let run = keel.finished(tempfail).await;
-    assert_eq!(run.state, RunState::Succeeded);
-    assert_eq!(run.attempt.0, 2);
-    assert_eq!(run.summary.as_deref(), Some("second try"));
+    assert_eq!(run.state(), RunState::Succeeded);
+    assert_eq!(run.attempt().0, 2);
+    assert_eq!(run.summary(), Some("second try"));
     let run = keel.finished(flaky).await;
-    assert_eq!(run.state, RunState::Failed);
-    assert_eq!(run.attempt.0, 2, "retried up to attempts_max");
+    assert_eq!(run.state(), RunState::Failed);
+    assert_eq!(run.attempt().0, 2, "retried up to attempts_max");
     let (kind, message) = error_of(&run);
     assert_eq!(kind, ErrorKind::Retryable);
     assert_eq!(message, "`sh` exited with code 1\nstderr:\nupstream 503");
@@ -337,19 +333,19 @@ async fn exit_code_overrides_win_over_the_default_mapping() {
         )
         .await;
     let run = keel.finished(retry_3).await;
-    assert_eq!((run.state, run.attempt.0), (RunState::Succeeded, 2));
+    assert_eq!((run.state(), run.attempt().0), (RunState::Succeeded, 2));
     let run = keel.finished(retry_64).await;
     assert_eq!(
-        (run.state, run.attempt.0),
+        (run.state(), run.attempt().0),
         (RunState::Failed, 2),
         "64 is permanent by default, retried here"
     );
     let run = keel.finished(permanent_3).await;
-    assert_eq!((run.state, run.attempt.0), (RunState::FailedDropped, 1));
+    assert_eq!((run.state(), run.attempt().0), (RunState::FailedDropped, 1));
     assert!(error_of(&run).1.contains("(permanent: not retried)"));
     let run = keel.finished(success_1).await;
-    assert_eq!(run.state, RunState::Succeeded);
-    assert_eq!(run.summary.as_deref(), Some("no match"));
+    assert_eq!(run.state(), RunState::Succeeded);
+    assert_eq!(run.summary(), Some("no match"));
     keel.stop().await;
 }
 
@@ -364,14 +360,18 @@ async fn a_checkpoint_line_is_saved_and_the_next_attempt_gets_it() {
         echo "attempt $KEEL_ATTEMPT resumed from $KEEL_CHECKPOINT"
     "#;
     let run = run_once(&sh(script, &[]), quick_retries(3)).await;
-    assert_eq!(run.state, RunState::Succeeded);
-    assert_eq!(run.attempt.0, 2);
+    assert_eq!(run.state(), RunState::Succeeded);
+    assert_eq!(run.attempt().0, 2);
     assert_eq!(
-        run.summary.as_deref(),
+        run.summary(),
         Some(r#"attempt 2 resumed from {"copied": 40}"#)
     );
-    assert_eq!(run.checkpoint, None, "deleted once the run completes (C2)");
-    if let Some(error) = &run.last_error {
+    assert_eq!(
+        run.checkpoint(),
+        None,
+        "deleted once the run completes (C2)"
+    );
+    if let Some(error) = run.last_error() {
         assert!(!error.message.contains("::keel"), "{}", error.message);
         assert!(error.message.contains("first attempt"), "{}", error.message);
     }
@@ -387,11 +387,11 @@ async fn a_progress_line_is_recorded_on_the_run_and_left_out_of_the_output() {
         quick_retries(1),
     )
     .await;
-    assert_eq!(run.state, RunState::Succeeded);
-    let progress = run.progress.expect("progress is recorded");
+    assert_eq!(run.state(), RunState::Succeeded);
+    let progress = run.progress().expect("progress is recorded");
     assert_eq!(progress.phase, "upload");
     assert_eq!(progress.message, "3 of 10 files");
-    assert_eq!(run.summary.as_deref(), Some("done"));
+    assert_eq!(run.summary(), Some("done"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,9 +410,9 @@ async fn argv_reaches_the_program_literally_and_shell_true_expands_it() {
     let direct = keel.trigger("direct", &direct, quick_retries(1)).await;
     let shell = keel.trigger("shell", &shell, quick_retries(1)).await;
     let run = keel.finished(direct).await;
-    assert_eq!(run.summary.as_deref(), Some("$HOME * ; ls"));
+    assert_eq!(run.summary(), Some("$HOME * ; ls"));
     let run = keel.finished(shell).await;
-    assert_eq!(run.summary.as_deref(), Some("/HOME/KEEL-TEST"));
+    assert_eq!(run.summary(), Some("/HOME/KEEL-TEST"));
     keel.stop().await;
 }
 
@@ -431,10 +431,10 @@ async fn env_cwd_and_keel_variables_reach_the_command() {
     let id = keel.trigger("env-cwd", &command, quick_retries(1)).await;
     let run = keel.finished(id).await;
     keel.stop().await;
-    let token = run.last_token.expect("the attempt's token is kept").0;
+    let token = run.last_token().expect("the attempt's token is kept").0;
     let cwd = dir.path().canonicalize().unwrap();
     assert_eq!(
-        run.summary.unwrap(),
+        run.summary().unwrap(),
         format!(
             "hello from {}|env-cwd|1|{id}|{id}-attempt-1|{token}|unset",
             cwd.display()
@@ -473,7 +473,7 @@ async fn captured_output_is_bounded_and_keeps_the_tail() {
     assert!(first > 1900, "whole lines from the end: {tail:?}");
 
     let run = keel.finished(summary).await;
-    let summary = run.summary.unwrap();
+    let summary = run.summary().unwrap();
     assert_eq!(summary, "2000", "the last line, whatever the capture");
 
     let run = keel.finished(large).await;
@@ -496,14 +496,14 @@ async fn an_invalid_payload_fails_permanently_with_a_clear_message() {
         .trigger_payload("empty", r#"{"argv": []}"#, quick_retries(3))
         .await;
     let run = keel.finished(garbage).await;
-    assert_eq!((run.state, run.attempt.0), (RunState::FailedDropped, 1));
+    assert_eq!((run.state(), run.attempt().0), (RunState::FailedDropped, 1));
     let (_, message) = error_of(&run);
     assert!(
         message.starts_with("invalid command job payload: the payload is not a command spec"),
         "{message}"
     );
     let run = keel.finished(empty).await;
-    assert_eq!(run.state, RunState::FailedDropped);
+    assert_eq!(run.state(), RunState::FailedDropped);
     assert!(error_of(&run).1.contains("argv is empty"));
     keel.stop().await;
 }
@@ -528,8 +528,8 @@ async fn a_cancelled_run_terminates_the_command_and_what_it_started() {
         wait
     "#;
     let run = cancelled("cancelled", script).await;
-    assert_eq!(run.state, RunState::Cancelled);
-    assert_eq!(run.attempt.0, 1, "not retried");
+    assert_eq!(run.state(), RunState::Cancelled);
+    assert_eq!(run.attempt().0, 1, "not retried");
     let (kind, message) = error_of(&run);
     assert_eq!(kind, ErrorKind::Cancelled);
     // Without "still held its output open": the background `sleep`, in the command's
@@ -550,7 +550,7 @@ async fn a_command_may_handle_sigterm_and_its_last_words_are_kept() {
         while :; do sleep 0.05; done
     "#;
     let run = cancelled("trapped", script).await;
-    assert_eq!(run.state, RunState::Cancelled);
+    assert_eq!(run.state(), RunState::Cancelled);
     let (_, message) = error_of(&run);
     // (The shell may also report its `sleep`, killed by the same SIGTERM: "Terminated".)
     assert!(
@@ -573,7 +573,7 @@ async fn a_command_that_ignores_sigterm_is_killed_with_what_it_started() {
         wait
     "#;
     let run = cancelled("stubborn", script).await;
-    assert_eq!(run.state, RunState::Cancelled);
+    assert_eq!(run.state(), RunState::Cancelled);
     let (_, message) = error_of(&run);
     // Without "still held its output open": the background `sleep` was killed too.
     assert_eq!(
@@ -623,7 +623,7 @@ async fn a_command_killed_by_the_watchdog_takes_its_process_group_with_it() {
     // The attempt's task is dropped, killing the group and then removing the command's
     // record, after the run is recorded: not necessarily by now.
     keel.stop_unchecked().await;
-    assert_eq!(record.state, RunState::Failed);
+    assert_eq!(record.state(), RunState::Failed);
     assert_eq!(error_of(&record).0, ErrorKind::TimedOut);
     let read = tokio::time::timeout(PATIENCE, gone).await;
     assert!(
@@ -671,16 +671,16 @@ async fn output_on_stdout_or_stderr_is_a_sign_of_life() {
         .await;
     for (run, alive) in [(stdout, true), (stderr, true), (silent, false)] {
         let record = keel.finished(run).await;
-        let activity = record.last_activity.unwrap();
+        let activity = record.last_activity().unwrap();
         if alive {
             // A heartbeat after the silence (the attempt's start is earlier).
             assert!(
-                activity.ms_since(record.created_at) >= 300,
+                activity.ms_since(record.created_at()) >= 300,
                 "{run}: {record:?}"
             );
         } else {
             // The attempt's start only: no heartbeat at its end.
-            let finished = record.finished_at.unwrap();
+            let finished = record.finished_at().unwrap();
             assert!(finished.ms_since(activity) >= 300, "{run}: {record:?}");
         }
     }
@@ -713,8 +713,8 @@ async fn a_background_process_holding_the_output_does_not_hold_the_attempt() {
     let failed = keel.finished(failed).await;
     keel.stop().await;
     assert!(started.elapsed() < Duration::from_secs(30));
-    assert_eq!(ok.state, RunState::Succeeded);
-    assert_eq!(ok.summary.as_deref(), Some("done"));
+    assert_eq!(ok.state(), RunState::Succeeded);
+    assert_eq!(ok.summary(), Some("done"));
     assert_eq!(
         error_of(&failed).1,
         "`sh` exited with code 1; a process it started still held its output open (not \
@@ -736,7 +736,7 @@ async fn a_gated_command_reads_nothing_on_stdin() {
     let spec = sh("if read -r line || [ -n \"$line\" ]; then exit 3; fi", &[]);
     let run = keel.trigger("stdin", &spec, quick_retries(1)).await;
     let run = keel.finished(run).await;
-    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.last_error);
+    assert_eq!(run.state(), RunState::Succeeded, "{:?}", run.last_error());
     keel.stop().await;
 }
 
@@ -768,7 +768,7 @@ async fn a_running_command_is_recorded_until_it_is_reaped() {
     );
     assert_eq!(leftovers::decide(&record), Decision::Kill, "it runs");
     keel.handle.cancel_run(run).await.unwrap();
-    assert_eq!(keel.finished(run).await.state, RunState::Cancelled);
+    assert_eq!(keel.finished(run).await.state(), RunState::Cancelled);
     // `stop` checks that the record is gone.
     keel.stop().await;
 }
@@ -787,7 +787,7 @@ async fn a_command_that_cannot_be_recorded_is_killed_and_fails_retryable() {
         .trigger("unrecorded", &spec(&["sleep", "300"]), quick_retries(1))
         .await;
     let run = keel.finished(run).await;
-    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(run.state(), RunState::Failed);
     let (kind, message) = error_of(&run);
     assert_eq!(kind, ErrorKind::Retryable);
     assert!(

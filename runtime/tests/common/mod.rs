@@ -120,7 +120,7 @@ impl Store for TestStore {
         }
         let doomed = batch.records.iter().any(|r| {
             matches!(r, Record::PutRun(run)
-                if run.checkpoint.as_ref().is_some_and(|c| c.data == "doomed"))
+                if run.checkpoint().is_some_and(|c| c.data == "doomed"))
         });
         if doomed && self.doomed_failed.fetch_add(1, Ordering::SeqCst) == 0 {
             return Err(StoreError::Io("disk full".into()));

@@ -55,11 +55,12 @@ pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
 }
 
 /// `run` in a terminal state, finished at `at`.
-pub fn finished(mut run: Run, at: Timestamp) -> Run {
-    run.state = keel_core::RunState::Succeeded;
-    run.finished_at = Some(at);
-    run.summary = Some("done".into());
-    run
+pub fn finished(run: Run, at: Timestamp) -> Run {
+    let mut record = run.record();
+    record.state = keel_core::RunState::Succeeded;
+    record.finished_at = Some(at);
+    record.summary = Some("done".into());
+    Run::from_record(record)
 }
 
 pub fn job(name: &str) -> Job {

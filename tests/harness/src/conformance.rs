@@ -46,8 +46,9 @@ use std::sync::{Arc, Barrier};
 
 use keel_core::{
     drive, Actor, AuditQuery, AuditRecord, Batch, BatchId, Conflict, Effect, FencingToken, JobId,
-    JobSpec, Lease, Outcome, Record, RetryPolicy, Run, RunId, RunQuery, RunState, RunTerms,
-    ScheduleSpec, Scheduler, Snapshot, StateName, Store, StoreError, Timestamp, Trigger, WorkerId,
+    JobSpec, Lease, Outcome, Record, RetryPolicy, Run, RunId, RunQuery, RunRecord, RunState,
+    RunTerms, ScheduleSpec, Scheduler, Snapshot, StateName, Store, StoreError, Timestamp, Trigger,
+    WorkerId,
 };
 
 use keel_testkit::MemStore;
@@ -142,18 +143,27 @@ pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
 }
 
 /// `run` leased to `owner` with `token` until `expires_at`.
-pub fn leased(mut run: Run, owner: &str, token: u64, expires_at: Timestamp) -> Run {
-    run.state = RunState::Running {
-        attempt: keel_core::Attempt(1),
-        started_at: T0,
-    };
-    run.lease = Some(Lease {
-        owner: WorkerId::new(owner).expect("valid worker id"),
-        token: FencingToken(token),
-        renewed_at: T0,
-        expires_at,
-    });
-    run
+pub fn leased(run: Run, owner: &str, token: u64, expires_at: Timestamp) -> Run {
+    edit(run, |r| {
+        r.state = RunState::Running {
+            attempt: keel_core::Attempt(1),
+            started_at: T0,
+        };
+        r.lease = Some(Lease {
+            owner: WorkerId::new(owner).expect("valid worker id"),
+            token: FencingToken(token),
+            renewed_at: T0,
+            expires_at,
+        });
+    })
+}
+
+/// `run` with its stored form changed by `change`: how a test makes a run in any state, since
+/// only the scheduler changes a [`Run`].
+pub fn edit(run: Run, change: impl FnOnce(&mut RunRecord)) -> Run {
+    let mut record = run.record();
+    change(&mut record);
+    Run::from_record(record)
 }
 
 /// Writes one run in a batch of its own.
@@ -254,7 +264,7 @@ fn normalized(mut snapshot: Snapshot) -> Snapshot {
     for job in &mut snapshot.jobs {
         job.active_runs = 0;
     }
-    snapshot.runs.sort_by_key(|r| r.id);
+    snapshot.runs.sort_by_key(|r| r.id());
     snapshot.tombstones.sort_by(|a, b| a.job.cmp(&b.job));
     snapshot.incidents.sort_by_key(|i| i.id);
     snapshot.deliveries.sort_by_key(|d| d.id);
@@ -343,13 +353,13 @@ pub fn acknowledged_state_survives_reopen(harness: &impl Harness) {
             ..RunQuery::default()
         })
         .unwrap();
-    let stored: Vec<RunId> = all.runs.iter().map(|r| r.id).collect();
-    let mut modelled: Vec<RunId> = model.runs().map(|r| r.id).collect();
+    let stored: Vec<RunId> = all.runs.iter().map(|r| r.id()).collect();
+    let mut modelled: Vec<RunId> = model.runs().map(|r| r.id()).collect();
     modelled.reverse();
     assert_eq!(stored, modelled);
-    assert!(all.runs.iter().any(|r| r.state == RunState::Succeeded));
+    assert!(all.runs.iter().any(|r| r.state() == RunState::Succeeded));
     for run in model.runs() {
-        assert_eq!(store.run(run.id).unwrap().as_ref(), Some(run));
+        assert_eq!(store.run(run.id()).unwrap().as_ref(), Some(run));
     }
     let audit = store
         .audit(&AuditQuery {
@@ -365,9 +375,10 @@ pub fn refused_batch_applies_nothing(harness: &impl Harness) {
     let open = harness.fresh();
     let store = open();
     let epoch = become_writer(&store);
-    let mut done = run(1, "a", T0);
-    done.state = RunState::Succeeded;
-    done.finished_at = Some(T0);
+    let done = edit(run(1, "a", T0), |r| {
+        r.state = RunState::Succeeded;
+        r.finished_at = Some(T0);
+    });
     put_run(&store, epoch, 0, T0, done.clone()).unwrap();
 
     let newcomer = JobSpec::new(job_id("newcomer"), "work", ScheduleSpec::Once { at: T0 });
@@ -381,8 +392,7 @@ pub fn refused_batch_applies_nothing(harness: &impl Harness) {
         last_run: None,
         failures_in_a_row: 0,
     };
-    let mut reopened = done.clone();
-    reopened.state = RunState::Queued { since: T0 };
+    let reopened = edit(done.clone(), |r| r.state = RunState::Queued { since: T0 });
     let records = vec![
         Record::PutJob(job),
         Record::PutRun(run(2, "b", T0)),
@@ -471,8 +481,9 @@ pub fn stale_token_is_refused(harness: &impl Harness) {
         "{unaware:?}"
     );
     // The holder's own write (same token) lands.
-    let mut progressed = leased(run(1, "a", T0), "w1", 5, T0.plus_ms(30_000));
-    progressed.summary = Some("half way".into());
+    let progressed = edit(leased(run(1, "a", T0), "w1", 5, T0.plus_ms(30_000)), |r| {
+        r.summary = Some("half way".into())
+    });
     put_run(&store, epoch, 3, T0, progressed.clone()).unwrap();
     assert_eq!(store.run(RunId(1)).unwrap(), Some(progressed));
 }
@@ -494,8 +505,7 @@ pub fn live_lease_is_not_granted_again(harness: &impl Harness) {
         }
     );
     // The writer saw token 5 end (the holder finished), so it may grant 6 at once.
-    let mut regrant = grab;
-    regrant.last_token = Some(FencingToken(5));
+    let regrant = edit(grab, |r| r.last_token = Some(FencingToken(5)));
     put_run(&store, epoch, 2, before_expiry, regrant.clone()).unwrap();
     assert_eq!(store.run(RunId(1)).unwrap(), Some(regrant));
 }
@@ -590,14 +600,14 @@ pub fn terminal_run_is_final(harness: &impl Harness) {
     let open = harness.fresh();
     let store = open();
     let epoch = become_writer(&store);
-    let mut done = run(1, "a", T0);
-    done.state = RunState::Failed;
-    done.finished_at = Some(T0);
+    let done = edit(run(1, "a", T0), |r| {
+        r.state = RunState::Failed;
+        r.finished_at = Some(T0);
+    });
     put_run(&store, epoch, 0, T0, done.clone()).unwrap();
     // Writing it again unchanged is harmless (a retried batch).
     put_run(&store, epoch, 1, T0, done.clone()).unwrap();
-    let mut revived = done;
-    revived.state = RunState::Succeeded;
+    let revived = edit(done, |r| r.state = RunState::Succeeded);
     let conflict = unwrap_conflict(put_run(&store, epoch, 2, T0, revived));
     assert_eq!(
         conflict,
@@ -617,8 +627,10 @@ fn history(store: &impl Store, epoch: u64, count: u64) {
             let job = if i % 2 == 1 { "a" } else { "b" };
             let mut r = run(i, job, T0.plus_ms(i * 1_000));
             if i % 2 == 0 {
-                r.state = RunState::Succeeded;
-                r.finished_at = Some(r.created_at);
+                r = edit(r, |r| {
+                    r.state = RunState::Succeeded;
+                    r.finished_at = Some(r.created_at);
+                });
             }
             Record::PutRun(r)
         })
@@ -633,7 +645,7 @@ pub fn history_queries_filter_and_page(harness: &impl Harness) {
     let epoch = become_writer(&store);
     history(&store, epoch, 25);
 
-    let ids = |page: &keel_core::RunPage| page.runs.iter().map(|r| r.id.0).collect::<Vec<_>>();
+    let ids = |page: &keel_core::RunPage| page.runs.iter().map(|r| r.id().0).collect::<Vec<_>>();
     let first = store
         .runs(&RunQuery {
             limit: 10,
@@ -800,7 +812,7 @@ pub fn prune_forgets_runs_but_not_slots(harness: &impl Harness) {
         })
         .unwrap();
     assert_eq!(
-        of_b.runs.iter().map(|r| r.id.0).collect::<Vec<_>>(),
+        of_b.runs.iter().map(|r| r.id().0).collect::<Vec<_>>(),
         vec![10, 8]
     );
     assert_eq!(store.runs(&RunQuery::default()).unwrap().runs.len(), 7);
@@ -899,7 +911,7 @@ pub fn concurrent_writers_all_land(harness: &impl Harness) {
     assert_eq!(audit.len() as u64, THREADS * BATCHES);
     for record in audit {
         let run = store.run(record.run.unwrap()).unwrap().unwrap();
-        assert_eq!(run.job, record.job, "a batch's records landed together");
+        assert_eq!(run.job(), &record.job, "a batch's records landed together");
     }
 }
 
@@ -923,14 +935,14 @@ pub fn contended_grants_have_one_winner(harness: &impl Harness) {
             let barrier = Arc::clone(&barrier);
             std::thread::spawn(move || {
                 let t = t as u64;
-                let mut grant = leased(
+                let grant = leased(
                     run(1, "a", T0),
                     &format!("w{t}"),
                     10 + t,
                     T0.plus_ms(30_000),
                 );
                 // Each contender saw the run free (it never held a token).
-                grant.last_token = None;
+                let grant = edit(grant, |r| r.last_token = None);
                 barrier.wait();
                 let result = put_run(&*store, epoch, 1 + t, T0, grant);
                 (t, result)
@@ -963,7 +975,7 @@ pub fn contended_grants_have_one_winner(harness: &impl Harness) {
         }
     }
     let stored = open().run(RunId(1)).unwrap().unwrap();
-    let lease = stored.lease.expect("the winner's lease is stored");
+    let lease = stored.lease().expect("the winner's lease is stored");
     assert_eq!(lease.owner.to_string(), format!("w{}", winners[0]));
     assert_eq!(lease.token, FencingToken(10 + winners[0]));
 }

@@ -71,7 +71,7 @@ impl Promises {
         );
         let run = store.run(send.payload.run);
         assert!(
-            run.is_some_and(|r| r.state.is_terminal() && r.state.name() == send.payload.state),
+            run.is_some_and(|r| r.state().is_terminal() && r.state().name() == send.payload.state),
             "{id} carries {} {}, but the store holds {run:?}",
             send.payload.run,
             send.payload.state
@@ -117,11 +117,14 @@ impl Promises {
         self.ended.retain(|id| id.0 < next_delivery);
         self.extended = store
             .runs()
-            .filter(|r| r.extended)
-            .map(|r| (r.id, 1))
+            .filter(|r| r.extended())
+            .map(|r| (r.id(), 1))
             .collect();
-        self.killed
-            .retain(|(run, attempt)| store.run(*run).is_some_and(|r| r.killed >= Some(*attempt)));
+        self.killed.retain(|(run, attempt)| {
+            store
+                .run(*run)
+                .is_some_and(|r| r.killed() >= Some(*attempt))
+        });
     }
 
     /// `extend` answered `result` for `run_id`: a killed run is never extended (SPEC W2), and
@@ -153,8 +156,8 @@ impl Promises {
         let written: Vec<(RunId, u64)> = core
             .runs()
             .filter_map(|r| {
-                let seq = r.checkpoint.as_ref().map(|c| c.seq);
-                (seq != before.get(&r.id).copied().flatten()).then_some((r.id, seq))
+                let seq = r.checkpoint().map(|c| c.seq);
+                (seq != before.get(&r.id()).copied().flatten()).then_some((r.id(), seq))
             })
             .map(|(run, seq)| (run, seq.expect("a flush writes checkpoints, never deletes")))
             .collect();
@@ -168,16 +171,16 @@ impl Promises {
 /// The checkpoint sequence number of every run in memory.
 pub fn checkpoint_seqs(core: &Scheduler) -> BTreeMap<RunId, Option<u64>> {
     core.runs()
-        .map(|r| (r.id, r.checkpoint.as_ref().map(|c| c.seq)))
+        .map(|r| (r.id(), r.checkpoint().map(|c| c.seq)))
         .collect()
 }
 
 /// The scheduler's own attempts in progress: what `begin_shutdown` must list.
 pub fn own_attempts_in_progress(core: &Scheduler) -> BTreeSet<(RunId, Attempt)> {
     core.runs()
-        .filter(|r| r.lease.as_ref().is_some_and(|l| &l.owner == core.worker()))
-        .filter_map(|r| match r.state {
-            RunState::Running { attempt, .. } => Some((r.id, attempt)),
+        .filter(|r| r.lease().is_some_and(|l| &l.owner == core.worker()))
+        .filter_map(|r| match r.state() {
+            RunState::Running { attempt, .. } => Some((r.id(), attempt)),
             _ => None,
         })
         .collect()
@@ -195,19 +198,21 @@ pub fn expected_extend(
     let now = core.now().max(now);
     match core.run(run_id) {
         None => Err(Rejected::UnknownRun(run_id)),
-        Some(run) if run.killed.is_some() => Err(Rejected::Killed(run_id)),
-        Some(run) if !matches!(run.state, RunState::Running { .. }) => Err(Rejected::NotRunning {
-            run: run_id,
-            state: run.state.name(),
-        }),
-        Some(run) if run.extended => Err(Rejected::AlreadyExtended(run_id)),
-        Some(run) => match (run.watch.timeout_at, run.watch.kill_at) {
+        Some(run) if run.killed().is_some() => Err(Rejected::Killed(run_id)),
+        Some(run) if !matches!(run.state(), RunState::Running { .. }) => {
+            Err(Rejected::NotRunning {
+                run: run_id,
+                state: run.state().name(),
+            })
+        }
+        Some(run) if run.extended() => Err(Rejected::AlreadyExtended(run_id)),
+        Some(run) => match (run.watch().timeout_at, run.watch().kill_at) {
             (None, _) => Err(Rejected::NoTimeout(run_id)),
             (Some(_), Some(_)) => Err(Rejected::TimedOut(run_id)),
             (Some(timeout_at), None) => {
                 let extended = timeout_at.max(now).plus_ms(by_ms);
                 Ok(run
-                    .watch
+                    .watch()
                     .backstop_at
                     .map_or(extended, |cap| extended.min(cap)))
             }

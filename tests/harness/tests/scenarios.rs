@@ -69,9 +69,9 @@ fn one_shot_that_fails_permanently_never_fires_again() {
     assert!(ticks(&sim) >= 10_000, "only {} ticks", ticks(&sim));
     let runs = sim.runs_of("once");
     assert_eq!(runs.len(), 1, "the one-shot fired {} times", runs.len());
-    assert_eq!(runs[0].state, RunState::FailedDropped);
-    assert_eq!(runs[0].attempt.0, 1, "a permanent error is never retried");
-    let error = runs[0].last_error.as_ref().unwrap();
+    assert_eq!(runs[0].state(), RunState::FailedDropped);
+    assert_eq!(runs[0].attempt().0, 1, "a permanent error is never retried");
+    let error = runs[0].last_error().unwrap();
     assert_eq!(
         (error.kind, error.message.as_str()),
         (ErrorKind::Permanent, "no such bucket")
@@ -95,12 +95,13 @@ fn one_shot_that_exhausts_its_retries_never_fires_again() {
     assert!(ticks(&sim) >= 10_000);
     let runs = sim.runs_of("once");
     assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].state, RunState::Failed);
+    assert_eq!(runs[0].state(), RunState::Failed);
     assert_eq!(
-        runs[0].attempt.0, 4,
+        runs[0].attempt().0,
+        4,
         "max_attempts includes the first attempt"
     );
-    assert_eq!(runs[0].last_error.as_ref().unwrap().message, "upstream 503");
+    assert_eq!(runs[0].last_error().unwrap().message, "upstream 503");
     disabled_reason(sim.store().job(&id("once")));
 }
 
@@ -122,7 +123,7 @@ fn one_shot_with_delete_after_run_is_deleted_but_its_history_stays() {
     assert!(sim.scheduler().job(&id("once")).is_none());
     let runs = sim.runs_of("once");
     assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].state, RunState::Succeeded);
+    assert_eq!(runs[0].state(), RunState::Succeeded);
 }
 
 // SPEC R5: one settle transition for manual runs too.
@@ -143,7 +144,7 @@ fn manual_run_of_a_one_shot_job_finishes_the_job() {
         1,
         "the scheduled slot must not fire after a manual run"
     );
-    assert_eq!((runs[0].id, runs[0].trigger), (run, Trigger::Manual));
+    assert_eq!((runs[0].id(), runs[0].trigger()), (run, Trigger::Manual));
     disabled_reason(sim.store().job(&id("once")));
 }
 
@@ -158,7 +159,7 @@ fn recurring_job_advances_whatever_the_outcome() {
     sim.run_for(5 * HOUR + MINUTE);
     let runs = sim.runs_of("hourly");
     assert_eq!(runs.len(), 5);
-    assert!(runs.iter().all(|r| r.state == RunState::FailedDropped));
+    assert!(runs.iter().all(|r| r.state() == RunState::FailedDropped));
     let slots: Vec<_> = runs.iter().filter_map(|r| r.slot()).collect();
     let mut unique = slots.clone();
     unique.dedup();
@@ -397,7 +398,7 @@ fn overlap_slots(overlap: OverlapPolicy) -> Vec<u64> {
         .into_iter()
         .filter(|r| r.slot().unwrap() <= ts("2026-01-01T00:06:00Z"))
         .collect();
-    assert!(runs.iter().all(|r| r.state == RunState::Succeeded));
+    assert!(runs.iter().all(|r| r.state() == RunState::Succeeded));
     runs.iter()
         .map(|r| r.slot().unwrap().as_millis() as u64 % HOUR / MINUTE)
         .collect()
@@ -441,21 +442,21 @@ fn a_job_backing_off_never_delays_another_job() {
     for run in &tick_runs {
         let started = sim
             .store()
-            .audit_of_run(run.id)
+            .audit_of_run(run.id())
             .find(|a| a.new == StateName::Running)
             .unwrap()
             .at;
         assert!(
             started.ms_since(run.slot().unwrap()) < 50,
             "{} started late",
-            run.id
+            run.id()
         );
     }
     // Meanwhile the hourly job backed off for 10, 20, 40 minutes between attempts.
     let flaky = &sim.runs_of("flaky")[0];
     let starts: Vec<Timestamp> = sim
         .store()
-        .audit_of_run(flaky.id)
+        .audit_of_run(flaky.id())
         .filter(|a| a.new == StateName::Running)
         .map(|a| a.at)
         .collect();
@@ -483,21 +484,18 @@ fn crash_mid_attempt_retries_or_interrupts_by_policy() {
         sim.add_job(job).unwrap();
         sim.run_for(MINUTE);
         assert!(matches!(
-            sim.runs_of("long")[0].state,
+            sim.runs_of("long")[0].state(),
             RunState::Running { .. }
         ));
         sim.crash();
         sim.check_liveness(HOUR);
         let run = &sim.runs_of("long")[0];
         if resume {
-            assert_eq!(run.state, RunState::Succeeded);
-            assert_eq!(run.attempt.0, 2);
+            assert_eq!(run.state(), RunState::Succeeded);
+            assert_eq!(run.attempt().0, 2);
         } else {
-            assert_eq!(run.state, RunState::Interrupted);
-            assert_eq!(
-                run.last_error.as_ref().unwrap().kind,
-                ErrorKind::Interrupted
-            );
+            assert_eq!(run.state(), RunState::Interrupted);
+            assert_eq!(run.last_error().unwrap().kind, ErrorKind::Interrupted);
         }
     }
 }
@@ -521,7 +519,7 @@ fn every_state_change_is_audited_with_actor_and_reason() {
     ))
     .unwrap();
     sim.run_for(MINUTE);
-    let run = sim.runs_of("job")[0].id;
+    let run = sim.runs_of("job")[0].id();
     let trail: Vec<(Option<StateName>, StateName)> = sim
         .store()
         .audit_of_run(run)

@@ -180,13 +180,13 @@ fn a_stalled_holder_is_reclaimed_after_ttl_plus_grace_and_its_late_report_is_ref
     // No heartbeat: the lease expires 30 s after hand-out and is reclaimed 10 s later.
     w.advance_to(stalled.lease.expires_at.plus_ms(10 * SECOND - 1));
     assert!(matches!(
-        w.core.run(stalled.run).unwrap().state,
+        w.core.run(stalled.run).unwrap().state(),
         RunState::Running { .. }
     ));
     w.advance_to(stalled.lease.expires_at.plus_ms(10 * SECOND));
     let run = w.core.run(stalled.run).unwrap();
-    assert_eq!(run.lost, 1);
-    assert_eq!(run.last_error.as_ref().unwrap().kind, ErrorKind::Lost);
+    assert_eq!(run.lost(), 1);
+    assert_eq!(run.last_error().unwrap().kind, ErrorKind::Lost);
     assert!(w
         .events
         .iter()
@@ -215,7 +215,10 @@ fn a_stalled_holder_is_reclaimed_after_ttl_plus_grace_and_its_late_report_is_ref
         .handle_outcome(w.now, retry.run, retry.lease.token, Outcome::ok())
         .unwrap();
     w.drain();
-    assert_eq!(w.store.run(stalled.run).unwrap().state, RunState::Succeeded);
+    assert_eq!(
+        w.store.run(stalled.run).unwrap().state(),
+        RunState::Succeeded
+    );
     // The reclaim incident resolved when the next attempt ran.
     assert!(w.store.incidents().all(|i| i.resolved_at.is_some()));
 }
@@ -230,13 +233,13 @@ fn heartbeats_keep_a_long_attempt_alive() {
             .unwrap();
         w.drain();
     }
-    assert_eq!(w.core.run(start.run).unwrap().lost, 0);
+    assert_eq!(w.core.run(start.run).unwrap().lost(), 0);
     assert!(w.core.incidents().next().is_none());
     w.core
         .handle_outcome(w.now, start.run, start.lease.token, Outcome::ok())
         .unwrap();
     w.drain();
-    assert_eq!(w.store.run(start.run).unwrap().state, RunState::Succeeded);
+    assert_eq!(w.store.run(start.run).unwrap().state(), RunState::Succeeded);
 }
 
 // A runtime renews its own executor's leases while a handler works; that keeps the lease but
@@ -257,16 +260,16 @@ fn lease_renewal_keeps_the_lease_without_hiding_a_silent_handler() {
         w.drain();
     }
     let run = w.core.run(start.run).unwrap();
-    assert_eq!(run.lost, 0, "the renewed lease was never reclaimed");
+    assert_eq!(run.lost(), 0, "the renewed lease was never reclaimed");
     assert_eq!(
         w.store
             .run(start.run)
             .unwrap()
-            .lease
+            .lease()
             .as_ref()
             .unwrap()
             .expires_at,
-        run.lease.as_ref().unwrap().expires_at,
+        run.lease().unwrap().expires_at,
         "the renewal is written"
     );
     assert!(
@@ -299,9 +302,9 @@ fn a_run_whose_attempts_keep_getting_lost_is_given_a_poison_verdict() {
     sim.run_for(30 * MINUTE);
     let runs = sim.runs_of("j");
     assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].state, RunState::FailedDropped);
-    assert_eq!(runs[0].lost, 3);
-    assert_eq!(runs[0].last_error.as_ref().unwrap().kind, ErrorKind::Poison);
+    assert_eq!(runs[0].state(), RunState::FailedDropped);
+    assert_eq!(runs[0].lost(), 3);
+    assert_eq!(runs[0].last_error().unwrap().kind, ErrorKind::Poison);
     // Each stalled holder's late success was refused.
     assert!(sim.refused_reports() >= 1);
 }
@@ -375,7 +378,7 @@ fn repeated_empty_claims_while_other_work_waits_raise_an_idle_claim_loop() {
     sim.handle("gpu", |_, _| Execution::succeed_after(SECOND));
     sim.add_worker("gpu-worker", &["gpu"], 5 * SECOND);
     sim.run_for(MINUTE);
-    assert_eq!(sim.runs_of("needs-gpu")[0].state, RunState::Succeeded);
+    assert_eq!(sim.runs_of("needs-gpu")[0].state(), RunState::Succeeded);
 }
 
 #[test]
@@ -402,7 +405,7 @@ fn a_completion_without_required_artifacts_is_refused_recorded_and_the_run_keeps
     );
     w.drain();
     assert!(matches!(
-        w.core.run(claim.0).unwrap().state,
+        w.core.run(claim.0).unwrap().state(),
         RunState::Running { .. }
     ));
     assert!(w
@@ -419,8 +422,8 @@ fn a_completion_without_required_artifacts_is_refused_recorded_and_the_run_keeps
         .unwrap();
     w.drain();
     let run = w.store.run(claim.0).unwrap();
-    assert_eq!(run.state, RunState::Succeeded);
-    assert_eq!(run.artifacts["report.pdf"], "s3://bucket/r.pdf");
+    assert_eq!(run.state(), RunState::Succeeded);
+    assert_eq!(run.artifacts()["report.pdf"], "s3://bucket/r.pdf");
 }
 
 // SPEC W1–W3: timeout, cooperative cancel, kill; the kill is sticky.
@@ -448,8 +451,8 @@ fn a_timed_out_attempt_is_asked_to_stop_then_killed_and_the_kill_is_sticky() {
         .iter()
         .any(|e| matches!(e, Effect::KillAttempt { run, .. } if *run == start.run)));
     let run = w.core.run(start.run).unwrap();
-    assert_eq!(run.killed, Some(start.attempt));
-    assert_eq!(run.last_error.as_ref().unwrap().kind, ErrorKind::TimedOut);
+    assert_eq!(run.killed(), Some(start.attempt));
+    assert_eq!(run.last_error().unwrap().kind, ErrorKind::TimedOut);
     // Sticky: the killed attempt can report nothing, and nothing extends the run.
     assert!(matches!(
         w.core
@@ -485,11 +488,11 @@ fn a_deadline_extension_is_granted_once_per_run_and_capped_by_the_backstop() {
         w.drain();
     }
     assert!(matches!(
-        w.core.run(start.run).unwrap().state,
+        w.core.run(start.run).unwrap().state(),
         RunState::Running { .. }
     ));
     w.advance_to(started.plus_ms(60 * SECOND));
-    assert_eq!(w.core.run(start.run).unwrap().killed, Some(start.attempt));
+    assert_eq!(w.core.run(start.run).unwrap().killed(), Some(start.attempt));
 }
 
 #[test]
@@ -584,9 +587,9 @@ fn an_interrupted_run_resumes_from_its_checkpoint_and_completion_deletes_it() {
         .unwrap();
     w.drain();
     let done = w.store.run(start.run).unwrap();
-    assert_eq!(done.state, RunState::Succeeded);
+    assert_eq!(done.state(), RunState::Succeeded);
     assert!(
-        done.checkpoint.is_none(),
+        done.checkpoint().is_none(),
         "completion deletes the checkpoint"
     );
 }
@@ -618,7 +621,7 @@ fn graceful_shutdown_stops_firing_flushes_checkpoints_and_cancels_attempts() {
         w.store
             .run(start.run)
             .unwrap()
-            .checkpoint
+            .checkpoint()
             .as_ref()
             .unwrap()
             .data,

@@ -76,21 +76,21 @@ impl World {
         );
         for run in self.sched.runs() {
             // SPEC W1: at most one extension per run, and the run's flag agrees.
-            let granted = self.promises.extended.get(&run.id).copied().unwrap_or(0);
+            let granted = self.promises.extended.get(&run.id()).copied().unwrap_or(0);
             assert!(
-                granted <= 1 && run.extended == (granted == 1),
+                granted <= 1 && run.extended() == (granted == 1),
                 "{}: extended {} with {granted} extensions granted",
-                run.id,
-                run.extended
+                run.id(),
+                run.extended()
             );
         }
         // SPEC W2: a kill is sticky.
         for (run, attempt) in &self.promises.killed {
             if let Some(r) = self.sched.run(*run) {
                 assert!(
-                    r.killed >= Some(*attempt),
+                    r.killed() >= Some(*attempt),
                     "{run}: attempt {attempt} was killed, but the run says {:?}",
-                    r.killed
+                    r.killed()
                 );
             }
         }
@@ -99,7 +99,7 @@ impl World {
             let current = self
                 .sched
                 .run(s.run)
-                .map(|r| (r.state, r.lease.as_ref().map(|l| (l.token, l.expires_at))));
+                .map(|r| (r.state(), r.lease().map(|l| (l.token, l.expires_at))));
             assert!(
                 matches!(
                     current,
@@ -130,8 +130,8 @@ impl World {
         let mut still = Vec::new();
         for s in std::mem::take(&mut self.started) {
             let running = self.sched.run(s.run).is_some_and(|r| {
-                matches!(r.state, RunState::Running { attempt, .. } if attempt == s.attempt)
-                    && r.lease.as_ref().is_some_and(|l| l.token == s.token)
+                matches!(r.state(), RunState::Running { attempt, .. } if attempt == s.attempt)
+                    && r.lease().is_some_and(|l| l.token == s.token)
             });
             let (may_end_at, must_end_at) = self.watchdog_deadlines(&s);
             if running {
@@ -219,7 +219,7 @@ impl World {
                         self.handed_out.contains(&(run, attempt)),
                         "kill for {run} attempt {attempt}, which was never handed out"
                     );
-                    let killed = self.sched.run(run).map(|r| r.killed);
+                    let killed = self.sched.run(run).map(|r| r.killed());
                     assert!(
                         killed.is_none_or(|k| k >= Some(attempt)),
                         "{run} attempt {attempt} killed, but the run says {killed:?}"
@@ -250,9 +250,9 @@ impl World {
         // Persist before act: the attempt's record, with its lease, is durable.
         let durable = self.store.run(run);
         assert!(
-            durable.is_some_and(|r| r.attempt == attempt
-                && r.state == RunState::Starting { attempt }
-                && r.lease.as_ref().map(|l| l.token) == Some(token)),
+            durable.is_some_and(|r| r.attempt() == attempt
+                && r.state() == RunState::Starting { attempt }
+                && r.lease().map(|l| l.token) == Some(token)),
             "{run} attempt {attempt} ({token}) handed out before it was durable (store has \
              {durable:?})"
         );
@@ -265,7 +265,7 @@ impl World {
         // SPEC C2: the attempt resumes from the durable checkpoint.
         assert_eq!(
             start.checkpoint,
-            durable.and_then(|r| r.checkpoint.clone()),
+            durable.and_then(|r| r.checkpoint().cloned()),
             "{run} attempt {attempt} handed out with another checkpoint than the durable one"
         );
         // SPEC L1: the lease the store holds for the run (checked above), owned by the
@@ -305,11 +305,11 @@ impl World {
             token,
             started_at: lease.renewed_at,
             expires_at: lease.expires_at,
-            timeout_ms: self.sched.run(run).and_then(|r| r.timeout_ms),
+            timeout_ms: self.sched.run(run).and_then(|r| r.timeout_ms()),
         };
         let running = self.sched.run(run).is_some_and(|r| {
-            matches!(r.state, RunState::Running { attempt: a, started_at } if a == attempt && started_at == lease.renewed_at)
-                && r.lease.as_ref() == Some(lease)
+            matches!(r.state(), RunState::Running { attempt: a, started_at } if a == attempt && started_at == lease.renewed_at)
+                && r.lease() == Some(lease)
         });
         if running {
             self.started.push(s);
@@ -339,7 +339,7 @@ impl World {
                     self.tokens.contains(&token),
                     "{run}: {token} reclaimed, but it was never handed out"
                 );
-                let current = self.sched.run(run).and_then(|r| r.lease.as_ref());
+                let current = self.sched.run(run).and_then(|r| r.lease());
                 assert!(
                     current.is_none_or(|l| l.token != token),
                     "{run}: {token} reclaimed but still current"
@@ -352,7 +352,7 @@ impl World {
                 let latest = self
                     .sched
                     .run(run)
-                    .and_then(|r| r.checkpoint.as_ref())
+                    .and_then(|r| r.checkpoint())
                     .map(|c| c.seq);
                 let attempt = self
                     .started
@@ -407,18 +407,18 @@ impl World {
         assert_eq!(memory, durable, "quiescent, but the store's jobs differ");
         for run in self.sched.runs() {
             assert_eq!(
-                self.store.run(run.id),
+                self.store.run(run.id()),
                 Some(run),
                 "quiescent, but {} differs in the store",
-                run.id
+                run.id()
             );
         }
         for run in self.store.runs() {
-            if !run.state.is_terminal() {
+            if !run.state().is_terminal() {
                 assert!(
-                    self.sched.run(run.id).is_some(),
+                    self.sched.run(run.id()).is_some(),
                     "{} is active in the store but not in memory",
-                    run.id
+                    run.id()
                 );
             }
         }
@@ -440,7 +440,7 @@ impl World {
         let s = self.started.remove(i);
         let missing: Vec<String> = match (&outcome, self.sched.run(s.run)) {
             (Outcome::Success { artifacts, .. }, Some(run)) => run
-                .required_artifacts
+                .required_artifacts()
                 .iter()
                 .filter(|name| !artifacts.contains_key(*name))
                 .cloned()
@@ -521,10 +521,7 @@ impl World {
         let before = self.sched.run(run).cloned();
         let timeout = self.sched.poll_timeout();
         let now = self.sched.now();
-        let current = before
-            .as_ref()
-            .and_then(|r| r.lease.as_ref())
-            .map(|l| l.token);
+        let current = before.as_ref().and_then(|r| r.lease()).map(|l| l.token);
         let result = write(&mut self.sched);
         let refused = match &result {
             Err(Rejected::StaleToken {
@@ -580,7 +577,7 @@ impl World {
         let restored: Vec<Started> = self
             .sched
             .runs()
-            .filter_map(|r| match (r.state, &r.lease) {
+            .filter_map(|r| match (r.state(), r.lease()) {
                 (
                     RunState::Running {
                         attempt,
@@ -588,12 +585,12 @@ impl World {
                     },
                     Some(lease),
                 ) => Some(Started {
-                    run: r.id,
+                    run: r.id(),
                     attempt,
                     token: lease.token,
                     started_at,
                     expires_at: lease.expires_at,
-                    timeout_ms: r.timeout_ms,
+                    timeout_ms: r.timeout_ms(),
                 }),
                 _ => None,
             })
@@ -602,7 +599,7 @@ impl World {
             let owner = self
                 .sched
                 .run(s.run)
-                .and_then(|r| r.lease.as_ref())
+                .and_then(|r| r.lease())
                 .map(|l| &l.owner);
             assert_ne!(
                 owner,

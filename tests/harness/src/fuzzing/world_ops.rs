@@ -53,7 +53,7 @@ impl World {
                 let _ = self.sched.trigger(now, &job_id(id));
             }
             CoreOp::Cancel(index) => {
-                let runs: Vec<RunId> = self.sched.runs().map(|r| r.id).collect();
+                let runs: Vec<RunId> = self.sched.runs().map(|r| r.id()).collect();
                 let run = if runs.is_empty() || index == 0xff {
                     RunId(u64::from(index))
                 } else {
@@ -104,11 +104,8 @@ impl World {
                         .progress(now, s.run, s.token, "upload", "42 items")
                         .unwrap_or_else(|e| panic!("progress of executing {}: {e}", s.run));
                     let run = self.sched.run(s.run).expect("executing");
-                    assert_eq!(run.last_activity, Some(self.sched.now()));
-                    assert_eq!(
-                        run.progress.as_ref().map(|p| p.phase.as_str()),
-                        Some("upload")
-                    );
+                    assert_eq!(run.last_activity(), Some(self.sched.now()));
+                    assert_eq!(run.progress().map(|p| p.phase.as_str()), Some("upload"));
                 }
             }
             CoreOp::Context { index, variant } if variant % 4 == 3 => {
@@ -130,7 +127,7 @@ impl World {
                         ),
                         (s.attempt, s.token, s.expires_at)
                     );
-                    assert_eq!(context.checkpoint, run.checkpoint);
+                    assert_eq!(context.checkpoint, run.checkpoint().cloned());
                 }
             }
             CoreOp::Release { index, variant } if variant % 4 == 3 => {
@@ -195,8 +192,8 @@ impl World {
         let oldest = self
             .sched
             .runs()
-            .filter_map(|r| match r.state {
-                RunState::Queued { since } if kinds.contains(&&*r.kind) => Some((since, r.id)),
+            .filter_map(|r| match r.state() {
+                RunState::Queued { since } if kinds.contains(&r.kind()) => Some((since, r.id())),
                 _ => None,
             })
             .min();
@@ -210,8 +207,8 @@ impl World {
                     .sched
                     .run(claimed.run)
                     .expect("a claimed run is in memory");
-                assert!(matches!(run.state, RunState::Starting { .. }));
-                assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
+                assert!(matches!(run.state(), RunState::Starting { .. }));
+                assert_eq!(run.lease().map(|l| &l.owner), Some(&worker));
                 self.promises.claims.insert(claimed.run, worker);
                 Some(claimed.run)
             }
@@ -250,7 +247,7 @@ impl World {
             return;
         }
         let s = self.started.remove(index % self.started.len());
-        let lost = self.sched.run(s.run).map(|r| r.lost);
+        let lost = self.sched.run(s.run).map(|r| r.lost());
         let result = self.sched.release(self.now, s.run, s.token);
         assert_eq!(
             result,
@@ -260,11 +257,11 @@ impl World {
         );
         let run = self.sched.run(s.run).expect("in memory until acknowledged");
         assert_eq!(
-            Some(run.lost),
+            Some(run.lost()),
             lost.map(|l| l + 1),
             "a release counts as lost"
         );
-        assert!(run.lease.is_none());
+        assert!(run.lease().is_none());
         self.stale.push((s.run, s.token));
     }
 
@@ -274,7 +271,7 @@ impl World {
             return;
         }
         let s = self.started[index % self.started.len()];
-        let previous = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
+        let previous = self.sched.run(s.run).and_then(|r| r.checkpoint().cloned());
         if variant % 8 == 7 {
             let data = "x".repeat(limits::CHECKPOINT_MAX_BYTES + 1);
             let timeout = self.sched.poll_timeout();
@@ -289,7 +286,7 @@ impl World {
                 ),
                 "an oversized checkpoint: {result:?}"
             );
-            let current = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
+            let current = self.sched.run(s.run).and_then(|r| r.checkpoint().cloned());
             assert_eq!(current, previous);
             assert_eq!(self.sched.poll_timeout(), timeout);
             return;
@@ -299,7 +296,7 @@ impl World {
             .sched
             .save_checkpoint(self.now, s.run, s.token, data.clone())
             .unwrap_or_else(|e| panic!("checkpoint of executing {} ({}): {e}", s.run, s.token));
-        let current = self.sched.run(s.run).and_then(|r| r.checkpoint.clone());
+        let current = self.sched.run(s.run).and_then(|r| r.checkpoint().cloned());
         if self.promises.must_write.remove(&s.run) == Some(s.attempt) {
             // SPEC C1: a failed save never throttles the next one away.
             assert!(
@@ -323,12 +320,12 @@ impl World {
     /// `extend`: granted at most once per run, never for a killed run, and otherwise exactly
     /// as the run's state allows (SPEC W1, W2).
     pub(super) fn extend(&mut self, index: usize, target: u8, by_ms: u64) {
-        let runs: Vec<RunId> = self.sched.runs().map(|r| r.id).collect();
+        let runs: Vec<RunId> = self.sched.runs().map(|r| r.id()).collect();
         let killed: Vec<RunId> = self
             .sched
             .runs()
-            .filter(|r| r.killed.is_some())
-            .map(|r| r.id)
+            .filter(|r| r.killed().is_some())
+            .map(|r| r.id())
             .collect();
         let run_id = match target % 4 {
             0 if !self.started.is_empty() => self.started[index % self.started.len()].run,
@@ -510,7 +507,7 @@ impl World {
             let retry = self
                 .sched
                 .runs()
-                .filter_map(|r| match r.state {
+                .filter_map(|r| match r.state() {
                     RunState::BackingOff { until } => Some(until),
                     _ => None,
                 })
@@ -534,7 +531,7 @@ impl World {
              deliveries {:?}",
             self.sched
                 .runs()
-                .map(|r| (r.id, r.state))
+                .map(|r| (r.id(), r.state()))
                 .collect::<Vec<_>>(),
             self.sched
                 .outbox()
@@ -550,8 +547,8 @@ impl World {
             && self.sched.is_quiescent()
             && self.started.is_empty()
             && self.promises.sends.is_empty()
-            && self.sched.runs().all(|r| r.state.is_terminal())
-            && self.store.runs().all(|r| r.state.is_terminal())
+            && self.sched.runs().all(|r| r.state().is_terminal())
+            && self.store.runs().all(|r| r.state().is_terminal())
             && self.sched.outbox().is_empty()
             && self.store.deliveries().next().is_none()
     }

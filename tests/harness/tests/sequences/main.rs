@@ -361,25 +361,25 @@ impl World {
                 // SPEC L3: the watchdog misses no expired lease.
                 let grace = self.config.lease.grace_ms;
                 for run in self.keel.runs() {
-                    if let (RunState::Running { .. }, Some(lease)) = (run.state, &run.lease) {
+                    if let (RunState::Running { .. }, Some(lease)) = (run.state(), &run.lease()) {
                         assert!(
                             lease.expires_at.plus_ms(grace) > self.last_tick,
                             "{} still running at {} with {} expired at {}",
-                            run.id,
+                            run.id(),
                             self.last_tick,
                             lease.token,
                             lease.expires_at
                         );
                     }
                     // SPEC W3: no attempt outlives its backstop, extension or not.
-                    if let RunState::Running { started_at, .. } = run.state {
-                        if let Some(timeout) = run.timeout_ms {
+                    if let RunState::Running { started_at, .. } = run.state() {
+                        if let Some(timeout) = run.timeout_ms() {
                             let factor = u64::from(self.config.backstop_factor);
                             let backstop = started_at.plus_ms(timeout * factor);
                             assert!(
                                 backstop > self.last_tick,
                                 "{} still running at {}, past its backstop {backstop}",
-                                run.id,
+                                run.id(),
                                 self.last_tick
                             );
                         }
@@ -387,12 +387,12 @@ impl World {
                     // Nothing new fires while shutting down.
                     if let Some(floor) = self.shutdown_floor {
                         let buffered = run.slot().is_some_and(|slot| {
-                            self.shutdown_backlog.contains(&(run.job.clone(), slot))
+                            self.shutdown_backlog.contains(&(run.job().clone(), slot))
                         });
                         assert!(
-                            run.id <= floor || run.trigger == Trigger::Manual || buffered,
+                            run.id() <= floor || run.trigger() == Trigger::Manual || buffered,
                             "{} fired by the schedule after begin_shutdown",
-                            run.id
+                            run.id()
                         );
                     }
                 }
@@ -429,18 +429,18 @@ impl World {
                 let r = self.keel.trigger(self.clock, &job_id(*job));
                 if let Some(run) = self.refused_changes_nothing("trigger", before, r) {
                     let run = self.keel.run(run).expect("a triggered run is in memory");
-                    assert_eq!(run.trigger, Trigger::Manual);
-                    if run.external {
+                    assert_eq!(run.trigger(), Trigger::Manual);
+                    if run.external() {
                         assert_eq!(
-                            run.state,
+                            run.state(),
                             RunState::Queued {
                                 since: self.keel.now()
                             }
                         );
-                        assert_eq!(run.attempt, Attempt(0));
+                        assert_eq!(run.attempt(), Attempt(0));
                     } else {
                         assert_eq!(
-                            run.state,
+                            run.state(),
                             RunState::Starting {
                                 attempt: Attempt(1)
                             }
@@ -511,7 +511,7 @@ impl World {
             let current = self
                 .keel
                 .run(*run)
-                .map(|r| (r.state, r.lease.as_ref().map(|l| (l.token, l.expires_at))));
+                .map(|r| (r.state(), r.lease().map(|l| (l.token, l.expires_at))));
             assert!(
                 matches!(
                     current,
@@ -564,11 +564,11 @@ impl World {
             .keel
             .run(run_id)
             .expect("an executing run is in memory");
-        let cancel_requested = run.cancel_requested;
+        let cancel_requested = run.cancel_requested();
         let outcome = outcome.outcome();
         let missing: Vec<String> = match &outcome {
             Outcome::Success { artifacts, .. } => run
-                .required_artifacts
+                .required_artifacts()
                 .iter()
                 .filter(|name| !artifacts.contains_key(*name))
                 .cloned()
@@ -600,9 +600,9 @@ impl World {
             );
             let run = self.keel.run(run_id).expect("still running");
             assert!(
-                matches!(run.state, RunState::Running { attempt, .. } if attempt == exec.attempt),
+                matches!(run.state(), RunState::Running { attempt, .. } if attempt == exec.attempt),
                 "{run_id} is {:?} after a refused completion",
-                run.state
+                run.state()
             );
             self.stats.artifact_refusals += 1;
             return;
@@ -620,22 +620,22 @@ impl World {
             .run(run_id)
             .expect("a run stays in memory until its record is acknowledged");
         assert!(
-            run.lease.is_none(),
+            run.lease().is_none(),
             "{run_id} kept its lease after reporting"
         );
         if cancel_requested && !matches!(outcome, Outcome::Success { .. }) {
             assert_eq!(
-                run.state,
+                run.state(),
                 RunState::Cancelled,
                 "a failure after a cancel request must end the run cancelled"
             );
         }
         if let Outcome::Success { summary, artifacts } = outcome {
-            assert_eq!(run.state, RunState::Succeeded);
-            assert_eq!(run.summary, summary);
-            assert_eq!(run.artifacts, artifacts, "{run_id} lost its artifacts");
+            assert_eq!(run.state(), RunState::Succeeded);
+            assert_eq!(run.summary(), summary.as_deref());
+            assert_eq!(run.artifacts(), &artifacts, "{run_id} lost its artifacts");
         }
-        if run.state.is_terminal() {
+        if run.state().is_terminal() {
             self.stats.terminal_runs += 1;
         }
     }
@@ -672,11 +672,7 @@ impl World {
         token: FencingToken,
         result: &Result<T, Rejected>,
     ) {
-        let current = self
-            .keel
-            .run(run)
-            .and_then(|r| r.lease.as_ref())
-            .map(|l| l.token);
+        let current = self.keel.run(run).and_then(|r| r.lease()).map(|l| l.token);
         let refused = match result {
             Err(Rejected::StaleToken {
                 run: r,
@@ -730,10 +726,7 @@ impl World {
             (now, now.plus_ms(self.config.lease.ttl_ms)),
             "a heartbeat renews the lease for a TTL from now"
         );
-        assert_eq!(
-            self.keel.run(run).and_then(|r| r.lease.as_ref()),
-            Some(&lease)
-        );
+        assert_eq!(self.keel.run(run).and_then(|r| r.lease()), Some(&lease));
         self.executing
             .get_mut(&run)
             .expect("picked from executing")
@@ -742,10 +735,10 @@ impl World {
     }
 
     fn cancel(&mut self, pick: usize) {
-        let ids: Vec<RunId> = self.keel.runs().map(|r| r.id).collect();
+        let ids: Vec<RunId> = self.keel.runs().map(|r| r.id()).collect();
         let i = pick % (ids.len() + 1);
         let id = ids.get(i).copied().unwrap_or(RunId(u64::MAX / 2));
-        let was = self.keel.run(id).map(|r| r.state);
+        let was = self.keel.run(id).map(|r| r.state());
         let before = fingerprint(&self.keel);
         let r = self.keel.cancel_run(self.clock, id);
         if self
@@ -760,12 +753,12 @@ impl World {
             .expect("a cancelled run is still in memory");
         match was.expect("accepted cancels name a known run") {
             RunState::Running { .. } => {
-                assert!(matches!(run.state, RunState::Running { .. }));
-                assert!(run.cancel_requested);
+                assert!(matches!(run.state(), RunState::Running { .. }));
+                assert!(run.cancel_requested());
                 self.stats.cancel_requests += 1;
             }
             _ => {
-                assert_eq!(run.state, RunState::Cancelled);
+                assert_eq!(run.state(), RunState::Cancelled);
                 self.stats.terminal_runs += 1;
             }
         }
@@ -843,7 +836,7 @@ impl World {
                     self.last_tick,
                     exec.expires_at
                 );
-                let state = self.keel.run(run).map(|r| r.state);
+                let state = self.keel.run(run).map(|r| r.state());
                 assert!(
                     !matches!(state, Some(RunState::Running { .. })),
                     "{run} still running after its lease was reclaimed"
@@ -863,7 +856,7 @@ impl World {
                 let latest = self
                     .keel
                     .run(run)
-                    .and_then(|r| r.checkpoint.as_ref())
+                    .and_then(|r| r.checkpoint())
                     .map(|c| c.seq);
                 if !self.promises.flushed.contains(&(run, seq)) && latest == Some(seq) {
                     if let Some(exec) = self.executing.get(&run) {
@@ -909,20 +902,20 @@ impl World {
             panic!("persist before act: {run} attempt {attempt} handed out, but the store has never acknowledged the run")
         });
         assert_eq!(
-            stored.state,
+            stored.state(),
             RunState::Starting { attempt },
             "persist before act: {run} attempt {attempt} handed out, but the store holds {:?}",
-            stored.state
+            stored.state()
         );
         assert_eq!(
-            stored.lease.as_ref().map(|l| l.token),
+            stored.lease().map(|l| l.token),
             Some(token),
             "persist before act: {run} attempt {attempt} handed out with {token}, but the \
              store holds {:?}",
-            stored.lease
+            stored.lease()
         );
         assert!(
-            !stored.cancel_requested,
+            !stored.cancel_requested(),
             "{run} attempt {attempt} handed out although the run's cancel request is durable"
         );
         assert_eq!(idempotency_key, IdempotencyKey { run, attempt });
@@ -940,14 +933,15 @@ impl World {
         );
         // SPEC C2: the attempt resumes from the run's durable checkpoint.
         assert_eq!(
-            start.checkpoint, stored.checkpoint,
+            start.checkpoint.as_ref(),
+            stored.checkpoint(),
             "{run} attempt {attempt} handed out with another checkpoint than the stored one"
         );
         // The lease: the one the store holds for this run (checked above), owned by the
         // executor (or the worker that claimed an external run), running for a TTL from the
         // hand-out; its grant is announced next.
         assert_eq!(
-            stored.external,
+            stored.external(),
             self.promises.claims.contains_key(&run),
             "{run} attempt {attempt}: external runs, and only they, are claimed"
         );
@@ -958,7 +952,7 @@ impl World {
             .unwrap_or(&self.local)
             .clone();
         assert_eq!(lease.owner, owner);
-        let timeout_ms = stored.timeout_ms;
+        let timeout_ms = stored.timeout_ms();
         assert_eq!(
             self.announce, None,
             "a hand-out before the previous one's grant was announced"
@@ -977,7 +971,7 @@ impl World {
         );
         // Unless the watchdog reclaimed it before this effect was polled, the attempt is
         // running, and its lease runs from the acknowledgement that handed it out.
-        if let Some(RunState::Running { started_at, .. }) = self.keel.run(run).map(|r| r.state) {
+        if let Some(RunState::Running { started_at, .. }) = self.keel.run(run).map(|r| r.state()) {
             assert_eq!(
                 lease.renewed_at, started_at,
                 "{run} attempt {attempt}: the lease does not run from the hand-out"
@@ -1031,9 +1025,9 @@ impl World {
         let running: BTreeMap<RunId, (Attempt, Option<FencingToken>)> = self
             .keel
             .runs()
-            .filter_map(|r| match r.state {
+            .filter_map(|r| match r.state() {
                 RunState::Running { attempt, .. } => {
-                    Some((r.id, (attempt, r.lease.as_ref().map(|l| l.token))))
+                    Some((r.id(), (attempt, r.lease().map(|l| l.token))))
                 }
                 _ => None,
             })
@@ -1062,23 +1056,23 @@ impl World {
         );
         for run in self.keel.runs() {
             assert!(
-                !run.state.is_terminal(),
+                !run.state().is_terminal(),
                 "quiescent, but terminal {} is still in memory",
-                run.id
+                run.id()
             );
-            let stored = self.store.run(run.id).map(json);
+            let stored = self.store.run(run.id()).map(json);
             assert_eq!(
                 Some(json(run)),
                 stored,
                 "quiescent, but stored {} differs from memory",
-                run.id
+                run.id()
             );
         }
         for run in self.store.runs() {
             assert!(
-                run.state.is_terminal() || self.keel.run(run.id).is_some(),
+                run.state().is_terminal() || self.keel.run(run.id()).is_some(),
                 "the store holds active {} but memory has forgotten it",
-                run.id
+                run.id()
             );
         }
         let memory: BTreeMap<u64, Incident> =
@@ -1133,14 +1127,14 @@ impl World {
         let restored: Vec<(RunId, Attempt, Timestamp, Lease, Option<u64>)> = self
             .keel
             .runs()
-            .filter_map(|r| match (r.state, &r.lease) {
+            .filter_map(|r| match (r.state(), r.lease()) {
                 (
                     RunState::Running {
                         attempt,
                         started_at,
                     },
                     Some(lease),
-                ) => Some((r.id, attempt, started_at, lease.clone(), r.timeout_ms)),
+                ) => Some((r.id(), attempt, started_at, lease.clone(), r.timeout_ms())),
                 _ => None,
             })
             .collect();
@@ -1197,24 +1191,24 @@ impl World {
         );
         for run in self.keel.runs() {
             // SPEC W1: one extension per run at most, and the run's flag says whether it had it.
-            let granted = self.promises.extended.get(&run.id).copied().unwrap_or(0);
-            assert!(granted <= 1, "{} extended {granted} times", run.id);
+            let granted = self.promises.extended.get(&run.id()).copied().unwrap_or(0);
+            assert!(granted <= 1, "{} extended {granted} times", run.id());
             assert_eq!(
-                run.extended,
+                run.extended(),
                 granted == 1,
                 "{}: extended flag {} but {granted} extensions granted",
-                run.id,
-                run.extended
+                run.id(),
+                run.extended()
             );
             // No run loops forever: attempts stay within the budgets.
             assert!(
-                run.attempt.0 <= run.retry.attempts_max + run.lost + run.snoozes,
+                run.attempt().0 <= run.retry().attempts_max + run.lost() + run.snoozes(),
                 "{} at attempt {}, above attempts_max {} + lost {} + snoozes {}",
-                run.id,
-                run.attempt,
-                run.retry.attempts_max,
-                run.lost,
-                run.snoozes
+                run.id(),
+                run.attempt(),
+                run.retry().attempts_max,
+                run.lost(),
+                run.snoozes()
             );
         }
         // SPEC W2: a kill is sticky.
@@ -1223,13 +1217,13 @@ impl World {
                 continue;
             };
             assert!(
-                r.killed >= Some(*attempt),
+                r.killed() >= Some(*attempt),
                 "{run}: attempt {attempt} was killed, but the run says killed {:?}",
-                r.killed
+                r.killed()
             );
             assert!(
                 !matches!(
-                    r.state,
+                    r.state(),
                     RunState::Starting { attempt: a } | RunState::Running { attempt: a, .. }
                         if a == *attempt
                 ),

@@ -53,7 +53,7 @@ fn stored_run_states(batch: &Batch) -> Vec<(RunId, RunState)> {
         .records
         .iter()
         .filter_map(|r| match r {
-            Record::PutRun(run) => Some((run.id, run.state)),
+            Record::PutRun(run) => Some((run.id(), run.state())),
             _ => None,
         })
         .collect()
@@ -115,7 +115,7 @@ fn starting(run: RunId) -> Vec<(RunId, RunState)> {
 fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged() {
     let (mut keel, t1) = once_fired();
     let first = next_batch(&mut keel);
-    let run = keel.runs().next().expect("the slot fired").id;
+    let run = keel.runs().next().expect("the slot fired").id();
     assert_eq!(stored_run_states(&first), starting(run));
     // Nothing is handed out while the batch is in flight.
     assert_eq!(keel.poll_effect(), None);
@@ -136,7 +136,7 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
     keel.handle_persisted(t1, first.id);
     assert_eq!(keel.poll_effect(), None);
     assert_eq!(
-        keel.run(run).map(|r| r.state),
+        keel.run(run).map(|r| r.state()),
         Some(RunState::Starting {
             attempt: Attempt(1)
         })
@@ -161,7 +161,7 @@ fn a_failed_persist_holds_the_attempt_back_until_a_later_batch_is_acknowledged()
     let start = expect_start(keel.poll_effect());
     assert_eq!((start.run, start.attempt), (run, Attempt(1)));
     assert_eq!(
-        keel.run(run).map(|r| r.state.name()),
+        keel.run(run).map(|r| r.state().name()),
         Some(keel_core::StateName::Running)
     );
     keel.check_invariants();
@@ -173,10 +173,10 @@ fn a_run_cancelled_while_starting_is_never_handed_out() {
     // Cancelled while the batch recording its first attempt is in flight.
     let (mut keel, t1) = once_fired();
     let first = next_batch(&mut keel);
-    let run = keel.runs().next().expect("the slot fired").id;
+    let run = keel.runs().next().expect("the slot fired").id();
     keel.cancel_run(t1, run)
         .expect("a starting run can be cancelled");
-    assert_eq!(keel.run(run).map(|r| r.state), Some(RunState::Cancelled));
+    assert_eq!(keel.run(run).map(|r| r.state()), Some(RunState::Cancelled));
     keel.handle_persisted(t1, first.id);
     let effects = drain_all(&mut keel);
     assert!(
@@ -392,7 +392,7 @@ fn permanent_error_after_a_cancel_request_ends_the_run_cancelled() {
     keel.handle_outcome(t1, start.run, start.lease.token, outcome)
         .expect("current attempt");
     assert_eq!(
-        keel.run(start.run).map(|r| r.state),
+        keel.run(start.run).map(|r| r.state()),
         Some(RunState::Cancelled)
     );
 }
@@ -411,8 +411,8 @@ fn snooze_after_a_cancel_request_keeps_a_last_error() {
     )
     .expect("current attempt");
     let run = keel.run(start.run).expect("in memory until persisted");
-    assert_eq!(run.state, RunState::Cancelled);
-    assert!(run.last_error.is_some(), "{run:?}");
+    assert_eq!(run.state(), RunState::Cancelled);
+    assert!(run.last_error().is_some(), "{run:?}");
 }
 
 /// An operator's cancel request is persisted with the running attempt (`cancel_requested`),
@@ -430,7 +430,7 @@ fn a_cancel_request_survives_a_crash() {
         .expect("a running run can be cancelled");
     flush(&mut keel, &mut store, t1);
     assert!(
-        store.run(start.run).unwrap().cancel_requested,
+        store.run(start.run).unwrap().cancel_requested(),
         "the request is durable"
     );
 
@@ -445,7 +445,7 @@ fn a_cancel_request_survives_a_crash() {
             .any(|e| matches!(e, Effect::StartAttempt(s) if s.run == start.run)),
         "the cancelled run was handed out again: {effects:?}"
     );
-    assert_eq!(store.run(start.run).unwrap().state, RunState::Cancelled);
+    assert_eq!(store.run(start.run).unwrap().state(), RunState::Cancelled);
 }
 
 /// SPEC R5 finishes a one-shot job when its run settles, but settle treats any run of the job
@@ -798,7 +798,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
     flush(&mut keel, &mut store, t2);
     let interrupted: Vec<&Run> = store
         .runs()
-        .filter(|r| r.state == RunState::Interrupted)
+        .filter(|r| r.state() == RunState::Interrupted)
         .collect();
     assert!(
         interrupted.is_empty(),
@@ -808,7 +808,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
     assert_eq!(keel.job(&id).map(|j| j.backlog.len()), Some(0));
     assert!(
         keel.runs()
-            .any(|r| r.slot() == Some(t2) && !r.state.is_terminal()),
+            .any(|r| r.slot() == Some(t2) && !r.state().is_terminal()),
         "slot 2 runs after the restart"
     );
 }
@@ -833,7 +833,10 @@ fn extend_once_and_a_kill_is_sticky() {
         Err(Rejected::AlreadyExtended(run))
     );
     flush(&mut keel, &mut store, t1);
-    assert!(store.run(run).unwrap().extended, "the extension is durable");
+    assert!(
+        store.run(run).unwrap().extended(),
+        "the extension is durable"
+    );
     // A restart does not grant a second one.
     let mut keel = Scheduler::restore(config, 7, t1, store.restore());
     flush(&mut keel, &mut store, t1);
@@ -887,7 +890,7 @@ fn extend_once_and_a_kill_is_sticky() {
         "SPEC L4: releasing a lost lease is not an error"
     );
     assert_eq!(
-        store.run(run).unwrap().killed,
+        store.run(run).unwrap().killed(),
         Some(retry.attempt),
         "the kill is durable"
     );

@@ -11,9 +11,9 @@ impl World {
         let oldest = self
             .keel
             .runs()
-            .filter_map(|r| match r.state {
-                RunState::Queued { since } if kinds.contains(&&*r.kind) => {
-                    Some((since, r.id, r.attempt))
+            .filter_map(|r| match r.state() {
+                RunState::Queued { since } if kinds.contains(&r.kind()) => {
+                    Some((since, r.id(), r.attempt()))
                 }
                 _ => None,
             })
@@ -37,12 +37,12 @@ impl World {
                 );
                 let run = self.keel.run(id).expect("a claimed run is in memory");
                 assert_eq!(
-                    run.state,
+                    run.state(),
                     RunState::Starting {
                         attempt: Attempt(attempt.0 + 1)
                     }
                 );
-                assert_eq!(run.lease.as_ref().map(|l| &l.owner), Some(&worker));
+                assert_eq!(run.lease().map(|l| &l.owner), Some(&worker));
                 self.promises.claims.insert(id, worker);
                 self.stats.claims += 1;
                 Some(id)
@@ -85,7 +85,7 @@ impl World {
             .unwrap_or_else(|e| panic!("progress of executing {run} ({}): {e}", exec.token));
         let now = self.keel.now();
         let r = self.keel.run(run).expect("an executing run is in memory");
-        let progress = r.progress.as_ref().expect("progress is recorded");
+        let progress = r.progress().expect("progress is recorded");
         assert_eq!(
             (
                 progress.phase.as_str(),
@@ -94,7 +94,7 @@ impl World {
             ),
             ("upload", message.as_str(), now)
         );
-        assert_eq!(r.last_activity, Some(now), "progress is a sign of life");
+        assert_eq!(r.last_activity(), Some(now), "progress is a sign of life");
         self.stats.progress += 1;
     }
 
@@ -119,8 +119,8 @@ impl World {
         assert_eq!(context.lease.owner, exec.owner);
         assert_eq!(context.lease.expires_at, exec.expires_at);
         assert_eq!(&*context.payload, format!("payload of {}", context.job));
-        assert_eq!(context.checkpoint, r.checkpoint);
-        assert_eq!(context.progress, r.progress);
+        assert_eq!(context.checkpoint.as_ref(), r.checkpoint());
+        assert_eq!(context.progress.as_ref(), r.progress());
         self.stats.contexts += 1;
     }
 
@@ -159,7 +159,7 @@ impl World {
     /// retries at once or ends (poison, exhausted, cancelled).
     pub(super) fn release_run(&mut self, run: RunId) {
         let token = self.executing[&run].token;
-        let lost = self.keel.run(run).expect("executing").lost;
+        let lost = self.keel.run(run).expect("executing").lost();
         let result = self.keel.release(self.clock, run, token);
         assert_eq!(result, Ok(Released::Released), "release of executing {run}");
         self.retire(run);
@@ -168,14 +168,14 @@ impl World {
             .keel
             .run(run)
             .expect("in memory until its record is acknowledged");
-        assert_eq!(r.lost, lost + 1, "a released attempt counts as lost");
-        assert!(r.lease.is_none(), "{run} kept its lease after a release");
+        assert_eq!(r.lost(), lost + 1, "a released attempt counts as lost");
+        assert!(r.lease().is_none(), "{run} kept its lease after a release");
         assert!(
-            r.state.is_terminal() || r.state == RunState::BackingOff { until: now },
+            r.state().is_terminal() || r.state() == RunState::BackingOff { until: now },
             "{run} is {:?} after a release",
-            r.state
+            r.state()
         );
-        if r.state.is_terminal() {
+        if r.state().is_terminal() {
             self.stats.terminal_runs += 1;
         }
         self.stats.releases += 1;
@@ -183,12 +183,12 @@ impl World {
 
     /// `extend` a run: the answer is exactly what the run's state allows (SPEC W1, W2).
     pub(super) fn extend(&mut self, pick: usize, target: u8, by_ms: u64) {
-        let in_memory: Vec<RunId> = self.keel.runs().map(|r| r.id).collect();
+        let in_memory: Vec<RunId> = self.keel.runs().map(|r| r.id()).collect();
         let killed: Vec<RunId> = self
             .keel
             .runs()
-            .filter(|r| r.killed.is_some())
-            .map(|r| r.id)
+            .filter(|r| r.killed().is_some())
+            .map(|r| r.id())
             .collect();
         let run_id = match target % 4 {
             0 | 1 if !self.executing.is_empty() => self.pick_executing(pick).expect("some").0,
@@ -208,8 +208,8 @@ impl World {
         match result {
             Ok(deadline) => {
                 let run = self.keel.run(run_id).expect("extended");
-                assert!(run.extended);
-                assert_eq!(run.watch.timeout_at, Some(deadline));
+                assert!(run.extended());
+                assert_eq!(run.watch().timeout_at, Some(deadline));
                 self.stats.extensions += 1;
             }
             Err(e) => {
@@ -245,10 +245,10 @@ impl World {
             .keel
             .run(run)
             .expect("a killed run is in memory until its record is acknowledged");
-        assert_eq!(r.killed, Some(attempt));
+        assert_eq!(r.killed(), Some(attempt));
         // The lease is revoked (a retry due at once may already hold a new one).
         assert!(
-            r.lease.as_ref().is_none_or(|l| l.token != exec.token),
+            r.lease().is_none_or(|l| l.token != exec.token),
             "a kill revokes the lease"
         );
         self.promises.killed.insert((run, attempt));
@@ -265,14 +265,14 @@ impl World {
         let Some((run, exec)) = self.pick_executing(pick) else {
             return;
         };
-        let previous = self.keel.run(run).and_then(|r| r.checkpoint.clone());
+        let previous = self.keel.run(run).and_then(|r| r.checkpoint().cloned());
         let data = format!("{run} attempt {} at {}", exec.attempt, pick % 1_000);
         let result = self
             .keel
             .save_checkpoint(clock, run, exec.token, data.clone())
             .unwrap_or_else(|e| panic!("checkpoint of executing {run} ({}): {e}", exec.token));
         let now = self.keel.now();
-        let current = self.keel.run(run).and_then(|r| r.checkpoint.clone());
+        let current = self.keel.run(run).and_then(|r| r.checkpoint().cloned());
         if let Some(attempt) = self.promises.must_write.remove(&run) {
             // SPEC C1: a failed save never throttles the next one away.
             assert_eq!(attempt, exec.attempt);
@@ -312,7 +312,7 @@ impl World {
         for (run, (attempt, data)) in std::mem::take(&mut self.throttled) {
             let r = self.keel.run(run).expect("an executing run is in memory");
             assert_eq!(
-                r.checkpoint.as_ref().map(|c| (c.attempt, c.data.as_str())),
+                r.checkpoint().map(|c| (c.attempt, c.data.as_str())),
                 Some((attempt, data.as_str())),
                 "SPEC C3: the flush did not write {run}'s throttled save"
             );
@@ -461,8 +461,8 @@ impl World {
         let highest = self
             .keel
             .runs()
-            .map(|r| r.id)
-            .chain(self.store.runs().map(|r| r.id))
+            .map(|r| r.id())
+            .chain(self.store.runs().map(|r| r.id()))
             .max();
         self.shutdown_floor = Some(highest.unwrap_or(RunId(0)));
         self.shutdown_backlog = self
@@ -543,7 +543,7 @@ impl World {
                 self.keel.runs().collect::<Vec<_>>(),
                 self.store
                     .runs()
-                    .filter(|r| !r.state.is_terminal())
+                    .filter(|r| !r.state().is_terminal())
                     .collect::<Vec<_>>(),
                 self.keel.outbox().deliveries().collect::<Vec<_>>()
             );
@@ -562,8 +562,8 @@ impl World {
             && self.keel.is_quiescent()
             && self.executing.is_empty()
             && self.promises.sends.is_empty()
-            && self.keel.runs().all(|r| r.state.is_terminal())
-            && self.store.runs().all(|r| r.state.is_terminal())
+            && self.keel.runs().all(|r| r.state().is_terminal())
+            && self.store.runs().all(|r| r.state().is_terminal())
             && self.keel.outbox().is_empty()
             && self.store.deliveries().next().is_none()
     }
