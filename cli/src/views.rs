@@ -358,15 +358,8 @@ mod tests {
     #[test]
     fn a_run_view_names_its_run_job_token_and_state_as_the_tables_do() {
         let terms = RunTerms {
-            retry: Default::default(),
-            resume_after_crash: true,
-            kind: "render".into(),
-            payload: "".into(),
-            of_one_shot: None,
             external: true,
-            timeout_ms: None,
-            required_artifacts: Box::default(),
-            sinks: Box::default(),
+            ..RunTerms::new("render")
         };
         let mut record = Run::new(
             RunId(7),

@@ -863,6 +863,25 @@ pub struct RunTerms {
     pub sinks: Box<[Arc<str>]>,
 }
 
+impl RunTerms {
+    /// The terms of a run of `kind` with nothing else said: the default retry policy, resumed
+    /// after a crash, run in process, no payload, timeout, required artifacts or sinks. Set
+    /// the rest with struct update syntax: `RunTerms { external: true, ..RunTerms::new("k") }`.
+    pub fn new(kind: &str) -> RunTerms {
+        RunTerms {
+            retry: RetryPolicy::default(),
+            resume_after_crash: true,
+            kind: kind.into(),
+            payload: "".into(),
+            of_one_shot: None,
+            external: false,
+            timeout_ms: None,
+            required_artifacts: Box::default(),
+            sinks: Box::default(),
+        }
+    }
+}
+
 /// A state change of a run, for the audit trail.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -1381,14 +1400,7 @@ mod tests {
     fn running_run(policy: RetryPolicy) -> Run {
         let terms = RunTerms {
             retry: policy,
-            resume_after_crash: true,
-            kind: "k".into(),
-            payload: "".into(),
-            of_one_shot: None,
-            external: false,
-            timeout_ms: None,
-            required_artifacts: Box::default(),
-            sinks: Box::default(),
+            ..RunTerms::new("k")
         };
         let mut run = Run::new(
             RunId(1),

@@ -96,21 +96,14 @@ mod tests {
     use super::*;
     use crate::ids::{FencingToken, JobId, RunId, WorkerId};
     use crate::lease::Lease;
-    use crate::retry::RetryPolicy;
+
     use crate::run::{RunTerms, Trigger};
 
     fn running(timeout_ms: Option<u64>) -> (Run, Config) {
         let config = Config::default();
         let terms = RunTerms {
-            retry: RetryPolicy::default(),
-            resume_after_crash: true,
-            kind: "k".into(),
-            payload: "".into(),
-            of_one_shot: None,
-            external: false,
             timeout_ms,
-            required_artifacts: Box::default(),
-            sinks: Box::default(),
+            ..RunTerms::new("k")
         };
         let mut run = Run::new(
             RunId(1),

@@ -529,14 +529,7 @@ fn busy_jobs_sorting_first_do_not_starve_a_job_sorting_last() {
 fn running_run(retry: RetryPolicy) -> Run {
     let terms = RunTerms {
         retry,
-        resume_after_crash: true,
-        kind: "k".into(),
-        payload: "".into(),
-        of_one_shot: None,
-        external: false,
-        timeout_ms: None,
-        required_artifacts: Default::default(),
-        sinks: Default::default(),
+        ..RunTerms::new("k")
     };
     let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
     run.mark_running(Timestamp(0), 30_000, 3);

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use keel_core::{
-    BatchId, Conflict, JobId, Record, RetryPolicy, Run, RunState, RunTerms, Store, StoreError,
-    Timestamp, Trigger,
+    BatchId, Conflict, JobId, Record, Run, RunState, RunTerms, Store, StoreError, Timestamp,
+    Trigger,
 };
 
 use super::*;
@@ -14,17 +14,7 @@ const T0: Timestamp = Timestamp(1_800_000_000_000);
 use keel_harness::TempDir;
 
 fn run(id: u64, job: &str, slot: Timestamp) -> Run {
-    let terms = RunTerms {
-        retry: RetryPolicy::default(),
-        resume_after_crash: true,
-        kind: "work".into(),
-        payload: "".into(),
-        of_one_shot: None,
-        external: false,
-        timeout_ms: None,
-        required_artifacts: Box::default(),
-        sinks: Box::default(),
-    };
+    let terms = RunTerms::new("work");
     Run::new(
         keel_core::RunId(id),
         JobId::new(job).unwrap(),

@@ -9,9 +9,9 @@ use keel_core::job::JobState;
 use keel_core::persist::Tombstone;
 use keel_core::{
     Actor, Attempt, AuditQuery, AuditRecord, Batch, BatchId, Conflict, Delivery, FencingToken,
-    Incident, IncidentKind, Job, JobId, JobSpec, Lease, Meta, Record, RetryPolicy, Run, RunId,
-    RunQuery, RunState, RunTerms, ScheduleSpec, Snapshot, StateName, Store, StoreError, Timestamp,
-    Trigger, WorkerId,
+    Incident, IncidentKind, Job, JobId, JobSpec, Lease, Meta, Record, Run, RunId, RunQuery,
+    RunState, RunTerms, ScheduleSpec, Snapshot, StateName, Store, StoreError, Timestamp, Trigger,
+    WorkerId,
 };
 use keel_testkit::MemStore;
 
@@ -49,15 +49,8 @@ fn batch(epoch: u64, n: u64, records: Vec<Record>) -> Batch {
 
 fn terms() -> RunTerms {
     RunTerms {
-        retry: RetryPolicy::default(),
-        resume_after_crash: true,
-        kind: "work".into(),
-        payload: "".into(),
-        of_one_shot: None,
         external: true,
-        timeout_ms: None,
-        required_artifacts: Box::default(),
-        sinks: Box::default(),
+        ..RunTerms::new("work")
     }
 }
 

@@ -36,14 +36,9 @@ pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
             jitter: 0.1,
             ..RetryPolicy::default()
         },
-        resume_after_crash: true,
-        kind: "work".into(),
         payload: "{\"KLF1\": \"magic inside a payload\"}".into(),
-        of_one_shot: None,
-        external: false,
         timeout_ms: Some(60_000),
-        required_artifacts: Box::default(),
-        sinks: Box::default(),
+        ..RunTerms::new("work")
     };
     Run::new(
         RunId(id),

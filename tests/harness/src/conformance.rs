@@ -123,15 +123,8 @@ pub fn batch(epoch: u64, n: u64, at: Timestamp, records: Vec<Record>) -> Batch {
 /// A scheduled run of `job` for `slot`, as a scheduler would first write it.
 pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
     let terms = RunTerms {
-        retry: RetryPolicy::default(),
-        resume_after_crash: true,
-        kind: "work".into(),
-        payload: "".into(),
-        of_one_shot: None,
         external: true,
-        timeout_ms: None,
-        required_artifacts: Box::default(),
-        sinks: Box::default(),
+        ..RunTerms::new("work")
     };
     Run::new(
         RunId(id),
