@@ -35,8 +35,9 @@
 //! others by reference.
 //!
 //! [`RunRecord`] is the stored form: a plain struct with public fields whose serde shape is the
-//! store format for runs, and which `Run` serializes to byte for byte
-//! (`record_and_run_serialize_alike`, `the_stored_form_of_a_run_is_pinned`). Stores gate that
+//! store format for runs, and which `Run` serializes to byte for byte. Both are declared from
+//! one field list (`run_and_record!`), so they cannot drift apart; two tests prove and pin the
+//! shape (`record_and_run_serialize_alike`, `the_stored_form_of_a_run_is_pinned`). Stores gate that
 //! format with their markers (store-fs's `VERSION` file, store-sled's `format` marker): renaming,
 //! retyping or removing a field of `RunRecord` (or changing its `#[serde]` attributes) is a format
 //! change that needs a new format version and a migration; a new field needs
@@ -303,189 +304,127 @@ impl fmt::Display for RunError {
     }
 }
 
-/// A run, the machine: changed only by the [`Scheduler`](crate::Scheduler), read through its
-/// accessors. It serializes exactly as its [`RunRecord`], the stored form.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Run {
-    /// Its id.
-    pub(crate) id: RunId,
-    /// The job it belongs to.
-    pub(crate) job: JobId,
-    /// Why it exists.
-    pub(crate) trigger: Trigger,
-    /// When it was created.
-    pub(crate) created_at: Timestamp,
-    /// The latest attempt started (0 before the first).
-    pub(crate) attempt: Attempt,
-    /// Attempts that ended in a snooze; they do not count against `attempts_max`.
-    pub(crate) snoozes: u32,
-    /// The state.
-    pub(crate) state: RunState,
-    /// The last concrete error, kept in every terminal state.
-    pub(crate) last_error: Option<RunError>,
-    /// The success summary.
-    pub(crate) summary: Option<String>,
-    /// An operator asked to cancel the attempt in progress.
-    pub(crate) cancel_requested: bool,
-    /// When it reached its terminal state.
-    pub(crate) finished_at: Option<Timestamp>,
-    /// The retry policy in force when the run was created; a later job update does not change
-    /// the rules of a run already under way.
-    pub(crate) retry: RetryPolicy,
-    /// Copied from the job: retry after a crash (true) or end `interrupted`.
-    pub(crate) resume_after_crash: bool,
-    /// The handler kind in force when the run was created; attempts keep it even if the job is
-    /// updated or removed meanwhile.
-    pub(crate) kind: Arc<str>,
-    /// The job's payload when the run was created.
-    #[serde(default)]
-    pub(crate) payload: Arc<str>,
-    /// The instant of the one-shot the job was when the run was created, if it was one: only a
-    /// run of that very one-shot finishes it when it settles (a run left over from an earlier
-    /// definition does not).
-    #[serde(default)]
-    pub(crate) of_one_shot: Option<Timestamp>,
-    /// Attempts run by an external worker that claims them (copied from the job).
-    #[serde(default)]
-    pub(crate) external: bool,
-    /// The attempt timeout copied from the job, if any.
-    #[serde(default)]
-    pub(crate) timeout_ms: Option<u64>,
-    /// Artifacts the job requires before it accepts a completion (copied from the job).
-    #[serde(default)]
-    pub(crate) required_artifacts: Box<[String]>,
-    /// Sinks the run's result is delivered to (copied from the job).
-    #[serde(default)]
-    pub(crate) sinks: Box<[Arc<str>]>,
-    /// The lease of the attempt in progress (`Starting` and `Running` only).
-    #[serde(default)]
-    pub(crate) lease: Option<Lease>,
-    /// The token of the last lease that ended. A store uses it to tell a writer that saw the
-    /// stored lease end from one that never knew of it (see `store::check_batch`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) last_token: Option<FencingToken>,
-    /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
-    /// errors by `RetryPolicy::lost_attempts_max`.
-    #[serde(default)]
-    pub(crate) lost: u32,
-    /// Attempts a graceful shutdown stopped (SPEC O1); they count against no budget.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub(crate) shutdowns: u32,
-    /// The last progress the holder reported.
-    #[serde(default)]
-    pub(crate) progress: Option<Progress>,
-    /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
-    #[serde(default)]
-    pub(crate) last_activity: Option<Timestamp>,
-    /// Artifacts of the successful completion.
-    #[serde(default)]
-    pub(crate) artifacts: BTreeMap<String, String>,
-    /// The watchdog's deadlines for the attempt in progress.
-    #[serde(default)]
-    pub(crate) watch: Watch,
-    /// True once an extension was granted: at most one per run (SPEC W1).
-    #[serde(default)]
-    pub(crate) extended: bool,
-    /// The attempt the watchdog killed, if any: a kill is sticky, nothing revives it (W2).
-    #[serde(default)]
-    pub(crate) killed: Option<Attempt>,
-    /// The latest checkpoint, handed to the next attempt; deleted when the run completes or
-    /// fails terminally, kept when it is interrupted (SPEC C2).
-    #[serde(default)]
-    pub(crate) checkpoint: Option<Checkpoint>,
+/// Declares [`Run`] and [`RunRecord`] from one field list, so that the machine and its stored
+/// form cannot drift apart, and the conversions between them.
+macro_rules! run_and_record {
+    ($( $(#[$attr:meta])* $field:ident : $ty:ty, )*) => {
+        /// A run, the machine: changed only by the [`Scheduler`](crate::Scheduler), read
+        /// through its accessors. It serializes exactly as its [`RunRecord`], the stored form.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub struct Run {
+            $( $(#[$attr])* pub(crate) $field: $ty, )*
+        }
+
+        /// A run as stored: the store format (see the module docs). Every field is public, for
+        /// stores and for tests that build runs in arbitrary states; [`Run::from_record`] turns
+        /// it into a run. Its serde shape is that of [`Run`] by construction (one field list,
+        /// `run_and_record!`), and pinned by `run::tests::the_stored_form_of_a_run_is_pinned`.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub struct RunRecord {
+            $( $(#[$attr])* pub $field: $ty, )*
+        }
+
+        impl From<RunRecord> for Run {
+            fn from(record: RunRecord) -> Self {
+                Run { $( $field: record.$field, )* }
+            }
+        }
+
+        impl From<Run> for RunRecord {
+            fn from(run: Run) -> Self {
+                RunRecord { $( $field: run.$field, )* }
+            }
+        }
+    };
 }
 
-/// A run as stored: the store format (see the module docs). Every field is public, for stores
-/// and for tests that build runs in arbitrary states; [`Run::from_record`] turns it into a run.
-/// Its serde shape must stay that of [`Run`] (`run::tests::record_and_run_serialize_alike`).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
+run_and_record! {
     /// Its id.
-    pub id: RunId,
+    id: RunId,
     /// The job it belongs to.
-    pub job: JobId,
+    job: JobId,
     /// Why it exists.
-    pub trigger: Trigger,
+    trigger: Trigger,
     /// When it was created.
-    pub created_at: Timestamp,
+    created_at: Timestamp,
     /// The latest attempt started (0 before the first).
-    pub attempt: Attempt,
+    attempt: Attempt,
     /// Attempts that ended in a snooze; they do not count against `attempts_max`.
-    pub snoozes: u32,
+    snoozes: u32,
     /// The state.
-    pub state: RunState,
+    state: RunState,
     /// The last concrete error, kept in every terminal state.
-    pub last_error: Option<RunError>,
+    last_error: Option<RunError>,
     /// The success summary.
-    pub summary: Option<String>,
+    summary: Option<String>,
     /// An operator asked to cancel the attempt in progress.
-    pub cancel_requested: bool,
+    cancel_requested: bool,
     /// When it reached its terminal state.
-    pub finished_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
     /// The retry policy in force when the run was created; a later job update does not change
     /// the rules of a run already under way.
-    pub retry: RetryPolicy,
+    retry: RetryPolicy,
     /// Copied from the job: retry after a crash (true) or end `interrupted`.
-    pub resume_after_crash: bool,
+    resume_after_crash: bool,
     /// The handler kind in force when the run was created; attempts keep it even if the job is
     /// updated or removed meanwhile.
-    pub kind: Arc<str>,
+    kind: Arc<str>,
     /// The job's payload when the run was created.
     #[serde(default)]
-    pub payload: Arc<str>,
+    payload: Arc<str>,
     /// The instant of the one-shot the job was when the run was created, if it was one: only a
     /// run of that very one-shot finishes it when it settles (a run left over from an earlier
     /// definition does not).
     #[serde(default)]
-    pub of_one_shot: Option<Timestamp>,
+    of_one_shot: Option<Timestamp>,
     /// Attempts run by an external worker that claims them (copied from the job).
     #[serde(default)]
-    pub external: bool,
+    external: bool,
     /// The attempt timeout copied from the job, if any.
     #[serde(default)]
-    pub timeout_ms: Option<u64>,
+    timeout_ms: Option<u64>,
     /// Artifacts the job requires before it accepts a completion (copied from the job).
     #[serde(default)]
-    pub required_artifacts: Box<[String]>,
+    required_artifacts: Box<[String]>,
     /// Sinks the run's result is delivered to (copied from the job).
     #[serde(default)]
-    pub sinks: Box<[Arc<str>]>,
+    sinks: Box<[Arc<str>]>,
     /// The lease of the attempt in progress (`Starting` and `Running` only).
     #[serde(default)]
-    pub lease: Option<Lease>,
+    lease: Option<Lease>,
     /// The token of the last lease that ended. A store uses it to tell a writer that saw the
     /// stored lease end from one that never knew of it (see `store::check_batch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_token: Option<FencingToken>,
+    last_token: Option<FencingToken>,
     /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
     /// errors by `RetryPolicy::lost_attempts_max`.
     #[serde(default)]
-    pub lost: u32,
+    lost: u32,
     /// Attempts a graceful shutdown stopped (SPEC O1); they count against no budget.
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub shutdowns: u32,
+    shutdowns: u32,
     /// The last progress the holder reported.
     #[serde(default)]
-    pub progress: Option<Progress>,
+    progress: Option<Progress>,
     /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
     #[serde(default)]
-    pub last_activity: Option<Timestamp>,
+    last_activity: Option<Timestamp>,
     /// Artifacts of the successful completion.
     #[serde(default)]
-    pub artifacts: BTreeMap<String, String>,
+    artifacts: BTreeMap<String, String>,
     /// The watchdog's deadlines for the attempt in progress.
     #[serde(default)]
-    pub watch: Watch,
+    watch: Watch,
     /// True once an extension was granted: at most one per run (SPEC W1).
     #[serde(default)]
-    pub extended: bool,
+    extended: bool,
     /// The attempt the watchdog killed, if any: a kill is sticky, nothing revives it (W2).
     #[serde(default)]
-    pub killed: Option<Attempt>,
+    killed: Option<Attempt>,
     /// The latest checkpoint, handed to the next attempt; deleted when the run completes or
     /// fails terminally, kept when it is interrupted (SPEC C2).
     #[serde(default)]
-    pub checkpoint: Option<Checkpoint>,
+    checkpoint: Option<Checkpoint>,
 }
 
 /// Read access, one accessor per field: `Copy` values by value, others by reference.
@@ -649,154 +588,12 @@ impl Run {
 impl Run {
     /// A run rebuilt from its stored form, as a store loads it or a test makes it.
     pub fn from_record(record: RunRecord) -> Self {
-        let RunRecord {
-            id,
-            job,
-            trigger,
-            created_at,
-            attempt,
-            snoozes,
-            state,
-            last_error,
-            summary,
-            cancel_requested,
-            finished_at,
-            retry,
-            resume_after_crash,
-            kind,
-            payload,
-            of_one_shot,
-            external,
-            timeout_ms,
-            required_artifacts,
-            sinks,
-            lease,
-            last_token,
-            lost,
-            shutdowns,
-            progress,
-            last_activity,
-            artifacts,
-            watch,
-            extended,
-            killed,
-            checkpoint,
-        } = record;
-        Run {
-            id,
-            job,
-            trigger,
-            created_at,
-            attempt,
-            snoozes,
-            state,
-            last_error,
-            summary,
-            cancel_requested,
-            finished_at,
-            retry,
-            resume_after_crash,
-            kind,
-            payload,
-            of_one_shot,
-            external,
-            timeout_ms,
-            required_artifacts,
-            sinks,
-            lease,
-            last_token,
-            lost,
-            shutdowns,
-            progress,
-            last_activity,
-            artifacts,
-            watch,
-            extended,
-            killed,
-            checkpoint,
-        }
+        record.into()
     }
 
     /// The stored form of this run (a copy).
     pub fn record(&self) -> RunRecord {
         self.clone().into()
-    }
-}
-
-impl From<RunRecord> for Run {
-    fn from(record: RunRecord) -> Self {
-        Run::from_record(record)
-    }
-}
-
-impl From<Run> for RunRecord {
-    fn from(run: Run) -> Self {
-        let Run {
-            id,
-            job,
-            trigger,
-            created_at,
-            attempt,
-            snoozes,
-            state,
-            last_error,
-            summary,
-            cancel_requested,
-            finished_at,
-            retry,
-            resume_after_crash,
-            kind,
-            payload,
-            of_one_shot,
-            external,
-            timeout_ms,
-            required_artifacts,
-            sinks,
-            lease,
-            last_token,
-            lost,
-            shutdowns,
-            progress,
-            last_activity,
-            artifacts,
-            watch,
-            extended,
-            killed,
-            checkpoint,
-        } = run;
-        RunRecord {
-            id,
-            job,
-            trigger,
-            created_at,
-            attempt,
-            snoozes,
-            state,
-            last_error,
-            summary,
-            cancel_requested,
-            finished_at,
-            retry,
-            resume_after_crash,
-            kind,
-            payload,
-            of_one_shot,
-            external,
-            timeout_ms,
-            required_artifacts,
-            sinks,
-            lease,
-            last_token,
-            lost,
-            shutdowns,
-            progress,
-            last_activity,
-            artifacts,
-            watch,
-            extended,
-            killed,
-            checkpoint,
-        }
     }
 }
 
