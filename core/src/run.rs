@@ -237,6 +237,18 @@ impl Outcome {
             artifacts: BTreeMap::new(),
         }
     }
+
+    /// The outcome's kind in one word, for logs and metric labels: `success`, `retryable`,
+    /// `permanent`, `snooze` or `cancelled`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Success { .. } => "success",
+            Outcome::Retryable { .. } => "retryable",
+            Outcome::Permanent { .. } => "permanent",
+            Outcome::Snooze { .. } => "snooze",
+            Outcome::Cancelled { .. } => "cancelled",
+        }
+    }
 }
 
 /// The class of a recorded error.

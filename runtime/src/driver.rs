@@ -784,7 +784,7 @@ impl Driver {
         token: FencingToken,
         outcome: Outcome,
     ) {
-        let label = outcome_label(&outcome);
+        let label = outcome.name();
         // Only this attempt's entry: a later attempt of the run may be executing.
         let mut held = false;
         if self.executing.get(&run).is_some_and(|e| e.token == token) {
@@ -1329,16 +1329,6 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
         s.clone()
     } else {
         "a non-text panic payload".to_string()
-    }
-}
-
-fn outcome_label(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Success { .. } => "success",
-        Outcome::Retryable { .. } => "retryable",
-        Outcome::Permanent { .. } => "permanent",
-        Outcome::Snooze { .. } => "snooze",
-        Outcome::Cancelled { .. } => "cancelled",
     }
 }
 

@@ -532,7 +532,7 @@ impl Sim {
                 }
                 self.log(format!(
                     "{run} attempt {attempt} -> {} {}",
-                    outcome_name(&outcome),
+                    outcome.name(),
                     if result.is_ok() {
                         ""
                     } else {
@@ -789,15 +789,5 @@ impl Sim {
         let mut entry = String::new();
         let _ = write!(entry, "{} {}", self.real.as_millis(), line);
         self.trace.push(entry);
-    }
-}
-
-fn outcome_name(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Success { .. } => "success",
-        Outcome::Retryable { .. } => "retryable",
-        Outcome::Permanent { .. } => "permanent",
-        Outcome::Snooze { .. } => "snooze",
-        Outcome::Cancelled { .. } => "cancelled",
     }
 }
