@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use keel_core::{
-    Attempt, DeliveryId, DeliveryState, Rejected, RunId, RunState, Scheduler, SendRequest,
+    Attempt, DeliveryId, DeliveryState, Lease, Rejected, RunId, RunState, Scheduler, SendRequest,
     Timestamp, WorkerId,
 };
 use keel_testkit::MemStore;
@@ -172,6 +172,44 @@ impl Promises {
 pub fn checkpoint_seqs(core: &Scheduler) -> BTreeMap<RunId, Option<u64>> {
     core.runs()
         .map(|r| (r.id(), r.checkpoint().map(|c| c.seq)))
+        .collect()
+}
+
+/// An attempt in progress, with its lease, as the scheduler holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InProgress {
+    /// The run.
+    pub run: RunId,
+    /// The attempt.
+    pub attempt: Attempt,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// Its lease.
+    pub lease: Lease,
+    /// The run's attempt timeout.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Every attempt in progress with a lease: after a restore, what outlived the process (SPEC
+/// L3: attempts of external workers, with their leases as the store holds them).
+pub fn attempts_in_progress(core: &Scheduler) -> Vec<InProgress> {
+    core.runs()
+        .filter_map(|r| match (r.state(), r.lease()) {
+            (
+                RunState::Running {
+                    attempt,
+                    started_at,
+                },
+                Some(lease),
+            ) => Some(InProgress {
+                run: r.id(),
+                attempt,
+                started_at,
+                lease: lease.clone(),
+                timeout_ms: r.timeout_ms(),
+            }),
+            _ => None,
+        })
         .collect()
 }
 

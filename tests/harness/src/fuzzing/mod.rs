@@ -14,7 +14,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::promises::{checkpoint_seqs, expected_extend, own_attempts_in_progress, Promises};
+use crate::promises::{
+    attempts_in_progress, checkpoint_seqs, expected_extend, own_attempts_in_progress, Promises,
+};
 use keel_core::schedule::Due;
 use keel_core::{
     limits, Attempt, AttemptStart, Batch, CheckpointSave, Config, DeliveryId, DeliveryResult,

@@ -574,25 +574,15 @@ impl World {
         // Only attempts handed out to external workers outlive the process, with their lease
         // as the store holds it (a report the store never received is undone, so the token is
         // current again); in-process attempts were cut short.
-        let restored: Vec<Started> = self
-            .sched
-            .runs()
-            .filter_map(|r| match (r.state(), r.lease()) {
-                (
-                    RunState::Running {
-                        attempt,
-                        started_at,
-                    },
-                    Some(lease),
-                ) => Some(Started {
-                    run: r.id(),
-                    attempt,
-                    token: lease.token,
-                    started_at,
-                    expires_at: lease.expires_at,
-                    timeout_ms: r.timeout_ms(),
-                }),
-                _ => None,
+        let restored: Vec<Started> = attempts_in_progress(&self.sched)
+            .into_iter()
+            .map(|a| Started {
+                run: a.run,
+                attempt: a.attempt,
+                token: a.lease.token,
+                started_at: a.started_at,
+                expires_at: a.lease.expires_at,
+                timeout_ms: a.timeout_ms,
             })
             .collect();
         for s in restored {

@@ -88,12 +88,13 @@ use keel_core::run::Checkpoint;
 use keel_core::{
     Attempt, AttemptStart, Batch, BatchId, CheckpointSave, Config, DeliveryId, DeliveryResult,
     DeliveryState, Effect, Event, FencingToken, HistoryPolicy, IdempotencyKey, Incident, Job,
-    JobId, JobSpec, JobState, Lease, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome,
-    OverflowPolicy, OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState,
-    ScheduleSpec, Scheduler, SendRequest, Timestamp, Trigger, WorkerId,
+    JobId, JobSpec, JobState, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome, OverflowPolicy,
+    OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState, ScheduleSpec,
+    Scheduler, SendRequest, Timestamp, Trigger, WorkerId,
 };
 use keel_harness::promises::{
-    checkpoint_seqs, expected_extend, own_attempts_in_progress, Promises,
+    attempts_in_progress, checkpoint_seqs, expected_extend, own_attempts_in_progress, InProgress,
+    Promises,
 };
 use keel_testkit::MemStore;
 use proptest::prelude::*;
@@ -1124,21 +1125,14 @@ impl World {
         // SPEC L3: an attempt handed out to an external worker outlives the process; its lease
         // stands as the store holds it (a report the store never received is undone with the
         // rest, so the worker's token is current again), and only expiry reclaims it.
-        let restored: Vec<(RunId, Attempt, Timestamp, Lease, Option<u64>)> = self
-            .keel
-            .runs()
-            .filter_map(|r| match (r.state(), r.lease()) {
-                (
-                    RunState::Running {
-                        attempt,
-                        started_at,
-                    },
-                    Some(lease),
-                ) => Some((r.id(), attempt, started_at, lease.clone(), r.timeout_ms())),
-                _ => None,
-            })
-            .collect();
-        for (run, attempt, started_at, lease, timeout_ms) in restored {
+        for InProgress {
+            run,
+            attempt,
+            started_at,
+            lease,
+            timeout_ms,
+        } in attempts_in_progress(&self.keel)
+        {
             assert_ne!(
                 lease.owner, self.local,
                 "{run}: an in-process attempt survived a crash"
