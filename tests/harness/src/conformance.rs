@@ -354,12 +354,7 @@ pub fn acknowledged_state_survives_reopen(harness: &impl Harness) {
     for run in model.runs() {
         assert_eq!(store.run(run.id()).unwrap().as_ref(), Some(run));
     }
-    let audit = store
-        .audit(&AuditQuery {
-            limit: 10_000,
-            ..AuditQuery::default()
-        })
-        .unwrap();
+    let audit = all_audit(&store);
     assert_eq!(audit, model.audit().cloned().collect::<Vec<_>>());
 }
 
@@ -854,39 +849,61 @@ fn handles<S: Store + 'static>(
     }
 }
 
+/// Runs `work(t, store, start)` on one thread per handle, `t` counting from 0; each calls
+/// `start.wait()` when it is ready to race the others. Returns what each returned, in order.
+fn race<S: Store + 'static, T: Send + 'static>(
+    stores: Vec<Arc<S>>,
+    work: impl Fn(u64, Arc<S>, &Barrier) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let start = Arc::new(Barrier::new(stores.len()));
+    let work = Arc::new(work);
+    let threads: Vec<_> = stores
+        .into_iter()
+        .enumerate()
+        .map(|(t, store)| {
+            let (start, work) = (Arc::clone(&start), Arc::clone(&work));
+            std::thread::spawn(move || work(t as u64, store, &start))
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().expect("a racing thread"))
+        .collect()
+}
+
+/// Every audit record in `store`, oldest first.
+fn all_audit(store: &impl Store) -> Vec<AuditRecord> {
+    store
+        .audit(&AuditQuery {
+            limit: 10_000,
+            ..AuditQuery::default()
+        })
+        .unwrap()
+}
+
 /// Batches from many threads, each on its own handle where the adapter allows it, all land.
 pub fn concurrent_writers_all_land(harness: &impl Harness) {
     const THREADS: u64 = 8;
     const BATCHES: u64 = 25;
     let open = harness.fresh();
     let epoch = become_writer(&open());
-    let stores = handles(harness, &open, THREADS as usize);
-    let barrier = Arc::new(Barrier::new(THREADS as usize));
-    let threads: Vec<_> = stores
-        .into_iter()
-        .enumerate()
-        .map(|(t, store)| {
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                barrier.wait();
-                let t = t as u64;
-                for b in 0..BATCHES {
-                    let id = 1 + t * BATCHES + b;
-                    let job = format!("job-{t}");
-                    let records = vec![
-                        Record::PutRun(run(id, &job, T0.plus_ms(b))),
-                        Record::Audit(audit_record(id, &job, Some(id), T0)),
-                    ];
-                    store
-                        .apply(&batch(epoch, t * 1_000 + b, T0, records))
-                        .expect("every writer's batch lands");
-                }
-            })
-        })
-        .collect();
-    for thread in threads {
-        thread.join().expect("writer thread");
-    }
+    race(
+        handles(harness, &open, THREADS as usize),
+        move |t, store, start| {
+            start.wait();
+            for b in 0..BATCHES {
+                let id = 1 + t * BATCHES + b;
+                let job = format!("job-{t}");
+                let records = vec![
+                    Record::PutRun(run(id, &job, T0.plus_ms(b))),
+                    Record::Audit(audit_record(id, &job, Some(id), T0)),
+                ];
+                store
+                    .apply(&batch(epoch, t * 1_000 + b, T0, records))
+                    .expect("every writer's batch lands");
+            }
+        },
+    );
     let store = open();
     let all = store
         .runs(&RunQuery {
@@ -895,12 +912,7 @@ pub fn concurrent_writers_all_land(harness: &impl Harness) {
         })
         .unwrap();
     assert_eq!(all.runs.len() as u64, THREADS * BATCHES);
-    let audit = store
-        .audit(&AuditQuery {
-            limit: 10_000,
-            ..AuditQuery::default()
-        })
-        .unwrap();
+    let audit = all_audit(&store);
     assert_eq!(audit.len() as u64, THREADS * BATCHES);
     for record in audit {
         let run = store.run(record.run.unwrap()).unwrap().unwrap();
@@ -920,32 +932,19 @@ pub fn contended_grants_have_one_winner(harness: &impl Harness) {
         epoch
     };
     let stores = handles(harness, &open, THREADS as usize);
-    let barrier = Arc::new(Barrier::new(THREADS as usize));
-    let threads: Vec<_> = stores
-        .into_iter()
-        .enumerate()
-        .map(|(t, store)| {
-            let barrier = Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                let t = t as u64;
-                let grant = leased(
-                    run(1, "a", T0),
-                    &format!("w{t}"),
-                    10 + t,
-                    T0.plus_ms(30_000),
-                );
-                // Each contender saw the run free (it never held a token).
-                let grant = edit(grant, |r| r.last_token = None);
-                barrier.wait();
-                let result = put_run(&*store, epoch, 1 + t, T0, grant);
-                (t, result)
-            })
-        })
-        .collect();
-    let results: Vec<_> = threads
-        .into_iter()
-        .map(|t| t.join().expect("contender"))
-        .collect();
+    let results = race(stores, move |t, store, start| {
+        let grant = leased(
+            run(1, "a", T0),
+            &format!("w{t}"),
+            10 + t,
+            T0.plus_ms(30_000),
+        );
+        // Each contender saw the run free (it never held a token).
+        let grant = edit(grant, |r| r.last_token = None);
+        start.wait();
+        let result = put_run(&*store, epoch, 1 + t, T0, grant);
+        (t, result)
+    });
     let winners: Vec<u64> = results
         .iter()
         .filter(|(_, r)| r.is_ok())
