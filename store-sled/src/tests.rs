@@ -8,10 +8,9 @@ use std::path::Path;
 use keel_core::job::JobState;
 use keel_core::persist::Tombstone;
 use keel_core::{
-    Actor, Attempt, AuditQuery, AuditRecord, Batch, BatchId, Conflict, Delivery, FencingToken,
-    Incident, IncidentKind, Job, JobId, JobSpec, Lease, Meta, Record, Run, RunId, RunQuery,
-    RunState, RunTerms, ScheduleSpec, Snapshot, StateName, Store, StoreError, Timestamp, Trigger,
-    WorkerId,
+    AuditQuery, AuditRecord, Batch, BatchId, Conflict, Delivery, FencingToken, Incident,
+    IncidentKind, Job, JobId, JobSpec, Meta, Record, Run, RunId, RunQuery, RunState, RunTerms,
+    ScheduleSpec, Snapshot, Store, StoreError, Timestamp, Trigger,
 };
 use keel_testkit::MemStore;
 
@@ -20,6 +19,7 @@ use super::*;
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
 /// A fresh directory, removed on drop.
+use keel_harness::conformance::{self, audit_record, edit, run};
 use keel_harness::TempDir;
 
 fn job_id(name: &str) -> JobId {
@@ -54,12 +54,6 @@ fn terms() -> RunTerms {
     }
 }
 
-/// A queued run of `job` for `slot`.
-fn run(id: u64, job: &str, slot: Timestamp) -> Run {
-    let trigger = Trigger::Scheduled { slot };
-    Run::new(RunId(id), job_id(job), trigger, slot, terms())
-}
-
 /// A manual run of `job`, queued.
 fn manual(id: u64, job: &str) -> Run {
     Run::new(RunId(id), job_id(job), Trigger::Manual, T0, terms())
@@ -67,41 +61,19 @@ fn manual(id: u64, job: &str) -> Run {
 
 /// `run`, succeeded at `finished_at`.
 fn finished(run: Run, finished_at: Timestamp) -> Run {
-    let mut record = run.record();
-    record.state = RunState::Succeeded;
-    record.finished_at = Some(finished_at);
-    Run::from_record(record)
+    edit(run, |r| {
+        r.state = RunState::Succeeded;
+        r.finished_at = Some(finished_at);
+    })
 }
 
-/// `run`, running under a lease of `owner` with `token`.
+/// `run`, running under a lease of `owner` with `token` for 30 s.
 fn leased(run: Run, owner: &str, token: u64) -> Run {
-    let mut record = run.record();
-    record.state = RunState::Running {
-        attempt: Attempt(1),
-        started_at: T0,
-    };
-    record.lease = Some(Lease {
-        owner: WorkerId::new(owner).unwrap(),
-        token: FencingToken(token),
-        renewed_at: T0,
-        expires_at: T0.plus_ms(30_000),
-    });
-    Run::from_record(record)
+    conformance::leased(run, owner, token, T0.plus_ms(30_000))
 }
 
 fn audit(seq: u64, job: &str, run: Option<u64>) -> AuditRecord {
-    AuditRecord {
-        seq,
-        at: T0.plus_ms(seq),
-        job: job_id(job),
-        run: run.map(RunId),
-        attempt: None,
-        fencing_token: None,
-        old: None,
-        new: StateName::Queued,
-        actor: Actor::Scheduler,
-        reason: format!("record {seq}"),
-    }
+    audit_record(seq, job, run, T0.plus_ms(seq))
 }
 
 fn incident(id: u64, resolved_at: Option<Timestamp>) -> Incident {

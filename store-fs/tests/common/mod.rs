@@ -4,9 +4,8 @@
 
 use keel_core::outbox::Delivery;
 use keel_core::{
-    Actor, AuditRecord, Batch, BatchId, Incident, IncidentKind, Job, JobId, JobSpec, JobState,
-    Record, RetryPolicy, Run, RunId, RunTerms, ScheduleSpec, StateName, Timestamp, Tombstone,
-    Trigger,
+    AuditRecord, Batch, BatchId, Incident, IncidentKind, Job, JobId, JobSpec, JobState, Record,
+    RetryPolicy, Run, RunId, RunTerms, ScheduleSpec, Timestamp, Tombstone,
 };
 
 pub const T0: Timestamp = Timestamp(1_800_000_000_000);
@@ -14,6 +13,7 @@ pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 /// The log of generation 0.
 pub const LOG0: &str = "log-0000000000000000";
 
+use keel_harness::conformance::{audit_record, run_with};
 pub use keel_harness::TempDir;
 
 pub fn job_id(name: &str) -> JobId {
@@ -40,13 +40,7 @@ pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
         timeout_ms: Some(60_000),
         ..RunTerms::new("work")
     };
-    Run::new(
-        RunId(id),
-        job_id(job),
-        Trigger::Scheduled { slot },
-        slot,
-        terms,
-    )
+    run_with(id, job, slot, terms)
 }
 
 /// `run` in a terminal state, finished at `at`.
@@ -81,16 +75,8 @@ pub fn job(name: &str) -> Job {
 
 pub fn audit(seq: u64, job: &str, run: Option<u64>) -> AuditRecord {
     AuditRecord {
-        seq,
-        at: T0.plus_ms(seq),
-        job: job_id(job),
-        run: run.map(RunId),
-        attempt: None,
-        fencing_token: None,
-        old: None,
-        new: StateName::Queued,
-        actor: Actor::Scheduler,
         reason: format!("record {seq} ✓"),
+        ..audit_record(seq, job, run, T0.plus_ms(seq))
     }
 }
 

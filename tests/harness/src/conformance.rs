@@ -126,6 +126,11 @@ pub fn run(id: u64, job: &str, slot: Timestamp) -> Run {
         external: true,
         ..RunTerms::new("work")
     };
+    run_with(id, job, slot, terms)
+}
+
+/// Like [`run`], under `terms`.
+pub fn run_with(id: u64, job: &str, slot: Timestamp, terms: RunTerms) -> Run {
     Run::new(
         RunId(id),
         job_id(job),
