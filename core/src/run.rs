@@ -275,6 +275,21 @@ pub enum ErrorKind {
     Poison,
 }
 
+impl ErrorKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::Retryable,
+        ErrorKind::Permanent,
+        ErrorKind::Interrupted,
+        ErrorKind::Cancelled,
+        ErrorKind::DeadlineExceeded,
+        ErrorKind::SnoozeLimit,
+        ErrorKind::Lost,
+        ErrorKind::TimedOut,
+        ErrorKind::Poison,
+    ];
+}
+
 impl fmt::Display for ErrorKind {
     /// The name it is stored under: `retryable`, `timed_out`...
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1177,28 +1192,29 @@ pub(crate) fn truncate(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
     fn an_error_kind_displays_as_it_is_stored_and_an_error_says_its_attempt() {
-        use ErrorKind::*;
-        for kind in [
-            Retryable,
-            Permanent,
-            Interrupted,
-            Cancelled,
-            DeadlineExceeded,
-            SnoozeLimit,
-            Lost,
-            TimedOut,
-            Poison,
-        ] {
+        // `ALL` is every kind: a new one fails to compile here until it is listed.
+        for kind in ErrorKind::ALL {
+            match kind {
+                ErrorKind::Retryable
+                | ErrorKind::Permanent
+                | ErrorKind::Interrupted
+                | ErrorKind::Cancelled
+                | ErrorKind::DeadlineExceeded
+                | ErrorKind::SnoozeLimit
+                | ErrorKind::Lost
+                | ErrorKind::TimedOut
+                | ErrorKind::Poison => {}
+            }
             let stored = serde_json::to_value(kind).unwrap();
             assert_eq!(stored.as_str(), Some(kind.to_string().as_str()));
         }
         let error = RunError {
-            kind: Retryable,
+            kind: ErrorKind::Retryable,
             message: "upstream 503".into(),
             attempt: Attempt(2),
             at: Timestamp(0),
@@ -1206,18 +1222,22 @@ mod tests {
         assert_eq!(error.to_string(), "attempt 2, retryable: upstream 503");
     }
 
-    fn running_run(policy: RetryPolicy) -> Run {
-        let terms = RunTerms {
-            retry: policy,
-            ..RunTerms::new("k")
-        };
-        let mut run = Run::new(
+    /// A manual run 1 of job `j` under `terms`, created at time 0: the unit tests' fixture.
+    pub(crate) fn manual_run(terms: RunTerms) -> Run {
+        Run::new(
             RunId(1),
             JobId::new("j").unwrap(),
             Trigger::Manual,
             Timestamp(0),
             terms,
-        );
+        )
+    }
+
+    fn running_run(policy: RetryPolicy) -> Run {
+        let mut run = manual_run(RunTerms {
+            retry: policy,
+            ..RunTerms::new("k")
+        });
         run.mark_running(Timestamp(0), 30_000, 3);
         run
     }

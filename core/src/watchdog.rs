@@ -94,24 +94,17 @@ pub fn due_action(run: &Run, now: Timestamp, config: &Config) -> Option<WatchAct
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ids::{FencingToken, JobId, RunId, WorkerId};
+    use crate::ids::{FencingToken, WorkerId};
     use crate::lease::Lease;
 
-    use crate::run::{RunTerms, Trigger};
+    use crate::run::RunTerms;
 
     fn running(timeout_ms: Option<u64>) -> (Run, Config) {
         let config = Config::default();
-        let terms = RunTerms {
+        let mut run = crate::run::tests::manual_run(RunTerms {
             timeout_ms,
             ..RunTerms::new("k")
-        };
-        let mut run = Run::new(
-            RunId(1),
-            JobId::new("j").unwrap(),
-            Trigger::Manual,
-            Timestamp(0),
-            terms,
-        );
+        });
         run.grant(Lease {
             owner: WorkerId::new("w").unwrap(),
             token: FencingToken(1),
