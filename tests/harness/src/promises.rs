@@ -127,6 +127,12 @@ impl Promises {
         });
     }
 
+    /// Who a lease of `run` must name: the worker that claimed it, or else `local`, the
+    /// scheduler's own executor.
+    pub fn owner_of(&self, run: RunId, local: &WorkerId) -> WorkerId {
+        self.claims.get(&run).unwrap_or(local).clone()
+    }
+
     /// `extend` answered `result` for `run_id`: a killed run is never extended (SPEC W2), and
     /// a run is extended at most once (W1).
     pub fn extend_answered(&mut self, run_id: RunId, result: &Result<Timestamp, Rejected>) {

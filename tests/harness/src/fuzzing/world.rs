@@ -271,12 +271,7 @@ impl World {
         // SPEC L1: the lease the store holds for the run (checked above), owned by the
         // executor or the worker that claimed it, a token never handed out before, above every
         // token handed out before the last restart; its grant is announced next.
-        let owner = self
-            .promises
-            .claims
-            .get(&run)
-            .unwrap_or(&self.local)
-            .clone();
+        let owner = self.promises.owner_of(run, &self.local);
         assert_eq!(lease.owner, owner, "{run} attempt {attempt}");
         assert_eq!(
             self.announce, None,

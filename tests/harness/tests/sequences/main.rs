@@ -946,12 +946,7 @@ impl World {
             self.promises.claims.contains_key(&run),
             "{run} attempt {attempt}: external runs, and only they, are claimed"
         );
-        let owner = self
-            .promises
-            .claims
-            .get(&run)
-            .unwrap_or(&self.local)
-            .clone();
+        let owner = self.promises.owner_of(run, &self.local);
         assert_eq!(lease.owner, owner);
         let timeout_ms = stored.timeout_ms();
         assert_eq!(
