@@ -20,8 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use keel_core::{
-    Attempt, DeliveryId, DeliveryState, Lease, Rejected, RunId, RunState, Scheduler, SendRequest,
-    Timestamp, WorkerId,
+    Attempt, Batch, DeliveryId, DeliveryState, Lease, Record, Rejected, RunId, RunState, Scheduler,
+    SendRequest, Timestamp, WorkerId,
 };
 use keel_testkit::MemStore;
 
@@ -55,6 +55,21 @@ pub struct Promises {
 }
 
 impl Promises {
+    /// `batch` became durable in `store`: the deliveries it deletes have ended, and their end
+    /// is announced next.
+    pub fn acknowledged(&mut self, batch: &Batch, store: &mut MemStore) {
+        store.apply(batch);
+        self.awaiting_end.extend(deleted_deliveries(batch));
+    }
+
+    /// `batch`, in flight when the process died, became durable without its acknowledgement:
+    /// the ends of delivery it wrote may never be announced (a crash between the write and
+    /// the event is allowed to swallow a count).
+    pub fn durable_unacknowledged(&mut self, batch: &Batch, store: &mut MemStore) {
+        store.apply(batch);
+        self.uncounted.extend(deleted_deliveries(batch));
+    }
+
     /// `Effect::Deliver`: released only once the record of that attempt is durable, carrying
     /// a durable terminal result, never twice for one attempt (across crashes too), and never
     /// while another attempt of the same delivery is in flight (SPEC D1).
@@ -172,6 +187,14 @@ impl Promises {
             self.must_write.remove(&run);
         }
     }
+}
+
+/// The deliveries a batch deletes: each one ended.
+pub fn deleted_deliveries(batch: &Batch) -> impl Iterator<Item = DeliveryId> + '_ {
+    batch.records.iter().filter_map(|r| match r {
+        Record::DeleteDelivery { id } => Some(*id),
+        _ => None,
+    })
 }
 
 /// The checkpoint sequence number of every run in memory.

@@ -22,7 +22,7 @@ use keel_core::{
     limits, Attempt, AttemptStart, Batch, CheckpointSave, Config, DeliveryId, DeliveryResult,
     DeliveryState, Effect, Event, FencingToken, Incident, IncidentKind, Job, JobId, JobSpec,
     JobState, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome, OverflowPolicy, OverlapPolicy,
-    Record, Rejected, Released, RetryPolicy, RunId, RunState, Schedule, ScheduleSpec, Scheduler,
+    Rejected, Released, RetryPolicy, RunId, RunState, Schedule, ScheduleSpec, Scheduler,
     SendRequest, Timestamp, WorkerId,
 };
 use keel_testkit::MemStore;
@@ -70,14 +70,6 @@ impl<'a> Bytes<'a> {
         }
         u64::from_le_bytes(bytes)
     }
-}
-
-/// The deliveries a batch deletes: each has ended (finished or dropped).
-fn deleted_deliveries(batch: &Batch) -> impl Iterator<Item = DeliveryId> + '_ {
-    batch.records.iter().filter_map(|r| match r {
-        Record::DeleteDelivery { id } => Some(*id),
-        _ => None,
-    })
 }
 
 /// FNV-1a: a cheap, stable hash to derive instants and choices from the whole input.

@@ -371,10 +371,7 @@ impl World {
 
     pub(super) fn ack(&mut self) {
         if let Some(batch) = self.in_flight.take() {
-            self.store.apply(&batch);
-            self.promises
-                .awaiting_end
-                .extend(deleted_deliveries(&batch));
+            self.promises.acknowledged(&batch, &mut self.store);
             self.acked_in_shutdown = self.sched.is_shutting_down();
             self.sched.handle_persisted(self.now, batch.id);
         }
@@ -545,8 +542,8 @@ impl World {
         // The store may have made the in-flight batch durable just before the crash.
         if flags & 1 != 0 {
             if let Some(batch) = self.in_flight.take() {
-                self.store.apply(&batch);
-                self.promises.uncounted.extend(deleted_deliveries(&batch));
+                self.promises
+                    .durable_unacknowledged(&batch, &mut self.store);
             }
         }
         self.in_flight = None;

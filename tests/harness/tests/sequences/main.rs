@@ -874,10 +874,7 @@ impl World {
     }
 
     fn ack(&mut self, batch: Batch) {
-        self.store.apply(&batch);
-        self.promises
-            .awaiting_end
-            .extend(deleted_deliveries(&batch));
+        self.promises.acknowledged(&batch, &mut self.store);
         self.acked_in_shutdown = self.keel.is_shutting_down();
         self.keel.handle_persisted(self.clock, batch.id);
         self.stats.batches_acked += 1;
@@ -1087,8 +1084,8 @@ impl World {
         if let Some(batch) = self.held.take() {
             // The write may have become durable without its acknowledgement arriving.
             if self.rng.chance(1, 2) {
-                self.store.apply(&batch);
-                self.promises.uncounted.extend(deleted_deliveries(&batch));
+                self.promises
+                    .durable_unacknowledged(&batch, &mut self.store);
             }
         }
         self.promises.after_crash(&self.store);
@@ -1223,14 +1220,6 @@ impl World {
 }
 
 // ----- helpers ----------------------------------------------------------------------------
-
-/// The deliveries a batch deletes: each has ended (finished or dropped).
-fn deleted_deliveries(batch: &Batch) -> impl Iterator<Item = DeliveryId> + '_ {
-    batch.records.iter().filter_map(|r| match r {
-        Record::DeleteDelivery { id } => Some(*id),
-        _ => None,
-    })
-}
 
 fn ts(text: &str) -> Timestamp {
     Timestamp::parse_rfc3339(text).expect("a valid RFC 3339 instant")
