@@ -5,12 +5,11 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use keel_core::job::JobState;
 use keel_core::persist::Tombstone;
 use keel_core::{
     AuditQuery, AuditRecord, Batch, BatchId, Conflict, Delivery, FencingToken, Incident,
-    IncidentKind, Job, JobId, JobSpec, Meta, Record, Run, RunId, RunQuery, RunState, RunTerms,
-    ScheduleSpec, Snapshot, Store, StoreError, Timestamp, Trigger,
+    IncidentKind, Job, JobId, Meta, Record, Run, RunId, RunQuery, RunState, RunTerms, Snapshot,
+    Store, StoreError, Timestamp, Trigger,
 };
 use keel_testkit::MemStore;
 
@@ -27,16 +26,7 @@ fn job_id(name: &str) -> JobId {
 }
 
 fn job(name: &str) -> Job {
-    Job {
-        spec: JobSpec::new(job_id(name), "work", ScheduleSpec::Once { at: T0 }),
-        state: JobState::Scheduled { next: T0 },
-        backlog: Default::default(),
-        last_fired: None,
-        active_runs: 0,
-        delete_when_idle: false,
-        last_run: None,
-        failures_in_a_row: 0,
-    }
+    conformance::once_job(name)
 }
 
 fn batch(epoch: u64, n: u64, records: Vec<Record>) -> Batch {
@@ -90,19 +80,7 @@ fn incident(id: u64, resolved_at: Option<Timestamp>) -> Incident {
 }
 
 fn delivery(id: u64) -> Delivery {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "sink": "hook",
-        "payload": {
-            "run": 2, "job": "a", "state": "succeeded", "summary": "ok", "error": null,
-            "finished_at": T0.0,
-        },
-        "attempt": 0,
-        "state": { "state": "waiting", "due": T0.0 },
-        "created_at": T0.0,
-        "last_error": null,
-    }))
-    .unwrap()
+    conformance::delivery(id, 2)
 }
 
 /// Restores a writer and returns its epoch.

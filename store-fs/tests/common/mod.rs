@@ -103,23 +103,7 @@ pub fn tombstone(name: &str) -> Tombstone {
 
 /// A delivery, built the way a store reads one back (its `durable` flag is not persisted).
 pub fn delivery(id: u64) -> Delivery {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "sink": "webhook",
-        "payload": {
-            "run": 1,
-            "job": "a",
-            "state": "succeeded",
-            "summary": "ok",
-            "error": null,
-            "finished_at": T0.0,
-        },
-        "attempt": 0,
-        "state": { "state": "waiting", "due": T0.0 },
-        "created_at": T0.0,
-        "last_error": null,
-    }))
-    .unwrap()
+    keel_harness::conformance::delivery(id, 1)
 }
 
 /// A batch with one of everything.

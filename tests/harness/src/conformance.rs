@@ -105,7 +105,8 @@ macro_rules! conformance_suite {
     };
 }
 
-const T0: Timestamp = Timestamp(1_800_000_000_000);
+/// The instant every fixture is built around.
+pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 
 fn job_id(name: &str) -> JobId {
     JobId::new(name).expect("valid test job name")
@@ -138,6 +139,42 @@ pub fn run_with(id: u64, job: &str, slot: Timestamp, terms: RunTerms) -> Run {
         slot,
         terms,
     )
+}
+
+/// A one-shot job of kind `work` due at [`T0`], as stored before it fires.
+pub fn once_job(name: &str) -> keel_core::Job {
+    keel_core::Job {
+        spec: JobSpec::new(job_id(name), "work", ScheduleSpec::Once { at: T0 }),
+        state: keel_core::JobState::Scheduled { next: T0 },
+        backlog: Default::default(),
+        last_fired: None,
+        active_runs: 0,
+        delete_when_idle: false,
+        last_run: None,
+        failures_in_a_row: 0,
+    }
+}
+
+/// Delivery `id` of run `run` (job `a`, succeeded) to sink `hook`, waiting to be sent at
+/// [`T0`], as the outbox stores it.
+pub fn delivery(id: u64, run: u64) -> keel_core::Delivery {
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "sink": "hook",
+        "payload": {
+            "run": run,
+            "job": "a",
+            "state": "succeeded",
+            "summary": "ok",
+            "error": null,
+            "finished_at": T0.0,
+        },
+        "attempt": 0,
+        "state": { "state": "waiting", "due": T0.0 },
+        "created_at": T0.0,
+        "last_error": null,
+    }))
+    .expect("a valid delivery")
 }
 
 /// `run` leased to `owner` with `token` until `expires_at`.
@@ -374,17 +411,7 @@ pub fn refused_batch_applies_nothing(harness: &impl Harness) {
     });
     put_run(&store, epoch, 0, T0, done.clone()).unwrap();
 
-    let newcomer = JobSpec::new(job_id("newcomer"), "work", ScheduleSpec::Once { at: T0 });
-    let job = keel_core::Job {
-        spec: newcomer,
-        state: keel_core::JobState::Scheduled { next: T0 },
-        backlog: Default::default(),
-        last_fired: None,
-        active_runs: 0,
-        delete_when_idle: false,
-        last_run: None,
-        failures_in_a_row: 0,
-    };
+    let job = once_job("newcomer");
     let reopened = edit(done.clone(), |r| r.state = RunState::Queued { since: T0 });
     let records = vec![
         Record::PutJob(job),
