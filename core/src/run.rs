@@ -794,7 +794,7 @@ impl Run {
 
     /// `BackingOff { until }` reached: an in-process run starts its next attempt (its lease is
     /// granted by [`Run::grant`]); an external run queues for a worker.
-    pub fn begin_next_attempt(&mut self, now: Timestamp) -> Transition {
+    pub(crate) fn begin_next_attempt(&mut self, now: Timestamp) -> Transition {
         if self.external {
             return self.change(
                 RunState::Queued { since: now },
@@ -811,7 +811,7 @@ impl Run {
     }
 
     /// A worker claimed the queued run: its next attempt starts under `lease`.
-    pub fn claim(&mut self, lease: Lease) -> Transition {
+    pub(crate) fn claim(&mut self, lease: Lease) -> Transition {
         debug_assert!(matches!(self.state, RunState::Queued { .. }));
         self.attempt = Attempt(self.attempt.0 + 1);
         let reason = format!(
@@ -828,14 +828,14 @@ impl Run {
     }
 
     /// Grants the lease of the attempt about to start (in-process runs).
-    pub fn grant(&mut self, lease: Lease) {
+    pub(crate) fn grant(&mut self, lease: Lease) {
         debug_assert!(matches!(self.state, RunState::Starting { .. }));
         self.lease = Some(lease);
     }
 
     /// The store acknowledged the starting attempt; it is handed to the executor. The lease
     /// runs from now, and the watchdog's deadlines are set from the job's timeout.
-    pub fn mark_running(
+    pub(crate) fn mark_running(
         &mut self,
         now: Timestamp,
         ttl_ms: u64,
@@ -868,7 +868,7 @@ impl Run {
     }
 
     /// Applies a handler's outcome for the running attempt.
-    pub fn apply_outcome(
+    pub(crate) fn apply_outcome(
         &mut self,
         now: Timestamp,
         outcome: Outcome,
@@ -952,7 +952,7 @@ impl Run {
     /// The run was found mid-attempt after a crash: cancelled if a cancel was requested,
     /// `interrupted` if the job does not resume after crashes, otherwise the attempt counts as
     /// lost ([`Run::lose_attempt`]). An interrupted run keeps its checkpoint (SPEC C2).
-    pub fn recover_after_crash(&mut self, now: Timestamp) -> Transition {
+    pub(crate) fn recover_after_crash(&mut self, now: Timestamp) -> Transition {
         let attempt = self.attempt;
         if self.cancel_requested {
             self.end_attempt();
@@ -992,7 +992,7 @@ impl Run {
     /// attempt ended (SPEC O1). It uses no attempt and no lost-attempt budget: the run retries
     /// at the next start (`BackingOff { until: now }`, which a shutting-down scheduler leaves
     /// for the next start). A run an operator had cancelled ends `cancelled`.
-    pub fn interrupt_for_shutdown(&mut self, now: Timestamp) -> Transition {
+    pub(crate) fn interrupt_for_shutdown(&mut self, now: Timestamp) -> Transition {
         let attempt = self.attempt;
         self.end_attempt();
         self.record_error(
@@ -1021,7 +1021,12 @@ impl Run {
     /// the process crashed. Lost attempts have their own budget (`lost_attempts_max`): within
     /// it the run retries at once; past it the run is poison and ends `failed_dropped`, so a
     /// run that keeps killing its host cannot loop forever.
-    pub fn lose_attempt(&mut self, now: Timestamp, kind: ErrorKind, message: &str) -> Transition {
+    pub(crate) fn lose_attempt(
+        &mut self,
+        now: Timestamp,
+        kind: ErrorKind,
+        message: &str,
+    ) -> Transition {
         let attempt = self.attempt;
         self.end_attempt();
         self.lost += 1;
@@ -1080,7 +1085,12 @@ impl Run {
     /// The watchdog kills the attempt in progress (timeout or backstop). The kill is sticky:
     /// the attempt's lease is revoked, so nothing it reports later is accepted, and no
     /// extension revives it. The attempt counts as a retryable failure.
-    pub fn kill(&mut self, now: Timestamp, reason: &str, rng: &mut SplitMix64) -> Transition {
+    pub(crate) fn kill(
+        &mut self,
+        now: Timestamp,
+        reason: &str,
+        rng: &mut SplitMix64,
+    ) -> Transition {
         let attempt = self.attempt;
         self.killed = Some(attempt);
         self.end_attempt();
@@ -1097,7 +1107,7 @@ impl Run {
 
     /// An operator cancels the run. Returns `None` if the run is running (a cancel request is
     /// recorded and the attempt is asked to stop).
-    pub fn cancel(&mut self, now: Timestamp, reason: &str) -> Option<Transition> {
+    pub(crate) fn cancel(&mut self, now: Timestamp, reason: &str) -> Option<Transition> {
         if let RunState::Running { .. } = self.state {
             self.cancel_requested = true;
             return None;
@@ -1604,5 +1614,56 @@ pub(crate) mod tests {
         assert_eq!(run.extended(), record.extended);
         assert_eq!(run.killed(), record.killed);
         assert_eq!(run.checkpoint(), record.checkpoint.as_ref());
+    }
+
+    // Moved from core/tests/review_regressions.rs when the run machine's methods became
+    // private to the core: regressions an independent review found in the run machine.
+
+    /// limits::SNOOZES_MAX: "a run snoozed this many times ends `failed`". The 1 000th snooze
+    /// backs off; only the 1 001st fails the run.
+    #[test]
+    fn a_run_snoozed_snoozes_max_times_ends_failed() {
+        let mut run = running_run(RetryPolicy::default());
+        let mut rng = SplitMix64::new(0);
+        for n in 1..=limits::SNOOZES_MAX {
+            run.apply_outcome(Timestamp(0), Outcome::Snooze { for_ms: 1 }, &mut rng);
+            if n < limits::SNOOZES_MAX {
+                run.begin_next_attempt(Timestamp(0));
+                run.mark_running(Timestamp(0), 30_000, 3);
+            }
+        }
+        assert_eq!(
+            run.state(),
+            RunState::Failed,
+            "after {} snoozes: {:?}",
+            run.snoozes(),
+            run.state()
+        );
+    }
+
+    /// Crash recovery retries "at once", but asks the policy for a (random) backoff delay and
+    /// checks the deadline against it: a run with attempts left and time left before its
+    /// deadline ends `interrupted`, with the reason "no attempts left".
+    #[test]
+    fn crash_recovery_checks_the_deadline_against_now() {
+        let retry = RetryPolicy {
+            attempts_max: 5,
+            backoff_base_ms: 5_000,
+            backoff_cap_ms: 5_000,
+            jitter: 0.0,
+            deadline_ms: Some(10_000),
+            ..RetryPolicy::default()
+        };
+        let mut run = running_run(retry);
+        // Restored 6 s after creation: attempt 2 could start now, 4 s before the deadline.
+        let t = run.recover_after_crash(Timestamp(6_000));
+        assert_eq!(
+            run.state(),
+            RunState::BackingOff {
+                until: Timestamp(6_000)
+            },
+            "{}",
+            t.reason
+        );
     }
 }

@@ -525,40 +525,6 @@ fn busy_jobs_sorting_first_do_not_starve_a_job_sorting_last() {
     assert!(started_zz > 0, "job zz never started a run in 120 s");
 }
 
-/// A manual run of job `j` under `retry`, created at time 0, its first attempt running.
-fn running_run(retry: RetryPolicy) -> Run {
-    let terms = RunTerms {
-        retry,
-        ..RunTerms::new("k")
-    };
-    let mut run = Run::new(RunId(1), id("j"), Trigger::Manual, Timestamp(0), terms);
-    run.mark_running(Timestamp(0), 30_000, 3);
-    run
-}
-
-/// limits::SNOOZES_MAX: "a run snoozed this many times ends `failed`". The 1 000th snooze
-/// backs off; only the 1 001st fails the run.
-#[test]
-fn a_run_snoozed_snoozes_max_times_ends_failed() {
-    use keel_core::rng::SplitMix64;
-    let mut run = running_run(RetryPolicy::default());
-    let mut rng = SplitMix64::new(0);
-    for n in 1..=limits::SNOOZES_MAX {
-        run.apply_outcome(Timestamp(0), Outcome::Snooze { for_ms: 1 }, &mut rng);
-        if n < limits::SNOOZES_MAX {
-            run.begin_next_attempt(Timestamp(0));
-            run.mark_running(Timestamp(0), 30_000, 3);
-        }
-    }
-    assert_eq!(
-        run.state(),
-        RunState::Failed,
-        "after {} snoozes: {:?}",
-        run.snoozes(),
-        run.state()
-    );
-}
-
 /// A refused command still moves the scheduler's clock (and the next batch persists it as
 /// the high-water mark), though lib.rs says a refused command "changes nothing".
 #[test]
@@ -568,32 +534,6 @@ fn a_refused_command_does_not_move_the_clock() {
     let bogus = Timestamp(t0.0 * 1000); // a driver that passed microseconds by mistake
     assert!(s.pause_job(bogus, &id("nope")).is_err());
     assert_eq!(s.now(), t0, "a refused command moved now() to {}", s.now());
-}
-
-/// Crash recovery retries "at once", but asks the policy for a (random) backoff delay and
-/// checks the deadline against it: a run with attempts left and time left before its
-/// deadline ends `interrupted`, with the reason "no attempts left".
-#[test]
-fn crash_recovery_checks_the_deadline_against_now() {
-    let retry = RetryPolicy {
-        attempts_max: 5,
-        backoff_base_ms: 5_000,
-        backoff_cap_ms: 5_000,
-        jitter: 0.0,
-        deadline_ms: Some(10_000),
-        ..RetryPolicy::default()
-    };
-    let mut run = running_run(retry);
-    // Restored 6 s after creation: attempt 2 could start now, 4 s before the deadline.
-    let t = run.recover_after_crash(Timestamp(6_000));
-    assert_eq!(
-        run.state(),
-        RunState::BackingOff {
-            until: Timestamp(6_000)
-        },
-        "{}",
-        t.reason
-    );
 }
 
 /// A scheduler at `t0` with one job, `j`, a one-shot due at `t0` whose attempt has started.
