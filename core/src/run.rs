@@ -719,7 +719,7 @@ pub struct Transition {
 
 impl Run {
     /// A new run. An in-process run is about to start its first attempt (`Starting`, its lease
-    /// granted by [`Run::grant`]); an external one waits for a worker (`Queued`).
+    /// granted when the scheduler hands it out); an external one waits for a worker (`Queued`).
     pub fn new(id: RunId, job: JobId, trigger: Trigger, now: Timestamp, terms: RunTerms) -> Self {
         let (attempt, state) = if terms.external {
             (Attempt(0), RunState::Queued { since: now })
