@@ -12,7 +12,7 @@
 //! - [`TempDir`]: a temporary directory for store and process tests.
 //!
 //! Its integration tests are keel's scenario worlds: the model-checked sequences of the core
-//! (`tests/sequences.rs`), supervision, and whole scenarios through the simulator.
+//! (`tests/sequences/`), supervision, and whole scenarios through the simulator.
 
 #![warn(missing_docs)]
 

@@ -342,8 +342,9 @@ impl World {
             }
             Event::CheckpointFailed { run, seq, .. } => {
                 // Polled after the fact: only if no newer save was written since. A save
-                // written by a flush is left out: after it fails the next save is throttled
-                // (a core bug, pinned by an ignored test in tests/harness/tests/sequences.rs).
+                // written by a flush is left out here, as in the proptest world; the case is
+                // pinned by the regression `the_save_after_a_failed_flushed_save_is_written_at_once`
+                // (tests/harness/tests/sequences/regressions.rs).
                 let latest = self
                     .sched
                     .run(run)
