@@ -197,6 +197,20 @@ pub fn deleted_deliveries(batch: &Batch) -> impl Iterator<Item = DeliveryId> + '
     })
 }
 
+/// The artifacts `run` requires that `outcome` lacks: a success without them is refused and
+/// the attempt keeps running. Empty for any other outcome.
+pub fn missing_artifacts(run: &keel_core::Run, outcome: &keel_core::Outcome) -> Vec<String> {
+    match outcome {
+        keel_core::Outcome::Success { artifacts, .. } => run
+            .required_artifacts()
+            .iter()
+            .filter(|name| !artifacts.contains_key(*name))
+            .cloned()
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// The checkpoint sequence number of every run in memory.
 pub fn checkpoint_seqs(core: &Scheduler) -> BTreeMap<RunId, Option<u64>> {
     core.runs()

@@ -15,7 +15,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::promises::{
-    attempts_in_progress, checkpoint_seqs, expected_extend, own_attempts_in_progress, Promises,
+    attempts_in_progress, checkpoint_seqs, expected_extend, missing_artifacts,
+    own_attempts_in_progress, Promises,
 };
 use keel_core::schedule::Due;
 use keel_core::{

@@ -431,15 +431,10 @@ impl World {
         }
         let i = index % self.started.len();
         let s = self.started.remove(i);
-        let missing: Vec<String> = match (&outcome, self.sched.run(s.run)) {
-            (Outcome::Success { artifacts, .. }, Some(run)) => run
-                .required_artifacts()
-                .iter()
-                .filter(|name| !artifacts.contains_key(*name))
-                .cloned()
-                .collect(),
-            _ => Vec::new(),
-        };
+        let missing = self
+            .sched
+            .run(s.run)
+            .map_or_else(Vec::new, |run| missing_artifacts(run, &outcome));
         let result = self.sched.handle_outcome(self.now, s.run, s.token, outcome);
         if !missing.is_empty() {
             assert_eq!(

@@ -93,8 +93,8 @@ use keel_core::{
     Scheduler, SendRequest, Timestamp, Trigger, WorkerId,
 };
 use keel_harness::promises::{
-    attempts_in_progress, checkpoint_seqs, expected_extend, own_attempts_in_progress, InProgress,
-    Promises,
+    attempts_in_progress, checkpoint_seqs, expected_extend, missing_artifacts,
+    own_attempts_in_progress, InProgress, Promises,
 };
 use keel_testkit::MemStore;
 use proptest::prelude::*;
@@ -567,15 +567,7 @@ impl World {
             .expect("an executing run is in memory");
         let cancel_requested = run.cancel_requested();
         let outcome = outcome.outcome();
-        let missing: Vec<String> = match &outcome {
-            Outcome::Success { artifacts, .. } => run
-                .required_artifacts()
-                .iter()
-                .filter(|name| !artifacts.contains_key(*name))
-                .cloned()
-                .collect(),
-            _ => Vec::new(),
-        };
+        let missing = missing_artifacts(run, &outcome);
         let before = fingerprint(&self.keel);
         let result = self
             .keel
