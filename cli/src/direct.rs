@@ -243,12 +243,8 @@ fn drain(
         }
         // An external worker's claim: handed to it.
         Effect::StartAttempt(start) => started.push(start),
-        // Nothing runs here, nothing is delivered; events are the daemon's to log.
-        Effect::Persist(_)
-        | Effect::CancelAttempt { .. }
-        | Effect::KillAttempt { .. }
-        | Effect::Deliver(_)
-        | Effect::Event(_) => {}
+        // Nothing else runs here and nothing is delivered; events are the daemon's to log.
+        _ => {}
     };
     match drive::drain(core, now, write, hand_on) {
         Ok(_) => Ok(started),
