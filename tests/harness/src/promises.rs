@@ -197,6 +197,28 @@ pub fn deleted_deliveries(batch: &Batch) -> impl Iterator<Item = DeliveryId> + '
     })
 }
 
+/// Whether `result` refuses a write for `run` with `token` as a stale holder's write must be
+/// refused (SPEC L1): a stale token (naming the `current` one), a run no longer running, or a
+/// run the scheduler does not `know`.
+pub fn refused_as_stale<T>(
+    result: &Result<T, Rejected>,
+    run: RunId,
+    token: keel_core::FencingToken,
+    current: Option<keel_core::FencingToken>,
+    known: bool,
+) -> bool {
+    match result {
+        Err(Rejected::StaleToken {
+            run: r,
+            got,
+            current: c,
+        }) => *r == run && *got == token && *c == current,
+        Err(Rejected::NotRunning { run: r, .. }) => *r == run,
+        Err(Rejected::UnknownRun(r)) => *r == run && !known,
+        _ => false,
+    }
+}
+
 /// The artifacts `run` requires that `outcome` lacks: a success without them is refused and
 /// the attempt keeps running. Empty for any other outcome.
 pub fn missing_artifacts(run: &keel_core::Run, outcome: &keel_core::Outcome) -> Vec<String> {

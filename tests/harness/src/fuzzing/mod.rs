@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::promises::{
     attempts_in_progress, checkpoint_seqs, expected_extend, missing_artifacts,
-    own_attempts_in_progress, Promises,
+    own_attempts_in_progress, refused_as_stale, Promises,
 };
 use keel_core::schedule::Due;
 use keel_core::{

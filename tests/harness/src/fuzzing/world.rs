@@ -511,16 +511,7 @@ impl World {
         let now = self.sched.now();
         let current = before.as_ref().and_then(|r| r.lease()).map(|l| l.token);
         let result = write(&mut self.sched);
-        let refused = match &result {
-            Err(Rejected::StaleToken {
-                run: r,
-                got,
-                current: c,
-            }) => *r == run && *got == token && *c == current,
-            Err(Rejected::NotRunning { run: r, .. }) => *r == run,
-            Err(Rejected::UnknownRun(r)) => *r == run && before.is_none(),
-            _ => false,
-        };
+        let refused = refused_as_stale(&result, run, token, current, before.is_some());
         assert!(
             refused,
             "stale {what} for {run} with {token} (current {current:?}) not refused: {result:?}"

@@ -94,7 +94,7 @@ use keel_core::{
 };
 use keel_harness::promises::{
     attempts_in_progress, checkpoint_seqs, expected_extend, missing_artifacts,
-    own_attempts_in_progress, InProgress, Promises,
+    own_attempts_in_progress, refused_as_stale, InProgress, Promises,
 };
 use keel_testkit::MemStore;
 use proptest::prelude::*;
@@ -666,16 +666,8 @@ impl World {
         result: &Result<T, Rejected>,
     ) {
         let current = self.keel.run(run).and_then(|r| r.lease()).map(|l| l.token);
-        let refused = match result {
-            Err(Rejected::StaleToken {
-                run: r,
-                got,
-                current: c,
-            }) => *r == run && *got == token && *c == current,
-            Err(Rejected::NotRunning { run: r, .. }) => *r == run,
-            Err(Rejected::UnknownRun(r)) => *r == run && self.keel.run(run).is_none(),
-            _ => false,
-        };
+        let known = self.keel.run(run).is_some();
+        let refused = refused_as_stale(result, run, token, current, known);
         assert!(
             refused,
             "{what} for {run} with {token} (current lease {current:?}) was not refused as \
