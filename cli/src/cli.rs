@@ -112,6 +112,10 @@ pub(crate) struct RunArgs {
     /// A keel.toml: daemon settings and jobs to add or update at start.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
+    /// Serve the HTTP API and console on ADDR (e.g. 127.0.0.1:8080), as keel.toml's `[http]
+    /// listen` does; a non-loopback ADDR needs `[http] tokens` (docs/api.md).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) http: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -58,7 +58,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Run(args) => {
             let config = args.config.as_deref().map(config::load).transpose()?;
-            daemon::run(&place, config)
+            daemon::run(&place, config, args.http)
         }
         Command::Job(command) => job(&place, out, command),
         Command::Next(args) => next(&place, out, &args),
@@ -272,7 +272,7 @@ fn find_job(place: &Place, name: &str) -> Result<Job, Failure> {
     jobs(place)?
         .into_iter()
         .find(|job| job.spec.id == id)
-        .ok_or_else(|| Failure::input(format!("no job named {name} (see `keel job ls`)")))
+        .ok_or_else(|| Failure::NotFound(format!("no job named {name} (see `keel job ls`)")))
 }
 
 fn next(place: &Place, out: Output, args: &NextArgs) -> Result<(), Failure> {

@@ -56,6 +56,8 @@ pub(crate) struct Config {
     /// The delivery outbox's capacity and overflow policy (`outbox_capacity`,
     /// `outbox_overflow`).
     pub(crate) outbox: (usize, OverflowPolicy),
+    /// The HTTP API's listener and tokens file (`[http]`), if it is on.
+    pub(crate) http: Option<crate::http::auth::HttpSettings>,
     /// The jobs, in file order, each with its line.
     pub(crate) jobs: Vec<(JobDef, usize)>,
 }
@@ -66,7 +68,17 @@ struct File {
     #[serde(default)]
     daemon: Daemon,
     #[serde(default)]
+    http: Option<Spanned<HttpSection>>,
+    #[serde(default)]
     job: Vec<Spanned<JobDef>>,
+}
+
+/// `[http]`: the HTTP API and console (docs/api.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSection {
+    listen: String,
+    tokens: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,7 +111,8 @@ impl Config {
                 self.lease,
                 self.delivery,
                 self.failing_after,
-                self.outbox
+                self.outbox,
+                &self.http
             )
         )
     }
@@ -202,6 +215,32 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         },
     };
     let outbox = outbox(text, daemon, &mut problems);
+    let http = file.http.as_ref().and_then(|section| {
+        let line = line_of(text, section.span().start);
+        let section = section.get_ref();
+        let listen = match section.listen.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                problems.push(format!(
+                    "line {line}: [http] listen: {:?} is not an address such as \
+                     \"127.0.0.1:8080\"",
+                    section.listen
+                ));
+                return None;
+            }
+        };
+        // A relative tokens file is the config file's neighbour.
+        let tokens = section
+            .tokens
+            .as_ref()
+            .map(|t| path.parent().unwrap_or(Path::new(".")).join(t));
+        let settings = crate::http::auth::HttpSettings { listen, tokens };
+        if let Err(e) = settings.tokens() {
+            problems.push(format!("line {line}: {e}"));
+            return None;
+        }
+        Some(settings)
+    });
     let mut config = Config {
         path: path.to_path_buf(),
         shutdown_budget,
@@ -210,6 +249,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         delivery,
         failing_after,
         outbox,
+        http,
         jobs: Vec::new(),
     };
     let base_dir = config.base_dir();

@@ -34,6 +34,7 @@ use crate::command_job;
 use crate::config::{core_config, Config, SHUTDOWN_BUDGET_DEFAULT};
 use crate::direct::{wall_clock, DAEMON_WORKER};
 use crate::error::Failure;
+use crate::http::auth::HttpSettings;
 use crate::jobdef::{Prior, Resolve};
 use crate::place::{DaemonLock, Holder, Place};
 use crate::protocol::{
@@ -43,18 +44,26 @@ use crate::protocol::{
 use crate::show;
 
 /// Runs the daemon until a signal stops it.
-pub(crate) fn run(place: &Place, config: Option<Config>) -> Result<(), Failure> {
+pub(crate) fn run(
+    place: &Place,
+    config: Option<Config>,
+    http: Option<std::net::SocketAddr>,
+) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(daemon(place, config));
+    let result = runtime.block_on(daemon(place, config, http));
     // A store write stuck on a dead disk must not keep the process from exiting.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
 }
 
-async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
+async fn daemon(
+    place: &Place,
+    config: Option<Config>,
+    http: Option<std::net::SocketAddr>,
+) -> Result<(), Failure> {
     let mut signals = Signals::new()?;
     // Listened to from the start: SIGHUP's default action would end the daemon silently.
     let hangup = signal(SignalKind::hangup())
@@ -113,21 +122,46 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         printer_stop,
     ));
 
-    let _metrics = match config.as_ref().and_then(|c| c.metrics) {
-        Some(addr) => match prometheus::serve(addr).await {
-            Ok(server) => {
-                log(&format!(
-                    "metrics at http://{}/metrics",
-                    server.local_addr()
-                ));
-                Some(server)
+    // `--http ADDR` overrides `[http] listen`, and keeps its tokens file.
+    let http = match (http, config.as_ref().and_then(|c| c.http.clone())) {
+        (Some(listen), settings) => Some(HttpSettings {
+            listen,
+            tokens: settings.and_then(|s| s.tokens),
+        }),
+        (None, settings) => settings,
+    };
+    let metrics_addr = config.as_ref().and_then(|c| c.metrics);
+    let recorder = if http.is_some() || metrics_addr.is_some() {
+        match prometheus::install_recorder() {
+            Ok(recorder) => {
+                tokio::spawn(metrics_upkeep(recorder.clone()));
+                Some(recorder)
             }
             Err(e) => {
                 stop(runtime, handle, Duration::ZERO).await;
-                return Err(Failure::input(format!("[daemon] metrics: {e}")));
+                return Err(Failure::runtime(format!("metrics: {e}")));
             }
-        },
-        None => None,
+        }
+    } else {
+        None
+    };
+    let _metrics = match (metrics_addr, &recorder) {
+        (Some(addr), Some(recorder)) => {
+            match crate::http::serve(addr, crate::http::metrics_only(recorder.clone())).await {
+                Ok(server) => {
+                    log(&format!(
+                        "metrics at http://{}/metrics",
+                        server.local_addr()
+                    ));
+                    Some(server)
+                }
+                Err(e) => {
+                    stop(runtime, handle, Duration::ZERO).await;
+                    return Err(Failure::input(format!("[daemon] metrics: {e}")));
+                }
+            }
+        }
+        _ => None,
     };
 
     if let Some(config) = &config {
@@ -156,14 +190,47 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
         store: place.kind.name().into(),
         worker: DAEMON_WORKER.into(),
     };
-    let server = tokio::spawn(serve(
-        socket.listener,
-        Server {
-            handle: handle.clone(),
-            store: Arc::clone(&store),
-            status,
-        },
-    ));
+    let shared = Server {
+        handle: handle.clone(),
+        store: Arc::clone(&store),
+        status,
+        output_dir: place.output_dir(),
+    };
+    let _http = match &http {
+        Some(settings) => {
+            let started = match settings.tokens() {
+                Ok(tokens) => {
+                    let api = crate::http::Api {
+                        server: shared.clone(),
+                        tokens: Arc::new(tokens),
+                        metrics: recorder.clone(),
+                    };
+                    crate::http::serve(settings.listen, crate::http::app(api)).await
+                }
+                Err(e) => Err(Failure::input(format!("[http] {e}"))),
+            };
+            match started {
+                Ok(server) => {
+                    log(&format!(
+                        "http api and console at http://{}/ ({})",
+                        server.local_addr(),
+                        if settings.tokens.is_some() {
+                            "bearer tokens required"
+                        } else {
+                            "loopback, open to local users"
+                        }
+                    ));
+                    Some(server)
+                }
+                Err(e) => {
+                    stop(runtime, handle, Duration::ZERO).await;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let server = tokio::spawn(serve(socket.listener, shared));
     let jobs = handle.jobs().await.map_or(0, |jobs| jobs.len());
     log(&format!(
         "ready: {} store in {}, {jobs} job{}, control socket {} (pid {})",
@@ -230,6 +297,15 @@ async fn daemon(place: &Place, config: Option<Config>) -> Result<(), Failure> {
             keel_runtime::PANICS_IN_A_ROW_MAX
         ))),
         Err(e) => Err(Failure::runtime(format!("the scheduler stopped: {e}"))),
+    }
+}
+
+/// Drains the recorder's histogram samples now and then, as its exporter would.
+async fn metrics_upkeep(recorder: keel_runtime::prometheus::PrometheusHandle) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        recorder.run_upkeep();
     }
 }
 
@@ -549,11 +625,15 @@ impl Socket {
     }
 }
 
+/// What the control socket and the HTTP API answer from: the runtime, its store, and who
+/// this daemon is.
 #[derive(Clone)]
-struct Server {
-    handle: RuntimeHandle,
-    store: Arc<dyn Store>,
-    status: DaemonStatus,
+pub(crate) struct Server {
+    pub(crate) handle: RuntimeHandle,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) status: DaemonStatus,
+    /// Where command jobs' output is kept (`keel logs`, `GET /api/v1/runs/{id}/logs`).
+    pub(crate) output_dir: std::path::PathBuf,
 }
 
 async fn serve(listener: UnixListener, server: Server) {
@@ -591,7 +671,7 @@ async fn connection(stream: UnixStream, server: Server) {
                 "request longer than {REQUEST_MAX_BYTES} bytes; the connection is closed"
             ))),
             Ok(_) => match serde_json::from_slice::<Request>(&line) {
-                Ok(request) => Response::from_result(dispatch(&server, request).await),
+                Ok(request) => Response::from_result(dispatch(&server, request, "a command").await),
                 Err(e) => Response::Err(Failure::input(format!("malformed request: {e}"))),
             },
         };
@@ -617,7 +697,15 @@ fn command(result: Result<(), CommandError>) -> Result<Result<(), Rejected>, Fai
     }
 }
 
-async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
+/// Answers one request, from the control socket or the HTTP API.
+///
+/// `actor` says who asked, in the log line of a change (SPEC O5): `a command` for the socket,
+/// `token NAME over HTTP` for the API.
+pub(crate) async fn dispatch(
+    server: &Server,
+    request: Request,
+    actor: &str,
+) -> Result<Value, Failure> {
     let handle = &server.handle;
     match request {
         Request::Status => to_value(&server.status),
@@ -654,38 +742,38 @@ async fn dispatch(server: &Server, request: Request) -> Result<Value, Failure> {
             let job = handle.jobs().await?.into_iter().find(|j| j.spec.id == id);
             let what = if replaced { "replaced" } else { "added" };
             let state = job.as_ref().map(show::job_state).unwrap_or_default();
-            log(&format!("job {id}: {what} by a command ({state})"));
+            log(&format!("job {id}: {what} by {actor} ({state})"));
             to_value(Added { replaced, job })
         }
         // Each change an operator makes through the socket is a line in the log, when it
         // happens (SPEC O5); `keel job history` keeps it.
         Request::RemoveJob { job } => {
             handle.remove_job(job.clone()).await?;
-            log(&format!("job {job}: removed by a command"));
+            log(&format!("job {job}: removed by {actor}"));
             to_value(())
         }
         Request::PauseJob { job } => {
             let changed = crate::protocol::changed(command(handle.pause_job(job.clone()).await)?)?;
             if changed {
-                log(&format!("job {job}: paused by a command"));
+                log(&format!("job {job}: paused by {actor}"));
             }
             to_value(changed)
         }
         Request::ResumeJob { job } => {
             let changed = crate::protocol::changed(command(handle.resume_job(job.clone()).await)?)?;
             if changed {
-                log(&format!("job {job}: resumed by a command"));
+                log(&format!("job {job}: resumed by {actor}"));
             }
             to_value(changed)
         }
         Request::TriggerJob { job } => {
             let run = handle.trigger(job.clone()).await?;
-            log(&format!("job {job}: {run} triggered by a command"));
+            log(&format!("job {job}: {run} triggered by {actor}"));
             to_value(run)
         }
         Request::CancelRun { run } => {
             handle.cancel_run(run).await?;
-            log(&format!("{run}: cancel requested by a command"));
+            log(&format!("{run}: cancel requested by {actor}"));
             to_value(())
         }
         Request::Claim { worker, kinds } => {
@@ -867,6 +955,6 @@ impl Signals {
 }
 
 /// One line on stderr, stamped with the time.
-fn log(line: &str) {
+pub(crate) fn log(line: &str) {
     eprintln!("{} keel: {line}", wall_clock());
 }

@@ -24,6 +24,11 @@ pub(crate) enum Failure {
     Runtime(String),
     /// Exit 3: `worker claim` found nothing due.
     NothingDue(String),
+    /// Exit 2, as bad input: no such job or run (HTTP 404).
+    NotFound(String),
+    /// Exit 2, as bad input: a write under a fencing token that is not the run's current
+    /// lease; nothing changed (HTTP 409).
+    StaleToken(String),
 }
 
 impl Failure {
@@ -31,7 +36,7 @@ impl Failure {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Failure::Runtime(_) => 1,
-            Failure::BadInput(_) => 2,
+            Failure::BadInput(_) | Failure::NotFound(_) | Failure::StaleToken(_) => 2,
             Failure::NothingDue(_) => 3,
         }
     }
@@ -39,7 +44,11 @@ impl Failure {
     /// The message, without the class.
     pub(crate) fn message(&self) -> &str {
         match self {
-            Failure::BadInput(m) | Failure::Runtime(m) | Failure::NothingDue(m) => m,
+            Failure::BadInput(m)
+            | Failure::Runtime(m)
+            | Failure::NothingDue(m)
+            | Failure::NotFound(m)
+            | Failure::StaleToken(m) => m,
         }
     }
 
@@ -76,16 +85,17 @@ impl From<Rejected> for Failure {
                     Some(token) => format!("the current lease is {token}"),
                     None => "the run holds no lease now".to_string(),
                 };
-                Failure::input(format!(
+                Failure::StaleToken(format!(
                     "{run}: {got} is not the current lease ({current}); the write was refused. \
                      The lease expired or was reclaimed and the run belongs to another attempt: \
                      stop working on it and drop this attempt's result"
                 ))
             }
-            Rejected::UnknownRun(run) => Failure::input(format!(
+            Rejected::UnknownRun(run) => Failure::NotFound(format!(
                 "no active run {run}: it never existed or it has finished \
                  (see `keel runs show {run}`)"
             )),
+            Rejected::UnknownJob(job) => Failure::NotFound(format!("no job named {job}")),
             other => Failure::input(other.to_string()),
         }
     }

@@ -35,6 +35,7 @@ mod direct;
 mod doctor;
 mod duration;
 mod error;
+mod http;
 mod jobdef;
 mod logging;
 mod place;
