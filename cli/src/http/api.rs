@@ -261,7 +261,7 @@ async fn resume_job(
 async fn acted_on_job(api: &Api, id: &JobId, action: &str, changed: bool) -> Answer {
     let job = jobs(api).await?.into_iter().find(|j| &j.spec.id == id);
     let view = job.as_ref().map_or(Value::Null, views::job);
-    ok(views::acted(id.as_str(), view, action, changed))
+    ok(views::acted("job", view, action, changed))
 }
 
 async fn trigger_job(
@@ -446,17 +446,10 @@ async fn claim(
         .await?,
     )?;
     match claimed {
-        Some(attempt) => ok(claimed_view(&attempt)),
+        // As `keel worker claim --json` prints it.
+        Some(attempt) => ok(serde_json::to_value(attempt).unwrap_or(Value::Null)),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
-}
-
-/// A claimed attempt as `keel worker claim --json` prints it, tokens and runs named.
-fn claimed_view(attempt: &ClaimedAttempt) -> Value {
-    let mut value = serde_json::to_value(attempt).unwrap_or(Value::Null);
-    value["run"] = json!(attempt.run.to_string());
-    value["token"] = json!(attempt.token.to_string());
-    value
 }
 
 #[derive(Debug, Deserialize)]
