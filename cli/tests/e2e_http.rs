@@ -1,5 +1,7 @@
 //! The HTTP API against a real daemon: every resource, status code and role (docs/api.md).
 
+#![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
+
 mod common;
 
 use std::io::{BufRead, BufReader};

@@ -12,7 +12,10 @@ fn renders_the_metrics_recorded_through_the_facade_and_installs_once() {
     metrics::counter!("keel_test_scrapes_total", "sink" => "hook").increment(3);
     metrics::counter!(m::RETRIES).increment(1);
     let text = metrics.render();
-    assert!(text.contains("keel_test_scrapes_total{sink=\"hook\"} 3"), "{text}");
+    assert!(
+        text.contains("keel_test_scrapes_total{sink=\"hook\"} 3"),
+        "{text}"
+    );
     assert!(text.contains("keel_retries_total 1"), "{text}");
     // A second call returns the same recorder rather than failing.
     let again = prometheus::install_recorder().unwrap();
