@@ -226,6 +226,10 @@ pub(crate) struct AddArgs {
     /// The payload handed to external workers (with --worker-kind).
     #[arg(long, value_name = "TEXT")]
     pub(crate) payload: Option<String>,
+    /// An artifact a worker's completion must report (repeatable; with --worker-kind). A URL
+    /// must answer HTTP 200 and a path must exist before the completion is accepted.
+    #[arg(long = "require-artifact", value_name = "NAME")]
+    pub(crate) require_artifacts: Vec<String>,
     /// Run `sh -c "PROGRAM ARGS…"` (joined by spaces) instead of the program itself.
     #[arg(long)]
     pub(crate) shell: bool,

@@ -257,6 +257,7 @@ fn add(place: &Place, out: Output, args: AddArgs) -> Result<(), Failure> {
         notify_on: args.notify_on,
         worker_kind: args.worker_kind,
         payload: args.payload,
+        require_artifacts: args.require_artifacts,
         exit_success: args.exit_success,
         exit_retryable: args.exit_retryable,
         exit_permanent: args.exit_permanent,

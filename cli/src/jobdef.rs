@@ -43,6 +43,9 @@ pub(crate) struct JobDef {
     pub(crate) notify_on: Option<String>,
     pub(crate) worker_kind: Option<String>,
     pub(crate) payload: Option<String>,
+    /// Artifacts a worker's completion must report (and that must pass the artifact gate).
+    #[serde(default)]
+    pub(crate) require_artifacts: Vec<String>,
     #[serde(default)]
     pub(crate) exit_success: Vec<i32>,
     #[serde(default)]
@@ -217,6 +220,17 @@ impl JobDef {
         }
         let mut spec = JobSpec::new(id, kind, schedule);
         spec.external = true;
+        if let Some(name) = self
+            .require_artifacts
+            .iter()
+            .find(|n| n.is_empty() || n.len() > limits::JOB_KIND_MAX_BYTES)
+        {
+            return Err(format!(
+                "require_artifacts: {name:?} is not an artifact name (1 to {} bytes)",
+                limits::JOB_KIND_MAX_BYTES
+            ));
+        }
+        spec.required_artifacts = self.require_artifacts.clone().into();
         spec.payload = self.payload.as_deref().unwrap_or("").into();
         if spec.payload.len() > limits::JOB_PAYLOAD_MAX_BYTES {
             return Err(format!(
@@ -238,6 +252,13 @@ impl JobDef {
             return Err(
                 "payload is for jobs of external workers (worker_kind); a command job's payload \
                  is its command"
+                    .to_string(),
+            );
+        }
+        if !self.require_artifacts.is_empty() {
+            return Err(
+                "require_artifacts is for jobs of external workers (worker_kind), who report \
+                 artifacts when they complete; a command reports none"
                     .to_string(),
             );
         }
@@ -485,6 +506,35 @@ mod tests {
                 interval_ms: 10_000,
                 anchor: Timestamp::EPOCH
             }
+        );
+    }
+
+    #[test]
+    fn required_artifacts_are_for_worker_jobs_and_named() {
+        let def = JobDef {
+            name: "render".into(),
+            every: Some("1h".into()),
+            worker_kind: Some("render".into()),
+            require_artifacts: vec!["report".into(), "log".into()],
+            ..JobDef::default()
+        };
+        let spec = def.to_spec(resolve()).unwrap();
+        assert_eq!(&*spec.required_artifacts, ["report", "log"]);
+        let mut empty = def.clone();
+        empty.require_artifacts = vec![String::new()];
+        assert!(empty
+            .to_spec(resolve())
+            .unwrap_err()
+            .contains("require_artifacts"));
+        let command = JobDef {
+            worker_kind: None,
+            command: vec!["true".into()],
+            ..def
+        };
+        let e = command.to_spec(resolve()).unwrap_err();
+        assert!(
+            e.contains("require_artifacts is for jobs of external workers"),
+            "{e}"
         );
     }
 

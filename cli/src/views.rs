@@ -114,6 +114,7 @@ pub(crate) fn job(job: &Job) -> Value {
                     Value::Null
                 },
             ),
+            ("required_artifacts", json!(&*spec.required_artifacts)),
             ("attempts_max", json!(spec.retry.attempts_max)),
             ("timeout_ms", json!(spec.timeout_ms)),
             ("notify", json!(notify)),
