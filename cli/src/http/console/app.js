@@ -374,6 +374,10 @@ function show(value) {
   return String(value);
 }
 
+function count(n, noun) {
+  return n + " " + noun + (n === 1 ? "" : "s");
+}
+
 function duration(ms) {
   const s = Math.round(ms / 1000);
   if (s < 120) return s + " s";
@@ -469,7 +473,7 @@ function renderIncidents() {
   fill(
     "incidents",
     table(
-      open.length + " open, newest first; then the last resolved",
+      open.length + " open, newest first" + (resolved.length ? "; then the last resolved" : ""),
       columns,
       open.concat(resolved),
       (i) => ({ "data-incident": i.id, class: i.open ? "open" : "resolved" }),
@@ -574,7 +578,7 @@ function renderJobs() {
     { label: "failures in a row", field: "failures", cell: (j) => String(j.failures_in_a_row) },
     { label: "actions", field: "actions", cell: jobActions },
   ];
-  fill("jobs", table(jobs.length + " jobs", columns, jobs, (j) => ({ "data-job": j.name })));
+  fill("jobs", table(count(jobs.length, "job"), columns, jobs, (j) => ({ "data-job": j.name })));
 }
 
 function jobActions(job) {
