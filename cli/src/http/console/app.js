@@ -328,7 +328,7 @@ function el(tag, attributes, ...children) {
     else if (key === "class") node.className = value;
     else node.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined) continue;
     node.append(child instanceof Node ? child : String(child));
   }
@@ -670,7 +670,7 @@ function renderRunDetail() {
     renderRunDetail();
   });
   if (detail.error) {
-    return box.replaceChildren(el("h3", null, detail.run), note(detail.error), close);
+    return box.replaceChildren(el("div", null, el("h3", null, detail.run), note(detail.error), close));
   }
   const run = detail.view;
   const facts = [
@@ -709,13 +709,17 @@ function renderRunDetail() {
       ])
     : note(detail.logsNote || "No output kept.");
   box.replaceChildren(
-    el("h3", null, run.run + " of job " + run.job),
-    close,
-    list,
-    el("h4", null, "Audit trail"),
-    audit,
-    el("h4", null, "Output" + (detail.logs ? " of attempt " + detail.logs.attempt : "")),
-    logs,
+    el(
+      "div",
+      null,
+      el("h3", null, run.run + " of job " + run.job),
+      close,
+      list,
+      el("h4", null, "Audit trail"),
+      audit,
+      el("h4", null, "Output" + (detail.logs ? " of attempt " + detail.logs.attempt : "")),
+      logs,
+    ),
   );
 }
 
