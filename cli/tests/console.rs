@@ -1,8 +1,9 @@
 //! The console in a real headless browser (issue 14, "Tests"; SPEC A4): a real daemon with its
 //! HTTP API on a free port, a job for external workers whose worker claims and goes silent (a
 //! `lease_reclaimed` incident), and Debian's Chromium driven over WebDriver by
-//! `/usr/bin/chromedriver`. The page must show the job and the incident, and pausing the job
-//! with its button must show it paused on the page and in the API.
+//! `/usr/bin/chromedriver`. The page must show the job and the incident, open the incident's
+//! run with its audit trail, and pausing the job with its button must show it paused on the
+//! page and in the API.
 //!
 //! WebDriver is JSON over HTTP, and this test needs eight of its commands; they are sent with
 //! the blocking reqwest client the CLI already depends on, so the test stays synchronous like
@@ -105,6 +106,12 @@ listen = "127.0.0.1:0"
         t == "scheduled"
     });
     browser.wait_text("#kpi-incidents", |t| t == "1");
+    // The incident's run opens with its audit trail: the silent worker's claim is in it.
+    browser.click("tr[data-incident='1'] button.link");
+    browser.wait_text("#run-detail h3", |t| t == "run-1 of job render");
+    browser.wait_text("#run-detail", |t| {
+        t.contains("attempt 1 claimed by w1") && !t.contains("[object")
+    });
     let shots = screenshots_dir();
     browser.screenshot(&shots.join("console-1280.png"));
 
