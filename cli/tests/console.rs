@@ -130,6 +130,7 @@ listen = "127.0.0.1:0"
     browser.wait_text("tr[data-job='render'] td[data-field='state']", |t| {
         t == "paused"
     });
+    browser.scroll_to_top();
     browser.screenshot(&shots.join("console-390.png"));
     eprintln!(
         "console test: screenshots in {}, {:?} in all",
@@ -343,6 +344,15 @@ impl Session<'_> {
                 Err(e) => panic!("cannot click {selector} within {WAIT:?}: {e}"),
             }
         }
+    }
+
+    /// The phone's screenshot starts at the header, wherever opening the run scrolled to.
+    fn scroll_to_top(&self) {
+        self.command(
+            reqwest::Method::POST,
+            "/execute/sync",
+            json!({ "script": "window.scrollTo(0, 0);", "args": [] }),
+        );
     }
 
     fn resize(&self, width: u32, height: u32) {
