@@ -369,7 +369,7 @@ function note(text) {
 /** Any JSON value as short text. */
 function show(value) {
   if (value === null || value === undefined || value === "") return "–";
-  if (Array.isArray(value)) return value.map(show).join(", ");
+  if (Array.isArray(value)) return value.length ? value.map(show).join(", ") : "–";
   if (typeof value === "object") return JSON.stringify(value);
   return String(value);
 }
