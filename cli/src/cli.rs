@@ -46,6 +46,25 @@ pub(crate) struct Cli {
     /// twins, run-7 style names (docs/cli.md, "JSON output").
     #[arg(long, global = true, help_heading = "Global options")]
     pub(crate) json: bool,
+    /// Act on the daemon at URL (e.g. http://10.0.0.5:8080) over its HTTP API instead of the
+    /// local data directory; the token comes from KEEL_TOKEN or --token-file (docs/api.md).
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_SERVER",
+        value_name = "URL",
+        help_heading = "Global options"
+    )]
+    pub(crate) server: Option<String>,
+    /// With --server: a file whose first line is the bearer token.
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Global options"
+    )]
+    pub(crate) token_file: Option<PathBuf>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }

@@ -44,18 +44,46 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         }
         _ => {}
     }
+    if let Some(url) = &cli.server {
+        let remote = crate::remote::Remote::new(url, cli.token_file.as_deref())?;
+        let what = match &cli.command {
+            Command::Run(_) => Some("`keel run` starts a daemon here"),
+            Command::Doctor(_) => Some("`keel doctor` checks a local data directory"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            return Err(Failure::input(format!(
+                "{what}; --server (or KEEL_SERVER) is for commands that act on a daemon \
+                 elsewhere: unset it"
+            )));
+        }
+        let place = Place {
+            // Never opened: every command goes to the server.
+            dir: std::path::PathBuf::new(),
+            kind: cli.store,
+            remote: Some(std::sync::Arc::new(remote)),
+        };
+        let out = Output { json: cli.json };
+        return commands(cli.command, &place, out);
+    }
     let place = Place {
         dir: match cli.data_dir {
             Some(dir) => dir,
             None => crate::place::default_data_dir()?,
         },
         kind: cli.store,
+        remote: None,
     };
     place.check()?;
     // Refused by name before anything runs, not ignored.
     crate::client::answer_timeout()?;
     let out = Output { json: cli.json };
-    match cli.command {
+    commands(cli.command, &place, out)
+}
+
+fn commands(command: Command, place: &Place, out: Output) -> Result<(), Failure> {
+    let place = place.clone();
+    match command {
         Command::Run(args) => {
             let config = args.config.as_deref().map(config::load).transpose()?;
             daemon::run(&place, config, args.http)
@@ -469,6 +497,9 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
     use crate::command_job::output;
     use std::io::Write;
     let run_id = parse_run(&args.run)?;
+    if let Some(remote) = &place.remote {
+        return remote_logs(remote, run_id, args);
+    }
     let run: Option<Run> = from_value(call(place, &Request::Run { run: run_id })?)?;
     let Some(run) = run else {
         return Err(Failure::input(format!(
@@ -563,6 +594,39 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
             return Ok(());
         }
     }
+}
+
+/// `keel logs` over `--server`: one read of `GET /api/v1/runs/{run}/logs`, printed as the
+/// local command prints it.
+fn remote_logs(
+    remote: &crate::remote::Remote,
+    run: RunId,
+    args: &crate::cli::LogsArgs,
+) -> Result<(), Failure> {
+    if args.follow {
+        return Err(Failure::input(
+            "--follow reads the output files as they grow, on the daemon's host; over --server, \
+             run `keel logs` again to see more",
+        ));
+    }
+    let query = args
+        .attempt
+        .map_or_else(String::new, |n| format!("?attempt={n}"));
+    let kept = remote.get(&format!("/api/v1/runs/{run}/logs{query}"))?;
+    let attempt = kept["attempt"].as_u64().unwrap_or(0);
+    for stream in ["stdout", "stderr"] {
+        println!("== {run} attempt {attempt}: {stream} ==");
+        let text = kept[stream]["text"].as_str().unwrap_or("");
+        if kept[stream]["cut"].as_bool() == Some(true) {
+            println!("(older output was cut: the first part shown is not the start)");
+        }
+        if text.is_empty() {
+            println!("(nothing)");
+        } else {
+            print!("{}", crate::table::terminal_safe(text));
+        }
+    }
+    Ok(())
 }
 
 fn incidents(place: &Place, out: Output, args: &IncidentsArgs) -> Result<(), Failure> {

@@ -34,6 +34,9 @@ const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
 /// Sends `request` to the daemon if one answers, or applies it to the store directly.
 pub(crate) fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
+    if let Some(remote) = &place.remote {
+        return remote.call(request);
+    }
     if let Some(mut client) = Client::connect(place)? {
         return client.call(request);
     }

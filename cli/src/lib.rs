@@ -40,6 +40,7 @@ mod jobdef;
 mod logging;
 mod place;
 mod protocol;
+mod remote;
 mod show;
 mod table;
 mod views;

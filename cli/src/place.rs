@@ -38,6 +38,8 @@ pub(crate) const OUTPUT_DIR: &str = "output";
 pub(crate) struct Place {
     pub(crate) dir: PathBuf,
     pub(crate) kind: StoreKind,
+    /// `--server URL`: a daemon on another host, reached over HTTP instead of this directory.
+    pub(crate) remote: Option<Arc<crate::remote::Remote>>,
 }
 
 /// An open store, with the adapter-specific handle kept for `doctor`.

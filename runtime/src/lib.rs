@@ -53,7 +53,7 @@
 //!
 //! - **`webhook`**: [`WebhookSink`], which posts each run's result over HTTP(S). Pulls in
 //!   `reqwest` (with hyper) and `rustls` (with the `ring` crypto provider).
-//! - **`prometheus`**: the [`prometheus`] module, a loopback `GET /metrics` endpoint for the
+//! - **`prometheus`**: the [`prometheus`] module, a Prometheus recorder and renderer for the
 //!   [`metrics_names`] counters. Pulls in `metrics-exporter-prometheus`. Without it the
 //!   counters still go to whatever `metrics` recorder the application installs.
 

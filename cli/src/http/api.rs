@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::{Caller, Need};
-use super::{forbidden, status_of, Api, ApiError, Body, Operator, Reader, Worker};
+use super::{forbidden, status_of, Api, ApiError, Body, Forbidden, Operator, Reader, Worker};
 use crate::daemon::dispatch;
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
@@ -261,7 +261,7 @@ async fn resume_job(
 async fn acted_on_job(api: &Api, id: &JobId, action: &str, changed: bool) -> Answer {
     let job = jobs(api).await?.into_iter().find(|j| &j.spec.id == id);
     let view = job.as_ref().map_or(Value::Null, views::job);
-    ok(views::acted(id.as_str(), view, action, changed))
+    ok(views::acted("job", view, action, changed))
 }
 
 async fn trigger_job(
@@ -390,7 +390,7 @@ async fn list_incidents(
 // ----- the worker contract -----------------------------------------------------------------
 
 /// A worker token limited to some kinds may act only on runs of those kinds.
-async fn may_work_on_run(api: &Api, caller: &Caller, run: RunId) -> Result<(), HttpResponse> {
+async fn may_work_on_run(api: &Api, caller: &Caller, run: RunId) -> Result<(), Forbidden> {
     if matches!(caller, Caller::Open) {
         return Ok(());
     }
@@ -404,7 +404,7 @@ async fn may_work_on_run(api: &Api, caller: &Caller, run: RunId) -> Result<(), H
     match kind {
         // An unknown run: the call itself answers 404.
         None => Ok(()),
-        Some(kind) => caller.may_work_on(&kind).map_err(forbidden),
+        Some(kind) => caller.may_work_on(&kind).map_err(Forbidden),
     }
 }
 
@@ -446,17 +446,10 @@ async fn claim(
         .await?,
     )?;
     match claimed {
-        Some(attempt) => ok(claimed_view(&attempt)),
+        // As `keel worker claim --json` prints it.
+        Some(attempt) => ok(serde_json::to_value(attempt).unwrap_or(Value::Null)),
         None => Ok(StatusCode::NO_CONTENT.into_response()),
     }
-}
-
-/// A claimed attempt as `keel worker claim --json` prints it, tokens and runs named.
-fn claimed_view(attempt: &ClaimedAttempt) -> Value {
-    let mut value = serde_json::to_value(attempt).unwrap_or(Value::Null);
-    value["run"] = json!(attempt.run.to_string());
-    value["token"] = json!(attempt.token.to_string());
-    value
 }
 
 #[derive(Debug, Deserialize)]
@@ -473,7 +466,7 @@ async fn heartbeat(
 ) -> Answer {
     let run = run_id(&run)?;
     if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let token = body.token.token()?;
     let lease: keel_core::Lease = from_value(call(&api, Request::Touch { run, token }).await?)?;
@@ -502,7 +495,7 @@ async fn progress(
 ) -> Answer {
     let run = run_id(&run)?;
     if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let token = body.token.token()?;
     call(
@@ -526,7 +519,7 @@ async fn context(
 ) -> Answer {
     let run = run_id(&run)?;
     if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let token = body.token.token()?;
     let context: ContextView = from_value(call(&api, Request::Context { run, token }).await?)?;
@@ -550,7 +543,7 @@ async fn checkpoint(
 ) -> Answer {
     let run = run_id(&run)?;
     if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let token = body.token.token()?;
     let answer: CheckpointAnswer = from_value(
@@ -585,7 +578,7 @@ async fn complete(
 ) -> Answer {
     let run = run_id(&run)?;
     if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let outcome = Outcome::Success {
         summary: body.summary,
@@ -612,7 +605,7 @@ async fn fail(
 ) -> Answer {
     let run = run_id(&run)?;
     if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused);
+        return Ok(refused.into_response());
     }
     let outcome = if body.permanent {
         Outcome::Permanent {
@@ -685,7 +678,7 @@ async fn rpc(
     };
     if let Some(run) = run {
         if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-            return refused;
+            return refused.into_response();
         }
     }
     let response = Response::from_result(dispatch(&api.server, request, &caller.actor()).await);

@@ -177,13 +177,13 @@ async fn authenticate(
 }
 
 /// The caller that [`authenticate`] found, if its role may do what `need` names; 403 if not.
-fn caller_for(parts: &Parts, need: Need) -> Result<Caller, HttpResponse> {
+fn caller_for(parts: &Parts, need: Need) -> Result<Caller, Forbidden> {
     let caller = parts
         .extensions
         .get::<Caller>()
         .cloned()
-        .ok_or_else(|| forbidden("no caller: the route is outside the API".into()))?;
-    caller.may(need).map_err(forbidden)?;
+        .ok_or_else(|| Forbidden("no caller: the route is outside the API".into()))?;
+    caller.may(need).map_err(Forbidden)?;
     Ok(caller)
 }
 
@@ -200,32 +200,42 @@ pub(crate) struct Worker(pub(crate) Caller);
 pub(crate) struct Operator(pub(crate) Caller);
 
 impl<S: Send + Sync> FromRequestParts<S> for Reader {
-    type Rejection = HttpResponse;
+    type Rejection = Forbidden;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         caller_for(parts, Need::Read).map(|_| Reader)
     }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Worker {
-    type Rejection = HttpResponse;
+    type Rejection = Forbidden;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         caller_for(parts, Need::Work).map(Worker)
     }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Operator {
-    type Rejection = HttpResponse;
+    type Rejection = Forbidden;
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         caller_for(parts, Need::Operate).map(Operator)
     }
 }
 
+/// 403, and why.
+#[derive(Debug)]
+pub(crate) struct Forbidden(pub(crate) String);
+
+impl IntoResponse for Forbidden {
+    fn into_response(self) -> HttpResponse {
+        (
+            StatusCode::FORBIDDEN,
+            Json(json!({"error": {"code": "forbidden", "message": self.0}})),
+        )
+            .into_response()
+    }
+}
+
 pub(crate) fn forbidden(why: String) -> HttpResponse {
-    (
-        StatusCode::FORBIDDEN,
-        Json(json!({"error": {"code": "forbidden", "message": why}})),
-    )
-        .into_response()
+    Forbidden(why).into_response()
 }
 
 /// A failure as an HTTP answer.

@@ -285,6 +285,19 @@ impl Daemon {
         self.log.lock().expect("log").join("\n")
     }
 
+    /// The HTTP API's base URL, from the line the daemon logs when it listens
+    /// (`http api and console at http://ADDR/`), without the trailing slash.
+    #[track_caller]
+    pub fn http_url(&self) -> String {
+        let line = self.wait_for(&["http api and console at http://"]);
+        let url = line
+            .split("console at ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .expect("a URL");
+        url.trim_end_matches('/').to_string()
+    }
+
     /// How many lines so far contain every one of `words`.
     pub fn count(&self, words: &[&str]) -> usize {
         self.log

@@ -1,0 +1,642 @@
+//! The HTTP API against a real daemon: every resource, status code and role (docs/api.md).
+
+#![allow(clippy::unwrap_used)] // tests state their expectations with unwrap
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+
+use common::{Place, WAIT};
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const OPERATOR: &str = "operator-secret-0123456789";
+const WORKER: &str = "worker-secret-0123456789";
+const VIEWER: &str = "viewer-secret-0123456789";
+
+/// A config whose daemon serves the API on a free loopback port with three tokens, and short
+/// leases.
+fn place_with_tokens(name: &str) -> (Place, std::path::PathBuf) {
+    let place = Place::new(name);
+    let tokens = place.write(
+        "tokens.toml",
+        &format!(
+            r#"
+[[token]]
+name = "ops"
+role = "operator"
+secret = "{OPERATOR}"
+
+[[token]]
+name = "render-fleet"
+role = "worker"
+kinds = ["render"]
+secret = "{WORKER}"
+
+[[token]]
+name = "dashboard"
+role = "viewer"
+secret = "{VIEWER}"
+"#
+        ),
+    );
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = place.config(
+        r#"
+[daemon]
+lease_ttl = "5s"
+
+[http]
+listen = "127.0.0.1:0"
+tokens = "tokens.toml"
+"#,
+    );
+    (place, config)
+}
+
+struct Api {
+    url: String,
+    client: Client,
+}
+
+impl Api {
+    fn new(url: String) -> Api {
+        Api {
+            url,
+            client: Client::builder().timeout(WAIT).build().unwrap(),
+        }
+    }
+
+    fn with(&self, builder: RequestBuilder, token: Option<&str>) -> Response {
+        let builder = match token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        };
+        builder.send().expect("the daemon answers")
+    }
+
+    fn get(&self, path: &str, token: Option<&str>) -> Response {
+        self.with(self.client.get(format!("{}{path}", self.url)), token)
+    }
+
+    fn send(&self, method: &str, path: &str, token: Option<&str>, body: Value) -> Response {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let builder = self
+            .client
+            .request(method, format!("{}{path}", self.url))
+            .body(body.to_string());
+        self.with(builder, token)
+    }
+
+    fn post(&self, path: &str, token: Option<&str>, body: Value) -> Response {
+        self.send("POST", path, token, body)
+    }
+}
+
+/// The status, and the body as JSON (`null` if empty).
+#[track_caller]
+fn answer(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().unwrap();
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    (status, body)
+}
+
+#[track_caller]
+fn expect(response: Response, status: StatusCode) -> Value {
+    let (got, body) = answer(response);
+    assert_eq!(got, status, "{body}");
+    body
+}
+
+#[track_caller]
+fn expect_error(response: Response, status: StatusCode, words: &[&str]) -> Value {
+    let body = expect(response, status);
+    let message = body["error"]["message"].as_str().unwrap_or("").to_string();
+    for word in words {
+        assert!(message.contains(word), "{word:?} not in {body}");
+    }
+    body
+}
+
+#[test]
+fn jobs_runs_and_the_worker_contract_answer_by_role() {
+    let (place, config) = place_with_tokens("http-api");
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    daemon.wait_for(&["ready"]);
+
+    // Probes need no token; everything else does.
+    assert_eq!(api.get("/healthz", None).status(), StatusCode::OK);
+    assert_eq!(api.get("/readyz", None).status(), StatusCode::OK);
+    let refused = api.get("/api/v1/jobs", None);
+    assert_eq!(refused.headers()["www-authenticate"], "Bearer");
+    expect_error(refused, StatusCode::UNAUTHORIZED, &["Bearer"]);
+    expect_error(
+        api.get("/api/v1/jobs", Some("not-a-token-of-this-daemon")),
+        StatusCode::UNAUTHORIZED,
+        &["unknown token"],
+    );
+    assert_eq!(
+        expect(api.get("/api/v1/jobs", Some(VIEWER)), StatusCode::OK),
+        json!([])
+    );
+    expect_error(
+        api.get("/api/v1/jobs", Some(WORKER)),
+        StatusCode::FORBIDDEN,
+        &["render-fleet", "viewer or operator"],
+    );
+
+    // Jobs: a keel.toml table as JSON. Only an operator may add one; bad bodies name the field.
+    let render = json!({"name": "render", "cron": "0 0 0 1 1 *", "worker_kind": "render"});
+    expect_error(
+        api.post("/api/v1/jobs", Some(VIEWER), render.clone()),
+        StatusCode::FORBIDDEN,
+        &["operator"],
+    );
+    expect_error(
+        api.post(
+            "/api/v1/jobs",
+            Some(OPERATOR),
+            json!({"name": "x", "every": 5}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &["every", "invalid type"],
+    );
+    expect_error(
+        api.post("/api/v1/jobs", Some(OPERATOR), json!({"every": "5s"})),
+        StatusCode::BAD_REQUEST,
+        &["name"],
+    );
+    expect_error(
+        api.post(
+            "/api/v1/jobs",
+            Some(OPERATOR),
+            json!({"name": "x", "cron": "nope"}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &["job x", "nope"],
+    );
+    let added = expect(
+        api.post("/api/v1/jobs", Some(OPERATOR), render.clone()),
+        StatusCode::CREATED,
+    );
+    assert_eq!(added["job"]["name"], "render", "{added}");
+    assert_eq!(added["action"], "added", "{added}");
+    expect_error(
+        api.post("/api/v1/jobs", Some(OPERATOR), render),
+        StatusCode::BAD_REQUEST,
+        &["already exists"],
+    );
+    daemon.wait_for(&["job render: added by token \"ops\" over HTTP"]);
+    let shown = expect(api.get("/api/v1/jobs/render", Some(VIEWER)), StatusCode::OK);
+    assert_eq!(shown["job"]["kind"], "render", "{shown}");
+    expect_error(
+        api.get("/api/v1/jobs/nope", Some(VIEWER)),
+        StatusCode::NOT_FOUND,
+        &["no job named nope"],
+    );
+    let paused = expect(
+        api.post("/api/v1/jobs/render/pause", Some(OPERATOR), Value::Null),
+        StatusCode::OK,
+    );
+    assert_eq!(paused["changed"], true, "{paused}");
+    assert_eq!(paused["job"]["state"], "paused", "{paused}");
+    let again = expect(
+        api.post("/api/v1/jobs/render/pause", Some(OPERATOR), Value::Null),
+        StatusCode::OK,
+    );
+    assert_eq!(again["changed"], false, "{again}");
+    expect(
+        api.post("/api/v1/jobs/render/resume", Some(OPERATOR), Value::Null),
+        StatusCode::OK,
+    );
+    let triggered = expect(
+        api.post("/api/v1/jobs/render/trigger", Some(OPERATOR), Value::Null),
+        StatusCode::CREATED,
+    );
+    assert_eq!(triggered["state"], "queued", "{triggered}");
+    let run = triggered["run"].as_str().expect("run-N").to_string();
+
+    // The worker contract, limited to the token's kinds; 204 when nothing is due.
+    expect_error(
+        api.post(
+            "/api/v1/claims",
+            Some(WORKER),
+            json!({"worker": "w1", "kinds": ["mail"]}),
+        ),
+        StatusCode::FORBIDDEN,
+        &["\"mail\""],
+    );
+    expect_error(
+        api.post(
+            "/api/v1/claims",
+            Some(OPERATOR),
+            json!({"worker": "w1", "kinds": ["render"]}),
+        ),
+        StatusCode::FORBIDDEN,
+        &["worker role"],
+    );
+    let claimed = expect(
+        api.post(
+            "/api/v1/claims",
+            Some(WORKER),
+            json!({"worker": "w1", "kinds": ["render"]}),
+        ),
+        StatusCode::OK,
+    );
+    assert_eq!(format!("run-{}", claimed["run"]), run, "{claimed}");
+    let token = claimed["token"].as_u64().expect("a token");
+    expect(
+        api.post(
+            "/api/v1/claims",
+            Some(WORKER),
+            json!({"worker": "w1", "kinds": ["render"]}),
+        ),
+        StatusCode::NO_CONTENT,
+    );
+    let path = |call: &str| format!("/api/v1/runs/{run}/{call}");
+    let touched = expect(
+        api.post(&path("heartbeat"), Some(WORKER), json!({"token": token})),
+        StatusCode::OK,
+    );
+    assert_eq!(touched["token"], format!("token-{token}"), "{touched}");
+    // A stale token changes nothing and names the current lease.
+    expect_error(
+        api.post(
+            &path("heartbeat"),
+            Some(WORKER),
+            json!({"token": token + 7}),
+        ),
+        StatusCode::CONFLICT,
+        &[&format!("the current lease is token-{token}")],
+    );
+    expect_error(
+        api.post(&path("progress"), Some(WORKER), json!({"tokn": token})),
+        StatusCode::BAD_REQUEST,
+        &["tokn"],
+    );
+    expect(
+        api.post(
+            &path("progress"),
+            Some(WORKER),
+            json!({"token": format!("token-{token}"), "phase": "building_artifact", "message": "half"}),
+        ),
+        StatusCode::OK,
+    );
+    let context = expect(
+        api.post(&path("context"), Some(WORKER), json!({"token": token})),
+        StatusCode::OK,
+    );
+    assert_eq!(
+        context["progress"]["phase"], "building_artifact",
+        "{context}"
+    );
+    let saved = expect(
+        api.post(
+            &path("checkpoint"),
+            Some(WORKER),
+            json!({"token": token, "data": "page 3"}),
+        ),
+        StatusCode::OK,
+    );
+    assert!(saved["checkpoint"].is_string(), "{saved}");
+    expect(
+        api.post(
+            &path("complete"),
+            Some(WORKER),
+            json!({"token": token, "summary": "rendered"}),
+        ),
+        StatusCode::OK,
+    );
+    daemon.wait_for(&[&format!("{run} of job render succeeded")]);
+
+    // Runs, with filters and the audit trail.
+    let runs = expect(
+        api.get("/api/v1/runs?job=render&state=succeeded", Some(VIEWER)),
+        StatusCode::OK,
+    );
+    assert_eq!(runs["runs"][0]["run"], run.as_str(), "{runs}");
+    assert_eq!(runs["runs"][0]["summary"], "rendered", "{runs}");
+    expect_error(
+        api.get("/api/v1/runs?state=bogus", Some(VIEWER)),
+        StatusCode::BAD_REQUEST,
+        &["state", "bogus"],
+    );
+    let shown = expect(
+        api.get(&format!("/api/v1/runs/{run}"), Some(VIEWER)),
+        StatusCode::OK,
+    );
+    let states: Vec<&str> = shown["audit"]
+        .as_array()
+        .expect("an audit trail")
+        .iter()
+        .map(|r| r["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["queued", "starting", "running", "succeeded"],
+        "{shown}"
+    );
+    expect_error(
+        api.get("/api/v1/runs/run-999", Some(VIEWER)),
+        StatusCode::NOT_FOUND,
+        &["run-999"],
+    );
+    expect_error(
+        api.post(&path("complete"), Some(WORKER), json!({"token": token})),
+        StatusCode::NOT_FOUND,
+        &["no active run"],
+    );
+    expect_error(
+        api.post(&path("cancel"), Some(VIEWER), Value::Null),
+        StatusCode::FORBIDDEN,
+        &["operator"],
+    );
+    expect_error(
+        api.post("/api/v1/runs/run-999/cancel", Some(OPERATOR), Value::Null),
+        StatusCode::NOT_FOUND,
+        &["run-999"],
+    );
+
+    // Queue, incidents, status and metrics.
+    let queue = expect(api.get("/api/v1/queue", Some(VIEWER)), StatusCode::OK);
+    assert!(queue["kinds"].is_array(), "{queue}");
+    assert!(expect(api.get("/api/v1/incidents", Some(VIEWER)), StatusCode::OK).is_array());
+    let status = expect(api.get("/api/v1/status", Some(VIEWER)), StatusCode::OK);
+    assert_eq!(status["pid"], daemon.pid(), "{status}");
+    let metrics = api.get("/metrics", Some(VIEWER)).text().unwrap();
+    assert!(metrics.contains("keel_lease_grants_total"), "{metrics}");
+    assert_eq!(api.get("/metrics", None).status(), StatusCode::UNAUTHORIZED);
+
+    // Replace and delete.
+    let replaced = expect(
+        api.send(
+            "PUT",
+            "/api/v1/jobs/render",
+            Some(OPERATOR),
+            json!({"cron": "0 0 0 2 1 *", "worker_kind": "render"}),
+        ),
+        StatusCode::OK,
+    );
+    assert_eq!(replaced["action"], "replaced", "{replaced}");
+    expect_error(
+        api.send(
+            "PUT",
+            "/api/v1/jobs/render",
+            Some(OPERATOR),
+            json!({"name": "other", "every": "1h", "worker_kind": "render"}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &["name", "other"],
+    );
+    expect(
+        api.send("DELETE", "/api/v1/jobs/render", Some(OPERATOR), Value::Null),
+        StatusCode::NO_CONTENT,
+    );
+    expect(
+        api.get("/api/v1/jobs/render", Some(VIEWER)),
+        StatusCode::NOT_FOUND,
+    );
+
+    // The socket protocol over HTTP checks roles per request.
+    expect_error(
+        api.post(
+            "/api/v1/rpc",
+            Some(VIEWER),
+            json!({"request": "pause_job", "job": "x"}),
+        ),
+        StatusCode::FORBIDDEN,
+        &["operator"],
+    );
+    let jobs = expect(
+        api.post("/api/v1/rpc", Some(VIEWER), json!({"request": "jobs"})),
+        StatusCode::OK,
+    );
+    assert_eq!(jobs, json!({"ok": []}));
+    expect_error(
+        api.get("/api/v1/nothing-here", Some(VIEWER)),
+        StatusCode::NOT_FOUND,
+        &["openapi.json"],
+    );
+    daemon.stop();
+}
+
+#[test]
+fn every_path_of_the_openapi_document_is_served() {
+    let place = Place::new("http-openapi");
+    let config = place.config("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    let doc = expect(api.get("/api/v1/openapi.json", None), StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    let paths = doc["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 20, "{} paths", paths.len());
+    for (path, methods) in paths {
+        for method in methods.as_object().expect("methods").keys() {
+            if method == "parameters" {
+                continue;
+            }
+            let concrete = path
+                .replace("{name}", "nope")
+                .replace("{run}", "run-999")
+                .replace("{id}", "999");
+            let url = concrete.clone();
+            // The event stream never ends: its headers are enough.
+            let response = if concrete.ends_with("/events") {
+                api.get(&url, None)
+            } else {
+                api.send(&method.to_uppercase(), &url, None, json!({}))
+            };
+            let status = response.status();
+            if concrete.ends_with("/events") {
+                assert_eq!(status, StatusCode::OK, "{method} {path}");
+                continue;
+            }
+            let (_, body) = answer(response);
+            let fallback = body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("no such resource"));
+            assert!(
+                !fallback && status != StatusCode::METHOD_NOT_ALLOWED,
+                "{method} {path} is documented but not served: {status} {body}"
+            );
+        }
+    }
+    daemon.stop();
+}
+
+#[test]
+fn the_event_stream_carries_state_changes_as_they_happen() {
+    let place = Place::new("http-events");
+    let config = place.config("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    daemon.wait_for(&["ready"]);
+    let stream = api.get("/api/v1/events", None);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
+    let mut lines = BufReader::new(stream).lines();
+    expect(
+        api.post(
+            "/api/v1/jobs",
+            None,
+            json!({"name": "hello", "at": "+0s", "command": ["true"]}),
+        ),
+        StatusCode::CREATED,
+    );
+    // `event: NAME` then `data: JSON`; keep-alive comments in between are skipped.
+    let mut seen = Vec::new();
+    let finished = loop {
+        let line = lines
+            .next()
+            .expect("the stream stays open")
+            .expect("a line");
+        if let Some(data) = line.strip_prefix("data: ") {
+            let data: Value = serde_json::from_str(data).unwrap();
+            if data["line"]
+                .as_str()
+                .is_some_and(|l| l.contains("of job hello succeeded"))
+            {
+                break data;
+            }
+        }
+        if let Some(name) = line.strip_prefix("event: ") {
+            seen.push(name.to_string());
+        }
+    };
+    assert!(seen.contains(&"lease_granted".to_string()), "{seen:?}");
+    assert_eq!(finished["job"], "hello", "{finished}");
+    assert_eq!(finished["state"], "succeeded", "{finished}");
+    daemon.stop();
+}
+
+#[test]
+fn a_public_listener_needs_a_tokens_file_that_only_its_owner_reads() {
+    let place = Place::new("http-public");
+    let config = place.config("[http]\nlisten = \"0.0.0.0:0\"\n");
+    place
+        .keel(&["run", "--config", config.to_str().unwrap()])
+        .expect_code(2)
+        .expect_stderr("not a loopback address");
+    place
+        .keel(&["run", "--http", "0.0.0.0:0"])
+        .expect_code(2)
+        .expect_stderr("not a loopback address");
+    place.write(
+        "tokens.toml",
+        "[[token]]\nname = \"a\"\nrole = \"viewer\"\nsecret = \"0123456789abcdef\"\n",
+    );
+    std::fs::set_permissions(
+        place.path("tokens.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let config = place.config("[http]\nlisten = \"0.0.0.0:0\"\ntokens = \"tokens.toml\"\n");
+    place
+        .keel(&["run", "--config", config.to_str().unwrap()])
+        .expect_code(2)
+        .expect_stderr("chmod 600");
+}
+
+#[test]
+fn the_cli_acts_on_a_remote_daemon_with_server_and_a_token() {
+    let (place, config) = place_with_tokens("http-cli");
+    let mut daemon = place.daemon(&config);
+    let url = daemon.http_url();
+    daemon.wait_for(&["ready"]);
+    // Another place: no data directory of its own is used.
+    let elsewhere = Place::new("http-cli-elsewhere");
+    let keel = |token: Option<&str>, args: &[&str]| {
+        let mut command = elsewhere.command(args);
+        command.env("KEEL_SERVER", &url).env_remove("KEEL_TOKEN");
+        if let Some(token) = token {
+            command.env("KEEL_TOKEN", token);
+        }
+        common::Done(command.output().expect("keel runs"))
+    };
+    keel(None, &["job", "ls"])
+        .expect_code(2)
+        .expect_stderr("KEEL_TOKEN");
+    keel(
+        Some(OPERATOR),
+        &[
+            "job",
+            "add",
+            "render",
+            "--every",
+            "1h",
+            "--worker-kind",
+            "render",
+        ],
+    )
+    .expect_code(0);
+    keel(
+        Some(OPERATOR),
+        &[
+            "job",
+            "add",
+            "hello",
+            "--at",
+            "+0s",
+            "--",
+            "echo",
+            "from afar",
+        ],
+    )
+    .expect_code(0);
+    daemon.wait_for(&["of job hello succeeded"]);
+    keel(Some(OPERATOR), &["job", "trigger", "render"]).expect_code(0);
+    keel(Some(VIEWER), &["job", "pause", "render"])
+        .expect_code(2)
+        .expect_stderr("operator");
+    let claimed = keel(
+        Some(WORKER),
+        &["worker", "claim", "--worker", "far", "--kind", "render"],
+    );
+    claimed.expect_code(0);
+    let claimed: Value = serde_json::from_str(&claimed.stdout()).unwrap();
+    let run = claimed["run"].to_string();
+    let token = claimed["token"].to_string();
+    keel(
+        Some(WORKER),
+        &[
+            "worker",
+            "complete",
+            &run,
+            "--token",
+            &token,
+            "--summary",
+            "far away",
+        ],
+    )
+    .expect_code(0);
+    daemon.wait_for(&[&format!("run-{run} of job render succeeded"), "far away"]);
+    let runs = keel(Some(VIEWER), &["runs", "--json"]);
+    runs.expect_code(0);
+    let runs: Value = serde_json::from_str(&runs.stdout()).unwrap();
+    assert_eq!(runs.as_array().map(Vec::len), Some(2), "{runs}");
+    // The hello run's output, read on the daemon's host.
+    let hello = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["job"] == "hello")
+        .expect("hello's run");
+    keel(Some(VIEWER), &["logs", hello["run"].as_str().unwrap()])
+        .expect_code(0)
+        .expect_stdout("from afar");
+    keel(Some(OPERATOR), &["run"])
+        .expect_code(2)
+        .expect_stderr("--server");
+    assert!(
+        !elsewhere.data().exists(),
+        "no local data directory is made"
+    );
+    daemon.stop();
+}
