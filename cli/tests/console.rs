@@ -60,8 +60,7 @@ listen = "127.0.0.1:0"
 "#,
     );
     let daemon = place.daemon(&config);
-    let line = daemon.wait_for(&["http api and console at http://"]);
-    let base = address(&line);
+    let base = daemon.http_url();
     let http = Client::builder()
         .timeout(WAIT)
         .build()
@@ -137,14 +136,6 @@ listen = "127.0.0.1:0"
         shots.display(),
         started.elapsed()
     );
-}
-
-/// `http://ADDR` from the daemon's line "… http api and console at http://ADDR/ (…)".
-fn address(line: &str) -> String {
-    let start = line.find("http://").expect("an address");
-    let rest = &line[start..];
-    let end = rest.find("/ ").unwrap_or(rest.len());
-    rest[..end].trim_end_matches('/').to_string()
 }
 
 /// `<target>/console-screenshots`, beside the binary's profile directory.
