@@ -389,10 +389,20 @@ function duration(ms) {
 /** A time from the API (`x` and `x_ms`), relative to the daemon's clock, exact on hover. */
 function when(ms, text) {
   if (ms === null || ms === undefined) return "–";
-  const diff = ms - (Date.now() + state.skewMs);
-  const relative = diff >= 0 ? "in " + duration(diff) : duration(-diff) + " ago";
-  return el("time", { datetime: text || null, title: text || null }, relative);
+  return el("time", { datetime: text || null, title: text || null, "data-ms": ms }, relative(ms));
 }
+
+function relative(ms) {
+  const diff = ms - (Date.now() + state.skewMs);
+  return diff >= 0 ? "in " + duration(diff) : duration(-diff) + " ago";
+}
+
+// A quiet daemon sends no events: the relative times are kept true in place, without a redraw.
+setInterval(() => {
+  for (const node of document.querySelectorAll("time[data-ms]")) {
+    node.textContent = relative(Number(node.dataset.ms));
+  }
+}, POLL_MS);
 
 function schedule(job) {
   const s = job.schedule || {};
@@ -408,7 +418,19 @@ function badge(text) {
 
 // ----- the panels ---------------------------------------------------------------------------
 
+/** Redraws every panel; the button that had the keyboard's focus gets it back. */
 function render() {
+  const focused = document.activeElement && document.activeElement.getAttribute("aria-label");
+  renderAll();
+  if (focused) {
+    const again = Array.from(document.querySelectorAll("main button")).find(
+      (b) => b.getAttribute("aria-label") === focused,
+    );
+    if (again && again !== document.activeElement) again.focus();
+  }
+}
+
+function renderAll() {
   renderKpis();
   renderIncidents();
   renderRules();
