@@ -1,7 +1,7 @@
 //! The console: one page, its script and its style, built into the binary (no CDN, works
 //! offline), served at `/` without a token. The page asks for a token when the API answers
 //! 401, keeps it in the tab's session storage, and sends it as a bearer token; it reads the
-//! API and re-reads what changed on each server-sent event (docs/api.md, "The console").
+//! API and re-reads what changed on each server-sent event (docs/console.md).
 
 use axum::http::header;
 use axum::response::IntoResponse;
