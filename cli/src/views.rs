@@ -450,6 +450,10 @@ mod tests {
             run: None,
             worker: Some(WorkerId::new("w1").unwrap()),
             details: "3 runs failed in a row".into(),
+            queue: None,
+            opened_by: None,
+            acknowledged: None,
+            resolved_by: None,
         };
         let view = incident(&open);
         assert_eq!(

@@ -87,6 +87,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod drive;
 pub mod error;
+pub mod health;
 pub mod ids;
 pub mod incident;
 pub mod job;
@@ -105,9 +106,11 @@ pub mod time;
 pub mod watchdog;
 
 pub use audit::{Actor, AuditRecord, HistoryPolicy};
+pub use config::WatchdogProfile;
 pub use error::Rejected;
+pub use health::{WorkerHealth, WorkerStats};
 pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};
-pub use incident::{Incident, IncidentKind};
+pub use incident::{Incident, IncidentKind, NewIncident, OperatorAction};
 pub use job::{Ensured, Job, JobSpec, JobState, LastRun, NotifyOn, OverlapPolicy};
 pub use lease::{Lease, LeasePolicy};
 pub use outbox::{
@@ -121,8 +124,8 @@ pub use run::{
 };
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{
-    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,
-    Shutdown, StopReason, Work,
+    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, QueueHealth, Released,
+    RunContext, Scheduler, Shutdown, StopReason, Work,
 };
 pub use store::{AuditQuery, Conflict, RunPage, RunQuery, Store, StoreError};
 pub use time::Timestamp;
