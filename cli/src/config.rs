@@ -947,6 +947,17 @@ delivery_attempts = 0
     }
 
     #[test]
+    fn the_example_config_parses_with_keels_watchdog_profile() {
+        let example = include_str!("../../examples/keel.toml");
+        let config = parse_ok(example);
+        assert_eq!(config.watchdog.profile, WatchdogProfile::Keel);
+        assert_eq!(
+            config.core().idle_claims_max,
+            keel_core::Config::default().idle_claims_max
+        );
+    }
+
+    #[test]
     fn bad_watchdog_keys_and_values_are_each_named_with_their_lines() {
         let e = parse_err(
             r#"[daemon]
