@@ -29,8 +29,12 @@ fn a_stale_lease_is_reclaimed_after_the_design_grace_with_evidence() {
     sim.handle("slow", |_, _| Execution::succeed_after(60 * MINUTE));
     let start = sim.wall();
     let job = JobId::new("slow").unwrap();
-    let spec = JobSpec::new(job.clone(), "slow", ScheduleSpec::once(start.plus_ms(SECOND)))
-        .with_attempts(2);
+    let spec = JobSpec::new(
+        job.clone(),
+        "slow",
+        ScheduleSpec::once(start.plus_ms(SECOND)),
+    )
+    .with_attempts(2);
     sim.add_job(spec).unwrap();
     // Granted about 1 s in, expiring 30 s later; not reclaimed within the 60 s grace.
     sim.run_until(start.plus_ms(SECOND + 30 * SECOND + 59 * SECOND));
@@ -116,7 +120,11 @@ fn a_claim_loop_finding_no_job_is_detected_with_the_backlog_shape_and_a_repair()
         "backlog (runs waiting per kind): \"render\": 1",
         "repair: start a worker for a waiting kind, or give gpu-1 one of them",
     ] {
-        assert!(idle[0].details.contains(part), "{part}: {}", idle[0].details);
+        assert!(
+            idle[0].details.contains(part),
+            "{part}: {}",
+            idle[0].details
+        );
     }
     let gpu = sim.scheduler().worker_health();
     assert_eq!(gpu.len(), 1);
@@ -131,7 +139,11 @@ fn a_claim_loop_finding_no_job_is_detected_with_the_backlog_shape_and_a_repair()
         "eligible workers seen: none",
         "repair: start a worker for kind \"render\", or pause job nightly-render",
     ] {
-        assert!(stuck[0].details.contains(part), "{part}: {}", stuck[0].details);
+        assert!(
+            stuck[0].details.contains(part),
+            "{part}: {}",
+            stuck[0].details
+        );
     }
     // Still one of each after an hour: incidents do not repeat.
     sim.run_until(start.plus_ms(60 * MINUTE));
