@@ -131,9 +131,9 @@ pub fn rules(config: &Config) -> Vec<Rule> {
 
 /// A duration in words: "60 s", "10 min", "1500 ms".
 fn words(ms: u64) -> String {
-    if ms % 60_000 == 0 && ms > 0 {
+    if ms.is_multiple_of(60_000) && ms > 0 {
         format!("{} min", ms / 60_000)
-    } else if ms % 1_000 == 0 {
+    } else if ms.is_multiple_of(1_000) {
         format!("{} s", ms / 1_000)
     } else {
         format!("{ms} ms")

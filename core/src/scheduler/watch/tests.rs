@@ -303,7 +303,11 @@ fn operators_open_acknowledge_and_resolve_incidents_and_bad_input_changes_nothin
         ("bo", later, "looking")
     );
     let written = written_incidents(&mut s, later);
-    assert_eq!(written, [acked.clone()], "acknowledgement persisted");
+    assert_eq!(
+        written,
+        std::slice::from_ref(&acked),
+        "acknowledgement persisted"
+    );
     assert_eq!(
         s.acknowledge_incident(later, opened.id, "cy", ""),
         Err(Rejected::AlreadyAcknowledged {
