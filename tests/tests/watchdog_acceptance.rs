@@ -149,6 +149,11 @@ fn a_claim_loop_finding_no_job_is_detected_with_the_backlog_shape_and_a_repair()
     sim.run_until(start.plus_ms(60 * MINUTE));
     assert_eq!(open(&sim, IncidentKind::IdleClaimLoop).len(), 1);
     assert_eq!(open(&sim, IncidentKind::UnclaimedQueue).len(), 1);
+    // A restart keeps the report (the store has it) and does not open a second one.
+    sim.crash();
+    sim.run_until(start.plus_ms(60 * MINUTE + 30 * SECOND));
+    assert_eq!(sim.crashes(), 1);
+    assert_eq!(open(&sim, IncidentKind::UnclaimedQueue), stuck);
     // A render worker arrives: its claim resolves the queue's incident.
     sim.handle("render", |_, _| Execution::succeed_after(SECOND));
     sim.add_worker("render-1", &["render"], 5 * SECOND);

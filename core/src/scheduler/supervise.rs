@@ -180,6 +180,21 @@ impl Scheduler {
         worker: Option<&WorkerId>,
         details: String,
     ) -> Option<u64> {
+        self.raise_incident_about_queue(now, kind, job, run, worker, details, None)
+    }
+
+    /// [`Scheduler::raise_incident`], with the handler kind whose queue it concerns.
+    #[allow(clippy::too_many_arguments)] // the incident's fields, named at each call
+    pub(super) fn raise_incident_about_queue(
+        &mut self,
+        now: Timestamp,
+        kind: IncidentKind,
+        job: Option<JobId>,
+        run: Option<RunId>,
+        worker: Option<&WorkerId>,
+        details: String,
+        queue: Option<String>,
+    ) -> Option<u64> {
         let about_job = run.is_none() && worker.is_none();
         let same = self.incident_ids(run, worker, |i| {
             i.is_about(kind, run, worker) && (!about_job || i.job == job)
@@ -198,7 +213,8 @@ impl Scheduler {
         }
         let id = self.next_incident_id();
         let details = crate::run::truncate(&details);
-        let incident = Incident::new(id, kind, now, job, run, worker.cloned(), details);
+        let mut incident = Incident::new(id, kind, now, job, run, worker.cloned(), details);
+        incident.queue = queue;
         self.insert_incident(incident);
         Some(id)
     }

@@ -260,20 +260,15 @@ impl Scheduler {
             .collect();
         for kind in due {
             let (details, job) = self.unclaimed_diagnosis(now, &kind);
-            let id = self.raise_incident(
+            let id = self.raise_incident_about_queue(
                 now,
                 IncidentKind::UnclaimedQueue,
                 Some(job),
                 None,
                 None,
                 details,
+                Some(kind.to_string()),
             );
-            if let Some(id) = id {
-                let incident = self.incidents.get_mut(&id).expect("just opened");
-                incident.queue = Some(kind.to_string());
-                let incident = incident.clone();
-                self.journal.incident(incident);
-            }
             self.unclaimed.insert(kind, id);
         }
     }

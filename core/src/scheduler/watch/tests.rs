@@ -52,11 +52,12 @@ fn written_incidents(s: &mut Scheduler, now: Timestamp) -> Vec<Incident> {
 }
 
 /// Delivers every deadline up to `until` in order, acknowledging writes, checking after each
-/// `handle_timeout` that the next deadline is later.
-fn advance(s: &mut Scheduler, until: Timestamp) {
+/// `handle_timeout` that the next deadline is later. Returns the other effects.
+fn advance(s: &mut Scheduler, until: Timestamp) -> Vec<Effect> {
+    let mut effects = Vec::new();
     while let Some(at) = s.poll_timeout().filter(|at| *at <= until) {
         s.handle_timeout(at);
-        ack_all(s, at);
+        effects.extend(ack_all(s, at));
         assert!(
             s.poll_timeout().is_none_or(|next| next > at),
             "busy loop at {at}"
@@ -64,7 +65,8 @@ fn advance(s: &mut Scheduler, until: Timestamp) {
         s.check_invariants();
     }
     s.handle_timeout(until);
-    ack_all(s, until);
+    effects.extend(ack_all(s, until));
+    effects
 }
 
 fn open_of(s: &Scheduler, kind: IncidentKind) -> Vec<Incident> {
@@ -87,12 +89,16 @@ fn queued_work_no_worker_claims_raises_one_diagnosed_incident_within_the_hour() 
     advance(&mut s, t0().plus_ms(10 * MINUTE - 1));
     assert!(open_of(&s, IncidentKind::UnclaimedQueue).is_empty());
     // Watched for one simulated hour: one incident, from the 10th minute on.
-    advance(&mut s, t0().plus_ms(60 * MINUTE));
+    let effects_up_to_now = advance(&mut s, t0().plus_ms(60 * MINUTE));
     let open = open_of(&s, IncidentKind::UnclaimedQueue);
     assert_eq!(open.len(), 1, "{open:?}");
     let incident = &open[0];
     assert_eq!(incident.opened_at, t0().plus_ms(10 * MINUTE));
     assert_eq!(incident.queue.as_deref(), Some("render"));
+    let announced = effects_up_to_now
+        .iter()
+        .any(|e| matches!(e, Effect::Event(Event::IncidentOpened(i)) if i == incident));
+    assert!(announced, "the opening event carries the queue");
     assert_eq!(incident.job, Some(JobId::new("nightly").unwrap()));
     for part in [
         "kind \"render\": 1 run(s) wait unclaimed",
