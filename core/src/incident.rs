@@ -50,6 +50,22 @@ pub enum IncidentKind {
     FailingJob,
 }
 
+impl IncidentKind {
+    /// Its name as stored and shown: `lease_reclaimed`, `unclaimed_queue`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            IncidentKind::LeaseReclaimed => "lease_reclaimed",
+            IncidentKind::StuckRun => "stuck_run",
+            IncidentKind::UnclaimedQueue => "unclaimed_queue",
+            IncidentKind::Operator => "operator",
+            IncidentKind::IdleClaimLoop => "idle_claim_loop",
+            IncidentKind::ReclaimEscalation => "reclaim_escalation",
+            IncidentKind::StoreRepaired => "store_repaired",
+            IncidentKind::FailingJob => "failing_job",
+        }
+    }
+}
+
 /// One incident.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Incident {
@@ -163,5 +179,27 @@ impl Incident {
         worker: Option<&WorkerId>,
     ) -> bool {
         self.kind == kind && self.run == run && self.worker.as_ref() == worker
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_stored_names() {
+        for kind in [
+            IncidentKind::LeaseReclaimed,
+            IncidentKind::StuckRun,
+            IncidentKind::UnclaimedQueue,
+            IncidentKind::Operator,
+            IncidentKind::IdleClaimLoop,
+            IncidentKind::ReclaimEscalation,
+            IncidentKind::StoreRepaired,
+            IncidentKind::FailingJob,
+        ] {
+            let stored = serde_json::to_value(kind).unwrap();
+            assert_eq!(stored.as_str(), Some(kind.name()));
+        }
     }
 }

@@ -34,7 +34,10 @@
 //! | [`Scheduler::acknowledge_incident`] | empty `by`, no such open incident, acknowledged already | `acknowledged` is set (`Event::IncidentAcknowledged`) |
 //! | [`Scheduler::resolve_incident`] | empty `by` or `reason`, no such open incident | it resolves with `resolved_by` (`Event::IncidentResolved`) |
 //!
-//! Every change is persisted with the incident's record (`Record::PutIncident`).
+//! Every change is persisted with the incident's record (`Record::PutIncident`), which keeps
+//! who, when and why ([`OperatorAction`]), and audited with actor `operator` in the trail of the
+//! incident's run (if in memory) or else its job, old and new state being the current one (the
+//! action changes no state), with a reason naming the incident, the operator and their words.
 
 use super::*;
 use crate::health::{WorkerHealth, WorkerStats};
@@ -142,6 +145,7 @@ impl Scheduler {
             reason: details,
         });
         self.insert_incident(incident.clone());
+        self.audit_incident(&incident, "opened");
         Ok(incident)
     }
 
@@ -176,6 +180,17 @@ impl Scheduler {
         self.journal.incident(incident.clone());
         self.effects
             .push_back(Effect::Event(Event::IncidentAcknowledged(incident.clone())));
+        let note = if note.is_empty() { "" } else { ": " };
+        self.audit_incident(
+            &incident,
+            &format!(
+                "acknowledged by {by}{note}{}",
+                incident
+                    .acknowledged
+                    .as_ref()
+                    .map_or("", |a| a.reason.as_str())
+            ),
+        );
         Ok(incident)
     }
 
@@ -208,7 +223,33 @@ impl Scheduler {
         let resolved = self
             .close_incident(id, &format!("by {by}: {reason}"))
             .expect("checked above");
+        self.audit_incident(&resolved, &format!("resolved by {by}: {reason}"));
         Ok(resolved)
+    }
+
+    /// Records an operator's action on `incident` in the audit trail of its run (if still in
+    /// memory) or else its job (if it still exists), so the trail the console shows beside a
+    /// run or job has it; the state does not change (old and new are the current one). An
+    /// incident about neither is recorded only in its own record and the event.
+    fn audit_incident(&mut self, incident: &Incident, what: &str) {
+        let mut reason = format!(
+            "incident #{} ({}) {what}",
+            incident.id,
+            incident.kind.name()
+        );
+        if what == "opened" {
+            if let Some(op) = &incident.opened_by {
+                reason = format!("{reason} by {}: {}", op.by, op.reason);
+            }
+        }
+        if let Some(run) = incident.run.filter(|r| self.runs.contains_key(r)) {
+            let state = self.runs[&run].state.name();
+            self.audit_run(run, Some(state), state, Actor::Operator, &reason);
+        } else if let Some(job) = incident.job.as_ref().filter(|j| self.jobs.contains_key(*j)) {
+            let state = job_state_name(&self.jobs[job].state);
+            let job = job.clone();
+            self.audit_job(&job, Some(state), state, Actor::Operator, &reason);
+        }
     }
 
     // ----- the queue_stuck rule, queued half ---------------------------------------------

@@ -37,18 +37,25 @@ fn ack_all(s: &mut Scheduler, now: Timestamp) -> Vec<Effect> {
 
 /// Acknowledges every write; returns the incident records the batches carried.
 fn written_incidents(s: &mut Scheduler, now: Timestamp) -> Vec<Incident> {
-    let mut incidents = Vec::new();
+    written_records(s, now).0
+}
+
+/// Acknowledges every write; returns the incident and audit records the batches carried.
+fn written_records(s: &mut Scheduler, now: Timestamp) -> (Vec<Incident>, Vec<AuditRecord>) {
+    let (mut incidents, mut audit) = (Vec::new(), Vec::new());
     while let Some(effect) = s.poll_effect() {
         if let Effect::Persist(batch) = effect {
             for record in &batch.records {
-                if let Record::PutIncident(i) = record {
-                    incidents.push(i.clone());
+                match record {
+                    Record::PutIncident(i) => incidents.push(i.clone()),
+                    Record::Audit(a) => audit.push(a.clone()),
+                    _ => {}
                 }
             }
             s.handle_persisted(now, batch.id);
         }
     }
-    incidents
+    (incidents, audit)
 }
 
 /// Delivers every deadline up to `until` in order, acknowledging writes, checking after each
@@ -308,11 +315,28 @@ fn operators_open_acknowledge_and_resolve_incidents_and_bad_input_changes_nothin
         (ack.by.as_str(), ack.at, ack.reason.as_str()),
         ("bo", later, "looking")
     );
-    let written = written_incidents(&mut s, later);
+    let (written, audit) = written_records(&mut s, later);
     assert_eq!(
         written,
         std::slice::from_ref(&acked),
         "acknowledgement persisted"
+    );
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].run, &audit[0].actor, audit[0].old, audit[0].new),
+        (
+            Some(run),
+            &Actor::Operator,
+            Some(StateName::Queued),
+            StateName::Queued
+        )
+    );
+    assert_eq!(
+        audit[0].reason,
+        format!(
+            "incident #{} (operator) acknowledged by bo: looking",
+            opened.id
+        )
     );
     assert_eq!(
         s.acknowledge_incident(later, opened.id, "cy", ""),
@@ -335,7 +359,15 @@ fn operators_open_acknowledge_and_resolve_incidents_and_bad_input_changes_nothin
         .details
         .ends_with("resolved: by bo: re-rendered by hand"));
     assert_eq!(s.incident(opened.id), None);
-    assert_eq!(written_incidents(&mut s, later), [resolved]);
+    let (written, audit) = written_records(&mut s, later);
+    assert_eq!(written, [resolved]);
+    assert_eq!(
+        audit.iter().map(|a| a.reason.as_str()).collect::<Vec<_>>(),
+        [format!(
+            "incident #{} (operator) resolved by bo: re-rendered by hand",
+            opened.id
+        )]
+    );
     assert_eq!(
         s.resolve_incident(later, opened.id, "bo", "again"),
         Err(Rejected::UnknownIncident(opened.id))
