@@ -79,8 +79,11 @@ pub const WORKERS_TRACKED_MAX: usize = 10_000;
 /// beyond this are not counted.
 pub const WORKER_HEALTH_MAX: usize = 10_000;
 
-/// Jobs an `unclaimed_queue` diagnosis names, and queued runs it looks at to find them.
+/// Jobs an `unclaimed_queue` diagnosis names.
 pub const DIAGNOSIS_JOBS_MAX: usize = 5;
+
+/// Queued runs, oldest first, an `unclaimed_queue` diagnosis looks at to find their jobs.
+pub const DIAGNOSIS_RUNS_SCANNED: usize = 100;
 
 /// Kinds an `idle_claim_loop` or `unclaimed_queue` diagnosis lists (waiting kinds, workers
 /// seen); the rest are counted.

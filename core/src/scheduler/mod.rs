@@ -160,8 +160,11 @@ pub struct Scheduler {
     /// The last claim of each kind, since the scheduler started: a kind's wait for a claim
     /// starts again at each.
     last_claimed: BTreeMap<Arc<str>, Timestamp>,
-    /// Worker health by (worker, kind), since the scheduler started (`crate::health`).
-    health: BTreeMap<(WorkerId, String), crate::health::WorkerStats>,
+    /// Worker health by worker and kind, since the scheduler started (`crate::health`):
+    /// nested so that a claim, counted on every poll, looks its pairs up without allocating.
+    health: BTreeMap<WorkerId, BTreeMap<String, crate::health::WorkerStats>>,
+    /// The (worker, kind) pairs in `health`, bounded by `limits::WORKER_HEALTH_MAX`.
+    health_pairs: usize,
     /// Reclaims whose batch failed, by run: two failures escalate (SPEC W5).
     reclaim_failures: BTreeMap<RunId, u32>,
     /// What the inputs have cost, in index entries visited.
@@ -223,6 +226,7 @@ impl Scheduler {
             unclaimed: BTreeMap::new(),
             last_claimed: BTreeMap::new(),
             health: BTreeMap::new(),
+            health_pairs: 0,
             refused_completions: BTreeSet::new(),
             work: WorkCounter::default(),
             throttles: BTreeMap::new(),

@@ -73,11 +73,13 @@ impl Scheduler {
     pub fn worker_health(&self) -> Vec<WorkerHealth> {
         self.health
             .iter()
-            .map(|((worker, kind), stats)| WorkerHealth {
-                worker: worker.clone(),
-                kind: kind.clone(),
-                stats: *stats,
-                score: stats.score(),
+            .flat_map(|(worker, kinds)| {
+                kinds.iter().map(move |(kind, stats)| WorkerHealth {
+                    worker: worker.clone(),
+                    kind: kind.clone(),
+                    stats: *stats,
+                    score: stats.score(),
+                })
             })
             .collect()
     }
@@ -332,7 +334,7 @@ impl Scheduler {
         let &(oldest_since, oldest) = queue.first().expect("only waiting kinds are diagnosed");
         let source = self.runs[&oldest].job.clone();
         let mut jobs: Vec<&JobId> = Vec::new();
-        for (_, run) in queue.iter().take(limits::DIAGNOSIS_JOBS_MAX * 20) {
+        for (_, run) in queue.iter().take(limits::DIAGNOSIS_RUNS_SCANNED) {
             let job = &self.runs[run].job;
             if jobs.len() < limits::DIAGNOSIS_JOBS_MAX && !jobs.contains(&job) {
                 jobs.push(job);
@@ -382,8 +384,7 @@ impl Scheduler {
     fn workers_seen(&self, kind: &str) -> Vec<(WorkerId, Timestamp)> {
         self.health
             .iter()
-            .filter(|((_, k), _)| k == kind)
-            .map(|((w, _), stats)| (w.clone(), stats.last_seen))
+            .filter_map(|(w, kinds)| Some((w.clone(), kinds.get(kind)?.last_seen)))
             .collect()
     }
 
@@ -412,11 +413,18 @@ impl Scheduler {
         kind: &str,
         change: impl FnOnce(&mut WorkerStats),
     ) {
-        let key = (worker.clone(), kind.to_owned());
-        if !self.health.contains_key(&key) && self.health.len() >= limits::WORKER_HEALTH_MAX {
-            return;
-        }
-        let stats = self.health.entry(key).or_default();
+        let stats = match self.health.get_mut(worker).and_then(|k| k.get_mut(kind)) {
+            Some(stats) => stats,
+            None if self.health_pairs >= limits::WORKER_HEALTH_MAX => return,
+            None => {
+                self.health_pairs += 1;
+                self.health
+                    .entry(worker.clone())
+                    .or_default()
+                    .entry(kind.to_owned())
+                    .or_default()
+            }
+        };
         stats.last_seen = stats.last_seen.max(now);
         change(stats);
     }
