@@ -75,8 +75,9 @@
 //! Each sub-machine lives in its own module with its states, transition table and tests:
 //! [`schedule`] (fire times, DST, misfires), [`run`] (attempts and outcomes), [`retry`]
 //! (backoff), [`job`] (job states, overlap), [`lease`] (leases, holders, contenders, the
-//! guarded-section table), [`watchdog`] (deadlines of a running attempt), [`checkpoint`] (the
-//! save throttle), [`incident`] (incident records), [`outbox`] (delivering results), [`audit`]
+//! guarded-section table), [`watchdog`] (deadlines of a running attempt, and the rules table),
+//! [`checkpoint`] (the save throttle), [`incident`] (incident records), [`health`] (worker
+//! health), [`outbox`] (delivering results), [`audit`]
 //! (the trail and retention), [`persist`] (records, batches, gating). [`limits`] names every
 //! bound.
 

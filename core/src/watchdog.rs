@@ -17,7 +17,7 @@
 //! report nothing afterwards, and `extend` refuses a killed or timed-out attempt.
 //!
 //! The rules the console shows (lease_expired, queue_stuck, claim_loop_idle, artifact_gate,
-//! job_failing), with their live thresholds, are data: [`rules`].
+//! job_failing), with their live thresholds, are data: [`rules()`].
 
 pub mod rules;
 
