@@ -9,6 +9,14 @@
 //! delivery_backoff = "30s"         # first retry delay of a result delivery (doubling)
 //! delivery_attempts = 3            # delivery attempts in total, the first included
 //!
+//! [watchdog]
+//! profile = "design"               # "keel" (the default) or "design": a set of thresholds
+//! lease_grace = "60s"              # reclaim a lease this long after it expires
+//! stuck_after = "10m"              # running work silent this long is stuck
+//! unclaimed_after = "10m"          # queued work unclaimed this long is stuck ("0s": never)
+//! idle_claims = 3                  # empty claims in a row that make an idle claim loop
+//! failing_after = 3                # failed runs in a row that make a job failing (0: never)
+//!
 //! [[job]]
 //! name = "heartbeat"
 //! cron = "*/10 * * * * *"
@@ -17,6 +25,10 @@
 //!
 //! Every `[[job]]` key is a `keel job add` flag ([`JobDef`]). Unknown keys are errors that
 //! name the key and its line.
+//!
+//! `[watchdog]` picks a profile ([`WatchdogProfile`]) and overrides it key by key. `[daemon]
+//! lease_grace` and `[daemon] failing_after`, which came first, still work as aliases of the
+//! `[watchdog]` keys; setting a key in both sections is an error naming both lines.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,7 +41,7 @@ use crate::duration::{format_duration_ms, parse_duration_ms};
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
 use keel_core::outbox::{DeliveryPolicy, OutboxConfig, OverflowPolicy};
-use keel_core::{limits, LeasePolicy, Timestamp};
+use keel_core::{limits, LeasePolicy, Timestamp, WatchdogProfile};
 
 /// The shutdown budget when the config does not set one.
 pub(crate) const SHUTDOWN_BUDGET_DEFAULT: Duration = Duration::from_secs(30);
@@ -53,6 +65,9 @@ pub(crate) struct Config {
     pub(crate) delivery: DeliveryPolicy,
     /// Failed runs in a row that raise a `failing_job` incident (`failing_after`; 0: never).
     pub(crate) failing_after: u32,
+    /// The `[watchdog]` thresholds not kept above: `profile`, `stuck_after`,
+    /// `unclaimed_after`, `idle_claims`.
+    pub(crate) watchdog: Watchdog,
     /// The delivery outbox's capacity and overflow policy (`outbox_capacity`,
     /// `outbox_overflow`).
     pub(crate) outbox: (usize, OverflowPolicy),
@@ -62,6 +77,19 @@ pub(crate) struct Config {
     pub(crate) jobs: Vec<(JobDef, usize)>,
 }
 
+/// The `[watchdog]` thresholds, resolved: the profile's, overridden key by key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Watchdog {
+    /// The profile named (`keel` unless set).
+    pub(crate) profile: WatchdogProfile,
+    /// `stuck_after`.
+    pub(crate) stuck_after_ms: u64,
+    /// `unclaimed_after`; 0: never.
+    pub(crate) unclaimed_after_ms: u64,
+    /// `idle_claims`.
+    pub(crate) idle_claims_max: u32,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct File {
@@ -69,6 +97,8 @@ struct File {
     daemon: Daemon,
     #[serde(default)]
     http: Option<Spanned<HttpSection>>,
+    #[serde(default)]
+    watchdog: WatchdogKeys,
     #[serde(default)]
     job: Vec<Spanned<JobDef>>,
 }
@@ -95,6 +125,17 @@ struct Daemon {
     outbox_overflow: Option<Spanned<String>>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchdogKeys {
+    profile: Option<Spanned<String>>,
+    lease_grace: Option<Spanned<String>>,
+    stuck_after: Option<Spanned<String>>,
+    unclaimed_after: Option<Spanned<String>>,
+    idle_claims: Option<Spanned<i64>>,
+    failing_after: Option<Spanned<i64>>,
+}
+
 impl Config {
     /// The directory relative paths in the file (a job's `cwd`) are resolved against.
     pub(crate) fn dir(&self) -> &Path {
@@ -112,6 +153,7 @@ impl Config {
                 self.delivery,
                 self.failing_after,
                 self.outbox,
+                self.watchdog,
                 &self.http
             )
         )
@@ -128,8 +170,8 @@ impl Config {
         std::path::absolute(self.dir()).unwrap_or_else(|_| self.dir().to_path_buf())
     }
 
-    /// The scheduler's configuration: keel-core's defaults with this file's lease and delivery
-    /// settings.
+    /// The scheduler's configuration: keel-core's defaults with this file's lease, delivery and
+    /// watchdog settings.
     pub(crate) fn core(&self) -> keel_core::Config {
         let default = keel_core::Config::default();
         keel_core::Config {
@@ -140,6 +182,9 @@ impl Config {
                 overflow: self.outbox.1,
             },
             failing_after: self.failing_after,
+            stuck_after_ms: self.watchdog.stuck_after_ms,
+            unclaimed_after_ms: self.watchdog.unclaimed_after_ms,
+            idle_claims_max: self.watchdog.idle_claims_max,
             ..default
         }
     }
@@ -194,26 +239,22 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         problems.push(daemon_problem(text, value, "metrics", &problem));
         None
     });
-    let (lease, delivery) = timings(text, daemon, &mut problems);
-    let failing_after = match &daemon.failing_after {
-        None => keel_core::Config::default().failing_after,
-        Some(value) => match u32::try_from(*value.get_ref()) {
-            Ok(n) if n <= FAILING_AFTER_MAX => n,
-            _ => {
-                problems.push(daemon_problem(
-                    text,
-                    value,
-                    "failing_after",
-                    &format!(
-                        "{} is out of range: failed runs in a row, from 1 to \
-                         {FAILING_AFTER_MAX}, or 0 for never",
-                        value.get_ref()
-                    ),
-                ));
-                0
-            }
-        },
-    };
+    let profile = watchdog_profile(text, &file.watchdog, &mut problems);
+    let base = profile.apply(keel_core::Config::default());
+    let (lease, delivery) = timings(text, daemon, base.lease, &mut problems);
+    let (mut lease, mut failing_after) = (lease, base.failing_after);
+    if let Some(value) = &daemon.failing_after {
+        failing_after =
+            count(text, value, "[daemon] failing_after", 0, &mut problems).unwrap_or(failing_after);
+    }
+    let watchdog = watchdog(
+        text,
+        daemon,
+        &file.watchdog,
+        (profile, base),
+        (&mut lease, &mut failing_after),
+        &mut problems,
+    );
     let outbox = outbox(text, daemon, &mut problems);
     let http = file.http.as_ref().and_then(|section| {
         let line = line_of(text, section.span().start);
@@ -248,6 +289,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         lease,
         delivery,
         failing_after,
+        watchdog,
         outbox,
         http,
         jobs: Vec::new(),
@@ -280,14 +322,16 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
     }
 }
 
-/// `lease_ttl`, `lease_grace`, `delivery_backoff` and `delivery_attempts` over keel-core's
-/// defaults; a bad value is a problem (and its default is kept meanwhile).
+/// `lease_ttl`, `lease_grace`, `delivery_backoff` and `delivery_attempts` over `lease` (the
+/// watchdog profile's) and keel-core's delivery defaults; a bad value is a problem (and its
+/// default is kept meanwhile).
 fn timings(
     text: &str,
     daemon: &Daemon,
+    lease: LeasePolicy,
     problems: &mut Vec<String>,
 ) -> (LeasePolicy, DeliveryPolicy) {
-    let mut lease = LeasePolicy::default();
+    let mut lease = lease;
     let mut delivery = DeliveryPolicy::default();
     let max = format_duration_ms(limits::DELAY_MAX_MS);
     // A duration within `min..=DELAY_MAX_MS`.
@@ -406,6 +450,196 @@ fn outbox(text: &str, daemon: &Daemon, problems: &mut Vec<String>) -> (usize, Ov
 
 /// The most failed runs in a row `failing_after` may wait for.
 const FAILING_AFTER_MAX: u32 = 1_000;
+
+/// The most empty claims in a row `idle_claims` may wait for.
+const IDLE_CLAIMS_MAX: u32 = 1_000;
+
+/// The shortest `stuck_after` and non-zero `unclaimed_after`: a threshold under a second
+/// would report every attempt between two heartbeats.
+const WATCHDOG_THRESHOLD_MIN_MS: u64 = 1_000;
+
+/// `[watchdog] profile`, or `keel`.
+fn watchdog_profile(
+    text: &str,
+    keys: &WatchdogKeys,
+    problems: &mut Vec<String>,
+) -> WatchdogProfile {
+    let Some(value) = &keys.profile else {
+        return WatchdogProfile::default();
+    };
+    WatchdogProfile::from_name(value.get_ref()).unwrap_or_else(|| {
+        problems.push(problem(
+            text,
+            value,
+            "[watchdog] profile",
+            &format!(
+                "{:?}: expected \"keel\" (keel's defaults) or \"design\" (the reference \
+                 design's thresholds)",
+                value.get_ref()
+            ),
+        ));
+        WatchdogProfile::default()
+    })
+}
+
+/// The `[watchdog]` keys over the profile's values (`base`); `lease_grace` and `failing_after`
+/// land in `lease` and `failing_after`, where `[daemon]`'s aliases may have set them already:
+/// a key set in both sections is a problem naming both lines.
+fn watchdog(
+    text: &str,
+    daemon: &Daemon,
+    keys: &WatchdogKeys,
+    (profile, base): (WatchdogProfile, keel_core::Config),
+    (lease, failing_after): (&mut LeasePolicy, &mut u32),
+    problems: &mut Vec<String>,
+) -> Watchdog {
+    let mut watchdog = Watchdog {
+        profile,
+        stuck_after_ms: base.stuck_after_ms,
+        unclaimed_after_ms: base.unclaimed_after_ms,
+        idle_claims_max: base.idle_claims_max,
+    };
+    if let Some(value) = &keys.lease_grace {
+        both(
+            text,
+            problems,
+            "lease_grace",
+            daemon
+                .lease_grace
+                .as_ref()
+                .map(|d| line_of(text, d.span().start)),
+            value.span().start,
+        );
+        if let Some(ms) = duration(text, value, "[watchdog] lease_grace", 0, problems) {
+            lease.grace_ms = ms;
+        }
+    }
+    if let Some(value) = &keys.failing_after {
+        both(
+            text,
+            problems,
+            "failing_after",
+            daemon
+                .failing_after
+                .as_ref()
+                .map(|d| line_of(text, d.span().start)),
+            value.span().start,
+        );
+        if let Some(n) = count(text, value, "[watchdog] failing_after", 0, problems) {
+            *failing_after = n;
+        }
+    }
+    if let Some(value) = &keys.stuck_after {
+        let min = WATCHDOG_THRESHOLD_MIN_MS;
+        if let Some(ms) = duration(text, value, "[watchdog] stuck_after", min, problems) {
+            watchdog.stuck_after_ms = ms;
+        }
+    }
+    if let Some(value) = &keys.unclaimed_after {
+        // 0 turns the rule off; anything else must be a real threshold.
+        let min = match parse_duration_ms(value.get_ref()) {
+            Ok(0) => 0,
+            _ => WATCHDOG_THRESHOLD_MIN_MS,
+        };
+        if let Some(ms) = duration(text, value, "[watchdog] unclaimed_after", min, problems) {
+            watchdog.unclaimed_after_ms = ms;
+        }
+    }
+    if let Some(value) = &keys.idle_claims {
+        if let Some(n) = count(text, value, "[watchdog] idle_claims", 1, problems) {
+            watchdog.idle_claims_max = n;
+        }
+    }
+    watchdog
+}
+
+/// A key set in `[watchdog]` (at byte `watchdog_at`) and as its `[daemon]` alias (on line
+/// `daemon_line`, if set) is a problem.
+fn both(
+    text: &str,
+    problems: &mut Vec<String>,
+    key: &str,
+    daemon_line: Option<usize>,
+    watchdog_at: usize,
+) {
+    if let Some(daemon_line) = daemon_line {
+        problems.push(format!(
+            "line {}: [watchdog] {key}: also set as [daemon] {key} on line {daemon_line}; keep \
+             one (the [daemon] key is the older alias)",
+            line_of(text, watchdog_at)
+        ));
+    }
+}
+
+/// A duration within `min..=DELAY_MAX_MS`, or a problem naming `key` and its line.
+fn duration(
+    text: &str,
+    value: &Spanned<String>,
+    key: &str,
+    min: u64,
+    problems: &mut Vec<String>,
+) -> Option<u64> {
+    let checked = parse_duration_ms(value.get_ref()).and_then(|ms| {
+        if ms < min {
+            Err(format!(
+                "{} is too short: the least is {}",
+                value.get_ref(),
+                format_duration_ms(min)
+            ))
+        } else if ms > limits::DELAY_MAX_MS {
+            Err(format!(
+                "{} is too long: the most is {}",
+                value.get_ref(),
+                format_duration_ms(limits::DELAY_MAX_MS)
+            ))
+        } else {
+            Ok(ms)
+        }
+    });
+    checked
+        .map_err(|e| problems.push(problem(text, value, key, &e)))
+        .ok()
+}
+
+/// A count within `min..=1000` (`failing_after`, `idle_claims`), or a problem naming `key`
+/// and its line.
+fn count(
+    text: &str,
+    value: &Spanned<i64>,
+    key: &str,
+    min: u32,
+    problems: &mut Vec<String>,
+) -> Option<u32> {
+    const MAX: u32 = if FAILING_AFTER_MAX > IDLE_CLAIMS_MAX {
+        FAILING_AFTER_MAX
+    } else {
+        IDLE_CLAIMS_MAX
+    };
+    match u32::try_from(*value.get_ref()) {
+        Ok(n) if (min..=MAX).contains(&n) => Some(n),
+        _ => {
+            let never = if min == 0 { ", or 0 for never" } else { "" };
+            let least = min.max(1);
+            problems.push(problem(
+                text,
+                value,
+                key,
+                &format!(
+                    "{} is out of range: from {least} to {MAX}{never}",
+                    value.get_ref()
+                ),
+            ));
+            None
+        }
+    }
+}
+
+/// A problem with the value of `key` (with its section: "[watchdog] idle_claims"), on its
+/// line.
+fn problem<T>(text: &str, value: &Spanned<T>, key: &str, problem: &str) -> String {
+    let line = line_of(text, value.span().start);
+    format!("line {line}: {key}: {problem}")
+}
 
 /// A problem with the value of a `[daemon]` key, on its line.
 fn daemon_problem<T>(text: &str, value: &Spanned<T>, key: &str, problem: &str) -> String {
@@ -701,6 +935,106 @@ delivery_attempts = 0
         expect_errors(&e, &["line 2"]);
         let e = parse_err("[daemon]\nlease_tll = \"1s\"\n");
         assert!(e.contains("lease_tll") && e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn the_watchdog_profile_sets_the_thresholds_and_each_key_overrides_it() {
+        let keel = parse_ok("").core();
+        assert_eq!(keel, keel_core::Config::default());
+        let design = parse_ok("[watchdog]\nprofile = \"design\"\n").core();
+        assert_eq!(
+            design,
+            WatchdogProfile::Design.apply(keel_core::Config::default())
+        );
+        assert_eq!(
+            (
+                design.lease.grace_ms,
+                design.stuck_after_ms,
+                design.unclaimed_after_ms,
+                design.idle_claims_max,
+                design.failing_after
+            ),
+            (60_000, 600_000, 600_000, 3, 3)
+        );
+        let config = parse_ok(
+            "[watchdog]\nprofile = \"design\"\nlease_grace = \"90s\"\nstuck_after = \"5m\"\n\
+             unclaimed_after = \"0s\"\nidle_claims = 5\nfailing_after = 0\n",
+        );
+        let core = config.core();
+        assert_eq!(
+            (
+                core.lease.grace_ms,
+                core.stuck_after_ms,
+                core.unclaimed_after_ms,
+                core.idle_claims_max,
+                core.failing_after
+            ),
+            (90_000, 300_000, 0, 5, 0)
+        );
+        assert_eq!(core.lease.ttl_ms, LeasePolicy::default().ttl_ms);
+        // The [daemon] aliases still work, over the profile.
+        let core = parse_ok(
+            "[daemon]\nlease_grace = \"2s\"\nfailing_after = 7\n[watchdog]\nprofile = \"design\"\n",
+        )
+        .core();
+        assert_eq!((core.lease.grace_ms, core.failing_after), (2_000, 7));
+        assert_eq!(core.idle_claims_max, 3);
+        // A changed threshold is a changed [daemon]-level setting for a reload's warning.
+        assert_ne!(
+            parse_ok("[watchdog]\nidle_claims = 4\n").daemon_settings(),
+            parse_ok("").daemon_settings()
+        );
+    }
+
+    #[test]
+    fn the_example_config_parses_with_keels_watchdog_profile() {
+        let example = include_str!("../../examples/keel.toml");
+        let config = parse_ok(example);
+        assert_eq!(config.watchdog.profile, WatchdogProfile::Keel);
+        assert_eq!(
+            config.core().idle_claims_max,
+            keel_core::Config::default().idle_claims_max
+        );
+    }
+
+    #[test]
+    fn bad_watchdog_keys_and_values_are_each_named_with_their_lines() {
+        let e = parse_err(
+            r#"[daemon]
+lease_grace = "5s"
+[watchdog]
+profile = "strict"
+lease_grace = "1m"
+stuck_after = "500ms"
+unclaimed_after = "soon"
+idle_claims = 0
+failing_after = 1001
+"#,
+        );
+        expect_errors(
+            &e,
+            &[
+                "line 4: [watchdog] profile: \"strict\": expected \"keel\"",
+                "line 5: [watchdog] lease_grace: also set as [daemon] lease_grace on line 2",
+                "line 6: [watchdog] stuck_after: 500ms is too short: the least is 1s",
+                "line 7: [watchdog] unclaimed_after: invalid duration \"soon\"",
+                "line 8: [watchdog] idle_claims: 0 is out of range: from 1 to 1000",
+                "line 9: [watchdog] failing_after: 1001 is out of range: from 1 to 1000, or 0 \
+                 for never",
+            ],
+        );
+        let e = parse_err("[watchdog]\nunclaimed_after = \"10ms\"\n");
+        expect_errors(
+            &e,
+            &["line 2: [watchdog] unclaimed_after: 10ms is too short"],
+        );
+        let e = parse_err("\n[watchdog]\nidle_claim = 3\n");
+        assert!(e.contains("idle_claim") && e.contains("line 3"), "{e}");
+        let e = parse_err("[daemon]\nfailing_after = 2\n[watchdog]\nfailing_after = 3\n");
+        expect_errors(
+            &e,
+            &["line 4: [watchdog] failing_after: also set as [daemon] failing_after on line 2"],
+        );
     }
 
     #[test]

@@ -559,7 +559,24 @@ pub(crate) fn event_line(event: &Event) -> String {
             incident_kind(i),
             i.details
         ),
-        Event::IncidentResolved(i) => format!("incident #{} resolved ({})", i.id, incident_kind(i)),
+        Event::IncidentResolved(i) => match &i.resolved_by {
+            Some(op) => format!(
+                "incident #{} resolved ({}) by {}: {}",
+                i.id,
+                incident_kind(i),
+                op.by,
+                op.reason
+            ),
+            None => format!("incident #{} resolved ({})", i.id, incident_kind(i)),
+        },
+        Event::IncidentAcknowledged(i) => {
+            let by = i.acknowledged.as_ref().map_or("", |op| op.by.as_str());
+            format!(
+                "incident #{} acknowledged ({}) by {by}",
+                i.id,
+                incident_kind(i)
+            )
+        }
         Event::IncidentSuppressed { details, .. } => {
             format!("incident not recorded (too many are open): {details}")
         }

@@ -247,9 +247,34 @@ pub(crate) fn incident(incident: &Incident) -> Value {
                 json!(incident.worker.as_ref().map(|w| w.as_str())),
             ),
             ("details", json!(incident.details)),
+            ("queue", json!(incident.queue)),
+            (
+                "opened_by",
+                json!(incident.opened_by.as_ref().map(|op| &op.by)),
+            ),
+            (
+                "acknowledged_by",
+                json!(incident.acknowledged.as_ref().map(|op| &op.by)),
+            ),
+            (
+                "acknowledged_note",
+                json!(incident.acknowledged.as_ref().map(|op| &op.reason)),
+            ),
+            (
+                "resolved_by",
+                json!(incident.resolved_by.as_ref().map(|op| &op.by)),
+            ),
+            (
+                "resolution",
+                json!(incident.resolved_by.as_ref().map(|op| &op.reason)),
+            ),
         ],
         &[
             ("opened_at", Some(incident.opened_at)),
+            (
+                "acknowledged_at",
+                incident.acknowledged.as_ref().map(|op| op.at),
+            ),
             ("resolved_at", incident.resolved_at),
         ],
     ))
@@ -451,11 +476,19 @@ mod tests {
             run: None,
             worker: Some(WorkerId::new("w1").unwrap()),
             details: "3 runs failed in a row".into(),
+            queue: None,
+            opened_by: None,
+            acknowledged: None,
+            resolved_by: None,
         };
         let view = incident(&open);
         assert_eq!(
             keys(&view),
             [
+                "acknowledged_at",
+                "acknowledged_at_ms",
+                "acknowledged_by",
+                "acknowledged_note",
                 "details",
                 "id",
                 "job",
@@ -463,8 +496,12 @@ mod tests {
                 "open",
                 "opened_at",
                 "opened_at_ms",
+                "opened_by",
+                "queue",
+                "resolution",
                 "resolved_at",
                 "resolved_at_ms",
+                "resolved_by",
                 "run",
                 "worker",
             ]

@@ -125,4 +125,18 @@ pub enum Rejected {
         /// Its state.
         state: StateName,
     },
+    /// No open incident has this id (it never existed, or it is resolved).
+    #[error("no open incident #{0}")]
+    UnknownIncident(u64),
+    /// The incident was acknowledged already.
+    #[error("incident #{incident} was already acknowledged by {by}")]
+    AlreadyAcknowledged {
+        /// The incident.
+        incident: u64,
+        /// Who acknowledged it.
+        by: String,
+    },
+    /// [`limits::INCIDENTS_OPEN_MAX`](crate::limits::INCIDENTS_OPEN_MAX) incidents are open.
+    #[error("{0} incidents are open, the limit; resolve some first")]
+    TooManyIncidents(usize),
 }

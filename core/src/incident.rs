@@ -3,10 +3,18 @@
 //! | kind | opens when | resolves when |
 //! |---|---|---|
 //! | `lease_reclaimed` | the watchdog reclaims an expired lease | the run's next attempt runs, or the run ends |
-//! | `stuck_run` | a running attempt shows no heartbeat or progress for `stuck_after_ms` | the attempt shows life again, or ends |
-//! | `idle_claim_loop` | a worker's claims come back empty `idle_claims_max` times in a row while runs of other kinds wait (a capability mismatch) | the worker claims a run, or no run waits |
+//! | `stuck_run` | a running attempt shows no heartbeat or progress for `stuck_after_ms`; the details name its worker and last progress phase and message | the attempt shows life again, or ends |
+//! | `unclaimed_queue` | a run of a kind external workers must claim waits unclaimed for `unclaimed_after_ms` (one per kind, `queue` names it); the details are a diagnosis: source job, runs waiting, oldest wait, eligible workers seen, a repair | a run of that kind is claimed, or none waits |
+//! | `idle_claim_loop` | a worker's claims come back empty `idle_claims_max` times in a row while runs of other kinds wait (a capability mismatch); the details give the backlog's shape (runs waiting per kind) and the worker's kinds | the worker claims a run, or no run waits |
 //! | `reclaim_escalation` | the write recording a reclaim failed twice | the reclaim is written |
+//! | `operator` | an operator opens one by hand (`Scheduler::open_incident`) | an operator resolves it |
 //! | `store_repaired` | a store was rewritten from what was readable (`keel doctor --repair`); the details say what was lost | at once: it records an operator's acknowledgement |
+//!
+//! Any open incident can be acknowledged (`Scheduler::acknowledge_incident`: who, when, a note)
+//! and resolved (`Scheduler::resolve_incident`: who, when, why) by an operator; an incident
+//! keel resolves itself has no `resolved_by`. Each operator action is an
+//! [`Event`](crate::Event) the driver logs with the operator's name and reason, and the
+//! incident record (written again) keeps who did it, when and why.
 //!
 //! Incidents are persisted (`Record::PutIncident`) when they open and when they resolve; at
 //! most [`limits::INCIDENTS_OPEN_MAX`](crate::limits::INCIDENTS_OPEN_MAX) are open at once.
@@ -25,6 +33,11 @@ pub enum IncidentKind {
     LeaseReclaimed,
     /// A running attempt stopped showing signs of life.
     StuckRun,
+    /// Queued runs of one kind that external workers must claim wait unclaimed (the
+    /// `queue_stuck` rule's queued half); `Incident::queue` names the kind.
+    UnclaimedQueue,
+    /// Opened by an operator by hand.
+    Operator,
     /// A worker keeps claiming nothing while other work waits.
     IdleClaimLoop,
     /// Recording a reclaim failed twice.
@@ -35,6 +48,22 @@ pub enum IncidentKind {
     /// A job's runs failed `Config::failing_after` times in a row; its next success resolves
     /// it (SPEC O4).
     FailingJob,
+}
+
+impl IncidentKind {
+    /// Its name as stored and shown: `lease_reclaimed`, `unclaimed_queue`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            IncidentKind::LeaseReclaimed => "lease_reclaimed",
+            IncidentKind::StuckRun => "stuck_run",
+            IncidentKind::UnclaimedQueue => "unclaimed_queue",
+            IncidentKind::Operator => "operator",
+            IncidentKind::IdleClaimLoop => "idle_claim_loop",
+            IncidentKind::ReclaimEscalation => "reclaim_escalation",
+            IncidentKind::StoreRepaired => "store_repaired",
+            IncidentKind::FailingJob => "failing_job",
+        }
+    }
 }
 
 /// One incident.
@@ -56,6 +85,73 @@ pub struct Incident {
     pub worker: Option<WorkerId>,
     /// What is known: phase, message, counts.
     pub details: String,
+    /// The handler kind whose queue it concerns (`unclaimed_queue`).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// The operator who opened it by hand, when and why; `None`: keel opened it.
+    #[serde(default)]
+    pub opened_by: Option<OperatorAction>,
+    /// The operator who acknowledged it, when, and their note; `None`: not acknowledged.
+    #[serde(default)]
+    pub acknowledged: Option<OperatorAction>,
+    /// The operator who resolved it, when and why; `None` while open, or if keel resolved it.
+    #[serde(default)]
+    pub resolved_by: Option<OperatorAction>,
+}
+
+/// What an operator did to an incident: who, when, why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorAction {
+    /// Who: the operator's name as the caller gave it (the HTTP API's token name, the CLI's
+    /// user).
+    pub by: String,
+    /// When.
+    pub at: Timestamp,
+    /// Why, or a note.
+    pub reason: String,
+}
+
+/// An incident an operator opens by hand ([`Scheduler::open_incident`](crate::Scheduler::open_incident)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewIncident {
+    /// The job concerned, if any; must exist.
+    pub job: Option<JobId>,
+    /// The run concerned, if any; must be in memory (active, or just finished).
+    pub run: Option<RunId>,
+    /// The worker concerned, if any.
+    pub worker: Option<WorkerId>,
+    /// What the operator saw; must not be empty.
+    pub details: String,
+    /// Who opens it; must not be empty.
+    pub by: String,
+}
+
+impl Incident {
+    /// An open incident opened by keel, with no operator action yet.
+    pub fn new(
+        id: u64,
+        kind: IncidentKind,
+        opened_at: Timestamp,
+        job: Option<JobId>,
+        run: Option<RunId>,
+        worker: Option<WorkerId>,
+        details: String,
+    ) -> Self {
+        Incident {
+            id,
+            kind,
+            opened_at,
+            resolved_at: None,
+            job,
+            run,
+            worker,
+            details,
+            queue: None,
+            opened_by: None,
+            acknowledged: None,
+            resolved_by: None,
+        }
+    }
 }
 
 /// What an open incident is about, for the scheduler's index of them: its run, its worker and
@@ -83,5 +179,27 @@ impl Incident {
         worker: Option<&WorkerId>,
     ) -> bool {
         self.kind == kind && self.run == run && self.worker.as_ref() == worker
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_stored_names() {
+        for kind in [
+            IncidentKind::LeaseReclaimed,
+            IncidentKind::StuckRun,
+            IncidentKind::UnclaimedQueue,
+            IncidentKind::Operator,
+            IncidentKind::IdleClaimLoop,
+            IncidentKind::ReclaimEscalation,
+            IncidentKind::StoreRepaired,
+            IncidentKind::FailingJob,
+        ] {
+            let stored = serde_json::to_value(kind).unwrap();
+            assert_eq!(stored.as_str(), Some(kind.name()));
+        }
     }
 }

@@ -75,8 +75,9 @@
 //! Each sub-machine lives in its own module with its states, transition table and tests:
 //! [`schedule`] (fire times, DST, misfires), [`run`] (attempts and outcomes), [`retry`]
 //! (backoff), [`job`] (job states, overlap), [`lease`] (leases, holders, contenders, the
-//! guarded-section table), [`watchdog`] (deadlines of a running attempt), [`checkpoint`] (the
-//! save throttle), [`incident`] (incident records), [`outbox`] (delivering results), [`audit`]
+//! guarded-section table), [`watchdog`] (deadlines of a running attempt, and the rules table),
+//! [`checkpoint`] (the save throttle), [`incident`] (incident records), [`health`] (worker
+//! health), [`outbox`] (delivering results), [`audit`]
 //! (the trail and retention), [`persist`] (records, batches, gating). [`limits`] names every
 //! bound.
 
@@ -87,6 +88,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod drive;
 pub mod error;
+pub mod health;
 pub mod ids;
 pub mod incident;
 pub mod job;
@@ -105,9 +107,11 @@ pub mod time;
 pub mod watchdog;
 
 pub use audit::{Actor, AuditRecord, HistoryPolicy};
+pub use config::WatchdogProfile;
 pub use error::Rejected;
+pub use health::{WorkerHealth, WorkerStats};
 pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};
-pub use incident::{Incident, IncidentKind};
+pub use incident::{Incident, IncidentKind, NewIncident, OperatorAction};
 pub use job::{Ensured, Job, JobSpec, JobState, LastRun, NotifyOn, OverlapPolicy};
 pub use lease::{Lease, LeasePolicy};
 pub use outbox::{
@@ -121,8 +125,8 @@ pub use run::{
 };
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{
-    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,
-    Shutdown, StopReason, Work,
+    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, QueueHealth, Released,
+    RunContext, Scheduler, Shutdown, StopReason, Work,
 };
 pub use store::{AuditQuery, Conflict, RunPage, RunQuery, Store, StoreError};
 pub use time::Timestamp;

@@ -75,6 +75,20 @@ pub const INCIDENTS_OPEN_MAX: usize = 1_000;
 /// further workers are not counted.
 pub const WORKERS_TRACKED_MAX: usize = 10_000;
 
+/// (worker, kind) pairs whose health is counted (`Scheduler::worker_health`); pairs first seen
+/// beyond this are not counted.
+pub const WORKER_HEALTH_MAX: usize = 10_000;
+
+/// Jobs an `unclaimed_queue` diagnosis names.
+pub const DIAGNOSIS_JOBS_MAX: usize = 5;
+
+/// Queued runs, oldest first, an `unclaimed_queue` diagnosis looks at to find their jobs.
+pub const DIAGNOSIS_RUNS_SCANNED: usize = 100;
+
+/// Kinds an `idle_claim_loop` or `unclaimed_queue` diagnosis lists (waiting kinds, workers
+/// seen); the rest are counted.
+pub const DIAGNOSIS_KINDS_MAX: usize = 20;
+
 /// Failed writes of a reclaim after which it escalates (SPEC W5: "failing to reclaim a lease
 /// twice escalates").
 pub const RECLAIM_FAILURES_ESCALATE: u32 = 2;

@@ -15,6 +15,13 @@
 //! When several are due, the first in this table wins: a reclaimed lease needs no kill, and a
 //! kill needs no stuck report. A kill is sticky (W2): the attempt's lease is revoked, so it can
 //! report nothing afterwards, and `extend` refuses a killed or timed-out attempt.
+//!
+//! The rules the console shows (lease_expired, queue_stuck, claim_loop_idle, artifact_gate,
+//! job_failing), with their live thresholds, are data: [`rules()`].
+
+pub mod rules;
+
+pub use rules::{rules, Rule};
 
 use crate::config::Config;
 use crate::run::{Run, RunState};

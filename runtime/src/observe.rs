@@ -37,13 +37,22 @@ pub(crate) fn event(event: &Event, now: Timestamp, label: &dyn Fn(&str) -> Strin
             metrics::counter!(m::LEASE_RECLAIMS).increment(1);
         }
         Event::IncidentOpened(incident) => {
-            tracing::warn!(id = incident.id, kind = ?incident.kind, details = %incident.details, "incident opened");
+            let by = incident.opened_by.as_ref().map(|op| op.by.as_str());
+            tracing::warn!(id = incident.id, kind = ?incident.kind, by, details = %incident.details, "incident opened");
         }
         Event::IncidentSuppressed { kind, details, .. } => {
             tracing::debug!(?kind, %details, "incident suppressed");
         }
-        Event::IncidentResolved(incident) => {
-            tracing::info!(id = incident.id, kind = ?incident.kind, "incident resolved");
+        Event::IncidentResolved(incident) => match &incident.resolved_by {
+            Some(op) => {
+                tracing::info!(id = incident.id, kind = ?incident.kind, by = %op.by, reason = %op.reason, "incident resolved by an operator")
+            }
+            None => tracing::info!(id = incident.id, kind = ?incident.kind, "incident resolved"),
+        },
+        Event::IncidentAcknowledged(incident) => {
+            if let Some(op) = &incident.acknowledged {
+                tracing::info!(id = incident.id, kind = ?incident.kind, by = %op.by, note = %op.reason, "incident acknowledged");
+            }
         }
         Event::CheckpointSaved { run, seq } => tracing::debug!(%run, seq, "checkpoint saved"),
         Event::CheckpointThrottled { run } => tracing::debug!(%run, "checkpoint throttled"),

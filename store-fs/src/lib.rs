@@ -383,6 +383,10 @@ impl FsStore {
                  kept in quarantine/; lost or damaged: {}",
                 lines.join("; ")
             ),
+            queue: None,
+            opened_by: None,
+            acknowledged: None,
+            resolved_by: None,
         };
         let mut meta = state.meta;
         meta.next_incident = id + 1;

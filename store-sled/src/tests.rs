@@ -76,6 +76,10 @@ fn incident(id: u64, resolved_at: Option<Timestamp>) -> Incident {
         run: Some(RunId(1)),
         worker: None,
         details: format!("incident {id}"),
+        queue: None,
+        opened_by: None,
+        acknowledged: None,
+        resolved_by: None,
     }
 }
 

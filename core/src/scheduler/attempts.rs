@@ -62,8 +62,9 @@ impl Scheduler {
     pub(super) fn after_run_transition(&mut self, id: RunId, t: Transition, actor: Actor) {
         let job = self.runs[&id].job.clone();
         self.journal.put_run(&job, id);
-        self.audit_run(id, Some(t.old), t.new, actor, &t.reason);
+        self.audit_run(id, Some(t.old), t.new, actor.clone(), &t.reason);
         self.index_run(id);
+        self.watch_transition(id, &t, &actor);
         let state = self.runs[&id].state;
         if !matches!(state, RunState::Running { .. }) {
             // A throttled save outlives its attempt: the next attempt resumes from it.

@@ -158,6 +158,8 @@ pub enum Event {
     },
     /// An incident resolved.
     IncidentResolved(Incident),
+    /// An operator acknowledged an incident (`Incident::acknowledged` says who and when).
+    IncidentAcknowledged(Incident),
     /// A checkpoint save was made durable.
     CheckpointSaved {
         /// The run.

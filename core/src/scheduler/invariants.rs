@@ -52,6 +52,16 @@ impl Scheduler {
             "the claim queue disagrees with run states"
         );
         assert!(self.incidents.len() <= limits::INCIDENTS_OPEN_MAX);
+        // Each reported unclaimed queue points at its own open incident, if it has one.
+        for (kind, id) in &self.unclaimed {
+            let Some(id) = id else { continue };
+            let incident = self.incidents.get(id);
+            assert!(
+                incident.is_some_and(|i| i.kind == IncidentKind::UnclaimedQueue
+                    && i.queue.as_deref() == Some(&**kind)),
+                "unclaimed kind {kind:?} points at {incident:?}"
+            );
+        }
         let subjects: BTreeSet<IncidentSubject> =
             self.incidents.values().map(IncidentSubject::of).collect();
         assert_eq!(

@@ -3,7 +3,7 @@
 //!
 //! # Deadlines
 //!
-//! `poll_timeout` is the earliest of five named deadlines:
+//! `poll_timeout` is the earliest of six named deadlines:
 //!
 //! - **job due**: the first entry of `due_jobs`, the `Scheduled` jobs ordered by cursor. A tick
 //!   pops only due entries, so it costs O(log n) per due item, never a scan of all jobs.
@@ -12,6 +12,8 @@
 //! - **delivery due**: the outbox's next due delivery (`Outbox::poll_timeout`).
 //! - **persist retry**: after a failed batch, when to emit the next one.
 //! - **history sweep**: hourly, prune history by age for all jobs.
+//! - **unclaimed queue**: when the first claim queue's wait reaches `unclaimed_after_ms`
+//!   (`watch.rs`).
 //!
 //! # Layout
 //!
@@ -29,6 +31,7 @@
 //! | `journal.rs` | audit records, the outbox's writes moved into the journal, batches, and what an acknowledged batch releases |
 //! | `workers.rs` | the worker protocol: claims and fenced writes, checkpoints, shutdown |
 //! | `supervise.rs` | applying the watchdog's decisions, and incidents |
+//! | `watch.rs` | the rules about queues and workers (unclaimed queues, idle claim loops' backlog, worker health), and operators' incidents |
 //! | `invariants.rs` | [`Scheduler::check_invariants`] |
 //! | `tests.rs` | unit tests of the composer (the simulator and sequence tests live in `tests/`) |
 
@@ -39,9 +42,11 @@ mod invariants;
 mod journal;
 mod restore;
 mod supervise;
+mod watch;
 mod workers;
 
 pub use effect::{AttemptStart, Effect, Event, StopReason};
+pub use watch::QueueHealth;
 pub use workers::{CheckpointSave, Claimed, Released, RunContext, Shutdown};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -150,6 +155,16 @@ pub struct Scheduler {
     incident_subjects: BTreeSet<IncidentSubject>,
     /// Consecutive empty claims per worker (idle claim loop detection).
     empty_claims: BTreeMap<WorkerId, u32>,
+    /// Kinds of queued work reported unclaimed (`watch.rs`), with their open incident, if any.
+    unclaimed: BTreeMap<Arc<str>, Option<u64>>,
+    /// The last claim of each kind, since the scheduler started: a kind's wait for a claim
+    /// starts again at each.
+    last_claimed: BTreeMap<Arc<str>, Timestamp>,
+    /// Worker health by worker and kind, since the scheduler started (`crate::health`):
+    /// nested so that a claim, counted on every poll, looks its pairs up without allocating.
+    health: BTreeMap<WorkerId, BTreeMap<String, crate::health::WorkerStats>>,
+    /// The (worker, kind) pairs in `health`, bounded by `limits::WORKER_HEALTH_MAX`.
+    health_pairs: usize,
     /// Reclaims whose batch failed, by run: two failures escalate (SPEC W5).
     reclaim_failures: BTreeMap<RunId, u32>,
     /// What the inputs have cost, in index entries visited.
@@ -208,6 +223,10 @@ impl Scheduler {
             incident_subjects: BTreeSet::new(),
             empty_claims: BTreeMap::new(),
             reclaim_failures: BTreeMap::new(),
+            unclaimed: BTreeMap::new(),
+            last_claimed: BTreeMap::new(),
+            health: BTreeMap::new(),
+            health_pairs: 0,
             refused_completions: BTreeSet::new(),
             work: WorkCounter::default(),
             throttles: BTreeMap::new(),
@@ -597,6 +616,7 @@ impl Scheduler {
                 (_, None) => break,
             }
         }
+        self.watch_queues(now);
         if !self.shutting_down {
             self.outbox.handle_timeout(now);
         }
@@ -744,6 +764,7 @@ impl Scheduler {
             deliveries,
             self.journal.retry_at,
             self.history_sweep_at,
+            self.unclaimed_deadline(),
         ]
         .into_iter()
         .flatten()

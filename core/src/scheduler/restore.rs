@@ -64,6 +64,14 @@ impl Scheduler {
             .map(|i| (i.id, i))
             .collect();
         s.incident_subjects = s.incidents.values().map(IncidentSubject::of).collect();
+        // An unclaimed queue reported before the restart stays reported until a claim or an
+        // empty queue resolves it.
+        s.unclaimed = s
+            .incidents
+            .values()
+            .filter(|i| i.kind == IncidentKind::UnclaimedQueue)
+            .filter_map(|i| Some((Arc::from(i.queue.as_deref()?), Some(i.id))))
+            .collect();
         for job in jobs {
             s.restore_job(job);
         }

@@ -75,14 +75,16 @@ impl Scheduler {
                     "lease {} held by {} expired at {}; reclaimed",
                     lease.token, lease.owner, lease.expires_at
                 );
+                let kind = run.kind.clone();
                 let t = run.lose_attempt(now, ErrorKind::Lost, &message);
                 self.after_run_transition(id, t, Actor::Watchdog);
+                self.note_worker(now, &lease.owner, &kind, |h| h.lease_losses += 1);
                 self.effects.push_back(Effect::Event(Event::LeaseReclaimed {
                     run: id,
                     token: lease.token,
                 }));
                 self.reclaim_failures.insert(id, 0);
-                self.open_incident(
+                self.raise_incident(
                     now,
                     IncidentKind::LeaseReclaimed,
                     Some(job),
@@ -114,21 +116,10 @@ impl Scheduler {
             WatchAction::Stuck => {
                 run.watch.stuck_reported = true;
                 let owner = run.lease.as_ref().map(|l| l.owner.clone());
-                let silent_since = run.last_activity.unwrap_or(now);
-                let details = match &run.progress {
-                    Some(p) => format!(
-                        "attempt {attempt}: no heartbeat or progress since {silent_since}; last \
-                         phase {:?}: {:?}",
-                        p.phase, p.message
-                    ),
-                    None => format!(
-                        "attempt {attempt}: no heartbeat or progress since {silent_since}; no \
-                         progress reported"
-                    ),
-                };
+                let details = stuck_details(run, &job, now);
                 self.journal.put_run(&job, id);
                 self.index_run(id);
-                self.open_incident(
+                self.raise_incident(
                     now,
                     IncidentKind::StuckRun,
                     Some(job),
@@ -165,7 +156,7 @@ impl Scheduler {
             if *failures == limits::RECLAIM_FAILURES_ESCALATE {
                 let job = self.runs.get(run).map(|r| r.job.clone());
                 let details = format!("recording the reclaim of {run} failed twice");
-                self.open_incident(
+                self.raise_incident(
                     now,
                     IncidentKind::ReclaimEscalation,
                     job,
@@ -177,9 +168,10 @@ impl Scheduler {
         }
     }
 
-    /// Opens an incident unless the same one is open already, or too many are. An incident
-    /// about neither a run nor a worker is the same one only for the same job.
-    pub(super) fn open_incident(
+    /// Opens an incident unless the same one is open already, or too many are; returns its id
+    /// if it opened. An incident about neither a run nor a worker is the same one only for the
+    /// same job.
+    pub(super) fn raise_incident(
         &mut self,
         now: Timestamp,
         kind: IncidentKind,
@@ -187,13 +179,28 @@ impl Scheduler {
         run: Option<RunId>,
         worker: Option<&WorkerId>,
         details: String,
-    ) {
+    ) -> Option<u64> {
+        self.raise_incident_about_queue(now, kind, job, run, worker, details, None)
+    }
+
+    /// [`Scheduler::raise_incident`], with the handler kind whose queue it concerns.
+    #[allow(clippy::too_many_arguments)] // the incident's fields, named at each call
+    pub(super) fn raise_incident_about_queue(
+        &mut self,
+        now: Timestamp,
+        kind: IncidentKind,
+        job: Option<JobId>,
+        run: Option<RunId>,
+        worker: Option<&WorkerId>,
+        details: String,
+        queue: Option<String>,
+    ) -> Option<u64> {
         let about_job = run.is_none() && worker.is_none();
         let same = self.incident_ids(run, worker, |i| {
             i.is_about(kind, run, worker) && (!about_job || i.job == job)
         });
         if !same.is_empty() {
-            return;
+            return None;
         }
         if self.incidents.len() >= limits::INCIDENTS_OPEN_MAX {
             self.effects
@@ -202,27 +209,32 @@ impl Scheduler {
                     run,
                     details,
                 }));
-            return;
+            return None;
         }
+        let id = self.next_incident_id();
+        let details = crate::run::truncate(&details);
+        let mut incident = Incident::new(id, kind, now, job, run, worker.cloned(), details);
+        incident.queue = queue;
+        self.insert_incident(incident);
+        Some(id)
+    }
+
+    /// The next incident id, counted in the store's meta record.
+    pub(super) fn next_incident_id(&mut self) -> u64 {
         let id = self.meta.next_incident;
         self.meta.next_incident += 1;
         self.journal.meta();
-        let incident = Incident {
-            id,
-            kind,
-            opened_at: now,
-            resolved_at: None,
-            job,
-            run,
-            worker: worker.cloned(),
-            details: crate::run::truncate(&details),
-        };
+        id
+    }
+
+    /// Adds a new open incident: persisted, announced and indexed.
+    pub(super) fn insert_incident(&mut self, incident: Incident) {
         self.journal.incident(incident.clone());
         self.effects
             .push_back(Effect::Event(Event::IncidentOpened(incident.clone())));
         self.incident_subjects
             .insert(IncidentSubject::of(&incident));
-        self.incidents.insert(id, incident);
+        self.incidents.insert(incident.id, incident);
     }
 
     /// True if an incident of `kind` about this subject is open. O(log incidents).
@@ -264,7 +276,7 @@ impl Scheduler {
     pub(super) fn resolve_incidents_of_run(&mut self, run: RunId, reason: &str) {
         let ids = self.incident_ids(Some(run), None, |_| true);
         for id in ids {
-            self.resolve_incident(id, reason);
+            self.close_incident(id, reason);
         }
     }
 
@@ -277,7 +289,7 @@ impl Scheduler {
     ) {
         let ids = self.incident_ids(Some(run), None, |i| i.kind == kind);
         for id in ids {
-            self.resolve_incident(id, reason);
+            self.close_incident(id, reason);
         }
     }
 
@@ -309,7 +321,7 @@ impl Scheduler {
             });
             let reason = format!("{run} succeeded after {before} failed run(s) in a row");
             for incident in ids {
-                self.resolve_incident(incident, &reason);
+                self.close_incident(incident, &reason);
             }
         } else if threshold > 0 && after >= threshold {
             let error = self.runs[&run]
@@ -319,7 +331,7 @@ impl Scheduler {
                 .unwrap_or_default();
             let details =
                 format!("job {id}: {after} runs failed in a row; the last, {run}, {state}{error}");
-            self.open_incident(
+            self.raise_incident(
                 now,
                 IncidentKind::FailingJob,
                 Some(id.clone()),
@@ -336,21 +348,54 @@ impl Scheduler {
             i.is_about(IncidentKind::IdleClaimLoop, None, Some(worker))
         });
         for id in ids {
-            self.resolve_incident(id, reason);
+            self.close_incident(id, reason);
         }
     }
 
-    fn resolve_incident(&mut self, id: u64, reason: &str) {
-        let Some(mut incident) = self.incidents.remove(&id) else {
-            return;
-        };
+    /// Resolves open incident `id`, by keel; returns it resolved, if it was open.
+    pub(super) fn close_incident(&mut self, id: u64, reason: &str) -> Option<Incident> {
+        let mut incident = self.incidents.remove(&id)?;
         self.incident_subjects
             .remove(&IncidentSubject::of(&incident));
         incident.resolved_at = Some(self.now);
         incident.details =
             crate::run::truncate(&format!("{}; resolved: {reason}", incident.details));
+        // A kind whose report an operator resolved stays reported, with no incident, until a
+        // claim or an empty queue ends its wait: otherwise it would open again at once.
+        if let Some(report) = incident
+            .queue
+            .as_deref()
+            .and_then(|kind| self.unclaimed.get_mut(kind))
+        {
+            *report = None;
+        }
         self.journal.incident(incident.clone());
         self.effects
-            .push_back(Effect::Event(Event::IncidentResolved(incident)));
+            .push_back(Effect::Event(Event::IncidentResolved(incident.clone())));
+        Some(incident)
     }
+}
+
+/// What a stuck report says (SPEC W5): the attempt, its job and kind, its worker, how long it
+/// has been silent, and its last progress phase and message.
+fn stuck_details(run: &Run, job: &JobId, now: Timestamp) -> String {
+    let silent_since = run.last_activity.unwrap_or(now);
+    let worker = run
+        .lease
+        .as_ref()
+        .map_or_else(|| "no worker".to_owned(), |l| format!("worker {}", l.owner));
+    let progress = match &run.progress {
+        Some(p) => format!(
+            "last progress at {}: phase {:?}, message {:?}",
+            p.at, p.phase, p.message
+        ),
+        None => "no progress reported".to_owned(),
+    };
+    format!(
+        "attempt {} of job {job} (kind {:?}), {worker}: no heartbeat or progress since \
+         {silent_since} ({} s); {progress}",
+        run.attempt,
+        &*run.kind,
+        now.ms_since(silent_since) / 1_000
+    )
 }

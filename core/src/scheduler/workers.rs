@@ -102,6 +102,7 @@ impl Scheduler {
             return Err(Rejected::ShuttingDown);
         }
         let now = self.clamp(now);
+        self.note_claim_request(now, worker, kinds);
         let oldest = kinds
             .iter()
             .filter_map(|kind| self.queued.get(*kind).and_then(|q| q.first()).copied())
@@ -586,18 +587,7 @@ impl Scheduler {
         if count >= self.config.idle_claims_max
             && !self.has_incident(IncidentKind::IdleClaimLoop, None, Some(worker))
         {
-            let waiting: Vec<&str> = self.queued.keys().map(|k| &**k).collect();
-            let details = format!(
-                "{count} empty claims for kinds {kinds:?} while runs of kinds {waiting:?} wait"
-            );
-            self.open_incident(
-                now,
-                IncidentKind::IdleClaimLoop,
-                None,
-                None,
-                Some(worker),
-                details,
-            );
+            self.raise_idle_claim_loop(now, worker, kinds, count);
         }
     }
 }

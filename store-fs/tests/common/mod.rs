@@ -90,6 +90,10 @@ pub fn incident(id: u64, resolved: bool) -> Incident {
         run: Some(RunId(1)),
         worker: None,
         details: "no heartbeat".into(),
+        queue: None,
+        opened_by: None,
+        acknowledged: None,
+        resolved_by: None,
     }
 }
 
