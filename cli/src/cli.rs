@@ -106,8 +106,16 @@ pub(crate) enum Command {
     Interrupted(LimitArgs),
     /// Print what a run's command wrote (stdout, then stderr), as the daemon kept it.
     Logs(LogsArgs),
-    /// List incidents: reclaimed leases, stuck runs, idle claim loops.
+    /// List incidents (reclaimed leases, stuck runs, idle claim loops…); open, acknowledge or
+    /// resolve one.
     Incidents(IncidentsArgs),
+    /// Queue health per kind, from the running daemon: waiting, running, expired leases,
+    /// workers seen.
+    Queue,
+    /// Worker health per worker and kind since the daemon started, with a score.
+    Workers,
+    /// The watchdog's rules with the running daemon's thresholds.
+    Rules,
     /// Check the store, leases, jobs and (with --config) a config file; exit 1 on any problem.
     Doctor(DoctorArgs),
     /// The external worker protocol: claim work, report on it, finish it.
@@ -325,10 +333,47 @@ pub(crate) struct LimitArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub(crate) struct IncidentsArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<IncidentCommand>,
     /// Only incidents that are still open.
     #[arg(long)]
     pub(crate) open: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum IncidentCommand {
+    /// Open an incident by hand: what you saw, and what it concerns.
+    Open {
+        /// What you saw.
+        details: String,
+        /// The job concerned.
+        #[arg(long, value_name = "NAME")]
+        job: Option<String>,
+        /// The run concerned (`run-42` or `42`).
+        #[arg(long, value_name = "RUN")]
+        run: Option<String>,
+        /// The worker concerned.
+        #[arg(long, value_name = "ID")]
+        worker: Option<String>,
+    },
+    /// Acknowledge an open incident: someone is on it.
+    Ack {
+        /// The incident's number.
+        id: u64,
+        /// A note for the others.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Resolve an open incident, saying why.
+    Resolve {
+        /// The incident's number.
+        id: u64,
+        /// Why it is resolved.
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Args)]

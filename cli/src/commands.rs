@@ -11,8 +11,8 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::cli::{
-    AddArgs, Cli, Command, CompleteArgs, FailArgs, IncidentsArgs, JobCommand, NextArgs, RunsArgs,
-    RunsCommand, TokenArgs, WorkerCommand,
+    AddArgs, Cli, Command, CompleteArgs, FailArgs, IncidentCommand, IncidentsArgs, JobCommand,
+    NextArgs, RunsArgs, RunsCommand, TokenArgs, WorkerCommand,
 };
 use crate::direct::{self, wall_clock};
 use crate::error::Failure;
@@ -106,7 +106,20 @@ fn commands(command: Command, place: &Place, out: Output) -> Result<(), Failure>
             })
         }
         Command::Logs(args) => logs(&place, &args),
-        Command::Incidents(args) => incidents(&place, out, &args),
+        Command::Incidents(args) => incidents(&place, out, args),
+        Command::Queue => {
+            let value = call(&place, &Request::Queue)?;
+            out.print(&value, || show::queue_table(&value))
+        }
+        Command::Workers => {
+            let workers: Vec<keel_core::WorkerHealth> =
+                from_value(call(&place, &Request::Workers)?)?;
+            out.print(&workers, || show::workers_table(&workers))
+        }
+        Command::Rules => {
+            let rules: Vec<keel_core::watchdog::Rule> = from_value(call(&place, &Request::Rules)?)?;
+            out.print(&rules, || show::rules_table(&rules))
+        }
         Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref(), args.repair),
         Command::Worker(command) => worker(&place, out, command),
         // Answered above, before a data directory is looked for.
@@ -630,7 +643,10 @@ fn remote_logs(
     Ok(())
 }
 
-fn incidents(place: &Place, out: Output, args: &IncidentsArgs) -> Result<(), Failure> {
+fn incidents(place: &Place, out: Output, args: IncidentsArgs) -> Result<(), Failure> {
+    if let Some(command) = args.command {
+        return incident_action(place, out, command);
+    }
     let mut incidents: Vec<Incident> = from_value(call(place, &Request::Incidents)?)?;
     if args.open {
         incidents.retain(|i| i.resolved_at.is_none());
@@ -638,6 +654,61 @@ fn incidents(place: &Place, out: Output, args: &IncidentsArgs) -> Result<(), Fai
     incidents.sort_by_key(|i| (i.resolved_at.is_some(), std::cmp::Reverse(i.id)));
     out.print(&views::all(&incidents, views::incident), || {
         show::incidents_table(&incidents)
+    })
+}
+
+/// Who an operator action from the CLI is recorded as: the local user.
+fn operator() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "cli".into())
+}
+
+fn incident_action(place: &Place, out: Output, command: IncidentCommand) -> Result<(), Failure> {
+    let (request, verb) = match command {
+        IncidentCommand::Open {
+            details,
+            job,
+            run,
+            worker,
+        } => (
+            Request::OpenIncident {
+                job: job.as_deref().map(job_id).transpose()?,
+                run: run.as_deref().map(parse_run).transpose()?,
+                worker: worker
+                    .as_deref()
+                    .map(|w| {
+                        keel_core::WorkerId::new(w).map_err(|e| {
+                            Failure::input(format!("--worker: invalid worker id {w:?}: {e}"))
+                        })
+                    })
+                    .transpose()?,
+                details,
+                by: operator(),
+            },
+            "opened",
+        ),
+        IncidentCommand::Ack { id, note } => (
+            Request::AcknowledgeIncident {
+                incident: id,
+                by: operator(),
+                note,
+            },
+            "acknowledged",
+        ),
+        IncidentCommand::Resolve { id, reason } => (
+            Request::ResolveIncident {
+                incident: id,
+                by: operator(),
+                reason,
+            },
+            "resolved",
+        ),
+    };
+    let incident: Incident = from_value(call(place, &request)?)?;
+    out.print(&views::incident(&incident), || {
+        format!("incident #{} {verb}\n", incident.id)
     })
 }
 

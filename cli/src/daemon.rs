@@ -718,6 +718,18 @@ pub(crate) async fn dispatch(
                 .map(JobView::new)
                 .collect::<Vec<_>>(),
         ),
+        Request::Queue => {
+            let (kinds, at) = handle
+                .peek(|s, now| (crate::http::queue::health(s, now), now))
+                .await?;
+            to_value(crate::http::queue::view(kinds, at))
+        }
+        Request::Workers => to_value(handle.peek(|s, _| s.worker_health()).await?),
+        Request::Rules => to_value(
+            handle
+                .peek(|s, _| keel_core::watchdog::rules(s.config()))
+                .await?,
+        ),
         read if read.is_read() => {
             // Everything changed before this read is on disk before it reads, unless the store
             // is failing: then the read shows what is durable rather than wait (SPEC O5).
@@ -798,6 +810,41 @@ pub(crate) async fn dispatch(
             token,
             outcome,
         } => to_value(handle.complete(run, token, outcome).await?),
+        Request::OpenIncident {
+            job,
+            run,
+            worker,
+            details,
+            by,
+        } => {
+            let new = keel_core::NewIncident {
+                job,
+                run,
+                worker,
+                details,
+                by,
+            };
+            // The event's line logs it, with who (SPEC O5), as for acknowledge and resolve.
+            to_value(
+                handle
+                    .call(move |s, now| s.open_incident(now, new))
+                    .await??,
+            )
+        }
+        Request::AcknowledgeIncident { incident, by, note } => to_value(
+            handle
+                .call(move |s, now| s.acknowledge_incident(now, incident, &by, &note))
+                .await??,
+        ),
+        Request::ResolveIncident {
+            incident,
+            by,
+            reason,
+        } => to_value(
+            handle
+                .call(move |s, now| s.resolve_incident(now, incident, &by, &reason))
+                .await??,
+        ),
         // Every read was matched above.
         other => Err(Failure::runtime(format!("unexpected request {other:?}"))),
     }

@@ -213,6 +213,30 @@ fn apply(core: &mut Scheduler, now: Timestamp, request: &Request) -> Result<Answ
             token,
             outcome,
         } => to_value(core.handle_outcome(now, run, token, outcome)?)?,
+        Request::OpenIncident {
+            job,
+            run,
+            worker,
+            details,
+            by,
+        } => to_value(core.open_incident(
+            now,
+            keel_core::NewIncident {
+                job,
+                run,
+                worker,
+                details,
+                by,
+            },
+        )?)?,
+        Request::AcknowledgeIncident { incident, by, note } => {
+            to_value(core.acknowledge_incident(now, incident, &by, &note)?)?
+        }
+        Request::ResolveIncident {
+            incident,
+            by,
+            reason,
+        } => to_value(core.resolve_incident(now, incident, &by, &reason)?)?,
         read => return Err(Failure::runtime(format!("not a command: {read:?}"))),
     };
     Ok(Answer::Value(value))

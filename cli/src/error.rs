@@ -96,6 +96,7 @@ impl From<Rejected> for Failure {
                  (see `keel runs show {run}`)"
             )),
             Rejected::UnknownJob(job) => Failure::NotFound(format!("no job named {job}")),
+            e @ Rejected::UnknownIncident(_) => Failure::NotFound(e.to_string()),
             other => Failure::input(other.to_string()),
         }
     }

@@ -87,6 +87,37 @@ pub(crate) enum Request {
     ActiveRuns,
     /// Who answers. Answers a [`DaemonStatus`].
     Status,
+    /// Opens an incident by hand (SPEC A3). Answers the `Incident`.
+    OpenIncident {
+        #[serde(default)]
+        job: Option<JobId>,
+        #[serde(default)]
+        run: Option<RunId>,
+        #[serde(default)]
+        worker: Option<WorkerId>,
+        details: String,
+        by: String,
+    },
+    /// An operator acknowledges an open incident. Answers the `Incident`.
+    AcknowledgeIncident {
+        incident: u64,
+        by: String,
+        #[serde(default)]
+        note: String,
+    },
+    /// An operator resolves an open incident. Answers the `Incident`.
+    ResolveIncident {
+        incident: u64,
+        by: String,
+        reason: String,
+    },
+    /// Queue health per kind, from the daemon's memory. Answers a [`QueueView`].
+    Queue,
+    /// Worker health per worker and kind, since the daemon started. Answers a list of
+    /// `WorkerHealth`.
+    Workers,
+    /// The watchdog's rules with the daemon's thresholds. Answers a list of `Rule`s.
+    Rules,
 }
 
 impl Request {
@@ -101,7 +132,15 @@ impl Request {
                 | Request::Incidents
                 | Request::ActiveRuns
                 | Request::Status
+                | Request::Queue
+                | Request::Workers
+                | Request::Rules
         )
+    }
+
+    /// True for reads only a running daemon can answer: what it holds in memory.
+    pub(crate) fn needs_daemon(&self) -> bool {
+        matches!(self, Request::Queue | Request::Workers | Request::Rules)
     }
 }
 
@@ -298,6 +337,10 @@ pub(crate) fn answer_read(store: &dyn Store, request: &Request) -> Result<Value,
         Request::Run { run } => to_value(store.run(*run)?),
         Request::Audit { query } => to_value(store.audit(query)?),
         Request::Incidents => to_value(store.incidents()?),
+        memory if memory.needs_daemon() => Err(Failure::input(
+            "queue health, worker health and the rules' live thresholds are the running \
+             daemon's: start it (`keel run`), or ask it with --server",
+        )),
         other => Err(Failure::runtime(format!("not a read request: {other:?}"))),
     }
 }

@@ -532,6 +532,95 @@ pub(crate) fn incidents_table(incidents: &[Incident]) -> String {
     table.render()
 }
 
+/// `keel queue`: one row per kind.
+pub(crate) fn queue_table(queue: &serde_json::Value) -> String {
+    let kinds = queue["kinds"].as_array().cloned().unwrap_or_default();
+    if kinds.is_empty() {
+        return "no work queued or running\n".into();
+    }
+    let mut table = Table::new(&[
+        "KIND",
+        "QUEUED",
+        "OLDEST WAIT",
+        "BACKING OFF",
+        "RUNNING",
+        "PAST LEASE",
+        "STUCK",
+        "WORKERS",
+    ]);
+    let number = |v: &serde_json::Value| v.as_u64().unwrap_or(0).to_string();
+    for k in &kinds {
+        let wait = k["oldest_wait_ms"].as_u64().map_or_else(String::new, |ms| {
+            duration(std::time::Duration::from_millis(ms))
+        });
+        let workers: Vec<&str> = k["workers_seen"]
+            .as_object()
+            .map(|w| w.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        table.row(vec![
+            k["kind"].as_str().unwrap_or("").to_string(),
+            number(&k["queued"]),
+            wait,
+            number(&k["backing_off"]),
+            number(&k["running"]),
+            number(&k["lease_expired"]),
+            number(&k["stuck"]),
+            if workers.is_empty() {
+                "none seen".into()
+            } else {
+                clip(&workers.join(", "), 40)
+            },
+        ]);
+    }
+    table.render()
+}
+
+/// `keel workers`: one row per worker and kind.
+pub(crate) fn workers_table(workers: &[keel_core::WorkerHealth]) -> String {
+    if workers.is_empty() {
+        return "no worker seen since the daemon started\n".into();
+    }
+    let mut table = Table::new(&[
+        "WORKER",
+        "KIND",
+        "SCORE",
+        "CLAIMS",
+        "OK",
+        "FAILED",
+        "LEASES LOST",
+        "IDLE LOOPS",
+        "LAST SEEN",
+    ]);
+    for w in workers {
+        table.row(vec![
+            w.worker.to_string(),
+            w.kind.clone(),
+            w.score.to_string(),
+            w.stats.claims.to_string(),
+            w.stats.successes.to_string(),
+            w.stats.failures.to_string(),
+            w.stats.lease_losses.to_string(),
+            w.stats.idle_loops.to_string(),
+            time(w.stats.last_seen),
+        ]);
+    }
+    table.render()
+}
+
+/// `keel rules`: one row per rule.
+pub(crate) fn rules_table(rules: &[keel_core::watchdog::Rule]) -> String {
+    let mut table = Table::new(&["RULE", "THRESHOLD", "ACTION", "ESCALATION"]);
+    for r in rules {
+        table.row(vec![
+            r.name.clone(),
+            clip(&r.threshold, 40),
+            clip(&r.action, 50),
+            clip(&r.escalation, 40),
+        ]);
+    }
+    table.render()
+}
+
 /// An event as one line of the daemon's log.
 pub(crate) fn event_line(event: &Event) -> String {
     match event {
@@ -553,12 +642,21 @@ pub(crate) fn event_line(event: &Event) -> String {
             "{run}: lease {token} reclaimed after its holder went silent; the attempt counts as \
              lost"
         ),
-        Event::IncidentOpened(i) => format!(
-            "incident #{} opened ({}): {}",
-            i.id,
-            incident_kind(i),
-            i.details
-        ),
+        Event::IncidentOpened(i) => match &i.opened_by {
+            Some(op) => format!(
+                "incident #{} opened ({}) by {}: {}",
+                i.id,
+                incident_kind(i),
+                op.by,
+                i.details
+            ),
+            None => format!(
+                "incident #{} opened ({}): {}",
+                i.id,
+                incident_kind(i),
+                i.details
+            ),
+        },
         Event::IncidentResolved(i) => match &i.resolved_by {
             Some(op) => format!(
                 "incident #{} resolved ({}) by {}: {}",

@@ -429,6 +429,144 @@ fn jobs_runs_and_the_worker_contract_answer_by_role() {
 }
 
 #[test]
+fn operators_open_acknowledge_and_resolve_incidents_and_read_rules_and_workers() {
+    let (place, config) = place_with_tokens("http-watch");
+    // The design's thresholds: three empty claims make an idle claim loop.
+    let config_text =
+        std::fs::read_to_string(&config).unwrap() + "\n[watchdog]\nprofile = \"design\"\n";
+    std::fs::write(&config, config_text).unwrap();
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    daemon.wait_for(&["ready"]);
+
+    let rules = expect(api.get("/api/v1/rules", Some(VIEWER)), StatusCode::OK);
+    let names: Vec<&str> = rules
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["rule"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "lease_expired",
+            "queue_stuck",
+            "claim_loop_idle",
+            "artifact_gate",
+            "job_failing"
+        ]
+    );
+    assert!(
+        rules[2]["threshold"].as_str().unwrap().contains('3'),
+        "{rules}"
+    );
+    assert_eq!(rules[0]["incident_kinds"][0], "lease_reclaimed", "{rules}");
+
+    // A worker that claims a kind nobody queues, while render work waits.
+    expect(
+        api.post(
+            "/api/v1/jobs",
+            Some(OPERATOR),
+            json!({"name": "render", "every": "1h", "worker_kind": "render"}),
+        ),
+        StatusCode::CREATED,
+    );
+    expect(
+        api.post("/api/v1/jobs/render/trigger", Some(OPERATOR), Value::Null),
+        StatusCode::CREATED,
+    );
+    expect(
+        api.post(
+            "/api/v1/claims",
+            Some(WORKER),
+            json!({"worker": "w1", "kinds": ["render"]}),
+        ),
+        StatusCode::OK,
+    );
+    let workers = expect(api.get("/api/v1/workers", Some(VIEWER)), StatusCode::OK);
+    assert_eq!(workers[0]["worker"], "w1", "{workers}");
+    assert_eq!(workers[0]["kind"], "render", "{workers}");
+    assert_eq!(workers[0]["claims"], 1, "{workers}");
+    assert!(workers[0]["score"].as_u64().is_some(), "{workers}");
+    expect(
+        api.get("/api/v1/workers", Some(WORKER)),
+        StatusCode::FORBIDDEN,
+    );
+
+    // By hand: open, acknowledge, resolve; each only by an operator.
+    let body = json!({"job": "render", "details": "renders look wrong on host b"});
+    expect_error(
+        api.post("/api/v1/incidents", Some(VIEWER), body.clone()),
+        StatusCode::FORBIDDEN,
+        &["operator"],
+    );
+    expect_error(
+        api.post(
+            "/api/v1/incidents",
+            Some(OPERATOR),
+            json!({"job": "render"}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &["details"],
+    );
+    let opened = expect(
+        api.post("/api/v1/incidents", Some(OPERATOR), body),
+        StatusCode::CREATED,
+    );
+    assert_eq!(opened["kind"], "operator", "{opened}");
+    assert_eq!(opened["opened_by"], "ops", "{opened}");
+    let id = opened["id"].as_u64().unwrap();
+    daemon.wait_for(&[&format!("incident #{id} opened (operator) by ops")]);
+    let acked = expect(
+        api.post(
+            &format!("/api/v1/incidents/{id}/acknowledge"),
+            Some(OPERATOR),
+            json!({"reason": "looking"}),
+        ),
+        StatusCode::OK,
+    );
+    assert_eq!(acked["acknowledged_by"], "ops", "{acked}");
+    assert!(acked["acknowledged_at"].is_string(), "{acked}");
+    expect_error(
+        api.post(
+            &format!("/api/v1/incidents/{id}/resolve"),
+            Some(OPERATOR),
+            json!({}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &["reason"],
+    );
+    let resolved = expect(
+        api.post(
+            &format!("/api/v1/incidents/{id}/resolve"),
+            Some(OPERATOR),
+            json!({"reason": "host b rebuilt"}),
+        ),
+        StatusCode::OK,
+    );
+    assert_eq!(resolved["open"], false, "{resolved}");
+    assert_eq!(resolved["resolved_by"], "ops", "{resolved}");
+    expect_error(
+        api.post(
+            &format!("/api/v1/incidents/{id}/resolve"),
+            Some(OPERATOR),
+            json!({"reason": "again"}),
+        ),
+        StatusCode::NOT_FOUND,
+        &[&format!("#{id}")],
+    );
+    expect_error(
+        api.post("/api/v1/incidents/x/acknowledge", Some(OPERATOR), json!({})),
+        StatusCode::BAD_REQUEST,
+        &["invalid incident"],
+    );
+    // The run's audit trail names the operator's action on the job's incident.
+    let history = place.json(&["job", "history", "render", "--json"]);
+    assert!(history.to_string().contains("host b rebuilt"), "{history}");
+    daemon.stop();
+}
+
+#[test]
 fn every_path_of_the_openapi_document_is_served() {
     let place = Place::new("http-openapi");
     let config = place.config("[http]\nlisten = \"127.0.0.1:0\"\n");

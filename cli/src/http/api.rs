@@ -51,7 +51,14 @@ pub(crate) fn routes() -> Router<Api> {
         .route("/runs/{run}/cancel", post(cancel_run))
         .route("/runs/{run}/logs", get(super::logs::logs))
         .route("/queue", get(super::queue::queue))
-        .route("/incidents", get(list_incidents))
+        .route("/incidents", get(list_incidents).post(super::watch::open))
+        .route(
+            "/incidents/{id}/acknowledge",
+            post(super::watch::acknowledge),
+        )
+        .route("/incidents/{id}/resolve", post(super::watch::resolve))
+        .route("/rules", get(super::watch::rules))
+        .route("/workers", get(super::watch::workers))
         .route("/events", get(super::events::events))
         .route("/claims", post(claim))
         .route("/runs/{run}/heartbeat", post(heartbeat))
@@ -644,6 +651,9 @@ async fn end_attempt(
 fn need_of(request: &Request) -> Need {
     match request {
         r if r.is_read() => Need::Read,
+        Request::OpenIncident { .. }
+        | Request::AcknowledgeIncident { .. }
+        | Request::ResolveIncident { .. } => Need::Operate,
         Request::Claim { .. }
         | Request::Touch { .. }
         | Request::Progress { .. }

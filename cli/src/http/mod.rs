@@ -20,7 +20,8 @@ pub(crate) mod auth;
 mod console;
 mod events;
 mod logs;
-mod queue;
+pub(crate) mod queue;
+mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -9,6 +9,10 @@
 //! | `lease_expired` | running attempts whose lease has expired and is not yet reclaimed |
 //! | `stuck` | running attempts with an open `stuck_run` incident |
 //! | `holders` | the workers holding this kind's leases now |
+//! | `workers_seen` | workers that claimed (or asked for) this kind, with when they were last seen |
+//! | `last_claim_at` | when a run of this kind was last claimed |
+//! | `claims` | claims of this kind since the daemon started (the claim rate, sampled twice) |
+//! | `unclaimed_incident` | the open `unclaimed_queue` incident of this kind, if any |
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,7 +24,6 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::{Api, ApiError, Reader};
-use crate::error::Failure;
 
 /// The health of one kind's queue.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -34,6 +37,10 @@ pub(crate) struct KindHealth {
     pub(crate) lease_expired: u64,
     pub(crate) stuck: u64,
     pub(crate) holders: BTreeSet<String>,
+    pub(crate) workers_seen: BTreeMap<String, String>,
+    pub(crate) last_claim_at: Option<String>,
+    pub(crate) claims: u64,
+    pub(crate) unclaimed_incident: Option<u64>,
 }
 
 /// Every kind with work, from the scheduler as it is at `now`.
@@ -74,20 +81,42 @@ pub(crate) fn health(scheduler: &Scheduler, now: Timestamp) -> Vec<KindHealth> {
             _ => {}
         }
     }
+    for queue in scheduler.queue_health() {
+        let entry = kinds
+            .entry(queue.kind.clone())
+            .or_insert_with(|| KindHealth {
+                kind: queue.kind.clone(),
+                external: true,
+                ..KindHealth::default()
+            });
+        entry.workers_seen = queue
+            .workers_seen
+            .iter()
+            .map(|(worker, at)| (worker.to_string(), at.to_string()))
+            .collect();
+        entry.last_claim_at = queue.last_claim_at.map(|at| at.to_string());
+        entry.unclaimed_incident = queue.incident;
+    }
+    for health in scheduler.worker_health() {
+        if let Some(entry) = kinds.get_mut(&health.kind) {
+            entry.claims += health.stats.claims;
+        }
+    }
     kinds.into_values().collect()
 }
 
-pub(crate) async fn queue(_: Reader, State(api): State<Api>) -> Result<HttpResponse, ApiError> {
-    let (kinds, at) = api
-        .server
-        .handle
-        .peek(|s, now| (health(s, now), now))
-        .await
-        .map_err(|e| ApiError(Failure::from(e)))?;
-    Ok(Json(json!({
+/// The `queue` answer: when, and each kind.
+pub(crate) fn view(kinds: Vec<KindHealth>, at: Timestamp) -> serde_json::Value {
+    json!({
         "at": at.to_string(),
         "at_ms": at.0,
         "kinds": kinds,
-    }))
-    .into_response())
+    })
+}
+
+pub(crate) async fn queue(_: Reader, State(api): State<Api>) -> Result<HttpResponse, ApiError> {
+    let value = crate::daemon::dispatch(&api.server, crate::protocol::Request::Queue, "")
+        .await
+        .map_err(ApiError)?;
+    Ok(Json(value).into_response())
 }
