@@ -6,6 +6,7 @@
 //! | `stuck_run` | a running attempt shows no heartbeat or progress for `stuck_after_ms` | the attempt shows life again, or ends |
 //! | `idle_claim_loop` | a worker's claims come back empty `idle_claims_max` times in a row while runs of other kinds wait (a capability mismatch) | the worker claims a run, or no run waits |
 //! | `reclaim_escalation` | the write recording a reclaim failed twice | the reclaim is written |
+//! | `artifact_gate` | a completion is refused because a required artifact did not answer HTTP 200 or is missing | the run ends (its completion passing the gate, or otherwise) |
 //! | `store_repaired` | a store was rewritten from what was readable (`keel doctor --repair`); the details say what was lost | at once: it records an operator's acknowledgement |
 //!
 //! Incidents are persisted (`Record::PutIncident`) when they open and when they resolve; at
@@ -35,6 +36,9 @@ pub enum IncidentKind {
     /// A job's runs failed `Config::failing_after` times in a row; its next success resolves
     /// it (SPEC O4).
     FailingJob,
+    /// A completion was refused by the artifact gate: a required artifact did not answer HTTP
+    /// 200 or was missing (SPEC A2); the details carry the evidence. Resolves when the run ends.
+    ArtifactGate,
 }
 
 /// One incident.

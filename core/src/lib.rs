@@ -43,8 +43,12 @@
 //!                 // Every report carries the attempt's fencing token.
 //!                 keel.handle_outcome(now, a.run, a.lease.token, Outcome::ok()).unwrap();
 //!             }
-//!             // Stop an attempt; deliver a result to a sink (none in this example).
-//!             Effect::CancelAttempt { .. } | Effect::KillAttempt { .. } | Effect::Deliver(_) => {}
+//!             // Check artifacts and answer with `handle_verified`; stop an attempt; deliver a
+//!             // result to a sink (none in this example).
+//!             Effect::VerifyArtifacts(_)
+//!             | Effect::CancelAttempt { .. }
+//!             | Effect::KillAttempt { .. }
+//!             | Effect::Deliver(_) => {}
 //!             Effect::Event(keel_core::Event::RunFinished { .. }) => finished += 1,
 //!             Effect::Event(_) => {}
 //!         }
@@ -82,6 +86,7 @@
 
 #![warn(missing_docs)]
 
+pub mod artifact;
 pub mod audit;
 pub mod checkpoint;
 pub mod config;
@@ -104,6 +109,7 @@ pub mod text;
 pub mod time;
 pub mod watchdog;
 
+pub use artifact::{ArtifactCheck, CheckResult, TargetKind, Verification, VerifyId, VerifyRequest};
 pub use audit::{Actor, AuditRecord, HistoryPolicy};
 pub use error::Rejected;
 pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};

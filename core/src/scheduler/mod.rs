@@ -28,6 +28,8 @@
 //! | `attempts.rs` | attempts start, and are handed out once their grant is durable (persist before act); run transitions, settling and deliveries; the run due index |
 //! | `journal.rs` | audit records, the outbox's writes moved into the journal, batches, and what an acknowledged batch releases |
 //! | `workers.rs` | the worker protocol: claims and fenced writes, checkpoints, shutdown |
+//! | `gate.rs` | the artifact gate and explicit verifications: requests, their answers, evidence (see [`crate::artifact`]) |
+//! | `leases.rs` | operator lease actions: release, reclaim, restore (SPEC W6) |
 //! | `supervise.rs` | applying the watchdog's decisions, and incidents |
 //! | `invariants.rs` | [`Scheduler::check_invariants`] |
 //! | `tests.rs` | unit tests of the composer (the simulator and sequence tests live in `tests/`) |
@@ -35,13 +37,17 @@
 mod attempts;
 mod effect;
 mod firing;
+mod gate;
 mod invariants;
 mod journal;
+mod leases;
 mod restore;
 mod supervise;
 mod workers;
 
 pub use effect::{AttemptStart, Effect, Event, StopReason};
+pub use gate::Verified;
+pub use leases::LeaseAction;
 pub use workers::{CheckpointSave, Claimed, Released, RunContext, Shutdown};
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -49,6 +55,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::{
+    ArtifactCheck, CheckResult, TargetKind, Verification, VerifyId, VerifyRequest,
+};
 use crate::audit::{Actor, AuditRecord};
 use crate::checkpoint::Throttle;
 pub use crate::config::Config;
@@ -158,6 +167,12 @@ pub struct Scheduler {
     refused_completions: BTreeSet<(RunId, Attempt)>,
     /// Checkpoint throttles of running attempts.
     throttles: BTreeMap<RunId, Throttle>,
+    /// Verification requests in flight (not persisted: after a restart the holder asks again).
+    verifying: BTreeMap<VerifyId, gate::Pending>,
+    /// The completion of each run waiting for its artifact gate, by its request.
+    gates: BTreeMap<RunId, VerifyId>,
+    /// The next verification request's id.
+    next_verify: u64,
     /// Set by `begin_shutdown`: nothing new fires or is claimed.
     shutting_down: bool,
     /// Since when, and how many times in a row, store writes have failed (none: they succeed).
@@ -211,6 +226,9 @@ impl Scheduler {
             refused_completions: BTreeSet::new(),
             work: WorkCounter::default(),
             throttles: BTreeMap::new(),
+            verifying: BTreeMap::new(),
+            gates: BTreeMap::new(),
+            next_verify: 1,
             shutting_down: false,
             stopped_for_shutdown: BTreeSet::new(),
             store_failing: None,

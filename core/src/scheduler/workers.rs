@@ -127,6 +127,13 @@ impl Scheduler {
     /// The holder reports how its attempt ended. Refused, changing nothing, if the token is not
     /// the run's current one or the run is not running; a success without the job's required
     /// artifacts is refused and recorded, and the run stays running.
+    ///
+    /// A success whose required artifacts include values keel checks (URLs, absolute paths;
+    /// see [`crate::artifact`]) goes through the artifact gate: `Ok` then means the success
+    /// waits for `Effect::VerifyArtifacts`'s answer ([`Scheduler::gate`] names the request),
+    /// and [`Scheduler::handle_verified`] applies or refuses it. While it waits, another
+    /// success is refused with `VerificationPending`; any other outcome ends the attempt and
+    /// the gate with it.
     pub fn handle_outcome(
         &mut self,
         now: Timestamp,
@@ -165,21 +172,44 @@ impl Scheduler {
                     missing,
                 });
             }
+            if self.gates.contains_key(&run_id) {
+                return Err(Rejected::VerificationPending(run_id));
+            }
+            let checks = self.gate_checks(run, artifacts);
+            if !checks.is_empty() {
+                let attempt = run.attempt;
+                self.clamp(now);
+                self.request_verification(run_id, token, attempt, checks, Some(outcome));
+                return Ok(());
+            }
         }
-        let attempt = run.attempt;
         let now = self.clamp(now);
+        self.accept_outcome(now, run_id, outcome, owner);
+        Ok(())
+    }
+
+    /// Applies an outcome the holder reported and the core accepted.
+    pub(super) fn accept_outcome(
+        &mut self,
+        now: Timestamp,
+        run_id: RunId,
+        outcome: Outcome,
+        owner: String,
+    ) {
+        // Whatever ends the attempt ends a gate waiting in it; its late answer is dropped.
+        self.gates.remove(&run_id);
+        let attempt = self.runs[&run_id].attempt;
         if self.stopped_for_shutdown.remove(&(run_id, attempt))
             && !matches!(outcome, Outcome::Success { .. })
         {
             // Stopped by the shutdown, not failed: whatever it says (a cancel, an error from
             // being stopped) is the shutdown's doing (SPEC O1).
             self.interrupt_for_shutdown(now, run_id);
-            return Ok(());
+            return;
         }
-        let run = self.runs.get_mut(&run_id).expect("checked above");
+        let run = self.runs.get_mut(&run_id).expect("checked by the caller");
         let t = run.apply_outcome(now, outcome, &mut self.rng);
         self.after_run_transition(run_id, t, Actor::Worker(owner));
-        Ok(())
     }
 
     /// The holder is alive: its lease is renewed for a TTL from `now`. Returns the renewed
@@ -339,6 +369,7 @@ impl Scheduler {
             new: state,
             actor: Actor::Worker(worker.to_string()),
             reason: crate::run::truncate(&reason),
+            output: None,
         });
         Ok(())
     }
@@ -503,7 +534,7 @@ impl Scheduler {
     }
 
     /// The run, if `token` is its current lease and it is running.
-    fn holder(&self, run_id: RunId, token: FencingToken) -> Result<&Run, Rejected> {
+    pub(super) fn holder(&self, run_id: RunId, token: FencingToken) -> Result<&Run, Rejected> {
         let Some(run) = self.runs.get(&run_id) else {
             return Err(Rejected::UnknownRun(run_id));
         };

@@ -784,6 +784,19 @@ impl World {
                     );
                 }
                 Effect::KillAttempt { run, attempt } => self.kill(run, attempt),
+                Effect::VerifyArtifacts(request) => {
+                    // Only a holder asks, under a token it was handed.
+                    assert_eq!(
+                        self.tokens.get(&request.token),
+                        Some(&request.run),
+                        "{} asked for checks under {}, which it was never handed",
+                        request.run,
+                        request.token
+                    );
+                    // Every artifact is there; a refusal means the attempt moved on meanwhile.
+                    let results = keel_testkit::artifacts_present(&request);
+                    let _ = self.keel.handle_verified(self.clock, request.id, results);
+                }
                 Effect::Deliver(send) => self.deliver(send),
                 Effect::Event(event) => self.event(event),
             }
