@@ -64,6 +64,22 @@ impl Verifier {
         results
     }
 
+    /// [`Verifier::check_all`] for a caller outside any tokio runtime (a synchronous driver
+    /// such as the CLI's direct mode): runs the checks on a runtime of its own. Panics if called
+    /// from within a tokio runtime.
+    pub fn check_all_blocking(&self, checks: &[ArtifactCheck]) -> Vec<CheckResult> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        match runtime {
+            Ok(runtime) => runtime.block_on(self.check_all(checks)),
+            Err(e) => checks
+                .iter()
+                .map(|_| failed(format!("cannot start the checks: {e}")))
+                .collect(),
+        }
+    }
+
     /// Performs one check, within the timeout.
     pub async fn check(&self, check: &ArtifactCheck) -> CheckResult {
         let look = async {

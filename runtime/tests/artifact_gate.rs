@@ -301,3 +301,44 @@ async fn operator_lease_actions_fence_the_old_token_and_restore_under_a_new_one(
         .any(|a| a.actor.to_string() == "operator:bob" && a.reason.ends_with("wedged")));
     runtime.shutdown(Duration::from_secs(1)).await.unwrap();
 }
+
+#[tokio::test]
+async fn an_own_handler_refused_by_the_gate_is_retried_and_its_next_attempt_passes() {
+    let base = server().await;
+    let store = SharedMemStore::new();
+    let answer = base.clone();
+    let runtime = Runtime::builder(Arc::new(store.clone()))
+        .seed(7)
+        .handler("render", move |ctx: keel_runtime::AttemptContext| {
+            // The first attempt reports an artifact that is not there; the next one fixes it.
+            let path = if ctx.attempt.0 == 1 { "missing" } else { "ok" };
+            let report = format!("{answer}/{path}");
+            async move { success(report) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let handle = runtime.handle();
+    let mut events = handle.subscribe();
+    let far = keel_runtime::now().plus_ms(3_600_000);
+    let mut spec = JobSpec::new(
+        JobId::new("render").unwrap(),
+        "render",
+        ScheduleSpec::once(far),
+    );
+    spec.required_artifacts = vec!["report".to_string()].into();
+    handle.add_job(spec).await.unwrap();
+    let run = handle.trigger(JobId::new("render").unwrap()).await.unwrap();
+    let state = common::finished_within(&mut events, "render", Duration::from_secs(30)).await;
+    assert_eq!(state, StateName::Succeeded);
+    handle.sync().await.unwrap();
+    let stored = store.run(run).unwrap().unwrap();
+    assert_eq!(stored.attempt().0, 2);
+    let evidence: Vec<(u32, bool)> = stored
+        .verifications()
+        .iter()
+        .map(|v| (v.attempt.0, v.ok))
+        .collect();
+    assert_eq!(evidence, vec![(1, false), (2, true)]);
+    runtime.shutdown(Duration::from_secs(1)).await.unwrap();
+}

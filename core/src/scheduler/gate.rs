@@ -20,6 +20,13 @@ pub(super) struct Pending {
     completion: Option<Outcome>,
 }
 
+impl Pending {
+    /// True if this request decides a completion of `run`.
+    pub(super) fn is_completion_of(&self, run: RunId) -> bool {
+        self.run == run && self.completion.is_some()
+    }
+}
+
 /// What a verification's answer decided ([`Scheduler::handle_verified`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Verified {
@@ -66,7 +73,10 @@ impl Scheduler {
                 reason: format!("is longer than {} bytes", limits::MESSAGE_MAX_BYTES),
             });
         }
-        let in_flight = self.verifying.values().filter(|p| p.run == run_id).count();
+        let in_flight = self
+            .verifying_runs
+            .range((run_id, VerifyId(0))..=(run_id, VerifyId(u64::MAX)))
+            .count();
         if in_flight >= limits::VERIFICATIONS_PENDING_PER_RUN_MAX {
             return Err(Rejected::VerificationPending(run_id));
         }
@@ -97,6 +107,7 @@ impl Scheduler {
         let Some(pending) = self.verifying.remove(&id) else {
             return Err(Rejected::UnknownVerification(id));
         };
+        self.verifying_runs.remove(&(pending.run, id));
         if self.gates.get(&pending.run) == Some(&id) {
             self.gates.remove(&pending.run);
         }
@@ -186,6 +197,12 @@ impl Scheduler {
         self.gates.get(&run).copied()
     }
 
+    /// What request `id` asks to check, while it is in flight: for a driver that performs
+    /// checks on the spot rather than from `Effect::VerifyArtifacts` (the CLI's direct mode).
+    pub fn verification_checks(&self, id: VerifyId) -> Option<&[ArtifactCheck]> {
+        self.verifying.get(&id).map(|p| &p.checks[..])
+    }
+
     /// The checks a success must pass before it is accepted: each required artifact whose
     /// value keel checks, unless that target passed a check earlier in this attempt.
     pub(super) fn gate_checks(
@@ -231,6 +248,7 @@ impl Scheduler {
                 token,
                 checks: checks.clone(),
             }));
+        self.verifying_runs.insert((run, id));
         self.verifying.insert(
             id,
             Pending {

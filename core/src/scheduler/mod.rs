@@ -169,6 +169,8 @@ pub struct Scheduler {
     throttles: BTreeMap<RunId, Throttle>,
     /// Verification requests in flight (not persisted: after a restart the holder asks again).
     verifying: BTreeMap<VerifyId, gate::Pending>,
+    /// The requests in `verifying` by run, so that counting one run's costs O(log n).
+    verifying_runs: BTreeSet<(RunId, VerifyId)>,
     /// The completion of each run waiting for its artifact gate, by its request.
     gates: BTreeMap<RunId, VerifyId>,
     /// The next verification request's id.
@@ -227,6 +229,7 @@ impl Scheduler {
             work: WorkCounter::default(),
             throttles: BTreeMap::new(),
             verifying: BTreeMap::new(),
+            verifying_runs: BTreeSet::new(),
             gates: BTreeMap::new(),
             next_verify: 1,
             shutting_down: false,

@@ -459,3 +459,22 @@ fn a_gate_answer_after_the_attempt_ended_is_dropped() {
         RunState::BackingOff { .. }
     ));
 }
+
+#[test]
+fn verifications_in_flight_per_run_are_bounded() {
+    let (mut w, start) = World::claimed(3);
+    let (run, token) = (start.run, start.lease.token);
+    let t = w.t;
+    let ids: Vec<VerifyId> = (0..limits::VERIFICATIONS_PENDING_PER_RUN_MAX)
+        .map(|i| {
+            w.s.verify(t, run, token, &format!("https://x/{i}"))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        w.s.verify(t, run, token, "https://x/more"),
+        Err(Rejected::VerificationPending(run))
+    );
+    w.s.handle_verified(t, ids[0], vec![http(200, "")]).unwrap();
+    w.s.verify(t, run, token, "https://x/more").unwrap();
+}
