@@ -51,7 +51,8 @@
 //! Both are on by default; turn them off (`default-features = false`) to build without what
 //! they pull in. Everything else, the command sink included, is always there.
 //!
-//! - **`webhook`**: [`WebhookSink`], which posts each run's result over HTTP(S). Pulls in
+//! - **`webhook`**: [`WebhookSink`], which posts each run's result over HTTP(S), and the
+//!   artifact gate's URL checks ([`verify`]; without it a URL check fails, saying why). Pulls in
 //!   `reqwest` (with hyper) and `rustls` (with the `ring` crypto provider).
 //! - **`prometheus`**: the [`prometheus`] module, a loopback `GET /metrics` endpoint for the
 //!   [`metrics_names`] counters. Pulls in `metrics-exporter-prometheus`. Without it the
