@@ -478,3 +478,36 @@ fn verifications_in_flight_per_run_are_bounded() {
     w.s.handle_verified(t, ids[0], vec![http(200, "")]).unwrap();
     w.s.verify(t, run, token, "https://x/more").unwrap();
 }
+
+#[test]
+fn a_gate_ends_with_its_attempt_and_does_not_hold_up_the_next() {
+    let (mut w, first) = World::claimed(3);
+    let t1 = w.t.plus_ms(1_000);
+    w.at(t1);
+    w.s.handle_outcome(t1, first.run, first.lease.token, success("https://x/r"))
+        .unwrap();
+    w.ack();
+    let stale = w.verify.pop().unwrap();
+    // The operator takes the lease away while the check is out.
+    w.s.release_lease(t1, first.run, "alice", "drain").unwrap();
+    w.ack();
+    assert_eq!(w.s.gate(first.run), None);
+    let second = w.claim();
+    w.s.handle_outcome(t1, second.run, second.lease.token, success("https://x/r"))
+        .unwrap();
+    w.ack();
+    let fresh = w
+        .verify
+        .pop()
+        .expect("the new attempt's success is checked");
+    // The old answer is dropped; the new one decides.
+    assert!(matches!(
+        w.s.handle_verified(t1, stale.id, vec![http(200, "")]),
+        Err(Rejected::StaleToken { .. })
+    ));
+    assert_eq!(w.s.gate(second.run), Some(fresh.id));
+    w.s.handle_verified(t1, fresh.id, vec![http(200, "")])
+        .unwrap();
+    w.ack();
+    assert_eq!(w.stored_run(first.run).state(), RunState::Succeeded);
+}
