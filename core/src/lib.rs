@@ -123,12 +123,13 @@ pub use outbox::{
 pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
 pub use run::{
-    ErrorKind, Outcome, Run, RunError, RunRecord, RunState, RunTerms, StateName, Trigger,
+    ErrorKind, Outcome, ReleasedLease, Run, RunError, RunRecord, RunState, RunTerms, StateName,
+    Trigger,
 };
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{
-    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, Released, RunContext, Scheduler,
-    Shutdown, StopReason, Work,
+    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, LeaseAction, Released,
+    RunContext, Scheduler, Shutdown, StopReason, Verified, Work,
 };
 pub use store::{AuditQuery, Conflict, RunPage, RunQuery, Store, StoreError};
 pub use time::Timestamp;

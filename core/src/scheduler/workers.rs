@@ -5,7 +5,8 @@
 //! current lease: an unknown run is `Rejected::UnknownRun`, an older (or newer) token is
 //! `Rejected::StaleToken`, and a run that is not running is `Rejected::NotRunning`. A refused
 //! write changes nothing, except a completion refused for missing artifacts, which is recorded
-//! in the audit trail (the run stays running).
+//! in the audit trail (the run stays running). Operator lease actions (release, reclaim,
+//! restore) are in `leases.rs`.
 //!
 //! | call | who | effect |
 //! |---|---|---|
@@ -14,7 +15,8 @@
 //! | `progress` | holder | records phase and message; counts as a heartbeat for stuck detection |
 //! | `context` | holder | the run's job, attempt, payload, lease and last checkpoint |
 //! | `save_checkpoint` | holder | saves a snapshot, throttled (see `checkpoint`) |
-//! | `handle_outcome` | holder | ends the attempt: success (with artifacts), retryable or permanent failure, snooze, cancelled |
+//! | `handle_outcome` | holder | ends the attempt: success (with artifacts; through the artifact gate, `gate.rs`, when they are to be checked), retryable or permanent failure, snooze, cancelled |
+//! | `verify` (`gate.rs`) | holder | checks one artifact target now; evidence stored |
 //! | `release` | holder | gives the attempt back (it counts as lost); after a loss, "already released" is not an error |
 //! | `record_refused_result` | holder | after a success was refused because its lease was lost: audits it as evidence; the run does not change |
 
