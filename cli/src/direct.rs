@@ -212,7 +212,18 @@ fn apply(core: &mut Scheduler, now: Timestamp, request: &Request) -> Result<Answ
             run,
             token,
             outcome,
-        } => to_value(core.handle_outcome(now, run, token, outcome)?)?,
+        } => {
+            core.handle_outcome(now, run, token, outcome)?;
+            // A success waiting for the artifact gate: no driver runs here to answer
+            // `VerifyArtifacts`, so the checks are made now, and the answer says how the gate
+            // decided (its evidence is written either way).
+            if let Some(id) = core.gate(run) {
+                let checks = core.verification_checks(id).unwrap_or_default().to_vec();
+                let results = keel_runtime::verify::Verifier::new().check_all_blocking(&checks);
+                core.handle_verified(wall_clock(), id, results)?;
+            }
+            to_value(())?
+        }
         Request::OpenIncident {
             job,
             run,
@@ -271,6 +282,7 @@ fn drain(
         // An external worker's claim: handed to it.
         Effect::StartAttempt(start) => started.push(start),
         // Nothing else runs here and nothing is delivered; events are the daemon's to log.
+        // Artifact checks a completion asked for were made by `apply` already.
         _ => {}
     };
     match drive::drain(core, now, write, hand_on) {

@@ -642,6 +642,9 @@ pub(crate) fn event_line(event: &Event) -> String {
             "{run}: lease {token} reclaimed after its holder went silent; the attempt counts as \
              lost"
         ),
+        Event::LeaseReleased { run, token } => {
+            format!("{run}: lease {token} released by an operator; the run waits for a worker")
+        }
         Event::IncidentOpened(i) => match &i.opened_by {
             Some(op) => format!(
                 "incident #{} opened ({}) by {}: {}",

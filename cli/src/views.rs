@@ -181,6 +181,24 @@ pub(crate) fn run(run: &Run) -> Value {
             &[("saved_at", Some(c.saved_at))],
         ))
     });
+    let verifications: Vec<Value> = run
+        .verifications()
+        .iter()
+        .map(|v| {
+            Value::Object(object(
+                vec![
+                    ("artifact", json!(v.name)),
+                    ("target", json!(v.target)),
+                    ("ok", json!(v.ok)),
+                    ("status", json!(v.status)),
+                    ("error", json!(v.error)),
+                    ("excerpt", json!(v.excerpt)),
+                    ("attempt", json!(v.attempt.0)),
+                ],
+                &[("at", Some(v.at))],
+            ))
+        })
+        .collect();
     let artifacts: BTreeMap<&str, &str> = run
         .artifacts()
         .iter()
@@ -201,6 +219,7 @@ pub(crate) fn run(run: &Run) -> Value {
             ("progress", progress.unwrap_or(Value::Null)),
             ("checkpoint", checkpoint.unwrap_or(Value::Null)),
             ("artifacts", json!(artifacts)),
+            ("verifications", json!(verifications)),
             ("lost_attempts", json!(run.lost())),
             ("shutdown_interruptions", json!(run.shutdowns())),
         ],
@@ -227,6 +246,7 @@ pub(crate) fn audit(record: &AuditRecord) -> Value {
             ("to", json!(record.new.to_string())),
             ("actor", json!(record.actor.to_string())),
             ("reason", json!(record.reason)),
+            ("output", json!(record.output)),
         ],
         &[("at", Some(record.at))],
     ))
@@ -424,11 +444,13 @@ mod tests {
                 "state",
                 "summary",
                 "trigger",
+                "verifications",
                 "waiting_since",
                 "waiting_since_ms",
             ]
         );
         assert_eq!(view["run"], "run-7");
+        assert_eq!(view["verifications"], json!([]));
         assert_eq!(view["state"], "queued");
         assert_eq!(view["trigger"], "scheduled");
         assert_eq!(view["slot_ms"], T.0);
@@ -449,13 +471,14 @@ mod tests {
             new: StateName::Succeeded,
             actor: Actor::Worker("w1".into()),
             reason: "attempt 1 succeeded".into(),
+            output: None,
         };
         let view = audit(&record);
         assert_eq!(
             keys(&view),
             [
-                "actor", "at", "at_ms", "attempt", "from", "job", "reason", "run", "seq", "to",
-                "token"
+                "actor", "at", "at_ms", "attempt", "from", "job", "output", "reason", "run", "seq",
+                "to", "token"
             ]
         );
         assert_eq!(

@@ -26,6 +26,9 @@ pub enum Actor {
     Watchdog,
     /// A person or tool issuing a command.
     Operator,
+    /// An operator, by the name the caller gave (an API token's name, a login): lease actions
+    /// and other operator commands that say who asked.
+    Person(String),
 }
 
 impl fmt::Display for Actor {
@@ -35,6 +38,7 @@ impl fmt::Display for Actor {
             Actor::Worker(id) => write!(f, "worker:{id}"),
             Actor::Watchdog => f.write_str("watchdog"),
             Actor::Operator => f.write_str("operator"),
+            Actor::Person(name) => write!(f, "operator:{name}"),
         }
     }
 }
@@ -62,6 +66,10 @@ pub struct AuditRecord {
     pub actor: Actor,
     /// Why, in words.
     pub reason: String,
+    /// What an automatic action or a check printed or found (SPEC A3): verification evidence,
+    /// command output. At most [`limits::AUDIT_OUTPUT_MAX_BYTES`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 /// How much history a store keeps per job (SPEC R6): terminal runs beyond the newest

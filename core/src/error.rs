@@ -1,6 +1,7 @@
 //! Refused commands (tier 1 of the error model): the command did not apply and the state is
 //! unchanged.
 
+use crate::artifact::{Verification, VerifyId};
 use crate::ids::{FencingToken, JobId, JobIdError, RunId};
 use crate::outbox::OutboxRejected;
 use crate::retry::RetryPolicyError;
@@ -98,6 +99,37 @@ pub enum Rejected {
         run: RunId,
         /// The missing artifact names.
         missing: Vec<String>,
+    },
+    /// The artifact gate refused a completion: these required artifacts did not answer HTTP 200
+    /// or are missing (SPEC A2). The evidence is stored with the run and audited, an
+    /// `artifact_gate` incident is open, and the run stays running under its lease, so the
+    /// holder can fix the artifacts and complete again.
+    #[error(
+        "{run}: completion refused by the artifact gate: {}",
+        crate::artifact::describe(failed)
+    )]
+    ArtifactGate {
+        /// The run.
+        run: RunId,
+        /// The checks that failed.
+        failed: Vec<Verification>,
+    },
+    /// A completion of the run is waiting for its artifact checks, or the run has
+    /// [`limits::VERIFICATIONS_PENDING_PER_RUN_MAX`](crate::limits::VERIFICATIONS_PENDING_PER_RUN_MAX)
+    /// verifications in flight.
+    #[error("{0}: artifact checks are in progress; wait for their answer")]
+    VerificationPending(RunId),
+    /// No verification with this id is in flight (answered already, or made before a restart).
+    #[error("no {0} is in flight")]
+    UnknownVerification(VerifyId),
+    /// An operator asked to restore a lease, but the run's last lease was not taken by an
+    /// operator, or the run was claimed or started again since (SPEC W6).
+    #[error("{run}: no released lease to restore ({why})")]
+    NothingToRestore {
+        /// The run.
+        run: RunId,
+        /// Why.
+        why: String,
     },
     /// The run's timeout was already extended once (SPEC W1).
     #[error("{0}: the timeout was already extended once")]

@@ -8,6 +8,7 @@
 //! | `idle_claim_loop` | a worker's claims come back empty `idle_claims_max` times in a row while runs of other kinds wait (a capability mismatch); the details give the backlog's shape (runs waiting per kind) and the worker's kinds | the worker claims a run, or no run waits |
 //! | `reclaim_escalation` | the write recording a reclaim failed twice | the reclaim is written |
 //! | `operator` | an operator opens one by hand (`Scheduler::open_incident`) | an operator resolves it |
+//! | `artifact_gate` | a completion is refused because a required artifact did not answer HTTP 200 or is missing | the run ends (its completion passing the gate, or otherwise) |
 //! | `store_repaired` | a store was rewritten from what was readable (`keel doctor --repair`); the details say what was lost | at once: it records an operator's acknowledgement |
 //!
 //! Any open incident can be acknowledged (`Scheduler::acknowledge_incident`: who, when, a note)
@@ -48,6 +49,9 @@ pub enum IncidentKind {
     /// A job's runs failed `Config::failing_after` times in a row; its next success resolves
     /// it (SPEC O4).
     FailingJob,
+    /// A completion was refused by the artifact gate: a required artifact did not answer HTTP
+    /// 200 or was missing (SPEC A2); the details carry the evidence. Resolves when the run ends.
+    ArtifactGate,
 }
 
 impl IncidentKind {
@@ -62,6 +66,7 @@ impl IncidentKind {
             IncidentKind::ReclaimEscalation => "reclaim_escalation",
             IncidentKind::StoreRepaired => "store_repaired",
             IncidentKind::FailingJob => "failing_job",
+            IncidentKind::ArtifactGate => "artifact_gate",
         }
     }
 }

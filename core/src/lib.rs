@@ -43,8 +43,12 @@
 //!                 // Every report carries the attempt's fencing token.
 //!                 keel.handle_outcome(now, a.run, a.lease.token, Outcome::ok()).unwrap();
 //!             }
-//!             // Stop an attempt; deliver a result to a sink (none in this example).
-//!             Effect::CancelAttempt { .. } | Effect::KillAttempt { .. } | Effect::Deliver(_) => {}
+//!             // Check artifacts and answer with `handle_verified`; stop an attempt; deliver a
+//!             // result to a sink (none in this example).
+//!             Effect::VerifyArtifacts(_)
+//!             | Effect::CancelAttempt { .. }
+//!             | Effect::KillAttempt { .. }
+//!             | Effect::Deliver(_) => {}
 //!             Effect::Event(keel_core::Event::RunFinished { .. }) => finished += 1,
 //!             Effect::Event(_) => {}
 //!         }
@@ -83,6 +87,7 @@
 
 #![warn(missing_docs)]
 
+pub mod artifact;
 pub mod audit;
 pub mod checkpoint;
 pub mod config;
@@ -106,6 +111,7 @@ pub mod text;
 pub mod time;
 pub mod watchdog;
 
+pub use artifact::{ArtifactCheck, CheckResult, TargetKind, Verification, VerifyId, VerifyRequest};
 pub use audit::{Actor, AuditRecord, HistoryPolicy};
 pub use config::WatchdogProfile;
 pub use error::Rejected;
@@ -121,12 +127,13 @@ pub use outbox::{
 pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};
 pub use run::{
-    ErrorKind, Outcome, Run, RunError, RunRecord, RunState, RunTerms, StateName, Trigger,
+    ErrorKind, Outcome, ReleasedLease, Run, RunError, RunRecord, RunState, RunTerms, StateName,
+    Trigger,
 };
 pub use schedule::{MisfirePolicy, Schedule, ScheduleError, ScheduleField, ScheduleSpec};
 pub use scheduler::{
-    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, QueueHealth, Released,
-    RunContext, Scheduler, Shutdown, StopReason, Work,
+    AttemptStart, CheckpointSave, Claimed, Config, Effect, Event, LeaseAction, QueueHealth,
+    Released, RunContext, Scheduler, Shutdown, StopReason, Verified, Work,
 };
 pub use store::{AuditQuery, Conflict, RunPage, RunQuery, Store, StoreError};
 pub use time::Timestamp;

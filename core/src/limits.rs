@@ -133,3 +133,23 @@ pub const HISTORY_PAGE_DEFAULT: usize = 100;
 
 /// Most runs or audit records one history query returns; larger limits are capped.
 pub const HISTORY_PAGE_MAX: usize = 10_000;
+
+/// Longest excerpt of an artifact check's answer kept as verification evidence, in bytes. Kept
+/// small because the evidence lives on the run record, which is rewritten at every heartbeat;
+/// the driver reads at most [`ARTIFACT_BODY_READ_MAX_BYTES`] of a body.
+pub const VERIFICATION_EXCERPT_MAX_BYTES: usize = 1024;
+
+/// Most bytes of an artifact URL's body the driver reads for the excerpt.
+pub const ARTIFACT_BODY_READ_MAX_BYTES: usize = 4 * 1024;
+
+/// How long the driver waits for one artifact check (connect, answer, body excerpt).
+pub const ARTIFACT_CHECK_TIMEOUT_MS: u64 = 10_000;
+
+/// Verifications kept on a run, newest first out; older ones stay in the audit trail.
+pub const VERIFICATIONS_KEPT_MAX: usize = 8;
+
+/// Verification requests in flight per run: an explicit `verify` beyond it is refused.
+pub const VERIFICATIONS_PENDING_PER_RUN_MAX: usize = 4;
+
+/// Longest command output or evidence kept in an audit record (`AuditRecord::output`), in bytes.
+pub const AUDIT_OUTPUT_MAX_BYTES: usize = 4 * 1024;

@@ -17,6 +17,7 @@
 //! | `Msg::Finished` (a handler returned or panicked) | `handle_outcome` with the attempt's token; a success refused because the lease was lost is a WARN and audit evidence (SPEC L4) |
 //! | `Msg::Report` (checkpoint, progress, heartbeat from a handler) | the matching core call, fenced by the attempt's token |
 //! | `Msg::Delivered` (a sink answered) | `handle_delivery_result` |
+//! | `Msg::Verified` (artifact checks done) | `handle_verified`; answers the `complete` or `verify` call waiting for it once its evidence is durable; a gate refusing this process's own attempt gives the attempt back (`release`), as a success missing an artifact does |
 //!
 //! # Its own attempts' leases (SPEC L2, L4, M2)
 //!
@@ -46,6 +47,7 @@
 //! | `CancelAttempt` | signals the attempt's cancellation token |
 //! | `KillAttempt` | aborts the handler's task (its lease is already revoked) |
 //! | `Deliver` | spawns the sink's `send`; an unknown sink is a permanent failure |
+//! | `VerifyArtifacts` | spawns the checks ([`crate::verify::Verifier`]: a timeout and a bounded body read each); the results come back as `Msg::Verified` |
 //! | `Event` | a tracing event, metrics, and a broadcast to subscribers |
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -54,10 +56,11 @@ use std::time::Duration;
 
 use keel_core::lease::{guarded_outcome, GuardedOutcome, LeaseHolder, SectionEnd};
 use keel_core::outbox::{DeliveryId, DeliveryResult};
-use keel_core::scheduler::CheckpointSave;
+use keel_core::scheduler::{CheckpointSave, Verified};
 use keel_core::{
-    Attempt, AttemptStart, BatchId, Conflict, Effect, Event, FencingToken, Outcome, Rejected,
-    RunId, RunState, Scheduler, StopReason, Store, StoreError, Timestamp, Trigger, WorkerId,
+    Attempt, AttemptStart, BatchId, CheckResult, Conflict, Effect, Event, FencingToken, Outcome,
+    Rejected, RunId, RunState, Scheduler, StopReason, Store, StoreError, Timestamp, Trigger,
+    VerifyId, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
@@ -67,7 +70,8 @@ use crate::clock::Clock;
 use crate::handler::{AttemptContext, CheckpointError, CheckpointReply, Handler, Report};
 use crate::metrics_names as m;
 use crate::sink::Sink;
-use crate::{RuntimeError, PANICS_IN_A_ROW_MAX};
+use crate::verify::Verifier;
+use crate::{CommandError, RuntimeError, PANICS_IN_A_ROW_MAX};
 
 /// Panics further apart than this are not counted as in a row, even if the driver was never
 /// settled between them (a busy one may not be).
@@ -83,6 +87,10 @@ pub(crate) type Command = Box<dyn FnOnce(&mut Driver) -> Option<Reply> + Send>;
 
 /// An answer waiting for durability.
 pub(crate) type Reply = Box<dyn FnOnce(Result<(), RuntimeError>) + Send>;
+
+/// An answer waiting for a verification's decision (`complete` through the artifact gate, or
+/// `verify`).
+pub(crate) type VerifyReply = Box<dyn FnOnce(Result<Verified, CommandError>) + Send>;
 
 /// What waits for a write mark to be durable.
 pub(crate) enum Waiter {
@@ -134,6 +142,13 @@ pub(crate) enum Msg {
         attempt: u32,
         result: DeliveryResult,
     },
+    Verified {
+        /// The scheduler the checks were asked by: an answer for one that a recovery replaced
+        /// is dropped (its holder asks again).
+        generation: u64,
+        id: VerifyId,
+        results: Vec<CheckResult>,
+    },
     Shutdown {
         budget: Duration,
     },
@@ -147,6 +162,7 @@ impl std::fmt::Debug for Msg {
             Msg::Finished { run, outcome, .. } => write!(f, "Finished({run}, {outcome:?})"),
             Msg::Report { run, report, .. } => write!(f, "Report({run}, {report:?})"),
             Msg::Delivered { id, result, .. } => write!(f, "Delivered({id}, {result:?})"),
+            Msg::Verified { id, results, .. } => write!(f, "Verified({id}, {results:?})"),
             Msg::Shutdown { budget } => write!(f, "Shutdown({budget:?})"),
         }
     }
@@ -228,6 +244,10 @@ pub(crate) struct Driver {
     /// `None` is sent if the grant was dropped before it became durable (the run was
     /// cancelled meanwhile).
     pub(crate) claims: HashMap<RunId, oneshot::Sender<Option<AttemptStart>>>,
+    /// Performs artifact checks.
+    verifier: Verifier,
+    /// Calls waiting for a verification's decision, by request.
+    pub(crate) verifying: HashMap<VerifyId, VerifyReply>,
     deliveries_in_flight: usize,
     drain_until: Option<Instant>,
     /// The shutdown's phases (SPEC O1): when its own attempts still running are asked to stop,
@@ -276,6 +296,8 @@ impl Driver {
             run_spans: HashMap::new(),
             checkpoints: BTreeMap::new(),
             claims: HashMap::new(),
+            verifier: Verifier::new(),
+            verifying: HashMap::new(),
             deliveries_in_flight: 0,
             drain_until: None,
             stop_at: None,
@@ -549,6 +571,9 @@ impl Driver {
             }
         }
         self.claims.clear();
+        for (_, reply) in self.verifying.drain() {
+            reply(Err(error.clone().into()));
+        }
         self.checkpoints.clear();
         self.run_spans.clear();
         stopping
@@ -769,7 +794,39 @@ impl Driver {
                     tracing::debug!(%id, error = %e, "delivery result refused");
                 }
             }
+            Msg::Verified { generation, .. } if generation != self.generation => {
+                tracing::debug!("artifact checks asked before a recovery dropped");
+            }
+            Msg::Verified { id, results, .. } => self.verified(now, id, results),
             Msg::Shutdown { budget } => self.begin_shutdown(budget),
+        }
+    }
+
+    /// Artifact checks came back: the core decides, and the call waiting for the decision is
+    /// answered once the evidence is durable.
+    fn verified(&mut self, now: Timestamp, id: VerifyId, results: Vec<CheckResult>) {
+        let decision = self.core.handle_verified(now, id, results);
+        if let Err(e @ Rejected::ArtifactGate { run, .. }) = &decision {
+            let own = self
+                .core
+                .run(*run)
+                .and_then(|r| r.lease())
+                .filter(|lease| lease.owner == self.worker)
+                .map(|lease| lease.token);
+            // This process's handler is done: nobody can fix its artifacts, so the attempt is
+            // given back (it is retried), as for a success missing an artifact.
+            if let Some(token) = own {
+                tracing::warn!(%run, error = %e, "success refused by the artifact gate; the attempt is retried");
+                let _ = self.core.release(now, *run, token);
+            }
+        }
+        if let Some(reply) = self.verifying.remove(&id) {
+            self.wait_for_durable(Waiter::Reply(Box::new(move |durable| {
+                reply(match durable {
+                    Ok(()) => decision.map_err(CommandError::from),
+                    Err(e) => Err(e.into()),
+                });
+            })));
         }
     }
 
@@ -1014,6 +1071,19 @@ impl Driver {
                     tracing::warn!(%run, "attempt killed by the watchdog");
                 }
             }
+            Effect::VerifyArtifacts(request) => {
+                let tx = self.sender();
+                let generation = self.generation;
+                let verifier = self.verifier.clone();
+                tokio::spawn(async move {
+                    let results = verifier.check_all(&request.checks).await;
+                    let _ = tx.send(Msg::Verified {
+                        generation,
+                        id: request.id,
+                        results,
+                    });
+                });
+            }
             Effect::Deliver(request) => {
                 let tx = self.sender();
                 let generation = self.generation;
@@ -1071,7 +1141,9 @@ impl Driver {
                     }
                     // This process's own attempt lost its lease (a stall longer than the TTL
                     // and grace): it must not run on beside the run's next attempt (SPEC L2).
-                    Event::LeaseReclaimed { run, token } => self.stop_attempt(*run, *token),
+                    Event::LeaseReclaimed { run, token } | Event::LeaseReleased { run, token } => {
+                        self.stop_attempt(*run, *token)
+                    }
                     // A save is answered by its own acknowledgement or by a newer save's of
                     // the same run (a flush may write a newer save before the older's batch
                     // is acknowledged, and the store then holds the newer data).
@@ -1282,6 +1354,9 @@ impl Driver {
             tracing::info!(%run, "attempt left running at shutdown; it is recovered at the next start");
         }
         let error = result.err().unwrap_or(RuntimeError::Stopped);
+        for (_, reply) in self.verifying.drain() {
+            reply(Err(error.clone().into()));
+        }
         for (_, waiter) in self.waiting.drain(..) {
             match waiter {
                 Waiter::Reply(reply) => reply(Err(error.clone())),
@@ -1318,6 +1393,7 @@ fn effect_run(effect: &Effect) -> Option<RunId> {
         Effect::StartAttempt(start) => Some(start.run),
         Effect::CancelAttempt { run, .. } | Effect::KillAttempt { run, .. } => Some(*run),
         Effect::Deliver(request) => Some(request.payload.run),
+        Effect::VerifyArtifacts(request) => Some(request.run),
         Effect::Persist(_) | Effect::Event(_) => None,
     }
 }

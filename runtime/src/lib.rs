@@ -51,7 +51,8 @@
 //! Both are on by default; turn them off (`default-features = false`) to build without what
 //! they pull in. Everything else, the command sink included, is always there.
 //!
-//! - **`webhook`**: [`WebhookSink`], which posts each run's result over HTTP(S). Pulls in
+//! - **`webhook`**: [`WebhookSink`], which posts each run's result over HTTP(S), and the
+//!   artifact gate's URL checks ([`verify`]; without it a URL check fails, saying why). Pulls in
 //!   `reqwest` (with hyper) and `rustls` (with the `ring` crypto provider).
 //! - **`prometheus`**: the [`prometheus`] module, a Prometheus recorder and renderer for the
 //!   [`metrics_names`] counters. Pulls in `metrics-exporter-prometheus`. Without it the
@@ -77,16 +78,17 @@ mod observe;
 pub mod prometheus;
 mod sink;
 pub mod sinks;
+pub mod verify;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use keel_core::lease::Lease;
-use keel_core::scheduler::{CheckpointSave, Released, RunContext};
+use keel_core::scheduler::{CheckpointSave, LeaseAction, Released, RunContext, Verified};
 use keel_core::{
     AttemptStart, AuditQuery, AuditRecord, Event, FencingToken, Job, Rejected, RunId, RunQuery,
-    Scheduler, Store, StoreError, WorkerId,
+    Scheduler, Store, StoreError, Verification, WorkerId,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -814,14 +816,129 @@ impl RuntimeHandle {
             .await
     }
 
-    /// The holder reports how its attempt ended.
+    /// The holder reports how its attempt ended. Answers once the outcome is decided and
+    /// durable: a success whose required artifacts are checked (SPEC A2, `keel_core::artifact`)
+    /// answers only after the artifact gate decided, `Ok` if it passed, or
+    /// `Rejected::ArtifactGate` naming each failed artifact with its status or error and an
+    /// excerpt of the answer (the run stays running under the same lease: fix the artifact and
+    /// complete again). The evidence is on the run ([`Run::verifications`]) and in its audit
+    /// trail either way. Other refusals are as for any fenced write (`StaleToken`,
+    /// `NotRunning`, `MissingArtifacts`, `VerificationPending`).
     pub async fn complete(
         &self,
         run: RunId,
         token: FencingToken,
         outcome: Outcome,
     ) -> Result<(), CommandError> {
-        self.command(move |core, now| core.handle_outcome(now, run, token, outcome))
+        self.verification(move |driver, now| {
+            driver.core.handle_outcome(now, run, token, outcome)?;
+            Ok(driver.core.gate(run))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The holder asks for `target` (an http(s) URL, a `file://` URL or an absolute path on
+    /// the daemon's host) to be checked now, as the artifact gate would (the worker contract's
+    /// `verify`): a URL passes if it answers HTTP 200 within 10 s, a file if it exists.
+    /// Answers with the evidence, stored with the run and audited, once durable; a failed
+    /// check is `Ok` with `ok: false`. A later completion in the same attempt reuses a passing
+    /// check of the same target. Refused with `Rejected::InvalidField` for a target keel does
+    /// not check, and as any fenced write.
+    pub async fn verify(
+        &self,
+        run: RunId,
+        token: FencingToken,
+        target: String,
+    ) -> Result<Verification, CommandError> {
+        let verified = self
+            .verification(move |driver, now| {
+                let id = driver.core.verify(now, run, token, &target)?;
+                Ok(Some(id))
+            })
+            .await?;
+        let evidence = verified.map(|v| v.evidence().to_vec()).unwrap_or_default();
+        Ok(evidence
+            .into_iter()
+            .next()
+            .expect("a verify checks one target"))
+    }
+
+    /// Runs `f` on the driver; if it names a verification request, answers with its decision
+    /// once durable, else (`None`) once what `f` changed is durable.
+    async fn verification(
+        &self,
+        f: impl FnOnce(&mut Driver, Timestamp) -> Result<Option<keel_core::VerifyId>, Rejected>
+            + Send
+            + 'static,
+    ) -> Result<Option<Verified>, CommandError> {
+        let (reply, answer) = oneshot::channel::<Result<Option<Verified>, CommandError>>();
+        let command: driver::Command = Box::new(move |driver: &mut Driver| {
+            let now = driver.clock.now();
+            let result = f(driver, now);
+            match result {
+                Ok(Some(id)) => {
+                    driver.verifying.insert(
+                        id,
+                        Box::new(move |decided| {
+                            let _ = reply.send(decided.map(Some));
+                        }),
+                    );
+                    None
+                }
+                result => Some(Box::new(move |durable: Result<(), RuntimeError>| {
+                    let _ = reply.send(match durable {
+                        Ok(()) => result.map(|_| None).map_err(CommandError::from),
+                        Err(e) => Err(e.into()),
+                    });
+                })),
+            }
+        });
+        self.tx
+            .send(Msg::Command(command))
+            .map_err(|_| self.gone())?;
+        answer.await.unwrap_or_else(|_| Err(self.gone().into()))
+    }
+
+    /// An operator takes a running run's lease away now (SPEC W6; `PATCH runs/{id}/lease`):
+    /// the holder's token is refused from then on, and the run queues for a worker again (an
+    /// in-process run starts its next attempt) without using an attempt. `actor` is the
+    /// operator's name and `reason` says why; both go to the audit trail. Refused with
+    /// `UnknownRun` or `NotRunning`.
+    pub async fn release_lease(
+        &self,
+        run: RunId,
+        actor: String,
+        reason: String,
+    ) -> Result<LeaseAction, CommandError> {
+        self.command(move |core, now| core.release_lease(now, run, &actor, &reason))
+            .await
+    }
+
+    /// An operator applies the watchdog's reclaim now, as if the lease had expired: the
+    /// attempt counts as lost and the run retries or fails by its policy; a `lease_reclaimed`
+    /// incident opens. Refused with `UnknownRun` or `NotRunning`.
+    pub async fn reclaim_lease(
+        &self,
+        run: RunId,
+        actor: String,
+        reason: String,
+    ) -> Result<LeaseAction, CommandError> {
+        self.command(move |core, now| core.reclaim_lease(now, run, &actor, &reason))
+            .await
+    }
+
+    /// An operator undoes a release or reclaim: the same attempt is re-granted to its previous
+    /// owner under a new fencing token (`LeaseAction::Restored` carries it; the old token stays
+    /// refused, and its 409 names the new one). Refused with `NothingToRestore` if the run was
+    /// claimed or started since, or its lease was not taken by an operator.
+    pub async fn restore_lease(
+        &self,
+        run: RunId,
+        actor: String,
+        reason: String,
+    ) -> Result<LeaseAction, CommandError> {
+        self.command(move |core, now| core.restore_lease(now, run, &actor, &reason))
             .await
     }
 

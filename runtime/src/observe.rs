@@ -36,6 +36,9 @@ pub(crate) fn event(event: &Event, now: Timestamp, label: &dyn Fn(&str) -> Strin
             tracing::warn!(%run, token = token.0, "lease reclaimed");
             metrics::counter!(m::LEASE_RECLAIMS).increment(1);
         }
+        Event::LeaseReleased { run, token } => {
+            tracing::warn!(%run, token = token.0, "lease released by an operator");
+        }
         Event::IncidentOpened(incident) => {
             let by = incident.opened_by.as_ref().map(|op| op.by.as_str());
             tracing::warn!(id = incident.id, kind = ?incident.kind, by, details = %incident.details, "incident opened");

@@ -36,5 +36,5 @@ pub mod app;
 pub mod sim;
 pub mod store;
 
-pub use sim::{Execution, Faults, Handler, Sim, SimConfig, Sink};
+pub use sim::{artifacts_present, Execution, Faults, Handler, Sim, SimConfig, Sink};
 pub use store::{MemStore, SharedMemStore};

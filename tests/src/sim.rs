@@ -184,6 +184,26 @@ enum WorldEvent {
         attempt: u32,
         result: DeliveryResult,
     },
+    /// Artifact checks came back (in this world every artifact is there: URLs answer 200,
+    /// files exist).
+    Verified {
+        id: keel_core::VerifyId,
+        results: Vec<keel_core::CheckResult>,
+    },
+}
+
+/// The answers of a world where every artifact is there: each URL answers HTTP 200 and each
+/// file exists. For simulated worlds that answer `Effect::VerifyArtifacts`.
+pub fn artifacts_present(request: &keel_core::VerifyRequest) -> Vec<keel_core::CheckResult> {
+    request
+        .checks
+        .iter()
+        .map(|check| keel_core::CheckResult {
+            status: (check.kind == keel_core::TargetKind::Url).then_some(200),
+            error: None,
+            excerpt: "ok".into(),
+        })
+        .collect()
 }
 
 /// A simulated external worker: polls `claim` for its kinds every `poll_ms`.
@@ -567,6 +587,13 @@ impl Sim {
                     if accepted { "" } else { " (refused)" }
                 ));
             }
+            WorldEvent::Verified { id, results } => {
+                match self.core.handle_verified(now, id, results) {
+                    Ok(verified) => self.log(format!("{id} -> {verified:?}")),
+                    // The attempt ended (or changed hands) while its artifacts were checked.
+                    Err(e) => self.log(format!("{id} refused: {e}")),
+                }
+            }
             WorldEvent::WorkerPoll { worker } => {
                 let Worker { id, kinds, poll_ms } = self.workers[worker].clone();
                 let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
@@ -635,6 +662,21 @@ impl Sim {
                     });
                     self.executing.retain(|(r, _)| *r != run);
                     self.log(format!("kill {run} attempt {attempt}"));
+                }
+                Effect::VerifyArtifacts(request) => {
+                    let results = artifacts_present(&request);
+                    self.log(format!(
+                        "verify {} of {}: {} check(s)",
+                        request.id,
+                        request.run,
+                        request.checks.len()
+                    ));
+                    let takes_ms = 1 + self.rng.below_inclusive(50);
+                    let done = WorldEvent::Verified {
+                        id: request.id,
+                        results,
+                    };
+                    self.schedule(takes_ms, done);
                 }
                 Effect::Deliver(send) => {
                     let (takes_ms, result) = match self.sinks.get_mut(&*send.sink) {

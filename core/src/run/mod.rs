@@ -18,6 +18,10 @@
 //! | `Running` | lease reclaimed, or released by its holder: the attempt is lost | `BackingOff { until: now }`, or `FailedDropped` (poison) once `lost_attempts_max` attempts were lost |
 //! | `Starting`, `Running` | a graceful shutdown stopped it, or ran out of budget before it ended (SPEC O1) | `BackingOff { until: now }`, resumed at the next start; no attempt used (`Cancelled` after a cancel request) |
 //! | `Running` | the watchdog kills it (timeout, backstop) | as a retryable failure; the kill is sticky |
+//! | `Running` | an operator releases its lease (SPEC W6) | `Queued { since: now }` (external) or `BackingOff { until: now }`; no attempt used; the lease kept in `released_lease` (`Cancelled` after a cancel request) |
+//! | `Running` | an operator reclaims its lease | as a reclaimed lease (the attempt is lost); the lease kept in `released_lease` |
+//! | `Queued`, `BackingOff` | an operator restores the lease released or reclaimed in this attempt | `Starting { attempt }`, the same attempt, re-granted to its previous owner under a new token; the budget the release or reclaim used is given back |
+//! | `Running` | a success waits for the artifact gate (`crate::artifact`) | `Running` until the checks' answer: `Succeeded`, or still `Running` if refused |
 //! | `Queued`, `BackingOff`, `Starting` | operator cancels | `Cancelled` |
 //! | `Running` | operator cancels | `Running` with a cancel request (cooperative) |
 //! | `Starting`, `Running` | found after a crash with a cancel request | `Cancelled` |
@@ -52,7 +56,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{Attempt, FencingToken, IdempotencyKey, JobId, RunId};
+use crate::artifact::Verification;
+use crate::ids::{Attempt, FencingToken, IdempotencyKey, JobId, RunId, WorkerId};
 use crate::lease::Lease;
 use crate::limits;
 use crate::retry::{RetryDecision, RetryPolicy};
@@ -452,6 +457,17 @@ run_and_record! {
     /// fails terminally, kept when it is interrupted (SPEC C2).
     #[serde(default)]
     checkpoint: Option<Checkpoint>,
+    /// Verification evidence of the artifact gate and of explicit `verify` calls, oldest first,
+    /// the newest [`limits::VERIFICATIONS_KEPT_MAX`] (SPEC A2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    verifications: Vec<Verification>,
+    /// Attempts an operator released (SPEC W6); like shutdowns, they count against no budget.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    handed_back: u32,
+    /// The lease an operator last released or reclaimed, kept so that it can be restored to its
+    /// owner while the run has not been claimed or started since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    released_lease: Option<ReleasedLease>,
 }
 
 /// Read access, one accessor per field: `Copy` values by value, others by reference.
@@ -610,6 +626,37 @@ impl Run {
     pub fn checkpoint(&self) -> Option<&Checkpoint> {
         self.checkpoint.as_ref()
     }
+
+    /// Verification evidence, oldest first (SPEC A2).
+    pub fn verifications(&self) -> &[Verification] {
+        &self.verifications
+    }
+
+    /// Attempts an operator released (SPEC W6).
+    pub fn handed_back(&self) -> u32 {
+        self.handed_back
+    }
+
+    /// The lease an operator last released or reclaimed, while it can be restored.
+    pub fn released_lease(&self) -> Option<&ReleasedLease> {
+        self.released_lease.as_ref()
+    }
+}
+
+/// A lease an operator took away (SPEC W6: a released lease is re-granted, never erased).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedLease {
+    /// Who held it.
+    pub owner: WorkerId,
+    /// Its token; a restored lease gets a new one (tokens are never reused).
+    pub token: FencingToken,
+    /// The attempt it was for; a restore resumes that attempt.
+    pub attempt: Attempt,
+    /// When it was taken.
+    pub at: Timestamp,
+    /// True if it was reclaimed (the attempt counted as lost), false if released (no budget
+    /// used). A restore gives the lost attempt back.
+    pub reclaimed: bool,
 }
 
 impl Run {
@@ -763,6 +810,9 @@ impl Run {
             extended: false,
             killed: None,
             checkpoint: None,
+            verifications: Vec::new(),
+            handed_back: 0,
+            released_lease: None,
         }
     }
 
@@ -783,13 +833,15 @@ impl Run {
     }
 
     /// Attempts that count against `attempts_max`: every attempt started except snoozed and
-    /// lost ones (lost attempts have their own budget) and those a shutdown stopped.
+    /// lost ones (lost attempts have their own budget), those a shutdown stopped and those an
+    /// operator released.
     pub fn attempts_counted(&self) -> u32 {
         self.attempt
             .0
             .saturating_sub(self.snoozes)
             .saturating_sub(self.lost)
             .saturating_sub(self.shutdowns)
+            .saturating_sub(self.handed_back)
     }
 
     /// `BackingOff { until }` reached: an in-process run starts its next attempt (its lease is
@@ -802,6 +854,7 @@ impl Run {
             );
         }
         self.attempt = Attempt(self.attempt.0 + 1);
+        self.released_lease = None;
         self.change(
             RunState::Starting {
                 attempt: self.attempt,
@@ -819,6 +872,7 @@ impl Run {
             self.attempt, lease.owner, lease.token
         );
         self.lease = Some(lease);
+        self.released_lease = None;
         self.change(
             RunState::Starting {
                 attempt: self.attempt,
@@ -1116,6 +1170,131 @@ impl Run {
         Some(self.finish(now, RunState::Cancelled, format!("cancelled: {reason}")))
     }
 
+    /// Keeps verification evidence, the newest [`limits::VERIFICATIONS_KEPT_MAX`].
+    pub(crate) fn record_verification(&mut self, verification: Verification) {
+        if self.verifications.len() >= limits::VERIFICATIONS_KEPT_MAX {
+            self.verifications.remove(0);
+        }
+        self.verifications.push(verification);
+    }
+
+    /// A verification of `target` that passed in the attempt in progress, if any.
+    pub(crate) fn passed_verification(&self, target: &str) -> Option<&Verification> {
+        self.verifications
+            .iter()
+            .rev()
+            .find(|v| v.ok && v.attempt == self.attempt && v.target == target)
+    }
+
+    /// An operator takes the running attempt's lease away (SPEC W6). The attempt is handed
+    /// back, not failed: like an attempt a shutdown stopped (SPEC O1) it uses no attempt and no
+    /// lost-attempt budget, because the job did nothing wrong. An external run queues for a
+    /// worker again, an in-process one starts its next attempt at once; the lease is kept in
+    /// `released_lease` so that [`Run::restore_lease`] can give it back. A run an operator had
+    /// cancelled ends `cancelled`.
+    pub(crate) fn hand_back(&mut self, now: Timestamp, by: &str) -> Transition {
+        let attempt = self.attempt;
+        let lease = self.lease.clone().expect("a running attempt holds a lease");
+        self.end_attempt();
+        if self.cancel_requested {
+            self.record_error(
+                now,
+                ErrorKind::Cancelled,
+                &format!("attempt {attempt} released by {by} after a cancel request"),
+            );
+            return self.finish(
+                now,
+                RunState::Cancelled,
+                format!("attempt {attempt} released by {by} after a cancel request"),
+            );
+        }
+        self.handed_back += 1;
+        self.released_lease = Some(ReleasedLease {
+            owner: lease.owner.clone(),
+            token: lease.token,
+            attempt,
+            at: now,
+            reclaimed: false,
+        });
+        let what = format!(
+            "lease {} of attempt {attempt} held by {} released by {by}; no attempt used",
+            lease.token, lease.owner
+        );
+        if self.external {
+            self.change(
+                RunState::Queued { since: now },
+                format!("{what}; waiting for a worker"),
+            )
+        } else {
+            self.change(RunState::BackingOff { until: now }, what)
+        }
+    }
+
+    /// After an operator's reclaim ([`Run::lose_attempt`]): remembers the lease so that it can
+    /// be restored, unless the run ended.
+    pub(crate) fn note_reclaimed(
+        &mut self,
+        lease: &crate::lease::Lease,
+        attempt: Attempt,
+        now: Timestamp,
+    ) {
+        if self.state.is_terminal() {
+            return;
+        }
+        self.released_lease = Some(ReleasedLease {
+            owner: lease.owner.clone(),
+            token: lease.token,
+            attempt,
+            at: now,
+            reclaimed: true,
+        });
+    }
+
+    /// Why the released lease cannot be restored now, if it cannot: none was released by an
+    /// operator, or the run was claimed or started since.
+    pub(crate) fn restorable(&self) -> Result<&ReleasedLease, String> {
+        let Some(released) = &self.released_lease else {
+            return Err("its lease was not released or reclaimed by an operator".into());
+        };
+        let waiting = matches!(
+            self.state,
+            RunState::Queued { .. } | RunState::BackingOff { .. }
+        );
+        if !waiting || released.attempt != self.attempt {
+            return Err(format!(
+                "it was claimed or started again since (now {})",
+                self.state.name()
+            ));
+        }
+        Ok(released)
+    }
+
+    /// Re-grants the released lease's attempt to its previous owner under `lease`, a new token
+    /// (SPEC W6). The attempt resumes with its number and idempotency key; the budget its
+    /// release or reclaim used is given back. The caller checked [`Run::restorable`].
+    pub(crate) fn restore_lease(&mut self, lease: crate::lease::Lease) -> Transition {
+        let released = self
+            .released_lease
+            .take()
+            .expect("the caller checked restorable");
+        if released.reclaimed {
+            self.lost = self.lost.saturating_sub(1);
+        } else {
+            self.handed_back = self.handed_back.saturating_sub(1);
+        }
+        let reason = format!(
+            "lease {} of attempt {} restored to {} as {}",
+            released.token, released.attempt, lease.owner, lease.token
+        );
+        self.lease = Some(lease);
+        self.change(
+            RunState::Starting {
+                attempt: self.attempt,
+            },
+            reason,
+        )
+    }
+
     fn retry_or_fail(&mut self, now: Timestamp, rng: &mut SplitMix64, what: String) -> Transition {
         let decision =
             self.retry
@@ -1171,6 +1350,7 @@ impl Run {
         debug_assert!(state.is_terminal());
         self.finished_at = Some(now);
         self.cancel_requested = false;
+        self.released_lease = None;
         self.end_attempt();
         // SPEC C2: completion and terminal failure delete the checkpoint; an interrupted run
         // keeps it for whoever resumes it.

@@ -259,6 +259,25 @@ fn full_record() -> RunRecord {
             saved_at: Timestamp(74_000),
             data: "copied 40".into(),
         }),
+        verifications: vec![crate::artifact::Verification {
+            name: Some("report".into()),
+            target: "https://r/x".into(),
+            kind: crate::artifact::TargetKind::Url,
+            ok: false,
+            status: Some(404),
+            error: None,
+            excerpt: "gone".into(),
+            attempt: Attempt(3),
+            at: Timestamp(76_000),
+        }],
+        handed_back: 1,
+        released_lease: Some(ReleasedLease {
+            owner: crate::WorkerId::new("w0").unwrap(),
+            token: FencingToken(7),
+            attempt: Attempt(2),
+            at: Timestamp(69_000),
+            reclaimed: false,
+        }),
     }
 }
 
@@ -321,7 +340,10 @@ fn the_stored_form_of_a_run_is_pinned() {
         r#""watch":{"timeout_at":100000,"kill_at":110000,"backstop_at":200000,"stuck_reported":true},"#,
         r#""extended":true,"#,
         r#""killed":2,"#,
-        r#""checkpoint":{"seq":4,"attempt":3,"saved_at":74000,"data":"copied 40"}"#,
+        r#""checkpoint":{"seq":4,"attempt":3,"saved_at":74000,"data":"copied 40"},"#,
+        r#""verifications":[{"name":"report","target":"https://r/x","kind":"url","ok":false,"status":404,"error":null,"excerpt":"gone","attempt":3,"at":76000}],"#,
+        r#""handed_back":1,"#,
+        r#""released_lease":{"owner":"w0","token":7,"attempt":2,"at":69000,"reclaimed":false}"#,
         r#"}"#,
     );
     assert_eq!(serde_json::to_string(&full_record()).unwrap(), golden);
@@ -366,6 +388,9 @@ fn record_and_run_read_alike_and_round_trip() {
         "extended",
         "killed",
         "checkpoint",
+        "verifications",
+        "handed_back",
+        "released_lease",
     ] {
         assert!(fields.remove(defaulted).is_some(), "{defaulted}");
     }
@@ -411,6 +436,9 @@ fn accessors_read_the_fields() {
     assert_eq!(run.extended(), record.extended);
     assert_eq!(run.killed(), record.killed);
     assert_eq!(run.checkpoint(), record.checkpoint.as_ref());
+    assert_eq!(run.verifications(), &*record.verifications);
+    assert_eq!(run.handed_back(), record.handed_back);
+    assert_eq!(run.released_lease(), record.released_lease.as_ref());
 }
 
 // Moved from core/tests/review_regressions.rs when the run machine's methods became

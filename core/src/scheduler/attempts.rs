@@ -79,6 +79,9 @@ impl Scheduler {
                 checkpoint.saved_at = self.now;
             }
             self.resolve_incidents_of_kind(id, IncidentKind::StuckRun, "the attempt ended");
+            // A success waiting for its artifact gate ended with the attempt; the gate's late
+            // answer finds the token stale and is dropped.
+            self.gates.remove(&id);
             // Refusals are audited once per attempt; the attempt is over, so is its entry.
             let attempts = (id, Attempt(0))..=(id, Attempt(u32::MAX));
             let ended: Vec<(RunId, Attempt)> =

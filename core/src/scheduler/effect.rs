@@ -55,6 +55,10 @@ pub enum Effect {
         /// The attempt.
         attempt: Attempt,
     },
+    /// Check artifacts (SPEC A2): open each URL (HTTP 200 passes) and look for each file, then
+    /// report one result per check, in order, with [`Scheduler::handle_verified`]. Not gated on
+    /// a write: checking changes nothing, and the core decides nothing until the answer.
+    VerifyArtifacts(VerifyRequest),
     /// Send a run's result to a sink, then report with [`Scheduler::handle_delivery_result`].
     /// Released only after the outbox record of this attempt is durable.
     Deliver(SendRequest),
@@ -142,6 +146,14 @@ pub enum Event {
         /// The run.
         run: RunId,
         /// The reclaimed token.
+        token: FencingToken,
+    },
+    /// An operator released a lease (`Scheduler::release_lease`): its holder's writes are
+    /// refused from now on, and an attempt of this process's own is to be stopped.
+    LeaseReleased {
+        /// The run.
+        run: RunId,
+        /// The released token.
         token: FencingToken,
     },
     /// An incident opened.

@@ -32,6 +32,23 @@ impl Scheduler {
         for (id, run) in &self.runs {
             self.check_run(*id, run, &mut expected);
         }
+        // A completion waiting for its artifact gate waits for a request in flight about its
+        // own run, and no run keeps more evidence than the bound.
+        for (run, id) in &self.gates {
+            let pending = self.verifying.get(id);
+            assert!(
+                pending.is_some_and(|p| p.is_completion_of(*run)),
+                "{run} waits for {id}, which is not its completion's request in flight"
+            );
+        }
+        for run in self.runs.values() {
+            assert!(
+                run.verifications.len() <= limits::VERIFICATIONS_KEPT_MAX,
+                "{} keeps {} verifications",
+                run.id,
+                run.verifications.len()
+            );
+        }
         let expected_jobs = self.check_jobs(&expected.active);
         assert_eq!(
             self.due_jobs, expected_jobs,

@@ -92,6 +92,7 @@ impl Scheduler {
             new,
             actor,
             reason,
+            output: None,
         }
     }
 
@@ -102,6 +103,20 @@ impl Scheduler {
         new: StateName,
         actor: Actor,
         reason: &str,
+    ) {
+        self.audit_run_with_output(id, old, new, actor, reason, None);
+    }
+
+    /// [`Scheduler::audit_run`] with what the action printed or found (SPEC A3), truncated to
+    /// [`limits::AUDIT_OUTPUT_MAX_BYTES`].
+    pub(super) fn audit_run_with_output(
+        &mut self,
+        id: RunId,
+        old: Option<StateName>,
+        new: StateName,
+        actor: Actor,
+        reason: &str,
+        output: Option<String>,
     ) {
         let seq = self.next_seq();
         let run = &self.runs[&id];
@@ -122,6 +137,7 @@ impl Scheduler {
             new,
             actor,
             reason: crate::run::truncate(reason),
+            output: output.map(|o| crate::text::truncate(&o, limits::AUDIT_OUTPUT_MAX_BYTES)),
         });
     }
 

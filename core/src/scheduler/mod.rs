@@ -30,6 +30,8 @@
 //! | `attempts.rs` | attempts start, and are handed out once their grant is durable (persist before act); run transitions, settling and deliveries; the run due index |
 //! | `journal.rs` | audit records, the outbox's writes moved into the journal, batches, and what an acknowledged batch releases |
 //! | `workers.rs` | the worker protocol: claims and fenced writes, checkpoints, shutdown |
+//! | `gate.rs` | the artifact gate and explicit verifications: requests, their answers, evidence (see [`crate::artifact`]) |
+//! | `leases.rs` | operator lease actions: release, reclaim, restore (SPEC W6) |
 //! | `supervise.rs` | applying the watchdog's decisions, and incidents |
 //! | `watch.rs` | the rules about queues and workers (unclaimed queues, idle claim loops' backlog, worker health), and operators' incidents |
 //! | `invariants.rs` | [`Scheduler::check_invariants`] |
@@ -38,14 +40,18 @@
 mod attempts;
 mod effect;
 mod firing;
+mod gate;
 mod invariants;
 mod journal;
+mod leases;
 mod restore;
 mod supervise;
 mod watch;
 mod workers;
 
 pub use effect::{AttemptStart, Effect, Event, StopReason};
+pub use gate::Verified;
+pub use leases::LeaseAction;
 pub use watch::QueueHealth;
 pub use workers::{CheckpointSave, Claimed, Released, RunContext, Shutdown};
 
@@ -54,6 +60,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use crate::artifact::{
+    ArtifactCheck, CheckResult, TargetKind, Verification, VerifyId, VerifyRequest,
+};
 use crate::audit::{Actor, AuditRecord};
 use crate::checkpoint::Throttle;
 pub use crate::config::Config;
@@ -173,6 +182,14 @@ pub struct Scheduler {
     refused_completions: BTreeSet<(RunId, Attempt)>,
     /// Checkpoint throttles of running attempts.
     throttles: BTreeMap<RunId, Throttle>,
+    /// Verification requests in flight (not persisted: after a restart the holder asks again).
+    verifying: BTreeMap<VerifyId, gate::Pending>,
+    /// The requests in `verifying` by run, so that counting one run's costs O(log n).
+    verifying_runs: BTreeSet<(RunId, VerifyId)>,
+    /// The completion of each run waiting for its artifact gate, by its request.
+    gates: BTreeMap<RunId, VerifyId>,
+    /// The next verification request's id.
+    next_verify: u64,
     /// Set by `begin_shutdown`: nothing new fires or is claimed.
     shutting_down: bool,
     /// Since when, and how many times in a row, store writes have failed (none: they succeed).
@@ -230,6 +247,10 @@ impl Scheduler {
             refused_completions: BTreeSet::new(),
             work: WorkCounter::default(),
             throttles: BTreeMap::new(),
+            verifying: BTreeMap::new(),
+            verifying_runs: BTreeSet::new(),
+            gates: BTreeMap::new(),
+            next_verify: 1,
             shutting_down: false,
             stopped_for_shutdown: BTreeSet::new(),
             store_failing: None,

@@ -5,7 +5,8 @@
 //! current lease: an unknown run is `Rejected::UnknownRun`, an older (or newer) token is
 //! `Rejected::StaleToken`, and a run that is not running is `Rejected::NotRunning`. A refused
 //! write changes nothing, except a completion refused for missing artifacts, which is recorded
-//! in the audit trail (the run stays running).
+//! in the audit trail (the run stays running). Operator lease actions (release, reclaim,
+//! restore) are in `leases.rs`.
 //!
 //! | call | who | effect |
 //! |---|---|---|
@@ -14,7 +15,8 @@
 //! | `progress` | holder | records phase and message; counts as a heartbeat for stuck detection |
 //! | `context` | holder | the run's job, attempt, payload, lease and last checkpoint |
 //! | `save_checkpoint` | holder | saves a snapshot, throttled (see `checkpoint`) |
-//! | `handle_outcome` | holder | ends the attempt: success (with artifacts), retryable or permanent failure, snooze, cancelled |
+//! | `handle_outcome` | holder | ends the attempt: success (with artifacts; through the artifact gate, `gate.rs`, when they are to be checked), retryable or permanent failure, snooze, cancelled |
+//! | `verify` (`gate.rs`) | holder | checks one artifact target now; evidence stored |
 //! | `release` | holder | gives the attempt back (it counts as lost); after a loss, "already released" is not an error |
 //! | `record_refused_result` | holder | after a success was refused because its lease was lost: audits it as evidence; the run does not change |
 
@@ -128,6 +130,13 @@ impl Scheduler {
     /// The holder reports how its attempt ended. Refused, changing nothing, if the token is not
     /// the run's current one or the run is not running; a success without the job's required
     /// artifacts is refused and recorded, and the run stays running.
+    ///
+    /// A success whose required artifacts include values keel checks (URLs, absolute paths;
+    /// see [`crate::artifact`]) goes through the artifact gate: `Ok` then means the success
+    /// waits for `Effect::VerifyArtifacts`'s answer ([`Scheduler::gate`] names the request),
+    /// and [`Scheduler::handle_verified`] applies or refuses it. While it waits, another
+    /// success is refused with `VerificationPending`; any other outcome ends the attempt and
+    /// the gate with it.
     pub fn handle_outcome(
         &mut self,
         now: Timestamp,
@@ -166,21 +175,44 @@ impl Scheduler {
                     missing,
                 });
             }
+            if self.gates.contains_key(&run_id) {
+                return Err(Rejected::VerificationPending(run_id));
+            }
+            let checks = self.gate_checks(run, artifacts);
+            if !checks.is_empty() {
+                let attempt = run.attempt;
+                self.clamp(now);
+                self.request_verification(run_id, token, attempt, checks, Some(outcome));
+                return Ok(());
+            }
         }
-        let attempt = run.attempt;
         let now = self.clamp(now);
+        self.accept_outcome(now, run_id, outcome, owner);
+        Ok(())
+    }
+
+    /// Applies an outcome the holder reported and the core accepted.
+    pub(super) fn accept_outcome(
+        &mut self,
+        now: Timestamp,
+        run_id: RunId,
+        outcome: Outcome,
+        owner: String,
+    ) {
+        // Whatever ends the attempt ends a gate waiting in it; its late answer is dropped.
+        self.gates.remove(&run_id);
+        let attempt = self.runs[&run_id].attempt;
         if self.stopped_for_shutdown.remove(&(run_id, attempt))
             && !matches!(outcome, Outcome::Success { .. })
         {
             // Stopped by the shutdown, not failed: whatever it says (a cancel, an error from
             // being stopped) is the shutdown's doing (SPEC O1).
             self.interrupt_for_shutdown(now, run_id);
-            return Ok(());
+            return;
         }
-        let run = self.runs.get_mut(&run_id).expect("checked above");
+        let run = self.runs.get_mut(&run_id).expect("checked by the caller");
         let t = run.apply_outcome(now, outcome, &mut self.rng);
         self.after_run_transition(run_id, t, Actor::Worker(owner));
-        Ok(())
     }
 
     /// The holder is alive: its lease is renewed for a TTL from `now`. Returns the renewed
@@ -340,6 +372,7 @@ impl Scheduler {
             new: state,
             actor: Actor::Worker(worker.to_string()),
             reason: crate::run::truncate(&reason),
+            output: None,
         });
         Ok(())
     }
@@ -504,7 +537,7 @@ impl Scheduler {
     }
 
     /// The run, if `token` is its current lease and it is running.
-    fn holder(&self, run_id: RunId, token: FencingToken) -> Result<&Run, Rejected> {
+    pub(super) fn holder(&self, run_id: RunId, token: FencingToken) -> Result<&Run, Rejected> {
         let Some(run) = self.runs.get(&run_id) else {
             return Err(Rejected::UnknownRun(run_id));
         };

@@ -103,13 +103,22 @@ pub fn rules(config: &Config) -> Vec<Rule> {
         },
         Rule {
             name: "artifact_gate".into(),
-            signal: "a completion without the job's required artifacts".into(),
+            signal: "a success of a job with required artifacts: each must be reported, each \
+                     http(s) URL must answer 200 and each absolute path must exist"
+                .into(),
             threshold: "before completion".into(),
             settings: Vec::new(),
-            action: "refuse the completion and audit the refusal; the run stays running".into(),
-            escalation: "the attempt times out or its lease expires like any other".into(),
-            pass_evidence: "a completion carrying every required artifact".into(),
-            incidents: Vec::new(),
+            action: "check each artifact (an effect the runtime performs) and store the status \
+                     and a bounded excerpt as verification evidence; a failed check refuses the \
+                     completion, says why, and the run stays running"
+                .into(),
+            escalation: "an artifact_gate incident with the evidence; the attempt times out or \
+                         its lease expires like any other"
+                .into(),
+            pass_evidence: "the check's output stored with the verification, and the completion \
+                            accepted"
+                .into(),
+            incidents: vec![IncidentKind::ArtifactGate],
         },
         Rule {
             name: "job_failing".into(),

@@ -739,6 +739,7 @@ pub fn audit_record(seq: u64, job: &str, run: Option<u64>, at: Timestamp) -> Aud
         new: StateName::Queued,
         actor: Actor::Scheduler,
         reason: format!("record {seq}"),
+        output: None,
     }
 }
 

@@ -226,6 +226,18 @@ impl World {
                     );
                     self.promises.killed.insert((run, attempt));
                 }
+                Effect::VerifyArtifacts(request) => {
+                    // Only a holder asks, under a token it was handed.
+                    assert!(
+                        self.tokens.contains(&request.token),
+                        "{} asked for checks under {}, which was never handed out",
+                        request.run,
+                        request.token
+                    );
+                    // Every artifact is there; a refusal means the attempt moved on meanwhile.
+                    let results = keel_testkit::artifacts_present(&request);
+                    let _ = self.sched.handle_verified(self.now, request.id, results);
+                }
                 Effect::Deliver(send) => self.deliver(send),
                 Effect::Event(event) => self.event(event),
             }

@@ -36,6 +36,11 @@
 //!   not in memory) and changes nothing; an executing attempt's writes are always accepted,
 //!   except a success without a required artifact, which leaves the attempt running (and is
 //!   audited once per attempt);
+//! - the artifact gate (SPEC A2): a success whose required artifact is a URL waits for its
+//!   checks with the attempt running under its lease, holds up any other success of the
+//!   attempt, and when `Op::Verified` answers (a `/404` target answers 404) is applied or
+//!   refused (`ArtifactGate`, the attempt running on); an answer for an attempt that is over is
+//!   refused and leaves its run alone;
 //! - fencing tokens (SPEC L1): an attempt is handed out with the lease the store holds for it,
 //!   owned by the executor or the worker that claimed it, above its run's previous tokens and
 //!   every token handed out before the last restore, never twice, and its grant
@@ -90,7 +95,7 @@ use keel_core::{
     DeliveryState, Effect, Event, FencingToken, HistoryPolicy, IdempotencyKey, Incident, Job,
     JobId, JobSpec, JobState, MisfirePolicy, OutboxConfig, OutboxEvent, Outcome, OverflowPolicy,
     OverlapPolicy, Record, Rejected, Released, RetryPolicy, Run, RunId, RunState, ScheduleSpec,
-    Scheduler, SendRequest, Timestamp, Trigger, WorkerId,
+    Scheduler, SendRequest, Timestamp, Trigger, Verified, VerifyId, VerifyRequest, WorkerId,
 };
 use keel_harness::promises::{
     attempts_in_progress, checkpoint_seqs, expected_extend, missing_artifacts,
@@ -149,8 +154,11 @@ struct Stats {
     checkpoints_failed: u64,
     /// Saves that had to be written at once because the save before them failed.
     saves_after_failure: u64,
-    /// Completions refused for a missing artifact.
+    /// Completions refused for a missing artifact, or by the artifact gate.
     artifact_refusals: u64,
+    /// Successes that passed the artifact gate, and that it refused.
+    gates_passed: u64,
+    gates_refused: u64,
     /// Sends released, answers accepted, and stale answers refused.
     sends: u64,
     answers: u64,
@@ -193,6 +201,8 @@ impl Stats {
         self.checkpoints_failed += o.checkpoints_failed;
         self.saves_after_failure += o.saves_after_failure;
         self.artifact_refusals += o.artifact_refusals;
+        self.gates_passed += o.gates_passed;
+        self.gates_refused += o.gates_refused;
         self.sends += o.sends;
         self.answers += o.answers;
         self.stale_answers += o.stale_answers;
@@ -217,6 +227,8 @@ struct Executing {
     expires_at: Timestamp,
     /// The run's attempt timeout.
     timeout_ms: Option<u64>,
+    /// The request whose artifact checks its success waits for, if any.
+    gate: Option<VerifyId>,
 }
 
 struct World {
@@ -252,6 +264,8 @@ struct World {
     acked_in_shutdown: bool,
     /// Completions refused for a missing artifact, by attempt (audited once per attempt).
     refused_completions: BTreeSet<(RunId, Attempt)>,
+    /// Artifact checks asked for (`Effect::VerifyArtifacts`) and not yet answered.
+    verifying: Vec<VerifyRequest>,
     /// The scheduler's `now` after the latest `handle_timeout`: when the watchdog last ran.
     last_tick: Timestamp,
     /// External workers.
@@ -307,6 +321,7 @@ impl World {
             announce: None,
             acked_in_shutdown: false,
             refused_completions: BTreeSet::new(),
+            verifying: Vec::new(),
             last_tick: start,
             workers: (0..WORKERS)
                 .map(|i| WorkerId::new(&format!("worker-{i}")).expect("a valid worker id"))
@@ -496,6 +511,7 @@ impl World {
             }
             Op::Answer { pick, answer } => self.answer(*pick, *answer),
             Op::StaleAnswer { pick } => self.stale_answer(*pick),
+            Op::Verified { pick } => self.verified(*pick),
             Op::Shutdown => self.shutdown(),
         }
         self.keel.check_invariants();
@@ -566,6 +582,7 @@ impl World {
             .run(run_id)
             .expect("an executing run is in memory");
         let cancel_requested = run.cancel_requested();
+        let required = run.required_artifacts().to_vec();
         let outcome = outcome.outcome();
         let missing = missing_artifacts(run, &outcome);
         let before = fingerprint(&self.keel);
@@ -599,6 +616,35 @@ impl World {
             );
             self.stats.artifact_refusals += 1;
             return;
+        }
+        if let Outcome::Success { artifacts, .. } = &outcome {
+            // A success waiting for its artifact gate holds up every other success of the
+            // attempt, and changes nothing.
+            if exec.gate.is_some() {
+                assert_eq!(result, Err(Rejected::VerificationPending(run_id)));
+                assert_eq!(
+                    before,
+                    fingerprint(&self.keel),
+                    "a refusal changed the state"
+                );
+                return;
+            }
+            // A required artifact that is a URL is checked first: the success waits, the run
+            // runs on under its lease, and `Op::Verified` decides.
+            let checked = required.iter().any(|name| {
+                artifacts
+                    .get(name)
+                    .is_some_and(|v| v.starts_with("https://"))
+            });
+            if checked {
+                assert_eq!(result, Ok(()), "a success sent to the artifact gate");
+                let gate = self
+                    .keel
+                    .gate(run_id)
+                    .expect("the success waits for its gate");
+                self.executing.get_mut(&run_id).expect("checked above").gate = Some(gate);
+                return;
+            }
         }
         result.unwrap_or_else(|e| {
             panic!(
@@ -784,6 +830,17 @@ impl World {
                     );
                 }
                 Effect::KillAttempt { run, attempt } => self.kill(run, attempt),
+                Effect::VerifyArtifacts(request) => {
+                    // Only a holder asks, under a token it was handed; `Op::Verified` answers.
+                    assert_eq!(
+                        self.tokens.get(&request.token),
+                        Some(&request.run),
+                        "{} asked for checks under {}, which it was never handed",
+                        request.run,
+                        request.token
+                    );
+                    self.verifying.push(request);
+                }
                 Effect::Deliver(send) => self.deliver(send),
                 Effect::Event(event) => self.event(event),
             }
@@ -984,6 +1041,7 @@ impl World {
                 started_at: lease.renewed_at,
                 expires_at: lease.expires_at,
                 timeout_ms,
+                gate: None,
             },
         );
         assert!(
@@ -1084,6 +1142,8 @@ impl World {
         self.announce = None;
         self.acked_in_shutdown = false;
         self.refused_completions.clear();
+        // The checks in flight were the old process's: the new one knows nothing of them.
+        self.verifying.clear();
         self.floor = self.tokens.keys().next_back().copied();
         self.failed.clear();
         let snapshot = self.store.restore();
@@ -1129,6 +1189,7 @@ impl World {
                     started_at,
                     expires_at: lease.expires_at,
                     timeout_ms,
+                    gate: None,
                 },
             );
         }
@@ -1136,6 +1197,86 @@ impl World {
 
     /// The executing attempt of `run` is over (reported, released, reclaimed, killed): its
     /// token is stale from now on, and so is what the test knew about its checkpoints.
+    /// The checks of the request in flight at `pick` come back. A success waiting for them is
+    /// applied if every target was found and refused (`ArtifactGate`, the attempt running on)
+    /// otherwise; a request whose attempt is over is refused and leaves its run alone.
+    fn verified(&mut self, pick: usize) {
+        if self.verifying.is_empty() {
+            return;
+        }
+        let request = self.verifying.remove(pick % self.verifying.len());
+        let results: Vec<keel_core::CheckResult> = request
+            .checks
+            .iter()
+            .map(|check| keel_core::CheckResult {
+                status: Some(if check.target.ends_with("/404") {
+                    404
+                } else {
+                    200
+                }),
+                error: None,
+                excerpt: String::new(),
+            })
+            .collect();
+        let found = results.iter().all(|r| r.status == Some(200));
+        let waiting = self
+            .executing
+            .get(&request.run)
+            .is_some_and(|e| e.token == request.token && e.gate == Some(request.id));
+        let before = self.keel.run(request.run).cloned();
+        let result = self.keel.handle_verified(self.clock, request.id, results);
+        if !waiting {
+            assert!(
+                matches!(
+                    result,
+                    Err(Rejected::StaleToken { .. }
+                        | Rejected::NotRunning { .. }
+                        | Rejected::UnknownRun(_))
+                ),
+                "{}: checks of an attempt that is over answered {result:?}",
+                request.run
+            );
+            // The answer is used up; the run is left as it was (no evidence for an attempt
+            // that is over).
+            assert_eq!(
+                before.as_ref(),
+                self.keel.run(request.run),
+                "a refused answer changed its run"
+            );
+            return;
+        }
+        if !found {
+            assert!(
+                matches!(&result, Err(Rejected::ArtifactGate { run, failed })
+                    if *run == request.run && failed.iter().all(|v| v.status == Some(404))),
+                "{}: a 404 must refuse the completion: {result:?}",
+                request.run
+            );
+            self.executing
+                .get_mut(&request.run)
+                .expect("checked above")
+                .gate = None;
+            self.stats.artifact_refusals += 1;
+            self.stats.gates_refused += 1;
+            return;
+        }
+        assert!(
+            matches!(result, Ok(Verified::Accepted(_))),
+            "{}: every artifact was found: {result:?}",
+            request.run
+        );
+        self.retire(request.run);
+        self.stats.outcomes += 1;
+        self.stats.gates_passed += 1;
+        let run = self
+            .keel
+            .run(request.run)
+            .expect("a run stays in memory until its record is acknowledged");
+        assert_eq!(run.state(), RunState::Succeeded);
+        assert!(run.verifications().iter().any(|v| v.ok));
+        self.stats.terminal_runs += 1;
+    }
+
     fn retire(&mut self, run: RunId) -> Executing {
         let exec = self
             .executing
@@ -1285,6 +1426,10 @@ fn random_sequences_reach_the_interesting_states() {
     assert!(total.checkpoints_failed > 0, "{total:?}");
     assert!(total.saves_after_failure > 0, "{total:?}");
     assert!(total.artifact_refusals > 0, "{total:?}");
+    assert!(
+        total.gates_passed > 0 && total.gates_refused > 0,
+        "{total:?}"
+    );
     assert!(total.sends > 20 && total.answers > 20, "{total:?}");
     assert!(total.stale_answers > 10, "{total:?}");
     assert!(total.deliveries_finished > 20, "{total:?}");

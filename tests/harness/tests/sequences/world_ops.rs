@@ -502,6 +502,9 @@ impl World {
         let horizon = self.clock.plus_ms(LIVENESS_HORIZON_MS);
         loop {
             self.drain();
+            while !self.verifying.is_empty() {
+                self.verified(0);
+            }
             while self.claim(0, &["work"]).is_some() {}
             self.drain();
             let executing: Vec<RunId> = self.executing.keys().copied().collect();
