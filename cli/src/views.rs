@@ -382,6 +382,7 @@ mod tests {
                 "notify",
                 "notify_on",
                 "payload",
+                "required_artifacts",
                 "schedule",
                 "state",
                 "timeout_ms",
