@@ -305,6 +305,30 @@ pub(crate) enum RunsCommand {
     Show(RunArg),
     /// Cancel an active run (a running attempt is asked to stop).
     Cancel(RunArg),
+    /// Release, reclaim or restore a running run's lease, saying why (audited, reversible).
+    Lease(LeaseArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct LeaseArgs {
+    /// The run: `run-42` or `42`.
+    pub(crate) run: String,
+    /// `release` (the run waits for a worker; no attempt used), `reclaim` (as the watchdog
+    /// would: the attempt counts as lost), or `restore` (undo either: the previous owner gets
+    /// the lease back under a new token).
+    #[arg(value_enum)]
+    pub(crate) action: LeaseAction,
+    /// Why, for the audit trail.
+    #[arg(long)]
+    pub(crate) reason: String,
+}
+
+/// `keel runs lease`'s actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LeaseAction {
+    Release,
+    Reclaim,
+    Restore,
 }
 
 #[derive(Debug, Args)]
@@ -406,6 +430,9 @@ pub(crate) enum WorkerCommand {
     Complete(CompleteArgs),
     /// Fail the attempt: retried by the job's retry policy, or never with --permanent.
     Fail(FailArgs),
+    /// Ask keel to check an artifact (an http(s) URL must answer 200, an absolute path must
+    /// exist); the evidence is kept with the run, and a completion reporting it reuses it.
+    Verify(VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -416,6 +443,14 @@ pub(crate) struct ClaimArgs {
     /// This worker's id (letters, digits, '-', '_', '.', ':'); it holds the lease.
     #[arg(long, value_name = "ID")]
     pub(crate) worker: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct VerifyArgs {
+    #[command(flatten)]
+    pub(crate) attempt: TokenArgs,
+    /// The artifact: an http(s) URL, a file:// URL or an absolute path.
+    pub(crate) target: String,
 }
 
 #[derive(Debug, Args)]

@@ -402,6 +402,38 @@ fn runs(place: &Place, out: Output, args: RunsArgs) -> Result<(), Failure> {
                 format!("{run}: cancelled (an attempt in progress is asked to stop first)\n")
             })
         }
+        Some(RunsCommand::Lease(args)) => {
+            use crate::cli::LeaseAction;
+            use crate::protocol::LeaseOp;
+            let run = parse_run(&args.run)?;
+            let action = match args.action {
+                LeaseAction::Release => LeaseOp::Release,
+                LeaseAction::Reclaim => LeaseOp::Reclaim,
+                LeaseAction::Restore => LeaseOp::Restore,
+            };
+            let request = Request::Lease {
+                run,
+                action,
+                by: operator(),
+                reason: args.reason,
+            };
+            let done = call(place, &request)?;
+            out.print(&done, || {
+                let action = done["action"].as_str().unwrap_or("changed");
+                match done["token"].as_str() {
+                    Some(token) => format!(
+                        "{run}: lease {action}: {} holds it again under {token}\n",
+                        done["owner"].as_str().unwrap_or("?")
+                    ),
+                    None => format!(
+                        "{run}: lease {} of {} {action}; the run is {}\n",
+                        done["previous_token"].as_str().unwrap_or("?"),
+                        done["previous_owner"].as_str().unwrap_or("?"),
+                        done["state"].as_str().unwrap_or("?")
+                    ),
+                }
+            })
+        }
         None => {
             let job = args.job.as_deref().map(job_id).transpose()?;
             let state = args.state.as_deref().map(parse_state).transpose()?;
@@ -763,6 +795,29 @@ fn worker(place: &Place, out: Output, command: WorkerCommand) -> Result<(), Fail
             let (run, token) = attempt_of(&args)?;
             let context: ContextView = from_value(call(place, &Request::Context { run, token })?)?;
             views::print_json(&context)
+        }
+        WorkerCommand::Verify(args) => {
+            let (run, token) = attempt_of(&args.attempt)?;
+            let request = Request::Verify {
+                run,
+                token,
+                target: args.target,
+            };
+            let evidence: keel_core::artifact::Verification = from_value(call(place, &request)?)?;
+            out.print(&views::verification(&evidence), || {
+                let what = match (evidence.status, &evidence.error) {
+                    (Some(status), _) => format!("HTTP {status}"),
+                    (None, Some(error)) => crate::table::terminal_safe(error),
+                    (None, None) => "exists".into(),
+                };
+                let verdict = if evidence.ok { "passed" } else { "FAILED" };
+                format!("{run}: {} {verdict} ({what})\n", evidence.target)
+            })?;
+            if evidence.ok {
+                Ok(())
+            } else {
+                Err(Failure::ArtifactGate(String::new()))
+            }
         }
         WorkerCommand::Checkpoint(args) => {
             let (run, token) = attempt_of(&args)?;

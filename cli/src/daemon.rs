@@ -39,7 +39,7 @@ use crate::jobdef::{Prior, Resolve};
 use crate::place::{DaemonLock, Holder, Place};
 use crate::protocol::{
     answer_read, to_value, Added, CheckpointAnswer, ClaimedAttempt, ContextView, DaemonStatus,
-    JobView, Request, Response,
+    JobView, LeaseOp, Request, Response,
 };
 use crate::show;
 
@@ -810,6 +810,22 @@ pub(crate) async fn dispatch(
             token,
             outcome,
         } => to_value(handle.complete(run, token, outcome).await?),
+        Request::Verify { run, token, target } => {
+            to_value(handle.verify(run, token, target).await?)
+        }
+        Request::Lease {
+            run,
+            action,
+            by,
+            reason,
+        } => {
+            let done = match action {
+                LeaseOp::Release => handle.release_lease(run, by, reason).await?,
+                LeaseOp::Reclaim => handle.reclaim_lease(run, by, reason).await?,
+                LeaseOp::Restore => handle.restore_lease(run, by, reason).await?,
+            };
+            Ok(crate::views::lease_action(run, &done))
+        }
         Request::OpenIncident {
             job,
             run,

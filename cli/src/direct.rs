@@ -224,6 +224,32 @@ fn apply(core: &mut Scheduler, now: Timestamp, request: &Request) -> Result<Answ
             }
             to_value(())?
         }
+        Request::Verify { run, token, target } => {
+            // No driver runs here: the check is made now, and its evidence written.
+            let id = core.verify(now, run, token, &target)?;
+            let checks = core.verification_checks(id).unwrap_or_default().to_vec();
+            let results = keel_runtime::verify::Verifier::new().check_all_blocking(&checks);
+            match core.handle_verified(wall_clock(), id, results)? {
+                keel_core::Verified::Checked(mut evidence)
+                | keel_core::Verified::Accepted(mut evidence) => {
+                    let first = evidence.drain(..).next();
+                    to_value(first)?
+                }
+            }
+        }
+        Request::Lease {
+            run,
+            action,
+            by,
+            reason,
+        } => {
+            let done = match action {
+                crate::protocol::LeaseOp::Release => core.release_lease(now, run, &by, &reason)?,
+                crate::protocol::LeaseOp::Reclaim => core.reclaim_lease(now, run, &by, &reason)?,
+                crate::protocol::LeaseOp::Restore => core.restore_lease(now, run, &by, &reason)?,
+            };
+            crate::views::lease_action(run, &done)
+        }
         Request::OpenIncident {
             job,
             run,

@@ -29,6 +29,9 @@ pub(crate) enum Failure {
     /// Exit 2, as bad input: a write under a fencing token that is not the run's current
     /// lease; nothing changed (HTTP 409).
     StaleToken(String),
+    /// Exit 2, as bad input: the artifact gate refused a completion; the run stays running
+    /// under the same lease, and the message names each failed artifact (HTTP 422).
+    ArtifactGate(String),
 }
 
 impl Failure {
@@ -36,7 +39,10 @@ impl Failure {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             Failure::Runtime(_) => 1,
-            Failure::BadInput(_) | Failure::NotFound(_) | Failure::StaleToken(_) => 2,
+            Failure::BadInput(_)
+            | Failure::NotFound(_)
+            | Failure::StaleToken(_)
+            | Failure::ArtifactGate(_) => 2,
             Failure::NothingDue(_) => 3,
         }
     }
@@ -48,7 +54,8 @@ impl Failure {
             | Failure::Runtime(m)
             | Failure::NothingDue(m)
             | Failure::NotFound(m)
-            | Failure::StaleToken(m) => m,
+            | Failure::StaleToken(m)
+            | Failure::ArtifactGate(m) => m,
         }
     }
 
@@ -97,6 +104,7 @@ impl From<Rejected> for Failure {
             )),
             Rejected::UnknownJob(job) => Failure::NotFound(format!("no job named {job}")),
             e @ Rejected::UnknownIncident(_) => Failure::NotFound(e.to_string()),
+            e @ Rejected::ArtifactGate { .. } => Failure::ArtifactGate(e.to_string()),
             other => Failure::input(other.to_string()),
         }
     }

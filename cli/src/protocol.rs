@@ -111,6 +111,21 @@ pub(crate) enum Request {
         by: String,
         reason: String,
     },
+    /// A holder asks keel to check an artifact (the contract's `verify`). Answers the
+    /// `Verification` (a failed check is an answer, not an error).
+    Verify {
+        run: RunId,
+        token: FencingToken,
+        target: String,
+    },
+    /// An operator releases, reclaims or restores a run's lease (SPEC W6). Answers what was
+    /// done (`views::lease_action`).
+    Lease {
+        run: RunId,
+        action: LeaseOp,
+        by: String,
+        reason: String,
+    },
     /// Queue health per kind, from the daemon's memory. Answers a [`QueueView`].
     Queue,
     /// Worker health per worker and kind, since the daemon started. Answers a list of
@@ -142,6 +157,18 @@ impl Request {
     pub(crate) fn needs_daemon(&self) -> bool {
         matches!(self, Request::Queue | Request::Workers | Request::Rules)
     }
+}
+
+/// What an operator does to a lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LeaseOp {
+    /// Take it away now; the run waits for a worker (no attempt used).
+    Release,
+    /// Reclaim it as the watchdog would (the attempt counts as lost).
+    Reclaim,
+    /// Undo a release or reclaim: re-grant it to its previous owner under a new token.
+    Restore,
 }
 
 /// The answer to one request.

@@ -181,24 +181,7 @@ pub(crate) fn run(run: &Run) -> Value {
             &[("saved_at", Some(c.saved_at))],
         ))
     });
-    let verifications: Vec<Value> = run
-        .verifications()
-        .iter()
-        .map(|v| {
-            Value::Object(object(
-                vec![
-                    ("artifact", json!(v.name)),
-                    ("target", json!(v.target)),
-                    ("ok", json!(v.ok)),
-                    ("status", json!(v.status)),
-                    ("error", json!(v.error)),
-                    ("excerpt", json!(v.excerpt)),
-                    ("attempt", json!(v.attempt.0)),
-                ],
-                &[("at", Some(v.at))],
-            ))
-        })
-        .collect();
+    let verifications: Vec<Value> = run.verifications().iter().map(verification).collect();
     let artifacts: BTreeMap<&str, &str> = run
         .artifacts()
         .iter()
@@ -250,6 +233,54 @@ pub(crate) fn audit(record: &AuditRecord) -> Value {
         ],
         &[("at", Some(record.at))],
     ))
+}
+
+/// One artifact check's evidence (the artifact gate, or a worker's `verify`).
+pub(crate) fn verification(v: &keel_core::artifact::Verification) -> Value {
+    Value::Object(object(
+        vec![
+            ("artifact", json!(v.name)),
+            ("target", json!(v.target)),
+            ("ok", json!(v.ok)),
+            ("status", json!(v.status)),
+            ("error", json!(v.error)),
+            ("excerpt", json!(v.excerpt)),
+            ("attempt", json!(v.attempt.0)),
+        ],
+        &[("at", Some(v.at))],
+    ))
+}
+
+/// What an operator's lease action did.
+pub(crate) fn lease_action(run: keel_core::RunId, action: &keel_core::LeaseAction) -> Value {
+    match action {
+        keel_core::LeaseAction::Released {
+            owner,
+            token,
+            state,
+        }
+        | keel_core::LeaseAction::Reclaimed {
+            owner,
+            token,
+            state,
+        } => json!({
+            "run": run.to_string(),
+            "action": if matches!(action, keel_core::LeaseAction::Released { .. }) { "released" } else { "reclaimed" },
+            "previous_owner": owner.as_str(),
+            "previous_token": token.to_string(),
+            "state": state.to_string(),
+        }),
+        keel_core::LeaseAction::Restored { lease, previous } => json!({
+            "run": run.to_string(),
+            "action": "restored",
+            "owner": lease.owner.as_str(),
+            "token": lease.token.to_string(),
+            "previous_token": previous.to_string(),
+            "lease_expires_at": lease.expires_at.to_string(),
+            "lease_expires_at_ms": lease.expires_at.0,
+            "state": "running",
+        }),
+    }
 }
 
 /// An incident.

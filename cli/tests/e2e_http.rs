@@ -566,6 +566,326 @@ fn operators_open_acknowledge_and_resolve_incidents_and_read_rules_and_workers()
     daemon.stop();
 }
 
+/// The reference design's acceptance (docs/api.md, "Acceptance"): one stale lease, one no-job
+/// claim loop and one artifact-gate failure, each detected with evidence the API returns.
+#[test]
+fn acceptance_a_stale_lease_an_idle_claim_loop_and_an_artifact_gate_failure_with_evidence() {
+    let place = Place::new("http-acceptance");
+    let hook = common::Hook::start();
+    hook.route("/report-ok.pdf", &[], 200);
+    // The design's profile, with its one-minute grace shortened so the test is quick.
+    let config = place.config(
+        r#"
+[daemon]
+lease_ttl = "1s"
+
+[watchdog]
+profile = "design"
+lease_grace = "1s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[[job]]
+name = "render"
+cron = "0 0 0 1 1 *"
+worker_kind = "render"
+
+[[job]]
+name = "report"
+cron = "0 0 0 1 1 *"
+worker_kind = "report"
+
+[[job]]
+name = "publish"
+cron = "0 0 0 1 1 *"
+worker_kind = "publish"
+require_artifacts = ["report"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    daemon.wait_for(&["ready"]);
+    let trigger = |job: &str| {
+        let run = expect(
+            api.post(&format!("/api/v1/jobs/{job}/trigger"), None, Value::Null),
+            StatusCode::CREATED,
+        );
+        run["run"].as_str().unwrap().to_string()
+    };
+    let claim = |worker: &str, kind: &str| {
+        api.post(
+            "/api/v1/claims",
+            None,
+            json!({"worker": worker, "kinds": [kind]}),
+        )
+    };
+    let incident = |kind: &str| -> Value {
+        let all = expect(api.get("/api/v1/incidents", None), StatusCode::OK);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["kind"] == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} incident in {all}"))
+    };
+
+    // 1. A stale lease: claimed, then silent past its expiry and the grace.
+    let render = trigger("render");
+    let stale = expect(claim("w-stale", "render"), StatusCode::OK);
+    let stale_token = stale["token"].as_u64().unwrap();
+    daemon.wait_for(&["incident", "opened (lease_reclaimed)"]);
+    let reclaimed = incident("lease_reclaimed");
+    assert_eq!(reclaimed["run"], render.as_str(), "{reclaimed}");
+    assert_eq!(reclaimed["worker"], "w-stale", "{reclaimed}");
+    assert!(
+        reclaimed["details"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("token-{stale_token}")),
+        "{reclaimed}"
+    );
+    let trail = expect(
+        api.get(&format!("/api/v1/runs/{render}"), None),
+        StatusCode::OK,
+    );
+    assert!(
+        trail["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["actor"] == "watchdog" && r["from"] == "running"),
+        "the reclaim is audited: {trail}"
+    );
+    // The stale holder is refused; the run is claimable again, under a newer token.
+    expect_error(
+        api.post(
+            &format!("/api/v1/runs/{render}/heartbeat"),
+            None,
+            json!({"token": stale_token}),
+        ),
+        StatusCode::CONFLICT,
+        &[&format!("token-{stale_token}")],
+    );
+    let again = expect(claim("w-fresh", "render"), StatusCode::OK);
+    assert!(again["token"].as_u64().unwrap() > stale_token, "{again}");
+
+    // 2. A no-job claim loop: three empty claims of a kind nobody queues, while report waits.
+    trigger("report");
+    for _ in 0..3 {
+        expect(claim("w-idle", "gpu"), StatusCode::NO_CONTENT);
+    }
+    daemon.wait_for(&["incident", "opened (idle_claim_loop)"]);
+    let idle = incident("idle_claim_loop");
+    assert_eq!(idle["worker"], "w-idle", "{idle}");
+    let details = idle["details"].as_str().unwrap();
+    assert!(
+        details.contains("3 empty claims") && details.contains("\"report\": 1"),
+        "the backlog's shape: {idle}"
+    );
+    let workers = expect(api.get("/api/v1/workers", None), StatusCode::OK);
+    assert!(
+        workers
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["worker"] == "w-idle" && w["idle_loops"] == 1),
+        "{workers}"
+    );
+
+    // 3. An artifact-gate failure: the report URL answers 404.
+    let publish = trigger("publish");
+    let holder = expect(claim("w-pub", "publish"), StatusCode::OK);
+    let token = holder["token"].as_u64().unwrap();
+    let missing = hook.url("/report.pdf");
+    let refused = expect_error(
+        api.post(
+            &format!("/api/v1/runs/{publish}/complete"),
+            None,
+            json!({"token": token, "summary": "published", "artifacts": {"report": missing}}),
+        ),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &["report", "404"],
+    );
+    assert_eq!(refused["error"]["code"], "artifact_gate", "{refused}");
+    daemon.wait_for(&["incident", "opened (artifact_gate)"]);
+    let gate = incident("artifact_gate");
+    assert_eq!(gate["run"], publish.as_str(), "{gate}");
+    let shown = expect(
+        api.get(&format!("/api/v1/runs/{publish}"), None),
+        StatusCode::OK,
+    );
+    assert_eq!(
+        shown["run"]["state"], "running",
+        "the run stays with its holder: {shown}"
+    );
+    let evidence = &shown["run"]["verifications"][0];
+    assert_eq!(evidence["target"], missing.as_str(), "{shown}");
+    assert_eq!(evidence["ok"], false, "{shown}");
+    assert_eq!(evidence["status"], 404, "{shown}");
+    assert!(
+        evidence["excerpt"]
+            .as_str()
+            .unwrap()
+            .contains("no such hook"),
+        "a bounded excerpt of the answer: {shown}"
+    );
+    // The worker fixes the artifact: verified first, then the completion passes the gate.
+    let fixed = hook.url("/report-ok.pdf");
+    let verified = expect(
+        api.post(
+            &format!("/api/v1/runs/{publish}/verifications"),
+            None,
+            json!({"token": token, "target": fixed}),
+        ),
+        StatusCode::CREATED,
+    );
+    assert_eq!(verified["ok"], true, "{verified}");
+    assert_eq!(verified["status"], 200, "{verified}");
+    expect(
+        api.post(
+            &format!("/api/v1/runs/{publish}/complete"),
+            None,
+            json!({"token": token, "summary": "published", "artifacts": {"report": fixed}}),
+        ),
+        StatusCode::OK,
+    );
+    daemon.wait_for(&[&format!("{publish} of job publish succeeded")]);
+    daemon.stop();
+}
+
+#[test]
+fn operators_release_and_restore_a_lease_and_the_old_token_stays_stale() {
+    let place = Place::new("http-lease");
+    let config = place.config(
+        r#"
+[http]
+listen = "127.0.0.1:0"
+
+[[job]]
+name = "render"
+cron = "0 0 0 1 1 *"
+worker_kind = "render"
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    daemon.wait_for(&["ready"]);
+    let run = expect(
+        api.post("/api/v1/jobs/render/trigger", None, Value::Null),
+        StatusCode::CREATED,
+    )["run"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let claimed = expect(
+        api.post(
+            "/api/v1/claims",
+            None,
+            json!({"worker": "w1", "kinds": ["render"]}),
+        ),
+        StatusCode::OK,
+    );
+    let first = claimed["token"].as_u64().unwrap();
+    let lease = format!("/api/v1/runs/{run}/lease");
+    expect_error(
+        api.send("PATCH", &lease, None, json!({"action": "release"})),
+        StatusCode::BAD_REQUEST,
+        &["reason"],
+    );
+    expect_error(
+        api.send(
+            "PATCH",
+            &lease,
+            None,
+            json!({"action": "evict", "reason": "x"}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &["action"],
+    );
+    let released = expect(
+        api.send(
+            "PATCH",
+            &lease,
+            None,
+            json!({"action": "release", "reason": "host draining"}),
+        ),
+        StatusCode::OK,
+    );
+    assert_eq!(released["action"], "released", "{released}");
+    assert_eq!(released["previous_owner"], "w1", "{released}");
+    expect_error(
+        api.post(
+            &format!("/api/v1/runs/{run}/heartbeat"),
+            None,
+            json!({"token": first}),
+        ),
+        StatusCode::CONFLICT,
+        &[&format!("token-{first}")],
+    );
+    let restored = expect(
+        api.send(
+            "PATCH",
+            &lease,
+            None,
+            json!({"action": "restore", "reason": "drain cancelled"}),
+        ),
+        StatusCode::OK,
+    );
+    assert_eq!(restored["owner"], "w1", "{restored}");
+    let token: u64 = restored["token"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("token-")
+        .parse()
+        .unwrap();
+    assert!(token > first, "a new token, never the old one: {restored}");
+    expect(
+        api.post(
+            &format!("/api/v1/runs/{run}/heartbeat"),
+            None,
+            json!({"token": token}),
+        ),
+        StatusCode::OK,
+    );
+    expect_error(
+        api.post(
+            &format!("/api/v1/runs/{run}/heartbeat"),
+            None,
+            json!({"token": first}),
+        ),
+        StatusCode::CONFLICT,
+        &[],
+    );
+    // Nothing to restore twice.
+    expect_error(
+        api.send(
+            "PATCH",
+            &lease,
+            None,
+            json!({"action": "restore", "reason": "again"}),
+        ),
+        StatusCode::BAD_REQUEST,
+        &[],
+    );
+    let trail = expect(
+        api.get(&format!("/api/v1/runs/{run}"), None),
+        StatusCode::OK,
+    );
+    let reasons: Vec<&str> = trail["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("host draining"))
+            && reasons.iter().any(|r| r.contains("drain cancelled")),
+        "{reasons:?}"
+    );
+    daemon.stop();
+}
+
 #[test]
 fn every_path_of_the_openapi_document_is_served() {
     let place = Place::new("http-openapi");

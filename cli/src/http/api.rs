@@ -24,8 +24,8 @@ use crate::daemon::dispatch;
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
 use crate::protocol::{
-    from_value, jobs_from, Added, CheckpointAnswer, ClaimedAttempt, ContextView, Request, Response,
-    RunsPage,
+    from_value, jobs_from, Added, CheckpointAnswer, ClaimedAttempt, ContextView, LeaseOp, Request,
+    Response, RunsPage,
 };
 use crate::views;
 
@@ -67,6 +67,8 @@ pub(crate) fn routes() -> Router<Api> {
         .route("/runs/{run}/checkpoint", post(checkpoint))
         .route("/runs/{run}/complete", post(complete))
         .route("/runs/{run}/fail", post(fail))
+        .route("/runs/{run}/verifications", post(verify))
+        .route("/runs/{run}/lease", axum::routing::patch(lease))
         .route("/rpc", post(rpc))
 }
 
@@ -645,6 +647,63 @@ async fn end_attempt(
     Ok(())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    token: TokenArg,
+    target: String,
+}
+
+/// `POST /runs/{run}/verifications`: keel checks an artifact for its holder and stores the
+/// evidence; a failed check answers 200 with `"ok": false`.
+async fn verify(
+    State(api): State<Api>,
+    Worker(caller): Worker,
+    Path(run): Path<String>,
+    Body(body): Body<VerifyBody>,
+) -> Answer {
+    let run = run_id(&run)?;
+    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
+        return Ok(refused.into_response());
+    }
+    let request = Request::Verify {
+        run,
+        token: body.token.token()?,
+        target: body.target,
+    };
+    let evidence: keel_core::artifact::Verification = from_value(call(&api, request).await?)?;
+    Ok((StatusCode::CREATED, Json(views::verification(&evidence))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseBody {
+    action: LeaseOp,
+    reason: String,
+}
+
+/// `PATCH /runs/{run}/lease`: an operator releases, reclaims or restores the run's lease.
+async fn lease(
+    Operator(caller): Operator,
+    State(api): State<Api>,
+    Path(run): Path<String>,
+    Body(body): Body<LeaseBody>,
+) -> Answer {
+    let run = run_id(&run)?;
+    if body.reason.trim().is_empty() {
+        return Err(ApiError(Failure::input(
+            "reason: say why, for the audit trail",
+        )));
+    }
+    let request = Request::Lease {
+        run,
+        action: body.action,
+        by: caller.name(),
+        reason: body.reason,
+    };
+    ok(change(&api, &caller, request).await?)
+}
+
 // ----- rpc ---------------------------------------------------------------------------------
 
 /// What a socket request needs of its caller, as its REST route would.
@@ -659,7 +718,8 @@ fn need_of(request: &Request) -> Need {
         | Request::Progress { .. }
         | Request::Context { .. }
         | Request::Checkpoint { .. }
-        | Request::Complete { .. } => Need::Work,
+        | Request::Complete { .. }
+        | Request::Verify { .. } => Need::Work,
         _ => Need::Operate,
     }
 }
@@ -683,7 +743,8 @@ async fn rpc(
         | Request::Progress { run, .. }
         | Request::Context { run, .. }
         | Request::Checkpoint { run, .. }
-        | Request::Complete { run, .. } => Some(*run),
+        | Request::Complete { run, .. }
+        | Request::Verify { run, .. } => Some(*run),
         _ => None,
     };
     if let Some(run) = run {

@@ -140,6 +140,15 @@ impl Caller {
         }
     }
 
+    /// Its name, as an operator action records it: the token's, or `local` on an open
+    /// listener.
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Caller::Open => "local".into(),
+            Caller::Token(token) => token.name.clone(),
+        }
+    }
+
     /// Who it is, for the log line of a change it makes.
     pub(crate) fn actor(&self) -> String {
         match self {

@@ -255,6 +255,7 @@ pub(crate) fn status_of(failure: &Failure) -> StatusCode {
         Failure::BadInput(_) => StatusCode::BAD_REQUEST,
         Failure::NotFound(_) => StatusCode::NOT_FOUND,
         Failure::StaleToken(_) => StatusCode::CONFLICT,
+        Failure::ArtifactGate(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Failure::NothingDue(_) => StatusCode::NO_CONTENT,
         Failure::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

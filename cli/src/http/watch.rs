@@ -10,7 +10,6 @@ use keel_core::{Incident, JobId, RunId, WorkerHealth, WorkerId};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::auth::Caller;
 use super::{Api, ApiError, Body, Operator, Reader};
 use crate::daemon::dispatch;
 use crate::error::Failure;
@@ -108,7 +107,7 @@ pub(crate) async fn open(
         run,
         worker,
         details: body.details,
-        by: operator_name(&caller),
+        by: caller.name(),
     };
     let incident: Incident = from_value(dispatch(&api.server, request, &caller.actor()).await?)?;
     Ok((StatusCode::CREATED, Json(views::incident(&incident))).into_response())
@@ -130,7 +129,7 @@ pub(crate) async fn acknowledge(
 ) -> Answer {
     let request = Request::AcknowledgeIncident {
         incident: incident_id(&id)?,
-        by: operator_name(&caller),
+        by: caller.name(),
         note: body.reason,
     };
     let incident: Incident = from_value(dispatch(&api.server, request, &caller.actor()).await?)?;
@@ -146,7 +145,7 @@ pub(crate) async fn resolve(
 ) -> Answer {
     let request = Request::ResolveIncident {
         incident: incident_id(&id)?,
-        by: operator_name(&caller),
+        by: caller.name(),
         reason: body.reason,
     };
     let incident: Incident = from_value(dispatch(&api.server, request, &caller.actor()).await?)?;
@@ -159,12 +158,4 @@ fn incident_id(text: &str) -> Result<u64, ApiError> {
             "invalid incident {text:?}: expected its number, as in 12"
         )))
     })
-}
-
-/// Who an operator action is recorded as: the token's name, or `local` on an open listener.
-fn operator_name(caller: &Caller) -> String {
-    match caller {
-        Caller::Open => "local".into(),
-        Caller::Token(token) => token.name.clone(),
-    }
 }
