@@ -132,6 +132,115 @@ listen = "127.0.0.1:0"
     );
 }
 
+/// The reference design's acceptance, as the console shows it: a stale lease, a no-job claim
+/// loop and an artifact-gate failure (a local server answering 404), each an incident whose
+/// evidence is on the page, the rules table with the design's thresholds, and the KPI tiles.
+#[test]
+fn the_console_shows_the_three_acceptance_detections_with_their_evidence() {
+    if !browser_wanted() {
+        return;
+    }
+    let place = Place::new("console-acceptance");
+    let hook = common::Hook::start();
+    let config = place.config(
+        r#"
+[daemon]
+lease_ttl = "1s"
+
+[watchdog]
+profile = "design"
+lease_grace = "0s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[[job]]
+name = "render"
+cron = "0 0 0 1 1 *"
+worker_kind = "render"
+
+[[job]]
+name = "report"
+cron = "0 0 0 1 1 *"
+worker_kind = "report"
+
+[[job]]
+name = "publish"
+cron = "0 0 0 1 1 *"
+worker_kind = "publish"
+require_artifacts = ["report"]
+"#,
+    );
+    let daemon = place.daemon(&config);
+    let base = daemon.http_url();
+    let http = Client::builder()
+        .timeout(WAIT)
+        .build()
+        .expect("an HTTP client");
+    let api = |method: reqwest::Method, path: &str, body: Value| -> (u16, Value) {
+        let response = http
+            .request(method.clone(), format!("{base}/api/v1{path}"))
+            .json(&body)
+            .send()
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let text = response.text().expect("a body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    let post = |path: &str, body: Value| api(reqwest::Method::POST, path, body);
+    // A stale lease.
+    post("/jobs/render/trigger", json!({}));
+    post("/claims", json!({"worker": "w-stale", "kinds": ["render"]}));
+    daemon.wait_for(&["opened (lease_reclaimed)"]);
+    // A no-job claim loop while report waits.
+    post("/jobs/report/trigger", json!({}));
+    for _ in 0..3 {
+        post("/claims", json!({"worker": "w-idle", "kinds": ["gpu"]}));
+    }
+    daemon.wait_for(&["opened (idle_claim_loop)"]);
+    // An artifact-gate failure.
+    post("/jobs/publish/trigger", json!({}));
+    let (_, holder) = post("/claims", json!({"worker": "w-pub", "kinds": ["publish"]}));
+    let run = format!("run-{}", holder["run"]);
+    let (status, refused) = post(
+        &format!("/runs/{run}/complete"),
+        json!({"token": holder["token"], "artifacts": {"report": hook.url("/report.pdf")}}),
+    );
+    assert_eq!(status, 422, "{refused}");
+    daemon.wait_for(&["opened (artifact_gate)"]);
+
+    let driver = Driver::start();
+    let browser = driver.session();
+    browser.open(&format!("{base}/"));
+    browser.wait_text("#kpi-incidents", |t| t == "3");
+    browser.wait_text("#kpi-artifacts", |t| t == "1");
+    for (id, kind, evidence) in [
+        (1, "lease_reclaimed", "held by w-stale"),
+        (2, "idle_claim_loop", "\"report\": 1"),
+        (3, "artifact_gate", "404"),
+    ] {
+        browser.wait_text(
+            &format!("tr[data-incident='{id}'] td[data-field='kind']"),
+            |t| t == kind,
+        );
+        browser.wait_text(
+            &format!("tr[data-incident='{id}'] td[data-field='details']"),
+            |t| t.contains(evidence),
+        );
+    }
+    browser.wait_text("tr[data-rule='claim_loop_idle'] td[data-field='threshold']", |t| {
+        t.contains('3')
+    });
+    browser.wait_text("tr[data-rule='artifact_gate'] td[data-field='last']", |t| {
+        t.contains("#3")
+    });
+    // The gate's evidence is on the run: its status and the server's answer.
+    browser.click("tr[data-incident='3'] button.link");
+    browser.wait_text("#run-detail", |t| t.contains("404") && t.contains("no such hook"));
+    browser.scroll_to_top();
+    browser.screenshot(&screenshots_dir().join("console-acceptance-1280.png"));
+}
+
 /// With a tokens file the page asks for a token, keeps it, and follows the event stream with
 /// it: a run triggered through the API appears on the page with the event's line, which only
 /// the stream (not the 5 s polling fallback) puts in the header.
