@@ -228,15 +228,18 @@ require_artifacts = ["report"]
             |t| t.contains(evidence),
         );
     }
-    browser.wait_text("tr[data-rule='claim_loop_idle'] td[data-field='threshold']", |t| {
-        t.contains('3')
-    });
+    browser.wait_text(
+        "tr[data-rule='claim_loop_idle'] td[data-field='threshold']",
+        |t| t.contains('3'),
+    );
     browser.wait_text("tr[data-rule='artifact_gate'] td[data-field='last']", |t| {
         t.contains("#3")
     });
     // The gate's evidence is on the run: its status and the server's answer.
     browser.click("tr[data-incident='3'] button.link");
-    browser.wait_text("#run-detail", |t| t.contains("404") && t.contains("no such hook"));
+    browser.wait_text("#run-detail", |t| {
+        t.contains("404") && t.contains("no such hook")
+    });
     browser.scroll_to_top();
     browser.screenshot(&screenshots_dir().join("console-acceptance-1280.png"));
 }

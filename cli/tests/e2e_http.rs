@@ -930,6 +930,67 @@ fn every_path_of_the_openapi_document_is_served() {
     daemon.stop();
 }
 
+/// Every documented operation, with every role: no token 401, a role that may not 403, a role
+/// that may neither (whatever the handler then answers). The roles are the document's
+/// `x-keel-role`, so the document and the server cannot disagree on who may do what.
+#[test]
+fn every_operation_answers_each_role_as_the_document_says() {
+    let (place, config) = place_with_tokens("http-roles");
+    let mut daemon = place.daemon(&config);
+    let api = Api::new(daemon.http_url());
+    daemon.wait_for(&["ready"]);
+    let doc = expect(api.get("/api/v1/openapi.json", None), StatusCode::OK);
+    let tokens = [
+        ("viewer", VIEWER),
+        ("worker", WORKER),
+        ("operator", OPERATOR),
+    ];
+    let mut checked = 0;
+    for (path, methods) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{name}", "nope")
+            .replace("{run}", "run-999")
+            .replace("{id}", "999");
+        for (method, operation) in methods.as_object().unwrap() {
+            if method == "parameters" || concrete.ends_with("/events") {
+                continue;
+            }
+            let role = operation["x-keel-role"].as_str().unwrap();
+            let send = |token: Option<&str>| {
+                answer(api.send(&method.to_uppercase(), &concrete, token, json!({})))
+            };
+            let (status, body) = send(None);
+            if role == "none" {
+                assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+                continue;
+            }
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}: {body}");
+            if role == "any" {
+                continue;
+            }
+            for (name, secret) in tokens {
+                let allowed = name == role || (role == "viewer" && name == "operator");
+                let (status, body) = send(Some(secret));
+                if allowed {
+                    assert!(
+                        status != StatusCode::FORBIDDEN && status != StatusCode::UNAUTHORIZED,
+                        "{name} may {method} {path}: {status} {body}"
+                    );
+                } else {
+                    assert_eq!(
+                        status,
+                        StatusCode::FORBIDDEN,
+                        "{name} {method} {path}: {body}"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 3 * 25, "{checked} checks");
+    daemon.stop();
+}
+
 #[test]
 fn the_event_stream_carries_state_changes_as_they_happen() {
     let place = Place::new("http-events");
