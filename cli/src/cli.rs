@@ -141,7 +141,7 @@ pub(crate) struct RunArgs {
     pub(crate) config: Option<PathBuf>,
     /// Serve the HTTP API and console on ADDR (e.g. 127.0.0.1:8080), as keel.toml's `[http]
     /// listen` does; a non-loopback ADDR needs `[http] tokens` (docs/api.md).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub(crate) http: Option<std::net::SocketAddr>,
 }
 
@@ -387,7 +387,7 @@ pub(crate) enum IncidentCommand {
         /// The incident's number.
         id: u64,
         /// A note for the others.
-        #[arg(long, default_value = "")]
+        #[arg(long, visible_alias = "reason", default_value = "")]
         note: String,
     },
     /// Resolve an open incident, saying why.
@@ -494,6 +494,16 @@ pub(crate) struct FailArgs {
     pub(crate) permanent: bool,
     /// What went wrong.
     pub(crate) message: String,
+}
+
+/// `--http ADDR`: an IP address and a port.
+fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an IP address and port, such as 127.0.0.1:8080 or [::1]:8080 (names \
+             such as localhost are not resolved)"
+        )
+    })
 }
 
 #[cfg(test)]

@@ -195,6 +195,7 @@ async fn daemon(
         store: Arc::clone(&store),
         status,
         output_dir: place.output_dir(),
+        changes: tokio::sync::broadcast::channel(1024).0,
     };
     let _http = match &http {
         Some(settings) => {
@@ -207,7 +208,7 @@ async fn daemon(
                     };
                     crate::http::serve(settings.listen, crate::http::app(api)).await
                 }
-                Err(e) => Err(Failure::input(format!("[http] {e}"))),
+                Err(e) => Err(Failure::input(format!("http: {e}"))),
             };
             match started {
                 Ok(server) => {
@@ -634,6 +635,21 @@ pub(crate) struct Server {
     pub(crate) status: DaemonStatus,
     /// Where command jobs' output is kept (`keel logs`, `GET /api/v1/runs/{id}/logs`).
     pub(crate) output_dir: std::path::PathBuf,
+    /// Changes made by commands that the core announces no event for (a job added, paused,
+    /// …), for the API's event stream: `{"event", "job" or "run", "line"}`.
+    pub(crate) changes: tokio::sync::broadcast::Sender<Value>,
+}
+
+impl Server {
+    /// Logs a change made by a command, and announces it on the event stream.
+    fn changed(&self, event: &str, subject: (&str, String), line: String) {
+        log(&line);
+        let _ = self.changes.send(serde_json::json!({
+            "event": event,
+            subject.0: subject.1,
+            "line": line,
+        }));
+    }
 }
 
 async fn serve(listener: UnixListener, server: Server) {
@@ -754,38 +770,44 @@ pub(crate) async fn dispatch(
             let job = handle.jobs().await?.into_iter().find(|j| j.spec.id == id);
             let what = if replaced { "replaced" } else { "added" };
             let state = job.as_ref().map(show::job_state).unwrap_or_default();
-            log(&format!("job {id}: {what} by {actor} ({state})"));
+            let line = format!("job {id}: {what} by {actor} ({state})");
+            server.changed("job_changed", ("job", id.to_string()), line);
             to_value(Added { replaced, job })
         }
         // Each change an operator makes through the socket is a line in the log, when it
         // happens (SPEC O5); `keel job history` keeps it.
         Request::RemoveJob { job } => {
             handle.remove_job(job.clone()).await?;
-            log(&format!("job {job}: removed by {actor}"));
+            let line = format!("job {job}: removed by {actor}");
+            server.changed("job_changed", ("job", job.to_string()), line);
             to_value(())
         }
         Request::PauseJob { job } => {
             let changed = crate::protocol::changed(command(handle.pause_job(job.clone()).await)?)?;
             if changed {
-                log(&format!("job {job}: paused by {actor}"));
+                let line = format!("job {job}: paused by {actor}");
+                server.changed("job_changed", ("job", job.to_string()), line);
             }
             to_value(changed)
         }
         Request::ResumeJob { job } => {
             let changed = crate::protocol::changed(command(handle.resume_job(job.clone()).await)?)?;
             if changed {
-                log(&format!("job {job}: resumed by {actor}"));
+                let line = format!("job {job}: resumed by {actor}");
+                server.changed("job_changed", ("job", job.to_string()), line);
             }
             to_value(changed)
         }
         Request::TriggerJob { job } => {
             let run = handle.trigger(job.clone()).await?;
-            log(&format!("job {job}: {run} triggered by {actor}"));
+            let line = format!("job {job}: {run} triggered by {actor}");
+            server.changed("job_changed", ("job", job.to_string()), line);
             to_value(run)
         }
         Request::CancelRun { run } => {
             handle.cancel_run(run).await?;
-            log(&format!("{run}: cancel requested by {actor}"));
+            let line = format!("{run}: cancel requested by {actor}");
+            server.changed("run_changed", ("run", run.to_string()), line);
             to_value(())
         }
         Request::Claim { worker, kinds } => {
@@ -819,12 +841,17 @@ pub(crate) async fn dispatch(
             by,
             reason,
         } => {
+            let why = reason.clone();
             let done = match action {
                 LeaseOp::Release => handle.release_lease(run, by, reason).await?,
                 LeaseOp::Reclaim => handle.reclaim_lease(run, by, reason).await?,
                 LeaseOp::Restore => handle.restore_lease(run, by, reason).await?,
             };
-            Ok(crate::views::lease_action(run, &done))
+            let view = crate::views::lease_action(run, &done);
+            let what = view["action"].as_str().unwrap_or("changed");
+            let line = format!("{run}: lease {what} by {actor}: {why}");
+            server.changed("run_changed", ("run", run.to_string()), line);
+            Ok(view)
         }
         Request::OpenIncident {
             job,
@@ -943,6 +970,20 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
                     run.id(),
                     run.job(),
                     run.attempt()
+                );
+            }
+            None
+        }
+        // An operator's reclaim is announced as the watchdog's is; its error says which.
+        Event::LeaseReclaimed { run, token } => {
+            if let Some(by) = handle.run(*run).await.ok().flatten().and_then(|r| {
+                let message = &r.last_error()?.message;
+                let by = message.split(" reclaimed by ").nth(1)?;
+                Some(by.split(" before its expiry").next()?.to_string())
+            }) {
+                line = format!(
+                    "{run}: lease {token} reclaimed by {by} before it expired; the attempt \
+                     counts as lost"
                 );
             }
             None

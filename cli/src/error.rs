@@ -32,6 +32,8 @@ pub(crate) enum Failure {
     /// Exit 2, as bad input: the artifact gate refused a completion; the run stays running
     /// under the same lease, and the message names each failed artifact (HTTP 422).
     ArtifactGate(String),
+    /// Exit 2, as bad input: a request too large to read (HTTP 413).
+    TooLarge(String),
 }
 
 impl Failure {
@@ -42,7 +44,8 @@ impl Failure {
             Failure::BadInput(_)
             | Failure::NotFound(_)
             | Failure::StaleToken(_)
-            | Failure::ArtifactGate(_) => 2,
+            | Failure::ArtifactGate(_)
+            | Failure::TooLarge(_) => 2,
             Failure::NothingDue(_) => 3,
         }
     }
@@ -55,7 +58,8 @@ impl Failure {
             | Failure::NothingDue(m)
             | Failure::NotFound(m)
             | Failure::StaleToken(m)
-            | Failure::ArtifactGate(m) => m,
+            | Failure::ArtifactGate(m)
+            | Failure::TooLarge(m) => m,
         }
     }
 
@@ -94,7 +98,8 @@ impl From<Rejected> for Failure {
                 };
                 Failure::StaleToken(format!(
                     "{run}: {got} is not the current lease ({current}); the write was refused. \
-                     The lease expired or was reclaimed and the run belongs to another attempt: \
+                     The lease expired, was reclaimed or was released by an operator, and the run \
+                     belongs to another attempt: \
                      stop working on it and drop this attempt's result"
                 ))
             }

@@ -192,7 +192,7 @@ fn jobs_runs_and_the_worker_contract_answer_by_role() {
     expect_error(
         api.post("/api/v1/jobs", Some(OPERATOR), render),
         StatusCode::BAD_REQUEST,
-        &["already exists"],
+        &["already exists", "PUT /api/v1/jobs/render"],
     );
     daemon.wait_for(&["job render: added by token \"ops\" over HTTP"]);
     let shown = expect(api.get("/api/v1/jobs/render", Some(VIEWER)), StatusCode::OK);
@@ -329,6 +329,35 @@ fn jobs_runs_and_the_worker_contract_answer_by_role() {
         StatusCode::BAD_REQUEST,
         &["state", "bogus"],
     );
+    expect_error(
+        api.get("/api/v1/runs?limit=abc", Some(VIEWER)),
+        StatusCode::BAD_REQUEST,
+        &["limit"],
+    );
+    expect_error(
+        api.get("/api/v1/incidents?open=yes", Some(VIEWER)),
+        StatusCode::BAD_REQUEST,
+        &["malformed query"],
+    );
+    let wrong = expect(
+        api.send("DELETE", "/api/v1/status", Some(OPERATOR), Value::Null),
+        StatusCode::METHOD_NOT_ALLOWED,
+    );
+    assert_eq!(wrong["error"]["code"], "method_not_allowed", "{wrong}");
+    // Too large: 413, unless the server's answer and close beat the client's last bytes, which
+    // the client sees as a reset connection. Either way the daemon goes on answering.
+    let big = json!({"token": token, "data": "x".repeat(5 * 1024 * 1024)});
+    let sent = api
+        .client
+        .post(format!("{}{}", api.url, path("checkpoint")))
+        .bearer_auth(WORKER)
+        .body(big.to_string())
+        .send();
+    if let Ok(response) = sent {
+        let too_large = expect(response, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(too_large["error"]["code"], "too_large", "{too_large}");
+    }
+    assert_eq!(api.get("/healthz", None).status(), StatusCode::OK);
     let shown = expect(
         api.get(&format!("/api/v1/runs/{run}"), Some(VIEWER)),
         StatusCode::OK,
@@ -400,6 +429,16 @@ fn jobs_runs_and_the_worker_contract_answer_by_role() {
         api.send("DELETE", "/api/v1/jobs/render", Some(OPERATOR), Value::Null),
         StatusCode::NO_CONTENT,
     );
+    let created = expect(
+        api.send(
+            "PUT",
+            "/api/v1/jobs/fresh",
+            Some(OPERATOR),
+            json!({"every": "1h", "worker_kind": "render"}),
+        ),
+        StatusCode::CREATED,
+    );
+    assert_eq!(created["action"], "added", "{created}");
     expect(
         api.get("/api/v1/jobs/render", Some(VIEWER)),
         StatusCode::NOT_FOUND,
@@ -419,7 +458,7 @@ fn jobs_runs_and_the_worker_contract_answer_by_role() {
         api.post("/api/v1/rpc", Some(VIEWER), json!({"request": "jobs"})),
         StatusCode::OK,
     );
-    assert_eq!(jobs, json!({"ok": []}));
+    assert_eq!(jobs["ok"][0]["spec"]["id"], "fresh", "{jobs}");
     expect_error(
         api.get("/api/v1/nothing-here", Some(VIEWER)),
         StatusCode::NOT_FOUND,
@@ -577,7 +616,7 @@ fn acceptance_a_stale_lease_an_idle_claim_loop_and_an_artifact_gate_failure_with
     let config = place.config(
         r#"
 [daemon]
-lease_ttl = "1s"
+lease_ttl = "3s"
 
 [watchdog]
 profile = "design"
@@ -669,6 +708,20 @@ require_artifacts = ["report"]
     );
     let again = expect(claim("w-fresh", "render"), StatusCode::OK);
     assert!(again["token"].as_u64().unwrap() > stale_token, "{again}");
+    // The silent worker was last seen when it claimed, not when its lease was reclaimed.
+    let workers = expect(api.get("/api/v1/workers", None), StatusCode::OK);
+    let silent = workers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["worker"] == "w-stale")
+        .cloned()
+        .unwrap_or_else(|| panic!("{workers}"));
+    assert_eq!(silent["lease_losses"], 1, "{silent}");
+    assert!(
+        silent["last_seen_ms"].as_i64().unwrap() < reclaimed["opened_at_ms"].as_i64().unwrap(),
+        "{silent} {reclaimed}"
+    );
 
     // 2. A no-job claim loop: three empty claims of a kind nobody queues, while report waits.
     trigger("report");
@@ -1030,6 +1083,11 @@ fn the_event_stream_carries_state_changes_as_they_happen() {
         }
     };
     assert!(seen.contains(&"lease_granted".to_string()), "{seen:?}");
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("job_changed"),
+        "{seen:?}"
+    );
     assert_eq!(finished["job"], "hello", "{finished}");
     assert_eq!(finished["state"], "succeeded", "{finished}");
     daemon.stop();

@@ -86,7 +86,9 @@ fn main() {
         return;
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: cargo bench -p keel-core --bench core [-- --quick]; see core/benches/core.rs");
+        println!(
+            "usage: cargo bench -p keel-core --bench core [-- --quick]; see core/benches/core.rs"
+        );
         return;
     }
     let bench = args.iter().any(|a| a == "--bench");

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
@@ -19,7 +19,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::auth::{Caller, Need};
-use super::{forbidden, status_of, Api, ApiError, Body, Forbidden, Operator, Reader, Worker};
+use super::{
+    forbidden, status_of, Api, ApiError, Body, Forbidden, Operator, Params, Reader, Worker,
+};
 use crate::daemon::dispatch;
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
@@ -170,7 +172,7 @@ struct CreateQuery {
 async fn create_job(
     Operator(caller): Operator,
     State(api): State<Api>,
-    Query(query): Query<CreateQuery>,
+    Params(query): Params<CreateQuery>,
     Body(def): Body<JobDef>,
 ) -> Answer {
     add_job(&api, &caller, def, query.replace, StatusCode::CREATED).await
@@ -198,7 +200,8 @@ async fn replace_job(
     }
     let def: JobDef = serde_path_to_error::deserialize(def)
         .map_err(|e| ApiError(Failure::input(format!("malformed body: {e}"))))?;
-    add_job(&api, &caller, def, true, StatusCode::OK).await
+    // Creates or replaces: 201 if it was new, 200 if it replaced one.
+    add_job(&api, &caller, def, true, StatusCode::CREATED).await
 }
 
 async fn add_job(
@@ -218,7 +221,18 @@ async fn add_job(
             prior: Prior::None,
         })
         .map_err(|e| ApiError(Failure::input(format!("job {}: {e}", def.name))))?;
-    let added: Added = from_value(change(api, caller, Request::AddJob { spec, replace }).await?)?;
+    let name = spec.id.clone();
+    let added: Added = match change(api, caller, Request::AddJob { spec, replace }).await {
+        Ok(value) => from_value(value)?,
+        // The core's refusal names the CLI's flag; over HTTP the way is another.
+        Err(ApiError(Failure::BadInput(m))) if m.contains("already exists") => {
+            return Err(ApiError(Failure::input(format!(
+                "a job named {name} already exists: PUT /api/v1/jobs/{name} replaces its \
+                 definition (or POST with ?replace=true)"
+            ))))
+        }
+        Err(e) => return Err(e),
+    };
     let status = if added.replaced {
         StatusCode::OK
     } else {
@@ -298,7 +312,11 @@ struct RunsFilter {
     limit: Option<usize>,
 }
 
-async fn list_runs(_: Reader, State(api): State<Api>, Query(filter): Query<RunsFilter>) -> Answer {
+async fn list_runs(
+    _: Reader,
+    State(api): State<Api>,
+    Params(filter): Params<RunsFilter>,
+) -> Answer {
     let state = filter
         .state
         .as_deref()
@@ -386,7 +404,7 @@ struct IncidentsFilter {
 async fn list_incidents(
     _: Reader,
     State(api): State<Api>,
-    Query(filter): Query<IncidentsFilter>,
+    Params(filter): Params<IncidentsFilter>,
 ) -> Answer {
     let mut incidents: Vec<Incident> = from_value(call(&api, Request::Incidents).await?)?;
     if filter.open {

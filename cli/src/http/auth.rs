@@ -202,7 +202,15 @@ impl Tokens {
             return Err("it names no [[token]]".into());
         }
         let mut names = BTreeSet::new();
+        let mut secrets = std::collections::BTreeMap::new();
         for token in &file.token {
+            // One secret, two roles: whoever holds it would get whichever role matched last.
+            if let Some(first) = secrets.insert(token.secret.as_str(), token.name.as_str()) {
+                return Err(format!(
+                    "tokens {first:?} and {:?} have the same secret; each token needs its own",
+                    token.name
+                ));
+            }
             if token.secret.chars().count() < SECRET_MIN_CHARS {
                 return Err(format!(
                     "token {:?}: its secret is shorter than {SECRET_MIN_CHARS} characters",
@@ -267,9 +275,9 @@ impl HttpSettings {
             Some(path) => Tokens::load(path),
             None if self.listen.ip().is_loopback() => Ok(Tokens::open()),
             None => Err(format!(
-                "[http] listen = \"{}\" is not a loopback address, and anyone who reaches it \
-                 could change jobs: name a tokens file with `tokens = \"FILE\"` (docs/api.md, \
-                 \"Authentication\")",
+                "{} is not a loopback address, and anyone who reaches it could change jobs: \
+                 name a tokens file in keel.toml's [http] section, `tokens = \"FILE\"` \
+                 (docs/api.md, \"Authentication and roles\")",
                 self.listen
             )),
         }
@@ -341,6 +349,8 @@ mod tests {
         assert!(Tokens::parse(short)
             .unwrap_err()
             .contains("shorter than 16"));
+        let same = format!("{FILE}\n[[token]]\nname = \"again\"\nrole = \"operator\"\nsecret = \"0123456789abcdef-render\"\n");
+        assert!(Tokens::parse(&same).unwrap_err().contains("same secret"));
         let twice = format!("{FILE}\n[[token]]\nname = \"ops\"\nrole = \"viewer\"\nsecret = \"0123456789abcdef-x\"\n");
         assert!(Tokens::parse(&twice).unwrap_err().contains("named twice"));
         let role = "[[token]]\nname = \"a\"\nrole = \"admin\"\nsecret = \"0123456789abcdef\"\n";

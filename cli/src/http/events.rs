@@ -1,7 +1,9 @@
 //! `GET /api/v1/events`: the scheduler's events as server-sent events, as they happen.
 //!
-//! Each event has a name (`run_finished`, `lease_granted`, `incident_opened`, …) and a JSON
-//! body with the ids it concerns and the line the daemon logs for it:
+//! Each event has a name (`run_finished`, `lease_granted`, `incident_opened`, …, and
+//! `job_changed` / `run_changed` for what commands did: a job added, replaced, paused,
+//! resumed, triggered or removed, a run cancelled or its lease released, reclaimed or
+//! restored) and a JSON body with the ids it concerns and the line the daemon logs for it:
 //!
 //! ```text
 //! event: run_finished
@@ -46,6 +48,11 @@ pub(crate) fn describe(event: &Event) -> (&'static str, Value) {
         ),
         Event::IncidentOpened(i) => ("incident_opened", json!({"incident": i.id})),
         Event::IncidentResolved(i) => ("incident_resolved", json!({"incident": i.id})),
+        Event::IncidentAcknowledged(i) => ("incident_acknowledged", json!({"incident": i.id})),
+        Event::LeaseReleased { run, token } => (
+            "lease_released",
+            json!({"run": run.to_string(), "token": token.to_string()}),
+        ),
         Event::PersistFailed { .. } => ("store_failing", json!({})),
         Event::StoreRecovered { .. } => ("store_recovered", json!({})),
         _ => ("event", json!({})),
@@ -55,23 +62,38 @@ pub(crate) fn describe(event: &Event) -> (&'static str, Value) {
     (name, body)
 }
 
+fn lagged(missed: u64) -> Sse {
+    Sse::default()
+        .event("lagged")
+        .data(json!({ "missed": missed }).to_string())
+}
+
 pub(crate) async fn events(
     _: Reader,
     State(api): State<Api>,
 ) -> SseResponse<impl Stream<Item = Result<Sse, Infallible>>> {
-    let receiver = api.server.handle.subscribe();
-    let stream = stream::unfold(receiver, |mut receiver| async move {
+    let core = stream::unfold(api.server.handle.subscribe(), |mut receiver| async move {
         let event = match receiver.recv().await {
             Ok(event) => {
                 let (name, body) = describe(&event);
                 Sse::default().event(name).data(body.to_string())
             }
-            Err(RecvError::Lagged(missed)) => Sse::default()
-                .event("lagged")
-                .data(json!({ "missed": missed }).to_string()),
+            Err(RecvError::Lagged(missed)) => lagged(missed),
             Err(RecvError::Closed) => return None,
         };
         Some((Ok(event), receiver))
     });
-    SseResponse::new(stream).keep_alive(KeepAlive::default())
+    // Changes commands made that the core has no event for: jobs added, paused, removed…
+    let commands = stream::unfold(api.server.changes.subscribe(), |mut receiver| async move {
+        let event = match receiver.recv().await {
+            Ok(change) => {
+                let name = change["event"].as_str().unwrap_or("event").to_string();
+                Sse::default().event(name).data(change.to_string())
+            }
+            Err(RecvError::Lagged(missed)) => lagged(missed),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), receiver))
+    });
+    SseResponse::new(stream::select(core, commands)).keep_alive(KeepAlive::default())
 }

@@ -1,13 +1,13 @@
 //! `GET /api/v1/runs/{run}/logs`: an attempt's kept output (SPEC O7), as `keel logs` shows it.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::Json;
 use keel_core::{Attempt, Run};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Api, ApiError, Reader};
+use super::{Api, ApiError, Params, Reader};
 use crate::command_job::output;
 use crate::daemon::dispatch;
 use crate::error::Failure;
@@ -25,7 +25,7 @@ pub(crate) async fn logs(
     _: Reader,
     State(api): State<Api>,
     Path(run): Path<String>,
-    Query(query): Query<LogsQuery>,
+    Params(query): Params<LogsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let id = crate::commands::parse_run(&run)?;
     let stored: Option<Run> =

@@ -73,7 +73,7 @@ impl Drop for HttpServer {
 pub(crate) async fn serve(addr: SocketAddr, app: Router) -> Result<HttpServer, Failure> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Failure::input(format!("cannot listen on {addr}: {e}")))?;
+        .map_err(|e| Failure::runtime(format!("cannot listen on {addr}: {e}")))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Failure::runtime(format!("cannot read the listener's address: {e}")))?;
@@ -91,6 +91,7 @@ pub(crate) fn app(api: Api) -> Router {
     let guarded = Router::new()
         .nest("/api/v1", api::routes())
         .route("/metrics", get(metrics))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_MAX_BYTES))
         .layer(middleware::from_fn_with_state(tokens, authenticate))
         .with_state(api.clone());
     // The probes and the console's page need no token: the page asks for one before it reads
@@ -106,6 +107,13 @@ pub(crate) fn app(api: Api) -> Router {
             ApiError(Failure::NotFound(
                 "no such resource (see /api/v1/openapi.json)".into(),
             ))
+        })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({"error": {"code": "method_not_allowed", "message":
+                    "this resource does not take that method (see /api/v1/openapi.json)"}})),
+            )
         })
 }
 
@@ -239,6 +247,10 @@ pub(crate) fn forbidden(why: String) -> HttpResponse {
     Forbidden(why).into_response()
 }
 
+/// The largest request body the API reads: as the control socket's longest line, room for a
+/// checkpoint at its limit (1 MiB), JSON-escaped.
+pub(crate) const BODY_MAX_BYTES: usize = 4 * 1024 * 1024;
+
 /// A failure as an HTTP answer.
 #[derive(Debug)]
 pub(crate) struct ApiError(pub(crate) Failure);
@@ -256,6 +268,7 @@ pub(crate) fn status_of(failure: &Failure) -> StatusCode {
         Failure::NotFound(_) => StatusCode::NOT_FOUND,
         Failure::StaleToken(_) => StatusCode::CONFLICT,
         Failure::ArtifactGate(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        Failure::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Failure::NothingDue(_) => StatusCode::NO_CONTENT,
         Failure::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
@@ -266,6 +279,36 @@ impl IntoResponse for ApiError {
         let status = status_of(&self.0);
         (status, Json(json!({ "error": self.0 }))).into_response()
     }
+}
+
+/// Query-string parameters; a bad one answers 400 in the API's error shape, naming it.
+#[derive(Debug)]
+pub(crate) struct Params<T>(pub(crate) T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        serde_urlencoded_error(query).map(Params)
+    }
+}
+
+/// Reads `query` as `T`, with serde's message (which names the parameter) on failure.
+fn serde_urlencoded_error<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
+    axum::extract::Query::<T>::try_from_uri(
+        &format!("/?{query}")
+            .parse()
+            .map_err(|_| ApiError(Failure::input("malformed query string")))?,
+    )
+    .map(|q| q.0)
+    .map_err(|e| {
+        ApiError(Failure::input(format!(
+            "malformed query: {}",
+            e.body_text()
+                .trim_start_matches("Failed to deserialize query string: ")
+        )))
+    })
 }
 
 /// A JSON body. Unlike axum's `Json`, any content type is read (a `curl -d` works), and a
@@ -279,7 +322,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(request: HttpRequest, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = axum::body::Bytes::from_request(request, state)
             .await
-            .map_err(|e| ApiError(Failure::input(format!("cannot read the body: {e}"))))?;
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError(Failure::TooLarge(format!(
+                        "the body is larger than the API reads ({BODY_MAX_BYTES} bytes)"
+                    )))
+                } else {
+                    ApiError(Failure::input(format!("cannot read the body: {e}")))
+                }
+            })?;
         let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
             axum::body::Bytes::from_static(b"{}")
         } else {

@@ -78,7 +78,7 @@ impl Scheduler {
                 let kind = run.kind.clone();
                 let t = run.lose_attempt(now, ErrorKind::Lost, &message);
                 self.after_run_transition(id, t, Actor::Watchdog);
-                self.note_worker(now, &lease.owner, &kind, |h| h.lease_losses += 1);
+                self.count_for_worker(&lease.owner, &kind, |h| h.lease_losses += 1);
                 self.effects.push_back(Effect::Event(Event::LeaseReclaimed {
                     run: id,
                     token: lease.token,

@@ -413,6 +413,20 @@ impl Scheduler {
         kind: &str,
         change: impl FnOnce(&mut WorkerStats),
     ) {
+        self.count_for_worker(worker, kind, |stats| {
+            stats.last_seen = stats.last_seen.max(now);
+            change(stats);
+        });
+    }
+
+    /// Counts `change` in the health of (`worker`, `kind`) without counting it as a sign of
+    /// the worker: a lease the watchdog reclaims says the worker was *not* seen.
+    pub(super) fn count_for_worker(
+        &mut self,
+        worker: &WorkerId,
+        kind: &str,
+        change: impl FnOnce(&mut WorkerStats),
+    ) {
         let stats = match self.health.get_mut(worker).and_then(|k| k.get_mut(kind)) {
             Some(stats) => stats,
             None if self.health_pairs >= limits::WORKER_HEALTH_MAX => return,
@@ -425,7 +439,6 @@ impl Scheduler {
                     .or_default()
             }
         };
-        stats.last_seen = stats.last_seen.max(now);
         change(stats);
     }
 

@@ -10,7 +10,6 @@ const POLL_MS = 5000;
 /** Events come in bursts (a run finishing grants the next lease): one re-read per burst. */
 const DEBOUNCE_MS = 250;
 /** Queued work waiting longer than this counts as a stuck queue in the KPI tile. */
-const QUEUE_WAIT_MS = 60000;
 const RUNS_SHOWN = 30;
 const RESOLVED_SHOWN = 20;
 const NOT_AVAILABLE = "Not available in this daemon.";
@@ -458,8 +457,7 @@ function renderKpis() {
     "kpi-incidents": incidents ? open.length : null,
     "kpi-leases": kinds ? kinds.reduce((n, k) => n + k.lease_expired, 0) : null,
     "kpi-stuck": kinds
-      ? kinds.filter((k) => k.stuck > 0 || (k.queued > 0 && k.oldest_wait_ms >= QUEUE_WAIT_MS))
-          .length
+      ? kinds.filter((k) => k.stuck > 0 || k.unclaimed_incident != null).length
       : null,
     "kpi-artifacts": incidents ? open.filter((i) => i.kind === "artifact_gate").length : null,
     "kpi-failing": jobs ? failing.size : null,
@@ -473,7 +471,8 @@ function renderKpis() {
 
 function renderIncidents() {
   if (state.missing.has("incidents")) return fill("incidents", note(NOT_AVAILABLE));
-  const all = state.data.incidents || [];
+  if (!state.data.incidents) return fill("incidents", note("Loading…"));
+  const all = state.data.incidents;
   const open = all.filter((i) => i.open);
   const resolved = all.filter((i) => !i.open).slice(0, RESOLVED_SHOWN);
   if (!all.length) return fill("incidents", note("No incidents: the watchdog has nothing to report."));
@@ -523,7 +522,9 @@ function incidentActions(i) {
       ),
     ),
   );
-  if (i.run) {
+  const runs = (state.data.runs && state.data.runs.runs) || [];
+  const held = runs.some((r) => r.run === i.run && r.lease);
+  if (i.run && held) {
     for (const [text, action] of [
       ["Release lease", "release"],
       ["Reclaim lease", "reclaim"],
@@ -672,7 +673,10 @@ function renderRuns() {
     {
       label: "result",
       field: "result",
-      cell: (r) => show(r.error ? r.error.kind + ": " + r.error.message : r.summary),
+      cell: (r) =>
+        show(
+          r.state === "succeeded" || !r.error ? r.summary : r.error.kind + ": " + r.error.message,
+        ),
     },
   ];
   fill("runs", table("The last " + RUNS_SHOWN + " runs, newest first", columns, page.runs, (r) => ({ "data-run": r.run })));
