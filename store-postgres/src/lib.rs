@@ -37,7 +37,7 @@
 //!
 //! | table | key | holds |
 //! |---|---|---|
-//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 1`), the writer epoch, the scheduler's counters ([`Meta`](keel_core::Meta)) |
+//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 1`), the writer epoch, the scheduler's counters ([`Meta`]) |
 //! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
 //! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
 //! | `keel_slots` | job, slot | the run that claimed the slot; never pruned (SPEC S6) |
@@ -62,7 +62,7 @@
 //!    and every `restore` takes it first, so they are totally ordered, and once it is held
 //!    every later statement of the transaction sees everything committed before;
 //! 2. reads the stored runs the batch writes and the slot claims it makes;
-//! 3. runs [`check_batch`](keel_core::store::check_batch), the write rules every keel store
+//! 3. runs [`check_batch`], the write rules every keel store
 //!    runs, in Rust, against the writer epoch from step 1 and the rows from step 2: a deposed
 //!    writer's batch is refused with [`Conflict::Deposed`](keel_core::Conflict::Deposed), and
 //!    any refusal rolls the transaction back;
@@ -292,7 +292,7 @@ impl Store for PgStore {
         self.with_conn(|conn| {
             let mut s = Session::of(conn);
             let rows = s.query(sql::ONE_RUN, &[&key])?;
-            rows.first().map(|row| s_run(row)).transpose()
+            rows.first().map(run_row).transpose()
         })
     }
 
@@ -320,7 +320,7 @@ impl Store for PgStore {
                 params.push(job);
             }
             let rows = s.query(&sql, &params)?;
-            let runs = rows.iter().map(s_run).collect::<Result<Vec<_>, _>>()?;
+            let runs = rows.iter().map(run_row).collect::<Result<Vec<_>, _>>()?;
             Ok(query.page(&runs))
         })
     }
@@ -576,7 +576,7 @@ impl Stored {
             return Ok(stored);
         }
         for row in s.query(sql::STORED_RUNS, &[&ids])? {
-            let run = s_run(&row)?;
+            let run = run_row(&row)?;
             stored.runs.insert(run.id(), run);
         }
         if !jobs.is_empty() {
@@ -607,7 +607,7 @@ impl StoredView for Stored {
 }
 
 /// A `keel_runs` row (id, body), decoded, checked to be the run its key says.
-fn s_run(row: &Row) -> Result<Run, StoreError> {
+fn run_row(row: &Row) -> Result<Run, StoreError> {
     let id: i64 = column(row, 0, "keel_runs")?;
     let key = format!("id={id}");
     let run: Run = decode(
@@ -745,3 +745,13 @@ mod tests {
         assert!(!sql::audit_page(false, false).contains("$4"));
     }
 }
+
+// The integration tests' Postgres support, shared so the plan tests can see `sql`.
+#[cfg(test)]
+extern crate self as keel_store_postgres;
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+#[cfg(test)]
+mod plans;
