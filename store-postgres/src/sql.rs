@@ -133,10 +133,12 @@ pub(crate) const PRUNE: &str = "WITH ranked AS ( \
      ) \
      DELETE FROM keel_audit WHERE run IN (SELECT id FROM doomed)";
 
-pub(crate) const ALL_JOBS: &str = "SELECT id, body::text FROM keel_jobs ORDER BY id";
+/// Byte order (`COLLATE "C"`), as keel orders names, whatever the database's collation.
+pub(crate) const ALL_JOBS: &str = "SELECT id, body::text FROM keel_jobs ORDER BY id COLLATE \"C\"";
 pub(crate) const ACTIVE_RUNS: &str =
     "SELECT id, body::text FROM keel_runs WHERE active ORDER BY id";
-pub(crate) const ALL_TOMBSTONES: &str = "SELECT job, body::text FROM keel_tombstones ORDER BY job";
+pub(crate) const ALL_TOMBSTONES: &str =
+    "SELECT job, body::text FROM keel_tombstones ORDER BY job COLLATE \"C\"";
 pub(crate) const OPEN_INCIDENTS: &str =
     "SELECT id, body::text FROM keel_incidents WHERE open ORDER BY id";
 pub(crate) const ALL_INCIDENTS: &str = "SELECT id, body::text FROM keel_incidents ORDER BY id";
