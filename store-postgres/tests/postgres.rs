@@ -309,3 +309,20 @@ fn the_store_works_from_spawn_blocking_as_keel_runtime_calls_it() {
     });
     assert_eq!(stored, Some(run(1, "a", T0)));
 }
+
+#[test]
+fn statements_first_prepared_in_a_refused_batch_serve_the_next_one() {
+    let db = db!();
+    let epoch = db.open().restore().unwrap().meta.epoch + 1;
+    // A new connection whose first statements are prepared in a transaction that rolls back.
+    let store = db.open();
+    let stale = batch(epoch - 1, 0, T0, vec![Record::PutRun(run(1, "a", T0))]);
+    assert!(matches!(
+        store.apply(&stale),
+        Err(StoreError::Conflict(Conflict::Deposed { .. }))
+    ));
+    store
+        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
+        .unwrap();
+    assert_eq!(store.run(RunId(1)).unwrap(), Some(run(1, "a", T0)));
+}
