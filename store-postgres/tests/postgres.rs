@@ -326,3 +326,50 @@ fn statements_first_prepared_in_a_refused_batch_serve_the_next_one() {
         .unwrap();
     assert_eq!(store.run(RunId(1)).unwrap(), Some(run(1, "a", T0)));
 }
+
+#[test]
+fn a_restore_in_the_middle_of_a_writers_batches_sees_exactly_the_acknowledged_ones() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    const BATCHES_MAX: u64 = 20_000;
+    let db = db!();
+    let writer = db.open();
+    let epoch = writer.restore().unwrap().meta.epoch + 1;
+    let acknowledged = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&acknowledged);
+    let writing = std::thread::spawn(move || {
+        for n in 1..=BATCHES_MAX {
+            let records = vec![Record::PutRun(run(n, "a", T0.plus_ms(n)))];
+            match writer.apply(&batch(epoch, n, T0, records)) {
+                Ok(()) => counter.store(n, Ordering::SeqCst),
+                Err(error) => return Some(error),
+            }
+        }
+        None
+    });
+    // Let the writer get going (a condition with a deadline, not a sleep).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while acknowledged.load(Ordering::SeqCst) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        std::thread::yield_now();
+    }
+    let snapshot = db.open().restore().unwrap();
+    let refusal = writing.join().unwrap();
+    assert!(
+        matches!(
+            refusal,
+            Some(StoreError::Conflict(Conflict::Deposed { .. }))
+        ),
+        "the writer was deposed mid-stream: {refusal:?}"
+    );
+    let last = acknowledged.load(Ordering::SeqCst);
+    let restored: Vec<u64> = snapshot.runs.iter().map(|r| r.id().0).collect();
+    assert_eq!(
+        restored,
+        (1..=last).collect::<Vec<_>>(),
+        "every acknowledged batch, and nothing after the restore"
+    );
+}
