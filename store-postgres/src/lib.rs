@@ -685,7 +685,8 @@ fn format_number(found: &str) -> Result<usize, StoreError> {
         .strip_prefix(sql::FORMAT_PREFIX)
         .and_then(|n| n.parse::<usize>().ok())
         .ok_or_else(|| version(found))?;
-    if number > sql::MIGRATIONS.len() {
+    // Format 0 is an empty schema: no marker ever says it.
+    if number == 0 || number > sql::MIGRATIONS.len() {
         return Err(version(found));
     }
     Ok(number)
@@ -712,6 +713,7 @@ mod tests {
         assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
         for found in [
             "keel-store-postgres 2",
+            "keel-store-postgres 0",
             "keel-store-postgres x",
             "keel-store-sled 1",
         ] {
