@@ -1,0 +1,759 @@
+//! keel-store-postgres: a keel [`Store`] in a PostgreSQL schema, shared by processes on any
+//! number of hosts.
+//!
+//! ```no_run
+//! use keel_core::Store;
+//! use keel_store_postgres::PgStore;
+//!
+//! # fn main() -> Result<(), keel_core::StoreError> {
+//! let store = PgStore::connect("host=/run/postgresql user=keel dbname=keel")?;
+//! let snapshot = store.restore()?; // the caller is now the store's only writer
+//! # let _ = snapshot;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The connection string is either key-value (`host=… user=… dbname=…`) or a URL
+//! (`postgresql://user@host/db`), as libpq takes it. The schema is the connection's
+//! `search_path` (add `options='-c search_path=NAME'` for a schema other than `public`), so
+//! one database can hold several stores.
+//!
+//! # Bridging a synchronous trait
+//!
+//! [`Store`] is synchronous, so this crate uses the `postgres` crate: tokio-postgres driven by
+//! a current-thread runtime that each connection owns, blocking the calling thread for each
+//! call. keel-runtime calls every store method through `tokio::task::spawn_blocking`, where
+//! that is allowed (`tests/postgres.rs` checks it from a multi-threaded runtime). Calling a
+//! method directly from an async task would panic inside tokio ("Cannot start a runtime from
+//! within a runtime"), as it would with any blocking client: do not. A pool is not needed yet:
+//! the daemon has one writer, and its writes are serialised by the store row lock anyway.
+//!
+//! A handle holds one connection behind a mutex, so its calls run one at a time; open more
+//! handles for parallel readers. A connection that broke (a database restart) is replaced at
+//! the handle's next call; the call that saw it break fails with [`StoreError::Io`], whose
+//! outcome for `apply` is unknown, as the trait allows.
+//!
+//! # Schema
+//!
+//! | table | key | holds |
+//! |---|---|---|
+//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 1`), the writer epoch, the scheduler's counters ([`Meta`]) |
+//! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
+//! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
+//! | `keel_slots` | job, slot | the run that claimed the slot; never pruned (SPEC S6) |
+//! | `keel_audit` | seq | the audit record, with its job, run and time |
+//! | `keel_incidents`, `keel_deliveries` | id | the incident (and whether it is open), the outbox delivery |
+//!
+//! Bodies are `json` (the record's serde form, exactly as written), **not `jsonb`**: `jsonb`
+//! refuses the escape `\u0000`, and one NUL in an error message would make a batch fail on
+//! every retry, forever. Every number is a `bigint`; an id or counter above `i64::MAX` is
+//! refused as [`StoreError::Io`] rather than wrapped.
+//!
+//! A new schema is created, and an older format migrated, when a handle connects, under an
+//! advisory lock so that processes starting at once do not race. A `keel_meta.format` newer than
+//! this build's is refused with [`StoreError::Version`] naming it; a schema with `keel_*`
+//! tables but no `keel_meta` is refused, never adopted.
+//!
+//! # How a batch is applied
+//!
+//! [`Store::apply`] is one READ COMMITTED transaction:
+//!
+//! 1. `SELECT … FROM keel_meta WHERE id = 1 FOR UPDATE`: the store row lock. Every `apply`
+//!    and every `restore` takes it first, so they are totally ordered, and once it is held
+//!    every later statement of the transaction sees everything committed before;
+//! 2. reads the stored runs the batch writes and the slot claims it makes;
+//! 3. runs [`check_batch`], the write rules every keel store
+//!    runs, in Rust, against the writer epoch from step 1 and the rows from step 2: a deposed
+//!    writer's batch is refused with [`Conflict::Deposed`](keel_core::Conflict::Deposed), and
+//!    any refusal rolls the transaction back;
+//! 4. upserts the records, in order (a prune is one statement over the finish-time index);
+//! 5. commits. `Ok` means the commit returned, so the batch is as durable as the database
+//!    makes a commit (see `docs/storage.md` on `synchronous_commit` and replication).
+//!
+//! [`Store::restore`] takes the same lock, raises the writer epoch and reads the snapshot in
+//! the same transaction. [`Store::read`] reads in one REPEATABLE READ, read-only transaction,
+//! so its snapshot is one consistent cut without blocking writers.
+//!
+//! # Corrupt data
+//!
+//! A row that does not decode is reported as [`StoreError::Corrupt`] naming its table and
+//! key; nothing panics on stored data. [`Store::restore`] and [`Store::read`] fail rather
+//! than leave out a record they cannot decode.
+
+#![warn(missing_docs)]
+
+mod sql;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Mutex, PoisonError};
+
+use keel_core::store::{check_batch, next_writer_epoch, AuditQuery, RunPage, RunQuery, StoredView};
+use keel_core::{
+    AuditRecord, Batch, Delivery, Incident, Job, JobId, Meta, Record, Run, RunId, Snapshot, Store,
+    StoreError, Timestamp, Tombstone,
+};
+use postgres::types::{FromSql, ToSql};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The connection settings [`PgStore::with_config`] takes (the `postgres` crate's).
+pub use postgres::Config;
+
+/// The format marker this build reads and writes (`keel_meta.format`).
+pub const FORMAT: &str = sql::FORMAT;
+
+/// A keel store in a PostgreSQL schema. See the [crate docs](crate) for the schema and the
+/// transaction every write is.
+pub struct PgStore {
+    config: Config,
+    /// The connection, replaced at the next call once it broke.
+    conn: Mutex<Option<Conn>>,
+}
+
+/// One connection and the statements prepared on it.
+struct Conn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+}
+
+impl PgStore {
+    /// Connects to the database `params` names (key-value pairs or a `postgresql://` URL),
+    /// creating the store's tables in the connection's schema if they are missing. Fails with
+    /// [`StoreError::Version`] if the schema holds a store of a newer format or tables this
+    /// store did not create.
+    pub fn connect(params: &str) -> Result<PgStore, StoreError> {
+        let config: Config = params
+            .parse()
+            .map_err(|e| StoreError::Io(format!("invalid Postgres connection string: {e}")))?;
+        PgStore::with_config(config)
+    }
+
+    /// Like [`PgStore::connect`], with the settings built by the caller.
+    pub fn with_config(config: Config) -> Result<PgStore, StoreError> {
+        let conn = Conn::open(&config)?;
+        Ok(PgStore {
+            config,
+            conn: Mutex::new(Some(conn)),
+        })
+    }
+
+    /// Runs `f` on the handle's connection, connecting again first if it broke.
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // The mutex guards a connection, not an invariant: a panic while it was held left at
+        // worst a transaction that the connection rolls back, so a poisoned lock is still good.
+        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        let conn = match guard.take() {
+            Some(conn) if !conn.client.is_closed() => conn,
+            _ => Conn::open(&self.config)?,
+        };
+        let conn = guard.insert(conn);
+        let result = f(conn);
+        if conn.client.is_closed() {
+            *guard = None;
+        }
+        result
+    }
+}
+
+impl Conn {
+    fn open(config: &Config) -> Result<Conn, StoreError> {
+        let client = config.connect(NoTls).map_err(pg_error)?;
+        let mut conn = Conn {
+            client,
+            statements: HashMap::new(),
+        };
+        conn.migrate()?;
+        Ok(conn)
+    }
+
+    /// Creates the schema, or migrates it to [`FORMAT`], or refuses it.
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let mut tx = self.client.transaction().map_err(pg_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql::SCHEMA_LOCK])
+            .map_err(pg_error)?;
+        let has_meta: bool = column(&tx.query_one(sql::HAS_META, &[]).map_err(pg_error)?, 0, "")?;
+        let found = if has_meta {
+            let rows = tx.query(sql::READ_FORMAT, &[]).map_err(pg_error)?;
+            let Some(row) = rows.first() else {
+                return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
+            };
+            format_number(&column::<String>(row, 0, "keel_meta id=1")?)?
+        } else {
+            let others = tx.query(sql::OTHER_KEEL_TABLES, &[]).map_err(pg_error)?;
+            if !others.is_empty() {
+                let names: Vec<String> = others
+                    .iter()
+                    .map(|row| column(row, 0, "information_schema.tables"))
+                    .collect::<Result<_, _>>()?;
+                return Err(StoreError::Version {
+                    found: format!("no keel_meta table, but {} exist", names.join(", ")),
+                    supported: FORMAT.to_owned(),
+                });
+            }
+            0
+        };
+        if found == sql::MIGRATIONS.len() {
+            return tx.commit().map_err(pg_error);
+        }
+        for (from, step) in sql::MIGRATIONS.iter().enumerate().skip(found) {
+            tx.batch_execute(step).map_err(pg_error)?;
+            tracing::info!(from, to = from + 1, "postgres store: schema migrated");
+        }
+        tx.execute(sql::WRITE_FORMAT, &[&FORMAT])
+            .map_err(pg_error)?;
+        tx.commit().map_err(pg_error)
+    }
+}
+
+impl Store for PgStore {
+    fn restore(&self) -> Result<Snapshot, StoreError> {
+        self.with_conn(|conn| {
+            let mut tx = conn
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::ReadCommitted)
+                .start()
+                .map_err(pg_error)?;
+            let mut s = Session {
+                client: &mut tx,
+                statements: &mut conn.statements,
+            };
+            let (writer_epoch, meta) = s.meta(sql::LOCK_META)?;
+            let epoch = next_writer_epoch(writer_epoch, meta.epoch);
+            s.execute(sql::WRITE_EPOCH, &[&int(epoch, "the writer epoch")?])?;
+            // The scheduler adds one to the snapshot's epoch: that is the epoch now accepted.
+            let snapshot = s.snapshot(Meta {
+                epoch: epoch - 1,
+                ..meta
+            })?;
+            tx.commit().map_err(pg_error)?;
+            tracing::info!(epoch, "postgres store: new writer epoch");
+            Ok(snapshot)
+        })
+    }
+
+    fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            let mut tx = conn
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::ReadCommitted)
+                .start()
+                .map_err(pg_error)?;
+            let mut s = Session {
+                client: &mut tx,
+                statements: &mut conn.statements,
+            };
+            let (writer_epoch, _) = s.meta(sql::LOCK_META)?;
+            let stored = Stored::load(&mut s, writer_epoch, batch)?;
+            if let Err(conflict) = check_batch(&stored, batch) {
+                tracing::debug!(batch = %batch.id, %conflict, "postgres store: batch refused");
+                // Dropping the transaction rolls it back.
+                return Err(conflict.into());
+            }
+            for record in &batch.records {
+                s.write(record)?;
+            }
+            tx.commit().map_err(pg_error)
+        })
+    }
+
+    fn read(&self) -> Result<Snapshot, StoreError> {
+        self.with_conn(|conn| {
+            let mut tx = conn
+                .client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(pg_error)?;
+            let mut s = Session {
+                client: &mut tx,
+                statements: &mut conn.statements,
+            };
+            // The counters as stored: `restore` alone reports the epoch before its writer.
+            let (_, meta) = s.meta(sql::READ_META)?;
+            let snapshot = s.snapshot(meta)?;
+            tx.commit().map_err(pg_error)?;
+            Ok(snapshot)
+        })
+    }
+
+    fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
+        // No stored id is above i64::MAX: `apply` refuses them.
+        let Ok(key) = i64::try_from(id.0) else {
+            return Ok(None);
+        };
+        self.with_conn(|conn| {
+            let mut s = Session::of(conn);
+            let rows = s.query(sql::ONE_RUN, &[&key])?;
+            rows.first().map(run_row).transpose()
+        })
+    }
+
+    fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
+        let before = query
+            .before
+            .map_or(i64::MAX, |b| i64::try_from(b.0).unwrap_or(i64::MAX));
+        let from = query.created_from.map_or(i64::MIN, |t| t.0);
+        let until = match query.created_until {
+            None => i64::MAX,
+            Some(until) => match until.0.checked_sub(1) {
+                Some(last) => last,
+                None => return Ok(RunPage::default()),
+            },
+        };
+        let state = query.state.map(|s| s.to_string());
+        // One run more than a page, so `page` can tell whether there is a next one.
+        let limit = int(query.page_size() as u64 + 1, "the page size")?;
+        let job = query.job.as_ref().map(JobId::as_str);
+        let sql = sql::runs_page(job.is_some());
+        self.with_conn(|conn| {
+            let mut s = Session::of(conn);
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&before, &from, &until, &state, &limit];
+            if let Some(job) = &job {
+                params.push(job);
+            }
+            let rows = s.query(&sql, &params)?;
+            let runs = rows.iter().map(run_row).collect::<Result<Vec<_>, _>>()?;
+            Ok(query.page(&runs))
+        })
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let after = match query.after {
+            None => -1,
+            Some(after) => match i64::try_from(after) {
+                Ok(after) => after,
+                Err(_) => return Ok(Vec::new()),
+            },
+        };
+        let from = query.from.map_or(i64::MIN, |t| t.0);
+        let limit = int(query.page_size() as u64, "the page size")?;
+        let run = match query.run {
+            None => None,
+            Some(run) => match i64::try_from(run.0) {
+                Ok(run) => Some(run),
+                Err(_) => return Ok(Vec::new()),
+            },
+        };
+        let job = query.job.as_ref().map(JobId::as_str);
+        let sql = sql::audit_page(run.is_some(), job.is_some());
+        self.with_conn(|conn| {
+            let mut s = Session::of(conn);
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after, &from, &limit];
+            if let Some(run) = &run {
+                params.push(run);
+            }
+            if let Some(job) = &job {
+                params.push(job);
+            }
+            let rows = s.query(&sql, &params)?;
+            let records = rows
+                .iter()
+                .map(|row| body::<AuditRecord>(row, "keel_audit", "seq"))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(query.page(&records))
+        })
+    }
+
+    fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
+        self.with_conn(|conn| {
+            let mut s = Session::of(conn);
+            let rows = s.query(sql::ALL_INCIDENTS, &[])?;
+            rows.iter()
+                .map(|row| body(row, "keel_incidents", "id"))
+                .collect()
+        })
+    }
+}
+
+impl fmt::Debug for PgStore {
+    // Not derived: the settings may hold a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("dbname", &self.config.get_dbname())
+            .field("user", &self.config.get_user())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A client (a connection or a transaction on it) with the connection's prepared statements.
+struct Session<'a, C: GenericClient> {
+    client: &'a mut C,
+    statements: &'a mut HashMap<String, Statement>,
+}
+
+impl<'a> Session<'a, Client> {
+    fn of(conn: &'a mut Conn) -> Self {
+        Session {
+            client: &mut conn.client,
+            statements: &mut conn.statements,
+        }
+    }
+}
+
+impl<C: GenericClient> Session<'_, C> {
+    /// The statement for `sql`, prepared once per connection.
+    fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).map_err(pg_error)?;
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    fn query(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let statement = self.statement(sql)?;
+        self.client.query(&statement, params).map_err(pg_error)
+    }
+
+    fn execute(&mut self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let statement = self.statement(sql)?;
+        self.client.execute(&statement, params).map_err(pg_error)
+    }
+
+    /// The writer epoch and the counters, read (or, with [`sql::LOCK_META`], locked) by `sql`.
+    fn meta(&mut self, sql: &str) -> Result<(u64, Meta), StoreError> {
+        let rows = self.query(sql, &[])?;
+        let Some(row) = rows.first() else {
+            return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
+        };
+        let epoch = uint(column(row, 0, "keel_meta id=1")?, "keel_meta", "id=1")?;
+        let counters: String = column(row, 1, "keel_meta id=1")?;
+        let meta = decode(&counters, "keel_meta", "id=1 (counters)")?;
+        Ok((epoch, meta))
+    }
+
+    /// What `restore` and `read` return, with `meta` as the counters.
+    fn snapshot(&mut self, meta: Meta) -> Result<Snapshot, StoreError> {
+        let runs: Vec<Run> = self.bodies(sql::ACTIVE_RUNS, "keel_runs", "id")?;
+        Ok(Snapshot {
+            jobs: self.bodies::<Job>(sql::ALL_JOBS, "keel_jobs", "id")?,
+            runs: runs
+                .into_iter()
+                .filter(|run| !run.state().is_terminal())
+                .collect(),
+            meta,
+            tombstones: self.bodies::<Tombstone>(sql::ALL_TOMBSTONES, "keel_tombstones", "job")?,
+            incidents: self.bodies::<Incident>(sql::OPEN_INCIDENTS, "keel_incidents", "id")?,
+            deliveries: self.bodies::<Delivery>(sql::ALL_DELIVERIES, "keel_deliveries", "id")?,
+        })
+    }
+
+    /// Every row of `sql` (key, body), decoded.
+    fn bodies<T: DeserializeOwned>(
+        &mut self,
+        sql: &str,
+        table: &str,
+        key: &str,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = self.query(sql, &[])?;
+        rows.iter().map(|row| body(row, table, key)).collect()
+    }
+
+    /// Writes one record.
+    fn write(&mut self, record: &Record) -> Result<(), StoreError> {
+        match record {
+            Record::PutJob(job) => {
+                self.execute(sql::PUT_JOB, &[&job.spec.id.as_str(), &encode(job)?])?;
+            }
+            // The job's runs and slot claims stay: history is pruned by policy, and a job
+            // added again under the name must not fire a claimed slot again.
+            Record::DeleteJob { id } => {
+                self.execute(sql::DELETE_JOB, &[&id.as_str()])?;
+            }
+            Record::PutTombstone(tombstone) => {
+                let body = encode(tombstone)?;
+                self.execute(sql::PUT_TOMBSTONE, &[&tombstone.job.as_str(), &body])?;
+            }
+            Record::DeleteTombstone { job } => {
+                self.execute(sql::DELETE_TOMBSTONE, &[&job.as_str()])?;
+            }
+            Record::PutDelivery(delivery) => {
+                let id = int(delivery.id.0, "a delivery id")?;
+                self.execute(sql::PUT_DELIVERY, &[&id, &encode(delivery)?])?;
+            }
+            Record::DeleteDelivery { id } => {
+                self.execute(sql::DELETE_DELIVERY, &[&int(id.0, "a delivery id")?])?;
+            }
+            Record::PutIncident(incident) => {
+                let id = int(incident.id, "an incident id")?;
+                let open = incident.resolved_at.is_none();
+                self.execute(sql::PUT_INCIDENT, &[&id, &open, &encode(incident)?])?;
+            }
+            Record::PutRun(run) => self.put_run(run)?,
+            Record::Audit(entry) => {
+                let seq = int(entry.seq, "an audit seq")?;
+                let run = entry.run.map(|r| int(r.0, "a run id")).transpose()?;
+                let params: [&(dyn ToSql + Sync); 5] = [
+                    &seq,
+                    &entry.job.as_str(),
+                    &run,
+                    &entry.at.0,
+                    &encode(entry)?,
+                ];
+                self.execute(sql::PUT_AUDIT, &params)?;
+            }
+            Record::PruneHistory {
+                job,
+                keep_last,
+                finished_before,
+            } => {
+                let job = job.as_ref().map(JobId::as_str);
+                let keep_last = i64::from(*keep_last);
+                self.execute(sql::PRUNE, &[&job, &keep_last, &finished_before.0])?;
+            }
+            Record::PutMeta(meta) => {
+                self.execute(sql::WRITE_COUNTERS, &[&encode(meta)?])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a run and its slot claim.
+    fn put_run(&mut self, run: &Run) -> Result<(), StoreError> {
+        let id = int(run.id().0, "a run id")?;
+        let terminal = run.state().is_terminal();
+        let finished_at = run.finished_at().filter(|_| terminal).map(|t| t.0);
+        let params: [&(dyn ToSql + Sync); 7] = [
+            &id,
+            &run.job().as_str(),
+            &run.state().name().to_string(),
+            &run.created_at().0,
+            &finished_at,
+            &!terminal,
+            &encode(run)?,
+        ];
+        self.execute(sql::PUT_RUN, &params)?;
+        if let Some(slot) = run.slot() {
+            self.execute(sql::PUT_SLOT, &[&run.job().as_str(), &slot.0, &id])?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`check_batch`] needs of the stored state for one batch, read under the store row
+/// lock: the writer epoch, every run the batch writes and every slot it claims.
+#[derive(Debug)]
+struct Stored {
+    writer_epoch: u64,
+    runs: BTreeMap<RunId, Run>,
+    slots: BTreeMap<(String, i64), RunId>,
+}
+
+impl Stored {
+    fn load<C: GenericClient>(
+        s: &mut Session<'_, C>,
+        writer_epoch: u64,
+        batch: &Batch,
+    ) -> Result<Stored, StoreError> {
+        let mut ids = Vec::new();
+        let mut jobs = Vec::new();
+        let mut slots = Vec::new();
+        for record in &batch.records {
+            let Record::PutRun(run) = record else {
+                continue;
+            };
+            ids.push(int(run.id().0, "a run id")?);
+            if let Some(slot) = run.slot() {
+                jobs.push(run.job().as_str().to_owned());
+                slots.push(slot.0);
+            }
+        }
+        let mut stored = Stored {
+            writer_epoch,
+            runs: BTreeMap::new(),
+            slots: BTreeMap::new(),
+        };
+        if ids.is_empty() {
+            return Ok(stored);
+        }
+        for row in s.query(sql::STORED_RUNS, &[&ids])? {
+            let run = run_row(&row)?;
+            stored.runs.insert(run.id(), run);
+        }
+        if !jobs.is_empty() {
+            for row in s.query(sql::STORED_SLOTS, &[&jobs, &slots])? {
+                let job: String = column(&row, 0, "keel_slots")?;
+                let slot: i64 = column(&row, 1, "keel_slots")?;
+                let key = format!("job={job} slot={slot}");
+                let run = uint(column(&row, 2, "keel_slots")?, "keel_slots", &key)?;
+                stored.slots.insert((job, slot), RunId(run));
+            }
+        }
+        Ok(stored)
+    }
+}
+
+impl StoredView for Stored {
+    fn writer_epoch(&self) -> u64 {
+        self.writer_epoch
+    }
+
+    fn stored_run(&self, id: RunId) -> Option<Run> {
+        self.runs.get(&id).cloned()
+    }
+
+    fn slot_owner(&self, job: &JobId, slot: Timestamp) -> Option<RunId> {
+        self.slots.get(&(job.as_str().to_owned(), slot.0)).copied()
+    }
+}
+
+/// A `keel_runs` row (id, body), decoded, checked to be the run its key says.
+fn run_row(row: &Row) -> Result<Run, StoreError> {
+    let id: i64 = column(row, 0, "keel_runs")?;
+    let key = format!("id={id}");
+    let run: Run = decode(
+        &column::<String>(row, 1, &format!("keel_runs {key}"))?,
+        "keel_runs",
+        &key,
+    )?;
+    if i64::try_from(run.id().0) != Ok(id) {
+        return Err(corrupt(
+            "keel_runs",
+            &key,
+            format!("the row holds {}", run.id()),
+        ));
+    }
+    Ok(run)
+}
+
+/// A row (key, body) of `table`, its body decoded; `key` names the key column.
+fn body<T: DeserializeOwned>(row: &Row, table: &str, key: &str) -> Result<T, StoreError> {
+    let key = match row.try_get::<_, i64>(0) {
+        Ok(id) => format!("{key}={id}"),
+        Err(_) => format!("{key}={}", row.try_get::<_, String>(0).unwrap_or_default()),
+    };
+    let text: String = column(row, 1, &format!("{table} {key}"))?;
+    decode(&text, table, &key)
+}
+
+/// Column `index` of `row`, or a corrupt-data error naming `location`.
+fn column<'a, T: FromSql<'a>>(row: &'a Row, index: usize, location: &str) -> Result<T, StoreError> {
+    row.try_get(index).map_err(|e| StoreError::Corrupt {
+        location: location.to_owned(),
+        detail: format!("column {index}: {e}"),
+    })
+}
+
+fn decode<T: DeserializeOwned>(text: &str, table: &str, key: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| corrupt(table, key, format!("undecodable body: {e}")))
+}
+
+fn encode(value: &impl Serialize) -> Result<String, StoreError> {
+    // keel's records serialise to JSON by construction; a failure is a bug, reported as a
+    // failed write rather than a panic.
+    serde_json::to_string(value).map_err(|e| StoreError::Io(format!("cannot encode a record: {e}")))
+}
+
+fn corrupt(table: &str, key: &str, detail: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        location: format!("table {table}, {key}"),
+        detail: detail.into(),
+    }
+}
+
+/// A number for a `bigint` column.
+fn int(value: u64, what: &str) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| {
+        StoreError::Io(format!(
+            "{what} ({value}) does not fit a Postgres bigint; this store keeps numbers up to {}",
+            i64::MAX
+        ))
+    })
+}
+
+/// A stored `bigint` that must not be negative.
+fn uint(value: i64, table: &str, key: &str) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| corrupt(table, key, format!("negative number {value}")))
+}
+
+/// The number of a format marker, if it is this store's; refuses a newer one.
+fn format_number(found: &str) -> Result<usize, StoreError> {
+    let version = |found: &str| StoreError::Version {
+        found: found.to_owned(),
+        supported: FORMAT.to_owned(),
+    };
+    let number = found
+        .strip_prefix(sql::FORMAT_PREFIX)
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| version(found))?;
+    // Format 0 is an empty schema: no marker ever says it.
+    if number == 0 || number > sql::MIGRATIONS.len() {
+        return Err(version(found));
+    }
+    Ok(number)
+}
+
+/// A client failure as a store error.
+fn pg_error(error: postgres::Error) -> StoreError {
+    match error.as_db_error() {
+        Some(db) => StoreError::Io(format!(
+            "postgres: {} (SQLSTATE {})",
+            db.message(),
+            db.code().code()
+        )),
+        None => StoreError::Io(format!("postgres: {error}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_or_foreign_format_is_refused_by_name() {
+        assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
+        for found in [
+            "keel-store-postgres 2",
+            "keel-store-postgres 0",
+            "keel-store-postgres x",
+            "keel-store-sled 1",
+        ] {
+            assert_eq!(
+                format_number(found),
+                Err(StoreError::Version {
+                    found: found.to_owned(),
+                    supported: FORMAT.to_owned()
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn numbers_above_bigint_are_refused_not_wrapped() {
+        assert_eq!(int(i64::MAX as u64, "x"), Ok(i64::MAX));
+        assert!(matches!(
+            int(i64::MAX as u64 + 1, "x"),
+            Err(StoreError::Io(_))
+        ));
+        assert!(matches!(
+            uint(-1, "t", "k"),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn audit_pages_name_their_parameters_in_order() {
+        assert!(sql::audit_page(true, true).contains("run = $4 AND job = $5"));
+        assert!(sql::audit_page(false, true).contains("job = $4"));
+        assert!(!sql::audit_page(false, false).contains("$4"));
+    }
+}
+
+// The integration tests' Postgres support, shared so the plan tests can see `sql`.
+#[cfg(test)]
+extern crate self as keel_store_postgres;
+#[cfg(test)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+#[cfg(test)]
+mod plans;

@@ -1,0 +1,81 @@
+//! History queries walk an index and stop at their limit: checked on the plans Postgres makes
+//! for the store's own statements over a few thousand rows.
+
+#![allow(clippy::unwrap_used)]
+
+use keel_core::store::AuditQuery;
+use keel_core::{Record, Store};
+use keel_harness::conformance::{audit_record, batch, run, T0};
+use postgres::types::ToSql;
+
+use crate::common::TestDb;
+use crate::sql;
+
+/// The plan of `sql` with `params`, as text.
+fn plan(client: &mut postgres::Client, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
+    let rows = client.query(&format!("EXPLAIN {sql}"), params).unwrap();
+    rows.iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// An index walk with a limit: no sequential scan, and no sort of everything that matched.
+fn assert_indexed(plan: &str) {
+    assert!(
+        plan.contains("Index") && plan.contains("Limit"),
+        "not an index walk:\n{plan}"
+    );
+    assert!(!plan.contains("Seq Scan"), "a sequential scan:\n{plan}");
+    assert!(!plan.contains("Sort"), "sorts every match:\n{plan}");
+}
+
+#[test]
+fn history_pages_walk_an_index_and_stop_at_the_limit() {
+    const ROWS: u64 = 4_000;
+    let Some(db) = TestDb::new() else { return };
+    let store = db.open();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    for chunk in 0..ROWS / 500 {
+        let records = (chunk * 500 + 1..=chunk * 500 + 500)
+            .flat_map(|i| {
+                let job = format!("job-{}", i % 2);
+                [
+                    Record::PutRun(run(i, &job, T0.plus_ms(i))),
+                    Record::Audit(audit_record(i, &job, Some(i), T0.plus_ms(i))),
+                ]
+            })
+            .collect();
+        store.apply(&batch(epoch, chunk, T0, records)).unwrap();
+    }
+    let mut client = db.client();
+    client.batch_execute("ANALYZE").unwrap();
+    let state: Option<String> = None;
+    let (before, from, until, limit) = (2_000_i64, i64::MIN, i64::MAX, 51_i64);
+    let all: [&(dyn ToSql + Sync); 5] = [&before, &from, &until, &state, &limit];
+    assert_indexed(&plan(&mut client, &sql::runs_page(false), &all));
+    let job = "job-1";
+    let mut of_job = all.to_vec();
+    of_job.push(&job);
+    assert_indexed(&plan(&mut client, &sql::runs_page(true), &of_job));
+
+    let (after, at, page) = (100_i64, i64::MIN, 50_i64);
+    let run = 7_i64;
+    let base: [&(dyn ToSql + Sync); 3] = [&after, &at, &page];
+    assert_indexed(&plan(&mut client, &sql::audit_page(false, false), &base));
+    let mut by_run = base.to_vec();
+    by_run.push(&run);
+    assert_indexed(&plan(&mut client, &sql::audit_page(true, false), &by_run));
+    let mut by_job = base.to_vec();
+    by_job.push(&job);
+    assert_indexed(&plan(&mut client, &sql::audit_page(false, true), &by_job));
+
+    // And the store's answers through them are right.
+    let page = store
+        .audit(&AuditQuery {
+            run: Some(keel_core::RunId(7)),
+            ..AuditQuery::default()
+        })
+        .unwrap();
+    assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7]);
+}
