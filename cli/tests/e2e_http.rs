@@ -347,8 +347,12 @@ fn jobs_runs_and_the_worker_contract_answer_by_role() {
     // Too large: 413, unless the server's answer and close beat the client's last bytes, which
     // the client sees as a reset connection. Either way the daemon goes on answering.
     let big = json!({"token": token, "data": "x".repeat(5 * 1024 * 1024)});
-    let sent = api
-        .client
+    // Its own client: a connection the server closes must not go back to the shared pool.
+    let sent = Client::builder()
+        .timeout(WAIT)
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
         .post(format!("{}{}", api.url, path("checkpoint")))
         .bearer_auth(WORKER)
         .body(big.to_string())

@@ -471,7 +471,9 @@ fn worker_health_counts_claims_outcomes_and_lease_losses_per_kind() {
         ),
         (3, 1, 1, 1)
     );
-    assert_eq!(h.stats.last_seen, expiry);
+    // Last seen at its last claim: the reclaim says it was *not* seen since.
+    assert_eq!(h.stats.last_seen, now);
+    assert!(h.stats.last_seen < expiry);
     // (1 + 1) / (1 + 1 + 2 + 1) = 40 %
     assert_eq!(h.score, 40);
     assert_eq!(h.score, h.stats.score());
