@@ -535,6 +535,7 @@ mod tests {
             opened_by: None,
             acknowledged: None,
             resolved_by: None,
+            escalated_at: None,
         };
         let view = incident(&open);
         assert_eq!(

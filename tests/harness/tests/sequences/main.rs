@@ -302,7 +302,7 @@ impl World {
             ..Config::default()
         };
         let mut rng = SplitMix64::new(scenario.seed);
-        let keel = Scheduler::new(config, rng.next_u64(), start);
+        let keel = Scheduler::new(config.clone(), rng.next_u64(), start);
         World {
             config,
             clock: start,
@@ -1148,8 +1148,8 @@ impl World {
         self.failed.clear();
         let snapshot = self.store.restore();
         let seed = self.rng.next_u64();
-        let keel = Scheduler::restore(self.config, seed, self.clock, snapshot.clone());
-        let twin = Scheduler::restore(self.config, seed, self.clock, snapshot);
+        let keel = Scheduler::restore(self.config.clone(), seed, self.clock, snapshot.clone());
+        let twin = Scheduler::restore(self.config.clone(), seed, self.clock, snapshot);
         assert_eq!(
             format!("{keel:?}"),
             format!("{twin:?}"),
