@@ -84,7 +84,16 @@ impl Promises {
             Some(DeliveryState::Sending { attempt }),
             "{id} attempt {attempt} sent before its record was durable"
         );
-        // A run's result reports a durable terminal run; an incident notice, an incident.
+        // A run's result reports a durable terminal run; an incident notice, a durable
+        // incident.
+        if let Some(notice) = send.payload.incident() {
+            assert!(
+                store.incident(notice.id).is_some(),
+                "{id} tells of incident #{} ({}), which the store does not hold",
+                notice.id,
+                notice.event.name()
+            );
+        }
         if let Some(result) = send.payload.run_result() {
             let run = store.run(result.run);
             assert!(
