@@ -44,7 +44,7 @@
 //!                 keel.handle_outcome(now, a.run, a.lease.token, Outcome::ok()).unwrap();
 //!             }
 //!             // Check artifacts and answer with `handle_verified`; stop an attempt; deliver a
-//!             // result to a sink (none in this example).
+//!             // result or an incident notification to a sink (none in this example).
 //!             Effect::VerifyArtifacts(_)
 //!             | Effect::CancelAttempt { .. }
 //!             | Effect::KillAttempt { .. }

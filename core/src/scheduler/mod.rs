@@ -34,7 +34,7 @@
 //! | `workers.rs` | the worker protocol: claims and fenced writes, checkpoints, shutdown |
 //! | `gate.rs` | the artifact gate and explicit verifications: requests, their answers, evidence (see [`crate::artifact`]) |
 //! | `leases.rs` | operator lease actions: release, reclaim, restore (SPEC W6) |
-//! | `supervise.rs` | applying the watchdog's decisions, and incidents |
+//! | `supervise.rs` | applying the watchdog's decisions, and incidents: opening, resolving, notifying sinks, escalating |
 //! | `watch.rs` | the rules about queues and workers (unclaimed queues, idle claim loops' backlog, worker health), and operators' incidents |
 //! | `invariants.rs` | [`Scheduler::check_invariants`] |
 //! | `tests.rs` | unit tests of the composer (the simulator and sequence tests live in `tests/`) |
