@@ -16,6 +16,9 @@
 //! unclaimed_after = "10m"          # queued work unclaimed this long is stuck ("0s": never)
 //! idle_claims = 3                  # empty claims in a row that make an idle claim loop
 //! failing_after = 3                # failed runs in a row that make a job failing (0: never)
+//! notify = ["ops=https://hooks.example.com/keel", "command:/usr/local/bin/page-oncall"]
+//! escalate_after = "15m"           # open and unacknowledged this long: escalate ("0s": never)
+//! escalate_to = ["pager=https://pager.example.com/hook"]  # where escalations go (else notify)
 //!
 //! [[job]]
 //! name = "heartbeat"
@@ -68,6 +71,8 @@ pub(crate) struct Config {
     /// The `[watchdog]` thresholds not kept above: `profile`, `stuck_after`,
     /// `unclaimed_after`, `idle_claims`.
     pub(crate) watchdog: Watchdog,
+    /// Where incidents are told (`[watchdog] notify`, `escalate_after`, `escalate_to`).
+    pub(crate) incidents: IncidentNotify,
     /// The delivery outbox's capacity and overflow policy (`outbox_capacity`,
     /// `outbox_overflow`).
     pub(crate) outbox: (usize, OverflowPolicy),
@@ -88,6 +93,26 @@ pub(crate) struct Watchdog {
     pub(crate) unclaimed_after_ms: u64,
     /// `idle_claims`.
     pub(crate) idle_claims_max: u32,
+}
+
+/// `[watchdog] notify`, `escalate_after` and `escalate_to`: the sinks incidents are told to
+/// (SPEC A3), each entry a webhook URL (`NAME=URL` names it) or `command:PROGRAM ARG…`
+/// (`NAME=command:…`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct IncidentNotify {
+    /// `notify`: told when an incident opens, is acknowledged and resolves.
+    pub(crate) sinks: Vec<String>,
+    /// `escalate_after`; 0: never.
+    pub(crate) escalate_after_ms: u64,
+    /// `escalate_to`: told when an incident escalates; empty: `sinks`.
+    pub(crate) escalation_sinks: Vec<String>,
+}
+
+impl IncidentNotify {
+    /// Every distinct entry, for registering the sinks at start.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &String> {
+        self.sinks.iter().chain(&self.escalation_sinks)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +159,9 @@ struct WatchdogKeys {
     unclaimed_after: Option<Spanned<String>>,
     idle_claims: Option<Spanned<i64>>,
     failing_after: Option<Spanned<i64>>,
+    notify: Option<Spanned<Vec<String>>>,
+    escalate_after: Option<Spanned<String>>,
+    escalate_to: Option<Spanned<Vec<String>>>,
 }
 
 impl Config {
@@ -154,6 +182,7 @@ impl Config {
                 self.failing_after,
                 self.outbox,
                 self.watchdog,
+                &self.incidents,
                 &self.http
             )
         )
@@ -185,6 +214,16 @@ impl Config {
             stuck_after_ms: self.watchdog.stuck_after_ms,
             unclaimed_after_ms: self.watchdog.unclaimed_after_ms,
             idle_claims_max: self.watchdog.idle_claims_max,
+            incident_sinks: self
+                .incidents
+                .sinks
+                .iter()
+                .map(|s| s.as_str().into())
+                .collect(),
+            escalate_after_ms: self.incidents.escalate_after_ms,
+            escalation_sinks: (self.incidents.escalation_sinks.iter())
+                .map(|s| s.as_str().into())
+                .collect(),
             ..default
         }
     }
@@ -255,6 +294,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         (&mut lease, &mut failing_after),
         &mut problems,
     );
+    let incidents = incident_notify(text, &file.watchdog, &mut problems);
     let outbox = outbox(text, daemon, &mut problems);
     let http = file.http.as_ref().and_then(|section| {
         let line = line_of(text, section.span().start);
@@ -290,6 +330,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         delivery,
         failing_after,
         watchdog,
+        incidents,
         outbox,
         http,
         jobs: Vec::new(),
@@ -551,6 +592,48 @@ fn watchdog(
         }
     }
     watchdog
+}
+
+/// `[watchdog] notify`, `escalate_after` and `escalate_to`: every entry a webhook URL or a
+/// `command:` sink, `escalate_after` a duration ("0s": never) that needs somewhere to go.
+fn incident_notify(text: &str, keys: &WatchdogKeys, problems: &mut Vec<String>) -> IncidentNotify {
+    let mut notify = IncidentNotify::default();
+    let mut entries = |value: &Option<Spanned<Vec<String>>>, key: &str| -> Vec<String> {
+        let Some(value) = value else {
+            return Vec::new();
+        };
+        for entry in value.get_ref() {
+            if let Err(e) = crate::jobdef::check_sink_entry(entry) {
+                problems.push(problem(text, value, key, &e));
+            }
+        }
+        value.get_ref().clone()
+    };
+    notify.sinks = entries(&keys.notify, "[watchdog] notify");
+    notify.escalation_sinks = entries(&keys.escalate_to, "[watchdog] escalate_to");
+    if let Some(value) = &keys.escalate_after {
+        if let Some(ms) = duration(text, value, "[watchdog] escalate_after", 0, problems) {
+            notify.escalate_after_ms = ms;
+            if ms > 0 && notify.sinks.is_empty() && notify.escalation_sinks.is_empty() {
+                problems.push(problem(
+                    text,
+                    value,
+                    "[watchdog] escalate_after",
+                    "an escalation needs somewhere to go: give notify or escalate_to",
+                ));
+            }
+        }
+    }
+    if let (Some(value), true) = (&keys.escalate_to, notify.escalate_after_ms == 0) {
+        problems.push(problem(
+            text,
+            value,
+            "[watchdog] escalate_to",
+            "says where escalations go: give escalate_after too (how long an incident stays \
+             open and unacknowledged before it escalates)",
+        ));
+    }
+    notify
 }
 
 /// A key set in `[watchdog]` (at byte `watchdog_at`) and as its `[daemon]` alias (on line
@@ -835,6 +918,63 @@ command = ["true"]
     fn a_wrong_type_is_an_error_with_its_line() {
         let e = parse_err("[[job]]\nname = \"x\"\nevery = \"1m\"\ncommand = \"echo hi\"\n");
         expect_errors(&e, &["line 4"]);
+    }
+
+    #[test]
+    fn watchdog_notify_and_escalation_reach_the_core_and_bad_ones_name_their_line() {
+        let config = parse_ok(
+            r#"
+[watchdog]
+notify = ["ops=https://hooks.example.com/keel", "command:/usr/local/bin/page --team db"]
+escalate_after = "15m"
+escalate_to = ["pager=https://pager.example.com/x"]
+"#,
+        );
+        let core = config.core();
+        let names = |sinks: &[std::sync::Arc<str>]| -> Vec<String> {
+            sinks.iter().map(|s| s.to_string()).collect()
+        };
+        assert_eq!(
+            names(&core.incident_sinks),
+            [
+                "ops=https://hooks.example.com/keel",
+                "command:/usr/local/bin/page --team db"
+            ]
+        );
+        assert_eq!(core.escalate_after_ms, 15 * 60_000);
+        assert_eq!(
+            names(&core.escalation_sinks),
+            ["pager=https://pager.example.com/x"]
+        );
+        assert_eq!(
+            crate::jobdef::command_entry("command:/usr/local/bin/page --team db"),
+            Some(vec!["/usr/local/bin/page", "--team", "db"])
+        );
+        // Off unless set.
+        let core = parse_ok("").core();
+        assert!(core.incident_sinks.is_empty() && core.escalate_after_ms == 0);
+
+        let e = parse_err("[watchdog]\nnotify = [\"ftp://x/y\"]\nescalate_after = \"soon\"\n\n\n");
+        expect_errors(
+            &e,
+            &[
+                "line 2: [watchdog] notify: invalid notify URL",
+                "line 3: [watchdog] escalate_after",
+            ],
+        );
+        let e = parse_err("[watchdog]\n\nnotify = [\"command:\"]\n");
+        expect_errors(&e, &["line 3: [watchdog] notify", "needs a program"]);
+        let e = parse_err("[watchdog]\nescalate_after = \"10m\"\n");
+        expect_errors(
+            &e,
+            &["line 2: [watchdog] escalate_after", "somewhere to go"],
+        );
+        let e =
+            parse_err("[watchdog]\nnotify = [\"https://h/x\"]\nescalate_to = [\"https://h/y\"]\n");
+        expect_errors(
+            &e,
+            &["line 3: [watchdog] escalate_to", "give escalate_after too"],
+        );
     }
 
     #[test]

@@ -9,8 +9,9 @@
 //!    `command_job`), before any attempt is recovered, so that none runs beside the attempt
 //!    that replaces it.
 //! 4. Starts a `keel_runtime::Runtime` with the command-job handler, the config's lease and
-//!    delivery timings, and a webhook sink for every `notify` URL of the stored and configured
-//!    jobs, then adds or updates the config's jobs.
+//!    delivery timings, a webhook sink for every `notify` URL of the stored and configured
+//!    jobs, and the incident sinks of `[watchdog] notify` and `escalate_to` (webhooks or
+//!    commands), then adds or updates the config's jobs.
 //! 5. Serves `<data-dir>/keel.sock` (0600, line-delimited JSON, see `protocol`), logs every
 //!    event as one line on stderr, and serves Prometheus metrics if the config asks.
 //! 6. Stops gracefully on SIGINT or SIGTERM within the shutdown budget, removes the socket and
@@ -101,6 +102,21 @@ async fn daemon(
             Err(e) => log(&format!(
                 "webhook {}: {e}; its deliveries will fail",
                 crate::jobdef::redact_url(url)
+            )),
+        }
+    }
+    // The sinks incidents are told to (`[watchdog] notify`, `escalate_to`), webhooks or
+    // commands, registered under their entries as the core names them.
+    for entry in config.iter().flat_map(|c| c.incidents.entries()) {
+        if webhooks.contains(entry) {
+            continue;
+        }
+        match incident_sink(entry) {
+            Ok(IncidentSink::Command(sink)) => builder = builder.sink(entry, sink),
+            Ok(IncidentSink::Webhook(sink)) => builder = builder.sink(entry, sink),
+            Err(e) => log(&format!(
+                "incident sink {}: {e}; its deliveries will fail",
+                crate::jobdef::redact_url(entry)
             )),
         }
     }
@@ -387,6 +403,30 @@ fn webhook(entry: &str) -> Result<Option<WebhookSink>, keel_runtime::sinks::Webh
         Some(name) => sink.named(name),
         None => sink,
     }))
+}
+
+/// An incident sink, of one of the two kinds an entry names.
+enum IncidentSink {
+    Command(keel_runtime::CommandSink),
+    Webhook(WebhookSink),
+}
+
+/// The sink of a `[watchdog] notify` or `escalate_to` entry: a webhook, or a command run
+/// without a shell (`command:PROGRAM ARG…`, named by `NAME=`).
+fn incident_sink(entry: &str) -> Result<IncidentSink, String> {
+    if let Some(argv) = crate::jobdef::command_entry(entry) {
+        let sink = keel_runtime::CommandSink::new(argv).map_err(|e| e.to_string())?;
+        let sink = match crate::jobdef::notify_entry(entry) {
+            (Some(name), _) => sink.named(name),
+            (None, _) => sink,
+        };
+        return Ok(IncidentSink::Command(sink));
+    }
+    match webhook(entry) {
+        Ok(Some(sink)) => Ok(IncidentSink::Webhook(sink)),
+        Ok(None) => Err("neither a webhook URL nor command:PROGRAM".to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Every distinct `notify` URL of the stored jobs and the config's.

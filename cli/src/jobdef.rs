@@ -414,6 +414,32 @@ pub(crate) fn notify_entry(entry: &str) -> (Option<&str>, &str) {
     }
 }
 
+/// The program and arguments of a `command:PROGRAM ARG…` sink entry (`NAME=command:…` too),
+/// split on whitespace, or `None` if the entry is not a command. It runs without a shell.
+pub(crate) fn command_entry(entry: &str) -> Option<Vec<&str>> {
+    let (_, target) = notify_entry(entry);
+    let argv: Vec<&str> = target
+        .strip_prefix("command:")?
+        .split_whitespace()
+        .collect();
+    Some(argv)
+}
+
+/// Checks a sink entry of `[watchdog] notify` or `escalate_to`: a webhook URL as a job's
+/// `notify` takes, or `command:PROGRAM ARG…`.
+pub(crate) fn check_sink_entry(entry: &str) -> Result<(), String> {
+    match command_entry(entry) {
+        Some(argv) if argv.is_empty() => Err(format!(
+            "{:?}: a command sink needs a program after \"command:\"",
+            redact_url(entry)
+        )),
+        Some(_) => Ok(()),
+        None => check_url(entry).map_err(|e| {
+            format!("{e}, or command:PROGRAM ARG… (a program run with the notification on stdin)")
+        }),
+    }
+}
+
 fn check_url(entry: &str) -> Result<(), String> {
     let (_, url) = notify_entry(entry);
     let rest = url

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use chrono_tz::Tz;
-use keel_core::outbox::OutboxEvent;
+use keel_core::outbox::{DeliverySubject, OutboxEvent};
 use keel_core::{
     AuditRecord, Event, Incident, Job, JobState, Run, RunState, ScheduleSpec, StateName, Timestamp,
     Trigger,
@@ -678,6 +678,12 @@ pub(crate) fn event_line(event: &Event) -> String {
                 incident_kind(i)
             )
         }
+        Event::IncidentEscalated(i) => format!(
+            "incident #{} escalated ({}): open and unacknowledged since {}",
+            i.id,
+            incident_kind(i),
+            time(i.opened_at)
+        ),
         Event::IncidentSuppressed { details, .. } => {
             format!("incident not recorded (too many are open): {details}")
         }
@@ -690,7 +696,7 @@ pub(crate) fn event_line(event: &Event) -> String {
         }
         Event::Delivery(OutboxEvent::Finished {
             sink,
-            run,
+            subject,
             status,
             attempts,
             error,
@@ -698,7 +704,8 @@ pub(crate) fn event_line(event: &Event) -> String {
         }) => {
             let status = format!("{status:?}").to_lowercase();
             let mut line = format!(
-                "{run} result delivery to {} {status} after {attempts} attempt(s)",
+                "{} delivery to {} {status} after {attempts} attempt(s)",
+                delivered(subject),
                 redact_url(sink)
             );
             if let Some(error) = error {
@@ -707,9 +714,13 @@ pub(crate) fn event_line(event: &Event) -> String {
             line
         }
         Event::Delivery(OutboxEvent::Dropped {
-            sink, run, reason, ..
+            sink,
+            subject,
+            reason,
+            ..
         }) => format!(
-            "{run} result delivery to {} dropped: {reason:?}",
+            "{} delivery to {} dropped: {reason:?}",
+            delivered(subject),
             redact_url(sink)
         ),
         Event::Delivery(OutboxEvent::RetryScheduled {
@@ -735,6 +746,15 @@ pub(crate) fn event_line(event: &Event) -> String {
              what waited is written now",
             time(*failing_since)
         ),
+    }
+}
+
+/// What a delivery carried, as a log line names it: `run-12 result`, or
+/// `incident #4 notification`.
+fn delivered(subject: &DeliverySubject) -> String {
+    match subject {
+        DeliverySubject::Run(run) => format!("{run} result"),
+        DeliverySubject::Incident(id) => format!("incident #{id} notification"),
     }
 }
 

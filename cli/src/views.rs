@@ -327,6 +327,7 @@ pub(crate) fn incident(incident: &Incident) -> Value {
                 incident.acknowledged.as_ref().map(|op| op.at),
             ),
             ("resolved_at", incident.resolved_at),
+            ("escalated_at", incident.escalated_at),
         ],
     ))
 }
@@ -535,6 +536,7 @@ mod tests {
             opened_by: None,
             acknowledged: None,
             resolved_by: None,
+            escalated_at: Some(T),
         };
         let view = incident(&open);
         assert_eq!(
@@ -545,6 +547,8 @@ mod tests {
                 "acknowledged_by",
                 "acknowledged_note",
                 "details",
+                "escalated_at",
+                "escalated_at_ms",
                 "id",
                 "job",
                 "kind",
@@ -565,5 +569,6 @@ mod tests {
             (&view["kind"], &view["open"]),
             (&json!("failing_job"), &json!(true))
         );
+        assert_eq!(view["escalated_at_ms"], json!(T.as_millis()));
     }
 }

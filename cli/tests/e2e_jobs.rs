@@ -409,3 +409,73 @@ command = ["echo one; sleep 1; echo two"]
     daemon.wait_for(&["of job slow succeeded: two"]);
     daemon.stop();
 }
+
+/// SPEC A3: incidents are delivered to sinks through the outbox. A `failing_job` incident is
+/// posted to the `[watchdog] notify` webhook when it opens, and again when it resolves; a
+/// first answer of 503 is retried like any delivery.
+#[test]
+fn a_webhook_is_told_when_an_incident_opens_and_when_it_resolves() {
+    let place = Place::new("incident-notify");
+    let hook = Hook::start();
+    hook.route("/incidents", &[503], 200);
+    let url = hook.url("/incidents");
+    let config = place.config(&format!(
+        r#"
+[daemon]
+delivery_backoff = "100ms"
+
+[watchdog]
+failing_after = 1
+notify = ["ops={url}"]
+
+[[job]]
+name = "health"
+every = "1s"
+cwd = "."
+attempts = 1
+command = ["sh", "-c", "test -e healthy"]
+"#
+    ));
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["incident #1 opened (failing_job)"]);
+    daemon.wait_for(&["incident #1 notification delivery to ops success after 2 attempt(s)"]);
+    std::fs::write(place.path("healthy"), "").unwrap();
+    daemon.wait_for(&["incident #1 resolved (failing_job"]);
+    daemon.wait_for_n(
+        2,
+        &["incident #1 notification delivery to ops success after"],
+    );
+    daemon.signal("TERM");
+    daemon.wait_exit();
+
+    let received = hook.received("/incidents");
+    let delivered: Vec<&Received> = received.iter().filter(|r| r.status == 200).collect();
+    let events: Vec<&str> = delivered
+        .iter()
+        .map(|r| r.body["incident"]["event"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(events, ["opened", "resolved"], "{received:?}");
+    let opened = &delivered[0].body;
+    assert_eq!(opened["sink"], "ops=".to_string() + &url, "{opened}");
+    assert_eq!(opened["incident"]["id"], 1, "{opened}");
+    assert_eq!(opened["incident"]["kind"], "failing_job", "{opened}");
+    assert_eq!(opened["incident"]["job"], "health", "{opened}");
+    assert!(
+        opened["incident"]["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("1 runs failed in a row")),
+        "{opened}"
+    );
+    assert!(opened.get("run").is_none(), "no run result keys: {opened}");
+    // The retry of the 503 carried the same delivery id: a receiver can deduplicate.
+    assert_eq!(received[0].status, 503);
+    assert_eq!(received[0].idempotency_key, delivered[0].idempotency_key);
+    let resolved = &delivered[1].body["incident"];
+    assert!(
+        resolved["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("resolved:") && d.contains("succeeded")),
+        "{resolved}"
+    );
+    assert_ne!(delivered[0].idempotency_key, delivered[1].idempotency_key);
+}

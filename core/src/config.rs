@@ -1,6 +1,8 @@
 //! The scheduler's settings, in a module of their own: the scheduler and the watchdog both read
 //! them, and neither should import the other for it.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::audit::HistoryPolicy;
@@ -8,7 +10,7 @@ use crate::lease::LeasePolicy;
 use crate::outbox::OutboxConfig;
 
 /// Scheduler-wide settings.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     /// A slot reached later than this is a misfire and the job's misfire policy applies.
@@ -37,6 +39,14 @@ pub struct Config {
     /// A job whose runs fail this many times in a row raises a `failing_job` incident, which
     /// its next success resolves (SPEC O4). 0: never.
     pub failing_after: u32,
+    /// The sinks told when an incident opens, is acknowledged or resolves (SPEC A3), named
+    /// as a job's `sinks` are; each notification is one outbox delivery per sink.
+    pub incident_sinks: Vec<Arc<str>>,
+    /// An incident still open and not acknowledged this long after it opened escalates,
+    /// once: its notification goes to `escalation_sinks`. 0: never.
+    pub escalate_after_ms: u64,
+    /// The sinks an escalation goes to; empty: `incident_sinks`.
+    pub escalation_sinks: Vec<Arc<str>>,
 }
 
 impl Default for Config {
@@ -53,6 +63,9 @@ impl Default for Config {
             checkpoint_interval_ms: 5_000,
             outbox: OutboxConfig::default(),
             failing_after: 3,
+            incident_sinks: Vec::new(),
+            escalate_after_ms: 0,
+            escalation_sinks: Vec::new(),
         }
     }
 }
@@ -138,8 +151,8 @@ mod tests {
     #[test]
     fn the_keel_profile_is_the_default_and_design_changes_only_watchdog_thresholds() {
         let default = Config::default();
-        assert_eq!(WatchdogProfile::Keel.apply(default), default);
-        let design = WatchdogProfile::Design.apply(default);
+        assert_eq!(WatchdogProfile::Keel.apply(default.clone()), default);
+        let design = WatchdogProfile::Design.apply(default.clone());
         assert_eq!(
             (
                 design.lease.grace_ms,
@@ -150,7 +163,7 @@ mod tests {
         );
         assert_eq!(design.lease.ttl_ms, default.lease.ttl_ms);
         assert_eq!(design.outbox, default.outbox);
-        assert_eq!(WatchdogProfile::Keel.apply(design), default);
+        assert_eq!(WatchdogProfile::Keel.apply(design.clone()), default);
         for profile in WatchdogProfile::ALL {
             assert_eq!(WatchdogProfile::from_name(profile.name()), Some(profile));
         }

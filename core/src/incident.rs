@@ -19,6 +19,23 @@
 //!
 //! Incidents are persisted (`Record::PutIncident`) when they open and when they resolve; at
 //! most [`limits::INCIDENTS_OPEN_MAX`](crate::limits::INCIDENTS_OPEN_MAX) are open at once.
+//!
+//! # Notifications (SPEC A3)
+//!
+//! Each change is told to the sinks of `Config::incident_sinks` as an [`IncidentNotice`],
+//! through the same durable outbox as run results (SPEC D1–D5: retries, classification,
+//! capacity and overflow, the delivery counter), so a notification survives a restart:
+//!
+//! | event | when | to |
+//! |---|---|---|
+//! | `opened` | an incident opens (by keel or by hand) | `incident_sinks` |
+//! | `acknowledged` | an operator acknowledges it | `incident_sinks` |
+//! | `resolved` | it resolves (by keel or an operator) | `incident_sinks` |
+//! | `escalated` | it is still open and unacknowledged `Config::escalate_after_ms` after it opened | `escalation_sinks`, or `incident_sinks` if there are none |
+//!
+//! An incident escalates at most once: `escalated_at` is set and persisted with it, so a
+//! restart does not escalate it again. An incident not opened because too many are open
+//! notifies no one.
 
 use serde::{Deserialize, Serialize};
 
@@ -102,6 +119,93 @@ pub struct Incident {
     /// The operator who resolved it, when and why; `None` while open, or if keel resolved it.
     #[serde(default)]
     pub resolved_by: Option<OperatorAction>,
+    /// When it escalated (open and unacknowledged `Config::escalate_after_ms` after it
+    /// opened); `None`: it has not. Set once, so a restart never escalates it twice.
+    #[serde(default)]
+    pub escalated_at: Option<Timestamp>,
+}
+
+/// What happened to an incident, as its notification says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentEvent {
+    /// It opened.
+    Opened,
+    /// An operator acknowledged it.
+    Acknowledged,
+    /// It resolved, by keel or by an operator.
+    Resolved,
+    /// It stayed open and unacknowledged `Config::escalate_after_ms` after it opened.
+    Escalated,
+}
+
+impl IncidentEvent {
+    /// Its name as sent: `opened`, `acknowledged`, `resolved` or `escalated`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IncidentEvent::Opened => "opened",
+            IncidentEvent::Acknowledged => "acknowledged",
+            IncidentEvent::Resolved => "resolved",
+            IncidentEvent::Escalated => "escalated",
+        }
+    }
+}
+
+/// An incident notification on its way to a sink: what happened to which incident, with its
+/// evidence, and who acted and why when an operator did. Persisted in the outbox's delivery
+/// records and sent as the `incident` object of the sink's JSON document.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentNotice {
+    /// What happened.
+    pub event: IncidentEvent,
+    /// The incident's id.
+    pub id: u64,
+    /// Its kind.
+    pub kind: IncidentKind,
+    /// The job concerned, if any.
+    pub job: Option<JobId>,
+    /// The run concerned, if any.
+    pub run: Option<RunId>,
+    /// The worker concerned, if any.
+    pub worker: Option<WorkerId>,
+    /// The handler kind whose queue it concerns (`unclaimed_queue`).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// The evidence: what is known (for `resolved`, with why it resolved).
+    pub details: String,
+    /// When the incident opened.
+    pub opened_at: Timestamp,
+    /// The operator behind this event, when, and why: who opened it by hand (`opened`),
+    /// acknowledged it (`acknowledged`) or resolved it (`resolved`); `None` when keel did.
+    #[serde(default)]
+    pub operator: Option<OperatorAction>,
+    /// When it happened.
+    pub at: Timestamp,
+}
+
+impl IncidentNotice {
+    /// The notice of `event` for `incident` as it is now, happening at `at`.
+    pub fn new(event: IncidentEvent, incident: &Incident, at: Timestamp) -> Self {
+        let operator = match event {
+            IncidentEvent::Opened => incident.opened_by.clone(),
+            IncidentEvent::Acknowledged => incident.acknowledged.clone(),
+            IncidentEvent::Resolved => incident.resolved_by.clone(),
+            IncidentEvent::Escalated => None,
+        };
+        IncidentNotice {
+            event,
+            id: incident.id,
+            kind: incident.kind,
+            job: incident.job.clone(),
+            run: incident.run,
+            worker: incident.worker.clone(),
+            queue: incident.queue.clone(),
+            details: incident.details.clone(),
+            opened_at: incident.opened_at,
+            operator,
+            at,
+        }
+    }
 }
 
 /// What an operator did to an incident: who, when, why.
@@ -155,6 +259,7 @@ impl Incident {
             opened_by: None,
             acknowledged: None,
             resolved_by: None,
+            escalated_at: None,
         }
     }
 }
@@ -206,5 +311,25 @@ mod tests {
             let stored = serde_json::to_value(kind).unwrap();
             assert_eq!(stored.as_str(), Some(kind.name()));
         }
+        for event in [
+            IncidentEvent::Opened,
+            IncidentEvent::Acknowledged,
+            IncidentEvent::Resolved,
+            IncidentEvent::Escalated,
+        ] {
+            let sent = serde_json::to_value(event).unwrap();
+            assert_eq!(sent.as_str(), Some(event.name()));
+        }
+    }
+
+    /// An incident record written before `escalated_at` existed still reads, as not escalated.
+    #[test]
+    fn an_incident_record_without_escalated_at_reads_as_not_escalated() {
+        let stored = r#"{"id":3,"kind":"stuck_run","opened_at":1000,"resolved_at":null,
+            "job":"report","run":7,"worker":"w1","details":"silent","queue":null,
+            "opened_by":null,"acknowledged":null,"resolved_by":null}"#;
+        let incident: Incident = serde_json::from_str(stored).unwrap();
+        assert_eq!(incident.escalated_at, None);
+        assert_eq!(incident.kind, IncidentKind::StuckRun);
     }
 }

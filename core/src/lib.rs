@@ -44,7 +44,7 @@
 //!                 keel.handle_outcome(now, a.run, a.lease.token, Outcome::ok()).unwrap();
 //!             }
 //!             // Check artifacts and answer with `handle_verified`; stop an attempt; deliver a
-//!             // result to a sink (none in this example).
+//!             // result or an incident notification to a sink (none in this example).
 //!             Effect::VerifyArtifacts(_)
 //!             | Effect::CancelAttempt { .. }
 //!             | Effect::KillAttempt { .. }
@@ -117,12 +117,15 @@ pub use config::WatchdogProfile;
 pub use error::Rejected;
 pub use health::{WorkerHealth, WorkerStats};
 pub use ids::{Attempt, BatchId, FencingToken, IdempotencyKey, JobId, JobIdError, RunId, WorkerId};
-pub use incident::{Incident, IncidentKind, NewIncident, OperatorAction};
+pub use incident::{
+    Incident, IncidentEvent, IncidentKind, IncidentNotice, NewIncident, OperatorAction,
+};
 pub use job::{Ensured, Job, JobSpec, JobState, LastRun, NotifyOn, OverlapPolicy};
 pub use lease::{Lease, LeasePolicy};
 pub use outbox::{
     Delivery, DeliveryId, DeliveryPayload, DeliveryPolicy, DeliveryResult, DeliveryState,
-    DeliveryStatus, Outbox, OutboxConfig, OutboxEvent, OutboxRejected, OverflowPolicy, SendRequest,
+    DeliveryStatus, DeliverySubject, Outbox, OutboxConfig, OutboxEvent, OutboxRejected,
+    OverflowPolicy, RunResult, SendRequest,
 };
 pub use persist::{Batch, Meta, Record, Snapshot, Tombstone};
 pub use retry::{RetryDecision, RetryPolicy, RetryPolicyError};

@@ -166,6 +166,9 @@ pub(crate) struct Journal {
     pending: BTreeMap<JobId, Group>,
     /// Incident records to write (they may concern no job), newest copy per id.
     incidents: BTreeMap<u64, Incident>,
+    /// The outbox's writes, sends and events for incident notifications: they may concern no
+    /// job, and travel with the incident records, outside the job groups.
+    notices: Group,
 
     /// The last job whose group went into a batch: the next batch starts after it, so busy
     /// jobs that sort first cannot starve the others.
@@ -224,6 +227,11 @@ pub(crate) enum JobWrite {
 }
 
 impl Group {
+    /// True if it holds no outbox write, send or event (what the notices group holds).
+    fn has_no_deliveries(&self) -> bool {
+        self.deliveries.is_empty() && self.sends.is_empty() && self.events.is_empty()
+    }
+
     /// Records this group would write.
     pub(crate) fn records(&self) -> usize {
         usize::from(self.job != JobWrite::Nothing)
@@ -278,7 +286,9 @@ pub(crate) struct InFlight {
     pub(crate) groups: Vec<(JobId, Group)>,
     pub(crate) global_prunes: Vec<Record>,
     pub(crate) incidents: Vec<Incident>,
-    /// The first change of the incidents, prunes and counters it carries.
+    /// The incident notifications' outbox writes, sends and events.
+    pub(crate) notices: Group,
+    /// The first change of the incidents, notices, prunes and counters it carries.
     others_since: Option<u64>,
 }
 
@@ -344,6 +354,27 @@ impl Journal {
     /// counted once its end is durable, so a crash cannot count it twice.
     pub(crate) fn held_event(&mut self, job: &JobId, event: OutboxEvent) {
         self.group(job).events.push(event);
+    }
+
+    /// An outbox delivery of an incident notification must be written (`Put`) or removed
+    /// (`Delete`). It travels with the incident records: a notification is not sent before
+    /// the incident's record is durable.
+    pub(crate) fn notice_delivery(&mut self, id: DeliveryId, write: JobWrite) {
+        self.other_change();
+        self.notices.deliveries.insert(id, write);
+    }
+
+    /// A send of an incident notification, held until the batch recording its attempt is
+    /// acknowledged.
+    pub(crate) fn notice_send(&mut self, send: SendRequest) {
+        self.other_change();
+        self.notices.sends.push(send);
+    }
+
+    /// An outbox event of an incident notification, held until its end is durable.
+    pub(crate) fn notice_event(&mut self, event: OutboxEvent) {
+        self.other_change();
+        self.notices.events.push(event);
     }
 
     /// An incident must be written.
@@ -414,6 +445,7 @@ impl Journal {
         !self.pending.is_empty()
             || !self.global_prunes.is_empty()
             || !self.incidents.is_empty()
+            || !self.notices.has_no_deliveries()
             || self.meta_dirty
     }
 
@@ -464,6 +496,7 @@ impl Journal {
         };
         self.meta_dirty = false;
         let incidents = std::mem::take(&mut self.incidents).into_values().collect();
+        let notices = std::mem::take(&mut self.notices);
         // Global prunes left behind by a full batch keep their place in the order: the pending
         // and the in-flight part each hold the mark until they are written.
         let others_since = if self.global_prunes.is_empty() {
@@ -479,6 +512,7 @@ impl Journal {
             groups,
             global_prunes,
             incidents,
+            notices,
             others_since,
         });
         self.in_flight.as_ref().expect("just set")
@@ -528,6 +562,7 @@ impl Journal {
             // A newer copy of the same incident wins.
             self.incidents.entry(incident.id).or_insert(incident);
         }
+        self.notices.merge_older(failed.notices);
 
         if self.global_prunes.is_empty() {
             self.global_prunes = failed.global_prunes;

@@ -431,7 +431,7 @@ fn the_grace_is_bounded_and_never_enumerates_a_day_of_slots() {
         misfire_grace_ms: 24 * 3_600_000,
         ..Config::default()
     };
-    let mut s = Scheduler::new(config, 1, t0);
+    let mut s = Scheduler::new(config.clone(), 1, t0);
     s.add_job(t0, every_second("tick")).unwrap();
     drain(&mut s, t0, None);
     let now = t0.plus_ms(24 * 3_600_000);

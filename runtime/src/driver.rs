@@ -520,7 +520,7 @@ impl Driver {
         };
         let now = self.clock.now();
         self.generation += 1;
-        let config = *self.core.config();
+        let config = self.core.config().clone();
         let seed = self.seed.wrapping_add(self.generation);
         let rebuilt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Scheduler::restore_as(self.worker.clone(), config, seed, now, snapshot)
@@ -1392,7 +1392,7 @@ fn effect_run(effect: &Effect) -> Option<RunId> {
     match effect {
         Effect::StartAttempt(start) => Some(start.run),
         Effect::CancelAttempt { run, .. } | Effect::KillAttempt { run, .. } => Some(*run),
-        Effect::Deliver(request) => Some(request.payload.run),
+        Effect::Deliver(request) => request.payload.run(),
         Effect::VerifyArtifacts(request) => Some(request.run),
         Effect::Persist(_) | Effect::Event(_) => None,
     }

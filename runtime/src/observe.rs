@@ -52,6 +52,9 @@ pub(crate) fn event(event: &Event, now: Timestamp, label: &dyn Fn(&str) -> Strin
             }
             None => tracing::info!(id = incident.id, kind = ?incident.kind, "incident resolved"),
         },
+        Event::IncidentEscalated(incident) => {
+            tracing::warn!(id = incident.id, kind = ?incident.kind, details = %incident.details, "incident escalated: open and unacknowledged past escalate_after");
+        }
         Event::IncidentAcknowledged(incident) => {
             if let Some(op) = &incident.acknowledged {
                 tracing::info!(id = incident.id, kind = ?incident.kind, by = %op.by, note = %op.reason, "incident acknowledged");
@@ -66,22 +69,25 @@ pub(crate) fn event(event: &Event, now: Timestamp, label: &dyn Fn(&str) -> Strin
         Event::Delivery(OutboxEvent::Finished {
             id,
             sink,
-            run,
+            subject,
             status,
             attempts,
             error,
         }) => {
             let status = status.to_string();
             let sink = label(sink);
-            tracing::info!(%id, %sink, %run, %status, attempts, ?error, "delivery finished");
+            tracing::info!(%id, %sink, %subject, %status, attempts, ?error, "delivery finished");
             metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink, "status" => status)
                 .increment(1);
         }
         Event::Delivery(OutboxEvent::Dropped {
-            sink, run, reason, ..
+            sink,
+            subject,
+            reason,
+            ..
         }) => {
             let sink = label(sink);
-            tracing::warn!(%sink, %run, ?reason, "delivery dropped");
+            tracing::warn!(%sink, %subject, ?reason, "delivery dropped");
             metrics::counter!(m::DELIVERIES_FINISHED, "sink" => sink, "status" => "dropped")
                 .increment(1);
         }

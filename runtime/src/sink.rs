@@ -8,7 +8,7 @@ use keel_core::outbox::{DeliveryResult, SendRequest};
 /// A boxed future, as sinks and handlers return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// Sends a run's result somewhere (SPEC D1–D5). The outbox owns retries and their timing: a
+/// Sends a run's result or an incident notification somewhere (SPEC D1–D5, A3). The outbox owns retries and their timing: a
 /// sink makes one attempt and classifies its answer (`keel_core::outbox::classify_http` for
 /// HTTP). `request.id` is stable across attempts and restarts, for the receiver to
 /// deduplicate.

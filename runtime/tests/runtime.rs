@@ -668,7 +668,8 @@ async fn a_sink_factory_makes_the_sink_of_a_job_added_while_running() {
     struct Recorder(Arc<std::sync::Mutex<Vec<String>>>, String);
     impl Sink for Recorder {
         fn send(&self, request: SendRequest) -> BoxFuture<DeliveryResult> {
-            let line = format!("{} {}", self.1, request.payload.job);
+            let job = request.payload.run_result().map(|r| r.job.to_string());
+            let line = format!("{} {}", self.1, job.unwrap_or_default());
             self.0.lock().unwrap().push(line);
             Box::pin(async { DeliveryResult::Delivered })
         }

@@ -387,6 +387,7 @@ impl FsStore {
             opened_by: None,
             acknowledged: None,
             resolved_by: None,
+            escalated_at: None,
         };
         let mut meta = state.meta;
         meta.next_incident = id + 1;

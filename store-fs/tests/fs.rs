@@ -625,7 +625,7 @@ fn compaction_keeps_everything() {
     };
     let snapshot = store.restore().unwrap();
     let mut now = T0;
-    let mut keel = Scheduler::restore(config, 7, now, snapshot);
+    let mut keel = Scheduler::restore(config.clone(), 7, now, snapshot);
     for name in ["often", "sometimes"] {
         let expr = if name == "often" {
             "* * * * * *"

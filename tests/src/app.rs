@@ -248,7 +248,7 @@ impl App {
             .expect("a current-thread tokio runtime");
         let left = tokio.block_on(async {
             let mut builder = Runtime::builder(Arc::new(store.clone()))
-                .config(self.config)
+                .config(self.config.clone())
                 .clock(Clock::starting_at(from))
                 .seed(self.seed.wrapping_add(incarnation))
                 .store_calls_inline();

@@ -260,7 +260,7 @@ impl std::fmt::Debug for Sim {
 impl Sim {
     /// A world with an empty scheduler and store.
     pub fn new(config: SimConfig) -> Self {
-        let core = Scheduler::new(config.scheduler, config.seed, config.start);
+        let core = Scheduler::new(config.scheduler.clone(), config.seed, config.start);
         Sim {
             faults: config.faults,
             rng: SplitMix64::new(config.seed ^ 0x5EED_0F57_0123_4567),
@@ -395,7 +395,7 @@ impl Sim {
         self.executing.clear();
         let now = self.wall();
         self.core = Scheduler::restore(
-            self.config.scheduler,
+            self.config.scheduler.clone(),
             self.config.seed.wrapping_add(self.incarnation),
             now,
             self.store.restore(),
@@ -690,7 +690,10 @@ impl Sim {
                     };
                     self.log(format!(
                         "deliver {} attempt {} of {} to {}",
-                        send.id, send.attempt, send.payload.run, send.sink
+                        send.id,
+                        send.attempt,
+                        send.payload.subject(),
+                        send.sink
                     ));
                     let done = WorldEvent::DeliveryDone {
                         id: send.id,

@@ -1,7 +1,8 @@
 //! The delivery outbox: the results of finished runs on their way to sinks (SPEC D1–D5).
 //!
-//! When a run finishes, its result ([`DeliveryPayload`]) is queued once per sink (a webhook, a
-//! command) as a [`Delivery`]. The outbox decides when each delivery is sent, classifies and
+//! When a run finishes, its result ([`DeliveryPayload::Run`]) is queued once per sink (a
+//! webhook, a command) as a [`Delivery`]; so is every incident notification
+//! ([`DeliveryPayload::Incident`], SPEC A3), with the same retries, capacity and counter. The outbox decides when each delivery is sent, classifies and
 //! retries failures with a backoff of its own, and reports every outcome once. It never
 //! touches runs: a delivery is keyed to the run that produced it, re-sending a result never
 //! re-runs the job, and a run that runs again produces a new result with new deliveries (D2).
@@ -84,6 +85,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{JobId, RunId};
+use crate::incident::IncidentNotice;
 use crate::limits;
 use crate::run::{truncate, RunError, StateName};
 use crate::time::Timestamp;
@@ -104,10 +106,27 @@ impl fmt::Display for DeliveryId {
     }
 }
 
-/// What is sent: the result of a finished run, built from the run's id, job, terminal state
+/// What is sent: the result of a finished run, or an incident notification (SPEC A3).
+///
+/// Stored as it is sent: a run's result as the flat fields of [`RunResult`] (the only form
+/// there was before incidents were delivered, so older delivery records still read), an
+/// incident notification as `{"incident": {…}}` ([`IncidentNotice`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeliveryPayload {
+    /// An incident notification, stored and sent as `{"incident": {…}}`.
+    Incident {
+        /// The notification.
+        incident: IncidentNotice,
+    },
+    /// The result of a finished run, its fields at the top level.
+    Run(RunResult),
+}
+
+/// The result of a finished run, built from the run's id, job, terminal state
 /// (`RunState::name`), summary, last error and `finished_at`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeliveryPayload {
+pub struct RunResult {
     /// The run that produced the result.
     pub run: RunId,
     /// The run's job.
@@ -120,6 +139,64 @@ pub struct DeliveryPayload {
     pub error: Option<RunError>,
     /// When the run reached its terminal state.
     pub finished_at: Timestamp,
+}
+
+/// What a delivery is about: a run (its result) or an incident (a notification).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeliverySubject {
+    /// The run whose result it carries.
+    Run(RunId),
+    /// The incident it tells about.
+    Incident(u64),
+}
+
+impl fmt::Display for DeliverySubject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeliverySubject::Run(run) => write!(f, "{run}"),
+            DeliverySubject::Incident(id) => write!(f, "incident #{id}"),
+        }
+    }
+}
+
+impl DeliveryPayload {
+    /// What it is about.
+    pub fn subject(&self) -> DeliverySubject {
+        match self {
+            DeliveryPayload::Run(result) => DeliverySubject::Run(result.run),
+            DeliveryPayload::Incident { incident } => DeliverySubject::Incident(incident.id),
+        }
+    }
+
+    /// The run's result, if it is one.
+    pub fn run_result(&self) -> Option<&RunResult> {
+        match self {
+            DeliveryPayload::Run(result) => Some(result),
+            DeliveryPayload::Incident { .. } => None,
+        }
+    }
+
+    /// The incident notification, if it is one.
+    pub fn incident(&self) -> Option<&IncidentNotice> {
+        match self {
+            DeliveryPayload::Incident { incident } => Some(incident),
+            DeliveryPayload::Run(_) => None,
+        }
+    }
+
+    /// The run it is about: a result's run, or the run an incident concerns.
+    pub fn run(&self) -> Option<RunId> {
+        match self {
+            DeliveryPayload::Run(result) => Some(result.run),
+            DeliveryPayload::Incident { incident } => incident.run,
+        }
+    }
+}
+
+impl From<RunResult> for DeliveryPayload {
+    fn from(result: RunResult) -> Self {
+        DeliveryPayload::Run(result)
+    }
 }
 
 /// How failed deliveries are retried (SPEC D3). Out-of-range values are clamped by
@@ -266,7 +343,7 @@ pub struct Delivery {
     pub attempt: u32,
     /// The state.
     pub state: DeliveryState,
-    /// When the run's result was queued.
+    /// When the payload was queued.
     pub created_at: Timestamp,
     /// The last failure, truncated to [`limits::MESSAGE_MAX_BYTES`].
     pub last_error: Option<String>,
@@ -361,8 +438,8 @@ pub enum OutboxEvent {
         id: DeliveryId,
         /// Its sink.
         sink: Arc<str>,
-        /// The run whose result it carried.
-        run: RunId,
+        /// What it carried: a run's result or an incident notification.
+        subject: DeliverySubject,
         /// How it ended.
         status: DeliveryStatus,
         /// Attempts started, the first included.
@@ -376,8 +453,8 @@ pub enum OutboxEvent {
         id: Option<DeliveryId>,
         /// Its sink.
         sink: Arc<str>,
-        /// The run whose result it carried.
-        run: RunId,
+        /// What it carried: a run's result or an incident notification.
+        subject: DeliverySubject,
         /// Why.
         reason: DropReason,
     },
@@ -524,7 +601,7 @@ impl Outbox {
         outbox
     }
 
-    /// A run finished: queues its result for each sink, `Waiting { due: now }` but not durable,
+    /// A run finished, or an incident changed: queues its payload for each sink, `Waiting { due: now }` but not durable,
     /// so nothing is sent before [`Outbox::mark_durable`]. A sink named twice gets one
     /// delivery. When the outbox is full the overflow policy applies, and every delivery it
     /// drops (new or old) is reported with [`OutboxEvent::Dropped`]. Returns the ids of the
@@ -546,7 +623,7 @@ impl Outbox {
                 self.events.push_back(OutboxEvent::Dropped {
                     id: None,
                     sink: sink.clone(),
-                    run: payload.run,
+                    subject: payload.subject(),
                     reason: DropReason::Rejected,
                 });
                 continue;
@@ -879,7 +956,7 @@ impl Outbox {
         self.events.push_back(OutboxEvent::Dropped {
             id: Some(id),
             sink: delivery.sink,
-            run: delivery.payload.run,
+            subject: delivery.payload.subject(),
             reason,
         });
     }
@@ -893,7 +970,7 @@ impl Outbox {
         self.events.push_back(OutboxEvent::Finished {
             id,
             sink: delivery.sink,
-            run: delivery.payload.run,
+            subject: delivery.payload.subject(),
             status,
             attempts: delivery.attempt,
             error,

@@ -3,14 +3,14 @@ use super::*;
 const T0: Timestamp = Timestamp(1_700_000_000_000);
 
 fn payload(run: u64) -> DeliveryPayload {
-    DeliveryPayload {
+    DeliveryPayload::Run(RunResult {
         run: RunId(run),
         job: JobId::new("report").unwrap(),
         state: StateName::Succeeded,
         summary: Some("42 rows".into()),
         error: None,
         finished_at: T0,
-    }
+    })
 }
 
 fn sink(name: &str) -> Arc<str> {
@@ -63,7 +63,7 @@ fn finished(
     OutboxEvent::Finished {
         id,
         sink: sink("hook"),
-        run: RunId(1),
+        subject: DeliverySubject::Run(RunId(1)),
         status,
         attempts,
         error: error.map(String::from),
@@ -320,7 +320,7 @@ fn drop_oldest_evicts_the_oldest_waiting_delivery() {
         vec![OutboxEvent::Dropped {
             id: Some(DeliveryId(1)),
             sink: sink("a"),
-            run: RunId(1),
+            subject: DeliverySubject::Run(RunId(1)),
             reason: DropReason::Evicted,
         }]
     );
@@ -348,7 +348,7 @@ fn drop_oldest_never_evicts_a_delivery_in_flight() {
         vec![OutboxEvent::Dropped {
             id: None,
             sink: sink("late"),
-            run: RunId(2),
+            subject: DeliverySubject::Run(RunId(2)),
             reason: DropReason::Rejected,
         }]
     );
@@ -449,18 +449,21 @@ fn reject_newest_drops_the_new_deliveries() {
             OutboxEvent::Dropped {
                 id: None,
                 sink: sink("a"),
-                run: RunId(2),
+                subject: DeliverySubject::Run(RunId(2)),
                 reason: DropReason::Rejected,
             },
             OutboxEvent::Dropped {
                 id: None,
                 sink: sink("b"),
-                run: RunId(2),
+                subject: DeliverySubject::Run(RunId(2)),
                 reason: DropReason::Rejected,
             },
         ]
     );
-    let kept: Vec<RunId> = outbox.deliveries().map(|d| d.payload.run).collect();
+    let kept: Vec<RunId> = outbox
+        .deliveries()
+        .filter_map(|d| d.payload.run())
+        .collect();
     assert_eq!(kept, vec![RunId(1), RunId(1)]);
     outbox.check_invariants();
 }
@@ -843,6 +846,76 @@ fn wire_formats_are_stable() {
     assert_eq!(config.policy.backoff_base_ms, 30_000);
     let state = serde_json::to_string(&DeliveryState::Sending { attempt: 2 }).unwrap();
     assert_eq!(state, r#"{"state":"sending","attempt":2}"#);
+}
+
+/// A delivery record exactly as stores held them before incidents were delivered (a run's
+/// result, its fields flat in `payload`) still reads, as a run's result, and writes back to
+/// the same bytes.
+#[test]
+fn a_delivery_record_in_the_format_before_incident_notices_still_decodes() {
+    let stored = concat!(
+        r#"{"id":7,"sink":"https://hooks.example.com/keel","#,
+        r#""payload":{"run":12,"job":"report","state":"failed","summary":null,"#,
+        r#""error":{"kind":"permanent","message":"exit 2","attempt":3,"at":1700000000500},"#,
+        r#""finished_at":1700000000600},"#,
+        r#""attempt":1,"state":{"state":"waiting","due":1700000030600},"#,
+        r#""created_at":1700000000600,"last_error":"HTTP 503"}"#
+    );
+    let delivery: Delivery = serde_json::from_str(stored).unwrap();
+    let DeliveryPayload::Run(result) = &delivery.payload else {
+        panic!("an old record must read as a run's result: {delivery:?}");
+    };
+    assert_eq!(result.run, RunId(12));
+    assert_eq!(result.job.as_str(), "report");
+    assert_eq!(result.state, StateName::Failed);
+    assert_eq!(result.error.as_ref().map(|e| e.attempt.0), Some(3));
+    assert_eq!(delivery.payload.subject(), DeliverySubject::Run(RunId(12)));
+    assert_eq!(
+        delivery.state,
+        DeliveryState::Waiting {
+            due: Timestamp(1_700_000_030_600)
+        }
+    );
+    assert_eq!(serde_json::to_string(&delivery).unwrap(), stored);
+}
+
+/// An incident notification is stored as `{"incident": {…}}` and reads back as one, never as
+/// a run's result.
+#[test]
+fn an_incident_notice_round_trips_through_its_record() {
+    use crate::incident::{Incident, IncidentEvent, IncidentKind, IncidentNotice};
+    let mut incident = Incident::new(
+        4,
+        IncidentKind::StuckRun,
+        T0,
+        Some(JobId::new("report").unwrap()),
+        Some(RunId(9)),
+        None,
+        "no heartbeat".into(),
+    );
+    incident.acknowledged = Some(crate::incident::OperatorAction {
+        by: "ana".into(),
+        at: T0.plus_ms(5),
+        reason: "looking".into(),
+    });
+    let notice = IncidentNotice::new(IncidentEvent::Acknowledged, &incident, T0.plus_ms(5));
+    assert_eq!(notice.operator.as_ref().map(|o| o.by.as_str()), Some("ana"));
+    let mut outbox = Outbox::new(OutboxConfig::default());
+    let payload = DeliveryPayload::Incident {
+        incident: notice.clone(),
+    };
+    outbox.enqueue(T0, &[sink("ops")], &payload);
+    let (upserts, _) = persist(&mut outbox);
+    let text = serde_json::to_string(&upserts[0]).unwrap();
+    assert!(
+        text.contains(r#""payload":{"incident":{"event":"acknowledged","id":4,"kind":"stuck_run""#),
+        "{text}"
+    );
+    let back: Delivery = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.payload.incident(), Some(&notice));
+    assert_eq!(back.payload.subject(), DeliverySubject::Incident(4));
+    assert_eq!(back.payload.run(), Some(RunId(9)));
+    assert_eq!(back.payload.run_result(), None);
 }
 
 // ----- property test -------------------------------------------------------------------

@@ -265,14 +265,14 @@ impl Scheduler {
         if !notify_on.delivers(run.state.name()) {
             return;
         }
-        let payload = DeliveryPayload {
+        let payload = DeliveryPayload::Run(RunResult {
             run: run.id,
             job: run.job.clone(),
             state: run.state.name(),
             summary: run.summary.clone(),
             error: run.last_error.clone(),
             finished_at: run.finished_at.unwrap_or(self.now),
-        };
+        });
         let sinks = run.sinks.clone();
         self.outbox.enqueue(self.now, &sinks, &payload);
         self.pump_outbox();

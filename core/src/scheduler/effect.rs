@@ -59,7 +59,7 @@ pub enum Effect {
     /// report one result per check, in order, with [`Scheduler::handle_verified`]. Not gated on
     /// a write: checking changes nothing, and the core decides nothing until the answer.
     VerifyArtifacts(VerifyRequest),
-    /// Send a run's result to a sink, then report with [`Scheduler::handle_delivery_result`].
+    /// Send a run's result or an incident notification to a sink, then report with [`Scheduler::handle_delivery_result`].
     /// Released only after the outbox record of this attempt is durable.
     Deliver(SendRequest),
     /// Something happened that a driver may log or count. Not durable.
@@ -172,6 +172,9 @@ pub enum Event {
     IncidentResolved(Incident),
     /// An operator acknowledged an incident (`Incident::acknowledged` says who and when).
     IncidentAcknowledged(Incident),
+    /// An incident stayed open and unacknowledged `Config::escalate_after_ms` after it opened
+    /// (`Incident::escalated_at` says when); its notification goes to the escalation sinks.
+    IncidentEscalated(Incident),
     /// A checkpoint save was made durable.
     CheckpointSaved {
         /// The run.

@@ -85,6 +85,25 @@ impl Scheduler {
             subjects, self.incident_subjects,
             "incident_subjects disagrees with the open incidents"
         );
+        let escalations: BTreeSet<(Timestamp, u64)> = self
+            .incidents
+            .values()
+            .filter_map(|i| Some((self.escalation_at(i)?, i.id)))
+            .collect();
+        assert_eq!(
+            escalations, self.escalations,
+            "the escalation index disagrees with the open, unacknowledged, unescalated incidents"
+        );
+        for d in self.outbox.deliveries() {
+            let incident = d.payload.incident().is_some();
+            assert_eq!(
+                self.notice_deliveries.contains(&d.id),
+                incident,
+                "{} is filed with the wrong group",
+                d.id
+            );
+            assert_eq!(self.delivery_jobs.contains_key(&d.id), !incident);
+        }
         self.check_gates();
     }
 

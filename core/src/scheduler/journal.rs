@@ -6,35 +6,54 @@ use super::*;
 use crate::persist::Group;
 
 impl Scheduler {
-    /// Moves what the outbox produced into the journal, each in the group of the job whose
-    /// run it reports: writes, sends (released when their attempt is durable) and end-of-delivery
-    /// events (released when the end is durable).
+    /// Moves what the outbox produced into the journal: writes, sends (released when their
+    /// attempt is durable) and end-of-delivery events (released when the end is durable). A
+    /// run's result travels in the group of its job, with the run record it reports; an
+    /// incident notification travels with the incident records.
     pub(super) fn pump_outbox(&mut self) {
         let (puts, deletes) = self.outbox.take_writes();
         for delivery in puts {
-            let job = delivery.payload.job.clone();
-            self.delivery_jobs.insert(delivery.id, job.clone());
-            self.journal.delivery(&job, delivery.id, JobWrite::Put);
+            match &delivery.payload {
+                DeliveryPayload::Run(result) => {
+                    let job = result.job.clone();
+                    self.delivery_jobs.insert(delivery.id, job.clone());
+                    self.journal.delivery(&job, delivery.id, JobWrite::Put);
+                }
+                DeliveryPayload::Incident { .. } => {
+                    self.notice_deliveries.insert(delivery.id);
+                    self.journal.notice_delivery(delivery.id, JobWrite::Put);
+                }
+            }
         }
         for id in deletes {
             if let Some(job) = self.delivery_jobs.get(&id).cloned() {
                 self.journal.delivery(&job, id, JobWrite::Delete);
+            } else if self.notice_deliveries.contains(&id) {
+                self.journal.notice_delivery(id, JobWrite::Delete);
             }
         }
         while let Some(send) = self.outbox.poll_send() {
-            let job = send.payload.job.clone();
-            self.journal.send(&job, send);
+            match &send.payload {
+                DeliveryPayload::Run(result) => {
+                    let job = result.job.clone();
+                    self.journal.send(&job, send);
+                }
+                DeliveryPayload::Incident { .. } => self.journal.notice_send(send),
+            }
         }
         while let Some(event) = self.outbox.poll_event() {
-            let held = match &event {
+            let id = match &event {
                 OutboxEvent::Finished { id, .. } | OutboxEvent::Dropped { id: Some(id), .. } => {
-                    self.delivery_jobs.get(id).cloned()
+                    Some(*id)
                 }
                 _ => None,
             };
-            match held {
-                Some(job) => self.journal.held_event(&job, event),
-                None => self
+            let job = id.and_then(|id| self.delivery_jobs.get(&id).cloned());
+            let notice = id.is_some_and(|id| self.notice_deliveries.contains(&id));
+            match (job, notice) {
+                (Some(job), _) => self.journal.held_event(&job, event),
+                (None, true) => self.journal.notice_event(event),
+                (None, false) => self
                     .effects
                     .push_back(Effect::Event(Event::Delivery(event))),
             }
@@ -172,20 +191,13 @@ impl Scheduler {
             );
             records.extend(group.audit.iter().cloned().map(Record::Audit));
             records.extend(group.prunes.iter().cloned());
-            for (delivery, write) in &group.deliveries {
-                match write {
-                    JobWrite::Put => {
-                        if let Some(d) = self.outbox.delivery(*delivery) {
-                            records.push(Record::PutDelivery(d.clone()));
-                        }
-                    }
-                    JobWrite::Delete => records.push(Record::DeleteDelivery { id: *delivery }),
-                    JobWrite::Nothing => {}
-                }
-            }
+            delivery_records(&self.outbox, group, &mut records);
         }
         records.extend(batch.global_prunes.iter().cloned());
         records.extend(batch.incidents.iter().cloned().map(Record::PutIncident));
+        // After the incident records, in the same batch: a notification is durable no
+        // earlier than the incident it tells about.
+        delivery_records(&self.outbox, &batch.notices, &mut records);
         // The counters ride in every batch, so a durable run id or audit seq is never ahead
         // of the durable counters.
         records.push(Record::PutMeta(Meta {
@@ -231,8 +243,8 @@ impl Scheduler {
 
     /// After batch acknowledgement: deliveries whose record is durable may be sent, deleted
     /// ones are forgotten, and the sends and delivery events the batch held are released.
-    pub(super) fn acknowledge_deliveries(&mut self, groups: &[(JobId, Group)]) {
-        for (_, group) in groups {
+    pub(super) fn acknowledge_deliveries<'a>(&mut self, groups: impl Iterator<Item = &'a Group>) {
+        for group in groups {
             let durable: Vec<DeliveryId> = group
                 .deliveries
                 .iter()
@@ -243,6 +255,7 @@ impl Scheduler {
             for (id, write) in &group.deliveries {
                 if *write == JobWrite::Delete {
                     self.delivery_jobs.remove(id);
+                    self.notice_deliveries.remove(id);
                 }
             }
             self.effects
@@ -254,6 +267,21 @@ impl Scheduler {
                     .cloned()
                     .map(|e| Effect::Event(Event::Delivery(e))),
             );
+        }
+    }
+}
+
+/// The outbox records of `group`'s deliveries, appended to `records`.
+fn delivery_records(outbox: &Outbox, group: &Group, records: &mut Vec<Record>) {
+    for (delivery, write) in &group.deliveries {
+        match write {
+            JobWrite::Put => {
+                if let Some(d) = outbox.delivery(*delivery) {
+                    records.push(Record::PutDelivery(d.clone()));
+                }
+            }
+            JobWrite::Delete => records.push(Record::DeleteDelivery { id: *delivery }),
+            JobWrite::Nothing => {}
         }
     }
 }

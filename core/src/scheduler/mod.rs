@@ -3,7 +3,7 @@
 //!
 //! # Deadlines
 //!
-//! `poll_timeout` is the earliest of six named deadlines:
+//! `poll_timeout` is the earliest of seven named deadlines:
 //!
 //! - **job due**: the first entry of `due_jobs`, the `Scheduled` jobs ordered by cursor. A tick
 //!   pops only due entries, so it costs O(log n) per due item, never a scan of all jobs.
@@ -14,6 +14,8 @@
 //! - **history sweep**: hourly, prune history by age for all jobs.
 //! - **unclaimed queue**: when the first claim queue's wait reaches `unclaimed_after_ms`
 //!   (`watch.rs`).
+//! - **incident escalation**: when the first open, unacknowledged incident has been open for
+//!   `escalate_after_ms` (`supervise.rs`).
 //!
 //! # Layout
 //!
@@ -32,7 +34,7 @@
 //! | `workers.rs` | the worker protocol: claims and fenced writes, checkpoints, shutdown |
 //! | `gate.rs` | the artifact gate and explicit verifications: requests, their answers, evidence (see [`crate::artifact`]) |
 //! | `leases.rs` | operator lease actions: release, reclaim, restore (SPEC W6) |
-//! | `supervise.rs` | applying the watchdog's decisions, and incidents |
+//! | `supervise.rs` | applying the watchdog's decisions, and incidents: opening, resolving, notifying sinks, escalating |
 //! | `watch.rs` | the rules about queues and workers (unclaimed queues, idle claim loops' backlog, worker health), and operators' incidents |
 //! | `invariants.rs` | [`Scheduler::check_invariants`] |
 //! | `tests.rs` | unit tests of the composer (the simulator and sequence tests live in `tests/`) |
@@ -73,7 +75,7 @@ use crate::job::{Backlog, Ensured, Job, JobSpec, JobState, LastRun, NotifyOn, Ov
 use crate::lease::Lease;
 use crate::limits;
 use crate::outbox::{
-    DeliveryId, DeliveryPayload, DeliveryResult, Outbox, OutboxEvent, SendRequest,
+    DeliveryId, DeliveryPayload, DeliveryResult, Outbox, OutboxEvent, RunResult, SendRequest,
 };
 use crate::persist::{Batch, JobWrite, Journal, Meta, Record, Snapshot, Tombstone};
 use crate::rng::SplitMix64;
@@ -199,8 +201,13 @@ pub struct Scheduler {
     stopped_for_shutdown: BTreeSet<(RunId, Attempt)>,
     /// Results waiting to be delivered to sinks (SPEC D1–D5).
     outbox: Outbox,
-    /// The job of each delivery in the outbox (deliveries travel in their job's group).
+    /// The job of each run result in the outbox (deliveries travel in their job's group).
     delivery_jobs: BTreeMap<DeliveryId, JobId>,
+    /// The incident notifications in the outbox (they travel with the incident records).
+    notice_deliveries: BTreeSet<DeliveryId>,
+    /// Open incidents not acknowledged nor escalated, by when they escalate
+    /// (`Config::escalate_after_ms`; empty when that is 0).
+    escalations: BTreeSet<(Timestamp, u64)>,
     meta: Meta,
     journal: Journal,
     effects: VecDeque<Effect>,
@@ -223,6 +230,7 @@ impl Scheduler {
             backstop_factor: config.backstop_factor.max(1),
             ..config
         };
+        let outbox = Outbox::new(config.outbox);
         Scheduler {
             config,
             now,
@@ -254,8 +262,10 @@ impl Scheduler {
             shutting_down: false,
             stopped_for_shutdown: BTreeSet::new(),
             store_failing: None,
-            outbox: Outbox::new(config.outbox),
+            outbox,
             delivery_jobs: BTreeMap::new(),
+            notice_deliveries: BTreeSet::new(),
+            escalations: BTreeSet::new(),
             meta: Meta {
                 next_run_id: 1,
                 next_audit_seq: 1,
@@ -638,6 +648,7 @@ impl Scheduler {
             }
         }
         self.watch_queues(now);
+        self.escalate_incidents(now);
         if !self.shutting_down {
             self.outbox.handle_timeout(now);
         }
@@ -671,7 +682,8 @@ impl Scheduler {
         // Announced after what the write released.
         let recovered = self.store_failing.take();
         self.acknowledge_runs(now, &batch.groups);
-        self.acknowledge_deliveries(&batch.groups);
+        let groups = batch.groups.iter().map(|(_, group)| group);
+        self.acknowledge_deliveries(groups.chain([&batch.notices]));
         // Deliveries that just became durable may be due already.
         if !self.shutting_down {
             self.outbox.handle_timeout(now);
@@ -786,6 +798,7 @@ impl Scheduler {
             self.journal.retry_at,
             self.history_sweep_at,
             self.unclaimed_deadline(),
+            self.escalations.first().map(|(at, _)| *at),
         ]
         .into_iter()
         .flatten()

@@ -53,7 +53,12 @@ impl Scheduler {
         };
         s.delivery_jobs = deliveries
             .iter()
-            .map(|d| (d.id, d.payload.job.clone()))
+            .filter_map(|d| Some((d.id, d.payload.run_result()?.job.clone())))
+            .collect();
+        s.notice_deliveries = deliveries
+            .iter()
+            .filter(|d| d.payload.incident().is_some())
+            .map(|d| d.id)
             .collect();
         s.outbox = Outbox::restore(s.config.outbox, deliveries, s.meta.next_delivery, now);
         s.journal.set_epoch(s.meta.epoch);
@@ -64,6 +69,13 @@ impl Scheduler {
             .map(|i| (i.id, i))
             .collect();
         s.incident_subjects = s.incidents.values().map(IncidentSubject::of).collect();
+        // An incident that should have escalated while keel was down escalates at the first
+        // `handle_timeout`; one that escalated before (`escalated_at`) never again.
+        s.escalations = s
+            .incidents
+            .values()
+            .filter_map(|i| Some((s.escalation_at(i)?, i.id)))
+            .collect();
         // An unclaimed queue reported before the restart stays reported until a claim or an
         // empty queue resolves it.
         s.unclaimed = s

@@ -4,7 +4,7 @@
 //! keeps the lost attempt and its error.
 
 use super::*;
-use crate::incident::IncidentKind;
+use crate::incident::{IncidentEvent, IncidentKind, IncidentNotice};
 use crate::run::ErrorKind;
 use crate::watchdog::{due_action, WatchAction};
 
@@ -227,14 +227,73 @@ impl Scheduler {
         id
     }
 
-    /// Adds a new open incident: persisted, announced and indexed.
+    /// Adds a new open incident: persisted, announced, indexed and told to the incident sinks.
     pub(super) fn insert_incident(&mut self, incident: Incident) {
         self.journal.incident(incident.clone());
         self.effects
             .push_back(Effect::Event(Event::IncidentOpened(incident.clone())));
         self.incident_subjects
             .insert(IncidentSubject::of(&incident));
+        if let Some(at) = self.escalation_at(&incident) {
+            self.escalations.insert((at, incident.id));
+        }
+        self.notify_incident(IncidentEvent::Opened, &incident);
         self.incidents.insert(incident.id, incident);
+    }
+
+    /// When `incident` escalates, if it still may: open, not acknowledged, not escalated, and
+    /// escalation is on (`Config::escalate_after_ms` > 0).
+    pub(super) fn escalation_at(&self, incident: &Incident) -> Option<Timestamp> {
+        let after = self.config.escalate_after_ms;
+        if after == 0
+            || incident.resolved_at.is_some()
+            || incident.acknowledged.is_some()
+            || incident.escalated_at.is_some()
+        {
+            return None;
+        }
+        Some(incident.opened_at.plus_ms(after))
+    }
+
+    /// Escalates every incident whose deadline is at or before `now`, once: it is marked
+    /// `escalated_at` (persisted, so a restart does not escalate it again), announced, and
+    /// told to the escalation sinks.
+    pub(super) fn escalate_incidents(&mut self, now: Timestamp) {
+        while let Some(&(at, id)) = self.escalations.first() {
+            if at > now {
+                break;
+            }
+            self.escalations.remove(&(at, id));
+            let Some(incident) = self.incidents.get_mut(&id) else {
+                continue;
+            };
+            incident.escalated_at = Some(now);
+            let incident = incident.clone();
+            self.journal.incident(incident.clone());
+            self.effects
+                .push_back(Effect::Event(Event::IncidentEscalated(incident.clone())));
+            self.notify_incident(IncidentEvent::Escalated, &incident);
+        }
+    }
+
+    /// Queues a notification of `event` about `incident` in the outbox, one delivery per sink:
+    /// the escalation sinks for an escalation (the incident sinks if there are none), the
+    /// incident sinks otherwise. Nothing when there is no sink.
+    pub(super) fn notify_incident(&mut self, event: IncidentEvent, incident: &Incident) {
+        let sinks = match event {
+            IncidentEvent::Escalated if !self.config.escalation_sinks.is_empty() => {
+                self.config.escalation_sinks.clone()
+            }
+            _ => self.config.incident_sinks.clone(),
+        };
+        if sinks.is_empty() {
+            return;
+        }
+        let payload = DeliveryPayload::Incident {
+            incident: IncidentNotice::new(event, incident, self.now),
+        };
+        self.outbox.enqueue(self.now, &sinks, &payload);
+        self.pump_outbox();
     }
 
     /// True if an incident of `kind` about this subject is open. O(log incidents).
@@ -357,6 +416,9 @@ impl Scheduler {
         let mut incident = self.incidents.remove(&id)?;
         self.incident_subjects
             .remove(&IncidentSubject::of(&incident));
+        if let Some(at) = self.escalation_at(&incident) {
+            self.escalations.remove(&(at, id));
+        }
         incident.resolved_at = Some(self.now);
         incident.details =
             crate::run::truncate(&format!("{}; resolved: {reason}", incident.details));
@@ -372,6 +434,7 @@ impl Scheduler {
         self.journal.incident(incident.clone());
         self.effects
             .push_back(Effect::Event(Event::IncidentResolved(incident.clone())));
+        self.notify_incident(IncidentEvent::Resolved, &incident);
         Some(incident)
     }
 }
@@ -399,3 +462,6 @@ fn stuck_details(run: &Run, job: &JobId, now: Timestamp) -> String {
         now.ms_since(silent_since) / 1_000
     )
 }
+
+#[cfg(test)]
+mod notice_tests;

@@ -249,7 +249,9 @@ fn a_job_notifying_on_failure_delivers_its_failures_only() {
         while let Some(effect) = s.poll_effect() {
             match effect {
                 Effect::Persist(batch) => s.handle_persisted(minute, batch.id),
-                Effect::Deliver(request) => delivered.push(request.payload.state),
+                Effect::Deliver(request) => {
+                    delivered.extend(request.payload.run_result().map(|r| r.state))
+                }
                 _ => {}
             }
         }

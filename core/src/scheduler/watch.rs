@@ -41,7 +41,7 @@
 
 use super::*;
 use crate::health::{WorkerHealth, WorkerStats};
-use crate::incident::{NewIncident, OperatorAction};
+use crate::incident::{IncidentEvent, NewIncident, OperatorAction};
 
 /// One claim queue's health, the view the API's `queue` resource and the console show.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,7 +171,12 @@ impl Scheduler {
                 by: ack.by.clone(),
             });
         }
+        // Acknowledged: an operator owns it, so it no longer escalates.
+        let escalation = self.escalation_at(incident);
         let now = self.clamp(now);
+        if let Some(at) = escalation {
+            self.escalations.remove(&(at, id));
+        }
         let incident = self.incidents.get_mut(&id).expect("checked above");
         incident.acknowledged = Some(OperatorAction {
             by: crate::run::truncate(by),
@@ -182,6 +187,7 @@ impl Scheduler {
         self.journal.incident(incident.clone());
         self.effects
             .push_back(Effect::Event(Event::IncidentAcknowledged(incident.clone())));
+        self.notify_incident(IncidentEvent::Acknowledged, &incident);
         let note = if note.is_empty() { "" } else { ": " };
         self.audit_incident(
             &incident,

@@ -33,8 +33,10 @@ pub enum CommandSinkError {
     EmptyArgv,
 }
 
-/// Delivers a result by running a program, given as an argv and run without a shell, with the
-/// delivery's JSON document ([`super::DeliveryDocument`], then a newline) on its stdin.
+/// Delivers a result or an incident notification by running a program, given as an argv and
+/// run without a shell, with the delivery's JSON document ([`super::DeliveryDocument`], then a
+/// newline) on its stdin: the same document a webhook receives, so an incident notification
+/// is the one with an `incident` key.
 ///
 /// - Exit 0 is delivered; exit [`EX_TEMPFAIL`] (75) is transient; any other exit, or death by
 ///   a signal, is permanent. A failure quotes the last 512 bytes of the program's stderr.
@@ -51,6 +53,7 @@ pub struct CommandSink {
     program: OsString,
     args: Vec<OsString>,
     timeout: Duration,
+    name: Option<String>,
 }
 
 impl CommandSink {
@@ -70,7 +73,15 @@ impl CommandSink {
             program,
             args: argv.collect(),
             timeout: COMMAND_TIMEOUT_DEFAULT,
+            name: None,
         })
+    }
+
+    /// Names the sink: logs and metric labels say `name` rather than `command:PROGRAM`.
+    #[must_use]
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
     }
 
     /// Sets how long the program may run before it is killed.
@@ -168,6 +179,14 @@ impl Sink for CommandSink {
     fn send(&self, request: SendRequest) -> BoxFuture<DeliveryResult> {
         let sink = self.clone();
         Box::pin(async move { sink.deliver(&request).await })
+    }
+
+    /// Its name, or `command:` and the program alone: arguments may carry tokens.
+    fn label(&self) -> Option<String> {
+        if let Some(name) = &self.name {
+            return Some(name.clone());
+        }
+        Some(format!("command:{}", Path::new(&self.program).display()))
     }
 }
 

@@ -3,8 +3,10 @@
 //!
 //! Both send the same JSON document for a delivery attempt, built by [`delivery_json`]: the
 //! delivery's id (stable across attempts and restarts, so a receiver can deduplicate), the sink's
-//! name, the attempt number, and every field of the run's result
-//! ([`DeliveryPayload`]) at the top level:
+//! name, the attempt number, then the payload ([`DeliveryPayload`]).
+//!
+//! A run's result has every field of [`RunResult`](keel_core::outbox::RunResult) at the top
+//! level (this shape is pinned byte for byte by a test):
 //!
 //! ```json
 //! {"delivery_id":"delivery-7","sink":"hook","attempt":1,"run":12,"job":"report",
@@ -12,7 +14,23 @@
 //! ```
 //!
 //! `error`, when present, is the run's last error: `{"kind", "message", "attempt", "at"}`.
-//! Times are milliseconds since the Unix epoch.
+//!
+//! An incident notification (SPEC A3) has the notice
+//! ([`IncidentNotice`](keel_core::IncidentNotice)) under `incident`, and no `run` key at the
+//! top level, which is how a receiver tells the two apart:
+//!
+//! ```json
+//! {"delivery_id":"delivery-9","sink":"ops","attempt":1,"incident":{"event":"resolved",
+//!  "id":4,"kind":"stuck_run","job":"report","run":12,"worker":"w1","queue":null,
+//!  "details":"no heartbeat or progress for 600 s","opened_at":1800000000000,
+//!  "operator":{"by":"ana","at":1800000060000,"reason":"worker restarted"},
+//!  "at":1800000060000}}
+//! ```
+//!
+//! `event` is `opened`, `acknowledged`, `resolved` or `escalated`; `operator` says who acted,
+//! when and why for an operator's action (opened by hand, acknowledged, resolved by hand) and is
+//! `null` when keel acted; `at` is when the event happened. Times are milliseconds since the
+//! Unix epoch.
 //!
 //! A sink makes one attempt and classifies its answer (SPEC D3); the outbox owns retries and
 //! their timing. Both sinks time out with tokio timers, so under a paused tokio clock they
@@ -41,7 +59,7 @@ pub struct DeliveryDocument<'a> {
     pub sink: &'a str,
     /// The attempt, from 1.
     pub attempt: u32,
-    /// The run's result, its fields at the top level.
+    /// The run's result, its fields at the top level, or `"incident": {…}`.
     #[serde(flatten)]
     pub payload: &'a DeliveryPayload,
 }

@@ -45,7 +45,7 @@ pub enum WebhookError {
     Client(String),
 }
 
-/// Delivers a result as an HTTP POST of its JSON document ([`super::DeliveryDocument`]) to a
+/// Delivers a result or an incident notification as an HTTP POST of its JSON document ([`super::DeliveryDocument`]) to a
 /// URL, and classifies the answer with [`classify_http`] (SPEC D3).
 ///
 /// - Each request carries `Content-Type: application/json`, [`IDEMPOTENCY_KEY_HEADER`] with the

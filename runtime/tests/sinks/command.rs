@@ -7,7 +7,7 @@ use keel_harness::TempDir;
 use keel_runtime::sinks::CommandSinkError;
 use keel_runtime::{CommandSink, Sink};
 
-use crate::{assert_document, assert_times_out, request, transient};
+use crate::{assert_document, assert_times_out, incident_request, request, transient};
 
 fn sh(script: &str, args: &[&str]) -> CommandSink {
     let mut argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
@@ -28,6 +28,32 @@ async fn command_exit_0_is_delivered_and_stdin_carries_the_json() {
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_document(&json, "delivery-9", 2);
     assert_eq!(std::fs::read_to_string(&env).unwrap(), "delivery-9 2 hook");
+}
+
+/// An incident notification reaches a command as a run's result does: the same environment,
+/// and its document (the notice under `incident`) on stdin. The label names the program only.
+#[tokio::test]
+async fn a_command_gets_an_incident_notification_on_stdin_with_the_same_environment() {
+    let dir = TempDir::created("keel-command-sink-incident");
+    let out = dir.path().join("stdin.json");
+    let env = dir.path().join("env");
+    let sink = sh(
+        r#"cat > "$0" && printf '%s %s %s' "$KEEL_DELIVERY_ID" "$KEEL_DELIVERY_ATTEMPT" "$KEEL_SINK" > "$1""#,
+        &[out.to_str().unwrap(), env.to_str().unwrap()],
+    );
+    assert_eq!(
+        sink.send(incident_request(9, 1)).await,
+        DeliveryResult::Delivered
+    );
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(json["delivery_id"], "delivery-9", "{json}");
+    assert_eq!(json["incident"]["event"], "resolved", "{json}");
+    assert_eq!(json["incident"]["kind"], "stuck_run", "{json}");
+    assert_eq!(json["incident"]["operator"]["by"], "ana", "{json}");
+    assert!(json.get("run").is_none(), "{json}");
+    assert_eq!(std::fs::read_to_string(&env).unwrap(), "delivery-9 1 ops");
+    assert_eq!(sink.label().as_deref(), Some("command:sh"));
+    assert_eq!(sink.named("pager").label().as_deref(), Some("pager"));
 }
 
 #[tokio::test]

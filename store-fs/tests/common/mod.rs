@@ -94,6 +94,7 @@ pub fn incident(id: u64, resolved: bool) -> Incident {
         opened_by: None,
         acknowledged: None,
         resolved_by: None,
+        escalated_at: None,
     }
 }
 

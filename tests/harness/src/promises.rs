@@ -84,13 +84,25 @@ impl Promises {
             Some(DeliveryState::Sending { attempt }),
             "{id} attempt {attempt} sent before its record was durable"
         );
-        let run = store.run(send.payload.run);
-        assert!(
-            run.is_some_and(|r| r.state().is_terminal() && r.state().name() == send.payload.state),
-            "{id} carries {} {}, but the store holds {run:?}",
-            send.payload.run,
-            send.payload.state
-        );
+        // A run's result reports a durable terminal run; an incident notice, a durable
+        // incident.
+        if let Some(notice) = send.payload.incident() {
+            assert!(
+                store.incident(notice.id).is_some(),
+                "{id} tells of incident #{} ({}), which the store does not hold",
+                notice.id,
+                notice.event.name()
+            );
+        }
+        if let Some(result) = send.payload.run_result() {
+            let run = store.run(result.run);
+            assert!(
+                run.is_some_and(|r| r.state().is_terminal() && r.state().name() == result.state),
+                "{id} carries {} {}, but the store holds {run:?}",
+                result.run,
+                result.state
+            );
+        }
         let previous = self.sends.insert(id, send);
         assert!(previous.is_none(), "{id}: two attempts in flight");
     }

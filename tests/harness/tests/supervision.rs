@@ -41,7 +41,7 @@ struct World {
 impl World {
     fn new(config: Config) -> Self {
         World {
-            core: Scheduler::new(config, 7, t0()),
+            core: Scheduler::new(config.clone(), 7, t0()),
             store: MemStore::new(),
             now: t0(),
             starts: Vec::new(),

@@ -416,7 +416,7 @@ fn an_idle_claim_loop_reports_the_backlog_shape_at_the_configured_threshold() {
 #[test]
 fn worker_health_counts_claims_outcomes_and_lease_losses_per_kind() {
     let config = Config::default();
-    let mut s = Scheduler::new(config, 1, t0());
+    let mut s = Scheduler::new(config.clone(), 1, t0());
     s.add_job(t0(), external("a", "render").with_attempts(5))
         .unwrap();
     let job = JobId::new("a").unwrap();

@@ -708,10 +708,10 @@ impl CoreOp {
 pub fn core_events(data: &[u8]) {
     let (config, start, seed, ops) = decode_core_events(data);
     let mut world = World {
-        config,
+        config: config.clone(),
         start,
         now: start,
-        sched: Scheduler::new(config, seed, start),
+        sched: Scheduler::new(config.clone(), seed, start),
         store: MemStore::keeping_history(),
         in_flight: None,
         local: WorkerId::new("local").expect("a valid worker id"),

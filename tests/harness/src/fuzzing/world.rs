@@ -557,7 +557,7 @@ impl World {
             self.set_now(self.now.0 - 3_600_000 * i64::from(flags >> 2));
         }
         self.sched = Scheduler::restore(
-            self.config,
+            self.config.clone(),
             seed,
             self.now,
             self.store.restore_with_history(),

@@ -161,6 +161,9 @@ struct Stats {
     gates_refused: u64,
     /// Sends released, answers accepted, and stale answers refused.
     sends: u64,
+    /// Sends of incident notifications, and of escalations among them.
+    notice_sends: u64,
+    escalation_sends: u64,
     answers: u64,
     stale_answers: u64,
     /// Deliveries finished, and dropped on overflow.
@@ -204,6 +207,8 @@ impl Stats {
         self.gates_passed += o.gates_passed;
         self.gates_refused += o.gates_refused;
         self.sends += o.sends;
+        self.notice_sends += o.notice_sends;
+        self.escalation_sends += o.escalation_sends;
         self.answers += o.answers;
         self.stale_answers += o.stale_answers;
         self.deliveries_finished += o.deliveries_finished;
@@ -299,10 +304,15 @@ impl World {
                 overflow: scenario.overflow,
                 ..OutboxConfig::default()
             },
+            // Incidents are told through the same outbox, and escalate: their deliveries
+            // share its capacity and face the same crashes and store failures.
+            incident_sinks: vec![SINKS[0].into()],
+            escalate_after_ms: 5 * 60_000,
+            escalation_sinks: vec![SINKS[1].into()],
             ..Config::default()
         };
         let mut rng = SplitMix64::new(scenario.seed);
-        let keel = Scheduler::new(config, rng.next_u64(), start);
+        let keel = Scheduler::new(config.clone(), rng.next_u64(), start);
         World {
             config,
             clock: start,
@@ -1148,8 +1158,8 @@ impl World {
         self.failed.clear();
         let snapshot = self.store.restore();
         let seed = self.rng.next_u64();
-        let keel = Scheduler::restore(self.config, seed, self.clock, snapshot.clone());
-        let twin = Scheduler::restore(self.config, seed, self.clock, snapshot);
+        let keel = Scheduler::restore(self.config.clone(), seed, self.clock, snapshot.clone());
+        let twin = Scheduler::restore(self.config.clone(), seed, self.clock, snapshot);
         assert_eq!(
             format!("{keel:?}"),
             format!("{twin:?}"),
@@ -1431,6 +1441,8 @@ fn random_sequences_reach_the_interesting_states() {
         "{total:?}"
     );
     assert!(total.sends > 20 && total.answers > 20, "{total:?}");
+    assert!(total.notice_sends > 5, "{total:?}");
+    assert!(total.escalation_sends > 0, "{total:?}");
     assert!(total.stale_answers > 10, "{total:?}");
     assert!(total.deliveries_finished > 20, "{total:?}");
     assert!(total.deliveries_dropped > 0, "{total:?}");

@@ -73,7 +73,7 @@ fn with_job(t0: Timestamp, spec: JobSpec) -> Scheduler {
 fn stored_with(t0: Timestamp, spec: JobSpec) -> (Scheduler, MemStore, Config) {
     let config = Config::default();
     let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(config, 7, t0);
+    let mut keel = Scheduler::new(config.clone(), 7, t0);
     keel.add_job(t0, spec).expect("valid");
     flush(&mut keel, &mut store, t0);
     (keel, store, config)
@@ -794,7 +794,7 @@ fn a_buffered_slot_waits_for_the_next_start_after_a_shutdown() {
         .expect("the attempt stops in time");
     flush(&mut keel, &mut store, t2);
     // The process stops and starts again.
-    let mut keel = Scheduler::restore(config, 7, t2, store.restore());
+    let mut keel = Scheduler::restore(config.clone(), 7, t2, store.restore());
     flush(&mut keel, &mut store, t2);
     let interrupted: Vec<&Run> = store
         .runs()
@@ -838,7 +838,7 @@ fn extend_once_and_a_kill_is_sticky() {
         "the extension is durable"
     );
     // A restart does not grant a second one.
-    let mut keel = Scheduler::restore(config, 7, t1, store.restore());
+    let mut keel = Scheduler::restore(config.clone(), 7, t1, store.restore());
     flush(&mut keel, &mut store, t1);
     let retry = first_start(&mut keel, &mut store, t1);
     assert_eq!(retry.run, run);
@@ -910,7 +910,7 @@ fn a_small_outbox_stays_bounded_and_counts_each_delivery_once() {
         ..Config::default()
     };
     let mut store = MemStore::keeping_history();
-    let mut keel = Scheduler::new(config, 7, t0);
+    let mut keel = Scheduler::new(config.clone(), 7, t0);
     let mut spec = every_minute("minutely");
     spec.sinks = vec!["hook-a".into(), "hook-b".into()].into();
     spec.overlap = OverlapPolicy::Allow;

@@ -334,6 +334,12 @@ impl World {
             (1..=attempts_max).contains(&attempt),
             "{id} attempt {attempt}"
         );
+        if let Some(notice) = send.payload.incident() {
+            self.stats.notice_sends += 1;
+            if notice.event == keel_core::IncidentEvent::Escalated {
+                self.stats.escalation_sends += 1;
+            }
+        }
         self.promises.sent(send, &self.store);
         self.stats.sends += 1;
     }
