@@ -43,6 +43,7 @@ fn incident(id: u64, resolved_at: Option<Timestamp>) -> Incident {
         opened_by: None,
         acknowledged: None,
         resolved_by: None,
+        escalated_at: None,
     }
 }
 
