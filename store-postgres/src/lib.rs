@@ -153,7 +153,10 @@ impl PgStore {
         };
         let conn = guard.insert(conn);
         let result = f(conn);
-        if conn.client.is_closed() {
+        // A connection the server ended may not know it yet (`is_closed` turns true only once
+        // its background task has seen the end): after any I/O error the next call connects
+        // afresh, which costs one connection and never reuses a broken one.
+        if conn.client.is_closed() || matches!(result, Err(StoreError::Io(_))) {
             *guard = None;
         }
         result
