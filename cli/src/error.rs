@@ -34,6 +34,8 @@ pub(crate) enum Failure {
     ArtifactGate(String),
     /// Exit 2, as bad input: a request too large to read (HTTP 413).
     TooLarge(String),
+    /// Exit 2, as bad input: the caller's token may not do this (HTTP 403).
+    Forbidden(String),
 }
 
 impl Failure {
@@ -45,7 +47,8 @@ impl Failure {
             | Failure::NotFound(_)
             | Failure::StaleToken(_)
             | Failure::ArtifactGate(_)
-            | Failure::TooLarge(_) => 2,
+            | Failure::TooLarge(_)
+            | Failure::Forbidden(_) => 2,
             Failure::NothingDue(_) => 3,
         }
     }
@@ -59,7 +62,8 @@ impl Failure {
             | Failure::NotFound(m)
             | Failure::StaleToken(m)
             | Failure::ArtifactGate(m)
-            | Failure::TooLarge(m) => m,
+            | Failure::TooLarge(m)
+            | Failure::Forbidden(m) => m,
         }
     }
 

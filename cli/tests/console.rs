@@ -142,35 +142,11 @@ fn the_console_shows_the_three_acceptance_detections_with_their_evidence() {
     }
     let place = Place::new("console-acceptance");
     let hook = common::Hook::start();
-    let config = place.config(
-        r#"
-[daemon]
-lease_ttl = "1s"
-
-[watchdog]
-profile = "design"
-lease_grace = "0s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[job]]
-name = "render"
-cron = "0 0 0 1 1 *"
-worker_kind = "render"
-
-[[job]]
-name = "report"
-cron = "0 0 0 1 1 *"
-worker_kind = "report"
-
-[[job]]
-name = "publish"
-cron = "0 0 0 1 1 *"
-worker_kind = "publish"
-require_artifacts = ["report"]
-"#,
-    );
+    let config = place.config(&format!(
+        "[daemon]\nlease_ttl = \"1s\"\n\n[watchdog]\nprofile = \"design\"\nlease_grace = \"0s\"\n\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n{}",
+        common::ACCEPTANCE_JOBS
+    ));
     let daemon = place.daemon(&config);
     let base = daemon.http_url();
     let http = Client::builder()

@@ -617,35 +617,11 @@ fn acceptance_a_stale_lease_an_idle_claim_loop_and_an_artifact_gate_failure_with
     let hook = common::Hook::start();
     hook.route("/report-ok.pdf", &[], 200);
     // The design's profile, with its one-minute grace shortened so the test is quick.
-    let config = place.config(
-        r#"
-[daemon]
-lease_ttl = "3s"
-
-[watchdog]
-profile = "design"
-lease_grace = "1s"
-
-[http]
-listen = "127.0.0.1:0"
-
-[[job]]
-name = "render"
-cron = "0 0 0 1 1 *"
-worker_kind = "render"
-
-[[job]]
-name = "report"
-cron = "0 0 0 1 1 *"
-worker_kind = "report"
-
-[[job]]
-name = "publish"
-cron = "0 0 0 1 1 *"
-worker_kind = "publish"
-require_artifacts = ["report"]
-"#,
-    );
+    let config = place.config(&format!(
+        "[daemon]\nlease_ttl = \"3s\"\n\n[watchdog]\nprofile = \"design\"\nlease_grace = \"1s\"\n\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n{}",
+        common::ACCEPTANCE_JOBS
+    ));
     let mut daemon = place.daemon(&config);
     let api = Api::new(daemon.http_url());
     daemon.wait_for(&["ready"]);

@@ -416,6 +416,18 @@ async fn list_incidents(
 
 // ----- the worker contract -----------------------------------------------------------------
 
+/// The run and token of a worker's call, once the caller may work on the run's kind.
+async fn held(
+    api: &Api,
+    caller: &Caller,
+    run: &str,
+    token: &TokenArg,
+) -> Result<(RunId, FencingToken), ApiError> {
+    let run = run_id(run)?;
+    may_work_on_run(api, caller, run).await?;
+    Ok((run, token.token()?))
+}
+
 /// A worker token limited to some kinds may act only on runs of those kinds.
 async fn may_work_on_run(api: &Api, caller: &Caller, run: RunId) -> Result<(), Forbidden> {
     if matches!(caller, Caller::Open) {
@@ -491,11 +503,7 @@ async fn heartbeat(
     Path(run): Path<String>,
     Body(body): Body<TokenBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
-    let token = body.token.token()?;
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     let lease: keel_core::Lease = from_value(call(&api, Request::Touch { run, token }).await?)?;
     ok(json!({
         "run": run.to_string(),
@@ -520,11 +528,7 @@ async fn progress(
     Path(run): Path<String>,
     Body(body): Body<ProgressBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
-    let token = body.token.token()?;
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     call(
         &api,
         Request::Progress {
@@ -544,11 +548,7 @@ async fn context(
     Path(run): Path<String>,
     Body(body): Body<TokenBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
-    let token = body.token.token()?;
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     let context: ContextView = from_value(call(&api, Request::Context { run, token }).await?)?;
     let mut value = serde_json::to_value(&context).unwrap_or(Value::Null);
     value["run"] = json!(run.to_string());
@@ -568,11 +568,7 @@ async fn checkpoint(
     Path(run): Path<String>,
     Body(body): Body<CheckpointBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
-    let token = body.token.token()?;
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     let answer: CheckpointAnswer = from_value(
         call(
             &api,
@@ -603,15 +599,12 @@ async fn complete(
     Path(run): Path<String>,
     Body(body): Body<CompleteBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     let outcome = Outcome::Success {
         summary: body.summary,
         artifacts: body.artifacts,
     };
-    end_attempt(&api, run, body.token.token()?, outcome).await?;
+    end_attempt(&api, run, token, outcome).await?;
     ok(json!({ "run": run.to_string(), "completed": true }))
 }
 
@@ -630,10 +623,7 @@ async fn fail(
     Path(run): Path<String>,
     Body(body): Body<FailBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     let outcome = if body.permanent {
         Outcome::Permanent {
             message: body.message,
@@ -643,7 +633,7 @@ async fn fail(
             message: body.message,
         }
     };
-    end_attempt(&api, run, body.token.token()?, outcome).await?;
+    end_attempt(&api, run, token, outcome).await?;
     ok(json!({ "run": run.to_string(), "failed": true, "permanent": body.permanent }))
 }
 
@@ -680,13 +670,10 @@ async fn verify(
     Path(run): Path<String>,
     Body(body): Body<VerifyBody>,
 ) -> Answer {
-    let run = run_id(&run)?;
-    if let Err(refused) = may_work_on_run(&api, &caller, run).await {
-        return Ok(refused.into_response());
-    }
+    let (run, token) = held(&api, &caller, &run, &body.token).await?;
     let request = Request::Verify {
         run,
-        token: body.token.token()?,
+        token,
         target: body.target,
     };
     let evidence: keel_core::artifact::Verification = from_value(call(&api, request).await?)?;

@@ -255,6 +255,12 @@ pub(crate) const BODY_MAX_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug)]
 pub(crate) struct ApiError(pub(crate) Failure);
 
+impl From<Forbidden> for ApiError {
+    fn from(refused: Forbidden) -> ApiError {
+        ApiError(Failure::Forbidden(refused.0))
+    }
+}
+
 impl From<Failure> for ApiError {
     fn from(failure: Failure) -> ApiError {
         ApiError(failure)
@@ -269,6 +275,7 @@ pub(crate) fn status_of(failure: &Failure) -> StatusCode {
         Failure::StaleToken(_) => StatusCode::CONFLICT,
         Failure::ArtifactGate(_) => StatusCode::UNPROCESSABLE_ENTITY,
         Failure::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Failure::Forbidden(_) => StatusCode::FORBIDDEN,
         Failure::NothingDue(_) => StatusCode::NO_CONTENT,
         Failure::Runtime(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -186,6 +186,27 @@ command = ["sh", "job.sh"]
     }
 }
 
+/// The acceptance scenario's jobs (the reference design's three detections), for a keel.toml:
+/// `render` (its claim goes silent: a stale lease), `report` (waits while another kind is
+/// claimed: an idle claim loop) and `publish` (requires a `report` artifact: the gate).
+pub const ACCEPTANCE_JOBS: &str = r#"
+[[job]]
+name = "render"
+cron = "0 0 0 1 1 *"
+worker_kind = "render"
+
+[[job]]
+name = "report"
+cron = "0 0 0 1 1 *"
+worker_kind = "report"
+
+[[job]]
+name = "publish"
+cron = "0 0 0 1 1 *"
+worker_kind = "publish"
+require_artifacts = ["report"]
+"#;
+
 /// A finished command.
 pub struct Done(pub Output);
 
