@@ -144,6 +144,21 @@ impl Leadership {
     }
 }
 
+impl Drop for Leadership {
+    /// As `PgStore`'s: closes the connection apart, so that dropping a handle in an async
+    /// runtime does not panic.
+    fn drop(&mut self) {
+        let client = self
+            .client
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(client) = client {
+            crate::close_apart(client);
+        }
+    }
+}
+
 impl std::fmt::Debug for Leadership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Not the config: it may hold a password.

@@ -377,6 +377,35 @@ impl Store for PgStore {
     }
 }
 
+impl Drop for PgStore {
+    /// Closes the connection on a thread of its own: the client blocks on its runtime to
+    /// close, which would panic inside an async runtime, where a daemon may drop its last
+    /// handle.
+    fn drop(&mut self) {
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(conn) = conn {
+            close_apart(conn);
+        }
+    }
+}
+
+/// Drops `value` (a connection) on a new thread; if none can be started, leaks it (the process
+/// is in trouble, and the server ends the session when the socket closes at exit).
+fn close_apart<T: Send + 'static>(value: T) {
+    let spare = std::sync::Arc::new(Mutex::new(Some(value)));
+    let moved = std::sync::Arc::clone(&spare);
+    let started = std::thread::Builder::new()
+        .name("keel-pg-close".into())
+        .spawn(move || drop(moved.lock().unwrap_or_else(PoisonError::into_inner).take()));
+    if started.is_err() {
+        std::mem::forget(spare.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+}
+
 impl fmt::Debug for PgStore {
     // Not derived: the settings may hold a password.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
