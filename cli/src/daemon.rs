@@ -4,7 +4,8 @@
 //! 2. Takes `<data-dir>/daemon.lock`. If another daemon holds it, says so and waits
 //!    (standby); it takes over when that daemon stops or dies. Only the lock holder writes,
 //!    so two daemons never run the same slot twice (the store's writer epochs would refuse
-//!    the loser's writes anyway).
+//!    the loser's writes anyway). With `--store postgres` it then also takes the leadership
+//!    lease in the database, standing by while a daemon on another host leads (`lead`).
 //! 3. Kills the commands a previous daemon that died left running (`<data-dir>/attempts`, see
 //!    `command_job`), before any attempt is recovered, so that none runs beside the attempt
 //!    that replaces it.
@@ -30,9 +31,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::cli::StoreKind;
 use crate::command_job;
 use crate::config::{core_config, Config, SHUTDOWN_BUDGET_DEFAULT};
-use crate::direct::{wall_clock, DAEMON_WORKER};
+use crate::direct::wall_clock;
 use crate::error::Failure;
 use crate::http::auth::HttpSettings;
 use crate::jobdef::{Prior, Resolve};
@@ -48,12 +50,13 @@ pub(crate) fn run(
     place: &Place,
     config: Option<Config>,
     http: Option<std::net::SocketAddr>,
+    leader_ttl: Duration,
 ) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(daemon(place, config, http));
+    let result = runtime.block_on(daemon(place, config, http, leader_ttl));
     // A store write stuck on a dead disk must not keep the process from exiting.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -63,6 +66,7 @@ async fn daemon(
     place: &Place,
     config: Option<Config>,
     http: Option<std::net::SocketAddr>,
+    leader_ttl: Duration,
 ) -> Result<(), Failure> {
     let mut signals = Signals::new()?;
     // Listened to from the start: SIGHUP's default action would end the daemon silently.
@@ -76,8 +80,22 @@ async fn daemon(
         log("stopped while waiting for the other daemon");
         return Ok(());
     };
+    let lead = match place.kind {
+        StoreKind::Postgres => {
+            match crate::lead::stand_by(place, leader_ttl, &mut signals).await? {
+                Some(lead) => Some(lead),
+                None => {
+                    log("stopped while standing by");
+                    return Ok(());
+                }
+            }
+        }
+        StoreKind::Fs | StoreKind::Sled => None,
+    };
+    let worker = crate::direct::daemon_worker(place.kind);
     kill_leftover_commands(place).await?;
-    let opened = place.open_store()?;
+    // Postgres's client blocks on a runtime of its own, which tokio allows only here.
+    let opened = tokio::task::block_in_place(|| place.open_store())?;
     let store = opened.store();
     let snapshot = read(&store).await?;
 
@@ -87,7 +105,7 @@ async fn daemon(
             command_job::KIND,
             command_job::handler_keeping_output(place.attempts_dir(), place.output_dir()),
         )
-        .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
+        .worker(WorkerId::new(&worker).expect("a valid worker id"));
     // A job added while the daemon runs may notify a URL no job had at its start.
     builder = builder.sink_factory(|entry| {
         let sink = webhook(entry).ok()??;
@@ -188,7 +206,8 @@ async fn daemon(
     let status = DaemonStatus {
         pid: Some(std::process::id()),
         store: place.kind.name().into(),
-        worker: DAEMON_WORKER.into(),
+        worker: worker.clone(),
+        leader: lead.as_ref().map(crate::lead::Lead::status),
     };
     let shared = Server {
         handle: handle.clone(),
@@ -277,13 +296,41 @@ async fn daemon(
         std::process::exit(130);
     });
 
+    let fenced = Arc::new(std::sync::Mutex::new(None));
+    let keeper = lead.clone().map(|lead| {
+        let stopper = handle.clone();
+        tokio::spawn(crate::lead::keep(lead, Arc::clone(&fenced), move || {
+            stopper.begin_shutdown(Duration::ZERO);
+        }))
+    });
+
     let result = runtime.run_until_signal(budget).await;
+    if let Some(keeper) = keeper {
+        keeper.abort();
+    }
+    let fenced = fenced
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if fenced.is_some() {
+        // The runtime stopped its attempts; a command that outlived its task must not run
+        // beside the attempt the next leader starts once the lease expires.
+        let _ = kill_leftover_commands(place).await;
+    }
     server.abort();
     drop(socket.guard);
     drop(handle);
     let _ = stop_printer.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
+    if let (Some(lead), None, Ok(())) = (&lead, &fenced, &result) {
+        crate::lead::resign(lead).await;
+    }
     drop(lock);
+    if let Some(why) = fenced {
+        return Err(Failure::runtime(format!(
+            "lost the lead of the postgres store ({why}); this daemon stopped"
+        )));
+    }
     match result {
         Ok(()) => {
             log("stopped");
@@ -960,7 +1007,7 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
                     .flatten(),
             };
             if let Some(run) = run {
-                let what = if owner.as_str() == DAEMON_WORKER {
+                let what = if crate::direct::is_daemon_worker(owner.as_str()) {
                     "started".to_string()
                 } else {
                     format!("claimed by worker {owner}")
@@ -1034,7 +1081,7 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
 }
 
 /// SIGINT and SIGTERM, listened to from the start so that none is missed.
-struct Signals {
+pub(crate) struct Signals {
     interrupt: Signal,
     terminate: Signal,
 }
@@ -1050,7 +1097,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}
