@@ -143,9 +143,87 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
 
     // No slot fired twice, and no attempt ran twice.
     let fired = lines(&fired);
+    expect_each_slot_fired_once(&fired);
+    // The store agrees: one run per slot, read directly (reads may).
+    let runs: Value = serde_json::from_str(
+        &pg_keel(
+            &b,
+            &url,
+            &["--json", "runs", "--job", "tick", "--limit", "1000"],
+        )
+        .expect_code(0)
+        .stdout(),
+    )
+    .unwrap();
+    let runs = runs.as_array().unwrap();
+    assert!(runs.len() >= fired.len(), "{runs:?}");
+}
+
+#[test]
+fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-stall-a");
+    let b = Place::new("pg-stall-b");
+    let fired = a.path(FIRED);
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+    let add = [
+        "job",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
+            fired.display()
+        ),
+    ];
+    pg_keel(&a, &url, &add).expect_code(0);
+    wait_until("the leader fires the job", || !lines(&fired).is_empty());
+
+    // Stalled (as by a long GC pause or a frozen VM): its lease lapses and the standby leads.
+    let stalled_at = Instant::now();
+    leader.signal("STOP");
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    let failover = stalled_at.elapsed();
+    eprintln!("failover after SIGSTOP of the leader: {failover:?} (lease TTL {TTL:?})");
+    assert!(failover <= TTL + FAILOVER_BOUND, "{}", standby.log());
+    let before = lines(&fired).len();
+    wait_until("the new leader fires the job", || {
+        lines(&fired).len() >= before + 2
+    });
+
+    // Woken, the old leader finds it lost the lead (or the store refuses its writes) and
+    // stops with a failure, instead of firing beside the new one.
+    leader.signal("CONT");
+    let status = leader.wait_exit();
+    assert!(!status.success(), "{status:?}:\n{}", leader.log());
+    let log = leader.log();
+    assert!(
+        log.contains("lost the lead") || log.contains("took over the store"),
+        "{log}"
+    );
+    let before = lines(&fired).len();
+    wait_until("the new leader keeps firing", || {
+        lines(&fired).len() >= before + 2
+    });
+    expect_each_slot_fired_once(&lines(&fired));
+}
+
+/// No slot fired as two runs, and no attempt of a run ran twice (`KEY RUN ATTEMPT` lines).
+#[track_caller]
+fn expect_each_slot_fired_once(fired: &[String]) {
     let mut runs_of_slot: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut attempts = BTreeSet::new();
-    for line in &fired {
+    for line in fired {
         let [key, run, attempt] = line.split(' ').collect::<Vec<_>>()[..] else {
             panic!("malformed line {line:?}");
         };
@@ -161,19 +239,6 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     for (key, runs) in &runs_of_slot {
         assert_eq!(runs.len(), 1, "slot {key} fired as {runs:?}");
     }
-    // The store agrees: one run per slot, read directly (reads may).
-    let runs: Value = serde_json::from_str(
-        &pg_keel(
-            &b,
-            &url,
-            &["--json", "runs", "--job", "tick", "--limit", "1000"],
-        )
-        .expect_code(0)
-        .stdout(),
-    )
-    .unwrap();
-    let runs = runs.as_array().unwrap();
-    assert!(runs.len() >= fired.len(), "{runs:?}");
 }
 
 /// A daemon on `place` with `--store postgres`, named `host` (its worker is `local:HOST`).
