@@ -312,7 +312,8 @@ async fn daemon(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
-    if fenced.is_some() {
+    let deposed = matches!(result, Err(keel_runtime::RuntimeError::Deposed(_)));
+    if fenced.is_some() || (deposed && lead.is_some()) {
         // The runtime stopped its attempts; a command that outlived its task must not run
         // beside the attempt the next leader starts once the lease expires.
         let _ = kill_leftover_commands(place).await;
