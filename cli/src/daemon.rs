@@ -299,8 +299,19 @@ async fn daemon(
     let fenced = Arc::new(std::sync::Mutex::new(None));
     let keeper = lead.clone().map(|lead| {
         let stopper = handle.clone();
+        let attempts_dir = place.attempts_dir();
+        let socket_path = socket.path.clone();
         tokio::spawn(crate::lead::keep(lead, Arc::clone(&fenced), move || {
             stopper.begin_shutdown(Duration::ZERO);
+            // The runtime may wait for an unreachable store (a partition); a leader that lost
+            // the lead must not linger, so it exits after a bound whatever the store does.
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::lead::FENCED_EXIT_WAIT).await;
+                log("lost the lead and the store does not answer: exiting now");
+                let _ = command_job::kill_leftovers(&attempts_dir);
+                let _ = std::fs::remove_file(&socket_path);
+                std::process::exit(1);
+            });
         }))
     });
 

@@ -10,7 +10,8 @@
 //!    previous writer) and starts; [`keep`] renews the lease every third of the TTL.
 //! 3. [`keep`] fences this process when no renewal sent in the last `ttl - margin` succeeded,
 //!    or when a renewal finds another holder: it stops the runtime at once (attempts are
-//!    interrupted) and the daemon exits non-zero. This is a first step of SPEC M2's
+//!    interrupted), kills its commands and the daemon exits non-zero, within
+//!    [`FENCED_EXIT_WAIT`] even if the store does not answer. This is a first step of SPEC M2's
 //!    self-fencing, in the driver; modelling it in the core (so the simulator tests it) is not
 //!    built yet. A deposed leader's late batches are refused by the store's writer epoch
 //!    regardless.
@@ -29,6 +30,9 @@ use crate::protocol::LeaderStatus;
 
 /// How often a standby tries to take the lease.
 pub(crate) const STANDBY_POLL: Duration = Duration::from_secs(1);
+
+/// How long a leader that lost the lead waits for its runtime to stop before it exits anyway.
+pub(crate) const FENCED_EXIT_WAIT: Duration = Duration::from_secs(5);
 
 /// The leadership of this process: the handle and the term it holds.
 #[derive(Debug, Clone)]

@@ -170,6 +170,8 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
     let (config_a, config_b) = (config(&a), config(&b));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
+    // Its control socket is open: commands on its host reach it.
+    leader.wait_for(&["ready: postgres store"]);
     let standby = start(&b, &config_b, &url, "host-b", false);
     standby.wait_for(&["standby: host-a:"]);
     let add = [
@@ -216,6 +218,49 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
         lines(&fired).len() >= before + 2
     });
     expect_each_slot_fired_once(&lines(&fired));
+}
+
+#[test]
+fn a_leader_that_cannot_renew_stops_itself_before_its_lease_ends() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-fence-a");
+    let b = Place::new("pg-fence-b");
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+
+    // The lease row locked behind the daemons' backs: every renewal hangs, as over a
+    // partition, while the store itself still answers.
+    let mut client = db.client();
+    let mut blocker = client.transaction().unwrap();
+    blocker
+        .query("SELECT 1 FROM keel_leader FOR UPDATE", &[])
+        .unwrap();
+    let blocked_at = Instant::now();
+    leader.wait_for(&["lost the lead: no renewal of the leadership lease succeeded"]);
+    let stopped = blocked_at.elapsed();
+    eprintln!("a leader that could not renew stopped itself after {stopped:?} (lease TTL {TTL:?})");
+    let status = leader.wait_exit();
+    assert!(!status.success(), "{status:?}:\n{}", leader.log());
+    assert_eq!(
+        leader.count(&["lost the lead: no renewal of the leadership lease succeeded"]),
+        1,
+        "{}",
+        leader.log()
+    );
+    // It stopped before its lease could have lapsed: TTL after the last renewal, which was
+    // before the block.
+    assert!(
+        stopped < TTL,
+        "stopped after {stopped:?}:\n{}",
+        leader.log()
+    );
+    blocker.commit().unwrap();
+    standby.wait_for(&["leading the postgres store as host-b:"]);
 }
 
 /// No slot fired as two runs, and no attempt of a run ran twice (`KEY RUN ATTEMPT` lines).
