@@ -93,6 +93,37 @@ async fn daemon(
         StoreKind::Fs | StoreKind::Sled => None,
     };
     let worker = crate::direct::daemon_worker(place.kind);
+    // The lease is kept from now on: restoring a large store and starting may take longer
+    // than it lasts.
+    let fenced = Arc::new(std::sync::Mutex::new(None));
+    let running = Arc::new(std::sync::Mutex::new(None::<RuntimeHandle>));
+    let keeper = lead.clone().map(|lead| {
+        let running = Arc::clone(&running);
+        let attempts_dir = place.attempts_dir();
+        let socket_path = place.socket();
+        tokio::spawn(crate::lead::keep(lead, Arc::clone(&fenced), move || {
+            // Under the lock that start-up takes to publish the runtime, so that a runtime
+            // never starts unfenced after this.
+            let running = running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(handle) = running.as_ref() else {
+                log("lost the lead while starting: exiting now");
+                let _ = command_job::kill_leftovers(&attempts_dir);
+                std::process::exit(1);
+            };
+            handle.begin_shutdown(Duration::ZERO);
+            // The runtime may wait for an unreachable store (a partition); a leader that lost
+            // the lead must not linger, so it exits after a bound whatever the store does.
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::lead::FENCED_EXIT_WAIT).await;
+                log("lost the lead and the store does not answer: exiting now");
+                let _ = command_job::kill_leftovers(&attempts_dir);
+                let _ = std::fs::remove_file(&socket_path);
+                std::process::exit(1);
+            });
+        }))
+    });
     kill_leftover_commands(place).await?;
     // Postgres's client blocks on a runtime of its own, which tokio allows only here.
     let opened = tokio::task::block_in_place(|| place.open_store())?;
@@ -133,6 +164,9 @@ async fn daemon(
         e => Failure::runtime(e.to_string()),
     })?;
     let handle = runtime.handle();
+    *running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle.clone());
     let (stop_printer, printer_stop) = tokio::sync::watch::channel(false);
     let printer = tokio::spawn(print_events(
         handle.clone(),
@@ -296,29 +330,14 @@ async fn daemon(
         std::process::exit(130);
     });
 
-    let fenced = Arc::new(std::sync::Mutex::new(None));
-    let keeper = lead.clone().map(|lead| {
-        let stopper = handle.clone();
-        let attempts_dir = place.attempts_dir();
-        let socket_path = socket.path.clone();
-        tokio::spawn(crate::lead::keep(lead, Arc::clone(&fenced), move || {
-            stopper.begin_shutdown(Duration::ZERO);
-            // The runtime may wait for an unreachable store (a partition); a leader that lost
-            // the lead must not linger, so it exits after a bound whatever the store does.
-            tokio::spawn(async move {
-                tokio::time::sleep(crate::lead::FENCED_EXIT_WAIT).await;
-                log("lost the lead and the store does not answer: exiting now");
-                let _ = command_job::kill_leftovers(&attempts_dir);
-                let _ = std::fs::remove_file(&socket_path);
-                std::process::exit(1);
-            });
-        }))
-    });
-
     let result = runtime.run_until_signal(budget).await;
     if let Some(keeper) = keeper {
         keeper.abort();
     }
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
     let fenced = fenced
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
