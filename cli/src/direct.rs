@@ -135,7 +135,10 @@ pub(crate) fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
 
 /// Reads with no daemon running.
 fn read_directly(place: &Place, request: &Request) -> Result<Value, Failure> {
-    place.require_existing()?;
+    // A Postgres store is read from any host, whether a daemon ever ran there or not.
+    if place.kind != crate::cli::StoreKind::Postgres {
+        place.require_existing()?;
+    }
     if let Request::Status = request {
         let mut status = crate::protocol::DaemonStatus {
             pid: None,

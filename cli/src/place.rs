@@ -171,12 +171,12 @@ impl Place {
                     .map(|s| OpenStore::Sled(Arc::new(s)))
                     .map_err(|e| self.store_error(e))?
             }
-            // The directory keeps this host's things (output, running commands, the socket).
+            // Nothing of the store is in the directory: `prepare` makes it for the daemon,
+            // which keeps this host's things there (output, running commands, the socket).
             StoreKind::Postgres => {
-                create_private_dir(&self.dir)?;
-                PgStore::with_config(self.database_config()?)
+                return PgStore::with_config(self.database_config()?)
                     .map(|s| OpenStore::Postgres(Arc::new(s)))
-                    .map_err(|e| self.store_error(e))?
+                    .map_err(|e| self.store_error(e));
             }
         };
         if new {

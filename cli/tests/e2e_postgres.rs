@@ -31,7 +31,7 @@ const FIRED: &str = "fired.log";
 #[test]
 fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     let Some(db) = pg::TestDb::new() else { return };
-    let url = db.url();
+    let url = with_password(db.url());
     let a = Place::new("pg-a");
     let b = Place::new("pg-b");
     let fired = a.path(FIRED);
@@ -84,18 +84,32 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     pg_keel(&b, &url, &add)
         .expect_code(2)
         .expect_stderr("--server URL");
-    let direct_status: Value = serde_json::from_str(
+    let jobs_before: Value = serde_json::from_str(
         &pg_keel(&b, &url, &["--json", "job", "ls"])
             .expect_code(0)
             .stdout(),
     )
     .unwrap();
-    assert_eq!(direct_status, Value::Array(vec![]));
+    assert_eq!(jobs_before, Value::Array(vec![]));
     // Through the leader (its control socket): added, and fired once per slot.
     pg_keel(&a, &url, &add).expect_code(0);
     wait_until("the leader fires the job twice", || {
         lines(&fired).len() >= 2
     });
+    // Read from a host where no daemon ever ran.
+    let elsewhere = Place::new("pg-elsewhere");
+    let jobs: Value = serde_json::from_str(
+        &pg_keel(&elsewhere, &url, &["--json", "job", "ls"])
+            .expect_code(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(jobs[0]["name"], "tick", "{jobs}");
+    assert!(
+        !elsewhere.data().exists(),
+        "a read created {:?}",
+        elsewhere.data()
+    );
 
     // kill -9 of the leader: the standby leads within TTL + the bound.
     let mut leader = leader;
@@ -157,6 +171,22 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     .unwrap();
     let runs = runs.as_array().unwrap();
     assert!(runs.len() >= fired.len(), "{runs:?}");
+    // The password never reached a log.
+    for daemon in [&again, &standby] {
+        assert!(!daemon.log().contains(PASSWORD), "{}", daemon.log());
+    }
+}
+
+/// A password the test cluster does not ask for (it trusts local connections), in the URL
+/// only to check that keel never prints it.
+const PASSWORD: &str = "sekrit-never-printed";
+
+/// `url` with [`PASSWORD`], for a key-value connection string (a URL one is left as it is).
+fn with_password(url: String) -> String {
+    if url.starts_with("postgres") {
+        return url;
+    }
+    format!("{url} password={PASSWORD}")
 }
 
 #[test]
