@@ -137,7 +137,7 @@ impl Leadership {
         };
         let client = guard.insert(client);
         let result = f(client);
-        if client.is_closed() {
+        if client.is_closed() || (result.is_err() && !crate::alive(client)) {
             *guard = None;
         }
         result

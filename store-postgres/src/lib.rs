@@ -157,7 +157,7 @@ impl PgStore {
         };
         let conn = guard.insert(conn);
         let result = f(conn);
-        if conn.client.is_closed() {
+        if conn.client.is_closed() || (result.is_err() && !alive(&mut conn.client)) {
             *guard = None;
         }
         result
@@ -723,6 +723,16 @@ fn format_number(found: &str) -> Result<usize, StoreError> {
         return Err(version(found));
     }
     Ok(number)
+}
+
+/// How long [`alive`] waits for the server's answer.
+const ALIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a connection on which a call just failed still answers. A session the server ended
+/// is not always marked closed by the time the failed call returns, and a connection kept in
+/// that state would fail every later call instead of being replaced.
+pub(crate) fn alive(client: &mut Client) -> bool {
+    !client.is_closed() && client.is_valid(ALIVE_WAIT).is_ok()
 }
 
 /// A client failure as a store error.

@@ -117,3 +117,25 @@ fn of_many_contenders_for_a_free_lease_exactly_one_wins() {
     assert_eq!(winners, 1);
     assert_eq!(handles[0].current().unwrap().unwrap().term, 1);
 }
+
+#[test]
+fn a_holder_whose_connection_the_server_ended_renews_on_a_new_one() {
+    let Some(db) = TestDb::new() else { return };
+    let a = handle(&db, "a", Duration::from_secs(60));
+    let lease = a.try_acquire().unwrap().unwrap();
+    let ended = db
+        .client()
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&db.schema()],
+        )
+        .unwrap();
+    assert_eq!(ended, 1, "the handle's one connection");
+    // The first call may see the broken connection; the next one must not.
+    let renewed = match a.renew(lease.term) {
+        Ok(renewed) => renewed,
+        Err(_) => a.renew(lease.term).unwrap(),
+    };
+    assert_eq!(renewed.map(|l| l.term), Some(lease.term));
+}
