@@ -42,6 +42,17 @@ pub(crate) struct Cli {
         help_heading = "Global options"
     )]
     pub(crate) store: StoreKind,
+    /// With --store postgres: the database, as a libpq key-value string or a postgresql:// URL
+    /// (docs/cli.md, "Several hosts on Postgres"). Never printed with its password.
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_DATABASE_URL",
+        hide_env_values = true,
+        value_name = "URL",
+        help_heading = "Global options"
+    )]
+    pub(crate) database_url: Option<String>,
     /// Print listings and results as JSON view objects: flat states, RFC 3339 times with `_ms`
     /// twins, run-7 style names (docs/cli.md, "JSON output").
     #[arg(long, global = true, help_heading = "Global options")]
@@ -76,6 +87,8 @@ pub(crate) enum StoreKind {
     Fs,
     /// keel-store-sled: one process at a time.
     Sled,
+    /// keel-store-postgres: daemons on several hosts share it, one leading (--database-url).
+    Postgres,
 }
 
 impl StoreKind {
@@ -84,6 +97,7 @@ impl StoreKind {
         match self {
             StoreKind::Fs => "fs",
             StoreKind::Sled => "sled",
+            StoreKind::Postgres => "postgres",
         }
     }
 }
@@ -143,6 +157,26 @@ pub(crate) struct RunArgs {
     /// listen` does; a non-loopback ADDR needs `[http] tokens` (docs/api.md).
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub(crate) http: Option<std::net::SocketAddr>,
+    /// With --store postgres: the leadership lease's time to live (e.g. 10s). The leader
+    /// renews it every third of it and stops itself when it could not for TTL minus a margin;
+    /// a standby takes over within TTL plus about a second of a leader's death.
+    #[arg(
+        long,
+        env = "KEEL_LEADER_TTL",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = leader_ttl
+    )]
+    pub(crate) leader_ttl: std::time::Duration,
+}
+
+/// `--leader-ttl`: a duration from 1 s to 10 min.
+fn leader_ttl(text: &str) -> Result<std::time::Duration, String> {
+    let ms = crate::duration::parse_duration_ms(text)?;
+    if !(1_000..=600_000).contains(&ms) {
+        return Err("the leader TTL must be between 1s and 10m".into());
+    }
+    Ok(std::time::Duration::from_millis(ms))
 }
 
 #[derive(Debug, Subcommand)]

@@ -62,6 +62,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
             dir: std::path::PathBuf::new(),
             kind: cli.store,
             remote: Some(std::sync::Arc::new(remote)),
+            database: None,
         };
         let out = Output { json: cli.json };
         return commands(cli.command, &place, out);
@@ -73,6 +74,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         },
         kind: cli.store,
         remote: None,
+        database: cli.database_url.map(crate::place::DatabaseUrl),
     };
     place.check()?;
     // Refused by name before anything runs, not ignored.
@@ -86,7 +88,7 @@ fn commands(command: Command, place: &Place, out: Output) -> Result<(), Failure>
     match command {
         Command::Run(args) => {
             let config = args.config.as_deref().map(config::load).transpose()?;
-            daemon::run(&place, config, args.http)
+            daemon::run(&place, config, args.http, args.leader_ttl)
         }
         Command::Job(command) => job(&place, out, command),
         Command::Next(args) => next(&place, out, &args),
@@ -751,10 +753,11 @@ fn worker(place: &Place, out: Output, command: WorkerCommand) -> Result<(), Fail
         WorkerCommand::Claim(args) => {
             let worker = WorkerId::new(&args.worker)
                 .map_err(|e| Failure::input(format!("invalid worker id {:?}: {e}", args.worker)))?;
-            if worker.as_str() == direct::DAEMON_WORKER {
+            if direct::is_daemon_worker(worker.as_str()) {
                 return Err(Failure::input(format!(
-                    "worker id {:?} is the daemon's own executor; pick another",
-                    direct::DAEMON_WORKER
+                    "worker id {:?} is a daemon's own executor (`local`, `local:HOST`); pick \
+                     another",
+                    worker.as_str()
                 )));
             }
             let request = Request::Claim {

@@ -4,7 +4,8 @@
 //! 2. Takes `<data-dir>/daemon.lock`. If another daemon holds it, says so and waits
 //!    (standby); it takes over when that daemon stops or dies. Only the lock holder writes,
 //!    so two daemons never run the same slot twice (the store's writer epochs would refuse
-//!    the loser's writes anyway).
+//!    the loser's writes anyway). With `--store postgres` it then also takes the leadership
+//!    lease in the database, standing by while a daemon on another host leads (`lead`).
 //! 3. Kills the commands a previous daemon that died left running (`<data-dir>/attempts`, see
 //!    `command_job`), before any attempt is recovered, so that none runs beside the attempt
 //!    that replaces it.
@@ -31,9 +32,10 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::cli::StoreKind;
 use crate::command_job;
 use crate::config::{core_config, Config, SHUTDOWN_BUDGET_DEFAULT};
-use crate::direct::{wall_clock, DAEMON_WORKER};
+use crate::direct::wall_clock;
 use crate::error::Failure;
 use crate::http::auth::HttpSettings;
 use crate::jobdef::{Prior, Resolve};
@@ -49,12 +51,13 @@ pub(crate) fn run(
     place: &Place,
     config: Option<Config>,
     http: Option<std::net::SocketAddr>,
+    leader_ttl: Duration,
 ) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
-    let result = runtime.block_on(daemon(place, config, http));
+    let result = runtime.block_on(daemon(place, config, http, leader_ttl));
     // A store write stuck on a dead disk must not keep the process from exiting.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -64,6 +67,7 @@ async fn daemon(
     place: &Place,
     config: Option<Config>,
     http: Option<std::net::SocketAddr>,
+    leader_ttl: Duration,
 ) -> Result<(), Failure> {
     let mut signals = Signals::new()?;
     // Listened to from the start: SIGHUP's default action would end the daemon silently.
@@ -77,8 +81,53 @@ async fn daemon(
         log("stopped while waiting for the other daemon");
         return Ok(());
     };
+    let lead = match place.kind {
+        StoreKind::Postgres => {
+            match crate::lead::stand_by(place, leader_ttl, &mut signals).await? {
+                Some(lead) => Some(lead),
+                None => {
+                    log("stopped while standing by");
+                    return Ok(());
+                }
+            }
+        }
+        StoreKind::Fs | StoreKind::Sled => None,
+    };
+    let worker = crate::direct::daemon_worker(place.kind);
+    // The lease is kept from now on: restoring a large store and starting may take longer
+    // than it lasts.
+    let fenced = Arc::new(std::sync::Mutex::new(None));
+    let running = Arc::new(std::sync::Mutex::new(None::<RuntimeHandle>));
+    let keeper = lead.clone().map(|lead| {
+        let running = Arc::clone(&running);
+        let attempts_dir = place.attempts_dir();
+        let socket_path = place.socket();
+        tokio::spawn(crate::lead::keep(lead, Arc::clone(&fenced), move || {
+            // Under the lock that start-up takes to publish the runtime, so that a runtime
+            // never starts unfenced after this.
+            let running = running
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let Some(handle) = running.as_ref() else {
+                log("lost the lead while starting: exiting now");
+                let _ = command_job::kill_leftovers(&attempts_dir);
+                std::process::exit(1);
+            };
+            handle.begin_shutdown(Duration::ZERO);
+            // The runtime may wait for an unreachable store (a partition); a leader that lost
+            // the lead must not linger, so it exits after a bound whatever the store does.
+            tokio::spawn(async move {
+                tokio::time::sleep(crate::lead::FENCED_EXIT_WAIT).await;
+                log("lost the lead and the store does not answer: exiting now");
+                let _ = command_job::kill_leftovers(&attempts_dir);
+                let _ = std::fs::remove_file(&socket_path);
+                std::process::exit(1);
+            });
+        }))
+    });
     kill_leftover_commands(place).await?;
-    let opened = place.open_store()?;
+    // Postgres's client blocks on a runtime of its own, which tokio allows only here.
+    let opened = tokio::task::block_in_place(|| place.open_store())?;
     let store = opened.store();
     let snapshot = read(&store).await?;
 
@@ -88,7 +137,7 @@ async fn daemon(
             command_job::KIND,
             command_job::handler_keeping_output(place.attempts_dir(), place.output_dir()),
         )
-        .worker(WorkerId::new(DAEMON_WORKER).expect("a valid worker id"));
+        .worker(WorkerId::new(&worker).expect("a valid worker id"));
     // A job added while the daemon runs may notify a URL no job had at its start.
     builder = builder.sink_factory(|entry| {
         let sink = webhook(entry).ok()??;
@@ -131,6 +180,9 @@ async fn daemon(
         e => Failure::runtime(e.to_string()),
     })?;
     let handle = runtime.handle();
+    *running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle.clone());
     let (stop_printer, printer_stop) = tokio::sync::watch::channel(false);
     let printer = tokio::spawn(print_events(
         handle.clone(),
@@ -204,7 +256,8 @@ async fn daemon(
     let status = DaemonStatus {
         pid: Some(std::process::id()),
         store: place.kind.name().into(),
-        worker: DAEMON_WORKER.into(),
+        worker: worker.clone(),
+        leader: lead.as_ref().map(crate::lead::Lead::status),
     };
     let shared = Server {
         handle: handle.clone(),
@@ -294,12 +347,37 @@ async fn daemon(
     });
 
     let result = runtime.run_until_signal(budget).await;
+    if let Some(keeper) = keeper {
+        keeper.abort();
+    }
+    running
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let fenced = fenced
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let deposed = matches!(result, Err(keel_runtime::RuntimeError::Deposed(_)));
+    if fenced.is_some() || (deposed && lead.is_some()) {
+        // The runtime stopped its attempts; a command that outlived its task must not run
+        // beside the attempt the next leader starts once the lease expires.
+        let _ = kill_leftover_commands(place).await;
+    }
     server.abort();
     drop(socket.guard);
     drop(handle);
     let _ = stop_printer.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(1), printer).await;
+    if let (Some(lead), None, Ok(())) = (&lead, &fenced, &result) {
+        crate::lead::resign(lead).await;
+    }
     drop(lock);
+    if let Some(why) = fenced {
+        return Err(Failure::runtime(format!(
+            "lost the lead of the postgres store ({why}); this daemon stopped"
+        )));
+    }
     match result {
         Ok(()) => {
             log("stopped");
@@ -1000,7 +1078,7 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
                     .flatten(),
             };
             if let Some(run) = run {
-                let what = if owner.as_str() == DAEMON_WORKER {
+                let what = if crate::direct::is_daemon_worker(owner.as_str()) {
                     "started".to_string()
                 } else {
                     format!("claimed by worker {owner}")
@@ -1074,7 +1152,7 @@ async fn describe(handle: &RuntimeHandle, store: &Arc<dyn Store>, event: &Event)
 }
 
 /// SIGINT and SIGTERM, listened to from the start so that none is missed.
-struct Signals {
+pub(crate) struct Signals {
     interrupt: Signal,
     terminate: Signal,
 }
@@ -1090,7 +1168,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) {
+    pub(crate) async fn recv(&mut self) {
         tokio::select! {
             _ = self.interrupt.recv() => {}
             _ = self.terminate.recv() => {}

@@ -29,6 +29,45 @@ use crate::protocol::{to_value, Added, CheckpointAnswer, ClaimedAttempt, Context
 /// directory, so the name is never shared. External workers may not use it.
 pub(crate) const DAEMON_WORKER: &str = "local";
 
+/// The worker id of the daemon's own attempts on `kind`'s store: [`DAEMON_WORKER`], except on
+/// Postgres, where daemons on several hosts share the store and each must know its own
+/// attempts from another host's: `local:HOST`, HOST being `KEEL_HOSTNAME` if set (for several
+/// daemons on one machine), else the host name. A new leader on another host then leaves the
+/// old leader's attempts to their leases (that host stops them when it loses the lead).
+pub(crate) fn daemon_worker(kind: crate::cli::StoreKind) -> String {
+    if kind != crate::cli::StoreKind::Postgres {
+        return DAEMON_WORKER.to_string();
+    }
+    let host = std::env::var("KEEL_HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    if host.is_empty() {
+        return format!("{DAEMON_WORKER}:unknown-host");
+    }
+    format!("{DAEMON_WORKER}:{host}")
+}
+
+/// Whether `worker` names a daemon's own executor (`local`, or `local:HOST` on Postgres).
+pub(crate) fn is_daemon_worker(worker: &str) -> bool {
+    worker == DAEMON_WORKER
+        || worker
+            .strip_prefix(DAEMON_WORKER)
+            .is_some_and(|rest| rest.starts_with(':'))
+}
+
 /// How long a command waits for a daemon that holds the lock to open its control socket.
 const SOCKET_WAIT: Duration = Duration::from_secs(10);
 
@@ -42,6 +81,16 @@ pub(crate) fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
     }
     if request.is_read() {
         return read_directly(place, request);
+    }
+    if place.kind == crate::cli::StoreKind::Postgres {
+        // Acting on the store would restore a scheduler, whose new writer epoch deposes the
+        // leading daemon on whatever host it runs (SPEC M3).
+        return Err(Failure::input(
+            "with --store postgres a command that changes something goes to the leading \
+             daemon: pass --server URL (its HTTP API, e.g. http://leader-host:8080), or run it \
+             on a host whose daemon leads, or start one (`keel run --store postgres`); keel \
+             never acts on a shared store directly, since that would depose the leader",
+        ));
     }
     place.prepare()?;
     let deadline = Instant::now() + SOCKET_WAIT;
@@ -86,13 +135,21 @@ pub(crate) fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
 
 /// Reads with no daemon running.
 fn read_directly(place: &Place, request: &Request) -> Result<Value, Failure> {
-    place.require_existing()?;
+    // A Postgres store is read from any host, whether a daemon ever ran there or not.
+    if place.kind != crate::cli::StoreKind::Postgres {
+        place.require_existing()?;
+    }
     if let Request::Status = request {
-        return to_value(crate::protocol::DaemonStatus {
+        let mut status = crate::protocol::DaemonStatus {
             pid: None,
             store: place.kind.name().into(),
-            worker: DAEMON_WORKER.into(),
-        });
+            worker: daemon_worker(place.kind),
+            leader: None,
+        };
+        if place.kind == crate::cli::StoreKind::Postgres {
+            status.leader = Some(crate::lead::current(place, false)?);
+        }
+        return to_value(status);
     }
     let store = place.open_store()?.store();
     crate::protocol::answer_read(&*store, request)

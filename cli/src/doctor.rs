@@ -284,9 +284,10 @@ fn check_store(place: &Place, lease: LeasePolicy, findings: &mut Findings) {
             );
             None
         }
-        (StoreKind::Sled, false) => match place.open_store() {
+        (StoreKind::Sled | StoreKind::Postgres, _) => match place.open_store() {
             Ok(store) => {
-                findings.add(Level::Ok, "store", "sled store opens".into(), None);
+                let what = format!("{} store opens", place.kind.name());
+                findings.add(Level::Ok, "store", what, None);
                 Some(store.store())
             }
             Err(e) => {

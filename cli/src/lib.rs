@@ -37,6 +37,7 @@ mod duration;
 mod error;
 mod http;
 mod jobdef;
+mod lead;
 mod logging;
 mod place;
 mod protocol;

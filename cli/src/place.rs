@@ -9,6 +9,10 @@
 //! | `<dir>/keel.sock` | the daemon's control socket (0600), removed when it stops |
 //! | `<dir>/output/` | each attempt's stdout and stderr, bounded, kept as long as its run's record (0700; `command_job::output`) |
 //! | `<dir>/attempts/` | the daemon's commands while they run (0700; a file per command, 0600), so that the next daemon can kill those a crash left running (`command_job` module docs) |
+//!
+//! With `--store postgres` the store and the leadership lease live in the database; the data
+//! directory keeps only this host's things: the lock (one daemon per directory), the socket,
+//! `output/` and `attempts/`.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -17,6 +21,7 @@ use std::sync::Arc;
 
 use keel_core::{Store, StoreError};
 use keel_store_fs::{check_private_dir, FsStore};
+use keel_store_postgres::PgStore;
 use keel_store_sled::SledStore;
 
 use crate::cli::StoreKind;
@@ -40,6 +45,30 @@ pub(crate) struct Place {
     pub(crate) kind: StoreKind,
     /// `--server URL`: a daemon on another host, reached over HTTP instead of this directory.
     pub(crate) remote: Option<Arc<crate::remote::Remote>>,
+    /// `--database-url`: the Postgres database, with `--store postgres`.
+    pub(crate) database: Option<DatabaseUrl>,
+}
+
+/// A Postgres connection string, which may hold a password: never printed.
+#[derive(Clone)]
+pub(crate) struct DatabaseUrl(pub(crate) String);
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
+}
+
+impl DatabaseUrl {
+    /// The connection settings it names.
+    pub(crate) fn config(&self) -> Result<keel_store_postgres::Config, Failure> {
+        // The parser's message does not quote the string, so it cannot leak the password.
+        self.0.parse().map_err(|e| {
+            Failure::input(format!(
+                "--database-url (KEEL_DATABASE_URL) is not a Postgres connection string: {e}"
+            ))
+        })
+    }
 }
 
 /// An open store, with the adapter-specific handle kept for `doctor`.
@@ -47,6 +76,7 @@ pub(crate) struct Place {
 pub(crate) enum OpenStore {
     Fs(Arc<FsStore>),
     Sled(Arc<SledStore>),
+    Postgres(Arc<PgStore>),
 }
 
 impl OpenStore {
@@ -55,6 +85,7 @@ impl OpenStore {
         match self {
             OpenStore::Fs(s) => s.clone(),
             OpenStore::Sled(s) => s.clone(),
+            OpenStore::Postgres(s) => s.clone(),
         }
     }
 }
@@ -70,6 +101,12 @@ impl Place {
                  not exist yet)",
                 self.dir.display()
             )));
+        }
+        if self.kind == StoreKind::Postgres && self.database.is_none() {
+            return Err(Failure::input(
+                "--store postgres needs the database: pass --database-url URL or set \
+                 KEEL_DATABASE_URL (docs/cli.md, \"Several hosts on Postgres\")",
+            ));
         }
         let fs = self.dir.join("VERSION").exists();
         let sled = self.dir.join(SLED_DIR).is_dir();
@@ -134,6 +171,13 @@ impl Place {
                     .map(|s| OpenStore::Sled(Arc::new(s)))
                     .map_err(|e| self.store_error(e))?
             }
+            // Nothing of the store is in the directory: `prepare` makes it for the daemon,
+            // which keeps this host's things there (output, running commands, the socket).
+            StoreKind::Postgres => {
+                return PgStore::with_config(self.database_config()?)
+                    .map(|s| OpenStore::Postgres(Arc::new(s)))
+                    .map_err(|e| self.store_error(e));
+            }
         };
         if new {
             eprintln!(
@@ -151,7 +195,17 @@ impl Place {
         match self.kind {
             // The fs store creates the directory and its VERSION marker.
             StoreKind::Fs => self.open_store().map(drop),
-            StoreKind::Sled => create_private_dir(&self.dir),
+            StoreKind::Sled | StoreKind::Postgres => create_private_dir(&self.dir),
+        }
+    }
+
+    /// The Postgres database's settings (`--database-url`), refused by name when missing.
+    pub(crate) fn database_config(&self) -> Result<keel_store_postgres::Config, Failure> {
+        match &self.database {
+            Some(url) => url.config(),
+            None => Err(Failure::input(
+                "--store postgres needs --database-url URL (or KEEL_DATABASE_URL)",
+            )),
         }
     }
 
@@ -171,6 +225,9 @@ impl Place {
             ),
             _ => error.to_string(),
         };
+        if self.kind == StoreKind::Postgres {
+            return Failure::runtime(format!("cannot open the postgres store: {hint}"));
+        }
         Failure::runtime(format!(
             "cannot open the {} store in {}: {hint}",
             self.kind.name(),

@@ -340,6 +340,24 @@ pub(crate) struct DaemonStatus {
     pub(crate) store: String,
     /// The worker id of the daemon's own attempts.
     pub(crate) worker: String,
+    /// With a store that daemons on several hosts share (Postgres): who leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) leader: Option<LeaderStatus>,
+}
+
+/// Who leads a shared store, in `status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LeaderStatus {
+    /// Whether the process that answered leads.
+    pub(crate) leading: bool,
+    /// The leader's id (`HOST:PID:RANDOM`), or `None` if nobody holds a live lease.
+    pub(crate) holder: Option<String>,
+    /// Its term, raised at every takeover.
+    pub(crate) term: Option<u64>,
+    /// Since when it leads (RFC 3339, the database's clock).
+    pub(crate) since: Option<String>,
+    /// Until when its lease runs unless renewed (RFC 3339, the database's clock).
+    pub(crate) expires: Option<String>,
 }
 
 /// Answers a read request from a store (the daemon, and the CLI when no daemon runs).

@@ -632,7 +632,7 @@ pub(crate) fn event_line(event: &Event) -> String {
             format!("job {job}: {count} slot(s) dropped ({reason})")
         }
         Event::LeaseGranted { run, owner, token } => {
-            if owner.as_str() == crate::direct::DAEMON_WORKER {
+            if crate::direct::is_daemon_worker(owner.as_str()) {
                 format!("{run} started ({token})")
             } else {
                 format!("{run} claimed by worker {owner} ({token})")

@@ -37,12 +37,13 @@
 //!
 //! | table | key | holds |
 //! |---|---|---|
-//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 1`), the writer epoch, the scheduler's counters ([`Meta`]) |
+//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 2`), the writer epoch, the scheduler's counters ([`Meta`]) |
 //! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
 //! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
 //! | `keel_slots` | job, slot | the run that claimed the slot; never pruned (SPEC S6) |
 //! | `keel_audit` | seq | the audit record, with its job, run and time |
 //! | `keel_incidents`, `keel_deliveries` | id | the incident (and whether it is open), the outbox delivery |
+//! | `keel_leader` | the single row `id = 1` | the leadership lease of daemons sharing the store ([`Leadership`]): holder, term, since when, until when by the database's clock |
 //!
 //! Bodies are `json` (the record's serde form, exactly as written), **not `jsonb`**: `jsonb`
 //! refuses the escape `\u0000`, and one NUL in an error message would make a batch fail on
@@ -82,7 +83,10 @@
 
 #![warn(missing_docs)]
 
+mod leader;
 mod sql;
+
+pub use leader::{Leadership, Lease};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -154,9 +158,9 @@ impl PgStore {
         let conn = guard.insert(conn);
         let result = f(conn);
         // A connection the server ended may not know it yet (`is_closed` turns true only once
-        // its background task has seen the end): after any I/O error the next call connects
-        // afresh, which costs one connection and never reuses a broken one.
-        if conn.client.is_closed() || matches!(result, Err(StoreError::Io(_))) {
+        // its background task has seen the end): after a failed call a ping decides, so a
+        // broken connection is never reused and a live one is kept.
+        if conn.client.is_closed() || (result.is_err() && !alive(&mut conn.client)) {
             *guard = None;
         }
         result
@@ -373,6 +377,35 @@ impl Store for PgStore {
                 .map(|row| body(row, "keel_incidents", "id"))
                 .collect()
         })
+    }
+}
+
+impl Drop for PgStore {
+    /// Closes the connection on a thread of its own: the client blocks on its runtime to
+    /// close, which would panic inside an async runtime, where a daemon may drop its last
+    /// handle.
+    fn drop(&mut self) {
+        let conn = self
+            .conn
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(conn) = conn {
+            close_apart(conn);
+        }
+    }
+}
+
+/// Drops `value` (a connection) on a new thread; if none can be started, leaks it (the process
+/// is in trouble, and the server ends the session when the socket closes at exit).
+fn close_apart<T: Send + 'static>(value: T) {
+    let spare = std::sync::Arc::new(Mutex::new(Some(value)));
+    let moved = std::sync::Arc::clone(&spare);
+    let started = std::thread::Builder::new()
+        .name("keel-pg-close".into())
+        .spawn(move || drop(moved.lock().unwrap_or_else(PoisonError::into_inner).take()));
+    if started.is_err() {
+        std::mem::forget(spare.lock().unwrap_or_else(PoisonError::into_inner).take());
     }
 }
 
@@ -695,6 +728,16 @@ fn format_number(found: &str) -> Result<usize, StoreError> {
     Ok(number)
 }
 
+/// How long [`alive`] waits for the server's answer.
+const ALIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a connection on which a call just failed still answers. A session the server ended
+/// is not always marked closed by the time the failed call returns, and a connection kept in
+/// that state would fail every later call instead of being replaced.
+pub(crate) fn alive(client: &mut Client) -> bool {
+    !client.is_closed() && client.is_valid(ALIVE_WAIT).is_ok()
+}
+
 /// A client failure as a store error.
 fn pg_error(error: postgres::Error) -> StoreError {
     match error.as_db_error() {
@@ -715,7 +758,7 @@ mod tests {
     fn a_newer_or_foreign_format_is_refused_by_name() {
         assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
         for found in [
-            "keel-store-postgres 2",
+            "keel-store-postgres 3",
             "keel-store-postgres 0",
             "keel-store-postgres x",
             "keel-store-sled 1",

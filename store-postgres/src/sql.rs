@@ -4,7 +4,7 @@
 //! database can hold several keel stores (one per schema).
 
 /// The format marker this build writes and reads, in `keel_meta.format`.
-pub(crate) const FORMAT: &str = "keel-store-postgres 1";
+pub(crate) const FORMAT: &str = "keel-store-postgres 2";
 
 /// The prefix of every format marker of this store; what follows it is the format number.
 pub(crate) const FORMAT_PREFIX: &str = "keel-store-postgres ";
@@ -15,7 +15,19 @@ pub(crate) const SCHEMA_LOCK: i64 = 0x6b65_656c;
 
 /// Migrations, in order: `MIGRATIONS[n]` takes a schema from format `n` to format `n + 1`
 /// (format 0 is an empty schema). The last one's number is [`FORMAT`]'s.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+
+/// Format 2: the leadership lease (`leader` module), one row `id = 1` once anyone led. Times are
+/// the database's (`now()`), so that one clock judges every host's lease.
+const V2: &str = r#"
+CREATE TABLE keel_leader (
+    id smallint PRIMARY KEY CHECK (id = 1),
+    holder text NOT NULL,
+    term bigint NOT NULL,
+    acquired_at timestamptz NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+"#;
 
 /// Format 1. Bodies are `json`, not `jsonb`: `jsonb` refuses the escape `\u0000`, so one NUL
 /// in an error message would make a batch fail forever; `json` keeps the text as written.
@@ -177,3 +189,46 @@ pub(crate) fn audit_page(by_run: bool, by_job: bool) -> String {
          ORDER BY seq LIMIT $3"
     )
 }
+
+// ----- leadership (`leader` module) ----------------------------------------------------------
+
+/// The columns every leadership statement returns: holder, term, acquired_at and expires_at as
+/// milliseconds since the epoch, and whether the lease is live by the database's clock.
+macro_rules! leader_columns {
+    () => {
+        "holder, term, (extract(epoch FROM acquired_at) * 1000)::bigint, \
+         (extract(epoch FROM expires_at) * 1000)::bigint, expires_at > now()"
+    };
+}
+
+/// Takes the lease if nobody holds a live one: a new term, expiring `$2` ms from the
+/// database's `now()`. One statement, so two processes racing for it cannot both win: the
+/// loser's `ON CONFLICT` re-checks the `WHERE` against the winner's row and updates nothing.
+pub(crate) const LEADER_ACQUIRE: &str = concat!(
+    "INSERT INTO keel_leader AS l (id, holder, term, acquired_at, expires_at) \
+     VALUES (1, $1, 1, now(), now() + $2::bigint * interval '1 millisecond') \
+     ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, term = l.term + 1, \
+     acquired_at = now(), expires_at = EXCLUDED.expires_at \
+     WHERE l.expires_at <= now() \
+     RETURNING ",
+    leader_columns!()
+);
+
+/// Extends the holder's term by `$3` ms from `now()`. Also after the lease expired, if nobody
+/// took it meanwhile: holder and term unchanged mean nobody else led in between.
+pub(crate) const LEADER_RENEW: &str = concat!(
+    "UPDATE keel_leader SET expires_at = now() + $3::bigint * interval '1 millisecond' \
+     WHERE id = 1 AND holder = $1 AND term = $2 RETURNING ",
+    leader_columns!()
+);
+
+/// Ends the holder's term now, so that a standby takes over at its next poll.
+pub(crate) const LEADER_RESIGN: &str =
+    "UPDATE keel_leader SET expires_at = now() WHERE id = 1 AND holder = $1 AND term = $2";
+
+/// The lease as it stands.
+pub(crate) const LEADER_CURRENT: &str = concat!(
+    "SELECT ",
+    leader_columns!(),
+    " FROM keel_leader WHERE id = 1"
+);

@@ -219,12 +219,12 @@ fn a_newer_format_is_refused_by_name_and_foreign_tables_are_not_adopted() {
     drop(db.open());
     let mut client = db.client();
     client
-        .execute("UPDATE keel_meta SET format = 'keel-store-postgres 2'", &[])
+        .execute("UPDATE keel_meta SET format = 'keel-store-postgres 3'", &[])
         .unwrap();
     assert_eq!(
         PgStore::with_config(db.config()).unwrap_err(),
         StoreError::Version {
-            found: "keel-store-postgres 2".into(),
+            found: "keel-store-postgres 3".into(),
             supported: FORMAT.into()
         }
     );

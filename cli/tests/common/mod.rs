@@ -158,8 +158,16 @@ command = ["sh", "job.sh"]
     }
 
     pub fn daemon_with_env(&self, config: &Path, env: &[(&str, &str)]) -> Daemon {
+        self.spawn_daemon(
+            &["run", "--config", config.to_str().expect("utf-8 path")],
+            env,
+        )
+    }
+
+    /// A daemon started with `args` (which include `run`) and `env`.
+    pub fn spawn_daemon(&self, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = self
-            .command(&["run", "--config", config.to_str().expect("utf-8 path")])
+            .command(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

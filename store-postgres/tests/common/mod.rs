@@ -62,6 +62,25 @@ impl TestDb {
         config
     }
 
+    /// A connection string for this schema, for a process of its own (keel's daemon).
+    pub fn url(&self) -> String {
+        let schema = &self.schema;
+        match &*self.server {
+            Server::External(_, url) if url.starts_with("postgres") => {
+                let join = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{join}options=-c%20search_path%3D{schema}&application_name={schema}")
+            }
+            Server::External(_, url) => {
+                format!("{url} options='-c search_path={schema}' application_name={schema}")
+            }
+            Server::Cluster(cluster) => format!(
+                "host={} port={PORT} user=postgres dbname=postgres \
+                 options='-c search_path={schema}' application_name={schema}",
+                path_str(&cluster.sockets)
+            ),
+        }
+    }
+
     /// The schema's name.
     pub fn schema(&self) -> &str {
         &self.schema
@@ -81,7 +100,7 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Only needed on a long-lived server; a throwaway cluster is removed whole.
-        if let Server::External(_) = &*self.server {
+        if let Server::External(..) = &*self.server {
             if let Ok(mut client) = self.server.config().connect(postgres::NoTls) {
                 let _ = client.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
             }
@@ -92,7 +111,8 @@ impl Drop for TestDb {
 /// Where the tests' databases live.
 #[derive(Debug)]
 enum Server {
-    External(Config),
+    /// The settings and the string they were parsed from.
+    External(Config, String),
     Cluster(Cluster),
 }
 
@@ -115,7 +135,7 @@ impl Server {
             let config = url
                 .parse()
                 .unwrap_or_else(|e| panic!("{DATABASE_URL} is not a connection string: {e}"));
-            return Some(Server::External(config));
+            return Some(Server::External(config, url));
         }
         let Some(bin) = server_binaries() else {
             if std::env::var(SKIP).as_deref() == Ok("1") {
@@ -144,7 +164,7 @@ impl Server {
 
     fn config(&self) -> Config {
         match self {
-            Server::External(config) => config.clone(),
+            Server::External(config, _) => config.clone(),
             Server::Cluster(cluster) => {
                 let mut config = Config::new();
                 config

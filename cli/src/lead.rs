@@ -1,0 +1,247 @@
+//! Leading a store that daemons on several hosts share (`--store postgres`).
+//!
+//! The fs and sled stores have one writer per data directory, chosen by the `daemon.lock`
+//! flock (`place::DaemonLock`). On Postgres the writer is the holder of the leadership lease
+//! (`keel_store_postgres::Leadership`, judged by the database's clock):
+//!
+//! 1. [`stand_by`]: try to take the lease about once a second ([`STANDBY_POLL`]), saying who
+//!    leads whenever that changes.
+//! 2. Once leading, the daemon restores the store (raising its writer epoch, which deposes any
+//!    previous writer) and starts; [`keep`] renews the lease every third of the TTL.
+//! 3. [`keep`] fences this process when no renewal sent in the last `ttl - margin` succeeded,
+//!    or when a renewal finds another holder: it stops the runtime at once (attempts are
+//!    interrupted), kills its commands and the daemon exits non-zero, within
+//!    [`FENCED_EXIT_WAIT`] even if the store does not answer. This is a first step of SPEC M2's
+//!    self-fencing, in the driver; modelling it in the core (so the simulator tests it) is not
+//!    built yet. A deposed leader's late batches are refused by the store's writer epoch
+//!    regardless.
+//! 4. A graceful stop resigns ([`resign`]), so a standby takes over at its next poll.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use keel_store_postgres::{Leadership, Lease};
+use tokio::time::Instant;
+
+use crate::daemon::{log, Signals};
+use crate::error::Failure;
+use crate::place::Place;
+use crate::protocol::LeaderStatus;
+
+/// How often a standby tries to take the lease.
+pub(crate) const STANDBY_POLL: Duration = Duration::from_secs(1);
+
+/// How long a leader that lost the lead waits for its runtime to stop before it exits anyway.
+pub(crate) const FENCED_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// The leadership of this process: the handle and the term it holds.
+#[derive(Debug, Clone)]
+pub(crate) struct Lead {
+    leadership: Arc<Leadership>,
+    lease: Lease,
+}
+
+impl Lead {
+    /// Who leads, for `status`: this process.
+    pub(crate) fn status(&self) -> LeaderStatus {
+        status(Some(&self.lease), true)
+    }
+}
+
+/// Waits until this process holds the lease (`None` if a signal came first).
+pub(crate) async fn stand_by(
+    place: &Place,
+    ttl: Duration,
+    signals: &mut Signals,
+) -> Result<Option<Lead>, Failure> {
+    let mut config = place.database_config()?;
+    // A connection attempt must not outlast a renewal period.
+    config.connect_timeout(ttl / 3);
+    let holder = holder_id();
+    let leadership = blocking(move || Leadership::new(config, &holder, ttl))
+        .await?
+        .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
+    let leadership = Arc::new(leadership);
+    let mut said: Option<(String, u64)> = None;
+    let mut failing = false;
+    loop {
+        let handle = Arc::clone(&leadership);
+        let tried = blocking(move || -> Result<_, keel_core::StoreError> {
+            let acquired = handle.try_acquire()?;
+            match acquired {
+                Some(lease) => Ok((Some(lease), None)),
+                None => Ok((None, handle.current()?)),
+            }
+        })
+        .await?;
+        match tried {
+            Ok((Some(lease), _)) => {
+                log(&format!(
+                    "leading the postgres store as {} (term {}, lease ttl {})",
+                    lease.holder,
+                    lease.term,
+                    crate::show::duration(ttl)
+                ));
+                return Ok(Some(Lead { leadership, lease }));
+            }
+            Ok((None, current)) => {
+                failing = false;
+                if let Some(lease) = current.filter(|l| l.live) {
+                    let key = (lease.holder.clone(), lease.term);
+                    if said.as_ref() != Some(&key) {
+                        log(&format!(
+                            "standby: {} leads the postgres store (term {}, since {}); taking \
+                             over when its lease lapses",
+                            lease.holder,
+                            lease.term,
+                            crate::show::time(lease.acquired_at)
+                        ));
+                        said = Some(key);
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log(&format!(
+                        "standby: cannot reach the database ({e}); retrying"
+                    ));
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(STANDBY_POLL) => {}
+            () = signals.recv() => return Ok(None),
+        }
+    }
+}
+
+/// Renews the lease until the process stops; on losing it, records why in `fenced` and calls
+/// `stop` (which must stop the runtime at once). Runs as a task of its own.
+pub(crate) async fn keep(
+    lead: Lead,
+    fenced: Arc<Mutex<Option<String>>>,
+    stop: impl FnOnce() + Send + 'static,
+) {
+    let ttl = lead.leadership.ttl();
+    let renew_every = ttl / 3;
+    // The margin covers a renewal in flight and the rates of two clocks: the local one that
+    // measures it and the database's that expires the lease.
+    let fence_after = ttl - ttl / 5;
+    let term = lead.lease.term;
+    let mut fence_at = Instant::now() + fence_after;
+    let mut failing = false;
+    let why = loop {
+        let sent = Instant::now();
+        let handle = Arc::clone(&lead.leadership);
+        let renewal = tokio::time::timeout_at(fence_at, blocking(move || handle.renew(term)));
+        match renewal.await {
+            Err(_) => {
+                break format!(
+                    "no renewal of the leadership lease succeeded for {}",
+                    crate::show::duration(fence_after)
+                )
+            }
+            Ok(Ok(Ok(Some(_)))) => {
+                if failing {
+                    log("leadership lease renewed again");
+                }
+                failing = false;
+                fence_at = sent + fence_after;
+            }
+            Ok(Ok(Ok(None))) => {
+                break "another daemon holds the leadership lease (this one was deposed)".into()
+            }
+            Ok(Ok(Err(e))) => {
+                if !failing {
+                    log(&format!(
+                        "cannot renew the leadership lease ({e}); stopping unless a renewal \
+                         succeeds within {}",
+                        crate::show::duration(fence_at.saturating_duration_since(Instant::now()))
+                    ));
+                }
+                failing = true;
+            }
+            Ok(Err(e)) => log(&format!("cannot renew the leadership lease: {e}")),
+        }
+        let next = if failing {
+            sent + STANDBY_POLL.min(renew_every)
+        } else {
+            sent + renew_every
+        };
+        tokio::time::sleep_until(next.min(fence_at)).await;
+        if Instant::now() >= fence_at {
+            break format!(
+                "no renewal of the leadership lease succeeded for {}",
+                crate::show::duration(fence_after)
+            );
+        }
+    };
+    log(&format!(
+        "lost the lead: {why}; stopping now (running attempts are interrupted) so that the \
+         next leader can take over"
+    ));
+    *fenced.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
+    stop();
+}
+
+/// Ends this process's term, so that a standby takes over at its next poll.
+pub(crate) async fn resign(lead: &Lead) {
+    let handle = Arc::clone(&lead.leadership);
+    let term = lead.lease.term;
+    let resigned = tokio::time::timeout(
+        Duration::from_secs(2),
+        blocking(move || handle.resign(term)),
+    )
+    .await;
+    match resigned {
+        Ok(Ok(Ok(()))) => log("resigned the lead"),
+        Ok(Ok(Err(e))) => log(&format!(
+            "could not resign the lead ({e}); a standby takes over when the lease lapses"
+        )),
+        _ => log("could not resign the lead in time; a standby takes over when the lease lapses"),
+    }
+}
+
+/// Who leads the store, read from the database (for `status` with no daemon).
+pub(crate) fn current(place: &Place, leading: bool) -> Result<LeaderStatus, Failure> {
+    let leadership = Leadership::new(place.database_config()?, &holder_id(), Duration::ZERO)
+        .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
+    let lease = leadership
+        .current()
+        .map_err(|e| Failure::runtime(format!("cannot read the leadership lease: {e}")))?;
+    Ok(status(lease.as_ref().filter(|l| l.live), leading))
+}
+
+fn status(lease: Option<&Lease>, leading: bool) -> LeaderStatus {
+    let rfc3339 = |t: keel_core::Timestamp| {
+        t.to_utc()
+            .map(|utc| utc.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    };
+    LeaderStatus {
+        leading,
+        holder: lease.map(|l| l.holder.clone()),
+        term: lease.map(|l| l.term),
+        since: lease.and_then(|l| rfc3339(l.acquired_at)),
+        expires: lease.and_then(|l| rfc3339(l.expires_at)),
+    }
+}
+
+/// This process's name in the lease: `HOST:PID:RANDOM`, unique even when a pid is reused.
+fn holder_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // Randomly keyed by the standard library: enough to tell two processes apart.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let worker = crate::direct::daemon_worker(crate::cli::StoreKind::Postgres);
+    let host = worker.strip_prefix("local:").unwrap_or(&worker);
+    format!("{host}:{}:{:08x}", std::process::id(), random as u32)
+}
+
+/// Runs a blocking database call off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Failure::runtime(format!("a database call failed: {e}")))
+}

@@ -1,0 +1,362 @@
+//! Daemons on a real Postgres (`--store postgres`), as if on two hosts: each has a data
+//! directory and a `KEEL_HOSTNAME` of its own. One leads and the other stands by; `kill -9` of
+//! the leader hands over within the leader TTL plus a small bound, a SIGTERM at once; the job
+//! keeps firing and no slot fires twice. Commands never act on the shared store directly.
+//!
+//! Postgres comes from store-postgres's test support (a throwaway cluster, or
+//! `KEEL_TEST_DATABASE_URL`); with none, the test fails unless `KEEL_SKIP_POSTGRES=1`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "../../store-postgres/tests/common/mod.rs"]
+mod pg;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, Place, WAIT};
+use serde_json::Value;
+
+/// The leadership lease's TTL in this test (the default is 10 s).
+const TTL: Duration = Duration::from_secs(3);
+/// How much later than the TTL a `kill -9`ed leader may be replaced: the standby's poll (1 s)
+/// and its start-up.
+const FAILOVER_BOUND: Duration = Duration::from_secs(2);
+
+/// Each attempt appends `KEY RUN ATTEMPT` to this file (in the first place's directory).
+const FIRED: &str = "fired.log";
+
+#[test]
+fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = with_password(db.url());
+    let a = Place::new("pg-a");
+    let b = Place::new("pg-b");
+    let fired = a.path(FIRED);
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+
+    // A missing database is refused by name.
+    b.keel(&["--store", "postgres", "job", "ls"])
+        .expect_code(2)
+        .expect_stderr("--database-url");
+
+    let leader = start(&a, &config_a, &url, "host-a", true);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:", "leads the postgres store"]);
+    assert_eq!(standby.count(&["leading the postgres store"]), 0);
+
+    // Who leads, in the leader's status.
+    let status: Value = reqwest::blocking::get(format!("{}/api/v1/status", leader.http_url()))
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(status["store"], "postgres", "{status}");
+    assert_eq!(status["worker"], "local:host-a", "{status}");
+    assert_eq!(status["leader"]["leading"], true, "{status}");
+    assert!(
+        status["leader"]["holder"]
+            .as_str()
+            .unwrap()
+            .starts_with("host-a:"),
+        "{status}"
+    );
+    assert!(status["leader"]["since"].is_string(), "{status}");
+
+    // A change from the standby's host is refused rather than depose the leader; a read works.
+    let add = [
+        "job",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
+            fired.display()
+        ),
+    ];
+    pg_keel(&b, &url, &add)
+        .expect_code(2)
+        .expect_stderr("--server URL");
+    let jobs_before: Value = serde_json::from_str(
+        &pg_keel(&b, &url, &["--json", "job", "ls"])
+            .expect_code(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(jobs_before, Value::Array(vec![]));
+    // Through the leader (its control socket): added, and fired once per slot.
+    pg_keel(&a, &url, &add).expect_code(0);
+    wait_until("the leader fires the job twice", || {
+        lines(&fired).len() >= 2
+    });
+    // Read from a host where no daemon ever ran.
+    let elsewhere = Place::new("pg-elsewhere");
+    let jobs: Value = serde_json::from_str(
+        &pg_keel(&elsewhere, &url, &["--json", "job", "ls"])
+            .expect_code(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(jobs[0]["name"], "tick", "{jobs}");
+    assert!(
+        !elsewhere.data().exists(),
+        "a read created {:?}",
+        elsewhere.data()
+    );
+
+    // kill -9 of the leader: the standby leads within TTL + the bound.
+    let mut leader = leader;
+    let killed_at = Instant::now();
+    leader.signal("KILL");
+    leader.wait_exit();
+    let before = lines(&fired).len();
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    let failover = killed_at.elapsed();
+    eprintln!("failover after kill -9 of the leader: {failover:?} (lease TTL {TTL:?})");
+    assert!(
+        failover <= TTL + FAILOVER_BOUND,
+        "took over after {failover:?}:\n{}",
+        standby.log()
+    );
+    wait_until("the new leader fires the job", || {
+        lines(&fired).len() >= before + 2
+    });
+
+    // The old host comes back as a standby; a SIGTERM of the leader hands over at once.
+    let again = start(&a, &config_a, &url, "host-a", false);
+    again.wait_for(&["standby: host-b:", "leads the postgres store"]);
+    let mut standby = standby;
+    let stopped_at = Instant::now();
+    standby.signal("TERM");
+    again.wait_for(&["leading the postgres store as host-a:"]);
+    let handover = stopped_at.elapsed();
+    eprintln!("handover after SIGTERM of the leader: {handover:?}");
+    assert!(
+        handover < TTL,
+        "a resigned lease was taken over after {handover:?}:\n{}",
+        again.log()
+    );
+    assert!(standby.wait_exit().success(), "{}", standby.log());
+    assert_eq!(
+        standby.count(&["resigned the lead"]),
+        1,
+        "{}",
+        standby.log()
+    );
+    let before = lines(&fired).len();
+    wait_until("the third leader fires the job", || {
+        lines(&fired).len() >= before + 2
+    });
+
+    // No slot fired twice, and no attempt ran twice.
+    let fired = lines(&fired);
+    expect_each_slot_fired_once(&fired);
+    // The store agrees: one run per slot, read directly (reads may).
+    let runs: Value = serde_json::from_str(
+        &pg_keel(
+            &b,
+            &url,
+            &["--json", "runs", "--job", "tick", "--limit", "1000"],
+        )
+        .expect_code(0)
+        .stdout(),
+    )
+    .unwrap();
+    let runs = runs.as_array().unwrap();
+    assert!(runs.len() >= fired.len(), "{runs:?}");
+    // The password never reached a log.
+    for daemon in [&again, &standby] {
+        assert!(!daemon.log().contains(PASSWORD), "{}", daemon.log());
+    }
+}
+
+/// A password the test cluster does not ask for (it trusts local connections), in the URL
+/// only to check that keel never prints it.
+const PASSWORD: &str = "sekrit-never-printed";
+
+/// `url` with [`PASSWORD`], for a key-value connection string (a URL one is left as it is).
+fn with_password(url: String) -> String {
+    if url.starts_with("postgres") {
+        return url;
+    }
+    format!("{url} password={PASSWORD}")
+}
+
+#[test]
+fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-stall-a");
+    let b = Place::new("pg-stall-b");
+    let fired = a.path(FIRED);
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    // Its control socket is open: commands on its host reach it.
+    leader.wait_for(&["ready: postgres store"]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+    let add = [
+        "job",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
+            fired.display()
+        ),
+    ];
+    pg_keel(&a, &url, &add).expect_code(0);
+    wait_until("the leader fires the job", || !lines(&fired).is_empty());
+
+    // Stalled (as by a long GC pause or a frozen VM): its lease lapses and the standby leads.
+    let stalled_at = Instant::now();
+    leader.signal("STOP");
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    let failover = stalled_at.elapsed();
+    eprintln!("failover after SIGSTOP of the leader: {failover:?} (lease TTL {TTL:?})");
+    assert!(failover <= TTL + FAILOVER_BOUND, "{}", standby.log());
+    let before = lines(&fired).len();
+    wait_until("the new leader fires the job", || {
+        lines(&fired).len() >= before + 2
+    });
+
+    // Woken, the old leader finds it lost the lead (or the store refuses its writes) and
+    // stops with a failure, instead of firing beside the new one.
+    leader.signal("CONT");
+    let status = leader.wait_exit();
+    assert!(!status.success(), "{status:?}:\n{}", leader.log());
+    let log = leader.log();
+    assert!(
+        log.contains("lost the lead") || log.contains("took over the store"),
+        "{log}"
+    );
+    let before = lines(&fired).len();
+    wait_until("the new leader keeps firing", || {
+        lines(&fired).len() >= before + 2
+    });
+    expect_each_slot_fired_once(&lines(&fired));
+}
+
+#[test]
+fn a_leader_that_cannot_renew_stops_itself_before_its_lease_ends() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-fence-a");
+    let b = Place::new("pg-fence-b");
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+
+    // The lease row locked behind the daemons' backs: every renewal hangs, as over a
+    // partition, while the store itself still answers.
+    let mut client = db.client();
+    let mut blocker = client.transaction().unwrap();
+    blocker
+        .query("SELECT 1 FROM keel_leader FOR UPDATE", &[])
+        .unwrap();
+    let blocked_at = Instant::now();
+    leader.wait_for(&["lost the lead: no renewal of the leadership lease succeeded"]);
+    let stopped = blocked_at.elapsed();
+    eprintln!("a leader that could not renew stopped itself after {stopped:?} (lease TTL {TTL:?})");
+    let status = leader.wait_exit();
+    assert!(!status.success(), "{status:?}:\n{}", leader.log());
+    assert_eq!(
+        leader.count(&["lost the lead: no renewal of the leadership lease succeeded"]),
+        1,
+        "{}",
+        leader.log()
+    );
+    // It stopped before its lease could have lapsed: TTL after the last renewal, which was
+    // before the block.
+    assert!(
+        stopped < TTL,
+        "stopped after {stopped:?}:\n{}",
+        leader.log()
+    );
+    blocker.commit().unwrap();
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+}
+
+/// No slot fired as two runs, and no attempt of a run ran twice (`KEY RUN ATTEMPT` lines).
+#[track_caller]
+fn expect_each_slot_fired_once(fired: &[String]) {
+    let mut runs_of_slot: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut attempts = BTreeSet::new();
+    for line in fired {
+        let [key, run, attempt] = line.split(' ').collect::<Vec<_>>()[..] else {
+            panic!("malformed line {line:?}");
+        };
+        runs_of_slot
+            .entry(key.to_string())
+            .or_default()
+            .insert(run.to_string());
+        assert!(
+            attempts.insert((run.to_string(), attempt.to_string())),
+            "{run} attempt {attempt} ran twice:\n{fired:?}"
+        );
+    }
+    for (key, runs) in &runs_of_slot {
+        assert_eq!(runs.len(), 1, "slot {key} fired as {runs:?}");
+    }
+}
+
+/// A daemon on `place` with `--store postgres`, named `host` (its worker is `local:HOST`).
+fn start(place: &Place, config: &Path, url: &str, host: &str, http: bool) -> Daemon {
+    let ttl = format!("{}s", TTL.as_secs());
+    let mut args = vec![
+        "--store",
+        "postgres",
+        "--database-url",
+        url,
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--leader-ttl",
+        &ttl,
+    ];
+    if http {
+        args.extend(["--http", "127.0.0.1:0"]);
+    }
+    place.spawn_daemon(&args, &[("KEEL_HOSTNAME", host)])
+}
+
+/// A keel command on `place` with `--store postgres`.
+fn pg_keel(place: &Place, url: &str, args: &[&str]) -> common::Done {
+    let mut all = vec!["--store", "postgres", "--database-url", url];
+    all.extend_from_slice(args);
+    place.keel(&all)
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Polls `condition` (a file the daemons write) until it holds, failing after [`WAIT`].
+#[track_caller]
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,141 @@
+//! The leadership lease on a real Postgres: one holder at a time, takeover after expiry or at
+//! once after a resignation, and a deposed holder told so at its next renewal.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use keel_store_postgres::Leadership;
+
+fn handle(db: &TestDb, holder: &str, ttl: Duration) -> Leadership {
+    Leadership::new(db.config(), holder, ttl).unwrap()
+}
+
+#[test]
+fn one_holder_at_a_time_and_a_resignation_hands_over_at_once() {
+    let Some(db) = TestDb::new() else { return };
+    let ttl = Duration::from_secs(60);
+    let a = handle(&db, "host-a:1:x", ttl);
+    let b = handle(&db, "host-b:2:y", ttl);
+    assert_eq!(a.current().unwrap(), None, "nobody led yet");
+
+    let first = a.try_acquire().unwrap().expect("a free lease is taken");
+    assert_eq!((first.holder.as_str(), first.term), ("host-a:1:x", 1));
+    assert!(first.live);
+    assert!(first.expires_at.ms_since(first.acquired_at) >= 59_000);
+    assert_eq!(b.try_acquire().unwrap(), None, "a live lease is not taken");
+    assert_eq!(
+        a.try_acquire().unwrap(),
+        None,
+        "not even by its holder again"
+    );
+    let seen = b.current().unwrap().unwrap();
+    assert_eq!(
+        (seen.holder.as_str(), seen.term, seen.live),
+        ("host-a:1:x", 1, true)
+    );
+
+    let renewed = a.renew(1).unwrap().expect("the holder renews its term");
+    assert!(renewed.expires_at >= first.expires_at);
+    assert_eq!(b.renew(1).unwrap(), None, "only the holder renews");
+
+    a.resign(1).unwrap();
+    assert!(
+        !b.current().unwrap().unwrap().live,
+        "a resigned lease is over"
+    );
+    let second = b
+        .try_acquire()
+        .unwrap()
+        .expect("taken at once after a resignation");
+    assert_eq!((second.holder.as_str(), second.term), ("host-b:2:y", 2));
+    assert_eq!(
+        a.renew(1).unwrap(),
+        None,
+        "the old holder learns it was deposed"
+    );
+    a.resign(1).unwrap();
+    assert!(
+        b.current().unwrap().unwrap().live,
+        "a stale resignation ends nothing"
+    );
+}
+
+#[test]
+fn an_unrenewed_lease_is_taken_only_after_it_expired_by_the_database_clock() {
+    let Some(db) = TestDb::new() else { return };
+    let ttl = Duration::from_millis(400);
+    let a = handle(&db, "a", ttl);
+    let b = handle(&db, "b", ttl);
+    let first = a.try_acquire().unwrap().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let second = loop {
+        if let Some(lease) = b.try_acquire().unwrap() {
+            break lease;
+        }
+        assert!(Instant::now() < deadline, "never taken over");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(second.term, 2);
+    assert!(
+        second.acquired_at >= first.expires_at,
+        "taken at {:?}, before the first term expired at {:?}",
+        second.acquired_at,
+        first.expires_at
+    );
+    assert_eq!(a.renew(first.term).unwrap(), None);
+}
+
+#[test]
+fn of_many_contenders_for_a_free_lease_exactly_one_wins() {
+    let Some(db) = TestDb::new() else { return };
+    let contenders = 8;
+    let handles: Vec<_> = (0..contenders)
+        .map(|i| handle(&db, &format!("c{i}"), Duration::from_secs(60)))
+        .collect();
+    let barrier = Arc::new(Barrier::new(contenders));
+    let winners: usize = std::thread::scope(|scope| {
+        let tasks: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                let barrier = Arc::clone(&barrier);
+                scope.spawn(move || {
+                    barrier.wait();
+                    h.try_acquire().unwrap().is_some()
+                })
+            })
+            .collect();
+        tasks
+            .into_iter()
+            .map(|t| usize::from(t.join().unwrap()))
+            .sum()
+    });
+    assert_eq!(winners, 1);
+    assert_eq!(handles[0].current().unwrap().unwrap().term, 1);
+}
+
+#[test]
+fn a_holder_whose_connection_the_server_ended_renews_on_a_new_one() {
+    let Some(db) = TestDb::new() else { return };
+    let a = handle(&db, "a", Duration::from_secs(60));
+    let lease = a.try_acquire().unwrap().unwrap();
+    let ended = db
+        .client()
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            &[&db.schema()],
+        )
+        .unwrap();
+    assert_eq!(ended, 1, "the handle's one connection");
+    // The first call may see the broken connection; the next one must not.
+    let renewed = match a.renew(lease.term) {
+        Ok(renewed) => renewed,
+        Err(_) => a.renew(lease.term).unwrap(),
+    };
+    assert_eq!(renewed.map(|l| l.term), Some(lease.term));
+}
