@@ -663,7 +663,7 @@ struct VerifyBody {
 }
 
 /// `POST /runs/{run}/verifications`: keel checks an artifact for its holder and stores the
-/// evidence; a failed check answers 200 with `"ok": false`.
+/// evidence (201); a failed check is an answer too, with `"ok": false`.
 async fn verify(
     State(api): State<Api>,
     Worker(caller): Worker,
