@@ -79,7 +79,7 @@
 //! Each sub-machine lives in its own module with its states, transition table and tests:
 //! [`schedule`] (fire times, DST, misfires), [`run`] (attempts and outcomes), [`retry`]
 //! (backoff), [`job`] (job states, overlap), [`lease`] (leases, holders, contenders, the
-//! guarded-section table), [`watchdog`] (deadlines of a running attempt, and the rules table),
+//! guarded-section table), [`fence`] (leadership across hosts and self-fencing), [`watchdog`] (deadlines of a running attempt, and the rules table),
 //! [`checkpoint`] (the save throttle), [`incident`] (incident records), [`health`] (worker
 //! health), [`outbox`] (delivering results), [`audit`]
 //! (the trail and retention), [`persist`] (records, batches, gating). [`limits`] names every
@@ -93,6 +93,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod drive;
 pub mod error;
+pub mod fence;
 pub mod health;
 pub mod ids;
 pub mod incident;

@@ -107,6 +107,11 @@ pub const HISTORY_SWEEP_INTERVAL_MS: u64 = 3600 * 1000;
 /// its lost deadline.
 pub const LEASE_RENEW_RETRY_MAX_MS: u64 = 1_000;
 
+/// Longest pause before a leader retries a leadership renewal that failed; the pause is the
+/// renewal period (a third of the leader TTL), at most this, so a leader gets several tries
+/// before it fences itself.
+pub const LEADER_RENEW_RETRY_MAX_MS: u64 = 1_000;
+
 /// First ceiling of a lease contender's backoff, doubling per check up to
 /// [`CONTENDER_BACKOFF_CAP_MS`].
 pub const CONTENDER_BACKOFF_BASE_MS: u64 = 500;
