@@ -8,18 +8,20 @@
 //!    leads whenever that changes.
 //! 2. Once leading, the daemon restores the store (raising its writer epoch, which deposes any
 //!    previous writer) and starts; [`keep`] renews the lease every third of the TTL.
-//! 3. [`keep`] fences this process when no renewal sent in the last `ttl - margin` succeeded,
-//!    or when a renewal finds another holder: it stops the runtime at once (attempts are
-//!    interrupted), kills its commands and the daemon exits non-zero, within
-//!    [`FENCED_EXIT_WAIT`] even if the store does not answer. This is a first step of SPEC M2's
-//!    self-fencing, in the driver; modelling it in the core (so the simulator tests it) is not
-//!    built yet. A deposed leader's late batches are refused by the store's writer epoch
-//!    regardless.
+//! 3. [`keep`] drives `keel_core::fence::Fence` (SPEC M2's self-fencing, modelled in the core
+//!    so that it is tested on explicit timestamps): it fences this process when no renewal
+//!    *sent* in the last `ttl - margin` was acknowledged (counted from the acquisition's
+//!    sending at first), or when a renewal finds another holder. Fenced, it stops the runtime
+//!    at once (attempts are interrupted), kills its commands and the daemon exits non-zero,
+//!    within [`FENCED_EXIT_WAIT`] even if the store does not answer. A deposed leader's late
+//!    batches are refused by the store's writer epoch regardless.
 //! 4. A graceful stop resigns ([`resign`]), so a standby takes over at its next poll.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use keel_core::fence::{Fence, FenceEffect, FencePolicy, FenceReason};
+use keel_core::Timestamp;
 use keel_store_postgres::{Leadership, Lease};
 use tokio::time::Instant;
 
@@ -39,6 +41,8 @@ pub(crate) const FENCED_EXIT_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct Lead {
     leadership: Arc<Leadership>,
     lease: Lease,
+    /// When the acquisition that won the lease was sent: the lead counts from it.
+    acquire_sent: Instant,
 }
 
 impl Lead {
@@ -66,6 +70,7 @@ pub(crate) async fn stand_by(
     let mut failing = false;
     loop {
         let handle = Arc::clone(&leadership);
+        let acquire_sent = Instant::now();
         let tried = blocking(move || -> Result<_, keel_core::StoreError> {
             let acquired = handle.try_acquire()?;
             match acquired {
@@ -82,7 +87,11 @@ pub(crate) async fn stand_by(
                     lease.term,
                     crate::show::duration(ttl)
                 ));
-                return Ok(Some(Lead { leadership, lease }));
+                return Ok(Some(Lead {
+                    leadership,
+                    lease,
+                    acquire_sent,
+                }));
             }
             Ok((None, current)) => {
                 failing = false;
@@ -124,57 +133,78 @@ pub(crate) async fn keep(
     stop: impl FnOnce() + Send + 'static,
 ) {
     let ttl = lead.leadership.ttl();
-    let renew_every = ttl / 3;
-    // The margin covers a renewal in flight and the rates of two clocks: the local one that
-    // measures it and the database's that expires the lease.
-    let fence_after = ttl - ttl / 5;
-    let term = lead.lease.term;
-    let mut fence_at = Instant::now() + fence_after;
+    let policy = FencePolicy::for_ttl(millis(ttl));
+    let fence_after = Duration::from_millis(policy.fence_after_ms());
+    // The fence's clock: milliseconds of this process's monotonic clock since the acquisition
+    // was sent, so that a wall-clock step changes nothing.
+    let origin = lead.acquire_sent;
+    let at = |instant: Instant| Timestamp(millis(instant.saturating_duration_since(origin)) as i64);
+    let instant = |t: Timestamp| origin + Duration::from_millis(t.0.max(0) as u64);
+    let mut fence = Fence::new(policy);
+    if let Err(e) = fence.handle_acquired(at(origin), lead.lease.term) {
+        // Not leading, the loop below fences at once.
+        log(&format!("cannot lead term {}: {e}", lead.lease.term));
+    }
     let mut failing = false;
-    let why = loop {
-        let sent = Instant::now();
-        let handle = Arc::clone(&lead.leadership);
-        let renewal = tokio::time::timeout_at(fence_at, blocking(move || handle.renew(term)));
-        match renewal.await {
-            Err(_) => {
-                break format!(
-                    "no renewal of the leadership lease succeeded for {}",
-                    crate::show::duration(fence_after)
-                )
-            }
-            Ok(Ok(Ok(Some(_)))) => {
-                if failing {
-                    log("leadership lease renewed again");
+    let why = 'lead: loop {
+        fence.handle_timeout(at(Instant::now()));
+        while let Some(effect) = fence.poll_effect() {
+            let (term, sent_at) = match effect {
+                FenceEffect::Fence { reason, .. } => break 'lead reason,
+                FenceEffect::Renew { term, sent_at } => (term, sent_at),
+            };
+            let handle = Arc::clone(&lead.leadership);
+            // No reply is awaited past the fence deadline: fencing must not wait for the store.
+            let give_up = fence.fence_at().map_or_else(Instant::now, instant);
+            let renewal = tokio::time::timeout_at(give_up, blocking(move || handle.renew(term)));
+            let replied = renewal.await;
+            let now = at(Instant::now());
+            match replied {
+                Err(_) => {}
+                Ok(Ok(Ok(Some(_)))) => {
+                    if failing {
+                        log("leadership lease renewed again");
+                    }
+                    failing = false;
+                    fence.handle_renew_acked(now, sent_at);
                 }
-                failing = false;
-                fence_at = sent + fence_after;
-            }
-            Ok(Ok(Ok(None))) => {
-                break "another daemon holds the leadership lease (this one was deposed)".into()
-            }
-            Ok(Ok(Err(e))) => {
-                if !failing {
-                    log(&format!(
-                        "cannot renew the leadership lease ({e}); stopping unless a renewal \
-                         succeeds within {}",
-                        crate::show::duration(fence_at.saturating_duration_since(Instant::now()))
-                    ));
+                Ok(Ok(Ok(None))) => fence.handle_deposed(now),
+                Ok(Ok(Err(e))) => {
+                    if !failing {
+                        let left = fence
+                            .fence_at()
+                            .map_or(0, |t| t.ms_since(now))
+                            .min(millis(fence_after));
+                        log(&format!(
+                            "cannot renew the leadership lease ({e}); stopping unless a renewal \
+                             succeeds within {}",
+                            crate::show::duration(Duration::from_millis(left))
+                        ));
+                    }
+                    failing = true;
+                    fence.handle_renew_failed(now, sent_at);
                 }
-                failing = true;
+                Ok(Err(e)) => {
+                    log(&format!("cannot renew the leadership lease: {e}"));
+                    fence.handle_renew_failed(now, sent_at);
+                }
             }
-            Ok(Err(e)) => log(&format!("cannot renew the leadership lease: {e}")),
+            fence.handle_timeout(now);
         }
-        let next = if failing {
-            sent + STANDBY_POLL.min(renew_every)
-        } else {
-            sent + renew_every
+        let Some(wake) = fence.poll_timeout() else {
+            // Not leading and no fence effect: cannot happen while this task runs, but a
+            // process that does not know it leads must not act as if it did.
+            break FenceReason::RenewalsLapsed;
         };
-        tokio::time::sleep_until(next.min(fence_at)).await;
-        if Instant::now() >= fence_at {
-            break format!(
-                "no renewal of the leadership lease succeeded for {}",
-                crate::show::duration(fence_after)
-            );
+        tokio::time::sleep_until(instant(wake)).await;
+    };
+    let why = match why {
+        FenceReason::RenewalsLapsed => format!(
+            "no renewal of the leadership lease succeeded for {}",
+            crate::show::duration(fence_after)
+        ),
+        FenceReason::Deposed => {
+            "another daemon holds the leadership lease (this one was deposed)".to_string()
         }
     };
     log(&format!(
@@ -183,6 +213,11 @@ pub(crate) async fn keep(
     ));
     *fenced.lock().unwrap_or_else(PoisonError::into_inner) = Some(why);
     stop();
+}
+
+/// A duration in whole milliseconds, saturating.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Ends this process's term, so that a standby takes over at its next poll.
