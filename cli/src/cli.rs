@@ -32,18 +32,14 @@ pub(crate) struct Cli {
         help_heading = "Global options"
     )]
     pub(crate) data_dir: Option<PathBuf>,
-    /// The store adapter: `fs` (the default, shared by several processes) or `sled` (one
-    /// process at a time; see docs/storage.md).
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value_t = StoreKind::Fs,
-        help_heading = "Global options"
-    )]
-    pub(crate) store: StoreKind,
+    /// The store adapter: `fs` (the default, shared by several processes), `sled` (one
+    /// process at a time; see docs/storage.md) or `postgres`. Wins over keel.toml's `[daemon]
+    /// store`.
+    #[arg(long, global = true, value_enum, help_heading = "Global options")]
+    pub(crate) store: Option<StoreKind>,
     /// With --store postgres: the database, as a libpq key-value string or a postgresql:// URL
-    /// (docs/cli.md, "Several hosts on Postgres"). Never printed with its password.
+    /// (docs/cli.md, "Several hosts on Postgres"). Never printed with its password. Wins over
+    /// keel.toml's `[daemon] database_url`.
     #[arg(
         long,
         global = true,
@@ -159,19 +155,22 @@ pub(crate) struct RunArgs {
     pub(crate) http: Option<std::net::SocketAddr>,
     /// With --store postgres: the leadership lease's time to live (e.g. 10s). The leader
     /// renews it every third of it and stops itself when it could not for TTL minus a margin;
-    /// a standby takes over within TTL plus about a second of a leader's death.
+    /// a standby takes over within TTL plus about a second of a leader's death. Wins over
+    /// keel.toml's `[daemon] leader_ttl`; 10s unless either sets it.
     #[arg(
         long,
         env = "KEEL_LEADER_TTL",
         value_name = "DURATION",
-        default_value = "10s",
         value_parser = leader_ttl
     )]
-    pub(crate) leader_ttl: std::time::Duration,
+    pub(crate) leader_ttl: Option<std::time::Duration>,
 }
 
-/// `--leader-ttl`: a duration from 1 s to 10 min.
-fn leader_ttl(text: &str) -> Result<std::time::Duration, String> {
+/// The leader TTL when neither `--leader-ttl` nor keel.toml sets it.
+pub(crate) const LEADER_TTL_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `--leader-ttl` (and keel.toml's `leader_ttl`): a duration from 1 s to 10 min.
+pub(crate) fn leader_ttl(text: &str) -> Result<std::time::Duration, String> {
     let ms = crate::duration::parse_duration_ms(text)?;
     if !(1_000..=600_000).contains(&ms) {
         return Err("the leader TTL must be between 1s and 10m".into());

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::cli::{
     AddArgs, Cli, Command, CompleteArgs, FailArgs, IncidentCommand, IncidentsArgs, JobCommand,
-    NextArgs, RunsArgs, RunsCommand, TokenArgs, WorkerCommand,
+    NextArgs, RunsArgs, RunsCommand, StoreKind, TokenArgs, WorkerCommand,
 };
 use crate::direct::{self, wall_clock};
 use crate::error::Failure;
@@ -60,35 +60,55 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         let place = Place {
             // Never opened: every command goes to the server.
             dir: std::path::PathBuf::new(),
-            kind: cli.store,
+            kind: cli.store.unwrap_or(StoreKind::Fs),
             remote: Some(std::sync::Arc::new(remote)),
             database: None,
         };
         let out = Output { json: cli.json };
-        return commands(cli.command, &place, out);
+        return commands(cli.command, &place, out, None);
     }
+    // `keel run --config`'s file may say where the data lives; the command line wins.
+    let config = match &cli.command {
+        Command::Run(args) => args.config.as_deref().map(config::load).transpose()?,
+        _ => None,
+    };
+    let from_file = config.as_ref();
     let place = Place {
         dir: match cli.data_dir {
             Some(dir) => dir,
             None => crate::place::default_data_dir()?,
         },
-        kind: cli.store,
+        kind: cli
+            .store
+            .or(from_file.and_then(|c| c.store))
+            .unwrap_or(StoreKind::Fs),
         remote: None,
-        database: cli.database_url.map(crate::place::DatabaseUrl),
+        database: cli
+            .database_url
+            .map(crate::place::DatabaseUrl)
+            .or_else(|| from_file.and_then(|c| c.database_url.clone())),
     };
     place.check()?;
     // Refused by name before anything runs, not ignored.
     crate::client::answer_timeout()?;
     let out = Output { json: cli.json };
-    commands(cli.command, &place, out)
+    commands(cli.command, &place, out, config)
 }
 
-fn commands(command: Command, place: &Place, out: Output) -> Result<(), Failure> {
+fn commands(
+    command: Command,
+    place: &Place,
+    out: Output,
+    config: Option<config::Config>,
+) -> Result<(), Failure> {
     let place = place.clone();
     match command {
         Command::Run(args) => {
-            let config = args.config.as_deref().map(config::load).transpose()?;
-            daemon::run(&place, config, args.http, args.leader_ttl)
+            let leader_ttl = args
+                .leader_ttl
+                .or(config.as_ref().and_then(|c| c.leader_ttl))
+                .unwrap_or(crate::cli::LEADER_TTL_DEFAULT);
+            daemon::run(&place, config, args.http, leader_ttl)
         }
         Command::Job(command) => job(&place, out, command),
         Command::Next(args) => next(&place, out, &args),

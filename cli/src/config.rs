@@ -8,6 +8,9 @@
 //! lease_grace = "10s"              # how long after expiry the watchdog reclaims it
 //! delivery_backoff = "30s"         # first retry delay of a result delivery (doubling)
 //! delivery_attempts = 3            # delivery attempts in total, the first included
+//! store = "postgres"               # "fs" (the default), "sled" or "postgres"
+//! database_url = "postgresql://keel@db.internal/keel"  # with store = "postgres"; never printed
+//! leader_ttl = "10s"               # with store = "postgres": the leadership lease's TTL
 //!
 //! [watchdog]
 //! profile = "design"               # "keel" (the default) or "design": a set of thresholds
@@ -32,6 +35,11 @@
 //! `[watchdog]` picks a profile ([`WatchdogProfile`]) and overrides it key by key. `[daemon]
 //! lease_grace` and `[daemon] failing_after`, which came first, still work as aliases of the
 //! `[watchdog]` keys; setting a key in both sections is an error naming both lines.
+//!
+//! `store`, `database_url` and `leader_ttl` are what `--store`, `--database-url` (and
+//! `KEEL_DATABASE_URL`) and `--leader-ttl` (and `KEEL_LEADER_TTL`) set; the command line and
+//! the environment win over the file. A database URL read from the file is never printed: not
+//! in an error, not in `Debug`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -40,9 +48,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::cli::StoreKind;
 use crate::duration::{format_duration_ms, parse_duration_ms};
 use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
+use crate::place::DatabaseUrl;
 use keel_core::outbox::{DeliveryPolicy, OutboxConfig, OverflowPolicy};
 use keel_core::{limits, LeasePolicy, Timestamp, WatchdogProfile};
 
@@ -78,6 +88,12 @@ pub(crate) struct Config {
     pub(crate) outbox: (usize, OverflowPolicy),
     /// The HTTP API's listener and tokens file (`[http]`), if it is on.
     pub(crate) http: Option<crate::http::auth::HttpSettings>,
+    /// The store adapter (`store`), unless the file leaves it to the command line.
+    pub(crate) store: Option<StoreKind>,
+    /// The database (`database_url`), redacted in `Debug`.
+    pub(crate) database_url: Option<DatabaseUrl>,
+    /// The leadership lease's time to live (`leader_ttl`).
+    pub(crate) leader_ttl: Option<Duration>,
     /// The jobs, in file order, each with its line.
     pub(crate) jobs: Vec<(JobDef, usize)>,
 }
@@ -148,6 +164,9 @@ struct Daemon {
     failing_after: Option<Spanned<i64>>,
     outbox_capacity: Option<Spanned<i64>>,
     outbox_overflow: Option<Spanned<String>>,
+    store: Option<Spanned<String>>,
+    database_url: Option<Spanned<String>>,
+    leader_ttl: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,7 +202,16 @@ impl Config {
                 self.outbox,
                 self.watchdog,
                 &self.incidents,
-                &self.http
+                &self.http,
+                self.store,
+                self.leader_ttl,
+                // Compared, never printed.
+                self.database_url.as_ref().map(|url| {
+                    use std::hash::{Hash, Hasher};
+                    let mut hasher = std::hash::DefaultHasher::new();
+                    url.0.hash(&mut hasher);
+                    hasher.finish()
+                }),
             )
         )
     }
@@ -296,6 +324,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
     );
     let incidents = incident_notify(text, &file.watchdog, &mut problems);
     let outbox = outbox(text, daemon, &mut problems);
+    let (store, database_url, leader_ttl) = placement(text, daemon, &mut problems);
     let http = file.http.as_ref().and_then(|section| {
         let line = line_of(text, section.span().start);
         let section = section.get_ref();
@@ -333,6 +362,9 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         incidents,
         outbox,
         http,
+        store,
+        database_url,
+        leader_ttl,
         jobs: Vec::new(),
     };
     let base_dir = config.base_dir();
@@ -654,6 +686,63 @@ fn both(
     }
 }
 
+/// `store`, `database_url` and `leader_ttl`: where the daemon's data lives.
+fn placement(
+    text: &str,
+    daemon: &Daemon,
+    problems: &mut Vec<String>,
+) -> (Option<StoreKind>, Option<DatabaseUrl>, Option<Duration>) {
+    let store = daemon.store.as_ref().and_then(|value| {
+        let kind = match value.get_ref().as_str() {
+            "fs" => StoreKind::Fs,
+            "sled" => StoreKind::Sled,
+            "postgres" => StoreKind::Postgres,
+            other => {
+                problems.push(daemon_problem(
+                    text,
+                    value,
+                    "store",
+                    &format!("{other:?} is not a store: use \"fs\", \"sled\" or \"postgres\""),
+                ));
+                return None;
+            }
+        };
+        Some(kind)
+    });
+    let database_url = daemon.database_url.as_ref().and_then(|value| {
+        let url = DatabaseUrl(value.get_ref().clone());
+        // The parser's message does not quote the string, so it cannot leak the password.
+        match value.get_ref().parse::<keel_store_postgres::Config>() {
+            Ok(_) => Some(url),
+            Err(e) => {
+                problems.push(daemon_problem(
+                    text,
+                    value,
+                    "database_url",
+                    &format!("not a Postgres connection string ({e}); the value is not shown"),
+                ));
+                None
+            }
+        }
+    });
+    let leader_ttl = daemon.leader_ttl.as_ref().and_then(|value| {
+        crate::cli::leader_ttl(value.get_ref())
+            .map_err(|e| problems.push(daemon_problem(text, value, "leader_ttl", &e)))
+            .ok()
+    });
+    if database_url.is_some() && store.is_some_and(|kind| kind != StoreKind::Postgres) {
+        if let Some(value) = &daemon.database_url {
+            problems.push(daemon_problem(
+                text,
+                value,
+                "database_url",
+                "is for store = \"postgres\"; drop it or set that store",
+            ));
+        }
+    }
+    (store, database_url, leader_ttl)
+}
+
 /// A duration within `min..=DELAY_MAX_MS`, or a problem naming `key` and its line.
 fn duration(
     text: &str,
@@ -854,6 +943,56 @@ payload = "scene-1"
             Some("hi")
         );
         assert_eq!(config.base_dir(), PathBuf::from("/etc/keel"));
+    }
+
+    #[test]
+    fn the_store_keys_parse_and_the_url_is_never_printed() {
+        let config = parse_ok(
+            "[daemon]\nstore = \"postgres\"\n\
+             database_url = \"postgresql://keel:s3cret@db.internal/keel\"\nleader_ttl = \"4s\"\n",
+        );
+        assert_eq!(config.store, Some(StoreKind::Postgres));
+        assert_eq!(config.leader_ttl, Some(Duration::from_secs(4)));
+        let url = config.database_url.as_ref().unwrap();
+        assert_eq!(url.0, "postgresql://keel:s3cret@db.internal/keel");
+        assert!(!format!("{config:?}").contains("s3cret"), "{config:?}");
+        assert!(!config.daemon_settings().contains("s3cret"));
+        // A changed URL is a changed setting, though it is not printed.
+        let other = parse_ok(
+            "[daemon]\nstore = \"postgres\"\n\
+             database_url = \"postgresql://keel:other@db.internal/keel\"\nleader_ttl = \"4s\"\n",
+        );
+        assert_ne!(config.daemon_settings(), other.daemon_settings());
+        let unset = parse_ok("[daemon]\n");
+        assert_eq!(
+            (unset.store, unset.database_url.is_none(), unset.leader_ttl),
+            (None, true, None)
+        );
+    }
+
+    #[test]
+    fn bad_store_keys_are_named_with_their_lines_and_hide_the_url() {
+        let e = parse_err(
+            "[daemon]\nstore = \"mysql\"\n\
+             database_url = \"postgresql://keel:s3cret@db.internal:notaport/keel\"\n\
+             leader_ttl = \"500ms\"\n",
+        );
+        expect_errors(
+            &e,
+            &[
+                "line 2: [daemon] store: \"mysql\" is not a store",
+                "line 3: [daemon] database_url: not a Postgres connection string",
+                "line 4: [daemon] leader_ttl: the leader TTL must be between 1s and 10m",
+            ],
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        let e =
+            parse_err("[daemon]\nstore = \"sled\"\ndatabase_url = \"host=db password=s3cret\"\n");
+        expect_errors(
+            &e,
+            &["line 3: [daemon] database_url: is for store = \"postgres\""],
+        );
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]

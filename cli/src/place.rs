@@ -104,8 +104,9 @@ impl Place {
         }
         if self.kind == StoreKind::Postgres && self.database.is_none() {
             return Err(Failure::input(
-                "--store postgres needs the database: pass --database-url URL or set \
-                 KEEL_DATABASE_URL (docs/cli.md, \"Several hosts on Postgres\")",
+                "--store postgres needs the database: pass --database-url URL, set \
+                 KEEL_DATABASE_URL or keel.toml's [daemon] database_url (docs/cli.md, \"Several \
+                 hosts on Postgres\")",
             ));
         }
         let fs = self.dir.join("VERSION").exists();

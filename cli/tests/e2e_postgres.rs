@@ -293,6 +293,59 @@ fn a_leader_that_cannot_renew_stops_itself_before_its_lease_ends() {
     standby.wait_for(&["leading the postgres store as host-b:"]);
 }
 
+#[test]
+fn keel_toml_says_where_the_store_is_and_the_command_line_wins() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = with_password(db.url());
+    let a = Place::new("pg-toml-a");
+    let b = Place::new("pg-toml-b");
+    // A TOML basic string: the test URL has no quote or backslash to escape.
+    assert!(!url.contains(['"', '\\']), "{url}");
+    let toml = format!(
+        "[daemon]\nshutdown_budget = \"2s\"\nstore = \"postgres\"\ndatabase_url = \"{url}\"\n\
+         leader_ttl = \"4s\"\n"
+    );
+    let (config_a, config_b) = (a.config(&toml), b.config(&toml));
+
+    // No --store, --database-url or --leader-ttl: all three come from the file.
+    let mut leader = a.spawn_daemon(
+        &["run", "--config", config_a.to_str().unwrap()],
+        &[("KEEL_HOSTNAME", "host-a")],
+    );
+    let leading = leader.wait_for(&["leading the postgres store as host-a:"]);
+    assert!(leading.contains("lease ttl 4s"), "{leading}");
+    // The command line wins over the file.
+    let standby = b.spawn_daemon(
+        &[
+            "run",
+            "--config",
+            config_b.to_str().unwrap(),
+            "--leader-ttl",
+            "3s",
+        ],
+        &[("KEEL_HOSTNAME", "host-b")],
+    );
+    standby.wait_for(&["standby: host-a:"]);
+    leader.stop();
+    let leading = standby.wait_for(&["leading the postgres store as host-b:"]);
+    assert!(leading.contains("lease ttl 3s"), "{leading}");
+    for log in [leader.log(), standby.log()] {
+        assert!(!log.contains(PASSWORD), "{log}");
+    }
+
+    // A bad URL in the file is refused by key and line, and not printed.
+    let bad = a.write(
+        "bad.toml",
+        &format!(
+            "[daemon]\nstore = \"postgres\"\ndatabase_url = \"postgresql://keel:{PASSWORD}@db:port/keel\"\n"
+        ),
+    );
+    let done = a.keel(&["run", "--config", bad.to_str().unwrap()]);
+    done.expect_code(2)
+        .expect_stderr("line 3: [daemon] database_url: not a Postgres connection string");
+    assert!(!done.stderr().contains(PASSWORD), "{}", done.stderr());
+}
+
 /// No slot fired as two runs, and no attempt of a run ran twice (`KEY RUN ATTEMPT` lines).
 #[track_caller]
 fn expect_each_slot_fired_once(fired: &[String]) {
