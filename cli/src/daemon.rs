@@ -81,6 +81,11 @@ async fn daemon(
         log("stopped while waiting for the other daemon");
         return Ok(());
     };
+    // This host's commands left by a daemon that died, killed before standing by: on a shared
+    // store another host may lead meanwhile and run their runs again once their leases lapse.
+    // Only this data directory's records are read (this host's attempts, under its lock), so a
+    // daemon never kills another host's commands.
+    kill_leftover_commands(place).await?;
     let lead = match place.kind {
         StoreKind::Postgres => {
             match crate::lead::stand_by(place, leader_ttl, &mut signals).await? {
@@ -125,7 +130,6 @@ async fn daemon(
             });
         }))
     });
-    kill_leftover_commands(place).await?;
     // Postgres's client blocks on a runtime of its own, which tokio allows only here.
     let opened = tokio::task::block_in_place(|| place.open_store())?;
     let store = opened.store();

@@ -346,6 +346,86 @@ fn keel_toml_says_where_the_store_is_and_the_command_line_wins() {
     assert!(!done.stderr().contains(PASSWORD), "{}", done.stderr());
 }
 
+#[test]
+fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-leftover-a");
+    let b = Place::new("pg-leftover-b");
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+
+    // A command that outlives its daemon (it runs in a process group of its own).
+    let pid_file = a.path("long.pid");
+    let script = format!(
+        "echo $$ > {}.tmp && mv {0}.tmp {0} && exec sleep 600",
+        pid_file.display()
+    );
+    pg_keel(
+        &a,
+        &url,
+        &[
+            "job", "add", "long", "--at", "+1s", "--", "sh", "-c", &script,
+        ],
+    )
+    .expect_code(0);
+    wait_until("the long command starts", || pid_file.exists());
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(alive(pid));
+    // Whatever happens below, the command does not outlive the test.
+    let _reaper = KillOnDrop(pid);
+
+    // Its daemon dies; the other host leads and leaves host-a's command alone.
+    leader.signal("KILL");
+    leader.wait_exit();
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    assert!(alive(pid), "{}", standby.log());
+    assert_eq!(standby.count(&["leftover"]), 0, "{}", standby.log());
+
+    // Back on host-a, the daemon kills its own leftover at once, though it only stands by.
+    let again = start(&a, &config_a, &url, "host-a", false);
+    again.wait_for(&["killed the leftover command of"]);
+    again.wait_for(&["standby: host-b:"]);
+    assert!(!alive(pid), "{}", again.log());
+    assert_eq!(
+        again.count(&["leading the postgres store"]),
+        0,
+        "{}",
+        again.log()
+    );
+}
+
+/// Kills process `pid` when dropped, if it still runs.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if alive(self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &self.0.to_string()])
+                .status();
+        }
+    }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name's closing parenthesis.
+    stat.rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
 /// No slot fired as two runs, and no attempt of a run ran twice (`KEY RUN ATTEMPT` lines).
 #[track_caller]
 fn expect_each_slot_fired_once(fired: &[String]) {
