@@ -88,7 +88,9 @@ async fn daemon(
     kill_leftover_commands(place).await?;
     let lead = match place.kind {
         StoreKind::Postgres => {
-            match crate::lead::stand_by(place, leader_ttl, &mut signals).await? {
+            match crate::lead::stand_by(place, leader_ttl, &[command_job::KIND], &mut signals)
+                .await?
+            {
                 Some(lead) => Some(lead),
                 None => {
                     log("stopped while standing by");

@@ -53,9 +53,15 @@ impl Lead {
 }
 
 /// Waits until this process holds the lease (`None` if a signal came first).
+///
+/// It takes a free lease only if it runs every stored job it would have to: a job that is not
+/// for external workers and whose kind is not in `kinds` makes it say so, by name, and keep
+/// standing by, so that a daemon that runs it can take over (rather than this one taking the
+/// lease and failing to start).
 pub(crate) async fn stand_by(
     place: &Place,
     ttl: Duration,
+    kinds: &'static [&'static str],
     signals: &mut Signals,
 ) -> Result<Option<Lead>, Failure> {
     let mut config = place.database_config()?;
@@ -67,20 +73,49 @@ pub(crate) async fn stand_by(
         .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
     let leadership = Arc::new(leadership);
     let mut said: Option<(String, u64)> = None;
+    let mut said_unhandled: Vec<(String, String)> = Vec::new();
     let mut failing = false;
+    let store = {
+        let place = place.clone();
+        blocking(move || place.open_store().map(|s| s.store())).await??
+    };
     loop {
         let handle = Arc::clone(&leadership);
-        let acquire_sent = Instant::now();
-        let tried = blocking(move || -> Result<_, keel_core::StoreError> {
-            let acquired = handle.try_acquire()?;
-            match acquired {
-                Some(lease) => Ok((Some(lease), None)),
-                None => Ok((None, handle.current()?)),
+        let jobs = Arc::clone(&store);
+        let tried = blocking(move || -> Result<Tried, keel_core::StoreError> {
+            // The jobs are read only when the lease could be taken: a live leader's cannot.
+            if let Some(current) = handle.current()?.filter(|l| l.live) {
+                return Ok(Tried::Held(Some(current)));
             }
+            let unhandled = unhandled(&jobs.read()?.jobs, kinds);
+            if !unhandled.is_empty() {
+                return Ok(Tried::Unhandled(unhandled));
+            }
+            let sent = Instant::now();
+            Ok(match handle.try_acquire()? {
+                Some(lease) => Tried::Led(lease, sent),
+                None => Tried::Held(handle.current()?),
+            })
         })
         .await?;
         match tried {
-            Ok((Some(lease), _)) => {
+            Ok(Tried::Unhandled(unhandled)) => {
+                failing = false;
+                if said_unhandled != unhandled {
+                    let named: Vec<String> = unhandled
+                        .iter()
+                        .map(|(job, kind)| format!("job {job} has kind {kind:?}"))
+                        .collect();
+                    log(&format!(
+                        "standby: not taking the lead: {}, which this daemon does not run (it \
+                         runs {kinds:?}; other kinds must be jobs for external workers); a \
+                         daemon that runs it can take over",
+                        named.join(", ")
+                    ));
+                    said_unhandled = unhandled;
+                }
+            }
+            Ok(Tried::Led(lease, acquire_sent)) => {
                 log(&format!(
                     "leading the postgres store as {} (term {}, lease ttl {})",
                     lease.holder,
@@ -93,8 +128,9 @@ pub(crate) async fn stand_by(
                     acquire_sent,
                 }));
             }
-            Ok((None, current)) => {
+            Ok(Tried::Held(current)) => {
                 failing = false;
+                said_unhandled.clear();
                 if let Some(lease) = current.filter(|l| l.live) {
                     let key = (lease.holder.clone(), lease.term);
                     if said.as_ref() != Some(&key) {
@@ -123,6 +159,28 @@ pub(crate) async fn stand_by(
             () = signals.recv() => return Ok(None),
         }
     }
+}
+
+/// What one try to take the lease found.
+enum Tried {
+    /// This process took it; the acquisition was sent then.
+    Led(Lease, Instant),
+    /// Another holds it (or held it last).
+    Held(Option<Lease>),
+    /// Stored jobs this daemon cannot run: `(job, kind)`.
+    Unhandled(Vec<(String, String)>),
+}
+
+/// The stored jobs, not for external workers, whose kind is not in `kinds`: `(job, kind)`, in
+/// job order.
+fn unhandled(jobs: &[keel_core::Job], kinds: &[&str]) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = jobs
+        .iter()
+        .filter(|job| !job.spec.external && !kinds.contains(&&*job.spec.kind))
+        .map(|job| (job.spec.id.to_string(), job.spec.kind.to_string()))
+        .collect();
+    found.sort();
+    found
 }
 
 /// Renews the lease until the process stops; on losing it, records why in `fenced` and calls

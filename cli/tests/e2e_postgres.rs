@@ -403,6 +403,62 @@ fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
     );
 }
 
+#[test]
+fn a_daemon_without_the_handler_a_stored_job_needs_stands_by_and_says_which() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-kinds-a");
+    let b = Place::new("pg-kinds-b");
+    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let (config_a, config_b) = (config(&a), config(&b));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    leader.wait_for(&["ready: "]);
+    pg_keel(
+        &a,
+        &url,
+        &["job", "add", "odd", "--every", "1h", "--", "true"],
+    )
+    .expect_code(0);
+    leader.stop();
+
+    // The job turns into a kind no keel daemon runs, as if a newer keel on another host had
+    // added it.
+    let mut client = db.client();
+    let set_kind =
+        |client: &mut postgres::Client, from: &str, to: &str| {
+            let changed = client
+            .execute(
+                "UPDATE keel_jobs SET body = replace(body::text, $1, $2)::json WHERE id = 'odd'",
+                &[&format!("\"kind\":\"{from}\""), &format!("\"kind\":\"{to}\"")],
+            )
+            .unwrap();
+            assert_eq!(changed, 1);
+        };
+    set_kind(&mut client, "command", "mystery");
+    let mut standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: not taking the lead: job odd has kind \"mystery\""]);
+    let live: i64 = client
+        .query_one(
+            "SELECT count(*) FROM keel_leader WHERE expires_at > now()",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 0, "{}", standby.log());
+    assert_eq!(
+        standby.count(&["leading the postgres store"]),
+        0,
+        "{}",
+        standby.log()
+    );
+
+    // Once every stored job is one it runs, it leads.
+    set_kind(&mut client, "mystery", "command");
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    standby.stop();
+}
+
 /// Kills process `pid` when dropped, if it still runs.
 struct KillOnDrop(u32);
 
