@@ -199,7 +199,7 @@ pub(crate) async fn keep(
     let at = |instant: Instant| Timestamp(millis(instant.saturating_duration_since(origin)) as i64);
     let instant = |t: Timestamp| origin + Duration::from_millis(t.0.max(0) as u64);
     let mut fence = Fence::new(policy);
-    if let Err(e) = fence.handle_acquired(at(origin), lead.lease.term) {
+    if let Err(e) = fence.handle_acquired(at(origin), at(origin), lead.lease.term) {
         // Not leading, the loop below fences at once.
         log(&format!("cannot lead term {}: {e}", lead.lease.term));
     }

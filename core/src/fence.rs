@@ -32,7 +32,7 @@
 //! use keel_core::Timestamp;
 //!
 //! let mut fence = Fence::new(FencePolicy::for_ttl(15_000));
-//! fence.handle_acquired(Timestamp(0), 1).unwrap();
+//! fence.handle_acquired(Timestamp(0), Timestamp(0), 1).unwrap();
 //! assert_eq!(fence.poll_timeout(), Some(Timestamp(5_000))); // renew every ttl / 3
 //! fence.handle_timeout(Timestamp(5_000));
 //! let Some(FenceEffect::Renew { term: 1, sent_at }) = fence.poll_effect() else { panic!() };
@@ -92,7 +92,7 @@ impl FencePolicy {
 ///
 /// | From                  | Input                                   | To                                                     |
 /// |-----------------------|-----------------------------------------|--------------------------------------------------------|
-/// | `Standby` or `Fenced` | `acquired(now, term > any seen)`        | `Leading { term, renewed_at: now }`                    |
+/// | `Standby` or `Fenced` | `acquired(sent_at, term > any seen)`    | `Leading { term, renewed_at: sent_at }`                |
 /// | `Leading`             | `acquired(..)`, or a term not above any seen | unchanged, `Err`                                   |
 /// | `Leading`             | any input with `now >= renewed_at + ttl - margin` | `Fenced { RenewalsLapsed }`, emits `Fence`   |
 /// | `Leading`             | `timeout(now)`, renewal due, none in flight | unchanged, emits `Renew { sent_at: now }`          |
@@ -198,8 +198,15 @@ impl Fence {
         }
     }
 
-    /// This process acquired the lease for `term`; `now` is when the acquisition was *sent*.
-    pub fn handle_acquired(&mut self, now: Timestamp, term: u64) -> Result<(), FenceRejected> {
+    /// This process acquired the lease for `term`: the acquisition was sent at `sent_at` and
+    /// its reply arrived at `now`. The lead counts from `sent_at` (the database stamped the
+    /// lease no earlier), not from `now`.
+    pub fn handle_acquired(
+        &mut self,
+        now: Timestamp,
+        sent_at: Timestamp,
+        term: u64,
+    ) -> Result<(), FenceRejected> {
         if let FenceState::Leading { term, .. } = self.state {
             return Err(FenceRejected::AlreadyLeading { term });
         }
@@ -210,13 +217,14 @@ impl Fence {
             });
         }
         let now = self.advance(now);
+        // Not clamped up to `now`: that would count the lead from the reply.
+        let renewed_at = sent_at.min(now);
         self.highest_term = term;
-        self.state = FenceState::Leading {
-            term,
-            renewed_at: now,
-        };
+        self.state = FenceState::Leading { term, renewed_at };
         self.in_flight = None;
-        self.renew_at = now.plus_ms(self.policy.renew_every_ms);
+        self.renew_at = renewed_at.plus_ms(self.policy.renew_every_ms);
+        // An acquisition whose reply came too late is no lead at all.
+        self.advance(now);
         Ok(())
     }
 
@@ -365,7 +373,9 @@ mod tests {
 
     fn leading(at: i64, term: u64) -> Fence {
         let mut fence = Fence::new(FencePolicy::for_ttl(TTL));
-        fence.handle_acquired(Timestamp(at), term).unwrap();
+        fence
+            .handle_acquired(Timestamp(at), Timestamp(at), term)
+            .unwrap();
         fence
     }
 
@@ -491,29 +501,54 @@ mod tests {
     }
 
     #[test]
+    fn an_acquisition_counts_from_its_sending() {
+        let mut fence = Fence::new(FencePolicy::for_ttl(TTL));
+        fence.handle_timeout(Timestamp(50_000));
+        // Sent at 41 s, answered at 50 s: the lead ends at 41 s + 12 s, not 62 s.
+        fence
+            .handle_acquired(Timestamp(50_000), Timestamp(41_000), 2)
+            .unwrap();
+        assert_eq!(fence.fence_at(), Some(Timestamp(53_000)));
+        // Answered after that: fenced at once.
+        let mut late = Fence::new(FencePolicy::for_ttl(TTL));
+        late.handle_acquired(Timestamp(60_000), Timestamp(41_000), 2)
+            .unwrap();
+        assert!(!late.is_leading(Timestamp(60_000)));
+        assert_eq!(
+            drain(&mut late),
+            vec![FenceEffect::Fence {
+                term: 2,
+                reason: FenceReason::RenewalsLapsed
+            }]
+        );
+    }
+
+    #[test]
     fn leads_again_only_with_a_higher_term() {
         let mut fence = leading(0, 3);
         fence.handle_deposed(Timestamp(10));
         let before = fence.clone();
         assert_eq!(
-            fence.handle_acquired(Timestamp(20), 3),
+            fence.handle_acquired(Timestamp(20), Timestamp(20), 3),
             Err(FenceRejected::StaleTerm {
                 term: 3,
                 highest: 3
             })
         );
         assert_eq!(
-            fence.handle_acquired(Timestamp(20), 2),
+            fence.handle_acquired(Timestamp(20), Timestamp(20), 2),
             Err(FenceRejected::StaleTerm {
                 term: 2,
                 highest: 3
             })
         );
         assert_eq!(fence, before);
-        fence.handle_acquired(Timestamp(20), 4).unwrap();
+        fence
+            .handle_acquired(Timestamp(20), Timestamp(20), 4)
+            .unwrap();
         assert_eq!(fence.term(), Some(4));
         assert_eq!(
-            fence.handle_acquired(Timestamp(30), 5),
+            fence.handle_acquired(Timestamp(30), Timestamp(30), 5),
             Err(FenceRejected::AlreadyLeading { term: 4 })
         );
         assert_eq!(fence.term(), Some(4));
@@ -659,7 +694,7 @@ mod tests {
             if let Some(at) = fenced_at {
                 // Fenced no later than the database's expiry, and for good.
                 prop_assert!(db(at) <= db_expiry, "fenced at {at} after the db expiry");
-                prop_assert!(fence.handle_acquired(now, 7).is_err());
+                prop_assert!(fence.handle_acquired(now, now, 7).is_err());
                 prop_assert!(!fence.is_leading(now.plus_ms(1)));
             }
         }

@@ -33,8 +33,10 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod leadership;
 pub mod sim;
 pub mod store;
 
+pub use leadership::{LeaderReport, LeaderSim};
 pub use sim::{artifacts_present, Execution, Faults, Handler, Sim, SimConfig, Sink};
 pub use store::{MemStore, SharedMemStore};
