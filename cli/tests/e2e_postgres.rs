@@ -356,6 +356,8 @@ fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
     let (config_a, config_b) = (config(&a), config(&b));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
+    // Its control socket is open: commands on its host reach it.
+    leader.wait_for(&["ready: "]);
     let standby = start(&b, &config_b, &url, "host-b", false);
     standby.wait_for(&["standby: host-a:"]);
 

@@ -613,8 +613,7 @@ mod tests {
             let mut now = Timestamp(0);
             let mut fenced_at = None;
             let mut replies = replies.into_iter();
-            loop {
-                let Some(wake) = fence.poll_timeout() else { break };
+            while let Some(wake) = fence.poll_timeout() {
                 // A deadline may have passed while a reply was awaited: act on it at once.
                 now = now.max(wake);
                 fence.handle_timeout(now);
