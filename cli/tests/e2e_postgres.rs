@@ -35,7 +35,11 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     let a = Place::new("pg-a");
     let b = Place::new("pg-b");
     let fired = a.path(FIRED);
-    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let config = |place: &Place| {
+        place.config(
+            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
+        )
+    };
     let (config_a, config_b) = (config(&a), config(&b));
 
     // A missing database is refused by name.
@@ -196,7 +200,11 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
     let a = Place::new("pg-stall-a");
     let b = Place::new("pg-stall-b");
     let fired = a.path(FIRED);
-    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let config = |place: &Place| {
+        place.config(
+            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
+        )
+    };
     let (config_a, config_b) = (config(&a), config(&b));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
@@ -256,7 +264,11 @@ fn a_leader_that_cannot_renew_stops_itself_before_its_lease_ends() {
     let url = db.url();
     let a = Place::new("pg-fence-a");
     let b = Place::new("pg-fence-b");
-    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let config = |place: &Place| {
+        place.config(
+            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
+        )
+    };
     let (config_a, config_b) = (config(&a), config(&b));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
@@ -302,7 +314,7 @@ fn keel_toml_says_where_the_store_is_and_the_command_line_wins() {
     // A TOML basic string: the test URL has no quote or backslash to escape.
     assert!(!url.contains(['"', '\\']), "{url}");
     let toml = format!(
-        "[daemon]\nshutdown_budget = \"2s\"\nstore = \"postgres\"\ndatabase_url = \"{url}\"\n\
+        "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\nstore = \"postgres\"\ndatabase_url = \"{url}\"\n\
          leader_ttl = \"4s\"\n"
     );
     let (config_a, config_b) = (a.config(&toml), b.config(&toml));
@@ -352,7 +364,11 @@ fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
     let url = db.url();
     let a = Place::new("pg-leftover-a");
     let b = Place::new("pg-leftover-b");
-    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let config = |place: &Place| {
+        place.config(
+            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
+        )
+    };
     let (config_a, config_b) = (config(&a), config(&b));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
@@ -411,7 +427,11 @@ fn a_daemon_without_the_handler_a_stored_job_needs_stands_by_and_says_which() {
     let url = db.url();
     let a = Place::new("pg-kinds-a");
     let b = Place::new("pg-kinds-b");
-    let config = |place: &Place| place.config("[daemon]\nshutdown_budget = \"2s\"\n");
+    let config = |place: &Place| {
+        place.config(
+            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
+        )
+    };
     let (config_a, config_b) = (config(&a), config(&b));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
