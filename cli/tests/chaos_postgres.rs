@@ -20,6 +20,8 @@ mod pg;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Place, WAIT};
@@ -37,6 +39,9 @@ const JOBS: [&str; 3] = ["tick-a", "tick-b", "tick-c"];
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
 /// The shared log every attempt appends to.
 const FIRED: &str = "fired.log";
+/// The external workers' kind, and the name the worker appends to the log instead of a host.
+const EXTERNAL: &str = "ext";
+const WORKER: &str = "worker";
 /// What a leader logs when it takes the lead.
 const LEADING: &str = "leading the postgres store as";
 
@@ -116,6 +121,24 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         ];
         pg_keel(&hosts[0].place, &url, &add).expect_code(0);
     }
+    // One job for external workers, worked by a worker loop over the current leader's API.
+    pg_keel(
+        &hosts[0].place,
+        &url,
+        &[
+            "job",
+            "add",
+            EXTERNAL,
+            "--cron",
+            "* * * * * *",
+            "--worker-kind",
+            EXTERNAL,
+        ],
+    )
+    .expect_code(0);
+    let api: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+    publish(&api, &hosts[0]);
+    let worker = Worker::start(Arc::clone(&api), fired.clone());
     wait_lines(&fired, JOBS.len() * 2, "host-a fires every job", &hosts);
 
     // What happened, how long until the new leader said it leads, and until it was ready
@@ -134,6 +157,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         kills += 1;
         let (new, took) = next_leader(&hosts, old, killed_at);
         hosts[new].daemon().wait_for(&["ready: postgres store"]);
+        publish(&api, &hosts[new]);
         takeovers.push((
             format!("kill -9 of {} -> {}", hosts[old].name, hosts[new].name),
             took,
@@ -152,6 +176,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     stalls += 1;
     let (new, took) = next_leader(&hosts, old, stopped_at);
     hosts[new].daemon().wait_for(&["ready: postgres store"]);
+    publish(&api, &hosts[new]);
     takeovers.push((
         format!("SIGSTOP of {} -> {}", hosts[old].name, hosts[new].name),
         took,
@@ -213,7 +238,19 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     } else {
         eprintln!("not restarting an external Postgres ({})", pg::DATABASE_URL);
     }
-    let _ = leader(&hosts);
+    let now_leading = leader(&hosts);
+    publish(&api, &hosts[now_leading]);
+    let claims_before = worker.completed.load(Ordering::SeqCst);
+    let deadline = Instant::now() + WAIT;
+    while worker.completed.load(Ordering::SeqCst) < claims_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker completed nothing at the end; logs:\n{}",
+            all_logs(&hosts)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (claimed, completed, refused) = worker.stop();
 
     // Stop everything (the leader resigns) so that the store is final.
     let order: Vec<usize> = (0..hosts.len()).collect();
@@ -234,7 +271,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         let [key, run, attempt, host] = line.split(' ').collect::<Vec<_>>()[..] else {
             panic!("malformed line {line:?}");
         };
-        assert!(HOSTS.contains(&host), "{line:?}");
+        assert!(HOSTS.contains(&host) || host == WORKER, "{line:?}");
         runs_of_slot.entry(key).or_default().insert(run);
         if !attempts.insert((run, attempt)) {
             eprintln!("DUPLICATE: {run} attempt {attempt} ran twice");
@@ -317,7 +354,8 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     eprintln!(
         "chaos on Postgres: {} runs in the store ({succeeded} succeeded), {} lines in the \
          shared log, {} fencing tokens, {kills} kills, {stalls} stalls, \
-         {restarts_of_postgres} Postgres restarts, {duplicates} duplicates, in {:?}",
+         {restarts_of_postgres} Postgres restarts; the external worker claimed {claimed}, \
+         completed {completed}, was refused {refused}; {duplicates} duplicates, in {:?}",
         runs.len(),
         fired.len(),
         token_owner.len(),
@@ -336,6 +374,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         fired.len()
     );
     assert!(!token_owner.is_empty());
+    assert!(completed >= 2, "the worker completed {completed}");
     for (what, leading, ready) in &takeovers {
         assert!(
             *leading <= TTL + TAKEOVER_BOUND,
@@ -345,6 +384,121 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
             *ready <= TTL + TAKEOVER_BOUND,
             "the new leader after {what} was ready after {ready:?}"
         );
+    }
+}
+
+/// Points the worker at `host`'s API (it leads).
+fn publish(api: &Mutex<Option<String>>, host: &Host) {
+    *api.lock().unwrap() = Some(host.daemon().http_url());
+}
+
+/// An external worker on a thread of its own: claims `EXTERNAL` runs from whatever API the
+/// test says leads, appends `KEY RUN ATTEMPT worker` to the shared log, then completes.
+/// Errors (a dead, stalled or new leader) are a worker's everyday life: it polls again.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    claimed: Arc<AtomicU64>,
+    completed: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(api: Arc<Mutex<Option<String>>>, log: PathBuf) -> Worker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (claimed, completed, refused) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (s, cl, co, re) = (
+            Arc::clone(&stop),
+            Arc::clone(&claimed),
+            Arc::clone(&completed),
+            Arc::clone(&refused),
+        );
+        let thread = std::thread::spawn(move || {
+            let http = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(1))
+                .no_proxy()
+                .build()
+                .unwrap();
+            while !s.load(Ordering::SeqCst) {
+                let Some(base) = api.lock().unwrap().clone() else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let claim = http
+                    .post(format!("{base}/api/v1/claims"))
+                    .json(&serde_json::json!({"worker": "w1", "kinds": [EXTERNAL]}))
+                    .send();
+                let attempt: serde_json::Value = match claim {
+                    Ok(r) if r.status() == reqwest::StatusCode::OK => match r.json() {
+                        Ok(v) => v,
+                        Err(_) => continue,
+                    },
+                    // Nothing due, or no leader there (yet): poll again shortly.
+                    _ => {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                cl.fetch_add(1, Ordering::SeqCst);
+                let (run, token, n) = (
+                    attempt["run"].clone(),
+                    attempt["token"].clone(),
+                    attempt["attempt"].clone(),
+                );
+                let run = run
+                    .as_u64()
+                    .map(|n| format!("run-{n}"))
+                    .or_else(|| run.as_str().map(str::to_string))
+                    .unwrap_or_else(|| panic!("no run in {attempt}"));
+                let n = n
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("no attempt in {attempt}"));
+                let line = format!("{run}-attempt-{n} {run} {n} {WORKER}\n");
+                {
+                    use std::io::Write;
+                    let mut file = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&log)
+                        .unwrap();
+                    file.write_all(line.as_bytes()).unwrap();
+                }
+                let done = http
+                    .post(format!("{base}/api/v1/runs/{run}/complete"))
+                    .json(&serde_json::json!({"token": token}))
+                    .send();
+                match done {
+                    Ok(r) if r.status().is_success() => {
+                        co.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {
+                        re.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        });
+        Worker {
+            stop,
+            claimed,
+            completed,
+            refused,
+            thread,
+        }
+    }
+
+    /// Stops the worker; what it claimed, completed, and had refused (or lost on the way).
+    fn stop(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("the worker thread");
+        (
+            self.claimed.load(Ordering::SeqCst),
+            self.completed.load(Ordering::SeqCst),
+            self.refused.load(Ordering::SeqCst),
+        )
     }
 }
 
@@ -361,6 +515,8 @@ fn start(host: &mut Host, url: &str) {
         host.config.to_str().unwrap(),
         "--leader-ttl",
         &ttl,
+        "--http",
+        "127.0.0.1:0",
     ];
     host.daemon = Some(
         host.place
