@@ -359,6 +359,19 @@ impl Daemon {
         assert!(status.success(), "kill -{signal} failed");
     }
 
+    /// The exit status if the process has exited, without waiting; `None` while it runs.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().expect("try_wait")?;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Whether the process is still running (not yet reaped by [`Daemon::try_exit`] or
+    /// [`Daemon::wait_exit`]).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
     /// Waits for the process to exit (on a thread, so the wait has a deadline).
     #[track_caller]
     pub fn wait_exit(&mut self) -> ExitStatus {

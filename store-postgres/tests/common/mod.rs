@@ -64,18 +64,27 @@ impl TestDb {
 
     /// A connection string for this schema, for a process of its own (keel's daemon).
     pub fn url(&self) -> String {
+        self.url_with("")
+    }
+
+    /// [`TestDb::url`] with more server settings for its sessions, as `-c name=value` options
+    /// separated by spaces (such as `-c idle_in_transaction_session_timeout=1s`).
+    pub fn url_with(&self, settings: &str) -> String {
         let schema = &self.schema;
+        let options = format!("-c search_path={schema} {settings}");
+        let options = options.trim_end();
         match &*self.server {
             Server::External(_, url) if url.starts_with("postgres") => {
                 let join = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{join}options=-c%20search_path%3D{schema}&application_name={schema}")
+                let options = options.replace(' ', "%20").replace('=', "%3D");
+                format!("{url}{join}options={options}&application_name={schema}")
             }
             Server::External(_, url) => {
-                format!("{url} options='-c search_path={schema}' application_name={schema}")
+                format!("{url} options='{options}' application_name={schema}")
             }
             Server::Cluster(cluster) => format!(
                 "host={} port={PORT} user=postgres dbname=postgres \
-                 options='-c search_path={schema}' application_name={schema}",
+                 options='{options}' application_name={schema}",
                 path_str(&cluster.sockets)
             ),
         }
@@ -94,6 +103,54 @@ impl TestDb {
     /// A plain client on this schema, for what a test does behind the store's back.
     pub fn client(&self) -> postgres::Client {
         self.config().connect(postgres::NoTls).unwrap()
+    }
+
+    /// Restarts the throwaway cluster (`pg_ctl restart -m fast`, which ends every session),
+    /// for a test of what survives a database restart. False on an external server, which a
+    /// test must not restart.
+    pub fn restart_server(&self) -> bool {
+        let Server::Cluster(cluster) = &*self.server else {
+            return false;
+        };
+        let log = cluster.sockets.join("server.log");
+        // `-l` again: without it the server would keep pg_ctl's captured stdout open.
+        cluster.run(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&cluster.data),
+                "-l",
+                path_str(&log),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+        true
+    }
+
+    /// Runs `pgbench` from the cluster's own install against its `postgres` database (as the
+    /// postgres user, as root), with `args` before the connection options; its output. `None`
+    /// on an external server (a benchmark's floor must come from the server it measures).
+    pub fn pgbench(&self, args: &[&str]) -> Option<String> {
+        let Server::Cluster(cluster) = &*self.server else {
+            return None;
+        };
+        let port = PORT.to_string();
+        let mut all = args.to_vec();
+        all.extend([
+            "-h",
+            path_str(&cluster.sockets),
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "postgres",
+        ]);
+        Some(cluster.run("pgbench", &all))
     }
 }
 
