@@ -28,6 +28,11 @@ const FAILOVER_BOUND: Duration = Duration::from_secs(2);
 /// Each attempt appends `KEY RUN ATTEMPT` to this file (in the first place's directory).
 const FIRED: &str = "fired.log";
 
+/// Every daemon's keel.toml: a short shutdown, and attempts' leases of 2 s, so a run held by a
+/// dead or stalled leader is reclaimed within the tests' waits rather than after 30 s.
+const DAEMON_TOML: &str =
+    "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n";
+
 #[test]
 fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     let Some(db) = pg::TestDb::new() else { return };
@@ -35,12 +40,7 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     let a = Place::new("pg-a");
     let b = Place::new("pg-b");
     let fired = a.path(FIRED);
-    let config = |place: &Place| {
-        place.config(
-            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
-        )
-    };
-    let (config_a, config_b) = (config(&a), config(&b));
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
 
     // A missing database is refused by name.
     b.keel(&["--store", "postgres", "job", "ls"])
@@ -200,12 +200,7 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
     let a = Place::new("pg-stall-a");
     let b = Place::new("pg-stall-b");
     let fired = a.path(FIRED);
-    let config = |place: &Place| {
-        place.config(
-            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
-        )
-    };
-    let (config_a, config_b) = (config(&a), config(&b));
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
     // Its control socket is open: commands on its host reach it.
@@ -264,12 +259,7 @@ fn a_leader_that_cannot_renew_stops_itself_before_its_lease_ends() {
     let url = db.url();
     let a = Place::new("pg-fence-a");
     let b = Place::new("pg-fence-b");
-    let config = |place: &Place| {
-        place.config(
-            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
-        )
-    };
-    let (config_a, config_b) = (config(&a), config(&b));
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
     let standby = start(&b, &config_b, &url, "host-b", false);
@@ -364,12 +354,7 @@ fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
     let url = db.url();
     let a = Place::new("pg-leftover-a");
     let b = Place::new("pg-leftover-b");
-    let config = |place: &Place| {
-        place.config(
-            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
-        )
-    };
-    let (config_a, config_b) = (config(&a), config(&b));
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
     // Its control socket is open: commands on its host reach it.
@@ -427,12 +412,7 @@ fn a_daemon_without_the_handler_a_stored_job_needs_stands_by_and_says_which() {
     let url = db.url();
     let a = Place::new("pg-kinds-a");
     let b = Place::new("pg-kinds-b");
-    let config = |place: &Place| {
-        place.config(
-            "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"2s\"\nlease_grace = \"1s\"\n",
-        )
-    };
-    let (config_a, config_b) = (config(&a), config(&b));
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
     let mut leader = start(&a, &config_a, &url, "host-a", false);
     leader.wait_for(&["leading the postgres store as host-a:"]);
     leader.wait_for(&["ready: "]);
