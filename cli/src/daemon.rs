@@ -133,7 +133,7 @@ async fn daemon(
         }))
     });
     // Postgres's client blocks on a runtime of its own, which tokio allows only here.
-    let opened = tokio::task::block_in_place(|| place.open_store())?;
+    let opened = tokio::task::block_in_place(|| place.open_store_with_stall_limit(leader_ttl / 2))?;
     let store = opened.store();
     let snapshot = read(&store).await?;
 

@@ -4,8 +4,10 @@
 //! flock (`place::DaemonLock`). On Postgres the writer is the holder of the leadership lease
 //! (`keel_store_postgres::Leadership`, judged by the database's clock):
 //!
-//! 1. [`stand_by`]: try to take the lease about once a second ([`STANDBY_POLL`]), saying who
-//!    leads whenever that changes.
+//! 1. [`stand_by`]: try to take the lease about once a second ([`STANDBY_POLL`]), or sooner
+//!    when the holder's lease ends sooner (it has that long left by the database's clock), so
+//!    that a dead leader is replaced as soon as its lease lapses; say who leads whenever that
+//!    changes.
 //! 2. Once leading, the daemon restores the store (raising its writer epoch, which deposes any
 //!    previous writer) and starts; [`keep`] renews the lease every third of the TTL.
 //! 3. [`keep`] drives `keel_core::fence::Fence` (SPEC M2's self-fencing, modelled in the core
@@ -80,6 +82,7 @@ pub(crate) async fn stand_by(
         blocking(move || place.open_store().map(|s| s.store())).await??
     };
     loop {
+        let mut wait = STANDBY_POLL;
         let handle = Arc::clone(&leadership);
         let jobs = Arc::clone(&store);
         let tried = blocking(move || -> Result<Tried, keel_core::StoreError> {
@@ -132,6 +135,7 @@ pub(crate) async fn stand_by(
                 failing = false;
                 said_unhandled.clear();
                 if let Some(lease) = current.filter(|l| l.live) {
+                    wait = next_try(&lease);
                     let key = (lease.holder.clone(), lease.term);
                     if said.as_ref() != Some(&key) {
                         log(&format!(
@@ -155,10 +159,18 @@ pub(crate) async fn stand_by(
             }
         }
         tokio::select! {
-            () = tokio::time::sleep(STANDBY_POLL) => {}
+            () = tokio::time::sleep(wait) => {}
             () = signals.recv() => return Ok(None),
         }
     }
+}
+
+/// How long a standby waits before it tries again, having found `lease` live: until just after
+/// it lapses if that is within a poll, else a poll.
+fn next_try(lease: &Lease) -> Duration {
+    /// Past the expiry, so that the database's `now()` has surely passed it too.
+    const AFTER_EXPIRY: Duration = Duration::from_millis(5);
+    STANDBY_POLL.min(lease.remaining + AFTER_EXPIRY)
 }
 
 /// What one try to take the lease found.
@@ -337,4 +349,35 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Failure::runtime(format!("a database call failed: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(remaining: Duration) -> Lease {
+        Lease {
+            holder: "host-a:1:x".to_owned(),
+            term: 1,
+            acquired_at: Timestamp(0),
+            expires_at: Timestamp(10_000),
+            live: true,
+            remaining,
+        }
+    }
+
+    #[test]
+    fn a_standby_tries_again_just_after_the_lease_lapses_or_after_a_poll() {
+        assert_eq!(
+            next_try(&lease(Duration::from_millis(300))),
+            Duration::from_millis(305),
+            "a lease about to lapse is tried for just after"
+        );
+        assert_eq!(next_try(&lease(Duration::ZERO)), Duration::from_millis(5));
+        assert_eq!(
+            next_try(&lease(Duration::from_secs(8))),
+            STANDBY_POLL,
+            "a long lease is still looked at every poll (it may be resigned)"
+        );
+    }
 }

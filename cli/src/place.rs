@@ -18,6 +18,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use keel_core::{Store, StoreError};
 use keel_store_fs::{check_private_dir, FsStore};
@@ -160,6 +161,16 @@ impl Place {
     /// Either way the directory must be private (`check_private_dir`), and a directory this
     /// creates is announced on stderr.
     pub(crate) fn open_store(&self) -> Result<OpenStore, Failure> {
+        self.open_store_with_stall_limit(keel_store_postgres::DEFAULT_STALL_LIMIT)
+    }
+
+    /// [`Place::open_store`], where a Postgres session stalled inside a transaction is ended by
+    /// the server after `stall_limit` (the daemon's is half its leader TTL, so that a successor
+    /// is not kept waiting on a stopped leader's store row lock).
+    pub(crate) fn open_store_with_stall_limit(
+        &self,
+        stall_limit: Duration,
+    ) -> Result<OpenStore, Failure> {
         let new = !self.dir.exists();
         let store = match self.kind {
             StoreKind::Fs => FsStore::open(&self.dir)
@@ -175,7 +186,7 @@ impl Place {
             // Nothing of the store is in the directory: `prepare` makes it for the daemon,
             // which keeps this host's things there (output, running commands, the socket).
             StoreKind::Postgres => {
-                return PgStore::with_config(self.database_config()?)
+                return PgStore::with_stall_limit(self.database_config()?, stall_limit)
                     .map(|s| OpenStore::Postgres(Arc::new(s)))
                     .map_err(|e| self.store_error(e));
             }

@@ -40,6 +40,9 @@ pub struct Lease {
     pub expires_at: Timestamp,
     /// Whether it had not expired when it was read (by the database's clock).
     pub live: bool,
+    /// How long it had left when it was read, by the database's clock (zero once expired): a
+    /// standby sleeps that long, rather than a whole poll, before it tries to take over.
+    pub remaining: Duration,
 }
 
 /// One process's handle on the leadership lease: its own connection, apart from the store's,
@@ -57,7 +60,7 @@ impl Leadership {
     /// host, pid and a random number), with leases of `ttl`. Creates or migrates the schema
     /// like [`PgStore::connect`](crate::PgStore::connect).
     pub fn new(config: Config, holder: &str, ttl: Duration) -> Result<Leadership, StoreError> {
-        let conn = Conn::open(&config)?;
+        let conn = Conn::open(&config, crate::DEFAULT_STALL_LIMIT)?;
         Ok(Leadership {
             config,
             holder: holder.to_owned(),
@@ -182,6 +185,7 @@ fn lease(row: &Row) -> Result<Lease, StoreError> {
         acquired_at: ms(2)?,
         expires_at: ms(3)?,
         live: column(row, 4, at)?,
+        remaining: Duration::from_millis(u64::try_from(column::<i64>(row, 5, at)?).unwrap_or(0)),
     })
 }
 

@@ -75,6 +75,16 @@
 //! the same transaction. [`Store::read`] reads in one REPEATABLE READ, read-only transaction,
 //! so its snapshot is one consistent cut without blocking writers.
 //!
+//! # A writer stopped in the middle of a batch
+//!
+//! A process stopped inside `apply` (SIGSTOP, a long pause, a frozen VM, a host cut off without
+//! a reset) keeps the store row lock, and every other writer's transaction, a successor's
+//! `restore` too, would wait for it. So each session sets `idle_in_transaction_session_timeout`
+//! to the handle's stall limit ([`DEFAULT_STALL_LIMIT`], or [`PgStore::with_stall_limit`]): the
+//! server ends a session idle that long inside a transaction, the batch rolls back, nothing of
+//! it was acknowledged, and the waiting writer goes on. keel never waits on its caller between
+//! a transaction's statements, so a live writer does not reach the limit.
+//!
 //! # Corrupt data
 //!
 //! A row that does not decode is reported as [`StoreError::Corrupt`] naming its table and
@@ -91,6 +101,7 @@ pub use leader::{Leadership, Lease};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use keel_core::store::{check_batch, next_writer_epoch, AuditQuery, RunPage, RunQuery, StoredView};
 use keel_core::{
@@ -108,10 +119,17 @@ pub use postgres::Config;
 /// The format marker this build reads and writes (`keel_meta.format`).
 pub const FORMAT: &str = sql::FORMAT;
 
+/// How long a transaction of a handle may sit idle before the server ends its session, unless
+/// [`PgStore::with_stall_limit`] says otherwise. keel's transactions never wait on the caller
+/// between statements, so only a stalled or cut-off process reaches it.
+pub const DEFAULT_STALL_LIMIT: Duration = Duration::from_secs(5);
+
 /// A keel store in a PostgreSQL schema. See the [crate docs](crate) for the schema and the
 /// transaction every write is.
 pub struct PgStore {
     config: Config,
+    /// The session's `idle_in_transaction_session_timeout` ([`PgStore::with_stall_limit`]).
+    stall_limit: Duration,
     /// The connection, replaced at the next call once it broke.
     conn: Mutex<Option<Conn>>,
 }
@@ -120,6 +138,9 @@ pub struct PgStore {
 struct Conn {
     client: Client,
     statements: HashMap<String, Statement>,
+    /// Left inside a transaction on purpose ([`PgStore::stall_in_a_transaction`]): never
+    /// reused.
+    stalled: bool,
 }
 
 impl PgStore {
@@ -136,10 +157,36 @@ impl PgStore {
 
     /// Like [`PgStore::connect`], with the settings built by the caller.
     pub fn with_config(config: Config) -> Result<PgStore, StoreError> {
-        let conn = Conn::open(&config)?;
+        PgStore::with_stall_limit(config, DEFAULT_STALL_LIMIT)
+    }
+
+    /// Like [`PgStore::with_config`], with a stall limit other than [`DEFAULT_STALL_LIMIT`]:
+    /// how long the server lets a transaction of this handle sit idle before it ends the
+    /// session, rolling the batch back unacknowledged. A process stopped in the middle of
+    /// `apply` (SIGSTOP, a frozen VM, a host cut off) holds the store row lock; without the
+    /// limit every other writer, a successor's `restore` too, would wait until it woke.
+    /// Keep it well under the time after which another process may take over (keel's daemon
+    /// uses half its leader TTL). `Duration::ZERO` leaves the server's setting alone.
+    pub fn with_stall_limit(config: Config, stall_limit: Duration) -> Result<PgStore, StoreError> {
+        let conn = Conn::open(&config, stall_limit)?;
         Ok(PgStore {
             config,
+            stall_limit,
             conn: Mutex::new(Some(conn)),
+        })
+    }
+
+    /// Begins a transaction that takes the store row lock and returns without ending it, as a
+    /// process stopped in the middle of `apply` would leave its session: for tests of what the
+    /// stall limit does. The handle's next call finds the session ended or ends it.
+    #[doc(hidden)]
+    pub fn stall_in_a_transaction(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            conn.client
+                .batch_execute(&format!("BEGIN; {}", sql::LOCK_META))
+                .map_err(pg_error)?;
+            conn.stalled = true;
+            Ok(())
         })
     }
 
@@ -152,8 +199,8 @@ impl PgStore {
         // worst a transaction that the connection rolls back, so a poisoned lock is still good.
         let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
         let conn = match guard.take() {
-            Some(conn) if !conn.client.is_closed() => conn,
-            _ => Conn::open(&self.config)?,
+            Some(conn) if !conn.client.is_closed() && !conn.stalled => conn,
+            _ => Conn::open(&self.config, self.stall_limit)?,
         };
         let conn = guard.insert(conn);
         let result = f(conn);
@@ -168,11 +215,19 @@ impl PgStore {
 }
 
 impl Conn {
-    fn open(config: &Config) -> Result<Conn, StoreError> {
-        let client = config.connect(NoTls).map_err(pg_error)?;
+    fn open(config: &Config, stall_limit: Duration) -> Result<Conn, StoreError> {
+        let mut client = config.connect(NoTls).map_err(pg_error)?;
+        if !stall_limit.is_zero() {
+            // Whole milliseconds, at least one: zero would mean no limit to the server.
+            let ms = stall_limit.as_millis().clamp(1, i32::MAX as u128);
+            client
+                .batch_execute(&format!("SET idle_in_transaction_session_timeout = {ms}"))
+                .map_err(pg_error)?;
+        }
         let mut conn = Conn {
             client,
             statements: HashMap::new(),
+            stalled: false,
         };
         conn.migrate()?;
         Ok(conn)

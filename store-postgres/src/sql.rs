@@ -193,11 +193,13 @@ pub(crate) fn audit_page(by_run: bool, by_job: bool) -> String {
 // ----- leadership (`leader` module) ----------------------------------------------------------
 
 /// The columns every leadership statement returns: holder, term, acquired_at and expires_at as
-/// milliseconds since the epoch, and whether the lease is live by the database's clock.
+/// milliseconds since the epoch, whether the lease is live by the database's clock, and how
+/// many milliseconds it has left by that clock (0 once expired).
 macro_rules! leader_columns {
     () => {
         "holder, term, (extract(epoch FROM acquired_at) * 1000)::bigint, \
-         (extract(epoch FROM expires_at) * 1000)::bigint, expires_at > now()"
+         (extract(epoch FROM expires_at) * 1000)::bigint, expires_at > now(), \
+         greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint"
     };
 }
 

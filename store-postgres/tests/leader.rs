@@ -27,6 +27,11 @@ fn one_holder_at_a_time_and_a_resignation_hands_over_at_once() {
     assert_eq!((first.holder.as_str(), first.term), ("host-a:1:x", 1));
     assert!(first.live);
     assert!(first.expires_at.ms_since(first.acquired_at) >= 59_000);
+    assert!(
+        first.remaining > Duration::from_secs(59) && first.remaining <= ttl,
+        "a new lease has its TTL left: {:?}",
+        first.remaining
+    );
     assert_eq!(b.try_acquire().unwrap(), None, "a live lease is not taken");
     assert_eq!(
         a.try_acquire().unwrap(),
@@ -44,9 +49,12 @@ fn one_holder_at_a_time_and_a_resignation_hands_over_at_once() {
     assert_eq!(b.renew(1).unwrap(), None, "only the holder renews");
 
     a.resign(1).unwrap();
-    assert!(
-        !b.current().unwrap().unwrap().live,
-        "a resigned lease is over"
+    let resigned = b.current().unwrap().unwrap();
+    assert!(!resigned.live, "a resigned lease is over");
+    assert_eq!(
+        resigned.remaining,
+        Duration::ZERO,
+        "nothing left to wait for"
     );
     let second = b
         .try_acquire()

@@ -11,6 +11,8 @@ use keel_core::{
     AuditQuery, Conflict, ErrorKind, Record, RunId, RunQuery, RunState, Store, StoreError,
 };
 use keel_harness::conformance::{audit_record, batch, edit, run, T0};
+use std::time::Duration;
+
 use keel_store_postgres::{PgStore, FORMAT};
 
 use common::TestDb;
@@ -155,6 +157,42 @@ fn a_handle_whose_connection_was_dropped_reconnects_and_restores_the_same_state(
         restored.meta.epoch, epoch,
         "the new writer comes after the old one"
     );
+}
+
+#[test]
+fn a_writer_stalled_inside_a_transaction_does_not_hold_up_its_successor() {
+    let db = db!();
+    let stalled = PgStore::with_stall_limit(db.config(), Duration::from_millis(300)).unwrap();
+    let epoch = stalled.restore().unwrap().meta.epoch + 1;
+    stalled
+        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
+        .unwrap();
+    // Stopped in the middle of a batch, holding the store row lock, as SIGSTOP would leave it.
+    stalled.stall_in_a_transaction().unwrap();
+
+    // The successor's restore waits for the lock only until the server ends the stalled
+    // session; without the limit it would wait until the stalled process woke (here: never).
+    let successor = db.open();
+    let (done, restored) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(successor.restore().map(|s| (s, successor))));
+    let (snapshot, successor) = restored
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the successor's restore is not held up by the stalled writer")
+        .unwrap();
+    assert_eq!(snapshot.runs.len(), 1, "the acknowledged batch survives");
+    assert!(snapshot.meta.epoch >= epoch);
+
+    // Woken, the stalled writer reconnects and is refused as deposed: it never writes beside
+    // its successor.
+    let late = batch(epoch, 1, T0, vec![Record::PutRun(run(2, "a", T0))]);
+    assert!(
+        matches!(
+            stalled.apply(&late),
+            Err(StoreError::Conflict(Conflict::Deposed { .. }))
+        ),
+        "a stalled writer's next batch is refused"
+    );
+    assert_eq!(successor.read().unwrap().runs.len(), 1);
 }
 
 #[test]
