@@ -144,6 +144,11 @@ async fn daemon(
             command_job::handler_keeping_output(place.attempts_dir(), place.output_dir()),
         )
         .worker(WorkerId::new(&worker).expect("a valid worker id"));
+    // On a shared store the leader fires on the database's clock, read when it took the lead,
+    // so that hosts whose clocks disagree fire the same slots at the same times.
+    if let Some(lead) = &lead {
+        builder = builder.clock(lead.clock());
+    }
     // A job added while the daemon runs may notify a URL no job had at its start.
     builder = builder.sink_factory(|entry| {
         let sink = webhook(entry).ok()??;

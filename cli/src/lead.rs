@@ -45,14 +45,56 @@ pub(crate) struct Lead {
     lease: Lease,
     /// When the acquisition that won the lease was sent: the lead counts from it.
     acquire_sent: Instant,
+    /// The database's clock, read by the acquisition: what this process's keel clock runs on.
+    anchor: Anchor,
 }
 
 impl Lead {
     /// Who leads, for `status`: this process.
     pub(crate) fn status(&self) -> LeaderStatus {
-        status(Some(&self.lease), true)
+        LeaderStatus {
+            clock_skew_ms: Some(self.anchor.skew_ms),
+            ..status(Some(&self.lease), true)
+        }
+    }
+
+    /// The keel clock of a runtime this leader starts: the database's time, as the acquisition
+    /// read it, carried forward on this process's monotonic clock. Every leader fires on the
+    /// one clock the hosts share, whatever its own wall clock says (SPEC M4).
+    pub(crate) fn clock(&self) -> keel_runtime::Clock {
+        let since = Instant::now().saturating_duration_since(self.anchor.at);
+        keel_runtime::Clock::starting_at(self.anchor.database.plus_ms(millis(since)))
     }
 }
+
+/// This host's clock against the database's, read at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Anchor {
+    /// The instant (this process's monotonic clock) of the reading.
+    at: Instant,
+    /// The database's time then.
+    database: Timestamp,
+    /// How far this host's wall clock was ahead of the database's then (negative: behind).
+    skew_ms: i64,
+}
+
+impl Anchor {
+    /// The anchor a statement gives that read the database's clock (`database`) between `sent`
+    /// and `received`, when this host's wall clock read `wall` at `received`: the database's
+    /// reading is taken to be the round trip's midpoint.
+    fn read(sent: Instant, received: Instant, database: Timestamp, wall: Timestamp) -> Anchor {
+        let half = received.saturating_duration_since(sent) / 2;
+        let database = database.plus_ms(millis(half));
+        Anchor {
+            at: received,
+            database,
+            skew_ms: wall.0.saturating_sub(database.0),
+        }
+    }
+}
+
+/// How far from the database's clock this host's may be before the daemon warns.
+const SKEW_WARNING: Duration = Duration::from_secs(1);
 
 /// Waits until this process holds the lease (`None` if a signal came first).
 ///
@@ -96,7 +138,11 @@ pub(crate) async fn stand_by(
             }
             let sent = Instant::now();
             Ok(match handle.try_acquire()? {
-                Some(lease) => Tried::Led(lease, sent),
+                Some(lease) => {
+                    let anchor =
+                        Anchor::read(sent, Instant::now(), lease.acquired_at, keel_runtime::now());
+                    Tried::Led(lease, sent, anchor)
+                }
                 None => Tried::Held(handle.current()?),
             })
         })
@@ -118,17 +164,19 @@ pub(crate) async fn stand_by(
                     said_unhandled = unhandled;
                 }
             }
-            Ok(Tried::Led(lease, acquire_sent)) => {
+            Ok(Tried::Led(lease, acquire_sent, anchor)) => {
                 log(&format!(
                     "leading the postgres store as {} (term {}, lease ttl {})",
                     lease.holder,
                     lease.term,
                     crate::show::duration(ttl)
                 ));
+                log(&skew_line(anchor.skew_ms));
                 return Ok(Some(Lead {
                     leadership,
                     lease,
                     acquire_sent,
+                    anchor,
                 }));
             }
             Ok(Tried::Held(current)) => {
@@ -173,10 +221,25 @@ fn next_try(lease: &Lease) -> Duration {
     STANDBY_POLL.min(lease.remaining + AFTER_EXPIRY)
 }
 
+/// The log line on this host's clock against the database's.
+fn skew_line(skew_ms: i64) -> String {
+    let size = crate::show::duration(Duration::from_millis(skew_ms.unsigned_abs()));
+    let side = if skew_ms >= 0 { "ahead of" } else { "behind" };
+    let said = format!(
+        "clock: this host's clock is {size} {side} the database's; keel runs on the database's \
+         time while it leads"
+    );
+    if Duration::from_millis(skew_ms.unsigned_abs()) > SKEW_WARNING {
+        format!("warning: {said} (check NTP on this host)")
+    } else {
+        said
+    }
+}
+
 /// What one try to take the lease found.
 enum Tried {
-    /// This process took it; the acquisition was sent then.
-    Led(Lease, Instant),
+    /// This process took it; the acquisition was sent then, and read the database's clock.
+    Led(Lease, Instant, Anchor),
     /// Another holds it (or held it last).
     Held(Option<Lease>),
     /// Stored jobs this daemon cannot run: `(job, kind)`.
@@ -329,6 +392,7 @@ fn status(lease: Option<&Lease>, leading: bool) -> LeaderStatus {
         term: lease.map(|l| l.term),
         since: lease.and_then(|l| rfc3339(l.acquired_at)),
         expires: lease.and_then(|l| rfc3339(l.expires_at)),
+        clock_skew_ms: None,
     }
 }
 
@@ -379,5 +443,33 @@ mod tests {
             STANDBY_POLL,
             "a long lease is still looked at every poll (it may be resigned)"
         );
+    }
+
+    #[test]
+    fn the_anchor_takes_the_database_reading_at_the_round_trips_midpoint() {
+        let sent = Instant::now();
+        let received = sent + Duration::from_millis(40);
+        let database = Timestamp(1_000_000);
+        // This host's wall clock is 5 s ahead: it read 1_005_020 when the database read 1_000_020.
+        let anchor = Anchor::read(sent, received, database, Timestamp(1_005_020));
+        assert_eq!(anchor.database, Timestamp(1_000_020));
+        assert_eq!(anchor.at, received);
+        assert_eq!(anchor.skew_ms, 5_000);
+        let behind = Anchor::read(sent, received, database, Timestamp(999_020));
+        assert_eq!(behind.skew_ms, -1_000);
+    }
+
+    #[test]
+    fn a_skew_past_a_second_is_a_warning_naming_the_side() {
+        let ahead = skew_line(3_600_000);
+        assert!(ahead.starts_with("warning: "), "{ahead}");
+        assert!(ahead.contains("ahead of the database's"), "{ahead}");
+        let behind = skew_line(-2_500);
+        assert!(
+            behind.starts_with("warning: ") && behind.contains("behind"),
+            "{behind}"
+        );
+        let close = skew_line(12);
+        assert!(!close.contains("warning"), "{close}");
     }
 }

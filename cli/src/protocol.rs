@@ -358,6 +358,11 @@ pub(crate) struct LeaderStatus {
     pub(crate) since: Option<String>,
     /// Until when its lease runs unless renewed (RFC 3339, the database's clock).
     pub(crate) expires: Option<String>,
+    /// How far the answering leader's wall clock was ahead of the database's when it took the
+    /// lead (negative: behind); it runs on the database's time regardless. `None` from a
+    /// process that does not lead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) clock_skew_ms: Option<i64>,
 }
 
 /// Answers a read request from a store (the daemon, and the CLI when no daemon runs).

@@ -17,6 +17,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, Place, WAIT};
+use keel_core::Store;
 use serde_json::Value;
 
 /// The leadership lease's TTL in this test (the default is 10 s).
@@ -250,6 +251,104 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
     wait_until("the new leader keeps firing", || {
         lines(&fired).len() >= before + 2
     });
+    expect_each_slot_fired_once(&lines(&fired));
+}
+
+/// libfaketime (Debian: `apt-get install faketime`), which `.ci/run` installs: it moves a
+/// process's wall clock and leaves its monotonic clock alone.
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+#[test]
+fn a_standby_whose_clock_is_an_hour_ahead_takes_over_on_the_databases_time() {
+    let Some(db) = pg::TestDb::new() else { return };
+    assert!(
+        Path::new(FAKETIME).exists(),
+        "{FAKETIME} is missing: install libfaketime (Debian: apt-get install faketime) to run \
+         the skewed-clock test"
+    );
+    let url = db.url();
+    let a = Place::new("pg-skew-a");
+    let b = Place::new("pg-skew-b");
+    let fired = a.path(FIRED);
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["leading the postgres store as host-a:"]);
+    leader.wait_for(&["ready: postgres store"]);
+    // Host b's wall clock is an hour ahead (as with a broken NTP); its monotonic clock is not.
+    let ttl = format!("{}s", TTL.as_secs());
+    let standby = b.spawn_daemon(
+        &[
+            "--store",
+            "postgres",
+            "--database-url",
+            &url,
+            "run",
+            "--config",
+            config_b.to_str().unwrap(),
+            "--leader-ttl",
+            &ttl,
+        ],
+        &[
+            ("KEEL_HOSTNAME", "host-b"),
+            ("LD_PRELOAD", FAKETIME),
+            ("FAKETIME", "+1h"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    standby.wait_for(&["standby: host-a:"]);
+    let add = [
+        "job",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
+            fired.display()
+        ),
+    ];
+    pg_keel(&a, &url, &add).expect_code(0);
+    wait_until("the leader fires the job", || !lines(&fired).is_empty());
+
+    leader.signal("KILL");
+    leader.wait_exit();
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    let said = standby.wait_for(&["clock: this host's clock is"]);
+    assert!(
+        said.contains("warning:") && said.contains("ahead of the database's"),
+        "the skew is reported: {said}"
+    );
+    let before = lines(&fired).len();
+    wait_until("the skewed host fires the job", || {
+        lines(&fired).len() >= before + 3
+    });
+
+    // Every run, the skewed leader's too, was created and has its slot on the database's time
+    // (this host's clock, unskewed, within a minute), not an hour ahead.
+    let now = common::now_ms();
+    let query = keel_core::RunQuery {
+        limit: 500,
+        ..keel_core::RunQuery::default()
+    };
+    let runs = db.open().runs(&query).unwrap().runs;
+    // The killed leader's runs, and at least two the skewed one created (of its three lines,
+    // one may be a killed run's next attempt).
+    assert!(runs.len() >= 3, "{} runs", runs.len());
+    for run in &runs {
+        for (what, at) in [("created", Some(run.created_at())), ("slot", run.slot())] {
+            let at = at.unwrap().0;
+            assert!(
+                (at - now).abs() < 60_000,
+                "run {} {what} at {at}, {} s from now: {}",
+                run.id(),
+                (at - now) / 1000,
+                standby.log()
+            );
+        }
+    }
     expect_each_slot_fired_once(&lines(&fired));
 }
 
