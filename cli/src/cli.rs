@@ -443,6 +443,12 @@ pub(crate) struct DoctorArgs {
     /// it. Refused while a daemon holds the store.
     #[arg(long)]
     pub(crate) repair: bool,
+    /// On a Postgres store that refuses its database after a failover or a restore ("the
+    /// store's database changed"): accept the database it is on now as the store's own. Check
+    /// first that no acknowledged batch was lost (see docs/storage.md, "A database that failed
+    /// over").
+    #[arg(long)]
+    pub(crate) accept_database: bool,
 }
 
 #[derive(Debug, Subcommand)]

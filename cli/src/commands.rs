@@ -142,7 +142,7 @@ fn commands(
             let rules: Vec<keel_core::watchdog::Rule> = from_value(call(&place, &Request::Rules)?)?;
             out.print(&rules, || show::rules_table(&rules))
         }
-        Command::Doctor(args) => doctor::run(&place, out.json, args.config.as_deref(), args.repair),
+        Command::Doctor(args) => doctor::run(&place, out.json, &args),
         Command::Worker(command) => worker(&place, out, command),
         // Answered above, before a data directory is looked for.
         Command::Completions { .. } | Command::Man => Ok(()),

@@ -369,7 +369,10 @@ async fn daemon(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
-    let deposed = matches!(result, Err(keel_runtime::RuntimeError::Deposed(_)));
+    let deposed = matches!(
+        result,
+        Err(keel_runtime::RuntimeError::Deposed(_) | keel_runtime::RuntimeError::Diverged(_))
+    );
     if fenced.is_some() || (deposed && lead.is_some()) {
         // The runtime stopped its attempts; a command that outlived its task must not run
         // beside the attempt the next leader starts once the lease expires.
@@ -397,6 +400,9 @@ async fn daemon(
         Err(keel_runtime::RuntimeError::Deposed(why)) => Err(Failure::runtime(format!(
             "another keel process took over the store ({why}); this daemon stopped"
         ))),
+        Err(keel_runtime::RuntimeError::Diverged(why)) => {
+            Err(Failure::runtime(format!("{why}; this daemon stopped")))
+        }
         Err(keel_runtime::RuntimeError::Panicked(why)) => Err(Failure::runtime(format!(
             "the scheduler failed {} times in a row and stopped: {why}; this is a bug in keel \
              (please report it with the log above)",

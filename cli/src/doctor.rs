@@ -17,13 +17,11 @@
 //! printed (as `repair` findings) and recorded as a `store_repaired` incident. The checks
 //! then run on the repaired store.
 
-use std::path::Path;
-
 use keel_core::{Job, JobState, LeasePolicy, Run, RunState};
 use keel_store_fs::FsStore;
 use serde::Serialize;
 
-use crate::cli::StoreKind;
+use crate::cli::{DoctorArgs, StoreKind};
 use crate::client::Client;
 use crate::command_job::{self, CommandSpec};
 use crate::direct::wall_clock;
@@ -68,15 +66,14 @@ impl Findings {
 }
 
 /// Runs every check and prints the findings.
-pub(crate) fn run(
-    place: &Place,
-    json: bool,
-    config: Option<&Path>,
-    repair: bool,
-) -> Result<(), Failure> {
+pub(crate) fn run(place: &Place, json: bool, args: &DoctorArgs) -> Result<(), Failure> {
+    let config = args.config.as_deref();
     let mut findings = Findings::default();
-    if repair {
+    if args.repair {
         repair_store(place, &mut findings)?;
+    }
+    if args.accept_database {
+        accept_database(place, &mut findings)?;
     }
     // The watchdog's grace: the config's when it is given and valid, keel's default otherwise.
     let mut lease = LeasePolicy::default();
@@ -118,6 +115,25 @@ pub(crate) fn run(
 }
 
 /// `--repair`: rewrites a damaged fs store under the daemon lock, and says what was lost.
+/// `--accept-database`: the Postgres database the store is on now becomes its own.
+fn accept_database(place: &Place, findings: &mut Findings) -> Result<(), Failure> {
+    if place.kind != StoreKind::Postgres {
+        return Err(Failure::input(
+            "--accept-database applies to the postgres store (--store postgres)",
+        ));
+    }
+    let config = place.database_config()?;
+    let (before, now) = keel_store_postgres::PgStore::accept_database(&config)
+        .map_err(|e| Failure::runtime(format!("cannot accept the database: {e}")))?;
+    let message = match before {
+        Some(before) if before == now => format!("the store's database is already {now}"),
+        Some(before) => format!("accepted {now} as the store's database (it was {before})"),
+        None => format!("accepted {now} as the store's database (none was recorded)"),
+    };
+    findings.add(Level::Ok, "database", message, None);
+    Ok(())
+}
+
 fn repair_store(place: &Place, findings: &mut Findings) -> Result<(), Failure> {
     if place.kind != StoreKind::Fs {
         return Err(Failure::input(

@@ -395,6 +395,72 @@ fn a_leader_that_cannot_renew_stops_itself_before_its_lease_ends() {
 }
 
 #[test]
+fn after_a_database_failover_the_leader_stops_and_no_daemon_writes_until_it_is_accepted() {
+    let Some(pair) = pg::replica::Pair::start() else {
+        return;
+    };
+    let url = pair.primary_url();
+    let a = Place::new("pg-failover-a");
+    let fired = a.path(FIRED);
+    let config = a.config(DAEMON_TOML);
+    let mut leader = start(&a, &config, &url, "host-a", false);
+    leader.wait_for(&["ready: postgres store"]);
+    let add = [
+        "job",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
+            fired.display()
+        ),
+    ];
+    pg_keel(&a, &url, &add).expect_code(0);
+    wait_until("the leader fires the job", || lines(&fired).len() >= 2);
+    pair.wait_replayed();
+
+    // The primary crashes; the replica, promoted, answers at its address.
+    pair.fail_over();
+    let status = leader.wait_exit();
+    assert!(!status.success(), "{status:?}:\n{}", leader.log());
+    let log = leader.log();
+    assert!(log.contains("the store's database changed"), "{log}");
+    let fired_then = lines(&fired).len();
+
+    // A daemon started on it refuses, naming the way out; so does a read.
+    let mut again = start(&a, &config, &url, "host-a", false);
+    let status = again.wait_exit();
+    assert!(!status.success(), "{status:?}");
+    let log = again.log();
+    assert!(
+        log.contains("timeline 1")
+            && log.contains("timeline 2")
+            && log.contains("keel doctor --accept-database"),
+        "{log}"
+    );
+    pg_keel(&a, &url, &["job", "ls"])
+        .expect_code(1)
+        .expect_stderr("the store's database changed");
+    assert_eq!(
+        lines(&fired).len(),
+        fired_then,
+        "nothing fired on the new timeline"
+    );
+
+    // Accepted after a check, the store opens again and the job fires on.
+    pg_keel(&a, &url, &["doctor", "--accept-database"]).expect_stdout("(it was system");
+    let _daemon = start(&a, &config, &url, "host-a", false);
+    wait_until("the job fires again", || {
+        lines(&fired).len() >= fired_then + 2
+    });
+    expect_each_slot_fired_once(&lines(&fired));
+}
+
+#[test]
 fn keel_toml_says_where_the_store_is_and_the_command_line_wins() {
     let Some(db) = pg::TestDb::new() else { return };
     let url = with_password(db.url());

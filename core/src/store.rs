@@ -114,6 +114,13 @@ pub enum StoreError {
     /// outcome is unknown; re-sending a rebuilt batch is safe.
     #[error("store I/O failed: {0}")]
     Io(String),
+    /// The database under the store is not the one the store was last written on (a replica
+    /// promoted after a failover, a restore from a backup): acknowledged writes may be missing
+    /// from it, and a writer that went on could run a slot twice. Nothing was written; the
+    /// store refuses every handle until an operator has checked and accepted the database
+    /// (how is the store's own: keel-store-postgres has `PgStore::accept_database`).
+    #[error("the store's database changed: {0}")]
+    Diverged(String),
     /// The store refuses a place another user could tamper with (SPEC O3): a directory owned
     /// by someone else or writable by others, or a symbolic link where a store file belongs.
     /// Nothing was read or written there.

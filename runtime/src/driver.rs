@@ -13,7 +13,7 @@
 //! |---|---|
 //! | the timer (`poll_timeout`, its attempts' lease timers, the shutdown's steps) | `handle_timeout(now)`; drives each own attempt's `LeaseHolder`: renews at half the TTL, and once no renewal was durable for `ttl - margin` stops the attempt (below); moves a shutdown to its next step |
 //! | `Msg::Command` | runs it against the scheduler; answers once what it wrote is durable |
-//! | `Msg::Persisted` | `handle_persisted` or `handle_persist_failed`; a `Deposed` store stops the driver |
+//! | `Msg::Persisted` | `handle_persisted` or `handle_persist_failed`; a `Deposed` or `Diverged` store stops the driver |
 //! | `Msg::Finished` (a handler returned or panicked) | `handle_outcome` with the attempt's token; a success refused because the lease was lost is a WARN and audit evidence (SPEC L4) |
 //! | `Msg::Report` (checkpoint, progress, heartbeat from a handler) | the matching core call, fenced by the attempt's token |
 //! | `Msg::Delivered` (a sink answered) | `handle_delivery_result` |
@@ -957,6 +957,11 @@ impl Driver {
             Err(StoreError::Conflict(conflict @ Conflict::Deposed { .. })) => {
                 tracing::error!(%conflict, "another keel process took over this store; stopping");
                 self.stopped = Some(Err(RuntimeError::Deposed(conflict.to_string())));
+            }
+            Err(error @ StoreError::Diverged(_)) => {
+                // Retrying would write on a database that may lack acknowledged batches.
+                tracing::error!(%error, "stopping");
+                self.stopped = Some(Err(RuntimeError::Diverged(error.to_string())));
             }
             Err(error) => {
                 metrics::counter!(m::PERSIST_FAILURES).increment(1);

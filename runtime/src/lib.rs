@@ -45,6 +45,9 @@
 //!   [`RuntimeError::Panicked`].
 //! - **One writer**: if another process restores from the same store, this one's next write is
 //!   refused (`Conflict::Deposed`) and the runtime stops with [`RuntimeError::Deposed`].
+//!   A store that finds its database changed under it (`StoreError::Diverged`: a failover to a
+//!   replica that may lack acknowledged writes) stops it too, with [`RuntimeError::Diverged`],
+//!   rather than have it retry and write on.
 //!
 //! # Features
 //!
@@ -124,6 +127,10 @@ pub enum RuntimeError {
     /// Another process restored from the store and is its writer now.
     #[error("deposed: {0}")]
     Deposed(String),
+    /// The store's database changed under the runtime (`StoreError::Diverged`: a failover to
+    /// a replica that may lack acknowledged writes); the runtime stopped rather than write on.
+    #[error("stopped: {0}")]
+    Diverged(String),
     /// The runtime has stopped.
     #[error("the runtime has stopped")]
     Stopped,

@@ -409,6 +409,52 @@ async fn a_runtime_deposed_by_another_process_stops() {
     );
 }
 
+/// A store whose database "fails over" to one that may lack acknowledged writes.
+#[derive(Debug)]
+struct Diverging {
+    inner: SharedMemStore,
+    diverged: std::sync::atomic::AtomicBool,
+}
+
+impl Store for Diverging {
+    fn apply(&self, batch: &keel_core::Batch) -> Result<(), keel_core::StoreError> {
+        if self.diverged.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(keel_core::StoreError::Diverged(
+                "timeline 1 became 2".into(),
+            ));
+        }
+        self.inner.apply(batch)
+    }
+    keel_testkit::store_reads_from!(inner);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_whose_database_diverged_stops_instead_of_retrying() {
+    let store = Arc::new(Diverging {
+        inner: SharedMemStore::new(),
+        diverged: false.into(),
+    });
+    let (runtime, handle) = paused(Arc::clone(&store) as Arc<dyn Store>)
+        .worker(WorkerId::new("runtime-test").unwrap())
+        .handler("tick", succeed)
+        .started()
+        .await;
+    handle.add_job(every_second("tick", "tick")).await.unwrap();
+    store
+        .diverged
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let result = runtime.wait().await;
+    assert!(
+        matches!(&result, Err(RuntimeError::Diverged(why)) if why.contains("timeline 1 became 2")),
+        "{result:?}"
+    );
+    let answer = handle.jobs().await;
+    assert!(
+        matches!(answer, Err(RuntimeError::Diverged(_))),
+        "{answer:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_every_handle_stops_the_runtime() {
     let store = SharedMemStore::new();

@@ -37,7 +37,7 @@
 //!
 //! | table | key | holds |
 //! |---|---|---|
-//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 2`), the writer epoch, the scheduler's counters ([`Meta`]) |
+//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 3`), the writer epoch, the scheduler's counters ([`Meta`]), the database the store was last written on (`SYSTEM/TIMELINE`) |
 //! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
 //! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
 //! | `keel_slots` | job, slot | the run that claimed the slot; never pruned (SPEC S6) |
@@ -75,6 +75,15 @@
 //! the same transaction. [`Store::read`] reads in one REPEATABLE READ, read-only transaction,
 //! so its snapshot is one consistent cut without blocking writers.
 //!
+//! # A database that failed over
+//!
+//! `keel_meta` records the database's system identifier and WAL timeline the store was last
+//! written on; a connection to a database with another pair (a replica promoted after a
+//! failover, a restored backup) fails with [`StoreError::Diverged`] until an operator accepts
+//! it with [`PgStore::accept_database`], since with asynchronous replication it may lack
+//! acknowledged batches. A replica in recovery is refused: keel writes on the primary. The
+//! rules are in the `identity` module ([`DatabaseIdentity`]).
+//!
 //! # A writer stopped in the middle of a batch
 //!
 //! A process stopped inside `apply` (SIGSTOP, a long pause, a frozen VM, a host cut off without
@@ -93,9 +102,11 @@
 
 #![warn(missing_docs)]
 
+mod identity;
 mod leader;
 mod sql;
 
+pub use identity::DatabaseIdentity;
 pub use leader::{Leadership, Lease};
 
 use std::collections::{BTreeMap, HashMap};
@@ -176,6 +187,17 @@ impl PgStore {
         })
     }
 
+    /// Accepts the database `config` connects to as the store's own, after an operator has
+    /// checked a failover or a restore that [`StoreError::Diverged`] reported: from now on
+    /// handles open on it. Returns the identity the store had before (`None` if none) and the
+    /// database's. See the `identity` rules in the crate docs.
+    pub fn accept_database(
+        config: &Config,
+    ) -> Result<(Option<DatabaseIdentity>, DatabaseIdentity), StoreError> {
+        let mut conn = Conn::connect(config, DEFAULT_STALL_LIMIT)?;
+        identity::accept(&mut conn.client)
+    }
+
     /// Begins a transaction that takes the store row lock and returns without ending it, as a
     /// process stopped in the middle of `apply` would leave its session: for tests of what the
     /// stall limit does. The handle's next call finds the session ended or ends it.
@@ -215,7 +237,16 @@ impl PgStore {
 }
 
 impl Conn {
+    /// A connection ready for the store: connected, its schema migrated, and its database the
+    /// one the store was last written on (`identity`).
     fn open(config: &Config, stall_limit: Duration) -> Result<Conn, StoreError> {
+        let mut conn = Conn::connect(config, stall_limit)?;
+        identity::check(&mut conn.client)?;
+        Ok(conn)
+    }
+
+    /// A connection with its schema migrated, whatever its database.
+    fn connect(config: &Config, stall_limit: Duration) -> Result<Conn, StoreError> {
         let mut client = config.connect(NoTls).map_err(pg_error)?;
         if !stall_limit.is_zero() {
             // Whole milliseconds, at least one: zero would mean no limit to the server.
@@ -813,7 +844,7 @@ mod tests {
     fn a_newer_or_foreign_format_is_refused_by_name() {
         assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
         for found in [
-            "keel-store-postgres 3",
+            "keel-store-postgres 4",
             "keel-store-postgres 0",
             "keel-store-postgres x",
             "keel-store-sled 1",

@@ -4,7 +4,7 @@
 //! database can hold several keel stores (one per schema).
 
 /// The format marker this build writes and reads, in `keel_meta.format`.
-pub(crate) const FORMAT: &str = "keel-store-postgres 2";
+pub(crate) const FORMAT: &str = "keel-store-postgres 3";
 
 /// The prefix of every format marker of this store; what follows it is the format number.
 pub(crate) const FORMAT_PREFIX: &str = "keel-store-postgres ";
@@ -15,7 +15,11 @@ pub(crate) const SCHEMA_LOCK: i64 = 0x6b65_656c;
 
 /// Migrations, in order: `MIGRATIONS[n]` takes a schema from format `n` to format `n + 1`
 /// (format 0 is an empty schema). The last one's number is [`FORMAT`]'s.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+
+/// Format 3: which database the store was last written on (`identity` module), as
+/// `SYSTEM_IDENTIFIER/TIMELINE`; NULL until a handle records it.
+const V3: &str = "ALTER TABLE keel_meta ADD COLUMN database_identity text;";
 
 /// Format 2: the leadership lease (`leader` module), one row `id = 1` once anyone led. Times are
 /// the database's (`now()`), so that one clock judges every host's lease.
@@ -234,3 +238,16 @@ pub(crate) const LEADER_CURRENT: &str = concat!(
     leader_columns!(),
     " FROM keel_leader WHERE id = 1"
 );
+
+/// This database's identity: whether it is a replica in recovery, its system identifier, and
+/// (on a primary) the name of its current WAL file, whose first 8 hex digits are the timeline
+/// it writes on.
+pub(crate) const DATABASE_IDENTITY: &str =
+    "SELECT pg_is_in_recovery(), (SELECT system_identifier::text FROM pg_control_system()), \
+     CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_walfile_name(pg_current_wal_lsn()) END";
+
+/// The identity the store was last written on (`$1` none yet: NULL).
+pub(crate) const READ_STORED_IDENTITY: &str =
+    "SELECT database_identity FROM keel_meta WHERE id = 1";
+pub(crate) const WRITE_STORED_IDENTITY: &str =
+    "UPDATE keel_meta SET database_identity = $1 WHERE id = 1";

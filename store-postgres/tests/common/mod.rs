@@ -24,6 +24,8 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use keel_harness::TempDir;
 use keel_store_postgres::{Config, PgStore};
 
+pub mod replica;
+
 /// The database every test connects to, when set.
 pub const DATABASE_URL: &str = "KEEL_TEST_DATABASE_URL";
 /// Set to `1` to skip the Postgres tests on a machine without Postgres.
@@ -222,15 +224,7 @@ impl Server {
     fn config(&self) -> Config {
         match self {
             Server::External(config, _) => config.clone(),
-            Server::Cluster(cluster) => {
-                let mut config = Config::new();
-                config
-                    .host_path(&cluster.sockets)
-                    .port(PORT)
-                    .user("postgres")
-                    .dbname("postgres");
-                config
-            }
+            Server::Cluster(cluster) => cluster.config(),
         }
     }
 }
@@ -252,7 +246,46 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// A new cluster, initialised and started.
     fn start(bin: &Path) -> Cluster {
+        let cluster = Cluster::empty(bin);
+        let started = std::time::Instant::now();
+        cluster.run(
+            "initdb",
+            &[
+                "-N",
+                "-D",
+                path_str(&cluster.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
+        cluster.serve(&cluster.sockets);
+        eprintln!(
+            "keel-store-postgres tests: started a throwaway cluster in {} in {:?}",
+            cluster.data.display(),
+            started.elapsed()
+        );
+        cluster
+    }
+
+    /// Settings that connect to the cluster's `postgres` database.
+    fn config(&self) -> Config {
+        let mut config = Config::new();
+        config
+            .host_path(&self.sockets)
+            .port(PORT)
+            .user("postgres")
+            .dbname("postgres");
+        config
+    }
+
+    /// The directories of a cluster, empty, owned by the user the server runs as.
+    fn empty(bin: &Path) -> Cluster {
         let root = TempDir::created("keel-pg");
         let run_as = rustix::process::geteuid()
             .is_root()
@@ -270,40 +303,26 @@ impl Cluster {
                 std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
             }
         }
-        let cluster = Cluster {
+        Cluster {
             _root: root,
             bin: bin.to_owned(),
             data,
             sockets,
             run_as,
-        };
-        let started = std::time::Instant::now();
-        cluster.run(
-            "initdb",
-            &[
-                "-N",
-                "-D",
-                path_str(&cluster.data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-        );
-        let options = format!(
-            "-k {} -p {PORT} -c listen_addresses=''",
-            path_str(&cluster.sockets)
-        );
-        let log = cluster.sockets.join("server.log");
+        }
+    }
+
+    /// Starts the server on a socket in `sockets`, its log in its own socket directory.
+    fn serve(&self, sockets: &Path) {
+        let options = format!("-k {} -p {PORT} -c listen_addresses=''", path_str(sockets));
+        let log = self.sockets.join("server.log");
         // `-w` makes pg_ctl wait until the server accepts connections (it polls, with its own
         // deadline `-t`), so the tests need no wait of their own.
-        cluster.run(
+        self.run(
             "pg_ctl",
             &[
                 "-D",
-                path_str(&cluster.data),
+                path_str(&self.data),
                 "-l",
                 path_str(&log),
                 "-o",
@@ -314,12 +333,6 @@ impl Cluster {
                 "start",
             ],
         );
-        eprintln!(
-            "keel-store-postgres tests: started a throwaway cluster in {} in {:?}",
-            cluster.data.display(),
-            started.elapsed()
-        );
-        cluster
     }
 
     /// Runs a server binary (as the postgres user, as root) and panics with its output if it
