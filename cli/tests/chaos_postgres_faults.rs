@@ -3,7 +3,8 @@
 //!
 //! 1. **A partition.** Three `keel run --store postgres` daemons as three hosts; the leader
 //!    reaches Postgres through a TCP proxy (store-postgres's test support) that the test
-//!    freezes: no byte goes either way, no socket closes. The partitioned leader cannot renew
+//!    freezes: no byte goes either way, no socket closes. A blip of 300 ms changes nothing
+//!    (the leader keeps the lead and fires). Partitioned for good, the leader cannot renew
 //!    its lease: it must fence itself (log `lost the lead`) before a standby leads, and exit
 //!    non-zero while still cut off; a standby leads within TTL + 2 s and fires; once the proxy
 //!    thaws (the bytes it held arrive late) the old host comes back as a standby through it.
@@ -35,6 +36,10 @@ use keel_core::{AuditQuery, AuditRecord, Run, RunQuery, StateName, Store, Trigge
 
 /// The leadership lease's TTL.
 const TTL: Duration = Duration::from_secs(2);
+/// A partition short enough that the leader must not lose the lead: its renewals go every
+/// TTL / 3 and it fences only when none sent in TTL − TTL / 5 was answered, so one held this
+/// long is answered in time.
+const BLIP: Duration = Duration::from_millis(300);
 /// How much later than the TTL a partitioned leader may be replaced.
 const TAKEOVER_BOUND: Duration = Duration::from_secs(2);
 /// How long a fenced leader may take to exit once it fenced (keel's `FENCED_EXIT_WAIT` is 5 s,
@@ -112,6 +117,21 @@ fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplica
     }
     wait_lines(&fired, 6, "host-a fires every job", &hosts);
 
+    // A blip shorter than the fence's slack (a renewal may be held for it): host-a keeps the
+    // lead, and its connections, held and released, carry on.
+    proxy.freeze();
+    std::thread::sleep(BLIP);
+    proxy.thaw();
+    let before = lines(&fired).len();
+    wait_lines(&fired, before + 3, "host-a fires after the blip", &hosts);
+    assert_eq!(
+        hosts[0].daemon().count(&["lost the lead"]),
+        0,
+        "{}",
+        all_logs(&hosts)
+    );
+    assert_eq!(leader(&hosts), 0, "{}", all_logs(&hosts));
+
     // The partition: host-a can no longer reach Postgres, nor Postgres it.
     let frozen_at = Instant::now();
     let frozen_wall = common::now_ms();
@@ -178,12 +198,14 @@ fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplica
     let found = verify(&db, &lines(&fired), &[]);
     eprintln!(
         "partition on Postgres: {} runs in the store ({} succeeded), {} lines in the shared \
-         log, {} fencing tokens; host-a fenced {fenced_after:?} after the partition and exited \
+         log ({} of a later attempt), {} fencing tokens; a {BLIP:?} blip kept the lead; \
+         then a partition: host-a fenced {fenced_after:?} after the partition and exited \
          after {exited:?}; {} leading after {leading:?}, ready after {ready:?} (leader TTL \
          {TTL:?}); {after_thaw:?} from the thaw to 6 more firings; {} duplicates, in {:?}",
         found.runs,
         found.succeeded,
         found.lines,
+        found.reruns,
         found.tokens,
         hosts[new].name,
         found.duplicates,
@@ -368,7 +390,8 @@ fn external_workers_killed_and_stalled_lose_their_runs_and_nothing_counts_twice(
     }
 
     eprintln!(
-        "external workers on Postgres: {} claims, {} completions, {} refused; the killed \
+        "external workers on Postgres: 1 worker killed, 1 stalled; {} claims, {} completions, \
+         {} refused; the killed \
          worker's run reclaimed {kill_reclaimed:?} after the kill, the stalled worker's \
          {stall_reclaimed:?} after the stop (lease TTL {LEASE_TTL:?} + grace {LEASE_GRACE:?}); \
          stalled for {stalled_for:?}; {} runs in the store ({} succeeded), {} fencing tokens; \
@@ -739,6 +762,8 @@ struct Found {
     runs: usize,
     succeeded: usize,
     lines: usize,
+    /// Lines of an attempt after the first (a run whose attempt was lost ran again).
+    reruns: usize,
     tokens: usize,
     duplicates: usize,
     /// Every run in the store, by `run-N`.
@@ -873,6 +898,10 @@ fn verify(db: &pg::TestDb, fired: &[String], completions: &[Claim]) -> Found {
         runs: runs.len(),
         succeeded,
         lines: fired.len(),
+        reruns: attempts
+            .iter()
+            .filter(|(_, attempt)| *attempt != "1")
+            .count(),
         tokens: token_owner.len(),
         duplicates,
         store_runs,
