@@ -324,6 +324,18 @@ fn external_workers_killed_and_stalled_lose_their_runs_and_nothing_counts_twice(
         "{refusal:?}"
     );
     assert!(stalled.reap().success(), "the stalled worker did not stop");
+    // The same completion straight over HTTP, as any worker sees it: 409, nothing changed.
+    let answer = reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{server}/api/v1/runs/{}/complete", stall_claim.run))
+        .json(&serde_json::json!({"token": stall_claim.token}))
+        .send()
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 409);
+    let body = answer.text().unwrap();
+    assert!(body.contains("stale_token"), "{body}");
     assert_eq!(stalled.entries("completed").len(), 0);
     // Its run is done by a later attempt of a healthy worker.
     healthy.push(Worker::start(
