@@ -16,13 +16,18 @@
 // Test support: a panic is how a broken environment reports itself.
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unreachable_pub)]
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use keel_harness::TempDir;
 use keel_store_postgres::{Config, PgStore};
+use postgres::config::Host;
 
 pub mod replica;
 
@@ -90,6 +95,44 @@ impl TestDb {
                 path_str(&cluster.sockets)
             ),
         }
+    }
+
+    /// A [`Proxy`] in front of the server, for this schema: TCP on 127.0.0.1 for the client,
+    /// the server's own address (the throwaway cluster's Unix socket) behind it. `Err` says why
+    /// not, for an external server the proxy cannot stand in for (several hosts, none).
+    pub fn proxy(&self) -> Result<Proxy, String> {
+        let config = self.server.config();
+        let port = config.get_ports().first().copied().unwrap_or(PORT);
+        let upstream = match (config.get_hosts(), config.get_hostaddrs()) {
+            (_, [addr]) => Upstream::Tcp(SocketAddr::new(*addr, port).to_string()),
+            ([Host::Tcp(host)], []) => Upstream::Tcp(format!("{host}:{port}")),
+            ([Host::Unix(dir)], []) => Upstream::Unix(dir.join(format!(".s.PGSQL.{port}"))),
+            (hosts, addrs) => {
+                return Err(format!(
+                    "{DATABASE_URL} names {} hosts and {} addresses; a proxy stands in for one",
+                    hosts.len(),
+                    addrs.len()
+                ))
+            }
+        };
+        // The same settings as `url`, with the proxy for host and port.
+        let quote = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        let schema = &self.schema;
+        let mut options = format!("-c search_path={schema}");
+        if let Some(more) = config.get_options() {
+            options = format!("{more} {options}");
+        }
+        let mut url = format!("options={} application_name={schema}", quote(&options));
+        if let Some(user) = config.get_user() {
+            url += &format!(" user={}", quote(user));
+        }
+        if let Some(dbname) = config.get_dbname() {
+            url += &format!(" dbname={}", quote(dbname));
+        }
+        if let Some(password) = config.get_password() {
+            url += &format!(" password={}", quote(&String::from_utf8_lossy(password)));
+        }
+        Ok(Proxy::start(upstream, &url))
     }
 
     /// The schema's name.
@@ -418,4 +461,192 @@ fn postgres_user() -> Option<(u32, u32)> {
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
+}
+
+/// Where a [`Proxy`] connects: `host:port`, or a Unix socket's path.
+#[derive(Clone, Debug)]
+enum Upstream {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the test server (std threads, one pair per
+/// connection), which a test can **freeze** like a network partition: it stops forwarding
+/// bytes both ways and reads nothing more, but keeps every socket open (no FIN, no RST), and
+/// holds new connections without connecting them on. Thawed, it forwards again, the bytes it
+/// held included. Stopped on drop.
+#[derive(Debug)]
+pub struct Proxy {
+    addr: SocketAddr,
+    url: String,
+    frozen: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How often a frozen or idle forwarding thread looks at the proxy's state.
+const PROXY_TICK: Duration = Duration::from_millis(10);
+
+impl Proxy {
+    /// Listens on a free port of 127.0.0.1; `settings` are the connection string's other
+    /// key-value pairs (everything but host and port).
+    fn start(upstream: Upstream, settings: &str) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let url = format!("host=127.0.0.1 port={} {settings}", addr.port());
+        let frozen = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f, s) = (Arc::clone(&frozen), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let (upstream, f, s) = (upstream.clone(), Arc::clone(&f), Arc::clone(&s));
+                std::thread::spawn(move || connect(client, &upstream, &f, &s));
+            }
+        });
+        Proxy {
+            addr,
+            url,
+            frozen,
+            stop,
+        }
+    }
+
+    /// A connection string that reaches the test's schema through the proxy.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops forwarding, both ways, on every connection (a partition).
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards again.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.frozen.store(false, Ordering::SeqCst);
+        // Wakes the accept loop so that it sees `stop`.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Waits while the proxy is frozen; false once it stops.
+fn wait_thawed(frozen: &AtomicBool, stop: &AtomicBool) -> bool {
+    while frozen.load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(PROXY_TICK);
+    }
+    !stop.load(Ordering::SeqCst)
+}
+
+/// Connects `client` to the server (once thawed) and forwards both ways until either side ends.
+fn connect(client: TcpStream, upstream: &Upstream, frozen: &AtomicBool, stop: &AtomicBool) {
+    if !wait_thawed(frozen, stop) {
+        return;
+    }
+    let server: Box<dyn Stream> = match upstream {
+        Upstream::Tcp(addr) => match TcpStream::connect(addr) {
+            Ok(s) => Box::new(s),
+            Err(_) => return,
+        },
+        Upstream::Unix(path) => match UnixStream::connect(path) {
+            Ok(s) => Box::new(s),
+            Err(_) => return,
+        },
+    };
+    let (Ok(client_in), Ok(server_in)) = (client.try_clone(), server.clone_box()) else {
+        return;
+    };
+    let client: Box<dyn Stream> = Box::new(client);
+    let client_in: Box<dyn Stream> = Box::new(client_in);
+    std::thread::scope(|scope| {
+        scope.spawn(|| forward(client_in, server, frozen, stop));
+        forward(server_in, client, frozen, stop);
+    });
+}
+
+/// Copies `from` to `to` while the proxy is not frozen; on the end of `from` (or an error),
+/// ends `to`'s writing side, as the peer did.
+fn forward(
+    mut from: Box<dyn Stream>,
+    mut to: Box<dyn Stream>,
+    frozen: &AtomicBool,
+    stop: &AtomicBool,
+) {
+    let _ = from.read_timeout(PROXY_TICK);
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        if !wait_thawed(frozen, stop) {
+            return;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => break,
+        };
+        // Read just as the proxy froze: held until it thaws.
+        if !wait_thawed(frozen, stop) || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.end();
+    let _ = from.end_reading();
+}
+
+/// Either end of a proxied connection.
+trait Stream: Read + Write + Send {
+    fn clone_box(&self) -> std::io::Result<Box<dyn Stream>>;
+    fn read_timeout(&self, timeout: Duration) -> std::io::Result<()>;
+    /// Ends the writing side (a FIN to the peer).
+    fn end(&self) -> std::io::Result<()>;
+    fn end_reading(&self) -> std::io::Result<()>;
+}
+
+impl Stream for TcpStream {
+    fn clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+    fn end(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn end_reading(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Read)
+    }
+}
+
+impl Stream for UnixStream {
+    fn clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+    fn read_timeout(&self, timeout: Duration) -> std::io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+    fn end(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+    fn end_reading(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Read)
+    }
 }
