@@ -142,6 +142,17 @@ pub(crate) enum Command {
     },
     /// Print keel's man page (roff): `keel man > /usr/local/share/man/man1/keel.1`.
     Man,
+    /// The fence guard a leading daemon starts for itself (`cli/src/fence_guard.rs`): kills
+    /// its commands if it stops or dies while leading. Not for people.
+    #[command(hide = true)]
+    FenceGuard {
+        /// The daemon's attempts directory.
+        #[arg(long)]
+        attempts_dir: PathBuf,
+        /// The daemon's pid, for the log.
+        #[arg(long)]
+        daemon: u32,
+    },
 }
 
 #[derive(Debug, Args)]

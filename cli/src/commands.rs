@@ -32,6 +32,10 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
             clap_complete::generate(*shell, &mut command, "keel", &mut std::io::stdout());
             return Ok(());
         }
+        Command::FenceGuard {
+            attempts_dir,
+            daemon,
+        } => return crate::fence_guard::run(attempts_dir, *daemon),
         Command::Man => {
             let command = <Cli as clap::CommandFactory>::command();
             return match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
@@ -145,7 +149,7 @@ fn commands(
         Command::Doctor(args) => doctor::run(&place, out.json, &args),
         Command::Worker(command) => worker(&place, out, command),
         // Answered above, before a data directory is looked for.
-        Command::Completions { .. } | Command::Man => Ok(()),
+        Command::Completions { .. } | Command::Man | Command::FenceGuard { .. } => Ok(()),
     }
 }
 

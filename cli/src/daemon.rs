@@ -105,32 +105,45 @@ async fn daemon(
     // than it lasts.
     let fenced = Arc::new(std::sync::Mutex::new(None));
     let running = Arc::new(std::sync::Mutex::new(None::<RuntimeHandle>));
+    // A leader's commands must stop even if it cannot stop them itself (`fence_guard`).
+    let guard = match &lead {
+        Some(_) => Some(Arc::new(tokio::sync::Mutex::new(Some(
+            crate::fence_guard::Guard::start(&place.attempts_dir())?,
+        )))),
+        None => None,
+    };
     let keeper = lead.clone().map(|lead| {
         let running = Arc::clone(&running);
         let attempts_dir = place.attempts_dir();
         let socket_path = place.socket();
-        tokio::spawn(crate::lead::keep(lead, Arc::clone(&fenced), move || {
-            // Under the lock that start-up takes to publish the runtime, so that a runtime
-            // never starts unfenced after this.
-            let running = running
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let Some(handle) = running.as_ref() else {
-                log("lost the lead while starting: exiting now");
-                let _ = command_job::kill_leftovers(&attempts_dir);
-                std::process::exit(1);
-            };
-            handle.begin_shutdown(Duration::ZERO);
-            // The runtime may wait for an unreachable store (a partition); a leader that lost
-            // the lead must not linger, so it exits after a bound whatever the store does.
-            tokio::spawn(async move {
-                tokio::time::sleep(crate::lead::FENCED_EXIT_WAIT).await;
-                log("lost the lead and the store does not answer: exiting now");
-                let _ = command_job::kill_leftovers(&attempts_dir);
-                let _ = std::fs::remove_file(&socket_path);
-                std::process::exit(1);
-            });
-        }))
+        let guard = guard.clone();
+        tokio::spawn(crate::lead::keep(
+            lead,
+            Arc::clone(&fenced),
+            guard,
+            move || {
+                // Under the lock that start-up takes to publish the runtime, so that a runtime
+                // never starts unfenced after this.
+                let running = running
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let Some(handle) = running.as_ref() else {
+                    log("lost the lead while starting: exiting now");
+                    let _ = command_job::kill_leftovers(&attempts_dir);
+                    std::process::exit(1);
+                };
+                handle.begin_shutdown(Duration::ZERO);
+                // The runtime may wait for an unreachable store (a partition); a leader that lost
+                // the lead must not linger, so it exits after a bound whatever the store does.
+                tokio::spawn(async move {
+                    tokio::time::sleep(crate::lead::FENCED_EXIT_WAIT).await;
+                    log("lost the lead and the store does not answer: exiting now");
+                    let _ = command_job::kill_leftovers(&attempts_dir);
+                    let _ = std::fs::remove_file(&socket_path);
+                    std::process::exit(1);
+                });
+            },
+        ))
     });
     // Postgres's client blocks on a runtime of its own, which tokio allows only here.
     let opened = tokio::task::block_in_place(|| place.open_store_with_stall_limit(leader_ttl / 2))?;
@@ -360,6 +373,13 @@ async fn daemon(
     let result = runtime.run_until_signal(budget).await;
     if let Some(keeper) = keeper {
         keeper.abort();
+    }
+    // The runtime stopped its attempts (and a fenced or deposed daemon kills what is left just
+    // below): the guard has nothing to do.
+    if let Some(guard) = guard {
+        if let Some(guard) = guard.lock().await.take() {
+            guard.bye().await;
+        }
     }
     running
         .lock()

@@ -263,6 +263,7 @@ fn unhandled(jobs: &[keel_core::Job], kinds: &[&str]) -> Vec<(String, String)> {
 pub(crate) async fn keep(
     lead: Lead,
     fenced: Arc<Mutex<Option<String>>>,
+    guard: Option<Arc<tokio::sync::Mutex<Option<crate::fence_guard::Guard>>>>,
     stop: impl FnOnce() + Send + 'static,
 ) {
     let ttl = lead.leadership.ttl();
@@ -323,6 +324,13 @@ pub(crate) async fn keep(
                 }
             }
             fence.handle_timeout(now);
+        }
+        // The guard kills this process's commands at the fence deadline unless told again.
+        if let (Some(guard), Some(fence_at)) = (&guard, fence.fence_at()) {
+            if let Some(guard) = guard.lock().await.as_mut() {
+                let left = instant(fence_at).saturating_duration_since(Instant::now());
+                guard.lead_until(fence_at, left).await;
+            }
         }
         let Some(wake) = fence.poll_timeout() else {
             // Not leading and no fence effect: cannot happen while this task runs, but a

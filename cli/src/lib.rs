@@ -35,6 +35,7 @@ mod direct;
 mod doctor;
 mod duration;
 mod error;
+mod fence_guard;
 mod http;
 mod jobdef;
 mod lead;

@@ -513,32 +513,19 @@ fn keel_toml_says_where_the_store_is_and_the_command_line_wins() {
     assert!(!done.stderr().contains(PASSWORD), "{}", done.stderr());
 }
 
-#[test]
-fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
-    let Some(db) = pg::TestDb::new() else { return };
-    let url = db.url();
-    let a = Place::new("pg-leftover-a");
-    let b = Place::new("pg-leftover-b");
-    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
-    let mut leader = start(&a, &config_a, &url, "host-a", false);
-    leader.wait_for(&["leading the postgres store as host-a:"]);
-    // Its control socket is open: commands on its host reach it.
-    leader.wait_for(&["ready: "]);
-    let standby = start(&b, &config_b, &url, "host-b", false);
-    standby.wait_for(&["standby: host-a:"]);
-
-    // A command that outlives its daemon (it runs in a process group of its own).
-    let pid_file = a.path("long.pid");
+/// Adds a one-shot job `name` on `place` (through its leading daemon) whose command writes its
+/// pid (its process group) to `NAME.pid` and sleeps; returns the pid once it runs, and a guard
+/// that kills it when the test ends, whatever happened.
+fn start_long_command(place: &Place, url: &str, name: &str) -> (u32, KillOnDrop) {
+    let pid_file = place.path(&format!("{name}.pid"));
     let script = format!(
         "echo $$ > {}.tmp && mv {0}.tmp {0} && exec sleep 600",
         pid_file.display()
     );
     pg_keel(
-        &a,
-        &url,
-        &[
-            "job", "add", "long", "--at", "+1s", "--", "sh", "-c", &script,
-        ],
+        place,
+        url,
+        &["job", "add", name, "--at", "+1s", "--", "sh", "-c", &script],
     )
     .expect_code(0);
     wait_until("the long command starts", || pid_file.exists());
@@ -548,15 +535,66 @@ fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
         .parse()
         .unwrap();
     assert!(alive(pid));
-    // Whatever happens below, the command does not outlive the test.
-    let _reaper = KillOnDrop(pid);
+    (pid, KillOnDrop(pid))
+}
 
-    // Its daemon dies; the other host leads and leaves host-a's command alone.
+/// The fence guard (`keel fence-guard`) of the daemon whose data directory is `place`'s.
+fn fence_guard_of(place: &Place) -> u32 {
+    let attempts = place.data().join("attempts");
+    let attempts = attempts.to_str().unwrap();
+    let found = std::fs::read_dir("/proc").unwrap().find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let has = |arg: &str| args.contains(&arg.as_bytes());
+        (has("fence-guard") && has(attempts) && alive(pid)).then_some(pid)
+    });
+    found.unwrap_or_else(|| panic!("no fence guard for {attempts}"))
+}
+
+#[test]
+fn a_killed_leaders_guard_kills_its_command_and_a_restart_kills_what_no_guard_did() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-leftover-a");
+    let b = Place::new("pg-leftover-b");
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["ready: "]);
+    let mut standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+
+    // A command runs in a process group of its own, so it outlives its daemon; its daemon's
+    // fence guard kills it as soon as the daemon is gone, before the standby may lead.
+    let (pid, _reaper) = start_long_command(&a, &url, "long");
     leader.signal("KILL");
     leader.wait_exit();
     standby.wait_for(&["leading the postgres store as host-b:"]);
-    assert!(alive(pid), "{}", standby.log());
-    assert_eq!(standby.count(&["leftover"]), 0, "{}", standby.log());
+    assert!(!alive(pid), "{}", leader.log());
+    leader.wait_for(&[
+        "fence guard of daemon",
+        "exited without stopping its commands; killed 1",
+    ]);
+
+    // With its guard killed too (as a whole host's processes would be), a command does outlive
+    // its daemon: the other host leaves it alone, and host-a kills it as soon as it comes back.
+    let mut back = start(&a, &config_a, &url, "host-a", false);
+    back.wait_for(&["standby: host-b:"]);
+    standby.stop();
+    back.wait_for(&["ready: "]);
+    let (pid, _reaper) = start_long_command(&a, &url, "longer");
+    let b2 = start(&b, &config_b, &url, "host-b", false);
+    b2.wait_for(&["standby: host-a:"]);
+    let guard = fence_guard_of(&a);
+    std::process::Command::new("kill")
+        .args(["-KILL", &guard.to_string()])
+        .status()
+        .unwrap();
+    back.signal("KILL");
+    back.wait_exit();
+    b2.wait_for(&["leading the postgres store as host-b:"]);
+    assert!(alive(pid), "{}", b2.log());
+    assert_eq!(b2.count(&["leftover"]), 0, "{}", b2.log());
 
     // Back on host-a, the daemon kills its own leftover at once, though it only stands by.
     let again = start(&a, &config_a, &url, "host-a", false);
@@ -569,6 +607,38 @@ fn a_restarted_daemon_kills_its_own_leftover_commands_before_standing_by() {
         "{}",
         again.log()
     );
+}
+
+#[test]
+fn a_stopped_leaders_command_is_killed_before_the_next_leader_may_run_it_again() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-guard-a");
+    let b = Place::new("pg-guard-b");
+    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
+    let mut leader = start(&a, &config_a, &url, "host-a", false);
+    leader.wait_for(&["ready: "]);
+    let standby = start(&b, &config_b, &url, "host-b", false);
+    standby.wait_for(&["standby: host-a:"]);
+    let (pid, _reaper) = start_long_command(&a, &url, "long");
+
+    // Stopped whole (as by a debugger or a frozen event loop), the leader can neither renew nor
+    // stop its command: its guard kills the command at the leader's fence deadline, before the
+    // lease lapses and the standby leads.
+    let stopped_at = Instant::now();
+    leader.signal("STOP");
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    assert!(
+        !alive(pid),
+        "the stopped leader's command still runs as the standby leads ({:?} after the stop)",
+        stopped_at.elapsed()
+    );
+    leader.wait_for(&["fence guard of daemon", "stopped or stalled", "killed 1"]);
+
+    // The run goes on as its next attempt on the new leader, once its lease lapsed.
+    standby.wait_for(&["long"]);
+    leader.signal("CONT");
+    assert!(!leader.wait_exit().success());
 }
 
 #[test]

@@ -380,10 +380,23 @@ impl Daemon {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        match rx.recv_timeout(WAIT) {
+        let status = match rx.recv_timeout(WAIT) {
             Ok(status) => status.expect("wait"),
             Err(_) => panic!("the daemon did not exit within {WAIT:?}:\n{}", self.log()),
+        };
+        // The log is whole once the reader saw the end of stderr: it may still be reading the
+        // last lines when the process is reaped. A process the daemon started may hold stderr
+        // open after it (its fence guard, briefly), so this wait is bounded.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Ok(_) | Err(RecvTimeoutError::Timeout) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if Instant::now() >= deadline {
+                break;
+            }
         }
+        status
     }
 }
 
