@@ -64,10 +64,12 @@ impl DatabaseUrl {
     /// The connection settings it names.
     pub(crate) fn config(&self) -> Result<keel_store_postgres::Config, Failure> {
         // The parser's message does not quote the string, so it cannot leak the password.
-        self.0.parse().map_err(|e| {
-            Failure::input(format!(
-                "--database-url (KEEL_DATABASE_URL) is not a Postgres connection string: {e}"
-            ))
+        keel_store_postgres::parse_config(&self.0).map_err(|e| {
+            let detail = match e {
+                StoreError::Io(detail) => detail,
+                other => other.to_string(),
+            };
+            Failure::input(format!("--database-url (KEEL_DATABASE_URL): {detail}"))
         })
     }
 }

@@ -23,7 +23,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use keel_core::{StoreError, Timestamp};
-use postgres::{Client, NoTls, Row};
+use postgres::{Client, Row};
 
 use crate::{column, pg_error, sql, Config, Conn};
 
@@ -136,7 +136,7 @@ impl Leadership {
         let mut guard = self.client.lock().unwrap_or_else(PoisonError::into_inner);
         let client = match guard.take() {
             Some(client) if !client.is_closed() => client,
-            _ => self.config.connect(NoTls).map_err(pg_error)?,
+            _ => crate::tls::connect(&self.config)?,
         };
         let client = guard.insert(client);
         let result = f(client);

@@ -75,6 +75,13 @@
 //! the same transaction. [`Store::read`] reads in one REPEATABLE READ, read-only transaction,
 //! so its snapshot is one consistent cut without blocking writers.
 //!
+//! # TLS
+//!
+//! `sslmode=require` (or libpq's `verify-ca`/`verify-full`) connects over TLS (rustls) and
+//! checks the server's certificate against the system's trusted roots, or the PEM file
+//! `SSL_CERT_FILE` names, and its name against the host, as libpq's `verify-full` does; the
+//! default, `prefer`, and `disable` connect without TLS. See [`parse_config`].
+//!
 //! # A database that failed over
 //!
 //! `keel_meta` records the database's system identifier and WAL timeline the store was last
@@ -105,9 +112,11 @@
 mod identity;
 mod leader;
 mod sql;
+mod tls;
 
 pub use identity::DatabaseIdentity;
 pub use leader::{Leadership, Lease};
+pub use tls::parse_config;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -120,7 +129,7 @@ use keel_core::{
     StoreError, Timestamp, Tombstone,
 };
 use postgres::types::{FromSql, ToSql};
-use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
+use postgres::{Client, GenericClient, IsolationLevel, Row, Statement};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -158,12 +167,10 @@ impl PgStore {
     /// Connects to the database `params` names (key-value pairs or a `postgresql://` URL),
     /// creating the store's tables in the connection's schema if they are missing. Fails with
     /// [`StoreError::Version`] if the schema holds a store of a newer format or tables this
-    /// store did not create.
+    /// store did not create. `sslmode=require` connects over TLS, checking the server's
+    /// certificate (see [`parse_config`] and the crate docs, "TLS").
     pub fn connect(params: &str) -> Result<PgStore, StoreError> {
-        let config: Config = params
-            .parse()
-            .map_err(|e| StoreError::Io(format!("invalid Postgres connection string: {e}")))?;
-        PgStore::with_config(config)
+        PgStore::with_config(parse_config(params)?)
     }
 
     /// Like [`PgStore::connect`], with the settings built by the caller.
@@ -247,7 +254,7 @@ impl Conn {
 
     /// A connection with its schema migrated, whatever its database.
     fn connect(config: &Config, stall_limit: Duration) -> Result<Conn, StoreError> {
-        let mut client = config.connect(NoTls).map_err(pg_error)?;
+        let mut client = tls::connect(config)?;
         if !stall_limit.is_zero() {
             // Whole milliseconds, at least one: zero would mean no limit to the server.
             let ms = stall_limit.as_millis().clamp(1, i32::MAX as u128);
@@ -832,8 +839,23 @@ fn pg_error(error: postgres::Error) -> StoreError {
             db.message(),
             db.code().code()
         )),
-        None => StoreError::Io(format!("postgres: {error}")),
+        None => StoreError::Io(format!("postgres: {}", with_causes(&error))),
     }
+}
+
+/// `error` and its causes: the client's own message ("error performing TLS handshake", "invalid
+/// connection string") leaves what went wrong to its source.
+fn with_causes(error: &postgres::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+        source = cause.source();
+    }
+    message
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use keel_store_postgres::{Config, PgStore};
 use postgres::config::Host;
 
 pub mod replica;
+pub mod tls;
 
 /// The database every test connects to, when set.
 pub const DATABASE_URL: &str = "KEEL_TEST_DATABASE_URL";
@@ -291,8 +292,20 @@ struct Cluster {
 impl Cluster {
     /// A new cluster, initialised and started.
     fn start(bin: &Path) -> Cluster {
-        let cluster = Cluster::empty(bin);
         let started = std::time::Instant::now();
+        let cluster = Cluster::initialised(bin);
+        cluster.serve(&cluster.sockets);
+        eprintln!(
+            "keel-store-postgres tests: started a throwaway cluster in {} in {:?}",
+            cluster.data.display(),
+            started.elapsed()
+        );
+        cluster
+    }
+
+    /// A new cluster, initialised (`initdb`), not started.
+    fn initialised(bin: &Path) -> Cluster {
+        let cluster = Cluster::empty(bin);
         cluster.run(
             "initdb",
             &[
@@ -306,12 +319,6 @@ impl Cluster {
                 "UTF8",
                 "--locale=C",
             ],
-        );
-        cluster.serve(&cluster.sockets);
-        eprintln!(
-            "keel-store-postgres tests: started a throwaway cluster in {} in {:?}",
-            cluster.data.display(),
-            started.elapsed()
         );
         cluster
     }
@@ -357,7 +364,13 @@ impl Cluster {
 
     /// Starts the server on a socket in `sockets`, its log in its own socket directory.
     fn serve(&self, sockets: &Path) {
-        let options = format!("-k {} -p {PORT} -c listen_addresses=''", path_str(sockets));
+        self.serve_on(sockets, PORT, "-c listen_addresses=''");
+    }
+
+    /// Starts the server with its socket in `sockets` named for `port`, and `settings` (such
+    /// as `-c listen_addresses=127.0.0.1`, which makes it listen on `port` there too).
+    fn serve_on(&self, sockets: &Path, port: u16, settings: &str) {
+        let options = format!("-k {} -p {port} {settings}", path_str(sockets));
         let log = self.sockets.join("server.log");
         // `-w` makes pg_ctl wait until the server accepts connections (it polls, with its own
         // deadline `-t`), so the tests need no wait of their own.
