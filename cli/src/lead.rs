@@ -427,6 +427,7 @@ mod tests {
             expires_at: Timestamp(10_000),
             live: true,
             remaining,
+            api: None,
         }
     }
 
