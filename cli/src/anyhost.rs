@@ -40,7 +40,10 @@ impl std::fmt::Display for AdvertiseError {
                 "{url:?} is not an http:// or https:// URL, such as \"http://host-a.internal:8080\""
             ),
             AdvertiseError::NoHost(url) => {
-                write!(f, "{url:?} names no host, as in \"http://host-a.internal:8080\"")
+                write!(
+                    f,
+                    "{url:?} names no host, as in \"http://host-a.internal:8080\""
+                )
             }
             AdvertiseError::Path(url) => write!(
                 f,
@@ -90,10 +93,7 @@ pub(crate) fn derived(bound: SocketAddr) -> String {
 
 /// What a leader listening with `settings` advertises once bound to `bound`.
 pub(crate) fn advertised(settings: &crate::http::auth::HttpSettings, bound: SocketAddr) -> String {
-    settings
-        .advertise
-        .clone()
-        .unwrap_or_else(|| derived(bound))
+    settings.advertise.clone().unwrap_or_else(|| derived(bound))
 }
 
 /// What a daemon about to take the lead can advertise before its listener is bound: `None`
@@ -231,7 +231,11 @@ pub(crate) fn status(place: &Place) -> Result<Found, Failure> {
         },
     };
     Ok(Found {
-        via: if postgres { Via::Database } else { Via::Nothing },
+        via: if postgres {
+            Via::Database
+        } else {
+            Via::Nothing
+        },
         status,
         // On fs and sled a daemon holding the lock without a socket is starting.
         standby: standby.filter(|_| postgres),

@@ -347,7 +347,11 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
             .tokens
             .as_ref()
             .map(|t| path.parent().unwrap_or(Path::new(".")).join(t));
-        let advertise = match section.advertise.as_deref().map(crate::anyhost::advertise_url) {
+        let advertise = match section
+            .advertise
+            .as_deref()
+            .map(crate::anyhost::advertise_url)
+        {
             None => None,
             Some(Ok(url)) => Some(url),
             Some(Err(e)) => {
@@ -1337,11 +1341,21 @@ failing_after = 1001
             "[http]\nlisten = \"127.0.0.1:8080\"\nadvertise = \"http://host-a.internal:8080/\"\n",
         );
         let http = config.http.unwrap();
-        assert_eq!(http.advertise.as_deref(), Some("http://host-a.internal:8080"));
+        assert_eq!(
+            http.advertise.as_deref(),
+            Some("http://host-a.internal:8080")
+        );
         let none = parse_ok("[http]\nlisten = \"127.0.0.1:8080\"\n");
-        assert_eq!(none.http.unwrap().advertise, None, "derived from the listener");
+        assert_eq!(
+            none.http.unwrap().advertise,
+            None,
+            "derived from the listener"
+        );
         let e = parse_err("[http]\nlisten = \"127.0.0.1:8080\"\nadvertise = \"host-a:8080\"\n");
-        expect_errors(&e, &["line 1", "[http] advertise", "\"host-a:8080\"", "http://"]);
+        expect_errors(
+            &e,
+            &["line 1", "[http] advertise", "\"host-a:8080\"", "http://"],
+        );
         let e = parse_err(
             "[http]\nlisten = \"127.0.0.1:8080\"\nadvertise = \"http://host-a:8080/keel\"\n",
         );

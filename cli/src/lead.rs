@@ -467,7 +467,9 @@ const STATUS_READ_WAIT: Duration = Duration::from_secs(2);
 /// whose address is known only once bound (port 0). Logs where it is advertised.
 pub(crate) async fn advertise(lead: &Lead, api: String) {
     if lead.lease.api.as_deref() == Some(api.as_str()) {
-        log(&format!("advertising the http api at {api} in the leadership lease"));
+        log(&format!(
+            "advertising the http api at {api} in the leadership lease"
+        ));
         return;
     }
     let handle = Arc::clone(&lead.leadership);

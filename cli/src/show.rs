@@ -788,9 +788,15 @@ pub(crate) fn status(found: &crate::anyhost::Found, now: Timestamp) -> String {
         _ => st.store.clone(),
     };
     lines.push(("store", store));
-    let pid = st.pid.or(found.standby).map_or(String::new(), |p| format!(" (pid {p})"));
+    let pid = st
+        .pid
+        .or(found.standby)
+        .map_or(String::new(), |p| format!(" (pid {p})"));
     let daemon = match (found.via, found.daemon()) {
-        (Via::Server, state) => format!("{} (the daemon --server names){pid}", state.replace('_', " ")),
+        (Via::Server, state) => format!(
+            "{} (the daemon --server names){pid}",
+            state.replace('_', " ")
+        ),
         (_, "leading") => format!("running here and leading{pid}"),
         (_, "standing_by") => format!("running here, standing by{pid}"),
         (_, "running") => format!("running{pid}"),
@@ -806,7 +812,9 @@ pub(crate) fn status(found: &crate::anyhost::Found, now: Timestamp) -> String {
                 "none: no daemon holds the lease (a standby takes it within a second)".to_string(),
             )),
             Some(holder) => {
-                let term = leader.term.map_or(String::new(), |t| format!(" (term {t})"));
+                let term = leader
+                    .term
+                    .map_or(String::new(), |t| format!(" (term {t})"));
                 lines.push(("leader", format!("{}{term}", terminal_safe(holder))));
                 let at = |ms: Option<i64>| {
                     ms.map_or(String::new(), |ms| {
@@ -815,7 +823,10 @@ pub(crate) fn status(found: &crate::anyhost::Found, now: Timestamp) -> String {
                     })
                 };
                 lines.push(("since", at(leader.since_ms)));
-                lines.push(("expires", format!("{}, unless renewed", at(leader.expires_ms))));
+                lines.push((
+                    "expires",
+                    format!("{}, unless renewed", at(leader.expires_ms)),
+                ));
                 lines.push((
                     "api",
                     leader.api.as_deref().map_or_else(

@@ -692,7 +692,10 @@ mod tests {
             dir: found.dir.clone(),
         };
         let view = status(&read);
-        assert_eq!((view["daemon"].as_str(), view["pid"].as_i64()), (Some("standing_by"), Some(7)));
+        assert_eq!(
+            (view["daemon"].as_str(), view["pid"].as_i64()),
+            (Some("standing_by"), Some(7))
+        );
         assert_eq!(view["leader"]["clock_skew_ms"], Value::Null);
 
         // fs with no daemon: nothing leads, nothing answers.
