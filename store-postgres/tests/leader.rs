@@ -207,7 +207,10 @@ fn a_format_3_schema_migrates_to_4_and_its_lease_keeps_its_holder() {
         .unwrap();
     let b = handle(&db, "host-b:2:y", Duration::from_secs(60));
     let seen = b.current().unwrap().expect("the lease survived");
-    assert_eq!((seen.holder.as_str(), seen.term), ("host-a:1:x", lease.term));
+    assert_eq!(
+        (seen.holder.as_str(), seen.term),
+        ("host-a:1:x", lease.term)
+    );
     assert_eq!(seen.api, None);
     let format: String = client
         .query_one("SELECT format FROM keel_meta WHERE id = 1", &[])
