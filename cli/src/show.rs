@@ -921,4 +921,60 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
+
+    #[test]
+    fn status_says_who_leads_and_whether_this_host_does() {
+        use crate::anyhost::{Found, Via};
+        use crate::protocol::{DaemonStatus, LeaderStatus};
+        let now = Timestamp(1_800_000_000_000);
+        let found = Found {
+            via: Via::Database,
+            status: DaemonStatus {
+                pid: None,
+                store: "postgres".into(),
+                worker: "local:host-b".into(),
+                leader: Some(LeaderStatus {
+                    leading: false,
+                    holder: Some("host-a:4711:9f2c1a00".into()),
+                    term: Some(3),
+                    since: None,
+                    since_ms: Some(now.0 - 7_500_000),
+                    expires: None,
+                    expires_ms: Some(now.0 + 8_000),
+                    api: Some("http://10.0.0.5:8080".into()),
+                    clock_skew_ms: None,
+                }),
+            },
+            standby: Some(5120),
+            dir: Some("/var/lib/keel".into()),
+        };
+        let text = status(&found, now);
+        assert_eq!(
+            text,
+            "store    postgres\n\
+             daemon   running here, standing by (pid 5120)\n\
+             worker   local:host-b\n\
+             leader   host-a:4711:9f2c1a00 (term 3)\n\
+             since    2027-01-15 05:55:00Z (2h5m ago)\n\
+             expires  2027-01-15 08:00:08Z (in 8s), unless renewed\n\
+             api      http://10.0.0.5:8080\n"
+        );
+        let none = Found {
+            via: Via::Nothing,
+            status: DaemonStatus {
+                pid: None,
+                store: "fs".into(),
+                worker: "local".into(),
+                leader: None,
+            },
+            standby: None,
+            dir: Some("/home/ada/.local/state/keel".into()),
+        };
+        assert_eq!(
+            status(&none, now),
+            "store   fs in /home/ada/.local/state/keel\n\
+             daemon  not running (start it with `keel run`)\n\
+             worker  local\n"
+        );
+    }
 }
