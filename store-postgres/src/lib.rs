@@ -843,8 +843,9 @@ mod tests {
     #[test]
     fn a_newer_or_foreign_format_is_refused_by_name() {
         assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
+        assert_eq!(FORMAT, "keel-store-postgres 4");
         for found in [
-            "keel-store-postgres 4",
+            "keel-store-postgres 5",
             "keel-store-postgres 0",
             "keel-store-postgres x",
             "keel-store-sled 1",
