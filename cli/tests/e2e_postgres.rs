@@ -41,7 +41,17 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     let a = Place::new("pg-a");
     let b = Place::new("pg-b");
     let fired = a.path(FIRED);
-    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
+    // Host a's API asks for a token (`--http` keeps `[http] tokens`): a command sent on to it
+    // carries KEEL_TOKEN as with --server.
+    let tokens = a.write(
+        "tokens.toml",
+        &format!("[[token]]\nname = \"ops\"\nrole = \"operator\"\nsecret = \"{SECRET}\"\n"),
+    );
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config_a = a.config(&format!(
+        "{DAEMON_TOML}\n[http]\nlisten = \"127.0.0.1:0\"\ntokens = \"tokens.toml\"\n"
+    ));
+    let config_b = b.config(DAEMON_TOML);
 
     // A missing database is refused by name.
     b.keel(&["--store", "postgres", "job", "ls"])
@@ -55,7 +65,10 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     assert_eq!(standby.count(&["leading the postgres store"]), 0);
 
     // Who leads, in the leader's status.
-    let status: Value = reqwest::blocking::get(format!("{}/api/v1/status", leader.http_url()))
+    let status: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/api/v1/status", leader.http_url()))
+        .bearer_auth(SECRET)
+        .send()
         .unwrap()
         .json()
         .unwrap();
@@ -140,7 +153,9 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     ];
     // A change on the standby's host goes to the leader's advertised API (never to the store
     // directly, which would depose the leader), saying once where it went.
-    let forwarded = pg_keel(&b, &url, &add);
+    let no_token = pg_keel(&b, &url, &add);
+    no_token.expect_code(2).expect_stderr("KEEL_TOKEN");
+    let forwarded = with_token(&b, &url, &add);
     forwarded
         .expect_code(0)
         .expect_stdout("added job tick")
@@ -152,7 +167,7 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
         "{}",
         forwarded.stderr()
     );
-    leader.wait_for(&["job tick: added by a local HTTP client"]);
+    leader.wait_for(&["job tick: added by token \"ops\" over HTTP"]);
     assert_eq!(
         standby.count(&["leading the postgres store"]),
         0,
@@ -809,6 +824,21 @@ fn start(place: &Place, config: &Path, url: &str, host: &str, http: bool) -> Dae
         args.extend(["--http", "127.0.0.1:0"]);
     }
     place.spawn_daemon(&args, &[("KEEL_HOSTNAME", host)])
+}
+
+/// Host a's operator token.
+const SECRET: &str = "e2e-postgres-operator-0123456789";
+
+/// [`pg_keel`] with `KEEL_TOKEN` set to [`SECRET`].
+fn with_token(place: &Place, url: &str, args: &[&str]) -> common::Done {
+    let mut all = vec!["--store", "postgres", "--database-url", url];
+    all.extend_from_slice(args);
+    let output = place
+        .command(&all)
+        .env("KEEL_TOKEN", SECRET)
+        .output()
+        .expect("keel runs");
+    common::Done(output)
 }
 
 /// A keel command on `place` with `--store postgres`.
