@@ -1,7 +1,9 @@
 //! Daemons on a real Postgres (`--store postgres`), as if on two hosts: each has a data
 //! directory and a `KEEL_HOSTNAME` of its own. One leads and the other stands by; `kill -9` of
 //! the leader hands over within the leader TTL plus a small bound, a SIGTERM at once; the job
-//! keeps firing and no slot fires twice. Commands never act on the shared store directly.
+//! keeps firing and no slot fires twice. Commands never act on the shared store directly: `keel
+//! status` on either host names the same leader, and a change made on the standby's host is
+//! sent to the leader's advertised HTTP API (refused, naming the leader, if it serves none).
 //!
 //! Postgres comes from store-postgres's test support (a throwaway cluster, or
 //! `KEEL_TEST_DATABASE_URL`); with none, the test fails unless `KEEL_SKIP_POSTGRES=1`.
