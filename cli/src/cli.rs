@@ -126,6 +126,9 @@ pub(crate) enum Command {
     Workers,
     /// The watchdog's rules with the running daemon's thresholds.
     Rules,
+    /// The daemon's status: its store and worker id and, on Postgres, who leads, since when,
+    /// and whether this host's daemon leads or stands by.
+    Status,
     /// Check the store, leases, jobs and (with --config) a config file; exit 1 on any problem.
     Doctor(DoctorArgs),
     /// The external worker protocol: claim work, report on it, finish it.

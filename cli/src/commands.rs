@@ -67,6 +67,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
             kind: cli.store.unwrap_or(StoreKind::Fs),
             remote: Some(std::sync::Arc::new(remote)),
             database: None,
+            token_file: cli.token_file.clone(),
         };
         let out = Output { json: cli.json };
         return commands(cli.command, &place, out, None);
@@ -91,6 +92,7 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
             .database_url
             .map(crate::place::DatabaseUrl)
             .or_else(|| from_file.and_then(|c| c.database_url.clone())),
+        token_file: cli.token_file,
     };
     place.check()?;
     // Refused by name before anything runs, not ignored.
@@ -145,6 +147,12 @@ fn commands(
         Command::Rules => {
             let rules: Vec<keel_core::watchdog::Rule> = from_value(call(&place, &Request::Rules)?)?;
             out.print(&rules, || show::rules_table(&rules))
+        }
+        Command::Status => {
+            let found = crate::anyhost::status(&place)?;
+            out.print(&views::status(&found), || {
+                show::status(&found, wall_clock())
+            })
         }
         Command::Doctor(args) => doctor::run(&place, out.json, &args),
         Command::Worker(command) => worker(&place, out, command),
@@ -245,7 +253,9 @@ fn job(place: &Place, out: Output, command: JobCommand) -> Result<(), Failure> {
         }
         JobCommand::Trigger(arg) => {
             let job = job_id(&arg.name)?;
-            let daemon_up = crate::client::Client::connect(place)?.is_some();
+            // On Postgres a change is made by the leading daemon, here or where it was sent.
+            let daemon_up = place.kind == StoreKind::Postgres
+                || crate::client::Client::connect(place)?.is_some();
             let run: RunId = from_value(call(place, &Request::TriggerJob { job: job.clone() })?)?;
             let external = find_job(place, job.as_str()).is_ok_and(|j| j.spec.external);
             let triggered: Option<Run> = from_value(call(place, &Request::Run { run })?)?;

@@ -150,6 +150,9 @@ struct File {
 struct HttpSection {
     listen: String,
     tokens: Option<PathBuf>,
+    /// Where other hosts reach this API (`http://host-a.internal:8080`): what a leader of a
+    /// Postgres store advertises in its lease.
+    advertise: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -344,7 +347,23 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
             .tokens
             .as_ref()
             .map(|t| path.parent().unwrap_or(Path::new(".")).join(t));
-        let settings = crate::http::auth::HttpSettings { listen, tokens };
+        let advertise = match section
+            .advertise
+            .as_deref()
+            .map(crate::anyhost::advertise_url)
+        {
+            None => None,
+            Some(Ok(url)) => Some(url),
+            Some(Err(e)) => {
+                problems.push(format!("line {line}: [http] advertise: {e}"));
+                return None;
+            }
+        };
+        let settings = crate::http::auth::HttpSettings {
+            listen,
+            tokens,
+            advertise,
+        };
         if let Err(e) = settings.tokens() {
             problems.push(format!("line {line}: {e}"));
             return None;
@@ -1314,6 +1333,33 @@ failing_after = 1001
             &e,
             &["line 4: [watchdog] failing_after: also set as [daemon] failing_after on line 2"],
         );
+    }
+
+    #[test]
+    fn http_advertise_is_a_base_url_or_named_as_wrong_with_its_line() {
+        let config = parse_ok(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nadvertise = \"http://host-a.internal:8080/\"\n",
+        );
+        let http = config.http.unwrap();
+        assert_eq!(
+            http.advertise.as_deref(),
+            Some("http://host-a.internal:8080")
+        );
+        let none = parse_ok("[http]\nlisten = \"127.0.0.1:8080\"\n");
+        assert_eq!(
+            none.http.unwrap().advertise,
+            None,
+            "derived from the listener"
+        );
+        let e = parse_err("[http]\nlisten = \"127.0.0.1:8080\"\nadvertise = \"host-a:8080\"\n");
+        expect_errors(
+            &e,
+            &["line 1", "[http] advertise", "\"host-a:8080\"", "http://"],
+        );
+        let e = parse_err(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nadvertise = \"http://host-a:8080/keel\"\n",
+        );
+        expect_errors(&e, &["[http] advertise", "path"]);
     }
 
     #[test]

@@ -86,9 +86,12 @@ async fn daemon(
     // Only this data directory's records are read (this host's attempts, under its lock), so a
     // daemon never kills another host's commands.
     kill_leftover_commands(place).await?;
+    // `--http ADDR` overrides `[http] listen`, and keeps the rest of `[http]`.
+    let http = HttpSettings::merged(http, config.as_ref().and_then(|c| c.http.clone()));
     let lead = match place.kind {
         StoreKind::Postgres => {
-            match crate::lead::stand_by(place, leader_ttl, &[command_job::KIND], &mut signals)
+            let api = crate::anyhost::planned(http.as_ref());
+            match crate::lead::stand_by(place, leader_ttl, &[command_job::KIND], api, &mut signals)
                 .await?
             {
                 Some(lead) => Some(lead),
@@ -214,14 +217,6 @@ async fn daemon(
         printer_stop,
     ));
 
-    // `--http ADDR` overrides `[http] listen`, and keeps its tokens file.
-    let http = match (http, config.as_ref().and_then(|c| c.http.clone())) {
-        (Some(listen), settings) => Some(HttpSettings {
-            listen,
-            tokens: settings.and_then(|s| s.tokens),
-        }),
-        (None, settings) => settings,
-    };
     let metrics_addr = config.as_ref().and_then(|c| c.metrics);
     let recorder = if http.is_some() || metrics_addr.is_some() {
         match prometheus::install_recorder() {
@@ -287,6 +282,7 @@ async fn daemon(
         handle: handle.clone(),
         store: Arc::clone(&store),
         status,
+        lead: lead.clone(),
         output_dir: place.output_dir(),
         changes: tokio::sync::broadcast::channel(1024).0,
     };
@@ -305,6 +301,10 @@ async fn daemon(
             };
             match started {
                 Ok(server) => {
+                    if let Some(lead) = &lead {
+                        let api = crate::anyhost::advertised(settings, server.local_addr());
+                        crate::lead::advertise(lead, api).await;
+                    }
                     log(&format!(
                         "http api and console at http://{}/ ({})",
                         server.local_addr(),
@@ -788,6 +788,8 @@ pub(crate) struct Server {
     pub(crate) handle: RuntimeHandle,
     pub(crate) store: Arc<dyn Store>,
     pub(crate) status: DaemonStatus,
+    /// On a shared store, this daemon's lead: `status` reads the lease as it stands.
+    pub(crate) lead: Option<crate::lead::Lead>,
     /// Where command jobs' output is kept (`keel logs`, `GET /api/v1/runs/{id}/logs`).
     pub(crate) output_dir: std::path::PathBuf,
     /// Changes made by commands that the core announces no event for (a job added, paused,
@@ -879,7 +881,13 @@ pub(crate) async fn dispatch(
 ) -> Result<Value, Failure> {
     let handle = &server.handle;
     match request {
-        Request::Status => to_value(&server.status),
+        Request::Status => match &server.lead {
+            Some(lead) => to_value(DaemonStatus {
+                leader: Some(crate::lead::fresh_status(lead).await),
+                ..server.status.clone()
+            }),
+            None => to_value(&server.status),
+        },
         // From memory: the jobs as the scheduler runs them, answered even while the store fails.
         Request::Jobs => to_value(
             handle

@@ -84,13 +84,8 @@ pub(crate) fn call(place: &Place, request: &Request) -> Result<Value, Failure> {
     }
     if place.kind == crate::cli::StoreKind::Postgres {
         // Acting on the store would restore a scheduler, whose new writer epoch deposes the
-        // leading daemon on whatever host it runs (SPEC M3).
-        return Err(Failure::input(
-            "with --store postgres a command that changes something goes to the leading \
-             daemon: pass --server URL (its HTTP API, e.g. http://leader-host:8080), or run it \
-             on a host whose daemon leads, or start one (`keel run --store postgres`); keel \
-             never acts on a shared store directly, since that would depose the leader",
-        ));
+        // leading daemon on whatever host it runs (SPEC M3): the leader's API gets it instead.
+        return crate::anyhost::forward(place, request);
     }
     place.prepare()?;
     let deadline = Instant::now() + SOCKET_WAIT;

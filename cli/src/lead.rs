@@ -47,6 +47,21 @@ pub(crate) struct Lead {
     acquire_sent: Instant,
     /// The database's clock, read by the acquisition: what this process's keel clock runs on.
     anchor: Anchor,
+    /// A connection of its own for `status` to read the lease as it stands (`fresh_status`),
+    /// opened at the first status asked: never the renewals' connection, which a slow read
+    /// must not hold up.
+    reader: Arc<Mutex<Option<Arc<Leadership>>>>,
+    config: Redacted,
+}
+
+/// Connection settings, which may hold a password: never printed.
+#[derive(Clone)]
+struct Redacted(keel_store_postgres::Config);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Config(..)")
+    }
 }
 
 impl Lead {
@@ -96,7 +111,8 @@ impl Anchor {
 /// How far from the database's clock this host's may be before the daemon warns.
 const SKEW_WARNING: Duration = Duration::from_secs(1);
 
-/// Waits until this process holds the lease (`None` if a signal came first).
+/// Waits until this process holds the lease (`None` if a signal came first), advertising `api`
+/// in it (where its HTTP API will be, when that is known before it is bound).
 ///
 /// It takes a free lease only if it runs every stored job it would have to: a job that is not
 /// for external workers and whose kind is not in `kinds` makes it say so, by name, and keep
@@ -106,12 +122,14 @@ pub(crate) async fn stand_by(
     place: &Place,
     ttl: Duration,
     kinds: &'static [&'static str],
+    api: Option<String>,
     signals: &mut Signals,
 ) -> Result<Option<Lead>, Failure> {
     let mut config = place.database_config()?;
     // A connection attempt must not outlast a renewal period.
     config.connect_timeout(ttl / 3);
     let holder = holder_id();
+    let reader_config = config.clone();
     let leadership = blocking(move || Leadership::new(config, &holder, ttl))
         .await?
         .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
@@ -127,6 +145,7 @@ pub(crate) async fn stand_by(
         let mut wait = STANDBY_POLL;
         let handle = Arc::clone(&leadership);
         let jobs = Arc::clone(&store);
+        let api = api.clone();
         let tried = blocking(move || -> Result<Tried, keel_core::StoreError> {
             // The jobs are read only when the lease could be taken: a live leader's cannot.
             if let Some(current) = handle.current()?.filter(|l| l.live) {
@@ -137,7 +156,7 @@ pub(crate) async fn stand_by(
                 return Ok(Tried::Unhandled(unhandled));
             }
             let sent = Instant::now();
-            Ok(match handle.try_acquire()? {
+            Ok(match handle.try_acquire_advertising(api.as_deref())? {
                 Some(lease) => {
                     let anchor =
                         Anchor::read(sent, Instant::now(), lease.acquired_at, keel_runtime::now());
@@ -177,6 +196,8 @@ pub(crate) async fn stand_by(
                     lease,
                     acquire_sent,
                     anchor,
+                    reader: Arc::default(),
+                    config: Redacted(reader_config),
                 }));
             }
             Ok(Tried::Held(current)) => {
@@ -381,12 +402,7 @@ pub(crate) async fn resign(lead: &Lead) {
 
 /// Who leads the store, read from the database (for `status` with no daemon).
 pub(crate) fn current(place: &Place, leading: bool) -> Result<LeaderStatus, Failure> {
-    let leadership = Leadership::new(place.database_config()?, &holder_id(), Duration::ZERO)
-        .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
-    let lease = leadership
-        .current()
-        .map_err(|e| Failure::runtime(format!("cannot read the leadership lease: {e}")))?;
-    Ok(status(lease.as_ref().filter(|l| l.live), leading))
+    Ok(status(live_lease(place)?.as_ref(), leading))
 }
 
 fn status(lease: Option<&Lease>, leading: bool) -> LeaderStatus {
@@ -399,8 +415,92 @@ fn status(lease: Option<&Lease>, leading: bool) -> LeaderStatus {
         holder: lease.map(|l| l.holder.clone()),
         term: lease.map(|l| l.term),
         since: lease.and_then(|l| rfc3339(l.acquired_at)),
+        since_ms: lease.map(|l| l.acquired_at.0),
         expires: lease.and_then(|l| rfc3339(l.expires_at)),
+        expires_ms: lease.map(|l| l.expires_at.0),
+        api: lease.and_then(|l| l.api.clone()),
         clock_skew_ms: None,
+    }
+}
+
+/// The lease as it stands, for callers other than a daemon's own lead (`keel status` with no
+/// daemon, and forwarding a command to the leader): `None` if nobody holds a live one.
+pub(crate) fn live_lease(place: &Place) -> Result<Option<Lease>, Failure> {
+    let leadership = Leadership::new(place.database_config()?, &holder_id(), Duration::ZERO)
+        .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
+    let lease = leadership
+        .current()
+        .map_err(|e| Failure::runtime(format!("cannot read the leadership lease: {e}")))?;
+    Ok(lease.filter(|l| l.live))
+}
+
+/// Who leads, as the lease stands now, for `status` asked of the leading daemon: read on a
+/// connection of its own within [`STATUS_READ_WAIT`], else what the acquisition said.
+pub(crate) async fn fresh_status(lead: &Lead) -> LeaderStatus {
+    let reader = Arc::clone(&lead.reader);
+    let config = lead.config.0.clone();
+    let read = blocking(move || -> Result<Option<Lease>, keel_core::StoreError> {
+        let handle = {
+            let mut reader = reader.lock().unwrap_or_else(PoisonError::into_inner);
+            match reader.as_ref() {
+                Some(handle) => Arc::clone(handle),
+                None => {
+                    let handle = Arc::new(Leadership::new(config, "status", Duration::ZERO)?);
+                    *reader = Some(Arc::clone(&handle));
+                    handle
+                }
+            }
+        };
+        handle.current()
+    });
+    match tokio::time::timeout(STATUS_READ_WAIT, read).await {
+        Ok(Ok(Ok(lease))) => {
+            let lease = lease.filter(|l| l.live);
+            let leading = lease
+                .as_ref()
+                .is_some_and(|l| l.holder == lead.lease.holder && l.term == lead.lease.term);
+            LeaderStatus {
+                clock_skew_ms: Some(lead.anchor.skew_ms),
+                ..status(lease.as_ref(), leading)
+            }
+        }
+        _ => lead.status(),
+    }
+}
+
+/// How long `status` waits for the lease as it stands before it answers with what it knew.
+const STATUS_READ_WAIT: Duration = Duration::from_secs(2);
+
+/// Advertises `api` in this leader's lease, if the acquisition did not already: for a listener
+/// whose address is known only once bound (port 0). Logs where it is advertised.
+pub(crate) async fn advertise(lead: &Lead, api: String) {
+    if lead.lease.api.as_deref() == Some(api.as_str()) {
+        log(&format!(
+            "advertising the http api at {api} in the leadership lease"
+        ));
+        return;
+    }
+    let handle = Arc::clone(&lead.leadership);
+    let term = lead.lease.term;
+    let said = api.clone();
+    let done = tokio::time::timeout(
+        Duration::from_secs(2),
+        blocking(move || handle.advertise(term, Some(&api))),
+    )
+    .await;
+    match done {
+        Ok(Ok(Ok(Some(_)))) => log(&format!(
+            "advertising the http api at {said} in the leadership lease"
+        )),
+        Ok(Ok(Ok(None))) => log("could not advertise the http api: this daemon no longer leads"),
+        Ok(Ok(Err(e))) => log(&format!(
+            "could not advertise the http api at {said} ({e}); commands on other hosts cannot \
+             reach this leader"
+        )),
+        _ => log(&format!(
+            "could not advertise the http api at {said} in time; commands on other hosts \
+             cannot reach this leader"
+        )),
     }
 }
 
@@ -435,6 +535,7 @@ mod tests {
             expires_at: Timestamp(10_000),
             live: true,
             remaining,
+            api: None,
         }
     }
 

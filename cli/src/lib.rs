@@ -24,6 +24,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod anyhost;
 mod cli;
 mod client;
 // Public so that a program embedding keel-runtime can run the same command jobs.

@@ -48,6 +48,9 @@ pub(crate) struct Place {
     pub(crate) remote: Option<Arc<crate::remote::Remote>>,
     /// `--database-url`: the Postgres database, with `--store postgres`.
     pub(crate) database: Option<DatabaseUrl>,
+    /// `--token-file`: the bearer token for `--server`, and for a command sent on to the
+    /// leader of a Postgres store (`anyhost::forward`).
+    pub(crate) token_file: Option<PathBuf>,
 }
 
 /// A Postgres connection string, which may hold a password: never printed.

@@ -356,8 +356,18 @@ pub(crate) struct LeaderStatus {
     pub(crate) term: Option<u64>,
     /// Since when it leads (RFC 3339, the database's clock).
     pub(crate) since: Option<String>,
+    /// The same, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub(crate) since_ms: Option<i64>,
     /// Until when its lease runs unless renewed (RFC 3339, the database's clock).
     pub(crate) expires: Option<String>,
+    /// The same, in milliseconds since the Unix epoch.
+    #[serde(default)]
+    pub(crate) expires_ms: Option<i64>,
+    /// Where the leader serves its HTTP API (`http://host:port`), as it advertises it in the
+    /// lease; `None` if it serves none (a command on another host cannot reach it then).
+    #[serde(default)]
+    pub(crate) api: Option<String>,
     /// How far the answering leader's wall clock was ahead of the database's when it took the
     /// lead (negative: behind); it runs on the database's time regardless. `None` from a
     /// process that does not lead.

@@ -778,6 +778,80 @@ fn shell_quote(word: &str) -> String {
     }
 }
 
+/// `keel status`, for people: which daemon answered, and on a shared store who leads.
+pub(crate) fn status(found: &crate::anyhost::Found, now: Timestamp) -> String {
+    use crate::anyhost::Via;
+    let st = &found.status;
+    let mut lines: Vec<(&str, String)> = Vec::new();
+    let store = match &found.dir {
+        Some(dir) if st.store != "postgres" => format!("{} in {}", st.store, dir.display()),
+        _ => st.store.clone(),
+    };
+    lines.push(("store", store));
+    let pid = st
+        .pid
+        .or(found.standby)
+        .map_or(String::new(), |p| format!(" (pid {p})"));
+    let daemon = match (found.via, found.daemon()) {
+        (Via::Server, state) => format!(
+            "{} (the daemon --server names){pid}",
+            state.replace('_', " ")
+        ),
+        (_, "leading") => format!("running here and leading{pid}"),
+        (_, "standing_by") => format!("running here, standing by{pid}"),
+        (_, "running") => format!("running{pid}"),
+        _ if st.store == "postgres" => "not running on this host".to_string(),
+        _ => "not running (start it with `keel run`)".to_string(),
+    };
+    lines.push(("daemon", daemon));
+    lines.push(("worker", st.worker.clone()));
+    if let Some(leader) = &st.leader {
+        match &leader.holder {
+            None => lines.push((
+                "leader",
+                "none: no daemon holds the lease (a standby takes it within a second)".to_string(),
+            )),
+            Some(holder) => {
+                let term = leader
+                    .term
+                    .map_or(String::new(), |t| format!(" (term {t})"));
+                lines.push(("leader", format!("{}{term}", terminal_safe(holder))));
+                let at = |ms: Option<i64>| {
+                    ms.map_or(String::new(), |ms| {
+                        let t = Timestamp(ms);
+                        format!("{} ({})", time(t), relative(t, now))
+                    })
+                };
+                lines.push(("since", at(leader.since_ms)));
+                lines.push((
+                    "expires",
+                    format!("{}, unless renewed", at(leader.expires_ms)),
+                ));
+                lines.push((
+                    "api",
+                    leader.api.as_deref().map_or_else(
+                        || "none (commands from other hosts cannot reach it)".to_string(),
+                        terminal_safe,
+                    ),
+                ));
+                if let Some(skew) = leader.clock_skew_ms {
+                    let size = duration(Duration::from_millis(skew.unsigned_abs()));
+                    let side = if skew >= 0 { "ahead of" } else { "behind" };
+                    lines.push((
+                        "clock",
+                        format!("the leader's clock is {size} {side} the database's"),
+                    ));
+                }
+            }
+        }
+    }
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    lines
+        .iter()
+        .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -846,5 +920,61 @@ mod tests {
         assert_eq!(shell_quote("echo"), "echo");
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn status_says_who_leads_and_whether_this_host_does() {
+        use crate::anyhost::{Found, Via};
+        use crate::protocol::{DaemonStatus, LeaderStatus};
+        let now = Timestamp(1_800_000_000_000);
+        let found = Found {
+            via: Via::Database,
+            status: DaemonStatus {
+                pid: None,
+                store: "postgres".into(),
+                worker: "local:host-b".into(),
+                leader: Some(LeaderStatus {
+                    leading: false,
+                    holder: Some("host-a:4711:9f2c1a00".into()),
+                    term: Some(3),
+                    since: None,
+                    since_ms: Some(now.0 - 7_500_000),
+                    expires: None,
+                    expires_ms: Some(now.0 + 8_000),
+                    api: Some("http://10.0.0.5:8080".into()),
+                    clock_skew_ms: None,
+                }),
+            },
+            standby: Some(5120),
+            dir: Some("/var/lib/keel".into()),
+        };
+        let text = status(&found, now);
+        assert_eq!(
+            text,
+            "store    postgres\n\
+             daemon   running here, standing by (pid 5120)\n\
+             worker   local:host-b\n\
+             leader   host-a:4711:9f2c1a00 (term 3)\n\
+             since    2027-01-15 05:55:00Z (2h5m ago)\n\
+             expires  2027-01-15 08:00:08Z (in 8s), unless renewed\n\
+             api      http://10.0.0.5:8080\n"
+        );
+        let none = Found {
+            via: Via::Nothing,
+            status: DaemonStatus {
+                pid: None,
+                store: "fs".into(),
+                worker: "local".into(),
+                leader: None,
+            },
+            standby: None,
+            dir: Some("/home/ada/.local/state/keel".into()),
+        };
+        assert_eq!(
+            status(&none, now),
+            "store   fs in /home/ada/.local/state/keel\n\
+             daemon  not running (start it with `keel run`)\n\
+             worker  local\n"
+        );
     }
 }

@@ -347,6 +347,56 @@ pub(crate) fn acted(subject: &str, value: Value, action: &str, changed: bool) ->
     Value::Object(fields)
 }
 
+/// `keel status`: the daemon that answered (or that none did), and on a shared store who
+/// leads.
+pub(crate) fn status(found: &crate::anyhost::Found) -> Value {
+    let status = &found.status;
+    let leader = status
+        .leader
+        .as_ref()
+        .filter(|l| l.holder.is_some())
+        .map(|l| {
+            let holder = l.holder.clone().unwrap_or_default();
+            Value::Object(object(
+                vec![
+                    ("host", json!(holder_host(&holder))),
+                    ("holder", json!(holder)),
+                    ("term", json!(l.term)),
+                    ("api", json!(l.api)),
+                    ("clock_skew_ms", json!(l.clock_skew_ms)),
+                ],
+                &[
+                    ("since", l.since_ms.map(Timestamp)),
+                    ("expires", l.expires_ms.map(Timestamp)),
+                ],
+            ))
+        });
+    Value::Object(object(
+        vec![
+            ("daemon", json!(found.daemon())),
+            ("via", json!(found.via.name())),
+            ("pid", json!(status.pid.or(found.standby))),
+            ("store", json!(status.store)),
+            ("worker", json!(status.worker)),
+            (
+                "data_dir",
+                json!(found.dir.as_ref().map(|d| d.display().to_string())),
+            ),
+            ("leader", leader.unwrap_or(Value::Null)),
+        ],
+        &[],
+    ))
+}
+
+/// The host of a lease holder's name, `HOST:PID:RANDOM`.
+pub(crate) fn holder_host(holder: &str) -> &str {
+    holder
+        .rsplitn(3, ':')
+        .nth(2)
+        .filter(|host| !host.is_empty())
+        .unwrap_or(holder)
+}
+
 #[cfg(test)]
 mod tests {
     //! Each view's shape, pinned: a renamed or dropped field fails here before it breaks a
@@ -570,5 +620,101 @@ mod tests {
             (&json!("failing_job"), &json!(true))
         );
         assert_eq!(view["escalated_at_ms"], json!(T.as_millis()));
+    }
+
+    #[test]
+    fn the_status_view_is_pinned() {
+        use crate::anyhost::{Found, Via};
+        use crate::protocol::{DaemonStatus, LeaderStatus};
+        let leader = LeaderStatus {
+            leading: true,
+            holder: Some("host-a:4711:9f2c1a00".into()),
+            term: Some(3),
+            since: Some("ignored".into()),
+            since_ms: Some(T.0),
+            expires: None,
+            expires_ms: Some(T.0 + 10_000),
+            api: Some("http://host-a:8080".into()),
+            clock_skew_ms: Some(-12),
+        };
+        let found = Found {
+            via: Via::Socket,
+            status: DaemonStatus {
+                pid: Some(42),
+                store: "postgres".into(),
+                worker: "local:host-a".into(),
+                leader: Some(leader.clone()),
+            },
+            standby: None,
+            dir: Some("/var/lib/keel".into()),
+        };
+        let view = status(&found);
+        assert_eq!(
+            keys(&view),
+            ["daemon", "data_dir", "leader", "pid", "store", "via", "worker"]
+        );
+        assert_eq!(view["daemon"], "leading");
+        assert_eq!(view["via"], "socket");
+        assert_eq!(view["pid"], 42);
+        assert_eq!(
+            keys(&view["leader"]),
+            [
+                "api",
+                "clock_skew_ms",
+                "expires",
+                "expires_ms",
+                "holder",
+                "host",
+                "since",
+                "since_ms",
+                "term"
+            ]
+        );
+        assert_eq!(view["leader"]["host"], "host-a");
+        assert_eq!(view["leader"]["since"], T.to_string());
+        assert_eq!(view["leader"]["since_ms"], T.0);
+        assert_eq!(view["leader"]["expires_ms"], T.0 + 10_000);
+        assert_eq!(view["leader"]["clock_skew_ms"], -12);
+
+        // No daemon here on Postgres: the lease read from the database, a standby's pid.
+        let read = Found {
+            via: Via::Database,
+            status: DaemonStatus {
+                pid: None,
+                leader: Some(LeaderStatus {
+                    leading: false,
+                    clock_skew_ms: None,
+                    ..leader
+                }),
+                ..found.status.clone()
+            },
+            standby: Some(7),
+            dir: found.dir.clone(),
+        };
+        let view = status(&read);
+        assert_eq!(
+            (view["daemon"].as_str(), view["pid"].as_i64()),
+            (Some("standing_by"), Some(7))
+        );
+        assert_eq!(view["leader"]["clock_skew_ms"], Value::Null);
+
+        // fs with no daemon: nothing leads, nothing answers.
+        let none = Found {
+            via: Via::Nothing,
+            status: DaemonStatus {
+                pid: None,
+                store: "fs".into(),
+                worker: "local".into(),
+                leader: None,
+            },
+            standby: None,
+            dir: None,
+        };
+        let view = status(&none);
+        assert_eq!(view["daemon"], "not_running");
+        assert_eq!(view["via"], "none");
+        assert_eq!(view["leader"], Value::Null);
+        assert_eq!(holder_host("a:b:host:1:f"), "a:b:host");
+        assert_eq!(holder_host("plain"), "plain");
     }
 }

@@ -18,6 +18,8 @@
 //! `KEEL_SKIP_BROWSER=1` skips them, loudly.
 
 mod common;
+#[path = "../../store-postgres/tests/common/mod.rs"]
+mod pg;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -99,6 +101,12 @@ listen = "127.0.0.1:0"
         t == "scheduled"
     });
     browser.wait_text("#kpi-incidents", |t| t == "1");
+    // One daemon on an fs store: nobody to name as leader (the status was read with the rest).
+    assert_eq!(
+        browser.text("#leader").as_deref(),
+        Some(""),
+        "no leader on fs"
+    );
     // The incident's run opens with its audit trail: the silent worker's claim is in it.
     browser.click("tr[data-incident='1'] button.link");
     browser.wait_text("#run-detail h3", |t| t == "run-1 of job render");
@@ -130,6 +138,58 @@ listen = "127.0.0.1:0"
         shots.display(),
         started.elapsed()
     );
+}
+
+/// On a Postgres store the header names the leader, its term and since when (relative and
+/// absolute), as `/api/v1/status` says.
+#[test]
+fn the_console_shows_who_leads_a_postgres_store() {
+    if !browser_wanted() {
+        return;
+    }
+    let Some(db) = pg::TestDb::new() else { return };
+    let place = Place::new("console-pg");
+    let config = place.config("[http]\nlisten = \"127.0.0.1:0\"\n");
+    let url = db.url();
+    let daemon = place.spawn_daemon(
+        &[
+            "--store",
+            "postgres",
+            "--database-url",
+            &url,
+            "run",
+            "--config",
+            config.to_str().expect("a UTF-8 path"),
+        ],
+        &[("KEEL_HOSTNAME", "host-c")],
+    );
+    let base = daemon.http_url();
+    let status: Value = Client::new()
+        .get(format!("{base}/api/v1/status"))
+        .send()
+        .and_then(|r| r.json())
+        .expect("the status");
+    let leader = &status["leader"];
+    let holder = leader["holder"].as_str().expect("a holder").to_string();
+    assert!(holder.starts_with("host-c:"), "{status}");
+    let since = leader["since"].as_str().expect("since").to_string();
+
+    let driver = Driver::start();
+    let browser = driver.session();
+    browser.open(&format!("{base}/"));
+    let shown = browser.wait_text("#leader", |t| t.contains(&holder));
+    assert!(
+        shown.contains(&format!("(term {})", leader["term"])),
+        "{shown}"
+    );
+    assert!(shown.contains(&since), "the absolute time: {shown}");
+    assert!(shown.contains("this daemon"), "{shown}");
+    let relative = browser.wait_text("#leader time", |t| !t.is_empty());
+    assert!(
+        relative.ends_with(" ago") || relative.starts_with("in "),
+        "a relative time: {relative}"
+    );
+    browser.screenshot(&screenshots_dir().join("console-postgres-1280.png"));
 }
 
 /// The reference design's acceptance, as the console shows it: a stale lease, a no-job claim

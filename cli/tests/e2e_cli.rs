@@ -534,3 +534,19 @@ fn operator_mistakes_get_messages_that_name_the_real_problem() {
     daemon.signal("TERM");
     daemon.wait_exit();
 }
+
+#[test]
+fn status_without_a_daemon_says_it_is_not_running() {
+    let place = Place::new("status-none");
+    place
+        .keel(&["status"])
+        .expect_code(0)
+        .expect_stdout("not running (start it with `keel run`)");
+    let status = place.json(&["status", "--json"]);
+    assert_eq!(status["daemon"], "not_running", "{status}");
+    assert_eq!(status["via"], "none", "{status}");
+    assert_eq!(status["store"], "fs", "{status}");
+    assert_eq!(status["pid"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["leader"], serde_json::Value::Null, "{status}");
+    assert!(!place.data().exists(), "status created {:?}", place.data());
+}

@@ -1188,6 +1188,17 @@ fn the_cli_acts_on_a_remote_daemon_with_server_and_a_token() {
     keel(Some(VIEWER), &["logs", hello["run"].as_str().unwrap()])
         .expect_code(0)
         .expect_stdout("from afar");
+    // `keel status` through --server: the daemon there answers; fs has no leader.
+    let status = keel(Some(VIEWER), &["status", "--json"]);
+    status.expect_code(0);
+    let status: Value = serde_json::from_str(&status.stdout()).unwrap();
+    assert_eq!(
+        (status["daemon"].as_str(), status["via"].as_str()),
+        (Some("running"), Some("server")),
+        "{status}"
+    );
+    assert_eq!(status["pid"], daemon.pid(), "{status}");
+    assert_eq!(status["leader"], Value::Null, "{status}");
     keel(Some(OPERATOR), &["run"])
         .expect_code(2)
         .expect_stderr("--server");

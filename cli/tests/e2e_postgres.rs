@@ -1,7 +1,9 @@
 //! Daemons on a real Postgres (`--store postgres`), as if on two hosts: each has a data
 //! directory and a `KEEL_HOSTNAME` of its own. One leads and the other stands by; `kill -9` of
 //! the leader hands over within the leader TTL plus a small bound, a SIGTERM at once; the job
-//! keeps firing and no slot fires twice. Commands never act on the shared store directly.
+//! keeps firing and no slot fires twice. Commands never act on the shared store directly: `keel
+//! status` on either host names the same leader, and a change made on the standby's host is
+//! sent to the leader's advertised HTTP API (refused, naming the leader, if it serves none).
 //!
 //! Postgres comes from store-postgres's test support (a throwaway cluster, or
 //! `KEEL_TEST_DATABASE_URL`); with none, the test fails unless `KEEL_SKIP_POSTGRES=1`.
@@ -41,7 +43,17 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     let a = Place::new("pg-a");
     let b = Place::new("pg-b");
     let fired = a.path(FIRED);
-    let (config_a, config_b) = (a.config(DAEMON_TOML), b.config(DAEMON_TOML));
+    // Host a's API asks for a token (`--http` keeps `[http] tokens`): a command sent on to it
+    // carries KEEL_TOKEN as with --server.
+    let tokens = a.write(
+        "tokens.toml",
+        &format!("[[token]]\nname = \"ops\"\nrole = \"operator\"\nsecret = \"{SECRET}\"\n"),
+    );
+    std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config_a = a.config(&format!(
+        "{DAEMON_TOML}\n[http]\nlisten = \"127.0.0.1:0\"\ntokens = \"tokens.toml\"\n"
+    ));
+    let config_b = b.config(DAEMON_TOML);
 
     // A missing database is refused by name.
     b.keel(&["--store", "postgres", "job", "ls"])
@@ -55,7 +67,10 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     assert_eq!(standby.count(&["leading the postgres store"]), 0);
 
     // Who leads, in the leader's status.
-    let status: Value = reqwest::blocking::get(format!("{}/api/v1/status", leader.http_url()))
+    let status: Value = reqwest::blocking::Client::new()
+        .get(format!("{}/api/v1/status", leader.http_url()))
+        .bearer_auth(SECRET)
+        .send()
         .unwrap()
         .json()
         .unwrap();
@@ -70,8 +85,60 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
         "{status}"
     );
     assert!(status["leader"]["since"].is_string(), "{status}");
+    let api = leader.http_url();
+    assert_eq!(
+        status["leader"]["api"], api,
+        "the leader advertises the address its listener on port 0 got: {status}"
+    );
 
-    // A change from the standby's host is refused rather than depose the leader; a read works.
+    // `keel status` on both hosts names the same leader: the leader answers on its socket, the
+    // standby's host reads the lease (its daemon opens no socket while it stands by).
+    let on_a = pg_keel(&a, &url, &["--json", "status"])
+        .expect_code(0)
+        .stdout();
+    let on_a: Value = serde_json::from_str(&on_a).unwrap();
+    let on_b = pg_keel(&b, &url, &["--json", "status"])
+        .expect_code(0)
+        .stdout();
+    let on_b: Value = serde_json::from_str(&on_b).unwrap();
+    assert_eq!(
+        (on_a["daemon"].as_str(), on_a["via"].as_str()),
+        (Some("leading"), Some("socket")),
+        "{on_a}"
+    );
+    assert_eq!(
+        (on_b["daemon"].as_str(), on_b["via"].as_str()),
+        (Some("standing_by"), Some("database")),
+        "{on_b}"
+    );
+    assert_eq!(on_a["pid"], leader.pid(), "{on_a}");
+    assert_eq!(
+        on_b["pid"],
+        standby.pid(),
+        "the standby's pid, from its lock: {on_b}"
+    );
+    for field in ["holder", "term", "since", "since_ms", "api"] {
+        assert_eq!(
+            on_a["leader"][field], on_b["leader"][field],
+            "{field}: {on_a} {on_b}"
+        );
+    }
+    assert_eq!(on_b["leader"]["host"], "host-a", "{on_b}");
+    assert_eq!(on_b["leader"]["api"], api, "{on_b}");
+    assert!(
+        on_a["leader"]["clock_skew_ms"].is_i64(),
+        "the leader knows its skew: {on_a}"
+    );
+    assert!(
+        on_a["leader"]["expires_ms"].as_i64() > on_a["leader"]["since_ms"].as_i64(),
+        "{on_a}"
+    );
+    pg_keel(&b, &url, &["status"])
+        .expect_code(0)
+        .expect_stdout("running here, standing by")
+        .expect_stdout(on_a["leader"]["holder"].as_str().unwrap())
+        .expect_stdout(&api);
+
     let add = [
         "job",
         "add",
@@ -86,18 +153,29 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
             fired.display()
         ),
     ];
-    pg_keel(&b, &url, &add)
-        .expect_code(2)
-        .expect_stderr("--server URL");
-    let jobs_before: Value = serde_json::from_str(
-        &pg_keel(&b, &url, &["--json", "job", "ls"])
-            .expect_code(0)
-            .stdout(),
-    )
-    .unwrap();
-    assert_eq!(jobs_before, Value::Array(vec![]));
-    // Through the leader (its control socket): added, and fired once per slot.
-    pg_keel(&a, &url, &add).expect_code(0);
+    // A change on the standby's host goes to the leader's advertised API (never to the store
+    // directly, which would depose the leader), saying once where it went.
+    let no_token = pg_keel(&b, &url, &add);
+    no_token.expect_code(2).expect_stderr("KEEL_TOKEN");
+    let forwarded = with_token(&b, &url, &add);
+    forwarded
+        .expect_code(0)
+        .expect_stdout("added job tick")
+        .expect_stderr("sending the command to the leader host-a:")
+        .expect_stderr(&api);
+    assert_eq!(
+        forwarded.stderr().matches("sending the command").count(),
+        1,
+        "{}",
+        forwarded.stderr()
+    );
+    leader.wait_for(&["job tick: added by token \"ops\" over HTTP"]);
+    assert_eq!(
+        standby.count(&["leading the postgres store"]),
+        0,
+        "nobody was deposed"
+    );
+    // Added by the leader, and fired once per slot.
     wait_until("the leader fires the job twice", || {
         lines(&fired).len() >= 2
     });
@@ -180,6 +258,64 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
     for daemon in [&again, &standby] {
         assert!(!daemon.log().contains(PASSWORD), "{}", daemon.log());
     }
+}
+
+#[test]
+fn a_change_is_refused_naming_the_leader_when_it_serves_no_api() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-noapi-a");
+    let elsewhere = Place::new("pg-noapi-elsewhere");
+    let add = ["job", "add", "x", "--every", "1m", "--", "true"];
+
+    // Nobody leads yet: refused (never written to the store directly), and status says so.
+    pg_keel(&elsewhere, &url, &add)
+        .expect_code(2)
+        .expect_stderr("no daemon leads the postgres store");
+    let nobody: Value = serde_json::from_str(
+        &pg_keel(&elsewhere, &url, &["--json", "status"])
+            .expect_code(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(nobody["daemon"], "not_running", "{nobody}");
+    assert_eq!(nobody["leader"], Value::Null, "{nobody}");
+
+    // A leader without --http: the refusal names it and says it serves no API.
+    let leader = start(&a, &a.config(DAEMON_TOML), &url, "host-a", false);
+    leader.wait_for(&["ready: postgres store"]);
+    let status: Value = serde_json::from_str(
+        &pg_keel(&elsewhere, &url, &["--json", "status"])
+            .expect_code(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(
+        (status["daemon"].as_str(), status["via"].as_str()),
+        (Some("not_running"), Some("database")),
+        "no daemon on this host: {status}"
+    );
+    assert_eq!(status["leader"]["host"], "host-a", "{status}");
+    assert_eq!(status["leader"]["api"], Value::Null, "{status}");
+    let holder = status["leader"]["holder"].as_str().unwrap().to_string();
+    let refused = pg_keel(&elsewhere, &url, &add);
+    refused
+        .expect_code(2)
+        .expect_stderr(&format!("{holder} leads the postgres store"))
+        .expect_stderr("serves no HTTP API");
+    assert!(
+        !refused.stderr().contains("sending the command"),
+        "{}",
+        refused.stderr()
+    );
+    let jobs: Value = serde_json::from_str(
+        &pg_keel(&elsewhere, &url, &["--json", "job", "ls"])
+            .expect_code(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(jobs, Value::Array(vec![]), "nothing was added");
+    assert_eq!(leader.count(&["lost the lead"]), 0, "{}", leader.log());
 }
 
 /// A password the test cluster does not ask for (it trusts local connections), in the URL
@@ -760,6 +896,21 @@ fn start(place: &Place, config: &Path, url: &str, host: &str, http: bool) -> Dae
         args.extend(["--http", "127.0.0.1:0"]);
     }
     place.spawn_daemon(&args, &[("KEEL_HOSTNAME", host)])
+}
+
+/// Host a's operator token.
+const SECRET: &str = "e2e-postgres-operator-0123456789";
+
+/// [`pg_keel`] with `KEEL_TOKEN` set to [`SECRET`].
+fn with_token(place: &Place, url: &str, args: &[&str]) -> common::Done {
+    let mut all = vec!["--store", "postgres", "--database-url", url];
+    all.extend_from_slice(args);
+    let output = place
+        .command(&all)
+        .env("KEEL_TOKEN", SECRET)
+        .output()
+        .expect("keel runs");
+    common::Done(output)
 }
 
 /// A keel command on `place` with `--store postgres`.

@@ -43,6 +43,10 @@ pub struct Lease {
     /// How long it had left when it was read, by the database's clock (zero once expired): a
     /// standby sleeps that long, rather than a whole poll, before it tries to take over.
     pub remaining: Duration,
+    /// Where the holder serves its HTTP API (`http://host:port`), if it advertises one: a
+    /// process that does not lead sends a change there. Set by the acquisition or by
+    /// [`Leadership::advertise`], cleared at every takeover.
+    pub api: Option<String>,
 }
 
 /// One process's handle on the leadership lease: its own connection, apart from the store's,
@@ -82,10 +86,29 @@ impl Leadership {
     /// Takes the lease if nobody holds a live one (a new term), and returns it; `None` if
     /// someone else (or an earlier term of this handle) holds it.
     pub fn try_acquire(&self) -> Result<Option<Lease>, StoreError> {
+        self.try_acquire_advertising(None)
+    }
+
+    /// [`Leadership::try_acquire`], advertising `api` (where this process serves its HTTP API)
+    /// in the lease from the start. A previous holder's API is never kept.
+    pub fn try_acquire_advertising(&self, api: Option<&str>) -> Result<Option<Lease>, StoreError> {
         let ttl = self.ttl_ms();
         self.with_client(|client| {
             let rows = client
-                .query(sql::LEADER_ACQUIRE, &[&self.holder, &ttl])
+                .query(sql::LEADER_ACQUIRE, &[&self.holder, &ttl, &api])
+                .map_err(pg_error)?;
+            rows.first().map(lease).transpose()
+        })
+    }
+
+    /// Advertises `api` (or none) in the lease of `term`, if this holder still holds it:
+    /// `Ok(None)` if another process took over meanwhile. For a holder that learns its API's
+    /// address only after it took the lease (a listener on port 0).
+    pub fn advertise(&self, term: u64, api: Option<&str>) -> Result<Option<Lease>, StoreError> {
+        let term = term_int(term)?;
+        self.with_client(|client| {
+            let rows = client
+                .query(sql::LEADER_ADVERTISE, &[&self.holder, &term, &api])
                 .map_err(pg_error)?;
             rows.first().map(lease).transpose()
         })
@@ -186,6 +209,7 @@ fn lease(row: &Row) -> Result<Lease, StoreError> {
         expires_at: ms(3)?,
         live: column(row, 4, at)?,
         remaining: Duration::from_millis(u64::try_from(column::<i64>(row, 5, at)?).unwrap_or(0)),
+        api: column(row, 6, at)?,
     })
 }
 

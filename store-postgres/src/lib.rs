@@ -37,13 +37,13 @@
 //!
 //! | table | key | holds |
 //! |---|---|---|
-//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 3`), the writer epoch, the scheduler's counters ([`Meta`]), the database the store was last written on (`SYSTEM/TIMELINE`) |
+//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 4`), the writer epoch, the scheduler's counters ([`Meta`]), the database the store was last written on (`SYSTEM/TIMELINE`) |
 //! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
 //! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
 //! | `keel_slots` | job, slot | the run that claimed the slot; never pruned (SPEC S6) |
 //! | `keel_audit` | seq | the audit record, with its job, run and time |
 //! | `keel_incidents`, `keel_deliveries` | id | the incident (and whether it is open), the outbox delivery |
-//! | `keel_leader` | the single row `id = 1` | the leadership lease of daemons sharing the store ([`Leadership`]): holder, term, since when, until when by the database's clock |
+//! | `keel_leader` | the single row `id = 1` | the leadership lease of daemons sharing the store ([`Leadership`]): holder, term, since when, until when by the database's clock, where the holder serves its HTTP API |
 //!
 //! Bodies are `json` (the record's serde form, exactly as written), **not `jsonb`**: `jsonb`
 //! refuses the escape `\u0000`, and one NUL in an error message would make a batch fail on
@@ -865,8 +865,9 @@ mod tests {
     #[test]
     fn a_newer_or_foreign_format_is_refused_by_name() {
         assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
+        assert_eq!(FORMAT, "keel-store-postgres 4");
         for found in [
-            "keel-store-postgres 4",
+            "keel-store-postgres 5",
             "keel-store-postgres 0",
             "keel-store-postgres x",
             "keel-store-sled 1",

@@ -4,7 +4,7 @@
 //! database can hold several keel stores (one per schema).
 
 /// The format marker this build writes and reads, in `keel_meta.format`.
-pub(crate) const FORMAT: &str = "keel-store-postgres 3";
+pub(crate) const FORMAT: &str = "keel-store-postgres 4";
 
 /// The prefix of every format marker of this store; what follows it is the format number.
 pub(crate) const FORMAT_PREFIX: &str = "keel-store-postgres ";
@@ -15,7 +15,11 @@ pub(crate) const SCHEMA_LOCK: i64 = 0x6b65_656c;
 
 /// Migrations, in order: `MIGRATIONS[n]` takes a schema from format `n` to format `n + 1`
 /// (format 0 is an empty schema). The last one's number is [`FORMAT`]'s.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+
+/// Format 4: where the leader serves its HTTP API (`http://host:port`), so that a command run
+/// on any host can send it a change; NULL while it serves none, and cleared at every takeover.
+const V4: &str = "ALTER TABLE keel_leader ADD COLUMN api text;";
 
 /// Format 3: which database the store was last written on (`identity` module), as
 /// `SYSTEM_IDENTIFIER/TIMELINE`; NULL until a handle records it.
@@ -197,24 +201,25 @@ pub(crate) fn audit_page(by_run: bool, by_job: bool) -> String {
 // ----- leadership (`leader` module) ----------------------------------------------------------
 
 /// The columns every leadership statement returns: holder, term, acquired_at and expires_at as
-/// milliseconds since the epoch, whether the lease is live by the database's clock, and how
-/// many milliseconds it has left by that clock (0 once expired).
+/// milliseconds since the epoch, whether the lease is live by the database's clock, how many
+/// milliseconds it has left by that clock (0 once expired), and the API the holder advertises.
 macro_rules! leader_columns {
     () => {
         "holder, term, (extract(epoch FROM acquired_at) * 1000)::bigint, \
          (extract(epoch FROM expires_at) * 1000)::bigint, expires_at > now(), \
-         greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint"
+         greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint, api"
     };
 }
 
 /// Takes the lease if nobody holds a live one: a new term, expiring `$2` ms from the
-/// database's `now()`. One statement, so two processes racing for it cannot both win: the
-/// loser's `ON CONFLICT` re-checks the `WHERE` against the winner's row and updates nothing.
+/// database's `now()`, advertising the API `$3` (or none: the previous holder's is never kept).
+/// One statement, so two processes racing for it cannot both win: the loser's `ON CONFLICT`
+/// re-checks the `WHERE` against the winner's row and updates nothing.
 pub(crate) const LEADER_ACQUIRE: &str = concat!(
-    "INSERT INTO keel_leader AS l (id, holder, term, acquired_at, expires_at) \
-     VALUES (1, $1, 1, now(), now() + $2::bigint * interval '1 millisecond') \
+    "INSERT INTO keel_leader AS l (id, holder, term, acquired_at, expires_at, api) \
+     VALUES (1, $1, 1, now(), now() + $2::bigint * interval '1 millisecond', $3) \
      ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, term = l.term + 1, \
-     acquired_at = now(), expires_at = EXCLUDED.expires_at \
+     acquired_at = now(), expires_at = EXCLUDED.expires_at, api = EXCLUDED.api \
      WHERE l.expires_at <= now() \
      RETURNING ",
     leader_columns!()
@@ -225,6 +230,12 @@ pub(crate) const LEADER_ACQUIRE: &str = concat!(
 pub(crate) const LEADER_RENEW: &str = concat!(
     "UPDATE keel_leader SET expires_at = now() + $3::bigint * interval '1 millisecond' \
      WHERE id = 1 AND holder = $1 AND term = $2 RETURNING ",
+    leader_columns!()
+);
+
+/// Sets the API the holder of term `$2` advertises (`$3`, or none), if it still holds it.
+pub(crate) const LEADER_ADVERTISE: &str = concat!(
+    "UPDATE keel_leader SET api = $3 WHERE id = 1 AND holder = $1 AND term = $2 RETURNING ",
     leader_columns!()
 );
 

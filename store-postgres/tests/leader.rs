@@ -147,3 +147,75 @@ fn a_holder_whose_connection_the_server_ended_renews_on_a_new_one() {
     };
     assert_eq!(renewed.map(|l| l.term), Some(lease.term));
 }
+
+#[test]
+fn the_holder_advertises_its_api_and_a_takeover_never_keeps_the_previous_ones() {
+    let Some(db) = TestDb::new() else { return };
+    let ttl = Duration::from_secs(60);
+    let a = handle(&db, "host-a:1:x", ttl);
+    let b = handle(&db, "host-b:2:y", ttl);
+    let first = a
+        .try_acquire_advertising(Some("http://host-a:8080"))
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.api.as_deref(), Some("http://host-a:8080"));
+    assert_eq!(
+        b.current().unwrap().unwrap().api.as_deref(),
+        Some("http://host-a:8080"),
+        "another process reads where the holder serves"
+    );
+    let moved = a
+        .advertise(first.term, Some("http://10.0.0.1:4711"))
+        .unwrap()
+        .expect("the holder changes its own lease");
+    assert_eq!(moved.api.as_deref(), Some("http://10.0.0.1:4711"));
+    assert_eq!(
+        b.advertise(first.term, Some("http://host-b:1")).unwrap(),
+        None,
+        "only the holder advertises"
+    );
+    assert_eq!(
+        a.renew(first.term).unwrap().unwrap().api.as_deref(),
+        Some("http://10.0.0.1:4711"),
+        "a renewal keeps it"
+    );
+    a.resign(first.term).unwrap();
+    let second = b.try_acquire().unwrap().unwrap();
+    assert_eq!(second.term, first.term + 1);
+    assert_eq!(second.api, None, "the new holder serves no API yet");
+    assert_eq!(
+        a.advertise(first.term, Some("http://host-a:8080")).unwrap(),
+        None,
+        "a deposed holder cannot advertise over its successor"
+    );
+    assert_eq!(b.current().unwrap().unwrap().api, None);
+}
+
+#[test]
+fn a_format_3_schema_migrates_to_4_and_its_lease_keeps_its_holder() {
+    let Some(db) = TestDb::new() else { return };
+    let a = handle(&db, "host-a:1:x", Duration::from_secs(60));
+    let lease = a.try_acquire().unwrap().unwrap();
+    drop(a);
+    // Back to format 3 as an older build left it: no `api` column.
+    let mut client = db.client();
+    client
+        .batch_execute(
+            "ALTER TABLE keel_leader DROP COLUMN api; \
+             UPDATE keel_meta SET format = 'keel-store-postgres 3'",
+        )
+        .unwrap();
+    let b = handle(&db, "host-b:2:y", Duration::from_secs(60));
+    let seen = b.current().unwrap().expect("the lease survived");
+    assert_eq!(
+        (seen.holder.as_str(), seen.term),
+        ("host-a:1:x", lease.term)
+    );
+    assert_eq!(seen.api, None);
+    let format: String = client
+        .query_one("SELECT format FROM keel_meta WHERE id = 1", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(format, keel_store_postgres::FORMAT);
+    assert_eq!(format, "keel-store-postgres 4");
+}

@@ -265,9 +265,29 @@ impl Tokens {
 pub(crate) struct HttpSettings {
     pub(crate) listen: std::net::SocketAddr,
     pub(crate) tokens: Option<PathBuf>,
+    /// `[http] advertise`: where other hosts reach this API (checked by
+    /// `anyhost::advertise_url`); derived from the bound address if unset.
+    pub(crate) advertise: Option<String>,
 }
 
 impl HttpSettings {
+    /// The settings a daemon serves with: `--http ADDR` (`flag`) overrides keel.toml's
+    /// `[http] listen` and keeps the rest of its `[http]` section.
+    pub(crate) fn merged(
+        flag: Option<std::net::SocketAddr>,
+        file: Option<HttpSettings>,
+    ) -> Option<HttpSettings> {
+        match (flag, file) {
+            (Some(listen), Some(file)) => Some(HttpSettings { listen, ..file }),
+            (Some(listen), None) => Some(HttpSettings {
+                listen,
+                tokens: None,
+                advertise: None,
+            }),
+            (None, file) => file,
+        }
+    }
+
     /// The tokens a listener with these settings accepts. A non-loopback listener without a
     /// tokens file is refused.
     pub(crate) fn tokens(&self) -> Result<Tokens, String> {
@@ -365,11 +385,13 @@ mod tests {
         let public = HttpSettings {
             listen: "0.0.0.0:8080".parse().unwrap(),
             tokens: None,
+            advertise: None,
         };
         assert!(public.tokens().unwrap_err().contains("not a loopback"));
         let local = HttpSettings {
             listen: "127.0.0.1:8080".parse().unwrap(),
             tokens: None,
+            advertise: None,
         };
         assert!(local.tokens().unwrap().open);
         let dir = tempfile::tempdir().unwrap();

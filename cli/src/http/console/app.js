@@ -34,6 +34,7 @@ const READS = {
   incidents: "/incidents",
   rules: "/rules",
   workers: "/workers",
+  status: "/status",
 };
 
 // ----- the API --------------------------------------------------------------------------------
@@ -438,7 +439,38 @@ function renderAll() {
   renderRuns();
   renderRunDetail();
   renderWorkers();
+  renderLeader();
   showStatus();
+}
+
+/**
+ * Who leads a store that daemons on several hosts share (Postgres): the holder, its term and
+ * since when, relative and absolute. Hidden on a store with one daemon (fs, sled), whose status
+ * has no leader.
+ */
+function renderLeader() {
+  const node = document.getElementById("leader");
+  const leader = state.data.status && state.data.status.leader;
+  if (!leader) {
+    node.hidden = true;
+    node.replaceChildren();
+    return;
+  }
+  node.hidden = false;
+  if (!leader.holder) {
+    node.replaceChildren("Leader: none (no daemon holds the lease)");
+    return;
+  }
+  const since = typeof leader.since_ms === "number" ? leader.since_ms : Date.parse(leader.since);
+  node.replaceChildren(
+    "Leader: ",
+    el("strong", { "data-holder": leader.holder }, leader.holder),
+    " (term " + show(leader.term) + ")",
+    leader.leading ? ", this daemon" : "",
+    ", since ",
+    when(since, leader.since),
+    " (" + show(leader.since) + ")",
+  );
 }
 
 function openIncidents() {
