@@ -4,7 +4,7 @@
 //! database can hold several keel stores (one per schema).
 
 /// The format marker this build writes and reads, in `keel_meta.format`.
-pub(crate) const FORMAT: &str = "keel-store-postgres 4";
+pub(crate) const FORMAT: &str = "keel-store-postgres 5";
 
 /// The prefix of every format marker of this store; what follows it is the format number.
 pub(crate) const FORMAT_PREFIX: &str = "keel-store-postgres ";
@@ -15,7 +15,13 @@ pub(crate) const SCHEMA_LOCK: i64 = 0x6b65_656c;
 
 /// Migrations, in order: `MIGRATIONS[n]` takes a schema from format `n` to format `n + 1`
 /// (format 0 is an empty schema). The last one's number is [`FORMAT`]'s.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+
+/// Format 5: the holder's lease session (`backend_pid`) and when it last acquired or renewed
+/// (`renewed_at`), so that a standby takes over at once when that session is gone (the holder
+/// died) rather than after the TTL; see `takeable!`.
+const V5: &str = "ALTER TABLE keel_leader ADD COLUMN backend_pid integer, \
+                  ADD COLUMN renewed_at timestamptz;";
 
 /// Format 4: where the leader serves its HTTP API (`http://host:port`), so that a command run
 /// on any host can send it a change; NULL while it serves none, and cleared at every takeover.
@@ -205,9 +211,25 @@ pub(crate) fn audit_page(by_run: bool, by_job: bool) -> String {
 /// milliseconds it has left by that clock (0 once expired), and the API the holder advertises.
 macro_rules! leader_columns {
     () => {
-        "holder, term, (extract(epoch FROM acquired_at) * 1000)::bigint, \
-         (extract(epoch FROM expires_at) * 1000)::bigint, expires_at > now(), \
-         greatest(ceil(extract(epoch FROM expires_at - now()) * 1000), 0)::bigint, api"
+        concat!(
+            "l.holder, l.term, (extract(epoch FROM l.acquired_at) * 1000)::bigint, \
+             (extract(epoch FROM l.expires_at) * 1000)::bigint, NOT ",
+            takeable!(),
+            ", greatest(ceil(extract(epoch FROM l.expires_at - now()) * 1000), 0)::bigint, l.api"
+        )
+    };
+}
+
+/// Whether the lease row `l` may be taken: it expired by the database's clock, or its holder's
+/// lease session is gone (no backend has its pid: the holder was killed, crashed, or its host
+/// went down and the server noticed), unless the server itself restarted since the holder last
+/// renewed (then every session is gone, and a live holder reconnects: the lease runs its TTL).
+/// A pid reused by another session since reads as alive: the lease then runs its TTL too.
+macro_rules! takeable {
+    () => {
+        "(l.expires_at <= now() OR (l.backend_pid IS NOT NULL \
+         AND l.renewed_at > pg_postmaster_start_time() \
+         AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = l.backend_pid)))"
     };
 }
 
@@ -216,26 +238,33 @@ macro_rules! leader_columns {
 /// One statement, so two processes racing for it cannot both win: the loser's `ON CONFLICT`
 /// re-checks the `WHERE` against the winner's row and updates nothing.
 pub(crate) const LEADER_ACQUIRE: &str = concat!(
-    "INSERT INTO keel_leader AS l (id, holder, term, acquired_at, expires_at, api) \
-     VALUES (1, $1, 1, now(), now() + $2::bigint * interval '1 millisecond', $3) \
+    "INSERT INTO keel_leader AS l \
+     (id, holder, term, acquired_at, expires_at, api, backend_pid, renewed_at) \
+     VALUES (1, $1, 1, now(), now() + $2::bigint * interval '1 millisecond', $3, \
+     pg_backend_pid(), now()) \
      ON CONFLICT (id) DO UPDATE SET holder = EXCLUDED.holder, term = l.term + 1, \
-     acquired_at = now(), expires_at = EXCLUDED.expires_at, api = EXCLUDED.api \
-     WHERE l.expires_at <= now() \
-     RETURNING ",
+     acquired_at = now(), expires_at = EXCLUDED.expires_at, api = EXCLUDED.api, \
+     backend_pid = EXCLUDED.backend_pid, renewed_at = now() \
+     WHERE ",
+    takeable!(),
+    " RETURNING ",
     leader_columns!()
 );
 
 /// Extends the holder's term by `$3` ms from `now()`. Also after the lease expired, if nobody
 /// took it meanwhile: holder and term unchanged mean nobody else led in between.
+/// The renewal records the holder's lease session as it is now (a reconnect changes it).
 pub(crate) const LEADER_RENEW: &str = concat!(
-    "UPDATE keel_leader SET expires_at = now() + $3::bigint * interval '1 millisecond' \
+    "UPDATE keel_leader AS l SET expires_at = now() + $3::bigint * interval '1 millisecond', \
+     backend_pid = pg_backend_pid(), renewed_at = now() \
      WHERE id = 1 AND holder = $1 AND term = $2 RETURNING ",
     leader_columns!()
 );
 
 /// Sets the API the holder of term `$2` advertises (`$3`, or none), if it still holds it.
 pub(crate) const LEADER_ADVERTISE: &str = concat!(
-    "UPDATE keel_leader SET api = $3 WHERE id = 1 AND holder = $1 AND term = $2 RETURNING ",
+    "UPDATE keel_leader AS l SET api = $3 WHERE id = 1 AND holder = $1 AND term = $2 \
+     RETURNING ",
     leader_columns!()
 );
 
@@ -247,7 +276,7 @@ pub(crate) const LEADER_RESIGN: &str =
 pub(crate) const LEADER_CURRENT: &str = concat!(
     "SELECT ",
     leader_columns!(),
-    " FROM keel_leader WHERE id = 1"
+    " FROM keel_leader AS l WHERE id = 1"
 );
 
 /// This database's identity: whether it is a replica in recovery, its system identifier, and

@@ -197,11 +197,12 @@ fn a_format_3_schema_migrates_to_4_and_its_lease_keeps_its_holder() {
     let a = handle(&db, "host-a:1:x", Duration::from_secs(60));
     let lease = a.try_acquire().unwrap().unwrap();
     drop(a);
-    // Back to format 3 as an older build left it: no `api` column.
+    // Back to format 3 as an older build left it: no `api` column (nor format 5's).
     let mut client = db.client();
     client
         .batch_execute(
-            "ALTER TABLE keel_leader DROP COLUMN api; \
+            "ALTER TABLE keel_leader DROP COLUMN api, DROP COLUMN backend_pid, \
+             DROP COLUMN renewed_at; \
              UPDATE keel_meta SET format = 'keel-store-postgres 3'",
         )
         .unwrap();
@@ -217,5 +218,40 @@ fn a_format_3_schema_migrates_to_4_and_its_lease_keeps_its_holder() {
         .unwrap()
         .get(0);
     assert_eq!(format, keel_store_postgres::FORMAT);
-    assert_eq!(format, "keel-store-postgres 4");
+    assert_eq!(format, "keel-store-postgres 5");
+}
+
+#[test]
+fn a_holder_whose_session_is_gone_is_replaced_at_once_not_after_its_ttl() {
+    let Some(db) = TestDb::new() else { return };
+    let ttl = Duration::from_secs(600);
+    let a = handle(&db, "host-a:1:x", ttl);
+    let b = handle(&db, "host-b:2:y", ttl);
+    let first = a.try_acquire().unwrap().unwrap();
+    assert_eq!(b.try_acquire().unwrap(), None, "a live holder keeps it");
+    assert!(b.current().unwrap().unwrap().live);
+
+    // The holder dies (its connection closes, as the kernel closes a killed process's): its
+    // session ends, and the lease, ten minutes from expiry, is taken at once.
+    drop(a);
+    let started = Instant::now();
+    let second = loop {
+        if let Some(lease) = b.try_acquire().unwrap() {
+            break lease;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not taken over though its holder's session is gone"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((second.holder.as_str(), second.term), ("host-b:2:y", 2));
+    assert!(
+        second.acquired_at < first.expires_at,
+        "taken before the old term's expiry"
+    );
+    assert!(
+        b.current().unwrap().unwrap().live,
+        "the new holder's session is alive"
+    );
 }

@@ -259,12 +259,12 @@ fn a_newer_format_is_refused_by_name_and_foreign_tables_are_not_adopted() {
     drop(db.open());
     let mut client = db.client();
     client
-        .execute("UPDATE keel_meta SET format = 'keel-store-postgres 5'", &[])
+        .execute("UPDATE keel_meta SET format = 'keel-store-postgres 6'", &[])
         .unwrap();
     assert_eq!(
         PgStore::with_config(db.config()).unwrap_err(),
         StoreError::Version {
-            found: "keel-store-postgres 5".into(),
+            found: "keel-store-postgres 6".into(),
             supported: FORMAT.into()
         }
     );
