@@ -4,9 +4,11 @@
 //! `KEY RUN ATTEMPT HOST` to a shared log. The test `kill -9`s the current leader again and
 //! again (the killed host comes back as a standby), stops one leader with SIGSTOP for twice the
 //! TTL (woken, it must exit non-zero without firing again), and restarts Postgres under load.
-//! Then, from the store (runs, audit) and the shared log: no slot ran as two runs, no attempt
-//! ran twice, no fencing token went to two attempts, every run the store calls succeeded has
-//! its line, and every takeover came within TTL + 2 s of the kill or stall (printed).
+//! Then, from the store (runs, audit) and the shared log, with the checks that
+//! `chaos_postgres_faults.rs` ends with too (`chaos::verify`): no slot ran as two runs, no
+//! attempt ran twice, no fencing token went to two attempts, every run the store calls
+//! succeeded has its line; and every takeover came within TTL + 2 s of the kill or stall
+//! (printed).
 //!
 //! Postgres comes from store-postgres's test support (a throwaway cluster, which the test
 //! restarts, or `KEEL_TEST_DATABASE_URL`, which it does not); with none, the test fails unless
@@ -14,56 +16,30 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod chaos;
 mod common;
 #[path = "../../store-postgres/tests/common/mod.rs"]
 mod pg;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Place, WAIT};
-use keel_core::{AuditQuery, RunQuery, StateName, Store, Trigger};
+use chaos::{
+    all_logs, leader, lines, next_leader, pg_keel, stop_all, wait_lines, Host, FIRED, LEADING,
+    READY, TAKEOVER_BOUND, TTL,
+};
+use common::{Place, WAIT};
 
-/// The leadership lease's TTL in this test.
-const TTL: Duration = Duration::from_secs(2);
-/// How much later than the TTL a dead or stalled leader may be replaced (issue 15's target
-/// for a stall; a `kill -9` is within the same bound here).
-const TAKEOVER_BOUND: Duration = Duration::from_secs(2);
 /// How many times the leader is killed.
 const KILLS: usize = 5;
 /// The cron jobs, each firing every second.
 const JOBS: [&str; 3] = ["tick-a", "tick-b", "tick-c"];
 const HOSTS: [&str; 3] = ["host-a", "host-b", "host-c"];
-/// The shared log every attempt appends to.
-const FIRED: &str = "fired.log";
 /// The external workers' kind, and the name the worker appends to the log instead of a host.
 const EXTERNAL: &str = "ext";
 const WORKER: &str = "worker";
-/// What a leader logs when it takes the lead.
-const LEADING: &str = "leading the postgres store as";
-
-/// One host: its place (data directory, config) and its daemon, if one runs.
-struct Host {
-    name: &'static str,
-    place: Place,
-    config: PathBuf,
-    daemon: Option<Daemon>,
-}
-
-impl Host {
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("a daemon on this host")
-    }
-
-    fn leads(&self) -> bool {
-        self.daemon
-            .as_ref()
-            .is_some_and(|d| d.running() && d.count(&[LEADING]) > 0)
-    }
-}
 
 #[test]
 fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate() {
@@ -74,30 +50,19 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     let began = Instant::now();
     let shared = Place::new("chaos-shared");
     let fired = shared.path(FIRED);
+    // Short attempt leases (`chaos::DAEMON_TOML`): a run whose attempt the killed leader held
+    // runs again (as its next attempt) within lease TTL + grace, not 40 s later.
     let mut hosts: Vec<Host> = HOSTS
         .iter()
-        .map(|&name| {
-            let place = Place::new(&format!("chaos-{name}"));
-            // Short attempt leases: a run whose attempt the killed leader held runs again
-            // (as its next attempt) within lease TTL + grace, not 40 s later.
-            let config = place.config(
-                "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"3s\"\nlease_grace = \"1s\"\n",
-            );
-            Host {
-                name,
-                place,
-                config,
-                daemon: None,
-            }
-        })
+        .map(|&name| Host::new("chaos", name, url.clone()))
         .collect();
 
     // host-a starts alone and leads; the others stand by.
-    start(&mut hosts[0], &url);
+    hosts[0].start();
     hosts[0].daemon().wait_for(&[LEADING, "host-a:"]);
-    hosts[0].daemon().wait_for(&["ready: postgres store"]);
+    hosts[0].daemon().wait_for(&[READY]);
     for host in &mut hosts[1..] {
-        start(host, &url);
+        host.start();
     }
     for host in &hosts[1..] {
         host.daemon().wait_for(&["standby: host-a:"]);
@@ -155,7 +120,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         hosts[old].daemon.as_mut().unwrap().wait_exit();
         kills += 1;
         let (new, took) = next_leader(&hosts, old, killed_at);
-        hosts[new].daemon().wait_for(&["ready: postgres store"]);
+        hosts[new].daemon().wait_for(&[READY]);
         publish(&api, &hosts[new]);
         takeovers.push((
             format!("kill -9 of {} -> {}", hosts[old].name, hosts[new].name),
@@ -163,7 +128,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
             killed_at.elapsed(),
         ));
         let before = lines(&fired).len();
-        start(&mut hosts[old], &url);
+        hosts[old].start();
         hosts[old].daemon().wait_for(&["standby:", hosts[new].name]);
         wait_lines(&fired, before + JOBS.len(), "the new leader fires", &hosts);
     }
@@ -174,7 +139,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     hosts[old].daemon().signal("STOP");
     stalls += 1;
     let (new, took) = next_leader(&hosts, old, stopped_at);
-    hosts[new].daemon().wait_for(&["ready: postgres store"]);
+    hosts[new].daemon().wait_for(&[READY]);
     publish(&api, &hosts[new]);
     takeovers.push((
         format!("SIGSTOP of {} -> {}", hosts[old].name, hosts[new].name),
@@ -202,7 +167,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         "{} fired after it was woken:\n{log}",
         hosts[old].name
     );
-    start(&mut hosts[old], &url);
+    hosts[old].start();
     hosts[old].daemon().wait_for(&["standby:", hosts[new].name]);
 
     // Postgres restarts under load (every session ends); the daemons recover: a leader that
@@ -220,7 +185,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
                         host.name
                     );
                     assert!(!status.success(), "{}", host.daemon().log());
-                    start(host, &url);
+                    host.start();
                 }
             }
             assert!(
@@ -252,112 +217,23 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     let (claimed, completed, refused) = worker.stop();
 
     // Stop everything (the leader resigns) so that the store is final.
-    let order: Vec<usize> = (0..hosts.len()).collect();
-    for i in order {
-        let daemon = hosts[i].daemon.as_mut().unwrap();
-        if daemon.running() {
-            daemon.signal("TERM");
-            daemon.wait_exit();
-        }
-    }
+    stop_all(&mut hosts);
 
-    // The shared log: each line `KEY RUN ATTEMPT HOST`.
-    let fired = lines(&fired);
-    let mut runs_of_slot: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    let mut attempts: BTreeSet<(&str, &str)> = BTreeSet::new();
-    let mut duplicates = 0;
-    for line in &fired {
-        let [key, run, attempt, host] = line.split(' ').collect::<Vec<_>>()[..] else {
-            panic!("malformed line {line:?}");
-        };
-        assert!(HOSTS.contains(&host) || host == WORKER, "{line:?}");
-        runs_of_slot.entry(key).or_default().insert(run);
-        if !attempts.insert((run, attempt)) {
-            eprintln!("DUPLICATE: {run} attempt {attempt} ran twice");
-            duplicates += 1;
-        }
-    }
-    for (key, runs) in &runs_of_slot {
-        if runs.len() > 1 {
-            eprintln!("DUPLICATE: slot {key} ran as {runs:?}");
-            duplicates += 1;
-        }
-    }
-
-    // The store: every run, every audit record.
-    let store = db.open();
-    let mut runs = Vec::new();
-    let mut query = RunQuery {
-        limit: 1000,
-        ..RunQuery::default()
-    };
-    loop {
-        let page = store.runs(&query).unwrap();
-        runs.extend(page.runs);
-        match page.next {
-            Some(next) => query.before = Some(next),
-            None => break,
-        }
-    }
-    let mut audit = Vec::new();
-    let mut query = AuditQuery {
-        limit: 1000,
-        ..AuditQuery::default()
-    };
-    loop {
-        let page = store.audit(&query).unwrap();
-        let Some(last) = page.last() else { break };
-        query.after = Some(last.seq);
-        audit.extend(page);
-    }
-    let mut store_slots: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
-    let mut succeeded = 0;
-    for run in &runs {
-        if let Trigger::Scheduled { slot } = run.trigger() {
-            let owners = store_slots
-                .entry((run.job().to_string(), slot.0))
-                .or_default();
-            owners.insert(run.id().to_string());
-            if owners.len() > 1 {
-                eprintln!(
-                    "DUPLICATE: the store has slot {slot:?} of {} as {owners:?}",
-                    run.job()
-                );
-                duplicates += 1;
-            }
-        }
-        if run.state().name() == StateName::Succeeded {
-            succeeded += 1;
-            let (id, attempt) = (run.id().to_string(), run.attempt().to_string());
-            assert!(
-                attempts.contains(&(id.as_str(), attempt.as_str())),
-                "{id} attempt {attempt} succeeded in the store but never wrote its line"
-            );
-        }
-    }
-    let mut token_owner: BTreeMap<u64, (String, String)> = BTreeMap::new();
-    for record in &audit {
-        let (Some(token), Some(run), Some(attempt)) =
-            (record.fencing_token, record.run, record.attempt)
-        else {
-            continue;
-        };
-        let owner = (run.to_string(), attempt.to_string());
-        let first = token_owner.entry(token.0).or_insert_with(|| owner.clone());
-        if *first != owner {
-            eprintln!("DUPLICATE: {token} went to {first:?} and to {owner:?}");
-            duplicates += 1;
-        }
-    }
+    // The shared log (each line `KEY RUN ATTEMPT HOST`, or `worker` for the external worker)
+    // and the store.
+    let writers: Vec<&str> = HOSTS.iter().copied().chain([WORKER]).collect();
+    let found = chaos::verify(&db, &lines(&fired), &writers);
 
     eprintln!(
-        "chaos on Postgres: {} runs in the store ({succeeded} succeeded), {} lines in the \
+        "chaos on Postgres: {} runs in the store ({} succeeded), {} lines in the \
          shared log, {} fencing tokens, {kills} kills, {stalls} stalls, \
          {restarts_of_postgres} Postgres restarts; the external worker claimed {claimed}, \
-         completed {completed}, was refused {refused}; {duplicates} duplicates, in {:?}",
-        runs.len(),
-        fired.len(),
-        token_owner.len(),
+         completed {completed}, was refused {refused}; {} duplicates, in {:?}",
+        found.runs,
+        found.succeeded,
+        found.lines,
+        found.tokens,
+        found.duplicates,
         began.elapsed()
     );
     for (what, leading, ready) in &takeovers {
@@ -366,13 +242,14 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
              (leader TTL {TTL:?})"
         );
     }
-    assert_eq!(duplicates, 0, "duplicates found (above)");
+    assert_eq!(found.duplicates, 0, "duplicates found (above)");
     assert!(
-        succeeded >= fired.len() / 2,
-        "{succeeded} of {}",
-        fired.len()
+        found.succeeded >= found.lines / 2,
+        "{} of {}",
+        found.succeeded,
+        found.lines
     );
-    assert!(!token_owner.is_empty());
+    assert!(found.tokens > 0);
     assert!(completed >= 2, "the worker completed {completed}");
     for (what, leading, ready) in &takeovers {
         assert!(
@@ -498,102 +375,5 @@ impl Worker {
             self.completed.load(Ordering::SeqCst),
             self.refused.load(Ordering::SeqCst),
         )
-    }
-}
-
-/// Starts a daemon on `host` with `--store postgres` and the test's leader TTL.
-fn start(host: &mut Host, url: &str) {
-    let ttl = format!("{}s", TTL.as_secs());
-    let args = [
-        "--store",
-        "postgres",
-        "--database-url",
-        url,
-        "run",
-        "--config",
-        host.config.to_str().unwrap(),
-        "--leader-ttl",
-        &ttl,
-        "--http",
-        "127.0.0.1:0",
-    ];
-    host.daemon = Some(
-        host.place
-            .spawn_daemon(&args, &[("KEEL_HOSTNAME", host.name)]),
-    );
-}
-
-/// The one host whose running daemon leads (its log says so), waiting for one.
-#[track_caller]
-fn leader(hosts: &[Host]) -> usize {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let leading: Vec<usize> = (0..hosts.len()).filter(|&i| hosts[i].leads()).collect();
-        match leading[..] {
-            [one] => return one,
-            [] => {}
-            _ => panic!("{} leaders:\n{}", leading.len(), all_logs(hosts)),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no leader within {WAIT:?}:\n{}",
-            all_logs(hosts)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The host other than `old` that leads next, and how long after `since` it said so.
-#[track_caller]
-fn next_leader(hosts: &[Host], old: usize, since: Instant) -> (usize, Duration) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(new) = (0..hosts.len()).find(|&i| i != old && hosts[i].leads()) {
-            return (new, since.elapsed());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no new leader within {WAIT:?}:\n{}",
-            all_logs(hosts)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn all_logs(hosts: &[Host]) -> String {
-    hosts
-        .iter()
-        .filter_map(|h| Some(format!("--- {}:\n{}", h.name, h.daemon.as_ref()?.log())))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A keel command on `place` with `--store postgres`.
-fn pg_keel(place: &Place, url: &str, args: &[&str]) -> common::Done {
-    let mut all = vec!["--store", "postgres", "--database-url", url];
-    all.extend_from_slice(args);
-    place.keel(&all)
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// Polls the shared log until it has `count` lines, failing after [`WAIT`].
-#[track_caller]
-fn wait_lines(path: &Path, count: usize, what: &str, hosts: &[Host]) {
-    let deadline = Instant::now() + WAIT;
-    while lines(path).len() < count {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {WAIT:?}; the shared log:\n{}\nthe daemons:\n{}",
-            lines(path).join("\n"),
-            all_logs(hosts)
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -16,47 +16,40 @@
 //!    2, stale token) and does not count; every completion a worker was told succeeded is in
 //!    the store; no token went to two attempts.
 //!
-//! Both end with the same checks from the store and the shared log: no slot ran as two runs, no
-//! attempt ran twice, no fencing token went to two attempts, every run the store calls succeeded
-//! has its line. With no Postgres the tests fail unless `KEEL_SKIP_POSTGRES=1`.
+//! Both end with the checks `chaos_postgres.rs` ends with too (`chaos::verify`), from the store
+//! and the shared log: no slot ran as two runs, no attempt ran twice, no fencing token went to
+//! two attempts, every run the store calls succeeded has its line. With no Postgres the tests
+//! fail unless `KEEL_SKIP_POSTGRES=1`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod chaos;
 mod common;
 #[path = "../../store-postgres/tests/common/mod.rs"]
 mod pg;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Place, WAIT};
-use keel_core::{AuditQuery, AuditRecord, Run, RunQuery, StateName, Store, Trigger};
+use chaos::{
+    all_logs, leader, lines, next_leader, pg_keel, stop_all, verify, wait_lines, wait_until, Found,
+    Host, FIRED, LEADING, LEASE_GRACE, LEASE_TTL, READY, TAKEOVER_BOUND, TTL,
+};
+use common::{Place, WAIT};
+use keel_core::StateName;
 
-/// The leadership lease's TTL.
-const TTL: Duration = Duration::from_secs(2);
 /// A partition short enough that the leader must not lose the lead: its renewals go every
 /// TTL / 3 and it fences only when none sent in TTL − TTL / 5 was answered, so one held this
 /// long is answered in time.
 const BLIP: Duration = Duration::from_millis(300);
-/// How much later than the TTL a partitioned leader may be replaced.
-const TAKEOVER_BOUND: Duration = Duration::from_secs(2);
 /// How long a fenced leader may take to exit once it fenced (keel's `FENCED_EXIT_WAIT` is 5 s,
 /// for a runtime stuck on an unreachable store) plus start-up slack.
 const FENCED_EXIT_BOUND: Duration = Duration::from_secs(7);
-/// Attempts' leases: a run held by a dead or stalled holder is reclaimed after TTL + grace.
-const LEASE_TTL: Duration = Duration::from_secs(3);
-const LEASE_GRACE: Duration = Duration::from_secs(1);
 /// How much later than lease TTL + grace a silent worker's run may be reclaimed (the
 /// watchdog's tick and the worker's last heartbeat, up to a second before it went silent).
 const RECLAIM_BOUND: Duration = Duration::from_secs(2);
-const DAEMON_TOML: &str =
-    "[daemon]\nshutdown_budget = \"2s\"\nlease_ttl = \"3s\"\nlease_grace = \"1s\"\n";
-/// The shared log every attempt appends `KEY RUN ATTEMPT WHO` to.
-const FIRED: &str = "fired.log";
-const LEADING: &str = "leading the postgres store as";
-const READY: &str = "ready: postgres store";
 
 #[test]
 fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplicate() {
@@ -86,7 +79,7 @@ fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplica
         ("host-c", url.clone()),
     ]
     .into_iter()
-    .map(|(name, url)| Host::new(name, url))
+    .map(|(name, url)| Host::new("faults", name, url))
     .collect();
     hosts[0].start();
     hosts[0].daemon().wait_for(&[LEADING, "host-a:"]);
@@ -195,7 +188,8 @@ fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplica
     assert_eq!(leader(&hosts), new, "{}", all_logs(&hosts));
     stop_all(&mut hosts);
 
-    let found = verify(&db, &lines(&fired), &[]);
+    let writers: Vec<&str> = hosts.iter().map(|h| h.name).collect();
+    let found = verify(&db, &lines(&fired), &writers);
     eprintln!(
         "partition on Postgres: {} runs in the store ({} succeeded), {} lines in the shared \
          log ({} of a later attempt), {} fencing tokens; a {BLIP:?} blip kept the lead; \
@@ -223,7 +217,7 @@ fn external_workers_killed_and_stalled_lose_their_runs_and_nothing_counts_twice(
     let url = db.url();
     let shared = Place::new("workers-shared");
     let fired = shared.path(FIRED);
-    let mut hosts = vec![Host::new("host-w", url.clone())];
+    let mut hosts = vec![Host::new("faults", "host-w", url.clone())];
     hosts[0].start();
     hosts[0].daemon().wait_for(&[READY]);
     let server = hosts[0].daemon().http_url();
@@ -383,7 +377,9 @@ fn external_workers_killed_and_stalled_lose_their_runs_and_nothing_counts_twice(
             duplicates += 1;
         }
     }
-    let found = verify(&db, &lines(&fired), &completions);
+    let writers: Vec<&str> = workers.iter().map(|w| w.id.as_str()).collect();
+    let found = verify(&db, &lines(&fired), &writers);
+    acknowledged(&found, &completions);
     // The reclaimed runs ended as a later attempt, and the refused completion changed nothing.
     for (claim, redo) in [(&kill_claim, &kill_redone), (&stall_claim, &stall_redone)] {
         let run = &found.store_runs[&claim.run];
@@ -627,110 +623,6 @@ fn reclaimed_after(host: &Host, claim: &Claim, since: Instant) -> Duration {
     seen
 }
 
-/// One host: its place (data directory, config), how it reaches Postgres, and its daemon.
-struct Host {
-    name: &'static str,
-    url: String,
-    place: Place,
-    config: PathBuf,
-    daemon: Option<Daemon>,
-}
-
-impl Host {
-    fn new(name: &'static str, url: String) -> Host {
-        let place = Place::new(&format!("faults-{name}"));
-        let config = place.config(DAEMON_TOML);
-        Host {
-            name,
-            url,
-            place,
-            config,
-            daemon: None,
-        }
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().expect("a daemon on this host")
-    }
-
-    fn leads(&self) -> bool {
-        self.daemon
-            .as_ref()
-            .is_some_and(|d| d.running() && d.count(&[LEADING]) > 0)
-    }
-
-    /// Starts a daemon with `--store postgres`, the test's leader TTL and an HTTP API.
-    fn start(&mut self) {
-        let ttl = format!("{}s", TTL.as_secs());
-        let args = [
-            "--store",
-            "postgres",
-            "--database-url",
-            &self.url,
-            "run",
-            "--config",
-            self.config.to_str().unwrap(),
-            "--leader-ttl",
-            &ttl,
-            "--http",
-            "127.0.0.1:0",
-        ];
-        let daemon = self
-            .place
-            .spawn_daemon(&args, &[("KEEL_HOSTNAME", self.name)]);
-        self.daemon = Some(daemon);
-    }
-}
-
-/// Stops every running daemon (a leader resigns), so that the store is final.
-fn stop_all(hosts: &mut [Host]) {
-    for host in hosts {
-        if let Some(daemon) = host.daemon.as_mut().filter(|d| d.running()) {
-            daemon.signal("TERM");
-            daemon.wait_exit();
-        }
-    }
-}
-
-/// The one host whose running daemon leads, waiting for one.
-#[track_caller]
-fn leader(hosts: &[Host]) -> usize {
-    wait_until("one leader", hosts, || {
-        let leading: Vec<usize> = (0..hosts.len()).filter(|&i| hosts[i].leads()).collect();
-        match leading[..] {
-            [one] => Some(one),
-            [] => None,
-            _ => panic!("{} leaders:\n{}", leading.len(), all_logs(hosts)),
-        }
-    })
-}
-
-/// The host other than `old` that leads next, and how long after `since` it said so.
-#[track_caller]
-fn next_leader(hosts: &[Host], old: usize, since: Instant) -> (usize, Duration) {
-    wait_until("a new leader", hosts, || {
-        let new = (0..hosts.len()).find(|&i| i != old && hosts[i].leads())?;
-        Some((new, since.elapsed()))
-    })
-}
-
-/// Polls `found` every 20 ms until it finds something, failing after [`WAIT`].
-#[track_caller]
-fn wait_until<T>(what: &str, hosts: &[Host], mut found: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(it) = found() {
-            return it;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {WAIT:?}:\n{}",
-            all_logs(hosts)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The wall-clock stamp (milliseconds since the epoch) a daemon's log line starts with.
 #[track_caller]
 fn stamp(line: &str) -> i64 {
@@ -740,149 +632,14 @@ fn stamp(line: &str) -> i64 {
         .timestamp_millis()
 }
 
-fn all_logs(hosts: &[Host]) -> String {
-    hosts
-        .iter()
-        .filter_map(|h| Some(format!("--- {}:\n{}", h.name, h.daemon.as_ref()?.log())))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// A keel command on `place` with `--store postgres`.
-fn pg_keel(place: &Place, url: &str, args: &[&str]) -> common::Done {
-    let mut all = vec!["--store", "postgres", "--database-url", url];
-    all.extend_from_slice(args);
-    place.keel(&all)
-}
-
-fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// Polls the shared log until it has `count` lines, failing after [`WAIT`].
+/// Every completion a worker was told succeeded (`completions`) is the store's outcome of its
+/// run (succeeded, that attempt), recorded in the audit as succeeded under its token, which
+/// went to that attempt.
 #[track_caller]
-fn wait_lines(path: &Path, count: usize, what: &str, hosts: &[Host]) {
-    wait_until(what, hosts, || (lines(path).len() >= count).then_some(()));
-}
-
-/// What [`verify`] counted.
-struct Found {
-    runs: usize,
-    succeeded: usize,
-    lines: usize,
-    /// Lines of an attempt after the first (a run whose attempt was lost ran again).
-    reruns: usize,
-    tokens: usize,
-    duplicates: usize,
-    /// Every run in the store, by `run-N`.
-    store_runs: BTreeMap<String, Run>,
-    /// The tokens of the attempts the store recorded as succeeded.
-    succeeded_tokens: BTreeSet<u64>,
-}
-
-/// The checks both cases end with, from the shared log (`KEY RUN ATTEMPT WHO` lines) and the
-/// store: no slot as two runs, no attempt twice, no token for two attempts, every succeeded run
-/// has its line, and every completion a worker was told succeeded (`completions`) is the
-/// store's outcome of its run, recorded under its token. Duplicates are printed and counted.
-fn verify(db: &pg::TestDb, fired: &[String], completions: &[Claim]) -> Found {
-    let mut runs_of_slot: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    let mut attempts: BTreeSet<(&str, &str)> = BTreeSet::new();
-    let mut duplicates = 0;
-    for line in fired {
-        let [key, run, attempt, _who] = line.split(' ').collect::<Vec<_>>()[..] else {
-            panic!("malformed line {line:?}");
-        };
-        runs_of_slot.entry(key).or_default().insert(run);
-        if !attempts.insert((run, attempt)) {
-            eprintln!("DUPLICATE: {run} attempt {attempt} ran twice");
-            duplicates += 1;
-        }
-    }
-    for (key, runs) in &runs_of_slot {
-        if runs.len() > 1 {
-            eprintln!("DUPLICATE: slot {key} ran as {runs:?}");
-            duplicates += 1;
-        }
-    }
-
-    let store = db.open();
-    let mut runs = Vec::new();
-    let mut query = RunQuery {
-        limit: 1000,
-        ..RunQuery::default()
-    };
-    loop {
-        let page = store.runs(&query).unwrap();
-        runs.extend(page.runs);
-        match page.next {
-            Some(next) => query.before = Some(next),
-            None => break,
-        }
-    }
-    let mut audit: Vec<AuditRecord> = Vec::new();
-    let mut query = AuditQuery {
-        limit: 1000,
-        ..AuditQuery::default()
-    };
-    loop {
-        let page = store.audit(&query).unwrap();
-        let Some(last) = page.last() else { break };
-        query.after = Some(last.seq);
-        audit.extend(page);
-    }
-    let mut store_slots: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
-    let mut succeeded = 0;
-    for run in &runs {
-        if let Trigger::Scheduled { slot } = run.trigger() {
-            let owners = store_slots
-                .entry((run.job().to_string(), slot.0))
-                .or_default();
-            owners.insert(run.id().to_string());
-            if owners.len() > 1 {
-                eprintln!(
-                    "DUPLICATE: the store has slot {slot:?} of {} as {owners:?}",
-                    run.job()
-                );
-                duplicates += 1;
-            }
-        }
-        if run.state().name() == StateName::Succeeded {
-            succeeded += 1;
-            let (id, attempt) = (run.id().to_string(), run.attempt().to_string());
-            assert!(
-                attempts.contains(&(id.as_str(), attempt.as_str())),
-                "{id} attempt {attempt} succeeded in the store but never wrote its line"
-            );
-        }
-    }
-    let mut token_owner: BTreeMap<u64, (String, String)> = BTreeMap::new();
-    let mut succeeded_tokens = BTreeSet::new();
-    for record in &audit {
-        let (Some(token), Some(run), Some(attempt)) =
-            (record.fencing_token, record.run, record.attempt)
-        else {
-            continue;
-        };
-        if record.new == StateName::Succeeded {
-            succeeded_tokens.insert(token.0);
-        }
-        let owner = (run.to_string(), attempt.to_string());
-        let first = token_owner.entry(token.0).or_insert_with(|| owner.clone());
-        if *first != owner {
-            eprintln!("DUPLICATE: {token} went to {first:?} and to {owner:?}");
-            duplicates += 1;
-        }
-    }
-    let store_runs: BTreeMap<String, Run> = runs
-        .iter()
-        .map(|r| (r.id().to_string(), r.clone()))
-        .collect();
+fn acknowledged(found: &Found, completions: &[Claim]) {
     for done in completions {
-        let run = store_runs
+        let run = found
+            .store_runs
             .get(&done.run)
             .unwrap_or_else(|| panic!("{done:?} acknowledged, but the store has no {}", done.run));
         assert_eq!(
@@ -896,27 +653,13 @@ fn verify(db: &pg::TestDb, fired: &[String], completions: &[Claim]) -> Found {
             "{done:?}: {run:?}"
         );
         assert!(
-            succeeded_tokens.contains(&done.token),
+            found.succeeded_tokens.contains(&done.token),
             "{done:?} not in the audit as succeeded"
         );
         assert_eq!(
-            token_owner.get(&done.token),
+            found.token_owner.get(&done.token),
             Some(&(done.run.clone(), done.attempt.to_string())),
             "{done:?}"
         );
-    }
-    assert!(succeeded > 0 && !token_owner.is_empty(), "nothing ran");
-    Found {
-        runs: runs.len(),
-        succeeded,
-        lines: fired.len(),
-        reruns: attempts
-            .iter()
-            .filter(|(_, attempt)| *attempt != "1")
-            .count(),
-        tokens: token_owner.len(),
-        duplicates,
-        store_runs,
-        succeeded_tokens,
     }
 }
