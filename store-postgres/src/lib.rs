@@ -93,6 +93,7 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod leader;
 mod sql;
 
@@ -109,7 +110,7 @@ use keel_core::{
     StoreError, Timestamp, Tombstone,
 };
 use postgres::types::{FromSql, ToSql};
-use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, Statement};
+use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, SimpleQueryMessage, Statement};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -311,15 +312,18 @@ impl Store for PgStore {
                 client: &mut tx,
                 statements: &mut conn.statements,
             };
-            let (writer_epoch, _) = s.meta(sql::LOCK_META)?;
+            let writer_epoch = s.lock_for_batch()?;
             let stored = Stored::load(&mut s, writer_epoch, batch)?;
+            // Planned before anything is written: a record that cannot be written (a number
+            // above `bigint`) fails the batch before any statement changed a row.
+            let phases = batch::plan(&batch.records)?;
             if let Err(conflict) = check_batch(&stored, batch) {
                 tracing::debug!(batch = %batch.id, %conflict, "postgres store: batch refused");
                 // Dropping the transaction rolls it back.
                 return Err(conflict.into());
             }
-            for record in &batch.records {
-                s.write(record)?;
+            for phase in &phases {
+                s.write_phase(phase)?;
             }
             tx.commit().map_err(pg_error)
         })
@@ -354,7 +358,7 @@ impl Store for PgStore {
         self.with_conn(|conn| {
             let mut s = Session::of(conn);
             let rows = s.query(sql::ONE_RUN, &[&key])?;
-            rows.first().map(run_row).transpose()
+            rows.first().map(|row| run_row(row, 0)).transpose()
         })
     }
 
@@ -382,7 +386,10 @@ impl Store for PgStore {
                 params.push(job);
             }
             let rows = s.query(&sql, &params)?;
-            let runs = rows.iter().map(run_row).collect::<Result<Vec<_>, _>>()?;
+            let runs = rows
+                .iter()
+                .map(|row| run_row(row, 0))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(query.page(&runs))
         })
     }
@@ -522,6 +529,27 @@ impl<C: GenericClient> Session<'_, C> {
         Ok((epoch, meta))
     }
 
+    /// Takes the store row lock ([`sql::LOCK_META`]) for a batch and returns the writer epoch,
+    /// in the round trip that also sets [`sql::GENERIC_PLANS`] for the transaction.
+    fn lock_for_batch(&mut self) -> Result<u64, StoreError> {
+        let statements = format!("{}; {}", sql::GENERIC_PLANS, sql::LOCK_META);
+        let messages = self.client.simple_query(&statements).map_err(pg_error)?;
+        let row = messages.iter().find_map(|message| match message {
+            SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let Some(row) = row else {
+            return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
+        };
+        let epoch = row
+            .try_get(0)
+            .ok()
+            .flatten()
+            .and_then(|text| text.parse::<i64>().ok())
+            .ok_or_else(|| corrupt("keel_meta", "id=1", "writer_epoch is not a number"))?;
+        uint(epoch, "keel_meta", "id=1")
+    }
+
     /// What `restore` and `read` return, with `meta` as the counters.
     fn snapshot(&mut self, meta: Meta) -> Result<Snapshot, StoreError> {
         let runs: Vec<Run> = self.bodies(sql::ACTIVE_RUNS, "keel_runs", "id")?;
@@ -549,82 +577,21 @@ impl<C: GenericClient> Session<'_, C> {
         rows.iter().map(|row| body(row, table, key)).collect()
     }
 
-    /// Writes one record.
-    fn write(&mut self, record: &Record) -> Result<(), StoreError> {
-        match record {
-            Record::PutJob(job) => {
-                self.execute(sql::PUT_JOB, &[&job.spec.id.as_str(), &encode(job)?])?;
-            }
-            // The job's runs and slot claims stay: history is pruned by policy, and a job
-            // added again under the name must not fire a claimed slot again.
-            Record::DeleteJob { id } => {
-                self.execute(sql::DELETE_JOB, &[&id.as_str()])?;
-            }
-            Record::PutTombstone(tombstone) => {
-                let body = encode(tombstone)?;
-                self.execute(sql::PUT_TOMBSTONE, &[&tombstone.job.as_str(), &body])?;
-            }
-            Record::DeleteTombstone { job } => {
-                self.execute(sql::DELETE_TOMBSTONE, &[&job.as_str()])?;
-            }
-            Record::PutDelivery(delivery) => {
-                let id = int(delivery.id.0, "a delivery id")?;
-                self.execute(sql::PUT_DELIVERY, &[&id, &encode(delivery)?])?;
-            }
-            Record::DeleteDelivery { id } => {
-                self.execute(sql::DELETE_DELIVERY, &[&int(id.0, "a delivery id")?])?;
-            }
-            Record::PutIncident(incident) => {
-                let id = int(incident.id, "an incident id")?;
-                let open = incident.resolved_at.is_none();
-                self.execute(sql::PUT_INCIDENT, &[&id, &open, &encode(incident)?])?;
-            }
-            Record::PutRun(run) => self.put_run(run)?,
-            Record::Audit(entry) => {
-                let seq = int(entry.seq, "an audit seq")?;
-                let run = entry.run.map(|r| int(r.0, "a run id")).transpose()?;
-                let params: [&(dyn ToSql + Sync); 5] = [
-                    &seq,
-                    &entry.job.as_str(),
-                    &run,
-                    &entry.at.0,
-                    &encode(entry)?,
-                ];
-                self.execute(sql::PUT_AUDIT, &params)?;
-            }
-            Record::PruneHistory {
-                job,
-                keep_last,
-                finished_before,
-            } => {
-                let job = job.as_ref().map(JobId::as_str);
-                let keep_last = i64::from(*keep_last);
-                self.execute(sql::PRUNE, &[&job, &keep_last, &finished_before.0])?;
-            }
-            Record::PutMeta(meta) => {
-                self.execute(sql::WRITE_COUNTERS, &[&encode(meta)?])?;
-            }
+    /// Writes one phase of a batch: its writes in one statement, then its prunes in one more.
+    fn write_phase(&mut self, phase: &batch::Phase) -> Result<(), StoreError> {
+        if phase.writes != batch::Writes::default() {
+            let params = batch::WriteParams::new(&phase.writes);
+            self.execute(sql::WRITE, &params.params())?;
         }
-        Ok(())
-    }
-
-    /// Writes a run and its slot claim.
-    fn put_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        let id = int(run.id().0, "a run id")?;
-        let terminal = run.state().is_terminal();
-        let finished_at = run.finished_at().filter(|_| terminal).map(|t| t.0);
-        let params: [&(dyn ToSql + Sync); 7] = [
-            &id,
-            &run.job().as_str(),
-            &run.state().name().to_string(),
-            &run.created_at().0,
-            &finished_at,
-            &!terminal,
-            &encode(run)?,
-        ];
-        self.execute(sql::PUT_RUN, &params)?;
-        if let Some(slot) = run.slot() {
-            self.execute(sql::PUT_SLOT, &[&run.job().as_str(), &slot.0, &id])?;
+        let (global, jobs): (Vec<_>, Vec<_>) = phase.prunes.iter().partition(|p| p.job.is_none());
+        for prune in global {
+            self.execute(sql::PRUNE_ALL, &[&prune.keep_last, &prune.finished_before])?;
+        }
+        if !jobs.is_empty() {
+            let names: Vec<&str> = jobs.iter().filter_map(|p| p.job.as_deref()).collect();
+            let keep: Vec<i64> = jobs.iter().map(|p| p.keep_last).collect();
+            let before: Vec<i64> = jobs.iter().map(|p| p.finished_before).collect();
+            self.execute(sql::PRUNE_JOBS, &[&names, &keep, &before])?;
         }
         Ok(())
     }
@@ -666,18 +633,18 @@ impl Stored {
         if ids.is_empty() {
             return Ok(stored);
         }
-        for row in s.query(sql::STORED_RUNS, &[&ids])? {
-            let run = run_row(&row)?;
-            stored.runs.insert(run.id(), run);
-        }
-        if !jobs.is_empty() {
-            for row in s.query(sql::STORED_SLOTS, &[&jobs, &slots])? {
-                let job: String = column(&row, 0, "keel_slots")?;
-                let slot: i64 = column(&row, 1, "keel_slots")?;
-                let key = format!("job={job} slot={slot}");
-                let run = uint(column(&row, 2, "keel_slots")?, "keel_slots", &key)?;
-                stored.slots.insert((job, slot), RunId(run));
+        for row in s.query(sql::STORED, &[&ids, &jobs, &slots])? {
+            let kind: &str = column(&row, 0, "a stored run or slot")?;
+            if kind == "run" {
+                let run = run_row(&row, 1)?;
+                stored.runs.insert(run.id(), run);
+                continue;
             }
+            let job: String = column(&row, 3, "keel_slots")?;
+            let slot: i64 = column(&row, 4, "keel_slots")?;
+            let key = format!("job={job} slot={slot}");
+            let run = uint(column(&row, 1, "keel_slots")?, "keel_slots", &key)?;
+            stored.slots.insert((job, slot), RunId(run));
         }
         Ok(stored)
     }
@@ -697,12 +664,13 @@ impl StoredView for Stored {
     }
 }
 
-/// A `keel_runs` row (id, body), decoded, checked to be the run its key says.
-fn run_row(row: &Row) -> Result<Run, StoreError> {
-    let id: i64 = column(row, 0, "keel_runs")?;
+/// A `keel_runs` row's id and body (columns `first` and the next), decoded, checked to be the
+/// run its key says.
+fn run_row(row: &Row, first: usize) -> Result<Run, StoreError> {
+    let id: i64 = column(row, first, "keel_runs")?;
     let key = format!("id={id}");
     let run: Run = decode(
-        &column::<String>(row, 1, &format!("keel_runs {key}"))?,
+        &column::<String>(row, first + 1, &format!("keel_runs {key}"))?,
         "keel_runs",
         &key,
     )?;
