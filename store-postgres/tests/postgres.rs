@@ -174,7 +174,10 @@ fn a_writer_stalled_inside_a_transaction_does_not_hold_up_its_successor() {
     // session; without the limit it would wait until the stalled process woke (here: never).
     let successor = db.open();
     let (done, restored) = std::sync::mpsc::channel();
-    std::thread::spawn(move || done.send(successor.restore().map(|s| (s, successor))));
+    std::thread::spawn(move || {
+        // The receiver gives up after its timeout; a late answer is dropped.
+        let _ = done.send(successor.restore().map(|s| (s, successor)));
+    });
     let (snapshot, successor) = restored
         .recv_timeout(Duration::from_secs(60))
         .expect("the successor's restore is not held up by the stalled writer")
