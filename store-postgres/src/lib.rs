@@ -302,17 +302,11 @@ impl Store for PgStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let mut tx = conn
-                .client
-                .build_transaction()
-                .isolation_level(IsolationLevel::ReadCommitted)
-                .start()
-                .map_err(pg_error)?;
+            let (tx, writer_epoch) = BatchTransaction::begin(&mut conn.client)?;
             let mut s = Session {
-                client: &mut tx,
+                client: &mut *tx.client,
                 statements: &mut conn.statements,
             };
-            let writer_epoch = s.lock_for_batch()?;
             let stored = Stored::load(&mut s, writer_epoch, batch)?;
             // Planned before anything is written: a record that cannot be written (a number
             // above `bigint`) fails the batch before any statement changed a row.
@@ -325,7 +319,7 @@ impl Store for PgStore {
             for phase in &phases {
                 s.write_phase(phase)?;
             }
-            tx.commit().map_err(pg_error)
+            tx.commit()
         })
     }
 
@@ -481,6 +475,68 @@ impl fmt::Debug for PgStore {
     }
 }
 
+/// The READ COMMITTED transaction of one `apply`, begun by hand rather than with
+/// `Client::transaction` so that `BEGIN` travels in one round trip with the statements that
+/// must come first: [`sql::GENERIC_PLANS`] and the store row lock. Rolled back when dropped
+/// unless committed, as `postgres::Transaction` is.
+struct BatchTransaction<'a> {
+    client: &'a mut Client,
+    open: bool,
+}
+
+impl<'a> BatchTransaction<'a> {
+    /// Begins the transaction, takes the store row lock ([`sql::LOCK_META`], a statement of
+    /// its own, so every later statement's snapshot is taken once the lock is held) and returns
+    /// the writer epoch.
+    fn begin(client: &'a mut Client) -> Result<(Self, u64), StoreError> {
+        let statements = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; {}; {}",
+            sql::GENERIC_PLANS,
+            sql::LOCK_META
+        );
+        // Open from here: if a statement after BEGIN fails, the transaction is left aborted
+        // and must be rolled back before the connection serves another call.
+        let tx = BatchTransaction { client, open: true };
+        let messages = tx.client.simple_query(&statements).map_err(pg_error)?;
+        let epoch = writer_epoch(&messages)?;
+        Ok((tx, epoch))
+    }
+
+    fn commit(mut self) -> Result<(), StoreError> {
+        self.open = false;
+        self.client.batch_execute("COMMIT").map_err(pg_error)
+    }
+}
+
+impl Drop for BatchTransaction<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // A broken connection fails this too, and is replaced at the next call.
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+/// The writer epoch in the answer to [`sql::LOCK_META`] sent as a simple query (text columns).
+fn writer_epoch(messages: &[SimpleQueryMessage]) -> Result<u64, StoreError> {
+    let row = messages.iter().find_map(|message| match message {
+        SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    let Some(row) = row else {
+        return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
+    };
+    let text = row.try_get(0).ok().flatten().unwrap_or_default();
+    let epoch = text.parse::<i64>().map_err(|_| {
+        corrupt(
+            "keel_meta",
+            "id=1",
+            format!("writer_epoch {text:?} is not a number"),
+        )
+    })?;
+    uint(epoch, "keel_meta", "id=1")
+}
+
 /// A client (a connection or a transaction on it) with the connection's prepared statements.
 struct Session<'a, C: GenericClient> {
     client: &'a mut C,
@@ -527,27 +583,6 @@ impl<C: GenericClient> Session<'_, C> {
         let counters: String = column(row, 1, "keel_meta id=1")?;
         let meta = decode(&counters, "keel_meta", "id=1 (counters)")?;
         Ok((epoch, meta))
-    }
-
-    /// Takes the store row lock ([`sql::LOCK_META`]) for a batch and returns the writer epoch,
-    /// in the round trip that also sets [`sql::GENERIC_PLANS`] for the transaction.
-    fn lock_for_batch(&mut self) -> Result<u64, StoreError> {
-        let statements = format!("{}; {}", sql::GENERIC_PLANS, sql::LOCK_META);
-        let messages = self.client.simple_query(&statements).map_err(pg_error)?;
-        let row = messages.iter().find_map(|message| match message {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        });
-        let Some(row) = row else {
-            return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
-        };
-        let epoch = row
-            .try_get(0)
-            .ok()
-            .flatten()
-            .and_then(|text| text.parse::<i64>().ok())
-            .ok_or_else(|| corrupt("keel_meta", "id=1", "writer_epoch is not a number"))?;
-        uint(epoch, "keel_meta", "id=1")
     }
 
     /// What `restore` and `read` return, with `meta` as the counters.
