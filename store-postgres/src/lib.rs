@@ -95,6 +95,7 @@
 
 mod batch;
 mod leader;
+mod literal;
 mod sql;
 
 pub use leader::{Leadership, Lease};
@@ -110,7 +111,10 @@ use keel_core::{
     StoreError, Timestamp, Tombstone,
 };
 use postgres::types::{FromSql, ToSql};
-use postgres::{Client, GenericClient, IsolationLevel, NoTls, Row, SimpleQueryMessage, Statement};
+use postgres::{
+    Client, GenericClient, IsolationLevel, NoTls, Row, SimpleQueryMessage, SimpleQueryRow,
+    Statement,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -231,6 +235,9 @@ impl Conn {
             stalled: false,
         };
         conn.migrate()?;
+        conn.client
+            .batch_execute(&sql::prepare_named())
+            .map_err(pg_error)?;
         Ok(conn)
     }
 
@@ -302,12 +309,7 @@ impl Store for PgStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let (tx, writer_epoch) = BatchTransaction::begin(&mut conn.client)?;
-            let mut s = Session {
-                client: &mut *tx.client,
-                statements: &mut conn.statements,
-            };
-            let stored = Stored::load(&mut s, writer_epoch, batch)?;
+            let (tx, stored) = BatchTransaction::begin(&mut conn.client, batch)?;
             // Planned before anything is written: a record that cannot be written (a number
             // above `bigint`) fails the batch before any statement changed a row.
             let phases = batch::plan(&batch.records)?;
@@ -316,10 +318,22 @@ impl Store for PgStore {
                 // Dropping the transaction rolls it back.
                 return Err(conflict.into());
             }
-            for phase in &phases {
-                s.write_phase(phase)?;
+            let mut s = Session {
+                client: &mut *tx.client,
+                statements: &mut conn.statements,
+            };
+            let Some((last, earlier)) = phases.split_last() else {
+                return tx.commit_after(&[]);
+            };
+            for phase in earlier {
+                s.write(&phase.writes)?;
+                let prunes = prune_statements(&phase.prunes)?;
+                if !prunes.is_empty() {
+                    s.client.batch_execute(&prunes).map_err(pg_error)?;
+                }
             }
-            tx.commit()
+            s.write(&last.writes)?;
+            tx.commit_after(&last.prunes)
         })
     }
 
@@ -352,7 +366,7 @@ impl Store for PgStore {
         self.with_conn(|conn| {
             let mut s = Session::of(conn);
             let rows = s.query(sql::ONE_RUN, &[&key])?;
-            rows.first().map(|row| run_row(row, 0)).transpose()
+            rows.first().map(run_row).transpose()
         })
     }
 
@@ -380,10 +394,7 @@ impl Store for PgStore {
                 params.push(job);
             }
             let rows = s.query(&sql, &params)?;
-            let runs = rows
-                .iter()
-                .map(|row| run_row(row, 0))
-                .collect::<Result<Vec<_>, _>>()?;
+            let runs = rows.iter().map(run_row).collect::<Result<Vec<_>, _>>()?;
             Ok(query.page(&runs))
         })
     }
@@ -485,27 +496,62 @@ struct BatchTransaction<'a> {
 }
 
 impl<'a> BatchTransaction<'a> {
-    /// Begins the transaction, takes the store row lock ([`sql::LOCK_META`], a statement of
-    /// its own, so every later statement's snapshot is taken once the lock is held) and returns
-    /// the writer epoch.
-    fn begin(client: &'a mut Client) -> Result<(Self, u64), StoreError> {
-        let statements = format!(
+    /// Begins the transaction, takes the store row lock ([`sql::LOCK_META`]) and reads what
+    /// [`check_batch`] needs of the stored state (`keel_stored`, [`sql::STORED`]), in one round
+    /// trip. Each is a statement of its own, so the read's snapshot is taken once the lock is
+    /// held and sees every batch committed before.
+    fn begin(client: &'a mut Client, batch: &Batch) -> Result<(Self, Stored), StoreError> {
+        let keys = StoredKeys::of(batch)?;
+        let mut statements = format!(
             "BEGIN ISOLATION LEVEL READ COMMITTED; {}; {}",
             sql::GENERIC_PLANS,
             sql::LOCK_META
         );
+        if !keys.ids.is_empty() {
+            statements.push_str(&format!(
+                "; EXECUTE keel_stored({}, {}, {})",
+                literal::ints(&keys.ids),
+                literal::texts(keys.jobs.iter().copied())?,
+                literal::ints(&keys.slots)
+            ));
+        }
         // Open from here: if a statement after BEGIN fails, the transaction is left aborted
         // and must be rolled back before the connection serves another call.
         let tx = BatchTransaction { client, open: true };
         let messages = tx.client.simple_query(&statements).map_err(pg_error)?;
-        let epoch = writer_epoch(&messages)?;
-        Ok((tx, epoch))
+        let results = rows_by_statement(&messages);
+        // BEGIN, SET LOCAL, the lock, the read.
+        let epoch = writer_epoch(results.get(2).map_or(&[][..], Vec::as_slice))?;
+        let stored = Stored::from_rows(epoch, results.get(3).map_or(&[][..], Vec::as_slice))?;
+        Ok((tx, stored))
     }
 
-    fn commit(mut self) -> Result<(), StoreError> {
+    /// Runs the last phase's prunes and commits, in one round trip. If a prune fails, the
+    /// statements after it are not run: the transaction is rolled back, nothing committed.
+    fn commit_after(mut self, prunes: &[batch::Prune]) -> Result<(), StoreError> {
+        let statements = format!("{}COMMIT", prune_statements(prunes)?);
         self.open = false;
-        self.client.batch_execute("COMMIT").map_err(pg_error)
+        if let Err(error) = self.client.batch_execute(&statements) {
+            // COMMIT was not reached (a prune failed) or failed: roll back what is left.
+            let _ = self.client.batch_execute("ROLLBACK");
+            return Err(pg_error(error));
+        }
+        Ok(())
     }
+}
+
+/// The rows of each statement of a simple query's answer, in order.
+fn rows_by_statement(messages: &[SimpleQueryMessage]) -> Vec<Vec<&SimpleQueryRow>> {
+    let mut results = Vec::new();
+    let mut rows = Vec::new();
+    for message in messages {
+        match message {
+            SimpleQueryMessage::Row(row) => rows.push(row),
+            SimpleQueryMessage::CommandComplete(_) => results.push(std::mem::take(&mut rows)),
+            _ => {}
+        }
+    }
+    results
 }
 
 impl Drop for BatchTransaction<'_> {
@@ -517,24 +563,40 @@ impl Drop for BatchTransaction<'_> {
     }
 }
 
-/// The writer epoch in the answer to [`sql::LOCK_META`] sent as a simple query (text columns).
-fn writer_epoch(messages: &[SimpleQueryMessage]) -> Result<u64, StoreError> {
-    let row = messages.iter().find_map(|message| match message {
-        SimpleQueryMessage::Row(row) => Some(row),
-        _ => None,
-    });
-    let Some(row) = row else {
+/// The writer epoch in the rows of [`sql::LOCK_META`] sent in a simple query.
+fn writer_epoch(rows: &[&SimpleQueryRow]) -> Result<u64, StoreError> {
+    let Some(row) = rows.first() else {
         return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
     };
-    let text = row.try_get(0).ok().flatten().unwrap_or_default();
-    let epoch = text.parse::<i64>().map_err(|_| {
-        corrupt(
-            "keel_meta",
-            "id=1",
-            format!("writer_epoch {text:?} is not a number"),
-        )
-    })?;
+    let epoch = text_int(row, 0, "keel_meta", "id=1")?;
     uint(epoch, "keel_meta", "id=1")
+}
+
+/// Column `index` of a simple query's row: its text, or a corrupt-data error naming the
+/// table and key if it is null.
+fn text_column<'r>(
+    row: &'r SimpleQueryRow,
+    index: usize,
+    table: &str,
+    key: &str,
+) -> Result<&'r str, StoreError> {
+    match row.try_get(index) {
+        Ok(Some(text)) => Ok(text),
+        Ok(None) => Err(corrupt(table, key, format!("column {index} is null"))),
+        Err(e) => Err(corrupt(table, key, format!("column {index}: {e}"))),
+    }
+}
+
+/// Column `index` of a simple query's row as a number.
+fn text_int(row: &SimpleQueryRow, index: usize, table: &str, key: &str) -> Result<i64, StoreError> {
+    let text = text_column(row, index, table, key)?;
+    text.parse().map_err(|_| {
+        corrupt(
+            table,
+            key,
+            format!("column {index}: {text:?} is not a number"),
+        )
+    })
 }
 
 /// A client (a connection or a transaction on it) with the connection's prepared statements.
@@ -612,24 +674,42 @@ impl<C: GenericClient> Session<'_, C> {
         rows.iter().map(|row| body(row, table, key)).collect()
     }
 
-    /// Writes one phase of a batch: its writes in one statement, then its prunes in one more.
-    fn write_phase(&mut self, phase: &batch::Phase) -> Result<(), StoreError> {
-        if phase.writes != batch::Writes::default() {
-            let params = batch::WriteParams::new(&phase.writes);
-            self.execute(sql::WRITE, &params.params())?;
+    /// Writes one phase of a batch's writes, in one statement ([`sql::WRITE`]).
+    fn write(&mut self, writes: &batch::Writes) -> Result<(), StoreError> {
+        if writes == &batch::Writes::default() {
+            return Ok(());
         }
-        let (global, jobs): (Vec<_>, Vec<_>) = phase.prunes.iter().partition(|p| p.job.is_none());
-        for prune in global {
-            self.execute(sql::PRUNE_ALL, &[&prune.keep_last, &prune.finished_before])?;
-        }
-        if !jobs.is_empty() {
-            let names: Vec<&str> = jobs.iter().filter_map(|p| p.job.as_deref()).collect();
-            let keep: Vec<i64> = jobs.iter().map(|p| p.keep_last).collect();
-            let before: Vec<i64> = jobs.iter().map(|p| p.finished_before).collect();
-            self.execute(sql::PRUNE_JOBS, &[&names, &keep, &before])?;
-        }
+        let params = batch::WriteParams::new(writes);
+        self.execute(sql::WRITE, &params.params())?;
         Ok(())
     }
+}
+
+/// One phase's prunes as statements for a simple query, each ending in `; ` (none: empty):
+/// the prunes of every job one by one, those of single jobs (distinct: see `batch`) as one.
+fn prune_statements(prunes: &[batch::Prune]) -> Result<String, StoreError> {
+    let mut statements = String::new();
+    let mut jobs = Vec::new();
+    for prune in prunes {
+        match &prune.job {
+            None => statements.push_str(&format!(
+                "EXECUTE keel_prune_all({}, {}); ",
+                prune.keep_last, prune.finished_before
+            )),
+            Some(job) => jobs.push((job.as_str(), prune.keep_last, prune.finished_before)),
+        }
+    }
+    if !jobs.is_empty() {
+        let names = literal::texts(jobs.iter().map(|(job, _, _)| *job))?;
+        let keep: Vec<i64> = jobs.iter().map(|(_, keep, _)| *keep).collect();
+        let before: Vec<i64> = jobs.iter().map(|(_, _, before)| *before).collect();
+        statements.push_str(&format!(
+            "EXECUTE keel_prune_jobs({names}, {}, {}); ",
+            literal::ints(&keep),
+            literal::ints(&before)
+        ));
+    }
+    Ok(statements)
 }
 
 /// What [`check_batch`] needs of the stored state for one batch, read under the store row
@@ -641,45 +721,56 @@ struct Stored {
     slots: BTreeMap<(String, i64), RunId>,
 }
 
-impl Stored {
-    fn load<C: GenericClient>(
-        s: &mut Session<'_, C>,
-        writer_epoch: u64,
-        batch: &Batch,
-    ) -> Result<Stored, StoreError> {
-        let mut ids = Vec::new();
-        let mut jobs = Vec::new();
-        let mut slots = Vec::new();
+/// The stored rows a batch's check needs: the runs it writes and the slots it claims
+/// (`jobs` and `slots` pairwise).
+struct StoredKeys<'b> {
+    ids: Vec<i64>,
+    jobs: Vec<&'b str>,
+    slots: Vec<i64>,
+}
+
+impl<'b> StoredKeys<'b> {
+    fn of(batch: &'b Batch) -> Result<Self, StoreError> {
+        let mut keys = StoredKeys {
+            ids: Vec::new(),
+            jobs: Vec::new(),
+            slots: Vec::new(),
+        };
         for record in &batch.records {
             let Record::PutRun(run) = record else {
                 continue;
             };
-            ids.push(int(run.id().0, "a run id")?);
+            keys.ids.push(int(run.id().0, "a run id")?);
             if let Some(slot) = run.slot() {
-                jobs.push(run.job().as_str().to_owned());
-                slots.push(slot.0);
+                keys.jobs.push(run.job().as_str());
+                keys.slots.push(slot.0);
             }
         }
+        Ok(keys)
+    }
+}
+
+impl Stored {
+    /// From the rows of `keel_stored` ([`sql::STORED`]) sent in a simple query.
+    fn from_rows(writer_epoch: u64, rows: &[&SimpleQueryRow]) -> Result<Stored, StoreError> {
         let mut stored = Stored {
             writer_epoch,
             runs: BTreeMap::new(),
             slots: BTreeMap::new(),
         };
-        if ids.is_empty() {
-            return Ok(stored);
-        }
-        for row in s.query(sql::STORED, &[&ids, &jobs, &slots])? {
-            let kind: &str = column(&row, 0, "a stored run or slot")?;
-            if kind == "run" {
-                let run = run_row(&row, 1)?;
+        for row in rows {
+            if text_column(row, 0, "keel_runs or keel_slots", "")? == "run" {
+                let id = text_int(row, 1, "keel_runs", "")?;
+                let key = format!("id={id}");
+                let run = checked_run(id, text_column(row, 2, "keel_runs", &key)?)?;
                 stored.runs.insert(run.id(), run);
                 continue;
             }
-            let job: String = column(&row, 3, "keel_slots")?;
-            let slot: i64 = column(&row, 4, "keel_slots")?;
+            let job = text_column(row, 3, "keel_slots", "")?;
+            let slot = text_int(row, 4, "keel_slots", job)?;
             let key = format!("job={job} slot={slot}");
-            let run = uint(column(&row, 1, "keel_slots")?, "keel_slots", &key)?;
-            stored.slots.insert((job, slot), RunId(run));
+            let run = uint(text_int(row, 1, "keel_slots", &key)?, "keel_slots", &key)?;
+            stored.slots.insert((job.to_owned(), slot), RunId(run));
         }
         Ok(stored)
     }
@@ -699,16 +790,17 @@ impl StoredView for Stored {
     }
 }
 
-/// A `keel_runs` row's id and body (columns `first` and the next), decoded, checked to be the
-/// run its key says.
-fn run_row(row: &Row, first: usize) -> Result<Run, StoreError> {
-    let id: i64 = column(row, first, "keel_runs")?;
+/// A `keel_runs` row (id, body), decoded, checked to be the run its key says.
+fn run_row(row: &Row) -> Result<Run, StoreError> {
+    let id: i64 = column(row, 0, "keel_runs")?;
+    let body: String = column(row, 1, &format!("keel_runs id={id}"))?;
+    checked_run(id, &body)
+}
+
+/// The body of `keel_runs` row `id`, decoded, checked to be the run its key says.
+fn checked_run(id: i64, body: &str) -> Result<Run, StoreError> {
     let key = format!("id={id}");
-    let run: Run = decode(
-        &column::<String>(row, first + 1, &format!("keel_runs {key}"))?,
-        "keel_runs",
-        &key,
-    )?;
+    let run: Run = decode(body, "keel_runs", &key)?;
     if i64::try_from(run.id().0) != Ok(id) {
         return Err(corrupt(
             "keel_runs",

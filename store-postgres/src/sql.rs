@@ -110,6 +110,18 @@ pub(crate) const STORED: &str = "SELECT 'run', id, body::text, NULL::text, NULL:
      JOIN unnest($2::text[], $3::bigint[]) AS k(job, slot) \
      ON s.job = k.job AND s.slot = k.slot";
 
+/// Prepares, by name, the statements a batch sends inside simple queries (with `BEGIN`, with
+/// `COMMIT`: see `BatchTransaction`), once per connection, so that their plans are cached as
+/// the extended protocol's are: `keel_stored` is [`STORED`], `keel_prune_jobs` is
+/// [`PRUNE_JOBS`], `keel_prune_all` is [`PRUNE_ALL`].
+pub(crate) fn prepare_named() -> String {
+    format!(
+        "PREPARE keel_stored(bigint[], text[], bigint[]) AS {STORED}; \
+         PREPARE keel_prune_jobs(text[], bigint[], bigint[]) AS {PRUNE_JOBS}; \
+         PREPARE keel_prune_all(bigint, bigint) AS {PRUNE_ALL}"
+    )
+}
+
 /// Every write of one phase of a batch (`batch` module), in one statement: one array per
 /// column, one data-modifying `WITH` part per table and kind, each run whatever the primary
 /// query reads. A part whose arrays are empty writes nothing. Within a phase each key is
