@@ -172,6 +172,10 @@ pub(crate) const WRITE: &str = "WITH \
 /// `PruneHistory` for every job: deletes every terminal run but the newest `$1` of its job
 /// (latest finish, then highest id) and every one finished before `$2`, with the audit records
 /// of the deleted runs. Slot claims stay (SPEC S6).
+///
+/// The audit records go by `run = ANY(ARRAY(…))`, an index probe per deleted run
+/// (`keel_audit_by_run`), whatever the planner guesses of their number: as `run IN (…)` a
+/// generic plan hashed the deleted ids and read all of `keel_audit` for each prune.
 pub(crate) const PRUNE_ALL: &str = "WITH ranked AS ( \
          SELECT id, finished_at, \
              row_number() OVER (PARTITION BY job ORDER BY finished_at DESC, id DESC) AS newer \
@@ -181,7 +185,7 @@ pub(crate) const PRUNE_ALL: &str = "WITH ranked AS ( \
          WHERE r.id = d.id AND (d.newer > $1 OR d.finished_at < $2) \
          RETURNING r.id \
      ) \
-     DELETE FROM keel_audit WHERE run IN (SELECT id FROM doomed)";
+     DELETE FROM keel_audit WHERE run = ANY(ARRAY(SELECT id FROM doomed))";
 
 /// `PruneHistory` for several jobs at once, each with its own policy (`$1`, `$2`, `$3`: jobs,
 /// runs kept, finished-before cut-offs, one per job, the jobs distinct): what [`PRUNE_ALL`]
@@ -201,7 +205,7 @@ pub(crate) const PRUNE_JOBS: &str = "WITH doomed AS ( \
          WHERE r.id = x.id \
          RETURNING r.id \
      ) \
-     DELETE FROM keel_audit WHERE run IN (SELECT id FROM doomed)";
+     DELETE FROM keel_audit WHERE run = ANY(ARRAY(SELECT id FROM doomed))";
 
 /// Byte order (`COLLATE "C"`), as keel orders names, whatever the database's collation.
 pub(crate) const ALL_JOBS: &str = "SELECT id, body::text FROM keel_jobs ORDER BY id COLLATE \"C\"";
