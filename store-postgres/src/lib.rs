@@ -62,14 +62,28 @@
 //! 1. `SELECT … FROM keel_meta WHERE id = 1 FOR UPDATE`: the store row lock. Every `apply`
 //!    and every `restore` takes it first, so they are totally ordered, and once it is held
 //!    every later statement of the transaction sees everything committed before;
-//! 2. reads the stored runs the batch writes and the slot claims it makes;
+//! 2. reads the stored runs the batch writes and the slot claims it makes (one query);
 //! 3. runs [`check_batch`], the write rules every keel store
 //!    runs, in Rust, against the writer epoch from step 1 and the rows from step 2: a deposed
 //!    writer's batch is refused with [`Conflict::Deposed`](keel_core::Conflict::Deposed), and
 //!    any refusal rolls the transaction back;
-//! 4. upserts the records, in order (a prune is one statement over the finish-time index);
+//! 4. writes the records as a few multi-row statements: the `batch` module groups them into
+//!    phases, each phase's writes one statement (an `INSERT … SELECT FROM unnest(…)` or a
+//!    `DELETE … = ANY(…)` per table, as parts of one `WITH`), its prunes one more (each job's
+//!    terminal runs ranked over the finish-time index). Records move only past records they
+//!    commute with, so the result is that of writing them one by one, in order; a scheduler's
+//!    batch is one phase;
 //! 5. commits. `Ok` means the commit returned, so the batch is as durable as the database
 //!    makes a commit (see `docs/storage.md` on `synchronous_commit` and replication).
+//!
+//! Each statement is a round trip to the server, and they were what a batch cost beyond the
+//! commit's WAL flush, so a batch of one phase takes three: `BEGIN`, the lock (with
+//! `SET LOCAL plan_cache_mode = force_generic_plan`, see `sql::GENERIC_PLANS`) and the read
+//! in one simple query; the writes; the prunes and `COMMIT` in one simple query. Steps stay
+//! statements of their own, so the read's snapshot is still taken once the lock is held. A
+//! simple query takes no parameters: the read and the prunes carry only numbers and job
+//! names, as escaped constants (`literal` module), and run statements prepared by name when
+//! the connection opens; record bodies always travel as parameters.
 //!
 //! [`Store::restore`] takes the same lock, raises the writer epoch and reads the snapshot in
 //! the same transaction. [`Store::read`] reads in one REPEATABLE READ, read-only transaction,
