@@ -92,8 +92,9 @@ pub(crate) const LOCK_META: &str =
     "SELECT writer_epoch, counters::text FROM keel_meta WHERE id = 1 FOR UPDATE";
 /// Set, for its transaction only, before a batch's statements: they take arrays whose length
 /// changes with every batch, and Postgres's default (`auto`) then re-plans them at every
-/// execution (a custom plan costs more to make than the statement to run: ~120 µs of the
-/// ~60 µs a read took). Their generic plans walk the same indexes (checked in `plans`).
+/// execution, and a custom plan costs more to make than the statement to run (the read:
+/// about 120 µs more per execution than with its generic plan, measured from the client).
+/// Their generic plans walk the same indexes (checked in `plans`).
 /// Needs Postgres 12 or later.
 pub(crate) const GENERIC_PLANS: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
 pub(crate) const READ_META: &str =
