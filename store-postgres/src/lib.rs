@@ -62,14 +62,28 @@
 //! 1. `SELECT … FROM keel_meta WHERE id = 1 FOR UPDATE`: the store row lock. Every `apply`
 //!    and every `restore` takes it first, so they are totally ordered, and once it is held
 //!    every later statement of the transaction sees everything committed before;
-//! 2. reads the stored runs the batch writes and the slot claims it makes;
+//! 2. reads the stored runs the batch writes and the slot claims it makes (one query);
 //! 3. runs [`check_batch`], the write rules every keel store
 //!    runs, in Rust, against the writer epoch from step 1 and the rows from step 2: a deposed
 //!    writer's batch is refused with [`Conflict::Deposed`](keel_core::Conflict::Deposed), and
 //!    any refusal rolls the transaction back;
-//! 4. upserts the records, in order (a prune is one statement over the finish-time index);
+//! 4. writes the records as a few multi-row statements: the `batch` module groups them into
+//!    phases, each phase's writes one statement (an `INSERT … SELECT FROM unnest(…)` or a
+//!    `DELETE … = ANY(…)` per table, as parts of one `WITH`), its prunes one more (each job's
+//!    terminal runs ranked over the finish-time index). Records move only past records they
+//!    commute with, so the result is that of writing them one by one, in order; a scheduler's
+//!    batch is one phase;
 //! 5. commits. `Ok` means the commit returned, so the batch is as durable as the database
 //!    makes a commit (see `docs/storage.md` on `synchronous_commit` and replication).
+//!
+//! Each statement is a round trip to the server, and they were what a batch cost beyond the
+//! commit's WAL flush, so a batch of one phase takes three: `BEGIN`, the lock (with
+//! `SET LOCAL plan_cache_mode = force_generic_plan`, see `sql::GENERIC_PLANS`) and the read
+//! in one simple query; the writes; the prunes and `COMMIT` in one simple query. Steps stay
+//! statements of their own, so the read's snapshot is still taken once the lock is held. A
+//! simple query takes no parameters: the read and the prunes carry only numbers and job
+//! names, as escaped constants (`literal` module), and run statements prepared by name when
+//! the connection opens; record bodies always travel as parameters.
 //!
 //! [`Store::restore`] takes the same lock, raises the writer epoch and reads the snapshot in
 //! the same transaction. [`Store::read`] reads in one REPEATABLE READ, read-only transaction,
@@ -109,8 +123,10 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod identity;
 mod leader;
+mod literal;
 mod sql;
 mod tls;
 
@@ -129,7 +145,9 @@ use keel_core::{
     StoreError, Timestamp, Tombstone,
 };
 use postgres::types::{FromSql, ToSql};
-use postgres::{Client, GenericClient, IsolationLevel, Row, Statement};
+use postgres::{
+    Client, GenericClient, IsolationLevel, Row, SimpleQueryMessage, SimpleQueryRow, Statement,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -268,6 +286,9 @@ impl Conn {
             stalled: false,
         };
         conn.migrate()?;
+        conn.client
+            .batch_execute(&sql::prepare_named())
+            .map_err(pg_error)?;
         Ok(conn)
     }
 
@@ -339,27 +360,31 @@ impl Store for PgStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let mut tx = conn
-                .client
-                .build_transaction()
-                .isolation_level(IsolationLevel::ReadCommitted)
-                .start()
-                .map_err(pg_error)?;
-            let mut s = Session {
-                client: &mut tx,
-                statements: &mut conn.statements,
-            };
-            let (writer_epoch, _) = s.meta(sql::LOCK_META)?;
-            let stored = Stored::load(&mut s, writer_epoch, batch)?;
+            let (tx, stored) = BatchTransaction::begin(&mut conn.client, batch)?;
+            // Planned before anything is written: a record that cannot be written (a number
+            // above `bigint`) fails the batch before any statement changed a row.
+            let phases = batch::plan(&batch.records)?;
             if let Err(conflict) = check_batch(&stored, batch) {
                 tracing::debug!(batch = %batch.id, %conflict, "postgres store: batch refused");
                 // Dropping the transaction rolls it back.
                 return Err(conflict.into());
             }
-            for record in &batch.records {
-                s.write(record)?;
+            let mut s = Session {
+                client: &mut *tx.client,
+                statements: &mut conn.statements,
+            };
+            let Some((last, earlier)) = phases.split_last() else {
+                return tx.commit_after(&[]);
+            };
+            for phase in earlier {
+                s.write(&phase.writes)?;
+                let prunes = prune_statements(&phase.prunes)?;
+                if !prunes.is_empty() {
+                    s.client.batch_execute(&prunes).map_err(pg_error)?;
+                }
             }
-            tx.commit().map_err(pg_error)
+            s.write(&last.writes)?;
+            tx.commit_after(&last.prunes)
         })
     }
 
@@ -512,6 +537,119 @@ impl fmt::Debug for PgStore {
     }
 }
 
+/// The READ COMMITTED transaction of one `apply`, begun by hand rather than with
+/// `Client::transaction` so that `BEGIN` travels in one round trip with the statements that
+/// must come first: [`sql::GENERIC_PLANS`] and the store row lock. Rolled back when dropped
+/// unless committed, as `postgres::Transaction` is.
+struct BatchTransaction<'a> {
+    client: &'a mut Client,
+    open: bool,
+}
+
+impl<'a> BatchTransaction<'a> {
+    /// Begins the transaction, takes the store row lock ([`sql::LOCK_META`]) and reads what
+    /// [`check_batch`] needs of the stored state (`keel_stored`, [`sql::STORED`]), in one round
+    /// trip. Each is a statement of its own, so the read's snapshot is taken once the lock is
+    /// held and sees every batch committed before.
+    fn begin(client: &'a mut Client, batch: &Batch) -> Result<(Self, Stored), StoreError> {
+        let keys = StoredKeys::of(batch)?;
+        let mut statements = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; {}; {}",
+            sql::GENERIC_PLANS,
+            sql::LOCK_META
+        );
+        if !keys.ids.is_empty() {
+            statements.push_str(&format!(
+                "; EXECUTE keel_stored({}, {}, {})",
+                literal::ints(&keys.ids),
+                literal::texts(keys.jobs.iter().copied())?,
+                literal::ints(&keys.slots)
+            ));
+        }
+        // Open from here: if a statement after BEGIN fails, the transaction is left aborted
+        // and must be rolled back before the connection serves another call.
+        let tx = BatchTransaction { client, open: true };
+        let messages = tx.client.simple_query(&statements).map_err(pg_error)?;
+        let results = rows_by_statement(&messages);
+        // BEGIN, SET LOCAL, the lock, the read.
+        let epoch = writer_epoch(results.get(2).map_or(&[][..], Vec::as_slice))?;
+        let stored = Stored::from_rows(epoch, results.get(3).map_or(&[][..], Vec::as_slice))?;
+        Ok((tx, stored))
+    }
+
+    /// Runs the last phase's prunes and commits, in one round trip. If a prune fails, the
+    /// statements after it are not run: the transaction is rolled back, nothing committed.
+    fn commit_after(mut self, prunes: &[batch::Prune]) -> Result<(), StoreError> {
+        let statements = format!("{}COMMIT", prune_statements(prunes)?);
+        self.open = false;
+        if let Err(error) = self.client.batch_execute(&statements) {
+            // COMMIT was not reached (a prune failed) or failed: roll back what is left.
+            let _ = self.client.batch_execute("ROLLBACK");
+            return Err(pg_error(error));
+        }
+        Ok(())
+    }
+}
+
+/// The rows of each statement of a simple query's answer, in order.
+fn rows_by_statement(messages: &[SimpleQueryMessage]) -> Vec<Vec<&SimpleQueryRow>> {
+    let mut results = Vec::new();
+    let mut rows = Vec::new();
+    for message in messages {
+        match message {
+            SimpleQueryMessage::Row(row) => rows.push(row),
+            SimpleQueryMessage::CommandComplete(_) => results.push(std::mem::take(&mut rows)),
+            _ => {}
+        }
+    }
+    results
+}
+
+impl Drop for BatchTransaction<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // A broken connection fails this too, and is replaced at the next call.
+            let _ = self.client.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+/// The writer epoch in the rows of [`sql::LOCK_META`] sent in a simple query.
+fn writer_epoch(rows: &[&SimpleQueryRow]) -> Result<u64, StoreError> {
+    let Some(row) = rows.first() else {
+        return Err(corrupt("keel_meta", "id=1", "the store row is missing"));
+    };
+    let epoch = text_int(row, 0, "keel_meta", "id=1")?;
+    uint(epoch, "keel_meta", "id=1")
+}
+
+/// Column `index` of a simple query's row: its text, or a corrupt-data error naming the
+/// table and key if it is null.
+fn text_column<'r>(
+    row: &'r SimpleQueryRow,
+    index: usize,
+    table: &str,
+    key: &str,
+) -> Result<&'r str, StoreError> {
+    match row.try_get(index) {
+        Ok(Some(text)) => Ok(text),
+        Ok(None) => Err(corrupt(table, key, format!("column {index} is null"))),
+        Err(e) => Err(corrupt(table, key, format!("column {index}: {e}"))),
+    }
+}
+
+/// Column `index` of a simple query's row as a number.
+fn text_int(row: &SimpleQueryRow, index: usize, table: &str, key: &str) -> Result<i64, StoreError> {
+    let text = text_column(row, index, table, key)?;
+    text.parse().map_err(|_| {
+        corrupt(
+            table,
+            key,
+            format!("column {index}: {text:?} is not a number"),
+        )
+    })
+}
+
 /// A client (a connection or a transaction on it) with the connection's prepared statements.
 struct Session<'a, C: GenericClient> {
     client: &'a mut C,
@@ -587,85 +725,42 @@ impl<C: GenericClient> Session<'_, C> {
         rows.iter().map(|row| body(row, table, key)).collect()
     }
 
-    /// Writes one record.
-    fn write(&mut self, record: &Record) -> Result<(), StoreError> {
-        match record {
-            Record::PutJob(job) => {
-                self.execute(sql::PUT_JOB, &[&job.spec.id.as_str(), &encode(job)?])?;
-            }
-            // The job's runs and slot claims stay: history is pruned by policy, and a job
-            // added again under the name must not fire a claimed slot again.
-            Record::DeleteJob { id } => {
-                self.execute(sql::DELETE_JOB, &[&id.as_str()])?;
-            }
-            Record::PutTombstone(tombstone) => {
-                let body = encode(tombstone)?;
-                self.execute(sql::PUT_TOMBSTONE, &[&tombstone.job.as_str(), &body])?;
-            }
-            Record::DeleteTombstone { job } => {
-                self.execute(sql::DELETE_TOMBSTONE, &[&job.as_str()])?;
-            }
-            Record::PutDelivery(delivery) => {
-                let id = int(delivery.id.0, "a delivery id")?;
-                self.execute(sql::PUT_DELIVERY, &[&id, &encode(delivery)?])?;
-            }
-            Record::DeleteDelivery { id } => {
-                self.execute(sql::DELETE_DELIVERY, &[&int(id.0, "a delivery id")?])?;
-            }
-            Record::PutIncident(incident) => {
-                let id = int(incident.id, "an incident id")?;
-                let open = incident.resolved_at.is_none();
-                self.execute(sql::PUT_INCIDENT, &[&id, &open, &encode(incident)?])?;
-            }
-            Record::PutRun(run) => self.put_run(run)?,
-            Record::Audit(entry) => {
-                let seq = int(entry.seq, "an audit seq")?;
-                let run = entry.run.map(|r| int(r.0, "a run id")).transpose()?;
-                let params: [&(dyn ToSql + Sync); 5] = [
-                    &seq,
-                    &entry.job.as_str(),
-                    &run,
-                    &entry.at.0,
-                    &encode(entry)?,
-                ];
-                self.execute(sql::PUT_AUDIT, &params)?;
-            }
-            Record::PruneHistory {
-                job,
-                keep_last,
-                finished_before,
-            } => {
-                let job = job.as_ref().map(JobId::as_str);
-                let keep_last = i64::from(*keep_last);
-                self.execute(sql::PRUNE, &[&job, &keep_last, &finished_before.0])?;
-            }
-            Record::PutMeta(meta) => {
-                self.execute(sql::WRITE_COUNTERS, &[&encode(meta)?])?;
-            }
+    /// Writes one phase of a batch's writes, in one statement ([`sql::WRITE`]).
+    fn write(&mut self, writes: &batch::Writes) -> Result<(), StoreError> {
+        if writes == &batch::Writes::default() {
+            return Ok(());
         }
+        let params = batch::WriteParams::new(writes);
+        self.execute(sql::WRITE, &params.params())?;
         Ok(())
     }
+}
 
-    /// Writes a run and its slot claim.
-    fn put_run(&mut self, run: &Run) -> Result<(), StoreError> {
-        let id = int(run.id().0, "a run id")?;
-        let terminal = run.state().is_terminal();
-        let finished_at = run.finished_at().filter(|_| terminal).map(|t| t.0);
-        let params: [&(dyn ToSql + Sync); 7] = [
-            &id,
-            &run.job().as_str(),
-            &run.state().name().to_string(),
-            &run.created_at().0,
-            &finished_at,
-            &!terminal,
-            &encode(run)?,
-        ];
-        self.execute(sql::PUT_RUN, &params)?;
-        if let Some(slot) = run.slot() {
-            self.execute(sql::PUT_SLOT, &[&run.job().as_str(), &slot.0, &id])?;
+/// One phase's prunes as statements for a simple query, each ending in `; ` (none: empty):
+/// the prunes of every job one by one, those of single jobs (distinct: see `batch`) as one.
+fn prune_statements(prunes: &[batch::Prune]) -> Result<String, StoreError> {
+    let mut statements = String::new();
+    let mut jobs = Vec::new();
+    for prune in prunes {
+        match &prune.job {
+            None => statements.push_str(&format!(
+                "EXECUTE keel_prune_all({}, {}); ",
+                prune.keep_last, prune.finished_before
+            )),
+            Some(job) => jobs.push((job.as_str(), prune.keep_last, prune.finished_before)),
         }
-        Ok(())
     }
+    if !jobs.is_empty() {
+        let names = literal::texts(jobs.iter().map(|(job, _, _)| *job))?;
+        let keep: Vec<i64> = jobs.iter().map(|(_, keep, _)| *keep).collect();
+        let before: Vec<i64> = jobs.iter().map(|(_, _, before)| *before).collect();
+        statements.push_str(&format!(
+            "EXECUTE keel_prune_jobs({names}, {}, {}); ",
+            literal::ints(&keep),
+            literal::ints(&before)
+        ));
+    }
+    Ok(statements)
 }
 
 /// What [`check_batch`] needs of the stored state for one batch, read under the store row
@@ -677,45 +772,56 @@ struct Stored {
     slots: BTreeMap<(String, i64), RunId>,
 }
 
-impl Stored {
-    fn load<C: GenericClient>(
-        s: &mut Session<'_, C>,
-        writer_epoch: u64,
-        batch: &Batch,
-    ) -> Result<Stored, StoreError> {
-        let mut ids = Vec::new();
-        let mut jobs = Vec::new();
-        let mut slots = Vec::new();
+/// The stored rows a batch's check needs: the runs it writes and the slots it claims
+/// (`jobs` and `slots` pairwise).
+struct StoredKeys<'b> {
+    ids: Vec<i64>,
+    jobs: Vec<&'b str>,
+    slots: Vec<i64>,
+}
+
+impl<'b> StoredKeys<'b> {
+    fn of(batch: &'b Batch) -> Result<Self, StoreError> {
+        let mut keys = StoredKeys {
+            ids: Vec::new(),
+            jobs: Vec::new(),
+            slots: Vec::new(),
+        };
         for record in &batch.records {
             let Record::PutRun(run) = record else {
                 continue;
             };
-            ids.push(int(run.id().0, "a run id")?);
+            keys.ids.push(int(run.id().0, "a run id")?);
             if let Some(slot) = run.slot() {
-                jobs.push(run.job().as_str().to_owned());
-                slots.push(slot.0);
+                keys.jobs.push(run.job().as_str());
+                keys.slots.push(slot.0);
             }
         }
+        Ok(keys)
+    }
+}
+
+impl Stored {
+    /// From the rows of `keel_stored` ([`sql::STORED`]) sent in a simple query.
+    fn from_rows(writer_epoch: u64, rows: &[&SimpleQueryRow]) -> Result<Stored, StoreError> {
         let mut stored = Stored {
             writer_epoch,
             runs: BTreeMap::new(),
             slots: BTreeMap::new(),
         };
-        if ids.is_empty() {
-            return Ok(stored);
-        }
-        for row in s.query(sql::STORED_RUNS, &[&ids])? {
-            let run = run_row(&row)?;
-            stored.runs.insert(run.id(), run);
-        }
-        if !jobs.is_empty() {
-            for row in s.query(sql::STORED_SLOTS, &[&jobs, &slots])? {
-                let job: String = column(&row, 0, "keel_slots")?;
-                let slot: i64 = column(&row, 1, "keel_slots")?;
-                let key = format!("job={job} slot={slot}");
-                let run = uint(column(&row, 2, "keel_slots")?, "keel_slots", &key)?;
-                stored.slots.insert((job, slot), RunId(run));
+        for row in rows {
+            if text_column(row, 0, "keel_runs or keel_slots", "")? == "run" {
+                let id = text_int(row, 1, "keel_runs", "")?;
+                let key = format!("id={id}");
+                let run = checked_run(id, text_column(row, 2, "keel_runs", &key)?)?;
+                stored.runs.insert(run.id(), run);
+                continue;
             }
+            let job = text_column(row, 3, "keel_slots", "")?;
+            let slot = text_int(row, 4, "keel_slots", job)?;
+            let key = format!("job={job} slot={slot}");
+            let run = uint(text_int(row, 1, "keel_slots", &key)?, "keel_slots", &key)?;
+            stored.slots.insert((job.to_owned(), slot), RunId(run));
         }
         Ok(stored)
     }
@@ -738,12 +844,14 @@ impl StoredView for Stored {
 /// A `keel_runs` row (id, body), decoded, checked to be the run its key says.
 fn run_row(row: &Row) -> Result<Run, StoreError> {
     let id: i64 = column(row, 0, "keel_runs")?;
+    let body: String = column(row, 1, &format!("keel_runs id={id}"))?;
+    checked_run(id, &body)
+}
+
+/// The body of `keel_runs` row `id`, decoded, checked to be the run its key says.
+fn checked_run(id: i64, body: &str) -> Result<Run, StoreError> {
     let key = format!("id={id}");
-    let run: Run = decode(
-        &column::<String>(row, 1, &format!("keel_runs {key}"))?,
-        "keel_runs",
-        &key,
-    )?;
+    let run: Run = decode(body, "keel_runs", &key)?;
     if i64::try_from(run.id().0) != Ok(id) {
         return Err(corrupt(
             "keel_runs",

@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 use keel_core::store::AuditQuery;
-use keel_core::{Record, Store};
-use keel_harness::conformance::{audit_record, batch, run, T0};
+use keel_core::{Record, RunState, Store};
+use keel_harness::conformance::{audit_record, batch, edit, run, T0};
 use postgres::types::ToSql;
 
 use crate::common::TestDb;
@@ -78,4 +78,69 @@ fn history_pages_walk_an_index_and_stop_at_the_limit() {
         })
         .unwrap();
     assert_eq!(page.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7]);
+}
+
+/// The plan of a statement prepared by name (`sql::prepare_named`) with `args`, as a batch
+/// runs it: generic (`sql::GENERIC_PLANS`).
+fn generic_plan(client: &mut postgres::Client, name: &str, args: &str) -> String {
+    let messages = client
+        .simple_query(&format!("EXPLAIN EXECUTE {name}({args})"))
+        .unwrap();
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
+    const ROWS: u64 = 4_000;
+    let Some(db) = TestDb::new() else { return };
+    let store = db.open();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    for chunk in 0..ROWS / 500 {
+        let records = (chunk * 500 + 1..=chunk * 500 + 500)
+            .flat_map(|i| {
+                let job = format!("job-{}", i % 200);
+                let run = edit(run(i, &job, T0.plus_ms(i)), |r| {
+                    r.state = RunState::Succeeded;
+                    r.finished_at = Some(T0.plus_ms(i));
+                });
+                [
+                    Record::PutRun(run),
+                    Record::Audit(audit_record(i, &job, Some(i), T0.plus_ms(i))),
+                ]
+            })
+            .collect();
+        store.apply(&batch(epoch, chunk, T0, records)).unwrap();
+    }
+    let mut client = db.client();
+    client.batch_execute("ANALYZE").unwrap();
+    client.batch_execute(&sql::prepare_named()).unwrap();
+    client
+        .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS))
+        .unwrap();
+    let read = generic_plan(
+        &mut client,
+        "keel_stored",
+        "ARRAY[7, 8]::bigint[], ARRAY['job-7']::text[], ARRAY[7]::bigint[]",
+    );
+    let prune = generic_plan(
+        &mut client,
+        "keel_prune_jobs",
+        "ARRAY['job-7', 'job-8']::text[], ARRAY[3, 3]::bigint[], ARRAY[0, 0]::bigint[]",
+    );
+    client.batch_execute("ROLLBACK").unwrap();
+    for plan in [&read, &prune] {
+        assert!(!plan.contains("Seq Scan on keel_runs"), "{plan}");
+        assert!(!plan.contains("Seq Scan on keel_slots"), "{plan}");
+        assert!(!plan.contains("Seq Scan on keel_audit"), "{plan}");
+    }
+    // Generic: the arrays are parameters, not the values given.
+    assert!(read.contains("ANY ($1)"), "{read}");
+    assert!(prune.contains("keel_audit_by_run"), "{prune}");
 }
