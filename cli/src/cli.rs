@@ -35,7 +35,13 @@ pub(crate) struct Cli {
     /// The store adapter: `fs` (the default, shared by several processes), `sled` (one
     /// process at a time; see docs/storage.md) or `postgres`. Wins over keel.toml's `[daemon]
     /// store`.
-    #[arg(long, global = true, value_enum, help_heading = "Global options")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "KEEL_STORE",
+        help_heading = "Global options"
+    )]
     pub(crate) store: Option<StoreKind>,
     /// With --store postgres: the database, as a libpq key-value string or a postgresql:// URL
     /// (docs/cli.md, "Several hosts on Postgres"). Never printed with its password. Wins over
@@ -168,8 +174,9 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     pub(crate) http: Option<std::net::SocketAddr>,
     /// With --store postgres: the leadership lease's time to live (e.g. 10s). The leader
-    /// renews it every third of it and stops itself when it could not for TTL minus a margin;
-    /// a standby takes over within TTL plus about a second of a leader's death. Wins over
+    /// renews it every third of it and stops itself when it could not for TTL minus a margin.
+    /// A standby takes over within about a second of a leader's death (its sessions end),
+    /// and within the TTL of a leader that is stopped or cut off. Wins over
     /// keel.toml's `[daemon] leader_ttl`; 10s unless either sets it.
     #[arg(
         long,

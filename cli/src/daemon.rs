@@ -77,6 +77,13 @@ async fn daemon(
         .as_ref()
         .map_or(SHUTDOWN_BUDGET_DEFAULT, |c| c.shutdown_budget);
     place.prepare()?;
+    // `--http ADDR` overrides `[http] listen`, and keeps the rest of `[http]`.
+    let http = HttpSettings::merged(http, config.as_ref().and_then(|c| c.http.clone()));
+    // Checked before waiting for the lock or the lead: a standby that could not serve would
+    // find out only on taking over, and leave the store with no leader.
+    if let Some(settings) = &http {
+        check_http(settings)?;
+    }
     let Some(lock) = take_lock(place, &mut signals).await? else {
         log("stopped while waiting for the other daemon");
         return Ok(());
@@ -86,8 +93,6 @@ async fn daemon(
     // Only this data directory's records are read (this host's attempts, under its lock), so a
     // daemon never kills another host's commands.
     kill_leftover_commands(place).await?;
-    // `--http ADDR` overrides `[http] listen`, and keeps the rest of `[http]`.
-    let http = HttpSettings::merged(http, config.as_ref().and_then(|c| c.http.clone()));
     let lead = match place.kind {
         StoreKind::Postgres => {
             let api = crate::anyhost::planned(http.as_ref());
@@ -102,6 +107,12 @@ async fn daemon(
             }
         }
         StoreKind::Fs | StoreKind::Sled => None,
+    };
+    // A standby may have waited for hours: taking the lead, it applies the config file as it is
+    // now (another host may have changed and reloaded it), not as it read it at its start.
+    let config = match (&lead, config) {
+        (Some(_), Some(read)) => Some(reread(read)),
+        (_, config) => config,
     };
     let worker = crate::direct::daemon_worker(place.kind);
     // The lease is kept from now on: restoring a large store and starting may take longer
@@ -566,6 +577,52 @@ async fn prune_output(dir: std::path::PathBuf, store: Arc<dyn Store>) {
         let (dir, store) = (dir.clone(), Arc::clone(&store));
         let _ =
             tokio::task::spawn_blocking(move || command_job::output::prune(&dir, &*store)).await;
+    }
+}
+
+/// The HTTP settings a daemon will serve with, checked now: the tokens file loads (a
+/// non-loopback listener needs one), and the address can be bound. The address is bound once
+/// and let go, so another process may still take it before the daemon serves; that is then
+/// reported when it tries.
+fn check_http(settings: &HttpSettings) -> Result<(), Failure> {
+    settings
+        .tokens()
+        .map_err(|e| Failure::input(format!("http: {e}")))?;
+    if settings.listen.port() != 0 {
+        std::net::TcpListener::bind(settings.listen).map_err(|e| {
+            Failure::runtime(format!("http: cannot listen on {}: {e}", settings.listen))
+        })?;
+    }
+    Ok(())
+}
+
+/// The config file `read` came from, read again; `read` itself if it no longer loads (said in
+/// the log: a file broken since the start does not keep a standby from leading).
+fn reread(read: Config) -> Config {
+    match crate::config::load(&read.path) {
+        Ok(now) => {
+            if now.daemon_settings() != read.daemon_settings() {
+                log(
+                    "settings changed in the file since this daemon started: the scheduler's \
+                     (leases, delivery, watchdog) apply now; where it runs (store, [http], \
+                     metrics, shutdown_budget, leader_ttl) at its next start",
+                );
+            }
+            log(&format!(
+                "read {} again on taking the lead",
+                read.path.display()
+            ));
+            now
+        }
+        Err(e) => {
+            log(&format!(
+                "warning: {} no longer loads ({}); taking the lead with the config read at the \
+                 start",
+                read.path.display(),
+                e.message()
+            ));
+            read
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //!
 //! | check | problem when |
 //! |---|---|
-//! | daemon | a process holds the daemon lock but does not answer on the control socket |
+//! | daemon | a process holds the daemon lock but does not answer on the control socket (on Postgres, such a daemon stands by: fine) |
 //! | store | the store does not open, or it may have lost acknowledged writes: damaged frames, a missing or emptied log, a damaged fallback generation (fs: `FsStore::verify`, which checks every generation kept) |
 //! | leases | a running attempt's lease expired and nobody reclaimed it |
 //! | jobs | a job's kind has no handler (the daemon would refuse to start), a command job's payload does not read, a stored definition no longer validates |
@@ -235,6 +235,19 @@ fn check_store(place: &Place, lease: LeasePolicy, findings: &mut Findings) {
         },
         Ok(None) => {
             match lock_holder(place) {
+                // On a shared store a daemon that does not lead stands by, with no socket.
+                Some(Holder::Daemon(pid)) if place.kind == StoreKind::Postgres => {
+                    let leader = crate::lead::current(place, false)
+                        .ok()
+                        .and_then(|status| status.holder)
+                        .map_or_else(|| "nobody leads yet".to_owned(), |h| format!("{h} leads"));
+                    findings.add(
+                        Level::Ok,
+                        "daemon",
+                        format!("standing by (pid {pid}): {leader}"),
+                        None,
+                    );
+                }
                 Some(Holder::Daemon(pid)) => findings.add(
                     Level::Problem,
                     "daemon",

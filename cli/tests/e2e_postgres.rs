@@ -597,6 +597,83 @@ fn after_a_database_failover_the_leader_stops_and_no_daemon_writes_until_it_is_a
 }
 
 #[test]
+fn a_standby_checks_its_http_at_start_reads_the_config_again_when_it_leads_and_hides_secrets() {
+    let Some(db) = pg::TestDb::new() else { return };
+    let url = db.url();
+    let a = Place::new("pg-takeover-a");
+    let b = Place::new("pg-takeover-b");
+    let env_file = a.path("env.txt");
+    // One keel.toml for both hosts, as deployed to each.
+    let shared = a.config(DAEMON_TOML);
+    let ttl = format!("{}s", TTL.as_secs());
+    let run = |place: &Place, host: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--store",
+            "postgres",
+            "run",
+            "--config",
+            shared.to_str().unwrap(),
+            "--leader-ttl",
+            &ttl,
+        ];
+        args.extend_from_slice(extra);
+        // The URL and a token in the daemon's environment, as a service would have them.
+        place.spawn_daemon(
+            &args,
+            &[
+                ("KEEL_HOSTNAME", host),
+                ("KEEL_DATABASE_URL", &url),
+                ("KEEL_TOKEN", "sekrit-token-never-shown"),
+            ],
+        )
+    };
+    let mut leader = run(&a, "host-a", &[]);
+    leader.wait_for(&["ready: postgres store"]);
+
+    // A standby that could not serve its HTTP API says so at once, not when it takes over.
+    let mut refused = run(&b, "host-b", &["--http", "0.0.0.0:0"]);
+    assert_eq!(refused.wait_exit().code(), Some(2), "{}", refused.log());
+    assert!(
+        refused.log().contains("not a loopback address"),
+        "{}",
+        refused.log()
+    );
+    assert_eq!(refused.count(&["standby"]), 0, "{}", refused.log());
+
+    let standby = run(&b, "host-b", &[]);
+    standby.wait_for(&["standby: host-a:"]);
+    // `doctor` on the standby's host calls a standby fine and names the leader.
+    pg_keel(&b, &url, &["doctor"]).expect_stdout("standing by (pid");
+    pg_keel(&b, &url, &["doctor"]).expect_stdout("host-a:");
+    // The file gains a job (deployed everywhere, but the leader not yet told), which dumps its
+    // environment: the standby must not remove it when it takes over.
+    std::fs::write(
+        &shared,
+        format!(
+            "{DAEMON_TOML}\n[[job]]\nname = \"env\"\nat = \"+1s\"\ncommand = [\"sh\", \"-c\", \"env > {}\"]\n",
+            env_file.display()
+        ),
+    )
+    .unwrap();
+    leader.signal("KILL");
+    leader.wait_exit();
+    standby.wait_for(&["leading the postgres store as host-b:"]);
+    standby.wait_for(&["again on taking the lead"]);
+    wait_until("the new job runs", || {
+        std::fs::read_to_string(&env_file).is_ok_and(|env| env.contains("KEEL_RUN_ID="))
+    });
+    assert_eq!(standby.count(&["env: removed"]), 0, "{}", standby.log());
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    for secret in [
+        "KEEL_DATABASE_URL",
+        "KEEL_TOKEN",
+        "sekrit-token-never-shown",
+    ] {
+        assert!(!env.contains(secret), "a command sees {secret}:\n{env}");
+    }
+}
+
+#[test]
 fn keel_toml_says_where_the_store_is_and_the_command_line_wins() {
     let Some(db) = pg::TestDb::new() else { return };
     let url = with_password(db.url());

@@ -47,6 +47,10 @@
 //! | `KEEL_FENCING_TOKEN` | the attempt's fencing token, a number that rises with every attempt keel hands out: storage that supports fencing refuses writes with a token lower than one it has seen |
 //! | `KEEL_CHECKPOINT` | the data of the run's last checkpoint, when this attempt resumes from one; unset otherwise |
 //!
+//! The daemon's own secrets are removed: a command never sees `KEEL_DATABASE_URL` (the store's
+//! database, with its password) or `KEEL_TOKEN` (an API token), even when the daemon was started
+//! with them in its environment. Pass what a command needs in the job's `env`.
+//!
 //! # Talking to keel: control lines on stdout
 //!
 //! A command reports to keel by printing whole lines on **stdout** that start with `::keel `:
@@ -303,6 +307,10 @@ async fn run_attempt(
             "KEEL_CHECKPOINT",
             ctx.checkpoint.as_ref().map(|c| c.data.clone()),
         ),
+        // The daemon's own secrets are not the command's: its database URL (with its password)
+        // and its API token would otherwise reach every command, and its kept output.
+        ("KEEL_DATABASE_URL", None),
+        ("KEEL_TOKEN", None),
     ];
     #[cfg(unix)]
     if let Err(e) = spec.find_program() {
