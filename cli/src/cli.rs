@@ -69,7 +69,8 @@ pub(crate) struct Cli {
         help_heading = "Global options"
     )]
     pub(crate) server: Option<String>,
-    /// With --server: a file whose first line is the bearer token.
+    /// With --server (or a command sent on to the leader of a Postgres store): a file whose
+    /// first line is the bearer token.
     #[arg(
         long,
         global = true,

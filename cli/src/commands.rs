@@ -609,10 +609,19 @@ fn logs(place: &Place, args: &crate::cli::LogsArgs) -> Result<(), Failure> {
             Some(last) => *last,
             None if args.follow && !run.state().is_terminal() => run.attempt(),
             None => {
-                return Err(Failure::input(format!(
-                    "no output kept for {run_id}: it ran no command here (a job for external \
-                     workers, or a run from before keel kept output)"
-                )))
+                return Err(Failure::input(if place.kind == StoreKind::Postgres {
+                    format!(
+                        "no output kept on this host for {run_id}: each host keeps the output of \
+                         the commands it ran; run `keel logs` on the host that ran it (see \
+                         `keel runs show {run_id}` for its worker, local:HOST), or it ran no \
+                         command (a job for external workers)"
+                    )
+                } else {
+                    format!(
+                        "no output kept for {run_id}: it ran no command here (a job for external \
+                         workers, or a run from before keel kept output)"
+                    )
+                }))
             }
         },
     };

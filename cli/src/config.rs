@@ -731,14 +731,18 @@ fn placement(
     let database_url = daemon.database_url.as_ref().and_then(|value| {
         let url = DatabaseUrl(value.get_ref().clone());
         // The parser's message does not quote the string, so it cannot leak the password.
-        match value.get_ref().parse::<keel_store_postgres::Config>() {
+        match keel_store_postgres::parse_config(value.get_ref()) {
             Ok(_) => Some(url),
             Err(e) => {
+                let detail = match e {
+                    keel_core::StoreError::Io(detail) => detail,
+                    other => other.to_string(),
+                };
                 problems.push(daemon_problem(
                     text,
                     value,
                     "database_url",
-                    &format!("not a Postgres connection string ({e}); the value is not shown"),
+                    &format!("not a Postgres connection string ({detail}); the value is not shown"),
                 ));
                 None
             }

@@ -130,9 +130,10 @@ pub(crate) async fn stand_by(
     config.connect_timeout(ttl / 3);
     let holder = holder_id();
     let reader_config = config.clone();
+    let at = keel_store_postgres::describe(&config);
     let leadership = blocking(move || Leadership::new(config, &holder, ttl))
         .await?
-        .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
+        .map_err(|e| Failure::runtime(format!("cannot open the postgres store ({at}): {e}")))?;
     let leadership = Arc::new(leadership);
     let mut said: Option<(String, u64)> = None;
     let mut said_unhandled: Vec<(String, String)> = Vec::new();
@@ -168,6 +169,9 @@ pub(crate) async fn stand_by(
         .await?;
         match tried {
             Ok(Tried::Unhandled(unhandled)) => {
+                if failing {
+                    log("standby: the database answers again");
+                }
                 failing = false;
                 if said_unhandled != unhandled {
                     let named: Vec<String> = unhandled
@@ -201,6 +205,9 @@ pub(crate) async fn stand_by(
                 }));
             }
             Ok(Tried::Held(current)) => {
+                if failing {
+                    log("standby: the database answers again");
+                }
                 failing = false;
                 said_unhandled.clear();
                 if let Some(lease) = current.filter(|l| l.live) {
@@ -426,8 +433,10 @@ fn status(lease: Option<&Lease>, leading: bool) -> LeaderStatus {
 /// The lease as it stands, for callers other than a daemon's own lead (`keel status` with no
 /// daemon, and forwarding a command to the leader): `None` if nobody holds a live one.
 pub(crate) fn live_lease(place: &Place) -> Result<Option<Lease>, Failure> {
-    let leadership = Leadership::new(place.database_config()?, &holder_id(), Duration::ZERO)
-        .map_err(|e| Failure::runtime(format!("cannot open the postgres store: {e}")))?;
+    let config = place.database_config()?;
+    let at = keel_store_postgres::describe(&config);
+    let leadership = Leadership::new(config, &holder_id(), Duration::ZERO)
+        .map_err(|e| Failure::runtime(format!("cannot open the postgres store ({at}): {e}")))?;
     let lease = leadership
         .current()
         .map_err(|e| Failure::runtime(format!("cannot read the leadership lease: {e}")))?;

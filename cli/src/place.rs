@@ -243,7 +243,11 @@ impl Place {
             _ => error.to_string(),
         };
         if self.kind == StoreKind::Postgres {
-            return Failure::runtime(format!("cannot open the postgres store: {hint}"));
+            let at = self
+                .database_config()
+                .map(|c| format!(" ({})", keel_store_postgres::describe(&c)))
+                .unwrap_or_default();
+            return Failure::runtime(format!("cannot open the postgres store{at}: {hint}"));
         }
         Failure::runtime(format!(
             "cannot open the {} store in {}: {hint}",

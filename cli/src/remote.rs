@@ -119,8 +119,19 @@ impl Remote {
         } else {
             ""
         };
+        // reqwest's own message leaves the cause (a refused connection, a name that does not
+        // resolve) to its sources.
+        let mut why = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !why.contains(&text) {
+                why = format!("{why}: {text}");
+            }
+            source = cause.source();
+        }
         Failure::runtime(format!(
-            "cannot reach the daemon at {}: {error}.{after}",
+            "cannot reach the daemon at {}: {why}.{after}",
             self.base
         ))
     }

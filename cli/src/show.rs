@@ -809,7 +809,7 @@ pub(crate) fn status(found: &crate::anyhost::Found, now: Timestamp) -> String {
         match &leader.holder {
             None => lines.push((
                 "leader",
-                "none: no daemon holds the lease (a standby takes it within a second)".to_string(),
+                "none: no daemon holds the lease (a standby, if one runs, takes it within a second)".to_string(),
             )),
             Some(holder) => {
                 let term = leader

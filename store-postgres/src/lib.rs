@@ -132,7 +132,7 @@ mod tls;
 
 pub use identity::DatabaseIdentity;
 pub use leader::{Leadership, Lease};
-pub use tls::parse_config;
+pub use tls::{describe, parse_config};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -35,6 +35,42 @@ pub fn parse_config(params: &str) -> Result<Config, StoreError> {
     })
 }
 
+/// Where `config` connects, for messages: hosts, ports, user, database and `sslmode`, never the
+/// password (`host=db.internal port=5432 user=keel dbname=keel sslmode=require`).
+pub fn describe(config: &Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|host| match host {
+            Host::Tcp(name) => name.clone(),
+            #[cfg(unix)]
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let ports: Vec<String> = config.get_ports().iter().map(u16::to_string).collect();
+    let mut said = Vec::new();
+    if !hosts.is_empty() {
+        said.push(format!("host={}", hosts.join(",")));
+    }
+    if !ports.is_empty() {
+        said.push(format!("port={}", ports.join(",")));
+    }
+    if let Some(user) = config.get_user() {
+        said.push(format!("user={user}"));
+    }
+    if let Some(db) = config.get_dbname() {
+        said.push(format!("dbname={db}"));
+    }
+    let mode = match config.get_ssl_mode() {
+        SslMode::Disable => "disable",
+        SslMode::Require => "require",
+        _ => "prefer",
+    };
+    said.push(format!("sslmode={mode}"));
+    said.join(" ")
+}
+
 /// Connects as `config`'s `sslmode` says (module docs).
 pub(crate) fn connect(config: &Config) -> Result<Client, StoreError> {
     let connected = match config.get_ssl_mode() {
@@ -90,6 +126,11 @@ mod tests {
         assert_eq!(
             parse_config("host=db").unwrap().get_ssl_mode(),
             SslMode::Prefer
+        );
+        assert_eq!(
+            describe(&parse_config("postgresql://keel:s3cret@db.internal:6432/jobs").unwrap()),
+            "host=db.internal port=6432 user=keel dbname=jobs sslmode=prefer",
+            "never the password"
         );
         assert!(matches!(
             parse_config("host=db sslmode=sometimes"),
