@@ -107,7 +107,10 @@ fn main() {
             let _ = std::fs::remove_dir_all(&dir);
             let stdout = String::from_utf8_lossy(&out.stdout);
             let Some(line) = stdout.lines().find(|l| l.starts_with("RESULT ")) else {
-                eprintln!("{lib} {count}: no result\n{}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "{lib} {count}: no result\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
                 continue;
             };
             let f: Vec<f64> = line
@@ -167,8 +170,8 @@ async fn keel(count: u64, dir: &Path) -> (Duration, Duration) {
         .unwrap();
     let handle = runtime.handle();
     let started = Instant::now();
-    let in_flight: usize = env::var("KEEL_BENCH_IN_FLIGHT")
-        .map_or(IN_FLIGHT, |n| n.trim().parse().unwrap());
+    let in_flight: usize =
+        env::var("KEEL_BENCH_IN_FLIGHT").map_or(IN_FLIGHT, |n| n.trim().parse().unwrap());
     let mut pending = tokio::task::JoinSet::new();
     for i in 0..count {
         let handle = handle.clone();
@@ -246,7 +249,12 @@ fn process_cpu_s() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // Fields 14 and 15 of the whole line (utime, stime) are 11 and 12 after the `)`.
     (ticks(11) + ticks(12)) / 100.0
 }
