@@ -85,6 +85,24 @@ pub enum Record {
     },
 }
 
+impl Record {
+    /// The record as a store reads it back: the fields that are not persisted
+    /// (`Job::active_runs`, which restore derives from the runs, and a delivery's durable flag,
+    /// which the outbox sets on restore) at the values decoding gives them. A store that keeps
+    /// the records it writes in memory, instead of decoding them back from its files, keeps
+    /// this form, so that its memory equals what a replay of its files builds.
+    pub fn into_stored(self) -> Record {
+        match self {
+            Record::PutJob(mut job) => {
+                job.active_runs = 0;
+                Record::PutJob(job)
+            }
+            Record::PutDelivery(delivery) => Record::PutDelivery(delivery.into_stored()),
+            other => other,
+        }
+    }
+}
+
 /// What is kept of a deleted job: its name and the latest slot it fired.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tombstone {

@@ -257,7 +257,7 @@ struct Queue {
 #[derive(Debug)]
 struct Pending {
     ticket: u64,
-    /// The batch as decoded from `frame`.
+    /// The batch `frame` encodes.
     batch: Batch,
     frame: Vec<u8>,
 }
@@ -396,10 +396,10 @@ impl FsStore {
             at: now,
             records: vec![Record::PutIncident(incident), Record::PutMeta(meta)],
         };
-        let writer = format::encode_writer(epoch).map_err(StoreError::Io)?;
-        let (frame, batch) = format::encode_batch(&batch).map_err(StoreError::Io)?;
+        let writer = format::encode_writer(epoch).map_err(|e| StoreError::Io(e.to_string()))?;
+        let frame = format::encode_batch(&batch).map_err(|e| StoreError::Io(e.to_string()))?;
         replica.state.writer_epoch = epoch;
-        replica.state.apply(&batch.records);
+        replica.state.apply_owned(batch.records);
         let result = replica.repair(&[writer, frame].concat());
         if result.is_err() {
             replica.invalidate();
@@ -481,13 +481,13 @@ impl FsStore {
         {
             return leader.fail_all(&e);
         }
-        let mut frames = Vec::new();
+        let mut frames: Vec<Vec<u8>> = Vec::new();
         let mut landed = Vec::new();
         for pending in group {
             match check_batch(&replica.state, &pending.batch) {
                 Ok(()) => {
-                    replica.state.apply(&pending.batch.records);
-                    frames.extend_from_slice(&pending.frame);
+                    replica.state.apply_owned(pending.batch.records);
+                    frames.push(pending.frame);
                     landed.push(pending.ticket);
                 }
                 Err(conflict) => {
@@ -497,7 +497,12 @@ impl FsStore {
             }
         }
         if !landed.is_empty() {
-            match replica.append(&frames) {
+            // A group of one (most of them) is appended as it was encoded, without a copy.
+            let bytes = match frames.len() {
+                1 => frames.swap_remove(0),
+                _ => frames.concat(),
+            };
+            match replica.append(&bytes) {
                 Ok(()) => {
                     self.counters.syncs.fetch_add(1, Ordering::Relaxed);
                     let count = landed.len() as u64;
@@ -561,7 +566,7 @@ impl Store for FsStore {
         replica.catch_up(Access::Exclusive, report)?;
         replica.writable()?;
         let epoch = next_writer_epoch(replica.state.writer_epoch, replica.state.meta.epoch);
-        let frame = format::encode_writer(epoch).map_err(StoreError::Io)?;
+        let frame = format::encode_writer(epoch).map_err(|e| StoreError::Io(e.to_string()))?;
         replica.append(&frame)?;
         self.counters.syncs.fetch_add(1, Ordering::Relaxed);
         replica.state.writer_epoch = epoch;
@@ -572,8 +577,11 @@ impl Store for FsStore {
     }
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        let (frame, batch) = format::encode_batch(batch)
+        let frame = format::encode_batch(batch)
             .map_err(|why| StoreError::Io(format!("batch {} cannot be stored: {why}", batch.id)))?;
+        // The caller's batch, not one decoded from the frame: `encode_batch` explains why the
+        // two are equal.
+        let batch = batch.clone();
         let mut queue = self.queue();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;

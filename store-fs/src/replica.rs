@@ -699,7 +699,7 @@ struct Replayed {
 /// before anything names the generation as committed. Returns the log and the frame's length.
 fn start_log(dir: &Path, generation: u64, sync: bool) -> Result<(File, u64), StoreError> {
     let path = dir.join(log_name(generation));
-    let frame = encode_start(generation).map_err(StoreError::Io)?;
+    let frame = encode_start(generation).map_err(|e| StoreError::Io(e.to_string()))?;
     let created = owner_only()
         .create_new(true)
         .open(&path)

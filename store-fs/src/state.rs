@@ -51,7 +51,17 @@ impl State {
     /// fail; whether a batch *may* be applied is `check_batch`'s decision, made before.
     pub(crate) fn apply(&mut self, records: &[Record]) {
         for record in records {
-            self.apply_record(record);
+            self.apply_record(record.clone());
+        }
+    }
+
+    /// [`State::apply`], moving the records into the maps instead of copying them: the write
+    /// path owns its batch, so a firing's job, runs and audit records are not cloned again.
+    /// The records are kept in the form they read back in (`Record::into_stored`), so memory
+    /// equals what a replay of the log builds.
+    pub(crate) fn apply_owned(&mut self, records: Vec<Record>) {
+        for record in records {
+            self.apply_record(record.into_stored());
         }
     }
 
@@ -205,43 +215,42 @@ impl State {
         Ok((state, header))
     }
 
-    fn apply_record(&mut self, record: &Record) {
+    fn apply_record(&mut self, record: Record) {
         match record {
             Record::PutJob(job) => {
-                self.jobs.insert(job.spec.id.clone(), job.clone());
+                self.jobs.insert(job.spec.id.clone(), job);
             }
             // The job's runs, audit and slot claims stay: history outlives the definition.
             Record::DeleteJob { id } => {
-                self.jobs.remove(id);
+                self.jobs.remove(&id);
             }
             Record::PutRun(run) => {
                 if let Some(slot) = run.slot() {
                     self.slots.insert((run.job().clone(), slot), run.id());
                 }
-                self.insert_run(run.clone());
+                self.insert_run(run);
             }
-            Record::Audit(record) => self.insert_audit(record.clone()),
+            Record::Audit(record) => self.insert_audit(record),
             Record::PruneHistory {
                 job,
                 keep_last,
                 finished_before,
-            } => self.prune(job.as_ref(), *keep_last, *finished_before),
-            Record::PutMeta(meta) => self.meta = *meta,
+            } => self.prune(job.as_ref(), keep_last, finished_before),
+            Record::PutMeta(meta) => self.meta = meta,
             Record::PutTombstone(tombstone) => {
-                self.tombstones
-                    .insert(tombstone.job.clone(), tombstone.clone());
+                self.tombstones.insert(tombstone.job.clone(), tombstone);
             }
             Record::DeleteTombstone { job } => {
-                self.tombstones.remove(job);
+                self.tombstones.remove(&job);
             }
             Record::PutIncident(incident) => {
-                self.incidents.insert(incident.id, incident.clone());
+                self.incidents.insert(incident.id, incident);
             }
             Record::PutDelivery(delivery) => {
-                self.deliveries.insert(delivery.id, delivery.clone());
+                self.deliveries.insert(delivery.id, delivery);
             }
             Record::DeleteDelivery { id } => {
-                self.deliveries.remove(id);
+                self.deliveries.remove(&id);
             }
         }
     }

@@ -354,6 +354,13 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// The delivery as its record reads back: not yet known durable (see
+    /// [`Record::into_stored`](crate::Record::into_stored)).
+    pub(crate) fn into_stored(mut self) -> Self {
+        self.durable = false;
+        self
+    }
+
     /// True once the store holds this delivery's record, so that it may be sent.
     pub fn is_durable(&self) -> bool {
         self.durable
