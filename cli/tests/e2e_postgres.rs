@@ -139,20 +139,8 @@ fn two_daemons_on_postgres_one_leads_and_the_other_takes_over() {
         .expect_stdout(on_a["leader"]["holder"].as_str().unwrap())
         .expect_stdout(&api);
 
-    let add = [
-        "job",
-        "add",
-        "tick",
-        "--every",
-        "1s",
-        "--",
-        "sh",
-        "-c",
-        &format!(
-            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
-            fired.display()
-        ),
-    ];
+    let add = tick_job(&fired);
+    let add = strs(&add);
     // A change on the standby's host goes to the leader's advertised API (never to the store
     // directly, which would depose the leader), saying once where it went.
     let no_token = pg_keel(&b, &url, &add);
@@ -344,20 +332,8 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
     leader.wait_for(&["ready: postgres store"]);
     let standby = start(&b, &config_b, &url, "host-b", false);
     standby.wait_for(&["standby: host-a:"]);
-    let add = [
-        "job",
-        "add",
-        "tick",
-        "--every",
-        "1s",
-        "--",
-        "sh",
-        "-c",
-        &format!(
-            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
-            fired.display()
-        ),
-    ];
+    let add = tick_job(&fired);
+    let add = strs(&add);
     pg_keel(&a, &url, &add).expect_code(0);
     wait_until("the leader fires the job", || !lines(&fired).is_empty());
 
@@ -388,6 +364,24 @@ fn a_stalled_leader_is_replaced_and_stops_itself_when_it_wakes() {
         lines(&fired).len() >= before + 2
     });
     expect_each_slot_fired_once(&lines(&fired));
+}
+
+/// The arguments of `job add tick`: a job every second whose command appends
+/// `KEY RUN ATTEMPT` to `fired`, as [`expect_each_slot_fired_once`] reads them.
+fn tick_job(fired: &Path) -> Vec<String> {
+    let line = format!(
+        "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
+        fired.display()
+    );
+    [
+        "job", "add", "tick", "--every", "1s", "--", "sh", "-c", &line,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// libfaketime (Debian: `apt-get install faketime`), which `.ci/run` installs: it moves a
@@ -432,20 +426,8 @@ fn a_standby_whose_clock_is_an_hour_ahead_takes_over_on_the_databases_time() {
         ],
     );
     standby.wait_for(&["standby: host-a:"]);
-    let add = [
-        "job",
-        "add",
-        "tick",
-        "--every",
-        "1s",
-        "--",
-        "sh",
-        "-c",
-        &format!(
-            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
-            fired.display()
-        ),
-    ];
+    let add = tick_job(&fired);
+    let add = strs(&add);
     pg_keel(&a, &url, &add).expect_code(0);
     wait_until("the leader fires the job", || !lines(&fired).is_empty());
 
@@ -541,20 +523,8 @@ fn after_a_database_failover_the_leader_stops_and_no_daemon_writes_until_it_is_a
     let config = a.config(DAEMON_TOML);
     let mut leader = start(&a, &config, &url, "host-a", false);
     leader.wait_for(&["ready: postgres store"]);
-    let add = [
-        "job",
-        "add",
-        "tick",
-        "--every",
-        "1s",
-        "--",
-        "sh",
-        "-c",
-        &format!(
-            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT\" >> {}",
-            fired.display()
-        ),
-    ];
+    let add = tick_job(&fired);
+    let add = strs(&add);
     pg_keel(&a, &url, &add).expect_code(0);
     wait_until("the leader fires the job", || lines(&fired).len() >= 2);
     pair.wait_replayed();
@@ -807,7 +777,7 @@ fn a_killed_leaders_guard_kills_its_command_and_a_restart_kills_what_no_guard_di
     back.wait_exit();
     b2.wait_for(&["leading the postgres store as host-b:"]);
     assert!(alive(pid), "{}", b2.log());
-    assert_eq!(b2.count(&["leftover"]), 0, "{}", b2.log());
+    assert_eq!(b2.count(&["killed the leftover"]), 0, "{}", b2.log());
 
     // Back on host-a, the daemon kills its own leftover at once, though it only stands by.
     let again = start(&a, &config_a, &url, "host-a", false);
