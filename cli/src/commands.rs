@@ -110,6 +110,13 @@ fn commands(
     let place = place.clone();
     match command {
         Command::Run(args) => {
+            if args.leader_ttl.is_some() && place.kind != StoreKind::Postgres {
+                eprintln!(
+                    "keel: warning: --leader-ttl applies only with --store postgres; the {} \
+                     store has one daemon per data directory, chosen by its lock",
+                    place.kind.name()
+                );
+            }
             let leader_ttl = args
                 .leader_ttl
                 .or(config.as_ref().and_then(|c| c.leader_ttl))

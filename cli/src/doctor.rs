@@ -96,7 +96,9 @@ pub(crate) fn run(place: &Place, json: bool, args: &DoctorArgs) -> Result<(), Fa
             ),
         }
     }
-    if place.dir.is_dir() {
+    // On Postgres the store is the database: a host with no daemon has no data directory, and
+    // needs none.
+    if place.dir.is_dir() || place.kind == StoreKind::Postgres {
         check_store(place, lease, &mut findings);
     } else {
         findings.add(

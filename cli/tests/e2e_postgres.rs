@@ -256,6 +256,12 @@ fn a_change_is_refused_naming_the_leader_when_it_serves_no_api() {
     let elsewhere = Place::new("pg-noapi-elsewhere");
     let add = ["job", "add", "x", "--every", "1m", "--", "true"];
 
+    // A host with no daemon needs no data directory on Postgres: doctor checks the database.
+    assert!(!elsewhere.data().exists());
+    pg_keel(&elsewhere, &url, &["doctor"])
+        .expect_code(0)
+        .expect_stdout("postgres store opens");
+
     // Nobody leads yet: refused (never written to the store directly), and status says so.
     pg_keel(&elsewhere, &url, &add)
         .expect_code(2)
