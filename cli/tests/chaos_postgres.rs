@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chaos::{
-    all_logs, leader, lines, next_leader, pg_keel, stop_all, wait_lines, Host, FIRED, LEADING,
+    all_logs, leader, lines, next_leader, pg_keel, start_all, stop_all, wait_lines, Host, FIRED,
     READY, TAKEOVER_BOUND, TTL,
 };
 use common::{Place, WAIT};
@@ -57,16 +57,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
         .map(|&name| Host::new("chaos", name, url.clone()))
         .collect();
 
-    // host-a starts alone and leads; the others stand by.
-    hosts[0].start();
-    hosts[0].daemon().wait_for(&[LEADING, "host-a:"]);
-    hosts[0].daemon().wait_for(&[READY]);
-    for host in &mut hosts[1..] {
-        host.start();
-    }
-    for host in &hosts[1..] {
-        host.daemon().wait_for(&["standby: host-a:"]);
-    }
+    start_all(&mut hosts);
     // The jobs, through the leader's control socket.
     for job in JOBS {
         let add = [

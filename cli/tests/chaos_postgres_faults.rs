@@ -34,8 +34,8 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use chaos::{
-    all_logs, leader, lines, next_leader, pg_keel, stop_all, verify, wait_lines, wait_until, Found,
-    Host, FIRED, LEADING, LEASE_GRACE, LEASE_TTL, READY, TAKEOVER_BOUND, TTL,
+    all_logs, leader, lines, next_leader, pg_keel, start_all, stop_all, verify, wait_lines,
+    wait_until, Found, Host, FIRED, LEADING, LEASE_GRACE, LEASE_TTL, READY, TAKEOVER_BOUND, TTL,
 };
 use common::{Place, WAIT};
 use keel_core::StateName;
@@ -81,15 +81,7 @@ fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplica
     .into_iter()
     .map(|(name, url)| Host::new("faults", name, url))
     .collect();
-    hosts[0].start();
-    hosts[0].daemon().wait_for(&[LEADING, "host-a:"]);
-    hosts[0].daemon().wait_for(&[READY]);
-    for host in &mut hosts[1..] {
-        host.start();
-    }
-    for host in &hosts[1..] {
-        host.daemon().wait_for(&["standby: host-a:"]);
-    }
+    start_all(&mut hosts);
     for job in ["tick-a", "tick-b", "tick-c"] {
         let echo = format!(
             "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT $KEEL_HOSTNAME\" >> {}",

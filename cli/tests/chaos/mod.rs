@@ -99,6 +99,20 @@ impl Host {
     }
 }
 
+/// Starts every host's daemon: the first alone, until it leads and is ready; then the others,
+/// until each stands by.
+pub fn start_all(hosts: &mut [Host]) {
+    hosts[0].start();
+    hosts[0].daemon().wait_for(&[LEADING, "host-a:"]);
+    hosts[0].daemon().wait_for(&[READY]);
+    for host in &mut hosts[1..] {
+        host.start();
+    }
+    for host in &hosts[1..] {
+        host.daemon().wait_for(&["standby: host-a:"]);
+    }
+}
+
 /// Stops every running daemon (a leader resigns), so that the store is final.
 pub fn stop_all(hosts: &mut [Host]) {
     for host in hosts {
