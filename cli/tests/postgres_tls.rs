@@ -64,7 +64,9 @@ fn sslmode_require_encrypts_every_session_and_checks_the_servers_certificate() {
         &[("KEEL_HOSTNAME", "host-tls"), ("SSL_CERT_FILE", ca)],
     );
     daemon.wait_for(&["ready: postgres store"]);
-    let mut admin = server.admin().connect(postgres::NoTls).unwrap();
+    let mut admin = postgres::Config::from(server.admin())
+        .connect(postgres::NoTls)
+        .unwrap();
     let row = admin
         .query_one(
             "SELECT count(*), count(*) FILTER (WHERE s.ssl) FROM pg_stat_activity a \

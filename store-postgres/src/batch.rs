@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use keel_core::{JobId, Record, Run, RunId, StoreError};
-use postgres::types::ToSql;
+use tokio_postgres::types::ToSql;
 
 use crate::{encode, int};
 

@@ -26,8 +26,9 @@
 use std::fmt;
 
 use keel_core::StoreError;
-use postgres::error::SqlState;
-use postgres::GenericClient;
+use tokio_postgres::error::SqlState;
+
+use crate::client::Client;
 
 use crate::{column, corrupt, pg_error, sql};
 
@@ -92,9 +93,7 @@ fn judge(stored: Option<&DatabaseIdentity>, found: &DatabaseIdentity) -> Verdict
 
 /// The database's identity; `None` if it cannot be read (no privilege on, or no,
 /// `pg_control_system()`). A replica in recovery is refused: keel writes on the primary.
-pub(crate) fn current(
-    client: &mut impl GenericClient,
-) -> Result<Option<DatabaseIdentity>, StoreError> {
+pub(crate) fn current(client: &mut Client) -> Result<Option<DatabaseIdentity>, StoreError> {
     let row = match client.query_one(sql::DATABASE_IDENTITY, &[]) {
         Ok(row) => row,
         Err(e)
@@ -121,7 +120,7 @@ pub(crate) fn current(
 }
 
 /// The identity stored in `keel_meta`, if any.
-fn stored(client: &mut impl GenericClient) -> Result<Option<DatabaseIdentity>, StoreError> {
+fn stored(client: &mut Client) -> Result<Option<DatabaseIdentity>, StoreError> {
     let row = client
         .query_one(sql::READ_STORED_IDENTITY, &[])
         .map_err(pg_error)?;
@@ -139,7 +138,7 @@ fn stored(client: &mut impl GenericClient) -> Result<Option<DatabaseIdentity>, S
 
 /// Compares the database's identity with the stored one: records it if none is stored,
 /// refuses with [`StoreError::Diverged`] if another is.
-pub(crate) fn check(client: &mut impl GenericClient) -> Result<(), StoreError> {
+pub(crate) fn check(client: &mut Client) -> Result<(), StoreError> {
     let Some(found) = current(client)? else {
         return Ok(());
     };
@@ -164,7 +163,7 @@ pub(crate) fn check(client: &mut impl GenericClient) -> Result<(), StoreError> {
 /// Stores the database's identity as the store's own, whatever was stored: what an operator
 /// does after checking a failover. Returns the identity stored before, and the one now.
 pub(crate) fn accept(
-    client: &mut impl GenericClient,
+    client: &mut Client,
 ) -> Result<(Option<DatabaseIdentity>, DatabaseIdentity), StoreError> {
     let found = current(client)?.ok_or_else(|| {
         StoreError::Io(

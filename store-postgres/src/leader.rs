@@ -23,8 +23,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use keel_core::{StoreError, Timestamp};
-use postgres::{Client, Row};
+use tokio_postgres::Row;
 
+use crate::client::Client;
 use crate::{column, pg_error, sql, Config, Conn};
 
 /// The lease as the database holds it.

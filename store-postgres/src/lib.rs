@@ -20,9 +20,10 @@
 //!
 //! # Bridging a synchronous trait
 //!
-//! [`Store`] is synchronous, so this crate uses the `postgres` crate: tokio-postgres driven by
-//! a current-thread runtime that each connection owns, blocking the calling thread for each
-//! call. keel-runtime calls every store method through `tokio::task::spawn_blocking`, where
+//! [`Store`] is synchronous, so each connection owns a current-thread tokio runtime that drives
+//! tokio-postgres, blocking the calling thread for each call (the `client` module; the blocking
+//! `postgres` crate does the same, but cannot pipeline a batch's writes with its commit).
+//! keel-runtime calls every store method through `tokio::task::spawn_blocking`, where
 //! that is allowed (`tests/postgres.rs` checks it from a multi-threaded runtime). Calling a
 //! method directly from an async task would panic inside tokio ("Cannot start a runtime from
 //! within a runtime"), as it would with any blocking client: do not. A pool is not needed yet:
@@ -76,11 +77,13 @@
 //! 5. commits. `Ok` means the commit returned, so the batch is as durable as the database
 //!    makes a commit (see `docs/storage.md` on `synchronous_commit` and replication).
 //!
-//! Each statement is a round trip to the server, and they were what a batch cost beyond the
-//! commit's WAL flush, so a batch of one phase takes three: `BEGIN`, the lock (with
-//! `SET LOCAL plan_cache_mode = force_generic_plan`, see `sql::GENERIC_PLANS`) and the read
-//! in one simple query; the writes; the prunes and `COMMIT` in one simple query. Steps stay
-//! statements of their own, so the read's snapshot is still taken once the lock is held. A
+//! Round trips were most of what a batch cost beyond the commit's WAL flush, so a batch takes
+//! two, whatever its phases: `BEGIN`, the lock (with `SET LOCAL plan_cache_mode =
+//! force_generic_plan`, see `sql::GENERIC_PLANS`) and the read in one simple query; then every
+//! phase's writes and prunes and the `COMMIT`, sent together before any answer is read
+//! (pipelined). A statement that fails aborts the transaction, and the server answers the
+//! `COMMIT` behind it by rolling back, so `Ok` means every statement succeeded and the commit
+//! did. Steps stay statements of their own, so the read's snapshot is still taken once the lock is held. A
 //! simple query takes no parameters: the read and the prunes carry only numbers and job
 //! names, as escaped constants (`literal` module), and run statements prepared by name when
 //! the connection opens; record bodies always travel as parameters.
@@ -124,6 +127,7 @@
 #![warn(missing_docs)]
 
 mod batch;
+mod client;
 mod identity;
 mod leader;
 mod literal;
@@ -144,15 +148,15 @@ use keel_core::{
     AuditRecord, Batch, Delivery, Incident, Job, JobId, Meta, Record, Run, RunId, Snapshot, Store,
     StoreError, Timestamp, Tombstone,
 };
-use postgres::types::{FromSql, ToSql};
-use postgres::{
-    Client, GenericClient, IsolationLevel, Row, SimpleQueryMessage, SimpleQueryRow, Statement,
-};
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Row, SimpleQueryMessage, SimpleQueryRow, Statement};
+
+use client::{Client, Request, Transaction};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// The connection settings [`PgStore::with_config`] takes (the `postgres` crate's).
-pub use postgres::Config;
+/// The connection settings [`PgStore::with_config`] takes (tokio-postgres's).
+pub use tokio_postgres::Config;
 
 /// The format marker this build reads and writes (`keel_meta.format`).
 pub const FORMAT: &str = sql::FORMAT;
@@ -272,7 +276,7 @@ impl Conn {
 
     /// A connection with its schema migrated, whatever its database.
     fn connect(config: &Config, stall_limit: Duration) -> Result<Conn, StoreError> {
-        let mut client = tls::connect(config)?;
+        let client = tls::connect(config)?;
         if !stall_limit.is_zero() {
             // Whole milliseconds, at least one: zero would mean no limit to the server.
             let ms = stall_limit.as_millis().clamp(1, i32::MAX as u128);
@@ -294,7 +298,7 @@ impl Conn {
 
     /// Creates the schema, or migrates it to [`FORMAT`], or refuses it.
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let mut tx = self.client.transaction().map_err(pg_error)?;
+        let tx = self.client.transaction("BEGIN").map_err(pg_error)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&sql::SCHEMA_LOCK])
             .map_err(pg_error)?;
         let has_meta: bool = column(&tx.query_one(sql::HAS_META, &[]).map_err(pg_error)?, 0, "")?;
@@ -336,9 +340,7 @@ impl Store for PgStore {
         self.with_conn(|conn| {
             let mut tx = conn
                 .client
-                .build_transaction()
-                .isolation_level(IsolationLevel::ReadCommitted)
-                .start()
+                .transaction("BEGIN ISOLATION LEVEL READ COMMITTED")
                 .map_err(pg_error)?;
             let mut s = Session {
                 client: &mut tx,
@@ -360,7 +362,7 @@ impl Store for PgStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let (tx, stored) = BatchTransaction::begin(&mut conn.client, batch)?;
+            let (mut tx, stored) = BatchTransaction::begin(&mut conn.client, batch)?;
             // Planned before anything is written: a record that cannot be written (a number
             // above `bigint`) fails the batch before any statement changed a row.
             let phases = batch::plan(&batch.records)?;
@@ -369,22 +371,35 @@ impl Store for PgStore {
                 // Dropping the transaction rolls it back.
                 return Err(conflict.into());
             }
-            let mut s = Session {
-                client: &mut *tx.client,
+            let write = Session {
+                client: &mut tx,
                 statements: &mut conn.statements,
-            };
-            let Some((last, earlier)) = phases.split_last() else {
-                return tx.commit_after(&[]);
-            };
-            for phase in earlier {
-                s.write(&phase.writes)?;
-                let prunes = prune_statements(&phase.prunes)?;
+            }
+            .statement(sql::WRITE)?;
+            // Each phase's writes in one statement, then its prunes; all sent with the
+            // `COMMIT`, in one round trip.
+            let params: Vec<_> = phases
+                .iter()
+                .map(|phase| {
+                    let empty = phase.writes == batch::Writes::default();
+                    let params = (!empty).then(|| batch::WriteParams::new(&phase.writes));
+                    Ok((params, prune_statements(&phase.prunes)?))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            let lists: Vec<_> = params
+                .iter()
+                .map(|(params, _)| params.as_ref().map(batch::WriteParams::params))
+                .collect();
+            let mut requests = Vec::new();
+            for (list, (_, prunes)) in lists.iter().zip(&params) {
+                if let Some(list) = list {
+                    requests.push(Request::Execute(&write, list));
+                }
                 if !prunes.is_empty() {
-                    s.client.batch_execute(&prunes).map_err(pg_error)?;
+                    requests.push(Request::Simple(prunes.clone()));
                 }
             }
-            s.write(&last.writes)?;
-            tx.commit_after(&last.prunes)
+            tx.commit_pipelined(requests).map_err(pg_error)
         })
     }
 
@@ -392,10 +407,7 @@ impl Store for PgStore {
         self.with_conn(|conn| {
             let mut tx = conn
                 .client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
+                .transaction("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 .map_err(pg_error)?;
             let mut s = Session {
                 client: &mut tx,
@@ -537,21 +549,20 @@ impl fmt::Debug for PgStore {
     }
 }
 
-/// The READ COMMITTED transaction of one `apply`, begun by hand rather than with
-/// `Client::transaction` so that `BEGIN` travels in one round trip with the statements that
-/// must come first: [`sql::GENERIC_PLANS`] and the store row lock. Rolled back when dropped
-/// unless committed, as `postgres::Transaction` is.
-struct BatchTransaction<'a> {
-    client: &'a mut Client,
-    open: bool,
-}
+/// The READ COMMITTED transaction of one `apply`, begun by hand so that `BEGIN` travels in one
+/// round trip with the statements that must come first: [`sql::GENERIC_PLANS`] and the store row
+/// lock. Rolled back when dropped unless committed.
+struct BatchTransaction;
 
-impl<'a> BatchTransaction<'a> {
+impl BatchTransaction {
     /// Begins the transaction, takes the store row lock ([`sql::LOCK_META`]) and reads what
     /// [`check_batch`] needs of the stored state (`keel_stored`, [`sql::STORED`]), in one round
     /// trip. Each is a statement of its own, so the read's snapshot is taken once the lock is
     /// held and sees every batch committed before.
-    fn begin(client: &'a mut Client, batch: &Batch) -> Result<(Self, Stored), StoreError> {
+    fn begin<'a>(
+        client: &'a mut Client,
+        batch: &Batch,
+    ) -> Result<(Transaction<'a>, Stored), StoreError> {
         let keys = StoredKeys::of(batch)?;
         let mut statements = format!(
             "BEGIN ISOLATION LEVEL READ COMMITTED; {}; {}",
@@ -568,26 +579,13 @@ impl<'a> BatchTransaction<'a> {
         }
         // Open from here: if a statement after BEGIN fails, the transaction is left aborted
         // and must be rolled back before the connection serves another call.
-        let tx = BatchTransaction { client, open: true };
-        let messages = tx.client.simple_query(&statements).map_err(pg_error)?;
+        let tx = Transaction::begun(client);
+        let messages = tx.simple_query(&statements).map_err(pg_error)?;
         let results = rows_by_statement(&messages);
         // BEGIN, SET LOCAL, the lock, the read.
         let epoch = writer_epoch(results.get(2).map_or(&[][..], Vec::as_slice))?;
         let stored = Stored::from_rows(epoch, results.get(3).map_or(&[][..], Vec::as_slice))?;
         Ok((tx, stored))
-    }
-
-    /// Runs the last phase's prunes and commits, in one round trip. If a prune fails, the
-    /// statements after it are not run: the transaction is rolled back, nothing committed.
-    fn commit_after(mut self, prunes: &[batch::Prune]) -> Result<(), StoreError> {
-        let statements = format!("{}COMMIT", prune_statements(prunes)?);
-        self.open = false;
-        if let Err(error) = self.client.batch_execute(&statements) {
-            // COMMIT was not reached (a prune failed) or failed: roll back what is left.
-            let _ = self.client.batch_execute("ROLLBACK");
-            return Err(pg_error(error));
-        }
-        Ok(())
     }
 }
 
@@ -603,15 +601,6 @@ fn rows_by_statement(messages: &[SimpleQueryMessage]) -> Vec<Vec<&SimpleQueryRow
         }
     }
     results
-}
-
-impl Drop for BatchTransaction<'_> {
-    fn drop(&mut self) {
-        if self.open {
-            // A broken connection fails this too, and is replaced at the next call.
-            let _ = self.client.batch_execute("ROLLBACK");
-        }
-    }
 }
 
 /// The writer epoch in the rows of [`sql::LOCK_META`] sent in a simple query.
@@ -651,12 +640,12 @@ fn text_int(row: &SimpleQueryRow, index: usize, table: &str, key: &str) -> Resul
 }
 
 /// A client (a connection or a transaction on it) with the connection's prepared statements.
-struct Session<'a, C: GenericClient> {
-    client: &'a mut C,
+struct Session<'a> {
+    client: &'a mut Client,
     statements: &'a mut HashMap<String, Statement>,
 }
 
-impl<'a> Session<'a, Client> {
+impl<'a> Session<'a> {
     fn of(conn: &'a mut Conn) -> Self {
         Session {
             client: &mut conn.client,
@@ -665,7 +654,7 @@ impl<'a> Session<'a, Client> {
     }
 }
 
-impl<C: GenericClient> Session<'_, C> {
+impl Session<'_> {
     /// The statement for `sql`, prepared once per connection.
     fn statement(&mut self, sql: &str) -> Result<Statement, StoreError> {
         if let Some(statement) = self.statements.get(sql) {
@@ -723,16 +712,6 @@ impl<C: GenericClient> Session<'_, C> {
     ) -> Result<Vec<T>, StoreError> {
         let rows = self.query(sql, &[])?;
         rows.iter().map(|row| body(row, table, key)).collect()
-    }
-
-    /// Writes one phase of a batch's writes, in one statement ([`sql::WRITE`]).
-    fn write(&mut self, writes: &batch::Writes) -> Result<(), StoreError> {
-        if writes == &batch::Writes::default() {
-            return Ok(());
-        }
-        let params = batch::WriteParams::new(writes);
-        self.execute(sql::WRITE, &params.params())?;
-        Ok(())
     }
 }
 
@@ -936,11 +915,11 @@ const ALIVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// is not always marked closed by the time the failed call returns, and a connection kept in
 /// that state would fail every later call instead of being replaced.
 pub(crate) fn alive(client: &mut Client) -> bool {
-    !client.is_closed() && client.is_valid(ALIVE_WAIT).is_ok()
+    !client.is_closed() && client.answers_within(ALIVE_WAIT)
 }
 
 /// A client failure as a store error.
-fn pg_error(error: postgres::Error) -> StoreError {
+fn pg_error(error: tokio_postgres::Error) -> StoreError {
     match error.as_db_error() {
         Some(db) => StoreError::Io(format!(
             "postgres: {} (SQLSTATE {})",
@@ -953,7 +932,7 @@ fn pg_error(error: postgres::Error) -> StoreError {
 
 /// `error` and its causes: the client's own message ("error performing TLS handshake", "invalid
 /// connection string") leaves what went wrong to its source.
-fn with_causes(error: &postgres::Error) -> String {
+fn with_causes(error: &tokio_postgres::Error) -> String {
     let mut message = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {

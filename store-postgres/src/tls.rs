@@ -15,14 +15,16 @@
 use std::sync::Arc;
 
 use keel_core::StoreError;
-use postgres::config::SslMode;
-use postgres::{Client, Config, NoTls};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{Config, NoTls};
+
+use crate::client::Client;
 use rustls::{ClientConfig, RootCertStore};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Parses a connection string as libpq takes it (key-value pairs or a `postgresql://` URL).
 /// libpq's `sslmode=verify-ca` and `verify-full` are read as `require`, which keel verifies
-/// as `verify-full` does (module docs); the `postgres` crate knows neither.
+/// as `verify-full` does (module docs); tokio-postgres knows neither.
 pub fn parse_config(params: &str) -> Result<Config, StoreError> {
     let params = params
         .replace("sslmode=verify-full", "sslmode=require")
@@ -38,7 +40,7 @@ pub fn parse_config(params: &str) -> Result<Config, StoreError> {
 /// Where `config` connects, for messages: hosts, ports, user, database and `sslmode`, never the
 /// password (`host=db.internal port=5432 user=keel dbname=keel sslmode=require`).
 pub fn describe(config: &Config) -> String {
-    use postgres::config::Host;
+    use tokio_postgres::config::Host;
     let hosts: Vec<String> = config
         .get_hosts()
         .iter()
@@ -73,11 +75,10 @@ pub fn describe(config: &Config) -> String {
 
 /// Connects as `config`'s `sslmode` says (module docs).
 pub(crate) fn connect(config: &Config) -> Result<Client, StoreError> {
-    let connected = match config.get_ssl_mode() {
-        SslMode::Require => config.connect(connector()?),
-        _ => config.connect(NoTls),
-    };
-    connected.map_err(crate::pg_error)
+    match config.get_ssl_mode() {
+        SslMode::Require => Client::connect(config, connector()?),
+        _ => Client::connect(config, NoTls),
+    }
 }
 
 /// A TLS connector that trusts the system's roots.

@@ -413,3 +413,73 @@ fn a_restore_in_the_middle_of_a_writers_batches_sees_exactly_the_acknowledged_on
         "every acknowledged batch, and nothing after the restore"
     );
 }
+
+#[test]
+fn a_batch_whose_write_fails_in_the_database_commits_nothing_not_even_its_prunes() {
+    let db = db!();
+    let store = db.open();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let finished = |id| {
+        edit(run(id, "a", T0.plus_ms(id)), |r| {
+            r.state = RunState::Succeeded;
+            r.finished_at = Some(T0);
+        })
+    };
+    store
+        .apply(&batch(
+            epoch,
+            0,
+            T0,
+            vec![Record::PutRun(finished(1)), Record::PutRun(finished(2))],
+        ))
+        .unwrap();
+    // A prune of every job sits alone in its phase: the batch below is written in two phases,
+    // the prune between them, all pipelined with the COMMIT. The second phase's write fails.
+    let second = batch(
+        epoch,
+        1,
+        T0,
+        vec![
+            Record::PutRun(run(3, "b", T0)),
+            Record::PruneHistory {
+                job: None,
+                keep_last: 0,
+                finished_before: T0.plus_ms(1),
+            },
+            Record::Audit(audit_record(1, "b", Some(3), T0)),
+        ],
+    );
+    let mut client = db.client();
+    client
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON keel_audit \
+             FOR EACH ROW EXECUTE FUNCTION refuse()",
+        )
+        .unwrap();
+    let refused = store.apply(&second);
+    assert!(
+        matches!(&refused, Err(StoreError::Io(m)) if m.contains("refused by the test")),
+        "{refused:?}"
+    );
+    let reader = db.open();
+    assert_eq!(
+        reader.run(RunId(3)).unwrap(),
+        None,
+        "the first phase's write"
+    );
+    assert_eq!(
+        reader.run(RunId(1)).unwrap(),
+        Some(finished(1)),
+        "the prune between the phases"
+    );
+
+    client
+        .batch_execute("DROP TRIGGER refuse ON keel_audit")
+        .unwrap();
+    store.apply(&second).unwrap();
+    assert_eq!(reader.run(RunId(1)).unwrap(), None, "pruned now");
+    assert_eq!(reader.run(RunId(3)).unwrap(), Some(run(3, "b", T0)));
+    assert_eq!(reader.audit(&AuditQuery::default()).unwrap().len(), 1);
+}

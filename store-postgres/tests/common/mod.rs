@@ -54,7 +54,9 @@ impl TestDb {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let mut client = server.config().connect(postgres::NoTls).unwrap();
+        let mut client = postgres::Config::from(server.config())
+            .connect(postgres::NoTls)
+            .unwrap();
         client
             .batch_execute(&format!("CREATE SCHEMA {schema}"))
             .unwrap();
@@ -65,7 +67,7 @@ impl TestDb {
     /// can find its own connections in `pg_stat_activity`).
     pub fn config(&self) -> Config {
         let mut config = self.server.config();
-        config.options(&format!("-c search_path={}", self.schema));
+        config.options(format!("-c search_path={}", self.schema));
         config.application_name(&self.schema);
         config
     }
@@ -148,7 +150,9 @@ impl TestDb {
 
     /// A plain client on this schema, for what a test does behind the store's back.
     pub fn client(&self) -> postgres::Client {
-        self.config().connect(postgres::NoTls).unwrap()
+        postgres::Config::from(self.config())
+            .connect(postgres::NoTls)
+            .unwrap()
     }
 
     /// Restarts the throwaway cluster (`pg_ctl restart -m fast`, which ends every session),
@@ -204,7 +208,9 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         // Only needed on a long-lived server; a throwaway cluster is removed whole.
         if let Server::External(..) = &*self.server {
-            if let Ok(mut client) = self.server.config().connect(postgres::NoTls) {
+            if let Ok(mut client) =
+                postgres::Config::from(self.server.config()).connect(postgres::NoTls)
+            {
                 let _ = client.batch_execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
             }
         }

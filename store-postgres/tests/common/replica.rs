@@ -89,12 +89,16 @@ impl Pair {
 
     /// Waits until the replica has replayed everything the primary has written so far.
     pub fn wait_replayed(&self) {
-        let mut primary = self.primary().connect(postgres::NoTls).unwrap();
+        let mut primary = postgres::Config::from(self.primary())
+            .connect(postgres::NoTls)
+            .unwrap();
         let written: String = primary
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .unwrap()
             .get(0);
-        let mut replica = self.replica().connect(postgres::NoTls).unwrap();
+        let mut replica = postgres::Config::from(self.replica())
+            .connect(postgres::NoTls)
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let caught_up: bool = replica
