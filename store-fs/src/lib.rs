@@ -88,8 +88,10 @@
 //!    `g+1`, then every log since, `log-<g>` up to the length it had at the switch; none of
 //!    these change any more), writes it to `snapshot-<g+1>.tmp` (recording that length),
 //!    fsyncs it, renames it and fsyncs the directory. Rebuilding costs the thread a load's
-//!    work, and the writer nothing: a clone of the state under the lock would take about as
-//!    long as the stall it replaces.
+//!    work (about 0.4 s of CPU at 100 000 jobs, 40 000 runs and 120 000 audit records,
+//!    besides 0.2 s to encode) and the writer nothing; a frozen copy taken under the lock
+//!    instead (`State` is plain `BTreeMap`s, so a clone) took 115-175 ms there, far over the
+//!    20 ms a write may wait.
 //! 3. **Cleanup**, by that thread, under the lock again: the handle's state is now based on
 //!    `snapshot-<g+1>`, and generations older than the snapshot it was rebuilt from are
 //!    removed (that one stays as the fallback), so two good snapshots exist again.
