@@ -13,7 +13,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,7 +22,7 @@ use common::*;
 use keel_core::rng::SplitMix64;
 use keel_core::{AuditQuery, Record, RunId, RunQuery, Store};
 use keel_harness::conformance;
-use keel_store_fs::format::frame_bytes;
+use keel_store_fs::format::{decode_current, frame_bytes};
 use keel_store_fs::{FsOptions, FsStore};
 
 const CHILD_DIR: &str = "KEEL_STORE_FS_CRASH_CHILD_DIR";
@@ -108,19 +108,11 @@ fn acknowledged_writes_survive_kill_9() {
         // may. Every other round, leave what that leaves: part of a frame at the end.
         let torn = round % 2 == 1;
         if torn {
-            // The newest generation's log (a kill between a compaction's snapshot and its
-            // log leaves a snapshot newer than every log).
-            let newest = dir
-                .entries()
-                .iter()
-                .filter_map(|name| {
-                    let hex = name
-                        .strip_prefix("log-")
-                        .or(name.strip_prefix("snapshot-"))?;
-                    u64::from_str_radix(hex, 16).ok()
-                })
-                .max()
-                .unwrap();
+            // The committed generation's log: a kill inside a compaction can leave files of
+            // a newer generation that `CURRENT` does not name yet (ignored, so a tail torn
+            // there would not be seen).
+            let current = fs::read(dir.file("CURRENT")).unwrap();
+            let newest = decode_current(&current).unwrap().generation;
             let frame = frame_bytes(br#"{"writer":{"epoch":1}}"#).unwrap();
             let mut log = OpenOptions::new()
                 .create(true)
