@@ -151,6 +151,56 @@ fn acknowledged_writes_survive_kill_9() {
     );
 }
 
+/// A reader in another process follows the writer through compactions whose snapshots are
+/// written in the background: every batch the child acknowledged is visible to the parent's
+/// handle at once, and a generation whose snapshot is not written yet is not reported as
+/// anything found.
+#[test]
+fn a_reader_in_another_process_follows_background_compactions() {
+    let dir = TempDir::new("crash-follow");
+    let reader = FsStore::open_with(dir.path(), options()).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut generations = BTreeSet::new();
+    let mut seen = 0;
+    while seen < 600 {
+        let Some(line) = lines.next() else {
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "the child stopped after {seen} acks: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let Some(id) = line
+            .unwrap()
+            .strip_prefix("ack ")
+            .map(|id| id.parse().unwrap())
+        else {
+            continue;
+        };
+        assert!(
+            reader.run(RunId(id)).unwrap().is_some(),
+            "acknowledged run {id} is not visible to the reader"
+        );
+        seen += 1;
+        let current = fs::read(dir.file("CURRENT")).unwrap();
+        generations.insert(decode_current(&current).unwrap().generation);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        generations.len() >= 3,
+        "the child compacted while the reader read: {generations:?}"
+    );
+    assert!(reader.recovery().is_clean(), "{}", reader.recovery());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Random kill points, one writer thread, 200 kills by default.
 //
