@@ -221,6 +221,10 @@ impl Replica {
                 offset = replayed.end;
             }
         }
+        // A missing snapshot is one a background compaction has not written yet (or was
+        // interrupted writing): nothing is lost, the logs since the previous snapshot are all
+        // there, and the next compaction writes a new one. Only an unreadable snapshot is news.
+        unusable.retain(|(_, reason)| reason != MISSING);
         for (generation, reason) in &unusable {
             report.snapshot_fallback(SnapshotFallback {
                 generation: *generation,
@@ -370,6 +374,14 @@ impl Replica {
         !self.stale && self.damage.is_empty() && (self.degraded || self.legacy || grown)
     }
 
+    /// True if the next compaction may start its generation at once and write the snapshot
+    /// in the background ([`Replica::switch_generation`]): not while the directory is in
+    /// format 1 (the compaction migrates it) or the newest snapshot was unreadable (the
+    /// compaction is what gives the directory two good snapshots again).
+    pub(crate) fn switches_generation(&self) -> bool {
+        !self.legacy && !self.degraded
+    }
+
     /// Rewrites the store from what is readable: a new generation, then the `frames`
     /// recording the repair, then another generation, so that neither the damaged files nor
     /// a generation built on them are kept (their bad bytes stay in `quarantine/`). Requires
@@ -390,6 +402,68 @@ impl Replica {
             self.compact_floor = self.offset.saturating_add(threshold.max(1));
         }
         result
+    }
+
+    /// Starts the next generation without writing its snapshot, so that appends go on at
+    /// once: removes leftovers of an interrupted compaction, creates the new log with its
+    /// `start` frame (durable), and commits the generation in `CURRENT`. From then on the
+    /// generation loads from the previous snapshot and every log since, until
+    /// [`SnapshotJob::write`] (off the lock) gives it its own snapshot. Requires the exclusive
+    /// lock, a caught-up state, and format 2 (a format-1 directory compacts with
+    /// [`Replica::compact`], which migrates it).
+    pub(crate) fn switch_generation(&mut self) -> Result<SnapshotJob, StoreError> {
+        debug_assert!(!self.legacy, "format 1 migrates through compact()");
+        let dir = self.dir.clone();
+        let next = self.generation + 1;
+        // Files of `next` are what an interrupted compaction left: it was never committed.
+        for leftover in [dir.join(snapshot_name(next)), dir.join(log_name(next))] {
+            match fs::remove_file(&leftover) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error(&leftover, "cannot remove", &e)),
+            }
+        }
+        let (log, start) = start_log(&dir, next, self.sync)?;
+        if let Err(e) = write_current(&dir, next) {
+            // `CURRENT` may name the new generation or not: reload before the next use.
+            self.stale = true;
+            return Err(io_error(&dir.join(CURRENT_FILE), "cannot write", &e));
+        }
+        let job = SnapshotJob {
+            dir,
+            sync: self.sync,
+            base: self.base,
+            generation: next,
+            previous_log_len: self.offset,
+        };
+        self.generation = next;
+        self.log = Some(log);
+        self.offset = start;
+        self.log_start = start;
+        tracing::debug!(generation = next, base = job.base, "generation started");
+        Ok(job)
+    }
+
+    /// Records that `job` wrote its generation's snapshot: if this replica still stands at
+    /// that generation, its state is now based on it; generations older than the one the
+    /// snapshot was rebuilt from are removed (that one stays as the fallback). Requires the
+    /// exclusive lock.
+    pub(crate) fn snapshot_written(&mut self, job: &SnapshotJob, snapshot_bytes: u64) {
+        if self.generation == job.generation && self.base < job.generation {
+            self.base = job.generation;
+            self.snapshot_bytes = snapshot_bytes;
+            self.degraded = false;
+        }
+        self.remove_obsolete(job.base);
+    }
+
+    /// Records that `job` failed: the logs still hold every batch, and the next attempt
+    /// waits until the log grows by another `threshold` bytes, not the next write.
+    pub(crate) fn snapshot_failed(&mut self, job: &SnapshotJob, threshold: u64) {
+        let _ = fs::remove_file(job.tmp_path());
+        if self.generation == job.generation {
+            self.compact_floor = self.offset.saturating_add(threshold.max(1));
+        }
     }
 
     fn compact_once(&mut self) -> Result<(), StoreError> {
@@ -465,15 +539,7 @@ impl Replica {
         generation: u64,
         previous_log_len: Option<u64>,
     ) -> io::Result<u64> {
-        let file = owner_only().create(true).truncate(true).open(path)?;
-        let mut out = BufWriter::with_capacity(1 << 16, file);
-        self.state
-            .write_snapshot(&mut out, generation, previous_log_len)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        if self.sync {
-            file.sync_all()?;
-        }
-        Ok(file.metadata()?.len())
+        write_snapshot_file(&self.state, path, generation, previous_log_len, self.sync)
     }
 
     /// Removes generations older than `keep_from` (the last one whose snapshot is known
@@ -598,11 +664,18 @@ impl Replica {
         let dir = &self.dir;
         let on_disk = generations(dir).map_err(|e| io_error(dir, "cannot list", &e))?;
         let mut damage = Vec::new();
+        // The state at the end of the previous generation's log, replayed whole: where a
+        // generation whose snapshot was never written (a compaction that did not finish)
+        // starts.
+        let mut carried: Option<State> = None;
         for &generation in on_disk.range(..self.generation) {
             let name = log_name(generation);
-            let mut state = match read_snapshot(dir, generation) {
-                Ok(state) => state,
-                Err(reason) => {
+            let previous = carried.take();
+            let damaged = damage.len();
+            let mut state = match (read_snapshot(dir, generation), previous) {
+                (Ok(state), _) => state,
+                (Err(reason), Some(state)) if reason == MISSING => state,
+                (Err(reason), _) => {
                     damage.push(Damage {
                         file: snapshot_name(generation),
                         offset: None,
@@ -646,7 +719,11 @@ impl Replica {
                 apply_frame(&mut state, &entry.frame);
             }
             let Ok((next, header)) = read_snapshot_with_header(dir, generation + 1) else {
-                // The load reports an unusable committed snapshot; an older one was checked above.
+                // The load reports an unusable committed snapshot; an older one was checked
+                // above; a missing one starts from this replay.
+                if damage.len() == damaged {
+                    carried = Some(state);
+                }
                 continue;
             };
             if let Some(expected) = header.previous_log_len {
@@ -677,6 +754,120 @@ impl Replica {
         }
         Ok(damage)
     }
+}
+
+/// The snapshot of a generation already started by [`Replica::switch_generation`], to be
+/// written without the lock: nothing it reads changes any more (the logs before the new
+/// generation are closed, and compactions keep the generations it reads from).
+#[derive(Debug)]
+pub(crate) struct SnapshotJob {
+    dir: PathBuf,
+    sync: bool,
+    /// The generation whose snapshot the state is rebuilt from (0: the empty start).
+    base: u64,
+    /// The generation the snapshot starts.
+    generation: u64,
+    /// How long the log of `generation - 1` was when appends moved to the new log.
+    previous_log_len: u64,
+}
+
+impl SnapshotJob {
+    /// The generation the snapshot starts.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Rebuilds the state the new generation started from (the base snapshot and every log
+    /// after it, the last one up to where appends left it), exactly as a load would, and
+    /// writes it as the generation's snapshot: complete and durable under a temporary name,
+    /// then renamed. Returns the snapshot's size. `before_rename` runs between the two (a
+    /// test pauses there). Runs off the lock: a handle loading meanwhile finds the snapshot
+    /// whole or not at all, and either way loads the same state.
+    pub(crate) fn write(&self, before_rename: impl FnOnce()) -> Result<u64, StoreError> {
+        let dir = &self.dir;
+        let mut state = read_snapshot(dir, self.base).map_err(|reason| StoreError::Corrupt {
+            location: dir.join(snapshot_name(self.base)).display().to_string(),
+            detail: format!("cannot rebuild the next snapshot from it: {reason}"),
+        })?;
+        for generation in self.base..self.generation {
+            let path = dir.join(log_name(generation));
+            let mut bytes =
+                crate::files::read(&path).map_err(|e| io_error(&path, "cannot read", &e))?;
+            if generation + 1 == self.generation {
+                let len = usize::try_from(self.previous_log_len).unwrap_or(usize::MAX);
+                if bytes.len() < len {
+                    return Err(StoreError::Corrupt {
+                        location: path.display().to_string(),
+                        detail: format!(
+                            "the log is {} bytes, shorter than the {len} appended before the \
+                             generation switched",
+                            bytes.len()
+                        ),
+                    });
+                }
+                bytes.truncate(len);
+            }
+            let scan = decode_log(&bytes);
+            if let Some(bad) = scan.corrupt.first().or(scan.torn_tail.as_ref()) {
+                return Err(StoreError::Corrupt {
+                    location: path.display().to_string(),
+                    detail: format!(
+                        "cannot rebuild the next snapshot: at {}: {}",
+                        bad.offset, bad.reason
+                    ),
+                });
+            }
+            for entry in &scan.entries {
+                apply_frame(&mut state, &entry.frame);
+            }
+        }
+        let tmp = self.tmp_path();
+        let written = write_snapshot_file(
+            &state,
+            &tmp,
+            self.generation,
+            Some(self.previous_log_len),
+            self.sync,
+        );
+        let snapshot_bytes = match written {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(io_error(&tmp, "cannot write", &e));
+            }
+        };
+        before_rename();
+        let path = dir.join(snapshot_name(self.generation));
+        fs::rename(&tmp, &path).map_err(|e| io_error(&path, "cannot create", &e))?;
+        if self.sync {
+            sync_dir(dir).map_err(|e| io_error(dir, "cannot sync", &e))?;
+        }
+        Ok(snapshot_bytes)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.dir
+            .join(format!("{}.tmp", snapshot_name(self.generation)))
+    }
+}
+
+/// Writes `state` as the snapshot starting `generation` to `path`, durable (with `sync`), and
+/// returns its size in bytes.
+fn write_snapshot_file(
+    state: &State,
+    path: &Path,
+    generation: u64,
+    previous_log_len: Option<u64>,
+    sync: bool,
+) -> io::Result<u64> {
+    let file = owner_only().create(true).truncate(true).open(path)?;
+    let mut out = BufWriter::with_capacity(1 << 16, file);
+    state.write_snapshot(&mut out, generation, previous_log_len)?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    if sync {
+        file.sync_all()?;
+    }
+    Ok(file.metadata()?.len())
 }
 
 const MISSING: &str = "missing";

@@ -13,7 +13,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::OpenOptions;
+use std::fs::{self, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,7 +22,7 @@ use common::*;
 use keel_core::rng::SplitMix64;
 use keel_core::{AuditQuery, Record, RunId, RunQuery, Store};
 use keel_harness::conformance;
-use keel_store_fs::format::frame_bytes;
+use keel_store_fs::format::{decode_current, frame_bytes};
 use keel_store_fs::{FsOptions, FsStore};
 
 const CHILD_DIR: &str = "KEEL_STORE_FS_CRASH_CHILD_DIR";
@@ -108,19 +108,11 @@ fn acknowledged_writes_survive_kill_9() {
         // may. Every other round, leave what that leaves: part of a frame at the end.
         let torn = round % 2 == 1;
         if torn {
-            // The newest generation's log (a kill between a compaction's snapshot and its
-            // log leaves a snapshot newer than every log).
-            let newest = dir
-                .entries()
-                .iter()
-                .filter_map(|name| {
-                    let hex = name
-                        .strip_prefix("log-")
-                        .or(name.strip_prefix("snapshot-"))?;
-                    u64::from_str_radix(hex, 16).ok()
-                })
-                .max()
-                .unwrap();
+            // The committed generation's log: a kill inside a compaction can leave files of
+            // a newer generation that `CURRENT` does not name yet (ignored, so a tail torn
+            // there would not be seen).
+            let current = fs::read(dir.file("CURRENT")).unwrap();
+            let newest = decode_current(&current).unwrap().generation;
             let frame = frame_bytes(br#"{"writer":{"epoch":1}}"#).unwrap();
             let mut log = OpenOptions::new()
                 .create(true)
@@ -157,6 +149,56 @@ fn acknowledged_writes_survive_kill_9() {
         "the children compacted: {:?}",
         dir.entries()
     );
+}
+
+/// A reader in another process follows the writer through compactions whose snapshots are
+/// written in the background: every batch the child acknowledged is visible to the parent's
+/// handle at once, and a generation whose snapshot is not written yet is not reported as
+/// anything found.
+#[test]
+fn a_reader_in_another_process_follows_background_compactions() {
+    let dir = TempDir::new("crash-follow");
+    let reader = FsStore::open_with(dir.path(), options()).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut generations = BTreeSet::new();
+    let mut seen = 0;
+    while seen < 600 {
+        let Some(line) = lines.next() else {
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "the child stopped after {seen} acks: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        let Some(id) = line
+            .unwrap()
+            .strip_prefix("ack ")
+            .map(|id| id.parse().unwrap())
+        else {
+            continue;
+        };
+        assert!(
+            reader.run(RunId(id)).unwrap().is_some(),
+            "acknowledged run {id} is not visible to the reader"
+        );
+        seen += 1;
+        let current = fs::read(dir.file("CURRENT")).unwrap();
+        generations.insert(decode_current(&current).unwrap().generation);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        generations.len() >= 3,
+        "the child compacted while the reader read: {generations:?}"
+    );
+    assert!(reader.recovery().is_clean(), "{}", reader.recovery());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ fn snapshot_name(generation: u64) -> String {
 fn compacted_then_written(dir: &TempDir, after: u64) {
     let store = FsStore::open_with(dir.path(), compacting(1)).unwrap();
     let epoch = writer(&store);
+    store.wait_for_compaction();
     assert!(store.stats().compactions >= 1);
     drop(store);
     // Reopen without compacting, so the next writes stay in the newest log.
@@ -175,7 +176,12 @@ fn a_store_without_a_usable_snapshot_says_what_to_do() {
     {
         let store = FsStore::open_with(dir.path(), compacting(1)).unwrap();
         let epoch = writer(&store);
-        runs(&store, epoch, 1, 3);
+        // A compaction after every write (each waits for the one before): the logs before
+        // the fallback generation are gone.
+        for id in 1..=3 {
+            store.wait_for_compaction();
+            runs(&store, epoch, id, 1);
+        }
     }
     for entry in dir.entries() {
         if entry.starts_with("snapshot-") {
@@ -202,6 +208,8 @@ fn a_foreign_directory_names_what_to_do() {
 fn with_a_fallback(dir: &TempDir) {
     let store = FsStore::open_with(dir.path(), compacting(1)).unwrap();
     let epoch = writer(&store);
+    // One compaction at a time: the second starts once the first is done.
+    store.wait_for_compaction();
     runs(&store, epoch, 1, 1);
     drop(store);
     assert!(dir.file(&log_name(1)).exists() && dir.file(&snapshot_name(2)).exists());
