@@ -43,10 +43,10 @@
 //!   [`GRACE`] after the window's end. Duplicates (a slot run twice) are counted apart. For
 //!   tokio-cron-scheduler, a `tracing` subscriber counts the activations its job runner
 //!   reports lost (`Lagged(n)` on its activation channel), which explains a shortfall.
-//! - **CPU per firing**: the process's on-CPU time over the window (every thread's
-//!   `/proc/self/task/*/schedstat`, with tokio's blocking threads kept alive for the whole run
-//!   so that none exits and takes its time with it) divided by the handler starts in the
-//!   window. The user/system split comes from `/proc/self/stat` (10 ms ticks).
+//! - **CPU per firing**: the process's user and system time over the window
+//!   (`/proc/self/stat`, 10 ms ticks, which count threads that exited too: keel-store-fs
+//!   writes a compaction's snapshot on a thread that ends when it is done) divided by the
+//!   handler starts in the window.
 //! - **CPU per firing, first half → second half** of the window: keel's rises as its store
 //!   fills with runs (the "runs stored" column).
 //! - keel runs with its embedded store, keel-store-fs, in a fresh directory, once with
@@ -604,12 +604,12 @@ fn measure(
     let t0 = (now_us() + warmup_us) / US_PER_S * US_PER_S + US_PER_S;
     let t1 = t0 + window_us;
     sleep_until_us(t0);
-    let (a0, cpu0, stat0, store0) = (now_us(), task_cpu(), proc_stat(), store.map(FsStore::stats));
+    let (a0, stat0, store0) = (now_us(), proc_stat(), store.map(FsStore::stats));
     let lag0 = lag.map(LagCounter::read).unwrap_or_default();
     sleep_until_us(t0 + window_us / 2);
-    let (am, cpum) = (now_us(), task_cpu());
+    let (am, statm) = (now_us(), proc_stat());
     sleep_until_us(t1);
-    let (a1, cpu1, stat1, store1) = (now_us(), task_cpu(), proc_stat(), store.map(FsStore::stats));
+    let (a1, stat1, store1) = (now_us(), proc_stat(), store.map(FsStore::stats));
     let rss_kib = rss_kib();
     std::thread::sleep(GRACE);
     let lag1 = lag.map(LagCounter::read).unwrap_or_default();
@@ -654,7 +654,7 @@ fn measure(
         .map(|t| jobs / 60 + i64::from(t % 60 < jobs % 60))
         .sum();
 
-    let cpu_ns = cpu_delta(&cpu0, &cpu1);
+    let cpu_ns = cpu_delta(stat0, stat1);
     let (s0, s1) = (store0.unwrap_or_default(), store1.unwrap_or_default());
     CaseResult {
         setup_ms: u64::try_from(setup.as_millis()).unwrap(),
@@ -669,7 +669,7 @@ fn measure(
         p99_us: pct(0.99),
         max_us: late.last().copied().unwrap_or(0),
         cpu_ns,
-        cpu_first_half_ns: cpu_delta(&cpu0, &cpum),
+        cpu_first_half_ns: cpu_delta(stat0, statm),
         utime_ticks: stat1.0.saturating_sub(stat0.0),
         stime_ticks: stat1.1.saturating_sub(stat0.1),
         rss_kib,
@@ -767,29 +767,13 @@ fn sleep_until_us(at: i64) {
     }
 }
 
-/// On-CPU nanoseconds of every live thread of this process, by thread id.
-fn task_cpu() -> HashMap<String, u64> {
-    let mut out = HashMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        let path = task.path().join("schedstat");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            if let Some(ns) = text.split_whitespace().next().and_then(|f| f.parse().ok()) {
-                out.insert(task.file_name().to_string_lossy().into_owned(), ns);
-            }
-        }
-    }
-    out
-}
+/// The clock ticks of `/proc/self/stat` per second (`USER_HZ`, 100 on Linux).
+const TICKS_PER_S: u64 = 100;
 
-/// CPU time between two readings: threads born in between count from zero.
-fn cpu_delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> u64 {
-    after
-        .iter()
-        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
-        .sum()
+/// The process's CPU time between two readings of [`proc_stat`], in nanoseconds.
+fn cpu_delta(before: (u64, u64), after: (u64, u64)) -> u64 {
+    let ticks = (after.0 + after.1).saturating_sub(before.0 + before.1);
+    ticks * (1_000_000_000 / TICKS_PER_S)
 }
 
 /// `(utime, stime)` of the whole process in clock ticks (`/proc/self/stat` fields 14 and 15).
