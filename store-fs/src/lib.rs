@@ -115,10 +115,11 @@
 //! reloads.
 //!
 //! A format-1 directory (the compaction migrates it: `VERSION` 2 is written after the commit),
-//! one whose newest snapshot was unreadable, [`FsStore::repair`] and opening (which compacts
-//! at once if due) use the compaction of earlier versions instead: everything under the lock,
-//! the snapshot written, renamed and synced before the new log is created and `CURRENT`
-//! committed. It is rare, and the snapshot it writes is what makes such a directory whole.
+//! one whose newest snapshot was unreadable, and [`FsStore::repair`] use the compaction of
+//! earlier versions instead: everything under the lock, the snapshot written, renamed and
+//! synced before the new log is created and `CURRENT` committed. It is rare, and the snapshot
+//! it writes is what makes such a directory whole; opening does it at once. Any other
+//! compaction due at open is started by the first write, in the background.
 //!
 //! # Recovery
 //!
@@ -728,11 +729,16 @@ fn open_locked(dir: &Path, options: FsOptions, counters: &Counters) -> Result<In
     }
     let mut report = RecoveryReport::default();
     let mut replica = Replica::load(dir, Access::Exclusive, options.sync, &mut report)?;
-    // At open, before anyone waits for a write, the whole compaction is done here.
-    if replica.wants_compaction(
-        options.compact_after_bytes,
-        options.compact_at_snapshot_size,
-    ) {
+    // A directory in format 1, or whose newest snapshot was unreadable, compacts here and now:
+    // the snapshot it writes is what makes it whole. Any other compaction due is left to the
+    // first write, which starts it in the background, so that opening a store whose logs grew
+    // (a process killed while its compaction wrote the snapshot) does not wait for one.
+    if !replica.switches_generation()
+        && replica.wants_compaction(
+            options.compact_after_bytes,
+            options.compact_at_snapshot_size,
+        )
+    {
         match replica.compact(options.compact_after_bytes) {
             Ok(()) => {
                 counters.compactions.fetch_add(1, Ordering::Relaxed);
