@@ -320,6 +320,24 @@ struct Counters {
     compactions_failed: AtomicU64,
 }
 
+impl Counters {
+    /// Counts the outcome of a compaction done in place (under the lock).
+    fn count_compaction(&self, result: Result<(), StoreError>) {
+        match result {
+            Ok(()) => {
+                self.compactions.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.compaction_failed(&e),
+        }
+    }
+
+    /// Counts and logs a compaction that did not happen: the current generation goes on.
+    fn compaction_failed(&self, why: &dyn std::fmt::Display) {
+        self.compactions_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("compaction failed; the current generation goes on: {why}");
+    }
+}
+
 impl FsStore {
     /// Opens the store in `dir`, creating the directory and an empty store if needed, with
     /// default options.
@@ -605,28 +623,12 @@ impl FsStore {
             let _ = finished.join();
         }
         if !replica.switches_generation() {
-            match replica.compact(threshold) {
-                Ok(()) => {
-                    self.counters.compactions.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    self.counters
-                        .compactions_failed
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!("compaction failed; the current generation goes on: {e}");
-                }
-            }
+            self.counters.count_compaction(replica.compact(threshold));
             return;
         }
         let job = match replica.switch_generation() {
             Ok(job) => job,
-            Err(e) => {
-                self.counters
-                    .compactions_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("compaction failed; the current generation goes on: {e}");
-                return;
-            }
+            Err(e) => return self.counters.compaction_failed(&e),
         };
         let background = Background {
             inner: Arc::clone(&self.inner),
@@ -641,14 +643,11 @@ impl FsStore {
             .spawn(move || background.run(&job));
         match spawned {
             Ok(thread) => *compacting = Some(thread),
-            Err(e) => {
-                // The new generation is committed and loads from the previous snapshot and
-                // its logs; the next compaction writes a snapshot.
-                self.counters
-                    .compactions_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("cannot start the compaction thread: {e}");
-            }
+            // The new generation is committed and loads from the previous snapshot and its
+            // logs; the next compaction writes a snapshot.
+            Err(e) => self
+                .counters
+                .compaction_failed(&format!("cannot start its thread: {e}")),
         }
     }
 }
@@ -739,15 +738,7 @@ fn open_locked(dir: &Path, options: FsOptions, counters: &Counters) -> Result<In
             options.compact_at_snapshot_size,
         )
     {
-        match replica.compact(options.compact_after_bytes) {
-            Ok(()) => {
-                counters.compactions.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                counters.compactions_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("compaction failed; the current generation goes on: {e}");
-            }
-        }
+        counters.count_compaction(replica.compact(options.compact_after_bytes));
     }
     Ok(Inner {
         replica,

@@ -67,18 +67,23 @@ fn crash_child() {
     });
 }
 
+/// This test binary again, running only `crash_child` on `dir`, its output piped.
+fn spawn_child(dir: &std::path::Path) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR, dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn acknowledged_writes_survive_kill_9() {
     let dir = TempDir::new("crash");
     let mut acked = BTreeSet::new();
     for (round, kill_after) in [1, 5, 40, 150, 17, 300, 3, 90].into_iter().enumerate() {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-            .env(CHILD_DIR, dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_child(dir.path());
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let mut this_round = 0;
@@ -159,13 +164,7 @@ fn acknowledged_writes_survive_kill_9() {
 fn a_reader_in_another_process_follows_background_compactions() {
     let dir = TempDir::new("crash-follow");
     let reader = FsStore::open_with(dir.path(), options()).unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DIR, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child(dir.path());
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut generations = BTreeSet::new();
     let mut seen = 0;
