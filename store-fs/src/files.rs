@@ -51,7 +51,7 @@ fn parse_generation(hex: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-/// Files of generations below `keep_from`, and snapshots left half-written by a crash.
+/// Files of generations below `keep_from`, half-written snapshots (`.tmp`) of those too.
 pub(crate) fn obsolete_files(dir: &Path, keep_from: u64) -> io::Result<Vec<PathBuf>> {
     let mut doomed = Vec::new();
     for entry in fs::read_dir(dir)? {
@@ -63,7 +63,13 @@ pub(crate) fn obsolete_files(dir: &Path, keep_from: u64) -> io::Result<Vec<PathB
             .or_else(|| name.strip_prefix("snapshot-"))
             .and_then(parse_generation)
             .is_some_and(|generation| generation < keep_from);
-        let half_written = name.starts_with("snapshot-") && name.ends_with(".tmp");
+        // A snapshot being written, by this handle's thread or another process's, is one of
+        // a generation at or after `keep_from`: only older ones were left by an interruption.
+        let half_written = name
+            .strip_prefix("snapshot-")
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(parse_generation)
+            .is_some_and(|generation| generation < keep_from);
         if old || half_written {
             doomed.push(entry.path());
         }

@@ -626,7 +626,7 @@ impl FsStore {
             self.counters.count_compaction(replica.compact(threshold));
             return;
         }
-        let job = match replica.switch_generation() {
+        let job = match replica.switch_generation(threshold) {
             Ok(job) => job,
             Err(e) => return self.counters.compaction_failed(&e),
         };

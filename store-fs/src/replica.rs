@@ -398,10 +398,15 @@ impl Replica {
     pub(crate) fn compact(&mut self, threshold: u64) -> Result<(), StoreError> {
         let result = self.compact_once();
         if result.is_err() {
-            // Retry after the log grew by another threshold's worth, not on every write.
-            self.compact_floor = self.offset.saturating_add(threshold.max(1));
+            self.postpone_compaction(threshold);
         }
         result
+    }
+
+    /// After a failed compaction: the next one waits until the log grew by another
+    /// threshold's worth, not the next write.
+    fn postpone_compaction(&mut self, threshold: u64) {
+        self.compact_floor = self.offset.saturating_add(threshold.max(1));
     }
 
     /// Starts the next generation without writing its snapshot, so that appends go on at
@@ -411,12 +416,27 @@ impl Replica {
     /// [`SnapshotJob::write`] (off the lock) gives it its own snapshot. Requires the exclusive
     /// lock, a caught-up state, and format 2 (a format-1 directory compacts with
     /// [`Replica::compact`], which migrates it).
-    pub(crate) fn switch_generation(&mut self) -> Result<SnapshotJob, StoreError> {
+    pub(crate) fn switch_generation(&mut self, threshold: u64) -> Result<SnapshotJob, StoreError> {
+        let result = self.switch_once();
+        match &result {
+            // A new log: the floor of a failure in the old one does not apply.
+            Ok(_) => self.compact_floor = 0,
+            Err(_) => self.postpone_compaction(threshold),
+        }
+        result
+    }
+
+    fn switch_once(&mut self) -> Result<SnapshotJob, StoreError> {
         debug_assert!(!self.legacy, "format 1 migrates through compact()");
         let dir = self.dir.clone();
         let next = self.generation + 1;
         // Files of `next` are what an interrupted compaction left: it was never committed.
-        for leftover in [dir.join(snapshot_name(next)), dir.join(log_name(next))] {
+        let half_written = dir.join(format!("{}.tmp", snapshot_name(next)));
+        for leftover in [
+            dir.join(snapshot_name(next)),
+            dir.join(log_name(next)),
+            half_written,
+        ] {
             match fs::remove_file(&leftover) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -462,7 +482,7 @@ impl Replica {
     pub(crate) fn snapshot_failed(&mut self, job: &SnapshotJob, threshold: u64) {
         let _ = fs::remove_file(job.tmp_path());
         if self.generation == job.generation {
-            self.compact_floor = self.offset.saturating_add(threshold.max(1));
+            self.postpone_compaction(threshold);
         }
     }
 

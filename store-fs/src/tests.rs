@@ -421,3 +421,32 @@ fn a_failed_snapshot_loses_nothing_and_is_retried() {
     assert!(reopened.recovery().is_clean(), "{}", reopened.recovery());
     assert_has_runs(&reopened, &acknowledged);
 }
+
+#[test]
+fn cleanup_spares_a_snapshot_being_written_for_a_newer_generation() {
+    let dir = TempDir::created("keel-store-fs-unit-obsolete");
+    let names = [
+        files::log_name(2),
+        files::snapshot_name(2),
+        format!("{}.tmp", files::snapshot_name(2)),
+        files::log_name(3),
+        files::snapshot_name(3),
+        // Another handle's compaction thread, writing the next generation's snapshot.
+        format!("{}.tmp", files::snapshot_name(4)),
+    ];
+    for name in &names {
+        std::fs::write(dir.path().join(name), b"").unwrap();
+    }
+    let mut doomed: Vec<String> = files::obsolete_files(dir.path(), 3)
+        .unwrap()
+        .iter()
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    doomed.sort();
+    let mut older = names[..3].to_vec();
+    older.sort();
+    assert_eq!(
+        doomed, older,
+        "generation 2 and its half-written snapshot only"
+    );
+}

@@ -739,7 +739,8 @@ fn an_interrupted_compaction_loses_nothing() {
     drop(store);
     // Undo the commit, as if the crash came just before `CURRENT` was renamed.
     fs::write(dir.file("CURRENT"), &committed).unwrap();
-    let half_written = format!("{}.tmp", snapshot_name(4));
+    // What the compaction to generation 3 left: its log, its snapshot, a half-written one.
+    let half_written = format!("{}.tmp", snapshot_name(3));
     fs::write(dir.file(&half_written), b"KLF1").unwrap();
 
     assert_eq!(contents(&reader), before, "a handle that was open follows");

@@ -153,10 +153,11 @@ impl<'a> Transaction<'a> {
     /// request that fails before it is sent (a parameter that cannot be encoded) stops the
     /// sending: what was sent is answered, then the transaction is rolled back.
     pub(crate) fn commit_pipelined(mut self, requests: Vec<Request<'_>>) -> Result<(), Error> {
-        self.open = false;
         let client = &self.client.inner;
         let commit = Request::Simple("COMMIT".into());
-        self.client.block_on(async {
+        // Still open until this returns: a panic while sending (a parameter's encoder) leaves
+        // the transaction to `Drop`, which rolls it back.
+        let result = self.client.block_on(async {
             let mut sent = Vec::new();
             let mut unsent = None;
             for request in requests.iter().chain(std::iter::once(&commit)) {
@@ -183,7 +184,10 @@ impl<'a> Transaction<'a> {
                 return Err(first_error.unwrap_or(e));
             }
             first_error.map_or(Ok(()), Err)
-        })
+        });
+        // Ended either way: by the COMMIT (a rollback if anything failed), or by the ROLLBACK.
+        self.open = false;
+        result
     }
 }
 

@@ -156,7 +156,8 @@ impl Leadership {
         &self,
         f: impl FnOnce(&mut Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        // As in `PgStore::with_conn`: the mutex guards a connection, not an invariant.
+        // The mutex guards a connection whose statements each commit alone (no transaction is
+        // ever left open on it), so a poisoned lock is still good.
         let mut guard = self.client.lock().unwrap_or_else(PoisonError::into_inner);
         let client = match guard.take() {
             Some(client) if !client.is_closed() => client,

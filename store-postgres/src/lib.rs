@@ -246,9 +246,16 @@ impl PgStore {
         &self,
         f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        // The mutex guards a connection, not an invariant: a panic while it was held left at
-        // worst a transaction that the connection rolls back, so a poisoned lock is still good.
-        let mut guard = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        // A panic while the lock was held may have left the connection inside a transaction:
+        // it is replaced rather than trusted.
+        let mut guard = self.conn.lock().unwrap_or_else(|poisoned| {
+            self.conn.clear_poison();
+            let mut guard = poisoned.into_inner();
+            if let Some(conn) = guard.take() {
+                close_apart(conn);
+            }
+            guard
+        });
         let conn = match guard.take() {
             Some(conn) if !conn.client.is_closed() && !conn.stalled => conn,
             _ => Conn::open(&self.config, self.stall_limit)?,
