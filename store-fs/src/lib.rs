@@ -80,22 +80,19 @@
 //!
 //! 1. **Switch**, by the writer, still holding the lock, after handing out the group's
 //!    results: it removes leftovers of an interrupted compaction (files of `g+1`), creates
-//!    `log-<g+1>` with its `start` frame, fsyncs it and the directory, and commits by writing
-//!    `CURRENT` naming `g+1` atomically. Appends go to `log-<g+1>` from the next group on.
-//!    This is bounded work: two small files and four fsyncs, whatever the store's size.
-//! 2. **Snapshot**, by a thread of the handle, holding no lock: it rebuilds the state `g+1`
-//!    started from out of the files, exactly as a load would (the newest snapshot before
-//!    `g+1`, then every log since, `log-<g>` up to the length it had at the switch; none of
-//!    these change any more), writes it to `snapshot-<g+1>.tmp` (recording that length),
-//!    fsyncs it, renames it and fsyncs the directory. Rebuilding costs the thread a load's
-//!    work and the writer nothing: decoding the previous snapshot and the log since (as large
-//!    as the snapshot, with [`FsOptions::compact_at_snapshot_size`]), then encoding, about
-//!    1.5 s of CPU per compaction at 100 000 cron jobs in the firing benchmark. A frozen copy
-//!    taken under the lock instead would cost far less CPU but stall the writer: `State` is
-//!    plain `BTreeMap`s, and cloning 100 000 jobs, 40 000 runs and 120 000 audit records took
-//!    115-175 ms, far over the 20 ms a write may wait.
+//!    `log-<g+1>` with its `start` frame, fsyncs it and the directory, commits by writing
+//!    `CURRENT` naming `g+1` atomically, and takes a frozen copy of its state: the state
+//!    `g+1` starts from, exactly what a load would rebuild (the newest snapshot before `g+1`,
+//!    then every log since, `log-<g>` up to the length it had at the switch). Appends go to
+//!    `log-<g+1>` from the next group on. This is bounded work: two small files and four
+//!    fsyncs, whatever the store's size, and the copy is O(1): `State`'s maps are persistent
+//!    B-trees (`imbl`) that share their nodes, copied only as the writer changes them.
+//! 2. **Snapshot**, by a thread of the handle, holding no lock: it encodes the frozen copy
+//!    to `snapshot-<g+1>.tmp` (recording `log-<g>`'s length), fsyncs it, renames it and
+//!    fsyncs the directory. This costs the thread the encoding only, and the writer nothing
+//!    but the nodes it copies as it changes maps still shared with the copy.
 //! 3. **Cleanup**, by that thread, under the lock again: the handle's state is now based on
-//!    `snapshot-<g+1>`, and generations older than the snapshot it was rebuilt from are
+//!    `snapshot-<g+1>`, and generations older than the snapshot its state was built on are
 //!    removed (that one stays as the fallback), so two good snapshots exist again.
 //!
 //! One compaction runs at a time per handle: a compaction due while one runs is skipped, and

@@ -455,6 +455,8 @@ impl Replica {
             base: self.base,
             generation: next,
             previous_log_len: self.offset,
+            // O(1): the maps are persistent and share their nodes with the live state.
+            state: self.state.clone(),
         };
         self.generation = next;
         self.log = Some(log);
@@ -466,7 +468,7 @@ impl Replica {
 
     /// Records that `job` wrote its generation's snapshot: if this replica still stands at
     /// that generation, its state is now based on it; generations older than the one the
-    /// snapshot was rebuilt from are removed (that one stays as the fallback). Requires the
+    /// state was built on are removed (that one stays as the fallback). Requires the
     /// exclusive lock.
     pub(crate) fn snapshot_written(&mut self, job: &SnapshotJob, snapshot_bytes: u64) {
         if self.generation == job.generation && self.base < job.generation {
@@ -777,18 +779,22 @@ impl Replica {
 }
 
 /// The snapshot of a generation already started by [`Replica::switch_generation`], to be
-/// written without the lock: nothing it reads changes any more (the logs before the new
-/// generation are closed, and compactions keep the generations it reads from).
+/// written without the lock: a frozen copy of the state the generation started from, and the
+/// generations it replaced (compactions keep the one it was based on as the fallback).
 #[derive(Debug)]
 pub(crate) struct SnapshotJob {
     dir: PathBuf,
     sync: bool,
-    /// The generation whose snapshot the state is rebuilt from (0: the empty start).
+    /// The generation whose snapshot the handle's state was built on (0: the empty start):
+    /// generations older than it are obsolete once the new snapshot is written.
     base: u64,
     /// The generation the snapshot starts.
     generation: u64,
     /// How long the log of `generation - 1` was when appends moved to the new log.
     previous_log_len: u64,
+    /// The state as of the switch: what a load of the new generation builds (the base
+    /// snapshot and every log after it, the last one up to `previous_log_len`).
+    state: State,
 }
 
 impl SnapshotJob {
@@ -797,53 +803,17 @@ impl SnapshotJob {
         self.generation
     }
 
-    /// Rebuilds the state the new generation started from (the base snapshot and every log
-    /// after it, the last one up to where appends left it), exactly as a load would, and
-    /// writes it as the generation's snapshot: complete and durable under a temporary name,
-    /// then renamed. Returns the snapshot's size. `before_rename` runs between the two (a
-    /// test pauses there). Runs off the lock: a handle loading meanwhile finds the snapshot
-    /// whole or not at all, and either way loads the same state.
+    /// Writes the state the new generation started from as its snapshot: complete and
+    /// durable under a temporary name, then renamed. Returns the snapshot's size.
+    /// `before_rename` runs between the two (a test pauses there). Runs off the lock: a
+    /// handle loading meanwhile finds the snapshot whole or not at all, and either way loads
+    /// the same state.
     pub(crate) fn write(&self, before_rename: impl FnOnce()) -> Result<u64, StoreError> {
         let dir = &self.dir;
-        let mut state = read_snapshot(dir, self.base).map_err(|reason| StoreError::Corrupt {
-            location: dir.join(snapshot_name(self.base)).display().to_string(),
-            detail: format!("cannot rebuild the next snapshot from it: {reason}"),
-        })?;
-        for generation in self.base..self.generation {
-            let path = dir.join(log_name(generation));
-            let mut bytes =
-                crate::files::read(&path).map_err(|e| io_error(&path, "cannot read", &e))?;
-            if generation + 1 == self.generation {
-                let len = usize::try_from(self.previous_log_len).unwrap_or(usize::MAX);
-                if bytes.len() < len {
-                    return Err(StoreError::Corrupt {
-                        location: path.display().to_string(),
-                        detail: format!(
-                            "the log is {} bytes, shorter than the {len} appended before the \
-                             generation switched",
-                            bytes.len()
-                        ),
-                    });
-                }
-                bytes.truncate(len);
-            }
-            let scan = decode_log(&bytes);
-            if let Some(bad) = scan.corrupt.first().or(scan.torn_tail.as_ref()) {
-                return Err(StoreError::Corrupt {
-                    location: path.display().to_string(),
-                    detail: format!(
-                        "cannot rebuild the next snapshot: at {}: {}",
-                        bad.offset, bad.reason
-                    ),
-                });
-            }
-            for entry in &scan.entries {
-                apply_frame(&mut state, &entry.frame);
-            }
-        }
+        let state = &self.state;
         let tmp = self.tmp_path();
         let written = write_snapshot_file(
-            &state,
+            state,
             &tmp,
             self.generation,
             Some(self.previous_log_len),

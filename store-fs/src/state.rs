@@ -1,9 +1,10 @@
 //! The stored state in memory: what replaying the snapshot and the logs builds, record by
 //! record, with the same semantics as the simulator's `MemStore`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
+use imbl::{OrdMap, OrdSet};
 use keel_core::outbox::{Delivery, DeliveryId};
 use keel_core::store::StoredView;
 use keel_core::Tombstone;
@@ -15,16 +16,20 @@ use crate::format::{
 };
 
 /// Everything the store holds.
+///
+/// The maps are persistent (`imbl`'s B-trees with shared nodes): a clone is O(1) and copies
+/// nodes only as either side changes them, so a compaction takes a frozen copy of the state
+/// under the lock and writes it in the background (see the module docs' Compaction).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct State {
-    pub(crate) jobs: BTreeMap<JobId, Job>,
-    pub(crate) runs: BTreeMap<RunId, Run>,
-    pub(crate) audit: BTreeMap<u64, AuditRecord>,
+    pub(crate) jobs: OrdMap<JobId, Job>,
+    pub(crate) runs: OrdMap<RunId, Run>,
+    pub(crate) audit: OrdMap<u64, AuditRecord>,
     /// Every slot ever claimed, including those of pruned runs: a slot fires once (SPEC S6).
-    pub(crate) slots: BTreeMap<(JobId, Timestamp), RunId>,
-    pub(crate) tombstones: BTreeMap<JobId, Tombstone>,
-    pub(crate) incidents: BTreeMap<u64, Incident>,
-    pub(crate) deliveries: BTreeMap<DeliveryId, Delivery>,
+    pub(crate) slots: OrdMap<(JobId, Timestamp), RunId>,
+    pub(crate) tombstones: OrdMap<JobId, Tombstone>,
+    pub(crate) incidents: OrdMap<u64, Incident>,
+    pub(crate) deliveries: OrdMap<DeliveryId, Delivery>,
     pub(crate) meta: Meta,
     /// The epoch whose batches are accepted (0 until the first `restore`).
     pub(crate) writer_epoch: u64,
@@ -37,13 +42,13 @@ pub(crate) struct State {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Index {
     /// Every stored run of each job.
-    pub(crate) runs_of_job: BTreeMap<JobId, BTreeSet<RunId>>,
+    pub(crate) runs_of_job: OrdMap<JobId, OrdSet<RunId>>,
     /// The runs that are not terminal: what `restore` and `read` return.
-    active: BTreeSet<RunId>,
+    active: OrdSet<RunId>,
     /// The terminal runs of each job, by finish time: what `PruneHistory` chooses from.
-    finished: BTreeMap<JobId, BTreeSet<(Timestamp, RunId)>>,
+    finished: OrdMap<JobId, OrdSet<(Timestamp, RunId)>>,
     /// The audit records of each run.
-    audit_of_run: BTreeMap<RunId, BTreeSet<u64>>,
+    audit_of_run: OrdMap<RunId, OrdSet<u64>>,
 }
 
 impl State {
@@ -261,7 +266,7 @@ impl State {
     /// Costs the jobs it looks at and the runs it deletes, through the `finished` index.
     fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
         let mut doomed = Vec::new();
-        let jobs: Vec<&BTreeSet<(Timestamp, RunId)>> = match job {
+        let jobs: Vec<&OrdSet<(Timestamp, RunId)>> = match job {
             Some(job) => self.index.finished.get(job).into_iter().collect(),
             None => self.index.finished.values().collect(),
         };
