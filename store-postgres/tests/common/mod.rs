@@ -443,6 +443,31 @@ impl Drop for Cluster {
     }
 }
 
+/// The server binaries for a test that must start clusters of its own (`test`, e.g. "the
+/// TLS test", and `why`, what it starts). `None` if the Postgres tests are skipped on purpose
+/// (`KEEL_SKIP_POSTGRES=1`) or only an external server is given (said loudly); without the
+/// binaries it panics, saying what to install.
+fn own_server_binaries(test: &str, why: &str) -> Option<PathBuf> {
+    if let Some(bin) = server_binaries() {
+        return Some(bin);
+    }
+    if std::env::var(SKIP).as_deref() == Ok("1") {
+        return None;
+    }
+    if std::env::var(DATABASE_URL).is_ok() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "\n!!!!!!!! SKIPPED: {test} needs the Postgres server binaries {why}. !!!!!!!!\n"
+        );
+        return None;
+    }
+    panic!(
+        "{test} needs the Postgres server binaries (Debian: apt-get install -y postgresql), or \
+         {SKIP}=1 to skip the Postgres tests explicitly"
+    );
+}
+
 /// The newest installed server's `bin` directory.
 fn server_binaries() -> Option<PathBuf> {
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use keel_store_postgres::Config;
 
-use super::{path_str, server_binaries, Cluster, PORT, SKIP};
+use super::{own_server_binaries, path_str, Cluster, PORT};
 
 /// A primary with one asynchronous streaming replica.
 pub struct Pair {
@@ -20,26 +20,11 @@ impl Pair {
     /// an external server is given (said loudly); without any Postgres it panics, saying what
     /// to install.
     pub fn start() -> Option<Pair> {
-        let Some(bin) = server_binaries() else {
-            if std::env::var(SKIP).as_deref() == Ok("1") {
-                return None;
-            }
-            if std::env::var(super::DATABASE_URL).is_ok() {
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n!!!!!!!! SKIPPED: the failover test needs the Postgres server binaries \
-                     to start a primary and a replica; {} names a server it cannot fail over. \
-                     !!!!!!!!\n",
-                    super::DATABASE_URL
-                );
-                return None;
-            }
-            panic!(
-                "the failover test needs the Postgres server binaries (Debian: apt-get install \
-                 -y postgresql), or {SKIP}=1 to skip the Postgres tests explicitly"
-            );
-        };
+        let why = format!(
+            "to start a primary and a replica; {} names a server it cannot fail over",
+            super::DATABASE_URL
+        );
+        let bin = own_server_binaries("the failover test", &why)?;
         let primary = Cluster::start(&bin);
         let replica = Cluster::empty(&bin);
         // The server refuses a data directory others can read; initdb sets this itself.

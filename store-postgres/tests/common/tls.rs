@@ -7,7 +7,7 @@ use std::process::Command;
 
 use keel_store_postgres::Config;
 
-use super::{path_str, server_binaries, Cluster, SKIP};
+use super::{own_server_binaries, path_str, Cluster};
 
 /// A cluster that serves TLS on `127.0.0.1:port`.
 pub struct TlsServer {
@@ -21,24 +21,10 @@ impl TlsServer {
     /// external server is given (said loudly); without the server binaries or `openssl` it
     /// panics, saying what to install.
     pub fn start() -> Option<TlsServer> {
-        let Some(bin) = server_binaries() else {
-            if std::env::var(SKIP).as_deref() == Ok("1") {
-                return None;
-            }
-            if std::env::var(super::DATABASE_URL).is_ok() {
-                use std::io::Write;
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "\n!!!!!!!! SKIPPED: the TLS test needs the Postgres server binaries to \
-                     start a server with a certificate of its own. !!!!!!!!\n"
-                );
-                return None;
-            }
-            panic!(
-                "the TLS test needs the Postgres server binaries (Debian: apt-get install -y \
-                 postgresql), or {SKIP}=1 to skip the Postgres tests explicitly"
-            );
-        };
+        let bin = own_server_binaries(
+            "the TLS test",
+            "to start a server with a certificate of its own",
+        )?;
         let cluster = Cluster::initialised(&bin);
         let dir = &cluster.sockets;
         let ca = dir.join("ca.pem");
