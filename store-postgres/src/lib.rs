@@ -78,8 +78,8 @@
 //!    makes a commit (see `docs/storage.md` on `synchronous_commit` and replication).
 //!
 //! Round trips were most of what a batch cost beyond the commit's WAL flush, so a batch takes
-//! two, whatever its phases: `BEGIN`, the lock (with `SET LOCAL plan_cache_mode =
-//! force_generic_plan`, see `sql::GENERIC_PLANS`) and the read in one simple query; then every
+//! two, whatever its phases: `BEGIN`, the lock (after the planner settings of
+//! `sql::GENERIC_PLANS`) and the read in one simple query; then every
 //! phase's writes and prunes and the `COMMIT`, sent together before any answer is read
 //! (pipelined). A statement that fails aborts the transaction, and the server answers the
 //! `COMMIT` behind it by rolling back, so `Ok` means every statement succeeded and the commit
@@ -183,6 +183,8 @@ struct Conn {
     /// Left inside a transaction on purpose ([`PgStore::stall_in_a_transaction`]): never
     /// reused.
     stalled: bool,
+    /// Batches begun since the connection's plans were last made ([`sql::REPLAN`]).
+    batches_since_planned: u32,
 }
 
 impl PgStore {
@@ -241,6 +243,32 @@ impl PgStore {
         })
     }
 
+    /// The plan this handle's connection has cached for the read of a batch (`keel_stored`)
+    /// that writes runs `ids` and claims `slots` of `job`: for the tests of re-planning.
+    #[cfg(test)]
+    fn cached_read_plan(&self, ids: &[i64], job: &str, slots: &[i64]) -> String {
+        self.with_conn(|conn| {
+            let jobs = vec![job; slots.len()];
+            let explain = format!(
+                "BEGIN; {}; EXPLAIN EXECUTE keel_stored({}, {}, {}); ROLLBACK",
+                sql::GENERIC_PLANS.join("; "),
+                literal::ints(ids),
+                literal::texts(jobs.into_iter())?,
+                literal::ints(slots)
+            );
+            let messages = conn.client.simple_query(&explain).map_err(pg_error)?;
+            Ok(messages
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+                .join("\n"))
+        })
+        .unwrap()
+    }
+
     /// Runs `f` on the handle's connection, connecting again first if it broke.
     fn with_conn<T>(
         &self,
@@ -295,6 +323,7 @@ impl Conn {
             client,
             statements: HashMap::new(),
             stalled: false,
+            batches_since_planned: 0,
         };
         conn.migrate()?;
         conn.client
@@ -369,7 +398,13 @@ impl Store for PgStore {
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with_conn(|conn| {
-            let (mut tx, stored) = BatchTransaction::begin(&mut conn.client, batch)?;
+            let replan = conn.batches_since_planned >= sql::REPLAN_EVERY;
+            conn.batches_since_planned = if replan {
+                0
+            } else {
+                conn.batches_since_planned + 1
+            };
+            let (mut tx, stored) = BatchTransaction::begin(&mut conn.client, batch, replan)?;
             // Planned before anything is written: a record that cannot be written (a number
             // above `bigint`) fails the batch before any statement changed a row.
             let phases = batch::plan(&batch.records)?;
@@ -569,16 +604,21 @@ impl BatchTransaction {
     fn begin<'a>(
         client: &'a mut Client,
         batch: &Batch,
+        replan: bool,
     ) -> Result<(Transaction<'a>, Stored), StoreError> {
         let keys = StoredKeys::of(batch)?;
-        let mut statements = format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED; {}; {}",
-            sql::GENERIC_PLANS,
-            sql::LOCK_META
-        );
+        let mut statements = Vec::new();
+        if replan {
+            statements.push(sql::REPLAN.to_owned());
+        }
+        statements.push("BEGIN ISOLATION LEVEL READ COMMITTED".to_owned());
+        statements.extend(sql::GENERIC_PLANS.map(str::to_owned));
+        let lock = statements.len();
+        statements.push(sql::LOCK_META.to_owned());
+        let read = statements.len();
         if !keys.ids.is_empty() {
-            statements.push_str(&format!(
-                "; EXECUTE keel_stored({}, {}, {})",
+            statements.push(format!(
+                "EXECUTE keel_stored({}, {}, {})",
                 literal::ints(&keys.ids),
                 literal::texts(keys.jobs.iter().copied())?,
                 literal::ints(&keys.slots)
@@ -587,11 +627,10 @@ impl BatchTransaction {
         // Open from here: if a statement after BEGIN fails, the transaction is left aborted
         // and must be rolled back before the connection serves another call.
         let tx = Transaction::begun(client);
-        let messages = tx.simple_query(&statements).map_err(pg_error)?;
+        let messages = tx.simple_query(&statements.join("; ")).map_err(pg_error)?;
         let results = rows_by_statement(&messages);
-        // BEGIN, SET LOCAL, the lock, the read.
-        let epoch = writer_epoch(results.get(2).map_or(&[][..], Vec::as_slice))?;
-        let stored = Stored::from_rows(epoch, results.get(3).map_or(&[][..], Vec::as_slice))?;
+        let epoch = writer_epoch(results.get(lock).map_or(&[][..], Vec::as_slice))?;
+        let stored = Stored::from_rows(epoch, results.get(read).map_or(&[][..], Vec::as_slice))?;
         Ok((tx, stored))
     }
 }

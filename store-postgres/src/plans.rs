@@ -49,7 +49,9 @@ fn history_pages_walk_an_index_and_stop_at_the_limit() {
         store.apply(&batch(epoch, chunk, T0, records)).unwrap();
     }
     let mut client = db.client();
-    client.batch_execute("ANALYZE").unwrap();
+    client
+        .batch_execute("ANALYZE keel_runs, keel_slots, keel_audit")
+        .unwrap();
     let state: Option<String> = None;
     let (before, from, until, limit) = (2_000_i64, i64::MIN, i64::MAX, 51_i64);
     let all: [&(dyn ToSql + Sync); 5] = [&before, &from, &until, &state, &limit];
@@ -81,7 +83,7 @@ fn history_pages_walk_an_index_and_stop_at_the_limit() {
 }
 
 /// The plan of a statement prepared by name (`sql::prepare_named`) with `args`, as a batch
-/// runs it: generic (`sql::GENERIC_PLANS`).
+/// runs it: generic, under `sql::GENERIC_PLANS`.
 fn generic_plan(client: &mut postgres::Client, name: &str, args: &str) -> String {
     let messages = client
         .simple_query(&format!("EXPLAIN EXECUTE {name}({args})"))
@@ -119,10 +121,12 @@ fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
         store.apply(&batch(epoch, chunk, T0, records)).unwrap();
     }
     let mut client = db.client();
-    client.batch_execute("ANALYZE").unwrap();
+    client
+        .batch_execute("ANALYZE keel_runs, keel_slots, keel_audit")
+        .unwrap();
     client.batch_execute(&sql::prepare_named()).unwrap();
     client
-        .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS))
+        .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS.join("; ")))
         .unwrap();
     let read = generic_plan(
         &mut client,
@@ -143,4 +147,96 @@ fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
     // Generic: the arrays are parameters, not the values given.
     assert!(read.contains("ANY ($1)"), "{read}");
     assert!(prune.contains("keel_audit_by_run"), "{prune}");
+}
+
+/// The plans a batch's statements get on a connection opened on a new store: each is made
+/// once, with the statistics of that moment, and kept for the connection's life, so a plan
+/// that reads a table whole because it was empty then would cost more with every firing.
+/// Checked with the tables never analysed and analysed while empty.
+#[test]
+fn a_batchs_plans_made_on_an_empty_store_probe_indexes() {
+    let Some(db) = TestDb::new() else { return };
+    let store = db.open();
+    store.restore().unwrap();
+    let mut client = db.client();
+    for analysed in [false, true] {
+        if analysed {
+            client
+                .batch_execute("ANALYZE keel_runs, keel_slots, keel_audit")
+                .unwrap();
+        }
+        // A new session, as a connection opened on this store would be.
+        let mut client = db.client();
+        client.batch_execute(&sql::prepare_named()).unwrap();
+        client
+            .batch_execute(&format!("PREPARE keel_write AS {}", sql::WRITE))
+            .unwrap();
+        client
+            .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS.join("; ")))
+            .unwrap();
+        let read = generic_plan(
+            &mut client,
+            "keel_stored",
+            "ARRAY[7, 8]::bigint[], ARRAY['job-7']::text[], ARRAY[7]::bigint[]",
+        );
+        let prune = generic_plan(
+            &mut client,
+            "keel_prune_jobs",
+            "ARRAY['job-7', 'job-8']::text[], ARRAY[3, 3]::bigint[], ARRAY[0, 0]::bigint[]",
+        );
+        let nulls = vec!["NULL"; 28].join(", ");
+        let write = generic_plan(&mut client, "keel_write", &nulls);
+        client.batch_execute("ROLLBACK").unwrap();
+        for plan in [&read, &prune, &write] {
+            assert!(!plan.contains("Seq Scan"), "analysed: {analysed}\n{plan}");
+            assert!(!plan.contains("Hash Join"), "analysed: {analysed}\n{plan}");
+        }
+        assert!(read.contains("keel_slots_pkey"), "{read}");
+    }
+    drop(client);
+}
+
+/// A plan made while the tables were tiny is not kept: after `sql::REPLAN_EVERY` batches the
+/// connection plans again, and the read probes each run by its key. (Made on empty tables, the
+/// read of runs may scan a whole index of `keel_runs`: all plans cost alike then.)
+#[test]
+fn a_connection_plans_its_batches_again_once_the_tables_grew() {
+    let Some(db) = TestDb::new() else { return };
+    let store = db.open();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let job = "job-0";
+    let one_run = |i: u64| {
+        batch(
+            epoch,
+            i,
+            T0,
+            vec![Record::PutRun(run(i, job, T0.plus_ms(i)))],
+        )
+    };
+    // The first batch makes the connection's plans, on empty tables whose statistics say so.
+    let mut client = db.client();
+    client
+        .batch_execute("ANALYZE keel_runs, keel_slots")
+        .unwrap();
+    store.apply(&one_run(1)).unwrap();
+    let tiny = store.cached_read_plan(&[1, 2], job, &[1]);
+    // The tables grow behind the connection's back.
+    client
+        .batch_execute(
+            "INSERT INTO keel_runs (id, job, state, created_at, active, body) \
+             SELECT g, 'job-' || (g % 100), 'queued', g, false, '{}' \
+             FROM generate_series(100000, 119999) g; \
+             INSERT INTO keel_slots (job, slot, run) \
+             SELECT 'job-' || (g % 100), g, g FROM generate_series(100000, 119999) g",
+        )
+        .unwrap();
+    for i in 2..=u64::from(sql::REPLAN_EVERY) + 1 {
+        store.apply(&one_run(i)).unwrap();
+    }
+    let grown = store.cached_read_plan(&[1, 2], job, &[1]);
+    assert!(
+        grown.contains("keel_runs_pkey") && grown.contains("keel_slots_pkey"),
+        "not planned again, or not probes: before\n{tiny}\nafter\n{grown}"
+    );
+    assert!(!grown.contains("Seq Scan"), "{grown}");
 }

@@ -104,13 +104,36 @@ pub(crate) const WRITE_FORMAT: &str = "UPDATE keel_meta SET format = $1 WHERE id
 /// the writer epoch that `check_batch` compares the batch's with.
 pub(crate) const LOCK_META: &str =
     "SELECT writer_epoch, counters::text FROM keel_meta WHERE id = 1 FOR UPDATE";
-/// Set, for its transaction only, before a batch's statements: they take arrays whose length
-/// changes with every batch, and Postgres's default (`auto`) then re-plans them at every
-/// execution, and a custom plan costs more to make than the statement to run (the read:
-/// about 120 µs more per execution than with its generic plan, measured from the client).
-/// Their generic plans walk the same indexes (checked in `plans`).
-/// Needs Postgres 12 or later.
-pub(crate) const GENERIC_PLANS: &str = "SET LOCAL plan_cache_mode = force_generic_plan";
+/// Set, for its transaction only, before a batch's statements.
+///
+/// - `plan_cache_mode = force_generic_plan`: the statements take arrays whose length changes
+///   with every batch, and Postgres's default (`auto`) then re-plans them at every execution,
+///   and a custom plan costs more to make than the statement to run (the read: about 120 µs
+///   more per execution than with its generic plan, measured from the client).
+/// - `enable_seqscan = off`: a generic plan is made once per connection, with the statistics
+///   of that moment, and kept. A connection opened on a new store planned the read as a hash
+///   join over a sequential scan of `keel_slots` (an empty table looks cheapest to read
+///   whole), and kept that plan while the table grew: the read cost 0.35 ms at 8,700 claims
+///   and would grow with every slot ever claimed. Every statement of a batch finds rows by
+///   key, so an index probe is the right plan at any size; this setting leaves the planner
+///   nothing else for the tables it would otherwise read whole. A tiny table can still make
+///   a whole-index scan look as cheap as a probe, so the store also re-plans now and then
+///   ([`REPLAN`]).
+///
+/// The plans are checked in `plans`, made on an empty store. Needs Postgres 12 or later.
+pub(crate) const GENERIC_PLANS: [&str; 2] = [
+    "SET LOCAL plan_cache_mode = force_generic_plan",
+    "SET LOCAL enable_seqscan = off",
+];
+
+/// Sent before a batch's `BEGIN` every [`REPLAN_EVERY`] batches of a connection: the
+/// connection's cached plans are dropped (its prepared statements stay) and made again at
+/// their next execution, with the tables' sizes of then. A plan made while a table was tiny
+/// is kept no longer than that.
+pub(crate) const REPLAN: &str = "DISCARD PLANS";
+/// How many batches a connection applies between two [`REPLAN`]s: re-planning costs a few
+/// hundred microseconds once, against a plan that could cost more with every batch.
+pub(crate) const REPLAN_EVERY: u32 = 1_000;
 pub(crate) const READ_META: &str =
     "SELECT writer_epoch, counters::text FROM keel_meta WHERE id = 1";
 pub(crate) const WRITE_EPOCH: &str = "UPDATE keel_meta SET writer_epoch = $1 WHERE id = 1";
@@ -118,12 +141,17 @@ pub(crate) const WRITE_EPOCH: &str = "UPDATE keel_meta SET writer_epoch = $1 WHE
 /// What `check_batch` needs of the stored state, in one round trip: the stored runs a batch
 /// writes (`$1`: their ids) as `('run', id, body, null, null)`, and the claims of the slots it
 /// claims (`$2`, `$3`: jobs and slots, pairwise) as `('slot', run, null, job, slot)`.
+///
+/// Each slot is a lookup of its own (a lateral subquery with `LIMIT 1`, which the planner
+/// cannot turn into a join), so the plan is a probe of `keel_slots_pkey` per slot whatever
+/// the table's size or statistics, never a hash join that reads the table whole.
 pub(crate) const STORED: &str = "SELECT 'run', id, body::text, NULL::text, NULL::bigint \
      FROM keel_runs WHERE id = ANY($1::bigint[]) \
      UNION ALL \
-     SELECT 'slot', s.run, NULL::text, s.job, s.slot FROM keel_slots s \
-     JOIN unnest($2::text[], $3::bigint[]) AS k(job, slot) \
-     ON s.job = k.job AND s.slot = k.slot";
+     SELECT 'slot', s.run, NULL::text, k.job, k.slot \
+     FROM unnest($2::text[], $3::bigint[]) AS k(job, slot) \
+     CROSS JOIN LATERAL (SELECT run FROM keel_slots \
+         WHERE job = k.job AND slot = k.slot LIMIT 1) AS s";
 
 /// Prepares, by name, the statements a batch sends inside simple queries (with `BEGIN`, with
 /// `COMMIT`: see `BatchTransaction`), once per connection, so that their plans are cached as
@@ -207,7 +235,7 @@ pub(crate) const PRUNE_ALL: &str = "WITH ranked AS ( \
 /// does, for those jobs only. Each job's terminal runs are ranked on their own
 /// (`keel_runs_finished`), so the statement costs what the jobs' histories do, not the table.
 pub(crate) const PRUNE_JOBS: &str = "WITH doomed AS ( \
-         DELETE FROM keel_runs r USING ( \
+         DELETE FROM keel_runs WHERE id = ANY(ARRAY( \
              SELECT d.id FROM unnest($1::text[], $2::bigint[], $3::bigint[]) \
                  AS p(job, keep_last, finished_before) \
              CROSS JOIN LATERAL ( \
@@ -216,9 +244,8 @@ pub(crate) const PRUNE_JOBS: &str = "WITH doomed AS ( \
                  FROM keel_runs WHERE finished_at IS NOT NULL AND job = p.job \
              ) d \
              WHERE d.newer > p.keep_last OR d.finished_at < p.finished_before \
-         ) x \
-         WHERE r.id = x.id \
-         RETURNING r.id \
+         )) \
+         RETURNING id \
      ) \
      DELETE FROM keel_audit WHERE run = ANY(ARRAY(SELECT id FROM doomed))";
 
