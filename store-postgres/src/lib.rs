@@ -399,12 +399,14 @@ impl Store for PgStore {
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
         self.with_conn(|conn| {
             let replan = conn.batches_since_planned >= sql::REPLAN_EVERY;
+            // Counted once the transaction began: a batch that failed before may not have
+            // sent its re-plan, and the next one sends it.
+            let (mut tx, stored) = BatchTransaction::begin(&mut conn.client, batch, replan)?;
             conn.batches_since_planned = if replan {
-                0
+                1
             } else {
                 conn.batches_since_planned + 1
             };
-            let (mut tx, stored) = BatchTransaction::begin(&mut conn.client, batch, replan)?;
             // Planned before anything is written: a record that cannot be written (a number
             // above `bigint`) fails the batch before any statement changed a row.
             let phases = batch::plan(&batch.records)?;
@@ -607,11 +609,13 @@ impl BatchTransaction {
         replan: bool,
     ) -> Result<(Transaction<'a>, Stored), StoreError> {
         let keys = StoredKeys::of(batch)?;
-        let mut statements = Vec::new();
+        // `DISCARD PLANS` after `BEGIN`: before it, it would take a snapshot in the implicit
+        // transaction, and `BEGIN ISOLATION LEVEL …` would then be refused wherever the
+        // session's default isolation level is not READ COMMITTED.
+        let mut statements = vec!["BEGIN ISOLATION LEVEL READ COMMITTED".to_owned()];
         if replan {
             statements.push(sql::REPLAN.to_owned());
         }
-        statements.push("BEGIN ISOLATION LEVEL READ COMMITTED".to_owned());
         statements.extend(sql::GENERIC_PLANS.map(str::to_owned));
         let lock = statements.len();
         statements.push(sql::LOCK_META.to_owned());
@@ -768,8 +772,11 @@ fn prune_statements(prunes: &[batch::Prune]) -> Result<String, StoreError> {
     let mut jobs = Vec::new();
     for prune in prunes {
         match &prune.job {
+            // Ranks every terminal run, so a sequential scan may be its best plan: allowed
+            // for it alone (`sql::GENERIC_PLANS` turns them off for the rest of the batch).
             None => statements.push_str(&format!(
-                "EXECUTE keel_prune_all({}, {}); ",
+                "SET LOCAL enable_seqscan = on; EXECUTE keel_prune_all({}, {}); \
+                 SET LOCAL enable_seqscan = off; ",
                 prune.keep_last, prune.finished_before
             )),
             Some(job) => jobs.push((job.as_str(), prune.keep_last, prune.finished_before)),

@@ -111,12 +111,13 @@ pub(crate) const LOCK_META: &str =
 ///   and a custom plan costs more to make than the statement to run (the read: about 120 µs
 ///   more per execution than with its generic plan, measured from the client).
 /// - `enable_seqscan = off`: a generic plan is made once per connection, with the statistics
-///   of that moment, and kept. A connection opened on a new store planned the read as a hash
+///   of that moment, and kept until the table's statistics change (an `ANALYZE`). A connection opened on a new store planned the read as a hash
 ///   join over a sequential scan of `keel_slots` (an empty table looks cheapest to read
-///   whole), and kept that plan while the table grew: the read cost 0.35 ms at 8,700 claims
-///   and would grow with every slot ever claimed. Every statement of a batch finds rows by
-///   key, so an index probe is the right plan at any size; this setting leaves the planner
-///   nothing else for the tables it would otherwise read whole. A tiny table can still make
+///   whole), and kept that plan while the table grew: the read cost 0.35–0.8 ms at 8,700
+///   claims and would grow with every slot ever claimed. Every statement of a batch finds rows by
+///   key, so an index probe is the right plan at any size; this setting prices a table scan
+///   out of the planner's choices (`keel_prune_all`, which ranks every terminal run, is
+///   exempt: see `prune_statements`). A tiny table can still make
 ///   a whole-index scan look as cheap as a probe, so the store also re-plans now and then
 ///   ([`REPLAN`]).
 ///
@@ -126,10 +127,10 @@ pub(crate) const GENERIC_PLANS: [&str; 2] = [
     "SET LOCAL enable_seqscan = off",
 ];
 
-/// Sent before a batch's `BEGIN` every [`REPLAN_EVERY`] batches of a connection: the
+/// Sent right after a batch's `BEGIN` every [`REPLAN_EVERY`] batches of a connection: the
 /// connection's cached plans are dropped (its prepared statements stay) and made again at
 /// their next execution, with the tables' sizes of then. A plan made while a table was tiny
-/// is kept no longer than that.
+/// is kept no longer than that, even if no `ANALYZE` (which also invalidates plans) runs.
 pub(crate) const REPLAN: &str = "DISCARD PLANS";
 /// How many batches a connection applies between two [`REPLAN`]s: re-planning costs a few
 /// hundred microseconds once, against a plan that could cost more with every batch.
