@@ -95,6 +95,9 @@ pub(crate) fn run(cli: Cli) -> Result<(), Failure> {
         token_file: cli.token_file,
     };
     place.check()?;
+    if !matches!(cli.command, Command::Run(_)) {
+        crate::place::check_daemon_store(&place)?;
+    }
     // Refused by name before anything runs, not ignored.
     crate::client::answer_timeout()?;
     let out = Output { json: cli.json };

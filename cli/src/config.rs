@@ -9,7 +9,7 @@
 //! delivery_backoff = "30s"         # first retry delay of a result delivery (doubling)
 //! delivery_attempts = 3            # delivery attempts in total, the first included
 //! store = "postgres"               # "fs" (the default), "sled" or "postgres"
-//! database_url = "postgresql://keel@db.internal/keel"  # with store = "postgres"; never printed
+//! database_url = "postgresql://keel@db.internal/keel"  # with store = "postgres"
 //! leader_ttl = "10s"               # with store = "postgres": the leadership lease's TTL
 //!
 //! [watchdog]
@@ -38,8 +38,9 @@
 //!
 //! `store`, `database_url` and `leader_ttl` are what `--store`, `--database-url` (and
 //! `KEEL_DATABASE_URL`) and `--leader-ttl` (and `KEEL_LEADER_TTL`) set; the command line and
-//! the environment win over the file. A database URL read from the file is never printed: not
-//! in an error, not in `Debug`.
+//! the environment win over the file. A database URL read from the file is never printed
+//! whole: not in an error, not in `Debug`; an error about the connection names only where it
+//! went (host, port, user, database, `sslmode`), never the password.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -337,10 +337,13 @@ async fn daemon(
     };
     let server = tokio::spawn(serve(socket.listener, shared));
     let jobs = handle.jobs().await.map_or(0, |jobs| jobs.len());
+    // A Postgres store lives in its database; the directory holds only the lock and socket.
+    let store = match place.kind {
+        StoreKind::Postgres => format!("postgres store, data directory {}", place.dir.display()),
+        kind => format!("{} store in {}", kind.name(), place.dir.display()),
+    };
     log(&format!(
-        "ready: {} store in {}, {jobs} job{}, control socket {} (pid {})",
-        place.kind.name(),
-        place.dir.display(),
+        "ready: {store}, {jobs} job{}, control socket {} (pid {})",
         if jobs == 1 { "" } else { "s" },
         socket.path.display(),
         std::process::id()
@@ -455,7 +458,9 @@ async fn metrics_upkeep(recorder: keel_runtime::prometheus::PrometheusHandle) {
 /// Takes the daemon lock, waiting (standby) while another daemon holds it. `None` if a signal
 /// came first.
 async fn take_lock(place: &Place, signals: &mut Signals) -> Result<Option<DaemonLock>, Failure> {
-    let holder = match DaemonLock::try_take(place, "daemon")? {
+    // "daemon STORE": commands run here read the store kind from it (`place::daemon_store`).
+    let role = format!("daemon {}", place.kind.name());
+    let holder = match DaemonLock::try_take(place, &role)? {
         Ok(lock) => return Ok(Some(lock)),
         Err(holder) => holder,
     };
@@ -477,7 +482,7 @@ async fn take_lock(place: &Place, signals: &mut Signals) -> Result<Option<Daemon
     let (tx, rx) = tokio::sync::oneshot::channel();
     let waiting = place.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(DaemonLock::take_blocking(&waiting, "daemon"));
+        let _ = tx.send(DaemonLock::take_blocking(&waiting, &role));
     });
     tokio::select! {
         taken = rx => {

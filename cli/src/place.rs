@@ -399,6 +399,40 @@ pub(crate) fn lock_holder(place: &Place) -> Option<Holder> {
     }
 }
 
+/// The store kind a daemon holding the lock runs on, as its lock file says (`PID daemon
+/// STORE`); `None` if no daemon holds the lock or its text does not say (an older daemon).
+fn daemon_store(place: &Place) -> Option<(u32, String)> {
+    let Some(Holder::Daemon(pid)) = lock_holder(place) else {
+        return None;
+    };
+    let text = std::fs::read_to_string(place.lock_path()).ok()?;
+    let store = text.split_whitespace().nth(2)?;
+    Some((pid, store.to_owned()))
+}
+
+/// Refuses a command set up for another store kind than the daemon running in its data
+/// directory: commands take the store from `--store`/`KEEL_STORE` (fs by default), not from
+/// the daemon's `keel.toml`, and a command on fs beside a Postgres standby would otherwise
+/// report no daemon, or call the directory no keel store.
+pub(crate) fn check_daemon_store(place: &Place) -> Result<(), Failure> {
+    match daemon_store(place) {
+        Some((pid, store)) if store != place.kind.name() => Err(Failure::input(format!(
+            "a keel daemon (pid {pid}) runs on the {store} store in {}, but this command was \
+             set up for the {} store: give it the daemon's store, with --store {store} or \
+             KEEL_STORE={store}{} (commands read their flags and the environment, not \
+             keel.toml)",
+            place.dir.display(),
+            place.kind.name(),
+            if store == "postgres" {
+                ", and its database with --database-url or KEEL_DATABASE_URL"
+            } else {
+                ""
+            }
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn read_holder(path: &Path) -> Holder {
     let mut text = String::new();
     match File::open(path).and_then(|mut f| f.read_to_string(&mut text)) {
@@ -465,7 +499,35 @@ mod tests {
     #[test]
     fn holders_are_read_from_the_lock_file() {
         assert_eq!(Holder::parse("42 daemon\n"), Holder::Daemon(42));
+        assert_eq!(Holder::parse("42 daemon postgres\n"), Holder::Daemon(42));
         assert_eq!(Holder::parse("7 command\n"), Holder::Command(7));
         assert_eq!(Holder::parse(""), Holder::Unknown);
+    }
+
+    /// A command set up for fs beside a daemon on Postgres is refused by name, saying what to
+    /// set, rather than reporting no daemon or calling the directory no keel store.
+    #[test]
+    fn a_command_for_another_store_than_the_daemons_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let place = |kind| Place {
+            dir: dir.path().to_owned(),
+            kind,
+            remote: None,
+            database: None,
+            token_file: None,
+        };
+        // No daemon: nothing to compare with.
+        check_daemon_store(&place(StoreKind::Fs)).unwrap();
+        let _daemon = DaemonLock::try_take(&place(StoreKind::Postgres), "daemon postgres")
+            .unwrap()
+            .unwrap();
+        let refused = check_daemon_store(&place(StoreKind::Fs)).unwrap_err();
+        let message = refused.to_string();
+        assert!(message.contains("runs on the postgres store"), "{message}");
+        assert!(message.contains("KEEL_STORE=postgres"), "{message}");
+        assert!(message.contains("KEEL_DATABASE_URL"), "{message}");
+        assert!(message.contains("not keel.toml"), "{message}");
+        // The same kind as the daemon's is fine.
+        check_daemon_store(&place(StoreKind::Postgres)).unwrap();
     }
 }

@@ -600,3 +600,36 @@ fn an_overlong_request_on_the_control_socket_is_refused_not_buffered() {
     place.keel(&["job", "ls"]).expect_code(0);
     daemon.stop();
 }
+
+/// A daemon names its store kind in its lock file, and a command set up for another kind is
+/// refused by name (exit 2), saying what to set, not sent to the wrong store.
+#[test]
+fn a_command_for_another_store_than_the_daemons_is_refused_by_name() {
+    let place = Place::new("other-store");
+    let config = place.config(
+        r#"
+[[job]]
+name = "tick"
+every = "1h"
+command = ["true"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["ready: fs store in"]);
+    // (A sled command is refused before, by what the directory holds.)
+    let refused = place.keel(&[
+        "--store",
+        "postgres",
+        "--database-url",
+        "host=/nonexistent",
+        "status",
+    ]);
+    refused.expect_code(2);
+    let said = refused.stderr();
+    assert!(said.contains("runs on the fs store"), "{said}");
+    assert!(said.contains("KEEL_STORE=fs"), "{said}");
+    assert!(said.contains("not keel.toml"), "{said}");
+    // The daemon's own kind is answered.
+    place.keel(&["status"]).expect_code(0);
+    daemon.stop();
+}
