@@ -591,10 +591,16 @@ const BATCH_BYTES_PER_RECORD: usize = 640;
 /// `RetryPolicy::validate` already refuses them when a job is added; this guards the store
 /// against a batch built some other way.
 fn non_finite_float(record: &Record) -> Option<EncodeError> {
-    let (name, retry) = match record {
-        Record::PutJob(job) => (format!("PutJob {}", job.spec.id), &job.spec.retry),
-        Record::PutRun(run) => (format!("PutRun {}", run.id()), run.retry()),
+    let retry = match record {
+        Record::PutJob(job) => &job.spec.retry,
+        Record::PutRun(run) => run.retry(),
         _ => return None,
+    };
+    // The record is named only for the error: every record of every batch passes here.
+    let name = || match record {
+        Record::PutJob(job) => format!("PutJob {}", job.spec.id),
+        Record::PutRun(run) => format!("PutRun {}", run.id()),
+        _ => String::new(),
     };
     [
         ("retry.backoff_factor", retry.backoff_factor),
@@ -603,7 +609,7 @@ fn non_finite_float(record: &Record) -> Option<EncodeError> {
     .into_iter()
     .find(|(_, value)| !value.is_finite())
     .map(|(field, value)| EncodeError::NonFiniteFloat {
-        record: name,
+        record: name(),
         field,
         value,
     })
