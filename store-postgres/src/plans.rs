@@ -98,6 +98,31 @@ fn generic_plan(client: &mut postgres::Client, name: &str, args: &str) -> String
         .join("\n")
 }
 
+/// The generic plans a new session `client` makes for a batch's read, per-job prune and write
+/// (`keel_stored`, `keel_prune_jobs`, [`sql::WRITE`]), under the batch's planner settings.
+fn batch_plans(client: &mut postgres::Client) -> [String; 3] {
+    client.batch_execute(&sql::prepare_named()).unwrap();
+    client
+        .batch_execute(&format!("PREPARE keel_write AS {}", sql::WRITE))
+        .unwrap();
+    client
+        .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS.join("; ")))
+        .unwrap();
+    let read = generic_plan(
+        client,
+        "keel_stored",
+        "ARRAY[7, 8]::bigint[], ARRAY['job-7']::text[], ARRAY[7]::bigint[]",
+    );
+    let prune = generic_plan(
+        client,
+        "keel_prune_jobs",
+        "ARRAY['job-7', 'job-8']::text[], ARRAY[3, 3]::bigint[], ARRAY[0, 0]::bigint[]",
+    );
+    let write = generic_plan(client, "keel_write", &vec!["NULL"; 28].join(", "));
+    client.batch_execute("ROLLBACK").unwrap();
+    [read, prune, write]
+}
+
 #[test]
 fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
     const ROWS: u64 = 4_000;
@@ -124,21 +149,7 @@ fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
     client
         .batch_execute("ANALYZE keel_runs, keel_slots, keel_audit")
         .unwrap();
-    client.batch_execute(&sql::prepare_named()).unwrap();
-    client
-        .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS.join("; ")))
-        .unwrap();
-    let read = generic_plan(
-        &mut client,
-        "keel_stored",
-        "ARRAY[7, 8]::bigint[], ARRAY['job-7']::text[], ARRAY[7]::bigint[]",
-    );
-    let prune = generic_plan(
-        &mut client,
-        "keel_prune_jobs",
-        "ARRAY['job-7', 'job-8']::text[], ARRAY[3, 3]::bigint[], ARRAY[0, 0]::bigint[]",
-    );
-    client.batch_execute("ROLLBACK").unwrap();
+    let [read, prune, _] = batch_plans(&mut client);
     for plan in [&read, &prune] {
         assert!(!plan.contains("Seq Scan on keel_runs"), "{plan}");
         assert!(!plan.contains("Seq Scan on keel_slots"), "{plan}");
@@ -150,8 +161,9 @@ fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
 }
 
 /// The plans a batch's statements get on a connection opened on a new store: each is made
-/// once, with the statistics of that moment, and kept for the connection's life, so a plan
-/// that reads a table whole because it was empty then would cost more with every firing.
+/// once, with the statistics of that moment, and kept until they change (or the store
+/// re-plans), so a plan that reads a table whole because it was empty then would cost more
+/// with every firing.
 /// Checked with the tables never analysed and analysed while empty.
 #[test]
 fn a_batchs_plans_made_on_an_empty_store_probe_indexes() {
@@ -166,27 +178,7 @@ fn a_batchs_plans_made_on_an_empty_store_probe_indexes() {
                 .unwrap();
         }
         // A new session, as a connection opened on this store would be.
-        let mut client = db.client();
-        client.batch_execute(&sql::prepare_named()).unwrap();
-        client
-            .batch_execute(&format!("PREPARE keel_write AS {}", sql::WRITE))
-            .unwrap();
-        client
-            .batch_execute(&format!("BEGIN; {}", sql::GENERIC_PLANS.join("; ")))
-            .unwrap();
-        let read = generic_plan(
-            &mut client,
-            "keel_stored",
-            "ARRAY[7, 8]::bigint[], ARRAY['job-7']::text[], ARRAY[7]::bigint[]",
-        );
-        let prune = generic_plan(
-            &mut client,
-            "keel_prune_jobs",
-            "ARRAY['job-7', 'job-8']::text[], ARRAY[3, 3]::bigint[], ARRAY[0, 0]::bigint[]",
-        );
-        let nulls = vec!["NULL"; 28].join(", ");
-        let write = generic_plan(&mut client, "keel_write", &nulls);
-        client.batch_execute("ROLLBACK").unwrap();
+        let [read, prune, write] = batch_plans(&mut db.client());
         for plan in [&read, &prune, &write] {
             assert!(!plan.contains("Seq Scan"), "analysed: {analysed}\n{plan}");
             assert!(!plan.contains("Hash Join"), "analysed: {analysed}\n{plan}");
