@@ -288,26 +288,47 @@ impl State {
 
     /// Inserts or replaces a run, keeping the indexes in step.
     fn insert_run(&mut self, run: Run) {
-        if let Some(old) = self.runs.get(&run.id()) {
-            let (id, job, finished) = (old.id(), old.job().clone(), finished_key(old));
-            self.unindex_run(id, &job, finished);
+        let id = run.id();
+        let finished = finished_key(&run);
+        let active = !run.state().is_terminal();
+        match self.runs.get(&id) {
+            // A run's new state under the same job (every update a scheduler writes): its
+            // place in `runs_of_job` stays, and only what changed moves.
+            Some(old) if old.job() == run.job() => {
+                let (was_finished, was_active) = (finished_key(old), !old.state().is_terminal());
+                if was_finished != finished {
+                    if let Some(key) = was_finished {
+                        remove_finished(&mut self.index.finished, run.job(), &key);
+                    }
+                    if let Some(key) = finished {
+                        insert_finished(&mut self.index.finished, run.job(), key);
+                    }
+                }
+                if was_active && !active {
+                    self.index.active.remove(&id);
+                } else if active && !was_active {
+                    self.index.active.insert(id);
+                }
+            }
+            old => {
+                if let Some(old) = old {
+                    let (job, was_finished) = (old.job().clone(), finished_key(old));
+                    self.unindex_run(id, &job, was_finished);
+                }
+                self.index
+                    .runs_of_job
+                    .entry(run.job().clone())
+                    .or_default()
+                    .insert(id);
+                if let Some(key) = finished {
+                    insert_finished(&mut self.index.finished, run.job(), key);
+                }
+                if active {
+                    self.index.active.insert(id);
+                }
+            }
         }
-        self.index
-            .runs_of_job
-            .entry(run.job().clone())
-            .or_default()
-            .insert(run.id());
-        if let Some(key) = finished_key(&run) {
-            self.index
-                .finished
-                .entry(run.job().clone())
-                .or_default()
-                .insert(key);
-        }
-        if !run.state().is_terminal() {
-            self.index.active.insert(run.id());
-        }
-        self.runs.insert(run.id(), run);
+        self.runs.insert(id, run);
     }
 
     /// Deletes a run and its audit records (its slot claim stays).
@@ -330,11 +351,8 @@ impl State {
                 self.index.runs_of_job.remove(job);
             }
         }
-        if let (Some(key), Some(set)) = (finished, self.index.finished.get_mut(job)) {
-            set.remove(&key);
-            if set.is_empty() {
-                self.index.finished.remove(job);
-            }
+        if let Some(key) = finished {
+            remove_finished(&mut self.index.finished, job, &key);
         }
     }
 
@@ -358,6 +376,30 @@ impl State {
 
 /// Where a run sits in the `finished` index: terminal runs with a finish time, the ones
 /// `PruneHistory` considers (as `MemStore` does).
+/// Adds `key` to `job`'s terminal runs in [`Index::finished`].
+fn insert_finished(
+    finished: &mut OrdMap<JobId, OrdSet<(Timestamp, RunId)>>,
+    job: &JobId,
+    key: (Timestamp, RunId),
+) {
+    finished.entry(job.clone()).or_default().insert(key);
+}
+
+/// Removes `key` from `job`'s terminal runs in [`Index::finished`], and the job's entry with
+/// its last one.
+fn remove_finished(
+    finished: &mut OrdMap<JobId, OrdSet<(Timestamp, RunId)>>,
+    job: &JobId,
+    key: &(Timestamp, RunId),
+) {
+    if let Some(set) = finished.get_mut(job) {
+        set.remove(key);
+        if set.is_empty() {
+            finished.remove(job);
+        }
+    }
+}
+
 fn finished_key(run: &Run) -> Option<(Timestamp, RunId)> {
     run.finished_at()
         .filter(|_| run.state().is_terminal())
