@@ -69,6 +69,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// applies every record of `batch` atomically and durably. `Ok` means durable.
     fn apply(&self, batch: &Batch) -> Result<(), StoreError>;
 
+    /// [`Store::apply`], given the batch to keep: a store that holds its records in memory
+    /// moves them in instead of copying each one. The runtime writes through this, as it
+    /// needs nothing of a batch but its id once it is applied. The default applies the
+    /// borrowed batch, so a store (or a wrapper of one) that does not override it behaves
+    /// exactly as through `apply`.
+    fn apply_owned(&self, batch: Batch) -> Result<(), StoreError> {
+        self.apply(&batch)
+    }
+
     /// The current state, without becoming the writer: what `restore` would return, except
     /// that `meta` holds the stored counters as the last writer wrote them.
     fn read(&self) -> Result<Snapshot, StoreError>;

@@ -1038,11 +1038,10 @@ impl Driver {
                 let store = Arc::clone(&self.store);
                 let tx = self.sender();
                 let write = move || {
-                    let result = store.apply(&batch);
-                    let _ = tx.send(Msg::Persisted {
-                        batch: batch.id,
-                        result,
-                    });
+                    let id = batch.id;
+                    // Given away: a store that keeps records in memory moves them in.
+                    let result = store.apply_owned(batch);
+                    let _ = tx.send(Msg::Persisted { batch: id, result });
                 };
                 if self.store_inline {
                     // Answered through the channel all the same: the driver sees the

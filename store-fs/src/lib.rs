@@ -767,11 +767,14 @@ impl Store for FsStore {
     }
 
     fn apply(&self, batch: &Batch) -> Result<(), StoreError> {
-        let frame = format::encode_batch(batch)
+        self.apply_owned(batch.clone())
+    }
+
+    /// Keeps the caller's batch, not one decoded from the frame (`encode_batch` explains why
+    /// the two are equal): its records move into the state when it is written.
+    fn apply_owned(&self, batch: Batch) -> Result<(), StoreError> {
+        let frame = format::encode_batch(&batch)
             .map_err(|why| StoreError::Io(format!("batch {} cannot be stored: {why}", batch.id)))?;
-        // The caller's batch, not one decoded from the frame: `encode_batch` explains why the
-        // two are equal.
-        let batch = batch.clone();
         let mut queue = self.queue();
         let ticket = queue.next_ticket;
         queue.next_ticket += 1;
