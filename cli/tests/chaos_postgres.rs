@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chaos::{
-    all_logs, leader, lines, next_leader, pg_keel, start_all, stop_all, wait_lines, Host, FIRED,
-    READY, TAKEOVER_BOUND, TTL,
+    add_logging_job, all_logs, leader, lines, next_leader, pg_keel, start_all, stop_all,
+    wait_lines, Host, FIRED, READY, TAKEOVER_BOUND, TTL,
 };
 use common::{Place, WAIT};
 
@@ -60,21 +60,7 @@ fn three_hosts_survive_kills_a_stall_and_a_database_restart_without_a_duplicate(
     start_all(&mut hosts);
     // The jobs, through the leader's control socket.
     for job in JOBS {
-        let add = [
-            "job",
-            "add",
-            job,
-            "--cron",
-            "* * * * * *",
-            "--",
-            "sh",
-            "-c",
-            &format!(
-                "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT $KEEL_HOSTNAME\" >> {}",
-                fired.display()
-            ),
-        ];
-        pg_keel(&hosts[0].place, &url, &add).expect_code(0);
+        add_logging_job(&hosts[0].place, &url, job, &fired);
     }
     // One job for external workers, worked by a worker loop over the current leader's API.
     pg_keel(

@@ -34,8 +34,9 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use chaos::{
-    all_logs, leader, lines, next_leader, pg_keel, start_all, stop_all, verify, wait_lines,
-    wait_until, Found, Host, FIRED, LEADING, LEASE_GRACE, LEASE_TTL, READY, TAKEOVER_BOUND, TTL,
+    add_logging_job, all_logs, leader, lines, next_leader, pg_keel, start_all, stop_all, verify,
+    wait_lines, wait_until, Found, Host, FIRED, LEADING, LEASE_GRACE, LEASE_TTL, READY,
+    TAKEOVER_BOUND, TTL,
 };
 use common::{Place, WAIT};
 use keel_core::StateName;
@@ -83,22 +84,7 @@ fn a_partitioned_leader_fences_itself_and_a_standby_takes_over_without_a_duplica
     .collect();
     start_all(&mut hosts);
     for job in ["tick-a", "tick-b", "tick-c"] {
-        let echo = format!(
-            "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT $KEEL_HOSTNAME\" >> {}",
-            fired.display()
-        );
-        let add = [
-            "job",
-            "add",
-            job,
-            "--cron",
-            "* * * * * *",
-            "--",
-            "sh",
-            "-c",
-            &echo,
-        ];
-        pg_keel(&hosts[0].place, &url, &add).expect_code(0);
+        add_logging_job(&hosts[0].place, &url, job, &fired);
     }
     wait_lines(&fired, 6, "host-a fires every job", &hosts);
 

@@ -179,6 +179,27 @@ pub fn pg_keel(place: &Place, url: &str, args: &[&str]) -> common::Done {
     place.keel(&all)
 }
 
+/// Adds `job`, firing every second, whose attempts append to the shared log at `path` the
+/// `KEY RUN ATTEMPT WHO` line [`verify`] reads (`WHO`: the daemon's `KEEL_HOSTNAME`).
+pub fn add_logging_job(place: &Place, url: &str, job: &str, path: &Path) {
+    let echo = format!(
+        "echo \"$KEEL_IDEMPOTENCY_KEY $KEEL_RUN_ID $KEEL_ATTEMPT $KEEL_HOSTNAME\" >> {}",
+        path.display()
+    );
+    let add = [
+        "job",
+        "add",
+        job,
+        "--cron",
+        "* * * * * *",
+        "--",
+        "sh",
+        "-c",
+        &echo,
+    ];
+    pg_keel(place, url, &add).expect_code(0);
+}
+
 /// The lines of the file at `path` (none if it is not there yet).
 pub fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
