@@ -814,7 +814,7 @@ impl Store for FsStore {
     }
 
     fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
-        self.read_with(|state| state.runs.get(&id).cloned())
+        self.read_with(|state| state.runs.get(&id).map(|run| Run::clone(run)))
     }
 
     fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
@@ -826,9 +826,9 @@ impl Store for FsStore {
                 Some(job) => {
                     let ids = state.index.runs_of_job.get(job);
                     let ids = ids.into_iter().flat_map(|ids| ids.range(below).rev());
-                    query.page(ids.filter_map(|id| state.runs.get(id)))
+                    query.page(ids.filter_map(|id| state.runs.get(id).map(|run| &**run)))
                 }
-                None => query.page(state.runs.range(below).rev().map(|(_, run)| run)),
+                None => query.page(state.runs.range(below).rev().map(|(_, run)| &**run)),
             }
         })
     }
@@ -836,7 +836,7 @@ impl Store for FsStore {
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         self.read_with(|state| {
             let from = query.after.map_or(0, |after| after.saturating_add(1));
-            query.page(state.audit.range(from..).map(|(_, record)| record))
+            query.page(state.audit.range(from..).map(|(_, record)| &**record))
         })
     }
 

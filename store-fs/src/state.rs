@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
 use keel_core::outbox::{Delivery, DeliveryId};
@@ -22,9 +23,12 @@ use crate::format::{
 /// under the lock and writes it in the background (see the module docs' Compaction).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct State {
-    pub(crate) jobs: OrdMap<JobId, Job>,
-    pub(crate) runs: OrdMap<RunId, Run>,
-    pub(crate) audit: OrdMap<u64, AuditRecord>,
+    /// Jobs, runs and audit records behind `Arc`: a node of these maps that a frozen copy
+    /// still shares (a compaction's snapshot, being written) is copied on its first change,
+    /// and copying it then costs a pointer per entry, not a deep copy of every record in it.
+    pub(crate) jobs: OrdMap<JobId, Arc<Job>>,
+    pub(crate) runs: OrdMap<RunId, Arc<Run>>,
+    pub(crate) audit: OrdMap<u64, Arc<AuditRecord>>,
     /// Every slot ever claimed, including those of pruned runs: a slot fires once (SPEC S6).
     pub(crate) slots: OrdMap<(JobId, Timestamp), RunId>,
     pub(crate) tombstones: OrdMap<JobId, Tombstone>,
@@ -82,7 +86,7 @@ impl State {
             .active
             .iter()
             .filter_map(|id| self.runs.get(id))
-            .cloned()
+            .map(|run| Run::clone(run))
             .collect();
         let mut active: BTreeMap<&JobId, u32> = BTreeMap::new();
         for run in &runs {
@@ -93,7 +97,7 @@ impl State {
             .jobs
             .values()
             .map(|job| {
-                let mut job = job.clone();
+                let mut job = Job::clone(job);
                 job.active_runs = active.get(&job.spec.id).copied().unwrap_or(0);
                 job
             })
@@ -197,7 +201,7 @@ impl State {
         while let Some(item) = snapshot.next_item()? {
             match item {
                 SnapshotFrame::Job(job) => {
-                    state.jobs.insert(job.spec.id.clone(), job);
+                    state.jobs.insert(job.spec.id.clone(), Arc::new(job));
                 }
                 SnapshotFrame::Run(run) => state.insert_run(run),
                 SnapshotFrame::Audit(record) => state.insert_audit(record),
@@ -223,7 +227,7 @@ impl State {
     fn apply_record(&mut self, record: Record) {
         match record {
             Record::PutJob(job) => {
-                self.jobs.insert(job.spec.id.clone(), job);
+                self.jobs.insert(job.spec.id.clone(), Arc::new(job));
             }
             // The job's runs, audit and slot claims stay: history outlives the definition.
             Record::DeleteJob { id } => {
@@ -328,7 +332,7 @@ impl State {
                 }
             }
         }
-        self.runs.insert(id, run);
+        self.runs.insert(id, Arc::new(run));
     }
 
     /// Deletes a run and its audit records (its slot claim stays).
@@ -370,7 +374,7 @@ impl State {
                 .or_default()
                 .insert(record.seq);
         }
-        self.audit.insert(record.seq, record);
+        self.audit.insert(record.seq, Arc::new(record));
     }
 }
 
@@ -412,7 +416,7 @@ impl StoredView for State {
     }
 
     fn stored_run(&self, id: RunId) -> Option<Run> {
-        self.runs.get(&id).cloned()
+        self.runs.get(&id).map(|run| Run::clone(run))
     }
 
     fn slot_owner(&self, job: &JobId, slot: Timestamp) -> Option<RunId> {

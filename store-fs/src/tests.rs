@@ -273,7 +273,7 @@ fn indexed_prune_matches_the_reference_store() {
             };
             reference.apply(&batch);
             state.apply(&batch.records);
-            let runs: Vec<&Run> = state.runs.values().collect();
+            let runs: Vec<&Run> = state.runs.values().map(|run| &**run).collect();
             let expected: Vec<&Run> = reference.runs().collect();
             assert_eq!(runs, expected, "seed {seed}, round {round}: runs differ");
             let audit: Vec<u64> = state.audit.keys().copied().collect();
