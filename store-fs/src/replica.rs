@@ -851,13 +851,48 @@ fn write_snapshot_file(
     sync: bool,
 ) -> io::Result<u64> {
     let file = owner_only().create(true).truncate(true).open(path)?;
+    let file = SyncedEvery {
+        file,
+        unsynced: 0,
+        every: sync.then_some(SNAPSHOT_SYNC_EVERY),
+    };
     let mut out = BufWriter::with_capacity(1 << 16, file);
     state.write_snapshot(&mut out, generation, previous_log_len)?;
-    let file = out.into_inner().map_err(|e| e.into_error())?;
+    let file = out.into_inner().map_err(|e| e.into_error())?.file;
     if sync {
         file.sync_all()?;
     }
     Ok(file.metadata()?.len())
+}
+
+/// How much of a snapshot is written between two flushes to disk while it is written. A
+/// snapshot is written beside the live log on the same disk: flushed only at its end, its tens
+/// of megabytes went to the disk at once, and the writer's log flushes waited behind them.
+const SNAPSHOT_SYNC_EVERY: u64 = 1 << 20;
+
+/// A file that is flushed to disk (`sync_data`) every `every` bytes written, if set.
+struct SyncedEvery {
+    file: File,
+    unsynced: u64,
+    every: Option<u64>,
+}
+
+impl Write for SyncedEvery {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let written = self.file.write(buf)?;
+        if let Some(every) = self.every {
+            self.unsynced += written as u64;
+            if self.unsynced >= every {
+                self.file.sync_data()?;
+                self.unsynced = 0;
+            }
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
 }
 
 const MISSING: &str = "missing";
