@@ -388,6 +388,12 @@ impl Drop for DaemonLock {
 
 /// Who holds the lock, if anyone (for messages and `doctor`).
 pub(crate) fn lock_holder(place: &Place) -> Option<Holder> {
+    held_lock_text(place).map(|text| Holder::parse(&text))
+}
+
+/// The text of the lock file while another process holds the lock (empty if it cannot be
+/// read, which parses as `Holder::Unknown`); `None` if nobody holds it.
+fn held_lock_text(place: &Place) -> Option<String> {
     let path = place.lock_path();
     let file = File::open(&path).ok()?;
     match file.try_lock_shared() {
@@ -395,17 +401,17 @@ pub(crate) fn lock_holder(place: &Place) -> Option<Holder> {
             let _ = file.unlock();
             None
         }
-        Err(_) => Some(read_holder(&path)),
+        Err(_) => Some(read_lock_text(&path)),
     }
 }
 
 /// The store kind a daemon holding the lock runs on, as its lock file says (`PID daemon
 /// STORE`); `None` if no daemon holds the lock or its text does not say (an older daemon).
 fn daemon_store(place: &Place) -> Option<(u32, String)> {
-    let Some(Holder::Daemon(pid)) = lock_holder(place) else {
+    let text = held_lock_text(place)?;
+    let Holder::Daemon(pid) = Holder::parse(&text) else {
         return None;
     };
-    let text = std::fs::read_to_string(place.lock_path()).ok()?;
     let store = text.split_whitespace().nth(2)?;
     Some((pid, store.to_owned()))
 }
@@ -434,10 +440,15 @@ pub(crate) fn check_daemon_store(place: &Place) -> Result<(), Failure> {
 }
 
 fn read_holder(path: &Path) -> Holder {
+    Holder::parse(&read_lock_text(path))
+}
+
+/// The lock file's text; empty if it cannot be read.
+fn read_lock_text(path: &Path) -> String {
     let mut text = String::new();
     match File::open(path).and_then(|mut f| f.read_to_string(&mut text)) {
-        Ok(_) => Holder::parse(&text),
-        Err(_) => Holder::Unknown,
+        Ok(_) => text,
+        Err(_) => String::new(),
     }
 }
 
