@@ -53,12 +53,16 @@ pub struct AuditRecord {
     /// The job.
     pub job: JobId,
     /// The run, for run state changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub run: Option<RunId>,
     /// The attempt, for run state changes.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attempt: Option<Attempt>,
     /// The fencing token of the attempt's lease, for run changes made under a lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub fencing_token: Option<FencingToken>,
     /// The state before, or `None` for a creation.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub old: Option<StateName>,
     /// The state after.
     pub new: StateName,

@@ -34,41 +34,41 @@ pub struct JobSpec {
     /// Opaque input handed to every attempt, at most
     /// [`limits::JOB_PAYLOAD_MAX_BYTES`](crate::limits::JOB_PAYLOAD_MAX_BYTES). Shared text:
     /// each run and attempt refers to it rather than copying it.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_empty_text")]
     pub payload: Arc<str>,
     /// When it fires.
     pub schedule: ScheduleSpec,
     /// How failed attempts are retried.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     pub retry: RetryPolicy,
     /// What happens to slots missed while the scheduler was down or the clock jumped.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     pub misfire: MisfirePolicy,
     /// What happens when a slot comes due while a run of this job is still active.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     pub overlap: OverlapPolicy,
     /// Delete (rather than disable) a one-shot job once its run is terminal.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_false")]
     pub delete_after_run: bool,
     /// Whether a run found mid-attempt after a crash is retried (if attempts remain) or ends
     /// `interrupted` at once.
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", skip_serializing_if = "crate::omit::is_true")]
     pub resume_after_crash: bool,
     /// Run by external workers: runs wait in a queue until a worker of this job's `kind`
     /// claims them, instead of being handed to the in-process executor.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_false")]
     pub external: bool,
     /// Attempt timeout: the attempt is asked to stop after this, killed `kill_grace_ms` later,
     /// and killed at the backstop (a multiple of it) whatever extension it got.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// Named outputs a completion must carry; a completion without them is refused, recorded,
     /// and the run stays running. (A boxed slice, not a `Vec`: every idle job carries this
     /// field, and `vec![…].into()` builds one.)
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     pub required_artifacts: Box<[String]>,
     /// Where each finished run's result is delivered (sink names the driver knows).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     pub sinks: Box<[Arc<str>]>,
     /// Which finished runs are delivered to the sinks: all of them, or failures only (SPEC
     /// O4). Read when a run finishes, so a change applies to runs finishing from then on.
@@ -314,23 +314,23 @@ pub struct Job {
     pub state: JobState,
     /// Slots waiting for the active run to finish (overlap `buffer-one`, misfire `catch-up`),
     /// oldest first.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     pub backlog: Backlog,
     /// The latest slot ever fired; slots at or before it never fire again (SPEC S4, S6).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_fired: Option<Timestamp>,
     /// Runs of this job that are not terminal. Derived from the runs on restore.
     #[serde(skip)]
     pub active_runs: u32,
     /// A finished one-shot with `delete_after_run` whose deletion waits for runs left over
     /// from an earlier definition to settle.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_false")]
     pub delete_when_idle: bool,
     /// The last run of this job that ended, and how (SPEC O4: listings show it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<LastRun>,
     /// Runs that ended failed in a row, up to the last one; a success resets it.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::omit::is_zero")]
     pub failures_in_a_row: u32,
 }
 
@@ -343,10 +343,6 @@ pub struct LastRun {
     pub state: StateName,
     /// When it ended.
     pub finished_at: Timestamp,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
 
 impl Job {

@@ -100,6 +100,7 @@ pub mod incident;
 pub mod job;
 pub mod lease;
 pub mod limits;
+mod omit;
 pub mod outbox;
 pub mod persist;
 pub mod retry;

@@ -45,7 +45,10 @@
 //! format with their markers (store-fs's `VERSION` file, store-sled's `format` marker): renaming,
 //! retyping or removing a field of `RunRecord` (or changing its `#[serde]` attributes) is a format
 //! change that needs a new format version and a migration; a new field needs
-//! `#[serde(default)]` so that existing stores still open. Tests and stores that need a run in an
+//! `#[serde(default)]` so that existing stores still open. One change is not: a field is left
+//! out of the stored form while it holds the value its absence decodes to in every build of the
+//! format (the rule of the `omit` module, checked field by field by its tests), so a fresh run
+//! writes about a third fewer bytes and earlier builds still read it. Tests and stores that need a run in an
 //! arbitrary state build a `RunRecord` and convert it with [`Run::from_record`];
 //! [`Run::record`] goes the other way. What the CLI and the daemon show is a third thing again,
 //! the JSON views of `keel-cli`'s `views` module.
@@ -63,10 +66,6 @@ use crate::limits;
 use crate::retry::{RetryDecision, RetryPolicy};
 use crate::rng::SplitMix64;
 use crate::time::Timestamp;
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
 
 /// Why a run exists.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -386,12 +385,15 @@ run_and_record! {
     /// The state.
     state: RunState,
     /// The last concrete error, kept in every terminal state.
+    #[serde(skip_serializing_if = "Option::is_none")]
     last_error: Option<RunError>,
     /// The success summary.
+    #[serde(skip_serializing_if = "Option::is_none")]
     summary: Option<String>,
     /// An operator asked to cancel the attempt in progress.
     cancel_requested: bool,
     /// When it reached its terminal state.
+    #[serde(skip_serializing_if = "Option::is_none")]
     finished_at: Option<Timestamp>,
     /// The retry policy in force when the run was created; a later job update does not change
     /// the rules of a run already under way.
@@ -402,27 +404,27 @@ run_and_record! {
     /// updated or removed meanwhile.
     kind: Arc<str>,
     /// The job's payload when the run was created.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_empty_text")]
     payload: Arc<str>,
     /// The instant of the one-shot the job was when the run was created, if it was one: only a
     /// run of that very one-shot finishes it when it settles (a run left over from an earlier
     /// definition does not).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     of_one_shot: Option<Timestamp>,
     /// Attempts run by an external worker that claims them (copied from the job).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_false")]
     external: bool,
     /// The attempt timeout copied from the job, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     timeout_ms: Option<u64>,
     /// Artifacts the job requires before it accepts a completion (copied from the job).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     required_artifacts: Box<[String]>,
     /// Sinks the run's result is delivered to (copied from the job).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     sinks: Box<[Arc<str>]>,
     /// The lease of the attempt in progress (`Starting` and `Running` only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     lease: Option<Lease>,
     /// The token of the last lease that ended. A store uses it to tell a writer that saw the
     /// stored lease end from one that never knew of it (see `store::check_batch`).
@@ -430,39 +432,39 @@ run_and_record! {
     last_token: Option<FencingToken>,
     /// Attempts lost to crashes, reclaimed leases or releases; budgeted apart from handler
     /// errors by `RetryPolicy::lost_attempts_max`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_zero")]
     lost: u32,
     /// Attempts a graceful shutdown stopped (SPEC O1); they count against no budget.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::omit::is_zero")]
     shutdowns: u32,
     /// The last progress the holder reported.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     progress: Option<Progress>,
     /// The last sign of life of the attempt in progress: its start, a heartbeat or progress.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     last_activity: Option<Timestamp>,
     /// Artifacts of the successful completion.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     artifacts: BTreeMap<String, String>,
     /// The watchdog's deadlines for the attempt in progress.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_default")]
     watch: Watch,
     /// True once an extension was granted: at most one per run (SPEC W1).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "crate::omit::is_false")]
     extended: bool,
     /// The attempt the watchdog killed, if any: a kill is sticky, nothing revives it (W2).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     killed: Option<Attempt>,
     /// The latest checkpoint, handed to the next attempt; deleted when the run completes or
     /// fails terminally, kept when it is interrupted (SPEC C2).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     checkpoint: Option<Checkpoint>,
     /// Verification evidence of the artifact gate and of explicit `verify` calls, oldest first,
     /// the newest [`limits::VERIFICATIONS_KEPT_MAX`] (SPEC A2).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     verifications: Vec<Verification>,
     /// Attempts an operator released (SPEC W6); like shutdowns, they count against no budget.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::omit::is_zero")]
     handed_back: u32,
     /// The lease an operator last released or reclaimed, kept so that it can be restored to its
     /// owner while the run has not been claimed or started since.
