@@ -16,6 +16,9 @@
 //!
 //! - `KEEL_BENCH_JOBS`: comma-separated job counts (default `10000,100000`).
 //! - `KEEL_BENCH_WINDOW_S`: the measurement window per case, in seconds (default 20).
+//! - `KEEL_BENCH_PERIOD_S`: how often each job fires, `60` (the default: once a minute) or
+//!   `3600` (once an hour: job `i` is `"{i % 60} {i / 60 % 60} * * * *"`, issue 16's
+//!   million-job case, 278 firings/s).
 //! - `KEEL_BENCH_LIBS`: comma-separated cases among `tcs`, `keel-sync`, `keel-nosync`
 //!   (default: all three, in that order).
 //! - `KEEL_BENCH_DIR`: where keel's stores are created (default: cargo's
@@ -28,7 +31,7 @@
 //! # The schedules
 //!
 //! Job `i` is `"{i % 60} * * * * *"` (6 fields, seconds first) in UTC: once a minute, at second
-//! `i % 60`. Both libraries read the same text (tokio-cron-scheduler through croner with
+//! `i % 60` (or once an hour, at second `i % 3600` of it, with `KEEL_BENCH_PERIOD_S=3600`). Both libraries read the same text (tokio-cron-scheduler through croner with
 //! seconds required, keel through croner 6-field with the IANA zone `UTC`). Every second of the
 //! minute has `jobs / 60` firings due, so firing is continuous: 167/s with 10 000 jobs, 1 667/s
 //! with 100 000.
@@ -36,9 +39,9 @@
 //! # What is measured
 //!
 //! - **Lateness**: the handler records the wall time (`SystemTime`) at its first poll; the slot
-//!   it was due at is the last whole second of the minute matching `i % 60` (a firing that
-//!   looks more than 30 s late is read as early, so lateness must stay under 30 s to be read
-//!   right). Percentiles are over the slots due in the window that fired.
+//!   it was due at is the last whole second of the period matching job `i`'s (a firing that
+//!   looks more than half a period late is read as early, so lateness must stay under 30 s to
+//!   be read right). Percentiles are over the slots due in the window that fired.
 //! - **Fired**: of the slots due in the window, how many reached their handler within
 //!   [`GRACE`] after the window's end. Duplicates (a slot run twice) are counted apart. For
 //!   tokio-cron-scheduler, a `tracing` subscriber counts the activations its job runner
@@ -79,7 +82,6 @@ const WARMUP: Duration = Duration::from_secs(3);
 const GRACE: Duration = Duration::from_secs(3);
 
 const US_PER_S: i64 = 1_000_000;
-const US_PER_MIN: i64 = 60 * US_PER_S;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Lib {
@@ -123,6 +125,8 @@ struct Case {
     lib: Lib,
     jobs: u32,
     window: Duration,
+    /// Each job fires once per this many seconds: 60 or 3600.
+    period_s: u32,
     dir: PathBuf,
 }
 
@@ -152,6 +156,8 @@ struct CaseResult {
     cpu_first_half_ns: u64,
     utime_ticks: u64,
     stime_ticks: u64,
+    /// Resident memory at the window's start and end.
+    rss_start_kib: u64,
     rss_kib: u64,
     /// keel only: store batches, fsyncs and compactions during the window.
     batches: u64,
@@ -167,7 +173,7 @@ struct CaseResult {
 impl CaseResult {
     fn encode(&self) -> String {
         format!(
-            "KEEL_RESULT {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
+            "KEEL_RESULT {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {} {}",
             self.setup_ms,
             self.window_ms,
             self.due,
@@ -183,6 +189,7 @@ impl CaseResult {
             self.cpu_first_half_ns,
             self.utime_ticks,
             self.stime_ticks,
+            self.rss_start_kib,
             self.rss_kib,
             self.batches,
             self.syncs,
@@ -194,7 +201,7 @@ impl CaseResult {
 
     fn decode(line: &str) -> CaseResult {
         let f: Vec<&str> = line.split_whitespace().skip(1).collect();
-        assert_eq!(f.len(), 21, "malformed result line {line:?}");
+        assert_eq!(f.len(), 22, "malformed result line {line:?}");
         let u = |i: usize| f[i].parse::<u64>().unwrap();
         let s = |i: usize| f[i].parse::<i64>().unwrap();
         CaseResult {
@@ -213,12 +220,13 @@ impl CaseResult {
             cpu_first_half_ns: u(12),
             utime_ticks: u(13),
             stime_ticks: u(14),
-            rss_kib: u(15),
-            batches: u(16),
-            syncs: u(17),
-            compactions: u(18),
-            lagged: u(19),
-            errors: u(20),
+            rss_start_kib: u(15),
+            rss_kib: u(16),
+            batches: u(17),
+            syncs: u(18),
+            compactions: u(19),
+            lagged: u(20),
+            errors: u(21),
         }
     }
 }
@@ -253,6 +261,14 @@ fn main() {
             .map(|s| s.parse().unwrap())
             .unwrap_or(20),
     );
+    let period_s: u32 = env::var("KEEL_BENCH_PERIOD_S")
+        .ok()
+        .map(|s| s.parse().unwrap())
+        .unwrap_or(60);
+    assert!(
+        matches!(period_s, 60 | 3600),
+        "KEEL_BENCH_PERIOD_S is 60 or 3600"
+    );
     let libs: Vec<Lib> = env::var("KEEL_BENCH_LIBS")
         .unwrap_or_else(|_| "tcs,keel-sync,keel-nosync".to_owned())
         .split(',')
@@ -265,8 +281,13 @@ fn main() {
     println!("# keel-runtime firing bench: keel vs tokio-cron-scheduler");
     println!();
     println!(
-        "job i = \"{{i % 60}} * * * * *\" UTC; window {} s per case (+{} s warm-up, +{} s grace); \
+        "job i = \"{}\" UTC; window {} s per case (+{} s warm-up, +{} s grace); \
          keel stores under {}",
+        if period_s == 60 {
+            "{i % 60} * * * * *"
+        } else {
+            "{i % 60} {i / 60 % 60} * * * *"
+        },
         window.as_secs(),
         WARMUP.as_secs(),
         GRACE.as_secs(),
@@ -280,6 +301,7 @@ fn main() {
                 lib,
                 jobs: n,
                 window,
+                period_s,
                 dir: dir.clone(),
             };
             eprintln!("running {} with {n} jobs...", lib.arg());
@@ -319,6 +341,7 @@ fn smoke() {
             lib,
             jobs: 120,
             window: Duration::from_secs(2),
+            period_s: 60,
             dir: dir.clone(),
         };
         let r = run_child(&case);
@@ -333,7 +356,7 @@ fn print_table(rows: &[(Case, CaseResult)]) {
     println!(
         "| library | jobs | setup | due/s | fired | dup | lateness p50 | p99 | max | \
          CPU µs/firing | 1st → 2nd half | sys share | CPU (% of a core) | log appends/s | \
-         compactions | runs stored | tcs: lost (Lagged) / errors | RSS |"
+         compactions | runs stored | tcs: lost (Lagged) / errors | RSS (window start → end) |"
     );
     println!(
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -365,7 +388,7 @@ fn print_table(rows: &[(Case, CaseResult)]) {
         };
         let keel = case.lib != Lib::Tcs;
         println!(
-            "| {} | {} | {:.1} s | {:.0} | {:.2}% | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} | {} | {} MiB |",
+            "| {} | {} | {:.1} s | {:.0} | {:.2}% | {} | {} | {} | {} | {} | {} | {} | {:.0}% | {} | {} | {} | {} | {} → {} MiB |",
             case.lib.label(),
             group(u64::from(case.jobs)),
             r.setup_ms as f64 / 1000.0,
@@ -403,6 +426,7 @@ fn print_table(rows: &[(Case, CaseResult)]) {
             } else {
                 format!("{} / {}", group(r.lagged), group(r.errors))
             },
+            r.rss_start_kib / 1024,
             r.rss_kib / 1024,
         );
     }
@@ -437,6 +461,7 @@ fn run_child(case: &Case) -> CaseResult {
         .arg(case.lib.arg())
         .arg(case.jobs.to_string())
         .arg(case.window.as_secs().to_string())
+        .arg(case.period_s.to_string())
         .arg(&case.dir)
         .output()
         .unwrap();
@@ -455,13 +480,14 @@ fn run_child(case: &Case) -> CaseResult {
 }
 
 fn parse_child_args(args: &[String]) -> Case {
-    let [lib, jobs, window, dir] = args else {
-        panic!("usage: --child tcs|keel-sync|keel-nosync JOBS WINDOW_S DIR");
+    let [lib, jobs, window, period, dir] = args else {
+        panic!("usage: --child tcs|keel-sync|keel-nosync JOBS WINDOW_S PERIOD_S DIR");
     };
     Case {
         lib: Lib::from_arg(lib),
         jobs: jobs.parse().unwrap(),
         window: Duration::from_secs(window.parse().unwrap()),
+        period_s: period.parse().unwrap(),
         dir: PathBuf::from(dir),
     }
 }
@@ -484,8 +510,13 @@ fn now_us() -> i64 {
     i64::try_from(since.as_micros()).unwrap()
 }
 
-fn expr(job: u32) -> String {
-    format!("{} * * * * *", job % 60)
+fn expr(job: u32, period_s: u32) -> String {
+    let second = job % period_s;
+    if period_s == 60 {
+        format!("{second} * * * * *")
+    } else {
+        format!("{} {} * * * *", second % 60, second / 60)
+    }
 }
 
 fn run_case(case: &Case) -> CaseResult {
@@ -502,7 +533,7 @@ fn run_case(case: &Case) -> CaseResult {
             let lag = Arc::new(LagCounter::default());
             tracing::subscriber::set_global_default(LagSubscriber(Arc::clone(&lag))).unwrap();
             let setup = Instant::now();
-            let scheduler = runtime.block_on(start_tcs(case.jobs, &recorder));
+            let scheduler = runtime.block_on(start_tcs(case, &recorder));
             let setup = setup.elapsed();
             let result = measure(case, &recorder, None, Some(&lag), setup);
             drop(scheduler);
@@ -519,7 +550,7 @@ fn run_case(case: &Case) -> CaseResult {
             };
             let store = Arc::new(FsStore::open_with(&dir, options).unwrap());
             let setup = Instant::now();
-            let keel = runtime.block_on(start_keel(case.jobs, &recorder, &store));
+            let keel = runtime.block_on(start_keel(case, &recorder, &store));
             let setup = setup.elapsed();
             let result = measure(case, &recorder, Some(&store), None, setup);
             runtime
@@ -531,11 +562,11 @@ fn run_case(case: &Case) -> CaseResult {
     }
 }
 
-async fn start_tcs(jobs: u32, recorder: &Arc<Recorder>) -> JobScheduler {
+async fn start_tcs(case: &Case, recorder: &Arc<Recorder>) -> JobScheduler {
     let scheduler = JobScheduler::new().await.unwrap();
-    for i in 0..jobs {
+    for i in 0..case.jobs {
         let recorder = Arc::clone(recorder);
-        let job = Job::new_async(expr(i), move |_, _| {
+        let job = Job::new_async(expr(i, case.period_s), move |_, _| {
             let recorder = Arc::clone(&recorder);
             Box::pin(async move { recorder.record(i) })
         })
@@ -547,7 +578,7 @@ async fn start_tcs(jobs: u32, recorder: &Arc<Recorder>) -> JobScheduler {
     scheduler
 }
 
-async fn start_keel(jobs: u32, recorder: &Arc<Recorder>, store: &Arc<FsStore>) -> Runtime {
+async fn start_keel(case: &Case, recorder: &Arc<Recorder>, store: &Arc<FsStore>) -> Runtime {
     let rec = Arc::clone(recorder);
     let runtime = Runtime::builder(Arc::clone(store) as Arc<dyn Store>)
         .handler("tick", move |ctx: AttemptContext| {
@@ -563,12 +594,12 @@ async fn start_keel(jobs: u32, recorder: &Arc<Recorder>, store: &Arc<FsStore>) -
     // add_job answers once durable; many in flight at once share batches.
     let handle = runtime.handle();
     let mut pending = tokio::task::JoinSet::new();
-    for i in 0..jobs {
+    for i in 0..case.jobs {
         let mut spec = JobSpec::new(
             JobId::new(&format!("job-{i:06}")).unwrap(),
             "tick",
             ScheduleSpec::Cron {
-                expr: expr(i).into(),
+                expr: expr(i, case.period_s).into(),
                 zone: "UTC".into(),
             },
         );
@@ -605,6 +636,7 @@ fn measure(
     let t1 = t0 + window_us;
     sleep_until_us(t0);
     let (a0, stat0, store0) = (now_us(), proc_stat(), store.map(FsStore::stats));
+    let rss_start_kib = rss_kib();
     let lag0 = lag.map(LagCounter::read).unwrap_or_default();
     sleep_until_us(t0 + window_us / 2);
     let (am, statm) = (now_us(), proc_stat());
@@ -627,7 +659,7 @@ fn measure(
         if (a0..am).contains(&at) {
             started_first_half += 1;
         }
-        let lateness = lateness_us(job, at);
+        let lateness = lateness_us(job, at, case.period_s);
         let slot = at - lateness;
         if (t0..t1).contains(&slot) {
             match first.entry((job, slot)) {
@@ -648,10 +680,10 @@ fn measure(
         late[rank - 1]
     };
 
-    // Slots due in [t0, t1): every whole second t fires the jobs with i % 60 == t % 60.
-    let jobs = i64::from(case.jobs);
+    // Slots due in [t0, t1): every whole second t fires the jobs with i % period == t % period.
+    let (jobs, period) = (i64::from(case.jobs), i64::from(case.period_s));
     let due: i64 = (t0 / US_PER_S..t1 / US_PER_S)
-        .map(|t| jobs / 60 + i64::from(t % 60 < jobs % 60))
+        .map(|t| jobs / period + i64::from(t % period < jobs % period))
         .sum();
 
     let cpu_ns = cpu_delta(stat0, stat1);
@@ -672,6 +704,7 @@ fn measure(
         cpu_first_half_ns: cpu_delta(stat0, statm),
         utime_ticks: stat1.0.saturating_sub(stat0.0),
         stime_ticks: stat1.1.saturating_sub(stat0.1),
+        rss_start_kib,
         rss_kib,
         batches: s1.batches - s0.batches,
         syncs: s1.syncs - s0.syncs,
@@ -749,12 +782,14 @@ impl tracing::Subscriber for LagSubscriber {
 }
 
 /// How late a handler that started at `at` (µs since the epoch) was for its slot: the last
-/// whole second of the minute that matches job `job`'s second. More than 30 s reads as early.
-fn lateness_us(job: u32, at: i64) -> i64 {
-    let second = i64::from(job % 60) * US_PER_S;
-    let off = (at - second).rem_euclid(US_PER_MIN);
-    if off >= US_PER_MIN / 2 {
-        off - US_PER_MIN
+/// whole second of the period that matches job `job`'s second. More than half a period reads
+/// as early.
+fn lateness_us(job: u32, at: i64, period_s: u32) -> i64 {
+    let period = i64::from(period_s) * US_PER_S;
+    let second = i64::from(job % period_s) * US_PER_S;
+    let off = (at - second).rem_euclid(period);
+    if off >= period / 2 {
+        off - period
     } else {
         off
     }
