@@ -57,7 +57,9 @@
 //!   `sync: false`, to show what the `fsync`s cost. tokio-cron-scheduler runs with its default
 //!   in-memory store and `JobScheduler::new()` (channel size 200).
 //!
-//! Both get the same tokio runtime: multi-threaded, one worker per core.
+//! Both get the same tokio runtime: multi-threaded, one worker per core, and the system's
+//! allocator, what a program that embeds either library gets. `--bench firing_daemon` is this
+//! bench with the `keel` daemon's allocator, mimalloc, for every case.
 
 // A bench is a measuring tool: a broken setup should stop it loudly, so `unwrap` is fine here.
 #![allow(clippy::unwrap_used)]
@@ -231,7 +233,7 @@ impl CaseResult {
     }
 }
 
-fn main() {
+pub(crate) fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--child") {
         let case = parse_child_args(&args[1..]);
