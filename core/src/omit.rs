@@ -14,8 +14,14 @@
 //! record reads back equal to what was written, and a store written by this build opens in an
 //! earlier build of the same format: omitting a field is not a format change, while adding
 //! `skip_serializing_if` to a field that earlier builds require would be one.
-//! `run::tests::every_omitted_field_of_a_run_decodes_from_its_absence` and its job and audit
-//! twins check the first half for every field.
+//! The tests below (`every_omitted_field_of_a_run_decodes_from_its_absence` and its job and
+//! audit twins) check it for every field.
+//!
+//! Two consequences. The lists of fields always written, in those tests, must never shrink:
+//! a field an earlier build requires may not be left out, even if it gains a default here. And
+//! the values an absence decodes to are now part of the format: changing
+//! `RetryPolicy::default()`, `Watch::default()`, the policies' defaults or `default_true`
+//! would change every record that left the field out, so it is a format change.
 
 use std::sync::Arc;
 
@@ -60,8 +66,9 @@ mod tests {
     use crate::time::Timestamp;
 
     /// Encodes `value` with every optional field at its default, checks that exactly the
-    /// `required` keys are written (the fields an earlier build of the format needs), and that
-    /// the bytes decode back to `value`: every omitted field decodes from its absence.
+    /// `required` keys are written (the fields an earlier build of the format needs: these
+    /// lists may grow, never shrink), and that the bytes decode back to `value`: every omitted
+    /// field decodes from its absence.
     fn omitted_fields_decode_from_their_absence<T>(value: &T, required: &[&str])
     where
         T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
@@ -119,6 +126,56 @@ mod tests {
         };
         omitted_fields_decode_from_their_absence(&job, &["spec", "state"]);
         omitted_fields_decode_from_their_absence(&job.spec, &["id", "kind", "schedule"]);
+    }
+
+    /// The other half: a field away from its default is written, and reads back.
+    #[test]
+    fn fields_away_from_their_defaults_are_written() {
+        let mut spec = JobSpec::new(
+            JobId::new("j").unwrap(),
+            "k",
+            ScheduleSpec::cron("0 * * * * *"),
+        );
+        spec.payload = "p".into();
+        spec.retry.attempts_max = 5;
+        spec.delete_after_run = true;
+        spec.resume_after_crash = false;
+        spec.external = true;
+        spec.timeout_ms = Some(1_000);
+        spec.required_artifacts = vec!["report".to_owned()].into();
+        spec.sinks = vec![std::sync::Arc::from("mail")].into();
+        let job = Job {
+            spec,
+            state: JobState::Scheduled {
+                next: Timestamp(60_000),
+            },
+            backlog: Backlog::default(),
+            last_fired: Some(Timestamp(0)),
+            active_runs: 0,
+            delete_when_idle: true,
+            last_run: None,
+            failures_in_a_row: 0,
+        };
+        let value = serde_json::to_value(&job).unwrap();
+        for key in ["last_fired", "delete_when_idle"] {
+            assert!(value.get(key).is_some(), "{key} missing from {value}");
+        }
+        for key in [
+            "payload",
+            "retry",
+            "delete_after_run",
+            "resume_after_crash",
+            "external",
+            "timeout_ms",
+            "required_artifacts",
+            "sinks",
+        ] {
+            assert!(
+                value["spec"].get(key).is_some(),
+                "{key} missing from {value}"
+            );
+        }
+        assert_eq!(serde_json::from_value::<Job>(value).unwrap(), job);
     }
 
     #[test]

@@ -40,8 +40,8 @@
 //!
 //! - **Lateness**: the handler records the wall time (`SystemTime`) at its first poll; the slot
 //!   it was due at is the last whole second of the period matching job `i`'s (a firing that
-//!   looks more than half a period late is read as early, so lateness must stay under 30 s to
-//!   be read right). Percentiles are over the slots due in the window that fired.
+//!   looks more than half a period late is read as early, so lateness must stay under 30 s,
+//!   or 30 min with hourly jobs, to be read right). Percentiles are over the slots due in the window that fired.
 //! - **Fired**: of the slots due in the window, how many reached their handler within
 //!   [`GRACE`] after the window's end. Duplicates (a slot run twice) are counted apart. For
 //!   tokio-cron-scheduler, a `tracing` subscriber counts the activations its job runner
