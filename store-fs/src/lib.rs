@@ -824,9 +824,8 @@ impl Store for FsStore {
             match &query.job {
                 // One job's history: walk its index, not every stored run.
                 Some(job) => {
-                    let ids = state.index.runs_of_job.get(job);
-                    let ids = ids.into_iter().flat_map(|ids| ids.range(below).rev());
-                    query.page(ids.filter_map(|id| state.runs.get(id).map(|run| &**run)))
+                    let ids = state.index.runs_of_job(job, query.before).rev();
+                    query.page(ids.filter_map(|id| state.runs.get(&id).map(|run| &**run)))
                 }
                 None => query.page(state.runs.range(below).rev().map(|(_, run)| &**run)),
             }

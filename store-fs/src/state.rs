@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
@@ -43,16 +44,38 @@ pub(crate) struct State {
 }
 
 /// Indexes derived from `runs` and `audit`; never written, rebuilt as a snapshot loads.
+///
+/// Each is one flat set of composite keys, read by key prefix (one job's runs are the range
+/// `(job, RunId(0))..=(job, RunId(u64::MAX))`), not a map of small sets: a B-tree node of
+/// `imbl` holds room for 16 keys however few it has, so a set per job and one per run cost
+/// 150–300 bytes each for the one to three keys most of them hold, about a fifth of the memory
+/// a firing added (`docs/performance.md`, *Issue 16, sixth step*).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Index {
     /// Every stored run of each job.
-    pub(crate) runs_of_job: OrdMap<JobId, OrdSet<RunId>>,
+    pub(crate) runs_of_job: OrdSet<(JobId, RunId)>,
     /// The runs that are not terminal: what `restore` and `read` return.
     active: OrdSet<RunId>,
     /// The terminal runs of each job, by finish time: what `PruneHistory` chooses from.
-    finished: OrdMap<JobId, OrdSet<(Timestamp, RunId)>>,
+    finished: OrdSet<(JobId, Timestamp, RunId)>,
     /// The audit records of each run.
-    audit_of_run: OrdMap<RunId, OrdSet<u64>>,
+    audit_of_run: OrdSet<(RunId, u64)>,
+}
+
+impl Index {
+    /// One job's runs, oldest id first, below `before` if given.
+    pub(crate) fn runs_of_job<'a>(
+        &'a self,
+        job: &JobId,
+        before: Option<RunId>,
+    ) -> impl DoubleEndedIterator<Item = RunId> + 'a {
+        let upper = before.map_or(Bound::Included((job.clone(), RunId(u64::MAX))), |before| {
+            Bound::Excluded((job.clone(), before))
+        });
+        self.runs_of_job
+            .range((Bound::Included((job.clone(), RunId(0))), upper))
+            .map(|(_, id)| *id)
+    }
 }
 
 impl State {
@@ -270,21 +293,26 @@ impl State {
     /// Costs the jobs it looks at and the runs it deletes, through the `finished` index.
     fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
         let mut doomed = Vec::new();
-        let jobs: Vec<&OrdSet<(Timestamp, RunId)>> = match job {
-            Some(job) => self.index.finished.get(job).into_iter().collect(),
-            None => self.index.finished.values().collect(),
+        let entries: Box<dyn Iterator<Item = &(JobId, Timestamp, RunId)>> = match job {
+            Some(job) => Box::new(self.index.finished.range((
+                Bound::Included((job.clone(), Timestamp(i64::MIN), RunId(0))),
+                Bound::Included((job.clone(), Timestamp(i64::MAX), RunId(u64::MAX))),
+            ))),
+            None => Box::new(self.index.finished.iter()),
         };
-        for finished in jobs {
-            // Oldest first: the doomed runs are a prefix, those beyond the newest
-            // `keep_last` and those finished before the cut-off.
-            let beyond_kept = finished.len().saturating_sub(keep_last as usize);
-            let too_old = finished
-                .iter()
-                .take_while(|(at, _)| *at < finished_before)
-                .count();
-            let cut = beyond_kept.max(too_old);
-            doomed.extend(finished.iter().take(cut).map(|(_, id)| *id));
+        // The set is ordered by job, then finish time: one job's terminal runs are
+        // consecutive, oldest first.
+        let mut group: Vec<(Timestamp, RunId)> = Vec::new();
+        let mut current: Option<&JobId> = None;
+        for (of, at, id) in entries {
+            if current != Some(of) {
+                doom_prefix(&group, keep_last, finished_before, &mut doomed);
+                group.clear();
+                current = Some(of);
+            }
+            group.push((*at, *id));
         }
+        doom_prefix(&group, keep_last, finished_before, &mut doomed);
         for id in doomed {
             self.remove_run(id);
         }
@@ -319,11 +347,7 @@ impl State {
                     let (job, was_finished) = (old.job().clone(), finished_key(old));
                     self.unindex_run(id, &job, was_finished);
                 }
-                self.index
-                    .runs_of_job
-                    .entry(run.job().clone())
-                    .or_default()
-                    .insert(id);
+                self.index.runs_of_job.insert((run.job().clone(), id));
                 if let Some(key) = finished {
                     insert_finished(&mut self.index.finished, run.job(), key);
                 }
@@ -342,19 +366,21 @@ impl State {
         };
         let finished = finished_key(&run);
         self.unindex_run(id, run.job(), finished);
-        for seq in self.index.audit_of_run.remove(&id).unwrap_or_default() {
+        let seqs: Vec<u64> = self
+            .index
+            .audit_of_run
+            .range((id, 0)..=(id, u64::MAX))
+            .map(|(_, seq)| *seq)
+            .collect();
+        for seq in seqs {
+            self.index.audit_of_run.remove(&(id, seq));
             self.audit.remove(&seq);
         }
     }
 
     fn unindex_run(&mut self, id: RunId, job: &JobId, finished: Option<(Timestamp, RunId)>) {
         self.index.active.remove(&id);
-        if let Some(runs) = self.index.runs_of_job.get_mut(job) {
-            runs.remove(&id);
-            if runs.is_empty() {
-                self.index.runs_of_job.remove(job);
-            }
-        }
+        self.index.runs_of_job.remove(&(job.clone(), id));
         if let Some(key) = finished {
             remove_finished(&mut self.index.finished, job, &key);
         }
@@ -363,16 +389,10 @@ impl State {
     /// Inserts or replaces an audit record, keeping the per-run index in step.
     fn insert_audit(&mut self, record: AuditRecord) {
         if let Some(old_run) = self.audit.get(&record.seq).and_then(|old| old.run) {
-            if let Some(seqs) = self.index.audit_of_run.get_mut(&old_run) {
-                seqs.remove(&record.seq);
-            }
+            self.index.audit_of_run.remove(&(old_run, record.seq));
         }
         if let Some(run) = record.run {
-            self.index
-                .audit_of_run
-                .entry(run)
-                .or_default()
-                .insert(record.seq);
+            self.index.audit_of_run.insert((run, record.seq));
         }
         self.audit.insert(record.seq, Arc::new(record));
     }
@@ -382,26 +402,38 @@ impl State {
 /// `PruneHistory` considers (as `MemStore` does).
 /// Adds `key` to `job`'s terminal runs in [`Index::finished`].
 fn insert_finished(
-    finished: &mut OrdMap<JobId, OrdSet<(Timestamp, RunId)>>,
+    finished: &mut OrdSet<(JobId, Timestamp, RunId)>,
     job: &JobId,
-    key: (Timestamp, RunId),
+    (at, id): (Timestamp, RunId),
 ) {
-    finished.entry(job.clone()).or_default().insert(key);
+    finished.insert((job.clone(), at, id));
 }
 
-/// Removes `key` from `job`'s terminal runs in [`Index::finished`], and the job's entry with
-/// its last one.
+/// Removes `key` from `job`'s terminal runs in [`Index::finished`].
 fn remove_finished(
-    finished: &mut OrdMap<JobId, OrdSet<(Timestamp, RunId)>>,
+    finished: &mut OrdSet<(JobId, Timestamp, RunId)>,
     job: &JobId,
-    key: &(Timestamp, RunId),
+    &(at, id): &(Timestamp, RunId),
 ) {
-    if let Some(set) = finished.get_mut(job) {
-        set.remove(key);
-        if set.is_empty() {
-            finished.remove(job);
-        }
-    }
+    finished.remove(&(job.clone(), at, id));
+}
+
+/// Adds to `doomed` what the history policy deletes of one job's terminal runs, `finished`
+/// (oldest first): a prefix, those beyond the newest `keep_last` and those finished before
+/// the cut-off.
+fn doom_prefix(
+    finished: &[(Timestamp, RunId)],
+    keep_last: u32,
+    finished_before: Timestamp,
+    doomed: &mut Vec<RunId>,
+) {
+    let beyond_kept = finished.len().saturating_sub(keep_last as usize);
+    let too_old = finished
+        .iter()
+        .take_while(|(at, _)| *at < finished_before)
+        .count();
+    let cut = beyond_kept.max(too_old);
+    doomed.extend(finished.iter().take(cut).map(|(_, id)| *id));
 }
 
 fn finished_key(run: &Run) -> Option<(Timestamp, RunId)> {
