@@ -53,7 +53,7 @@ pub(crate) struct State {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Index {
     /// Every stored run of each job.
-    pub(crate) runs_of_job: OrdSet<(JobId, RunId)>,
+    runs_of_job: OrdSet<(JobId, RunId)>,
     /// The runs that are not terminal: what `restore` and `read` return.
     active: OrdSet<RunId>,
     /// The terminal runs of each job, by finish time: what `PruneHistory` chooses from.
