@@ -9,6 +9,7 @@
 //! cargo bench -p keel-store-fs                         # about 45 s: disk, then /dev/shm
 //! KEEL_BENCH_SECS=1 cargo bench -p keel-store-fs       # shorter cases
 //! KEEL_BENCH_THREADS=32 cargo bench -p keel-store-fs   # group commit with 32 threads
+//! KEEL_BENCH_HANDOFF_RUNS=250000 cargo bench -p keel-store-fs  # handoffs of a larger history
 //! ```
 //!
 //! Every store lives in a `keel_harness::TempDir`, that is under `std::env::temp_dir()`
@@ -68,6 +69,8 @@ const DIR_ENV: &str = "KEEL_STORE_FS_BENCH_DIR";
 const SECS_ENV: &str = "KEEL_BENCH_SECS";
 /// Threads of the group commit case (default 8).
 const THREADS_ENV: &str = "KEEL_BENCH_THREADS";
+/// Runs in the store of the handoff case (default 10 000; each run leaves three audit records).
+const HANDOFF_RUNS_ENV: &str = "KEEL_BENCH_HANDOFF_RUNS";
 
 /// Where the schedule starts; every timestamp of the generated runs is after it.
 const T0: Timestamp = Timestamp(1_800_000_000_000);
@@ -111,7 +114,10 @@ impl Config {
                     .expect("KEEL_BENCH_THREADS is a number of threads")
             }),
             core_width: 64,
-            handoff_runs: 10_000,
+            handoff_runs: env::var(HANDOFF_RUNS_ENV).ok().map_or(10_000, |s| {
+                s.parse()
+                    .expect("KEEL_BENCH_HANDOFF_RUNS is a number of runs")
+            }),
             handoffs: 5,
         }
     }
