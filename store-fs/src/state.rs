@@ -293,18 +293,18 @@ impl State {
     /// Costs the jobs it looks at and the runs it deletes, through the `finished` index.
     fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
         let mut doomed = Vec::new();
-        let entries: Box<dyn Iterator<Item = &(JobId, Timestamp, RunId)>> = match job {
-            Some(job) => Box::new(self.index.finished.range((
+        let bounds = match job {
+            Some(job) => (
                 Bound::Included((job.clone(), Timestamp(i64::MIN), RunId(0))),
                 Bound::Included((job.clone(), Timestamp(i64::MAX), RunId(u64::MAX))),
-            ))),
-            None => Box::new(self.index.finished.iter()),
+            ),
+            None => (Bound::Unbounded, Bound::Unbounded),
         };
         // The set is ordered by job, then finish time: one job's terminal runs are
         // consecutive, oldest first.
         let mut group: Vec<(Timestamp, RunId)> = Vec::new();
         let mut current: Option<&JobId> = None;
-        for (of, at, id) in entries {
+        for (of, at, id) in self.index.finished.range(bounds) {
             if current != Some(of) {
                 doom_prefix(&group, keep_last, finished_before, &mut doomed);
                 group.clear();
