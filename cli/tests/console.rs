@@ -377,25 +377,39 @@ struct Driver {
 }
 
 impl Driver {
+    /// chromedriver on a port of its own choosing. With `--port=0` it takes a free IPv4 port
+    /// and then wants the same number on IPv6, and exits ("IPv6 port not available") when some
+    /// other socket of a busy test run holds it; that race is chromedriver's, so a start that
+    /// ends that way is tried again, up to five times. Any other early exit fails the test with
+    /// what chromedriver wrote.
     fn start() -> Driver {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Driver::try_start() {
+                Ok(driver) => return driver,
+                Err(said) if said.contains("port not available") => last = said,
+                Err(said) => panic!("chromedriver did not start: {said}"),
+            }
+        }
+        panic!("chromedriver lost the race for its port five times; last it said: {last}")
+    }
+
+    fn try_start() -> Result<Driver, String> {
         let mut child = Command::new(CHROMEDRIVER)
             .arg("--port=0")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
             .expect("chromedriver starts");
-        let stdout = child.stdout.take().expect("stdout");
+        // Both streams go to one channel, read to their ends so that chromedriver never
+        // blocks on a full pipe; the channel closes when chromedriver has closed both.
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    // Keep reading so that chromedriver never blocks on a full pipe.
-                    continue;
-                }
-            }
-        });
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let tx_err = tx.clone();
+        std::thread::spawn(move || forward_lines(stdout, tx));
+        std::thread::spawn(move || forward_lines(stderr, tx_err));
         let mut driver = Driver {
             child,
             url: String::new(),
@@ -406,17 +420,26 @@ impl Driver {
         };
         // "ChromeDriver was started successfully on port 37647."
         let deadline = Instant::now() + WAIT;
+        let mut said = Vec::new();
         let port = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("chromedriver did not say its port within {WAIT:?}"));
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("chromedriver did not say its port within {WAIT:?}: {said:?}")
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = driver.child.wait().map(|s| s.to_string());
+                    return Err(format!("it exited ({status:?}) saying {said:?}"));
+                }
+            };
             if let Some(rest) = line.split("started successfully on port ").nth(1) {
                 break rest.trim_end_matches('.').trim().to_string();
             }
+            said.push(line);
         };
         driver.url = format!("http://127.0.0.1:{port}");
-        driver
+        Ok(driver)
     }
 
     /// A headless Chromium session, 1280 px wide.
@@ -469,6 +492,15 @@ impl Drop for Driver {
             .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Every line of `stream` into `tx`, until the stream ends; lines sent after the receiver is
+/// gone are dropped, and reading goes on.
+fn forward_lines(stream: impl std::io::Read, tx: mpsc::Sender<String>) {
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        let _ = tx.send(line);
     }
 }
 
