@@ -32,10 +32,18 @@
 //! | the batch's epoch is the store's writer epoch | [`Conflict::Deposed`] | a scheduler restored elsewhere took over; an older incarnation (a stalled process, a second daemon) must not write |
 //! | a run id keeps its job | [`Conflict::RunIdTaken`] | two writers allocated the same id |
 //! | a terminal run never changes state | [`Conflict::TerminalRunChanged`] | history is final |
-//! | a `(job, slot)` belongs to one run | [`Conflict::SlotTaken`] | SPEC S6: a slot fires once |
+//! | a `(job, slot)` belongs to one run | [`Conflict::SlotTaken`] | SPEC S6: a slot fires once (see below) |
 //! | a run's tokens never go backwards | [`Conflict::StaleToken`] | SPEC L1: a fenced write is accepted only while its token is current |
 //! | a token is held by one owner | [`Conflict::TokenReused`] | a grant is unique |
 //! | a new grant replaces a stored lease only if it expired or the writer saw it end | [`Conflict::LeaseHeld`] | SPEC L2: grant only if the lease is free or expired |
+//!
+//! A slot claim lives as long as its run: the history policy's prune deletes it with the run,
+//! so claims are bounded by the history kept and not by every slot ever fired (a hundred
+//! thousand once-a-minute jobs fire 144 million slots a day). Once a run is pruned, what keeps
+//! its slot from firing again is the job's cursor, stored with the job (and with its tombstone
+//! after a delete): a scheduler fires only slots after it. The rule still refuses two runs
+//! for one slot while either is stored, which covers every run a scheduler can still be
+//! writing.
 //!
 //! A lease "expired" when its stored `expires_at` is not after the batch's `at` (the writer's
 //! clock when it built the batch). A renewed expiry reaches the store with the run's next
@@ -231,7 +239,7 @@ pub trait StoredView {
     fn writer_epoch(&self) -> u64;
     /// The stored run, if any.
     fn stored_run(&self, id: RunId) -> Option<Run>;
-    /// The run that claimed `slot` of `job`, if any (pruned runs keep their claim).
+    /// The stored run that claimed `slot` of `job`, if any (a pruned run's claim goes with it).
     fn slot_owner(&self, job: &JobId, slot: Timestamp) -> Option<RunId>;
 }
 

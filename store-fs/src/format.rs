@@ -130,7 +130,7 @@ pub enum SnapshotFrame {
     Run(Run),
     /// An audit record.
     Audit(AuditRecord),
-    /// A slot claim (kept after its run is pruned).
+    /// The slot claim of a stored run (builds before 2026-12 also kept pruned runs' claims).
     Slot(SlotClaim),
     /// A tombstone.
     Tombstone(Tombstone),

@@ -37,13 +37,13 @@
 //! the details). A log frame is a batch the store accepted (its id, its clock and its
 //! records, applied in order) or the writer epoch a `restore` claimed. A snapshot is a
 //! `begin` frame (generation, writer epoch, counters), one frame per item (every job, every
-//! run including terminal ones, every audit record, every slot claim including those of
-//! pruned runs, every tombstone, incident and delivery) and an `end` frame that counts the
+//! run including terminal ones, every audit record, the slot claim of every stored run,
+//! every tombstone, incident and delivery) and an `end` frame that counts the
 //! items.
 //!
 //! Replaying a snapshot and its log applies every record exactly as the simulator's
 //! `MemStore` does: upserts keyed by id, deletes, and `PruneHistory`, which removes terminal
-//! runs and their audit records but keeps their slot claims. Fields the core marks as not
+//! runs with their audit records and slot claims. Fields the core marks as not
 //! persisted read back as their defaults, except `Job::active_runs`, which `read` and
 //! `restore` fill in from the stored runs that are not terminal (as `Scheduler::restore`
 //! does).

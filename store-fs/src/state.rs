@@ -30,7 +30,9 @@ pub(crate) struct State {
     pub(crate) jobs: OrdMap<JobId, Arc<Job>>,
     pub(crate) runs: OrdMap<RunId, Arc<Run>>,
     pub(crate) audit: OrdMap<u64, Arc<AuditRecord>>,
-    /// Every slot ever claimed, including those of pruned runs: a slot fires once (SPEC S6).
+    /// The slot claim of every stored run that has a slot: a slot fires once (SPEC S6). A
+    /// claim goes with its run when the history policy prunes it; the job's cursor (and its
+    /// tombstone once deleted) is what keeps a pruned slot from firing again.
     pub(crate) slots: OrdMap<(JobId, Timestamp), RunId>,
     pub(crate) tombstones: OrdMap<JobId, Tombstone>,
     pub(crate) incidents: OrdMap<u64, Incident>,
@@ -228,8 +230,13 @@ impl State {
                 }
                 SnapshotFrame::Run(run) => state.insert_run(run),
                 SnapshotFrame::Audit(record) => state.insert_audit(record),
+                // Runs come before claims in a snapshot. Stores written before claims went
+                // with their runs hold the claims of pruned runs too: those are left behind
+                // here, so the next compaction writes them no more.
                 SnapshotFrame::Slot(claim) => {
-                    state.slots.insert((claim.job, claim.slot), claim.run);
+                    if state.runs.contains_key(&claim.run) {
+                        state.slots.insert((claim.job, claim.slot), claim.run);
+                    }
                 }
                 SnapshotFrame::Tombstone(tombstone) => {
                     state.tombstones.insert(tombstone.job.clone(), tombstone);
@@ -289,7 +296,7 @@ impl State {
 
     /// Deletes terminal runs the history policy no longer keeps, with their audit records:
     /// per job, all but the newest `keep_last` (by finish time, then id), and all finished
-    /// before `finished_before`. Slot claims stay, so a pruned slot still never fires twice.
+    /// before `finished_before`, each with its slot claim.
     /// Costs the jobs it looks at and the runs it deletes, through the `finished` index.
     fn prune(&mut self, job: Option<&JobId>, keep_last: u32, finished_before: Timestamp) {
         let mut doomed = Vec::new();
@@ -359,13 +366,19 @@ impl State {
         self.runs.insert(id, Arc::new(run));
     }
 
-    /// Deletes a run and its audit records (its slot claim stays).
+    /// Deletes a run with its audit records and its slot claim.
     fn remove_run(&mut self, id: RunId) {
         let Some(run) = self.runs.remove(&id) else {
             return;
         };
         let finished = finished_key(&run);
         self.unindex_run(id, run.job(), finished);
+        if let Some(slot) = run.slot() {
+            let key = (run.job().clone(), slot);
+            if self.slots.get(&key) == Some(&id) {
+                self.slots.remove(&key);
+            }
+        }
         let seqs: Vec<u64> = self
             .index
             .audit_of_run

@@ -188,7 +188,7 @@ fn a_group_checks_each_batch_against_the_ones_before_it() {
 }
 
 /// Every part of the state goes through a snapshot and comes back equal, including slot
-/// claims of pruned runs and the writer epoch.
+/// claims and the writer epoch; a pruned run's claim went with it.
 #[test]
 fn state_survives_a_snapshot_exactly() {
     let dir = TempDir::new("keel-store-fs-unit-snapshot-state");
@@ -213,13 +213,42 @@ fn state_survives_a_snapshot_exactly() {
     ];
     store.apply(&batch(epoch, 0, records)).unwrap();
     let state = store.inner().replica.state.clone();
-    assert!(state.slots.len() == 2 && state.runs.len() == 1);
+    assert!(state.slots.len() == 1 && state.runs.len() == 1);
 
     let mut bytes = Vec::new();
     state.write_snapshot(&mut bytes, 7, None).unwrap();
     let read = State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 7).unwrap();
     assert_eq!(read, state);
     assert!(State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 8).is_err());
+}
+
+/// Builds before claims went with their runs kept the claims of pruned runs in their
+/// snapshots; reading one leaves those behind and keeps the claims of stored runs.
+#[test]
+fn a_snapshot_drops_the_claims_of_runs_it_does_not_hold() {
+    let dir = TempDir::new("keel-store-fs-unit-snapshot-old-claims");
+    let options = FsOptions {
+        compact_after_bytes: u64::MAX,
+        sync: false,
+        ..FsOptions::default()
+    };
+    let store = FsStore::open_with(dir.path(), options).unwrap();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let records = vec![Record::PutRun(run(2, "job", T0.plus_ms(1)))];
+    store.apply(&batch(epoch, 0, records)).unwrap();
+    let mut old = store.inner().replica.state.clone();
+    // As an older build left it: run 1 pruned, its claim kept.
+    old.slots.insert((JobId::new("job").unwrap(), T0), RunId(1));
+    assert_eq!(old.slots.len(), 2);
+
+    let mut bytes = Vec::new();
+    old.write_snapshot(&mut bytes, 7, None).unwrap();
+    let read = State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 7).unwrap();
+    let claims: Vec<_> = read.slots.iter().map(|(k, v)| (k.clone(), *v)).collect();
+    assert_eq!(
+        claims,
+        vec![((JobId::new("job").unwrap(), T0.plus_ms(1)), RunId(2))]
+    );
 }
 
 /// The indexed prune deletes exactly what the reference store (`MemStore`, a full scan)

@@ -575,16 +575,24 @@ fn epochs_rise_across_reopening_and_compaction() {
     assert_eq!(seen, vec![0, 1, 2, 3, 4, 5]);
 }
 
+/// A claim lives as long as its run: through snapshots while the run is stored, and gone
+/// with it when the history policy prunes it, so claims do not outgrow the history. What
+/// keeps a pruned slot from firing again is the job's cursor, stored with the job.
 #[test]
-fn pruned_slots_stay_claimed_through_snapshots() {
+fn a_slot_claim_lives_as_long_as_its_run_through_snapshots() {
     let dir = TempDir::new("pruned-slots");
     {
         let store = FsStore::open_with(dir.path(), compacting(0)).unwrap();
         let epoch = writer(&store);
         let done = finished(run(1, "a", T0), T0);
+        let active = run(2, "a", T0.plus_ms(1));
         store.wait_for_compaction();
         store
-            .apply(&batch(epoch, 0, vec![Record::PutRun(done)]))
+            .apply(&batch(
+                epoch,
+                0,
+                vec![Record::PutRun(done), Record::PutRun(active)],
+            ))
             .unwrap();
         let prune = Record::PruneHistory {
             job: None,
@@ -599,17 +607,24 @@ fn pruned_slots_stay_claimed_through_snapshots() {
     }
     let store = FsStore::open(dir.path()).unwrap();
     let epoch = writer(&store);
-    let again = store.apply(&batch(epoch, 0, vec![Record::PutRun(run(2, "a", T0))]));
+    let taken = store.apply(&batch(
+        epoch,
+        0,
+        vec![Record::PutRun(run(3, "a", T0.plus_ms(1)))],
+    ));
     assert!(
         matches!(
-            again,
+            taken,
             Err(StoreError::Conflict(Conflict::SlotTaken {
-                owner: RunId(1),
+                owner: RunId(2),
                 ..
             }))
         ),
-        "{again:?}"
+        "{taken:?}"
     );
+    store
+        .apply(&batch(epoch, 1, vec![Record::PutRun(run(4, "a", T0))]))
+        .expect("the pruned run's claim went with it");
 }
 
 /// A real scheduler's batches, through many compactions, read back exactly like a model

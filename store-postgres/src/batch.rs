@@ -320,7 +320,7 @@ fn add(writes: &mut Writes, record: &Record) -> Result<(), StoreError> {
 }
 
 /// A run and its slot claim. The claim is kept even if a later write of the run in the phase
-/// replaces the row: it was made, and claims are never taken back (SPEC S6).
+/// replaces the row: it was made, and only a prune of the run takes it back (SPEC S6).
 fn add_run(writes: &mut Writes, run: &Run) -> Result<(), StoreError> {
     let id = int(run.id().0, "a run id")?;
     let terminal = run.state().is_terminal();

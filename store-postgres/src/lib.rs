@@ -41,7 +41,7 @@
 //! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 5`), the writer epoch, the scheduler's counters ([`Meta`]), the database the store was last written on (`SYSTEM/TIMELINE`) |
 //! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
 //! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
-//! | `keel_slots` | job, slot | the run that claimed the slot; never pruned (SPEC S6) |
+//! | `keel_slots` | job, slot | the run that claimed the slot (SPEC S6); pruned with its run |
 //! | `keel_audit` | seq | the audit record, with its job, run and time |
 //! | `keel_incidents`, `keel_deliveries` | id | the incident (and whether it is open), the outbox delivery |
 //! | `keel_leader` | the single row `id = 1` | the leadership lease of daemons sharing the store ([`Leadership`]): holder, term, since when, until when by the database's clock, where the holder serves its HTTP API |

@@ -158,6 +158,8 @@ fn a_batchs_read_and_prunes_probe_indexes_in_their_generic_plans() {
     // Generic: the arrays are parameters, not the values given.
     assert!(read.contains("ANY ($1)"), "{read}");
     assert!(prune.contains("keel_audit_by_run"), "{prune}");
+    // The pruned runs' claims go by a probe of their jobs' claims.
+    assert!(prune.contains("keel_slots_pkey"), "{prune}");
 }
 
 /// The plans a batch's statements get on a connection opened on a new store: each is made

@@ -215,11 +215,14 @@ pub(crate) const WRITE: &str = "WITH \
 
 /// `PruneHistory` for every job: deletes every terminal run but the newest `$1` of its job
 /// (latest finish, then highest id) and every one finished before `$2`, with the audit records
-/// of the deleted runs. Slot claims stay (SPEC S6).
+/// of the deleted runs and their slot claims (a claim lives as long as its run).
 ///
 /// The audit records go by `run = ANY(ARRAY(…))`, an index probe per deleted run
 /// (`keel_audit_by_run`), whatever the planner guesses of their number: as `run IN (…)` a
-/// generic plan hashed the deleted ids and read all of `keel_audit` for each prune.
+/// generic plan hashed the deleted ids and read all of `keel_audit` for each prune. The
+/// claims go the same way, by `job = ANY(ARRAY(…))`: a probe of `keel_slots_pkey` per job
+/// with a deleted run, reading that job's claims (no more than its history and its active
+/// runs), of which those of the deleted runs go.
 pub(crate) const PRUNE_ALL: &str = "WITH ranked AS ( \
          SELECT id, finished_at, \
              row_number() OVER (PARTITION BY job ORDER BY finished_at DESC, id DESC) AS newer \
@@ -227,13 +230,16 @@ pub(crate) const PRUNE_ALL: &str = "WITH ranked AS ( \
      ), doomed AS ( \
          DELETE FROM keel_runs r USING ranked d \
          WHERE r.id = d.id AND (d.newer > $1 OR d.finished_at < $2) \
-         RETURNING r.id \
+         RETURNING r.id, r.job \
+     ), claims AS ( \
+         DELETE FROM keel_slots WHERE job = ANY(ARRAY(SELECT DISTINCT job FROM doomed)) \
+         AND run = ANY(ARRAY(SELECT id FROM doomed)) \
      ) \
      DELETE FROM keel_audit WHERE run = ANY(ARRAY(SELECT id FROM doomed))";
 
 /// `PruneHistory` for several jobs at once, each with its own policy (`$1`, `$2`, `$3`: jobs,
 /// runs kept, finished-before cut-offs, one per job, the jobs distinct): what [`PRUNE_ALL`]
-/// does, for those jobs only. Each job's terminal runs are ranked on their own
+/// does, for those jobs only, claims included. Each job's terminal runs are ranked on their own
 /// (`keel_runs_finished`), so the statement costs what the jobs' histories do, not the table.
 pub(crate) const PRUNE_JOBS: &str = "WITH doomed AS ( \
          DELETE FROM keel_runs WHERE id = ANY(ARRAY( \
@@ -246,7 +252,10 @@ pub(crate) const PRUNE_JOBS: &str = "WITH doomed AS ( \
              ) d \
              WHERE d.newer > p.keep_last OR d.finished_at < p.finished_before \
          )) \
-         RETURNING id \
+         RETURNING id, job \
+     ), claims AS ( \
+         DELETE FROM keel_slots WHERE job = ANY(ARRAY(SELECT DISTINCT job FROM doomed)) \
+         AND run = ANY(ARRAY(SELECT id FROM doomed)) \
      ) \
      DELETE FROM keel_audit WHERE run = ANY(ARRAY(SELECT id FROM doomed))";
 

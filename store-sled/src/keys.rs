@@ -32,7 +32,7 @@ pub(crate) enum TreeId {
     Runs,
     /// Audit seq -> `AuditRecord`.
     Audit,
-    /// `job ++ 0 ++ slot` -> the `RunId` that claimed the slot. Never pruned (SPEC S6).
+    /// `job ++ 0 ++ slot` -> the `RunId` that claimed the slot; pruned with its run.
     Slots,
     /// Job name -> `Tombstone`.
     Tombstones,

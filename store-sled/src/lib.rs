@@ -63,7 +63,7 @@
 //! | `jobs`, `tombstones` | job name | [`Job`], [`Tombstone`] |
 //! | `runs` | run id | [`Run`], terminal ones included until pruned |
 //! | `audit` | seq | [`AuditRecord`] |
-//! | `slots` | job, NUL, slot | the [`RunId`] that claimed the slot; never pruned (SPEC S6) |
+//! | `slots` | job, NUL, slot | the [`RunId`] that claimed the slot (SPEC S6); pruned with its run |
 //! | `incidents`, `deliveries` | id | [`Incident`], [`Delivery`] |
 //! | `active_runs` | run id | empty: the runs that are not terminal (what `restore` returns) |
 //! | `finished_runs` | job, NUL, finished at, run id | empty: the terminal runs `PruneHistory` chooses from |

@@ -65,7 +65,7 @@ impl<'a> Stage<'a> {
         match record {
             Record::PutJob(job) => self.put_json(TreeId::Jobs, job_key(&job.spec.id), job),
             // The job's runs and slot claims stay: history is pruned by policy, and a job
-            // added again under the name must not fire a claimed slot again.
+            // added again under the name inherits its cursor from the tombstone.
             Record::DeleteJob { id } => {
                 self.remove(TreeId::Jobs, job_key(id));
                 Ok(())
@@ -137,7 +137,7 @@ impl<'a> Stage<'a> {
 
     /// For `job` (or every job), deletes all but the newest `keep_last` terminal runs and every
     /// terminal run finished before `finished_before`, with their audit records. Newest means
-    /// latest `finished_at`, then highest id. Slot claims stay.
+    /// latest `finished_at`, then highest id. Each goes with its slot claim.
     fn prune(
         &mut self,
         job: Option<&JobId>,
@@ -175,9 +175,23 @@ impl<'a> Stage<'a> {
         Ok(())
     }
 
-    /// Deletes a terminal run, its index entry and its audit records.
+    /// Deletes a terminal run, its index entry, its slot claim and its audit records.
     fn delete_run(&mut self, run: RunId, index_key: Vec<u8>) -> Result<(), StoreError> {
-        self.remove(TreeId::Runs, id_key(run.0).to_vec());
+        let key = id_key(run.0).to_vec();
+        if let Some(bytes) = self.get(TreeId::Runs, &key)? {
+            let stored: Run = decode(TreeId::Runs, &key, &bytes)?;
+            if let Some(slot) = stored.slot() {
+                let claim = slot_key(stored.job(), slot);
+                let owner = self.get(TreeId::Slots, &claim)?;
+                let owned = owner.is_some_and(|bytes| {
+                    serde_json::from_slice::<RunId>(&bytes).is_ok_and(|owner| owner == run)
+                });
+                if owned {
+                    self.remove(TreeId::Slots, claim);
+                }
+            }
+        }
+        self.remove(TreeId::Runs, key);
         self.remove(TreeId::Finished, index_key);
         for key in self.keys_with_prefix(TreeId::RunAudit, &id_key(run.0))? {
             let Some(seq) = parse_run_audit_key(&key) else {

@@ -47,10 +47,13 @@ pub struct MemStore {
     jobs: BTreeMap<JobId, Job>,
     runs: BTreeMap<RunId, Run>,
     audit: BTreeMap<u64, AuditRecord>,
-    /// `(job, slot)` to the run that fired it, for every job ever known under that name: a job
-    /// added again under a deleted job's name inherits its fired slots (tombstones), and a
-    /// pruned run keeps its claim.
+    /// `(job, slot)` to the stored run that claimed it: what the write rules see. A claim goes
+    /// with its run when the history policy prunes it, as in the durable stores.
     slots: BTreeMap<(JobId, Timestamp), RunId>,
+    /// `(job, slot)` to the run that fired it, for every slot ever fired under a job's name,
+    /// pruned or not: SPEC S6 checked over the whole history (with the core's properties). A
+    /// job added again under a deleted job's name inherits its fired slots (tombstones).
+    fired: BTreeMap<(JobId, Timestamp), RunId>,
     tombstones: BTreeMap<JobId, Tombstone>,
     /// Every incident ever written, open or resolved, by id.
     incidents: BTreeMap<u64, Incident>,
@@ -77,6 +80,7 @@ impl Default for MemStore {
             runs: BTreeMap::new(),
             audit: BTreeMap::new(),
             slots: BTreeMap::new(),
+            fired: BTreeMap::new(),
             tombstones: BTreeMap::new(),
             incidents: BTreeMap::new(),
             deliveries: BTreeMap::new(),
@@ -299,7 +303,7 @@ impl MemStore {
                 self.jobs.insert(job.spec.id.clone(), job);
             }
             // A job added again under a deleted job's name inherits its fired slots through the
-            // tombstone, so slot claims outlive the job record.
+            // tombstone, so slot claims (and `fired`) outlive the job record.
             Record::DeleteJob { id } => {
                 self.jobs.remove(&id);
             }
@@ -360,9 +364,9 @@ impl MemStore {
         if self.core_properties {
             check_run_budgets(&run);
         }
-        if let Some(slot) = run.slot() {
+        if let Some(slot) = run.slot().filter(|_| self.core_properties) {
             let first = *self
-                .slots
+                .fired
                 .entry((run.job().clone(), slot))
                 .or_insert(run.id());
             assert_eq!(
@@ -372,6 +376,9 @@ impl MemStore {
                 run.job(),
                 run.id()
             );
+        }
+        if let Some(slot) = run.slot() {
+            self.slots.insert((run.job().clone(), slot), run.id());
         }
         if let Some(lease) = run.lease() {
             self.max_token = self.max_token.max(Some(lease.token));
@@ -429,9 +436,17 @@ impl MemStore {
             }
         }
         for id in doomed {
-            self.runs.remove(&id);
+            let Some(run) = self.runs.remove(&id) else {
+                continue;
+            };
             self.audit.retain(|_, a| a.run != Some(id));
-            // The slot stays claimed: a pruned slot must still never fire twice.
+            // The claim goes with the run; `fired` still remembers the slot.
+            if let Some(slot) = run.slot() {
+                let key = (run.job().clone(), slot);
+                if self.slots.get(&key) == Some(&id) {
+                    self.slots.remove(&key);
+                }
+            }
         }
     }
 }

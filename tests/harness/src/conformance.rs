@@ -34,7 +34,7 @@
 //! | `live_lease_is_not_granted_again` / `expired_lease_is_granted_again` | grant only if the lease is free or expired, at the batch's clock |
 //! | `token_has_one_owner`, `slot_has_one_run`, `run_id_keeps_its_job`, `terminal_run_is_final` | the other write rules |
 //! | `history_queries_filter_and_page` / `audit_queries_filter_and_page` | history by job, state and time, paged without gaps or repeats |
-//! | `prune_forgets_runs_but_not_slots` | the history policy deletes runs and their audit, never their slot claims |
+//! | `prune_forgets_runs_with_their_slot_claims` | the history policy deletes runs with their audit and their slot claims; a stored run's claim holds |
 //! | `concurrent_writers_all_land` | batches from many threads (and handles) are all applied, none lost or mixed |
 //! | `contended_grants_have_one_winner` | many writers granting one run at once: exactly one grant lands |
 
@@ -90,7 +90,7 @@ macro_rules! conformance_suite {
             terminal_run_is_final,
             history_queries_filter_and_page,
             audit_queries_filter_and_page,
-            prune_forgets_runs_but_not_slots,
+            prune_forgets_runs_with_their_slot_claims,
             concurrent_writers_all_land,
             contended_grants_have_one_winner,
         );
@@ -802,8 +802,10 @@ pub fn audit_queries_filter_and_page(harness: &impl Harness) {
     assert_eq!(all.len(), 30);
 }
 
-/// The history policy deletes terminal runs and their audit, but their slots stay claimed.
-pub fn prune_forgets_runs_but_not_slots(harness: &impl Harness) {
+/// The history policy deletes terminal runs with their audit and their slot claims, so claims
+/// stay bounded by the history kept; a stored run's claim holds. Once a run is pruned, the
+/// job's cursor (stored with the job) is what keeps its slot from firing again.
+pub fn prune_forgets_runs_with_their_slot_claims(harness: &impl Harness) {
     let open = harness.fresh();
     let store = open();
     let epoch = become_writer(&store);
@@ -849,24 +851,27 @@ pub fn prune_forgets_runs_but_not_slots(harness: &impl Harness) {
     store.apply(&batch(epoch, 3, T0, vec![prune])).unwrap();
     assert_eq!(store.run(RunId(8)).unwrap(), None);
     assert!(store.run(RunId(10)).unwrap().is_some());
-    // Run 2's slot was pruned with it, but it is still claimed.
+    // Run 10 is stored: its slot is claimed.
     let conflict = unwrap_conflict(put_run(
         &store,
         epoch,
         4,
         T0,
-        run(99, "b", T0.plus_ms(2_000)),
+        run(99, "b", T0.plus_ms(10_000)),
     ));
     assert!(
         matches!(
             conflict,
             Conflict::SlotTaken {
-                owner: RunId(2),
+                owner: RunId(10),
                 ..
             }
         ),
         "{conflict:?}"
     );
+    // Run 2 was pruned, and its claim with it.
+    put_run(&store, epoch, 5, T0, run(99, "b", T0.plus_ms(2_000)))
+        .expect("a pruned run's slot claim goes with it");
 }
 
 fn handles<S: Store + 'static>(
