@@ -21,6 +21,13 @@
 //!   million-job case, 278 firings/s).
 //! - `KEEL_BENCH_LIBS`: comma-separated cases among `tcs`, `keel-sync`, `keel-nosync`
 //!   (default: all three, in that order).
+//! - `KEEL_BENCH_HISTORY_RUNS`: keel's history policy, terminal runs kept per job (default:
+//!   keel's, 100). With `1`, each job's previous run (and its audit records and slot claim) is
+//!   pruned as the next one settles, so from a job's second firing on its history stops
+//!   growing: what "memory flat while history accumulates" needs.
+//! - `KEEL_BENCH_WARMUP_S`: seconds between setup and the window (default 3). `65` starts the
+//!   window once every job has fired once, so that with `KEEL_BENCH_HISTORY_RUNS=1` the
+//!   window sees only steady state.
 //! - `KEEL_BENCH_DIR`: where keel's stores are created (default: cargo's
 //!   `CARGO_TARGET_TMPDIR`, on the target directory's filesystem; not `/tmp`, which may be a
 //!   tmpfs on which `fsync` costs nothing).
@@ -72,13 +79,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use keel_core::{JobId, JobSpec, Outcome, ScheduleSpec, Store};
+use keel_core::{Config, HistoryPolicy, JobId, JobSpec, Outcome, ScheduleSpec, Store};
 use keel_runtime::{AttemptContext, Runtime};
 use keel_store_fs::{FsOptions, FsStore};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 /// Time between setup and the window, so that both libraries are past their start-up.
-const WARMUP: Duration = Duration::from_secs(3);
+const WARMUP_DEFAULT_S: u64 = 3;
+
+fn warmup() -> Duration {
+    Duration::from_secs(env_number("KEEL_BENCH_WARMUP_S").unwrap_or(WARMUP_DEFAULT_S))
+}
+
+/// A whole number from the environment variable `name`, if it is set.
+fn env_number(name: &str) -> Option<u64> {
+    let text = env::var(name).ok()?;
+    Some(
+        text.parse()
+            .unwrap_or_else(|_| panic!("{name} is a whole number, not {text:?}")),
+    )
+}
+
+/// keel's history policy, with `KEEL_BENCH_HISTORY_RUNS` as its runs kept per job if set.
+fn history_policy() -> HistoryPolicy {
+    let mut policy = HistoryPolicy::default();
+    if let Some(runs) = env_number("KEEL_BENCH_HISTORY_RUNS") {
+        policy.runs_max = u32::try_from(runs).unwrap();
+    }
+    policy
+}
 
 /// How long after the window a slot due in it may still fire and be counted.
 const GRACE: Duration = Duration::from_secs(3);
@@ -148,7 +177,7 @@ struct CaseResult {
     /// Of those, the ones in the window's first half.
     started_first_half: u64,
     /// Every handler start from setup to the window's end: for keel, the runs its store holds
-    /// (none is pruned: history keeps 100 per job, and each job fires once a minute).
+    /// (none is pruned with keel's default policy, 100 per job, in a window of minutes).
     runs_total: u64,
     p50_us: i64,
     p99_us: i64,
@@ -291,9 +320,13 @@ pub(crate) fn main() {
             "{i % 60} {i / 60 % 60} * * * *"
         },
         window.as_secs(),
-        WARMUP.as_secs(),
+        warmup().as_secs(),
         GRACE.as_secs(),
         dir.display()
+    );
+    println!(
+        "keel's history policy: {} terminal runs kept per job",
+        history_policy().runs_max
     );
     println!();
     let mut rows = Vec::new();
@@ -582,7 +615,12 @@ async fn start_tcs(case: &Case, recorder: &Arc<Recorder>) -> JobScheduler {
 
 async fn start_keel(case: &Case, recorder: &Arc<Recorder>, store: &Arc<FsStore>) -> Runtime {
     let rec = Arc::clone(recorder);
+    let config = Config {
+        history: history_policy(),
+        ..Config::default()
+    };
     let runtime = Runtime::builder(Arc::clone(store) as Arc<dyn Store>)
+        .config(config)
         .handler("tick", move |ctx: AttemptContext| {
             let rec = Arc::clone(&rec);
             async move {
@@ -632,7 +670,7 @@ fn measure(
     setup: Duration,
 ) -> CaseResult {
     let window_us = i64::try_from(case.window.as_micros()).unwrap();
-    let warmup_us = i64::try_from(WARMUP.as_micros()).unwrap();
+    let warmup_us = i64::try_from(warmup().as_micros()).unwrap();
     // The window starts on a whole second: slots are whole seconds.
     let t0 = (now_us() + warmup_us) / US_PER_S * US_PER_S + US_PER_S;
     let t1 = t0 + window_us;
