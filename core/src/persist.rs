@@ -23,6 +23,7 @@
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound::{Excluded, Included, Unbounded};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,8 +43,10 @@ use crate::time::Timestamp;
 // Boxing the large variants would only add an allocation per record.
 #[allow(clippy::large_enum_variant)]
 pub enum Record {
-    /// Insert or replace a job.
-    PutJob(Job),
+    /// Insert or replace a job. Shared with the scheduler's own copy: a store that keeps its
+    /// jobs in memory keeps this allocation, and the scheduler copies the job only when it
+    /// next changes it, so an idle job is held once, not once by each.
+    PutJob(Arc<Job>),
     /// Delete a job definition (its run history stays, subject to the history policy).
     DeleteJob {
         /// The job.
@@ -94,7 +97,10 @@ impl Record {
     pub fn into_stored(self) -> Record {
         match self {
             Record::PutJob(mut job) => {
-                job.active_runs = 0;
+                // Copied only when it differs: an idle job stays shared with the scheduler.
+                if job.active_runs != 0 {
+                    Arc::make_mut(&mut job).active_runs = 0;
+                }
                 Record::PutJob(job)
             }
             Record::PutDelivery(delivery) => Record::PutDelivery(delivery.into_stored()),

@@ -1072,7 +1072,7 @@ mod tests {
             id: BatchId(7 << 32),
             at: Timestamp(61_000),
             records: vec![
-                Record::PutJob(job("a", odd_retry())),
+                Record::PutJob(job("a", odd_retry()).into()),
                 Record::PutRun(run(1, "a", odd_retry())),
                 Record::PruneHistory {
                     job: Some(JobId::new("a").unwrap()),
@@ -1158,7 +1158,7 @@ mod tests {
             let batch = Batch {
                 id: BatchId(1),
                 at: Timestamp(0),
-                records: vec![Record::PutJob(job("j", bad))],
+                records: vec![Record::PutJob(job("j", bad).into())],
             };
             let error = encode_batch(&batch).unwrap_err();
             assert!(

@@ -256,8 +256,9 @@ impl State {
 
     fn apply_record(&mut self, record: Record) {
         match record {
+            // The scheduler's own allocation, shared (see `Record::PutJob`).
             Record::PutJob(job) => {
-                self.jobs.insert(job.spec.id.clone(), Arc::new(job));
+                self.jobs.insert(job.spec.id.clone(), job);
             }
             // The job's runs, audit and slot claims stay: history outlives the definition.
             Record::DeleteJob { id } => {

@@ -537,7 +537,7 @@ fn clone_cost() {
     let mut state = state::State::default();
     let mut records = Vec::new();
     for i in 0..100_000u64 {
-        records.push(Record::PutJob(once_job(&format!("job-{i}"))));
+        records.push(Record::PutJob(once_job(&format!("job-{i}")).into()));
     }
     for i in 0..40_000u64 {
         let job = format!("job-{i}");

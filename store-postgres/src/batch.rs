@@ -621,10 +621,10 @@ mod tests {
             deleted_at: T0,
         };
         let records = vec![
-            Record::PutJob(a.clone()),
+            Record::PutJob(a.clone().into()),
             Record::DeleteJob { id: job("a") },
             Record::DeleteJob { id: job("b") },
-            Record::PutJob(once_job("b")),
+            Record::PutJob(once_job("b").into()),
             Record::PutTombstone(tombstone.clone()),
             Record::DeleteTombstone { job: job("a") },
             put_run(1, "a"),

@@ -129,7 +129,7 @@ fn random_histories_match_the_reference_store() {
                         records.push(Record::Audit(audit_record(next_seq, job, target, at)));
                         next_seq += 1;
                     }
-                    8 => records.push(Record::PutJob(once_job(job))),
+                    8 => records.push(Record::PutJob(once_job(job).into())),
                     9 => records.push(Record::DeleteJob { id: job_id(job) }),
                     10 => records.push(Record::PutTombstone(Tombstone {
                         job: job_id(job),
@@ -355,10 +355,10 @@ fn records_that_do_not_commute_keep_their_batch_order() {
         (
             "puts and deletes of one key: the last wins",
             vec![
-                Record::PutJob(once_job("a")),
+                Record::PutJob(once_job("a").into()),
                 Record::DeleteJob { id: job_id("a") },
                 Record::DeleteJob { id: job_id("b") },
-                Record::PutJob(once_job("b")),
+                Record::PutJob(once_job("b").into()),
                 Record::PutTombstone(tombstone(1)),
                 Record::DeleteTombstone { job: job_id("a") },
                 Record::PutTombstone(tombstone(2)),

@@ -149,8 +149,8 @@ fn everything_acknowledged_survives_reopen() {
     let active = leased(run(1, "a", T0), "w1", 5);
     let done = finished(run(2, "a", T0.plus_ms(1_000)), T0.plus_ms(1_500));
     let records = vec![
-        Record::PutJob(job("a")),
-        Record::PutJob(job("b")),
+        Record::PutJob(job("a").into()),
+        Record::PutJob(job("b").into()),
         Record::PutRun(active.clone()),
         Record::PutRun(done.clone()),
         Record::PutRun(manual(3, "b")),
@@ -246,7 +246,7 @@ fn deposed_batch_is_refused_and_applies_nothing() {
     let store = SledStore::open(dir.path()).unwrap();
     let second = become_writer(&store);
     let records = vec![
-        Record::PutJob(job("late")),
+        Record::PutJob(job("late").into()),
         Record::PutRun(run(2, "a", T0.plus_ms(1))),
     ];
     assert_eq!(
@@ -262,7 +262,7 @@ fn deposed_batch_is_refused_and_applies_nothing() {
     assert_eq!(store.run(RunId(2)).unwrap(), None);
     assert_eq!(all_runs(&store), vec![1]);
     store
-        .apply(&batch(second, 0, vec![Record::PutJob(job("late"))]))
+        .apply(&batch(second, 0, vec![Record::PutJob(job("late").into())]))
         .unwrap();
     assert_eq!(store.read().unwrap().jobs, vec![job("late")]);
 }

@@ -8,7 +8,7 @@ impl Scheduler {
     /// A `Scheduled` job's cursor came due.
     pub(super) fn fire(&mut self, now: Timestamp, id: &JobId) {
         let grace = self.config.misfire_grace_ms;
-        let Some(job) = self.jobs.get_mut(id) else {
+        let Some(job) = self.jobs.get_mut(id).map(Arc::make_mut) else {
             return;
         };
         let JobState::Scheduled { next: cursor } = job.state else {
@@ -82,6 +82,7 @@ impl Scheduler {
         let job = self
             .jobs
             .get_mut(id)
+            .map(Arc::make_mut)
             .expect("admit is called for a known job");
         let free = job.active_runs == 0
             || (job.spec.overlap == OverlapPolicy::Allow
@@ -126,6 +127,7 @@ impl Scheduler {
         let job = self
             .jobs
             .get_mut(id)
+            .map(Arc::make_mut)
             .expect("create_run is called for a known job");
         let run_id = RunId(self.meta.next_run_id);
         self.meta.next_run_id += 1;
@@ -161,7 +163,7 @@ impl Scheduler {
 
     /// Starts the oldest waiting slot if the job may run it now.
     pub(super) fn start_from_backlog(&mut self, now: Timestamp, id: &JobId) {
-        let Some(job) = self.jobs.get_mut(id) else {
+        let Some(job) = self.jobs.get_mut(id).map(Arc::make_mut) else {
             return;
         };
         let free = job.active_runs == 0 || job.spec.overlap == OverlapPolicy::Allow;

@@ -168,7 +168,7 @@ impl Scheduler {
             match group.job {
                 JobWrite::Put => {
                     if let Some(job) = self.jobs.get(id) {
-                        records.push(Record::PutJob((**job).clone()));
+                        records.push(Record::PutJob(Arc::clone(job)));
                     }
                 }
                 JobWrite::Delete => records.push(Record::DeleteJob { id: id.clone() }),

@@ -140,7 +140,7 @@ pub struct Scheduler {
     rng: SplitMix64,
     // Boxed: B-tree nodes then hold pointers, not half-empty slots of a large struct, which
     // roughly halves the memory of an idle job (docs/performance.md).
-    jobs: BTreeMap<JobId, Box<Job>>,
+    jobs: BTreeMap<JobId, Arc<Job>>,
     runs: BTreeMap<RunId, Run>,
     /// The runs in `runs`, by job: adding a job and refusing a trigger look at that job's runs
     /// only, not at every run in memory.
@@ -391,7 +391,7 @@ impl Scheduler {
             failures_in_a_row: 0,
         };
         self.due_jobs.insert((next, id.clone()));
-        self.jobs.insert(id.clone(), Box::new(job));
+        self.jobs.insert(id.clone(), Arc::new(job));
         self.mark_job(&id);
         self.audit_job(
             &id,
@@ -444,7 +444,7 @@ impl Scheduler {
             (_, true) => JobState::Scheduled { next: first },
         };
         self.unindex_job(&id);
-        let job = self.jobs.get_mut(&id).expect("checked above");
+        let job = self.jobs.get_mut(&id).map(Arc::make_mut).expect("checked above");
         job.spec = spec;
         job.state = state;
         if schedule_changed {
@@ -522,7 +522,7 @@ impl Scheduler {
         };
         self.clamp(now);
         self.unindex_job(id);
-        self.jobs.get_mut(id).expect("checked").state = JobState::Paused { next: Some(next) };
+        self.jobs.get_mut(id).map(Arc::make_mut).expect("checked").state = JobState::Paused { next: Some(next) };
         self.mark_job(id);
         self.audit_job(
             id,
@@ -544,7 +544,7 @@ impl Scheduler {
             return Err(Rejected::NotPaused(id.clone()));
         };
         self.clamp(now);
-        let job = self.jobs.get_mut(id).expect("checked above");
+        let job = self.jobs.get_mut(id).map(Arc::make_mut).expect("checked above");
         job.state = match next {
             Some(next) => JobState::Scheduled { next },
             None => JobState::Disabled {

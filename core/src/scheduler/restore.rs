@@ -92,7 +92,7 @@ impl Scheduler {
                 continue;
             }
             s.meta.next_run_id = s.meta.next_run_id.max(run.id.0 + 1);
-            if let Some(job) = s.jobs.get_mut(&run.job) {
+            if let Some(job) = s.jobs.get_mut(&run.job).map(Arc::make_mut) {
                 job.active_runs += 1;
             }
             let id = run.id;
@@ -173,7 +173,7 @@ impl Scheduler {
         if let JobState::Scheduled { next } = job.state {
             self.due_jobs.insert((next, id.clone()));
         }
-        self.jobs.insert(id.clone(), Box::new(job));
+        self.jobs.insert(id.clone(), Arc::new(job));
         self.journal.put_job(&id);
     }
 }

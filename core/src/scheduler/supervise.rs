@@ -359,7 +359,7 @@ impl Scheduler {
     pub(super) fn count_failures(&mut self, id: &JobId, run: RunId, state: StateName) {
         let now = self.now;
         let threshold = self.config.failing_after;
-        let Some(job) = self.jobs.get_mut(id) else {
+        let Some(job) = self.jobs.get_mut(id).map(Arc::make_mut) else {
             return;
         };
         let before = job.failures_in_a_row;

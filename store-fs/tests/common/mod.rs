@@ -117,8 +117,8 @@ pub fn everything(epoch: u64, n: u64) -> Batch {
         epoch,
         n,
         vec![
-            Record::PutJob(job("a")),
-            Record::PutJob(job("b")),
+            Record::PutJob(job("a").into()),
+            Record::PutJob(job("b").into()),
             Record::PutRun(run(1, "a", T0)),
             Record::PutRun(finished(
                 run(2, "a", T0.plus_ms(60_000)),

@@ -414,7 +414,7 @@ pub fn refused_batch_applies_nothing(harness: &impl Harness) {
     let job = once_job("newcomer");
     let reopened = edit(done.clone(), |r| r.state = RunState::Queued { since: T0 });
     let records = vec![
-        Record::PutJob(job),
+        Record::PutJob(job.into()),
         Record::PutRun(run(2, "b", T0)),
         Record::PutRun(reopened),
     ];

@@ -76,7 +76,7 @@ impl World {
                     for record in &batch.records {
                         match record {
                             Record::PutJob(job) => {
-                                self.jobs.insert(job.spec.id.clone(), job.clone());
+                                self.jobs.insert(job.spec.id.clone(), (**job).clone());
                             }
                             Record::PutRun(run) => {
                                 self.runs.insert(run.id(), run.clone());
