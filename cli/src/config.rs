@@ -11,6 +11,8 @@
 //! store = "postgres"               # "fs" (the default), "sled" or "postgres"
 //! database_url = "postgresql://keel@db.internal/keel"  # with store = "postgres"
 //! leader_ttl = "10s"               # with store = "postgres": the leadership lease's TTL
+//! history_runs = 100               # finished runs kept per job (with their audit records)
+//! history_age = "30d"              # finished runs older than this are deleted
 //!
 //! [watchdog]
 //! profile = "design"               # "keel" (the default) or "design": a set of thresholds
@@ -55,7 +57,7 @@ use crate::error::Failure;
 use crate::jobdef::{JobDef, Prior, Resolve};
 use crate::place::DatabaseUrl;
 use keel_core::outbox::{DeliveryPolicy, OutboxConfig, OverflowPolicy};
-use keel_core::{limits, LeasePolicy, Timestamp, WatchdogProfile};
+use keel_core::{limits, HistoryPolicy, LeasePolicy, Timestamp, WatchdogProfile};
 
 /// The shutdown budget when the config does not set one.
 pub(crate) const SHUTDOWN_BUDGET_DEFAULT: Duration = Duration::from_secs(30);
@@ -79,6 +81,8 @@ pub(crate) struct Config {
     pub(crate) delivery: DeliveryPolicy,
     /// Failed runs in a row that raise a `failing_job` incident (`failing_after`; 0: never).
     pub(crate) failing_after: u32,
+    /// How much history is kept per job (`history_runs`, `history_age`).
+    pub(crate) history: HistoryPolicy,
     /// The `[watchdog]` thresholds not kept above: `profile`, `stuck_after`,
     /// `unclaimed_after`, `idle_claims`.
     pub(crate) watchdog: Watchdog,
@@ -171,6 +175,8 @@ struct Daemon {
     store: Option<Spanned<String>>,
     database_url: Option<Spanned<String>>,
     leader_ttl: Option<Spanned<String>>,
+    history_runs: Option<Spanned<i64>>,
+    history_age: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,7 +208,7 @@ impl Config {
                 self.metrics,
                 self.lease,
                 self.delivery,
-                self.failing_after,
+                (self.failing_after, self.history),
                 self.outbox,
                 self.watchdog,
                 &self.incidents,
@@ -243,6 +249,7 @@ impl Config {
                 overflow: self.outbox.1,
             },
             failing_after: self.failing_after,
+            history: self.history,
             stuck_after_ms: self.watchdog.stuck_after_ms,
             unclaimed_after_ms: self.watchdog.unclaimed_after_ms,
             idle_claims_max: self.watchdog.idle_claims_max,
@@ -328,6 +335,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
     );
     let incidents = incident_notify(text, &file.watchdog, &mut problems);
     let outbox = outbox(text, daemon, &mut problems);
+    let history = history(text, daemon, &mut problems);
     let (store, database_url, leader_ttl) = placement(text, daemon, &mut problems);
     let http = file.http.as_ref().and_then(|section| {
         let line = line_of(text, section.span().start);
@@ -378,6 +386,7 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<Config, Vec<String>> {
         lease,
         delivery,
         failing_after,
+        history,
         watchdog,
         incidents,
         outbox,
@@ -539,6 +548,55 @@ fn outbox(text: &str, daemon: &Daemon, problems: &mut Vec<String>) -> (usize, Ov
         },
     };
     (capacity, overflow)
+}
+
+/// The shortest `history_age`: a younger limit would delete a run's record about as soon as it
+/// is written, before anyone could read it.
+const HISTORY_AGE_MIN_MS: u64 = 60 * 1000;
+
+/// The longest `history_age`: ten years.
+const HISTORY_AGE_MAX_MS: u64 = 3650 * 24 * 3600 * 1000;
+
+/// `history_runs` and `history_age` over keel-core's `HistoryPolicy::default()` (100 runs, 30
+/// days). The scheduler holds the history the policy keeps, in memory and in the store: about
+/// 2 KB per finished run with its audit records, so `jobs × history_runs` bounds it.
+fn history(text: &str, daemon: &Daemon, problems: &mut Vec<String>) -> HistoryPolicy {
+    let mut policy = HistoryPolicy::default();
+    if let Some(value) = &daemon.history_runs {
+        match u32::try_from(*value.get_ref()) {
+            Ok(n) if (1..=limits::HISTORY_RUNS_MAX).contains(&n) => policy.runs_max = n,
+            _ => problems.push(daemon_problem(
+                text,
+                value,
+                "history_runs",
+                &format!(
+                    "{} is out of range: finished runs kept per job, from 1 to {}",
+                    value.get_ref(),
+                    limits::HISTORY_RUNS_MAX
+                ),
+            )),
+        }
+    }
+    if let Some(value) = &daemon.history_age {
+        match parse_duration_ms(value.get_ref()) {
+            Ok(ms) if (HISTORY_AGE_MIN_MS..=HISTORY_AGE_MAX_MS).contains(&ms) => {
+                policy.age_max_ms = ms;
+            }
+            Ok(_) => problems.push(daemon_problem(
+                text,
+                value,
+                "history_age",
+                &format!(
+                    "{} is out of range: from {} to {}",
+                    value.get_ref(),
+                    format_duration_ms(HISTORY_AGE_MIN_MS),
+                    format_duration_ms(HISTORY_AGE_MAX_MS)
+                ),
+            )),
+            Err(e) => problems.push(daemon_problem(text, value, "history_age", &e)),
+        }
+    }
+    policy
 }
 
 /// The most failed runs in a row `failing_after` may wait for.
@@ -1160,6 +1218,41 @@ escalate_to = ["pager=https://pager.example.com/x"]
         );
         let e = parse_err("[daemon]\nfailing_after = -1\n");
         expect_errors(&e, &["line 2: [daemon] failing_after: -1 is out of range"]);
+    }
+
+    #[test]
+    fn history_keys_set_the_core_history_policy_and_bad_values_are_named() {
+        let core = parse_ok("[daemon]\nhistory_runs = 5\nhistory_age = \"7d\"\n").core();
+        assert_eq!(
+            core.history,
+            HistoryPolicy {
+                runs_max: 5,
+                age_max_ms: 7 * 24 * 3600 * 1000
+            }
+        );
+        assert_eq!(
+            keel_core::Config {
+                history: HistoryPolicy::default(),
+                ..core
+            },
+            keel_core::Config::default()
+        );
+        let e = parse_err("[daemon]\nhistory_runs = 0\nhistory_age = \"10s\"\n");
+        expect_errors(
+            &e,
+            &[
+                "line 2: [daemon] history_runs: 0 is out of range: finished runs kept per job, \
+                 from 1 to 100000",
+                "line 3: [daemon] history_age: 10s is out of range: from 1m to 3650d",
+            ],
+        );
+        let e = parse_err("[daemon]\nhistory_age = \"soon\"\n");
+        expect_errors(&e, &["line 2: [daemon] history_age: "]);
+        // A change is a change of the daemon's settings.
+        assert_ne!(
+            parse_ok("[daemon]\nhistory_runs = 5\n").daemon_settings(),
+            parse_ok("").daemon_settings()
+        );
     }
 
     #[test]

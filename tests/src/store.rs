@@ -300,7 +300,8 @@ impl MemStore {
                 if self.core_properties {
                     check_cursor(&job);
                 }
-                self.jobs.insert(job.spec.id.clone(), Arc::unwrap_or_clone(job));
+                self.jobs
+                    .insert(job.spec.id.clone(), Arc::unwrap_or_clone(job));
             }
             // A job added again under a deleted job's name inherits its fired slots through the
             // tombstone, so slot claims (and `fired`) outlive the job record.

@@ -135,7 +135,11 @@ impl Scheduler {
             finished_at: run.finished_at.unwrap_or(now),
         });
         self.count_failures(id, run_id, state);
-        let job = self.jobs.get_mut(id).map(Arc::make_mut).expect("checked above");
+        let job = self
+            .jobs
+            .get_mut(id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         let run = &self.runs[&run_id];
         // Only a run of this very one-shot finishes it: its slot, or a manual run made while the
         // job was this one-shot. A run left from an earlier definition does not.
@@ -153,7 +157,11 @@ impl Scheduler {
                 self.note_dropped(id, dropped as u64, false, reason);
             }
             self.unindex_job(id);
-            let job = self.jobs.get_mut(id).map(Arc::make_mut).expect("checked above");
+            let job = self
+                .jobs
+                .get_mut(id)
+                .map(Arc::make_mut)
+                .expect("checked above");
             let old = job_state_name(&job.state);
             let reason = format!("one-shot job finished ({state})");
             job.delete_when_idle = job.spec.delete_after_run;

@@ -444,7 +444,11 @@ impl Scheduler {
             (_, true) => JobState::Scheduled { next: first },
         };
         self.unindex_job(&id);
-        let job = self.jobs.get_mut(&id).map(Arc::make_mut).expect("checked above");
+        let job = self
+            .jobs
+            .get_mut(&id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         job.spec = spec;
         job.state = state;
         if schedule_changed {
@@ -522,7 +526,11 @@ impl Scheduler {
         };
         self.clamp(now);
         self.unindex_job(id);
-        self.jobs.get_mut(id).map(Arc::make_mut).expect("checked").state = JobState::Paused { next: Some(next) };
+        self.jobs
+            .get_mut(id)
+            .map(Arc::make_mut)
+            .expect("checked")
+            .state = JobState::Paused { next: Some(next) };
         self.mark_job(id);
         self.audit_job(
             id,
@@ -544,7 +552,11 @@ impl Scheduler {
             return Err(Rejected::NotPaused(id.clone()));
         };
         self.clamp(now);
-        let job = self.jobs.get_mut(id).map(Arc::make_mut).expect("checked above");
+        let job = self
+            .jobs
+            .get_mut(id)
+            .map(Arc::make_mut)
+            .expect("checked above");
         job.state = match next {
             Some(next) => JobState::Scheduled { next },
             None => JobState::Disabled {
