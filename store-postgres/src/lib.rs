@@ -38,7 +38,7 @@
 //!
 //! | table | key | holds |
 //! |---|---|---|
-//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 5`), the writer epoch, the scheduler's counters ([`Meta`]), the database the store was last written on (`SYSTEM/TIMELINE`) |
+//! | `keel_meta` | the single row `id = 1` | the format marker (`keel-store-postgres 6`), the writer epoch, the scheduler's counters ([`Meta`]), the database the store was last written on (`SYSTEM/TIMELINE`) |
 //! | `keel_jobs`, `keel_tombstones` | job name | the job, the tombstone |
 //! | `keel_runs` | run id | the run (terminal ones until pruned), with its job, state, creation and finish times and whether it is active beside it for the indexes |
 //! | `keel_slots` | job, slot | the run that claimed the slot (SPEC S6); pruned with its run |
@@ -1005,9 +1005,9 @@ mod tests {
     #[test]
     fn a_newer_or_foreign_format_is_refused_by_name() {
         assert_eq!(format_number(FORMAT), Ok(sql::MIGRATIONS.len()));
-        assert_eq!(FORMAT, "keel-store-postgres 5");
+        assert_eq!(FORMAT, "keel-store-postgres 6");
         for found in [
-            "keel-store-postgres 6",
+            "keel-store-postgres 7",
             "keel-store-postgres 0",
             "keel-store-postgres x",
             "keel-store-sled 1",

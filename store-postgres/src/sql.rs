@@ -4,7 +4,7 @@
 //! database can hold several keel stores (one per schema).
 
 /// The format marker this build writes and reads, in `keel_meta.format`.
-pub(crate) const FORMAT: &str = "keel-store-postgres 5";
+pub(crate) const FORMAT: &str = "keel-store-postgres 6";
 
 /// The prefix of every format marker of this store; what follows it is the format number.
 pub(crate) const FORMAT_PREFIX: &str = "keel-store-postgres ";
@@ -15,7 +15,13 @@ pub(crate) const SCHEMA_LOCK: i64 = 0x6b65_656c;
 
 /// Migrations, in order: `MIGRATIONS[n]` takes a schema from format `n` to format `n + 1`
 /// (format 0 is an empty schema). The last one's number is [`FORMAT`]'s.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+
+/// Format 6: a slot claim lives as long as its run (the prunes delete it with the run), so the
+/// claims that earlier formats kept after pruning their runs go, once. A prune reads the
+/// claims of the jobs it deletes runs of, and those would otherwise grow with every firing.
+const V6: &str = "DELETE FROM keel_slots s \
+                  WHERE NOT EXISTS (SELECT 1 FROM keel_runs r WHERE r.id = s.run);";
 
 /// Format 5: the holder's lease session (`backend_pid`) and when it last acquired or renewed
 /// (`renewed_at`), so that a standby takes over at once when that session is gone (the holder

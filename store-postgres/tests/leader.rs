@@ -218,7 +218,7 @@ fn a_format_3_schema_migrates_to_4_and_its_lease_keeps_its_holder() {
         .unwrap()
         .get(0);
     assert_eq!(format, keel_store_postgres::FORMAT);
-    assert_eq!(format, "keel-store-postgres 5");
+    assert_eq!(format, "keel-store-postgres 6");
 }
 
 #[test]

@@ -253,18 +253,59 @@ fn history_pages_walk_every_run_and_audit_record_once() {
     assert_eq!(seqs, (1..=RUNS).collect::<Vec<_>>());
 }
 
+/// Format 6 deletes, once, the claims that earlier formats kept after their runs were pruned;
+/// the claims of stored runs stay and still refuse a second run for their slot.
+#[test]
+fn a_format_5_store_loses_the_claims_of_its_pruned_runs_on_migration() {
+    let db = db!();
+    let store = db.open();
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    store
+        .apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(1, "a", T0))]))
+        .unwrap();
+    drop(store);
+    // As a format-5 build left it after pruning run 7: its claim is still there.
+    let mut client = db.client();
+    client
+        .batch_execute(
+            "INSERT INTO keel_slots (job, slot, run) VALUES ('a', 5, 7); \
+             UPDATE keel_meta SET format = 'keel-store-postgres 5'",
+        )
+        .unwrap();
+    let store = db.open();
+    let claims: Vec<(String, i64)> = client
+        .query("SELECT job, run FROM keel_slots ORDER BY run", &[])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(claims, vec![("a".to_owned(), 1)]);
+    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let again = store.apply(&batch(epoch, 0, T0, vec![Record::PutRun(run(2, "a", T0))]));
+    assert!(
+        matches!(
+            again,
+            Err(StoreError::Conflict(Conflict::SlotTaken {
+                owner: RunId(1),
+                ..
+            }))
+        ),
+        "{again:?}"
+    );
+}
+
 #[test]
 fn a_newer_format_is_refused_by_name_and_foreign_tables_are_not_adopted() {
     let db = db!();
     drop(db.open());
     let mut client = db.client();
     client
-        .execute("UPDATE keel_meta SET format = 'keel-store-postgres 6'", &[])
+        .execute("UPDATE keel_meta SET format = 'keel-store-postgres 7'", &[])
         .unwrap();
     assert_eq!(
         PgStore::with_config(db.config()).unwrap_err(),
         StoreError::Version {
-            found: "keel-store-postgres 6".into(),
+            found: "keel-store-postgres 7".into(),
             supported: FORMAT.into()
         }
     );
