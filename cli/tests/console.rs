@@ -374,6 +374,9 @@ struct Driver {
     child: Child,
     url: String,
     http: Client,
+    /// Set once `child` was waited for: its pid, and so its group's id, may belong to another
+    /// process by now, so dropping the driver must not kill that group.
+    reaped: bool,
 }
 
 impl Driver {
@@ -417,6 +420,7 @@ impl Driver {
                 .timeout(WAIT)
                 .build()
                 .expect("an HTTP client"),
+            reaped: false,
         };
         // "ChromeDriver was started successfully on port 37647."
         let deadline = Instant::now() + WAIT;
@@ -430,6 +434,7 @@ impl Driver {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let status = driver.child.wait().map(|s| s.to_string());
+                    driver.reaped = true;
                     return Err(format!("it exited ({status:?}) saying {said:?}"));
                 }
             };
@@ -487,6 +492,9 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{}", self.child.id())])
             .status();
