@@ -555,7 +555,7 @@ fn outbox(text: &str, daemon: &Daemon, problems: &mut Vec<String>) -> (usize, Ov
 const HISTORY_AGE_MIN_MS: u64 = 60 * 1000;
 
 /// The longest `history_age`: ten years.
-const HISTORY_AGE_MAX_MS: u64 = 3650 * 24 * 3600 * 1000;
+pub(crate) const HISTORY_AGE_MAX_MS: u64 = 3650 * 24 * 3600 * 1000;
 
 /// `history_runs` and `history_age` over keel-core's `HistoryPolicy::default()` (100 runs, 30
 /// days). The scheduler holds the history the policy keeps, in memory and in the store: about

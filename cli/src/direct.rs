@@ -170,6 +170,21 @@ struct Deposed {
     wrote: bool,
 }
 
+/// The scheduler's configuration for one command without a daemon: keel-core's defaults, but
+/// a history policy that keeps the most any daemon may keep. A command does not know the
+/// daemon's `[daemon] history_runs` and `history_age`, and a run it settles prunes its job's
+/// history; so it prunes only what no daemon would keep, and the daemon's own sweep (hourly)
+/// and settles prune by the daemon's policy.
+fn direct_config() -> keel_core::Config {
+    keel_core::Config {
+        history: keel_core::HistoryPolicy {
+            runs_max: keel_core::limits::HISTORY_RUNS_MAX,
+            age_max_ms: crate::config::HISTORY_AGE_MAX_MS,
+        },
+        ..keel_core::Config::default()
+    }
+}
+
 /// Restores, applies, writes. `Err(Deposed)` if another process became the writer.
 fn execute(place: &Place, request: &Request) -> Result<Result<Value, Failure>, Deposed> {
     let store = match place.open_store() {
@@ -182,7 +197,7 @@ fn execute(place: &Place, request: &Request) -> Result<Result<Value, Failure>, D
     };
     let now = wall_clock();
     let worker = WorkerId::new(DAEMON_WORKER).expect("a valid worker id");
-    let mut core = Scheduler::restore_as(worker, Default::default(), now.0 as u64, now, snapshot);
+    let mut core = Scheduler::restore_as(worker, direct_config(), now.0 as u64, now, snapshot);
     let answer = apply(&mut core, now, request);
     // Whatever the command did (or the restore itself recovered) is written, even if the
     // command was refused: a refused command changed nothing.
@@ -376,4 +391,28 @@ fn drain(
 pub(crate) fn wall_clock() -> Timestamp {
     // One wall clock for all of keel: the runtime's.
     keel_runtime::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A command without a daemon keeps at least what any daemon's config may keep: the most
+    /// `[daemon] history_runs` and `history_age` accept.
+    #[test]
+    fn a_direct_command_prunes_no_more_than_the_most_a_daemon_keeps() {
+        let most = crate::config::parse(
+            "[daemon]\nhistory_runs = 100000\nhistory_age = \"3650d\"\n",
+            std::path::Path::new("keel.toml"),
+        )
+        .expect("the largest values are accepted");
+        assert_eq!(direct_config().history, most.history);
+        assert_eq!(
+            keel_core::Config {
+                history: keel_core::Config::default().history,
+                ..direct_config()
+            },
+            keel_core::Config::default()
+        );
+    }
 }

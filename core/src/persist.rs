@@ -81,7 +81,8 @@ pub enum Record {
         /// The delivery.
         id: DeliveryId,
     },
-    /// Forget a tombstone (the name is in use again, or the history policy expired it).
+    /// Forget a tombstone: the name is in use again, and the new job carries its cursor. (Builds
+    /// before 2026-12 also expired tombstones with the history policy's age.)
     DeleteTombstone {
         /// The job name.
         job: JobId,

@@ -177,7 +177,8 @@ struct CaseResult {
     /// Of those, the ones in the window's first half.
     started_first_half: u64,
     /// Every handler start from setup to the window's end: for keel, the runs its store holds
-    /// (none is pruned with keel's default policy, 100 per job, in a window of minutes).
+    /// under its default policy (100 per job: none is pruned in a window of minutes), more than
+    /// it holds with `KEEL_BENCH_HISTORY_RUNS`.
     runs_total: u64,
     p50_us: i64,
     p99_us: i64,

@@ -207,24 +207,10 @@ impl Scheduler {
         }
     }
 
-    /// Forgets tombstones older than the history policy's age limit.
-    /// A walk over every tombstone, bounded by its rate: the history sweep runs once per
-    /// [`limits::HISTORY_SWEEP_INTERVAL_MS`], never per firing or per command.
-    pub(super) fn expire_tombstones(&mut self, now: Timestamp) {
-        let age_max = self.config.history.age_max_ms;
-        let expired: Vec<JobId> = self
-            .tombstones
-            .values()
-            .filter(|t| now.ms_since(t.deleted_at) > age_max)
-            .map(|t| t.job.clone())
-            .collect();
-        for job in expired {
-            self.tombstones.remove(&job);
-            self.journal.tombstone(&job, JobWrite::Delete);
-        }
-    }
-
-    /// Deletes a job, keeping a tombstone of its last fired slot (SPEC S6).
+    /// Deletes a job, keeping a tombstone of its last fired slot (SPEC S6). A tombstone is
+    /// kept until a job of that name is added again (which takes its cursor over): it is what
+    /// remembers a deleted job's fired slots once the history policy pruned their runs, and
+    /// their slot claims with them, so it does not expire with the history.
     pub(super) fn delete_job(&mut self, id: &JobId, actor: Actor, reason: &str) {
         let Some(job) = self.jobs.get(id) else {
             return;

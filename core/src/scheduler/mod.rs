@@ -138,8 +138,10 @@ pub struct Scheduler {
     config: Config,
     now: Timestamp,
     rng: SplitMix64,
-    // Boxed: B-tree nodes then hold pointers, not half-empty slots of a large struct, which
-    // roughly halves the memory of an idle job (docs/performance.md).
+    // Behind a pointer: B-tree nodes then hold pointers, not half-empty slots of a large
+    // struct, which roughly halves the memory of an idle job (docs/performance.md). An `Arc`,
+    // shared with the `PutJob` record and so with a store that keeps it: a job is copied when
+    // it next changes (`Arc::make_mut`), and an idle job is held once, not by each.
     jobs: BTreeMap<JobId, Arc<Job>>,
     runs: BTreeMap<RunId, Run>,
     /// The runs in `runs`, by job: adding a job and refusing a trigger look at that job's runs
@@ -470,8 +472,8 @@ impl Scheduler {
     /// A one-shot (`ScheduleSpec::Once`) is done once it has fired: ensuring it again leaves it
     /// alone and returns [`Ensured::Done`], whatever its instant now says. So an application
     /// that computes "in five seconds" at each start runs the one-shot once in total, not once
-    /// per start. "Fired" means a slot fired under this name, while the job or its tombstone is
-    /// kept (a deleted job's tombstone lasts as long as the history policy keeps history). To
+    /// per start. "Fired" means a slot fired under this name: the job, or its tombstone once
+    /// deleted (kept until the name is added again), remembers its latest fired slot. To
     /// re-arm a fired one-shot on purpose, use [`Scheduler::update_job`].
     ///
     /// Refused as `add_job` and `update_job` refuse.
@@ -670,7 +672,6 @@ impl Scheduler {
         }
         if self.history_sweep_at.is_some_and(|at| at <= now) {
             self.history_sweep_at = now.checked_plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS);
-            self.expire_tombstones(now);
             let finished_before = Timestamp(
                 now.as_millis()
                     .saturating_sub(self.config.history.age_max_ms as i64),

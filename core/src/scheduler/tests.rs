@@ -367,6 +367,55 @@ fn ensure_leaves_a_fired_one_shot_done_whatever_its_new_instant() {
     s.check_invariants();
 }
 
+/// Slot claims go with their runs when the history policy prunes them, so a deleted job's
+/// tombstone is what remembers its fired slot: it outlives the history's age, and a one-shot
+/// added again under its name long after is still done, not fired again.
+#[test]
+fn a_deleted_one_shot_is_remembered_after_its_history_has_aged_out() {
+    let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
+    let config = Config {
+        history: crate::audit::HistoryPolicy {
+            runs_max: 1,
+            age_max_ms: 60_000,
+        },
+        ..Config::default()
+    };
+    let mut s = Scheduler::new(config, 1, t0);
+    let at = t0.plus_ms(5_000);
+    let mut once = JobSpec::new(
+        JobId::new("welcome").unwrap(),
+        "k",
+        ScheduleSpec::Once { at },
+    );
+    once.delete_after_run = true;
+    s.add_job(t0, once.clone()).unwrap();
+    settle(&mut s, t0);
+    s.handle_timeout(at);
+    assert_eq!(settle(&mut s, at), 1);
+    assert!(s.job(&once.id).is_none(), "deleted after its run");
+    // Two history sweeps later, far past the history's age.
+    let later = at.plus_ms(3 * limits::HISTORY_SWEEP_INTERVAL_MS);
+    s.handle_timeout(at.plus_ms(limits::HISTORY_SWEEP_INTERVAL_MS + 1));
+    settle(&mut s, later);
+    s.handle_timeout(later);
+    settle(&mut s, later);
+    assert_eq!(
+        s.ensure_job(later, once.clone()),
+        Ok(Ensured::Done { last: at })
+    );
+    assert!(matches!(
+        s.add_job(later, once),
+        Err(Rejected::AlreadyFired { .. })
+    ));
+    s.handle_timeout(later.plus_ms(10_000));
+    assert_eq!(
+        settle(&mut s, later.plus_ms(10_000)),
+        0,
+        "fired once in total"
+    );
+    s.check_invariants();
+}
+
 #[test]
 fn batches_are_bounded_and_never_split_a_firing() {
     let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();

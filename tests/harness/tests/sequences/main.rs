@@ -560,8 +560,8 @@ impl World {
         let spec = template.spec(&id, self.clock);
         let before = fingerprint(&self.keel);
         let r = self.keel.add_job(self.clock, spec);
-        // A job added under a deleted job's name inherits its fired slots (tombstones), so
-        // the store's slot claims are kept.
+        // A job added under a deleted job's name inherits its fired slots from its tombstone,
+        // which is kept until then; the model store's `fired` checks it over the whole history.
         self.refused_changes_nothing("add_job", before, r);
     }
 
