@@ -633,3 +633,42 @@ command = ["true"]
     place.keel(&["status"]).expect_code(0);
     daemon.stop();
 }
+
+/// `[daemon] history_runs` bounds what the daemon keeps: after five runs of a job, only its
+/// two newest finished runs are stored, and the oldest is gone with its slot claim (SPEC R6).
+#[test]
+fn history_runs_bounds_the_runs_the_daemon_keeps() {
+    let place = Place::new("history-runs");
+    let config = place.config(
+        r#"
+[daemon]
+history_runs = 2
+
+[[job]]
+name = "tick"
+every = "1s"
+command = ["echo", "tick"]
+"#,
+    );
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for_n(5, &["of job tick succeeded"]);
+    daemon.stop();
+
+    let runs = place.json(&["runs", "--json", "--job", "tick", "--limit", "1000"]);
+    let runs = runs.as_array().expect("a list of runs");
+    let finished: Vec<&str> = runs
+        .iter()
+        .filter(|run| !run["finished_at"].is_null())
+        .map(|run| run["run"].as_str().expect("a run"))
+        .collect();
+    assert_eq!(finished.len(), 2, "{runs:?}");
+    // Five ran, so the two kept are neither of the first two.
+    assert!(
+        !finished.contains(&"run-1") && !finished.contains(&"run-2"),
+        "{runs:?}"
+    );
+    place
+        .keel(&["runs", "show", "run-1"])
+        .expect_code(2)
+        .expect_stderr("pruned");
+}
