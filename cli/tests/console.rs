@@ -452,6 +452,8 @@ impl Driver {
     fn session(&self) -> Session<'_> {
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
+            // The page's console (errors included), for a failure's message.
+            "goog:loggingPrefs": {"browser": "ALL"},
             "goog:chromeOptions": {
                 "binary": CHROMIUM,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
@@ -619,10 +621,30 @@ impl Session<'_> {
             }
             assert!(
                 Instant::now() < deadline,
-                "{target} read {:?} after {clicks} clicks on {selector} in {WAIT:?}; the page:\n{}",
+                "{target} read {:?} after {clicks} clicks on {selector} in {WAIT:?}; the page's \
+                 console: {}\nthe page:\n{}",
                 self.text(target),
+                self.browser_log(),
                 self.text("body").unwrap_or_default()
             );
+        }
+    }
+
+    /// What the page wrote to its console (chromedriver's log endpoint), or why it could not
+    /// be read.
+    fn browser_log(&self) -> String {
+        let path = format!("/session/{}/se/log", self.id);
+        match self
+            .driver
+            .try_call(reqwest::Method::POST, &path, &json!({"type": "browser"}))
+        {
+            Ok(Value::Array(entries)) if entries.is_empty() => "(empty)".to_string(),
+            Ok(Value::Array(entries)) => entries
+                .iter()
+                .map(|e| format!("\n  {} {}", e["level"], e["message"]))
+                .collect(),
+            Ok(other) => other.to_string(),
+            Err(e) => format!("(unreadable: {e})"),
         }
     }
 
