@@ -187,11 +187,9 @@ fn a_group_checks_each_batch_against_the_ones_before_it() {
     assert_eq!(store.stats().syncs, 2, "restore, then the group");
 }
 
-/// Every part of the state goes through a snapshot and comes back equal, including slot
-/// claims and the writer epoch; a pruned run's claim went with it.
-#[test]
-fn state_survives_a_snapshot_exactly() {
-    let dir = TempDir::new("keel-store-fs-unit-snapshot-state");
+/// A store in `dir` that never compacts and never syncs, made the writer; the epoch its
+/// batches carry.
+fn quiet_writer(dir: &TempDir) -> (FsStore, u64) {
     let options = FsOptions {
         compact_after_bytes: u64::MAX,
         sync: false,
@@ -199,6 +197,15 @@ fn state_survives_a_snapshot_exactly() {
     };
     let store = FsStore::open_with(dir.path(), options).unwrap();
     let epoch = store.restore().unwrap().meta.epoch + 1;
+    (store, epoch)
+}
+
+/// Every part of the state goes through a snapshot and comes back equal, including slot
+/// claims and the writer epoch; a pruned run's claim went with it.
+#[test]
+fn state_survives_a_snapshot_exactly() {
+    let dir = TempDir::new("keel-store-fs-unit-snapshot-state");
+    let (store, epoch) = quiet_writer(&dir);
     let mut done = run(1, "job", T0).record();
     done.state = RunState::Succeeded;
     done.finished_at = Some(T0);
@@ -227,13 +234,7 @@ fn state_survives_a_snapshot_exactly() {
 #[test]
 fn a_snapshot_drops_the_claims_of_runs_it_does_not_hold() {
     let dir = TempDir::new("keel-store-fs-unit-snapshot-old-claims");
-    let options = FsOptions {
-        compact_after_bytes: u64::MAX,
-        sync: false,
-        ..FsOptions::default()
-    };
-    let store = FsStore::open_with(dir.path(), options).unwrap();
-    let epoch = store.restore().unwrap().meta.epoch + 1;
+    let (store, epoch) = quiet_writer(&dir);
     let records = vec![Record::PutRun(run(2, "job", T0.plus_ms(1)))];
     store.apply(&batch(epoch, 0, records)).unwrap();
     let mut old = store.inner().replica.state.clone();
