@@ -861,12 +861,12 @@ mod tests {
     fn a_success_is_not_noted_with_an_earlier_attempts_error() {
         let mut record = keel_harness::conformance::run(1, "backup", Timestamp(0)).record();
         record.state = RunState::Succeeded;
-        record.last_error = Some(keel_core::RunError {
+        record.last_error = Some(Box::new(keel_core::RunError {
             kind: keel_core::ErrorKind::Lost,
             message: "attempt 1 released by local".into(),
             attempt: keel_core::Attempt(1),
             at: Timestamp(0),
-        });
+        }));
         assert_eq!(run_note(&Run::from_record(record.clone())), None);
         record.summary = Some("archived 3 files".into());
         assert_eq!(

@@ -86,12 +86,12 @@ fn a_nul_byte_in_an_error_message_round_trips() {
     let failed = edit(run(1, "a", T0), |r| {
         r.state = RunState::Failed;
         r.finished_at = Some(T0);
-        r.last_error = Some(keel_core::RunError {
+        r.last_error = Some(Box::new(keel_core::RunError {
             kind: ErrorKind::Permanent,
             message: "read \0 from the device".into(),
             attempt: keel_core::Attempt(1),
             at: T0,
-        });
+        }));
     });
     let mut audit = audit_record(1, "a", Some(1), T0);
     audit.reason = "nul: \0 and \u{1} and \u{fffd}".into();

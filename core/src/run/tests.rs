@@ -205,12 +205,12 @@ fn full_record() -> RunRecord {
             attempt: Attempt(3),
             started_at: Timestamp(70_000),
         },
-        last_error: Some(RunError {
+        last_error: Some(Box::new(RunError {
             kind: ErrorKind::Retryable,
             message: "upstream 503".into(),
             attempt: Attempt(2),
             at: Timestamp(65_000),
-        }),
+        })),
         summary: Some("half".into()),
         cancel_requested: true,
         finished_at: Some(Timestamp(90_000)),
@@ -238,11 +238,11 @@ fn full_record() -> RunRecord {
         last_token: Some(FencingToken(8)),
         lost: 1,
         shutdowns: 2,
-        progress: Some(Progress {
+        progress: Some(Box::new(Progress {
             phase: "upload".into(),
             message: "40 of 100".into(),
             at: Timestamp(75_000),
-        }),
+        })),
         last_activity: Some(Timestamp(75_000)),
         artifacts: BTreeMap::from([("report".to_string(), "s3://r".to_string())]),
         watch: Watch {
@@ -253,12 +253,12 @@ fn full_record() -> RunRecord {
         },
         extended: true,
         killed: Some(Attempt(2)),
-        checkpoint: Some(Checkpoint {
+        checkpoint: Some(Box::new(Checkpoint {
             seq: 4,
             attempt: Attempt(3),
             saved_at: Timestamp(74_000),
             data: "copied 40".into(),
-        }),
+        })),
         verifications: vec![crate::artifact::Verification {
             name: Some("report".into()),
             target: "https://r/x".into(),
@@ -412,7 +412,7 @@ fn accessors_read_the_fields() {
     assert_eq!(run.attempt(), record.attempt);
     assert_eq!(run.snoozes(), record.snoozes);
     assert_eq!(run.state(), record.state);
-    assert_eq!(run.last_error(), record.last_error.as_ref());
+    assert_eq!(run.last_error(), record.last_error.as_deref());
     assert_eq!(run.summary(), record.summary.as_deref());
     assert_eq!(run.cancel_requested(), record.cancel_requested);
     assert_eq!(run.finished_at(), record.finished_at);
@@ -429,13 +429,13 @@ fn accessors_read_the_fields() {
     assert_eq!(run.last_token(), record.last_token);
     assert_eq!(run.lost(), record.lost);
     assert_eq!(run.shutdowns(), record.shutdowns);
-    assert_eq!(run.progress(), record.progress.as_ref());
+    assert_eq!(run.progress(), record.progress.as_deref());
     assert_eq!(run.last_activity(), record.last_activity);
     assert_eq!(run.artifacts(), &record.artifacts);
     assert_eq!(run.watch(), record.watch);
     assert_eq!(run.extended(), record.extended);
     assert_eq!(run.killed(), record.killed);
-    assert_eq!(run.checkpoint(), record.checkpoint.as_ref());
+    assert_eq!(run.checkpoint(), record.checkpoint.as_deref());
     assert_eq!(run.verifications(), &*record.verifications);
     assert_eq!(run.handed_back(), record.handed_back);
     assert_eq!(run.released_lease(), record.released_lease.as_ref());

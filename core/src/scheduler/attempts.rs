@@ -278,7 +278,7 @@ impl Scheduler {
             job: run.job.clone(),
             state: run.state.name(),
             summary: run.summary.clone(),
-            error: run.last_error.clone(),
+            error: run.last_error.as_deref().cloned(),
             finished_at: run.finished_at.unwrap_or(self.now),
         });
         let sinks = run.sinks.clone();
@@ -317,7 +317,7 @@ impl Scheduler {
                 idempotency_key: run.idempotency_key(),
                 trigger: run.trigger,
                 lease,
-                checkpoint: run.checkpoint.clone(),
+                checkpoint: run.checkpoint.as_deref().cloned(),
             };
             self.resolve_incidents_of_run(run_id, "the run's next attempt is running");
             self.after_run_transition(run_id, t, Actor::Scheduler);

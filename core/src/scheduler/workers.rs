@@ -272,11 +272,11 @@ impl Scheduler {
             text[..end].to_owned()
         };
         let run = self.runs.get_mut(&run_id).expect("checked above");
-        run.progress = Some(Progress {
+        run.progress = Some(Box::new(Progress {
             phase: cut(phase),
             message: cut(message),
             at: now,
-        });
+        }));
         self.alive(now, run_id);
         Ok(())
     }
@@ -291,8 +291,8 @@ impl Scheduler {
             payload: run.payload.clone(),
             attempt: run.attempt,
             lease: run.lease.clone().expect("a holder's run has a lease"),
-            checkpoint: run.checkpoint.clone(),
-            progress: run.progress.clone(),
+            checkpoint: run.checkpoint.as_deref().cloned(),
+            progress: run.progress.as_deref().cloned(),
         })
     }
 
@@ -586,12 +586,12 @@ impl Scheduler {
             .get_mut(&run_id)
             .expect("checkpoints belong to runs in memory");
         let seq = run.checkpoint.as_ref().map_or(1, |c| c.seq + 1);
-        run.checkpoint = Some(Checkpoint {
+        run.checkpoint = Some(Box::new(Checkpoint {
             seq,
             attempt: run.attempt,
             saved_at: now,
             data,
-        });
+        }));
         let job = run.job.clone();
         self.journal.checkpoint(&job, run_id, seq);
         self.throttles.entry(run_id).or_default().writing(seq);
