@@ -117,7 +117,7 @@ pub struct Tombstone {
     pub job: JobId,
     /// The latest slot it fired.
     pub last_fired: Timestamp,
-    /// When it was deleted; the history policy's age limit expires tombstones too.
+    /// When it was deleted (shown to operators; tombstones do not expire).
     pub deleted_at: Timestamp,
 }
 

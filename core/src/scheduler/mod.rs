@@ -216,7 +216,7 @@ pub struct Scheduler {
     /// The next hourly history sweep; `None` at the end of time.
     history_sweep_at: Option<Timestamp>,
     /// The latest slot fired by each deleted job, so a job re-added under its name never fires
-    /// it again (SPEC S6). Expired by the history policy's age limit.
+    /// it again (SPEC S6). Kept until the name is added again, whatever the history policy.
     tombstones: BTreeMap<JobId, Tombstone>,
     /// One shared copy of each distinct handler kind, zone name and short payload: a million
     /// jobs of a few kinds in a few zones should not hold a million copies of each.
