@@ -22,6 +22,12 @@
 //!   channel drops additions that overrun it); only up to `KEEL_BENCH_TCS_MAX` jobs
 //!   (default 100 000).
 //!
+//! After the adds, the runtime cases also measure how long a command waits behind a listing of
+//! every job (`RuntimeHandle::jobs`, what the daemon's job list and console ask for): the
+//! listing is sent, then a cheap command right behind it, whose answer takes as long as the
+//! driver is busy with the listing. Meanwhile no slot fires and no write is acknowledged.
+//! Also the time the whole listing takes its caller. The median of five each.
+//!
 //! The runtime cases keep up to `KEEL_BENCH_IN_FLIGHT` adds in flight (default 2,048): a
 //! bulk import's shape, where many commands wait for durability at once. Jobs are hourly,
 //! `"{i % 60} {i / 60 % 60} * * * *"` in UTC, so those added first fire while the rest are
@@ -32,6 +38,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::env;
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -51,8 +58,16 @@ fn main() {
     if args.first().map(String::as_str) == Some("--child") {
         let (case, jobs, dir) = (&args[1], args[2].parse().unwrap(), PathBuf::from(&args[3]));
         let in_flight = env_number("KEEL_BENCH_IN_FLIGHT", 2_048) as usize;
-        let setup = run_case(case, jobs, &dir, in_flight);
-        println!("KEEL_RESULT {} {}", setup.as_micros(), peak_rss_kib());
+        let (setup, listing) = run_case(case, jobs, &dir, in_flight);
+        let listing = listing.map_or_else(
+            || "- -".to_owned(),
+            |(wait, took)| format!("{} {}", wait.as_micros(), took.as_micros()),
+        );
+        println!(
+            "KEEL_RESULT {} {} {listing}",
+            setup.as_micros(),
+            peak_rss_kib()
+        );
         // Dropping a million jobs measures nothing: leave at once.
         std::process::exit(0);
     }
@@ -75,18 +90,25 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     println!("# adding jobs through the runtime (each add answered once durable)");
     println!();
-    println!("| jobs | case | time | adds/s | µs per add | peak RSS |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!("| jobs | case | time | adds/s | µs per add | peak RSS | a command's wait behind a job listing | the listing |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
     for &n in &jobs {
         for case in &cases {
             if (case == "tcs" && n > tcs_max) || (case == "keel-mem" && n > mem_max) {
                 continue;
             }
             eprintln!("running {case} with {n} jobs...");
-            let (setup, rss_kib) = run_child(case, n, &dir);
+            let (setup, rss_kib, listing) = run_child(case, n, &dir);
             let secs = setup.as_secs_f64();
+            let ms = |d: Option<Duration>| {
+                d.map_or_else(
+                    || "–".to_owned(),
+                    |d| format!("{:.2} ms", d.as_secs_f64() * 1e3),
+                )
+            };
+            let (wait, took) = (ms(listing.map(|l| l.0)), ms(listing.map(|l| l.1)));
             println!(
-                "| {n} | {case} | {secs:.2} s | {:.0} | {:.1} | {} MiB |",
+                "| {n} | {case} | {secs:.2} s | {:.0} | {:.1} | {} MiB | {wait} | {took} |",
                 n as f64 / secs,
                 secs * 1e6 / n as f64,
                 rss_kib / 1024
@@ -98,7 +120,10 @@ fn main() {
     }
 }
 
-fn run_child(case: &str, jobs: u64, dir: &std::path::Path) -> (Duration, u64) {
+/// A command's wait behind a listing of every job, and the listing's own time.
+type Listing = (Duration, Duration);
+
+fn run_child(case: &str, jobs: u64, dir: &std::path::Path) -> (Duration, u64, Option<Listing>) {
     let out = Command::new(env::current_exe().unwrap())
         .args([
             "--child",
@@ -116,12 +141,14 @@ fn run_child(case: &str, jobs: u64, dir: &std::path::Path) -> (Duration, u64) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let fields: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().unwrap())
-        .collect();
-    (Duration::from_micros(fields[0]), fields[1])
+    let fields: Vec<&str> = line.split_whitespace().skip(1).collect();
+    let micros = |field: &str| field.parse().ok().map(Duration::from_micros);
+    let listing = micros(fields[2]).zip(micros(fields[3]));
+    (
+        micros(fields[0]).unwrap(),
+        fields[1].parse().unwrap(),
+        listing,
+    )
 }
 
 fn spec(i: u64) -> JobSpec {
@@ -142,8 +169,14 @@ fn expr(i: u64) -> String {
     format!("{} {} * * * *", i % 60, (i / 60) % 60)
 }
 
-/// Adds `jobs` jobs and returns how long until the last one was durable.
-fn run_case(case: &str, jobs: u64, dir: &std::path::Path, in_flight: usize) -> Duration {
+/// Adds `jobs` jobs and returns how long until the last one was durable, and for the runtime
+/// cases how long a command then waits behind a listing of every job.
+fn run_case(
+    case: &str,
+    jobs: u64,
+    dir: &std::path::Path,
+    in_flight: usize,
+) -> (Duration, Option<Listing>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -157,7 +190,7 @@ fn run_case(case: &str, jobs: u64, dir: &std::path::Path, in_flight: usize) -> D
                 keel.add_job(now, spec(i)).unwrap();
             }
             drive::drain(&mut keel, now, drive::acknowledge, |_, _, _| {}).unwrap();
-            started.elapsed()
+            (started.elapsed(), None)
         }
         "keel-mem" => {
             let store: Arc<dyn Store> = Arc::new(SharedMemStore::new());
@@ -179,13 +212,17 @@ fn run_case(case: &str, jobs: u64, dir: &std::path::Path, in_flight: usize) -> D
                 let job = Job::new_async(expr(i), |_, _| Box::pin(async {})).unwrap();
                 scheduler.add(job).await.unwrap();
             }
-            started.elapsed()
+            (started.elapsed(), None)
         }),
         other => panic!("unknown case {other:?} (one of {CASES:?})"),
     }
 }
 
-async fn add_through_runtime(store: Arc<dyn Store>, jobs: u64, in_flight: usize) -> Duration {
+async fn add_through_runtime(
+    store: Arc<dyn Store>,
+    jobs: u64,
+    in_flight: usize,
+) -> (Duration, Option<Listing>) {
     let keel = Runtime::builder(store)
         .handler("tick", |_ctx: AttemptContext| async { Outcome::ok() })
         .start()
@@ -205,7 +242,25 @@ async fn add_through_runtime(store: Arc<dyn Store>, jobs: u64, in_flight: usize)
     while let Some(added) = pending.join_next().await {
         added.unwrap().unwrap();
     }
-    started.elapsed()
+    let took = started.elapsed();
+    let (mut waits, mut listings) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let mut listing = std::pin::pin!(handle.jobs());
+        // The first poll sends the listing to the driver; the probe queues behind it.
+        std::future::poll_fn(|cx| {
+            assert!(listing.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let sent = Instant::now();
+        handle.driver_stats().await.unwrap();
+        waits.push(sent.elapsed());
+        assert_eq!(listing.await.unwrap().len() as u64, jobs);
+        listings.push(sent.elapsed());
+    }
+    waits.sort();
+    listings.sort();
+    (took, Some((waits[2], listings[2])))
 }
 
 /// Peak resident memory of this process (`VmHWM`), KiB.
