@@ -336,7 +336,7 @@ async fn daemon(
         None => None,
     };
     let server = tokio::spawn(serve(socket.listener, shared));
-    let jobs = handle.jobs().await.map_or(0, |jobs| jobs.len());
+    let jobs = handle.job_count().await.unwrap_or(0);
     // A Postgres store lives in its database; the directory holds only the lock and socket.
     let store = match place.kind {
         StoreKind::Postgres => format!("postgres store, data directory {}", place.dir.display()),
@@ -730,10 +730,8 @@ async fn apply_config(
             )),
             Ok(what) => {
                 let next = handle
-                    .jobs()
+                    .job(&id)
                     .await?
-                    .into_iter()
-                    .find(|job| job.spec.id == id)
                     .map_or_else(String::new, |job| format!(" ({})", show::job_state(&job)));
                 log(&format!("job {name}: {what}{next}"));
             }
@@ -992,7 +990,7 @@ pub(crate) async fn dispatch(
                 }
                 Err(e) => return Err(e.into()),
             };
-            let job = handle.jobs().await?.into_iter().find(|j| j.spec.id == id);
+            let job = handle.job(&id).await?;
             let what = if replaced { "replaced" } else { "added" };
             let state = job.as_ref().map(show::job_state).unwrap_or_default();
             let line = format!("job {id}: {what} by {actor} ({state})");

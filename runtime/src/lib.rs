@@ -478,6 +478,10 @@ async fn signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Jobs taken per step of [`RuntimeHandle::jobs`]: a page holds the driver for a fraction of
+/// a millisecond (about 30 ns per job at a million jobs, `docs/performance.md`).
+pub const LISTING_PAGE: usize = 4_096;
+
 /// Commands to a running [`Runtime`]. Each returns once what it changed is durable. When the
 /// last handle (and the `Runtime`) is dropped, the runtime shuts down at once: nothing could
 /// reach it any more.
@@ -676,10 +680,45 @@ impl RuntimeHandle {
             .await
     }
 
-    /// Every job, as the scheduler holds it now (answered at once, even while the store
-    /// fails: see [`RuntimeHandle::peek`]).
+    /// Every job, ordered by id, as the scheduler holds it now (answered at once, even while
+    /// the store fails: see [`RuntimeHandle::peek`]).
+    ///
+    /// The listing is taken [`LISTING_PAGE`] jobs at a time, and the driver only takes a
+    /// pointer to each; the copies are made here, by the caller. So a listing of a million
+    /// jobs never holds up firings and acknowledgements for more than a page of pointer
+    /// copies at a time (`docs/performance.md`). Each job is as it was at one moment; a job
+    /// added or deleted while the listing is taken may be in it or not.
     pub async fn jobs(&self) -> Result<Vec<Job>, RuntimeError> {
-        self.peek(|core, _| core.jobs().cloned().collect()).await
+        let mut jobs = Vec::new();
+        let mut after: Option<JobId> = None;
+        loop {
+            let from = after.take();
+            let page: Vec<Arc<Job>> = self
+                .peek(move |core, _| {
+                    core.shared_jobs_after(from.as_ref())
+                        .take(LISTING_PAGE)
+                        .cloned()
+                        .collect()
+                })
+                .await?;
+            let last_page = page.len() < LISTING_PAGE;
+            after = page.last().map(|job| job.spec.id.clone());
+            jobs.extend(page.into_iter().map(Arc::unwrap_or_clone));
+            if last_page {
+                return Ok(jobs);
+            }
+        }
+    }
+
+    /// One job, as the scheduler holds it now (answered at once, like [`RuntimeHandle::jobs`]).
+    pub async fn job(&self, id: &JobId) -> Result<Option<Job>, RuntimeError> {
+        let id = id.clone();
+        self.peek(move |core, _| core.job(&id).cloned()).await
+    }
+
+    /// How many jobs there are (answered at once, like [`RuntimeHandle::jobs`]).
+    pub async fn job_count(&self) -> Result<usize, RuntimeError> {
+        self.peek(|core, _| core.job_count()).await
     }
 
     /// The runtime's clock now: the system's wall clock, or the simulated one it was given

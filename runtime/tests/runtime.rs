@@ -794,6 +794,16 @@ async fn reads_answer_while_the_store_fails_and_its_recovery_is_announced() {
         1,
         "memory answers, without waiting for the store"
     );
+    assert_eq!(handle.job_count().await.unwrap(), 1);
+    let late = JobId::new("late").unwrap();
+    let job = handle
+        .job(&late)
+        .await
+        .unwrap()
+        .expect("the job, from memory");
+    assert_eq!(job, jobs[0]);
+    let unknown = JobId::new("never-added").unwrap();
+    assert_eq!(handle.job(&unknown).await.unwrap(), None);
     store.failing.store(false, Ordering::SeqCst);
     adding.await.unwrap().unwrap();
     loop {
