@@ -26,7 +26,9 @@
 //! every job (`RuntimeHandle::jobs`, what the daemon's job list and console ask for): the
 //! listing is sent, then a cheap command right behind it, whose answer takes as long as the
 //! driver is busy with the listing. Meanwhile no slot fires and no write is acknowledged.
-//! Also the time the whole listing takes its caller. The median of five each.
+//! Also the time the whole listing takes its caller, and how long a write (one more
+//! `add_job`) takes while another thread reads the whole store (`Store::read`, what
+//! `keel doctor` and an active-runs listing ask for). The median of five each.
 //!
 //! The runtime cases keep up to `KEEL_BENCH_IN_FLIGHT` adds in flight (default 2,048): a
 //! bulk import's shape, where many commands wait for durability at once. Jobs are hourly,
@@ -60,8 +62,15 @@ fn main() {
         let in_flight = env_number("KEEL_BENCH_IN_FLIGHT", 2_048) as usize;
         let (setup, listing) = run_case(case, jobs, &dir, in_flight);
         let listing = listing.map_or_else(
-            || "- -".to_owned(),
-            |(wait, took)| format!("{} {}", wait.as_micros(), took.as_micros()),
+            || "- - -".to_owned(),
+            |(wait, took, write)| {
+                format!(
+                    "{} {} {}",
+                    wait.as_micros(),
+                    took.as_micros(),
+                    write.as_micros()
+                )
+            },
         );
         println!(
             "KEEL_RESULT {} {} {listing}",
@@ -90,8 +99,8 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")));
     println!("# adding jobs through the runtime (each add answered once durable)");
     println!();
-    println!("| jobs | case | time | adds/s | µs per add | peak RSS | a command's wait behind a job listing | the listing |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("| jobs | case | time | adds/s | µs per add | peak RSS | a command's wait behind a job listing | the listing | a write during a store read |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for &n in &jobs {
         for case in &cases {
             if (case == "tcs" && n > tcs_max) || (case == "keel-mem" && n > mem_max) {
@@ -107,8 +116,9 @@ fn main() {
                 )
             };
             let (wait, took) = (ms(listing.map(|l| l.0)), ms(listing.map(|l| l.1)));
+            let write = ms(listing.map(|l| l.2));
             println!(
-                "| {n} | {case} | {secs:.2} s | {:.0} | {:.1} | {} MiB | {wait} | {took} |",
+                "| {n} | {case} | {secs:.2} s | {:.0} | {:.1} | {} MiB | {wait} | {took} | {write} |",
                 n as f64 / secs,
                 secs * 1e6 / n as f64,
                 rss_kib / 1024
@@ -120,8 +130,9 @@ fn main() {
     }
 }
 
-/// A command's wait behind a listing of every job, and the listing's own time.
-type Listing = (Duration, Duration);
+/// A command's wait behind a listing of every job, the listing's own time, and a write's
+/// time during a read of the whole store.
+type Listing = (Duration, Duration, Duration);
 
 fn run_child(case: &str, jobs: u64, dir: &std::path::Path) -> (Duration, u64, Option<Listing>) {
     let out = Command::new(env::current_exe().unwrap())
@@ -143,7 +154,10 @@ fn run_child(case: &str, jobs: u64, dir: &std::path::Path) -> (Duration, u64, Op
     };
     let fields: Vec<&str> = line.split_whitespace().skip(1).collect();
     let micros = |field: &str| field.parse().ok().map(Duration::from_micros);
-    let listing = micros(fields[2]).zip(micros(fields[3]));
+    let listing = micros(fields[2])
+        .zip(micros(fields[3]))
+        .zip(micros(fields[4]))
+        .map(|((wait, took), write)| (wait, took, write));
     (
         micros(fields[0]).unwrap(),
         fields[1].parse().unwrap(),
@@ -223,7 +237,7 @@ async fn add_through_runtime(
     jobs: u64,
     in_flight: usize,
 ) -> (Duration, Option<Listing>) {
-    let keel = Runtime::builder(store)
+    let keel = Runtime::builder(Arc::clone(&store))
         .handler("tick", |_ctx: AttemptContext| async { Outcome::ok() })
         .start()
         .await
@@ -258,9 +272,21 @@ async fn add_through_runtime(
         assert_eq!(listing.await.unwrap().len() as u64, jobs);
         listings.push(sent.elapsed());
     }
+    let mut writes = Vec::new();
+    for extra in 0..5 {
+        let reader = Arc::clone(&store);
+        let reading = std::thread::spawn(move || reader.read().unwrap().jobs.len() as u64);
+        // Lets the reader reach the store first: a bench orders its two threads by waiting.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let sent = Instant::now();
+        handle.add_job(spec(jobs + extra)).await.unwrap();
+        writes.push(sent.elapsed());
+        assert!(reading.join().unwrap() >= jobs);
+    }
     waits.sort();
     listings.sort();
-    (took, Some((waits[2], listings[2])))
+    writes.sort();
+    (took, Some((waits[2], listings[2], writes[2])))
 }
 
 /// Peak resident memory of this process (`VmHWM`), KiB.
