@@ -61,7 +61,10 @@
 //!   ([`keel_core::store::next_writer_epoch`]): from then on every batch of an earlier epoch
 //!   is refused.
 //! - **Reads** (`read`, `run`, `runs`, `audit`, `incidents`) take the lock shared and catch
-//!   up first, so every handle sees every other handle's acknowledged writes.
+//!   up first, so every handle sees every other handle's acknowledged writes. All but `run`
+//!   then take a frozen copy of the state (O(1): its maps share nodes) and answer from it
+//!   after releasing the handle, so a read that walks every job or much of the history
+//!   never holds up a write of the same handle.
 //! - **Group commit**: threads calling `apply` on one handle at once queue their batches;
 //!   one of them, the leader, takes the lock and every batch queued by then, checks each
 //!   against the state including the batches before it in the group (a refused batch is
@@ -542,6 +545,15 @@ impl FsStore {
         Ok(answer(&inner.replica.state))
     }
 
+    /// [`FsStore::read_with`], answered from a frozen copy of the state taken under the lock
+    /// in O(1) (its maps share their nodes) and read after the lock is released: a read that
+    /// walks many records (every job, a filtered page of the history) holds up no write. A
+    /// write made while the copy lives copies the nodes it changes, as during a compaction.
+    fn read_frozen<T>(&self, answer: impl FnOnce(&State) -> T) -> Result<T, StoreError> {
+        let frozen = self.read_with(State::clone)?;
+        Ok(answer(&frozen))
+    }
+
     /// Writes one group of queued batches (group commit). Runs on the leader's thread.
     fn lead(&self, leader: &mut Leader<'_>) {
         let mut inner = self.inner();
@@ -810,7 +822,7 @@ impl Store for FsStore {
     }
 
     fn read(&self) -> Result<Snapshot, StoreError> {
-        self.read_with(State::snapshot)
+        self.read_frozen(State::snapshot)
     }
 
     fn run(&self, id: RunId) -> Result<Option<Run>, StoreError> {
@@ -818,7 +830,8 @@ impl Store for FsStore {
     }
 
     fn runs(&self, query: &RunQuery) -> Result<RunPage, StoreError> {
-        self.read_with(|state| {
+        // Frozen: a filter that matches few runs may walk the whole history for a page.
+        self.read_frozen(|state| {
             let upper = query.before.map_or(Bound::Unbounded, Bound::Excluded);
             let below = (Bound::Unbounded, upper);
             match &query.job {
@@ -833,14 +846,14 @@ impl Store for FsStore {
     }
 
     fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
-        self.read_with(|state| {
+        self.read_frozen(|state| {
             let from = query.after.map_or(0, |after| after.saturating_add(1));
             query.page(state.audit.range(from..).map(|(_, record)| &**record))
         })
     }
 
     fn incidents(&self) -> Result<Vec<Incident>, StoreError> {
-        self.read_with(|state| state.incidents.values().cloned().collect())
+        self.read_frozen(|state| state.incidents.values().cloned().collect())
     }
 }
 

@@ -562,3 +562,33 @@ fn clone_cost() {
         times[0], times[10], times[19]
     );
 }
+
+/// A read answers from a frozen copy of the state, taken under the handle's lock and walked
+/// after it is released: a write of the same handle is acknowledged while the read is still
+/// walking, and the read sees the state as of its start.
+#[test]
+fn a_read_holds_up_no_write_and_sees_the_state_it_started_from() {
+    let dir = TempDir::new("keel-store-fs-unit-frozen-read");
+    let (store, epoch) = quiet_writer(&dir);
+    store
+        .apply(&batch(epoch, 0, vec![Record::PutRun(run(1, "job", T0))]))
+        .unwrap();
+    let seen = std::thread::scope(|scope| {
+        store
+            .read_frozen(|state| {
+                let (done, wrote) = std::sync::mpsc::channel();
+                let store = &store;
+                scope.spawn(move || {
+                    let later = vec![Record::PutRun(run(2, "job", T0.plus_ms(1)))];
+                    let _ = done.send(store.apply(&batch(epoch, 1, later)));
+                });
+                // A deadline only turns a hang into a failure: the write needs no read to end.
+                let written = wrote.recv_timeout(std::time::Duration::from_secs(60));
+                assert_eq!(written, Ok(Ok(())), "the write waited for the read");
+                state.runs.len()
+            })
+            .unwrap()
+    });
+    assert_eq!(seen, 1, "the read's copy is the state as of its start");
+    assert!(store.run(keel_core::RunId(2)).unwrap().is_some());
+}
