@@ -694,6 +694,10 @@ async fn apply_config(
     let now = wall_clock();
     let base_dir = config.base_dir();
     let origin = config_origin(config);
+    // Taken in pages (`RuntimeHandle::jobs`), so not at one instant; it never was atomic with
+    // the ensures below either. The jobs this config owns (its origin) change only here, so
+    // what is removed below is exact; a job the API changes meanwhile may be seen before or
+    // after its change, as before.
     let stored: BTreeMap<JobId, Job> = handle
         .jobs()
         .await?

@@ -25,7 +25,8 @@
 //! After the adds, the runtime cases also measure how long a command waits behind a listing of
 //! every job (`RuntimeHandle::jobs`, what the daemon's job list and console ask for): the
 //! listing is sent, then a cheap command right behind it, whose answer takes as long as the
-//! driver is busy with the listing. Meanwhile no slot fires and no write is acknowledged.
+//! driver is busy with the listing's first step (all of it when a listing was one step; a page
+//! since listings are taken in pages). Meanwhile no slot fires and no write is acknowledged.
 //! Also the time the whole listing takes its caller, and how long a write (one more
 //! `add_job`) takes while another thread reads the whole store (`Store::read`, what
 //! `keel doctor` and an active-runs listing ask for). The median of five each.

@@ -548,9 +548,12 @@ impl FsStore {
     /// [`FsStore::read_with`], answered from a frozen copy of the state taken under the lock
     /// in O(1) (its maps share their nodes) and read after the lock is released: a read that
     /// walks many records (every job, a filtered page of the history) holds up no write. A
-    /// write made while the copy lives copies the nodes it changes, as during a compaction.
+    /// write made while the copy lives copies the nodes it changes, as during a compaction;
+    /// once the read ends the maps are the writer's alone again, and nothing is copied.
     fn read_frozen<T>(&self, answer: impl FnOnce(&State) -> T) -> Result<T, StoreError> {
         let frozen = self.read_with(State::clone)?;
+        #[cfg(test)]
+        self.pause.at(tests::Point::Reading);
         Ok(answer(&frozen))
     }
 

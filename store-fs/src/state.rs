@@ -21,7 +21,8 @@ use crate::format::{
 ///
 /// The maps are persistent (`imbl`'s B-trees with shared nodes): a clone is O(1) and copies
 /// nodes only as either side changes them, so a compaction takes a frozen copy of the state
-/// under the lock and writes it in the background (see the module docs' Compaction).
+/// under the lock and writes it in the background (see the module docs' Compaction), and a
+/// read answers from one after releasing the lock (`FsStore::read_frozen`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct State {
     /// Jobs, runs and audit records behind `Arc`: a node of these maps that a frozen copy

@@ -11,6 +11,7 @@ use super::*;
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
+use keel_harness::conformance::audit_record;
 use keel_harness::TempDir;
 
 /// A point in a background compaction where a test can hold the thread.
@@ -22,6 +23,8 @@ pub(crate) enum Point {
     Written,
     /// The snapshot has its name; the old generations are not yet removed.
     Renamed,
+    /// A read has taken its frozen copy of the state and not yet answered from it.
+    Reading,
 }
 
 /// Holds a handle's compaction thread at a chosen [`Point`] until released.
@@ -65,6 +68,17 @@ impl Pause {
             }
             state = self.changed.wait(state).unwrap();
         }
+    }
+
+    /// Waits until the thread is held, or `deadline` passes (then `None`): turns a point
+    /// never reached into a failure instead of a hang.
+    fn wait_held_for(&self, deadline: std::time::Duration) -> Option<Point> {
+        let state = self.state.lock().unwrap();
+        let (state, _) = self
+            .changed
+            .wait_timeout_while(state, deadline, |state| state.held.is_none())
+            .unwrap();
+        state.held
     }
 
     fn release(&self) {
@@ -563,32 +577,73 @@ fn clone_cost() {
     );
 }
 
-/// A read answers from a frozen copy of the state, taken under the handle's lock and walked
-/// after it is released: a write of the same handle is acknowledged while the read is still
-/// walking, and the read sees the state as of its start.
+/// Reads answer from a frozen copy of the state, taken under the handle's lock and walked
+/// after it is released: while each of `read`, `runs`, `audit` and `incidents` is held after
+/// taking its copy, the same handle acknowledges a write, and the read answers with the state
+/// as of its start.
 #[test]
-fn a_read_holds_up_no_write_and_sees_the_state_it_started_from() {
+fn reads_hold_up_no_write_and_see_the_state_they_started_from() {
     let dir = TempDir::new("keel-store-fs-unit-frozen-read");
     let (store, epoch) = quiet_writer(&dir);
     store
         .apply(&batch(epoch, 0, vec![Record::PutRun(run(1, "job", T0))]))
         .unwrap();
-    let seen = std::thread::scope(|scope| {
-        store
-            .read_frozen(|state| {
-                let (done, wrote) = std::sync::mpsc::channel();
-                let store = &store;
-                scope.spawn(move || {
-                    let later = vec![Record::PutRun(run(2, "job", T0.plus_ms(1)))];
-                    let _ = done.send(store.apply(&batch(epoch, 1, later)));
-                });
-                // A deadline only turns a hang into a failure: the write needs no read to end.
-                let written = wrote.recv_timeout(std::time::Duration::from_secs(60));
-                assert_eq!(written, Ok(Ok(())), "the write waited for the read");
-                state.runs.len()
-            })
-            .unwrap()
-    });
-    assert_eq!(seen, 1, "the read's copy is the state as of its start");
-    assert!(store.run(keel_core::RunId(2)).unwrap().is_some());
+    type Read = fn(&FsStore) -> usize;
+    let reads: [(&str, Read); 4] = [
+        ("read", |s| s.read().unwrap().runs.len()),
+        ("runs", |s| s.runs(&RunQuery::default()).unwrap().runs.len()),
+        ("audit", |s| s.audit(&AuditQuery::default()).unwrap().len()),
+        ("incidents", |s| s.incidents().unwrap().len()),
+    ];
+    for (n, (name, read)) in (1u64..).zip(reads) {
+        store.pause.hold_at(Point::Reading);
+        let seen = std::thread::scope(|scope| {
+            let reading = scope.spawn(|| read(&store));
+            let held = store
+                .pause
+                .wait_held_for(std::time::Duration::from_secs(60));
+            assert_eq!(held, Some(Point::Reading), "{name} takes no frozen copy");
+            // The read holds its copy; a write of each kind it reads goes through meanwhile.
+            let later = vec![
+                Record::PutRun(run(n + 1, "job", T0.plus_ms(n))),
+                Record::Audit(audit_record(n, "job", Some(n + 1), T0)),
+                Record::PutIncident(incident(n)),
+            ];
+            let written = store.apply(&batch(epoch, n, later));
+            store.pause.release();
+            assert_eq!(written, Ok(()), "{name}");
+            reading.join().unwrap()
+        });
+        // Before the write: n runs, n - 1 audit records and incidents.
+        let before = usize::try_from(n).unwrap();
+        let expected = if matches!(name, "read" | "runs") {
+            before
+        } else {
+            before - 1
+        };
+        assert_eq!(
+            seen, expected,
+            "{name} answers with the state as of its start"
+        );
+    }
+    assert!(store.run(keel_core::RunId(5)).unwrap().is_some());
+    assert_eq!(store.incidents().unwrap().len(), 4);
+}
+
+fn incident(id: u64) -> keel_core::Incident {
+    keel_core::Incident {
+        id,
+        kind: keel_core::IncidentKind::StuckRun,
+        opened_at: T0,
+        resolved_at: None,
+        job: Some(JobId::new("job").unwrap()),
+        run: None,
+        worker: None,
+        details: "no heartbeat".into(),
+        queue: None,
+        opened_by: None,
+        acknowledged: None,
+        resolved_by: None,
+        escalated_at: None,
+    }
 }

@@ -314,16 +314,12 @@ impl Scheduler {
         self.jobs.values().map(|job| &**job)
     }
 
-    /// All jobs, ordered by id, as the shared pointers the scheduler holds them by: taking
-    /// one costs a reference count, not a copy, so a driver can hand every job to a reader
-    /// in pointer copies and leave the copying to it. A job changed while a reader still
-    /// holds it is copied then (`Arc::make_mut`); the reader keeps the version it took.
-    pub fn shared_jobs(&self) -> impl Iterator<Item = &Arc<Job>> {
-        self.jobs.values()
-    }
-
-    /// [`Scheduler::shared_jobs`] after the job `after` (from the first if `None`): one page
-    /// of a listing taken in several steps, so that none holds the scheduler for long.
+    /// The jobs after `after` (from the first if `None`), ordered by id, as the shared
+    /// pointers the scheduler holds them by: one page of a listing taken in several steps, so
+    /// that none holds the scheduler for long. Taking one costs a reference count, not a copy,
+    /// so a driver can hand jobs to a reader in pointer copies and leave the copying to it. A
+    /// job changed while a reader still holds it is copied then (`Arc::make_mut`); the reader
+    /// keeps the version it took.
     pub fn shared_jobs_after(&self, after: Option<&JobId>) -> impl Iterator<Item = &Arc<Job>> {
         let from = after.map_or(std::ops::Bound::Unbounded, |id| {
             std::ops::Bound::Excluded(id.clone())

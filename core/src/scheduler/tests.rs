@@ -330,6 +330,39 @@ fn ensure_adds_updates_or_leaves_a_job_and_says_which() {
 }
 
 #[test]
+fn a_listing_in_pages_gives_each_job_once_in_id_order() {
+    let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
+    let mut s = Scheduler::new(Config::default(), 1, t0);
+    for name in ["e", "a", "d", "b", "c", "f"] {
+        s.add_job(t0, every_minute(name)).unwrap();
+    }
+    for page in [1, 2, 3, 4, 6, 7] {
+        let mut listed = Vec::new();
+        let mut after: Option<JobId> = None;
+        let mut steps = 0;
+        loop {
+            let taken: Vec<JobId> = s
+                .shared_jobs_after(after.as_ref())
+                .take(page)
+                .map(|job| job.spec.id.clone())
+                .collect();
+            steps += 1;
+            after = taken.last().cloned().or(after);
+            let last = taken.len() < page;
+            listed.extend(taken);
+            if last {
+                break;
+            }
+        }
+        let names: Vec<&str> = listed.iter().map(JobId::as_str).collect();
+        assert_eq!(names, ["a", "b", "c", "d", "e", "f"], "pages of {page}");
+        // An exact multiple of the page ends with one empty step.
+        assert_eq!(steps, 6 / page + 1, "pages of {page}");
+    }
+    assert_eq!(s.job_count(), 6);
+}
+
+#[test]
 fn ensure_leaves_a_fired_one_shot_done_whatever_its_new_instant() {
     let t0 = Timestamp::parse_rfc3339("2026-01-01T00:00:30Z").unwrap();
     let mut s = Scheduler::new(Config::default(), 1, t0);
