@@ -169,6 +169,9 @@
 //!   Damage to the files is reported and the rest stays readable.
 //! - Stored bytes never make the store panic: every decoder checks what it reads.
 //!
+//! Loading a snapshot of 8 MiB or more uses a second thread: the opening thread reads and
+//! decodes its frames while the second builds the maps from them, in chunks of 1,024 items.
+//!
 //! Limits: a batch must encode to at most 256 MiB; a handle reads the newest log into
 //! memory when it loads (the log is compacted at [`FsOptions::compact_after_bytes`]);
 //! directory fsync is a no-op where directories cannot be opened (non-Unix).

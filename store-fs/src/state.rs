@@ -17,6 +17,12 @@ use crate::format::{
     SnapshotHeader, SnapshotReader,
 };
 
+/// Snapshots from this size on are decoded and built on two threads (`State::read_snapshot`).
+pub(crate) const PIPELINE_MIN_BYTES: u64 = 8 << 20;
+
+/// Items handed from the decoding thread to the building one at a time.
+const PIPELINE_CHUNK: usize = 1024;
+
 /// Everything the store holds.
 ///
 /// The maps are persistent (`imbl`'s B-trees with shared nodes): a clone is O(1) and copies
@@ -219,40 +225,100 @@ impl State {
                 ),
             });
         }
-        let mut state = State {
-            meta: header.meta,
-            writer_epoch: header.writer_epoch,
+        let (meta, writer_epoch) = (header.meta, header.writer_epoch);
+        let empty = move || State {
+            meta,
+            writer_epoch,
             ..State::default()
         };
-        while let Some(item) = snapshot.next_item()? {
-            match item {
-                SnapshotFrame::Job(job) => {
-                    state.jobs.insert(job.spec.id.clone(), Arc::new(job));
-                }
-                SnapshotFrame::Run(run) => state.insert_run(run),
-                SnapshotFrame::Audit(record) => state.insert_audit(record),
-                // Runs come before claims in a snapshot. Stores written before claims went
-                // with their runs hold the claims of pruned runs too: those are left behind
-                // here, so the next compaction writes them no more.
-                SnapshotFrame::Slot(claim) => {
-                    if state.runs.contains_key(&claim.run) {
-                        state.slots.insert((claim.job, claim.slot), claim.run);
-                    }
-                }
-                SnapshotFrame::Tombstone(tombstone) => {
-                    state.tombstones.insert(tombstone.job.clone(), tombstone);
-                }
-                SnapshotFrame::Incident(incident) => {
-                    state.incidents.insert(incident.id, incident);
-                }
-                SnapshotFrame::Delivery(delivery) => {
-                    state.deliveries.insert(delivery.id, delivery);
-                }
-                // The reader only returns items.
-                SnapshotFrame::Begin(_) | SnapshotFrame::End { .. } => {}
+        if len < PIPELINE_MIN_BYTES {
+            let mut state = empty();
+            while let Some(item) = snapshot.next_item()? {
+                state.insert_item(item);
             }
+            return Ok((state, header));
         }
+        // Decoding (checksums and JSON) takes about as long as building the maps: a large
+        // snapshot is decoded here while a second thread builds, in chunks, so that a store
+        // of a million history records opens in the time of the longer half, not of both.
+        let state = std::thread::scope(|scope| {
+            let (chunks, received) = std::sync::mpsc::sync_channel::<Vec<SnapshotFrame>>(4);
+            let builder = std::thread::Builder::new()
+                .name("keel-store-fs-load".into())
+                .spawn_scoped(scope, move || {
+                    let mut state = empty();
+                    for chunk in received {
+                        for item in chunk {
+                            state.insert_item(item);
+                        }
+                    }
+                    state
+                });
+            let Ok(builder) = builder else {
+                // No second thread: decode and build on this one.
+                let mut state = empty();
+                while let Some(item) = snapshot.next_item()? {
+                    state.insert_item(item);
+                }
+                return Ok(state);
+            };
+            let mut chunk = Vec::with_capacity(PIPELINE_CHUNK);
+            let decoded = loop {
+                match snapshot.next_item() {
+                    Ok(Some(item)) => {
+                        chunk.push(item);
+                        if chunk.len() == PIPELINE_CHUNK {
+                            let full =
+                                std::mem::replace(&mut chunk, Vec::with_capacity(PIPELINE_CHUNK));
+                            if chunks.send(full).is_err() {
+                                break Ok(()); // the builder is gone: its join says why
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = chunks.send(chunk);
+                        break Ok(());
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            drop(chunks);
+            let state = builder
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            decoded.map(|()| state)
+        })?;
         Ok((state, header))
+    }
+
+    /// Adds one item of a snapshot.
+    fn insert_item(&mut self, item: SnapshotFrame) {
+        match item {
+            SnapshotFrame::Job(job) => {
+                self.jobs.insert(job.spec.id.clone(), Arc::new(job));
+            }
+            SnapshotFrame::Run(run) => self.insert_run(run),
+            SnapshotFrame::Audit(record) => self.insert_audit(record),
+            // Runs come before claims in a snapshot. Stores written before claims went
+            // with their runs hold the claims of pruned runs too: those are left behind
+            // here, so the next compaction writes them no more.
+            SnapshotFrame::Slot(claim) => {
+                if self.runs.contains_key(&claim.run) {
+                    self.slots.insert((claim.job, claim.slot), claim.run);
+                }
+            }
+            SnapshotFrame::Tombstone(tombstone) => {
+                self.tombstones.insert(tombstone.job.clone(), tombstone);
+            }
+            SnapshotFrame::Incident(incident) => {
+                self.incidents.insert(incident.id, incident);
+            }
+            SnapshotFrame::Delivery(delivery) => {
+                self.deliveries.insert(delivery.id, delivery);
+            }
+            // The reader only returns items.
+            SnapshotFrame::Begin(_) | SnapshotFrame::End { .. } => {}
+        }
     }
 
     fn apply_record(&mut self, record: Record) {

@@ -243,6 +243,41 @@ fn state_survives_a_snapshot_exactly() {
     assert!(State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 8).is_err());
 }
 
+/// A snapshot past `PIPELINE_MIN_BYTES` is decoded on one thread and built on another: it
+/// comes back equal, and a corrupt frame in its middle still fails the whole read (with both
+/// threads done: the test ends).
+#[test]
+fn a_large_snapshot_is_read_on_two_threads_and_comes_back_equal() {
+    let payload: Arc<str> = "x".repeat(4096).into();
+    let records: Vec<Record> = (1..=2_500u64)
+        .flat_map(|i| {
+            let mut record = run(i, "job", T0.plus_ms(i)).record();
+            record.payload = Arc::clone(&payload);
+            [
+                Record::PutRun(Run::from_record(record)),
+                Record::Audit(audit_record(i, "job", Some(i), T0)),
+            ]
+        })
+        .collect();
+    let mut state = State::default();
+    state.apply(&records);
+    let mut bytes = Vec::new();
+    state.write_snapshot(&mut bytes, 3, None).unwrap();
+    assert!(
+        bytes.len() as u64 > crate::state::PIPELINE_MIN_BYTES,
+        "{}",
+        bytes.len()
+    );
+
+    let read = State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 3).unwrap();
+    assert_eq!(read, state);
+
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    let broken = State::read_snapshot(bytes.as_slice(), bytes.len() as u64, 3);
+    assert!(broken.is_err(), "a flipped byte at {middle} went unnoticed");
+}
+
 /// Builds before claims went with their runs kept the claims of pruned runs in their
 /// snapshots; reading one leaves those behind and keeps the claims of stored runs.
 #[test]
