@@ -936,6 +936,15 @@ fn start_log(dir: &Path, generation: u64, sync: bool) -> Result<(File, u64), Sto
     }
 }
 
+/// [`apply_frame`], moving the frame's records into the state.
+fn apply_frame_owned(state: &mut State, frame: LogFrame) {
+    match frame {
+        LogFrame::Batch { records, .. } => state.apply_owned(records),
+        LogFrame::Writer { epoch } => state.writer_epoch = epoch,
+        LogFrame::Start { .. } => {}
+    }
+}
+
 /// Applies one log frame to the state.
 fn apply_frame(state: &mut State, frame: &LogFrame) {
     match frame {
@@ -1040,14 +1049,15 @@ fn replay_log(
         .and_then(|_| log.read_exact(&mut bytes))
         .map_err(|e| io_error(&path, "cannot read", &e))?;
 
-    let scan = decode_log(&bytes);
-    for entry in &scan.entries {
+    let mut scan = decode_log(&bytes);
+    // The decoded records are this replay's own: moved into the state, not copied.
+    for entry in std::mem::take(&mut scan.entries) {
         if let LogFrame::Start { generation: found } = entry.frame {
             if from == 0 && entry.offset == 0 {
                 replayed.start = Some((found, entry.len));
             }
         }
-        apply_frame(state, &entry.frame);
+        apply_frame_owned(state, entry.frame);
     }
     let span = |offset: u64, len: u64| {
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
