@@ -11,7 +11,7 @@ use super::*;
 
 const T0: Timestamp = Timestamp(1_800_000_000_000);
 
-use keel_harness::conformance::audit_record;
+use keel_harness::conformance::{audit_record, incident};
 use keel_harness::TempDir;
 
 /// A point in a background compaction where a test can hold the thread.
@@ -642,7 +642,7 @@ fn reads_hold_up_no_write_and_see_the_state_they_started_from() {
             let later = vec![
                 Record::PutRun(run(n + 1, "job", T0.plus_ms(n))),
                 Record::Audit(audit_record(n, "job", Some(n + 1), T0)),
-                Record::PutIncident(incident(n)),
+                Record::PutIncident(incident(n, false)),
             ];
             let written = store.apply(&batch(epoch, n, later));
             store.pause.release();
@@ -663,22 +663,4 @@ fn reads_hold_up_no_write_and_see_the_state_they_started_from() {
     }
     assert!(store.run(keel_core::RunId(5)).unwrap().is_some());
     assert_eq!(store.incidents().unwrap().len(), 4);
-}
-
-fn incident(id: u64) -> keel_core::Incident {
-    keel_core::Incident {
-        id,
-        kind: keel_core::IncidentKind::StuckRun,
-        opened_at: T0,
-        resolved_at: None,
-        job: Some(JobId::new("job").unwrap()),
-        run: None,
-        worker: None,
-        details: "no heartbeat".into(),
-        queue: None,
-        opened_by: None,
-        acknowledged: None,
-        resolved_by: None,
-        escalated_at: None,
-    }
 }

@@ -4,8 +4,8 @@
 
 use keel_core::outbox::Delivery;
 use keel_core::{
-    AuditRecord, Batch, BatchId, Incident, IncidentKind, Job, JobId, JobSpec, JobState, Record,
-    RetryPolicy, Run, RunId, RunTerms, ScheduleSpec, Timestamp, Tombstone,
+    AuditRecord, Batch, BatchId, Job, JobId, JobSpec, JobState, Record, RetryPolicy, Run, RunTerms,
+    ScheduleSpec, Timestamp, Tombstone,
 };
 
 pub const T0: Timestamp = Timestamp(1_800_000_000_000);
@@ -13,6 +13,7 @@ pub const T0: Timestamp = Timestamp(1_800_000_000_000);
 /// The log of generation 0.
 pub const LOG0: &str = "log-0000000000000000";
 
+pub use keel_harness::conformance::incident;
 use keel_harness::conformance::{audit_record, run_with};
 pub use keel_harness::TempDir;
 
@@ -77,24 +78,6 @@ pub fn audit(seq: u64, job: &str, run: Option<u64>) -> AuditRecord {
     AuditRecord {
         reason: format!("record {seq} ✓"),
         ..audit_record(seq, job, run, T0.plus_ms(seq))
-    }
-}
-
-pub fn incident(id: u64, resolved: bool) -> Incident {
-    Incident {
-        id,
-        kind: IncidentKind::StuckRun,
-        opened_at: T0,
-        resolved_at: resolved.then_some(T0.plus_ms(5)),
-        job: Some(job_id("a")),
-        run: Some(RunId(1)),
-        worker: None,
-        details: "no heartbeat".into(),
-        queue: None,
-        opened_by: None,
-        acknowledged: None,
-        resolved_by: None,
-        escalated_at: None,
     }
 }
 

@@ -743,6 +743,25 @@ pub fn audit_record(seq: u64, job: &str, run: Option<u64>, at: Timestamp) -> Aud
     }
 }
 
+/// A stuck-run incident `id` about run 1 of job `a`, open or resolved 5 ms after it opened.
+pub fn incident(id: u64, resolved: bool) -> keel_core::Incident {
+    keel_core::Incident {
+        id,
+        kind: keel_core::IncidentKind::StuckRun,
+        opened_at: T0,
+        resolved_at: resolved.then_some(T0.plus_ms(5)),
+        job: Some(job_id("a")),
+        run: Some(RunId(1)),
+        worker: None,
+        details: "no heartbeat".into(),
+        queue: None,
+        opened_by: None,
+        acknowledged: None,
+        resolved_by: None,
+        escalated_at: None,
+    }
+}
+
 /// The audit trail filtered by job, run and time, oldest first, paged by sequence number.
 pub fn audit_queries_filter_and_page(harness: &impl Harness) {
     let open = harness.fresh();
