@@ -23,7 +23,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_core::{Ensured, Event, Job, JobId, Rejected, Snapshot, Store, WorkerId};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use keel_core::{Ensured, Event, Job, JobId, Rejected, Snapshot, Store, Timestamp, WorkerId};
 use keel_runtime::prometheus;
 use keel_runtime::{CommandError, Runtime, RuntimeHandle, StartError, WebhookSink};
 use serde_json::Value;
@@ -682,6 +683,9 @@ fn config_origin(config: &Config) -> String {
     format!("config:{}", config.path_for_origin().display())
 }
 
+/// Config jobs a reload ensures at once (`apply_config`).
+const ENSURES_IN_FLIGHT: usize = 256;
+
 /// Makes the stored jobs what the config says (SPEC O2): adds the config's jobs that are not
 /// stored, updates those whose definition changed, leaves the rest, and removes the jobs this
 /// file defined before and defines no more. A job added from the CLI is never the file's to
@@ -704,16 +708,21 @@ async fn apply_config(
         .into_iter()
         .map(|job| (job.spec.id.clone(), job))
         .collect();
+    // One lookup per job, not a walk of every tombstone for each.
+    let tombstones: BTreeMap<&JobId, Timestamp> = snapshot
+        .tombstones
+        .iter()
+        .map(|t| (&t.job, t.last_fired))
+        .collect();
+    let mut specs = Vec::with_capacity(config.jobs.len());
     for (def, line) in &config.jobs {
         let id = JobId::new(&def.name).map_err(|e| Failure::input(e.to_string()))?;
         let prior = match stored.get(&id).map(|job| &job.spec.schedule) {
             Some(keel_core::ScheduleSpec::Once { at }) => Prior::OneShot(*at),
             Some(_) => Prior::None,
-            None => snapshot
-                .tombstones
-                .iter()
-                .find(|t| t.job == id)
-                .map_or(Prior::None, |t| Prior::Deleted(t.last_fired)),
+            None => tombstones
+                .get(&id)
+                .map_or(Prior::None, |last| Prior::Deleted(*last)),
         };
         let spec = def
             .to_spec(Resolve {
@@ -723,8 +732,27 @@ async fn apply_config(
             })
             .map_err(|e| config_error(config, *line, &def.name, &e))?
             .with_origin(origin.as_str());
-        let name = &def.name;
-        match handle.ensure_job(spec).await {
+        specs.push((id, def.name.as_str(), *line, spec));
+    }
+    // Ensured in the file's order, up to ENSURES_IN_FLIGHT at once: each waits for its write,
+    // and the store writes those in flight together, so a config of 100 000 jobs applies in
+    // seconds rather than one durable write after the other (40 s). Answers come in the
+    // file's order too; after a refused job, the reload stops, and jobs after it that were
+    // already in flight may have been applied.
+    let mut specs = specs.into_iter();
+    let mut ensured = FuturesOrdered::new();
+    loop {
+        while ensured.len() < ENSURES_IN_FLIGHT {
+            let Some((id, name, line, spec)) = specs.next() else {
+                break;
+            };
+            let handle = handle.clone();
+            ensured.push_back(async move { (id, name, line, handle.ensure_job(spec).await) });
+        }
+        let Some((id, name, line, result)) = ensured.next().await else {
+            break;
+        };
+        match result {
             Ok(Ensured::Unchanged) => {
                 let state = stored.get(&id).map(show::job_state).unwrap_or_default();
                 log(&format!("job {name}: unchanged ({state})"));
@@ -741,7 +769,7 @@ async fn apply_config(
             }
             Err(e) => {
                 let failure = Failure::from(e);
-                return Err(config_error(config, *line, name, failure.message()));
+                return Err(config_error(config, line, name, failure.message()));
             }
         }
     }
