@@ -492,6 +492,29 @@ command = ["sh", "-c", "printf '::keel checkpoint %065550d\\n' 0; echo done"]
     assert!(!quiet.log().contains("WARN"), "{}", quiet.log());
 }
 
+/// A config of more jobs than the daemon ensures at once (256) is applied whole, and its log
+/// lines come in the file's order although the jobs' writes overlap.
+#[test]
+fn a_config_larger_than_the_ensure_window_is_applied_whole_in_order() {
+    let place = Place::new("large-config");
+    let jobs: String = (0..600)
+        .map(|i| {
+            format!("[[job]]\nname = \"job-{i:03}\"\nevery = \"1h\"\ncommand = [\"true\"]\n\n")
+        })
+        .collect();
+    let config = place.config(&jobs);
+    let mut daemon = place.daemon(&config);
+    daemon.wait_for(&["ready"]);
+    let added = daemon.wait_for_n(600, &[": added ("]);
+    let names: Vec<&str> = added
+        .iter()
+        .filter_map(|line| line.split("job ").nth(1)?.split(':').next())
+        .collect();
+    let expected: Vec<String> = (0..600).map(|i| format!("job-{i:03}")).collect();
+    assert_eq!(names, expected, "{}", daemon.log());
+    daemon.stop();
+}
+
 /// SPEC O2: SIGHUP reloads keel.toml: the file's jobs are added, updated and removed as it now
 /// says, each change logged; a job added from the CLI is not the file's to remove; a file that
 /// does not load changes nothing. `job history` shows who changed a job and why.
