@@ -232,11 +232,7 @@ impl State {
             ..State::default()
         };
         if len < PIPELINE_MIN_BYTES {
-            let mut state = empty();
-            while let Some(item) = snapshot.next_item()? {
-                state.insert_item(item);
-            }
-            return Ok((state, header));
+            return Ok((empty().read_items(&mut snapshot)?, header));
         }
         // Decoding (checksums and JSON) takes about as long as building the maps: a large
         // snapshot is decoded here while a second thread builds, in chunks, so that a store
@@ -256,11 +252,7 @@ impl State {
                 });
             let Ok(builder) = builder else {
                 // No second thread: decode and build on this one.
-                let mut state = empty();
-                while let Some(item) = snapshot.next_item()? {
-                    state.insert_item(item);
-                }
-                return Ok(state);
+                return empty().read_items(&mut snapshot);
             };
             let mut chunk = Vec::with_capacity(PIPELINE_CHUNK);
             let decoded = loop {
@@ -289,6 +281,17 @@ impl State {
             decoded.map(|()| state)
         })?;
         Ok((state, header))
+    }
+
+    /// Adds the rest of `snapshot`'s items, decoded and built on this thread.
+    fn read_items<R: Read>(
+        mut self,
+        snapshot: &mut SnapshotReader<R>,
+    ) -> Result<State, SnapshotError> {
+        while let Some(item) = snapshot.next_item()? {
+            self.insert_item(item);
+        }
+        Ok(self)
     }
 
     /// Adds one item of a snapshot.
